@@ -1,0 +1,275 @@
+"""Pure kernels for the Gram–Schmidt projection of stacked per-exit gradients.
+
+Every function here works on *stacked leaves*: arrays of shape ``(K, *s)`` whose
+row ``k`` is exit k's gradient of one parameter tensor. Inner products are
+contractions over the trailing axes (``jnp.tensordot``); a leaf is never
+reshaped to ``(K, N)``, because merging dimensions that may be sharded forces
+XLA to gather the whole leaf onto every device.
+
+Two algorithms give the same direction ``u = Σ_k ĝ_k`` (see DESIGN.md §2):
+
+* ``gram``: one pass forms ``M = G Gᵀ``; an LDLᵀ factorisation of the
+  (equilibrated) K×K matrix gives weights ``w`` with ``u = wᵀ G``, a second pass.
+* ``sequential``: modified Gram–Schmidt on the data, a ``lax.fori_loop`` over K.
+
+"Group" below means the set of leaves that share one basis: each leaf on its own
+(``granularity="leaf"``) or all leaves together (``granularity="global"``).
+Groups are expressed by reducing per-leaf K-vectors / K×K blocks over the leaf
+axis, so both granularities share one code path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "Projection",
+    "gram_matrix",
+    "ldl_weights",
+    "weighted_sum",
+    "project",
+]
+
+# Accuracy matters more than speed for these reductions: on TPU the default f32
+# matmul precision uses bf16 passes, which would corrupt near-collinear Grams.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+class Projection(NamedTuple):
+  """Result of :func:`project`.
+
+  Attributes:
+    updates: param-shaped directions ``u``, one per input leaf, in the compute
+      dtype.
+    grams: ``(n_leaves, K, K)`` per-leaf Gram matrices of the *input* rows.
+    residual_sq_norms: ``(n_groups, K)``, ``‖ĝ_k‖²`` of each exit's projected
+      component in each group (a leaf, or one row for the global basis); zero
+      where the component was degenerate. Exits are in input (not priority)
+      order.
+  """
+
+  updates: list[jax.Array]
+  grams: jax.Array
+  residual_sq_norms: jax.Array
+
+
+def _trailing_axes(x: jax.Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim))
+
+
+def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
+  """Returns ``M = G Gᵀ`` (K×K) of a stacked leaf, contracted over trailing axes.
+
+  Args:
+    leaf: stacked gradients of shape ``(K, *s)``.
+    compute_dtype: accumulation dtype (float32 or float64).
+
+  Returns:
+    A ``(K, K)`` array in ``compute_dtype``.
+  """
+  axes = _trailing_axes(leaf)
+  return jnp.tensordot(
+      leaf, leaf, axes=(axes, axes), precision=_PRECISION,
+      preferred_element_type=compute_dtype,
+  ).astype(compute_dtype)
+
+
+def weighted_sum(weights: jax.Array, leaf: jax.Array, compute_dtype) -> jax.Array:
+  """Returns ``Σ_k weights[k] · leaf[k]``, a param-shaped array in compute dtype."""
+  return jnp.tensordot(
+      weights.astype(compute_dtype), leaf.astype(compute_dtype), axes=1,
+      precision=_PRECISION, preferred_element_type=compute_dtype,
+  )
+
+
+def _safe_inverse(x: jax.Array) -> jax.Array:
+  return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
+
+
+def ldl_weights(
+    gram: jax.Array, *, tol: float | jax.Array, rescale: bool
+) -> tuple[jax.Array, jax.Array]:
+  """Gram–Schmidt weights from a Gram matrix, rows taken in index order.
+
+  Factorises ``M = L D Lᵀ`` after equilibration ``C = S⁻¹ M S⁻¹`` with
+  ``S = diag(√M_kk)``, which makes the pivots scale-free: ``D_kk`` is the
+  fraction of ‖g_k‖² left after removing the earlier components. A pivot with
+  ``D_kk ≤ tol`` is degenerate; its column of L is zeroed so it joins no basis
+  and it contributes nothing to the sum.
+
+  Args:
+    gram: ``(..., K, K)`` symmetric positive semi-definite Gram matrices.
+    tol: relative tolerance on the squared norm of a projected component.
+    rescale: scale every kept component back to the norm of its input.
+
+  Returns:
+    ``(weights, residual_sq_norms)``, both ``(..., K)``: ``u = Σ_k w_k g_k``
+    and ``‖ĝ_k‖²`` (zero for degenerate components).
+  """
+  num_exits = gram.shape[-1]
+  diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+  inv_scale = _safe_inverse(jnp.sqrt(diag))
+  corr = gram * inv_scale[..., :, None] * inv_scale[..., None, :]
+
+  rows = jnp.arange(num_exits)
+
+  # Column j of L and pivot d_j from the columns before it. A lax loop keeps
+  # the compiled program small; the work is O(K³) scalars per leaf.
+  def column_step(j, carry):
+    lower, pivots = carry
+    weighted_row = jnp.take(lower, j, axis=-2) * pivots  # only i < j non-zero
+    column = jnp.take(corr, j, axis=-1) - jnp.einsum(
+        "...ki,...i->...k", lower, weighted_row)
+    pivot = jnp.take(column, j, axis=-1)
+    keep = pivot > tol
+    new_column = jnp.where(
+        keep[..., None] & (rows > j),
+        column / jnp.where(keep, pivot, 1.0)[..., None],
+        (rows == j).astype(gram.dtype))
+    lower = jnp.where(rows == j, new_column[..., :, None], lower)
+    pivots = jnp.where(rows == j, jnp.where(keep, pivot, 0.0)[..., None], pivots)
+    return lower, pivots
+
+  lower = jnp.broadcast_to(jnp.eye(num_exits, dtype=gram.dtype), gram.shape)
+  pivots = jnp.zeros(diag.shape, gram.dtype)
+  lower, pivots = jax.lax.fori_loop(0, num_exits, column_step, (lower, pivots))
+
+  keep = pivots > 0
+  if rescale:
+    coeff = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, pivots, 1.0)), 0.0)
+  else:
+    coeff = keep.astype(gram.dtype)
+  # u = (m ⊙ r ⊙ s)ᵀ L'⁻¹ S⁻¹ G, so w = S⁻¹ L'⁻ᵀ (m ⊙ r ⊙ s).
+  rhs = coeff * jnp.sqrt(diag)
+  solve = lambda l, b: jax.scipy.linalg.solve_triangular(
+      l, b, lower=True, trans="T", unit_diagonal=True)
+  for _ in range(gram.ndim - 2):
+    solve = jax.vmap(solve)
+  weights = inv_scale * solve(lower, rhs)
+  return weights, pivots * diag
+
+
+def _group_reduce(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:
+  """Sums per-leaf quantities over the leaf axis when all leaves share a basis."""
+  if shared_basis:
+    return jnp.broadcast_to(per_leaf.sum(axis=0, keepdims=True), per_leaf.shape)
+  return per_leaf
+
+
+def _permute_gram(gram: jax.Array, order: jax.Array) -> jax.Array:
+  return jnp.take(jnp.take(gram, order, axis=-2), order, axis=-1)
+
+
+def _row_scale(coeff: jax.Array, like: jax.Array) -> jax.Array:
+  """Reshapes a (K,) vector to broadcast against the rows of ``like``."""
+  return coeff.reshape(coeff.shape + (1,) * (like.ndim - 1))
+
+
+def _gram_method(
+    leaves, grams, *, order, tol, rescale, shared_basis, compute_dtype,
+) -> tuple[list[jax.Array], jax.Array]:
+  group_grams = grams.sum(axis=0, keepdims=True) if shared_basis else grams
+  weights, residual_sq = ldl_weights(
+      _permute_gram(group_grams, order), tol=tol, rescale=rescale)
+  inverse = jnp.argsort(order)
+  weights, residual_sq = weights[..., inverse], residual_sq[..., inverse]
+  updates = [
+      weighted_sum(weights[0 if shared_basis else i], leaf, compute_dtype)
+      for i, leaf in enumerate(leaves)
+  ]
+  return updates, residual_sq
+
+
+def _sequential_method(
+    leaves, *, order, tol, rescale, shared_basis, compute_dtype,
+) -> tuple[list[jax.Array], jax.Array]:
+  residuals = [leaf.astype(compute_dtype) for leaf in leaves]
+  row_sq = lambda x: jnp.sum(jnp.square(x), axis=_trailing_axes(x))
+  input_sq = _group_reduce(jnp.stack([row_sq(r) for r in residuals]), shared_basis)
+  num_leaves, num_exits = input_sq.shape
+  rank = jnp.argsort(order)
+
+  def step(position, carry):
+    residuals, kept_sq = carry
+    exit_index = order[position]
+    basis = [jax.lax.dynamic_index_in_dim(r, exit_index, 0, keepdims=False)
+             for r in residuals]
+    basis_sq = _group_reduce(
+        jnp.stack([jnp.sum(jnp.square(b)) for b in basis]), shared_basis)
+    dots = _group_reduce(jnp.stack([
+        jnp.tensordot(r, b, axes=(_trailing_axes(r), tuple(range(b.ndim))),
+                      precision=_PRECISION)
+        for r, b in zip(residuals, basis)
+    ]), shared_basis)
+    keep = basis_sq > tol * input_sq[:, exit_index]
+    later = rank > position
+    coeff = jnp.where(
+        keep[:, None] & later[None, :],
+        dots / jnp.where(keep, basis_sq, 1.0)[:, None], 0.0)
+    residuals = [r - _row_scale(c, r) * b[None]
+                 for r, c, b in zip(residuals, coeff, basis)]
+    kept_sq = kept_sq.at[:, exit_index].set(jnp.where(keep, basis_sq, 0.0))
+    return residuals, kept_sq
+
+  kept_sq = jnp.zeros((num_leaves, num_exits), compute_dtype)
+  residuals, kept_sq = jax.lax.fori_loop(
+      0, num_exits, step, (residuals, kept_sq))
+  keep = kept_sq > 0
+  if rescale:
+    coeff = jnp.where(
+        keep, jnp.sqrt(input_sq / jnp.where(keep, kept_sq, 1.0)), 0.0)
+  else:
+    coeff = keep.astype(compute_dtype)
+  updates = [weighted_sum(c, r, compute_dtype) for c, r in zip(coeff, residuals)]
+  return updates, (kept_sq[:1] if shared_basis else kept_sq)
+
+
+METHODS = ("gram", "sequential")
+GRANULARITIES = ("leaf", "global")
+
+
+def project(
+    leaves: Sequence[jax.Array],
+    *,
+    method: str,
+    granularity: str,
+    order: jax.Array,
+    tol: float | jax.Array,
+    rescale: bool,
+    compute_dtype,
+) -> Projection:
+  """Projects stacked per-exit gradients and sums the components.
+
+  Args:
+    leaves: stacked gradients, each ``(K, *param_shape)``, all with the same K.
+    method: ``"gram"`` or ``"sequential"``.
+    granularity: ``"leaf"`` (a basis per leaf) or ``"global"`` (one basis
+      over all leaves).
+    order: int array, a permutation of ``range(K)``; ``order[0]`` is the exit
+      with the highest priority.
+    tol: relative tolerance on ``‖ĝ_k‖² / ‖g_k‖²`` below which a component is
+      degenerate.
+    rescale: rescale every kept component to its input gradient's norm.
+    compute_dtype: float32 or float64.
+
+  Returns:
+    A :class:`Projection`.
+  """
+  if method not in METHODS or granularity not in GRANULARITIES:
+    raise ValueError(f"method must be one of {METHODS} and granularity one of"
+                     f" {GRANULARITIES}; got {method!r}, {granularity!r}.")
+  shared_basis = granularity == "global"
+  grams = jnp.stack([gram_matrix(leaf, compute_dtype) for leaf in leaves])
+  order = jnp.asarray(order, jnp.int32)
+  if method == "gram":
+    updates, residual_sq = _gram_method(
+        leaves, grams, order=order, tol=tol, rescale=rescale,
+        shared_basis=shared_basis, compute_dtype=compute_dtype)
+  else:
+    updates, residual_sq = _sequential_method(
+        leaves, order=order, tol=tol, rescale=rescale,
+        shared_basis=shared_basis, compute_dtype=compute_dtype)
+  return Projection(updates, grams, residual_sq)

@@ -1,0 +1,325 @@
+"""OSGD transform against a float64 NumPy Gram–Schmidt oracle, and its errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import osgd_jax
+from osgd_jax.transform import DEFAULT_TOL
+from numpy_oracles import gram_schmidt_components, osgd_direction
+
+METHODS = ("gram", "sequential")
+GRANULARITIES = ("leaf", "global")
+SHAPES = {"conv": (3, 2, 4), "bias": (5,), "scale": ()}
+
+
+def _stacked(rng, k, make_rows):
+  """A dict of stacked leaves (K, *shape) whose rows come from make_rows."""
+  return {name: make_rows(rng, k, int(np.prod(shape))).reshape((k,) + shape)
+          .astype(np.float32) for name, shape in SHAPES.items()}
+
+
+def _random(rng, k, n):
+  return rng.normal(size=(k, n))
+
+
+def _correlated(rng, k, n):
+  return rng.normal(size=(1, n)) + 0.2 * rng.normal(size=(k, n))
+
+
+def _collinear(rng, k, n):
+  rows = rng.normal(size=(k, n))
+  rows[2] = 1.5 * rows[0] - 0.5 * rows[1]  # in the span of earlier exits
+  rows[3] = -2.0 * rows[1]
+  return rows
+
+
+def _zero_row(rng, k, n):
+  rows = rng.normal(size=(k, n))
+  rows[1] = 0.0  # e.g. a head that exit 2 does not reach
+  rows[k - 1] = 0.0
+  return rows
+
+
+def _mixed_scale(rng, k, n):
+  return rng.normal(size=(k, n)) * 10.0 ** rng.uniform(-8, 8, size=(k, 1))
+
+
+CASES = {
+    "random": _random,
+    "correlated": _correlated,
+    "collinear": _collinear,
+    "zero_row": _zero_row,
+    "mixed_scale": _mixed_scale,
+}
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _apply(grads, params=None, **options):
+  tx = osgd_jax.osgd(**options)
+  state = tx.init(params)
+  return jax.jit(tx.update)(grads, state, params)
+
+
+def _error_bound(rows, method, tol=DEFAULT_TOL, order=None):
+  """Forward-error bound for float32 Gram–Schmidt, relative to Σ_k ‖g_k‖.
+
+  A kept component with relative squared norm p = ‖ĝ_k‖²/‖g_k‖² is computed
+  to about eps/√p by modified Gram–Schmidt (cond(G)) and to eps/p by the Gram
+  form (cond(M) = cond(G)²); see DESIGN.md §2. Nearly degenerate components
+  are therefore inherently inaccurate, and the bound says so.
+  """
+  comps = gram_schmidt_components(rows, tol, order)
+  in_sq = np.sum(rows ** 2, axis=1)
+  kept = np.sum(comps ** 2, axis=1)
+  p = kept[kept > 0] / in_sq[kept > 0]
+  p_min = p.min() if p.size else 1.0
+  amplification = 1 / p_min if method == "gram" else 1 / np.sqrt(p_min)
+  return 1e-5 + 50 * EPS32 * amplification
+
+
+def _assert_close_to_oracle(out, expected, leaves, granularity, method,
+                            order=None):
+  names = list(SHAPES)
+  flats = [np.asarray(x, np.float64).reshape(len(x), -1) for x in leaves]
+  if granularity == "global":
+    flats = [np.concatenate(flats, axis=1)]
+    got = [np.concatenate([np.ravel(out[n]) for n in names])]
+    expected = [np.concatenate([np.ravel(r) for r in expected])]
+  else:
+    got = [np.ravel(out[n]) for n in names]
+    expected = [np.ravel(r) for r in expected]
+  for rows, g, ref in zip(flats, got, expected):
+    scale = np.linalg.norm(rows, axis=1).sum()
+    err = np.max(np.abs(np.asarray(g, np.float64) - ref), initial=0.0)
+    bound = _error_bound(rows, method, order=order)
+    assert err <= bound * scale, (err / max(scale, 1e-300), bound)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_matches_float64_oracle(case, method, granularity):
+  # K=6 exceeds the bias leaf's 5 dimensions and the scalar leaf's one, so
+  # every case also has rank-deficient leaves.
+  k = 6
+  make_rows = CASES[case]
+  rng = np.random.default_rng([sorted(CASES).index(case), k])
+  grads = _stacked(rng, k, make_rows)
+  params = {n: jnp.zeros(s) for n, s in SHAPES.items()}
+  out, state = _apply(grads, params, method=method, granularity=granularity)
+  leaves = [grads[n] for n in SHAPES]
+  expected = osgd_direction(leaves, tol=DEFAULT_TOL, granularity=granularity)
+  _assert_close_to_oracle(out, expected, leaves, granularity, method)
+  for leaf in jax.tree.leaves((out, state)):
+    assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_rescale_matches_oracle(method, granularity):
+  rng = np.random.default_rng(1)
+  grads = _stacked(rng, 4, _correlated)
+  out, _ = _apply(grads, method=method, granularity=granularity, rescale=True)
+  leaves = [grads[n] for n in SHAPES]
+  expected = osgd_direction(
+      leaves, tol=DEFAULT_TOL, granularity=granularity, rescale=True)
+  _assert_close_to_oracle(out, expected, leaves, granularity, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rescale_keeps_each_component_norm(method):
+  # With two exits, u = g1 + ĝ2·‖g2‖/‖ĝ2‖, so ‖u − g1‖ = ‖g2‖.
+  rng = np.random.default_rng(2)
+  g = rng.normal(size=(2, 50)).astype(np.float32)
+  g[1] += 3 * g[0]
+  out, _ = _apply({"w": g}, method=method, rescale=True)
+  np.testing.assert_allclose(
+      np.linalg.norm(out["w"] - g[0]), np.linalg.norm(g[1]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_order_matches_oracle(method, granularity):
+  rng = np.random.default_rng(3)
+  grads = _stacked(rng, 5, _correlated)
+  order = (3, 0, 4, 2, 1)
+  out, _ = _apply(grads, method=method, granularity=granularity, order=order)
+  leaves = [grads[n] for n in SHAPES]
+  expected = osgd_direction(
+      leaves, tol=DEFAULT_TOL, granularity=granularity, order=order)
+  _assert_close_to_oracle(out, expected, leaves, granularity, method, order)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_all_zero_and_unreached_leaves_give_no_nan(method, granularity):
+  grads = {
+      "dead": np.zeros((3, 4, 2), np.float32),
+      "head2": np.stack([np.zeros(3), np.ones(3), np.zeros(3)]).astype(np.float32),
+      "trunk": np.arange(9, dtype=np.float32).reshape(3, 3) + 1.0,
+  }
+  out, state = _apply(grads, method=method, granularity=granularity)
+  np.testing.assert_array_equal(out["dead"], 0.0)
+  if granularity == "leaf":
+    # Only exit 2 reaches head2: its gradient passes unchanged.
+    np.testing.assert_allclose(out["head2"], np.ones(3))
+    # Exit 1 reaches neither dead (8 params) nor head2 (3 of 14).
+    np.testing.assert_allclose(state.degenerate_fraction[0], 11 / 14, rtol=1e-6)
+  for leaf in jax.tree.leaves((out, state)):
+    assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("method", METHODS)
+def test_low_precision_is_computed_in_float32(dtype, method):
+  rng = np.random.default_rng(4)
+  g32 = rng.normal(size=(3, 64)).astype(np.float32)
+  low = jnp.asarray(g32, dtype)
+  out, state = _apply({"w": low}, method=method)
+  assert out["w"].dtype == dtype
+  assert state.exit_norms.dtype == jnp.float32
+  # Same answer as the float32 computation on the (already rounded) inputs, up
+  # to one rounding of the output.
+  ref = osgd_direction([np.asarray(low, np.float32)], tol=DEFAULT_TOL)[0]
+  eps = float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(
+      np.asarray(out["w"], np.float32), ref, atol=4 * eps * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_under_x64(method):
+  rng = np.random.default_rng(5)
+  g = rng.normal(size=(4, 30))
+  g[3] = g[0] + 1e-6 * rng.normal(size=30)  # tiny residual, resolvable in f64
+  with jax.enable_x64(True):
+    out, _ = _apply({"w": jnp.asarray(g)}, method=method, tol=1e-14)
+    assert out["w"].dtype == jnp.float64
+    ref = osgd_direction([g], tol=1e-14)[0]
+    np.testing.assert_allclose(np.asarray(out["w"]), ref, rtol=0, atol=1e-7)
+
+
+def test_diagnostics_match_definitions():
+  rng = np.random.default_rng(6)
+  grads = _stacked(rng, 3, _random)
+  grads["bias"][2] = 0.0
+  _, state = _apply(grads, params=None)
+  leaves = [np.asarray(grads[n], np.float64).reshape(3, -1) for n in SHAPES]
+  flat = np.concatenate(leaves, 1)
+  np.testing.assert_allclose(state.exit_norms, np.linalg.norm(flat, axis=1),
+                             rtol=1e-5)
+  comps = np.concatenate(
+      [gram_schmidt_components(x, DEFAULT_TOL) for x in leaves], 1)
+  np.testing.assert_allclose(state.projected_norms, np.linalg.norm(comps, axis=1),
+                             rtol=1e-5)
+  cos_sum, size_sum = np.zeros((3, 3)), np.zeros((3, 3))
+  for x in leaves:
+    norms = np.linalg.norm(x, axis=1)
+    defined = np.outer(norms > 0, norms > 0)
+    cos = np.where(defined, (x @ x.T) / np.where(defined, np.outer(norms, norms), 1), 0)
+    cos_sum += x.shape[1] * cos
+    size_sum += x.shape[1] * defined
+  np.testing.assert_allclose(state.cosine, cos_sum / size_sum, rtol=1e-5)
+  # Dropped: exit 3 on the zeroed bias, and exits 2 and 3 on the scalar leaf,
+  # whose one-dimensional space exit 1 already spans.
+  dropped = sum(x.shape[1] * (np.linalg.norm(
+      gram_schmidt_components(x, DEFAULT_TOL), axis=1) == 0) for x in leaves)
+  np.testing.assert_allclose(dropped, [0, 1, 6])
+  np.testing.assert_allclose(state.degenerate_fraction, dropped / 30, atol=1e-7)
+
+
+def test_state_shape_is_fixed_when_num_exits_is_known():
+  tx = osgd_jax.osgd(num_exits=3)
+  state = tx.init({"w": jnp.zeros(4)})
+  _, new_state = tx.update({"w": jnp.ones((3, 4))}, state)
+  assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, new_state)
+  assert osgd_jax.osgd(order=(1, 0)).init({}).cosine.shape == (2, 2)
+
+
+def test_empty_tree_passes_through():
+  out, _ = _apply({})
+  assert out == {}
+
+
+# --- errors: every one names the problem and, where there is one, the leaf ---
+
+
+def test_error_when_k_differs_between_leaves():
+  grads = {"a": jnp.ones((3, 2)), "b": {"c": jnp.ones((2, 2))}}
+  with pytest.raises(ValueError, match=r"K=3.*\['b'\]\['c'\].*K=2"):
+    _apply(grads)
+
+
+def test_error_when_leaf_is_not_stacked_like_its_param():
+  grads = {"a": jnp.ones((3, 2)), "b": jnp.ones((3, 4, 5))}
+  params = {"a": jnp.ones(2), "b": jnp.ones((5, 4))}
+  with pytest.raises(ValueError, match=r"\['b'\].*\(3, 4, 5\).*\(K, 5, 4\)"):
+    _apply(grads, params)
+
+
+def test_error_when_params_structure_differs():
+  with pytest.raises(ValueError, match="tree structures"):
+    _apply({"a": jnp.ones((3, 2))}, {"z": jnp.ones(2)})
+
+
+def test_error_for_unstacked_scalar_leaf():
+  with pytest.raises(ValueError, match=r"\['s'\] is a scalar"):
+    _apply({"s": jnp.float32(1.0)})
+
+
+def test_error_for_zero_exits():
+  with pytest.raises(ValueError, match=r"K=0"):
+    _apply({"a": jnp.ones((0, 3))})
+
+
+@pytest.mark.parametrize("order", [(0, 0, 1), (1, 2, 3), (), ("a", "b")])
+def test_error_for_invalid_order(order):
+  with pytest.raises(ValueError, match="order"):
+    osgd_jax.osgd(order=order)
+
+
+def test_error_when_order_length_differs_from_k():
+  with pytest.raises(ValueError, match=r"K=3.*len\(order\)=2"):
+    _apply({"a": jnp.ones((3, 2))}, order=(1, 0))
+
+
+def test_error_when_num_exits_differs_from_k():
+  with pytest.raises(ValueError, match=r"K=3.*num_exits=4"):
+    _apply({"a": jnp.ones((3, 2))}, num_exits=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"granularity": "layer"}, "granularity must be one of"),
+    ({"method": "qr"}, "method must be one of"),
+    ({"tol": -1.0}, "tol"),
+    ({"num_exits": 0}, "num_exits"),
+])
+def test_error_for_bad_options(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    osgd_jax.osgd(**kwargs)
+
+
+def test_error_for_integer_gradients():
+  with pytest.raises(ValueError, match="non-float"):
+    _apply({"a": jnp.ones((2, 3), jnp.int32)})
+
+
+def test_osgd_sgd_equals_explicit_chain():
+  rng = np.random.default_rng(7)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  ready = osgd_jax.osgd_sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2,
+                            granularity="global")
+  explicit = optax.chain(
+      osgd_jax.osgd(granularity="global"), optax.add_decayed_weights(1e-2),
+      optax.trace(decay=0.9, nesterov=True), optax.scale_by_learning_rate(0.1))
+  s1, s2 = ready.init(params), explicit.init(params)
+  for step in range(3):
+    grads = {"w": jnp.asarray(rng.normal(size=(3, 4, 3)), jnp.float32)}
+    u1, s1 = ready.update(grads, s1, params)
+    u2, s2 = explicit.update(grads, s2, params)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+    params = optax.apply_updates(params, u1)
