@@ -1,0 +1,41 @@
+"""Datasets, deterministic batch streams and on-device augmentation.
+
+``load_dataset(name)`` returns a ``Dataset`` of standardised NumPy arrays in
+host memory: scikit-learn's ``digits``, ``cifar10``/``cifar100`` from the
+official archives in a local ``data_dir``, or a seeded ``synthetic`` task.
+``iterate_batches`` streams an epoch in an order fixed by ``(seed, epoch)``,
+and ``augment`` (random crop with padding and flip) runs inside a jitted step
+with keys from ``augment_key(key, epoch, step)``.
+"""
+
+from osgd_jax.data.augment import augment, random_crop, random_flip
+from osgd_jax.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
+                                DatasetNotFoundError)
+from osgd_jax.data.batching import (augment_key, batch_indices,
+                                    epoch_permutation, iterate_batches,
+                                    num_batches)
+from osgd_jax.data.cifar import load_cifar
+from osgd_jax.data.digits import load_digits, stratified_split
+from osgd_jax.data.loading import DATASET_NAMES, load_dataset
+from osgd_jax.data.synthetic import make_synthetic
+
+__all__ = [
+    "CIFAR_URL",
+    "DATASET_NAMES",
+    "Dataset",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "augment",
+    "augment_key",
+    "batch_indices",
+    "epoch_permutation",
+    "iterate_batches",
+    "load_cifar",
+    "load_dataset",
+    "load_digits",
+    "make_synthetic",
+    "num_batches",
+    "random_crop",
+    "random_flip",
+    "stratified_split",
+]

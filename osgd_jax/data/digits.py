@@ -1,0 +1,87 @@
+"""scikit-learn's bundled 8x8 handwritten digits with a fixed stratified split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from osgd_jax.data.base import Dataset, channel_stats, standardize
+
+__all__ = ["load_digits", "stratified_split"]
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Splits example indices so that every class keeps the same proportions.
+
+  Each class independently sends ``round(test_fraction * class_size)`` of its
+  examples to the test side. The split depends only on ``(labels,
+  test_fraction, seed)``, so it never changes between runs (the test suite
+  pins a few indices, guarding against a change of NumPy's random stream).
+
+  Args:
+    labels: ``(N,)`` integer labels.
+    test_fraction: fraction of each class held out, in (0, 1).
+    seed: non-negative integer seed of the split.
+
+  Returns:
+    ``(train_indices, test_indices)``, sorted int64 arrays that partition
+    ``range(N)``.
+
+  Example:
+    >>> train, test = stratified_split(np.array([0, 0, 1, 1]), 0.5, seed=0)
+  """
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    num_test = int(np.floor(test_fraction * members.size + 0.5))
+    test.append(members[:num_test])
+    train.append(members[num_test:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+  """Loads the 1797 8x8 digit images that ship inside scikit-learn.
+
+  Pixels (0..16) are scaled to [0, 1], then standardised with the mean and
+  standard deviation of all training pixels (one channel). Nothing is
+  downloaded.
+
+  Args:
+    seed: seed of the stratified train/test split. Keep it fixed (the default)
+      so that every run, whatever its training seed, tests on the same images.
+    test_fraction: fraction of each class held out for testing.
+
+  Returns:
+    A ``Dataset`` named ``"digits"`` with images of shape ``(8, 8, 1)`` and 10
+    classes (1438 train / 359 test examples with the defaults).
+
+  Example:
+    >>> ds = load_digits()
+    >>> ds.x_train.shape
+    (1438, 8, 8, 1)
+  """
+  try:
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
+    raise ImportError(
+        "the 'digits' dataset ships with scikit-learn: pip install scikit-learn"
+    ) from e
+  bunch = datasets.load_digits()
+  images = (bunch.images / 16.0)[..., None]
+  labels = bunch.target.astype(np.int32)
+  train, test = stratified_split(labels, test_fraction, seed)
+  mean, std = channel_stats(images[train])
+  return Dataset(
+      name="digits",
+      x_train=standardize(images[train], mean, std),
+      y_train=labels[train],
+      x_test=standardize(images[test], mean, std),
+      y_test=labels[test],
+      num_classes=10,
+      mean=mean,
+      std=std,
+      class_names=tuple(str(d) for d in range(10)))

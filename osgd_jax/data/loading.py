@@ -1,0 +1,90 @@
+"""``load_dataset``: the single entry point, dispatching on the dataset name."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any, Callable
+
+from osgd_jax.data.base import Dataset
+from osgd_jax.data.cifar import load_cifar
+from osgd_jax.data.digits import load_digits
+from osgd_jax.data.synthetic import make_synthetic
+
+__all__ = ["DATASET_NAMES", "load_dataset"]
+
+# name -> (loader, whether it reads data_dir, whether it takes seed)
+_LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
+    "digits": (load_digits, False, True),
+    "cifar10": (functools.partial(load_cifar, name="cifar10"), True, False),
+    "cifar100": (functools.partial(load_cifar, name="cifar100"), True, False),
+    "synthetic": (make_synthetic, False, True),
+}
+DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+
+
+def _options_of(loader: Callable[..., Dataset]) -> list[str]:
+  bound = getattr(loader, "keywords", {})
+  return [p.name for p in inspect.signature(loader).parameters.values()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY
+          and p.name not in ("seed", "name", *bound)]
+
+
+def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
+                 seed: int = 0, flatten: bool = False,
+                 **options: Any) -> Dataset:
+  """Loads a dataset by name into host memory, standardised with train stats.
+
+  ==============  ==========  =================================================
+  name            input       source
+  ==============  ==========  =================================================
+  ``digits``      8x8x1       scikit-learn's bundled digits, stratified 80/20
+  ``cifar10``     32x32x3     ``cifar-10-python.tar.gz`` (or extracted) in
+                              ``data_dir``
+  ``cifar100``    32x32x3     ``cifar-100-python.tar.gz`` (or extracted) in
+                              ``data_dir``; ``label_mode="coarse"`` for 20
+                              superclasses
+  ``synthetic``   ``shape``   seeded Gaussian clusters with a ``difficulty``
+  ==============  ==========  =================================================
+
+  Args:
+    name: one of ``DATASET_NAMES`` (case and ``-``/``_`` are ignored, so
+      ``"CIFAR-10"`` works).
+    data_dir: directory holding the CIFAR archives; unused by the others.
+    seed: the *data* seed: the train/test split of ``digits`` and the sample
+      of ``synthetic``; CIFAR has an official split and ignores it. Keep it
+      fixed across training seeds to compare runs on the same test set.
+    flatten: return each example as a flat vector (for MLPs) instead of an
+      ``(H, W, C)`` image.
+    **options: loader-specific keyword arguments, e.g. ``test_fraction``
+      (digits), ``label_mode`` (CIFAR), ``num_train``, ``num_test``,
+      ``num_classes``, ``shape``, ``difficulty`` (synthetic).
+
+  Returns:
+    A frozen ``Dataset`` of read-only NumPy arrays.
+
+  Raises:
+    ValueError: unknown name or option.
+    DatasetNotFoundError: CIFAR files missing (a ``ValueError``).
+    DatasetFormatError: CIFAR files malformed (a ``ValueError``).
+
+  Example:
+    >>> ds = load_dataset("digits", flatten=True)
+    >>> ds.x_train.shape, ds.num_classes
+    ((1438, 64), 10)
+  """
+  key = str(name).lower().replace("-", "").replace("_", "")
+  if key not in _LOADERS:
+    raise ValueError(f"unknown dataset {name!r}; valid names are"
+                     f" {', '.join(DATASET_NAMES)}")
+  loader, reads_dir, takes_seed = _LOADERS[key]
+  allowed = _options_of(loader)
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"{key} does not take the option(s) {', '.join(unknown)};"
+                     f" it takes {', '.join(allowed) or 'none'}")
+  if takes_seed:
+    options["seed"] = seed
+  dataset = loader(data_dir, **options) if reads_dir else loader(**options)
+  return dataset.flatten() if flatten else dataset
