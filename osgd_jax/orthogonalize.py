@@ -121,8 +121,10 @@ def ldl_weights(
   def column_step(j, carry):
     lower, pivots = carry
     weighted_row = jnp.take(lower, j, axis=-2) * pivots  # only i < j non-zero
-    column = jnp.take(corr, j, axis=-1) - jnp.einsum(
-        "...ki,...i->...k", lower, weighted_row)
+    # Elementwise products and sums rather than einsum: on XLA:CPU every
+    # tiny dot_general costs far more to compile than to run.
+    column = jnp.take(corr, j, axis=-1) - jnp.sum(
+        lower * weighted_row[..., None, :], axis=-1)
     pivot = jnp.take(column, j, axis=-1)
     keep = pivot > tol
     new_column = jnp.where(
@@ -142,13 +144,22 @@ def ldl_weights(
     coeff = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, pivots, 1.0)), 0.0)
   else:
     coeff = keep.astype(gram.dtype)
-  # u = (m ⊙ r ⊙ s)ᵀ L'⁻¹ S⁻¹ G, so w = S⁻¹ L'⁻ᵀ (m ⊙ r ⊙ s).
-  rhs = coeff * jnp.sqrt(diag)
-  solve = lambda l, b: jax.scipy.linalg.solve_triangular(
-      l, b, lower=True, trans="T", unit_diagonal=True)
-  for _ in range(gram.ndim - 2):
-    solve = jax.vmap(solve)
-  weights = inv_scale * solve(lower, rhs)
+  # u = coeffᵀ Ĝ = coeffᵀ L⁻¹ G, so w solves Lᵀ w = coeff, where
+  # L = S L' S⁻¹ undoes the equilibration. Solving with L itself (rather than
+  # w = S⁻¹ L'⁻ᵀ S coeff) keeps w exactly equal to coeff when nothing is
+  # projected, e.g. K = 1 is the identity bit for bit.
+  scale = jnp.sqrt(diag)
+  lower = lower * scale[..., :, None] * inv_scale[..., None, :]
+
+  # Back substitution w_j = coeff_j − Σ_{k>j} L_kj w_k, batched over leaves;
+  # cheaper to compile than a batched triangular-solve call.
+  def back_step(i, weights):
+    j = num_exits - 1 - i
+    w_j = jnp.take(coeff, j, axis=-1) - jnp.sum(
+        jnp.take(lower, j, axis=-1) * weights, axis=-1)
+    return jnp.where(rows == j, w_j[..., None], weights)
+
+  weights = jax.lax.fori_loop(0, num_exits, back_step, jnp.zeros_like(coeff))
   return weights, pivots * diag
 
 
