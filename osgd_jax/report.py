@@ -1,0 +1,127 @@
+"""Run artefacts: the per-exit table, metrics.json and the figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["write_json", "exit_table", "plot_accuracy_vs_flops",
+           "plot_exit_accuracy"]
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Writes JSON atomically: a reader sees the old file or the new, never half.
+
+  Args:
+    path: destination file.
+    payload: a JSON-serialisable object (NumPy arrays and scalars allowed).
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=2, default=_to_builtin)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _to_builtin(x: Any) -> Any:
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _human(n: float) -> str:
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return f"{n:.0f}"
+
+
+def exit_table(accuracy: Sequence[float], flops: Sequence[float],
+               params: Sequence[int], flops_source: str = "") -> str:
+  """Formats the per-exit table: test accuracy, FLOPs and parameters.
+
+  Args:
+    accuracy: ``(K,)`` test accuracy per exit, in [0, 1].
+    flops: ``(K,)`` FLOPs of one example up to each exit.
+    params: ``(K,)`` parameters on each exit's path.
+    flops_source: where the FLOPs come from ("xla" or "analytic").
+
+  Returns:
+    A multi-line string.
+
+  Example:
+    >>> print(exit_table([0.5, 0.9], [1e6, 3e6], [100, 300]).splitlines()[0])
+    exit  test acc      FLOPs     params
+  """
+  lines = [f"{'exit':>4}  {'test acc':>8}  {'FLOPs':>9}  {'params':>9}"]
+  for k, (a, f, p) in enumerate(zip(accuracy, flops, params), start=1):
+    lines.append(f"{k:>4}  {100 * a:>7.2f}%  {_human(f):>9}  {_human(p):>9}")
+  if flops_source:
+    lines.append(f"(FLOPs per example, from the {flops_source} cost count)")
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")  # files only; never needs a display
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+                           path: str, title: str = "") -> None:
+  """Plots test accuracy against FLOPs per example, one line per curve.
+
+  Args:
+    curves: label -> (flops, accuracy) arrays.
+    path: the PNG to write.
+    title: figure title.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+  for label, (flops, acc) in curves.items():
+    ax.plot(np.asarray(flops), 100 * np.asarray(acc), marker="o", label=label)
+  ax.set_xlabel("FLOPs per example")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
+                       path: str, title: str = "") -> None:
+  """Bar chart of mean ± std test accuracy per exit for several optimizers.
+
+  Args:
+    results: label -> (mean, std) arrays of shape (K,).
+    path: the PNG to write.
+    title: figure title.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+  width = 0.8 / max(len(results), 1)
+  for i, (label, (mean, std)) in enumerate(results.items()):
+    exits = np.arange(1, len(mean) + 1)
+    ax.bar(exits + (i - (len(results) - 1) / 2) * width, 100 * np.asarray(mean),
+           width, yerr=100 * np.asarray(std), label=label, capsize=2)
+  ax.set_xlabel("exit")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
