@@ -1,0 +1,140 @@
+"""The base class of every zoo model: K stages, K exits, run in order.
+
+An :class:`AnytimeNet` is nothing but an :class:`flax.nnx.List` of stage
+modules plus the input check. Stage k owns every parameter it introduces,
+its exit head included, and maps the carry of stages 1..k-1 to its own carry
+and its exit's logits::
+
+    x ─ input_carry ─> carry_0 ─ stages[0] ─> carry_1 ─ stages[1] ─> ...
+                                     │                      │
+                                 logits_1               logits_2
+
+The carry is a plain pytree of arrays (its layout is documented per family),
+so the stages can be driven one by one: for anytime inference, or to keep
+each stage's VJP for the staged per-exit gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from osgd_jax.zoo.blocks import NORMS, Backbone
+
+__all__ = ["AnytimeNet", "check_config"]
+
+
+def check_config(*, stages: Any, width: Any, depth: Any, num_classes: Any,
+                 norm: Any, **extra: Any) -> None:
+  """Raises a ``ValueError`` naming the first bad model setting.
+
+  Args:
+    stages: number of stages (exits), an int ≥ 1.
+    width: base width, an int ≥ 1.
+    depth: layers per stage, an int ≥ 1.
+    num_classes: an int ≥ 1.
+    norm: one of ``NORMS``.
+    **extra: further int settings; ``downsamples`` may be 0, the rest ≥ 1.
+  """
+  ints = dict(stages=stages, width=width, depth=depth, num_classes=num_classes,
+              **extra)
+  for name, value in ints.items():
+    low = 0 if name == "downsamples" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(
+          f"{name} must be an int >= {low}, got {value!r}.")
+  if norm not in NORMS:
+    raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
+
+
+class AnytimeNet(nnx.Module):
+  """Base class: a cascade of stages, each ending in an exit.
+
+  Subclasses build ``self.stages`` (an :class:`flax.nnx.List`) and
+  ``self.backbone`` in their constructor.
+
+  Attributes:
+    stages: the stage modules; ``stages[k-1](carry) -> (new_carry, logits)``.
+    backbone: the :class:`~osgd_jax.zoo.blocks.Backbone` (conv or dense).
+    num_classes: number of classes of every exit.
+  """
+
+  stages: nnx.List
+  backbone: Backbone
+  num_classes: int
+
+  @property
+  def num_exits(self) -> int:
+    """The number of stages and exits, K."""
+    return len(self.stages)
+
+  def input_carry(self, x: jax.Array) -> jax.Array:
+    """Validates ``x`` and returns the carry that ``stages[0]`` takes.
+
+    Convolutional models take NHWC images (``(batch, h, w)`` is accepted when
+    ``in_channels == 1``); MLPs take ``(batch, in_features)`` and flatten any
+    trailing axes.
+    """
+    return self.backbone.prepare(x)
+
+  def check_upto(self, upto: int | None) -> int:
+    """Returns the number of stages to run, or raises a ``ValueError``."""
+    k = self.num_exits
+    if upto is None:
+      return k
+    if isinstance(upto, bool) or not isinstance(upto, int) or not 1 <= upto <= k:
+      raise ValueError(
+          f"upto must be an int between 1 and the number of exits ({k}),"
+          f" got {upto!r}; pass upto=None to compute all exits.")
+    return upto
+
+  def __call__(self, x: jax.Array, *, upto: int | None = None) -> jax.Array:
+    """Computes the logits of exits 1..upto.
+
+    Args:
+      x: a batch of inputs (see :meth:`input_carry`).
+      upto: compute only stages 1..upto (1-based, a Python int); ``None``
+        computes all K.
+
+    Returns:
+      The stacked logits, shape ``(upto or K, batch, num_classes)``.
+    """
+    n = self.check_upto(upto)
+    carry = self.input_carry(x)
+    logits = []
+    for stage in self.stages[:n]:
+      carry, out = stage(carry)
+      logits.append(out)
+    return jnp.stack(logits)
+
+  def predict(self, x: jax.Array, *, upto: int | None = None) -> jax.Array:
+    """Like ``__call__``, but BatchNorm uses its running averages.
+
+    The module's own mode is left as it is and no statistics change, so this
+    is the inference entry point in train mode too, e.g. through
+    ``flax.nnx.bridge.ToLinen`` with ``nnx_method="predict"``.
+
+    Args:
+      x: a batch of inputs (see :meth:`input_carry`).
+      upto: compute only stages 1..upto; ``None`` computes all K.
+
+    Returns:
+      The stacked logits, shape ``(upto or K, batch, num_classes)``.
+    """
+    view = nnx.view(self, use_running_average=True, raise_if_not_found=False)
+    return view(x, upto=upto)
+
+  def depth_per_exit(self) -> tuple[int, ...]:
+    """Number of layer positions on each exit's path (stem and head excluded).
+
+    A position counts once even when later stages widen it (nested-width).
+    """
+    depths, total = [], 0
+    for stage in self.stages:
+      total += stage.depth
+      depths.append(total)
+    return tuple(depths)
+

@@ -1,0 +1,159 @@
+"""Branched cascade: one trunk, one exit head per stage (the baseline).
+
+The paper's "cascade with branching outputs". Stage k is ``depth`` residual
+layers that continue the trunk, and exit k is a head on their output::
+
+    x ─ stem ─ [D layers] ─┬─ [D layers] ─┬─ [D layers] ─┬─ ...
+                stage 1    │   stage 2    │   stage 3    │
+                         head 1         head 2         head 3
+
+With the conv backbone the first layer of stages 2 .. downsamples+1 halves
+the resolution and doubles the width (ResNet's phases).
+
+Carry: stage 1 takes the input batch; every stage returns the trunk's
+feature map (or feature vector), a single array, as its carry.
+
+Exit k reads only the trunk up to stage k, so it never depends on later
+stages.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from osgd_jax.zoo.base import AnytimeNet, check_config
+from osgd_jax.zoo.blocks import (Backbone, Head, ResidualLayer, Stem,
+                                 conv_backbone, dense_backbone)
+
+__all__ = ["BranchedStage", "BranchedNet", "BranchedResNet", "BranchedMLP"]
+
+
+class BranchedStage(nnx.Module):
+  """One stage of the trunk: [stem] -> ``depth`` residual layers -> head.
+
+  Args:
+    backbone: conv or dense backbone.
+    in_features: width of the incoming trunk; ``None`` for stage 1, which
+      then starts with a stem on the network input.
+    width: width of this stage's layers.
+    depth: number of residual layers.
+    stride: stride of the first layer (2 halves the resolution).
+    num_classes: classes of the exit head.
+    norm: normalisation, see :func:`~osgd_jax.zoo.blocks.make_norm`.
+    rngs: the random generators.
+  """
+
+  def __init__(self, backbone: Backbone, *, in_features: int | None,
+               width: int, depth: int, stride: int, num_classes: int,
+               norm: str, rngs: nnx.Rngs):
+    self.depth = depth
+    if in_features is None:
+      self.stem = Stem(backbone, width, norm=norm, rngs=rngs)
+      in_features = width
+    else:
+      self.stem = None
+    self.layers = nnx.List([
+        ResidualLayer(backbone, (in_features if i == 0 else width,), width,
+                      strides=(stride if i == 0 else 1,), norm=norm, rngs=rngs)
+        for i in range(depth)])
+    self.head = Head(backbone, width, num_classes, rngs=rngs)
+
+  def __call__(self, carry: jax.Array) -> tuple[jax.Array, jax.Array]:
+    h = carry if self.stem is None else self.stem(carry)
+    for layer in self.layers:
+      h = layer([h])
+    return h, self.head(h)
+
+
+class BranchedNet(AnytimeNet):
+  """A branched cascade on any backbone; see the module docstring.
+
+  Args:
+    backbone: conv or dense backbone.
+    stages: number of stages and exits K.
+    width: width of stage 1 (conv: doubles at each downsampling stage).
+    depth: residual layers per stage.
+    num_classes: classes of every exit.
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+  """
+
+  def __init__(self, backbone: Backbone, *, stages: int, width: int,
+               depth: int, num_classes: int, norm: str, rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm)
+    self.backbone = backbone
+    self.num_classes = num_classes
+    built, in_features, level = [], None, 0
+    for k in range(stages):
+      new_level = min(k, backbone.downsamples)
+      stage_width = backbone.scale(width, new_level)
+      built.append(BranchedStage(
+          backbone, in_features=in_features, width=stage_width, depth=depth,
+          stride=2 ** (new_level - level), num_classes=num_classes, norm=norm,
+          rngs=rngs))
+      in_features, level = stage_width, new_level
+    self.stages = nnx.List(built)
+
+
+class BranchedResNet(BranchedNet):
+  """Branched cascade, ResNet-style conv backbone (NHWC images).
+
+  Args:
+    stages: number of stages and exits K.
+    width: width of stage 1; doubles with each of the ``downsamples``.
+    depth: residual blocks per stage.
+    num_classes: classes of every exit.
+    in_channels: image channels (3 for CIFAR, 1 for digits).
+    downsamples: stride-2 halvings, at the start of stages 2, 3, ...
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = BranchedResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 32, 32, 3))).shape
+    (3, 2, 10)
+  """
+
+  def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 2,
+               num_classes: int = 10, in_channels: int = 3,
+               downsamples: int = 2, norm: str = "batch", rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, in_channels=in_channels,
+                 downsamples=downsamples)
+    super().__init__(
+        conv_backbone(in_channels, downsamples), stages=stages, width=width,
+        depth=depth, num_classes=num_classes, norm=norm, rngs=rngs)
+
+
+class BranchedMLP(BranchedNet):
+  """Branched cascade, MLP backbone (feature vectors).
+
+  Args:
+    stages: number of stages and exits K.
+    width: hidden width.
+    depth: residual blocks per stage.
+    num_classes: classes of every exit.
+    in_features: input features (64 for flattened 8×8 digits).
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = BranchedMLP(stages=3, width=8, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 64)), upto=2).shape
+    (2, 2, 10)
+  """
+
+  def __init__(self, *, stages: int = 4, width: int = 64, depth: int = 1,
+               num_classes: int = 10, in_features: int = 64,
+               norm: str = "batch", rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, in_features=in_features)
+    super().__init__(
+        dense_backbone(in_features), stages=stages, width=width, depth=depth,
+        num_classes=num_classes, norm=norm, rngs=rngs)

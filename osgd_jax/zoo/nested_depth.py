@@ -1,0 +1,205 @@
+"""Depth-nested (interlaced) network: each stage doubles the depth.
+
+Stage 1 is a plain chain: a stem and ``D`` residual layers ``S_1 = (L_1 ..
+L_D)``. After stage k the layer sequence ``S_k = (L_1 .. L_n)`` has
+``n = D * 2**(k-1)`` layers with cached outputs ``o_1 .. o_n``. Stage k+1
+adds a new chain ``N_1 .. N_n``: ``N_i`` reads the previous new layer's
+output (the stem output for ``N_1``) together with ``o_i``, the output of
+the old layer at the same position (its lateral input). In sequence order
+``N_i`` sits right after ``L_i``, so ``S_{k+1} = (L_1, N_1, L_2, N_2, ..
+L_n, N_n)`` has twice the layers. Exit k+1 reads the end of the new chain::
+
+    stage 1:   stem ─> L1 ────────> L2 ──────> head 1
+                │       │            │
+                │       o1           o2          (lateral inputs)
+                │       ▼            ▼
+    stage 2:    └────> N1 ────────> N2 ──────> head 2
+    S_2 = (L1, N1, L2, N2); stage 3 adds one layer after each of them:
+    stage 3:   stem ─> M1 ─> M2 ─> M3 ─> M4 ─> head 3   (M_i reads S_2[i])
+
+Old layers never read new ones, so nothing computed for exits <= k is
+recomputed or changed. With the conv backbone, ``S_1``'s layers 2 ..
+downsamples+1 halve the resolution; a new layer works at its lateral's
+resolution and width (times the stage's chain width), striding its chain
+input when the lateral is coarser.
+
+:class:`InterlacedNet` also builds the width+depth family
+(:mod:`osgd_jax.zoo.nested_width_depth`): there, each stage's chain is
+``growth`` times wider than the previous one.
+
+``stages[k-1]`` owns stage k's layers and head k (stage 1 also the stem).
+
+Carry: stage 1 takes the input batch. Stage k returns
+``{"stem": h_0, "outputs": (o_1, ..., o_n)}``: the stem output and the
+outputs of all ``n = D * 2**(k-1)`` layers of ``S_k`` in sequence order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+
+from osgd_jax.zoo.base import AnytimeNet, check_config
+from osgd_jax.zoo.blocks import (Backbone, Head, ResidualLayer, Stem,
+                                 conv_backbone, dense_backbone)
+
+__all__ = [
+    "InterlacedStage", "InterlacedNet", "NestedDepthResNet", "NestedDepthMLP",
+]
+
+
+class InterlacedStage(nnx.Module):
+  """One stage of an interlaced network: a chain of new layers and a head.
+
+  Args:
+    backbone: conv or dense backbone.
+    stem_width: width of the stem output, where the chain starts.
+    chain_width: width of this stage's layers (before level scaling).
+    levels: resolution level of each new layer (that of its lateral input).
+    lateral_features: widths of the cached outputs ``o_1 .. o_n`` the new
+      layers read; ``None`` for stage 1, which owns the stem and has no
+      lateral inputs.
+    num_classes: classes of the exit head.
+    norm: normalisation, see :func:`~osgd_jax.zoo.blocks.make_norm`.
+    rngs: the random generators.
+  """
+
+  def __init__(self, backbone: Backbone, *, stem_width: int, chain_width: int,
+               levels: Sequence[int],
+               lateral_features: Sequence[int] | None, num_classes: int,
+               norm: str, rngs: nnx.Rngs):
+    first = lateral_features is None
+    self.stem = Stem(backbone, stem_width, norm=norm, rngs=rngs) if first else None
+    self.depth = len(levels)
+    layers, outs, prev_f, prev_l = [], [], stem_width, 0
+    for i, level in enumerate(levels):
+      out = backbone.scale(chain_width, level)
+      stride = 2 ** (level - prev_l)
+      if first:
+        ins, strides = (prev_f,), (stride,)
+      else:
+        ins, strides = (prev_f, lateral_features[i]), (stride, 1)
+      layers.append(ResidualLayer(backbone, ins, out, strides=strides,
+                                  norm=norm, rngs=rngs))
+      outs.append(out)
+      prev_f, prev_l = out, level
+    self.layers = nnx.List(layers)
+    self.out_features = tuple(outs)
+    self.head = Head(backbone, prev_f, num_classes, rngs=rngs)
+
+  def __call__(self, carry: Any) -> tuple[dict[str, Any], jax.Array]:
+    if self.stem is not None:
+      h0, lateral = self.stem(carry), None
+    else:
+      h0, lateral = carry["stem"], carry["outputs"]
+    h, new = h0, []
+    for i, layer in enumerate(self.layers):
+      h = layer([h] if lateral is None else [h, lateral[i]])
+      new.append(h)
+    if lateral is None:
+      outputs = tuple(new)
+    else:
+      outputs = tuple(o for pair in zip(lateral, new) for o in pair)
+    return {"stem": h0, "outputs": outputs}, self.head(h)
+
+
+class InterlacedNet(AnytimeNet):
+  """An interlaced (depth-nested) network; see the module docstring.
+
+  Args:
+    backbone: conv or dense backbone.
+    stages: number of stages and exits K.
+    width: width of stage 1's layers (conv: doubles with each downsampling).
+    depth: number of layers ``D`` of stage 1; exit k has ``D * 2**(k-1)``.
+    num_classes: classes of every exit.
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    growth: each stage's chain is ``growth`` times wider than the previous
+      one's (1: depth-nested; 2: width+depth-nested).
+    rngs: the random generators.
+  """
+
+  def __init__(self, backbone: Backbone, *, stages: int, width: int,
+               depth: int, num_classes: int, norm: str, growth: int = 1,
+               rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, growth=growth)
+    self.backbone = backbone
+    self.num_classes = num_classes
+    built, sequence = [], []  # sequence: (features, level) of S_k, in order
+    for k in range(stages):
+      first = k == 0
+      levels = backbone.levels(depth) if first else [l for _, l in sequence]
+      stage = InterlacedStage(
+          backbone, stem_width=width, chain_width=width * growth**k,
+          levels=levels,
+          lateral_features=None if first else [f for f, _ in sequence],
+          num_classes=num_classes, norm=norm, rngs=rngs)
+      new = list(zip(stage.out_features, levels))
+      sequence = new if first else [s for p in zip(sequence, new) for s in p]
+      built.append(stage)
+    self.stages = nnx.List(built)
+
+
+class NestedDepthResNet(InterlacedNet):
+  """Depth-nested (interlaced) network, ResNet-style conv backbone.
+
+  Args:
+    stages: number of stages and exits K.
+    width: width of the layers at full resolution; doubles with each of the
+      ``downsamples``.
+    depth: residual blocks of stage 1; exit k has ``depth * 2**(k-1)``.
+    num_classes: classes of every exit.
+    in_channels: image channels (3 for CIFAR, 1 for digits).
+    downsamples: stride-2 halvings, in stage 1's blocks 2, 3, ...
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = NestedDepthResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 32, 32, 3))).shape, model.depth_per_exit()
+    ((3, 2, 10), (3, 6, 12))
+  """
+
+  def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 3,
+               num_classes: int = 10, in_channels: int = 3,
+               downsamples: int = 2, norm: str = "batch", rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, in_channels=in_channels,
+                 downsamples=downsamples)
+    super().__init__(
+        conv_backbone(in_channels, downsamples), stages=stages, width=width,
+        depth=depth, num_classes=num_classes, norm=norm, rngs=rngs)
+
+
+class NestedDepthMLP(InterlacedNet):
+  """Depth-nested (interlaced) network, MLP backbone (feature vectors).
+
+  Args:
+    stages: number of stages and exits K.
+    width: hidden width.
+    depth: residual blocks of stage 1; exit k has ``depth * 2**(k-1)``.
+    num_classes: classes of every exit.
+    in_features: input features (64 for flattened 8×8 digits).
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = NestedDepthMLP(stages=3, width=8, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 64)), upto=2).shape
+    (2, 2, 10)
+  """
+
+  def __init__(self, *, stages: int = 4, width: int = 64, depth: int = 1,
+               num_classes: int = 10, in_features: int = 64,
+               norm: str = "batch", rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, in_features=in_features)
+    super().__init__(
+        dense_backbone(in_features), stages=stages, width=width, depth=depth,
+        num_classes=num_classes, norm=norm, rngs=rngs)

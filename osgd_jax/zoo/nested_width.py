@@ -1,0 +1,192 @@
+"""Width-nested network: each stage adds a channel group to every layer.
+
+Every layer (the stem and the ``depth`` residual layers) is split into K
+channel groups of widths ``w, w, 2w, 4w, ...``, so the total width after
+stage k is ``w * 2**(k-1)``. Group k of layer l reads groups 1..k of layer
+l-1; group j < k never reads group k. Exit k's head reads groups 1..k of the
+last layer, so exit k is a complete network of width ``w * 2**(k-1)``::
+
+    layer:      stem        1          2   ...   D        exit
+    group 1:   [g1] ───> [g1] ───> [g1]  ...  [g1] ──> head 1
+                  ╲         ╲         ╲           ╲
+    group 2:   [g2] ───> [g2] ───> [g2]  ...  [g2] ──> head 2 (reads g1+g2)
+                  ╲ ╲       ╲ ╲       ╲ ╲         ╲
+    group 3:   [g3] ───> [g3] ───> [g3]  ...  [g3] ──> head 3 (reads g1..g3)
+
+    (╲ : old groups feed new ones, never the reverse)
+
+The full-width weight of a layer is thus block-lower-triangular; it is built
+from per-group layers (each group's layer has one linear map on its own
+previous group and one on the concatenation of the older groups), not from a
+mask over a full-width weight. Norms act per group, so old groups never see
+new channels.
+
+``stages[k-1]`` owns group k of the stem and of every layer, and head k.
+
+Carry: stage 1 takes the input batch ``x``. Stage k returns
+``{"input": x, "features": (h_0, h_1, ..., h_D)}`` where ``h_0`` is the stem
+output and ``h_l`` the output of layer l, each holding groups 1..k
+concatenated on the last (channel) axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from osgd_jax.zoo.base import AnytimeNet, check_config
+from osgd_jax.zoo.blocks import (Backbone, Head, ResidualLayer, Stem,
+                                 conv_backbone, dense_backbone)
+
+__all__ = [
+    "group_widths", "WidthStage", "NestedWidthNet", "NestedWidthResNet",
+    "NestedWidthMLP",
+]
+
+
+def group_widths(width: int, stages: int) -> tuple[int, ...]:
+  """Group widths ``(w, w, 2w, 4w, ...)``: the total doubles per stage."""
+  return tuple(width * 2 ** max(k - 1, 0) for k in range(stages))
+
+
+class WidthStage(nnx.Module):
+  """Stage k of a width-nested network: group k of every layer, and head k.
+
+  Args:
+    backbone: conv or dense backbone.
+    widths: the group widths of all stages (see :func:`group_widths`).
+    index: this stage's 0-based index, k-1.
+    depth: number of residual layers.
+    num_classes: classes of the exit head.
+    norm: normalisation, see :func:`~osgd_jax.zoo.blocks.make_norm`.
+    rngs: the random generators.
+  """
+
+  def __init__(self, backbone: Backbone, *, widths: Sequence[int],
+               index: int, depth: int, num_classes: int, norm: str,
+               rngs: nnx.Rngs):
+    own, old = widths[index], sum(widths[:index])
+    self.first = index == 0
+    # Later stages widen existing layer positions; they add no depth.
+    self.depth = depth if self.first else 0
+    self.stem = Stem(backbone, own, norm=norm, rngs=rngs)
+    layers, prev = [], 0
+    for level in backbone.levels(depth):
+      ins = (own, old) if old else (own,)
+      layers.append(ResidualLayer(
+          backbone, tuple(backbone.scale(f, prev) for f in ins),
+          backbone.scale(own, level), strides=(2 ** (level - prev),) * len(ins),
+          norm=norm, rngs=rngs))
+      prev = level
+    self.layers = nnx.List(layers)
+    self.head = Head(backbone, backbone.scale(own + old, prev), num_classes,
+                     rngs=rngs)
+
+  def __call__(self, carry: Any) -> tuple[dict[str, Any], jax.Array]:
+    if self.first:
+      x, old = carry, None
+    else:
+      x, old = carry["input"], carry["features"]
+    h = self.stem(x)
+    new = [h]
+    for l, layer in enumerate(self.layers):
+      h = layer([h] if old is None else [h, old[l]])
+      new.append(h)
+    if old is None:
+      features = tuple(new)
+    else:
+      features = tuple(
+          jnp.concatenate([o, n], axis=-1) for o, n in zip(old, new))
+    return {"input": x, "features": features}, self.head(features[-1])
+
+
+class NestedWidthNet(AnytimeNet):
+  """A width-nested network on any backbone; see the module docstring.
+
+  Args:
+    backbone: conv or dense backbone.
+    stages: number of stages and exits K.
+    width: width ``w`` of group 1 (groups are ``w, w, 2w, 4w, ...``).
+    depth: number of residual layers (shared by all stages).
+    num_classes: classes of every exit.
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+  """
+
+  def __init__(self, backbone: Backbone, *, stages: int, width: int,
+               depth: int, num_classes: int, norm: str, rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm)
+    self.backbone = backbone
+    self.num_classes = num_classes
+    widths = group_widths(width, stages)
+    self.stages = nnx.List([
+        WidthStage(backbone, widths=widths, index=k, depth=depth,
+                   num_classes=num_classes, norm=norm, rngs=rngs)
+        for k in range(stages)])
+
+
+class NestedWidthResNet(NestedWidthNet):
+  """Width-nested network, ResNet-style conv backbone (NHWC images).
+
+  Args:
+    stages: number of stages and exits K.
+    width: width of group 1; groups are ``w, w, 2w, 4w, ...`` and every group
+      doubles with each of the ``downsamples``.
+    depth: residual blocks (each split into K groups).
+    num_classes: classes of every exit.
+    in_channels: image channels (3 for CIFAR, 1 for digits).
+    downsamples: stride-2 halvings, in residual blocks 2, 3, ...
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = NestedWidthResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 32, 32, 3))).shape
+    (3, 2, 10)
+  """
+
+  def __init__(self, *, stages: int = 4, width: int = 8, depth: int = 3,
+               num_classes: int = 10, in_channels: int = 3,
+               downsamples: int = 2, norm: str = "batch", rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, in_channels=in_channels,
+                 downsamples=downsamples)
+    super().__init__(
+        conv_backbone(in_channels, downsamples), stages=stages, width=width,
+        depth=depth, num_classes=num_classes, norm=norm, rngs=rngs)
+
+
+class NestedWidthMLP(NestedWidthNet):
+  """Width-nested network, MLP backbone (feature vectors).
+
+  Args:
+    stages: number of stages and exits K.
+    width: width of group 1 (groups are ``w, w, 2w, 4w, ...``).
+    depth: residual blocks (each split into K groups).
+    num_classes: classes of every exit.
+    in_features: input features (64 for flattened 8×8 digits).
+    norm: ``batch``, ``group``, ``layer`` or ``none``.
+    rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = NestedWidthMLP(stages=3, width=8, rngs=nnx.Rngs(0))
+    >>> model(jnp.ones((2, 64)), upto=2).shape
+    (2, 2, 10)
+  """
+
+  def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 2,
+               num_classes: int = 10, in_features: int = 64,
+               norm: str = "batch", rngs: nnx.Rngs):
+    check_config(stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm, in_features=in_features)
+    super().__init__(
+        dense_backbone(in_features), stages=stages, width=width, depth=depth,
+        num_classes=num_classes, norm=norm, rngs=rngs)

@@ -1,0 +1,190 @@
+"""Registry, presets, configuration errors, input checks and determinism."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from osgd_jax import anytime, zoo
+
+NAMES = (
+    "branched-mlp", "branched-resnet", "nested-depth-mlp",
+    "nested-depth-resnet", "nested-width-depth-mlp",
+    "nested-width-depth-resnet", "nested-width-mlp", "nested-width-resnet",
+)
+
+
+def abstract(name: str, **config) -> zoo.AnytimeNet:
+  """The model with shapes only: no parameter is computed."""
+  return nnx.eval_shape(lambda: zoo.create(name, rngs=nnx.Rngs(0), **config))
+
+
+def default_preset(name: str) -> str:
+  return "cifar" if name.endswith("resnet") else "digits"
+
+
+@functools.lru_cache(maxsize=None)
+def preset_model(name: str, preset: str) -> zoo.AnytimeNet:
+  if preset == default_preset(name):
+    # The default config is this preset (checked below): build it with no
+    # config at all, so that the tests cover `create(name, rngs=...)`.
+    return abstract(name)
+  return abstract(name, preset=preset)
+
+
+def output_shape(model: zoo.AnytimeNet, shape) -> tuple[int, ...]:
+  graphdef, state = nnx.split(model)
+  # predict: tracing BatchNorm's statistic updates is slow in flax 0.12.
+  return jax.eval_shape(
+      lambda s, x: nnx.merge(graphdef, s).predict(x), state,
+      jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+
+
+def input_shape(name: str, preset: str) -> tuple[int, ...]:
+  conv = name.endswith("resnet")
+  if preset == "cifar":
+    return (2, 32, 32, 3) if conv else (2, 3072)
+  return (2, 8, 8, 1) if conv else (2, 64)
+
+
+def test_names_lists_every_family_and_backbone():
+  assert zoo.names() == NAMES
+  for name in NAMES:
+    assert issubclass(zoo.model_class(name), zoo.AnytimeNet)
+    assert set(zoo.config_keys(name)) >= {
+        "stages", "width", "depth", "num_classes", "norm"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_config_is_a_preset_for_32x32x3_or_64_inputs(name):
+  # Without config: conv models for 32x32x3 images, MLPs for 64 features,
+  # 10 classes and K=4 -- exactly the cifar / digits preset.
+  preset = default_preset(name)
+  signature = inspect.signature(zoo.model_class(name).__init__).parameters
+  defaults = {k: p.default for k, p in signature.items() if k != "rngs"
+              and p.default is not inspect.Parameter.empty}
+  assert defaults == dict(zoo.presets(name)[preset], norm="batch")
+  model = preset_model(name, preset)  # built by create(name, rngs=...)
+  assert model.num_exits == 4 and model.num_classes == 10
+
+
+@pytest.mark.parametrize("preset", ["cifar", "digits"])
+@pytest.mark.parametrize("name", NAMES)
+def test_presets_fit_their_data(name, preset):
+  model = preset_model(name, preset)
+  assert output_shape(model, input_shape(name, preset)) == (4, 2, 10)
+  counts = anytime.params_per_exit(model)
+  assert np.all(np.diff(counts) > 0), counts
+  if preset == "digits":  # small enough for a CPU run in minutes
+    assert counts[-1] < 500_000
+    assert counts[-1] < anytime.params_per_exit(
+        preset_model(name, "cifar"))[-1]
+
+
+def test_presets_returns_copies():
+  presets = zoo.presets("branched-mlp")
+  presets["digits"]["width"] = -1
+  assert zoo.presets("branched-mlp")["digits"]["width"] > 0
+
+
+def test_config_overrides_the_preset():
+  model = abstract("nested-width-mlp", preset="digits", stages=2, width=3)
+  assert model.num_exits == 2
+  assert model.stages[0].head.linear.kernel.shape == (3, 10)
+
+
+@pytest.mark.parametrize("name", ["nested-width-resnet", "nested-depth-mlp"])
+def test_same_rngs_same_parameters(name):
+  config = dict(stages=2, width=2, depth=1)
+  a = zoo.create(name, rngs=nnx.Rngs(3), **config)
+  b = zoo.create(name, rngs=nnx.Rngs(3), **config)
+  c = zoo.create(name, rngs=nnx.Rngs(4), **config)
+  pa, pb, pc = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (a, b, c))
+  for x, y in zip(pa, pb):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.array_equal(x, y) for x, y in zip(pa, pc))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: zoo.create("nested-resnet", rngs=nnx.Rngs(0)),
+     "Unknown model 'nested-resnet'.*nested-width-resnet"),
+    (lambda: zoo.presets("resnet"), "Unknown model"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), preset="imagenet"),
+     "Unknown preset 'imagenet'.*cifar, digits"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_channels=3),
+     r"Unknown config key\(s\) \['in_channels'\].*in_features"),
+    (lambda: zoo.create("branched-resnet", rngs=nnx.Rngs(0), widht=8),
+     r"\['widht'\].*width"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), norm="instance"),
+     "Unknown norm 'instance'.*batch"),
+    (lambda: zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), stages=0),
+     "stages must be an int >= 1, got 0"),
+    (lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=0),
+     "width must be an int >= 1, got 0"),
+    (lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=-4),
+     "width must be an int >= 1"),
+    (lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8.0),
+     "width must be an int"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), depth=0),
+     "depth must be an int >= 1"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=True),
+     "stages must be an int"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), num_classes=0),
+     "num_classes must be an int >= 1"),
+    (lambda: zoo.create("nested-width-resnet", rngs=nnx.Rngs(0),
+                        in_channels=0), "in_channels must be an int >= 1"),
+    (lambda: zoo.create("nested-width-resnet", rngs=nnx.Rngs(0),
+                        downsamples=-1), "downsamples must be an int >= 0"),
+    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_features=0),
+     "in_features must be an int >= 1"),
+    (lambda: zoo.create("branched-mlp", rngs=0), "rngs must be a flax.nnx.Rngs"),
+    (lambda: zoo.NestedDepthResNet(norm="bn", rngs=nnx.Rngs(0)),
+     "Unknown norm 'bn'"),
+])
+def test_bad_names_and_configs_raise_value_errors(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return {
+      "conv": zoo.create("nested-depth-resnet", rngs=nnx.Rngs(0), stages=3,
+                         width=2, depth=1, in_channels=1),
+      "mlp": zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), stages=3,
+                        width=2, depth=1),
+  }
+
+
+@pytest.mark.parametrize("upto", [0, 4, -1, 1.5, True, "2"])
+def test_bad_upto_raises(tiny, upto):
+  for model in tiny.values():
+    with pytest.raises(ValueError, match=r"upto must be an int between 1 and"
+                       r" the number of exits \(3\)"):
+      model(jnp.ones((2, 8, 8, 1) if model is tiny["conv"] else (2, 64)),
+            upto=upto)
+
+
+@pytest.mark.parametrize("key, shape, match", [
+    ("conv", (2, 64), r"NHWC images of shape \(batch, height, width, 1\)"),
+    ("conv", (2, 8, 8, 3), "in_channels=3"),
+    ("mlp", (2, 63), r"expects a batch of shape \(batch, 64\)"),
+    ("mlp", (64,), r"got shape \(64,\)"),
+])
+def test_bad_input_shapes_raise(tiny, key, shape, match):
+  with pytest.raises(ValueError, match=match):
+    tiny[key](jnp.ones(shape))
+
+
+def test_convenient_input_layouts(tiny):
+  # Grey images without a channel axis, and images fed to an MLP.
+  assert tiny["conv"].input_carry(jnp.ones((2, 8, 8))).shape == (2, 8, 8, 1)
+  assert tiny["mlp"].input_carry(jnp.ones((2, 8, 8, 1))).shape == (2, 64)
+  assert tiny["mlp"].input_carry(jnp.ones((2, 64), jnp.int32)).dtype == (
+      jnp.float32)
