@@ -65,9 +65,15 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="directory holding the CIFAR archives or their extracted folders")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
                  help="osgd: orthogonalized per-exit gradients; sgd: gradient"
-                 " of the summed (weighted) exit losses")
+                 " of the summed (weighted) exit losses; sgd-linear,"
+                 " sgd-geometric: exit weights ramping up with depth (sum K);"
+                 " sgd-sdn: SDN's early-exit weights rising over training;"
+                 " adaloss: weights 1/EMA(loss); pcgrad, mgda, upgrad: the"
+                 " multi-task aggregators (mgda and upgrad return mean-sized"
+                 " updates, about 1/K of a sum: scale --lr)")
   p.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
-                 help="OSGD basis per parameter tensor or over all parameters")
+                 help="OSGD basis per parameter tensor or over all parameters"
+                 " (the baseline aggregators always work over all)")
   p.add_argument("--method", default=d.method, choices=METHODS,
                  help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt")
   p.add_argument("--exit-weights", type=_float_list, default=d.exit_weights,
@@ -80,7 +86,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   p.add_argument("--weight-decay", type=float, default=d.weight_decay)
   p.add_argument("--seed", type=int, default=d.seed,
                  help="seeds the model, the data order and the augmentation")
-  p.add_argument("--out", default=d.out, help="output directory")
+  p.add_argument("--out", default=d.out,
+                 help="output directory (default: a new one under runs/)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out")
   p.add_argument("--eval-every", type=int, default=d.eval_every,

@@ -1,9 +1,10 @@
-"""Training loop for anytime networks: OSGD or the summed-loss SGD baseline.
+"""Training loop for anytime networks: OSGD, the baselines, or summed-loss SGD.
 
 One jitted step computes the per-exit gradients (one forward, a vmapped VJP),
-projects them with OSGD (or sums the weighted exit losses for ``sgd``),
-applies weight decay, momentum and the learning-rate schedule, and carries
-the BatchNorm statistics. There is no Python loop over exits at run time.
+aggregates them with OSGD or a baseline aggregator (or sums the weighted exit
+losses for ``sgd``), applies weight decay, momentum and the learning-rate
+schedule, and carries the BatchNorm statistics. There is no Python loop over
+exits at run time.
 
 The data order of epoch e is fixed by ``(seed, e)`` and the augmentation key
 of step s by ``(seed, e, s)``, so a run resumed from the checkpoint of epoch
@@ -16,6 +17,7 @@ Run it as ``osgd-train`` or ``python -m osgd_jax.train`` (see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from osgd_jax import anytime, data as data_lib, zoo
+from osgd_jax import aggregators, anytime, data as data_lib, zoo
 from osgd_jax.checkpoint import CheckpointStore
 from osgd_jax.grads import value_and_per_exit_grads
 from osgd_jax.losses import per_exit_cross_entropy
@@ -35,7 +37,10 @@ from osgd_jax.transform import osgd
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train",
            "OPTIMIZERS", "SCHEDULES"]
 
-OPTIMIZERS = ("osgd", "sgd")
+# "sgd" differentiates the summed loss; every other name aggregates the
+# stacked per-exit gradients with the transformation of the same name.
+OPTIMIZERS = ("osgd", "sgd", "sgd-linear", "sgd-geometric", "sgd-sdn",
+              "adaloss", "pcgrad", "mgda", "upgrad")
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -66,7 +71,7 @@ class TrainConfig:
   momentum: float = 0.9
   weight_decay: float = 5e-4
   seed: int = 0
-  out: str = "runs/default"
+  out: str | None = None  # None: a new runs/<model>-<dataset>-<optimizer>-... dir
   resume: bool = False
   eval_every: int = 1
   keep_checkpoints: int = 2
@@ -176,16 +181,42 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
   return optax.constant_schedule(config.lr)
 
 
+def _aggregator(config: TrainConfig, total_steps: int,
+                num_exits: int) -> optax.GradientTransformationExtraArgs | None:
+  """The transformation that turns stacked per-exit gradients into one update.
+
+  ``--granularity`` and ``--method`` configure OSGD; the baselines aggregate
+  over all parameters (``granularity="global"``), as their papers do.
+  """
+  name = config.optimizer
+  if name == "osgd":
+    return osgd(granularity=config.granularity, method=config.method,
+                num_exits=num_exits)
+  if name.startswith("sgd-"):
+    return aggregators.weighted_sum(name[len("sgd-"):], total_steps=total_steps,
+                                    num_exits=num_exits)
+  if name == "adaloss":
+    return aggregators.adaptive_loss_balancing(num_exits=num_exits)
+  if name == "pcgrad":
+    return aggregators.pcgrad(seed=config.seed, num_exits=num_exits)
+  if name == "mgda":
+    return aggregators.mgda(num_exits=num_exits)
+  if name == "upgrad":
+    return aggregators.upgrad(num_exits=num_exits)
+  return None  # sgd: the gradient of the summed loss needs no aggregation
+
+
 def make_optimizer(config: TrainConfig, total_steps: int,
                    num_exits: int) -> optax.GradientTransformation:
   """The gradient pipeline after the (per-exit or summed) gradient.
 
-  ``osgd`` projects the stacked per-exit gradients first; ``sgd`` receives
-  the gradient of the summed, weighted exit losses. Both then add weight
-  decay, momentum and the scheduled learning rate.
+  Every optimizer but ``sgd`` aggregates the stacked per-exit gradients
+  first (OSGD's projection, a weighted sum, PCGrad, MGDA, UPGrad...); ``sgd``
+  receives the gradient of the summed, weighted exit losses. All then add
+  weight decay, momentum and the scheduled learning rate.
   """
-  head = [osgd(granularity=config.granularity, method=config.method,
-               num_exits=num_exits)] if config.optimizer == "osgd" else []
+  aggregator = _aggregator(config, total_steps, num_exits)
+  head = [] if aggregator is None else [aggregator]
   return optax.chain(
       *head,
       optax.add_decayed_weights(config.weight_decay),
@@ -204,14 +235,35 @@ def _exit_weights(config: TrainConfig, num_exits: int) -> jax.Array:
   return jnp.asarray(config.exit_weights, jnp.float32)
 
 
-def make_train_step(config: TrainConfig, graphdef: Any,
-                    tx: optax.GradientTransformation, num_exits: int,
-                    augment: bool) -> Callable:
-  """Builds the jitted step ``(params, rest, opt_state, x, y, key)``.
+# The fields that shape the compiled step; runs that agree on them (e.g. the
+# seeds of one experiment) share one compiled function.
+_STEP_FIELDS = ("optimizer", "granularity", "method", "exit_weights", "lr",
+                "schedule", "momentum", "weight_decay")
 
-  It returns the new ``(params, rest, opt_state)`` and the ``(K,)``
-  unweighted exit losses of the batch.
+
+def make_train_step(config: TrainConfig, graphdef: Any, num_exits: int,
+                    total_steps: int, augment: bool
+                    ) -> tuple[optax.GradientTransformation, Callable]:
+  """Builds the optimizer and the jitted step for a run.
+
+  The step maps ``(params, rest, opt_state, x, y, key)`` to the new
+  ``(params, rest, opt_state)`` and the ``(K,)`` unweighted exit losses of
+  the batch; its first three arguments are donated.
+
+  Returns:
+    ``(tx, step)``.
   """
+  settings = tuple(getattr(config, f) for f in _STEP_FIELDS)
+  _, step = _build_step(settings, graphdef, num_exits, total_steps, augment)
+  # The seed (PCGrad's key) only sets the optimizer's initial state, not the
+  # compiled step, which runs of different seeds share.
+  return make_optimizer(config, total_steps, num_exits), step
+
+
+@functools.lru_cache(maxsize=16)
+def _build_step(settings, graphdef, num_exits, total_steps, augment):
+  config = TrainConfig(**dict(zip(_STEP_FIELDS, settings)))
+  tx = make_optimizer(config, total_steps, num_exits)
   weights = _exit_weights(config, num_exits)
 
   def exit_losses(params, rest, x, y):
@@ -219,7 +271,7 @@ def make_train_step(config: TrainConfig, graphdef: Any,
     losses = per_exit_cross_entropy(model(x), y)
     return losses * weights, (losses, nnx.state(model, nnx.Not(nnx.Param)))
 
-  if config.optimizer == "osgd":
+  if config.optimizer != "sgd":
     grad_fn = value_and_per_exit_grads(exit_losses, has_aux=True)
   else:
     def grad_fn(params, rest, x, y):
@@ -231,17 +283,29 @@ def make_train_step(config: TrainConfig, graphdef: Any,
   def step(params, rest, opt_state, x, y, key):
     if augment:
       x = data_lib.augment(key, x)
-    (_, (losses, rest)), grads = grad_fn(params, rest, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    (weighted, (losses, rest)), grads = grad_fn(params, rest, x, y)
+    # AdaLoss balances the losses the gradients are of; others ignore them.
+    extra = {} if weighted is None else {"losses": weighted}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     return params, rest, opt_state, losses
 
-  return jax.jit(step, donate_argnums=(0, 1, 2))
+  return tx, jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 # Fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "out", "resume", "eval_every", "progress",
                       "keep_checkpoints", "data_dir")
+
+
+def default_output_dir(config: TrainConfig) -> str:
+  """A fresh directory per run, so that repeating a command never collides."""
+  if config.resume:
+    raise ValueError("--resume needs the --out directory of the run to"
+                     " continue.")
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  return os.path.join("runs", f"{config.model}-{config.dataset}-"
+                      f"{config.optimizer}-seed{config.seed}-{stamp}")
 
 
 def prepare_output_dir(out: str) -> str:
@@ -300,7 +364,8 @@ def train(config: TrainConfig) -> TrainResult:
     (4,)
   """
   config.validate()
-  out = prepare_output_dir(config.out)
+  out = prepare_output_dir(default_output_dir(config) if config.out is None
+                           else config.out)
   dataset = load_data(config)
   model = build_model(config, dataset)
   num_exits = model.num_exits
@@ -309,8 +374,10 @@ def train(config: TrainConfig) -> TrainResult:
     raise ValueError(
         f"--batch-size {config.batch_size} exceeds the {dataset.num_train}"
         " training examples; use a smaller batch.")
-  tx = make_optimizer(config, steps_per_epoch * config.epochs, num_exits)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  augment = dataset.name.startswith("cifar")
+  tx, step_fn = make_train_step(config, graphdef, num_exits,
+                                steps_per_epoch * config.epochs, augment)
   opt_state = tx.init(params)
 
   store = CheckpointStore(os.path.join(out, "checkpoints"),
@@ -327,8 +394,6 @@ def train(config: TrainConfig) -> TrainResult:
         " run, or choose a new --out.")
   start_epoch = len(history)
 
-  augment = dataset.name.startswith("cifar")
-  step_fn = make_train_step(config, graphdef, tx, num_exits, augment)
   base_key = jax.random.key(config.seed)
   step_times: list[float] = []
 
@@ -395,10 +460,16 @@ def train(config: TrainConfig) -> TrainResult:
   summary = {"test_accuracy": accuracy, "test_loss": final["test_loss"],
              "flops": flops.flops, "flops_source": flops.source,
              "params": param_counts}
-  _write_metrics(out, config, history, summary)
   from osgd_jax.report import plot_accuracy_vs_flops
+  thresholds = np.linspace(0.0, 1.0, 21)
+  sweep_flops, sweep_accuracy = anytime.early_exit_curve(
+      model, dataset.x_test, dataset.y_test, thresholds, flops=flops.flops)
+  summary["early_exit"] = {"threshold": thresholds, "mean_flops": sweep_flops,
+                           "accuracy": sweep_accuracy}
+  _write_metrics(out, config, history, summary)
   plot_accuracy_vs_flops(
-      {config.optimizer: (flops.flops, accuracy)},
+      {f"{config.optimizer}: exit k": (flops.flops, accuracy),
+       f"{config.optimizer}: early exit by confidence": (sweep_flops, sweep_accuracy)},
       os.path.join(out, "accuracy_vs_flops.png"),
       title=f"{config.model} on {config.dataset}")
   return TrainResult(history, accuracy, np.asarray(final["test_loss"]),

@@ -29,14 +29,14 @@ def _interrupt_at_step(monkeypatch, step_number, error):
   calls = []
 
   def patched(*args, **kwargs):
-    step = make_step(*args, **kwargs)
+    tx, step = make_step(*args, **kwargs)
 
     def wrapped(*a):
       calls.append(1)
       if len(calls) == step_number:
         raise error
       return step(*a)
-    return wrapped
+    return tx, wrapped
 
   monkeypatch.setattr(train_lib, "make_train_step", patched)
 
@@ -66,7 +66,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   calls = []
 
   def poisoned(*args, **kwargs):
-    step = make_step(*args, **kwargs)
+    tx, step = make_step(*args, **kwargs)
 
     def wrapped(*a):
       *state, losses = step(*a)
@@ -74,7 +74,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
       if len(calls) > 11:  # one epoch of digits at batch 128 has 11 steps
         losses = losses * np.nan
       return (*state, losses)
-    return wrapped
+    return tx, wrapped
 
   monkeypatch.setattr(train_lib, "make_train_step", poisoned)
   config = dataclasses.replace(SMALL, out=str(tmp_path / "run"))
