@@ -94,13 +94,16 @@ def value_and_per_exit_grads(
   def value_and_grads(params, *args):
     closed = lambda p: loss_fn(p, *args)
     if has_aux:
-      out = jax.eval_shape(closed, params)
-      if not (isinstance(out, tuple) and len(out) == 2):
-        raise ValueError(
-            f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
-            f" but it returned {type(out).__name__}."
-        )
-      losses, vjp_fn, aux = jax.vjp(closed, params, has_aux=True)
+      def checked(p):
+        # Checked inside the one trace that jax.vjp makes of loss_fn.
+        out = closed(p)
+        if not (isinstance(out, tuple) and len(out) == 2):
+          raise ValueError(
+              f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
+              f" but it returned {type(out).__name__}."
+          )
+        return out
+      losses, vjp_fn, aux = jax.vjp(checked, params, has_aux=True)
     else:
       losses, vjp_fn = jax.vjp(closed, params)
     _check_loss_vector(losses, fn_name)

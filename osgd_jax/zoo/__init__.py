@@ -31,8 +31,7 @@ statistics); ``model.eval()`` switches BatchNorm to the running averages.
 
 Example: per-exit gradients for OSGD, BatchNorm statistics included::
 
-    import jax.numpy as jnp
-    import optax
+    import jax
     from flax import nnx
     import osgd_jax
     from osgd_jax import zoo
@@ -53,7 +52,6 @@ Example: per-exit gradients for OSGD, BatchNorm statistics included::
 
 Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
 
-    from flax import linen as nn
     from flax.core import FrozenDict
 
     net = nnx.bridge.ToLinen(zoo.NestedDepthMLP,
@@ -61,6 +59,9 @@ Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
     variables = net.init(jax.random.key(0), x)     # {'params', 'batch_stats'}
     logits, updates = net.apply(variables, x, mutable=["batch_stats"])
     first_two = net.apply(variables, x, upto=2, mutable=["batch_stats"])[0]
+    # Inference with the running averages:
+    logits = net.apply(variables, x, nnx_method="predict",
+                       mutable=["batch_stats"])[0]
 """
 
 from osgd_jax.zoo.base import AnytimeNet

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from osgd_jax.zoo.blocks import NORMS, Backbone
@@ -60,6 +61,17 @@ class AnytimeNet(nnx.Module):
     stages: the stage modules; ``stages[k-1](carry) -> (new_carry, logits)``.
     backbone: the :class:`~osgd_jax.zoo.blocks.Backbone` (conv or dense).
     num_classes: number of classes of every exit.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> model = zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8)
+    >>> x = jnp.ones((2, 64))
+    >>> model(x).shape, model(x, upto=2).shape, model.depth_per_exit()
+    ((4, 2, 10), (2, 2, 10), (1, 2, 4, 8))
+    >>> carry = model.input_carry(x)
+    >>> carry, logits_1 = model.stages[0](carry)  # anytime: stop any time
   """
 
   stages: nnx.List
@@ -85,11 +97,12 @@ class AnytimeNet(nnx.Module):
     k = self.num_exits
     if upto is None:
       return k
-    if isinstance(upto, bool) or not isinstance(upto, int) or not 1 <= upto <= k:
+    if (isinstance(upto, bool) or not isinstance(upto, (int, np.integer))
+        or not 1 <= upto <= k):
       raise ValueError(
           f"upto must be an int between 1 and the number of exits ({k}),"
           f" got {upto!r}; pass upto=None to compute all exits.")
-    return upto
+    return int(upto)
 
   def __call__(self, x: jax.Array, *, upto: int | None = None) -> jax.Array:
     """Computes the logits of exits 1..upto.

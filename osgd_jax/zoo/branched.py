@@ -113,7 +113,7 @@ class BranchedResNet(BranchedNet):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> model = BranchedResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model = BranchedResNet(stages=3, width=4, depth=1, rngs=nnx.Rngs(0))
     >>> model(jnp.ones((2, 32, 32, 3))).shape
     (3, 2, 10)
   """

@@ -19,9 +19,9 @@ L_n, N_n)`` has twice the layers. Exit k+1 reads the end of the new chain::
 
 Old layers never read new ones, so nothing computed for exits <= k is
 recomputed or changed. With the conv backbone, ``S_1``'s layers 2 ..
-downsamples+1 halve the resolution; a new layer works at its lateral's
-resolution and width (times the stage's chain width), striding its chain
-input when the lateral is coarser.
+downsamples+1 halve the resolution (and double the width). A new layer
+works at its lateral input's resolution, with its stage's width doubled
+per halving, and strides its chain input where the lateral is coarser.
 
 :class:`InterlacedNet` also builds the width+depth family
 (:mod:`osgd_jax.zoo.nested_width_depth`): there, each stage's chain is
@@ -159,9 +159,10 @@ class NestedDepthResNet(InterlacedNet):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> model = NestedDepthResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model = NestedDepthResNet(stages=3, width=4, depth=1,
+    ...                           rngs=nnx.Rngs(0))
     >>> model(jnp.ones((2, 32, 32, 3))).shape, model.depth_per_exit()
-    ((3, 2, 10), (3, 6, 12))
+    ((3, 2, 10), (1, 2, 4))
   """
 
   def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 3,

@@ -146,7 +146,8 @@ class NestedWidthResNet(NestedWidthNet):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> model = NestedWidthResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model = NestedWidthResNet(stages=3, width=4, depth=1,
+    ...                           rngs=nnx.Rngs(0))
     >>> model(jnp.ones((2, 32, 32, 3))).shape
     (3, 2, 10)
   """

@@ -56,7 +56,8 @@ class NestedWidthDepthResNet(InterlacedNet):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> model = NestedWidthDepthResNet(stages=3, width=4, rngs=nnx.Rngs(0))
+    >>> model = NestedWidthDepthResNet(stages=3, width=2, depth=1,
+    ...                                rngs=nnx.Rngs(0))
     >>> model(jnp.ones((2, 32, 32, 3))).shape
     (3, 2, 10)
   """
