@@ -72,11 +72,11 @@ def exit_table(accuracy: Sequence[float], flops: Sequence[float],
   return "\n".join(lines)
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")  # files only; never needs a display
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(**kwargs):
+  # A bare Figure renders to files without pyplot: no global backend switch
+  # (which would silence plt.show() in a notebook), and nothing to close.
+  from matplotlib.figure import Figure
+  return Figure(**kwargs)
 
 
 def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
@@ -88,8 +88,8 @@ def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[flo
     path: the PNG to write.
     title: figure title.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+  fig = _figure(figsize=(5, 3.5), dpi=120)
+  ax = fig.subplots()
   for label, (flops, acc) in curves.items():
     ax.plot(np.asarray(flops), 100 * np.asarray(acc), marker="o", label=label)
   ax.set_xlabel("FLOPs per example")
@@ -99,7 +99,6 @@ def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[flo
   ax.legend()
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -111,8 +110,8 @@ def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
     path: the PNG to write.
     title: figure title.
   """
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+  fig = _figure(figsize=(5.5, 3.5), dpi=120)
+  ax = fig.subplots()
   width = 0.8 / max(len(results), 1)
   for i, (label, (mean, std)) in enumerate(results.items()):
     exits = np.arange(1, len(mean) + 1)
@@ -124,4 +123,3 @@ def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
   ax.legend()
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
