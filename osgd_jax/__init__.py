@@ -4,7 +4,17 @@ Implements Wan, Hoffmann, Lu & Maire, *Orthogonalized SGD and Nested
 Architectures for Anytime Neural Networks* (ICML 2020, arXiv:2008.06635).
 """
 
+from osgd_jax.aggregators import AggregatorState
+from osgd_jax.aggregators import adaptive_loss_balancing
+from osgd_jax.aggregators import mgda
+from osgd_jax.aggregators import pcgrad
+from osgd_jax.aggregators import upgrad
+from osgd_jax.aggregators import weighted_sum
+from osgd_jax import anytime
+from osgd_jax import losses
+from osgd_jax import zoo
 from osgd_jax.grads import value_and_per_exit_grads
+from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.transform import OsgdState
 from osgd_jax.transform import osgd
 from osgd_jax.transform import osgd_sgd
@@ -12,8 +22,18 @@ from osgd_jax.transform import osgd_sgd
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregatorState",
     "OsgdState",
+    "adaptive_loss_balancing",
+    "mgda",
     "osgd",
+    "anytime",
+    "losses",
     "osgd_sgd",
+    "per_exit_cross_entropy",
+    "pcgrad",
+    "upgrad",
     "value_and_per_exit_grads",
+    "weighted_sum",
+    "zoo",
 ]

@@ -1,6 +1,7 @@
-"""The OSGD-vs-SGD experiment: ``osgd-compare``.
+"""The OSGD-vs-baselines experiment: ``osgd-compare``.
 
-Trains every requested model with each optimizer on the same data and seeds,
+Trains every requested model with each optimizer (by default OSGD and SGD; any
+subset of ``osgd_jax.train.OPTIMIZERS``) on the same data and seeds,
 then prints and saves the mean ± std test accuracy per exit (``compare.md``,
 ``compare.json``) and a figure per model (``compare-<model>.png``).
 """
@@ -19,8 +20,9 @@ from osgd_jax.cli import EXIT_BAD_INPUT, _OneLineParser
 from osgd_jax.report import plot_exit_accuracy, write_json
 from osgd_jax.train import OPTIMIZERS, TrainConfig, prepare_output_dir, train
 
-__all__ = ["DEFAULT_MODELS", "compare", "format_table", "main"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_OPTIMIZERS", "compare", "format_table", "main"]
 
+DEFAULT_OPTIMIZERS = ("osgd", "sgd")
 DEFAULT_MODELS = ("branched-resnet", "nested-width-resnet",
                   "nested-depth-resnet", "nested-width-depth-resnet")
 
@@ -75,13 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   defaults = TrainConfig()
   p = _OneLineParser(
       prog="osgd-compare",
-      description="Train sgd and osgd on the same models, data and seeds and"
+      description="Train optimizers (default: osgd and sgd) on the same"
+      " models, data and seeds and"
       " report the mean ± std test accuracy per exit.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                  choices=zoo.names(), metavar="MODEL")
-  p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
-                 choices=OPTIMIZERS)
+  p.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
+                 choices=OPTIMIZERS, metavar="OPTIMIZER",
+                 help=f"any of: {', '.join(OPTIMIZERS)}")
   p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
   p.add_argument("--dataset", default=defaults.dataset)
   p.add_argument("--data-dir", default=defaults.data_dir)

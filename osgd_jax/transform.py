@@ -15,6 +15,13 @@ Assumptions where the paper's text is silent (each is an option):
 * there is no switch to plain SGD late in training; schedule one yourself by
   swapping the transformation if you want it.
 
+Every aggregator of the library (``osgd`` and the baselines of
+:mod:`osgd_jax.aggregators`) is built by one factory, ``_aggregate``: check
+the stacked leaves, form each leaf's K×K Gram matrix, turn the Gram matrix of
+each group (a leaf, or all leaves) into weights ``w``, return ``Σ_k w_k g_k``.
+For OSGD the weights are the LDLᵀ ones (``method="gram"``); its
+``method="sequential"`` replaces the weighted sum by Gram–Schmidt on the data.
+
 Combinators. ``osgd`` consumes *stacked* gradients (leading axis K) and emits
 ordinary param-shaped updates, so it must come first in a chain. Wrappers that
 treat the incoming gradients as param-shaped cannot wrap it:
@@ -35,7 +42,7 @@ treat the incoming gradients as param-shaped cannot wrap it:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,13 +111,13 @@ def _leaf_name(path) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def _num_exits(flat_updates) -> int:
+def _num_exits(flat_updates, name: str = "osgd") -> int:
   """Returns the shared leading size K, or raises naming the offending leaf."""
   first_path, first = flat_updates[0]
   for path, leaf in flat_updates:
     if not hasattr(leaf, "shape") or leaf.ndim == 0:
       raise ValueError(
-          f"osgd expects every gradient leaf stacked as (K, *param.shape), but"
+          f"{name} expects every gradient leaf stacked as (K, *param.shape), but"
           f" leaf {_leaf_name(path)} is a scalar. Compute gradients with"
           " osgd_jax.value_and_per_exit_grads.")
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -145,10 +152,9 @@ def _check_against_params(flat_updates, treedef, params) -> None:
           " (osgd_jax.value_and_per_exit_grads does).")
 
 
-def _diagnostics(projection, sizes, compute_dtype) -> OsgdState:
-  grams = projection.grams
+def _gram_stats(grams, sizes, compute_dtype) -> tuple[jax.Array, jax.Array]:
+  """``(exit_norms, cosine)`` from the per-leaf Grams; see :class:`OsgdState`."""
   sizes = jnp.asarray(sizes, compute_dtype)
-  weights = sizes / jnp.maximum(sizes.sum(), 1.0)
   diag = jnp.diagonal(grams, axis1=-2, axis2=-1)
   nonzero = diag > 0
   inv_norm = jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, diag, 1.0)), 0.0)
@@ -159,18 +165,145 @@ def _diagnostics(projection, sizes, compute_dtype) -> OsgdState:
   defined_size = jnp.einsum("l,lij->ij", sizes, defined)
   mean_cosine = jnp.einsum("l,lij->ij", sizes, defined * cosine) / jnp.maximum(
       defined_size, 1.0)
-  residual_sq = projection.residual_sq_norms
-  dropped = (residual_sq <= 0).astype(compute_dtype)
-  if residual_sq.shape[0] == 1:  # one global basis
-    degenerate = dropped[0]
-  else:
-    degenerate = weights @ dropped
+  return jnp.sqrt(diag.sum(axis=0)), mean_cosine
+
+
+def _group_mean(per_group: jax.Array, sizes: Sequence[int]) -> jax.Array:
+  """Averages ``(G, ...)`` per-group values, weighting leaves by their size.
+
+  With one group (``granularity="global"``) it is that group's value.
+  """
+  if per_group.shape[0] == 1:
+    return per_group[0]
+  sizes = jnp.asarray(sizes, per_group.dtype)
+  return jnp.tensordot(sizes / jnp.maximum(sizes.sum(), 1.0), per_group, axes=1)
+
+
+def _diagnostics(aggregation: Aggregation) -> OsgdState:
+  """OSGD's state from the Grams and the projected squared norms ‖ĝ_k‖²."""
+  exit_norms, cosine = _gram_stats(
+      aggregation.grams, aggregation.sizes, aggregation.compute_dtype)
+  residual_sq = aggregation.group_outputs
+  dropped = (residual_sq <= 0).astype(aggregation.compute_dtype)
   return OsgdState(
-      exit_norms=jnp.sqrt(diag.sum(axis=0)),
+      exit_norms=exit_norms,
       projected_norms=jnp.sqrt(residual_sq.sum(axis=0)),
-      cosine=mean_cosine,
-      degenerate_fraction=degenerate,
+      cosine=cosine,
+      degenerate_fraction=_group_mean(dropped, aggregation.sizes),
   )
+
+
+# --- the generic factory: a weighting of the Gram matrix plus a weighted sum ---
+
+# ``(M, state, extra_args) -> (w, out)``: the weights ``w`` (K,) of one group's
+# Gram matrix ``M`` (K, K), and any per-group output ``out`` (a pytree of
+# arrays) for the state. ``state`` is the transformation's state before the
+# update and ``extra_args`` the keyword arguments of ``update``.
+WeightingFn = Callable[[jax.Array, Any, Mapping[str, Any]], tuple[jax.Array, Any]]
+
+
+class Aggregation(NamedTuple):
+  """What one update computed, handed to the factory's ``finish`` hook.
+
+  Attributes:
+    grams: ``(n_leaves, K, K)`` per-leaf Gram matrices of the input rows.
+    sizes: number of parameters of every leaf.
+    weights: ``(n_groups, K)`` weights applied to the rows of every group
+      (a leaf, or one row for ``granularity="global"``); ``None`` when the
+      update was not a weighted sum of the rows (OSGD's sequential method).
+    group_outputs: the weighting's per-group outputs, stacked on a leading
+      axis of size n_groups.
+    compute_dtype: the dtype everything was computed in.
+  """
+
+  grams: jax.Array
+  sizes: tuple[int, ...]
+  weights: jax.Array | None
+  group_outputs: Any
+  compute_dtype: Any
+
+
+def _aggregate(
+    weighting_fn: WeightingFn,
+    granularity: str,
+    *,
+    name: str,
+    init: Callable[[], Any],
+    finish: Callable[[Aggregation, Any], Any],
+    num_exits: int | None = None,
+    num_exits_source: str = "num_exits",
+    combine: Callable[..., tuple[list[jax.Array], Any]] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a transformation ``stacked (K, *s) leaves -> param-shaped update``.
+
+  Every aggregator of this library is one instance: it checks the stacked
+  leaves, forms every leaf's Gram matrix (one pass), reduces them to one
+  matrix per group (every leaf for ``granularity="leaf"``, their sum for
+  ``"global"``), asks ``weighting_fn`` for the group's weights and returns
+  ``Σ_k w_k g_k`` per leaf (a second pass). The K×K work is negligible.
+
+  Args:
+    weighting_fn: see :data:`WeightingFn`; vmapped over the groups, so under
+      ``granularity="leaf"`` it sees one leaf's Gram at a time.
+    granularity: ``"leaf"`` or ``"global"``.
+    name: the public name, for error messages.
+    init: returns the initial state.
+    finish: ``(aggregation, old_state) -> new_state``.
+    num_exits: K if known; a gradient with another K is an error.
+    num_exits_source: what fixed ``num_exits``, for the error message.
+    combine: optional replacement for "weights, then weighted sum", as
+      ``(leaves, grams, state, extra_args, compute_dtype) -> (updates,
+      group_outputs)``; OSGD's sequential method, which works on the data.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  if granularity not in orthogonalize.GRANULARITIES:
+    raise ValueError(
+        f"granularity must be one of {orthogonalize.GRANULARITIES}, got"
+        f" {granularity!r}.")
+  shared_basis = granularity == "global"
+
+  def init_fn(params):
+    del params
+    return init()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    flat_updates, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    if not flat_updates:
+      return updates, state
+    k = _num_exits(flat_updates, name)
+    if num_exits is not None and k != num_exits:
+      raise ValueError(
+          f"the stacked gradients have K={k} exits but"
+          f" {num_exits_source}={num_exits}.")
+    if params is not None:
+      _check_against_params(flat_updates, treedef, params)
+    leaves = [leaf for _, leaf in flat_updates]
+    compute_dtype = jnp.result_type(jnp.float32, *[l.dtype for l in leaves])
+    grams = jnp.stack([
+        orthogonalize.gram_matrix(leaf, compute_dtype) for leaf in leaves])
+    if combine is not None:
+      outs, group_outputs = combine(
+          leaves, grams, state, extra_args, compute_dtype)
+      weights = None
+    else:
+      group_grams = grams.sum(axis=0, keepdims=True) if shared_basis else grams
+      weights, group_outputs = jax.vmap(
+          lambda m: weighting_fn(m, state, extra_args))(group_grams)
+      weights = weights.astype(compute_dtype)
+      outs = [
+          orthogonalize.weighted_sum(
+              weights[0 if shared_basis else i], leaf, compute_dtype)
+          for i, leaf in enumerate(leaves)
+      ]
+    new_updates = jax.tree_util.tree_unflatten(treedef, [
+        u.astype(leaf.dtype) for u, leaf in zip(outs, leaves)])
+    sizes = tuple(int(np.prod(leaf.shape[1:])) for leaf in leaves)
+    aggregation = Aggregation(grams, sizes, weights, group_outputs, compute_dtype)
+    return new_updates, finish(aggregation, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def osgd(
@@ -260,37 +393,36 @@ def osgd(
   known_exits = num_exits if num_exits is not None else (
       len(order) if order is not None else None)
 
-  def init_fn(params):
-    del params
-    return _empty_state(known_exits or 0)
+  def priority(k: int) -> np.ndarray:
+    return np.arange(k) if order is None else np.asarray(order)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    flat_updates, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    if not flat_updates:
-      return updates, state
-    k = _num_exits(flat_updates)
-    if known_exits is not None and k != known_exits:
-      what = "num_exits" if num_exits is not None else "len(order)"
-      raise ValueError(
-          f"the stacked gradients have K={k} exits but {what}={known_exits}.")
-    if params is not None:
-      _check_against_params(flat_updates, treedef, params)
-    leaves = [leaf for _, leaf in flat_updates]
-    compute_dtype = jnp.result_type(jnp.float32, *[l.dtype for l in leaves])
-    projection = orthogonalize.project(
-        leaves, method=method, granularity=granularity,
-        order=np.arange(k) if order is None else np.asarray(order),
-        tol=tol, rescale=rescale, compute_dtype=compute_dtype)
-    new_updates = jax.tree_util.tree_unflatten(treedef, [
-        u.astype(leaf.dtype) for u, leaf in zip(projection.updates, leaves)])
-    sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
-    diagnostics = _diagnostics(projection, sizes, compute_dtype)
-    state_dtype = state.exit_norms.dtype
-    return new_updates, jax.tree.map(
-        lambda x: x.astype(state_dtype), diagnostics)
+  def ldl_weighting(gram, state, extra_args):
+    # Gram–Schmidt in priority order is LDLᵀ of the permuted Gram matrix;
+    # the projected squared norms ‖ĝ_k‖² go to the diagnostics.
+    del state, extra_args
+    perm = priority(gram.shape[-1])
+    weights, residual_sq = orthogonalize.ldl_weights(
+        gram[perm][:, perm], tol=tol, rescale=rescale)
+    inverse = np.argsort(perm)
+    return weights[inverse], residual_sq[inverse]
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def sequential(leaves, grams, state, extra_args, compute_dtype):
+    del grams, state, extra_args
+    return orthogonalize._sequential_method(  # pylint: disable=protected-access
+        leaves, order=jnp.asarray(priority(leaves[0].shape[0]), jnp.int32),
+        tol=tol, rescale=rescale, shared_basis=granularity == "global",
+        compute_dtype=compute_dtype)
+
+  def finish(aggregation, state):
+    return jax.tree.map(lambda x: x.astype(state.exit_norms.dtype),
+                        _diagnostics(aggregation))
+
+  return _aggregate(
+      ldl_weighting, granularity, name="osgd",
+      init=lambda: _empty_state(known_exits or 0), finish=finish,
+      num_exits=known_exits,
+      num_exits_source="num_exits" if num_exits is not None else "len(order)",
+      combine=sequential if method == "sequential" else None)
 
 
 def osgd_sgd(
@@ -340,8 +472,10 @@ def osgd_sgd(
     >>> import jax.numpy as jnp, optax, osgd_jax
     >>> tx = optax.inject_hyperparams(osgd_jax.osgd_sgd)(
     ...     learning_rate=optax.cosine_decay_schedule(0.1, 100), momentum=0.9)
-    >>> state = tx.init({"w": jnp.zeros(3)})
-    >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> # Injected, weight_decay is an array, so the decay step needs params.
+    >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -49,3 +51,132 @@ def osgd_direction(leaves, *, tol, granularity="leaf", order=None, rescale=False
     out.append(total[start:start + size].reshape(x.shape[1:]))
     start += size
   return out
+
+
+# --- baselines (tests/test_aggregators.py) -----------------------------------
+# Each works on the gradient vectors themselves, in float64, from the paper's
+# definition; none uses the Gram-matrix formulations of osgd_jax.aggregators.
+
+
+def _flat_rows(leaves, granularity):
+  """[(K, N) float64 rows per group], for per-leaf or global aggregation."""
+  flats = [np.asarray(x, np.float64).reshape(len(x), -1) for x in leaves]
+  return flats if granularity == "leaf" else [np.concatenate(flats, axis=1)]
+
+
+def _split_like(vectors, leaves, granularity):
+  """Inverse of _flat_rows for one vector per group: param-shaped arrays."""
+  if granularity == "leaf":
+    return [v.reshape(np.shape(x)[1:]) for v, x in zip(vectors, leaves)]
+  out, start = [], 0
+  for x in leaves:
+    size = int(np.prod(np.shape(x)[1:]))
+    out.append(vectors[0][start:start + size].reshape(np.shape(x)[1:]))
+    start += size
+  return out
+
+
+def aggregate(leaves, direction, granularity="global"):
+  """Applies ``direction((K, N) rows) -> (N,)`` per group; param-shaped output."""
+  rows = _flat_rows(leaves, granularity)
+  return _split_like([direction(r) for r in rows], leaves, granularity)
+
+
+def adaloss_weights(loss_history, decay):
+  """AdaLoss weights after the losses in ``loss_history`` (T, K), in order.
+
+  EMA started at the first losses; weights 1/EMA normalised to sum to K.
+  """
+  ema = None
+  for losses in np.asarray(loss_history, np.float64):
+    ema = losses if ema is None else decay * ema + (1 - decay) * losses
+  inverse = 1 / ema
+  return len(ema) * inverse / inverse.sum()
+
+
+def pcgrad_direction(rows, orders):
+  """Yu et al. (2020), Algorithm 1, with the given visiting order per task.
+
+  For each task i, g_i^PC starts at g_i; the other tasks j are visited in
+  ``orders[i]``, and g_i^PC is projected on the normal plane of the original
+  g_j whenever the current g_i^PC conflicts with it. Returns Σ_i g_i^PC.
+  """
+  g = np.asarray(rows, np.float64)
+  total = np.zeros(g.shape[1])
+  for i in range(len(g)):
+    pc = g[i].copy()
+    for j in orders[i]:
+      if j == i:
+        continue
+      dot = pc @ g[j]
+      if dot < 0:
+        pc = pc - dot / (g[j] @ g[j]) * g[j]
+    total += pc
+  return total
+
+
+def min_norm_point(rows):
+  """The minimum-norm point of the convex hull of the rows (MGDA's direction).
+
+  Enumerates the faces: for every subset S of rows, the min-norm point of
+  their affine hull (least squares), kept if its barycentric coordinates
+  are non-negative. By Carathéodory the optimum is the min-norm point of an
+  affinely independent subset, found exactly; every other kept point lies in
+  the hull, so the smallest one is the answer.
+  """
+  g = np.asarray(rows, np.float64)
+  k = len(g)
+  best, best_sq = None, np.inf
+  for size in range(1, k + 1):
+    for subset in itertools.combinations(range(k), size):
+      p = g[list(subset)]
+      # Points p_0 + Σ_s β_s (p_s − p_0); minimise ‖·‖ over β by least squares.
+      base, dirs = p[0], (p[1:] - p[0]).T
+      beta = (np.linalg.lstsq(dirs, -base, rcond=None)[0]
+              if size > 1 else np.zeros(0))
+      alpha = np.concatenate([[1 - beta.sum()], beta])
+      if np.any(alpha < -1e-12):
+        continue
+      point = alpha @ p
+      if point @ point < best_sq:
+        best, best_sq = point, point @ point
+  return best
+
+
+def dual_cone_projection(rows, v):
+  """Euclidean projection of v onto {x : ⟨x, r⟩ ≥ 0 for every row r}.
+
+  The projection lies on a face {x : R_A x = 0} of the cone, and is the
+  projection of v onto that subspace. Enumerating the active sets A, the
+  feasible candidate nearest to v is the answer (every candidate is in the
+  cone, and the true face is among them).
+  """
+  r = np.asarray(rows, np.float64)
+  v = np.asarray(v, np.float64)
+  scale = np.linalg.norm(r, axis=1) * max(np.linalg.norm(v), 1e-300)
+  best, best_dist = None, np.inf
+  for size in range(len(r) + 1):
+    for active in itertools.combinations(range(len(r)), size):
+      if active:
+        a = r[list(active)].T  # columns span the active normals
+        x = v - a @ np.linalg.lstsq(a, v, rcond=None)[0]
+      else:
+        x = v
+      if np.all(r @ x >= -1e-9 * scale):
+        dist = np.linalg.norm(x - v)
+        if dist < best_dist:
+          best, best_dist = x, dist
+  return best
+
+
+def upgrad_direction(rows):
+  """UPGrad: the mean of every row's projection onto the rows' dual cone."""
+  g = np.asarray(rows, np.float64)
+  return np.mean([dual_cone_projection(g, gi) for gi in g], axis=0)
+
+
+def sdn_weights(num_exits, step, total_steps, cap):
+  """SDN's schedule (Kaya et al. 2019): τ_k = min(c_k, 0.01 + c_k·t/T), last 1."""
+  caps = cap * np.arange(1, num_exits) / (num_exits - 1)
+  early = np.minimum(caps, 0.01 + caps * step / total_steps)
+  return np.concatenate([early, [1.0]])
