@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from osgd_jax import orthogonalize
 from osgd_jax import transform
 
 __all__ = [
@@ -127,10 +128,6 @@ def _aggregator(
   return transform._aggregate(  # pylint: disable=protected-access
       weighting_fn, granularity, name=name, init=init, finish=finish,
       num_exits=num_exits)
-
-
-def _safe_inverse(x: jax.Array) -> jax.Array:
-  return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
 
 
 # --- weighted sums -----------------------------------------------------------
@@ -401,7 +398,7 @@ def _pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   """
   k = gram.shape[-1]
   diag = jnp.diagonal(gram)
-  inv_sq = _safe_inverse(diag)
+  inv_sq = orthogonalize.safe_inverse(diag)
   tasks = jnp.arange(k)
 
   def visit(position, coeff):
@@ -593,7 +590,7 @@ def _mgda_weights(gram: jax.Array, *, max_iter: int, tol: float) -> jax.Array:
   ones = jnp.ones((k, k), gram.dtype)
 
   def solve(sigma):
-    u = _nnqp(gram * _safe_inverse(sigma) + ones, -ones[0],
+    u = _nnqp(gram * orthogonalize.safe_inverse(sigma) + ones, -ones[0],
               jnp.ones((k,), jnp.bool_), max_iter=max_iter, tol=tol)
     alpha = u / jnp.sum(u)
     return alpha, alpha @ (gram @ alpha)
@@ -627,7 +624,7 @@ def _upgrad_weights(gram: jax.Array, *, max_iter: int, tol: float) -> jax.Array:
     return jnp.ones((1,), gram.dtype)
   diag = jnp.diagonal(gram)
   norms = jnp.sqrt(diag)
-  inv_norms = _safe_inverse(norms)
+  inv_norms = orthogonalize.safe_inverse(norms)
   corr = gram * inv_norms[:, None] * inv_norms[None, :]
   nonzero = diag > 0
   # Row i of corr is C e_i, the linear term of row i's dual problem.

@@ -85,7 +85,8 @@ def weighted_sum(weights: jax.Array, leaf: jax.Array, compute_dtype) -> jax.Arra
   )
 
 
-def _safe_inverse(x: jax.Array) -> jax.Array:
+def safe_inverse(x: jax.Array) -> jax.Array:
+  """``1/x`` where ``x > 0``, else 0: zero rows of a Gram matrix stay zero."""
   return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
 
 
@@ -111,7 +112,7 @@ def ldl_weights(
   """
   num_exits = gram.shape[-1]
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
-  inv_scale = _safe_inverse(jnp.sqrt(diag))
+  inv_scale = safe_inverse(jnp.sqrt(diag))
   corr = gram * inv_scale[..., :, None] * inv_scale[..., None, :]
 
   rows = jnp.arange(num_exits)
