@@ -148,14 +148,21 @@ def config_from_args(argv: Sequence[str] | None = None):
   return config
 
 
+def quiet_library_logs() -> None:
+  """Silences absl logging for the command-line tools.
+
+  Orbax logs its own errors and save-timing warnings through absl before
+  raising; a command reports each failure once, as one line.
+  """
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``osgd-train``; returns the process exit status."""
   from osgd_jax.report import exit_table
   from osgd_jax.train import TrainingDiverged, train
 
-  # Orbax logs its own errors through absl before raising; the command line
-  # reports each failure once, as one line.
-  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  quiet_library_logs()
   prog = "osgd-train"
   try:
     config = config_from_args(argv)

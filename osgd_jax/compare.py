@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from osgd_jax.cli import EXIT_BAD_INPUT, _OneLineParser
+from osgd_jax.cli import EXIT_BAD_INPUT, _OneLineParser, quiet_library_logs
 from osgd_jax.report import plot_exit_accuracy, write_json
 from osgd_jax.train import OPTIMIZERS, TrainConfig, prepare_output_dir, train
 
@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--lr", type=float, default=defaults.lr)
   p.add_argument("--out", default="runs/compare")
   args = p.parse_args(argv)
+  quiet_library_logs()
   try:
     if args.seeds < 1:
       raise ValueError(f"--seeds must be >= 1, got {args.seeds}.")
