@@ -60,6 +60,50 @@ def _trailing_axes(x: jax.Array) -> tuple[int, ...]:
   return tuple(range(1, x.ndim))
 
 
+def _replicated_like(x: jax.Array) -> jax.sharding.NamedSharding | None:
+  """The replicated sharding for a contraction of ``x`` over sharded axes.
+
+  Under a mesh with ``Explicit`` axes JAX refuses to guess the sharding of a
+  contraction over sharded dimensions; the inner products here are K-vectors
+  or K×K blocks that every device needs, so they are replicated (partial sums
+  and one all-reduce). Under ``Auto`` axes, or without a mesh, XLA's
+  partitioner chooses the same by itself and ``None`` is returned.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not mesh.explicit_axes:
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
+                      batch_b: bool, compute_dtype) -> jax.Array:
+  """Inner products of ``a`` and ``b`` over their parameter axes.
+
+  Each operand is either a stacked leaf ``(K, *s)`` (``batch_*=True``, its
+  leading axis is kept) or a single param-shaped row ``s``. The contraction
+  runs over the trailing axes as they are, never over a reshaped ``(K, N)``
+  view, so sharded dimensions stay sharded.
+
+  Args:
+    a: first operand.
+    b: second operand, with the same parameter shape ``s``.
+    batch_a: whether ``a`` has a leading K axis to keep.
+    batch_b: whether ``b`` has a leading K axis to keep.
+    compute_dtype: accumulation and output dtype.
+
+  Returns:
+    ``(K, K)``, ``(K,)`` or a scalar, replicated over any mesh.
+  """
+  axes_a = tuple(range(int(batch_a), a.ndim))
+  axes_b = tuple(range(int(batch_b), b.ndim))
+  return jnp.tensordot(
+      a, b, axes=(axes_a, axes_b), precision=_PRECISION,
+      preferred_element_type=compute_dtype,
+      out_sharding=_replicated_like(a),
+  ).astype(compute_dtype)
+
+
 def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
   """Returns ``M = G Gᵀ`` (K×K) of a stacked leaf, contracted over trailing axes.
 
@@ -70,11 +114,8 @@ def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
   Returns:
     A ``(K, K)`` array in ``compute_dtype``.
   """
-  axes = _trailing_axes(leaf)
-  return jnp.tensordot(
-      leaf, leaf, axes=(axes, axes), precision=_PRECISION,
-      preferred_element_type=compute_dtype,
-  ).astype(compute_dtype)
+  return contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
+                           compute_dtype=compute_dtype)
 
 
 def weighted_sum(weights: jax.Array, leaf: jax.Array, compute_dtype) -> jax.Array:
@@ -212,8 +253,8 @@ def _sequential_method(
     basis_sq = _group_reduce(
         jnp.stack([jnp.sum(jnp.square(b)) for b in basis]), shared_basis)
     dots = _group_reduce(jnp.stack([
-        jnp.tensordot(r, b, axes=(_trailing_axes(r), tuple(range(b.ndim))),
-                      precision=_PRECISION)
+        contract_trailing(r, b, batch_a=True, batch_b=False,
+                          compute_dtype=compute_dtype)
         for r, b in zip(residuals, basis)
     ]), shared_basis)
     keep = basis_sq > tol * input_sq[:, exit_index]
