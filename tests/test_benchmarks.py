@@ -23,3 +23,18 @@ def test_bench_transform_quick_prints_ratios_for_both_methods():
     rows = [line for line in out.splitlines() if f" {method} " in line]
     assert rows, f"no row for {method}:\n{out}"
     assert all(line.split()[-2].endswith("x") for line in rows), rows  # a ratio
+
+
+def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices():
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "bench_sharded.py"), "--quick"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  rows = [line.split() for line in proc.stdout.splitlines()
+          if line.split() and line.split()[0] in {"1", "2", "4", "8"}]
+  assert [int(r[0]) for r in rows] == [1, 2, 4, 8], proc.stdout
+  per_device = [float(r[1]) for r in rows]
+  for devices, mb in zip((1, 2, 4, 8), per_device):
+    # Memory is exact, not a timing: it must fall as 1/devices.
+    assert abs(mb * devices - per_device[0]) <= 0.02 * per_device[0], rows
+  assert all("all-gather" not in " ".join(r) for r in rows), proc.stdout

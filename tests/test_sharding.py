@@ -73,7 +73,7 @@ def _place(tree, mesh, specs, stacked):
 def _collectives(hlo: str) -> list[tuple[str, str]]:
   """``(op, result shape)`` of every cross-device op in compiled HLO text."""
   ops = "all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter"
-  pattern = re.compile(rf"=\s*(\(?[^=]*?\)?)\s+({ops})(?:-start)?\(")
+  pattern = re.compile(rf"^\s*\S+ = (.*?) ({ops})(?:-start)?\(", re.MULTILINE)
   return [(m.group(2), m.group(1)) for m in pattern.finditer(hlo)]
 
 
