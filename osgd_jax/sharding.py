@@ -41,7 +41,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 __all__ = [
     "DATA_AXIS", "MODEL_AXIS", "parse_mesh_spec", "make_mesh", "param_spec",
     "param_shardings", "shard_params", "constrain", "stacked_shardings",
-    "batch_sharding", "shard_batch", "replicated", "initialize_distributed",
+    "batch_sharding", "shard_batch", "replicated", "to_host",
+    "initialize_distributed",
 ]
 
 DATA_AXIS = "data"
@@ -262,10 +263,34 @@ def shard_params(tree: Any, mesh: Mesh, specs: Any | None = None) -> Any:
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return jax.device_put(x, sharding)  # already global: reshard in place
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+    # Typed PRNG keys have no NumPy form: place their raw data, then rewrap.
+    data = _put(jax.random.key_data(x), NamedSharding(
+        sharding.mesh, PartitionSpec(*sharding.spec, None)))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
   host = np.asarray(x)
   # Every process holds the whole value; each places only its own shards.
   return jax.make_array_from_callback(host.shape, sharding,
                                       lambda index: host[index])
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of every leaf, gathering the shards of other processes.
+
+  Args:
+    tree: a pytree of arrays, possibly sharded over several processes.
+
+  Returns:
+    The same pytree of full ``np.ndarray`` values, on every process.
+  """
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
 
 
 def constrain(tree: Any, mesh: Mesh) -> Any:
