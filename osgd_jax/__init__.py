@@ -13,6 +13,7 @@ from osgd_jax.aggregators import weighted_sum
 from osgd_jax import anytime
 from osgd_jax import losses
 from osgd_jax import zoo
+from osgd_jax.grads import staged_value_and_per_exit_grads
 from osgd_jax.grads import value_and_per_exit_grads
 from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.transform import OsgdState
@@ -32,6 +33,7 @@ __all__ = [
     "osgd_sgd",
     "per_exit_cross_entropy",
     "pcgrad",
+    "staged_value_and_per_exit_grads",
     "upgrad",
     "value_and_per_exit_grads",
     "weighted_sum",

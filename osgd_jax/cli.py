@@ -44,7 +44,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   from osgd_jax import zoo
   from osgd_jax.data import DATASET_NAMES
   from osgd_jax.orthogonalize import GRANULARITIES, METHODS
-  from osgd_jax.train import OPTIMIZERS, SCHEDULES, TrainConfig
+  from osgd_jax.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
+                              TrainConfig)
 
   d = TrainConfig()
   p = _OneLineParser(
@@ -78,6 +79,11 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt")
   p.add_argument("--exit-weights", type=_float_list, default=d.exit_weights,
                  help="comma-separated loss weight per exit (default: all 1)")
+  p.add_argument("--per-exit-grads", default=d.per_exit_grads,
+                 choices=PER_EXIT_GRADS,
+                 help="staged: exit k's backward pass covers stages 1..k only;"
+                 " vmap: K full backward passes, the fallback for losses"
+                 " that read later exits")
   p.add_argument("--epochs", type=int, default=d.epochs)
   p.add_argument("--batch-size", type=int, default=d.batch_size)
   p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")

@@ -1,6 +1,7 @@
 """Training loop for anytime networks: OSGD, the baselines, or summed-loss SGD.
 
-One jitted step computes the per-exit gradients (one forward, a vmapped VJP),
+One jitted step computes the per-exit gradients (one forward; by default the
+staged Jacobian, where exit k's backward pass covers stages 1..k only),
 aggregates them with OSGD or a baseline aggregator (or sums the weighted exit
 losses for ``sgd``), applies weight decay, momentum and the learning-rate
 schedule, and carries the BatchNorm statistics. There is no Python loop over
@@ -30,18 +31,22 @@ from flax import nnx
 
 from osgd_jax import aggregators, anytime, data as data_lib, zoo
 from osgd_jax.checkpoint import CheckpointStore
-from osgd_jax.grads import value_and_per_exit_grads
+from osgd_jax.grads import (staged_value_and_per_exit_grads,
+                            value_and_per_exit_grads)
 from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.transform import osgd
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train",
-           "OPTIMIZERS", "SCHEDULES"]
+           "OPTIMIZERS", "PER_EXIT_GRADS", "SCHEDULES"]
 
 # "sgd" differentiates the summed loss; every other name aggregates the
 # stacked per-exit gradients with the transformation of the same name.
 OPTIMIZERS = ("osgd", "sgd", "sgd-linear", "sgd-geometric", "sgd-sdn",
               "adaloss", "pcgrad", "mgda", "upgrad")
 SCHEDULES = ("cosine", "step", "constant")
+# How the per-exit gradients are computed: "staged" runs exit k's backward
+# pass through stages 1..k only; "vmap" (the fallback) runs K full ones.
+PER_EXIT_GRADS = ("staged", "vmap")
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +69,7 @@ class TrainConfig:
   granularity: str = "leaf"
   method: str = "gram"
   exit_weights: tuple[float, ...] | None = None
+  per_exit_grads: str = "staged"
   epochs: int = 15
   batch_size: int = 64
   lr: float = 0.05
@@ -90,6 +96,10 @@ class TrainConfig:
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(
           f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}.")
+    if self.per_exit_grads not in PER_EXIT_GRADS:
+      raise ValueError(
+          f"unknown --per-exit-grads {self.per_exit_grads!r}; choose one of:"
+          f" {', '.join(PER_EXIT_GRADS)}.")
     if self.schedule not in SCHEDULES:
       raise ValueError(
           f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
@@ -238,7 +248,7 @@ def _exit_weights(config: TrainConfig, num_exits: int) -> jax.Array:
 # The fields that shape the compiled step; runs that agree on them (e.g. the
 # seeds of one experiment) share one compiled function.
 _STEP_FIELDS = ("optimizer", "granularity", "method", "exit_weights", "lr",
-                "schedule", "momentum", "weight_decay")
+                "schedule", "momentum", "weight_decay", "per_exit_grads")
 
 
 def make_train_step(config: TrainConfig, graphdef: Any, num_exits: int,
@@ -271,7 +281,18 @@ def _build_step(settings, graphdef, num_exits, total_steps, augment):
     losses = per_exit_cross_entropy(model(x), y)
     return losses * weights, (losses, nnx.state(model, nnx.Not(nnx.Param)))
 
-  if config.optimizer != "sgd":
+  if config.optimizer != "sgd" and config.per_exit_grads == "staged":
+    def weighted_losses(logits, y):
+      losses = per_exit_cross_entropy(logits, y)
+      return losses * weights, losses
+
+    staged = staged_value_and_per_exit_grads(graphdef, weighted_losses,
+                                             has_aux=True)
+
+    def grad_fn(params, rest, x, y):
+      (weighted, losses, rest), grads = staged(params, rest, x, y)
+      return (weighted, (losses, rest)), grads
+  elif config.optimizer != "sgd":
     grad_fn = value_and_per_exit_grads(exit_losses, has_aux=True)
   else:
     def grad_fn(params, rest, x, y):
@@ -293,9 +314,11 @@ def _build_step(settings, graphdef, num_exits, total_steps, augment):
   return tx, jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-# Fields that may change between a run and its resumption.
+# Fields that may change between a run and its resumption. per_exit_grads
+# changes how the same gradients are computed (equal up to rounding), and
+# checkpoints from before the field existed do not record it.
 _RESUMABLE_CHANGES = ("epochs", "out", "resume", "eval_every", "progress",
-                      "keep_checkpoints", "data_dir")
+                      "keep_checkpoints", "data_dir", "per_exit_grads")
 
 
 def default_output_dir(config: TrainConfig) -> str:

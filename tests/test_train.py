@@ -104,6 +104,7 @@ def test_refuses_to_overwrite_an_existing_run(tmp_path):
     ("lr", -1.0, "--lr must be > 0"),
     ("momentum", 1.5, "--momentum"),
     ("preset", "imagenet", "unknown preset"),
+    ("per_exit_grads", "loop", "unknown --per-exit-grads"),
 ])
 def test_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
