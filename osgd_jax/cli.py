@@ -102,6 +102,10 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="how many of the newest checkpoints to keep")
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="hide the progress bar")
+  p.add_argument("--mesh", default=d.mesh,
+                 help="train over devices: data=D,model=M splits each batch over"
+                 " D devices and each parameter over M (one axis may be -1:"
+                 " all remaining devices); default: one device")
   return p
 
 
@@ -165,12 +169,18 @@ def quiet_library_logs() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``osgd-train``; returns the process exit status."""
+  import jax
+
+  from osgd_jax import sharding
   from osgd_jax.report import exit_table
   from osgd_jax.train import TrainingDiverged, train
 
   quiet_library_logs()
   prog = "osgd-train"
   try:
+    # Before anything touches a device: a multi-process launch (TPU pod,
+    # Slurm, mpirun, or JAX_COORDINATOR_ADDRESS/..._PROCESS_ID) joins here.
+    sharding.initialize_distributed()
     config = config_from_args(argv)
     result = train(config)
   except ValueError as e:  # bad input: data, flags, --out, checkpoints
@@ -179,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except TrainingDiverged as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_FAILED
+  if jax.process_index() != 0:  # process 0 reports for the run
+    return 0
   print(f"{config.model} on {config.dataset}, optimizer {config.optimizer},"
         f" {config.epochs} epochs")
   print(exit_table(result.test_accuracy, result.flops.flops, result.params,

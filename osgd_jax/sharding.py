@@ -293,16 +293,31 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def constrain(tree: Any, mesh: Mesh) -> Any:
+def constrain(tree: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
   """``with_sharding_constraint`` of every leaf to the parameter rule.
 
   For use inside ``jit``: it pins updated parameters and optimizer states to
   the sharding :func:`shard_params` gave them, whatever XLA would propagate.
+
+  Args:
+    tree: a pytree of traced arrays.
+    mesh: the device mesh.
+    stacked: the leaves are stacked per-exit gradients ``(K, *param.shape)``:
+      the rule applies to the parameter axes and K stays whole.
+
+  Returns:
+    ``tree``, constrained.
   """
   model_size = mesh.shape.get(MODEL_AXIS, 1)
-  return jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(
-          x, NamedSharding(mesh, param_spec(x.shape, model_size))), tree)
+
+  def one(x):
+    if stacked:
+      spec = PartitionSpec(None, *param_spec(x.shape[1:], model_size))
+    else:
+      spec = param_spec(x.shape, model_size)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(one, tree)
 
 
 def stacked_shardings(shardings: Any) -> Any:

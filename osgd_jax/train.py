@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from osgd_jax import aggregators, anytime, data as data_lib, zoo
+from osgd_jax import aggregators, anytime, data as data_lib, sharding, zoo
 from osgd_jax.checkpoint import CheckpointStore
 from osgd_jax.grads import (staged_value_and_per_exit_grads,
                             value_and_per_exit_grads)
@@ -70,6 +70,7 @@ class TrainConfig:
   method: str = "gram"
   exit_weights: tuple[float, ...] | None = None
   per_exit_grads: str = "staged"
+  mesh: str | None = None  # e.g. "data=4,model=2"; None: one device
   epochs: int = 15
   batch_size: int = 64
   lr: float = 0.05
@@ -117,6 +118,8 @@ class TrainConfig:
       raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
     if self.weight_decay < 0:
       raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
+    if self.mesh is not None:
+      sharding.parse_mesh_spec(self.mesh)  # the device count is checked at start
     if self.exit_weights is not None and any(w < 0 for w in self.exit_weights):
       raise ValueError(f"--exit-weights must be >= 0, got {self.exit_weights}.")
 
@@ -252,7 +255,8 @@ _STEP_FIELDS = ("optimizer", "granularity", "method", "exit_weights", "lr",
 
 
 def make_train_step(config: TrainConfig, graphdef: Any, num_exits: int,
-                    total_steps: int, augment: bool
+                    total_steps: int, augment: bool,
+                    mesh: jax.sharding.Mesh | None = None,
                     ) -> tuple[optax.GradientTransformation, Callable]:
   """Builds the optimizer and the jitted step for a run.
 
@@ -260,18 +264,25 @@ def make_train_step(config: TrainConfig, graphdef: Any, num_exits: int,
   ``(params, rest, opt_state)`` and the ``(K,)`` unweighted exit losses of
   the batch; its first three arguments are donated.
 
+  With a ``mesh``, the step expects its state placed by
+  :func:`osgd_jax.sharding.shard_params` and the batch by
+  :func:`osgd_jax.sharding.shard_batch`; it keeps the stacked per-exit
+  gradients and every output on the same parameter rule, so OSGD's
+  projection reduces only K×K Gram blocks across devices.
+
   Returns:
     ``(tx, step)``.
   """
   settings = tuple(getattr(config, f) for f in _STEP_FIELDS)
-  _, step = _build_step(settings, graphdef, num_exits, total_steps, augment)
+  _, step = _build_step(settings, graphdef, num_exits, total_steps, augment,
+                        mesh)
   # The seed (PCGrad's key) only sets the optimizer's initial state, not the
   # compiled step, which runs of different seeds share.
   return make_optimizer(config, total_steps, num_exits), step
 
 
 @functools.lru_cache(maxsize=16)
-def _build_step(settings, graphdef, num_exits, total_steps, augment):
+def _build_step(settings, graphdef, num_exits, total_steps, augment, mesh):
   config = TrainConfig(**dict(zip(_STEP_FIELDS, settings)))
   tx = make_optimizer(config, total_steps, num_exits)
   weights = _exit_weights(config, num_exits)
@@ -305,10 +316,18 @@ def _build_step(settings, graphdef, num_exits, total_steps, augment):
     if augment:
       x = data_lib.augment(key, x)
     (weighted, (losses, rest)), grads = grad_fn(params, rest, x, y)
+    if mesh is not None and config.optimizer != "sgd":
+      # Row k of a stacked leaf is split like its parameter; K never is.
+      grads = sharding.constrain(grads, mesh, stacked=True)
     # AdaLoss balances the losses the gradients are of; others ignore them.
     extra = {} if weighted is None else {"losses": weighted}
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
+    if mesh is not None:
+      params, rest, opt_state = sharding.constrain((params, rest, opt_state),
+                                                   mesh)
+      # Replicated, so that every process can read the losses it logs.
+      losses = jax.lax.with_sharding_constraint(losses, sharding.replicated(mesh))
     return params, rest, opt_state, losses
 
   return tx, jax.jit(step, donate_argnums=(0, 1, 2))
@@ -318,7 +337,7 @@ def _build_step(settings, graphdef, num_exits, total_steps, augment):
 # changes how the same gradients are computed (equal up to rounding), and
 # checkpoints from before the field existed do not record it.
 _RESUMABLE_CHANGES = ("epochs", "out", "resume", "eval_every", "progress",
-                      "keep_checkpoints", "data_dir", "per_exit_grads")
+                      "keep_checkpoints", "data_dir", "per_exit_grads", "mesh")
 
 
 def default_output_dir(config: TrainConfig) -> str:
@@ -363,7 +382,23 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 def _progress_bar(config: TrainConfig, epoch: int, steps: int):
   from tqdm.auto import tqdm
   return tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}",
-              disable=not config.progress, leave=False, dynamic_ncols=True)
+              disable=not config.progress or jax.process_index() != 0,
+              leave=False, dynamic_ncols=True)
+
+
+def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
+  """The run's device mesh, or ``None`` for a single-device run."""
+  if config.mesh is None:
+    return None
+  mesh = sharding.make_mesh(config.mesh)
+  data_size = mesh.shape[sharding.DATA_AXIS]
+  if config.batch_size % data_size or config.batch_size % jax.process_count():
+    raise ValueError(
+        f"--batch-size {config.batch_size} does not divide over the"
+        f" {data_size} devices of the data axis of --mesh {config.mesh}"
+        f" ({jax.process_count()} processes); use a multiple of"
+        f" {np.lcm(data_size, jax.process_count())}.")
+  return mesh
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -387,6 +422,13 @@ def train(config: TrainConfig) -> TrainResult:
     (4,)
   """
   config.validate()
+  processes, process = jax.process_count(), jax.process_index()
+  if processes > 1 and config.out is None:
+    raise ValueError(
+        f"this is one of {processes} processes: pass --out, a directory on a"
+        " file system that every process can write, so that all of them"
+        " write one run.")
+  mesh = _make_mesh(config)
   out = prepare_output_dir(default_output_dir(config) if config.out is None
                            else config.out)
   dataset = load_data(config)
@@ -400,8 +442,18 @@ def train(config: TrainConfig) -> TrainResult:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   augment = dataset.name.startswith("cifar")
   tx, step_fn = make_train_step(config, graphdef, num_exits,
-                                steps_per_epoch * config.epochs, augment)
+                                steps_per_epoch * config.epochs, augment, mesh)
+  if mesh is not None:
+    params, rest = sharding.shard_params((params, rest), mesh)
   opt_state = tx.init(params)
+  if mesh is not None:
+    # The parameter rule depends only on shapes, so a momentum buffer lands
+    # on its parameter's devices.
+    opt_state = sharding.shard_params(opt_state, mesh)
+  # Host copies for evaluation and the final model: every process holds them
+  # whole, however the training state is spread.
+  host_model = lambda: nnx.merge(graphdef, *(
+      sharding.to_host((params, rest)) if mesh is not None else (params, rest)))
 
   store = CheckpointStore(os.path.join(out, "checkpoints"),
                           keep=config.keep_checkpoints)
@@ -425,9 +477,13 @@ def train(config: TrainConfig) -> TrainResult:
     bar = _progress_bar(config, epoch + 1, steps_per_epoch)
     batches = data_lib.iterate_batches(
         dataset.x_train, dataset.y_train, config.batch_size,
-        seed=config.seed, epoch=epoch)
+        seed=config.seed, epoch=epoch, process_index=process,
+        process_count=processes)
     for step, (x, y) in enumerate(batches):
       key = data_lib.augment_key(base_key, epoch, step)
+      if mesh is not None:
+        x, y = sharding.shard_batch((x, y), mesh)
+        key = sharding.shard_params(key, mesh)  # replicated
       start = time.perf_counter()
       params, rest, opt_state, losses = step_fn(
           params, rest, opt_state, x, y, key)
@@ -457,12 +513,11 @@ def train(config: TrainConfig) -> TrainResult:
         "step_time_s": float(np.median(step_times[1:] or step_times)),
     }
     if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-      metrics = anytime.evaluate(nnx.merge(graphdef, params, rest),
-                                 dataset.x_test, dataset.y_test)
+      metrics = anytime.evaluate(host_model(), dataset.x_test, dataset.y_test)
       record["test_loss"] = metrics.loss.tolist()
       record["test_accuracy"] = metrics.accuracy.tolist()
     history.append(record)
-    if config.progress:
+    if config.progress and process == 0:
       tested = (" test acc " + " ".join(
           f"{100 * a:.1f}" for a in record["test_accuracy"])
                 if "test_accuracy" in record else "")
@@ -471,10 +526,11 @@ def train(config: TrainConfig) -> TrainResult:
             flush=True)
     store.save(epoch + 1, (params, rest, opt_state),
                {"config": config.to_json(), "history": history})
-    _write_metrics(out, config, history)
+    if process == 0:
+      _write_metrics(out, config, history)
   store.close()
 
-  model = nnx.merge(graphdef, params, rest)
+  model = host_model()
   model.eval()
   final = history[-1]
   flops = anytime.flops_per_exit(model, (1,) + dataset.input_shape)
@@ -489,6 +545,9 @@ def train(config: TrainConfig) -> TrainResult:
       model, dataset.x_test, dataset.y_test, thresholds, flops=flops.flops)
   summary["early_exit"] = {"threshold": thresholds, "mean_flops": sweep_flops,
                            "accuracy": sweep_accuracy}
+  if process != 0:  # process 0 writes the run's files
+    return TrainResult(history, accuracy, np.asarray(final["test_loss"]),
+                       flops, param_counts, out, model)
   _write_metrics(out, config, history, summary)
   plot_accuracy_vs_flops(
       {f"{config.optimizer}: exit k": (flops.flops, accuracy),
