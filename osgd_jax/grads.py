@@ -30,6 +30,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.core import Literal
 
 __all__ = ["staged_value_and_per_exit_grads", "value_and_per_exit_grads"]
 
@@ -197,7 +198,9 @@ def _scattered_rows(eqn: Any, ins: list[Any], n: int,
   if (index is not None and dn is not None
       and tuple(dn.scatter_dims_to_operand_dims) == (0,)
       and 0 in dn.inserted_window_dims and not dn.operand_batching_dims):
-    hit = {int(i) for i in np.ravel(index)}
+    named = {int(i) for i in np.ravel(index)}
+    # An index out of range may be clipped to any edge row: keep them all.
+    hit = named if named <= set(range(n)) else hit
   return tuple(r | updates if i in hit else r for i, r in enumerate(rows))
 
 
@@ -281,6 +284,16 @@ def _row_rule(eqn: Any, ins: list[Any], n: int,
   return None
 
 
+def _body_of(eqn: Any) -> Any:
+  """The jaxpr a call equation runs, if its inputs and outputs are the call's."""
+  body = eqn.params.get(_CALLS[eqn.primitive.name])
+  body = getattr(body, "jaxpr", body)
+  if (body is None or len(getattr(body, "invars", ())) != len(eqn.invars)
+      or len(body.outvars) != len(eqn.outvars)):
+    return None
+  return body
+
+
 def _dataflow(jaxpr: Any, in_deps: list[Any]) -> list[Any]:
   """Which exits' logits each output of ``jaxpr`` depends on, differentiably.
 
@@ -291,8 +304,6 @@ def _dataflow(jaxpr: Any, in_deps: list[Any]) -> list[Any]:
   depends on the union of its inputs: the analysis may over-report a
   dependency but never misses one.
   """
-  from jax.extend.core import Literal
-
   env: dict[Any, Any] = {}
   read = lambda v: _NONE if isinstance(v, Literal) else env.get(v, _NONE)
   # Integer constants broadcast from literals: the ``2`` of ``.at[2]``.
@@ -308,9 +319,8 @@ def _dataflow(jaxpr: Any, in_deps: list[Any]) -> list[Any]:
                                        eqn.invars[0].val)
     if not any(_total(d) for d in ins) or name == "stop_gradient":
       outs = [_NONE] * len(eqn.outvars)
-    elif name in _CALLS and _CALLS[name] in eqn.params:
-      body = eqn.params[_CALLS[name]]
-      outs = _dataflow(getattr(body, "jaxpr", body), ins)
+    elif name in _CALLS and _body_of(eqn) is not None:
+      outs = _dataflow(_body_of(eqn), ins)
     else:
       out_aval = eqn.outvars[0].aval
       rule = None
@@ -549,7 +559,8 @@ def staged_value_and_per_exit_grads(
     carry_cts = None
     for j in reversed(range(num_exits)):
       vjp, out_floats = vjps[j]
-      first = [jnp.zeros((1,) + f.shape, f.dtype) for f in out_floats]
+      # zeros_like keeps each array's sharding (explicit-sharding meshes).
+      first = [jnp.zeros_like(f)[None] for f in out_floats]
       out_cts = first if carry_cts is None else [
           jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
       cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
@@ -560,7 +571,7 @@ def staged_value_and_per_exit_grads(
       # Exits before j do not reach stage j: zero rows, one concatenation.
       stage_grads[j] = jax.tree.map(
           lambda g, j=j: g if j == 0 else jnp.concatenate(
-              [jnp.zeros((j,) + g.shape[1:], g.dtype), g]), grads_j)
+              [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
 
     by_path = {}
     for j, grads_j in enumerate(stage_grads):
