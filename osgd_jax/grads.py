@@ -285,7 +285,7 @@ def _row_rule(eqn: Any, ins: list[Any], n: int,
 
 
 def _body_of(eqn: Any) -> Any:
-  """The jaxpr a call equation runs, if its inputs and outputs are the call's."""
+  """The jaxpr a call runs, if its inputs and outputs are the call's."""
   body = eqn.params.get(_CALLS[eqn.primitive.name])
   body = getattr(body, "jaxpr", body)
   if (body is None or len(getattr(body, "invars", ())) != len(eqn.invars)
