@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,51 @@ def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices():
     # Memory is exact, not a timing: it must fall as 1/devices.
     assert abs(mb * devices - per_device[0]) <= 0.02 * per_device[0], rows
   assert all("all-gather" not in " ".join(r) for r in rows), proc.stdout
+
+
+def _bench_step_module():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import bench_step
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  return bench_step
+
+
+@pytest.mark.slow  # compiles ten small steps: about a minute on 2 cores
+def test_bench_step_quick_prints_step_ratios_and_targets():
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert "median ms" in out and "x jax plain" in out, out  # the table header
+  rows = {line[:44].strip(): line[44:].split() for line in out.splitlines()
+          if line.startswith(("jax ", "torch", "osgd("))}
+  expected = ["jax plain SGD (floor)", "jax OSGD, vmap Jacobian",
+              "jax forward+backward of the sum (F+B)", "osgd(...).update alone"]
+  if _bench_step_module()._staged_available():
+    expected.append("jax OSGD, staged Jacobian")
+  for label in expected:
+    assert label in rows, f"no row {label!r}:\n{out}"
+    ms, ratio, min_ms = rows[label]
+    assert float(ms) >= float(min_ms) > 0 and ratio.endswith("x"), rows[label]
+  assert rows["jax plain SGD (floor)"][1] == "1.00x"
+  assert "(F + sum_k prefix_k B) / (F + B) =" in out
+  for target in ("target 1:", "target 2:"):
+    line = next(l for l in out.splitlines() if l.startswith(target))
+    assert line.rstrip().endswith(("PASS", "MISS")), line
+  assert "stacked per-exit gradients" in out and "3.00x the parameters" in out
+  # The PyTorch half is optional: either its rows, or a line saying why not.
+  if "PyTorch/TorchJD part skipped" not in out:
+    for agg in ("Mean", "UPGrad", "PCGrad"):
+      assert f"torchjd {agg}" in rows, out
+    assert "torch plain SGD" in rows and "(the same tensor sizes)" in out, out
+    assert next(l for l in out.splitlines() if l.startswith("target 3:")
+                ).rstrip().endswith(("PASS", "MISS"))
+
+
+def test_bench_step_without_torch_reports_the_skip(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+  mods, note = _bench_step_module()._torch_modules()
+  assert mods is None and "torch" in note

@@ -1,0 +1,809 @@
+"""Times a whole training step: plain SGD, OSGD (vmap and staged), TorchJD.
+
+On one network, batch and machine, in one run, the script times:
+
+* our plain summed-loss SGD step, the floor: ``osgd_jax.train``'s jitted
+  step with ``optimizer="sgd"`` (one forward, one backward, momentum);
+* our OSGD step with the vmap Jacobian (``per_exit_grads="vmap"``: one
+  forward, the backward vmapped over the K one-hot cotangents) and with the
+  staged Jacobian (``per_exit_grads="staged"``: exit k's backward runs
+  through stages 1..k only), both through the same ``make_train_step``, so
+  the benchmark measures what ``osgd-train`` runs;
+* the forward of the loss vector (F), the forward and backward of the summed
+  loss (F + B), and the forwards of exits 1..k, from which the structural
+  limit of the staged step follows:
+  ``(F + sum_k prefix_k * B) / (F + B)`` with ``prefix_k`` the share of the
+  network's cost in stages 1..k;
+* the OSGD transform alone (``osgd(...).update`` on stacked gradients of the
+  model's shapes), to give its share of the step;
+* with the ``bench`` extra installed (``pip install -e '.[bench]'``): the same
+  architecture in PyTorch (``benchmarks/torch_zoo.py``; parameter counts are
+  printed side by side), its plain summed-loss step and TorchJD's Mean,
+  UPGrad and PCGrad steps (``torchjd.autojac.backward`` then
+  ``jac_to_grad``), each followed by the same SGD momentum update.
+
+Two experiments (``--no-experiments`` drops them) and a profile
+(``--no-profile``) show where the time goes on XLA:CPU: the OSGD step with
+its K VJPs unrolled instead of vmapped, the staged OSGD step traced with its
+vmaps looped (``_LoopedVmapJax``), and, for the conv models, one 3×3 conv of
+stage 1 with its input and weight gradients for one row, for K rows under
+``jax.vmap`` and for K rows unrolled, next to PyTorch's.
+
+Targets, as ratios from the run (verdicts are printed, never asserted):
+OSGD staged / plain within 1.15x of the structural limit; the transform
+<= 5% of the OSGD step; our OSGD step no slower than TorchJD's fastest step.
+It also reports the memory of the stacked per-exit gradients against the
+parameters (K x) and XLA's ``memory_analysis`` of each compiled step.
+
+Method: everything is compiled (or, for PyTorch, run) and warmed up first;
+then each round times every variant once, in an order rotated per round, so
+that the load of a shared machine hits all alike; times are medians over
+``--repeats`` rounds. A sample is one call, or back-to-back calls lasting at
+least ``MIN_SAMPLE_S`` for fast steps, after one untimed call that lets the
+framework's thread pool wake up.
+
+Usage::
+
+  python benchmarks/bench_step.py                       # the three architectures
+  python benchmarks/bench_step.py --quick               # smoke test, seconds
+  python benchmarks/bench_step.py --models nested-depth-mlp --repeats 9 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import osgd_jax
+from osgd_jax import anytime, data as data_lib, train, zoo
+from osgd_jax.losses import per_exit_cross_entropy
+
+TARGET_LIMIT = 1.15  # OSGD/plain over the structural limit
+TARGET_SHARE = 0.05  # the transform's share of the OSGD step
+MIN_SAMPLE_S = 0.2   # fast steps are repeated back to back for this long
+LR = 1e-3  # small, so hundreds of steps on a fixed batch stay finite
+MODELS = ("branched-resnet", "nested-depth-resnet", "nested-depth-mlp")
+# The smoke test: one small MLP, so that compiling ~10 functions takes seconds.
+QUICK = dict(models=("nested-depth-mlp",), batch=16, repeats=2,
+             overrides=dict(width=16, stages=3))
+TORCHJD_AGGREGATORS = ("Mean", "UPGrad", "PCGrad")
+
+
+class Variant(NamedTuple):
+  """One timed function: ``call()`` runs a step and waits for its result."""
+
+  name: str
+  label: str
+  call: Callable[[], Any]
+
+
+def _staged_available() -> bool:
+  """Whether this osgd_jax has the ``per_exit_grads`` switch of TrainConfig."""
+  return any(f.name == "per_exit_grads"
+             for f in dataclasses.fields(train.TrainConfig))
+
+
+def _preset(name: str) -> str:
+  return "cifar" if name.endswith("resnet") else "digits"
+
+
+def _batch(name: str, preset: str, config: dict, batch: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """A fixed batch: real digits for the digits preset, else seeded noise.
+
+  The step's cost does not depend on the pixel values, and CIFAR's archives
+  need not be on the machine, so the 32×32×3 batch is Gaussian noise.
+  """
+  rng = np.random.default_rng(0)
+  if preset == "digits":
+    ds = data_lib.load_dataset("digits")
+    x, y = ds.x_train[:batch], ds.y_train[:batch]
+    if name.endswith("mlp"):
+      x = x.reshape(batch, -1)
+    return x.astype(np.float32), y.astype(np.int32)
+  shape = (batch, 32, 32, config["in_channels"])
+  x = rng.standard_normal(shape, dtype=np.float32)
+  y = rng.integers(0, config["num_classes"], batch).astype(np.int32)
+  return x, y
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def _memory(compiled: Any) -> dict[str, int] | None:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None  # not every backend reports it
+  if stats is None:
+    return None
+  return {k: int(getattr(stats, f"{k}_size_in_bytes"))
+          for k in ("argument", "output", "alias", "temp")}
+
+
+# ----------------------------------------------------------------- JAX side
+
+
+def _train_step(name: str, graphdef: Any, params: Any, rest: Any,
+                num_exits: int, x: jax.Array, y: jax.Array, optimizer: str,
+                per_exit_grads: str | None) -> tuple[Callable, dict | None]:
+  """``make_train_step``'s jitted step, compiled, with a state it owns.
+
+  The step donates its state, so every variant keeps its own copy and feeds
+  each call's new state to the next call, exactly like the training loop.
+  """
+  config = train.TrainConfig(model=name, optimizer=optimizer,
+                             schedule="constant", lr=LR)
+  if per_exit_grads is not None:
+    config = dataclasses.replace(config, per_exit_grads=per_exit_grads)
+  tx, step = train.make_train_step(config, graphdef, num_exits,
+                                   total_steps=10**6, augment=False)
+  key = jax.random.key(0)
+  state = [jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, rest),
+           tx.init(params)]
+  compiled = step.lower(*state, x, y, key).compile()
+
+  def call():
+    state[0], state[1], state[2], losses = compiled(*state, x, y, key)
+    return jax.block_until_ready(losses)
+
+  return call, _memory(compiled)
+
+
+def _structural_fns(graphdef: Any, params: Any, rest: Any, num_exits: int,
+                    x: jax.Array, y: jax.Array) -> dict[str, Callable]:
+  """Forward of exits 1..k for every k, and forward+backward of the sum."""
+
+  def exit_losses(params, rest, x, y, upto=None):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    return per_exit_cross_entropy(model(x, upto=upto), y)
+
+  def summed(params, rest, x, y):
+    return exit_losses(params, rest, x, y).sum()
+
+  fns = {}
+  for k in range(1, num_exits + 1):
+    fwd = jax.jit(functools.partial(exit_losses, upto=k))
+    fns[f"fwd{k}"] = fwd.lower(params, rest, x, y).compile()
+  fns["fwdbwd"] = jax.jit(jax.value_and_grad(summed)).lower(
+      params, rest, x, y).compile()
+  return {n: functools.partial(
+      lambda f: jax.block_until_ready(f(params, rest, x, y)), f)
+          for n, f in fns.items()}
+
+
+def _transform_fn(params: Any, num_exits: int) -> Callable:
+  """The OSGD transform alone, as ``train`` configures it, on random grads."""
+  tx = osgd_jax.osgd(granularity="leaf", method="gram", num_exits=num_exits)
+  state = tx.init(params)
+  # Drawn by NumPy: jax.random would compile a sampler per leaf shape.
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal((num_exits,) + p.shape,
+                                                dtype=np.float32)), params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
+  compiled = update.lower(grads, state, params).compile()
+  return lambda: jax.block_until_ready(compiled(grads, state, params))
+
+
+def _per_exit_grad_bytes(graphdef: Any, params: Any, rest: Any,
+                         x: jax.Array, y: jax.Array) -> int:
+  """Bytes of the stacked per-exit gradients, from their traced shapes."""
+
+  def exit_losses(params, rest, x, y):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    return per_exit_cross_entropy(model(x), y)
+
+  fn = osgd_jax.value_and_per_exit_grads(exit_losses)
+  _, grads = jax.eval_shape(fn, params, rest, x, y)
+  return sum(math.prod(g.shape) * jnp.dtype(g.dtype).itemsize
+             for g in jax.tree.leaves(grads))
+
+
+def _unrolled_osgd_step(name: str, graphdef: Any, params: Any, rest: Any,
+                       num_exits: int, x: jax.Array, y: jax.Array) -> Callable:
+  """An OSGD step whose K backward passes are unrolled, not vmapped.
+
+  An experiment, not a path of osgd_jax: the same forward, loss and
+  optimizer as ``make_train_step``'s OSGD step, but the K VJPs are K calls
+  instead of one ``jax.vmap``. It isolates what vmapping the backward costs
+  on XLA:CPU (see the conv profile rows).
+  """
+  config = train.TrainConfig(model=name, optimizer="osgd", schedule="constant",
+                             lr=LR)
+  tx = train.make_optimizer(config, 10**6, num_exits)
+
+  def step(params, rest, opt_state, x, y):
+    def exit_losses(params):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      losses = per_exit_cross_entropy(model(x), y)
+      return losses, nnx.state(model, nnx.Not(nnx.Param))
+
+    losses, vjp, rest = jax.vjp(exit_losses, params, has_aux=True)
+    eye = jnp.eye(num_exits, dtype=losses.dtype)
+    rows = [vjp(eye[k])[0] for k in range(num_exits)]
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *rows)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, losses
+
+  state = [jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, rest),
+           tx.init(params)]
+  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+      *state, x, y).compile()
+
+  def call():
+    state[0], state[1], state[2], losses = compiled(*state, x, y)
+    return jax.block_until_ready(losses)
+
+  return call
+
+
+class _LoopedVmapJax:
+  """Stands in for ``jax`` inside ``osgd_jax.grads``: ``vmap`` becomes a loop.
+
+  Everything else is the real ``jax``. The staged Jacobian then runs each
+  stage's VJP once per exit instead of once vmapped over the exits.
+  """
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(jax, name)
+
+  @staticmethod
+  def vmap(fn: Callable, in_axes: Any = 0, out_axes: Any = 0, **kwargs):
+    if in_axes != 0 or out_axes != 0 or kwargs:
+      raise NotImplementedError("only the default vmap is looped")
+
+    def looped(*args):
+      n = jax.tree.leaves(args)[0].shape[0]
+      outs = [fn(*jax.tree.map(lambda a, i=i: a[i], args)) for i in range(n)]
+      return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+    return looped
+
+
+def _staged_unrolled_step(name: str, graphdef: Any, params: Any, rest: Any,
+                          num_exits: int, x: jax.Array, y: jax.Array
+                          ) -> Callable | None:
+  """The real staged OSGD step, traced with its vmaps looped (an experiment).
+
+  ``make_train_step`` caches its jitted step, so a fresh one is built from
+  the uncached builder; while it is traced, ``osgd_jax.grads`` sees
+  :class:`_LoopedVmapJax` as ``jax``. Returns ``None`` if this osgd_jax's
+  internals differ from what the experiment expects.
+  """
+  import inspect
+  from osgd_jax import grads as grads_lib
+  config = train.TrainConfig(model=name, optimizer="osgd", schedule="constant",
+                             lr=LR, per_exit_grads="staged")
+  try:
+    build = train._build_step.__wrapped__  # pylint: disable=protected-access
+    settings = tuple(getattr(config, f)
+                     for f in train._STEP_FIELDS)  # pylint: disable=protected-access
+    extra = ([None] if "mesh" in inspect.signature(build).parameters else [])
+    tx, step = build(settings, graphdef, num_exits, 10**6, False, *extra)
+  except (AttributeError, TypeError):
+    return None
+  key = jax.random.key(0)
+  state = [jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, rest),
+           tx.init(params)]
+  real_jax = grads_lib.jax
+  grads_lib.jax = _LoopedVmapJax()
+  try:
+    compiled = step.lower(*state, x, y, key).compile()
+  finally:
+    grads_lib.jax = real_jax
+
+  def call():
+    state[0], state[1], state[2], losses = compiled(*state, x, y, key)
+    return jax.block_until_ready(losses)
+
+  return call
+
+
+def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
+                      ) -> dict[str, Callable]:
+  """One 3×3 conv of the model's first stage: forward and its VJP pieces.
+
+  The weight gradient is where vmapping the backward over K cotangents goes
+  wrong on XLA:CPU, so it is timed for one row, for K rows under
+  ``jax.vmap`` (what both Jacobians do) and for K rows as K calls.
+  """
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, width),
+                                      dtype=np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, width, width), dtype=np.float32))
+  cts = jnp.asarray(rng.standard_normal((num_exits,) + x.shape,
+                                        dtype=np.float32))
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  dw = lambda x, w, c: jax.vjp(lambda w: conv(x, w), w)[1](c)[0]
+  dx = lambda x, w, c: jax.vjp(lambda x: conv(x, w), x)[1](c)[0]
+  fns = {
+      "conv-fwd": (conv, (x, w)),
+      "conv-dx-1": (dx, (x, w, cts[0])),
+      "conv-dw-1": (dw, (x, w, cts[0])),
+      "conv-dx-vmap": (jax.vmap(dx, (None, None, 0)), (x, w, cts)),
+      "conv-dw-vmap": (jax.vmap(dw, (None, None, 0)), (x, w, cts)),
+      "conv-dw-unrolled": (
+          lambda x, w, c: jnp.stack([dw(x, w, c[k]) for k in range(len(c))]),
+          (x, w, cts)),
+  }
+  out = {}
+  for key, (fn, args) in fns.items():
+    compiled = jax.jit(fn).lower(*args).compile()
+    out[key] = functools.partial(
+        lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+  return out
+
+
+def _torch_conv_profile_fns(torch, batch: int, size: int, width: int,
+                            num_exits: int) -> dict[str, Callable]:
+  """The same conv in PyTorch (NCHW): forward, one-row and K-row dW.
+
+  The K-row weight gradient uses ``is_grads_batched``, the batched backward
+  that TorchJD's ``backward`` runs.
+  """
+  gen = torch.Generator().manual_seed(2)
+  x = torch.randn(batch, width, size, size, generator=gen)
+  w = torch.randn(width, width, 3, 3, generator=gen, requires_grad=True)
+  cts = torch.randn(num_exits, batch, width, size, size, generator=gen)
+  conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)
+
+  def fwd():
+    with torch.no_grad():
+      return conv()
+
+  def dw_one():
+    return torch.autograd.grad(conv(), w, cts[0])
+
+  def dw_batched():
+    return torch.autograd.grad(conv(), w, cts, is_grads_batched=True)
+
+  return {"torch-conv-fwd": fwd, "torch-conv-dw-1": dw_one,
+          "torch-conv-dw-vmap": dw_batched}
+
+
+# ------------------------------------------------------------- PyTorch side
+
+
+def _torch_modules():
+  """``(torch, torch_zoo, torchjd pieces)``, or ``None`` without the extra."""
+  try:
+    import torch
+    from torchjd import aggregation
+    from torchjd.autojac import backward, jac_to_grad
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_zoo
+    aggregation.UPGrad()  # needs the quadprog extra; fail here, not mid-run
+  except ImportError as e:
+    return None, str(e)
+  return (torch, torch_zoo, aggregation, backward, jac_to_grad), None
+
+
+def _torch_variants(mods, name: str, config: dict, x: np.ndarray,
+                    y: np.ndarray, layouts: Sequence[str]
+                    ) -> tuple[list[Variant], dict]:
+  """PyTorch's plain step and TorchJD's steps, per memory layout.
+
+  Each variant owns a copy of one initial model and its own SGD optimizer
+  (momentum 0.9, weight decay 5e-4, as ours).
+  """
+  torch, torch_zoo, aggregation, backward, jac_to_grad = mods
+  from torch.nn import functional as F
+  torch.manual_seed(0)
+  base = torch_zoo.build(name, config)
+  info = dict(params=sum(p.numel() for p in base.parameters()),
+              tensors=len(list(base.parameters())),
+              sizes=sorted(p.numel() for p in base.parameters()))
+  conv = x.ndim == 4
+  xt = torch.from_numpy(np.ascontiguousarray(
+      x.transpose(0, 3, 1, 2) if conv else x))
+  yt = torch.from_numpy(y.astype(np.int64))
+  variants = []
+  for layout in layouts if conv else ("-",):
+    fmt = (torch.channels_last if layout == "channels_last"
+           else torch.contiguous_format)
+    xl = xt.to(memory_format=fmt) if conv else xt
+    for agg in (None,) + TORCHJD_AGGREGATORS:
+      model = copy.deepcopy(base)
+      if conv:
+        model = model.to(memory_format=fmt)
+      params = list(model.parameters())
+      opt = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4)
+      aggregator = None if agg is None else getattr(aggregation, agg)()
+
+      def call(model=model, params=params, opt=opt, aggregator=aggregator,
+               xl=xl):
+        opt.zero_grad(set_to_none=True)
+        losses = torch.stack([F.cross_entropy(o, yt) for o in model(xl)])
+        if aggregator is None:
+          losses.sum().backward()
+        else:
+          backward(losses, inputs=params)  # the K×N Jacobian, in .jac
+          jac_to_grad(params, aggregator)
+        opt.step()
+        return losses
+
+      suffix = "" if layout == "-" else f" [{layout}]"
+      key = f"torch-{'plain' if agg is None else agg.lower()}"
+      key += "" if layout == "-" else f"-{layout}"
+      label = ("torch plain SGD" if agg is None else f"torchjd {agg}") + suffix
+      variants.append(Variant(key, label, call))
+  return variants, info
+
+
+# ------------------------------------------------------------------- timing
+
+
+def _time_calls(call: Callable, number: int) -> float:
+  start = time.perf_counter()
+  for _ in range(number):
+    call()
+  return (time.perf_counter() - start) / number
+
+
+def _run_rounds(variants: Sequence[Variant], repeats: int,
+                log: Callable[[str], None]) -> dict[str, list[float]]:
+  """Times every variant once per round, rotating the order per round."""
+  numbers, wake = {}, {}
+  for v in variants:
+    v.call()  # warm-up (compilation happened before)
+    once = _time_calls(v.call, 1)
+    numbers[v.name] = max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(once, 1e-7))))
+    # Switching frameworks leaves the other's threads asleep; one untimed
+    # call wakes them, which matters only when a call is short.
+    wake[v.name] = once < 1.0
+  samples = {v.name: [] for v in variants}
+  for r in range(repeats):
+    start = time.perf_counter()
+    shift = r % len(variants)
+    for v in list(variants[shift:]) + list(variants[:shift]):
+      if wake[v.name]:
+        v.call()
+      samples[v.name].append(_time_calls(v.call, numbers[v.name]))
+    log(f"  round {r + 1}/{repeats}: {time.perf_counter() - start:.1f} s")
+  return samples
+
+
+# ------------------------------------------------------------------ a model
+
+
+def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
+                 batch: int, mods, log: Callable[[str], None]) -> dict:
+  preset = _preset(name)
+  config = zoo.presets(name)[preset]
+  config.update(overrides)
+  model = zoo.create(name, rngs=nnx.Rngs(0), **config)
+  num_exits = model.num_exits
+  x_np, y_np = _batch(name, preset, config, batch)
+  x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  staged = _staged_available()
+
+  t0 = time.perf_counter()
+  variants, memory = [], {}
+  jax_steps = [("jax-plain", "jax plain SGD (floor)", "sgd", None),
+               ("jax-osgd-vmap", "jax OSGD, vmap Jacobian", "osgd",
+                "vmap" if staged else None)]
+  if staged:
+    jax_steps.append(("jax-osgd-staged", "jax OSGD, staged Jacobian", "osgd",
+                      "staged"))
+  for key, label, optimizer, mode in jax_steps:
+    call, memory[key] = _train_step(name, graphdef, params, rest, num_exits,
+                                    x, y, optimizer, mode)
+    variants.append(Variant(key, label, call))
+  structural = _structural_fns(graphdef, params, rest, num_exits, x, y)
+  variants.append(Variant("fwdbwd", "jax forward+backward of the sum (F+B)",
+                          structural["fwdbwd"]))
+  for k in range(1, num_exits + 1):
+    label = ("jax forward, all exits (F)" if k == num_exits
+             else f"jax forward, exits 1..{k}")
+    variants.append(Variant(f"fwd{k}", label, structural[f"fwd{k}"]))
+  variants.append(Variant("transform", "osgd(...).update alone",
+                          _transform_fn(params, num_exits)))
+  if args.experiments:
+    variants.append(Variant(
+        "jax-osgd-unrolled", "experiment: OSGD, K unrolled VJPs",
+        _unrolled_osgd_step(name, graphdef, params, rest, num_exits, x, y)))
+    looped = staged and _staged_unrolled_step(name, graphdef, params, rest,
+                                              num_exits, x, y)
+    if looped:
+      variants.append(Variant("jax-osgd-staged-looped",
+                              "experiment: OSGD, staged, rows looped", looped))
+  conv = x_np.ndim == 4 and args.profile
+  if conv:
+    size, width = x_np.shape[1], config["width"]
+    shape = f"{batch}x{size}x{size}x{width}"
+    labels = {"conv-fwd": f"conv {shape} 3x3: forward",
+              "conv-dx-1": "conv: dX, 1 row",
+              "conv-dw-1": "conv: dW, 1 row",
+              "conv-dx-vmap": f"conv: dX, {num_exits} rows, jax.vmap",
+              "conv-dw-vmap": f"conv: dW, {num_exits} rows, jax.vmap",
+              "conv-dw-unrolled": f"conv: dW, {num_exits} rows, unrolled"}
+    for key, fn in _conv_profile_fns(batch, size, width, num_exits).items():
+      variants.append(Variant(key, labels[key], fn))
+  log(f"  compiled the JAX functions in {time.perf_counter() - t0:.1f} s")
+
+  torch_info, torch_note = None, None
+  if mods is not None:
+    tv, torch_info = _torch_variants(mods, name, config, x_np, y_np,
+                                     args.torch_layouts)
+    variants += tv
+    if conv:
+      labels = {"torch-conv-fwd": "torch conv (NCHW): forward",
+                "torch-conv-dw-1": "torch conv: dW, 1 row",
+                "torch-conv-dw-vmap":
+                    f"torch conv: dW, {num_exits} rows, batched grad"}
+      for key, fn in _torch_conv_profile_fns(mods[0], batch, size, width,
+                                             num_exits).items():
+        variants.append(Variant(key, labels[key], fn))
+
+  samples = _run_rounds(variants, args.repeats, log)
+  med = {k: statistics.median(s) for k, s in samples.items()}
+
+  # The structural limit of the staged step. Prefix shares from the timed
+  # forwards when they are monotone (the noise of a loaded machine can make
+  # them not), else from XLA's FLOPs of model(x, upto=k).
+  fwd = np.array([med[f"fwd{k}"] for k in range(1, num_exits + 1)])
+  flops = anytime.flops_per_exit(model, (batch,) + x_np.shape[1:])
+  prefix_time = fwd / fwd[-1]
+  prefix_flops = flops.flops / flops.flops[-1]
+  monotone = bool(np.all(np.diff(prefix_time) >= -0.02))
+  prefix, source = ((prefix_time, "timed forwards") if monotone
+                    else (prefix_flops, f"FLOPs ({flops.source})"))
+  f_time = med[f"fwd{num_exits}"]
+  b_time = max(med["fwdbwd"] - f_time, 0.0)
+  limit = (f_time + prefix.sum() * b_time) / (f_time + b_time)
+  vmap_limit = (f_time + num_exits * b_time) / (f_time + b_time)
+
+  plain = med["jax-plain"]
+  osgd_key = "jax-osgd-staged" if staged else "jax-osgd-vmap"
+  ratios = {k: med[k] / plain for k in med}
+  osgd_ratio = ratios[osgd_key]
+  share = med["transform"] / med[osgd_key]
+  torchjd = {k: v for k, v in med.items()
+             if k.startswith(tuple(f"torch-{a.lower()}"
+                                   for a in TORCHJD_AGGREGATORS))}
+  best_torchjd = min(torchjd, key=torchjd.get) if torchjd else None
+
+  param_bytes = _nbytes(params)
+  grad_bytes = _per_exit_grad_bytes(graphdef, params, rest, x, y)
+  jax_info = dict(params=sum(p.size for p in jax.tree.leaves(params)),
+                  tensors=len(jax.tree.leaves(params)),
+                  sizes=sorted(p.size for p in jax.tree.leaves(params)))
+  return dict(
+      model=name, preset=preset, config=config, batch=batch, K=num_exits,
+      input_shape=list(x_np.shape), staged_available=staged,
+      labels={v.name: v.label for v in variants},
+      samples_s=samples, median_s=med, ratio_to_plain=ratios,
+      structural=dict(F_s=f_time, B_s=b_time, prefix=prefix.tolist(),
+                      prefix_timed=prefix_time.tolist(),
+                      prefix_flops=prefix_flops.tolist(), prefix_source=source,
+                      limit=limit, vmap_limit=vmap_limit),
+      osgd_variant=osgd_key, osgd_over_limit=osgd_ratio / limit,
+      vmap_over_limit=ratios["jax-osgd-vmap"] / limit,
+      transform_share=share,
+      best_torchjd=best_torchjd,
+      osgd_over_best_torchjd=(med[osgd_key] / med[best_torchjd]
+                              if best_torchjd else None),
+      memory=dict(param_bytes=param_bytes, per_exit_grad_bytes=grad_bytes,
+                  grads_over_params=grad_bytes / param_bytes,
+                  compiled=memory),
+      jax_params=jax_info, torch_params=torch_info, torch_note=torch_note,
+      torch_threads=args.threads if mods is not None else None,
+  )
+
+
+# ------------------------------------------------------------------ printing
+
+
+def _verdict(ok: bool | None) -> str:
+  return "-" if ok is None else ("PASS" if ok else "MISS")
+
+
+def _mb(n: float) -> str:
+  return f"{n / 1e6:.2f} MB"
+
+
+_GROUP_TITLES = {1: "-- parts of the step (for the limit and the share):",
+                 2: "-- profile: one 3x3 conv of stage 1, its backward"
+                    " pieces (min ms is the steadier figure):"}
+
+
+def _group(key: str) -> int:
+  """0: whole training steps; 1: parts of our step; 2: the conv profile."""
+  if "conv-" in key:
+    return 2
+  if key.startswith(("fwd", "transform")):
+    return 1
+  return 0
+
+
+def _print_result(r: dict, out: Callable[[str], None]) -> None:
+  med, ratios, labels = r["median_s"], r["ratio_to_plain"], r["labels"]
+  s = r["structural"]
+  shape = "×".join(str(d) for d in r["input_shape"])
+  out(f"\n== {r['model']} ({r['preset']} preset), input {shape}, K={r['K']} ==")
+  jp, tp = r["jax_params"], r["torch_params"]
+  line = f"parameters: jax {jp['params']:,} in {jp['tensors']} tensors"
+  if tp is not None:
+    same = "the same tensor sizes" if tp["sizes"] == jp["sizes"] else (
+        "DIFFERENT tensor sizes")
+    line += f" | torch {tp['params']:,} in {tp['tensors']} tensors ({same})"
+  out(line)
+  mins = {k: min(v) for k, v in r["samples_s"].items()}
+  out(f"{'step':<44} {'median ms':>10} {'x jax plain':>12} {'min ms':>10}")
+  last = None
+  for key, label in sorted(labels.items(), key=lambda kv: _group(kv[0])):
+    group = _group(key)
+    if group != last and group > 0:
+      out(_GROUP_TITLES[group])
+    last = group
+    out(f"{label:<44} {med[key] * 1e3:>10.2f} {ratios[key]:>11.2f}x"
+        f" {mins[key] * 1e3:>10.2f}")
+  if r["torch_params"] is None:
+    out(f"(PyTorch/TorchJD skipped: {r['torch_note']})")
+  out(f"structural limit: F = {s['F_s'] * 1e3:.2f} ms, B = (F+B) - F ="
+      f" {s['B_s'] * 1e3:.2f} ms; prefix_k from {s['prefix_source']}:"
+      f" {' '.join(f'{p:.3f}' for p in s['prefix'])}"
+      f" (timed {' '.join(f'{p:.3f}' for p in s['prefix_timed'])};"
+      f" FLOPs {' '.join(f'{p:.3f}' for p in s['prefix_flops'])})")
+  out(f"  (F + sum_k prefix_k B) / (F + B) = {s['limit']:.3f}"
+      f"   [a K-row vmap backward: (F + K B)/(F + B) = {s['vmap_limit']:.3f}]")
+  osgd_label = labels[r["osgd_variant"]]
+  over = r["osgd_over_limit"]
+  out(f"target 1: {osgd_label} / plain = {ratios[r['osgd_variant']]:.3f}x ="
+      f" {over:.3f}x the limit (target <= {TARGET_LIMIT:g}x)"
+      f"  {_verdict(over <= TARGET_LIMIT)}")
+  if r["osgd_variant"] != "jax-osgd-vmap":
+    out(f"          (vmap Jacobian: {ratios['jax-osgd-vmap']:.3f}x ="
+        f" {r['vmap_over_limit']:.3f}x the staged limit)")
+  else:
+    out("          (staged Jacobian not in this osgd_jax: TrainConfig has no"
+        " per_exit_grads; the OSGD rows use the vmap Jacobian)")
+  share = r["transform_share"]
+  out(f"target 2: osgd(...).update = {med['transform'] * 1e3:.2f} ms ="
+      f" {100 * share:.2f}% of the OSGD step (target <= {100 * TARGET_SHARE:g}%)"
+      f"  {_verdict(share <= TARGET_SHARE)}")
+  if r["best_torchjd"] is not None:
+    rel = r["osgd_over_best_torchjd"]
+    out(f"target 3: {osgd_label} / fastest TorchJD step"
+        f" ({labels[r['best_torchjd']]}, {med[r['best_torchjd']] * 1e3:.2f} ms)"
+        f" = {rel:.3f}x (target <= 1x)  {_verdict(rel <= 1.0)}")
+  else:
+    out("target 3: skipped (no PyTorch/TorchJD)")
+  m = r["memory"]
+  out(f"memory: parameters {_mb(m['param_bytes'])}; stacked per-exit gradients"
+      f" {_mb(m['per_exit_grad_bytes'])} = {m['grads_over_params']:.2f}x the"
+      f" parameters (at most K = {r['K']})"
+      f"  {_verdict(m['grads_over_params'] <= r['K'] + 1e-9)}")
+  plain_temp = (m["compiled"].get("jax-plain") or {}).get("temp")
+  for key, stats in m["compiled"].items():
+    if stats is None:
+      out(f"  {labels[key]}: no memory_analysis on this backend")
+      continue
+    extra = ("" if plain_temp is None or key == "jax-plain" else
+             f"; temp - plain temp = {(stats['temp'] - plain_temp) / m['param_bytes']:.2f}x"
+             " the parameters")
+    out(f"  {labels[key]:<30} compiled: arguments {_mb(stats['argument'])},"
+        f" outputs {_mb(stats['output'])} ({_mb(stats['alias'])} aliased),"
+        f" temp {_mb(stats['temp'])}{extra}")
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=None,
+                      choices=("branched-resnet", "nested-depth-resnet",
+                               "branched-mlp", "nested-depth-mlp"),
+                      help=f"default: {' '.join(MODELS)}")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed rounds (median taken); default 5")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="batch size; default 64")
+  parser.add_argument("--torch-layouts", nargs="+", default=None,
+                      choices=("nchw", "channels_last"),
+                      help="memory layouts of the PyTorch conv models;"
+                           " default both")
+  parser.add_argument("--threads", type=int, default=None,
+                      help="PyTorch intra-op threads; default: the cores"
+                           " XLA:CPU uses (this process's CPU affinity)")
+  parser.add_argument("--no-experiments", dest="experiments",
+                      action="store_false",
+                      help="skip the OSGD step with K unrolled VJPs")
+  parser.add_argument("--no-profile", dest="profile", action="store_false",
+                      help="skip the single-conv profile rows (conv models)")
+  parser.add_argument("--no-torch", action="store_true",
+                      help="skip PyTorch and TorchJD even if installed")
+  parser.add_argument("--quick", action="store_true",
+                      help="one small MLP, two rounds: a smoke test")
+  parser.add_argument("--json", metavar="PATH", help="write results as JSON")
+  args = parser.parse_args(argv)
+
+  models = args.models or (QUICK["models"] if args.quick else MODELS)
+  args.repeats = args.repeats or (QUICK["repeats"] if args.quick else 5)
+  batch = args.batch or (QUICK["batch"] if args.quick else 64)
+  overrides = QUICK["overrides"] if args.quick else {}
+  if args.quick:
+    args.experiments = False  # its K unrolled backward passes compile slowly
+  args.torch_layouts = args.torch_layouts or ["channels_last", "nchw"]
+  # XLA:CPU's intra-op pool has one thread per core this process may use.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+      os.cpu_count() or 1)
+  args.threads = args.threads or cores
+
+  out = lambda s: print(s, flush=True)
+  mods, note = (None, "--no-torch") if args.no_torch else _torch_modules()
+  device = jax.devices()[0]
+  out(f"jax {jax.__version__} ({jax.default_backend()}, {device.device_kind},"
+      f" {cores} cores), flax {sys.modules['flax'].__version__},"
+      f" python {platform.python_version()}")
+  if mods is not None:
+    from importlib import metadata
+    torch = mods[0]
+    torch.set_num_threads(args.threads)
+    out(f"torch {torch.__version__}, torchjd {metadata.version('torchjd')};"
+        f" torch.set_num_threads({args.threads}) (XLA:CPU uses {cores} cores)")
+  else:
+    hint = "" if args.no_torch else " (install it: pip install -e '.[bench]')"
+    out(f"PyTorch/TorchJD part skipped: {note}{hint}")
+  if not _staged_available():
+    out("note: TrainConfig has no per_exit_grads field in this osgd_jax; only"
+        " the vmap Jacobian is timed")
+  out(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  out(f"float32, batch {batch}; median of {args.repeats} rounds, variants"
+      f" interleaved in rotated order; a sample lasts >= {MIN_SAMPLE_S:g} s or"
+      " one step; ratios are of medians from this run")
+
+  results = []
+  start = time.perf_counter()
+  for name in models:
+    out(f"\n-- {name}: compiling and timing ...")
+    result = _bench_model(name, args, overrides, batch, mods, out)
+    if mods is None:
+      result["torch_note"] = note
+    results.append(result)
+    _print_result(result, out)
+
+  out("\nsummary (ratios from this run):")
+  out(f"{'model':<22} {'osgd/plain':>10} {'limit':>7} {'/limit':>7}"
+      f" {'transform':>9} {'osgd/torchjd':>12}")
+  for r in results:
+    tj = r["osgd_over_best_torchjd"]
+    out(f"{r['model']:<22} {r['ratio_to_plain'][r['osgd_variant']]:>9.2f}x"
+        f" {r['structural']['limit']:>6.2f}x {r['osgd_over_limit']:>6.2f}x"
+        f" {100 * r['transform_share']:>8.2f}%"
+        f" {'-' if tj is None else f'{tj:.2f}x':>12}")
+  out(f"total {time.perf_counter() - start:.0f} s")
+
+  if args.json:
+    meta = dict(jax=jax.__version__, backend=jax.default_backend(),
+                device=str(device), cores=cores, python=platform.python_version(),
+                torch=None if mods is None else mods[0].__version__,
+                repeats=args.repeats, batch=batch, argv=sys.argv[1:])
+    with open(args.json, "w") as f:
+      json.dump(dict(meta=meta, results=results), f, indent=2, default=str)
+  return 0  # timings never fail the run
+
+
+if __name__ == "__main__":
+  sys.exit(main())
