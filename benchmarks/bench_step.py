@@ -307,6 +307,8 @@ def _staged_unrolled_step(name: str, graphdef: Any, params: Any, rest: Any,
   grads_lib.jax = _LoopedVmapJax()
   try:
     compiled = step.lower(*state, x, y, key).compile()
+  except NotImplementedError:
+    return None  # the staged Jacobian now vmaps in a way the loop cannot mimic
   finally:
     grads_lib.jax = real_jax
 
