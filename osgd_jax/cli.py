@@ -81,9 +81,10 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="comma-separated loss weight per exit (default: all 1)")
   p.add_argument("--per-exit-grads", default=d.per_exit_grads,
                  choices=PER_EXIT_GRADS,
-                 help="staged: exit k's backward pass covers stages 1..k only;"
-                 " vmap: K full backward passes, the fallback for losses"
-                 " that read later exits")
+                 help="staged: exit k's backward pass covers stages 1..k only"
+                 " (its rows looped on CPU, batched on GPU/TPU; -looped or"
+                 " -batched forces one); vmap: K full backward passes, the"
+                 " fallback for losses that read later exits")
   p.add_argument("--epochs", type=int, default=d.epochs)
   p.add_argument("--batch-size", type=int, default=d.batch_size)
   p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")

@@ -13,11 +13,19 @@ Jacobian of that vector with respect to the parameters. Two ways compute them:
   of a zoo :class:`~osgd_jax.zoo.AnytimeNet`. Exit k depends only on stages
   1..k, so row k needs a backward pass through those stages only. The
   forward runs stage by stage and keeps each stage's VJP; the backward walks
-  the stages from last to first and runs stage j's VJP, vmapped, for exits
-  j..K only. With ``c_j`` the backward cost of stage j, that is
+  the stages from last to first and runs stage j's VJP for exits j..K only.
+  With ``c_j`` the backward cost of stage j, that is
   ``sum_k (c_1 + ... + c_k)`` instead of ``K * (c_1 + ... + c_K)``: for K
   stages of equal cost, about half the backward work, and no multiplication
   of cotangents that are known to be zero.
+
+How the rows of one stage's VJP run is a backend choice (``rows``):
+``"batched"`` vmaps them, which accelerators turn into larger, faster
+kernels; ``"looped"`` traces one VJP per row. On XLA:CPU a vmapped
+convolution weight gradient (one convolution with K·C_out output features)
+runs 5× slower than the same rows as separate convolutions
+(``benchmarks/bench_step.py`` profiles it), so ``"auto"`` loops on CPU and
+batches elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +40,19 @@ import numpy as np
 from flax import nnx
 from jax.extend.core import Literal
 
-__all__ = ["staged_value_and_per_exit_grads", "value_and_per_exit_grads"]
+__all__ = ["staged_value_and_per_exit_grads", "value_and_per_exit_grads",
+           "ROWS"]
+
+# How the per-exit rows of one stage's VJP run; see the module docstring.
+ROWS = ("auto", "batched", "looped")
+
+
+def _resolve_rows(rows: str) -> str:
+  if rows not in ROWS:
+    raise ValueError(f"rows must be one of {ROWS}, got {rows!r}.")
+  if rows == "auto":
+    return "looped" if jax.default_backend() == "cpu" else "batched"
+  return rows
 
 
 def _check_loss_vector(losses: Any, fn_name: str) -> None:
@@ -420,6 +440,7 @@ def staged_value_and_per_exit_grads(
     graphdef: Any,
     loss_fn: Callable[..., Any],
     has_aux: bool = False,
+    rows: str = "auto",
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-exit gradients of an anytime network, each through its own stages.
 
@@ -447,6 +468,10 @@ def staged_value_and_per_exit_grads(
       of shape ``(K, batch, classes)``, returning the ``(K,)`` vector of exit
       losses, exit 1 first (or ``(losses, aux)`` with ``has_aux``).
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
+    rows: how a stage's VJP runs for its exits: ``"batched"`` (one vmapped
+      VJP), ``"looped"`` (one VJP per exit, unrolled), or ``"auto"`` (looped
+      on CPU, where XLA's vmapped convolution gradients are slow; batched on
+      GPU/TPU). The results agree to float rounding.
 
   Returns:
     A function ``fn(params, rest, x, *loss_args)`` returning
@@ -457,7 +482,8 @@ def staged_value_and_per_exit_grads(
     ``losses[k]``, in the structure of ``params``.
 
   Raises:
-    ValueError: at construction, if ``graphdef`` is not an ``nnx.GraphDef``;
+    ValueError: at construction, if ``graphdef`` is not an ``nnx.GraphDef``
+      or ``rows`` is unknown;
       at trace time, if the model has no ``stages``, a variable is shared
       between stages or lies outside them, ``loss_fn`` does not return a
       non-empty 1-D floating-point vector of length K, or an exit's loss
@@ -482,6 +508,7 @@ def staged_value_and_per_exit_grads(
     ((3,), (3, 8, 10), True)
   """
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
+  rows = _resolve_rows(rows)
   if not isinstance(graphdef, nnx.GraphDef):
     raise ValueError(
         "staged_value_and_per_exit_grads takes the graphdef of an anytime"
@@ -556,22 +583,32 @@ def staged_value_and_per_exit_grads(
     # Backward: stage j runs for exits j..K-1. Exit j starts at its own
     # logits with a zero carry cotangent; later exits bring theirs.
     stage_grads = [None] * num_exits
-    carry_cts = None
+    carry_cts = None  # batched: stacked over exits j+1..K; looped: a list
     for j in reversed(range(num_exits)):
       vjp, out_floats = vjps[j]
-      # zeros_like keeps each array's sharding (explicit-sharding meshes).
-      first = [jnp.zeros_like(f)[None] for f in out_floats]
-      out_cts = first if carry_cts is None else [
-          jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
-      cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
-      if j == 0:
-        (grads_j,) = cts
+      if rows == "batched":
+        # zeros_like keeps each array's sharding (explicit-sharding meshes).
+        first = [jnp.zeros_like(f)[None] for f in out_floats]
+        out_cts = first if carry_cts is None else [
+            jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
+        cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
+        if j == 0:
+          (grads_j,) = cts
+        else:
+          grads_j, carry_cts = cts
+        # Exits before j do not reach stage j: zero rows, one concatenation.
+        stage_grads[j] = jax.tree.map(
+            lambda g, j=j: g if j == 0 else jnp.concatenate(
+                [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
       else:
-        grads_j, carry_cts = cts
-      # Exits before j do not reach stage j: zero rows, one concatenation.
-      stage_grads[j] = jax.tree.map(
-          lambda g, j=j: g if j == 0 else jnp.concatenate(
-              [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
+        own = [jnp.zeros_like(f) for f in out_floats]
+        outs = [vjp((ct, logit_cts[j][k])) for k, ct in
+                zip(range(j, num_exits), [own] + (carry_cts or []))]
+        carry_cts = [out[1] for out in outs] if j else None
+        # One stack per leaf: zero rows for exits before j, then the rest.
+        stage_grads[j] = jax.tree.map(
+            lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
+            *[out[0] for out in outs])
 
     by_path = {}
     for j, grads_j in enumerate(stage_grads):

@@ -45,8 +45,10 @@ OPTIMIZERS = ("osgd", "sgd", "sgd-linear", "sgd-geometric", "sgd-sdn",
               "adaloss", "pcgrad", "mgda", "upgrad")
 SCHEDULES = ("cosine", "step", "constant")
 # How the per-exit gradients are computed: "staged" runs exit k's backward
-# pass through stages 1..k only; "vmap" (the fallback) runs K full ones.
-PER_EXIT_GRADS = ("staged", "vmap")
+# pass through stages 1..k only, its rows looped on CPU and batched on
+# accelerators ("staged-looped" / "staged-batched" force one); "vmap" (the
+# fallback) runs K full backward passes.
+PER_EXIT_GRADS = ("staged", "staged-looped", "staged-batched", "vmap")
 
 
 class TrainingDiverged(RuntimeError):
@@ -292,13 +294,14 @@ def _build_step(settings, graphdef, num_exits, total_steps, augment, mesh):
     losses = per_exit_cross_entropy(model(x), y)
     return losses * weights, (losses, nnx.state(model, nnx.Not(nnx.Param)))
 
-  if config.optimizer != "sgd" and config.per_exit_grads == "staged":
+  if config.optimizer != "sgd" and config.per_exit_grads.startswith("staged"):
     def weighted_losses(logits, y):
       losses = per_exit_cross_entropy(logits, y)
       return losses * weights, losses
 
+    rows = config.per_exit_grads.partition("-")[2] or "auto"
     staged = staged_value_and_per_exit_grads(graphdef, weighted_losses,
-                                             has_aux=True)
+                                             has_aux=True, rows=rows)
 
     def grad_fn(params, rest, x, y):
       (weighted, losses, rest), grads = staged(params, rest, x, y)

@@ -71,9 +71,9 @@ def _reference(graphdef, loss):
   return osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
 
 
-def _staged_and_reference(graphdef, loss):
+def _staged_and_reference(graphdef, loss, rows="auto"):
   staged = osgd_jax.staged_value_and_per_exit_grads(graphdef, loss,
-                                                    has_aux=True)
+                                                    has_aux=True, rows=rows)
   reference = _reference(graphdef, loss)
   return lambda *args: (staged(*args), reference(*args))
 
@@ -82,23 +82,40 @@ def _stage_rows(grads, stage):
   return jax.tree.leaves(grads["stages"][stage])
 
 
+# Each family runs one way of driving a stage's rows; each way meets conv
+# and dense families, nested and branched ones.
+_ROWS = {"branched-mlp": "batched", "branched-resnet": "looped",
+         "nested-depth-mlp": "looped", "nested-depth-resnet": "batched",
+         "nested-width-mlp": "batched", "nested-width-resnet": "looped",
+         "nested-width-depth-mlp": "looped",
+         "nested-width-depth-resnet": "batched"}
+
+
 @pytest.mark.parametrize("name", zoo.names())
 def test_staged_equals_vmap_on_every_family(name):
   # One family runs in float64, where the paths must agree to double
   # precision; the train-step test below covers it in float32.
   x64 = name == "branched-mlp"
   with jax.enable_x64(x64):
-    _check_family(name, x64)
+    _check_family(name, x64, _ROWS[name])
 
 
-def _check_family(name, x64):
+def test_rows_option_is_checked():
+  graphdef = nnx.split(_tiny("branched-mlp")[0], nnx.Param, ...)[0]
+  with pytest.raises(ValueError, match=r"rows must be one of \('auto', "
+                     r"'batched', 'looped'\), got 'unrolled'"):
+    osgd_jax.staged_value_and_per_exit_grads(graphdef, _loss, rows="unrolled")
+
+
+def _check_family(name, x64, rows):
   model, x, y = _tiny(name)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if x64:
     to64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
     params, rest, x = to64(params), to64(rest), to64(x)
   rtol, atol = (1e-10, 1e-12) if x64 else (1e-4, 1e-5)
-  both = _compile(_staged_and_reference(graphdef, _loss), params, rest, x, y)
+  both = _compile(_staged_and_reference(graphdef, _loss, rows), params, rest,
+                  x, y)
   # NumPy from here on: eager jnp ops would each compile for their shape.
   staged, reference = jax.device_get(both(params, rest, x, y))
   (losses, aux, new_rest), grads = staged
@@ -242,7 +259,7 @@ def test_train_step_staged_equals_vmap():
   model, x, y = _tiny("branched-mlp")
   graphdef, params0, rest0 = nnx.split(model, nnx.Param, ...)
   results = {}
-  for mode in ("staged", "vmap"):
+  for mode in ("staged-batched", "staged-looped", "vmap"):
     tx, step = train_lib.make_train_step(_train_config(mode), graphdef, 3,
                                          total_steps=10, augment=False)
     copy = lambda t: jax.tree.map(jnp.array, t)  # the step donates its inputs
@@ -253,17 +270,19 @@ def test_train_step_staged_equals_vmap():
     for _ in range(2):
       params, rest, state, losses = compiled(params, rest, state, x, y, key)
     results[mode] = params, rest, losses
-  for a, b in zip(jax.tree.leaves(results["staged"]),
-                  jax.tree.leaves(results["vmap"])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for mode in ("staged-batched", "staged-looped"):
+    for a, b in zip(jax.tree.leaves(results[mode]),
+                    jax.tree.leaves(results["vmap"])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=mode)
   # The logged losses are the unweighted ones.
-  assert float(results["staged"][2][1]) > 0
+  assert float(results["staged-looped"][2][1]) > 0
 
 
 def test_per_exit_grads_flag_and_config():
   assert config_from_args([]).per_exit_grads == "staged"
-  assert config_from_args(
-      ["--per-exit-grads", "vmap"]).per_exit_grads == "vmap"
+  for choice in ("vmap", "staged-looped", "staged-batched"):
+    assert config_from_args(
+        ["--per-exit-grads", choice]).per_exit_grads == choice
   with pytest.raises(SystemExit):
     config_from_args(["--per-exit-grads", "loop"])
   with pytest.raises(ValueError, match="unknown --per-exit-grads 'loop'"):
