@@ -138,3 +138,22 @@ def _config_fields(flags):
   parsed = cli.config_from_args(flags)
   return {f.name: getattr(parsed, f.name)
           for f in dataclasses.fields(parsed) if f.name != "out"}
+
+
+def test_sharded_checkpoints_restore_onto_any_mesh(tmp_path):
+  from osgd_jax.checkpoint import CheckpointStore
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(8, 6)).astype(np.float32),
+          "b": rng.normal(size=(5,)).astype(np.float32)}
+  store = CheckpointStore(str(tmp_path / "ckpt"), keep=1)
+  store.save(1, sharding.shard_params(tree, sharding.make_mesh(
+      "data=4,model=2")), {"epoch": 1})
+  # Resume on another mesh: the template's shardings win.
+  template = sharding.shard_params(jax.tree.map(np.zeros_like, tree),
+                                   sharding.make_mesh("data=2,model=4"))
+  restored, meta = store.restore_latest(template)
+  store.close()
+  assert meta == {"epoch": 1}
+  for name in tree:
+    np.testing.assert_array_equal(restored[name], tree[name])
+    assert restored[name].sharding == template[name].sharding
