@@ -51,7 +51,7 @@ def _bench_step_module():
   return bench_step
 
 
-@pytest.mark.slow  # compiles ten small steps: about a minute on 2 cores
+@pytest.mark.slow  # compiles a dozen small steps: under a minute on 2 cores
 def test_bench_step_quick_prints_step_ratios_and_targets():
   proc = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick"],
@@ -59,29 +59,47 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert "median ms" in out and "x jax plain" in out, out  # the table header
-  rows = {line[:44].strip(): line[44:].split() for line in out.splitlines()
-          if line.startswith(("jax ", "torch", "osgd("))}
-  expected = ["jax plain SGD (floor)", "jax OSGD, vmap Jacobian",
+  # A row: the label, then median ms, the ratio to plain and min ms.
+  rows = {label: rest for label, *rest in (
+      line.rsplit(None, 3) for line in out.splitlines()
+      if line.startswith(("jax ", "torch", "osgd(")))}
+  staged = "jax OSGD, staged Jacobian (default: rows looped on CPU)"
+  expected = ["jax plain SGD (floor)", staged,
+              "jax OSGD, staged Jacobian, rows batched",
+              "jax OSGD, vmap Jacobian",
               "jax forward+backward of the sum (F+B)", "osgd(...).update alone"]
-  if _bench_step_module()._staged_available():
-    expected.append("jax OSGD, staged Jacobian")
   for label in expected:
     assert label in rows, f"no row {label!r}:\n{out}"
     ms, ratio, min_ms = rows[label]
     assert float(ms) >= float(min_ms) > 0 and ratio.endswith("x"), rows[label]
+    # The ratio is of this row's median to the plain step's.
+    plain_ms = float(rows["jax plain SGD (floor)"][0])
+    assert abs(float(ratio[:-1]) - float(ms) / plain_ms) <= 0.01 + 0.01 * (
+        float(ms) / plain_ms), (label, rows[label], plain_ms)
   assert rows["jax plain SGD (floor)"][1] == "1.00x"
+  # No experiment rows any more: every OSGD row is a path of osgd_jax.
+  assert not any(label.startswith("experiment") for label in rows), rows
   assert "(F + sum_k prefix_k B) / (F + B) =" in out
+  # The targets are judged on the default staged step.
+  lines = out.splitlines()
   for target in ("target 1:", "target 2:"):
-    line = next(l for l in out.splitlines() if l.startswith(target))
+    line = next(l for l in lines if l.startswith(target))
     assert line.rstrip().endswith(("PASS", "MISS")), line
+  assert next(l for l in lines if l.startswith("target 1:")).startswith(
+      f"target 1: {staged} / plain"), out
+  # The limit's line, then the other two Jacobians against the same limit.
+  assert any(l.strip().startswith("(staged, rows batched:") and "vmap Jacobian"
+             in l for l in lines), out
   assert "stacked per-exit gradients" in out and "3.00x the parameters" in out
   # The PyTorch half is optional: either its rows, or a line saying why not.
   if "PyTorch/TorchJD part skipped" not in out:
     for agg in ("Mean", "UPGrad", "PCGrad"):
       assert f"torchjd {agg}" in rows, out
     assert "torch plain SGD" in rows and "(the same tensor sizes)" in out, out
-    assert next(l for l in out.splitlines() if l.startswith("target 3:")
-                ).rstrip().endswith(("PASS", "MISS"))
+    assert "torch.set_num_threads(1)" in out, out  # --quick's default
+    line = next(l for l in lines if l.startswith("target 3:"))
+    assert line.startswith(f"target 3: {staged} / fastest TorchJD"), line
+    assert line.rstrip().endswith(("PASS", "MISS")), line
 
 
 def test_bench_step_without_torch_reports_the_skip(monkeypatch):
