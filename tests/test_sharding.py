@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import osgd_jax
-from osgd_jax import aggregators, sharding
+from osgd_jax import aggregators, cpu_gram, sharding
 
 K = 3
 
@@ -151,6 +151,48 @@ def test_uneven_shards_inside_jit_give_the_unsharded_update():
   expected, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
   np.testing.assert_allclose(jax.jit(sharded_update)(g), expected["w"],
                              rtol=2e-5, atol=2e-6)
+
+
+# Stacked over K=3 exits, 3·2¹⁸ float32 parameters make 9 MiB: on CPU their
+# Gram matrix is summed over blocks (checked below). The small leaves of the
+# tests above with several axes take the same kernel's flat view.
+LARGE = 3 << 18
+
+
+@pytest.mark.parametrize("shape,spec,mesh_shape,explicit", [
+    ((LARGE,), P("model"), (2, 4), False),
+    ((LARGE,), P(("data", "model")), (2, 4), False),
+    ((8, 3, LARGE // 24), P(None, None, "model"), (4, 2), False),
+    ((64, LARGE // 64), P("data", "model"), (4, 2), False),  # both axes
+    ((64, LARGE // 64), P(None, "model"), (4, 2), True),     # Explicit axes
+])
+def test_large_leaves_are_never_gathered(shape, spec, mesh_shape, explicit):
+  mesh = _mesh(*mesh_shape, explicit=explicit)
+  rng = np.random.default_rng(5)
+  g = rng.normal(size=(K,) + shape).astype(np.float32)
+  g[2] = g[0] - 0.5 * g[1] + 1e-2 * g[2]  # nearly in the span: a real test
+  assert g.nbytes > cpu_gram.MIN_BYTES and cpu_gram.worthwhile(g)
+  params = {"w": np.zeros(shape, np.float32)}
+  tx = osgd_jax.osgd()
+  expected, expected_state = jax.jit(tx.update)(
+      {"w": jnp.asarray(g)}, tx.init(params), params)
+
+  s_params = {"w": jax.device_put(params["w"], NamedSharding(mesh, spec))}
+  s_grads = {"w": jax.device_put(g, NamedSharding(mesh, P(None, *spec)))}
+  update = jax.jit(tx.update)
+  compiled = update.lower(s_grads, tx.init(s_params), s_params).compile()
+  out, state = update(s_grads, tx.init(s_params), s_params)
+  np.testing.assert_allclose(out["w"], expected["w"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(state.exit_norms, expected_state.exit_norms,
+                             rtol=1e-5)
+  assert out["w"].sharding.is_equivalent_to(s_params["w"].sharding,
+                                            len(shape))
+  collectives = _collectives(compiled.as_text())
+  assert collectives and all(op == "all-reduce" for op, _ in collectives), (
+      collectives)
+  for _, result in collectives:
+    for dims in re.findall(r"\[([\d,]*)\]", result):
+      assert all(int(d) <= K for d in dims.split(",") if d), result
 
 
 @pytest.mark.parametrize("make", [
