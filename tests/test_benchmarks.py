@@ -6,6 +6,7 @@ Timings are never asserted: the machine running the tests may be loaded.
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,7 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
   expected = ["jax plain SGD (floor)", staged,
               "jax OSGD, staged Jacobian, rows batched",
               "jax OSGD, vmap Jacobian",
+              "jax staged Jacobian, rows summed (no projection)",
               "jax forward+backward of the sum (F+B)", "osgd(...).update alone"]
   for label in expected:
     assert label in rows, f"no row {label!r}:\n{out}"
@@ -87,6 +89,17 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     assert line.rstrip().endswith(("PASS", "MISS")), line
   assert next(l for l in lines if l.startswith("target 1:")).startswith(
       f"target 1: {staged} / plain"), out
+  # Target 2 is what the projection adds to the step, in ms and percent.
+  share = next(l for l in lines if l.startswith("target 2:"))
+  match = re.match(r"target 2: the OSGD step - the same step with the rows"
+                   r" summed = (-?[\d.]+) ms = (-?[\d.]+)% of the OSGD step",
+                   share)
+  assert match, share
+  osgd_ms = float(rows[staged][0])
+  summed_ms = float(rows["jax staged Jacobian, rows summed (no projection)"][0])
+  assert abs(float(match[1]) - (osgd_ms - summed_ms)) <= 0.02, (share, rows)
+  assert any(l.strip().startswith("(osgd(...).update alone:") and
+             "launches a jitted call" in l for l in lines), out
   # The limit's line, then the other two Jacobians against the same limit.
   assert any(l.strip().startswith("(staged, rows batched:") and "vmap Jacobian"
              in l for l in lines), out
