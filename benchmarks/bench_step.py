@@ -31,10 +31,10 @@ On one network, batch and machine, in one run, the script times:
   UPGrad and PCGrad steps (``torchjd.autojac.backward`` then
   ``jac_to_grad``), each followed by the same SGD momentum update.
 
-For the conv models, a profile (``--no-profile`` drops it) shows why the
-rows are looped on XLA:CPU: one 3×3 conv of stage 1 with its input and
-weight gradients for one row, for K rows under ``jax.vmap`` and for K rows
-unrolled, next to PyTorch's.
+For the conv models, a profile (``--no-profile`` drops it) times one 3×3
+conv of stage 1 with its input and weight gradients for one row, for K rows
+under ``jax.vmap`` (batched rows) and for K rows unrolled (looped rows),
+next to PyTorch's.
 
 Targets, as ratios from the run (verdicts are printed, never asserted), all
 of the default staged step: OSGD / plain within 1.15x of the structural
@@ -233,10 +233,9 @@ def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
                       ) -> dict[str, Callable]:
   """One 3×3 conv of the model's first stage: forward and its VJP pieces.
 
-  The weight gradient is where vmapping the backward over K cotangents goes
-  wrong on XLA:CPU, so it is timed for one row, for K rows under
-  ``jax.vmap`` (what the vmap Jacobian and the staged one's batched rows do)
-  and for K rows as K calls (the staged Jacobian's looped rows).
+  The weight gradient is timed for one row, for K rows under ``jax.vmap``
+  (what the vmap Jacobian and the staged one's batched rows do) and for K
+  rows as K calls (the staged Jacobian's looped rows).
   """
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((batch, size, size, width),

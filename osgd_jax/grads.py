@@ -21,11 +21,10 @@ Jacobian of that vector with respect to the parameters. Two ways compute them:
 
 How the rows of one stage's VJP run is a backend choice (``rows``):
 ``"batched"`` vmaps them, which accelerators turn into larger, faster
-kernels; ``"looped"`` traces one VJP per row. On XLA:CPU a vmapped
-convolution weight gradient (one convolution with K·C_out output features)
-runs 5× slower than the same rows as separate convolutions
-(``benchmarks/bench_step.py`` profiles it), so ``"auto"`` loops on CPU and
-batches elsewhere.
+kernels; ``"looped"`` traces one VJP per row. On XLA:CPU the whole OSGD
+step of the zoo's ResNets runs 1.4–1.5× faster with the rows looped
+(``benchmarks/bench_step.py``), so ``"auto"`` loops on CPU and batches
+elsewhere.
 """
 
 from __future__ import annotations
