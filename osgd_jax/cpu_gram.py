@@ -52,7 +52,7 @@ MIN_BYTES = 8 << 20
 # 1 MiB for K = 2, 4 and 8 alike).
 BLOCK_BYTES = 256 << 10
 
-_PRECISION = jax.lax.Precision.HIGHEST
+_PRECISION = jax.lax.Precision.HIGHEST  # full-precision products, as in orthogonalize
 
 
 def worthwhile(leaf: jax.Array) -> bool:
@@ -90,14 +90,6 @@ def _local_gram(leaf: jax.Array, compute_dtype) -> jax.Array:
   if tail:
     acc = acc + _rows_gram(flat[:, num_blocks * width:], compute_dtype)
   return acc
-
-
-def _contract(a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
-  """``a Bᵀ`` of two stacked leaves as one contraction over trailing axes."""
-  axes = tuple(range(1, a.ndim))
-  return jnp.tensordot(a, b, axes=(axes, axes), precision=_PRECISION,
-                       preferred_element_type=compute_dtype
-                       ).astype(compute_dtype)
 
 
 def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
@@ -151,7 +143,14 @@ def _partitioned(compute_dtype, ndim: int):
 @functools.lru_cache(maxsize=None)
 def _kernel(compute_dtype, ndim: int):
   """:func:`_partitioned` with its batching and differentiation rules."""
+  # orthogonalize imports this module; by the time a kernel is built, both
+  # are loaded.
+  from osgd_jax.orthogonalize import contract_trailing  # pylint: disable=g-import-not-at-top
   partitioned = _partitioned(compute_dtype, ndim)
+
+  def contract(a, b):
+    return contract_trailing(a, b, batch_a=True, batch_b=True,
+                             compute_dtype=compute_dtype)
 
   @jax.custom_batching.custom_vmap
   def batchable(leaf):
@@ -163,7 +162,7 @@ def _kernel(compute_dtype, ndim: int):
     (leaf_batched,) = in_batched
     if not leaf_batched:
       return batchable(leaf), False
-    return jax.vmap(lambda x: _contract(x, x, compute_dtype))(leaf), True
+    return jax.vmap(lambda x: contract(x, x))(leaf), True
 
   @jax.custom_jvp
   def gram_fn(leaf):
@@ -172,7 +171,7 @@ def _kernel(compute_dtype, ndim: int):
   @gram_fn.defjvp
   def gram_jvp(primals, tangents):
     (leaf,), (tangent,) = primals, tangents
-    cross = _contract(tangent, leaf, compute_dtype)
+    cross = contract(tangent, leaf)
     return gram_fn(leaf), cross + cross.T
 
   return gram_fn
