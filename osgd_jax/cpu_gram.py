@@ -1,4 +1,4 @@
-"""The Gram matrix of a stacked leaf on XLA:CPU: flattened, and blocked if large.
+"""The Gram matrix of a stacked leaf on XLA:CPU: a flat view, blocks if large.
 
 XLA:CPU runs ``M = G Gᵀ`` of a stacked leaf ``(K, *s)`` far below what the
 machine can do in two cases (``benchmarks/bench_transform.py``; K=4, 2 cores):
@@ -52,7 +52,8 @@ MIN_BYTES = 8 << 20
 # 1 MiB for K = 2, 4 and 8 alike).
 BLOCK_BYTES = 256 << 10
 
-_PRECISION = jax.lax.Precision.HIGHEST  # full-precision products, as in orthogonalize
+# Full-precision products, as in osgd_jax.orthogonalize.
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def worthwhile(leaf: jax.Array) -> bool:
@@ -145,7 +146,7 @@ def _kernel(compute_dtype, ndim: int):
   """:func:`_partitioned` with its batching and differentiation rules."""
   # orthogonalize imports this module; by the time a kernel is built, both
   # are loaded.
-  from osgd_jax.orthogonalize import contract_trailing  # pylint: disable=g-import-not-at-top
+  from osgd_jax.orthogonalize import contract_trailing  # pylint: disable=C0415
   partitioned = _partitioned(compute_dtype, ndim)
 
   def contract(a, b):
