@@ -79,8 +79,12 @@ def augment(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
     Array of the same shape and dtype as ``images``.
 
   Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from osgd_jax.data import augment, augment_key
     >>> step_key = augment_key(jax.random.key(0), epoch=0, step=0)
     >>> out = jax.jit(augment)(step_key, jnp.ones((8, 32, 32, 3)))
+    >>> out.shape
+    (8, 32, 32, 3)
   """
   crop_key, flip_key = jax.random.split(key)
   return random_flip(flip_key, random_crop(crop_key, images, padding))

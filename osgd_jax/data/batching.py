@@ -152,10 +152,13 @@ def iterate_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
     An iterator of ``(x[idx], y[idx])`` pairs, freshly allocated per batch.
 
   Example:
+    >>> from osgd_jax.data import iterate_batches, load_dataset
     >>> ds = load_dataset("digits")
     >>> for xb, yb in iterate_batches(ds.x_train, ds.y_train, 128, seed=0,
     ...                               epoch=0):
     ...   pass
+    >>> xb.shape[1:] == ds.x_train.shape[1:]
+    True
   """
   if len(x) != len(y):
     raise ValueError(f"x and y have different lengths: {len(x)} != {len(y)}")

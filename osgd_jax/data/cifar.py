@@ -261,7 +261,7 @@ def load_cifar(data_dir: str | os.PathLike[str] | None, *,
 
   Example:
     >>> ds = load_cifar("~/data", name="cifar10")  # doctest: +SKIP
-    >>> ds.x_train.shape
+    >>> ds.x_train.shape  # doctest: +SKIP
     (50000, 32, 32, 3)
   """
   if name not in _LAYOUTS:
