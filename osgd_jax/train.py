@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -358,10 +359,10 @@ def prepare_output_dir(out: str) -> str:
   out = os.path.abspath(out)
   try:
     os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, ".write-test")
-    with open(probe, "w") as f:
+    # A probe of its own: the processes of a multi-process run check the
+    # same directory at once, and a shared name would race.
+    with tempfile.NamedTemporaryFile("w", dir=out, prefix=".write-test-") as f:
       f.write("ok")
-    os.unlink(probe)
   except OSError as e:
     raise ValueError(
         f"cannot write to --out {out} ({e.strerror or e}); choose a writable"

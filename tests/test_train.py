@@ -116,3 +116,23 @@ def test_exit_weights_must_match_exits(tmp_path):
                                out=str(tmp_path / "run"))
   with pytest.raises(ValueError, match="--exit-weights has 2 values.*4 exits"):
     train(config)
+
+
+def test_output_dir_check_is_safe_for_processes_sharing_out(tmp_path):
+  # Every process of a multi-process run checks the one --out at start-up;
+  # the writability probes of concurrent checks must not collide.
+  import concurrent.futures
+  out = tmp_path / "shared"
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(lambda _: train_lib.prepare_output_dir(str(out)),
+                            range(400)))
+  assert set(results) == {str(out)}
+  assert list(out.iterdir()) == []  # no probe left behind
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match=r"cannot write to --out .*file/run"
+                     r".*choose a writable directory"):
+    train_lib.prepare_output_dir(str(blocker / "run"))
