@@ -56,6 +56,11 @@ BLOCK_BYTES = 256 << 10
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
+def _needs_blocks(leaf: jax.Array) -> bool:
+  """Whether a stacked leaf (or one device's shard of it) is summed by blocks."""
+  return leaf.size * leaf.dtype.itemsize > MIN_BYTES
+
+
 def worthwhile(leaf: jax.Array) -> bool:
   """Whether the kernel beats XLA:CPU's plain contraction on this leaf.
 
@@ -63,7 +68,7 @@ def worthwhile(leaf: jax.Array) -> bool:
   stacked leaf over :data:`MIN_BYTES` (the blocks); a small vector's
   contraction is already flat.
   """
-  return leaf.ndim > 2 or leaf.size * leaf.dtype.itemsize > MIN_BYTES
+  return leaf.ndim > 2 or _needs_blocks(leaf)
 
 
 def _rows_gram(rows: jax.Array, compute_dtype) -> jax.Array:
@@ -77,7 +82,7 @@ def _local_gram(leaf: jax.Array, compute_dtype) -> jax.Array:
   """The Gram matrix of one device's ``(K, *s)`` data, flat or by blocks."""
   num_exits = leaf.shape[0]
   flat = leaf.reshape(num_exits, -1)  # local data: a free, row-major view
-  if leaf.size * leaf.dtype.itemsize <= MIN_BYTES:
+  if not _needs_blocks(leaf):
     return _rows_gram(flat, compute_dtype)
   width = max(1, BLOCK_BYTES // (num_exits * leaf.dtype.itemsize))
   num_blocks, tail = divmod(flat.shape[1], width)
