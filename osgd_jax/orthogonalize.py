@@ -158,6 +158,105 @@ def safe_inverse(x: jax.Array) -> jax.Array:
   return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
 
 
+# Up to this many exits, the K×K algebra is unrolled at trace time.
+UNROLL_MAX_EXITS = 16
+
+
+def _factor_unrolled(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
+  """:func:`_factor_loop`, written entry by entry for a static small K.
+
+  Every entry of L is a ``(...,)`` array of elementwise operations, so XLA
+  fuses the whole factorisation into a few kernels; the loop form launches
+  each step's kernels one by one (on XLA:CPU, testing the loop condition on
+  the host), which costs more than the O(K³) scalar work.
+  """
+  num_exits = corr.shape[-1]
+  lower: dict[tuple[int, int], jax.Array] = {}
+  weighted: dict[tuple[int, int], jax.Array] = {}  # L_jm · d_m
+  pivots = []
+  for j in range(num_exits):
+    column = {}
+    for i in range(j, num_exits):
+      entry = corr[..., i, j]
+      for m in range(j):
+        entry = entry - lower[i, m] * weighted[j, m]
+      column[i] = entry
+    keep = column[j] > tol
+    pivot = jnp.where(keep, column[j], 0.0)
+    inverse = 1.0 / jnp.where(keep, column[j], 1.0)
+    pivots.append(pivot)
+    for i in range(j + 1, num_exits):
+      lower[i, j] = jnp.where(keep, column[i] * inverse, 0.0)
+      weighted[i, j] = lower[i, j] * pivot
+  zero, one = jnp.zeros_like(pivots[0]), jnp.ones_like(pivots[0])
+  matrix = jnp.stack([
+      jnp.stack([lower[i, j] if i > j else (one if i == j else zero)
+                 for j in range(num_exits)], axis=-1)
+      for i in range(num_exits)], axis=-2)
+  return matrix, jnp.stack(pivots, axis=-1)
+
+
+def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
+  """Unit lower-triangular L and pivots d with ``corr = L diag(d) Lᵀ``.
+
+  Degenerate pivots (``d_j ≤ tol``) become 0 and their column of L below the
+  diagonal 0. A ``lax`` loop over the columns keeps the program small for a
+  large K.
+  """
+  num_exits = corr.shape[-1]
+  rows = jnp.arange(num_exits)
+
+  # Column j of L and pivot d_j from the columns before it.
+  def column_step(j, carry):
+    lower, pivots = carry
+    weighted_row = jnp.take(lower, j, axis=-2) * pivots  # only i < j non-zero
+    # Elementwise products and sums rather than einsum: on XLA:CPU every
+    # tiny dot_general costs far more to compile than to run.
+    column = jnp.take(corr, j, axis=-1) - jnp.sum(
+        lower * weighted_row[..., None, :], axis=-1)
+    pivot = jnp.take(column, j, axis=-1)
+    keep = pivot > tol
+    new_column = jnp.where(
+        keep[..., None] & (rows > j),
+        column / jnp.where(keep, pivot, 1.0)[..., None],
+        (rows == j).astype(corr.dtype))
+    lower = jnp.where(rows == j, new_column[..., :, None], lower)
+    pivots = jnp.where(rows == j, jnp.where(keep, pivot, 0.0)[..., None], pivots)
+    return lower, pivots
+
+  lower = jnp.broadcast_to(jnp.eye(num_exits, dtype=corr.dtype), corr.shape)
+  pivots = jnp.zeros(corr.shape[:-1], corr.dtype)
+  return jax.lax.fori_loop(0, num_exits, column_step, (lower, pivots))
+
+
+def _back_substitute(lower: jax.Array, coeff: jax.Array) -> jax.Array:
+  """Solves ``Lᵀ w = coeff`` for unit lower-triangular L, batched over leaves.
+
+  ``w_j = coeff_j − Σ_{k>j} L_kj w_k``, from the last exit to the first:
+  unrolled entry by entry for a small K (it fuses), a ``lax`` loop beyond.
+  Cheaper to compile than a batched triangular-solve call.
+  """
+  num_exits = coeff.shape[-1]
+  if num_exits <= UNROLL_MAX_EXITS:
+    weights = [None] * num_exits
+    for j in reversed(range(num_exits)):
+      w_j = coeff[..., j]
+      for k in range(j + 1, num_exits):
+        w_j = w_j - lower[..., k, j] * weights[k]
+      weights[j] = w_j
+    return jnp.stack(weights, axis=-1)
+
+  rows = jnp.arange(num_exits)
+
+  def back_step(i, weights):
+    j = num_exits - 1 - i
+    w_j = jnp.take(coeff, j, axis=-1) - jnp.sum(
+        jnp.take(lower, j, axis=-1) * weights, axis=-1)
+    return jnp.where(rows == j, w_j[..., None], weights)
+
+  return jax.lax.fori_loop(0, num_exits, back_step, jnp.zeros_like(coeff))
+
+
 def ldl_weights(
     gram: jax.Array, *, tol: float | jax.Array, rescale: bool
 ) -> tuple[jax.Array, jax.Array]:
@@ -182,31 +281,9 @@ def ldl_weights(
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
   inv_scale = safe_inverse(jnp.sqrt(diag))
   corr = gram * inv_scale[..., :, None] * inv_scale[..., None, :]
-
-  rows = jnp.arange(num_exits)
-
-  # Column j of L and pivot d_j from the columns before it. A lax loop keeps
-  # the compiled program small; the work is O(K³) scalars per leaf.
-  def column_step(j, carry):
-    lower, pivots = carry
-    weighted_row = jnp.take(lower, j, axis=-2) * pivots  # only i < j non-zero
-    # Elementwise products and sums rather than einsum: on XLA:CPU every
-    # tiny dot_general costs far more to compile than to run.
-    column = jnp.take(corr, j, axis=-1) - jnp.sum(
-        lower * weighted_row[..., None, :], axis=-1)
-    pivot = jnp.take(column, j, axis=-1)
-    keep = pivot > tol
-    new_column = jnp.where(
-        keep[..., None] & (rows > j),
-        column / jnp.where(keep, pivot, 1.0)[..., None],
-        (rows == j).astype(gram.dtype))
-    lower = jnp.where(rows == j, new_column[..., :, None], lower)
-    pivots = jnp.where(rows == j, jnp.where(keep, pivot, 0.0)[..., None], pivots)
-    return lower, pivots
-
-  lower = jnp.broadcast_to(jnp.eye(num_exits, dtype=gram.dtype), gram.shape)
-  pivots = jnp.zeros(diag.shape, gram.dtype)
-  lower, pivots = jax.lax.fori_loop(0, num_exits, column_step, (lower, pivots))
+  factor = (_factor_unrolled if num_exits <= UNROLL_MAX_EXITS
+            else _factor_loop)
+  lower, pivots = factor(corr, tol)
 
   keep = pivots > 0
   if rescale:
@@ -219,17 +296,7 @@ def ldl_weights(
   # projected, e.g. K = 1 is the identity bit for bit.
   scale = jnp.sqrt(diag)
   lower = lower * scale[..., :, None] * inv_scale[..., None, :]
-
-  # Back substitution w_j = coeff_j − Σ_{k>j} L_kj w_k, batched over leaves;
-  # cheaper to compile than a batched triangular-solve call.
-  def back_step(i, weights):
-    j = num_exits - 1 - i
-    w_j = jnp.take(coeff, j, axis=-1) - jnp.sum(
-        jnp.take(lower, j, axis=-1) * weights, axis=-1)
-    return jnp.where(rows == j, w_j[..., None], weights)
-
-  weights = jax.lax.fori_loop(0, num_exits, back_step, jnp.zeros_like(coeff))
-  return weights, pivots * diag
+  return _back_substitute(lower, coeff), pivots * diag
 
 
 def _group_reduce(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:
