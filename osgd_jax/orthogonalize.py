@@ -31,6 +31,7 @@ from osgd_jax import cpu_gram
 __all__ = [
     "Projection",
     "gram_matrix",
+    "gram_matrices",
     "ldl_weights",
     "weighted_sum",
     "project",
@@ -107,22 +108,20 @@ def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
   ).astype(compute_dtype)
 
 
-def _cpu_kernel_applies(leaf: jax.Array) -> bool:
+def _cpu_kernel_applies(leaf: jax.Array, compute_dtype) -> bool:
   """Whether the leaf's Gram matrix takes :mod:`osgd_jax.cpu_gram`.
 
   On the CPU backend, where it pays (:func:`osgd_jax.cpu_gram.worthwhile`);
   not under a mesh with ``Explicit`` axes, whose sharding the contraction of
   :func:`contract_trailing` follows by the types.
   """
-  return (jax.default_backend() == "cpu" and cpu_gram.worthwhile(leaf)
+  return (jax.default_backend() == "cpu"
+          and cpu_gram.worthwhile(leaf, compute_dtype)
           and _replicated_like(leaf) is None)
 
 
 def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
   """Returns ``M = G Gᵀ`` (K×K) of a stacked leaf, contracted over trailing axes.
-
-  On CPU, most leaves take :mod:`osgd_jax.cpu_gram` instead, which XLA:CPU
-  runs several times faster; the result is the same up to rounding.
 
   Args:
     leaf: stacked gradients of shape ``(K, *s)``.
@@ -131,10 +130,36 @@ def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
   Returns:
     A ``(K, K)`` array in ``compute_dtype``.
   """
-  if _cpu_kernel_applies(leaf):
-    return cpu_gram.gram(leaf, compute_dtype)
-  return contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
-                           compute_dtype=compute_dtype)
+  return gram_matrices([leaf], compute_dtype)[0]
+
+
+def gram_matrices(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
+  """Returns the ``(L, K, K)`` Gram matrices of stacked leaves.
+
+  On CPU, the leaves that :mod:`osgd_jax.cpu_gram` takes share one call of
+  its kernel (one launch instead of one per leaf, several times faster
+  each); the others, and every leaf on accelerators, are contracted over
+  their trailing axes as they are. The results agree up to rounding.
+
+  Args:
+    leaves: stacked gradients, each ``(K, *s_l)``, one K for all.
+    compute_dtype: accumulation dtype (float32 or float64).
+
+  Returns:
+    An ``(L, K, K)`` array in ``compute_dtype``, in the order of ``leaves``.
+  """
+  on_cpu = [i for i, leaf in enumerate(leaves)
+            if _cpu_kernel_applies(leaf, compute_dtype)]
+  out = [None] * len(leaves)
+  if on_cpu:
+    from_kernel = cpu_gram.grams([leaves[i] for i in on_cpu], compute_dtype)
+    for position, i in enumerate(on_cpu):
+      out[i] = from_kernel[position]
+  for i, leaf in enumerate(leaves):
+    if out[i] is None:
+      out[i] = contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
+                                 compute_dtype=compute_dtype)
+  return jnp.stack(out)
 
 
 def weighted_sum(weights: jax.Array, leaf: jax.Array, compute_dtype) -> jax.Array:
@@ -409,7 +434,7 @@ def project(
     raise ValueError(f"method must be one of {METHODS} and granularity one of"
                      f" {GRANULARITIES}; got {method!r}, {granularity!r}.")
   shared_basis = granularity == "global"
-  grams = jnp.stack([gram_matrix(leaf, compute_dtype) for leaf in leaves])
+  grams = gram_matrices(leaves, compute_dtype)
   order = jnp.asarray(order, jnp.int32)
   if method == "gram":
     updates, residual_sq = _gram_method(

@@ -281,8 +281,7 @@ def _aggregate(
       _check_against_params(flat_updates, treedef, params)
     leaves = [leaf for _, leaf in flat_updates]
     compute_dtype = jnp.result_type(jnp.float32, *[l.dtype for l in leaves])
-    grams = jnp.stack([
-        orthogonalize.gram_matrix(leaf, compute_dtype) for leaf in leaves])
+    grams = orthogonalize.gram_matrices(leaves, compute_dtype)
     if combine is not None:
       outs, group_outputs = combine(
           leaves, grams, state, extra_args, compute_dtype)

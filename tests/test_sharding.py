@@ -70,6 +70,21 @@ def _place(tree, mesh, specs, stacked):
           for k, v in tree.items()}
 
 
+def _assert_only_gram_blocks(collectives, num_leaves: int) -> None:
+  """Every collective is an all-reduce of K×K blocks (at most one per leaf).
+
+  The CPU kernel reduces the blocks of the leaves split over the same mesh
+  axes together, as one ``(n, K, K)`` array; nothing of the size of a
+  gradient ever crosses devices.
+  """
+  assert all(op == "all-reduce" for op, _ in collectives), collectives
+  for _, shape in collectives:
+    for dims in re.findall(r"\[([\d,]*)\]", shape):
+      sizes = [int(d) for d in dims.split(",") if d]
+      assert all(d <= K for d in sizes[-2:]), shape
+      assert int(np.prod(sizes)) <= num_leaves * K * K, shape
+
+
 def _collectives(hlo: str) -> list[tuple[str, str]]:
   """``(op, result shape)`` of every cross-device op in compiled HLO text."""
   ops = "all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter"
@@ -119,11 +134,8 @@ def test_sharded_update_equals_unsharded_and_keeps_shardings(
         s_params[name].sharding, len(PARAM_SHAPES[name])), name
 
   collectives = _collectives(compiled.as_text())
-  assert not [c for c in collectives if c[0] != "all-reduce"], collectives
   # Only K-vectors and K×K blocks are reduced across devices.
-  for _, shape in collectives:
-    for dims in re.findall(r"\[([\d,]*)\]", shape):
-      assert all(int(d) <= K for d in dims.split(",") if d), shape
+  _assert_only_gram_blocks(collectives, len(PARAM_SHAPES))
   if model > 1 or granularity == "global":
     assert collectives, "a split leaf needs its partial Gram sums reduced"
 
@@ -188,11 +200,43 @@ def test_large_leaves_are_never_gathered(shape, spec, mesh_shape, explicit):
   assert out["w"].sharding.is_equivalent_to(s_params["w"].sharding,
                                             len(shape))
   collectives = _collectives(compiled.as_text())
-  assert collectives and all(op == "all-reduce" for op, _ in collectives), (
-      collectives)
-  for _, result in collectives:
-    for dims in re.findall(r"\[([\d,]*)\]", result):
-      assert all(int(d) <= K for d in dims.split(",") if d), result
+  assert collectives
+  _assert_only_gram_blocks(collectives, 1)
+
+
+def test_many_leaves_share_one_kernel_call_and_one_reduce_per_split():
+  """Leaves split over the same axes have their K×K blocks reduced together."""
+  mesh = _mesh(4, 2)
+  specs = {f"m{i}": P(None, "model") for i in range(5)}        # 5 on model
+  specs.update({f"d{i}": P("data", None) for i in range(3)})   # 3 on data
+  specs.update({"r": P(), "b": P(("data", "model"))})          # none; both
+  shapes = {name: (16, 6) if name != "b" else (16,) for name in specs}
+  rng = np.random.default_rng(9)
+  grads = {n: rng.normal(size=(K,) + s).astype(np.float32)
+           for n, s in shapes.items()}
+  grads["m3"][2] = grads["m3"][0]  # a degenerate row on one leaf
+  params = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+  tx = osgd_jax.osgd()
+  expected, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, grads),
+                                   tx.init(params), params)
+  s_grads = _place(grads, mesh, specs, stacked=True)
+  s_params = _place(params, mesh, specs, stacked=False)
+  update = jax.jit(tx.update)
+  text = update.lower(s_grads, tx.init(s_params), s_params).compile().as_text()
+  out, _ = update(s_grads, tx.init(s_params), s_params)
+  for name in shapes:
+    np.testing.assert_allclose(out[name], expected[name], rtol=2e-5,
+                               atol=2e-6, err_msg=name)
+  collectives = _collectives(text)
+  _assert_only_gram_blocks(collectives, len(shapes))
+  if cpu_gram.uses_native(jnp.float32):
+    # One call of the kernel per device program, and one all-reduce per set
+    # of mesh axes that splits leaves: (model), (data), (data, model).
+    assert text.count("custom_call_target=\"osgd_jax_grams_f32\"") == 1, text
+    blocks = sorted(shape for _, shape in collectives if f"{K},{K}]" in shape)
+    assert len(blocks) == 3, collectives
+    assert any(f"[5,{K},{K}]" in b for b in blocks), blocks
+    assert any(f"[3,{K},{K}]" in b for b in blocks), blocks
 
 
 @pytest.mark.parametrize("make", [

@@ -1,0 +1,274 @@
+// Gram matrices of stacked per-exit gradients on the CPU, as XLA FFI handlers.
+//
+// Each operand is a stacked leaf of shape (K, *s), row-major: K rows of n
+// contiguous values. The handler writes the (L, K, K) Gram matrices of its L
+// operands, M_l = G_l G_lᵀ, in one call. Why a kernel of our own
+// (benchmarks/bench_transform.py has the numbers):
+//
+// * XLA:CPU hands M = G Gᵀ to a matrix-multiply library tuned for large
+//   square products. Here the output is tiny (K ≤ 16) and the contraction
+//   long, and the library streams it well below memory speed, on one thread;
+// * a network has tens to hundreds of small parameter tensors, and XLA:CPU
+//   pays a fixed launch cost per kernel. One call here serves every leaf.
+//
+// The work: for each tile of columns (K rows of it stay in L1), every pair of
+// row blocks (≤ 4 rows each) accumulates its block of the upper triangle in
+// SIMD registers: each loaded vector serves up to four multiply-adds, and a
+// diagonal block forms only its upper half.
+// Tiles are summed in double precision, so the result does not drift with n.
+// Large inputs are split into chunks of columns run on XLA's intra-op thread
+// pool; the calling thread takes chunks too and waits only for chunks that
+// have started, so the call cannot deadlock on a busy pool.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxExits = 64;
+constexpr int kMaxBlock = 4;          // rows per register block
+constexpr int64_t kTileBytes = 16 << 10;    // K rows of a tile: half of L1
+constexpr int64_t kChunkColumns = 1 << 13;  // columns per thread-pool task
+// Below this many multiply-adds (columns × K(K+1)/2) one thread runs the
+// call: waking the pool costs more, and inside a training step the pool's
+// threads are often busy with the step's other kernels.
+constexpr int64_t kParallelMin = 1 << 21;
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__)
+#define OSGD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OSGD_CLONES
+#endif
+#define OSGD_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct Simd {
+  static constexpr int kWidth = 32 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(32)));
+};
+
+template <typename T>
+OSGD_INLINE typename Simd<T>::Vec Load(const T* p) {
+  typename Simd<T>::Vec v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+// acc[a][b] += Σ_c rows_i[a][c] · rows_j[b][c] over columns [begin, end).
+// On a diagonal block (rows_j == rows_i) only b ≥ a is formed, from one set
+// of loads.
+template <typename T, int BI, int BJ, bool kDiagonal>
+OSGD_INLINE void Block(const T* const* rows_i, const T* const* rows_j,
+                       int64_t begin, int64_t end, double* acc, int64_t ld) {
+  using V = typename Simd<T>::Vec;
+  constexpr int W = Simd<T>::kWidth;
+  static_assert(!kDiagonal || BI == BJ, "a diagonal block is square");
+  V sum[BI][BJ];
+  for (int a = 0; a < BI; ++a)
+    for (int b = 0; b < BJ; ++b) sum[a][b] = V{};
+  int64_t c = begin;
+  for (; c + W <= end; c += W) {
+    V x[BI], y[BJ];
+    for (int a = 0; a < BI; ++a) x[a] = Load(rows_i[a] + c);
+    for (int b = 0; b < BJ; ++b) y[b] = kDiagonal ? x[b] : Load(rows_j[b] + c);
+    for (int a = 0; a < BI; ++a)
+      for (int b = kDiagonal ? a : 0; b < BJ; ++b) sum[a][b] += x[a] * y[b];
+  }
+  for (int a = 0; a < BI; ++a)
+    for (int b = kDiagonal ? a : 0; b < BJ; ++b) {
+      double total = 0.0;
+      for (int w = 0; w < W; ++w) total += sum[a][b][w];
+      for (int64_t t = c; t < end; ++t)
+        total += double(rows_i[a][t]) * double(rows_j[b][t]);
+      acc[a * ld + b] += total;
+    }
+}
+
+template <typename T, int BI>
+OSGD_INLINE void BlockRow(int bj, bool diagonal, const T* const* ri,
+                          const T* const* rj, int64_t begin, int64_t end,
+                          double* acc, int64_t ld) {
+  if (diagonal) return Block<T, BI, BI, true>(ri, rj, begin, end, acc, ld);
+  switch (bj) {
+    case 1: return Block<T, BI, 1, false>(ri, rj, begin, end, acc, ld);
+    case 2: return Block<T, BI, 2, false>(ri, rj, begin, end, acc, ld);
+    case 3: return Block<T, BI, 3, false>(ri, rj, begin, end, acc, ld);
+    default: return Block<T, BI, 4, false>(ri, rj, begin, end, acc, ld);
+  }
+}
+
+// The upper triangle of Σ_c rows[i][c] rows[j][c] over [begin, end), added
+// to acc (k × k, row-major).
+template <typename T>
+OSGD_INLINE void GramColumns(const T* const* rows, int64_t k, int64_t begin,
+                             int64_t end, double* acc) {
+  // Row blocks of near-equal size ≤ kMaxBlock: K=8 → 4+4, K=6 → 3+3.
+  const int64_t num_blocks = (k + kMaxBlock - 1) / kMaxBlock;
+  int64_t starts[kMaxExits + 1];
+  for (int64_t b = 0; b <= num_blocks; ++b) starts[b] = b * k / num_blocks;
+  const int64_t tile =
+      std::max<int64_t>(64, kTileBytes / (k * int64_t(sizeof(T))) / 64 * 64);
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t t1 = std::min(end, t0 + tile);
+    for (int64_t bi = 0; bi < num_blocks; ++bi) {
+      const int64_t i0 = starts[bi], ni = starts[bi + 1] - i0;
+      for (int64_t bj = bi; bj < num_blocks; ++bj) {
+        const int64_t j0 = starts[bj], nj = starts[bj + 1] - j0;
+        double* out = acc + i0 * k + j0;
+        const T* const* ri = rows + i0;
+        const T* const* rj = rows + j0;
+        const bool diagonal = bi == bj;
+        switch (ni) {
+          case 1: BlockRow<T, 1>(nj, diagonal, ri, rj, t0, t1, out, k); break;
+          case 2: BlockRow<T, 2>(nj, diagonal, ri, rj, t0, t1, out, k); break;
+          case 3: BlockRow<T, 3>(nj, diagonal, ri, rj, t0, t1, out, k); break;
+          default: BlockRow<T, 4>(nj, diagonal, ri, rj, t0, t1, out, k); break;
+        }
+      }
+    }
+  }
+}
+
+OSGD_CLONES void GramColumnsF32(const float* const* rows, int64_t k,
+                                int64_t begin, int64_t end, double* acc) {
+  GramColumns<float>(rows, k, begin, end, acc);
+}
+
+OSGD_CLONES void GramColumnsF64(const double* const* rows, int64_t k,
+                                int64_t begin, int64_t end, double* acc) {
+  GramColumns<double>(rows, k, begin, end, acc);
+}
+
+void GramColumnsAny(const float* const* rows, int64_t k, int64_t begin,
+                    int64_t end, double* acc) {
+  GramColumnsF32(rows, k, begin, end, acc);
+}
+void GramColumnsAny(const double* const* rows, int64_t k, int64_t begin,
+                    int64_t end, double* acc) {
+  GramColumnsF64(rows, k, begin, end, acc);
+}
+
+// A range of columns of one operand; its partial Gram goes to `partial`.
+struct WorkItem {
+  int64_t leaf, begin, end;
+};
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <ffi::DataType D>
+ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                     ffi::ResultBuffer<D> out) {
+  using T = ffi::NativeType<D>;
+  const int64_t num_leaves = int64_t(args.size());
+  auto out_dims = out->dimensions();
+  if (out_dims.size() != 3 || out_dims[0] != num_leaves ||
+      out_dims[1] != out_dims[2]) {
+    return ffi::Error::InvalidArgument(
+        "osgd gram: the result must have shape (L, K, K) for L operands");
+  }
+  const int64_t k = out_dims[1];
+  if (k < 1 || k > kMaxExits) {
+    return ffi::Error::InvalidArgument("osgd gram: K must be in 1..64");
+  }
+  // Row pointers of every operand, and the work split into column ranges.
+  std::vector<const T*> rows(num_leaves * k);
+  std::vector<WorkItem> items;
+  int64_t total = 0;
+  for (int64_t l = 0; l < num_leaves; ++l) {
+    auto leaf = args.get<ffi::Buffer<D>>(l);
+    if (leaf.has_error()) return leaf.error();
+    auto dims = leaf->dimensions();
+    if (dims.size() < 1 || dims[0] != k) {
+      return ffi::Error::InvalidArgument(
+          "osgd gram: every operand must be a stacked leaf (K, ...)");
+    }
+    const int64_t n = int64_t(leaf->element_count()) / k;
+    for (int64_t i = 0; i < k; ++i) rows[l * k + i] = leaf->typed_data() + i * n;
+    for (int64_t b = 0; b < n; b += kChunkColumns) {
+      items.push_back({l, b, std::min(n, b + kChunkColumns)});
+    }
+    total += n * k * (k + 1) / 2;
+  }
+  const int64_t num_items = int64_t(items.size());
+  std::vector<double> partial(num_items * k * k, 0.0);
+  auto run = [&](int64_t item) {
+    const WorkItem& w = items[item];
+    GramColumnsAny(rows.data() + w.leaf * k, k, w.begin, w.end,
+                   partial.data() + item * k * k);
+  };
+
+  const int64_t workers =
+      total < kParallelMin ? 1
+                           : std::min<int64_t>(num_items, pool.num_threads() + 1);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < num_items; ++i) run(i);
+  } else {
+    // Tasks may start after this call has returned (they then find no work),
+    // so they share ownership of the counters; `run`'s captures are only
+    // touched by tasks that took an item, which this call waits for.
+    auto progress = std::make_shared<Progress>();
+    auto drain = [progress, num_items, &run]() {
+      for (int64_t i; (i = progress->next.fetch_add(1)) < num_items;) {
+        run(i);
+        if (progress->done.fetch_add(1) + 1 == num_items) {
+          std::lock_guard<std::mutex> lock(progress->mu);
+          progress->cv.notify_all();
+        }
+      }
+    };
+    for (int64_t w = 1; w < workers; ++w) {
+      auto task = drain;
+      pool.Schedule(std::move(task));
+    }
+    drain();
+    std::unique_lock<std::mutex> lock(progress->mu);
+    progress->cv.wait(lock, [&] { return progress->done.load() == num_items; });
+  }
+
+  T* result = out->typed_data();
+  std::vector<double> sum(k * k);
+  int64_t item = 0;
+  for (int64_t l = 0; l < num_leaves; ++l) {
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (; item < num_items && items[item].leaf == l; ++item) {
+      for (int64_t e = 0; e < k * k; ++e) sum[e] += partial[item * k * k + e];
+    }
+    T* m = result + l * k * k;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = i; j < k; ++j) m[i * k + j] = m[j * k + i] = T(sum[i * k + j]);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    OsgdGramsF32, GramsImpl<ffi::F32>,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .RemainingArgs()
+        .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    OsgdGramsF64, GramsImpl<ffi::F64>,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .RemainingArgs()
+        .Ret<ffi::Buffer<ffi::F64>>());

@@ -1,0 +1,157 @@
+"""The library's native CPU kernel: built on first use, loaded, registered.
+
+``osgd_jax/csrc/gram_cpu.cc`` computes the Gram matrices of stacked leaves as
+an XLA FFI handler (why a kernel of our own: see that file and
+:mod:`osgd_jax.cpu_gram`). It is compiled against the XLA FFI headers of the
+*installed* jaxlib (``jax.ffi.include_dir()``), the first time a process
+needs it, by the system C++ compiler, the way PyTorch's inductor compiles
+its CPU kernels; the shared library is cached on disk, keyed by the source,
+the jaxlib version, the compiler and its flags, so later processes only load
+it.
+
+Everything here degrades gracefully: without a compiler, with an older
+jaxlib, or with ``OSGD_JAX_NATIVE=0`` in the environment, :func:`available`
+is ``False`` and :mod:`osgd_jax.cpu_gram` computes the same Gram matrices
+with XLA's own kernels (slower on CPU, equal up to rounding). A failed build
+is reported once, as a warning that carries the compiler's message.
+
+Environment variables:
+
+* ``OSGD_JAX_NATIVE``: ``0`` turns the kernel off (default: on).
+* ``OSGD_JAX_CACHE_DIR``: where built libraries are kept (default:
+  ``$XDG_CACHE_HOME/osgd_jax`` or ``~/.cache/osgd_jax``).
+* ``CXX``: the C++ compiler (default: ``c++``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import jax
+import jaxlib
+
+__all__ = ["available", "build", "cache_dir", "library_path", "TARGETS"]
+
+SOURCE = pathlib.Path(__file__).parent / "csrc" / "gram_cpu.cc"
+# FFI target name per compute dtype, and the handler symbol behind it.
+TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),
+           "float64": ("osgd_jax_grams_f64", "OsgdGramsF64")}
+CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+BUILD_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once decided; "path"; "error"
+
+
+def cache_dir() -> pathlib.Path:
+  """The directory that holds built libraries (see the module docstring)."""
+  explicit = os.environ.get("OSGD_JAX_CACHE_DIR")
+  if explicit:
+    return pathlib.Path(explicit)
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "osgd_jax"
+
+
+def _compiler() -> str:
+  return os.environ.get("CXX", "c++")
+
+
+def library_path() -> pathlib.Path:
+  """Where the library for this source, jaxlib, compiler and flags lives."""
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
+               _compiler().encode(), " ".join(CXXFLAGS).encode(),
+               platform.machine().encode()):
+    key.update(part)
+    key.update(b"\0")
+  return cache_dir() / f"gram_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build(path: pathlib.Path) -> None:
+  """Compiles the kernel to ``path``, atomically.
+
+  The compiler writes a temporary file in the same directory, which is then
+  renamed: a process that loads ``path`` never sees half a library, and
+  processes that build at the same time each rename a complete one.
+
+  Args:
+    path: the shared library to write.
+
+  Raises:
+    RuntimeError: no compiler, or the compiler failed (its message included).
+  """
+  compiler = shutil.which(_compiler())
+  if compiler is None:
+    raise RuntimeError(
+        f"no C++ compiler {_compiler()!r} on PATH; install one (e.g. g++) or"
+        " set CXX")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
+                             dir=path.parent)
+  os.close(fd)
+  cmd = [compiler, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+         "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+      raise RuntimeError(
+          f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
+          f"{proc.stderr[-2000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _load() -> None:
+  if os.environ.get("OSGD_JAX_NATIVE", "1").strip().lower() in ("0", "false",
+                                                               "no", "off"):
+    _state.update(ok=False, error="turned off by OSGD_JAX_NATIVE")
+    return
+  path = library_path()
+  try:
+    if not path.exists():
+      build(path)
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in TARGETS.values():
+      jax.ffi.register_ffi_target(
+          target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  except (OSError, RuntimeError, subprocess.SubprocessError,
+          AttributeError) as err:
+    _state.update(ok=False, error=str(err))
+    warnings.warn(
+        "osgd_jax: the native CPU Gram kernel is unavailable, so XLA's"
+        f" (slower on CPU) kernels are used instead. Reason: {err}",
+        RuntimeWarning, stacklevel=3)
+    return
+  _state.update(ok=True, path=path)
+
+
+def available() -> bool:
+  """Whether the native kernel is built, loaded and registered with XLA.
+
+  The first call in a process builds (if not cached) and loads it; later
+  calls return the same answer.
+
+  Returns:
+    ``True`` if the FFI targets in :data:`TARGETS` can be called.
+
+  Example:
+    >>> from osgd_jax import native
+    >>> isinstance(native.available(), bool)
+    True
+  """
+  with _lock:
+    if "ok" not in _state:
+      _load()
+    return bool(_state["ok"])

@@ -1,0 +1,106 @@
+"""Building, caching and loading the native CPU kernel, and doing without it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import textwrap
+
+import jaxlib
+import pytest
+
+from osgd_jax import native
+
+
+def _fake_compiler(directory: pathlib.Path, body: str) -> str:
+  """A shell script standing in for the C++ compiler."""
+  script = directory / "fake-cxx"
+  script.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+  script.chmod(script.stat().st_mode | stat.S_IXUSR)
+  return str(script)
+
+
+def test_the_kernel_is_built_cached_and_registered():
+  assert native.available()
+  path = native.library_path()
+  assert path.exists() and path.parent == native.cache_dir()
+  assert native.available()  # decided once per process
+
+
+def test_the_cache_key_follows_jaxlib_and_the_compiler(monkeypatch):
+  first = native.library_path()
+  monkeypatch.setattr(jaxlib, "__version__", "0.0.0-other")
+  second = native.library_path()
+  monkeypatch.setenv("CXX", "clang++")
+  third = native.library_path()
+  assert len({first, second, third}) == 3
+
+
+def test_a_missing_compiler_is_named(tmp_path, monkeypatch):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler .*no-such-compiler"):
+    native.build(tmp_path / "lib.so")
+
+
+def test_a_failed_build_leaves_no_file_behind(tmp_path, monkeypatch):
+  # The fake compiler writes half a library to its -o path, then fails.
+  compiler = _fake_compiler(tmp_path, """\
+      while [ "$#" -gt 0 ]; do
+        if [ "$1" = "-o" ]; then echo partial > "$2"; fi; shift
+      done
+      echo "gram_cpu.cc:1: error: something is wrong" >&2
+      exit 1
+      """)
+  monkeypatch.setenv("CXX", compiler)
+  out = tmp_path / "cache" / "lib.so"
+  with pytest.raises(RuntimeError, match="(?s)exit 1.*something is wrong"):
+    native.build(out)
+  assert list(out.parent.iterdir()) == []  # neither the library nor a temp
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setenv("OSGD_JAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", _fake_compiler(tmp_path, "exit 3\n"))
+  with pytest.warns(RuntimeWarning, match="XLA's .* kernels are used instead"):
+    assert not native.available()
+  assert not native.available()  # decided: no second build, no warning
+
+
+def test_the_environment_turns_it_off(monkeypatch):
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setenv("OSGD_JAX_NATIVE", "0")
+  assert not native.available()
+
+
+def test_osgd_without_the_native_kernel_in_a_fresh_process(tmp_path):
+  """The whole library works without a compiler: XLA's kernels take over."""
+  code = textwrap.dedent("""\
+      import warnings
+      import jax, jax.numpy as jnp, numpy as np, osgd_jax
+      from osgd_jax import native
+      warnings.simplefilter("error")  # falling back must not warn here
+      g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((3, 50, 4)),
+                            jnp.float32)}
+      p = {"w": jnp.zeros((50, 4))}
+      tx = osgd_jax.osgd()
+      lowered = jax.jit(tx.update).lower(g, tx.init(p), p)
+      assert "osgd_jax_grams" not in lowered.compile().as_text()
+      out, _ = tx.update(g, tx.init(p), p)
+      rows = np.asarray(g["w"], np.float64).reshape(3, -1)
+      # exit 1 passes unchanged: the sum minus exit 1 is orthogonal to it
+      rest = np.asarray(out["w"], np.float64).ravel() - rows[0]
+      assert abs(rest @ rows[0]) < 1e-4 * (rows[0] @ rows[0]), rest @ rows[0]
+      assert not native.available()
+      print("ok")
+      """)
+  env = dict(os.environ, OSGD_JAX_NATIVE="0",
+             OSGD_JAX_CACHE_DIR=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", code], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "ok"
+  assert list(tmp_path.iterdir()) == []  # nothing was built
