@@ -325,8 +325,11 @@ def _build_step(settings, graphdef, num_exits, total_steps, augment, mesh):
       grads = sharding.constrain(grads, mesh, stacked=True)
     # AdaLoss balances the losses the gradients are of; others ignore them.
     extra = {} if weighted is None else {"losses": weighted}
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
+    # Named, so that profiles can tell the optimizer's kernels from the
+    # network's (benchmarks/bench_step.py does).
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, opt_state, params, **extra)
+      params = optax.apply_updates(params, updates)
     if mesh is not None:
       params, rest, opt_state = sharding.constrain((params, rest, opt_state),
                                                    mesh)

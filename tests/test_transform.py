@@ -323,3 +323,14 @@ def test_osgd_sgd_equals_explicit_chain():
     u2, s2 = explicit.update(grads, s2, params)
     np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
     params = optax.apply_updates(params, u1)
+
+
+def test_update_ops_carry_the_transformation_name_as_scope():
+  """Profiles and compiled programs tell osgd's kernels apart by this scope."""
+  params = {"w": jnp.zeros((4, 3))}
+  grads = {"w": jnp.ones((2, 4, 3))}
+  for tx, scope in ((osgd_jax.osgd(), "osgd"),
+                    (osgd_jax.aggregators.pcgrad(seed=0), "pcgrad")):
+    text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text(
+        debug_info=True)
+    assert f"/{scope}/" in text or f'"{scope}/' in text, scope
