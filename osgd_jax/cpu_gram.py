@@ -141,7 +141,11 @@ def _local_grams(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
                                      dtype))
     # A low-precision leaf is widened first (one extra pass; rare on CPU).
     return call(*[leaf.astype(dtype) for leaf in leaves])
-  return jnp.stack([_xla_gram(leaf, compute_dtype) for leaf in leaves])
+  grams_ = jnp.stack([_xla_gram(leaf, compute_dtype) for leaf in leaves])
+  # XLA's dot may sum (i, j) and (j, i) in different orders; mirroring the
+  # upper half makes the result exactly symmetric, as the native kernel's is.
+  upper = jnp.triu(grams_)
+  return upper + jnp.swapaxes(jnp.triu(grams_, 1), -1, -2)
 
 
 def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:

@@ -131,7 +131,10 @@ def _load() -> None:
     _state.update(ok=False, error=str(err))
     warnings.warn(
         "osgd_jax: the native CPU Gram kernel is unavailable, so XLA's"
-        f" (slower on CPU) kernels are used instead. Reason: {err}",
+        f" (slower on CPU) kernels are used instead. Reason: {err}. To fix:"
+        " install a C++ compiler or point CXX at one, and OSGD_JAX_CACHE_DIR"
+        f" at a writable directory (now {cache_dir()}); OSGD_JAX_NATIVE=0"
+        " turns the kernel off without this warning.",
         RuntimeWarning, stacklevel=3)
     return
   _state.update(ok=True, path=path)

@@ -104,3 +104,13 @@ def test_osgd_without_the_native_kernel_in_a_fresh_process(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "ok"
   assert list(tmp_path.iterdir()) == []  # nothing was built
+
+
+def test_an_unwritable_cache_is_named_in_the_warning(tmp_path, monkeypatch):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a directory")
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setenv("OSGD_JAX_CACHE_DIR", str(blocker / "cache"))
+  with pytest.warns(RuntimeWarning, match="OSGD_JAX_CACHE_DIR at a writable"
+                    ".*a-file/cache"):
+    assert not native.available()
