@@ -6,8 +6,11 @@ an XLA FFI handler (why a kernel of our own: see that file and
 *installed* jaxlib (``jax.ffi.include_dir()``), the first time a process
 needs it, by the system C++ compiler, the way PyTorch's inductor compiles
 its CPU kernels; the shared library is cached on disk, keyed by the source,
-the jaxlib version, the compiler and its flags, so later processes only load
-it.
+the jaxlib version, the compiler and its flags and the CPU, so later
+processes only load it. It is compiled for the CPU it runs on
+(``-march=native``, or the compiler's default target where that flag is
+refused): the kernel's register blocking depends on the SIMD registers the
+CPU has.
 
 Everything here degrades gracefully: without a compiler, with an older
 jaxlib, or with ``OSGD_JAX_NATIVE=0`` in the environment, :func:`available`
@@ -46,6 +49,8 @@ SOURCE = pathlib.Path(__file__).parent / "csrc" / "gram_cpu.cc"
 TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),
            "float64": ("osgd_jax_grams_f64", "OsgdGramsF64")}
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# Tried first; a compiler that refuses it builds for its default target.
+NATIVE_FLAGS = ("-march=native",)
 BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
@@ -65,12 +70,33 @@ def _compiler() -> str:
   return os.environ.get("CXX", "c++")
 
 
+def _cpu_identity() -> str:
+  """The CPU's model and instruction-set flags, as the OS reports them.
+
+  Part of the cache key: a library built with ``-march=native`` may use
+  instructions another CPU lacks (a cache directory shared over a network).
+  """
+  seen = {}
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name in ("model name", "flags", "Features", "CPU part"):
+          seen.setdefault(name, value.strip())
+  except OSError:
+    pass
+  return "|".join([platform.machine(), platform.processor(),
+                   *(f"{k}={v}" for k, v in sorted(seen.items()))])
+
+
 def library_path() -> pathlib.Path:
-  """Where the library for this source, jaxlib, compiler and flags lives."""
+  """Where the library for this source, jaxlib, compiler, flags and CPU lives."""
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
-               _compiler().encode(), " ".join(CXXFLAGS).encode(),
-               platform.machine().encode()):
+               _compiler().encode(),
+               " ".join(CXXFLAGS + NATIVE_FLAGS).encode(),
+               _cpu_identity().encode()):
     key.update(part)
     key.update(b"\0")
   return cache_dir() / f"gram_cpu-{key.hexdigest()[:16]}.so"
@@ -98,11 +124,16 @@ def build(path: pathlib.Path) -> None:
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
                              dir=path.parent)
   os.close(fd)
-  cmd = [compiler, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
-         "-o", tmp]
+  base = [compiler, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+          "-o", tmp]
   try:
+    cmd = base[:1] + list(NATIVE_FLAGS) + base[1:]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           timeout=BUILD_TIMEOUT_S, check=False)
+    if proc.returncode != 0:  # e.g. a compiler without -march=native
+      cmd = base
+      proc = subprocess.run(cmd, capture_output=True, text=True,
+                            timeout=BUILD_TIMEOUT_S, check=False)
     if proc.returncode != 0:
       raise RuntimeError(
           f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"

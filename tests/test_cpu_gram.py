@@ -91,9 +91,14 @@ def test_matches_float64_oracle(path, shape):
 
 @pytest.mark.parametrize("num_exits", [1, 2, 3, 4, 5, 7, 8, 13, 16])
 def test_many_leaves_in_one_call_match_the_oracle(path, num_exits):
-  """Every K blocks its rows differently (4+4, 3+2, 4+3+3+3, ...)."""
+  """Every K blocks its rows differently (4+4, 3+2, 4+3+3+3, ...).
+
+  Column counts end their last tile of 64 in each way a block's loop can:
+  whole pairs of SIMD vectors (144), one vector and a scalar tail (75 = 64 +
+  8 + 3), a scalar tail only (7, 165 = 128 + 2·16 + 5), many tiles (70001).
+  """
   del path
-  shapes = [(num_exits,), (num_exits, 7), (num_exits, 33, 5),
+  shapes = [(num_exits,), (num_exits, 7), (num_exits, 33, 5), (num_exits, 75),
             (num_exits, 3, 3, 4, 4), (num_exits, 70001)]
   leaves = [_leaf(s, seed=i) for i, s in enumerate(shapes)]
   got = jax.jit(cpu_gram.grams, static_argnums=1)(leaves, jnp.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import platform
 import stat
 import subprocess
 import sys
@@ -114,3 +115,38 @@ def test_an_unwritable_cache_is_named_in_the_warning(tmp_path, monkeypatch):
   with pytest.warns(RuntimeWarning, match="OSGD_JAX_CACHE_DIR at a writable"
                     ".*a-file/cache"):
     assert not native.available()
+
+
+def test_the_cache_key_follows_the_cpu(monkeypatch):
+  first = native.library_path()
+  monkeypatch.setattr(native, "_cpu_identity", lambda: "x86_64|flags=sse2")
+  assert native.library_path() != first
+
+
+def test_the_cpu_identity_names_its_instruction_sets():
+  identity = native._cpu_identity()
+  assert identity.startswith(platform.machine())
+  if pathlib.Path("/proc/cpuinfo").exists():
+    assert "flags=" in identity or "Features=" in identity
+
+
+def test_a_compiler_without_march_native_builds_for_its_default(
+    tmp_path, monkeypatch):
+  # Refuses -march=native the way a cross or non-GCC compiler might; the
+  # second try, without it, writes the library.
+  log = tmp_path / "calls"
+  compiler = _fake_compiler(tmp_path, f"""\
+      echo "$*" >> {log}
+      case " $* " in *" -march=native "*)
+        echo "error: unsupported option -march=native" >&2; exit 1;; esac
+      while [ "$#" -gt 0 ]; do
+        if [ "$1" = "-o" ]; then echo library > "$2"; fi; shift
+      done
+      """)
+  monkeypatch.setenv("CXX", compiler)
+  out = tmp_path / "cache" / "lib.so"
+  native.build(out)
+  assert out.read_text() == "library\n"
+  first, second = log.read_text().splitlines()
+  assert "-march=native" in first and "-march=native" not in second
+  assert sorted(p.name for p in out.parent.iterdir()) == ["lib.so"]
