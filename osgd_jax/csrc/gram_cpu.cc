@@ -14,7 +14,9 @@
 // The work: for each tile of columns (K rows of it stay in L1), every pair of
 // row blocks (≤ 4 rows each) accumulates its block of the upper triangle in
 // SIMD registers: each loaded vector serves up to four multiply-adds, and a
-// diagonal block forms only its upper half.
+// diagonal block forms only its upper half. osgd_jax.native compiles this
+// file for the CPU it runs on, and the blocks are sized to that CPU's SIMD
+// registers (an off-diagonal block that would not fit runs in two passes).
 // Tiles are summed in double precision, so the result does not drift with n.
 // Large inputs are split into chunks of columns run on XLA's intra-op thread
 // pool; the calling thread takes chunks too and waits only for chunks that
