@@ -17,14 +17,15 @@ On one network, batch and machine, in one run, the script times:
   limit of the staged step follows:
   ``(F + sum_k prefix_k * B) / (F + B)`` with ``prefix_k`` the share of the
   network's cost in stages 1..k;
-* the OSGD transform's share of the step, from a profile of
-  ``--profile-runs`` runs of the compiled OSGD step
-  (``benchmarks/scope_profile.py``): the time of the kernels that run
-  operations of ``osgd``'s named scope, over the kernel time of the step.
-  Kernels that fuse ``osgd``'s weighted sum with the optimizer's update are
-  counted in full, so the share is an upper bound (the ``osgd``-only kernels,
-  a lower bound, are printed beside it). A difference of two wall times
-  cannot resolve a few percent on a shared machine; a profile can. Printed
+* the OSGD transform's share of the step, from profiles of
+  ``--profile-runs`` runs of the compiled OSGD and plain steps
+  (``benchmarks/scope_profile.py``): what the transform adds to the
+  optimizer's kernels (the OSGD step's ``optimizer``-scope kernels minus the
+  plain step's), kept between the kernels of ``osgd``'s operations only (a
+  lower bound) and those plus the kernels that fuse ``osgd``'s weighted sum
+  with the optimizer's update (an upper bound), over the kernel time of the
+  step. A difference of two wall times cannot resolve a few percent on a
+  shared machine; a profile can. Printed
   for reference: ``osgd(...).update`` alone, as its own jitted call on
   stacked gradients of the model's shapes (it adds the launch of a call,
   timed apart, and its weighted sums cannot fuse with an optimizer), and the
@@ -441,7 +442,7 @@ def _transform_in_step(variants: Sequence[Variant], compiled_steps: dict,
       optimizer_s=optimizer.scope_s + optimizer.mixed_s,
       plain_optimizer_s=plain.scope_s, plain_total_s=plain.total_s,
       added_s=added, estimate_s=estimate,
-      lower=lower / scope.total_s, upper=upper / scope.total_s,
+      lower=scope.share, upper=scope.upper_share,
       share=estimate / scope.total_s)
 
 

@@ -124,17 +124,15 @@ def build(path: pathlib.Path) -> None:
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
                              dir=path.parent)
   os.close(fd)
-  base = [compiler, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
-          "-o", tmp]
+  flags = [*CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
   try:
-    cmd = base[:1] + list(NATIVE_FLAGS) + base[1:]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=BUILD_TIMEOUT_S, check=False)
-    if proc.returncode != 0:  # e.g. a compiler without -march=native
-      cmd = base
+    # With NATIVE_FLAGS first, then without (a compiler that refuses them).
+    for cmd in ([compiler, *NATIVE_FLAGS, *flags], [compiler, *flags]):
       proc = subprocess.run(cmd, capture_output=True, text=True,
                             timeout=BUILD_TIMEOUT_S, check=False)
-    if proc.returncode != 0:
+      if proc.returncode == 0:
+        break
+    else:
       raise RuntimeError(
           f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
           f"{proc.stderr[-2000:]}")
