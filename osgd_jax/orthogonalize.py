@@ -187,13 +187,18 @@ def safe_inverse(x: jax.Array) -> jax.Array:
 UNROLL_MAX_EXITS = 16
 
 
-def _factor_unrolled(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
+def _factor_unrolled(corr: jax.Array, tol
+                     ) -> tuple[dict[tuple[int, int], jax.Array], list[jax.Array]]:
   """:func:`_factor_loop`, written entry by entry for a static small K.
 
-  Every entry of L is a ``(...,)`` array of elementwise operations, so XLA
-  fuses the whole factorisation into a few kernels; the loop form launches
-  each step's kernels one by one (on XLA:CPU, testing the loop condition on
-  the host), which costs more than the O(K³) scalar work.
+  Returns the entries of L below the diagonal as ``{(i, j): (...,)}`` and
+  the pivots as a list of ``(...,)`` arrays. Kept as separate arrays, never
+  stacked into a matrix: XLA fuses elementwise operations on them into a few
+  kernels, whereas a stacked (K, K) matrix becomes one kernel that evaluates
+  the whole factorisation again for each of its K² entries (on XLA:CPU,
+  K = 8: 35 µs, more than the rest of the update's algebra together). The
+  loop form launches each step's kernels one by one (on XLA:CPU, testing
+  the loop condition on the host), which costs more than the O(K³) work.
   """
   num_exits = corr.shape[-1]
   lower: dict[tuple[int, int], jax.Array] = {}
@@ -213,12 +218,7 @@ def _factor_unrolled(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
     for i in range(j + 1, num_exits):
       lower[i, j] = jnp.where(keep, column[i] * inverse, 0.0)
       weighted[i, j] = lower[i, j] * pivot
-  zero, one = jnp.zeros_like(pivots[0]), jnp.ones_like(pivots[0])
-  matrix = jnp.stack([
-      jnp.stack([lower[i, j] if i > j else (one if i == j else zero)
-                 for j in range(num_exits)], axis=-1)
-      for i in range(num_exits)], axis=-2)
-  return matrix, jnp.stack(pivots, axis=-1)
+  return lower, pivots
 
 
 def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
@@ -254,23 +254,31 @@ def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
   return jax.lax.fori_loop(0, num_exits, column_step, (lower, pivots))
 
 
-def _back_substitute(lower: jax.Array, coeff: jax.Array) -> jax.Array:
-  """Solves ``Lᵀ w = coeff`` for unit lower-triangular L, batched over leaves.
+def _back_substitute_unrolled(lower, coeff, scale, inv_scale) -> jax.Array:
+  """Solves ``Lᵀ w = coeff`` entry by entry, from the last exit to the first.
 
-  ``w_j = coeff_j − Σ_{k>j} L_kj w_k``, from the last exit to the first:
-  unrolled entry by entry for a small K (it fuses), a ``lax`` loop beyond.
-  Cheaper to compile than a batched triangular-solve call.
+  ``w_j = coeff_j − Σ_{k>j} L_kj w_k`` with ``L_kj = L'_kj s_k / s_j``, where
+  ``lower`` holds the entries of L' (:func:`_factor_unrolled`) and ``coeff``,
+  ``scale``, ``inv_scale`` are ``(..., K)``.
   """
   num_exits = coeff.shape[-1]
-  if num_exits <= UNROLL_MAX_EXITS:
-    weights = [None] * num_exits
-    for j in reversed(range(num_exits)):
-      w_j = coeff[..., j]
-      for k in range(j + 1, num_exits):
-        w_j = w_j - lower[..., k, j] * weights[k]
-      weights[j] = w_j
-    return jnp.stack(weights, axis=-1)
+  weights = [None] * num_exits
+  for j in reversed(range(num_exits)):
+    w_j = coeff[..., j]
+    for k in range(j + 1, num_exits):
+      entry = lower[k, j] * scale[..., k] * inv_scale[..., j]
+      w_j = w_j - entry * weights[k]
+    weights[j] = w_j
+  return jnp.stack(weights, axis=-1)
 
+
+def _back_substitute_loop(lower: jax.Array, coeff: jax.Array) -> jax.Array:
+  """Solves ``Lᵀ w = coeff`` for a unit lower-triangular ``(..., K, K)`` L.
+
+  ``w_j = coeff_j − Σ_{k>j} L_kj w_k``, a ``lax`` loop from the last exit to
+  the first; cheaper to compile than a batched triangular-solve call.
+  """
+  num_exits = coeff.shape[-1]
   rows = jnp.arange(num_exits)
 
   def back_step(i, weights):
@@ -293,6 +301,9 @@ def ldl_weights(
   ``D_kk ≤ tol`` is degenerate; its column of L is zeroed so it joins no basis
   and it contributes nothing to the sum.
 
+  Up to :data:`UNROLL_MAX_EXITS` exits the algebra is unrolled entry by
+  entry at trace time; beyond, it runs as ``lax`` loops over the exits.
+
   Args:
     gram: ``(..., K, K)`` symmetric positive semi-definite Gram matrices.
     tol: relative tolerance on the squared norm of a projected component.
@@ -304,11 +315,15 @@ def ldl_weights(
   """
   num_exits = gram.shape[-1]
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
-  inv_scale = safe_inverse(jnp.sqrt(diag))
+  scale = jnp.sqrt(diag)
+  inv_scale = safe_inverse(scale)
   corr = gram * inv_scale[..., :, None] * inv_scale[..., None, :]
-  factor = (_factor_unrolled if num_exits <= UNROLL_MAX_EXITS
-            else _factor_loop)
-  lower, pivots = factor(corr, tol)
+  unrolled = num_exits <= UNROLL_MAX_EXITS
+  if unrolled:
+    lower, pivot_list = _factor_unrolled(corr, tol)
+    pivots = jnp.stack(pivot_list, axis=-1)
+  else:
+    lower, pivots = _factor_loop(corr, tol)
 
   keep = pivots > 0
   if rescale:
@@ -319,9 +334,12 @@ def ldl_weights(
   # L = S L' S⁻¹ undoes the equilibration. Solving with L itself (rather than
   # w = S⁻¹ L'⁻ᵀ S coeff) keeps w exactly equal to coeff when nothing is
   # projected, e.g. K = 1 is the identity bit for bit.
-  scale = jnp.sqrt(diag)
-  lower = lower * scale[..., :, None] * inv_scale[..., None, :]
-  return _back_substitute(lower, coeff), pivots * diag
+  if unrolled:
+    weights = _back_substitute_unrolled(lower, coeff, scale, inv_scale)
+  else:
+    lower = lower * scale[..., :, None] * inv_scale[..., None, :]
+    weights = _back_substitute_loop(lower, coeff)
+  return weights, pivots * diag
 
 
 def _group_reduce(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:

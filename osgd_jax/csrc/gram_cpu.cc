@@ -41,6 +41,12 @@ constexpr int64_t kMaxExits = 64;
 constexpr int kMaxBlock = 4;          // rows per register block
 constexpr int64_t kTileBytes = 16 << 10;    // K rows of a tile: half of L1
 constexpr int64_t kChunkColumns = 1 << 13;  // columns per thread-pool task
+// How far ahead of the columns in use each row is prefetched. With the
+// hardware prefetcher alone a core waits on memory between its bursts of
+// multiply-adds. AVX2, 2 threads, medians of interleaved runs: K=8, 10⁶
+// columns 1.64-1.89 -> 1.39-1.60 ms; K=4, 5·10⁶ 2.70 -> 2.48 ms (2 KiB ahead
+// was as good, 4 KiB worse, and columns in L2 are unaffected).
+constexpr int64_t kPrefetchBytes = 1 << 10;
 // Below this many multiply-adds (columns × K(K+1)/2) one thread runs the
 // call: waking the pool costs more, and inside a training step the pool's
 // threads are often busy with the step's other kernels.
@@ -93,6 +99,15 @@ OSGD_NOINLINE void Block(const T* const* rows_i, const T* const* rows_j,
   // One vector of columns from c into sum set u.
   auto step = [&](int64_t c, int u) __attribute__((always_inline)) {
     V x[BI], y[BJ];
+    // The diagonal blocks together visit every row once per tile: they
+    // prefetch, one cache line at a time.
+    if constexpr (kDiagonal) {
+      if (c % (64 / sizeof(T)) == 0) {
+        for (int a = 0; a < BI; ++a) {
+          __builtin_prefetch(rows_i[a] + c + kPrefetchBytes / sizeof(T));
+        }
+      }
+    }
     for (int a = 0; a < BI; ++a) x[a] = Load(rows_i[a] + c);
     for (int b = 0; b < BJ; ++b) y[b] = kDiagonal ? x[b] : Load(rows_j[b] + c);
     for (int a = 0; a < BI; ++a)
