@@ -15,11 +15,23 @@ methods are called in turn, ``--repeats`` times, so machine noise hits all of
 them alike. Times are medians. The target verdict (PASS/MISS) is printed, never
 asserted: timings on a shared machine are evidence, not a test.
 
+Each call is timed to its end (``block_until_ready``), which on the CPU
+backend, with JAX's default asynchronous dispatch, hands the program to a
+runtime thread and puts the calling thread to sleep until it is done. Once a
+program runs longer than the caller's short wait before sleeping (a few tens
+of µs), waking it again costs the call 30–60 µs on a virtual machine: small
+rows would measure that hand-off, not the work. So by default the CPU
+backend runs each program on the calling thread
+(``jax_cpu_enable_async_dispatch=False``), for the floor and the methods
+alike; ``--dispatch async`` keeps JAX's default. Inside a training step the
+transform is part of one program and pays no hand-off of its own.
+
 Usage::
 
   python benchmarks/bench_transform.py                  # full run
   python benchmarks/bench_transform.py --quick          # smoke test, seconds
   python benchmarks/bench_transform.py --sizes 1e5 1e6 --ks 2 8 --json out.json
+  python benchmarks/bench_transform.py --dispatch async  # JAX's CPU default
 """
 
 from __future__ import annotations
@@ -221,7 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--quick", action="store_true",
                       help="tiny configuration for a smoke test")
   parser.add_argument("--json", metavar="PATH", help="write results as JSON")
+  parser.add_argument("--dispatch", choices=("sync", "async"), default="sync",
+                      help="CPU backend: run each program on the calling"
+                           " thread (sync, default) or hand it to a runtime"
+                           " thread (async, JAX's default); see the module"
+                           " docstring")
   args = parser.parse_args(argv)
+  # Read when the CPU client is created: before the first computation.
+  jax.config.update("jax_cpu_enable_async_dispatch", args.dispatch == "async")
 
   base = QUICK if args.quick else dict(
       sizes=DEFAULT_SIZES, ks=DEFAULT_KS, repeats=5, leaves=DEFAULT_LEAVES)
@@ -234,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"jax {jax.__version__}, backend {jax.default_backend()},"
         f" device {device.device_kind} ({device}), {jax.device_count()} device(s);"
         f" python {platform.python_version()}")
-  print(f"float32; median of {repeats} interleaved samples (each >= {MIN_SAMPLE_S * 1e3:g} ms of"
+  print(f"float32; {args.dispatch} dispatch on CPU;"
+        f" median of {repeats} interleaved samples (each >= {MIN_SAMPLE_S * 1e3:g} ms of"
         f" back-to-back calls) after warm-up;"
         f" floor = the faster of two jitted weighted sums over K on the same"
         f" buffer (t: tensordot(w, G, axes=1), r: K rows added elementwise);"
@@ -275,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = dict(jax=jax.__version__, backend=jax.default_backend(),
                 device=str(device), device_kind=device.device_kind,
                 python=platform.python_version(), repeats=repeats,
+                dispatch=args.dispatch,
                 target_ratio=TARGET_RATIO, argv=sys.argv[1:])
     with open(args.json, "w") as f:
       json.dump(dict(meta=meta, results=results), f, indent=2)

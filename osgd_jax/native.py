@@ -1,26 +1,28 @@
-"""The library's native CPU kernel: built on first use, loaded, registered.
+"""The library's native CPU kernels: built on first use, loaded, registered.
 
-``osgd_jax/csrc/gram_cpu.cc`` computes the Gram matrices of stacked leaves as
-an XLA FFI handler (why a kernel of our own: see that file and
-:mod:`osgd_jax.cpu_gram`). It is compiled against the XLA FFI headers of the
+``osgd_jax/csrc/gram_cpu.cc`` computes the Gram matrices of stacked leaves
+and ``osgd_jax/csrc/ldl_cpu.cc`` the Gram–Schmidt weights from them, as XLA
+FFI handlers (why kernels of our own: see those files,
+:mod:`osgd_jax.cpu_gram` and :mod:`osgd_jax.cpu_ldl`). Both go into one
+shared library, compiled against the XLA FFI headers of the
 *installed* jaxlib (``jax.ffi.include_dir()``), the first time a process
 needs it, by the system C++ compiler, the way PyTorch's inductor compiles
 its CPU kernels; the shared library is cached on disk, keyed by the source,
 the jaxlib version, the compiler and its flags and the CPU, so later
 processes only load it. It is compiled for the CPU it runs on
 (``-march=native``, or the compiler's default target where that flag is
-refused): the kernel's register blocking depends on the SIMD registers the
+refused): the Gram kernel's register blocking depends on the SIMD registers the
 CPU has.
 
 Everything here degrades gracefully: without a compiler, with an older
 jaxlib, or with ``OSGD_JAX_NATIVE=0`` in the environment, :func:`available`
-is ``False`` and :mod:`osgd_jax.cpu_gram` computes the same Gram matrices
-with XLA's own kernels (slower on CPU, equal up to rounding). A failed build
+is ``False`` and XLA's own kernels compute the same results (slower on
+CPU, equal up to rounding). A failed build
 is reported once, as a warning that carries the compiler's message.
 
 Environment variables:
 
-* ``OSGD_JAX_NATIVE``: ``0`` turns the kernel off (default: on).
+* ``OSGD_JAX_NATIVE``: ``0`` turns the kernels off (default: on).
 * ``OSGD_JAX_CACHE_DIR``: where built libraries are kept (default:
   ``$XDG_CACHE_HOME/osgd_jax`` or ``~/.cache/osgd_jax``).
 * ``CXX``: the C++ compiler (default: ``c++``).
@@ -42,12 +44,17 @@ import warnings
 import jax
 import jaxlib
 
-__all__ = ["available", "build", "cache_dir", "library_path", "TARGETS"]
+__all__ = ["available", "build", "cache_dir", "library_path", "LDL_TARGETS",
+           "SOURCES", "TARGETS"]
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "gram_cpu.cc"
-# FFI target name per compute dtype, and the handler symbol behind it.
+SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
+                for name in ("gram_cpu.cc", "ldl_cpu.cc"))
+# FFI target name per compute dtype, and the handler symbol behind it: the
+# Gram matrices, and the Gram–Schmidt weights.
 TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),
            "float64": ("osgd_jax_grams_f64", "OsgdGramsF64")}
+LDL_TARGETS = {"float32": ("osgd_jax_ldl_f32", "OsgdLdlF32"),
+               "float64": ("osgd_jax_ldl_f64", "OsgdLdlF64")}
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Tried first; a compiler that refuses it builds for its default target.
 NATIVE_FLAGS = ("-march=native",)
@@ -91,19 +98,20 @@ def _cpu_identity() -> str:
 
 
 def library_path() -> pathlib.Path:
-  """Where the library for this source, jaxlib, compiler, flags and CPU lives."""
+  """Where the library for these sources, jaxlib, compiler, flags and CPU lives."""
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(),
+  for part in (*(source.read_bytes() for source in SOURCES),
+               jaxlib.__version__.encode(),
                _compiler().encode(),
                " ".join(CXXFLAGS + NATIVE_FLAGS).encode(),
                _cpu_identity().encode()):
     key.update(part)
     key.update(b"\0")
-  return cache_dir() / f"gram_cpu-{key.hexdigest()[:16]}.so"
+  return cache_dir() / f"osgd_cpu-{key.hexdigest()[:16]}.so"
 
 
 def build(path: pathlib.Path) -> None:
-  """Compiles the kernel to ``path``, atomically.
+  """Compiles the kernels to ``path``, atomically.
 
   The compiler writes a temporary file in the same directory, which is then
   renamed: a process that loads ``path`` never sees half a library, and
@@ -124,7 +132,8 @@ def build(path: pathlib.Path) -> None:
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
                              dir=path.parent)
   os.close(fd)
-  flags = [*CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  flags = [*CXXFLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+           tmp]
   try:
     # With NATIVE_FLAGS first, then without (a compiler that refuses them).
     for cmd in ([compiler, *NATIVE_FLAGS, *flags], [compiler, *flags]):
@@ -152,31 +161,32 @@ def _load() -> None:
     if not path.exists():
       build(path)
     lib = ctypes.cdll.LoadLibrary(str(path))
-    for target, symbol in TARGETS.values():
+    for target, symbol in (*TARGETS.values(), *LDL_TARGETS.values()):
       jax.ffi.register_ffi_target(
           target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError,
           AttributeError) as err:
     _state.update(ok=False, error=str(err))
     warnings.warn(
-        "osgd_jax: the native CPU Gram kernel is unavailable, so XLA's"
+        "osgd_jax: the native CPU kernels are unavailable, so XLA's"
         f" (slower on CPU) kernels are used instead. Reason: {err}. To fix:"
         " install a C++ compiler or point CXX at one, and OSGD_JAX_CACHE_DIR"
         f" at a writable directory (now {cache_dir()}); OSGD_JAX_NATIVE=0"
-        " turns the kernel off without this warning.",
+        " turns the kernels off without this warning.",
         RuntimeWarning, stacklevel=3)
     return
   _state.update(ok=True, path=path)
 
 
 def available() -> bool:
-  """Whether the native kernel is built, loaded and registered with XLA.
+  """Whether the native kernels are built, loaded and registered with XLA.
 
   The first call in a process builds (if not cached) and loads it; later
   calls return the same answer.
 
   Returns:
-    ``True`` if the FFI targets in :data:`TARGETS` can be called.
+    ``True`` if the FFI targets in :data:`TARGETS` and :data:`LDL_TARGETS`
+    can be called.
 
   Example:
     >>> from osgd_jax import native

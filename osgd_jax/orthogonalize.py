@@ -27,12 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from osgd_jax import cpu_gram
+from osgd_jax import cpu_ldl
 
 __all__ = [
     "Projection",
     "gram_matrix",
     "gram_matrices",
     "ldl_weights",
+    "ldl_weights_xla",
     "weighted_sum",
     "project",
 ]
@@ -294,6 +296,30 @@ def ldl_weights(
     gram: jax.Array, *, tol: float | jax.Array, rescale: bool
 ) -> tuple[jax.Array, jax.Array]:
   """Gram–Schmidt weights from a Gram matrix, rows taken in index order.
+
+  The algebra of :func:`ldl_weights_xla`. On the CPU backend it runs as one
+  call of the native kernel (:mod:`osgd_jax.cpu_ldl`) where that is
+  available; XLA:CPU would launch it as about K + 10 tiny kernels.
+
+  Args:
+    gram: ``(..., K, K)`` symmetric positive semi-definite Gram matrices.
+    tol: relative tolerance on the squared norm of a projected component.
+    rescale: scale every kept component back to the norm of its input.
+
+  Returns:
+    ``(weights, residual_sq_norms)``, both ``(..., K)``: ``u = Σ_k w_k g_k``
+    and ``‖ĝ_k‖²`` (zero for degenerate components).
+  """
+  if (jax.default_backend() == "cpu" and gram.shape[-1] <= cpu_ldl.MAX_EXITS
+      and _replicated_like(gram) is None and cpu_ldl.uses_native(gram.dtype)):
+    return cpu_ldl.ldl_weights(gram, tol=tol, rescale=rescale)
+  return ldl_weights_xla(gram, tol=tol, rescale=rescale)
+
+
+def ldl_weights_xla(
+    gram: jax.Array, *, tol: float | jax.Array, rescale: bool
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`ldl_weights` by XLA operations, on any backend.
 
   Factorises ``M = L D Lᵀ`` after equilibration ``C = S⁻¹ M S⁻¹`` with
   ``S = diag(√M_kk)``, which makes the pivots scale-free: ``D_kk`` is the
