@@ -329,15 +329,7 @@ def ldl_weights_xla(
 
   Up to :data:`UNROLL_MAX_EXITS` exits the algebra is unrolled entry by
   entry at trace time; beyond, it runs as ``lax`` loops over the exits.
-
-  Args:
-    gram: ``(..., K, K)`` symmetric positive semi-definite Gram matrices.
-    tol: relative tolerance on the squared norm of a projected component.
-    rescale: scale every kept component back to the norm of its input.
-
-  Returns:
-    ``(weights, residual_sq_norms)``, both ``(..., K)``: ``u = Σ_k w_k g_k``
-    and ``‖ĝ_k‖²`` (zero for degenerate components).
+  Arguments and results are those of :func:`ldl_weights`.
   """
   num_exits = gram.shape[-1]
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
