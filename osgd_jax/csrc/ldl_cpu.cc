@@ -12,8 +12,9 @@
 // Operands: gram (..., K, K) and tol, with one element or one per matrix.
 // Results: weights and residual squared norms ‖ĝ_k‖², both (..., K). The
 // attribute `rescale` scales each kept component back to its input's norm.
-// Sums run in double precision, whatever the dtype.
+// Everything runs in double precision, whatever the dtype.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -25,46 +26,83 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxExitsLdl = 64;
+// Matrices are processed in groups, entry by entry across the group, so the
+// compiler vectorises over matrices (a network's leaves: tens to hundreds);
+// one matrix at a time is a chain of dependent divisions (K = 4, 66
+// leaves: 18 µs, 4× XLA's vectorised kernels). The group's scratch stays
+// within L1 and L2.
+constexpr int64_t kGroupEntries = 1 << 12;  // K² × matrices per group
 
-// One K×K matrix: writes w (K) and the residual squared norms (K);
-// `lower` is scratch for the K×K factor.
-template <typename T>
-void LdlOne(const T* gram, int64_t k, double tol, bool rescale, double* lower,
-            T* weights, T* residual) {
-  double scale[kMaxExitsLdl], inv_scale[kMaxExitsLdl], pivot[kMaxExitsLdl];
-  double w[kMaxExitsLdl];
+// The matrices [0, n) of a group, stored entry-major: g[(i * k + j) * n + b]
+// is M_ij of matrix b. Writes weights and residual squared norms entry-major
+// too: w[i * n + b].
+void LdlGroup(const double* g, int64_t k, int64_t n, const double* tol,
+              bool rescale, double* scratch, double* w, double* residual) {
+  double* scale = scratch;            // k × n
+  double* inv_scale = scale + k * n;  // k × n
+  double* pivot = inv_scale + k * n;  // k × n
+  double* column = pivot + k * n;     // k × n
+  double* lower = column + k * n;     // k × k × n, (i, j) at (i * k + j) * n
   for (int64_t i = 0; i < k; ++i) {
-    scale[i] = std::sqrt(double(gram[i * k + i]));
-    inv_scale[i] = scale[i] > 0 ? 1.0 / scale[i] : 0.0;
+    const double* d = g + (i * k + i) * n;
+    for (int64_t b = 0; b < n; ++b) {
+      const double root = std::sqrt(d[b]);  // NaN stays NaN, as in XLA
+      scale[i * n + b] = root;
+      // Selects with safe operands on both sides, so that the loops
+      // vectorise: the unused side never divides by zero.
+      inv_scale[i * n + b] = root > 0 ? 1.0 / (root > 0 ? root : 1.0) : 0.0;
+    }
   }
   // Column j of L below the diagonal, and pivot d_j, from the columns before.
   for (int64_t j = 0; j < k; ++j) {
-    double column[kMaxExitsLdl];
     for (int64_t i = j; i < k; ++i) {
-      double entry = double(gram[i * k + j]) * inv_scale[i] * inv_scale[j];
-      for (int64_t m = 0; m < j; ++m) {
-        entry -= lower[i * k + m] * lower[j * k + m] * pivot[m];
+      const double* m = g + (i * k + j) * n;
+      double* c = column + i * n;
+      for (int64_t b = 0; b < n; ++b) {
+        c[b] = m[b] * inv_scale[i * n + b] * inv_scale[j * n + b];
       }
-      column[i] = entry;
+      for (int64_t q = 0; q < j; ++q) {
+        const double* li = lower + (i * k + q) * n;
+        const double* lj = lower + (j * k + q) * n;
+        const double* p = pivot + q * n;
+        for (int64_t b = 0; b < n; ++b) c[b] -= li[b] * lj[b] * p[b];
+      }
     }
-    const bool keep = column[j] > tol;
-    pivot[j] = keep ? column[j] : 0.0;
+    const double* cj = column + j * n;
+    for (int64_t b = 0; b < n; ++b) {
+      pivot[j * n + b] = cj[b] > tol[b] ? cj[b] : 0.0;
+    }
     for (int64_t i = j + 1; i < k; ++i) {
-      lower[i * k + j] = keep ? column[i] / column[j] : 0.0;
+      const double* ci = column + i * n;
+      double* l = lower + (i * k + j) * n;
+      for (int64_t b = 0; b < n; ++b) {
+        const bool keep = cj[b] > tol[b];
+        l[b] = keep ? ci[b] / (keep ? cj[b] : 1.0) : 0.0;
+      }
     }
   }
   // Lᵀ w = coeff with L_ij = L'_ij s_i / s_j: w_j = coeff_j − Σ_{i>j} L_ij w_i.
   for (int64_t j = k - 1; j >= 0; --j) {
-    const bool keep = pivot[j] > 0;
-    double value = keep ? (rescale ? 1.0 / std::sqrt(pivot[j]) : 1.0) : 0.0;
-    for (int64_t i = j + 1; i < k; ++i) {
-      value -= lower[i * k + j] * scale[i] * inv_scale[j] * w[i];
+    const double* p = pivot + j * n;
+    double* wj = w + j * n;
+    for (int64_t b = 0; b < n; ++b) {
+      const bool keep = p[b] > 0;
+      const double root = std::sqrt(keep ? p[b] : 1.0);
+      wj[b] = keep ? (rescale ? 1.0 / root : 1.0) : 0.0;
     }
-    w[j] = value;
+    for (int64_t i = j + 1; i < k; ++i) {
+      const double* l = lower + (i * k + j) * n;
+      const double* wi = w + i * n;
+      for (int64_t b = 0; b < n; ++b) {
+        wj[b] -= l[b] * scale[i * n + b] * inv_scale[j * n + b] * wi[b];
+      }
+    }
   }
   for (int64_t i = 0; i < k; ++i) {
-    weights[i] = T(w[i]);
-    residual[i] = T(pivot[i] * double(gram[i * k + i]));
+    const double* d = g + (i * k + i) * n;
+    for (int64_t b = 0; b < n; ++b) {
+      residual[i * n + b] = pivot[i * n + b] * d[b];
+    }
   }
 }
 
@@ -95,10 +133,27 @@ ffi::Error LdlImpl(ffi::Buffer<D> gram, ffi::Buffer<D> tol,
   }
   const T* in = gram.typed_data();
   const T* tols = tol.typed_data();
-  std::vector<double> lower(k * k);
-  for (int64_t b = 0; b < batch; ++b) {
-    LdlOne<T>(in + b * k * k, k, double(tols[num_tol == 1 ? 0 : b]), rescale,
-              lower.data(), weights->typed_data() + b * k, residual->typed_data() + b * k);
+  T* w_out = weights->typed_data();
+  T* r_out = residual->typed_data();
+  const int64_t group =
+      std::min(batch, std::max<int64_t>(1, kGroupEntries / (k * k)));
+  std::vector<double> g(k * k * group), t(group), w(k * group), r(k * group);
+  std::vector<double> scratch((4 * k + k * k) * group);
+  for (int64_t b0 = 0; b0 < batch; b0 += group) {
+    const int64_t n = std::min(group, batch - b0);
+    for (int64_t b = 0; b < n; ++b) {
+      const T* m = in + (b0 + b) * k * k;
+      for (int64_t e = 0; e < k * k; ++e) g[e * n + b] = double(m[e]);
+      t[b] = double(tols[num_tol == 1 ? 0 : b0 + b]);
+    }
+    LdlGroup(g.data(), k, n, t.data(), rescale, scratch.data(), w.data(),
+             r.data());
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t i = 0; i < k; ++i) {
+        w_out[(b0 + b) * k + i] = T(w[i * n + b]);
+        r_out[(b0 + b) * k + i] = T(r[i * n + b]);
+      }
+    }
   }
   return ffi::Error::Success();
 }
