@@ -253,7 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"jax {jax.__version__}, backend {jax.default_backend()},"
         f" device {device.device_kind} ({device}), {jax.device_count()} device(s);"
         f" python {platform.python_version()}")
-  print(f"float32; {args.dispatch} dispatch on CPU;"
+  # Read back from JAX's config: what the runs below actually use.
+  dispatch = ("async" if jax.config.read("jax_cpu_enable_async_dispatch")
+              else "sync")
+  print(f"float32; {dispatch} dispatch on CPU;"
         f" median of {repeats} interleaved samples (each >= {MIN_SAMPLE_S * 1e3:g} ms of"
         f" back-to-back calls) after warm-up;"
         f" floor = the faster of two jitted weighted sums over K on the same"
@@ -295,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = dict(jax=jax.__version__, backend=jax.default_backend(),
                 device=str(device), device_kind=device.device_kind,
                 python=platform.python_version(), repeats=repeats,
-                dispatch=args.dispatch,
+                dispatch=dispatch,
                 target_ratio=TARGET_RATIO, argv=sys.argv[1:])
     with open(args.json, "w") as f:
       json.dump(dict(meta=meta, results=results), f, indent=2)

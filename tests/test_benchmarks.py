@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import json
 import subprocess
 import sys
 
@@ -26,6 +27,20 @@ def test_bench_transform_quick_prints_ratios_for_both_methods():
     rows = [line for line in out.splitlines() if f" {method} " in line]
     assert rows, f"no row for {method}:\n{out}"
     assert all(line.split()[-2].endswith("x") for line in rows), rows  # a ratio
+  # Programs run on the calling thread unless --dispatch async says not to.
+  assert "sync dispatch on CPU" in out, out
+
+
+def test_bench_transform_dispatch_async_keeps_jax_default(tmp_path):
+  out_json = tmp_path / "out.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "bench_transform.py"),
+       "--quick", "--methods", "gram", "--no-multi", "--dispatch", "async",
+       "--json", str(out_json)],
+      cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert "async dispatch on CPU" in proc.stdout, proc.stdout
+  assert json.loads(out_json.read_text())["meta"]["dispatch"] == "async"
 
 
 def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices():
