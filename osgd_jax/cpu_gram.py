@@ -67,17 +67,17 @@ BLOCK_BYTES = 256 << 10
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
-def uses_native(compute_dtype) -> bool:
-  """Whether :func:`grams` runs the native kernel for this compute dtype.
+def uses_native(compute_dtype, num_exits: int) -> bool:
+  """Whether :func:`grams` runs the native kernel for this dtype and K.
 
   Args:
     compute_dtype: float32 or float64.
+    num_exits: K, the leaves' leading axis.
 
   Returns:
-    ``True`` when :func:`osgd_jax.native.available` and the kernel has a
-    handler for the dtype.
+    :func:`osgd_jax.native.supports` for the Gram kernel.
   """
-  return jnp.dtype(compute_dtype).name in native.TARGETS and native.available()
+  return native.supports(native.TARGETS, compute_dtype, num_exits)
 
 
 def _needs_blocks(leaf: jax.Array) -> bool:
@@ -100,7 +100,8 @@ def worthwhile(leaf: jax.Array, compute_dtype=jnp.float32) -> bool:
   Returns:
     Whether :func:`grams` should take this leaf.
   """
-  return uses_native(compute_dtype) or leaf.ndim > 2 or _needs_blocks(leaf)
+  return (uses_native(compute_dtype, leaf.shape[0]) or leaf.ndim > 2
+          or _needs_blocks(leaf))
 
 
 def _rows_gram(rows: jax.Array, compute_dtype) -> jax.Array:
@@ -132,9 +133,9 @@ def _xla_gram(leaf: jax.Array, compute_dtype) -> jax.Array:
 
 def _local_grams(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
   """``(L, K, K)`` Gram matrices of one device's data of every leaf."""
-  if uses_native(compute_dtype):
+  num_exits = leaves[0].shape[0]
+  if uses_native(compute_dtype, num_exits):
     dtype = jnp.dtype(compute_dtype)
-    num_exits = leaves[0].shape[0]
     target, _ = native.TARGETS[dtype.name]
     call = jax.ffi.ffi_call(
         target, jax.ShapeDtypeStruct((len(leaves), num_exits, num_exits),

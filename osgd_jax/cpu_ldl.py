@@ -29,22 +29,20 @@ import jax.numpy as jnp
 
 from osgd_jax import native
 
-__all__ = ["MAX_EXITS", "ldl_weights", "uses_native"]
-
-MAX_EXITS = 64  # the kernel's bound on K (kMaxExitsLdl)
+__all__ = ["ldl_weights", "uses_native"]
 
 
-def uses_native(dtype) -> bool:
-  """Whether :func:`ldl_weights` runs the native kernel for this dtype.
+def uses_native(dtype, num_exits: int) -> bool:
+  """Whether :func:`ldl_weights` runs the native kernel for this dtype and K.
 
   Args:
     dtype: the Gram matrices' dtype (float32 or float64).
+    num_exits: K.
 
   Returns:
-    ``True`` when :func:`osgd_jax.native.available` and the kernel has a
-    handler for the dtype.
+    :func:`osgd_jax.native.supports` for the LDLᵀ kernel.
   """
-  return jnp.dtype(dtype).name in native.LDL_TARGETS and native.available()
+  return native.supports(native.LDL_TARGETS, dtype, num_exits)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +80,7 @@ def ldl_weights(gram: jax.Array, *, tol: float | jax.Array, rescale: bool
 
   Args:
     gram: ``(..., K, K)`` Gram matrices, float32 or float64, K ≤
-      :data:`MAX_EXITS`.
+      :data:`osgd_jax.native.MAX_EXITS`.
     tol: relative tolerance on the squared norm of a projected component.
     rescale: scale every kept component back to the norm of its input.
 
@@ -91,7 +89,8 @@ def ldl_weights(gram: jax.Array, *, tol: float | jax.Array, rescale: bool
 
   Raises:
     RuntimeError: the native kernel is unavailable for this dtype.
-    ValueError: ``gram`` is not ``(..., K, K)`` with ``1 <= K <= MAX_EXITS``.
+    ValueError: ``gram`` is not ``(..., K, K)`` with
+      ``1 <= K <= osgd_jax.native.MAX_EXITS``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -101,15 +100,17 @@ def ldl_weights(gram: jax.Array, *, tol: float | jax.Array, rescale: bool
     (Array([1., 0.], dtype=float32), Array([1., 0.], dtype=float32))
   """
   dtype = jnp.dtype(gram.dtype)
-  if not uses_native(dtype):
+  num_exits = gram.shape[-1]
+  if (not 1 <= num_exits <= native.MAX_EXITS
+      or gram.shape[-2] != num_exits):
+    raise ValueError(
+        f"cpu_ldl expects (..., K, K) Gram matrices with 1 <= K <="
+        f" {native.MAX_EXITS}; got shape {gram.shape}.")
+  if not uses_native(dtype, num_exits):
     raise RuntimeError(
         f"cpu_ldl needs the native kernel for {dtype.name} Gram matrices,"
         " which is unavailable here (float32/float64 only; see"
         " osgd_jax.native). osgd_jax.orthogonalize.ldl_weights falls back to"
         " XLA by itself.")
-  if not 1 <= gram.shape[-1] <= MAX_EXITS or gram.shape[-2] != gram.shape[-1]:
-    raise ValueError(
-        f"cpu_ldl expects (..., K, K) Gram matrices with 1 <= K <="
-        f" {MAX_EXITS}; got shape {gram.shape}.")
   tol = jnp.asarray(tol, dtype)
   return _kernel(dtype, bool(rescale))(gram, tol)

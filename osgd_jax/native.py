@@ -43,9 +43,10 @@ import warnings
 
 import jax
 import jaxlib
+import numpy as np
 
-__all__ = ["available", "build", "cache_dir", "library_path", "LDL_TARGETS",
-           "SOURCES", "TARGETS"]
+__all__ = ["available", "build", "cache_dir", "library_path", "supports",
+           "LDL_TARGETS", "MAX_EXITS", "SOURCES", "TARGETS"]
 
 SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
                 for name in ("gram_cpu.cc", "ldl_cpu.cc"))
@@ -55,6 +56,8 @@ TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),
            "float64": ("osgd_jax_grams_f64", "OsgdGramsF64")}
 LDL_TARGETS = {"float32": ("osgd_jax_ldl_f32", "OsgdLdlF32"),
                "float64": ("osgd_jax_ldl_f64", "OsgdLdlF64")}
+# The most exits either kernel takes (kMaxExits, kMaxExitsLdl in the sources).
+MAX_EXITS = 64
 # -fno-math-errno: sqrt need not set errno, so loops with it vectorise.
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-fno-math-errno")
 # Tried first; a compiler that refuses it builds for its default target.
@@ -198,3 +201,25 @@ def available() -> bool:
     if "ok" not in _state:
       _load()
     return bool(_state["ok"])
+
+
+def supports(targets: dict, dtype, num_exits: int) -> bool:
+  """Whether a native kernel takes K exits in this dtype, and is loaded.
+
+  Args:
+    targets: :data:`TARGETS` (the Gram matrices) or :data:`LDL_TARGETS`.
+    dtype: the dtype the kernel would compute in.
+    num_exits: K.
+
+  Returns:
+    ``True`` when the kernel has a handler for the dtype, ``1 <= K <=``
+    :data:`MAX_EXITS`, and :func:`available`.
+
+  Example:
+    >>> import numpy as np
+    >>> from osgd_jax import native
+    >>> native.supports(native.TARGETS, np.float16, 4)
+    False
+  """
+  return (1 <= num_exits <= MAX_EXITS and np.dtype(dtype).name in targets
+          and available())

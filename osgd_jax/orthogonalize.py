@@ -110,16 +110,14 @@ def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
   ).astype(compute_dtype)
 
 
-def _cpu_kernel_applies(leaf: jax.Array, compute_dtype) -> bool:
-  """Whether the leaf's Gram matrix takes :mod:`osgd_jax.cpu_gram`.
+def _cpu_modules_apply(x: jax.Array) -> bool:
+  """Whether :mod:`osgd_jax.cpu_gram` and :mod:`osgd_jax.cpu_ldl` may take x.
 
-  On the CPU backend, where it pays (:func:`osgd_jax.cpu_gram.worthwhile`);
-  not under a mesh with ``Explicit`` axes, whose sharding the contraction of
-  :func:`contract_trailing` follows by the types.
+  On the CPU backend; not under a mesh with ``Explicit`` axes, whose
+  sharding XLA's operations (e.g. :func:`contract_trailing`) follow by the
+  types.
   """
-  return (jax.default_backend() == "cpu"
-          and cpu_gram.worthwhile(leaf, compute_dtype)
-          and _replicated_like(leaf) is None)
+  return jax.default_backend() == "cpu" and _replicated_like(x) is None
 
 
 def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
@@ -151,7 +149,8 @@ def gram_matrices(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
     An ``(L, K, K)`` array in ``compute_dtype``, in the order of ``leaves``.
   """
   on_cpu = [i for i, leaf in enumerate(leaves)
-            if _cpu_kernel_applies(leaf, compute_dtype)]
+            if _cpu_modules_apply(leaf)
+            and cpu_gram.worthwhile(leaf, compute_dtype)]
   out = [None] * len(leaves)
   if on_cpu:
     from_kernel = cpu_gram.grams([leaves[i] for i in on_cpu], compute_dtype)
@@ -310,8 +309,8 @@ def ldl_weights(
     ``(weights, residual_sq_norms)``, both ``(..., K)``: ``u = Σ_k w_k g_k``
     and ``‖ĝ_k‖²`` (zero for degenerate components).
   """
-  if (jax.default_backend() == "cpu" and gram.shape[-1] <= cpu_ldl.MAX_EXITS
-      and _replicated_like(gram) is None and cpu_ldl.uses_native(gram.dtype)):
+  if (_cpu_modules_apply(gram)
+      and cpu_ldl.uses_native(gram.dtype, gram.shape[-1])):
     return cpu_ldl.ldl_weights(gram, tol=tol, rescale=rescale)
   return ldl_weights_xla(gram, tol=tol, rescale=rescale)
 

@@ -30,7 +30,8 @@ def path(request, monkeypatch):
         "the native CPU kernel did not build; the test machine needs a C++"
         " compiler (see osgd_jax/native.py)")
   else:
-    monkeypatch.setattr(cpu_gram, "uses_native", lambda dtype: False)
+    monkeypatch.setattr(cpu_gram, "uses_native",
+                        lambda dtype, num_exits: False)
   # Traces are cached by function; a path must not reuse the other's.
   jax.clear_caches()
   yield request.param
@@ -131,7 +132,7 @@ def test_gram_matrices_sends_the_leaves_that_pay_to_one_call(monkeypatch):
                                         matrix.shape]]),
                               (False, [[large.shape, matrix.shape]])):
     calls.clear()
-    monkeypatch.setattr(cpu_gram, "uses_native", lambda dtype, on=native_on: on)
+    monkeypatch.setattr(cpu_gram, "uses_native", lambda dtype, num_exits, on=native_on: on)
     got = orthogonalize.gram_matrices(leaves, jnp.float32)
     for gram, leaf in zip(got, leaves):  # in the order of the leaves
       _check_gram(gram, leaf)

@@ -180,3 +180,22 @@ def test_an_osgd_update_makes_one_kernel_call_for_all_leaves():
         rows, tol=osgd_jax.transform.DEFAULT_TOL).sum(axis=0)
     np.testing.assert_allclose(np.asarray(got[name]).reshape(-1), want,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_more_exits_than_the_kernels_take_run_on_xla():
+  num_exits = native.MAX_EXITS + 1
+  rng = np.random.default_rng(8)
+  grads = {"a": jnp.asarray(rng.standard_normal((num_exits, 70)), jnp.float32),
+           "b": jnp.asarray(rng.standard_normal((num_exits, 3, 4)),
+                            jnp.float32)}
+  tx = osgd_jax.osgd()
+  state = tx.init(jax.tree.map(lambda g: g[0], grads))
+  update = jax.jit(lambda g: tx.update(g, state)[0])
+  assert "osgd_jax_" not in update.lower(grads).compile().as_text()
+  got = update(grads)  # a native call would fail here, at run time
+  for name, leaf in grads.items():
+    rows = np.asarray(leaf, np.float64).reshape(num_exits, -1)
+    want = gram_schmidt_components(
+        rows, tol=osgd_jax.transform.DEFAULT_TOL).sum(axis=0)
+    np.testing.assert_allclose(np.asarray(got[name]).reshape(-1), want,
+                               rtol=1e-3, atol=1e-3)

@@ -150,3 +150,13 @@ def test_a_compiler_without_march_native_builds_for_its_default(
   first, second = log.read_text().splitlines()
   assert "-march=native" in first and "-march=native" not in second
   assert sorted(p.name for p in out.parent.iterdir()) == ["lib.so"]
+
+
+def test_supports_bounds_k_and_the_dtype():
+  assert native.available()
+  for targets in (native.TARGETS, native.LDL_TARGETS):
+    assert native.supports(targets, "float32", 1)
+    assert native.supports(targets, "float64", native.MAX_EXITS)
+    assert not native.supports(targets, "float32", native.MAX_EXITS + 1)
+    assert not native.supports(targets, "float32", 0)
+    assert not native.supports(targets, "bfloat16", 4)

@@ -41,7 +41,7 @@ def _weights(rows, rescale, dtype=jnp.float64):
 
 
 def _use_xla(monkeypatch):
-  monkeypatch.setattr(cpu_ldl, "uses_native", lambda dtype: False)
+  monkeypatch.setattr(cpu_ldl, "uses_native", lambda dtype, num_exits: False)
 
 
 @pytest.fixture(params=["native", "unrolled", "loop"])

@@ -229,7 +229,7 @@ def test_many_leaves_share_one_kernel_call_and_one_reduce_per_split():
                                atol=2e-6, err_msg=name)
   collectives = _collectives(text)
   _assert_only_gram_blocks(collectives, len(shapes))
-  if cpu_gram.uses_native(jnp.float32):
+  if cpu_gram.uses_native(jnp.float32, K):
     # One call of the kernel per device program, and one all-reduce per set
     # of mesh axes that splits leaves: (model), (data), (data, model).
     assert text.count("custom_call_target=\"osgd_jax_grams_f32\"") == 1, text
