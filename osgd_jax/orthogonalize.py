@@ -273,13 +273,14 @@ def _back_substitute_unrolled(lower, coeff, scale, inv_scale) -> jax.Array:
   return jnp.stack(weights, axis=-1)
 
 
-def _back_substitute_loop(lower: jax.Array, coeff: jax.Array) -> jax.Array:
-  """Solves ``Lᵀ w = coeff`` for a unit lower-triangular ``(..., K, K)`` L.
+def _back_substitute_loop(lower, coeff, scale, inv_scale) -> jax.Array:
+  """:func:`_back_substitute_unrolled` for ``(..., K, K)`` L', as a loop.
 
   ``w_j = coeff_j − Σ_{k>j} L_kj w_k``, a ``lax`` loop from the last exit to
   the first; cheaper to compile than a batched triangular-solve call.
   """
   num_exits = coeff.shape[-1]
+  lower = lower * scale[..., :, None] * inv_scale[..., None, :]
   rows = jnp.arange(num_exits)
 
   def back_step(i, weights):
@@ -351,12 +352,9 @@ def ldl_weights_xla(
   # L = S L' S⁻¹ undoes the equilibration. Solving with L itself (rather than
   # w = S⁻¹ L'⁻ᵀ S coeff) keeps w exactly equal to coeff when nothing is
   # projected, e.g. K = 1 is the identity bit for bit.
-  if unrolled:
-    weights = _back_substitute_unrolled(lower, coeff, scale, inv_scale)
-  else:
-    lower = lower * scale[..., :, None] * inv_scale[..., None, :]
-    weights = _back_substitute_loop(lower, coeff)
-  return weights, pivots * diag
+  back_substitute = (_back_substitute_unrolled if unrolled
+                     else _back_substitute_loop)
+  return back_substitute(lower, coeff, scale, inv_scale), pivots * diag
 
 
 def _group_reduce(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:
