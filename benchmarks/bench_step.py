@@ -41,7 +41,8 @@ On one network, batch and machine, in one run, the script times:
 For the conv models, a profile (``--no-profile`` drops it) times one 3×3
 conv of stage 1 with its input and weight gradients for one row, for K rows
 under ``jax.vmap`` (batched rows) and for K rows unrolled (looped rows),
-next to PyTorch's.
+with XLA's weight gradient and with the zoo's native one, next to
+PyTorch's.
 
 Targets, as ratios from the run (verdicts are printed, never asserted), all
 of the default staged step: OSGD / plain within 1.15x of the structural
@@ -85,7 +86,7 @@ import numpy as np
 from flax import nnx
 
 import osgd_jax
-from osgd_jax import anytime, data as data_lib, train, zoo
+from osgd_jax import anytime, cpu_conv, data as data_lib, train, zoo
 from osgd_jax import grads as grads_lib
 from osgd_jax.losses import per_exit_cross_entropy
 
@@ -247,7 +248,9 @@ def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
 
   The weight gradient is timed for one row, for K rows under ``jax.vmap``
   (what the vmap Jacobian and the staged one's batched rows do) and for K
-  rows as K calls (the staged Jacobian's looped rows).
+  rows as K calls (the staged Jacobian's looped rows): XLA's convolution,
+  and the zoo's (:func:`osgd_jax.cpu_conv.conv_general_dilated`, whose
+  weight gradient is the library's native kernel on CPU).
   """
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((batch, size, size, width),
@@ -258,6 +261,10 @@ def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
   conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   dw = lambda x, w, c: jax.vjp(lambda w: conv(x, w), w)[1](c)[0]
+  # The zoo's convolution: the library's native weight gradient on CPU.
+  zoo_conv = lambda x, w: cpu_conv.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  zoo_dw = lambda x, w, c: jax.vjp(lambda w: zoo_conv(x, w), w)[1](c)[0]
   dx = lambda x, w, c: jax.vjp(lambda x: conv(x, w), x)[1](c)[0]
   fns = {
       "conv-fwd": (conv, (x, w)),
@@ -267,6 +274,11 @@ def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
       "conv-dw-vmap": (jax.vmap(dw, (None, None, 0)), (x, w, cts)),
       "conv-dw-unrolled": (
           lambda x, w, c: jnp.stack([dw(x, w, c[k]) for k in range(len(c))]),
+          (x, w, cts)),
+      "conv-dw-1-native": (zoo_dw, (x, w, cts[0])),
+      "conv-dw-unrolled-native": (
+          lambda x, w, c: jnp.stack([zoo_dw(x, w, c[k])
+                                     for k in range(len(c))]),
           (x, w, cts)),
   }
   out = {}
@@ -499,7 +511,10 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
               "conv-dw-1": "conv: dW, 1 row",
               "conv-dx-vmap": f"conv: dX, {num_exits} rows, jax.vmap",
               "conv-dw-vmap": f"conv: dW, {num_exits} rows, jax.vmap",
-              "conv-dw-unrolled": f"conv: dW, {num_exits} rows, unrolled"}
+              "conv-dw-unrolled": f"conv: dW, {num_exits} rows, unrolled",
+              "conv-dw-1-native": "conv: dW, 1 row, native kernel (zoo)",
+              "conv-dw-unrolled-native":
+                  f"conv: dW, {num_exits} rows, unrolled, native kernel"}
     for key, fn in _conv_profile_fns(batch, size, width, num_exits).items():
       variants.append(Variant(key, labels[key], fn))
   log(f"  compiled the JAX functions in {time.perf_counter() - t0:.1f} s")

@@ -46,16 +46,22 @@ import jaxlib
 import numpy as np
 
 __all__ = ["available", "build", "cache_dir", "library_path", "supports",
-           "LDL_TARGETS", "MAX_EXITS", "SOURCES", "TARGETS"]
+           "CONV_TARGETS", "HEADERS", "LDL_TARGETS", "MAX_EXITS", "SOURCES", "TARGETS"]
 
 SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
-                for name in ("gram_cpu.cc", "ldl_cpu.cc"))
+                for name in ("gram_cpu.cc", "ldl_cpu.cc", "conv_cpu.cc"))
+# Included by the sources: part of the cache key too.
+HEADERS = tuple(pathlib.Path(__file__).parent / "csrc" / name
+                for name in ("parallel.h",))
 # FFI target name per compute dtype, and the handler symbol behind it: the
 # Gram matrices, and the Gram–Schmidt weights.
 TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),
            "float64": ("osgd_jax_grams_f64", "OsgdGramsF64")}
 LDL_TARGETS = {"float32": ("osgd_jax_ldl_f32", "OsgdLdlF32"),
                "float64": ("osgd_jax_ldl_f64", "OsgdLdlF64")}
+# ... and a 2-D convolution's weight gradient.
+CONV_TARGETS = {"float32": ("osgd_jax_conv_dw_f32", "OsgdConvWeightGradF32"),
+                "float64": ("osgd_jax_conv_dw_f64", "OsgdConvWeightGradF64")}
 # The most exits either kernel takes (kMaxExits, kMaxExitsLdl in the sources).
 MAX_EXITS = 64
 # -fno-math-errno: sqrt need not set errno, so loops with it vectorise.
@@ -104,7 +110,7 @@ def _cpu_identity() -> str:
 def library_path() -> pathlib.Path:
   """Where the library for these sources, jaxlib, compiler, flags and CPU lives."""
   key = hashlib.sha256()
-  for part in (*(source.read_bytes() for source in SOURCES),
+  for part in (*(source.read_bytes() for source in SOURCES + HEADERS),
                jaxlib.__version__.encode(),
                _compiler().encode(),
                " ".join(CXXFLAGS + NATIVE_FLAGS).encode(),
@@ -165,7 +171,8 @@ def _load() -> None:
     if not path.exists():
       build(path)
     lib = ctypes.cdll.LoadLibrary(str(path))
-    for target, symbol in (*TARGETS.values(), *LDL_TARGETS.values()):
+    for target, symbol in (*TARGETS.values(), *LDL_TARGETS.values(),
+                           *CONV_TARGETS.values()):
       jax.ffi.register_ffi_target(
           target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError,

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from osgd_jax import cpu_conv
+
 __all__ = [
     "NORMS",
     "Backbone",
@@ -119,7 +121,9 @@ class Backbone:
       return nnx.Conv(
           in_features, out_features, kernel_size=(kernel, kernel),
           strides=(stride, stride), padding="SAME", use_bias=use_bias,
-          kernel_init=he_normal, rngs=rngs)
+          kernel_init=he_normal, rngs=rngs,
+          # XLA's convolution, but for a native weight gradient on CPU.
+          conv_general_dilated=cpu_conv.conv_general_dilated)
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, kernel_init=he_normal,
         rngs=rngs)
