@@ -52,7 +52,7 @@ SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
                 for name in ("gram_cpu.cc", "ldl_cpu.cc", "conv_cpu.cc"))
 # Included by the sources: part of the cache key too.
 HEADERS = tuple(pathlib.Path(__file__).parent / "csrc" / name
-                for name in ("parallel.h",))
+                for name in ("parallel.h", "simd.h"))
 # FFI target name per compute dtype, and the handler symbol behind it: the
 # Gram matrices, and the Gram–Schmidt weights.
 TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),

@@ -71,6 +71,10 @@ CASES = [  # n, h, w, ci, co, kernel, strides, padding
     (1, 7, 6, 1, 1, (5, 3), (1, 2), ((2, 0), (1, 3))),
     (2, 4, 4, 16, 33, (3, 3), (1, 1), ((0, 0), (4, 4))),  # padding > kernel
     (2, 3, 3, 6, 16, (3, 3), (3, 3), "SAME"),
+    # Narrow images: the kernel's chunks of ~128 positions span many rows,
+    # so a tap's valid rows start and end inside chunks.
+    (1, 70, 4, 3, 8, (3, 3), (1, 1), "SAME"),
+    (1, 130, 2, 3, 9, (5, 3), (2, 1), ((2, 2), (1, 1))),
     # Enough work for the multi-threaded path (≥ 2²¹ multiply-adds).
     (16, 16, 16, 16, 16, (3, 3), (1, 1), "SAME"),
     (8, 16, 16, 32, 64, (3, 3), (2, 2), "SAME"),

@@ -7,38 +7,38 @@
 //   dw[a, b, c, o] = Σ_{n, i, j} x[n, i·sh + a − pt, j·sw + b − pl, c] · dy[n, i, j, o]
 //
 // (terms that fall in the padding are zero). Why a kernel of our own:
-// XLA:CPU runs this as a "backward filter" convolution at a fraction of the
-// machine's speed (a 3×3 conv, 64×32×32×16: 12–17 ms on 2 AVX2 cores where
+// XLA:CPU runs this as a "backward filter" convolution far below the
+// machine's speed (a 3×3 conv, 64×32×32×16: 12–25 ms on 2 AVX2 cores, where
 // PyTorch takes 8 ms; benchmarks/README.md), and the weight gradients are
 // most of a ResNet step's backward. It is a matrix product with a tiny
 // output (KH·KW·Ci × Co) and a long contraction (N·OH·OW), which the code
-// below runs at the multiply-add units' speed: for each output row of an
-// image, which with its KH input rows stays in L1, and each kernel tap
-// (a, b), a block of ≤ kRows input channels × 2 vectors of output channels
-// is accumulated in SIMD registers over the row's positions. Images are
-// spread over XLA's intra-op thread pool, each worker summing into its own
-// copy of dw, and the copies are added at the end.
+// below runs near the multiply-add units' peak (the conv above: 2.2 ms, 69
+// G multiply-adds/s of the 2 cores' 95; 64 channels: 93): for each chunk of
+// output rows of an image, which with its input rows stays in L1, and each
+// kernel tap (a, b), a block of ≤ kRows input channels × 2 vectors of
+// output channels is accumulated in SIMD registers over the chunk's
+// positions. Images are spread over XLA's intra-op thread pool
+// (parallel.h), each worker summing into its own copy of dw, and the copies
+// are added at the end.
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// SIMD registers the compiler may use (osgd_jax.native builds with
-// -march=native); the 256-bit vectors below use AVX-512's 32 through
-// AVX-512VL.
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-constexpr int kSimdRegisters = 32;
-#else
-constexpr int kSimdRegisters = 16;
-#endif
+using osgd_jax::Broadcast;
+using osgd_jax::kSimdRegisters;
+using osgd_jax::Load;
+using osgd_jax::Simd;
+using osgd_jax::Store;
+
 constexpr int kVectors = 2;  // vectors of output channels per block
 // Input channels per block: its kRows × kVectors sums, the kVectors loaded
 // cotangents and one broadcast input fit in the registers (AVX2: 6).
@@ -46,72 +46,78 @@ constexpr int kRows = (kSimdRegisters - kVectors - 1) / kVectors;
 // Below this many multiply-adds one thread runs the call: waking the pool
 // costs more, and inside a training step its threads are often busy.
 constexpr int64_t kParallelMin = 1 << 21;
+// Output positions per register block call (see ImageWeightGrad).
+constexpr int64_t kChunkPositions = 128;
 
-template <typename T>
-struct Simd {
-  static constexpr int kWidth = 32 / sizeof(T);
-  typedef T Vec __attribute__((vector_size(32)));
+// The output positions a block sums over: `rows` output rows of `cols`
+// positions each, and how far apart they are in x and in dy.
+struct Positions {
+  int64_t rows, cols, x_row, x_col, dy_row, dy_col;
 };
 
-template <typename T>
-inline __attribute__((always_inline)) typename Simd<T>::Vec Load(const T* p) {
-  typename Simd<T>::Vec v;
-  std::memcpy(&v, p, sizeof(v));  // unaligned load
-  return v;
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void Store(T* p,
-                                                 typename Simd<T>::Vec v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// acc[r, v·W .. v·W+W) += Σ_t x[t·x_step + r] · dy[t·dy_step + v·W ..] for
-// R rows (input channels) and V vectors (output channels), over `count`
-// positions. acc rows are `ld` apart.
+// acc[r, v·W .. v·W+W) += Σ_t x_t[r] · dy_t[v·W ..] over the positions t,
+// for R rows (input channels) and V vectors (output channels); acc rows are
+// `ld` apart.
 template <typename T, int R, int V>
-__attribute__((noinline)) void Block(const T* x, int64_t x_step, const T* dy,
-                                     int64_t dy_step, int64_t count, T* acc,
-                                     int64_t ld) {
+OSGD_NOINLINE void Block(const T* x, const T* dy, const Positions& p, T* acc,
+                         int64_t ld) {
   using Vec = typename Simd<T>::Vec;
   constexpr int W = Simd<T>::kWidth;
   Vec sum[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) sum[r][v] = Load(acc + r * ld + v * W);
-  for (int64_t t = 0; t < count; ++t) {
+  // One loop over all positions, stepping to the next row after `cols`:
+  // with two nested loops GCC stored every sum to the stack at each step.
+  const int64_t cols = p.cols, x_col = p.x_col, dy_col = p.dy_col;
+  const int64_t x_wrap = p.x_row - cols * x_col;
+  const int64_t dy_wrap = p.dy_row - cols * dy_col;
+  const T* xp = x;
+  const T* dp = dy;
+  int64_t t = 0;
+  for (int64_t left = p.rows * cols; left > 0; --left) {
     Vec d[V];
-    for (int v = 0; v < V; ++v) d[v] = Load(dy + t * dy_step + v * W);
+    for (int v = 0; v < V; ++v) d[v] = Load(dp + v * W);
     for (int r = 0; r < R; ++r) {
-      const Vec xr = Vec{} + x[t * x_step + r];  // broadcast
+      const Vec xr = Broadcast(xp + r);
       for (int v = 0; v < V; ++v) sum[r][v] += xr * d[v];
+    }
+    xp += x_col;
+    dp += dy_col;
+    if (++t == cols) {
+      t = 0;
+      xp += x_wrap;
+      dp += dy_wrap;
     }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) Store(acc + r * ld + v * W, sum[r][v]);
 }
 
-// The same for R rows and the last `cols` (< one vector) output channels.
+// The same for `rows` rows and the last `cols` (< one vector) output
+// channels.
 template <typename T>
-void Tail(const T* x, int64_t x_step, const T* dy, int64_t dy_step,
-          int64_t count, T* acc, int64_t ld, int rows, int cols) {
+void Tail(const T* x, const T* dy, const Positions& p, T* acc, int64_t ld,
+          int rows, int cols) {
   for (int r = 0; r < rows; ++r)
     for (int o = 0; o < cols; ++o) {
       T total = acc[r * ld + o];
-      for (int64_t t = 0; t < count; ++t)
-        total += x[t * x_step + r] * dy[t * dy_step + o];
+      for (int64_t i = 0; i < p.rows; ++i)
+        for (int64_t t = 0; t < p.cols; ++t)
+          total += x[i * p.x_row + t * p.x_col + r] *
+                   dy[i * p.dy_row + t * p.dy_col + o];
       acc[r * ld + o] = total;
     }
 }
 
 template <typename T, int V>
-inline void Rows(int rows, const T* x, int64_t x_step, const T* dy,
-                 int64_t dy_step, int64_t count, T* acc, int64_t ld) {
+inline void Rows(int rows, const T* x, const T* dy, const Positions& p,
+                 T* acc, int64_t ld) {
   static_assert(kRows <= 14, "add cases");
   switch (rows) {
-#define OSGD_ROWS_CASE(n)                                          \
-  case n:                                                          \
-    if constexpr (n <= kRows)                                      \
-      return Block<T, n, V>(x, x_step, dy, dy_step, count, acc, ld); \
+#define OSGD_ROWS_CASE(n)                            \
+  case n:                                            \
+    if constexpr (n <= kRows)                        \
+      return Block<T, n, V>(x, dy, p, acc, ld);      \
     break;
     OSGD_ROWS_CASE(1) OSGD_ROWS_CASE(2) OSGD_ROWS_CASE(3) OSGD_ROWS_CASE(4)
     OSGD_ROWS_CASE(5) OSGD_ROWS_CASE(6) OSGD_ROWS_CASE(7) OSGD_ROWS_CASE(8)
@@ -132,39 +138,49 @@ void ImageWeightGrad(const Geometry& g, const T* x, const T* dy,
   constexpr int W = Simd<T>::kWidth;
   const int64_t full = g.co / (kVectors * W) * (kVectors * W);
   const int64_t single = g.co / W * W;
+  // Input channels in near-equal blocks of ≤ kRows (16 → 6 + 5 + 5).
+  const int64_t num_blocks = (g.ci + kRows - 1) / kRows;
   const T* x_image = x + image * g.h * g.w * g.ci;
   const T* dy_image = dy + image * g.oh * g.ow * g.co;
-  for (int64_t i = 0; i < g.oh; ++i) {
-    const T* dy_row = dy_image + i * g.ow * g.co;
+  // Output rows per block call: ~kChunkPositions positions, so that a
+  // call's fixed cost (its sums loaded and stored) is small, while its rows
+  // of x and dy stay in L1 for the next tap and channel block.
+  const int64_t chunk = std::max<int64_t>(1, kChunkPositions / g.ow);
+  for (int64_t i0 = 0; i0 < g.oh; i0 += chunk) {
+    const int64_t i_end = std::min(g.oh, i0 + chunk);
     for (int64_t a = 0; a < g.kh; ++a) {
-      const int64_t ih = i * g.sh + a - g.pt;
-      if (ih < 0 || ih >= g.h) continue;
-      const T* x_row = x_image + ih * g.w * g.ci;
+      // Output rows i whose input row i·sh + a − pt is inside.
+      const int64_t row_shift = a - g.pt;
+      const int64_t i1 = std::max(
+          i0, row_shift >= 0 ? 0 : (-row_shift + g.sh - 1) / g.sh);
+      const int64_t last_row = g.h - 1 - row_shift;  // i·sh ≤ last_row
+      const int64_t i2 =
+          last_row < 0 ? 0 : std::min(i_end, last_row / g.sh + 1);
+      if (i2 <= i1) continue;
       for (int64_t b = 0; b < g.kw; ++b) {
-        // Output positions j whose input column j·sw + b − pl is inside.
+        // Output columns j whose input column j·sw + b − pl is inside.
         const int64_t shift = b - g.pl;
         const int64_t j0 = shift >= 0 ? 0 : (-shift + g.sw - 1) / g.sw;
         const int64_t last = g.w - 1 - shift;  // j·sw ≤ last
         const int64_t j1 = last < 0 ? 0 : std::min(g.ow, last / g.sw + 1);
         if (j1 <= j0) continue;
-        const int64_t count = j1 - j0;
-        const T* xs = x_row + (j0 * g.sw + shift) * g.ci;
-        const T* ds = dy_row + j0 * g.co;
+        const Positions p{i2 - i1,        j1 - j0,   g.sh * g.w * g.ci,
+                          g.sw * g.ci,    g.ow * g.co, g.co};
+        const T* xs =
+            x_image + ((i1 * g.sh + row_shift) * g.w + j0 * g.sw + shift) * g.ci;
+        const T* ds = dy_image + (i1 * g.ow + j0) * g.co;
         T* tap = acc + (a * g.kw + b) * g.ci * g.co;
-        for (int64_t c = 0; c < g.ci; c += kRows) {
-          const int rows = int(std::min<int64_t>(kRows, g.ci - c));
-          const T* xc = xs + c;
+        for (int64_t blk = 0; blk < num_blocks; ++blk) {
+          const int64_t c = blk * g.ci / num_blocks;
+          const int rows = int((blk + 1) * g.ci / num_blocks - c);
           T* ac = tap + c * g.co;
           int64_t o = 0;
           for (; o < full; o += kVectors * W)
-            Rows<T, kVectors>(rows, xc, g.sw * g.ci, ds + o, g.co, count,
-                              ac + o, g.co);
+            Rows<T, kVectors>(rows, xs + c, ds + o, p, ac + o, g.co);
           for (; o < single; o += W)
-            Rows<T, 1>(rows, xc, g.sw * g.ci, ds + o, g.co, count, ac + o,
-                       g.co);
+            Rows<T, 1>(rows, xs + c, ds + o, p, ac + o, g.co);
           if (o < g.co)
-            Tail<T>(xc, g.sw * g.ci, ds + o, g.co, count, ac + o, g.co, rows,
-                    int(g.co - o));
+            Tail<T>(xs + c, ds + o, p, ac + o, g.co, rows, int(g.co - o));
         }
       }
     }

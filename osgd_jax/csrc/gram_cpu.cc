@@ -19,18 +19,14 @@
 // registers (an off-diagonal block that would not fit runs in two passes).
 // Tiles are summed in double precision, so the result does not drift with n.
 // Large inputs are split into chunks of columns run on XLA's intra-op thread
-// pool; the calling thread takes chunks too and waits only for chunks that
-// have started, so the call cannot deadlock on a busy pool.
+// pool (parallel.h).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -52,32 +48,9 @@ constexpr int64_t kPrefetchBytes = 1 << 10;
 // threads are often busy with the step's other kernels.
 constexpr int64_t kParallelMin = 1 << 20;
 
-// SIMD registers the compiler may use (osgd_jax.native builds with
-// -march=native): AVX-512 has 32 (the 256-bit vectors below use them through
-// AVX-512VL), AVX2 and a 256-bit vector split over NEON's q registers 16.
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-constexpr int kSimdRegisters = 32;
-#else
-constexpr int kSimdRegisters = 16;
-#endif
-#define OSGD_INLINE inline __attribute__((always_inline))
-// Each block shape is a function of its own, so it gets a register
-// allocation of its own: inlined into one large function, GCC spilled the
-// accumulators of some shapes to the stack (K = 8 ran 1.5× slower).
-#define OSGD_NOINLINE __attribute__((noinline))
-
-template <typename T>
-struct Simd {
-  static constexpr int kWidth = 32 / sizeof(T);
-  typedef T Vec __attribute__((vector_size(32)));
-};
-
-template <typename T>
-OSGD_INLINE typename Simd<T>::Vec Load(const T* p) {
-  typename Simd<T>::Vec v;
-  std::memcpy(&v, p, sizeof(v));  // unaligned load
-  return v;
-}
+using osgd_jax::kSimdRegisters;
+using osgd_jax::Load;
+using osgd_jax::Simd;
 
 // acc[a][b] += Σ_c rows_i[a][c] · rows_j[b][c] over columns [begin, end).
 // On a diagonal block (rows_j == rows_i) only b ≥ a is formed, from one set
@@ -196,13 +169,6 @@ struct WorkItem {
   int64_t leaf, begin, end;
 };
 
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 template <ffi::DataType D>
 ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
                      ffi::ResultBuffer<D> out) {
@@ -249,33 +215,9 @@ ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
   // pool has (one per core), a third thread on two cores only adds context
   // switches (K=8, 10⁵ columns: 92 µs on one thread, 74 µs with the caller
   // and two pool threads, 55 µs with the caller and one).
-  const int64_t workers =
-      total < kParallelMin ? 1
-                           : std::min<int64_t>(num_items, pool.num_threads());
-  if (workers <= 1) {
-    for (int64_t i = 0; i < num_items; ++i) run(i);
-  } else {
-    // Tasks may start after this call has returned (they then find no work),
-    // so they share ownership of the counters; `run`'s captures are only
-    // touched by tasks that took an item, which this call waits for.
-    auto progress = std::make_shared<Progress>();
-    auto drain = [progress, num_items, &run]() {
-      for (int64_t i; (i = progress->next.fetch_add(1)) < num_items;) {
-        run(i);
-        if (progress->done.fetch_add(1) + 1 == num_items) {
-          std::lock_guard<std::mutex> lock(progress->mu);
-          progress->cv.notify_all();
-        }
-      }
-    };
-    for (int64_t w = 1; w < workers; ++w) {
-      auto task = drain;
-      pool.Schedule(std::move(task));
-    }
-    drain();
-    std::unique_lock<std::mutex> lock(progress->mu);
-    progress->cv.wait(lock, [&] { return progress->done.load() == num_items; });
-  }
+  osgd_jax::ParallelItems(pool, num_items,
+                          total < kParallelMin ? 1 : pool.num_threads(),
+                          [&](int64_t, int64_t item) { run(item); });
 
   T* result = out->typed_data();
   std::vector<double> sum(k * k);
