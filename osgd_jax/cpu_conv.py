@@ -16,10 +16,13 @@ gradient are XLA's, the weight gradient is the kernel's where it applies
 dilation, no groups), and otherwise everything is XLA's. Four rules keep it
 a drop-in:
 
-* differentiation: ``custom_vjp``, so reverse mode (``jax.grad``,
-  ``jax.vjp``) is supported; forward mode (``jax.jvp``) is not, as for any
-  ``custom_vjp`` function: build the module with
-  ``jax.lax.conv_general_dilated`` for that;
+* differentiation: the convolution is a ``custom_vjp`` function, so
+  reverse mode (``jax.grad``, ``jax.vjp``) is supported, and so are
+  derivatives of gradients (``jax.grad`` of ``jax.grad``, ``jax.jvp`` of
+  ``jax.grad``): the kernel's own tangents are XLA's weight gradients
+  (``custom_jvp``). Forward mode through the convolution itself
+  (``jax.jvp`` of a model) is not, as for any ``custom_vjp`` function:
+  build the module with ``jax.lax.conv_general_dilated`` for that;
 * batching: under ``jax.vmap`` the kernel runs once per batch element;
 * sharding (``custom_partitioning``): over a mesh that splits the batch,
   each device forms its shard's weight gradient and the results are summed
@@ -191,6 +194,40 @@ def _batchable(kernel_hw, strides, low_pads):
   return weight_grad_fn
 
 
+def _xla_weight_grad(x, dy, kernel_hw, strides, pads):
+  """XLA's weight gradient: the VJP of the convolution with respect to w."""
+  w = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], dy.shape[-1]), x.dtype)
+  _, vjp = jax.vjp(
+      lambda w_: jax.lax.conv_general_dilated(
+          x, w_, strides, pads, dimension_numbers=_LAYOUT),
+      jnp.zeros(w.shape, w.dtype))
+  return vjp(dy)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grad_fn(kernel_hw, strides, pads):
+  """``(x, dy) -> dw`` by the kernel, differentiable through XLA's form.
+
+  dw is bilinear in (x, dy), so its tangent is ``dw(ẋ, dy) + dw(x, ḋy)``;
+  those are XLA's weight gradients, which JAX can transpose and
+  differentiate again (second-order derivatives of a model).
+  """
+  batchable = _batchable(kernel_hw, strides, (pads[0][0], pads[1][0]))
+
+  @jax.custom_jvp
+  def weight_grad_fn(x, dy):
+    return batchable(x, dy)
+
+  @weight_grad_fn.defjvp
+  def weight_grad_jvp(primals, tangents):
+    (x, dy), (x_dot, dy_dot) = primals, tangents
+    tangent = (_xla_weight_grad(x_dot, dy, kernel_hw, strides, pads)
+               + _xla_weight_grad(x, dy_dot, kernel_hw, strides, pads))
+    return weight_grad_fn(x, dy), tangent
+
+  return weight_grad_fn
+
+
 def _low_pads(padding, in_hw, kernel_hw, strides) -> tuple[tuple[int, int],
                                                             ...] | None:
   """``padding`` as (low, high) pairs, or ``None`` if it has a negative pad."""
@@ -266,8 +303,7 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: Sequence[int],
         f" in the same dtype, got {dy.dtype}) on the CPU backend, which is"
         " unavailable here (see osgd_jax.native); conv_general_dilated falls"
         " back to XLA by itself.")
-  low = (pads[0][0], pads[1][0])
-  return _batchable(kernel_hw, strides, low)(x, dy)
+  return _weight_grad_fn(kernel_hw, strides, pads)(x, dy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,7 +325,7 @@ def _conv(strides, pads, precision):
     x, w = residuals
     _, input_vjp = jax.vjp(lambda x_: forward(x_, w), x)
     (dx,) = input_vjp(dy)
-    dw = _batchable(w.shape[:2], strides, (pads[0][0], pads[1][0]))(x, dy)
+    dw = _weight_grad_fn(w.shape[:2], strides, pads)(x, dy)
     return dx, dw
 
   conv.defvjp(conv_fwd, conv_bwd)

@@ -267,3 +267,38 @@ def test_zoo_convolutions_take_their_weight_gradient_from_the_kernel():
   assert convs and all(
       c.conv_general_dilated is cpu_conv.conv_general_dilated for c in convs)
   assert _kernel_calls(jax.grad(loss), params) == len(convs)
+
+
+def test_derivatives_of_the_gradient_equal_xla():
+  """grad of grad and jvp of grad go through XLA's form of the kernel."""
+  x, _, _ = _problem(2, 6, 6, 3, 4, (3, 3), (2, 2), "SAME", np.float32)
+  w = np.random.default_rng(7).standard_normal((3, 3, 3, 4)).astype(
+      np.float32)
+
+  def loss(conv):
+    return lambda x, w: jnp.sum(jnp.tanh(conv(
+        x, w, (2, 2), "SAME", dimension_numbers=LAYOUT)) ** 2)
+
+  def grad_norm(conv):
+    return lambda x, w: jnp.sum(jax.grad(loss(conv), (0, 1))(x, w)[1] ** 2)
+
+  ours = jax.jit(jax.grad(grad_norm(cpu_conv.conv_general_dilated),
+                          (0, 1)))(x, w)
+  want = jax.grad(grad_norm(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  for a, b in zip(ours, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  tangent = np.ones_like(w)
+  hvp = lambda conv: jax.jvp(lambda w_: jax.grad(loss(conv), 1)(x, w_),
+                             (w,), (tangent,))[1]
+  np.testing.assert_allclose(hvp(cpu_conv.conv_general_dilated),
+                             hvp(jax.lax.conv_general_dilated),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_through_the_convolution_is_refused_by_jax():
+  x = jnp.ones((1, 4, 4, 2))
+  w = jnp.ones((3, 3, 2, 2))
+  conv = lambda w_: cpu_conv.conv_general_dilated(
+      x, w_, (1, 1), "SAME", dimension_numbers=LAYOUT)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(conv, (w,), (w,))
