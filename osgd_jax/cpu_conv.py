@@ -22,7 +22,8 @@ a drop-in:
   ``jax.grad``): the kernel's own tangents are XLA's weight gradients
   (``custom_jvp``). Forward mode through the convolution itself
   (``jax.jvp`` of a model) is not, as for any ``custom_vjp`` function:
-  build the module with ``jax.lax.conv_general_dilated`` for that;
+  build the module with ``jax.lax.conv_general_dilated`` for that, or set
+  ``OSGD_JAX_NATIVE=0`` before the first use (XLA's kernels throughout);
 * batching: under ``jax.vmap`` the kernel runs once per batch element;
 * sharding (``custom_partitioning``): over a mesh that splits the batch,
   each device forms its shard's weight gradient and the results are summed
