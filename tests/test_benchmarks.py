@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -142,6 +143,22 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     line = next(l for l in lines if l.startswith("target 3:"))
     assert line.startswith(f"target 3: {staged} / fastest TorchJD"), line
     assert line.rstrip().endswith(("PASS", "MISS")), line
+
+
+def test_bench_step_conv_profile_times_the_same_gradients_both_ways():
+  fns = _bench_step_module()._conv_profile_fns(batch=2, size=6, width=4,
+                                               num_exits=3)
+  out = {key: np.asarray(fn()) for key, fn in fns.items()}
+  assert out["conv-dw-1"].shape == (3, 3, 4, 4)
+  assert out["conv-dw-vmap"].shape == out["conv-dw-unrolled"].shape == (
+      3, 3, 3, 4, 4)
+  # XLA's weight gradient and the zoo's native one, for 1 and K rows.
+  np.testing.assert_allclose(out["conv-dw-1-native"], out["conv-dw-1"],
+                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out["conv-dw-unrolled-native"],
+                             out["conv-dw-vmap"], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out["conv-dw-unrolled"][0], out["conv-dw-1"],
+                             rtol=1e-6)
 
 
 def test_bench_step_without_torch_reports_the_skip(monkeypatch):
