@@ -230,28 +230,24 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<D> x,
   return ffi::Error::Success();
 }
 
+// The handlers' signature, per dtype (`template`: the builder's type
+// depends on D).
+template <ffi::DataType D>
+auto WeightGradBinding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<D>>()
+      .template Arg<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>()
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_left");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    OsgdConvWeightGradF32, WeightGradImpl<ffi::F32>,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<int64_t>("stride_h")
-        .Attr<int64_t>("stride_w")
-        .Attr<int64_t>("pad_top")
-        .Attr<int64_t>("pad_left"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    OsgdConvWeightGradF64, WeightGradImpl<ffi::F64>,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::Buffer<ffi::F64>>()
-        .Arg<ffi::Buffer<ffi::F64>>()
-        .Ret<ffi::Buffer<ffi::F64>>()
-        .Attr<int64_t>("stride_h")
-        .Attr<int64_t>("stride_w")
-        .Attr<int64_t>("pad_top")
-        .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OsgdConvWeightGradF32, WeightGradImpl<ffi::F32>,
+                              WeightGradBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OsgdConvWeightGradF64, WeightGradImpl<ffi::F64>,
+                              WeightGradBinding<ffi::F64>());

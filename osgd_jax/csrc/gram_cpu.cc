@@ -235,18 +235,19 @@ ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
   return ffi::Error::Success();
 }
 
+// The handlers' signature, per dtype (`template`: the builder's type
+// depends on D).
+template <ffi::DataType D>
+auto GramsBinding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .RemainingArgs()
+      .template Ret<ffi::Buffer<D>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    OsgdGramsF32, GramsImpl<ffi::F32>,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .RemainingArgs()
-        .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    OsgdGramsF64, GramsImpl<ffi::F64>,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .RemainingArgs()
-        .Ret<ffi::Buffer<ffi::F64>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OsgdGramsF32, GramsImpl<ffi::F32>,
+                              GramsBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OsgdGramsF64, GramsImpl<ffi::F64>,
+                              GramsBinding<ffi::F64>());

@@ -158,22 +158,21 @@ ffi::Error LdlImpl(ffi::Buffer<D> gram, ffi::Buffer<D> tol,
   return ffi::Error::Success();
 }
 
+// The handlers' signature, per dtype (`template`: the builder's type
+// depends on D).
+template <ffi::DataType D>
+auto LdlBinding() {
+  return ffi::Ffi::Bind()
+      .template Arg<ffi::Buffer<D>>()
+      .template Arg<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>()
+      .template Attr<bool>("rescale");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    OsgdLdlF32, LdlImpl<ffi::F32>,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<bool>("rescale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    OsgdLdlF64, LdlImpl<ffi::F64>,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F64>>()
-        .Arg<ffi::Buffer<ffi::F64>>()
-        .Ret<ffi::Buffer<ffi::F64>>()
-        .Ret<ffi::Buffer<ffi::F64>>()
-        .Attr<bool>("rescale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OsgdLdlF32, LdlImpl<ffi::F32>,
+                              LdlBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OsgdLdlF64, LdlImpl<ffi::F64>,
+                              LdlBinding<ffi::F64>());
