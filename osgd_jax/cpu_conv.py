@@ -106,16 +106,13 @@ def takes(lhs: jax.Array, rhs: jax.Array, *, dimension_numbers: Any = _LAYOUT,
 
 
 def _kernel_applies(x: jax.Array) -> bool:
-  """The kernel is built for x's dtype, on CPU, and no Explicit mesh axes.
+  """Whether the kernel is built for x's dtype and may run on x.
 
-  Under ``Explicit`` axes JAX types the gradient's sharding itself, which a
-  custom call cannot follow; XLA's weight gradient is used there.
+  Not under ``Explicit`` mesh axes (:func:`osgd_jax.native.may_run_on`):
+  there JAX types the gradient's sharding, and XLA's weight gradient is used.
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  explicit = bool(getattr(getattr(sharding, "mesh", None), "explicit_axes",
-                          ()))
-  return (jnp.dtype(x.dtype).name in native.CONV_TARGETS and not explicit
-          and jax.default_backend() == "cpu" and native.available())
+  return (jnp.dtype(x.dtype).name in native.CONV_TARGETS
+          and native.may_run_on(x) and native.available())
 
 
 def _local_weight_grad(x: jax.Array, dy: jax.Array, kernel_hw, strides,

@@ -45,8 +45,11 @@ import jax
 import jaxlib
 import numpy as np
 
-__all__ = ["available", "build", "cache_dir", "library_path", "supports",
-           "CONV_TARGETS", "HEADERS", "LDL_TARGETS", "MAX_EXITS", "SOURCES", "TARGETS"]
+from osgd_jax import sharding
+
+__all__ = ["available", "build", "cache_dir", "library_path", "may_run_on",
+           "supports", "CONV_TARGETS", "HEADERS", "LDL_TARGETS", "MAX_EXITS",
+           "SOURCES", "TARGETS"]
 
 SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
                 for name in ("gram_cpu.cc", "ldl_cpu.cc", "conv_cpu.cc"))
@@ -230,3 +233,25 @@ def supports(targets: dict, dtype, num_exits: int) -> bool:
   """
   return (1 <= num_exits <= MAX_EXITS and np.dtype(dtype).name in targets
           and available())
+
+def may_run_on(x) -> bool:
+  """Whether a native kernel may take ``x`` in place of XLA's operations.
+
+  On the CPU backend, and not under a mesh with ``Explicit`` axes
+  (:func:`osgd_jax.sharding.explicit_mesh`), whose typed shardings a custom
+  call cannot follow. Whether the kernel is built is :func:`available`'s
+  (or :func:`supports`') answer.
+
+  Args:
+    x: an operand of the kernel (an array or a tracer).
+
+  Returns:
+    Whether the kernel may run on it.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from osgd_jax import native
+    >>> native.may_run_on(jnp.ones(3))  # on the CPU backend
+    True
+  """
+  return jax.default_backend() == "cpu" and sharding.explicit_mesh(x) is None

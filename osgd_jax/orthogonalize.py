@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from osgd_jax import cpu_gram
 from osgd_jax import cpu_ldl
+from osgd_jax import native
+from osgd_jax import sharding
 
 __all__ = [
     "Projection",
@@ -75,9 +77,8 @@ def _replicated_like(x: jax.Array) -> jax.sharding.NamedSharding | None:
   and one all-reduce). Under ``Auto`` axes, or without a mesh, XLA's
   partitioner chooses the same by itself and ``None`` is returned.
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not mesh.explicit_axes:
+  mesh = sharding.explicit_mesh(x)
+  if mesh is None:
     return None
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -110,16 +111,6 @@ def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
   ).astype(compute_dtype)
 
 
-def _cpu_modules_apply(x: jax.Array) -> bool:
-  """Whether :mod:`osgd_jax.cpu_gram` and :mod:`osgd_jax.cpu_ldl` may take x.
-
-  On the CPU backend; not under a mesh with ``Explicit`` axes, whose
-  sharding XLA's operations (e.g. :func:`contract_trailing`) follow by the
-  types.
-  """
-  return jax.default_backend() == "cpu" and _replicated_like(x) is None
-
-
 def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
   """Returns ``M = G Gᵀ`` (K×K) of a stacked leaf, contracted over trailing axes.
 
@@ -149,7 +140,7 @@ def gram_matrices(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
     An ``(L, K, K)`` array in ``compute_dtype``, in the order of ``leaves``.
   """
   on_cpu = [i for i, leaf in enumerate(leaves)
-            if _cpu_modules_apply(leaf)
+            if native.may_run_on(leaf)
             and cpu_gram.worthwhile(leaf, compute_dtype)]
   out = [None] * len(leaves)
   if on_cpu:
@@ -310,7 +301,7 @@ def ldl_weights(
     ``(weights, residual_sq_norms)``, both ``(..., K)``: ``u = Σ_k w_k g_k``
     and ``‖ĝ_k‖²`` (zero for degenerate components).
   """
-  if (_cpu_modules_apply(gram)
+  if (native.may_run_on(gram)
       and cpu_ldl.uses_native(gram.dtype, gram.shape[-1])):
     return cpu_ldl.ldl_weights(gram, tol=tol, rescale=rescale)
   return ldl_weights_xla(gram, tol=tol, rescale=rescale)

@@ -41,7 +41,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 __all__ = [
     "DATA_AXIS", "MODEL_AXIS", "parse_mesh_spec", "make_mesh", "param_spec",
     "param_shardings", "shard_params", "constrain", "stacked_shardings",
-    "batch_sharding", "shard_batch", "replicated", "to_host",
+    "batch_sharding", "shard_batch", "replicated", "explicit_mesh", "to_host",
     "initialize_distributed",
 ]
 
@@ -340,6 +340,29 @@ def stacked_shardings(shardings: Any) -> Any:
 def replicated(mesh: Mesh) -> NamedSharding:
   """A sharding that keeps a full copy on every device of ``mesh``."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def explicit_mesh(x: Any) -> jax.sharding.AbstractMesh | None:
+  """The (abstract) mesh with ``Explicit`` axes that ``x``'s type carries.
+
+  Under such a mesh JAX types every array's sharding and each operation must
+  follow it; under ``Auto`` axes, or without a mesh, XLA's partitioner
+  chooses shardings itself.
+
+  Args:
+    x: an array or a tracer.
+
+  Returns:
+    The abstract mesh of ``x``'s type, or ``None`` (no mesh, or no
+    ``Explicit`` axis).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> explicit_mesh(jnp.ones(3)) is None
+    True
+  """
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return mesh if mesh is not None and mesh.explicit_axes else None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -160,3 +160,16 @@ def test_supports_bounds_k_and_the_dtype():
     assert not native.supports(targets, "float32", native.MAX_EXITS + 1)
     assert not native.supports(targets, "float32", 0)
     assert not native.supports(targets, "bfloat16", 4)
+
+
+def test_may_run_on_cpu_arrays_but_not_under_explicit_mesh_axes():
+  import jax
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+  assert native.may_run_on(np.ones(3, np.float32))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    x = jax.device_put(np.ones((jax.device_count(), 2), np.float32),
+                       NamedSharding(mesh, PartitionSpec("data")))
+    assert not native.may_run_on(x)

@@ -386,3 +386,19 @@ def test_initialize_distributed_rejects_a_partial_environment(monkeypatch):
   monkeypatch.setenv("JAX_PROCESS_ID", "2")
   with pytest.raises(ValueError, match=r"JAX_PROCESS_ID=2 must be in \[0"):
     sharding.initialize_distributed()
+
+
+def test_explicit_mesh_is_found_only_under_explicit_axes():
+  x = np.ones((8, 3), np.float32)
+  explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  auto = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  assert sharding.explicit_mesh(jnp.asarray(x)) is None
+  with jax.set_mesh(explicit):
+    xs = jax.device_put(x, NamedSharding(explicit, P("data")))
+    # The abstract form of the mesh, outside jit and on a tracer inside it.
+    seen = [sharding.explicit_mesh(xs)]
+    jax.jit(lambda t: seen.append(sharding.explicit_mesh(t)) or t)(xs)
+    for mesh in seen:
+      assert mesh == explicit.abstract_mesh, mesh
+  xa = jax.device_put(x, NamedSharding(auto, P("data")))
+  assert sharding.explicit_mesh(xa) is None
