@@ -194,11 +194,10 @@ def _batchable(kernel_hw, strides, low_pads):
 
 def _xla_weight_grad(x, dy, kernel_hw, strides, pads):
   """XLA's weight gradient: the VJP of the convolution with respect to w."""
-  w = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], dy.shape[-1]), x.dtype)
+  w = jnp.zeros((*kernel_hw, x.shape[-1], dy.shape[-1]), x.dtype)
   _, vjp = jax.vjp(
       lambda w_: jax.lax.conv_general_dilated(
-          x, w_, strides, pads, dimension_numbers=_LAYOUT),
-      jnp.zeros(w.shape, w.dtype))
+          x, w_, strides, pads, dimension_numbers=_LAYOUT), w)
   return vjp(dy)[0]
 
 
@@ -226,8 +225,8 @@ def _weight_grad_fn(kernel_hw, strides, pads):
   return weight_grad_fn
 
 
-def _low_pads(padding, in_hw, kernel_hw, strides) -> tuple[tuple[int, int],
-                                                            ...] | None:
+def _explicit_pads(padding, in_hw, kernel_hw, strides
+                   ) -> tuple[tuple[int, int], ...] | None:
   """``padding`` as (low, high) pairs, or ``None`` if it has a negative pad."""
   if isinstance(padding, str):
     pads = jax.lax.padtype_to_pads(in_hw, kernel_hw, strides, padding)
@@ -283,7 +282,7 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: Sequence[int],
   if min(strides) < 1 or min(kernel_hw) < 1:
     raise ValueError(f"strides and kernel sizes must be >= 1; got strides"
                      f" {strides}, kernel {kernel_hw}.")
-  pads = _low_pads(padding, x.shape[1:3], kernel_hw, strides)
+  pads = _explicit_pads(padding, x.shape[1:3], kernel_hw, strides)
   if pads is None:
     raise ValueError(f"cpu_conv.weight_grad needs non-negative padding; got"
                      f" {padding!r}.")
@@ -386,7 +385,7 @@ def conv_general_dilated(
       preferred_element_type=preferred_element_type):
     return xla(**kwargs)
   strides = tuple(int(s) for s in window_strides)
-  pads = _low_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+  pads = _explicit_pads(padding, lhs.shape[1:3], rhs.shape[:2], strides)
   if pads is None:
     return xla(**kwargs)
   return _conv(strides, pads, precision)(lhs, rhs)

@@ -1,9 +1,10 @@
 """The library's native CPU kernels: built on first use, loaded, registered.
 
-``osgd_jax/csrc/gram_cpu.cc`` computes the Gram matrices of stacked leaves
-and ``osgd_jax/csrc/ldl_cpu.cc`` the Gram–Schmidt weights from them, as XLA
-FFI handlers (why kernels of our own: see those files,
-:mod:`osgd_jax.cpu_gram` and :mod:`osgd_jax.cpu_ldl`). Both go into one
+``osgd_jax/csrc/gram_cpu.cc`` computes the Gram matrices of stacked leaves,
+``osgd_jax/csrc/ldl_cpu.cc`` the Gram–Schmidt weights from them and
+``osgd_jax/csrc/conv_cpu.cc`` a convolution's weight gradient, as XLA FFI
+handlers (why kernels of our own: see those files, :mod:`osgd_jax.cpu_gram`,
+:mod:`osgd_jax.cpu_ldl` and :mod:`osgd_jax.cpu_conv`). All go into one
 shared library, compiled against the XLA FFI headers of the
 *installed* jaxlib (``jax.ffi.include_dir()``), the first time a process
 needs it, by the system C++ compiler, the way PyTorch's inductor compiles
@@ -11,8 +12,8 @@ its CPU kernels; the shared library is cached on disk, keyed by the source,
 the jaxlib version, the compiler and its flags and the CPU, so later
 processes only load it. It is compiled for the CPU it runs on
 (``-march=native``, or the compiler's default target where that flag is
-refused): the Gram kernel's register blocking depends on the SIMD registers the
-CPU has.
+refused): the Gram and conv kernels' register blocking depends on the SIMD
+registers the CPU has.
 
 Everything here degrades gracefully: without a compiler, with an older
 jaxlib, or with ``OSGD_JAX_NATIVE=0`` in the environment, :func:`available`
@@ -57,7 +58,7 @@ SOURCES = tuple(pathlib.Path(__file__).parent / "csrc" / name
 HEADERS = tuple(pathlib.Path(__file__).parent / "csrc" / name
                 for name in ("parallel.h", "simd.h"))
 # FFI target name per compute dtype, and the handler symbol behind it: the
-# Gram matrices, and the Gram–Schmidt weights.
+# Gram matrices, the Gram–Schmidt weights ...
 TARGETS = {"float32": ("osgd_jax_grams_f32", "OsgdGramsF32"),
            "float64": ("osgd_jax_grams_f64", "OsgdGramsF64")}
 LDL_TARGETS = {"float32": ("osgd_jax_ldl_f32", "OsgdLdlF32"),
@@ -65,7 +66,8 @@ LDL_TARGETS = {"float32": ("osgd_jax_ldl_f32", "OsgdLdlF32"),
 # ... and a 2-D convolution's weight gradient.
 CONV_TARGETS = {"float32": ("osgd_jax_conv_dw_f32", "OsgdConvWeightGradF32"),
                 "float64": ("osgd_jax_conv_dw_f64", "OsgdConvWeightGradF64")}
-# The most exits either kernel takes (kMaxExits, kMaxExitsLdl in the sources).
+# The most exits the Gram and LDLᵀ kernels take (kMaxExits, kMaxExitsLdl in
+# the sources).
 MAX_EXITS = 64
 # -fno-math-errno: sqrt need not set errno, so loops with it vectorise.
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-fno-math-errno")
@@ -199,8 +201,8 @@ def available() -> bool:
   calls return the same answer.
 
   Returns:
-    ``True`` if the FFI targets in :data:`TARGETS` and :data:`LDL_TARGETS`
-    can be called.
+    ``True`` if the FFI targets in :data:`TARGETS`, :data:`LDL_TARGETS` and
+    :data:`CONV_TARGETS` can be called.
 
   Example:
     >>> from osgd_jax import native
@@ -233,6 +235,7 @@ def supports(targets: dict, dtype, num_exits: int) -> bool:
   """
   return (1 <= num_exits <= MAX_EXITS and np.dtype(dtype).name in targets
           and available())
+
 
 def may_run_on(x) -> bool:
   """Whether a native kernel may take ``x`` in place of XLA's operations.
