@@ -258,13 +258,20 @@ def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
   w = jnp.asarray(rng.standard_normal((3, 3, width, width), dtype=np.float32))
   cts = jnp.asarray(rng.standard_normal((num_exits,) + x.shape,
                                         dtype=np.float32))
-  conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  dw = lambda x, w, c: jax.vjp(lambda w: conv(x, w), w)[1](c)[0]
+  def conv_of(conv_fn):
+    return lambda x, w: conv_fn(x, w, (1, 1), "SAME",
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def dw_of(conv):
+    return lambda x, w, c: jax.vjp(lambda w: conv(x, w), w)[1](c)[0]
+
+  def unrolled(dw):
+    return lambda x, w, c: jnp.stack([dw(x, w, c[k]) for k in range(len(c))])
+
+  conv = conv_of(jax.lax.conv_general_dilated)
+  dw = dw_of(conv)
   # The zoo's convolution: the library's native weight gradient on CPU.
-  zoo_conv = lambda x, w: cpu_conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  zoo_dw = lambda x, w, c: jax.vjp(lambda w: zoo_conv(x, w), w)[1](c)[0]
+  zoo_dw = dw_of(conv_of(cpu_conv.conv_general_dilated))
   dx = lambda x, w, c: jax.vjp(lambda x: conv(x, w), x)[1](c)[0]
   fns = {
       "conv-fwd": (conv, (x, w)),
@@ -272,14 +279,9 @@ def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
       "conv-dw-1": (dw, (x, w, cts[0])),
       "conv-dx-vmap": (jax.vmap(dx, (None, None, 0)), (x, w, cts)),
       "conv-dw-vmap": (jax.vmap(dw, (None, None, 0)), (x, w, cts)),
-      "conv-dw-unrolled": (
-          lambda x, w, c: jnp.stack([dw(x, w, c[k]) for k in range(len(c))]),
-          (x, w, cts)),
+      "conv-dw-unrolled": (unrolled(dw), (x, w, cts)),
       "conv-dw-1-native": (zoo_dw, (x, w, cts[0])),
-      "conv-dw-unrolled-native": (
-          lambda x, w, c: jnp.stack([zoo_dw(x, w, c[k])
-                                     for k in range(len(c))]),
-          (x, w, cts)),
+      "conv-dw-unrolled-native": (unrolled(zoo_dw), (x, w, cts)),
   }
   out = {}
   for key, (fn, args) in fns.items():
