@@ -61,32 +61,78 @@ DEFAULT_TOL = 1e-5
 
 
 class OsgdState(NamedTuple):
-  """Diagnostics of the last projection, as arrays that can be logged.
+  """Diagnostics of the last projection, as one array that can be logged.
+
+  The four diagnostics are read through properties; they are stored as the
+  columns of a single ``(K, K + 3)`` array because every array of a state is
+  one more buffer that each jitted step writes and returns, and one more
+  small kernel. On CPU, where a program of at most 8 kernels runs them in
+  turn on the calling thread and a larger one spreads them over the thread
+  pool, four separate arrays made the update of one leaf 9 kernels and its
+  cost at 10⁵ parameters about 60 µs instead of 40
+  (``benchmarks/bench_transform.py``).
 
   Attributes:
-    exit_norms: ``(K,)`` norm of each exit's gradient over all parameters.
-    projected_norms: ``(K,)`` norm of each exit's projected component ĝ_k.
-    cosine: ``(K, K)`` cosine similarity between exits' gradients, averaged
-      over leaves weighted by their size, counting only the leaves where both
-      gradients are non-zero (0 where there is none).
-    degenerate_fraction: ``(K,)`` fraction of the parameters (by size) on which
-      exit k's component was degenerate and dropped, e.g. a head exit k does
-      not reach.
+    diagnostics: ``(K, K + 3)`` float array: column 0 ``exit_norms``, 1
+      ``projected_norms``, 2 ``degenerate_fraction``, columns 3… ``cosine``.
+      Any leading batch axes (e.g. states stacked over steps) are kept by the
+      properties.
   """
 
-  exit_norms: jax.Array
-  projected_norms: jax.Array
-  cosine: jax.Array
-  degenerate_fraction: jax.Array
+  diagnostics: jax.Array
+
+  @classmethod
+  def pack(cls, exit_norms: jax.Array, projected_norms: jax.Array,
+           cosine: jax.Array, degenerate_fraction: jax.Array) -> "OsgdState":
+    """Builds the state from its four diagnostics (see the properties).
+
+    Args:
+      exit_norms: ``(K,)``.
+      projected_norms: ``(K,)``.
+      cosine: ``(K, K)``.
+      degenerate_fraction: ``(K,)``.
+
+    Returns:
+      An :class:`OsgdState` holding them in one ``(K, K + 3)`` array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> state = OsgdState.pack(jnp.ones(2), jnp.ones(2), jnp.eye(2),
+      ...                        jnp.zeros(2))
+      >>> state.diagnostics.shape, state.cosine.shape
+      ((2, 5), (2, 2))
+    """
+    columns = jnp.stack([exit_norms, projected_norms, degenerate_fraction],
+                        axis=-1)
+    return cls(jnp.concatenate([columns, cosine.astype(columns.dtype)],
+                               axis=-1))
+
+  @property
+  def exit_norms(self) -> jax.Array:
+    """``(K,)`` norm of each exit's gradient over all parameters."""
+    return self.diagnostics[..., 0]
+
+  @property
+  def projected_norms(self) -> jax.Array:
+    """``(K,)`` norm of each exit's projected component ĝ_k."""
+    return self.diagnostics[..., 1]
+
+  @property
+  def degenerate_fraction(self) -> jax.Array:
+    """``(K,)`` fraction of the parameters (by size) on which exit k's
+    component was degenerate and dropped, e.g. a head exit k does not reach."""
+    return self.diagnostics[..., 2]
+
+  @property
+  def cosine(self) -> jax.Array:
+    """``(K, K)`` cosine similarity between exits' gradients, averaged over
+    leaves weighted by their size, counting only the leaves where both
+    gradients are non-zero (0 where there is none)."""
+    return self.diagnostics[..., 3:]
 
 
 def _empty_state(num_exits: int, dtype=jnp.float32) -> OsgdState:
-  return OsgdState(
-      exit_norms=jnp.zeros((num_exits,), dtype),
-      projected_norms=jnp.zeros((num_exits,), dtype),
-      cosine=jnp.zeros((num_exits, num_exits), dtype),
-      degenerate_fraction=jnp.zeros((num_exits,), dtype),
-  )
+  return OsgdState(jnp.zeros((num_exits, num_exits + 3), dtype))
 
 
 def _validate_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -185,7 +231,7 @@ def _diagnostics(aggregation: Aggregation) -> OsgdState:
       aggregation.grams, aggregation.sizes, aggregation.compute_dtype)
   residual_sq = aggregation.group_outputs
   dropped = (residual_sq <= 0).astype(aggregation.compute_dtype)
-  return OsgdState(
+  return OsgdState.pack(
       exit_norms=exit_norms,
       projected_norms=jnp.sqrt(residual_sq.sum(axis=0)),
       cosine=cosine,
@@ -422,7 +468,7 @@ def osgd(
         compute_dtype=compute_dtype)
 
   def finish(aggregation, state):
-    return jax.tree.map(lambda x: x.astype(state.exit_norms.dtype),
+    return jax.tree.map(lambda x: x.astype(state.diagnostics.dtype),
                         _diagnostics(aggregation))
 
   return _aggregate(

@@ -240,6 +240,29 @@ def test_state_shape_is_fixed_when_num_exits_is_known():
   assert osgd_jax.osgd(order=(1, 0)).init({}).cosine.shape == (2, 2)
 
 
+def test_state_is_one_array_read_through_properties():
+  rng = np.random.default_rng(7)
+  grads = _stacked(rng, 3, _random)
+  _, state = _apply(grads, params=None)
+  # One buffer per step, whatever K is: the four diagnostics are its columns.
+  (packed,) = jax.tree.leaves(state)
+  assert packed.shape == (3, 3 + 3)
+  np.testing.assert_array_equal(state.exit_norms, packed[:, 0])
+  np.testing.assert_array_equal(state.projected_norms, packed[:, 1])
+  np.testing.assert_array_equal(state.degenerate_fraction, packed[:, 2])
+  np.testing.assert_array_equal(state.cosine, packed[:, 3:])
+  # pack is the inverse of the properties.
+  again = osgd_jax.OsgdState.pack(state.exit_norms, state.projected_norms,
+                                  state.cosine, state.degenerate_fraction)
+  np.testing.assert_array_equal(again.diagnostics, packed)
+  # States stacked over steps (a logged history, a scan's outputs) keep the
+  # step axis in front of every diagnostic.
+  history = jax.tree.map(lambda *xs: jnp.stack(xs), state, state)
+  assert history.exit_norms.shape == (2, 3)
+  assert history.cosine.shape == (2, 3, 3)
+  np.testing.assert_array_equal(history.cosine[1], state.cosine)
+
+
 def test_empty_tree_passes_through():
   out, _ = _apply({})
   assert out == {}
