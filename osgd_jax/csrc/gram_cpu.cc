@@ -45,8 +45,15 @@ constexpr int64_t kChunkColumns = 1 << 13;  // columns per thread-pool task
 constexpr int64_t kPrefetchBytes = 1 << 10;
 // Below this many multiply-adds (columns × K(K+1)/2) one thread runs the
 // call: waking the pool costs more, and inside a training step the pool's
-// threads are often busy with the step's other kernels.
+// threads are often busy with the step's other kernels...
 constexpr int64_t kParallelMin = 1 << 20;
+// ...unless the update's second pass, Σ_k w_k g_k over a leaf (K rows read,
+// one written), moves this many bytes: XLA:CPU then splits that pass over
+// its pool (256 KiB per task, at least two tasks), so the pool is woken in
+// this update anyway, and a Gram split over it costs no wake-up of its own.
+// 2 cores, medians of interleaved runs of the whole update: K=2, 10⁵ columns
+// 50-78 -> 29-44 µs; K=2, 3·10⁵ 143-178 -> 64-73 µs; K=8, 10⁴ unchanged.
+constexpr int64_t kXlaParallelPassBytes = 512 << 10;
 
 using osgd_jax::kSimdRegisters;
 using osgd_jax::Load;
@@ -187,7 +194,8 @@ ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
   // Row pointers of every operand, and the work split into column ranges.
   std::vector<const T*> rows(num_leaves * k);
   std::vector<WorkItem> items;
-  int64_t total = 0;
+  int64_t total = 0;           // multiply-adds
+  int64_t widest_pass = 0;     // bytes of the largest leaf's weighted sum
   for (int64_t l = 0; l < num_leaves; ++l) {
     auto leaf = args.get<ffi::Buffer<D>>(l);
     if (leaf.has_error()) return leaf.error();
@@ -202,6 +210,8 @@ ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
       items.push_back({l, b, std::min(n, b + kChunkColumns)});
     }
     total += n * k * (k + 1) / 2;
+    widest_pass = std::max<int64_t>(widest_pass,
+                                    (k + 1) * n * int64_t(sizeof(T)));
   }
   const int64_t num_items = int64_t(items.size());
   std::vector<double> partial(num_items * k * k, 0.0);
@@ -215,8 +225,10 @@ ffi::Error GramsImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
   // pool has (one per core), a third thread on two cores only adds context
   // switches (K=8, 10⁵ columns: 92 µs on one thread, 74 µs with the caller
   // and two pool threads, 55 µs with the caller and one).
+  const bool parallel =
+      total >= kParallelMin || widest_pass >= kXlaParallelPassBytes;
   osgd_jax::ParallelItems(pool, num_items,
-                          total < kParallelMin ? 1 : pool.num_threads(),
+                          parallel ? pool.num_threads() : 1,
                           [&](int64_t, int64_t item) { run(item); });
 
   T* result = out->typed_data();
