@@ -68,9 +68,9 @@ class OsgdState(NamedTuple):
   one more buffer that each jitted step writes and returns, and one more
   small kernel. On CPU, where a program of at most 8 kernels runs them in
   turn on the calling thread and a larger one spreads them over the thread
-  pool, four separate arrays made the update of one leaf 9 kernels and its
-  cost at 10⁵ parameters about 60 µs instead of 40
-  (``benchmarks/bench_transform.py``).
+  pool, four separate arrays made the update of one leaf 9 kernels (6 now),
+  and a call of it at 10⁵ parameters and K = 2 took about 60 µs instead of 45
+  (``benchmarks/README.md``).
 
   Attributes:
     diagnostics: ``(K, K + 3)`` float array: column 0 ``exit_norms``, 1
