@@ -38,12 +38,6 @@ On one network, batch and machine, in one run, the script times:
   UPGrad and PCGrad steps (``torchjd.autojac.backward`` then
   ``jac_to_grad``), each followed by the same SGD momentum update.
 
-For the conv models, a profile (``--no-profile`` drops it) times one 3×3
-conv of stage 1 with its input and weight gradients for one row, for K rows
-under ``jax.vmap`` (batched rows) and for K rows unrolled (looped rows),
-with XLA's weight gradient and with the zoo's native one, next to
-PyTorch's.
-
 Targets, as ratios from the run (verdicts are printed, never asserted), all
 of the default staged step: OSGD / plain within 1.15x of the structural
 limit; the transform <= 5% of the OSGD step; our OSGD step no slower than
@@ -86,8 +80,7 @@ import numpy as np
 from flax import nnx
 
 import osgd_jax
-from osgd_jax import anytime, cpu_conv, data as data_lib, train, zoo
-from osgd_jax import grads as grads_lib
+from osgd_jax import anytime, data as data_lib, train, zoo
 from osgd_jax.losses import per_exit_cross_entropy
 
 import scope_profile  # benchmarks/scope_profile.py, beside this script
@@ -242,82 +235,6 @@ def _per_exit_grad_bytes(graphdef: Any, params: Any, rest: Any,
              for g in jax.tree.leaves(grads))
 
 
-def _conv_profile_fns(batch: int, size: int, width: int, num_exits: int
-                      ) -> dict[str, Callable]:
-  """One 3×3 conv of the model's first stage: forward and its VJP pieces.
-
-  The weight gradient is timed for one row, for K rows under ``jax.vmap``
-  (what the vmap Jacobian and the staged one's batched rows do) and for K
-  rows as K calls (the staged Jacobian's looped rows): XLA's convolution,
-  and the zoo's (:func:`osgd_jax.cpu_conv.conv_general_dilated`, whose
-  weight gradient is the library's native kernel on CPU).
-  """
-  rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.standard_normal((batch, size, size, width),
-                                      dtype=np.float32))
-  w = jnp.asarray(rng.standard_normal((3, 3, width, width), dtype=np.float32))
-  cts = jnp.asarray(rng.standard_normal((num_exits,) + x.shape,
-                                        dtype=np.float32))
-  def conv_of(conv_fn):
-    return lambda x, w: conv_fn(x, w, (1, 1), "SAME",
-                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  def dw_of(conv):
-    return lambda x, w, c: jax.vjp(lambda w: conv(x, w), w)[1](c)[0]
-
-  def unrolled(dw):
-    return lambda x, w, c: jnp.stack([dw(x, w, c[k]) for k in range(len(c))])
-
-  conv = conv_of(jax.lax.conv_general_dilated)
-  dw = dw_of(conv)
-  # The zoo's convolution: the library's native weight gradient on CPU.
-  zoo_dw = dw_of(conv_of(cpu_conv.conv_general_dilated))
-  dx = lambda x, w, c: jax.vjp(lambda x: conv(x, w), x)[1](c)[0]
-  fns = {
-      "conv-fwd": (conv, (x, w)),
-      "conv-dx-1": (dx, (x, w, cts[0])),
-      "conv-dw-1": (dw, (x, w, cts[0])),
-      "conv-dx-vmap": (jax.vmap(dx, (None, None, 0)), (x, w, cts)),
-      "conv-dw-vmap": (jax.vmap(dw, (None, None, 0)), (x, w, cts)),
-      "conv-dw-unrolled": (unrolled(dw), (x, w, cts)),
-      "conv-dw-1-native": (zoo_dw, (x, w, cts[0])),
-      "conv-dw-unrolled-native": (unrolled(zoo_dw), (x, w, cts)),
-  }
-  out = {}
-  for key, (fn, args) in fns.items():
-    compiled = jax.jit(fn).lower(*args).compile()
-    out[key] = functools.partial(
-        lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
-  return out
-
-
-def _torch_conv_profile_fns(torch, batch: int, size: int, width: int,
-                            num_exits: int) -> dict[str, Callable]:
-  """The same conv in PyTorch (NCHW): forward, one-row and K-row dW.
-
-  The K-row weight gradient uses ``is_grads_batched``, the batched backward
-  that TorchJD's ``backward`` runs.
-  """
-  gen = torch.Generator().manual_seed(2)
-  x = torch.randn(batch, width, size, size, generator=gen)
-  w = torch.randn(width, width, 3, 3, generator=gen, requires_grad=True)
-  cts = torch.randn(num_exits, batch, width, size, size, generator=gen)
-  conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)
-
-  def fwd():
-    with torch.no_grad():
-      return conv()
-
-  def dw_one():
-    return torch.autograd.grad(conv(), w, cts[0])
-
-  def dw_batched():
-    return torch.autograd.grad(conv(), w, cts, is_grads_batched=True)
-
-  return {"torch-conv-fwd": fwd, "torch-conv-dw-1": dw_one,
-          "torch-conv-dw-vmap": dw_batched}
-
-
 # ------------------------------------------------------------- PyTorch side
 
 
@@ -470,9 +387,10 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
   x_np, y_np = _batch(name, preset, config, batch)
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  # What "staged" resolves to here: rows looped on CPU, batched elsewhere.
-  rows = grads_lib._resolve_rows("auto")  # pylint: disable=protected-access
-  backend = jax.default_backend().upper()
+  # What "staged" lowers to on this platform: rows looped on CPU, batched
+  # elsewhere (jax.lax.platform_dependent in the staged Jacobian).
+  backend = jax.devices()[0].platform.upper()
+  rows = "looped" if backend == "CPU" else "batched"
 
   t0 = time.perf_counter()
   variants, memory = [], {}
@@ -504,21 +422,6 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
   variants.append(Variant("transform-launch",
                           "a jitted call on the same arguments (launch)",
                           launch))
-  conv = x_np.ndim == 4 and args.profile
-  if conv:
-    size, width = x_np.shape[1], config["width"]
-    shape = f"{batch}x{size}x{size}x{width}"
-    labels = {"conv-fwd": f"conv {shape} 3x3: forward",
-              "conv-dx-1": "conv: dX, 1 row",
-              "conv-dw-1": "conv: dW, 1 row",
-              "conv-dx-vmap": f"conv: dX, {num_exits} rows, jax.vmap",
-              "conv-dw-vmap": f"conv: dW, {num_exits} rows, jax.vmap",
-              "conv-dw-unrolled": f"conv: dW, {num_exits} rows, unrolled",
-              "conv-dw-1-native": "conv: dW, 1 row, native kernel (zoo)",
-              "conv-dw-unrolled-native":
-                  f"conv: dW, {num_exits} rows, unrolled, native kernel"}
-    for key, fn in _conv_profile_fns(batch, size, width, num_exits).items():
-      variants.append(Variant(key, labels[key], fn))
   log(f"  compiled the JAX functions in {time.perf_counter() - t0:.1f} s")
 
   torch_info, torch_note = None, None
@@ -526,14 +429,6 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
     tv, torch_info = _torch_variants(mods, name, config, x_np, y_np,
                                      args.torch_layouts)
     variants += tv
-    if conv:
-      labels = {"torch-conv-fwd": "torch conv (NCHW): forward",
-                "torch-conv-dw-1": "torch conv: dW, 1 row",
-                "torch-conv-dw-vmap":
-                    f"torch conv: dW, {num_exits} rows, batched grad"}
-      for key, fn in _torch_conv_profile_fns(mods[0], batch, size, width,
-                                             num_exits).items():
-        variants.append(Variant(key, labels[key], fn))
 
   samples = _run_rounds(variants, args.repeats, log)
   med = {k: statistics.median(s) for k, s in samples.items()}
@@ -611,15 +506,11 @@ def _mb(n: float) -> str:
   return f"{n / 1e6:.2f} MB"
 
 
-_GROUP_TITLES = {1: "-- parts of the step (for the limit and the share):",
-                 2: "-- profile: one 3x3 conv of stage 1, its backward"
-                    " pieces (min ms is the steadier figure):"}
+_GROUP_TITLES = {1: "-- parts of the step (for the limit and the share):"}
 
 
 def _group(key: str) -> int:
-  """0: whole training steps; 1: parts of our step; 2: the conv profile."""
-  if "conv-" in key:
-    return 2
+  """0: whole training steps; 1: parts of our step."""
   if key.startswith(("fwd", "transform", "sum-")):
     return 1
   return 0
@@ -732,8 +623,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--threads", type=int, default=None,
                       help="PyTorch intra-op threads; default: the cores"
                            " XLA:CPU uses (this process's CPU affinity)")
-  parser.add_argument("--no-profile", dest="profile", action="store_false",
-                      help="skip the single-conv profile rows (conv models)")
   parser.add_argument("--profile-runs", type=int, default=None,
                       help="OSGD steps profiled for the transform's share;"
                            " default 100 (20 with --quick)")

@@ -46,11 +46,9 @@ __all__ = ["staged_value_and_per_exit_grads", "value_and_per_exit_grads",
 ROWS = ("auto", "batched", "looped")
 
 
-def _resolve_rows(rows: str) -> str:
+def _check_rows(rows: str) -> str:
   if rows not in ROWS:
     raise ValueError(f"rows must be one of {ROWS}, got {rows!r}.")
-  if rows == "auto":
-    return "looped" if jax.default_backend() == "cpu" else "batched"
   return rows
 
 
@@ -435,6 +433,46 @@ def _anytime_stages(model: Any, params: Any, rest: Any,
   return stages
 
 
+def _staged_backward(vjps: list[Any], logit_cts: Any, num_exits: int,
+                     rows: str) -> list[Any]:
+  """The per-exit gradients of every stage's parameters, stage 1 first.
+
+  ``vjps[j]`` is stage j's VJP with its output floats; ``logit_cts[j][k]``
+  the cotangent of exit k's loss on exit j's logits. Returns one pytree per
+  stage whose leaves are ``(K, *param.shape)``.
+  """
+  # Backward: stage j runs for exits j..K-1. Exit j starts at its own
+  # logits with a zero carry cotangent; later exits bring theirs.
+  stage_grads = [None] * num_exits
+  carry_cts = None  # batched: stacked over exits j+1..K; looped: a list
+  for j in reversed(range(num_exits)):
+    vjp, out_floats = vjps[j]
+    if rows == "batched":
+      # zeros_like keeps each array's sharding (explicit-sharding meshes).
+      first = [jnp.zeros_like(f)[None] for f in out_floats]
+      out_cts = first if carry_cts is None else [
+          jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
+      cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
+      if j == 0:
+        (grads_j,) = cts
+      else:
+        grads_j, carry_cts = cts
+      # Exits before j do not reach stage j: zero rows, one concatenation.
+      stage_grads[j] = jax.tree.map(
+          lambda g, j=j: g if j == 0 else jnp.concatenate(
+              [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
+    else:
+      own = [jnp.zeros_like(f) for f in out_floats]
+      outs = [vjp((ct, logit_cts[j][k])) for k, ct in
+              zip(range(j, num_exits), [own] + (carry_cts or []))]
+      carry_cts = [out[1] for out in outs] if j else None
+      # One stack per leaf: zero rows for exits before j, then the rest.
+      stage_grads[j] = jax.tree.map(
+          lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
+          *[out[0] for out in outs])
+  return stage_grads
+
+
 def staged_value_and_per_exit_grads(
     graphdef: Any,
     loss_fn: Callable[..., Any],
@@ -507,7 +545,7 @@ def staged_value_and_per_exit_grads(
     ((3,), (3, 8, 10), True)
   """
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
-  rows = _resolve_rows(rows)
+  rows = _check_rows(rows)
   if not isinstance(graphdef, nnx.GraphDef):
     raise ValueError(
         "staged_value_and_per_exit_grads takes the graphdef of an anytime"
@@ -579,35 +617,15 @@ def staged_value_and_per_exit_grads(
     # logit_cts[j][k]: cotangent of exit k's loss on exit j's logits.
     logit_cts = jax.vmap(loss_vjp)(jnp.eye(num_exits, dtype=losses.dtype))
 
-    # Backward: stage j runs for exits j..K-1. Exit j starts at its own
-    # logits with a zero carry cotangent; later exits bring theirs.
-    stage_grads = [None] * num_exits
-    carry_cts = None  # batched: stacked over exits j+1..K; looped: a list
-    for j in reversed(range(num_exits)):
-      vjp, out_floats = vjps[j]
-      if rows == "batched":
-        # zeros_like keeps each array's sharding (explicit-sharding meshes).
-        first = [jnp.zeros_like(f)[None] for f in out_floats]
-        out_cts = first if carry_cts is None else [
-            jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
-        cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
-        if j == 0:
-          (grads_j,) = cts
-        else:
-          grads_j, carry_cts = cts
-        # Exits before j do not reach stage j: zero rows, one concatenation.
-        stage_grads[j] = jax.tree.map(
-            lambda g, j=j: g if j == 0 else jnp.concatenate(
-                [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
-      else:
-        own = [jnp.zeros_like(f) for f in out_floats]
-        outs = [vjp((ct, logit_cts[j][k])) for k, ct in
-                zip(range(j, num_exits), [own] + (carry_cts or []))]
-        carry_cts = [out[1] for out in outs] if j else None
-        # One stack per leaf: zero rows for exits before j, then the rest.
-        stage_grads[j] = jax.tree.map(
-            lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
-            *[out[0] for out in outs])
+    def backward(rows):
+      return _staged_backward(vjps, logit_cts, num_exits, rows)
+
+    if rows == "auto":
+      # Decided when the step is lowered for its platform, not when traced.
+      stage_grads = jax.lax.platform_dependent(
+          cpu=lambda: backward("looped"), default=lambda: backward("batched"))
+    else:
+      stage_grads = backward(rows)
 
     by_path = {}
     for j, grads_j in enumerate(stage_grads):

@@ -4,8 +4,7 @@ Every function here works on *stacked leaves*: arrays of shape ``(K, *s)`` whose
 row ``k`` is exit k's gradient of one parameter tensor. Inner products are
 contractions over the trailing axes (``jnp.tensordot``); a leaf is never
 reshaped to ``(K, N)``, because merging dimensions that may be sharded forces
-XLA to gather the whole leaf onto every device. (On CPU, the Gram matrix of
-:mod:`osgd_jax.cpu_gram` does flatten, but only each device's own shard.)
+XLA to gather the whole leaf onto every device.
 
 Two algorithms give the same direction ``u = Σ_k ĝ_k`` (see DESIGN.md §2):
 
@@ -26,9 +25,6 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from osgd_jax import cpu_gram
-from osgd_jax import cpu_ldl
-from osgd_jax import native
 from osgd_jax import sharding
 
 __all__ = [
@@ -36,7 +32,6 @@ __all__ = [
     "gram_matrix",
     "gram_matrices",
     "ldl_weights",
-    "ldl_weights_xla",
     "weighted_sum",
     "project",
 ]
@@ -127,10 +122,8 @@ def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
 def gram_matrices(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
   """Returns the ``(L, K, K)`` Gram matrices of stacked leaves.
 
-  On CPU, the leaves that :mod:`osgd_jax.cpu_gram` takes share one call of
-  its kernel (one launch instead of one per leaf, several times faster
-  each); the others, and every leaf on accelerators, are contracted over
-  their trailing axes as they are. The results agree up to rounding.
+  Each leaf is contracted over its trailing axes as it is, so a sharded
+  parameter axis gives per-device partial sums and one all-reduce.
 
   Args:
     leaves: stacked gradients, each ``(K, *s_l)``, one K for all.
@@ -139,19 +132,10 @@ def gram_matrices(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
   Returns:
     An ``(L, K, K)`` array in ``compute_dtype``, in the order of ``leaves``.
   """
-  on_cpu = [i for i, leaf in enumerate(leaves)
-            if native.may_run_on(leaf)
-            and cpu_gram.worthwhile(leaf, compute_dtype)]
-  out = [None] * len(leaves)
-  if on_cpu:
-    from_kernel = cpu_gram.grams([leaves[i] for i in on_cpu], compute_dtype)
-    for position, i in enumerate(on_cpu):
-      out[i] = from_kernel[position]
-  for i, leaf in enumerate(leaves):
-    if out[i] is None:
-      out[i] = contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
-                                 compute_dtype=compute_dtype)
-  return jnp.stack(out)
+  return jnp.stack([
+      contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
+                        compute_dtype=compute_dtype)
+      for leaf in leaves])
 
 
 def weighted_sum(weights: jax.Array, leaf: jax.Array, compute_dtype) -> jax.Array:
@@ -287,30 +271,6 @@ def ldl_weights(
     gram: jax.Array, *, tol: float | jax.Array, rescale: bool
 ) -> tuple[jax.Array, jax.Array]:
   """Gram–Schmidt weights from a Gram matrix, rows taken in index order.
-
-  The algebra of :func:`ldl_weights_xla`. On the CPU backend it runs as one
-  call of the native kernel (:mod:`osgd_jax.cpu_ldl`) where that is
-  available; XLA:CPU would launch it as about K + 10 tiny kernels.
-
-  Args:
-    gram: ``(..., K, K)`` symmetric positive semi-definite Gram matrices.
-    tol: relative tolerance on the squared norm of a projected component.
-    rescale: scale every kept component back to the norm of its input.
-
-  Returns:
-    ``(weights, residual_sq_norms)``, both ``(..., K)``: ``u = Σ_k w_k g_k``
-    and ``‖ĝ_k‖²`` (zero for degenerate components).
-  """
-  if (native.may_run_on(gram)
-      and cpu_ldl.uses_native(gram.dtype, gram.shape[-1])):
-    return cpu_ldl.ldl_weights(gram, tol=tol, rescale=rescale)
-  return ldl_weights_xla(gram, tol=tol, rescale=rescale)
-
-
-def ldl_weights_xla(
-    gram: jax.Array, *, tol: float | jax.Array, rescale: bool
-) -> tuple[jax.Array, jax.Array]:
-  """:func:`ldl_weights` by XLA operations, on any backend.
 
   Factorises ``M = L D Lᵀ`` after equilibration ``C = S⁻¹ M S⁻¹`` with
   ``S = diag(√M_kk)``, which makes the pivots scale-free: ``D_kk`` is the

@@ -145,22 +145,6 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     assert line.rstrip().endswith(("PASS", "MISS")), line
 
 
-def test_bench_step_conv_profile_times_the_same_gradients_both_ways():
-  fns = _bench_step_module()._conv_profile_fns(batch=2, size=6, width=4,
-                                               num_exits=3)
-  out = {key: np.asarray(fn()) for key, fn in fns.items()}
-  assert out["conv-dw-1"].shape == (3, 3, 4, 4)
-  assert out["conv-dw-vmap"].shape == out["conv-dw-unrolled"].shape == (
-      3, 3, 3, 4, 4)
-  # XLA's weight gradient and the zoo's native one, for 1 and K rows.
-  np.testing.assert_allclose(out["conv-dw-1-native"], out["conv-dw-1"],
-                             rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(out["conv-dw-unrolled-native"],
-                             out["conv-dw-vmap"], rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(out["conv-dw-unrolled"][0], out["conv-dw-1"],
-                             rtol=1e-6)
-
-
 def test_bench_step_without_torch_reports_the_skip(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
   mods, note = _bench_step_module()._torch_modules()

@@ -1,11 +1,9 @@
-"""The K×K algebra of the Gram method: LDLᵀ weights, native, unrolled, looped.
+"""The K×K algebra of the Gram method: LDLᵀ weights, unrolled and looped.
 
-On CPU the native kernel (``osgd_jax/csrc/ldl_cpu.cc``) computes them; with
-XLA's operations (other backends, or no kernel), up to ``UNROLL_MAX_EXITS``
-exits the factorisation and the back substitution are written entry by
-entry, and beyond, ``lax`` loops. All three must give the weights whose
-combination of the rows is the float64 Gram–Schmidt oracle's direction, and
-agree with each other.
+Up to ``UNROLL_MAX_EXITS`` exits the factorisation and the back substitution
+are written entry by entry, and beyond, ``lax`` loops. Both must give the
+weights whose combination of the rows is the float64 Gram–Schmidt oracle's
+direction, and agree with each other.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from osgd_jax import cpu_ldl, native, orthogonalize
+from osgd_jax import orthogonalize
 
 from numpy_oracles import gram_schmidt_components
 
@@ -40,16 +38,8 @@ def _weights(rows, rescale, dtype=jnp.float64):
   return np.asarray(weights), np.asarray(residual_sq)
 
 
-def _use_xla(monkeypatch):
-  monkeypatch.setattr(cpu_ldl, "uses_native", lambda dtype, num_exits: False)
-
-
-@pytest.fixture(params=["native", "unrolled", "loop"])
+@pytest.fixture(params=["unrolled", "loop"])
 def form(request, monkeypatch):
-  if request.param == "native":
-    assert native.available(), "the native CPU kernels did not build"
-  else:
-    _use_xla(monkeypatch)
   if request.param == "loop":
     monkeypatch.setattr(orthogonalize, "UNROLL_MAX_EXITS", 0)
   jax.clear_caches()
@@ -76,24 +66,20 @@ def test_weights_give_the_gram_schmidt_direction(form, num_exits, kind,
                              rtol=1e-8, atol=1e-12 * scale ** 2)
 
 
-def test_native_unrolled_and_looped_forms_agree_batched(monkeypatch):
+def test_unrolled_and_looped_forms_agree_batched(monkeypatch):
   rng = np.random.default_rng(1)
   rows = rng.standard_normal((6, 5, 30))  # 6 leaves, K = 5
   rows[2, 3] = rows[2, 0]                 # a degenerate exit on one leaf
   grams = jnp.asarray(np.einsum("lkn,ljn->lkj", rows, rows), jnp.float32)
   fn = lambda m: orthogonalize.ldl_weights(m, tol=TOL, rescale=False)
-  with_native = jax.jit(fn)(grams)
-  _use_xla(monkeypatch)
-  unrolled = jax.jit(lambda m: fn(m))(grams)
+  unrolled = jax.jit(fn)(grams)
   monkeypatch.setattr(orthogonalize, "UNROLL_MAX_EXITS", 0)
   looped = jax.jit(lambda m: fn(m))(grams)
-  for a, b, c in zip(with_native, unrolled, looped):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for b, c in zip(unrolled, looped):
     np.testing.assert_allclose(b, c, rtol=1e-5, atol=1e-6)
 
 
-def test_large_k_takes_the_loops_and_matches_the_oracle(monkeypatch):
-  _use_xla(monkeypatch)
+def test_large_k_takes_the_loops_and_matches_the_oracle():
   num_exits = orthogonalize.UNROLL_MAX_EXITS + 1
   rows = _rows(num_exits, n=60, seed=2)
   jaxpr = jax.make_jaxpr(
@@ -106,8 +92,7 @@ def test_large_k_takes_the_loops_and_matches_the_oracle(monkeypatch):
   np.testing.assert_allclose(weights @ rows, want, atol=1e-8)
 
 
-def test_small_k_has_no_loop(monkeypatch):
-  _use_xla(monkeypatch)
+def test_small_k_has_no_loop():
   jaxpr = jax.make_jaxpr(
       lambda m: orthogonalize.ldl_weights(m, tol=TOL, rescale=False))(
           jnp.eye(4))

@@ -33,8 +33,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from osgd_jax import cpu_conv
-
 __all__ = [
     "NORMS",
     "Backbone",
@@ -121,9 +119,7 @@ class Backbone:
       return nnx.Conv(
           in_features, out_features, kernel_size=(kernel, kernel),
           strides=(stride, stride), padding="SAME", use_bias=use_bias,
-          kernel_init=he_normal, rngs=rngs,
-          # XLA's convolution, but for a native weight gradient on CPU.
-          conv_general_dilated=cpu_conv.conv_general_dilated)
+          kernel_init=he_normal, rngs=rngs)
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, kernel_init=he_normal,
         rngs=rngs)
