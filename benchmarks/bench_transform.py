@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 import osgd_jax
-from osgd_jax import orthogonalize
+from osgd_jax import gram as gram_lib
 
 METHODS = ("gram", "sequential")
 TARGET_RATIO = 3.0  # gram's target, as a multiple of the floor
@@ -112,7 +112,7 @@ def _floor_fns() -> dict[str, Callable]:
 
   def rows(weights, grads):
     return jax.tree.map(
-        lambda g: orthogonalize.weighted_sum(weights, g, jnp.float32), grads)
+        lambda g: gram_lib.weighted_sum(weights, g, jnp.float32), grads)
 
   return {"floor-tensordot": jax.jit(contraction),
           "floor-rows": jax.jit(rows)}

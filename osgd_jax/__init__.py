@@ -4,15 +4,20 @@ Implements Wan, Hoffmann, Lu & Maire, *Orthogonalized SGD and Nested
 Architectures for Anytime Neural Networks* (ICML 2020, arXiv:2008.06635).
 """
 
-from osgd_jax.aggregators import AggregatorState
+from osgd_jax import anytime
+from osgd_jax import losses
+from osgd_jax import weightings
+from osgd_jax import zoo
+from osgd_jax.aggregation import AggregationState
+from osgd_jax.aggregation import StatefulWeighting
+from osgd_jax.aggregation import from_weighting
+from osgd_jax.aggregators import AdaLossState
+from osgd_jax.aggregators import PCGradState
 from osgd_jax.aggregators import adaptive_loss_balancing
 from osgd_jax.aggregators import mgda
 from osgd_jax.aggregators import pcgrad
 from osgd_jax.aggregators import upgrad
 from osgd_jax.aggregators import weighted_sum
-from osgd_jax import anytime
-from osgd_jax import losses
-from osgd_jax import zoo
 from osgd_jax.grads import staged_value_and_per_exit_grads
 from osgd_jax.grads import value_and_per_exit_grads
 from osgd_jax.losses import per_exit_cross_entropy
@@ -23,19 +28,24 @@ from osgd_jax.transform import osgd_sgd
 __version__ = "0.1.0"
 
 __all__ = [
-    "AggregatorState",
+    "AdaLossState",
+    "AggregationState",
     "OsgdState",
+    "PCGradState",
+    "StatefulWeighting",
     "adaptive_loss_balancing",
+    "anytime",
+    "from_weighting",
+    "losses",
     "mgda",
     "osgd",
-    "anytime",
-    "losses",
     "osgd_sgd",
-    "per_exit_cross_entropy",
     "pcgrad",
+    "per_exit_cross_entropy",
     "staged_value_and_per_exit_grads",
     "upgrad",
     "value_and_per_exit_grads",
     "weighted_sum",
+    "weightings",
     "zoo",
 ]

@@ -1,163 +1,47 @@
-"""Pure kernels for the Gram–Schmidt projection of stacked per-exit gradients.
+"""Gram–Schmidt of stacked per-exit gradients, the kernel of OSGD.
 
-Every function here works on *stacked leaves*: arrays of shape ``(K, *s)`` whose
-row ``k`` is exit k's gradient of one parameter tensor. Inner products are
-contractions over the trailing axes (``jnp.tensordot``); a leaf is never
-reshaped to ``(K, N)``, because merging dimensions that may be sharded forces
-XLA to gather the whole leaf onto every device.
+For one parameter block (a leaf, or all leaves together) with per-exit
+gradients ``G`` (K×N, rows ``g_k``), Gram–Schmidt in priority order gives the
+components ``ĝ_1 = g_1``, ``ĝ_k = g_k − Σ_{j<k} ⟨g_k, ĝ_j⟩/‖ĝ_j‖² ĝ_j`` and
+the update ``u = Σ_k ĝ_k``. Two algorithms compute it (``docs/design.md``,
+"The maths"):
 
-Two algorithms give the same direction ``u = Σ_k ĝ_k`` (see DESIGN.md §2):
+* :func:`gram_schmidt_weights` works on the K×K Gram matrix ``M = G Gᵀ``:
+  its LDLᵀ factorisation gives weights ``w`` with ``u = wᵀ G``, so OSGD is a
+  *weighting* like every other aggregator of the library (one pass over the
+  gradients for M, one for the weighted sum).
+* :func:`modified_gram_schmidt` works on the gradients themselves, one exit
+  after another: K passes, but accurate for nearly collinear rows, whose
+  Gram matrix squares the condition number.
 
-* ``gram``: one pass forms ``M = G Gᵀ``; an LDLᵀ factorisation of the
-  (equilibrated) K×K matrix gives weights ``w`` with ``u = wᵀ G``, a second pass.
-* ``sequential``: modified Gram–Schmidt on the data, a ``lax.fori_loop`` over K.
-
-"Group" below means the set of leaves that share one basis: each leaf on its own
-(``granularity="leaf"``) or all leaves together (``granularity="global"``).
-Groups are expressed by reducing per-leaf K-vectors / K×K blocks over the leaf
-axis, so both granularities share one code path.
+A component that keeps at most ``tol`` of its squared norm (a zero gradient,
+or one in the span of the earlier exits) is *degenerate*: it joins no basis
+and adds nothing.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from osgd_jax import sharding
+from osgd_jax import gram as gram_lib
 
 __all__ = [
-    "Projection",
-    "gram_matrix",
-    "gram_matrices",
+    "DEFAULT_TOL",
+    "UNROLL_MAX_EXITS",
+    "gram_schmidt_weights",
     "ldl_weights",
-    "weighted_sum",
-    "project",
+    "modified_gram_schmidt",
 ]
 
-# Accuracy matters more than speed for these reductions: on TPU the default f32
-# matmul precision uses bf16 passes, which would corrupt near-collinear Grams.
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-class Projection(NamedTuple):
-  """Result of :func:`project`.
-
-  Attributes:
-    updates: param-shaped directions ``u``, one per input leaf, in the compute
-      dtype.
-    grams: ``(n_leaves, K, K)`` per-leaf Gram matrices of the *input* rows.
-    residual_sq_norms: ``(n_groups, K)``, ``‖ĝ_k‖²`` of each exit's projected
-      component in each group (a leaf, or one row for the global basis); zero
-      where the component was degenerate. Exits are in input (not priority)
-      order.
-  """
-
-  updates: list[jax.Array]
-  grams: jax.Array
-  residual_sq_norms: jax.Array
-
-
-def _trailing_axes(x: jax.Array) -> tuple[int, ...]:
-  return tuple(range(1, x.ndim))
-
-
-def _replicated_like(x: jax.Array) -> jax.sharding.NamedSharding | None:
-  """The replicated sharding for a contraction of ``x`` over sharded axes.
-
-  Under a mesh with ``Explicit`` axes JAX refuses to guess the sharding of a
-  contraction over sharded dimensions; the inner products here are K-vectors
-  or K×K blocks that every device needs, so they are replicated (partial sums
-  and one all-reduce). Under ``Auto`` axes, or without a mesh, XLA's
-  partitioner chooses the same by itself and ``None`` is returned.
-  """
-  mesh = sharding.explicit_mesh(x)
-  if mesh is None:
-    return None
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
-                      batch_b: bool, compute_dtype) -> jax.Array:
-  """Inner products of ``a`` and ``b`` over their parameter axes.
-
-  Each operand is either a stacked leaf ``(K, *s)`` (``batch_*=True``, its
-  leading axis is kept) or a single param-shaped row ``s``. The contraction
-  runs over the trailing axes as they are, never over a reshaped ``(K, N)``
-  view, so sharded dimensions stay sharded.
-
-  Args:
-    a: first operand.
-    b: second operand, with the same parameter shape ``s``.
-    batch_a: whether ``a`` has a leading K axis to keep.
-    batch_b: whether ``b`` has a leading K axis to keep.
-    compute_dtype: accumulation and output dtype.
-
-  Returns:
-    ``(K, K)``, ``(K,)`` or a scalar, replicated over any mesh.
-  """
-  axes_a = tuple(range(int(batch_a), a.ndim))
-  axes_b = tuple(range(int(batch_b), b.ndim))
-  return jnp.tensordot(
-      a, b, axes=(axes_a, axes_b), precision=_PRECISION,
-      preferred_element_type=compute_dtype,
-      out_sharding=_replicated_like(a),
-  ).astype(compute_dtype)
-
-
-def gram_matrix(leaf: jax.Array, compute_dtype) -> jax.Array:
-  """Returns ``M = G Gᵀ`` (K×K) of a stacked leaf, contracted over trailing axes.
-
-  Args:
-    leaf: stacked gradients of shape ``(K, *s)``.
-    compute_dtype: accumulation dtype (float32 or float64).
-
-  Returns:
-    A ``(K, K)`` array in ``compute_dtype``.
-  """
-  return gram_matrices([leaf], compute_dtype)[0]
-
-
-def gram_matrices(leaves: Sequence[jax.Array], compute_dtype) -> jax.Array:
-  """Returns the ``(L, K, K)`` Gram matrices of stacked leaves.
-
-  Each leaf is contracted over its trailing axes as it is, so a sharded
-  parameter axis gives per-device partial sums and one all-reduce.
-
-  Args:
-    leaves: stacked gradients, each ``(K, *s_l)``, one K for all.
-    compute_dtype: accumulation dtype (float32 or float64).
-
-  Returns:
-    An ``(L, K, K)`` array in ``compute_dtype``, in the order of ``leaves``.
-  """
-  return jnp.stack([
-      contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
-                        compute_dtype=compute_dtype)
-      for leaf in leaves])
-
-
-def weighted_sum(weights: jax.Array, leaf: jax.Array, compute_dtype) -> jax.Array:
-  """Returns ``Σ_k weights[k] · leaf[k]``, a param-shaped array in compute dtype.
-
-  The K scaled rows are added one after another, which XLA fuses into one
-  elementwise pass over the stacked leaf. Being elementwise, it keeps any
-  sharding of the parameter axes, computes in full ``compute_dtype`` on
-  every backend, and on XLA:CPU it is as fast as a contraction over K, or
-  twice as fast on leaves with several parameter axes.
-  """
-  weights = weights.astype(compute_dtype)
-  total = weights[0] * leaf[0].astype(compute_dtype)
-  for k in range(1, leaf.shape[0]):
-    total = total + weights[k] * leaf[k].astype(compute_dtype)
-  return total
-
-
-def safe_inverse(x: jax.Array) -> jax.Array:
-  """``1/x`` where ``x > 0``, else 0: zero rows of a Gram matrix stay zero."""
-  return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
-
+# Default relative tolerance on ‖ĝ_k‖² / ‖g_k‖². A component keeping less than
+# this fraction of its squared norm (about 0.3% of its norm) is treated as
+# lying in the span of earlier exits: in float32 the Gram form cannot resolve
+# finer residuals of nearly collinear rows, since cond(M) = cond(G)².
+DEFAULT_TOL = 1e-5
 
 # Up to this many exits, the K×K algebra is unrolled at trace time.
 UNROLL_MAX_EXITS = 16
@@ -170,11 +54,10 @@ def _factor_unrolled(corr: jax.Array, tol
   Returns the entries of L below the diagonal as ``{(i, j): (...,)}`` and
   the pivots as a list of ``(...,)`` arrays. Kept as separate arrays, never
   stacked into a matrix: XLA fuses elementwise operations on them into a few
-  kernels, whereas a stacked (K, K) matrix becomes one kernel that evaluates
-  the whole factorisation again for each of its K² entries (on XLA:CPU,
-  K = 8: 35 µs, more than the rest of the update's algebra together). The
-  loop form launches each step's kernels one by one (on XLA:CPU, testing
-  the loop condition on the host), which costs more than the O(K³) work.
+  kernels, whereas a stacked (K, K) matrix would become one kernel that
+  evaluates the whole factorisation again for each of its K² entries. The
+  loop form runs each step's kernels one after another, which costs more
+  than the O(K³) arithmetic for a small K.
   """
   num_exits = corr.shape[-1]
   lower: dict[tuple[int, int], jax.Array] = {}
@@ -211,8 +94,8 @@ def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
   def column_step(j, carry):
     lower, pivots = carry
     weighted_row = jnp.take(lower, j, axis=-2) * pivots  # only i < j non-zero
-    # Elementwise products and sums rather than einsum: on XLA:CPU every
-    # tiny dot_general costs far more to compile than to run.
+    # Elementwise products and sums rather than einsum: a tiny dot_general
+    # costs far more to compile than to run.
     column = jnp.take(corr, j, axis=-1) - jnp.sum(
         lower * weighted_row[..., None, :], axis=-1)
     pivot = jnp.take(column, j, axis=-1)
@@ -285,7 +168,7 @@ def ldl_weights(
   num_exits = gram.shape[-1]
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
   scale = jnp.sqrt(diag)
-  inv_scale = safe_inverse(scale)
+  inv_scale = gram_lib.safe_inverse(scale)
   corr = gram * inv_scale[..., :, None] * inv_scale[..., None, :]
   unrolled = num_exits <= UNROLL_MAX_EXITS
   if unrolled:
@@ -308,15 +191,43 @@ def ldl_weights(
   return back_substitute(lower, coeff, scale, inv_scale), pivots * diag
 
 
-def _group_reduce(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:
-  """Sums per-leaf quantities over the leaf axis when all leaves share a basis."""
-  if shared_basis:
-    return jnp.broadcast_to(per_leaf.sum(axis=0, keepdims=True), per_leaf.shape)
-  return per_leaf
+def gram_schmidt_weights(
+    gram: jax.Array,
+    *,
+    order: Sequence[int] | None = None,
+    tol: float | jax.Array = DEFAULT_TOL,
+    rescale: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Gram–Schmidt weights from a Gram matrix, rows taken in priority order.
 
+  :func:`ldl_weights` of the Gram matrix permuted to priority order, with
+  the results permuted back to the exits' order.
 
-def _permute_gram(gram: jax.Array, order: jax.Array) -> jax.Array:
-  return jnp.take(jnp.take(gram, order, axis=-2), order, axis=-1)
+  Args:
+    gram: ``(..., K, K)`` Gram matrices.
+    order: a permutation of ``range(K)`` listing the exits from highest to
+      lowest priority; ``None`` is ``range(K)``.
+    tol: relative tolerance on the squared norm of a projected component.
+    rescale: scale every kept component back to the norm of its input.
+
+  Returns:
+    ``(weights, residual_sq_norms)``, both ``(..., K)`` in the exits' order.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> gram = jnp.asarray([[1.0, 1.0], [1.0, 2.0]])  # g1 = (1, 0), g2 = (1, 1)
+    >>> weights, _ = gram_schmidt_weights(gram)
+    >>> [round(w, 6) for w in weights.tolist()]  # u = g1 + (g2 − g1) = g2
+    [0.0, 1.0]
+  """
+  num_exits = gram.shape[-1]
+  perm = np.arange(num_exits) if order is None else np.asarray(order)
+  if np.array_equal(perm, np.arange(num_exits)):
+    return ldl_weights(gram, tol=tol, rescale=rescale)
+  permuted = jnp.take(jnp.take(gram, perm, axis=-2), perm, axis=-1)
+  weights, residual_sq = ldl_weights(permuted, tol=tol, rescale=rescale)
+  inverse = np.argsort(perm)
+  return weights[..., inverse], residual_sq[..., inverse]
 
 
 def _row_scale(coeff: jax.Array, like: jax.Array) -> jax.Array:
@@ -324,42 +235,90 @@ def _row_scale(coeff: jax.Array, like: jax.Array) -> jax.Array:
   return coeff.reshape(coeff.shape + (1,) * (like.ndim - 1))
 
 
-def _gram_method(
-    leaves, grams, *, order, tol, rescale, shared_basis, compute_dtype,
-) -> tuple[list[jax.Array], jax.Array]:
-  group_grams = grams.sum(axis=0, keepdims=True) if shared_basis else grams
-  weights, residual_sq = ldl_weights(
-      _permute_gram(group_grams, order), tol=tol, rescale=rescale)
-  inverse = jnp.argsort(order)
-  weights, residual_sq = weights[..., inverse], residual_sq[..., inverse]
-  updates = [
-      weighted_sum(weights[0 if shared_basis else i], leaf, compute_dtype)
-      for i, leaf in enumerate(leaves)
-  ]
-  return updates, residual_sq
+def _sum_over_groups(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:
+  """Sums per-leaf values over the leaves when they all share one basis."""
+  if shared_basis:
+    return jnp.broadcast_to(per_leaf.sum(axis=0, keepdims=True), per_leaf.shape)
+  return per_leaf
 
 
-def _sequential_method(
-    leaves, *, order, tol, rescale, shared_basis, compute_dtype,
-) -> tuple[list[jax.Array], jax.Array]:
+def _weights_from_coefficients(coefficients: jax.Array, coeff: jax.Array,
+                               order: np.ndarray) -> jax.Array:
+  """The weights ``w`` with ``Σ_k coeff_k r_k = wᵀ G`` for the residuals r.
+
+  Modified Gram–Schmidt subtracts ``coefficients[i, j] · r_j`` from row i
+  for every exit j of higher priority, so ``G = (I + C) R`` and
+  ``w = (I + C)⁻ᵀ coeff``. ``I + C`` is unit triangular in priority order:
+  ``w_j = coeff_j − Σ_i C_ij w_i`` from the lowest priority up.
+  """
+  weights = jnp.zeros_like(coeff)
+  for j in reversed(order.tolist()):
+    w_j = coeff[..., j] - jnp.sum(coefficients[..., :, j] * weights, axis=-1)
+    weights = weights.at[..., j].set(w_j)
+  return weights
+
+
+def modified_gram_schmidt(
+    leaves: Sequence[jax.Array],
+    *,
+    order: Sequence[int] | None = None,
+    tol: float | jax.Array = DEFAULT_TOL,
+    rescale: bool = False,
+    shared_basis: bool = False,
+    compute_dtype: Any = jnp.float32,
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+  """Gram–Schmidt on the gradients themselves, one exit after another.
+
+  Each exit's residual is made orthogonal to the residuals of the exits of
+  higher priority, the inner products taken with the current residuals
+  (modified Gram–Schmidt), which keeps the components accurate to about
+  ``eps / ‖ĝ_k‖`` where the Gram form loses ``eps / ‖ĝ_k‖²``.
+
+  Args:
+    leaves: stacked gradients, each ``(K, *s_l)``.
+    order: a permutation of ``range(K)``, the exits by priority; ``None`` is
+      ``range(K)``.
+    tol: relative tolerance on the squared norm of a projected component.
+    rescale: scale every kept component back to the norm of its input.
+    shared_basis: one basis over all leaves (``granularity="global"``)
+      instead of one per leaf.
+    compute_dtype: float32 or float64.
+
+  Returns:
+    ``(updates, residual_sq_norms, weights)``: the parameter-shaped sums of
+    the components, one per leaf, in ``compute_dtype``; ``(G, K)`` squared
+    norms ``‖ĝ_k‖²`` (zero where degenerate) and ``(G, K)`` the weights
+    ``w`` with ``u = wᵀ G`` in exact arithmetic, for each of the G groups
+    (one per leaf, or one).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> leaf = jnp.asarray([[1.0, 0.0], [1.0, 1.0]])
+    >>> updates, residual_sq, weights = modified_gram_schmidt([leaf])
+    >>> updates[0].tolist(), residual_sq.tolist(), weights.tolist()
+    ([1.0, 1.0], [[1.0, 1.0]], [[0.0, 1.0]])
+  """
+  num_exits = leaves[0].shape[0]
+  order = np.arange(num_exits) if order is None else np.asarray(order)
   residuals = [leaf.astype(compute_dtype) for leaf in leaves]
-  row_sq = lambda x: jnp.sum(jnp.square(x), axis=_trailing_axes(x))
-  input_sq = _group_reduce(jnp.stack([row_sq(r) for r in residuals]), shared_basis)
-  num_leaves, num_exits = input_sq.shape
-  rank = jnp.argsort(order)
+  row_sq = lambda x: jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+  input_sq = _sum_over_groups(jnp.stack([row_sq(r) for r in residuals]),
+                              shared_basis)
+  num_leaves = input_sq.shape[0]
+  order_array = jnp.asarray(order, jnp.int32)
+  rank = jnp.argsort(order_array)
 
   def step(position, carry):
-    residuals, kept_sq = carry
-    exit_index = order[position]
+    residuals, kept_sq, coefficients = carry
+    exit_index = order_array[position]
     basis = [jax.lax.dynamic_index_in_dim(r, exit_index, 0, keepdims=False)
              for r in residuals]
-    basis_sq = _group_reduce(
+    basis_sq = _sum_over_groups(
         jnp.stack([jnp.sum(jnp.square(b)) for b in basis]), shared_basis)
-    dots = _group_reduce(jnp.stack([
-        contract_trailing(r, b, batch_a=True, batch_b=False,
-                          compute_dtype=compute_dtype)
-        for r, b in zip(residuals, basis)
-    ]), shared_basis)
+    dots = _sum_over_groups(jnp.stack([
+        gram_lib.contract_trailing(r, b, batch_a=True, batch_b=False,
+                                   compute_dtype=compute_dtype)
+        for r, b in zip(residuals, basis)]), shared_basis)
     keep = basis_sq > tol * input_sq[:, exit_index]
     later = rank > position
     coeff = jnp.where(
@@ -368,64 +327,22 @@ def _sequential_method(
     residuals = [r - _row_scale(c, r) * b[None]
                  for r, c, b in zip(residuals, coeff, basis)]
     kept_sq = kept_sq.at[:, exit_index].set(jnp.where(keep, basis_sq, 0.0))
-    return residuals, kept_sq
+    coefficients = coefficients.at[:, :, exit_index].set(coeff)
+    return residuals, kept_sq, coefficients
 
   kept_sq = jnp.zeros((num_leaves, num_exits), compute_dtype)
-  residuals, kept_sq = jax.lax.fori_loop(
-      0, num_exits, step, (residuals, kept_sq))
+  coefficients = jnp.zeros((num_leaves, num_exits, num_exits), compute_dtype)
+  residuals, kept_sq, coefficients = jax.lax.fori_loop(
+      0, num_exits, step, (residuals, kept_sq, coefficients))
   keep = kept_sq > 0
   if rescale:
     coeff = jnp.where(
         keep, jnp.sqrt(input_sq / jnp.where(keep, kept_sq, 1.0)), 0.0)
   else:
     coeff = keep.astype(compute_dtype)
-  updates = [weighted_sum(c, r, compute_dtype) for c, r in zip(coeff, residuals)]
-  return updates, (kept_sq[:1] if shared_basis else kept_sq)
-
-
-METHODS = ("gram", "sequential")
-GRANULARITIES = ("leaf", "global")
-
-
-def project(
-    leaves: Sequence[jax.Array],
-    *,
-    method: str,
-    granularity: str,
-    order: jax.Array,
-    tol: float | jax.Array,
-    rescale: bool,
-    compute_dtype,
-) -> Projection:
-  """Projects stacked per-exit gradients and sums the components.
-
-  Args:
-    leaves: stacked gradients, each ``(K, *param_shape)``, all with the same K.
-    method: ``"gram"`` or ``"sequential"``.
-    granularity: ``"leaf"`` (a basis per leaf) or ``"global"`` (one basis
-      over all leaves).
-    order: int array, a permutation of ``range(K)``; ``order[0]`` is the exit
-      with the highest priority.
-    tol: relative tolerance on ``‖ĝ_k‖² / ‖g_k‖²`` below which a component is
-      degenerate.
-    rescale: rescale every kept component to its input gradient's norm.
-    compute_dtype: float32 or float64.
-
-  Returns:
-    A :class:`Projection`.
-  """
-  if method not in METHODS or granularity not in GRANULARITIES:
-    raise ValueError(f"method must be one of {METHODS} and granularity one of"
-                     f" {GRANULARITIES}; got {method!r}, {granularity!r}.")
-  shared_basis = granularity == "global"
-  grams = gram_matrices(leaves, compute_dtype)
-  order = jnp.asarray(order, jnp.int32)
-  if method == "gram":
-    updates, residual_sq = _gram_method(
-        leaves, grams, order=order, tol=tol, rescale=rescale,
-        shared_basis=shared_basis, compute_dtype=compute_dtype)
-  else:
-    updates, residual_sq = _sequential_method(
-        leaves, order=order, tol=tol, rescale=rescale,
-        shared_basis=shared_basis, compute_dtype=compute_dtype)
-  return Projection(updates, grams, residual_sq)
+  updates = [gram_lib.weighted_sum(c, r, compute_dtype)
+             for c, r in zip(coeff, residuals)]
+  weights = _weights_from_coefficients(coefficients, coeff, order)
+  if shared_basis:
+    return updates, kept_sq[:1], weights[:1]
+  return updates, kept_sq, weights

@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 import numpy_oracles as oracles
 import osgd_jax
-from osgd_jax import aggregators, zoo
+from osgd_jax import aggregators, weightings, zoo
 from osgd_jax import train as train_lib
 
 SHAPES = {"conv": (3, 2, 4), "bias": (5,), "scale": ()}
@@ -38,19 +38,23 @@ FACTORIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _transform(name, granularity="global", **options):
-  return FACTORIES[name](granularity=granularity, **options)
+PARAMS = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(name, granularity="global"):
+def _transform(name, granularity="global", k=K):
+  return FACTORIES[name](granularity=granularity, num_exits=k)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name, granularity="global", k=K):
   """A jitted update, compiled once per (shapes, aggregator, granularity)."""
-  return jax.jit(_transform(name, granularity).update)
+  return jax.jit(_transform(name, granularity, k).update)
 
 
-def _init(name, granularity="global"):
-  return _transform(name, granularity).init(None)
+def _init(name, granularity="global", k=K):
+  # With granularity="global" the state has one group whatever the tree.
+  return _transform(name, granularity, k).init(PARAMS)
 
 
 def _random(rng, k, n):
@@ -137,8 +141,9 @@ def _finite(tree):
 
 def _pcgrad_orders(state):
   """The visiting orders the next update draws (the transform's own split)."""
-  _, subkey = jax.random.split(jax.random.wrap_key_data(state.inner))
-  return np.asarray(aggregators._pcgrad_orders(subkey, K))
+  key_data = state.weighting_state.key_data[0]
+  _, subkey = jax.random.split(jax.random.wrap_key_data(key_data))
+  return np.asarray(weightings.pcgrad_orders(subkey, K))
 
 
 # --- against the oracles -----------------------------------------------------
@@ -175,7 +180,7 @@ def test_weighted_sum_and_adaloss_match_oracle(granularity):
   grads = _stacked(0, _mixed_scale)
   w = np.array([1.0, 0.5, 2.0, 0.0, -1.0, 3.0], np.float32)
   tx = aggregators.weighted_sum(w, granularity=granularity)
-  out, state = tx.update(grads, tx.init(None))  # eager: nothing to compile
+  out, state = tx.update(grads, tx.init(PARAMS))  # eager: nothing to compile
   expected = oracles.aggregate(_leaves(grads), lambda rows: w @ rows, granularity)
   _assert_close(out, expected, grads, granularity, rtol=1e-6)
   np.testing.assert_allclose(state.weights, w, rtol=1e-6)
@@ -183,9 +188,10 @@ def test_weighted_sum_and_adaloss_match_oracle(granularity):
   history = np.array([[2.0, 1.0, 0.5, 0.5, 4.0, 1.0],
                       [1.0, 1.0, 0.2, 0.4, 3.0, 0.0],
                       [0.5, 2.0, 0.1, 0.3, 3.5, 0.5]], np.float32)
-  tx = aggregators.adaptive_loss_balancing(decay=0.8, granularity=granularity)
+  tx = aggregators.adaptive_loss_balancing(decay=0.8, granularity=granularity,
+                                          num_exits=K)
   update = tx.update
-  state = tx.init(None)
+  state = tx.init(PARAMS)
   for losses in history:
     out, state = update(grads, state, losses=losses)
   w = oracles.adaloss_weights(history, decay=0.8)
@@ -206,20 +212,20 @@ def test_weighted_sum_presets_and_schedules():
     return np.stack(seen)
 
   k = np.arange(1, 5)
-  np.testing.assert_allclose(weights_over(aggregators.weighted_sum(), 1)[0], 1)
-  np.testing.assert_allclose(weights_over(
-      aggregators.weighted_sum("linear"), 1)[0], 4 * k / k.sum(), rtol=1e-6)
-  np.testing.assert_allclose(weights_over(
-      aggregators.weighted_sum("geometric", ratio=3.0), 1)[0],
-      4 * 3.0 ** (k - 1) / (3.0 ** (k - 1)).sum(), rtol=1e-6)
-  sdn = weights_over(aggregators.weighted_sum("sdn", total_steps=4, cap=0.9), 6)
+  ws = functools.partial(aggregators.weighted_sum, num_exits=4)
+  np.testing.assert_allclose(weights_over(ws(), 1)[0], 1)
+  np.testing.assert_allclose(weights_over(ws("linear"), 1)[0],
+                             4 * k / k.sum(), rtol=1e-6)
+  np.testing.assert_allclose(weights_over(ws("geometric", ratio=3.0), 1)[0],
+                             4 * 3.0 ** (k - 1) / (3.0 ** (k - 1)).sum(),
+                             rtol=1e-6)
+  sdn = weights_over(ws("sdn", total_steps=4, cap=0.9), 6)
   np.testing.assert_allclose(
       sdn, [oracles.sdn_weights(4, t, 4, 0.9) for t in range(6)], rtol=1e-6)
   schedule = lambda count: jnp.array([1.0, count, 2.0, 0.0])
-  np.testing.assert_allclose(
-      weights_over(aggregators.weighted_sum(schedule), 3)[:, 1], [0, 1, 2])
+  np.testing.assert_allclose(weights_over(ws(schedule), 3)[:, 1], [0, 1, 2])
   # The uniform sum is the plain sum of the rows.
-  tx = aggregators.weighted_sum()
+  tx = ws()
   out, _ = tx.update(grads, tx.init(None))
   np.testing.assert_allclose(out["w"], grads["w"].sum(0))
 
@@ -235,8 +241,9 @@ def test_pcgrad_orders_are_reproducible_and_advance():
       outs.append(out["conv"])
     runs.append(np.stack(outs))
   np.testing.assert_array_equal(runs[0], runs[1])
-  other_seed = aggregators.pcgrad(seed=1).init(None).inner
-  assert not np.array_equal(other_seed, _init("pcgrad").inner)
+  other_seed = aggregators.pcgrad(seed=1, num_exits=K).init(PARAMS)
+  assert not np.array_equal(other_seed.weighting_state.key_data,
+                            _init("pcgrad").weighting_state.key_data)
   # The key advances, so the orders of consecutive updates differ.
   state = _init("pcgrad")
   _, next_state = update(grads, state)
@@ -341,7 +348,7 @@ def test_pcgrad_two_non_conflicting_rows_give_the_sum(seed, exp):
   rows = (rng.normal(size=(2, 12)) * 10.0 ** exp).astype(np.float32)
   if rows[0] @ rows[1] < 0:
     rows[1] = -rows[1]
-  out, _ = _jitted("pcgrad")({"w": rows}, _init("pcgrad"))
+  out, _ = _jitted("pcgrad", k=2)({"w": rows}, _init("pcgrad", k=2))
   np.testing.assert_allclose(out["w"], rows.sum(0), rtol=1e-5,
                              atol=1e-6 * np.abs(rows).max())
 
@@ -350,7 +357,7 @@ def test_single_exit_is_the_identity():
   g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
   for name in FACTORIES:
     extra = {"losses": np.ones(1, np.float32)} if name == "adaloss" else {}
-    out, _ = _jitted(name)(g, _init(name), **extra)
+    out, _ = _jitted(name, k=1)(g, _init(name, k=1), **extra)
     np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6, err_msg=name)
 
 
@@ -426,12 +433,13 @@ def test_train_step_passes_losses_and_seed():
   for _ in range(2):
     params, rest, opt_state, losses = step(params, rest, opt_state, x, y,
                                            jax.random.key(0))
-  inner = opt_state[0].inner
-  assert int(inner.count) == 2 and _finite((params, opt_state, losses))
+  ada = opt_state[0].weighting_state
+  assert int(ada.count[0]) == 2 and _finite((params, opt_state, losses))
   # The step is shared by the seeds of an experiment; PCGrad's key is not.
   keys = [train_lib.make_train_step(
       dataclasses.replace(config, optimizer="pcgrad", seed=seed), graphdef, 3,
-      total_steps=4, augment=False)[0].init(params)[0].inner for seed in (0, 1)]
+      total_steps=4, augment=False)[0].init(params)[0].weighting_state.key_data
+      for seed in (0, 1)]
   assert not np.array_equal(keys[0], keys[1])
 
 
@@ -439,7 +447,7 @@ def test_train_step_passes_losses_and_seed():
 
 
 def test_adaloss_errors_name_the_missing_or_misshapen_losses():
-  tx = aggregators.adaptive_loss_balancing()
+  tx = aggregators.adaptive_loss_balancing(num_exits=3)
   grads = {"w": jnp.ones((3, 2))}
   with pytest.raises(ValueError, match=r"needs the per-exit losses.*losses=losses"):
     tx.update(grads, tx.init(None))
@@ -452,10 +460,21 @@ def test_adaloss_errors_name_the_missing_or_misshapen_losses():
     (lambda: aggregators.weighted_sum("sdn"), "needs total_steps"),
     (lambda: aggregators.weighted_sum([[1.0]]), "1-D vector"),
     (lambda: aggregators.weighted_sum([1.0, 2.0], num_exits=3), "num_exits=3"),
-    (lambda: aggregators.mgda(granularity="layer"), "granularity must be one of"),
-    (lambda: aggregators.upgrad(max_iter=0), "max_iter"),
+    (lambda: aggregators.mgda(granularity="layer", num_exits=2),
+     "granularity must be one of"),
+    (lambda: aggregators.upgrad(max_iter=0, num_exits=2), "max_iter"),
     (lambda: aggregators.pcgrad(num_exits=0), "num_exits"),
-    (lambda: aggregators.adaptive_loss_balancing(decay=1.0), "decay"),
+    (lambda: aggregators.adaptive_loss_balancing(decay=1.0, num_exits=2),
+     "decay"),
+    (lambda: aggregators.mgda(), r"mgda needs num_exits=K.*fixed at init"),
+    (lambda: aggregators.upgrad(), r"upgrad needs num_exits=K"),
+    (lambda: aggregators.pcgrad(), r"pcgrad needs num_exits=K"),
+    (lambda: aggregators.weighted_sum(), r"weighted_sum needs num_exits=K"),
+    (lambda: aggregators.adaptive_loss_balancing(),
+     r"adaptive_loss_balancing needs num_exits=K"),
+    (lambda: osgd_jax.from_weighting(len, num_exits=2, granularity="x"),
+     "granularity must be one of"),
+    (lambda: osgd_jax.from_weighting(3, num_exits=2), "must be a function"),
 ])
 def test_bad_options(make, match):
   with pytest.raises(ValueError, match=match):
@@ -464,18 +483,28 @@ def test_bad_options(make, match):
 
 def test_shape_errors_at_update():
   grads = {"w": jnp.ones((3, 2))}
-  with pytest.raises(ValueError, match=r"shape \(2,\).*K=3"):
+  with pytest.raises(ValueError, match=r"K=3 exits but weighted_sum was built"
+                     r" with num_exits=2; build it with num_exits=3"):
     tx = aggregators.weighted_sum([1.0, 2.0])
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"2 caps.*K=4"):
-    tx = aggregators.weighted_sum("sdn", total_steps=5, cap=[0.1, 0.2])
+    tx = aggregators.weighted_sum("sdn", total_steps=5, cap=[0.1, 0.2],
+                                  num_exits=4)
     tx.update({"w": jnp.ones((4, 2))}, tx.init(None))
-  with pytest.raises(ValueError, match=r"K=3 exits but num_exits=2"):
+  with pytest.raises(ValueError, match=r"schedule returned weights of shape"
+                     r" \(2,\).*K=3"):
+    tx = aggregators.weighted_sum(lambda step: jnp.ones(2), num_exits=3)
+    tx.update(grads, tx.init(None))
+  with pytest.raises(ValueError, match=r"K=3 exits but mgda was built with num_exits=2"):
     tx = aggregators.mgda(num_exits=2)
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"pcgrad expects.*\['s'\] is a scalar"):
-    tx = aggregators.pcgrad()
+    tx = aggregators.pcgrad(num_exits=1)
     tx.update({"s": jnp.float32(1.0)}, tx.init(None))
   with pytest.raises(ValueError, match=r"\['w'\].*expected \(K, \*param\.shape\)"):
-    tx = aggregators.upgrad()
+    tx = aggregators.upgrad(num_exits=3)
     tx.update(grads, tx.init(None), {"w": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"state for 2 groups but the gradients"
+                     r" form 1.*tx.init\(params\)"):
+    tx = aggregators.pcgrad(num_exits=3, granularity="leaf")
+    tx.update(grads, tx.init({"a": jnp.ones(2), "b": jnp.ones(2)}))

@@ -63,7 +63,8 @@ def _train(tx, steps, params=None):
 
 
 def test_osgd_training_lowers_every_exit_loss():
-  tx = osgd_jax.osgd_sgd(learning_rate=0.05, momentum=0.9, weight_decay=1e-4)
+  tx = osgd_jax.osgd_sgd(learning_rate=0.05, momentum=0.9, weight_decay=1e-4,
+                         num_exits=3)
   first, last, state = _train(tx, steps=300)
   assert np.all(np.asarray(last) < 0.5 * np.asarray(first)), (first, last)
   diagnostics = state[0]
@@ -75,7 +76,7 @@ def test_osgd_training_lowers_every_exit_loss():
 @pytest.mark.parametrize("granularity", ["leaf", "global"])
 def test_chain_with_schedule_and_momentum(method, granularity):
   tx = optax.chain(
-      osgd_jax.osgd(method=method, granularity=granularity),
+      osgd_jax.osgd(method=method, granularity=granularity, num_exits=3),
       optax.add_decayed_weights(5e-4),
       optax.sgd(optax.cosine_decay_schedule(0.05, 50), momentum=0.9))
   first, last, _ = _train(tx, steps=50)
@@ -83,7 +84,8 @@ def test_chain_with_schedule_and_momentum(method, granularity):
 
 
 def test_inject_hyperparams_changes_learning_rate_in_state():
-  tx = optax.inject_hyperparams(osgd_jax.osgd_sgd)(learning_rate=0.05, momentum=0.9)
+  tx = optax.inject_hyperparams(osgd_jax.osgd_sgd, static_args=("num_exits",))(
+      learning_rate=0.05, momentum=0.9, num_exits=3)
   params = _init_mlp(jax.random.key(0))
   state = tx.init(params)
   x, y = _task()
@@ -98,7 +100,7 @@ def test_inject_hyperparams_changes_learning_rate_in_state():
 
 
 def test_apply_if_finite_after_osgd_skips_non_finite_steps():
-  tx = optax.chain(osgd_jax.osgd(),
+  tx = optax.chain(osgd_jax.osgd(num_exits=2),
                    optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=2))
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
@@ -143,7 +145,8 @@ class _TwoExitNet(nnx.Module):
 
 def test_nnx_optimizer_with_split_merge():
   model = _TwoExitNet(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, osgd_jax.osgd_sgd(0.05), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, osgd_jax.osgd_sgd(0.05, num_exits=2),
+                            wrt=nnx.Param)
   x, y = _task()
 
   def exit_losses(params, graphdef, rest):
@@ -172,6 +175,6 @@ def test_error_names_leaf_inside_nnx_state():
   params = nnx.state(model, nnx.Param)
   grads = jax.tree.map(lambda p: jnp.stack([p, p]), params)
   grads["head2"]["kernel"] = jnp.ones((2, 16, 5))
-  tx = osgd_jax.osgd()
+  tx = osgd_jax.osgd(num_exits=2)
   with pytest.raises(ValueError, match=r"head2.*kernel"):
     tx.update(grads, tx.init(params), params)

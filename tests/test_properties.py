@@ -18,8 +18,15 @@ LEAF_SHAPES = [(6,), (3, 4), ()]
 
 @functools.lru_cache(maxsize=None)
 def _update(method, granularity, order=None):
-  tx = osgd_jax.osgd(method=method, granularity=granularity, order=order)
-  return jax.jit(lambda g: tx.update(g, tx.init(None))[0])
+  """A jitted osgd update for stacked trees of any K (one trace per K)."""
+
+  def update(grads):
+    k = jax.tree.leaves(grads)[0].shape[0]
+    tx = osgd_jax.osgd(method=method, granularity=granularity, order=order,
+                       num_exits=k)
+    return tx.update(grads, tx.init(jax.tree.map(lambda g: g[0], grads)))[0]
+
+  return jax.jit(update)
 
 
 def _rows(seed, k, scale_exp=0.0, shapes=LEAF_SHAPES):

@@ -110,7 +110,7 @@ def test_sharded_update_equals_unsharded_and_keeps_shardings(
   specs = _specs(mesh)
   grads = _stacked()
   params = {k: np.zeros(s, np.float32) for k, s in PARAM_SHAPES.items()}
-  tx = osgd_jax.osgd(method=method, granularity=granularity)
+  tx = osgd_jax.osgd(method=method, granularity=granularity, num_exits=K)
   expected, expected_state = jax.jit(tx.update)(
       jax.tree.map(jnp.asarray, grads), tx.init(params), params)
 
@@ -146,7 +146,7 @@ def test_uneven_shards_inside_jit_give_the_unsharded_update():
   rng = np.random.default_rng(1)
   g = rng.normal(size=(K, 10, 6)).astype(np.float32)
   g[2] = g[0] - 3.0 * g[1]
-  tx = osgd_jax.osgd()
+  tx = osgd_jax.osgd(num_exits=K)
   params = {"w": jnp.zeros((10, 6))}
 
   def sharded_update(stacked):
@@ -182,7 +182,7 @@ def test_large_leaves_are_never_gathered(shape, spec, mesh_shape, explicit):
   g = rng.normal(size=(K,) + shape).astype(np.float32)
   g[2] = g[0] - 0.5 * g[1] + 1e-2 * g[2]  # nearly in the span: a real test
   params = {"w": np.zeros(shape, np.float32)}
-  tx = osgd_jax.osgd()
+  tx = osgd_jax.osgd(num_exits=K)
   expected, expected_state = jax.jit(tx.update)(
       {"w": jnp.asarray(g)}, tx.init(params), params)
 
@@ -213,7 +213,7 @@ def test_many_leaves_reduce_only_their_gram_blocks():
            for n, s in shapes.items()}
   grads["m3"][2] = grads["m3"][0]  # a degenerate row on one leaf
   params = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
-  tx = osgd_jax.osgd()
+  tx = osgd_jax.osgd(num_exits=K)
   expected, _ = jax.jit(tx.update)(jax.tree.map(jnp.asarray, grads),
                                    tx.init(params), params)
   s_grads = _place(grads, mesh, specs, stacked=True)
@@ -229,9 +229,9 @@ def test_many_leaves_reduce_only_their_gram_blocks():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: aggregators.upgrad(),
-    lambda: aggregators.pcgrad(seed=0),
-    lambda: aggregators.weighted_sum("geometric"),
+    lambda: aggregators.upgrad(num_exits=K),
+    lambda: aggregators.pcgrad(seed=0, num_exits=K),
+    lambda: aggregators.weighted_sum("geometric", num_exits=K),
 ])
 def test_baseline_aggregators_run_sharded(make):
   mesh = _mesh(4, 2, explicit=True)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import osgd_jax
-from osgd_jax.transform import DEFAULT_TOL
+from osgd_jax.orthogonalize import DEFAULT_TOL
 from numpy_oracles import gram_schmidt_components, osgd_direction
 
 METHODS = ("gram", "sequential")
@@ -60,8 +60,15 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _apply(grads, params=None, **options):
+  """One jitted osgd update; K defaults to the gradients' leading axis."""
+  leaves = jax.tree.leaves(grads)
+  if "order" not in options:
+    k = np.shape(leaves[0])[:1] if leaves else ()
+    options.setdefault("num_exits", k[0] if k and k[0] else 1)
   tx = osgd_jax.osgd(**options)
-  state = tx.init(params)
+  like_params = params if params is not None else jax.tree.map(
+      lambda g: np.zeros(np.shape(g)[1:]), grads)
+  state = tx.init(like_params)
   return jax.jit(tx.update)(grads, state, params)
 
 
@@ -216,14 +223,15 @@ def test_diagnostics_match_definitions():
       [gram_schmidt_components(x, DEFAULT_TOL) for x in leaves], 1)
   np.testing.assert_allclose(state.projected_norms, np.linalg.norm(comps, axis=1),
                              rtol=1e-5)
-  cos_sum, size_sum = np.zeros((3, 3)), np.zeros((3, 3))
-  for x in leaves:
-    norms = np.linalg.norm(x, axis=1)
-    defined = np.outer(norms > 0, norms > 0)
-    cos = np.where(defined, (x @ x.T) / np.where(defined, np.outer(norms, norms), 1), 0)
-    cos_sum += x.shape[1] * cos
-    size_sum += x.shape[1] * defined
-  np.testing.assert_allclose(state.cosine, cos_sum / size_sum, rtol=1e-5)
+  norms = np.linalg.norm(flat, axis=1)
+  np.testing.assert_allclose(state.cosine, flat @ flat.T / np.outer(norms, norms),
+                             rtol=1e-5)
+  # The state's groups follow the tree's leaf order (dict keys sorted).
+  per_leaf_sq = [
+      (gram_schmidt_components(leaves[list(SHAPES).index(n)], DEFAULT_TOL)
+       ** 2).sum(axis=1) for n in sorted(SHAPES)]
+  np.testing.assert_allclose(state.projected_sq_norms, per_leaf_sq, rtol=1e-5,
+                             atol=1e-6)
   # Dropped: exit 3 on the zeroed bias, and exits 2 and 3 on the scalar leaf,
   # whose one-dimensional space exit 1 already spans.
   dropped = sum(x.shape[1] * (np.linalg.norm(
@@ -232,35 +240,32 @@ def test_diagnostics_match_definitions():
   np.testing.assert_allclose(state.degenerate_fraction, dropped / 30, atol=1e-7)
 
 
-def test_state_shape_is_fixed_when_num_exits_is_known():
-  tx = osgd_jax.osgd(num_exits=3)
-  state = tx.init({"w": jnp.zeros(4)})
-  _, new_state = tx.update({"w": jnp.ones((3, 4))}, state)
-  assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, new_state)
-  assert osgd_jax.osgd(order=(1, 0)).init({}).cosine.shape == (2, 2)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_weights_give_the_update(method, granularity):
+  # With more parameters than exits the rows are independent, so the weights
+  # with u = Σ_k w_k g_k are unique: the oracle's least-squares solution.
+  rng = np.random.default_rng(8)
+  g = rng.normal(size=(4, 40))
+  g[2] += 2.0 * g[0]
+  out, state = _apply({"w": jnp.asarray(g, jnp.float32)}, method=method,
+                      granularity=granularity)
+  u = osgd_direction([g], tol=DEFAULT_TOL)[0]
+  weights = np.linalg.lstsq(g.T, u, rcond=None)[0]
+  np.testing.assert_allclose(state.weights, weights, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out["w"], u, rtol=1e-4, atol=1e-5)
 
 
-def test_state_is_one_array_read_through_properties():
+def test_diagnostics_are_found_by_name():
   rng = np.random.default_rng(7)
   grads = _stacked(rng, 3, _random)
-  _, state = _apply(grads, params=None)
-  # One buffer per step, whatever K is: the four diagnostics are its columns.
-  (packed,) = jax.tree.leaves(state)
-  assert packed.shape == (3, 3 + 3)
-  np.testing.assert_array_equal(state.exit_norms, packed[:, 0])
-  np.testing.assert_array_equal(state.projected_norms, packed[:, 1])
-  np.testing.assert_array_equal(state.degenerate_fraction, packed[:, 2])
-  np.testing.assert_array_equal(state.cosine, packed[:, 3:])
-  # pack is the inverse of the properties.
-  again = osgd_jax.OsgdState.pack(state.exit_norms, state.projected_norms,
-                                  state.cosine, state.degenerate_fraction)
-  np.testing.assert_array_equal(again.diagnostics, packed)
-  # States stacked over steps (a logged history, a scan's outputs) keep the
-  # step axis in front of every diagnostic.
-  history = jax.tree.map(lambda *xs: jnp.stack(xs), state, state)
-  assert history.exit_norms.shape == (2, 3)
-  assert history.cosine.shape == (2, 3, 3)
-  np.testing.assert_array_equal(history.cosine[1], state.cosine)
+  _, state = _apply(grads)
+  tx = optax.chain(osgd_jax.osgd(num_exits=3), optax.sgd(0.1))
+  _, chained = tx.update(grads, tx.init(jax.tree.map(lambda g: g[0], grads)))
+  for name in ("weights", "exit_norms", "projected_norms", "cosine",
+               "degenerate_fraction", "projected_sq_norms"):
+    found = optax.tree_utils.tree_get(chained, name)
+    np.testing.assert_allclose(found, getattr(state, name), rtol=1e-6)
 
 
 def test_empty_tree_passes_through():
@@ -306,7 +311,7 @@ def test_error_for_invalid_order(order):
 
 
 def test_error_when_order_length_differs_from_k():
-  with pytest.raises(ValueError, match=r"K=3.*len\(order\)=2"):
+  with pytest.raises(ValueError, match=r"K=3.*num_exits=2"):
     _apply({"a": jnp.ones((3, 2))}, order=(1, 0))
 
 
@@ -319,11 +324,20 @@ def test_error_when_num_exits_differs_from_k():
     ({"granularity": "layer"}, "granularity must be one of"),
     ({"method": "qr"}, "method must be one of"),
     ({"tol": -1.0}, "tol"),
-    ({"num_exits": 0}, "num_exits"),
+    ({"num_exits": 0}, "num_exits must be a positive int"),
+    ({"num_exits": 2.0}, "num_exits must be a positive int"),
+    ({"num_exits": 2, "order": (1, 0, 2)}, "order has 3 entries"),
 ])
 def test_error_for_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    osgd_jax.osgd(**kwargs)
+    osgd_jax.osgd(**{"num_exits": 3, **kwargs})
+
+
+@pytest.mark.parametrize("factory", [osgd_jax.osgd, osgd_jax.osgd_sgd])
+def test_error_without_num_exits_says_why(factory):
+  args = (0.1,) if factory is osgd_jax.osgd_sgd else ()
+  with pytest.raises(ValueError, match=r"needs num_exits=K.*fixed at init"):
+    factory(*args)
 
 
 def test_error_for_integer_gradients():
@@ -335,9 +349,10 @@ def test_osgd_sgd_equals_explicit_chain():
   rng = np.random.default_rng(7)
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   ready = osgd_jax.osgd_sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2,
-                            granularity="global")
+                            granularity="global", num_exits=3)
   explicit = optax.chain(
-      osgd_jax.osgd(granularity="global"), optax.add_decayed_weights(1e-2),
+      osgd_jax.osgd(granularity="global", num_exits=3),
+      optax.add_decayed_weights(1e-2),
       optax.trace(decay=0.9, nesterov=True), optax.scale_by_learning_rate(0.1))
   s1, s2 = ready.init(params), explicit.init(params)
   for step in range(3):
@@ -349,11 +364,11 @@ def test_osgd_sgd_equals_explicit_chain():
 
 
 def test_update_ops_carry_the_transformation_name_as_scope():
-  """Profiles and compiled programs tell osgd's kernels apart by this scope."""
+  """Profiles and compiled programs tell osgd's operations apart by scope."""
   params = {"w": jnp.zeros((4, 3))}
   grads = {"w": jnp.ones((2, 4, 3))}
-  for tx, scope in ((osgd_jax.osgd(), "osgd"),
-                    (osgd_jax.aggregators.pcgrad(seed=0), "pcgrad")):
+  for tx, scope in ((osgd_jax.osgd(num_exits=2), "osgd"),
+                    (osgd_jax.pcgrad(seed=0, num_exits=2), "pcgrad")):
     text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text(
         debug_info=True)
     assert f"/{scope}/" in text or f'"{scope}/' in text, scope

@@ -1,0 +1,126 @@
+"""A small non-negative quadratic program, solved exactly under ``jax.jit``.
+
+MGDA's min-norm point and UPGrad's projections onto the dual cone are QPs in
+K variables (one per exit) over the K×K Gram matrix. An active-set method
+solves them exactly in about K steps with XLA operations only, so they run
+inside a jitted optimizer step on any backend.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["solve_nonnegative_qp"]
+
+
+def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
+                         max_iter: int, tol: float | jax.Array) -> jax.Array:
+  """Solves ``min_{x ≥ 0} ½ xᵀ q x + cᵀ x`` (q PSD), ``x_k = 0`` where not allowed.
+
+  The Lawson–Hanson active-set method on the normal equations: exact after
+  finitely many steps (about K), where projected-gradient or Frank–Wolfe
+  iterations converge slowly on the ill-conditioned Grams that nearly
+  collinear gradients give. Its two nested loops (add the variable with the
+  most negative gradient; step back while the passive solution has
+  non-positive entries) run as one ``while_loop`` with one linear solve per
+  iteration, which compiles about twice as fast. An entering variable is kept
+  only if the step it starts lowers the objective, so a numerically
+  dependent one is refused rather than cycled on. ``tol`` is relative to the
+  size of the terms of the gradient ``q x + c``, below which it is noise.
+
+  Args:
+    q: ``(K, K)`` symmetric positive semi-definite.
+    c: ``(K,)``.
+    allowed: ``(K,)`` booleans; variables not allowed stay at 0.
+    max_iter: cap on the iterations (about K are needed).
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    ``(K,)`` the minimiser, non-negative.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> q = jnp.eye(2)
+    >>> x = solve_nonnegative_qp(q, jnp.asarray([-1.0, 2.0]),
+    ...                          jnp.ones(2, bool), max_iter=10, tol=1e-6)
+    >>> x.tolist()   # unconstrained (1, -2); the second is clipped at 0
+    [1.0, 0.0]
+  """
+  k = q.shape[-1]
+  dtype = q.dtype
+  eye = jnp.eye(k, dtype=dtype)
+  objective = lambda x: 0.5 * x @ (q @ x) + c @ x
+
+  def solve_on(passive):
+    # The unconstrained minimiser over the passive set, zero elsewhere. The
+    # system is symmetric positive definite while the passive columns are
+    # independent, so Cholesky suffices (and compiles far faster than LU); a
+    # numerically singular one gives non-finite values, which are refused.
+    p = passive.astype(dtype)
+    a = q * (p[:, None] * p[None, :]) + eye * (1.0 - p)
+    return jax.scipy.linalg.cho_solve(
+        jax.scipy.linalg.cho_factor(a, lower=True), -c * p) * p
+
+  class Carry(NamedTuple):
+    x: jax.Array          # current point: feasible, positive on `passive`
+    passive: jax.Array
+    s: jax.Array          # minimiser over `passive` (pending)
+    base_x: jax.Array     # the point before `entering` entered
+    base_passive: jax.Array
+    entering: jax.Array   # one-hot, or all False
+    refused: jax.Array
+    it: jax.Array
+    done: jax.Array
+
+  def body(cr: Carry) -> Carry:
+    finite = jnp.all(jnp.isfinite(cr.s))
+    s = jnp.where(finite, cr.s, cr.base_x)
+    stepping = finite & jnp.any(cr.passive & (s <= 0))
+
+    # Inner step: move from x towards s until a passive variable hits zero.
+    blocking = cr.passive & (s <= 0)
+    # x − s > 0 where x > 0 ≥ s; the entering variable has x = 0 (ratio 0).
+    ratio = jnp.where(blocking, cr.x / jnp.where(cr.x - s > 0, cr.x - s, 1.0),
+                      jnp.inf)
+    alpha = jnp.clip(jnp.min(ratio), 0.0, 1.0)
+    inner_x = cr.x + alpha * (s - cr.x)
+    inner_passive = cr.passive & ~(blocking & (ratio <= alpha))
+    inner_x = jnp.where(inner_passive, inner_x, 0.0)
+
+    # Outer step: s is positive on the passive set. Keep it if the entry
+    # paid off, else go back and refuse the entering variable; then pick the
+    # next variable to enter.
+    pending = jnp.any(cr.entering)
+    accept = finite & (~pending | (objective(s) < objective(cr.base_x)))
+    x = jnp.where(accept, s, cr.base_x)
+    passive = jnp.where(accept, cr.passive, cr.base_passive)
+    # A refused variable may become useful once the passive set changes.
+    refused = jnp.where(accept & pending, False, cr.refused | cr.entering)
+    gradient = q @ x + c
+    noise = jnp.abs(q) @ jnp.abs(x) + jnp.abs(c) + 1.0
+    candidates = allowed & ~passive & ~refused & (-gradient > tol * noise)
+    j = jnp.argmax(jnp.where(candidates, -gradient, -jnp.inf))
+    entering = jax.nn.one_hot(j, k, dtype=jnp.bool_) & candidates
+
+    new = Carry(
+        x=jnp.where(stepping, inner_x, x),
+        passive=jnp.where(stepping, inner_passive, passive | entering),
+        s=cr.s,
+        base_x=jnp.where(stepping, cr.base_x, x),
+        base_passive=jnp.where(stepping, cr.base_passive, passive),
+        entering=jnp.where(stepping, cr.entering, entering),
+        refused=jnp.where(stepping, cr.refused, refused),
+        it=cr.it + 1,
+        done=~stepping & ~jnp.any(candidates))
+    return new._replace(s=solve_on(new.passive))
+
+  zeros = jnp.zeros((k,), dtype)
+  none = jnp.zeros((k,), jnp.bool_)
+  start = Carry(zeros, none, zeros, zeros, none, none, none,
+                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_))
+  final = jax.lax.while_loop(
+      lambda cr: ~cr.done & (cr.it < max_iter), body, start)
+  return final.x
