@@ -65,7 +65,8 @@ Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
 """
 
 from osgd_jax.zoo.base import AnytimeNet
-from osgd_jax.zoo.blocks import NORMS, Backbone, Head, ResidualLayer, Stem
+from osgd_jax.zoo.blocks import (NORMS, Backbone, Head, ResidualLayer, Stem,
+                                 conv_backbone, dense_backbone)
 from osgd_jax.zoo.branched import (BranchedMLP, BranchedNet, BranchedResNet,
                                    BranchedStage)
 from osgd_jax.zoo.functional import per_exit_loss_fn
@@ -100,7 +101,9 @@ __all__ = [
     "Stem",
     "WidthStage",
     "config_keys",
+    "conv_backbone",
     "create",
+    "dense_backbone",
     "model_class",
     "names",
     "per_exit_loss_fn",

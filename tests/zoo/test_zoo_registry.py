@@ -146,6 +146,18 @@ def test_same_rngs_same_parameters(name):
     (lambda: zoo.create("branched-mlp", rngs=0), "rngs must be a flax.nnx.Rngs"),
     (lambda: zoo.NestedDepthResNet(norm="bn", rngs=nnx.Rngs(0)),
      "Unknown norm 'bn'"),
+    (lambda: zoo.conv_backbone(in_channels=0, downsamples=2),
+     "in_channels must be an int >= 1, got 0"),
+    (lambda: zoo.conv_backbone(in_channels=3, downsamples=1.0),
+     "downsamples must be an int >= 0, got 1.0"),
+    (lambda: zoo.dense_backbone(in_features=True),
+     "in_features must be an int >= 1, got True"),
+    (lambda: zoo.Backbone("rnn", 3), "Unknown backbone kind 'rnn'.*conv"),
+    (lambda: zoo.Backbone("conv", 0), "in_features must be an int >= 1"),
+    (lambda: zoo.Backbone("conv", 3, -1), "downsamples must be an int >= 0"),
+    (lambda: zoo.Backbone("dense", 64, 1),
+     "dense backbone has no resolution to halve, got downsamples=1; use"
+     " downsamples=0"),
 ])
 def test_bad_names_and_configs_raise_value_errors(call, match):
   with pytest.raises(ValueError, match=match):
