@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,24 @@ NAMES = (
     "nested-depth-resnet", "nested-width-depth-mlp",
     "nested-width-depth-resnet", "nested-width-mlp", "nested-width-resnet",
 )
+FAMILIES = {
+    "branched": zoo.BranchedNet, "nested-width": zoo.NestedWidthNet,
+    "nested-depth": zoo.NestedDepthNet,
+    "nested-width-depth": zoo.NestedWidthDepthNet,
+}
+FAMILY_KEYS = ("stages", "width", "depth", "num_classes", "norm")
+# The defaults of the eight per-backbone constructors that the four family
+# classes replaced: `create(name)` without a preset must keep building them.
+OLD_DEFAULTS = {
+    "branched-resnet": dict(width=16, depth=2),
+    "nested-width-resnet": dict(width=8, depth=3),
+    "nested-depth-resnet": dict(width=16, depth=3),
+    "nested-width-depth-resnet": dict(width=8, depth=3),
+    "branched-mlp": dict(width=64, depth=1),
+    "nested-width-mlp": dict(width=16, depth=2),
+    "nested-depth-mlp": dict(width=64, depth=1),
+    "nested-width-depth-mlp": dict(width=16, depth=1),
+}
 
 
 def abstract(name: str, **config) -> zoo.AnytimeNet:
@@ -39,6 +56,7 @@ def preset_model(name: str, preset: str) -> zoo.AnytimeNet:
 
 
 def output_shape(model: zoo.AnytimeNet, shape) -> tuple[int, ...]:
+  """The shape of ``model.predict(x)`` (stacked exits), without computing."""
   graphdef, state = nnx.split(model)
   # predict: tracing BatchNorm's statistic updates is slow in flax 0.12.
   return jax.eval_shape(
@@ -55,23 +73,37 @@ def input_shape(name: str, preset: str) -> tuple[int, ...]:
 
 def test_names_lists_every_family_and_backbone():
   assert zoo.names() == NAMES
-  for name in NAMES:
-    assert issubclass(zoo.model_class(name), zoo.AnytimeNet)
-    assert set(zoo.config_keys(name)) >= {
-        "stages", "width", "depth", "num_classes", "norm"}
+  for family, cls in FAMILIES.items():
+    conv, dense = f"{family}-resnet", f"{family}-mlp"
+    assert zoo.model_class(conv) is zoo.model_class(dense) is cls
+    assert issubclass(cls, zoo.AnytimeNet)
+    assert zoo.config_keys(conv) == FAMILY_KEYS + ("in_channels",
+                                                   "downsamples")
+    assert zoo.config_keys(dense) == FAMILY_KEYS + ("in_features",)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_default_config_is_a_preset_for_32x32x3_or_64_inputs(name):
-  # Without config: conv models for 32x32x3 images, MLPs for 64 features,
-  # 10 classes and K=4 -- exactly the cifar / digits preset.
-  preset = default_preset(name)
-  signature = inspect.signature(zoo.model_class(name).__init__).parameters
-  defaults = {k: p.default for k, p in signature.items() if k != "rngs"
-              and p.default is not inspect.Parameter.empty}
-  assert defaults == dict(zoo.presets(name)[preset], norm="batch")
-  model = preset_model(name, preset)  # built by create(name, rngs=...)
-  assert model.num_exits == 4 and model.num_classes == 10
+def test_default_config_is_the_old_constructor_defaults(name):
+  # Built directly from the family class with the old defaults: the same
+  # graph (module types, widths, strides, backbone) and the same shapes.
+  conv = name.endswith("resnet")
+  backbone = (zoo.conv_backbone(in_channels=3, downsamples=2) if conv
+              else zoo.dense_backbone(in_features=64))
+  family = name.removesuffix("-resnet").removesuffix("-mlp")
+  expected = nnx.eval_shape(lambda: FAMILIES[family](
+      backbone, stages=4, num_classes=10, norm="batch", rngs=nnx.Rngs(0),
+      **OLD_DEFAULTS[name]))
+  model = preset_model(name, default_preset(name))  # create(name, rngs=...)
+  assert type(model) is FAMILIES[family]
+  assert model.backbone == backbone
+  assert nnx.graphdef(model) == nnx.graphdef(expected)
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+  assert shapes(model) == shapes(expected)
+  # And the defaults are this preset.
+  assert zoo.presets(name)[default_preset(name)] == dict(
+      OLD_DEFAULTS[name], stages=4, num_classes=10,
+      **(dict(in_channels=3, downsamples=2) if conv else
+         dict(in_features=64)))
 
 
 @pytest.mark.parametrize("preset", ["cifar", "digits"])
@@ -144,8 +176,19 @@ def test_same_rngs_same_parameters(name):
     (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_features=0),
      "in_features must be an int >= 1"),
     (lambda: zoo.create("branched-mlp", rngs=0), "rngs must be a flax.nnx.Rngs"),
-    (lambda: zoo.NestedDepthResNet(norm="bn", rngs=nnx.Rngs(0)),
+    (lambda: zoo.NestedDepthNet(zoo.conv_backbone(3, 2), stages=2, width=2,
+                                depth=1, norm="bn", rngs=nnx.Rngs(0)),
      "Unknown norm 'bn'"),
+    (lambda: zoo.BranchedNet(zoo.dense_backbone(64), stages=0, width=2,
+                             depth=1, rngs=nnx.Rngs(0)),
+     "stages must be an int >= 1, got 0"),
+    (lambda: zoo.NestedWidthNet(zoo.dense_backbone(64), stages=2, width=2,
+                                depth=2, num_classes=-1, rngs=nnx.Rngs(0)),
+     "num_classes must be an int >= 1, got -1"),
+    (lambda: zoo.NestedWidthDepthNet("conv", stages=2, width=2, depth=1,
+                                     rngs=nnx.Rngs(0)),
+     r"backbone must be a zoo.Backbone, got str; pass e.g."
+     r" zoo.conv_backbone\(in_channels=3, downsamples=2\)"),
     (lambda: zoo.conv_backbone(in_channels=0, downsamples=2),
      "in_channels must be an int >= 1, got 0"),
     (lambda: zoo.conv_backbone(in_channels=3, downsamples=1.0),
