@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,11 +107,82 @@ def test_default_config_is_the_old_constructor_defaults(name):
          dict(in_features=64)))
 
 
+def exit_dependencies(exits, params, *args) -> tuple[list, np.ndarray]:
+  """Which stages' parameters each exit's logits read, from the dataflow.
+
+  Traces ``exits(params, *args) -> [logits_1, ..., logits_K]`` (no
+  compilation) and follows its jaxpr: an equation's outputs depend on every
+  input it reads, so ``depends[k, j] == False`` proves that exit k+1 reads
+  no parameter of stage j+1.
+
+  Args:
+    exits: the function to trace.
+    params: ``{"stages": {j: parameters of stage j+1}}`` (an ``nnx.State``
+      of a zoo model has this layout).
+    *args: the other arguments of ``exits`` (arrays or shapes).
+
+  Returns:
+    The exits' output avals and the ``(K, K)`` boolean dependency matrix.
+  """
+  closed = jax.make_jaxpr(exits)(params, *args)
+  stage_of = [path[1].key for path, _ in
+              jax.tree_util.tree_flatten_with_path(params)[0]]
+  num_stages = len(params["stages"])
+  depends = np.zeros((len(closed.jaxpr.outvars), num_stages), bool)
+  read = lambda v, tainted: not isinstance(v, jex.core.Literal) and (
+      v in tainted)
+  for j in range(num_stages):
+    tainted = {v for v, s in zip(closed.jaxpr.invars, stage_of) if s == j}
+    for eqn in closed.jaxpr.eqns:
+      if any(read(v, tainted) for v in eqn.invars):
+        tainted.update(eqn.outvars)
+    depends[:, j] = [read(v, tainted) for v in closed.jaxpr.outvars]
+  return closed.out_avals, depends
+
+
+def model_exits(model: zoo.AnytimeNet):
+  """``exits(params, rest, x)``: the K logits, the stages driven by hand."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def exits(params, rest, x):
+    # predict: tracing BatchNorm's statistic updates is slow in flax 0.12;
+    # the dataflow between stages is the same in both modes.
+    frozen = nnx.view(nnx.merge(graphdef, params, rest, copy=True),
+                      use_running_average=True, raise_if_not_found=False)
+    carry, logits = frozen.input_carry(x), []
+    for stage in frozen.stages:
+      carry, out = stage(carry)
+      logits.append(out)
+    return logits
+
+  return exits, params, rest
+
+
+def test_exit_dependencies_finds_a_read_of_a_later_stage():
+  # The dataflow check can fail: exit 1 reading stage 3 is seen, and so is
+  # exit 2 reading stage 1 through an op with a sub-jaxpr (jax.nn.relu).
+  def exits(params, x):
+    w = params["stages"]
+    return [x @ w[0] + w[2].sum(), jax.nn.relu(x @ w[0]) @ w[1],
+            jnp.tanh(x @ w[2])]
+
+  params = {"stages": {j: jnp.ones((3, 3)) for j in range(3)}}
+  _, depends = exit_dependencies(exits, params, jnp.ones((2, 3)))
+  np.testing.assert_array_equal(depends, [[1, 0, 1], [1, 1, 0], [0, 0, 1]])
+
+
 @pytest.mark.parametrize("preset", ["cifar", "digits"])
 @pytest.mark.parametrize("name", NAMES)
-def test_presets_fit_their_data(name, preset):
+def test_presets_fit_their_data_and_nest(name, preset):
   model = preset_model(name, preset)
-  assert output_shape(model, input_shape(name, preset)) == (4, 2, 10)
+  shape = input_shape(name, preset)
+  avals, depends = exit_dependencies(
+      *model_exits(model), jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert [a.shape for a in avals] == [(2, 10)] * 4
+  assert output_shape(model, shape) == (4, 2, 10)
+  # Exit k reads stages 1..k (all of them: each adds to exit k's path) and
+  # no later stage.
+  np.testing.assert_array_equal(depends, np.tril(np.ones((4, 4), bool)))
   counts = anytime.params_per_exit(model)
   assert np.all(np.diff(counts) > 0), counts
   if preset == "digits":  # small enough for a CPU run in minutes
