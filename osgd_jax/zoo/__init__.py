@@ -1,23 +1,34 @@
 """Model zoo: branched and nested anytime networks in Flax NNX.
 
-Four families from Wan et al. (ICML 2020), each with a ResNet-style conv
-backbone (NHWC images: 32×32×3 CIFAR, 8×8×1 digits) and an MLP backbone
-(feature vectors):
+Four families from Wan et al. (ICML 2020), each a class that takes a
+backbone: :func:`conv_backbone` (a ResNet-style network on NHWC images:
+32×32×3 CIFAR, 8×8×1 digits) or :func:`dense_backbone` (an MLP on feature
+vectors):
 
-=====================  ====================================================
-``branched``           a trunk of K stages, exit k a head on stage k
-``nested-width``       every layer split in K channel groups; group k reads
-                       groups 1..k of the layer below
-``nested-depth``       interlaced: stage k+1 inserts a layer after each of
-                       the ``D * 2**(k-1)`` layers so far (depth doubles)
-``nested-width-depth`` both: each new interlaced chain is twice as wide
-=====================  ====================================================
+=============================  ============================================
+:class:`BranchedNet`           a trunk of K stages, exit k a head on stage k
+:class:`NestedWidthNet`        every layer split in K channel groups; group
+                               k reads groups 1..k of the layer below
+:class:`NestedDepthNet`        interlaced: stage k+1 inserts a layer after
+                               each of the ``D * 2**(k-1)`` layers so far
+                               (depth doubles)
+:class:`NestedWidthDepthNet`   both: each new interlaced chain is twice as
+                               wide
+=============================  ============================================
+
+Build one directly, e.g. ``NestedDepthNet(conv_backbone(in_channels=3,
+downsamples=2), stages=4, width=16, depth=3, rngs=nnx.Rngs(0))``, or by
+name, with presets, through :func:`create`: names are
+``<family>-<backbone>`` with family ``branched``, ``nested-width``,
+``nested-depth`` or ``nested-width-depth`` (the classes above, in order)
+and backbone ``resnet`` (:func:`conv_backbone`) or ``mlp``
+(:func:`dense_backbone`).
 
 In every family exit k depends only on the parameters and computation of
 stages 1..k. A model is an :class:`AnytimeNet` holding ``model.stages``, an
 :class:`flax.nnx.List`: ``stages[k-1]`` owns all that stage k introduces,
 head k included, and ``stages[k-1](carry) -> (new_carry, logits_k)`` with a
-carry that is a plain pytree of arrays (documented per family module).
+carry that is a plain pytree of arrays (documented per family class).
 ``model(x)`` returns the stacked logits ``(K, batch, classes)``;
 ``model(x, upto=k)`` runs stages 1..k only and returns ``(k, batch,
 classes)``. Anytime inference by hand::
@@ -54,8 +65,9 @@ Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
 
     from flax.core import FrozenDict
 
-    net = nnx.bridge.ToLinen(zoo.NestedDepthMLP,
-                             kwargs=FrozenDict(stages=3, width=16))
+    net = nnx.bridge.ToLinen(
+        zoo.NestedDepthNet, args=(zoo.dense_backbone(in_features=64),),
+        kwargs=FrozenDict(stages=3, width=16, depth=1))
     variables = net.init(jax.random.key(0), x)     # {'params', 'batch_stats'}
     logits, updates = net.apply(variables, x, mutable=["batch_stats"])
     first_two = net.apply(variables, x, upto=2, mutable=["batch_stats"])[0]
@@ -65,42 +77,34 @@ Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
 """
 
 from osgd_jax.zoo.base import AnytimeNet
-from osgd_jax.zoo.blocks import NORMS, Backbone, Head, ResidualLayer, Stem
-from osgd_jax.zoo.branched import (BranchedMLP, BranchedNet, BranchedResNet,
-                                   BranchedStage)
+from osgd_jax.zoo.blocks import (NORMS, Backbone, Head, ResidualLayer, Stem,
+                                 conv_backbone, dense_backbone)
+from osgd_jax.zoo.branched import BranchedNet, BranchedStage
 from osgd_jax.zoo.functional import per_exit_loss_fn
-from osgd_jax.zoo.nested_depth import (InterlacedNet, InterlacedStage,
-                                       NestedDepthMLP, NestedDepthResNet)
-from osgd_jax.zoo.nested_width import (NestedWidthMLP, NestedWidthNet,
-                                       NestedWidthResNet, WidthStage)
-from osgd_jax.zoo.nested_width_depth import (NestedWidthDepthMLP,
-                                             NestedWidthDepthResNet)
+from osgd_jax.zoo.nested_depth import InterlacedStage, NestedDepthNet
+from osgd_jax.zoo.nested_width import NestedWidthNet, WidthStage
+from osgd_jax.zoo.nested_width_depth import NestedWidthDepthNet
 from osgd_jax.zoo.registry import (config_keys, create, model_class, names,
                                    presets)
 
 __all__ = [
     "AnytimeNet",
     "Backbone",
-    "BranchedMLP",
     "BranchedNet",
-    "BranchedResNet",
     "BranchedStage",
     "Head",
-    "InterlacedNet",
     "InterlacedStage",
     "NORMS",
-    "NestedDepthMLP",
-    "NestedDepthResNet",
-    "NestedWidthDepthMLP",
-    "NestedWidthDepthResNet",
-    "NestedWidthMLP",
+    "NestedDepthNet",
+    "NestedWidthDepthNet",
     "NestedWidthNet",
-    "NestedWidthResNet",
     "ResidualLayer",
     "Stem",
     "WidthStage",
     "config_keys",
+    "conv_backbone",
     "create",
+    "dense_backbone",
     "model_class",
     "names",
     "per_exit_loss_fn",

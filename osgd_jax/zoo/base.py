@@ -23,30 +23,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from osgd_jax.zoo.blocks import NORMS, Backbone
+from osgd_jax.zoo.blocks import NORMS, Backbone, require_int
 
 __all__ = ["AnytimeNet", "check_config"]
 
 
-def check_config(*, stages: Any, width: Any, depth: Any, num_classes: Any,
-                 norm: Any, **extra: Any) -> None:
-  """Raises a ``ValueError`` naming the first bad model setting.
+def check_config(backbone: Any, *, stages: Any, width: Any, depth: Any,
+                 num_classes: Any, norm: Any) -> None:
+  """Raises a ``ValueError`` naming the first bad setting of a zoo family.
 
   Args:
+    backbone: a :class:`~osgd_jax.zoo.blocks.Backbone`.
     stages: number of stages (exits), an int ≥ 1.
     width: base width, an int ≥ 1.
     depth: layers per stage, an int ≥ 1.
     num_classes: an int ≥ 1.
     norm: one of ``NORMS``.
-    **extra: further int settings; ``downsamples`` may be 0, the rest ≥ 1.
+
+  Example:
+    >>> from osgd_jax.zoo.blocks import dense_backbone
+    >>> check_config(dense_backbone(64), stages=4, width=8, depth=1,
+    ...              num_classes=10, norm="batch")
+    >>> check_config(dense_backbone(64), stages=0, width=8, depth=1,
+    ...              num_classes=10, norm="batch")
+    Traceback (most recent call last):
+    ...
+    ValueError: stages must be an int >= 1, got 0.
   """
-  ints = dict(stages=stages, width=width, depth=depth, num_classes=num_classes,
-              **extra)
-  for name, value in ints.items():
-    low = 0 if name == "downsamples" else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      raise ValueError(
-          f"{name} must be an int >= {low}, got {value!r}.")
+  if not isinstance(backbone, Backbone):
+    raise ValueError(
+        f"backbone must be a zoo.Backbone, got {type(backbone).__name__};"
+        " pass e.g. zoo.conv_backbone(in_channels=3, downsamples=2) for"
+        " 32×32 RGB images or zoo.dense_backbone(in_features=64) for 64"
+        " features per example.")
+  for name, value in dict(stages=stages, width=width, depth=depth,
+                          num_classes=num_classes).items():
+    require_int(name, value, 1)
   if norm not in NORMS:
     raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
 
@@ -54,8 +66,12 @@ def check_config(*, stages: Any, width: Any, depth: Any, num_classes: Any,
 class AnytimeNet(nnx.Module):
   """Base class: a cascade of stages, each ending in an exit.
 
-  Subclasses build ``self.stages`` (an :class:`flax.nnx.List`) and
-  ``self.backbone`` in their constructor.
+  The four families (:class:`~osgd_jax.zoo.branched.BranchedNet`,
+  :class:`~osgd_jax.zoo.nested_width.NestedWidthNet`,
+  :class:`~osgd_jax.zoo.nested_depth.NestedDepthNet`,
+  :class:`~osgd_jax.zoo.nested_width_depth.NestedWidthDepthNet`) build
+  ``self.stages`` (an :class:`flax.nnx.List`) and ``self.backbone`` in their
+  constructor.
 
   Attributes:
     stages: the stage modules; ``stages[k-1](carry) -> (new_carry, logits)``.

@@ -35,6 +35,8 @@ from flax import nnx
 
 __all__ = [
     "NORMS",
+    "BACKBONE_KINDS",
+    "require_int",
     "Backbone",
     "conv_backbone",
     "dense_backbone",
@@ -47,6 +49,28 @@ __all__ = [
 ]
 
 NORMS = ("batch", "group", "layer", "none")
+BACKBONE_KINDS = ("conv", "dense")
+
+
+def require_int(name: str, value: Any, minimum: int) -> None:
+  """Raises a ``ValueError`` unless ``value`` is an int ``>= minimum``.
+
+  A bool is not accepted as an int: ``stages=True`` is a mistake, not 1.
+
+  Args:
+    name: the setting's name, as the caller spells it.
+    value: the value given.
+    minimum: the smallest value allowed.
+
+  Example:
+    >>> require_int("width", 8, 1)
+    >>> require_int("width", 0, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: width must be an int >= 1, got 0.
+  """
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -98,6 +122,10 @@ lecun_normal = fan_in_init(1.0)
 class Backbone:
   """What a layer is: a 3×3 convolution (``conv``) or a dense map (``dense``).
 
+  Every zoo family takes one as its first argument; build it with
+  :func:`conv_backbone` (a ResNet-style network) or :func:`dense_backbone`
+  (an MLP).
+
   Attributes:
     kind: ``"conv"`` for NHWC images, ``"dense"`` for feature vectors.
     in_features: input channels (``conv``) or input features (``dense``).
@@ -109,6 +137,20 @@ class Backbone:
   kind: str
   in_features: int
   downsamples: int = 0
+
+  def __post_init__(self):
+    if self.kind not in BACKBONE_KINDS:
+      raise ValueError(
+          f"Unknown backbone kind {self.kind!r}; choose one of"
+          f" {BACKBONE_KINDS}, or build the backbone with conv_backbone(...)"
+          " or dense_backbone(...).")
+    require_int("in_features", self.in_features, 1)
+    require_int("downsamples", self.downsamples, 0)
+    if self.kind == "dense" and self.downsamples:
+      raise ValueError(
+          f"A dense backbone has no resolution to halve, got downsamples="
+          f"{self.downsamples}; use downsamples=0, or conv_backbone(...) for"
+          " images.")
 
   def linear(
       self, in_features: int, out_features: int, *, stride: int = 1,
@@ -166,12 +208,40 @@ class Backbone:
 
 
 def conv_backbone(in_channels: int, downsamples: int) -> Backbone:
-  """The ResNet-style backbone for NHWC images."""
+  """The ResNet-style backbone: 3×3 convolutions on NHWC images.
+
+  Args:
+    in_channels: image channels (3 for CIFAR, 1 for grey digits).
+    downsamples: stride-2 halvings of the resolution, each doubling the
+      width (2 for 32×32 images, 1 for 8×8 digits, 0 for none).
+
+  Returns:
+    The :class:`Backbone` to pass to a zoo family.
+
+  Example:
+    >>> conv_backbone(in_channels=3, downsamples=2)
+    Backbone(kind='conv', in_features=3, downsamples=2)
+  """
+  require_int("in_channels", in_channels, 1)
+  require_int("downsamples", downsamples, 0)
   return Backbone("conv", in_channels, downsamples)
 
 
 def dense_backbone(in_features: int) -> Backbone:
-  """The MLP backbone for feature vectors."""
+  """The MLP backbone: dense layers on feature vectors.
+
+  Args:
+    in_features: values per example (64 for flattened 8×8 digits); inputs
+      with more axes are flattened to this many.
+
+  Returns:
+    The :class:`Backbone` to pass to a zoo family.
+
+  Example:
+    >>> dense_backbone(in_features=64)
+    Backbone(kind='dense', in_features=64, downsamples=0)
+  """
+  require_int("in_features", in_features, 1)
   return Backbone("dense", in_features, 0)
 
 

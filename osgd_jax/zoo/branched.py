@@ -1,19 +1,6 @@
-"""Branched cascade: one trunk, one exit head per stage (the baseline).
+"""The branched family: one trunk, one exit head per stage (the baseline).
 
-The paper's "cascade with branching outputs". Stage k is ``depth`` residual
-layers that continue the trunk, and exit k is a head on their output::
-
-    x ─ stem ─ [D layers] ─┬─ [D layers] ─┬─ [D layers] ─┬─ ...
-                stage 1    │   stage 2    │   stage 3    │
-                         head 1         head 2         head 3
-
-With the conv backbone the first layer of stages 2 .. downsamples+1 halves
-the resolution and doubles the width (ResNet's phases).
-
-Carry: stage 1 takes the input batch; every stage returns the trunk's
-feature map (or feature vector), a single array, as its carry.
-
-Exit k reads only the trunk up to stage k, so it never depends on later
+:class:`BranchedNet` is the network; :class:`BranchedStage` one of its
 stages.
 """
 
@@ -23,10 +10,9 @@ import jax
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet, check_config
-from osgd_jax.zoo.blocks import (Backbone, Head, ResidualLayer, Stem,
-                                 conv_backbone, dense_backbone)
+from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
 
-__all__ = ["BranchedStage", "BranchedNet", "BranchedResNet", "BranchedMLP"]
+__all__ = ["BranchedStage", "BranchedNet"]
 
 
 class BranchedStage(nnx.Module):
@@ -67,21 +53,54 @@ class BranchedStage(nnx.Module):
 
 
 class BranchedNet(AnytimeNet):
-  """A branched cascade on any backbone; see the module docstring.
+  """Branched cascade: a trunk of K stages, exit k a head on stage k.
+
+  The paper's "cascade with branching outputs". Stage k is ``depth``
+  residual layers that continue the trunk, and exit k is a head on their
+  output::
+
+      x ─ stem ─ [D layers] ─┬─ [D layers] ─┬─ [D layers] ─┬─ ...
+                  stage 1    │   stage 2    │   stage 3    │
+                           head 1         head 2         head 3
+
+  With the conv backbone the first layer of stages 2 .. downsamples+1 halves
+  the resolution and doubles the width (ResNet's phases). Exit k reads only
+  the trunk up to stage k, so it never depends on later stages.
+
+  Carry: stage 1 takes the input batch; every stage returns the trunk's
+  feature map (or feature vector), a single array, as its carry.
 
   Args:
-    backbone: conv or dense backbone.
+    backbone: what a layer is: :func:`~osgd_jax.zoo.blocks.conv_backbone`
+      for NHWC images (a ResNet), :func:`~osgd_jax.zoo.blocks.dense_backbone`
+      for feature vectors (an MLP).
     stages: number of stages and exits K.
-    width: width of stage 1 (conv: doubles at each downsampling stage).
+    width: width of stage 1's layers; with the conv backbone, each of
+      stages 2 .. downsamples+1 doubles it.
     depth: residual layers per stage.
     num_classes: classes of every exit.
     norm: ``batch``, ``group``, ``layer`` or ``none``.
     rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> resnet = zoo.BranchedNet(
+    ...     zoo.conv_backbone(in_channels=3, downsamples=2), stages=3,
+    ...     width=4, depth=1, rngs=nnx.Rngs(0))
+    >>> resnet(jnp.ones((2, 32, 32, 3))).shape, resnet.depth_per_exit()
+    ((3, 2, 10), (1, 2, 3))
+    >>> mlp = zoo.BranchedNet(zoo.dense_backbone(in_features=64), stages=3,
+    ...                       width=8, depth=1, rngs=nnx.Rngs(0))
+    >>> mlp(jnp.ones((2, 64)), upto=2).shape
+    (2, 2, 10)
   """
 
   def __init__(self, backbone: Backbone, *, stages: int, width: int,
-               depth: int, num_classes: int, norm: str, rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
+               depth: int, num_classes: int = 10, norm: str = "batch",
+               rngs: nnx.Rngs):
+    check_config(backbone, stages=stages, width=width, depth=depth,
                  num_classes=num_classes, norm=norm)
     self.backbone = backbone
     self.num_classes = num_classes
@@ -95,65 +114,3 @@ class BranchedNet(AnytimeNet):
           rngs=rngs))
       in_features, level = stage_width, new_level
     self.stages = nnx.List(built)
-
-
-class BranchedResNet(BranchedNet):
-  """Branched cascade, ResNet-style conv backbone (NHWC images).
-
-  Args:
-    stages: number of stages and exits K.
-    width: width of stage 1; doubles with each of the ``downsamples``.
-    depth: residual blocks per stage.
-    num_classes: classes of every exit.
-    in_channels: image channels (3 for CIFAR, 1 for digits).
-    downsamples: stride-2 halvings, at the start of stages 2, 3, ...
-    norm: ``batch``, ``group``, ``layer`` or ``none``.
-    rngs: the random generators.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> model = BranchedResNet(stages=3, width=4, depth=1, rngs=nnx.Rngs(0))
-    >>> model(jnp.ones((2, 32, 32, 3))).shape
-    (3, 2, 10)
-  """
-
-  def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 2,
-               num_classes: int = 10, in_channels: int = 3,
-               downsamples: int = 2, norm: str = "batch", rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, in_channels=in_channels,
-                 downsamples=downsamples)
-    super().__init__(
-        conv_backbone(in_channels, downsamples), stages=stages, width=width,
-        depth=depth, num_classes=num_classes, norm=norm, rngs=rngs)
-
-
-class BranchedMLP(BranchedNet):
-  """Branched cascade, MLP backbone (feature vectors).
-
-  Args:
-    stages: number of stages and exits K.
-    width: hidden width.
-    depth: residual blocks per stage.
-    num_classes: classes of every exit.
-    in_features: input features (64 for flattened 8×8 digits).
-    norm: ``batch``, ``group``, ``layer`` or ``none``.
-    rngs: the random generators.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> model = BranchedMLP(stages=3, width=8, rngs=nnx.Rngs(0))
-    >>> model(jnp.ones((2, 64)), upto=2).shape
-    (2, 2, 10)
-  """
-
-  def __init__(self, *, stages: int = 4, width: int = 64, depth: int = 1,
-               num_classes: int = 10, in_features: int = 64,
-               norm: str = "batch", rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, in_features=in_features)
-    super().__init__(
-        dense_backbone(in_features), stages=stages, width=width, depth=depth,
-        num_classes=num_classes, norm=norm, rngs=rngs)

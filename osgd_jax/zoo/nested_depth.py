@@ -1,53 +1,22 @@
-"""Depth-nested (interlaced) network: each stage doubles the depth.
+"""The depth-nested (interlaced) family: each stage doubles the depth.
 
-Stage 1 is a plain chain: a stem and ``D`` residual layers ``S_1 = (L_1 ..
-L_D)``. After stage k the layer sequence ``S_k = (L_1 .. L_n)`` has
-``n = D * 2**(k-1)`` layers with cached outputs ``o_1 .. o_n``. Stage k+1
-adds a new chain ``N_1 .. N_n``: ``N_i`` reads the previous new layer's
-output (the stem output for ``N_1``) together with ``o_i``, the output of
-the old layer at the same position (its lateral input). In sequence order
-``N_i`` sits right after ``L_i``, so ``S_{k+1} = (L_1, N_1, L_2, N_2, ..
-L_n, N_n)`` has twice the layers. Exit k+1 reads the end of the new chain::
-
-    stage 1:   stem ─> L1 ────────> L2 ──────> head 1
-                │       │            │
-                │       o1           o2          (lateral inputs)
-                │       ▼            ▼
-    stage 2:    └────> N1 ────────> N2 ──────> head 2
-    S_2 = (L1, N1, L2, N2); stage 3 adds one layer after each of them:
-    stage 3:   stem ─> M1 ─> M2 ─> M3 ─> M4 ─> head 3   (M_i reads S_2[i])
-
-Old layers never read new ones, so nothing computed for exits <= k is
-recomputed or changed. With the conv backbone, ``S_1``'s layers 2 ..
-downsamples+1 halve the resolution (and double the width). A new layer
-works at its lateral input's resolution, with its stage's width doubled
-per halving, and strides its chain input where the lateral is coarser.
-
-:class:`InterlacedNet` also builds the width+depth family
-(:mod:`osgd_jax.zoo.nested_width_depth`): there, each stage's chain is
-``growth`` times wider than the previous one.
-
-``stages[k-1]`` owns stage k's layers and head k (stage 1 also the stem).
-
-Carry: stage 1 takes the input batch. Stage k returns
-``{"stem": h_0, "outputs": (o_1, ..., o_n)}``: the stem output and the
-outputs of all ``n = D * 2**(k-1)`` layers of ``S_k`` in sequence order.
+:class:`NestedDepthNet` is the network and :class:`InterlacedStage` one of
+its stages. The width+depth family
+(:class:`~osgd_jax.zoo.nested_width_depth.NestedWidthDepthNet`) is the same
+construction with chains that widen.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet, check_config
-from osgd_jax.zoo.blocks import (Backbone, Head, ResidualLayer, Stem,
-                                 conv_backbone, dense_backbone)
+from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
 
-__all__ = [
-    "InterlacedStage", "InterlacedNet", "NestedDepthResNet", "NestedDepthMLP",
-]
+__all__ = ["InterlacedStage", "NestedDepthNet"]
 
 
 class InterlacedStage(nnx.Module):
@@ -105,26 +74,75 @@ class InterlacedStage(nnx.Module):
     return {"stem": h0, "outputs": outputs}, self.head(h)
 
 
-class InterlacedNet(AnytimeNet):
-  """An interlaced (depth-nested) network; see the module docstring.
+class NestedDepthNet(AnytimeNet):
+  """Depth-nested (interlaced) network: each stage doubles the depth.
+
+  Stage 1 is a plain chain: a stem and ``D`` residual layers ``S_1 = (L_1
+  .. L_D)``. After stage k the layer sequence ``S_k = (L_1 .. L_n)`` has
+  ``n = D * 2**(k-1)`` layers with cached outputs ``o_1 .. o_n``. Stage k+1
+  adds a new chain ``N_1 .. N_n``: ``N_i`` reads the previous new layer's
+  output (the stem output for ``N_1``) together with ``o_i``, the output of
+  the old layer at the same position (its lateral input). In sequence order
+  ``N_i`` sits right after ``L_i``, so ``S_{k+1} = (L_1, N_1, L_2, N_2, ..
+  L_n, N_n)`` has twice the layers. Exit k+1 reads the end of the new
+  chain::
+
+      stage 1:   stem ─> L1 ────────> L2 ──────> head 1
+                  │       │            │
+                  │       o1           o2          (lateral inputs)
+                  │       ▼            ▼
+      stage 2:    └────> N1 ────────> N2 ──────> head 2
+      S_2 = (L1, N1, L2, N2); stage 3 adds one layer after each of them:
+      stage 3:   stem ─> M1 ─> M2 ─> M3 ─> M4 ─> head 3   (M_i reads S_2[i])
+
+  Old layers never read new ones, so nothing computed for exits <= k is
+  recomputed or changed: exit k depends only on stages 1..k. With the conv
+  backbone, ``S_1``'s layers 2 .. downsamples+1 halve the resolution (and
+  double the width). A new layer works at its lateral input's resolution,
+  with its stage's width doubled per halving, and strides its chain input
+  where the lateral is coarser.
+
+  ``stages[k-1]`` owns stage k's layers and head k (stage 1 also the stem).
+
+  Carry: stage 1 takes the input batch. Stage k returns
+  ``{"stem": h_0, "outputs": (o_1, ..., o_n)}``: the stem output and the
+  outputs of all ``n = D * 2**(k-1)`` layers of ``S_k`` in sequence order.
 
   Args:
-    backbone: conv or dense backbone.
+    backbone: what a layer is: :func:`~osgd_jax.zoo.blocks.conv_backbone`
+      for NHWC images (a ResNet), :func:`~osgd_jax.zoo.blocks.dense_backbone`
+      for feature vectors (an MLP).
     stages: number of stages and exits K.
-    width: width of stage 1's layers (conv: doubles with each downsampling).
+    width: width of every stage's layers (conv: doubles per halving).
     depth: number of layers ``D`` of stage 1; exit k has ``D * 2**(k-1)``.
     num_classes: classes of every exit.
     norm: ``batch``, ``group``, ``layer`` or ``none``.
-    growth: each stage's chain is ``growth`` times wider than the previous
-      one's (1: depth-nested; 2: width+depth-nested).
     rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> resnet = zoo.NestedDepthNet(
+    ...     zoo.conv_backbone(in_channels=3, downsamples=2), stages=3,
+    ...     width=4, depth=1, rngs=nnx.Rngs(0))
+    >>> resnet(jnp.ones((2, 32, 32, 3))).shape, resnet.depth_per_exit()
+    ((3, 2, 10), (1, 2, 4))
+    >>> mlp = zoo.NestedDepthNet(zoo.dense_backbone(in_features=64),
+    ...                          stages=3, width=8, depth=1, rngs=nnx.Rngs(0))
+    >>> mlp(jnp.ones((2, 64)), upto=2).shape
+    (2, 2, 10)
   """
 
+  # Each stage's chain is this many times wider than the previous stage's:
+  # the width+depth family is this construction with 2.
+  chain_growth: ClassVar[int] = 1
+
   def __init__(self, backbone: Backbone, *, stages: int, width: int,
-               depth: int, num_classes: int, norm: str, growth: int = 1,
+               depth: int, num_classes: int = 10, norm: str = "batch",
                rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, growth=growth)
+    check_config(backbone, stages=stages, width=width, depth=depth,
+                 num_classes=num_classes, norm=norm)
     self.backbone = backbone
     self.num_classes = num_classes
     built, sequence = [], []  # sequence: (features, level) of S_k, in order
@@ -132,75 +150,11 @@ class InterlacedNet(AnytimeNet):
       first = k == 0
       levels = backbone.levels(depth) if first else [l for _, l in sequence]
       stage = InterlacedStage(
-          backbone, stem_width=width, chain_width=width * growth**k,
-          levels=levels,
+          backbone, stem_width=width,
+          chain_width=width * self.chain_growth**k, levels=levels,
           lateral_features=None if first else [f for f, _ in sequence],
           num_classes=num_classes, norm=norm, rngs=rngs)
       new = list(zip(stage.out_features, levels))
       sequence = new if first else [s for p in zip(sequence, new) for s in p]
       built.append(stage)
     self.stages = nnx.List(built)
-
-
-class NestedDepthResNet(InterlacedNet):
-  """Depth-nested (interlaced) network, ResNet-style conv backbone.
-
-  Args:
-    stages: number of stages and exits K.
-    width: width of the layers at full resolution; doubles with each of the
-      ``downsamples``.
-    depth: residual blocks of stage 1; exit k has ``depth * 2**(k-1)``.
-    num_classes: classes of every exit.
-    in_channels: image channels (3 for CIFAR, 1 for digits).
-    downsamples: stride-2 halvings, in stage 1's blocks 2, 3, ...
-    norm: ``batch``, ``group``, ``layer`` or ``none``.
-    rngs: the random generators.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> model = NestedDepthResNet(stages=3, width=4, depth=1,
-    ...                           rngs=nnx.Rngs(0))
-    >>> model(jnp.ones((2, 32, 32, 3))).shape, model.depth_per_exit()
-    ((3, 2, 10), (1, 2, 4))
-  """
-
-  def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 3,
-               num_classes: int = 10, in_channels: int = 3,
-               downsamples: int = 2, norm: str = "batch", rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, in_channels=in_channels,
-                 downsamples=downsamples)
-    super().__init__(
-        conv_backbone(in_channels, downsamples), stages=stages, width=width,
-        depth=depth, num_classes=num_classes, norm=norm, rngs=rngs)
-
-
-class NestedDepthMLP(InterlacedNet):
-  """Depth-nested (interlaced) network, MLP backbone (feature vectors).
-
-  Args:
-    stages: number of stages and exits K.
-    width: hidden width.
-    depth: residual blocks of stage 1; exit k has ``depth * 2**(k-1)``.
-    num_classes: classes of every exit.
-    in_features: input features (64 for flattened 8×8 digits).
-    norm: ``batch``, ``group``, ``layer`` or ``none``.
-    rngs: the random generators.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> model = NestedDepthMLP(stages=3, width=8, rngs=nnx.Rngs(0))
-    >>> model(jnp.ones((2, 64)), upto=2).shape
-    (2, 2, 10)
-  """
-
-  def __init__(self, *, stages: int = 4, width: int = 64, depth: int = 1,
-               num_classes: int = 10, in_features: int = 64,
-               norm: str = "batch", rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, in_features=in_features)
-    super().__init__(
-        dense_backbone(in_features), stages=stages, width=width, depth=depth,
-        num_classes=num_classes, norm=norm, rngs=rngs)

@@ -1,32 +1,7 @@
-"""Width-nested network: each stage adds a channel group to every layer.
+"""The width-nested family: each stage adds a channel group to every layer.
 
-Every layer (the stem and the ``depth`` residual layers) is split into K
-channel groups of widths ``w, w, 2w, 4w, ...``, so the total width after
-stage k is ``w * 2**(k-1)``. Group k of layer l reads groups 1..k of layer
-l-1; group j < k never reads group k. Exit k's head reads groups 1..k of the
-last layer, so exit k is a complete network of width ``w * 2**(k-1)``::
-
-    layer:      stem        1          2   ...   D        exit
-    group 1:   [g1] ───> [g1] ───> [g1]  ...  [g1] ──> head 1
-                  ╲         ╲         ╲           ╲
-    group 2:   [g2] ───> [g2] ───> [g2]  ...  [g2] ──> head 2 (reads g1+g2)
-                  ╲ ╲       ╲ ╲       ╲ ╲         ╲
-    group 3:   [g3] ───> [g3] ───> [g3]  ...  [g3] ──> head 3 (reads g1..g3)
-
-    (╲ : old groups feed new ones, never the reverse)
-
-The full-width weight of a layer is thus block-lower-triangular; it is built
-from per-group layers (each group's layer has one linear map on its own
-previous group and one on the concatenation of the older groups), not from a
-mask over a full-width weight. Norms act per group, so old groups never see
-new channels.
-
-``stages[k-1]`` owns group k of the stem and of every layer, and head k.
-
-Carry: stage 1 takes the input batch ``x``. Stage k returns
-``{"input": x, "features": (h_0, h_1, ..., h_D)}`` where ``h_0`` is the stem
-output and ``h_l`` the output of layer l, each holding groups 1..k
-concatenated on the last (channel) axis.
+:class:`NestedWidthNet` is the network; :class:`WidthStage` one of its
+stages, and :func:`group_widths` the widths of the groups.
 """
 
 from __future__ import annotations
@@ -38,13 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet, check_config
-from osgd_jax.zoo.blocks import (Backbone, Head, ResidualLayer, Stem,
-                                 conv_backbone, dense_backbone)
+from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
 
-__all__ = [
-    "group_widths", "WidthStage", "NestedWidthNet", "NestedWidthResNet",
-    "NestedWidthMLP",
-]
+__all__ = ["group_widths", "WidthStage", "NestedWidthNet"]
 
 
 def group_widths(width: int, stages: int) -> tuple[int, ...]:
@@ -104,21 +75,68 @@ class WidthStage(nnx.Module):
 
 
 class NestedWidthNet(AnytimeNet):
-  """A width-nested network on any backbone; see the module docstring.
+  """Width-nested network: each stage adds a channel group to every layer.
+
+  Every layer (the stem and the ``depth`` residual layers) is split into K
+  channel groups of widths ``w, w, 2w, 4w, ...``, so the total width after
+  stage k is ``w * 2**(k-1)``. Group k of layer l reads groups 1..k of layer
+  l-1; group j < k never reads group k. Exit k's head reads groups 1..k of
+  the last layer, so exit k is a complete network of width ``w * 2**(k-1)``
+  and depends only on stages 1..k::
+
+      layer:      stem        1          2   ...   D        exit
+      group 1:   [g1] ───> [g1] ───> [g1]  ...  [g1] ──> head 1
+                    ╲         ╲         ╲           ╲
+      group 2:   [g2] ───> [g2] ───> [g2]  ...  [g2] ──> head 2 (reads g1+g2)
+                    ╲ ╲       ╲ ╲       ╲ ╲         ╲
+      group 3:   [g3] ───> [g3] ───> [g3]  ...  [g3] ──> head 3 (reads g1..g3)
+
+      (╲ : old groups feed new ones, never the reverse)
+
+  The full-width weight of a layer is thus block-lower-triangular; it is
+  built from per-group layers (each group's layer has one linear map on its
+  own previous group and one on the concatenation of the older groups), not
+  from a mask over a full-width weight. Norms act per group, so old groups
+  never see new channels. With the conv backbone, residual layers
+  2 .. downsamples+1 halve the resolution and every group doubles its width.
+
+  ``stages[k-1]`` owns group k of the stem and of every layer, and head k.
+
+  Carry: stage 1 takes the input batch ``x``. Stage k returns
+  ``{"input": x, "features": (h_0, h_1, ..., h_D)}`` where ``h_0`` is the
+  stem output and ``h_l`` the output of layer l, each holding groups 1..k
+  concatenated on the last (channel) axis.
 
   Args:
-    backbone: conv or dense backbone.
+    backbone: what a layer is: :func:`~osgd_jax.zoo.blocks.conv_backbone`
+      for NHWC images (a ResNet), :func:`~osgd_jax.zoo.blocks.dense_backbone`
+      for feature vectors (an MLP).
     stages: number of stages and exits K.
-    width: width ``w`` of group 1 (groups are ``w, w, 2w, 4w, ...``).
-    depth: number of residual layers (shared by all stages).
+    width: width ``w`` of group 1 (see :func:`group_widths`).
+    depth: number of residual layers ``D``, each split into K groups.
     num_classes: classes of every exit.
     norm: ``batch``, ``group``, ``layer`` or ``none``.
     rngs: the random generators.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> resnet = zoo.NestedWidthNet(
+    ...     zoo.conv_backbone(in_channels=3, downsamples=2), stages=3,
+    ...     width=4, depth=1, rngs=nnx.Rngs(0))
+    >>> resnet(jnp.ones((2, 32, 32, 3))).shape, resnet.depth_per_exit()
+    ((3, 2, 10), (1, 1, 1))
+    >>> mlp = zoo.NestedWidthNet(zoo.dense_backbone(in_features=64),
+    ...                          stages=3, width=8, depth=2, rngs=nnx.Rngs(0))
+    >>> mlp(jnp.ones((2, 64)), upto=2).shape
+    (2, 2, 10)
   """
 
   def __init__(self, backbone: Backbone, *, stages: int, width: int,
-               depth: int, num_classes: int, norm: str, rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
+               depth: int, num_classes: int = 10, norm: str = "batch",
+               rngs: nnx.Rngs):
+    check_config(backbone, stages=stages, width=width, depth=depth,
                  num_classes=num_classes, norm=norm)
     self.backbone = backbone
     self.num_classes = num_classes
@@ -127,67 +145,3 @@ class NestedWidthNet(AnytimeNet):
         WidthStage(backbone, widths=widths, index=k, depth=depth,
                    num_classes=num_classes, norm=norm, rngs=rngs)
         for k in range(stages)])
-
-
-class NestedWidthResNet(NestedWidthNet):
-  """Width-nested network, ResNet-style conv backbone (NHWC images).
-
-  Args:
-    stages: number of stages and exits K.
-    width: width of group 1; groups are ``w, w, 2w, 4w, ...`` and every group
-      doubles with each of the ``downsamples``.
-    depth: residual blocks (each split into K groups).
-    num_classes: classes of every exit.
-    in_channels: image channels (3 for CIFAR, 1 for digits).
-    downsamples: stride-2 halvings, in residual blocks 2, 3, ...
-    norm: ``batch``, ``group``, ``layer`` or ``none``.
-    rngs: the random generators.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> model = NestedWidthResNet(stages=3, width=4, depth=1,
-    ...                           rngs=nnx.Rngs(0))
-    >>> model(jnp.ones((2, 32, 32, 3))).shape
-    (3, 2, 10)
-  """
-
-  def __init__(self, *, stages: int = 4, width: int = 8, depth: int = 3,
-               num_classes: int = 10, in_channels: int = 3,
-               downsamples: int = 2, norm: str = "batch", rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, in_channels=in_channels,
-                 downsamples=downsamples)
-    super().__init__(
-        conv_backbone(in_channels, downsamples), stages=stages, width=width,
-        depth=depth, num_classes=num_classes, norm=norm, rngs=rngs)
-
-
-class NestedWidthMLP(NestedWidthNet):
-  """Width-nested network, MLP backbone (feature vectors).
-
-  Args:
-    stages: number of stages and exits K.
-    width: width of group 1 (groups are ``w, w, 2w, 4w, ...``).
-    depth: residual blocks (each split into K groups).
-    num_classes: classes of every exit.
-    in_features: input features (64 for flattened 8×8 digits).
-    norm: ``batch``, ``group``, ``layer`` or ``none``.
-    rngs: the random generators.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> model = NestedWidthMLP(stages=3, width=8, rngs=nnx.Rngs(0))
-    >>> model(jnp.ones((2, 64)), upto=2).shape
-    (2, 2, 10)
-  """
-
-  def __init__(self, *, stages: int = 4, width: int = 16, depth: int = 2,
-               num_classes: int = 10, in_features: int = 64,
-               norm: str = "batch", rngs: nnx.Rngs):
-    check_config(stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm, in_features=in_features)
-    super().__init__(
-        dense_backbone(in_features), stages=stages, width=width, depth=depth,
-        num_classes=num_classes, norm=norm, rngs=rngs)

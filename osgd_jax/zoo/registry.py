@@ -11,36 +11,47 @@ presets:
   images; MLPs: 64 features), 10 classes, small enough that a few epochs
   over 1437 images train in minutes on two CPU cores.
 
-Without a preset the constructor defaults apply: conv models take
-32×32×3 images, MLPs 64 features; 10 classes and K=4 exits.
+A name is a family class built on a backbone: ``nested-depth-resnet`` is
+``NestedDepthNet(conv_backbone(in_channels=..., downsamples=...), ...)``,
+``nested-depth-mlp`` is ``NestedDepthNet(dense_backbone(in_features=...),
+...)``. Without a preset, ``-resnet`` names use the ``cifar`` preset and
+``-mlp`` names the ``digits`` preset: conv models take 32×32×3 images, MLPs
+64 features; 10 classes and K=4 exits.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet
-from osgd_jax.zoo.branched import BranchedMLP, BranchedResNet
-from osgd_jax.zoo.nested_depth import NestedDepthMLP, NestedDepthResNet
-from osgd_jax.zoo.nested_width import NestedWidthMLP, NestedWidthResNet
-from osgd_jax.zoo.nested_width_depth import (NestedWidthDepthMLP,
-                                             NestedWidthDepthResNet)
+from osgd_jax.zoo.blocks import Backbone, conv_backbone, dense_backbone
+from osgd_jax.zoo.branched import BranchedNet
+from osgd_jax.zoo.nested_depth import NestedDepthNet
+from osgd_jax.zoo.nested_width import NestedWidthNet
+from osgd_jax.zoo.nested_width_depth import NestedWidthDepthNet
 
 __all__ = ["create", "names", "presets", "model_class", "config_keys"]
 
-_MODELS: dict[str, type[AnytimeNet]] = {
-    "branched-resnet": BranchedResNet,
-    "nested-width-resnet": NestedWidthResNet,
-    "nested-depth-resnet": NestedDepthResNet,
-    "nested-width-depth-resnet": NestedWidthDepthResNet,
-    "branched-mlp": BranchedMLP,
-    "nested-width-mlp": NestedWidthMLP,
-    "nested-depth-mlp": NestedDepthMLP,
-    "nested-width-depth-mlp": NestedWidthDepthMLP,
+_FAMILIES: dict[str, type[AnytimeNet]] = {
+    "branched": BranchedNet,
+    "nested-width": NestedWidthNet,
+    "nested-depth": NestedDepthNet,
+    "nested-width-depth": NestedWidthDepthNet,
+}
+
+# Name suffix -> (backbone factory, the preset that gives the defaults).
+_BACKBONES: dict[str, tuple[Callable[..., Backbone], str]] = {
+    "resnet": (conv_backbone, "cifar"),
+    "mlp": (dense_backbone, "digits"),
+}
+
+_MODELS: dict[str, tuple[type[AnytimeNet], str]] = {
+    f"{family}-{suffix}": (cls, suffix)
+    for family, cls in _FAMILIES.items() for suffix in _BACKBONES
 }
 
 _CIFAR_CONV = dict(stages=4, num_classes=10, in_channels=3, downsamples=2)
@@ -48,7 +59,7 @@ _DIGITS_CONV = dict(stages=4, num_classes=10, in_channels=1, downsamples=1)
 _CIFAR_MLP = dict(stages=4, num_classes=10, in_features=3072)
 _DIGITS_MLP = dict(stages=4, num_classes=10, in_features=64)
 
-# Sizes per family: (width, depth) for cifar and for digits.
+# Sizes per name: (width, depth) for cifar and for digits.
 _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "branched-resnet": {
         "cifar": dict(_CIFAR_CONV, width=16, depth=2),
@@ -77,6 +88,11 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _keywords(fn: Callable[..., Any], *skip: str) -> tuple[str, ...]:
+  params = inspect.signature(fn).parameters
+  return tuple(p for p in params if p not in ("self", *skip))
+
+
 def names() -> tuple[str, ...]:
   """The registered model names, sorted.
 
@@ -95,23 +111,39 @@ def _check_name(name: Any) -> str:
 
 
 def model_class(name: str) -> type[AnytimeNet]:
-  """The model class registered as ``name``.
+  """The family class that builds model ``name`` (on its backbone).
+
+  Both backbones of a family share the class: ``create`` passes it
+  :func:`~osgd_jax.zoo.blocks.conv_backbone` for ``-resnet`` names and
+  :func:`~osgd_jax.zoo.blocks.dense_backbone` for ``-mlp`` names.
 
   Example:
     >>> model_class("branched-mlp").__name__
-    'BranchedMLP'
+    'BranchedNet'
+    >>> model_class("nested-depth-resnet") is model_class("nested-depth-mlp")
+    True
   """
-  return _MODELS[_check_name(name)]
+  return _MODELS[_check_name(name)][0]
 
 
 def config_keys(name: str) -> tuple[str, ...]:
-  """The configuration keywords ``create(name, ...)`` accepts (not ``rngs``)."""
-  params = inspect.signature(model_class(name).__init__).parameters
-  return tuple(p for p in params if p not in ("self", "rngs"))
+  """The configuration keywords ``create(name, ...)`` accepts (not ``rngs``).
+
+  The family's settings followed by the backbone's.
+
+  Example:
+    >>> print(*config_keys("nested-depth-resnet"))
+    stages width depth num_classes norm in_channels downsamples
+    >>> config_keys("nested-depth-mlp")[-1]
+    'in_features'
+  """
+  cls, suffix = _MODELS[_check_name(name)]
+  return (_keywords(cls.__init__, "backbone", "rngs")
+          + _keywords(_BACKBONES[suffix][0]))
 
 
 def presets(name: str) -> dict[str, dict[str, Any]]:
-  """The presets of model ``name``: preset name -> constructor config.
+  """The presets of model ``name``: preset name -> ``create`` config.
 
   Args:
     name: a registered model name.
@@ -133,16 +165,18 @@ def create(
     preset: str | None = None,
     **config: Any,
 ) -> AnytimeNet:
-  """Builds the zoo model ``name``.
+  """Builds the zoo model ``name``: its family class on its backbone.
 
   Args:
     name: one of :func:`names`.
     rngs: the random generators for the parameters.
     preset: optional preset name (see :func:`presets`); explicit ``config``
-      entries override the preset's.
-    **config: constructor arguments of the model class (``stages``,
-      ``width``, ``depth``, ``num_classes``, ``norm`` and ``in_channels``
-      plus ``downsamples`` for ResNets, ``in_features`` for MLPs).
+      entries override the preset's. ``None`` starts from ``cifar`` for
+      ``-resnet`` names and ``digits`` for ``-mlp`` names.
+    **config: any of :func:`config_keys`: the family's settings
+      (``stages``, ``width``, ``depth``, ``num_classes``, ``norm``) and the
+      backbone's (``in_channels`` and ``downsamples`` for ``-resnet``,
+      ``in_features`` for ``-mlp``).
 
   Returns:
     The model, an :class:`~osgd_jax.zoo.base.AnytimeNet` in train mode.
@@ -153,27 +187,28 @@ def create(
   Example:
     >>> from flax import nnx
     >>> model = create("nested-depth-mlp", rngs=nnx.Rngs(0), preset="digits")
-    >>> model.num_exits
-    4
+    >>> type(model).__name__, model.num_exits
+    ('NestedDepthNet', 4)
   """
-  cls = model_class(name)
+  cls, suffix = _MODELS[_check_name(name)]
+  make_backbone, default_preset = _BACKBONES[suffix]
   if not isinstance(rngs, nnx.Rngs):
     raise ValueError(
         f"rngs must be a flax.nnx.Rngs, got {type(rngs).__name__}; pass e.g."
         " rngs=nnx.Rngs(0).")
-  settings: dict[str, Any] = {}
-  if preset is not None:
-    available = _PRESETS[name]
-    if preset not in available:
-      raise ValueError(
-          f"Unknown preset {preset!r} for {name!r}; choose one of:"
-          f" {', '.join(sorted(available))}.")
-    settings.update(available[preset])
+  available = _PRESETS[name]
+  if preset is not None and preset not in available:
+    raise ValueError(
+        f"Unknown preset {preset!r} for {name!r}; choose one of:"
+        f" {', '.join(sorted(available))}.")
   valid = config_keys(name)
   unknown = sorted(set(config) - set(valid))
   if unknown:
     raise ValueError(
         f"Unknown config key(s) {unknown} for {name!r}; valid keys are:"
         f" {', '.join(valid)}.")
-  settings.update(config)
-  return cls(rngs=rngs, **settings)
+  settings = dict(available[default_preset if preset is None else preset],
+                  **config)
+  backbone_keys = _keywords(make_backbone)
+  backbone = make_backbone(**{k: settings.pop(k) for k in backbone_keys})
+  return cls(backbone, rngs=rngs, **settings)

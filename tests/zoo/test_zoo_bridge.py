@@ -13,6 +13,7 @@ from flax.core import FrozenDict
 from osgd_jax import anytime, zoo
 from osgd_jax.losses import per_exit_cross_entropy
 
+BACKBONE = zoo.dense_backbone(in_features=64)
 CONFIG = FrozenDict(stages=3, width=4, depth=1, norm="batch")
 
 
@@ -23,15 +24,15 @@ jit = functools.partial(
 
 
 def test_zoo_model_through_to_linen():
-  net = nnx.bridge.ToLinen(zoo.NestedDepthMLP, kwargs=CONFIG)
+  net = nnx.bridge.ToLinen(zoo.NestedDepthNet, args=(BACKBONE,), kwargs=CONFIG)
   x = jax.random.normal(jax.random.key(1), (4, 64))
   labels = jnp.arange(4)
   variables = jit(net.init)(jax.random.key(0), x)
   assert set(variables) == {"params", "batch_stats"}
   # Same parameters as the NNX model.
   count = sum(a.size for a in jax.tree.leaves(variables["params"]))
-  reference = nnx.eval_shape(lambda: zoo.NestedDepthMLP(rngs=nnx.Rngs(0),
-                                                        **CONFIG))
+  reference = nnx.eval_shape(lambda: zoo.NestedDepthNet(
+      BACKBONE, rngs=nnx.Rngs(0), **CONFIG))
   assert count == anytime.params_per_exit(reference)[-1]
 
   @jit

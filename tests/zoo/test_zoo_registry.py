@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +18,24 @@ NAMES = (
     "nested-depth-resnet", "nested-width-depth-mlp",
     "nested-width-depth-resnet", "nested-width-mlp", "nested-width-resnet",
 )
+FAMILIES = {
+    "branched": zoo.BranchedNet, "nested-width": zoo.NestedWidthNet,
+    "nested-depth": zoo.NestedDepthNet,
+    "nested-width-depth": zoo.NestedWidthDepthNet,
+}
+FAMILY_KEYS = ("stages", "width", "depth", "num_classes", "norm")
+# The defaults of the eight per-backbone constructors that the four family
+# classes replaced: `create(name)` without a preset must keep building them.
+OLD_DEFAULTS = {
+    "branched-resnet": dict(width=16, depth=2),
+    "nested-width-resnet": dict(width=8, depth=3),
+    "nested-depth-resnet": dict(width=16, depth=3),
+    "nested-width-depth-resnet": dict(width=8, depth=3),
+    "branched-mlp": dict(width=64, depth=1),
+    "nested-width-mlp": dict(width=16, depth=2),
+    "nested-depth-mlp": dict(width=64, depth=1),
+    "nested-width-depth-mlp": dict(width=16, depth=1),
+}
 
 
 def abstract(name: str, **config) -> zoo.AnytimeNet:
@@ -39,6 +57,7 @@ def preset_model(name: str, preset: str) -> zoo.AnytimeNet:
 
 
 def output_shape(model: zoo.AnytimeNet, shape) -> tuple[int, ...]:
+  """The shape of ``model.predict(x)`` (stacked exits), without computing."""
   graphdef, state = nnx.split(model)
   # predict: tracing BatchNorm's statistic updates is slow in flax 0.12.
   return jax.eval_shape(
@@ -55,30 +74,115 @@ def input_shape(name: str, preset: str) -> tuple[int, ...]:
 
 def test_names_lists_every_family_and_backbone():
   assert zoo.names() == NAMES
-  for name in NAMES:
-    assert issubclass(zoo.model_class(name), zoo.AnytimeNet)
-    assert set(zoo.config_keys(name)) >= {
-        "stages", "width", "depth", "num_classes", "norm"}
+  for family, cls in FAMILIES.items():
+    conv, dense = f"{family}-resnet", f"{family}-mlp"
+    assert zoo.model_class(conv) is zoo.model_class(dense) is cls
+    assert issubclass(cls, zoo.AnytimeNet)
+    assert zoo.config_keys(conv) == FAMILY_KEYS + ("in_channels",
+                                                   "downsamples")
+    assert zoo.config_keys(dense) == FAMILY_KEYS + ("in_features",)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_default_config_is_a_preset_for_32x32x3_or_64_inputs(name):
-  # Without config: conv models for 32x32x3 images, MLPs for 64 features,
-  # 10 classes and K=4 -- exactly the cifar / digits preset.
-  preset = default_preset(name)
-  signature = inspect.signature(zoo.model_class(name).__init__).parameters
-  defaults = {k: p.default for k, p in signature.items() if k != "rngs"
-              and p.default is not inspect.Parameter.empty}
-  assert defaults == dict(zoo.presets(name)[preset], norm="batch")
-  model = preset_model(name, preset)  # built by create(name, rngs=...)
-  assert model.num_exits == 4 and model.num_classes == 10
+def test_default_config_is_the_old_constructor_defaults(name):
+  # Built directly from the family class with the old defaults: the same
+  # graph (module types, widths, strides, backbone) and the same shapes.
+  conv = name.endswith("resnet")
+  backbone = (zoo.conv_backbone(in_channels=3, downsamples=2) if conv
+              else zoo.dense_backbone(in_features=64))
+  family = name.removesuffix("-resnet").removesuffix("-mlp")
+  expected = nnx.eval_shape(lambda: FAMILIES[family](
+      backbone, stages=4, num_classes=10, norm="batch", rngs=nnx.Rngs(0),
+      **OLD_DEFAULTS[name]))
+  model = preset_model(name, default_preset(name))  # create(name, rngs=...)
+  assert type(model) is FAMILIES[family]
+  assert model.backbone == backbone
+  assert nnx.graphdef(model) == nnx.graphdef(expected)
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+  assert shapes(model) == shapes(expected)
+  # And the defaults are this preset.
+  assert zoo.presets(name)[default_preset(name)] == dict(
+      OLD_DEFAULTS[name], stages=4, num_classes=10,
+      **(dict(in_channels=3, downsamples=2) if conv else
+         dict(in_features=64)))
+
+
+def exit_dependencies(exits, params, *args) -> tuple[list, np.ndarray]:
+  """Which stages' parameters each exit's logits read, from the dataflow.
+
+  Traces ``exits(params, *args) -> [logits_1, ..., logits_K]`` (no
+  compilation) and follows its jaxpr: an equation's outputs depend on every
+  input it reads, so ``depends[k, j] == False`` proves that exit k+1 reads
+  no parameter of stage j+1.
+
+  Args:
+    exits: the function to trace.
+    params: ``{"stages": {j: parameters of stage j+1}}`` (an ``nnx.State``
+      of a zoo model has this layout).
+    *args: the other arguments of ``exits`` (arrays or shapes).
+
+  Returns:
+    The exits' output avals and the ``(K, K)`` boolean dependency matrix.
+  """
+  closed = jax.make_jaxpr(exits)(params, *args)
+  stage_of = [path[1].key for path, _ in
+              jax.tree_util.tree_flatten_with_path(params)[0]]
+  num_stages = len(params["stages"])
+  depends = np.zeros((len(closed.jaxpr.outvars), num_stages), bool)
+  read = lambda v, tainted: not isinstance(v, jex.core.Literal) and (
+      v in tainted)
+  for j in range(num_stages):
+    tainted = {v for v, s in zip(closed.jaxpr.invars, stage_of) if s == j}
+    for eqn in closed.jaxpr.eqns:
+      if any(read(v, tainted) for v in eqn.invars):
+        tainted.update(eqn.outvars)
+    depends[:, j] = [read(v, tainted) for v in closed.jaxpr.outvars]
+  return closed.out_avals, depends
+
+
+def model_exits(model: zoo.AnytimeNet):
+  """``exits(params, rest, x)``: the K logits, the stages driven by hand."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def exits(params, rest, x):
+    # predict: tracing BatchNorm's statistic updates is slow in flax 0.12;
+    # the dataflow between stages is the same in both modes.
+    frozen = nnx.view(nnx.merge(graphdef, params, rest, copy=True),
+                      use_running_average=True, raise_if_not_found=False)
+    carry, logits = frozen.input_carry(x), []
+    for stage in frozen.stages:
+      carry, out = stage(carry)
+      logits.append(out)
+    return logits
+
+  return exits, params, rest
+
+
+def test_exit_dependencies_finds_a_read_of_a_later_stage():
+  # The dataflow check can fail: exit 1 reading stage 3 is seen, and so is
+  # exit 2 reading stage 1 through an op with a sub-jaxpr (jax.nn.relu).
+  def exits(params, x):
+    w = params["stages"]
+    return [x @ w[0] + w[2].sum(), jax.nn.relu(x @ w[0]) @ w[1],
+            jnp.tanh(x @ w[2])]
+
+  params = {"stages": {j: jnp.ones((3, 3)) for j in range(3)}}
+  _, depends = exit_dependencies(exits, params, jnp.ones((2, 3)))
+  np.testing.assert_array_equal(depends, [[1, 0, 1], [1, 1, 0], [0, 0, 1]])
 
 
 @pytest.mark.parametrize("preset", ["cifar", "digits"])
 @pytest.mark.parametrize("name", NAMES)
-def test_presets_fit_their_data(name, preset):
+def test_presets_fit_their_data_and_nest(name, preset):
   model = preset_model(name, preset)
-  assert output_shape(model, input_shape(name, preset)) == (4, 2, 10)
+  shape = input_shape(name, preset)
+  avals, depends = exit_dependencies(
+      *model_exits(model), jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert [a.shape for a in avals] == [(2, 10)] * 4
+  assert output_shape(model, shape) == (4, 2, 10)
+  # Exit k reads stages 1..k (all of them: each adds to exit k's path) and
+  # no later stage.
+  np.testing.assert_array_equal(depends, np.tril(np.ones((4, 4), bool)))
   counts = anytime.params_per_exit(model)
   assert np.all(np.diff(counts) > 0), counts
   if preset == "digits":  # small enough for a CPU run in minutes
@@ -144,8 +248,31 @@ def test_same_rngs_same_parameters(name):
     (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_features=0),
      "in_features must be an int >= 1"),
     (lambda: zoo.create("branched-mlp", rngs=0), "rngs must be a flax.nnx.Rngs"),
-    (lambda: zoo.NestedDepthResNet(norm="bn", rngs=nnx.Rngs(0)),
+    (lambda: zoo.NestedDepthNet(zoo.conv_backbone(3, 2), stages=2, width=2,
+                                depth=1, norm="bn", rngs=nnx.Rngs(0)),
      "Unknown norm 'bn'"),
+    (lambda: zoo.BranchedNet(zoo.dense_backbone(64), stages=0, width=2,
+                             depth=1, rngs=nnx.Rngs(0)),
+     "stages must be an int >= 1, got 0"),
+    (lambda: zoo.NestedWidthNet(zoo.dense_backbone(64), stages=2, width=2,
+                                depth=2, num_classes=-1, rngs=nnx.Rngs(0)),
+     "num_classes must be an int >= 1, got -1"),
+    (lambda: zoo.NestedWidthDepthNet("conv", stages=2, width=2, depth=1,
+                                     rngs=nnx.Rngs(0)),
+     r"backbone must be a zoo.Backbone, got str; pass e.g."
+     r" zoo.conv_backbone\(in_channels=3, downsamples=2\)"),
+    (lambda: zoo.conv_backbone(in_channels=0, downsamples=2),
+     "in_channels must be an int >= 1, got 0"),
+    (lambda: zoo.conv_backbone(in_channels=3, downsamples=1.0),
+     "downsamples must be an int >= 0, got 1.0"),
+    (lambda: zoo.dense_backbone(in_features=True),
+     "in_features must be an int >= 1, got True"),
+    (lambda: zoo.Backbone("rnn", 3), "Unknown backbone kind 'rnn'.*conv"),
+    (lambda: zoo.Backbone("conv", 0), "in_features must be an int >= 1"),
+    (lambda: zoo.Backbone("conv", 3, -1), "downsamples must be an int >= 0"),
+    (lambda: zoo.Backbone("dense", 64, 1),
+     "dense backbone has no resolution to halve, got downsamples=1; use"
+     " downsamples=0"),
 ])
 def test_bad_names_and_configs_raise_value_errors(call, match):
   with pytest.raises(ValueError, match=match):

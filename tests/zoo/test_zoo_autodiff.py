@@ -1,0 +1,146 @@
+"""Every zoo model is plain JAX: forward mode works and agrees with reverse
+mode and with a float64 central difference, and the gradient's lowered
+program holds no custom calls (no native kernels on any backend).
+
+The models are tiny and run BatchNorm in train mode (batch statistics), the
+way they are trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from osgd_jax import zoo
+
+TINY = dict(stages=3, width=2, depth=1, norm="batch")
+BATCH = 4
+# XLA:CPU's optimisation passes dominate the compile time of these tiny
+# programs.
+jit = functools.partial(
+    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def build(name: str) -> tuple[zoo.AnytimeNet, np.ndarray]:
+  conv = name.endswith("resnet")
+  fit = dict(in_channels=1, downsamples=1) if conv else dict(in_features=16)
+  model = zoo.create(name, rngs=nnx.Rngs(0), **TINY, **fit)
+  shape = (BATCH, 8, 8, 1) if conv else (BATCH, 16)
+  x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+  return model, x
+
+
+def logits_fn(model: zoo.AnytimeNet) -> tuple[Callable[..., jax.Array], Any,
+                                              Any]:
+  """``f(params, rest, x) -> (K, batch, classes)``, BatchNorm in train mode."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  f = lambda params, rest, x: nnx.merge(graphdef, params, rest, copy=True)(x)
+  return f, params, rest
+
+
+def like(tree: Any, seed: int) -> Any:
+  """Standard normal NumPy arrays shaped like the leaves of ``tree``."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda a: rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype),
+      tree)
+
+
+def tree_vdot(a: Any, b: Any) -> float:
+  return sum(np.vdot(np.float64(x), np.float64(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def tree_norm(a: Any) -> float:
+  return np.sqrt(tree_vdot(a, a))
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_jvp_agrees_with_vjp(name):
+  """The dot-product test ``<v, J t> == <Jᵀ v, t>``, for the parameters and
+  for the input, with ``J t`` from ``jax.jvp`` and ``Jᵀ v`` from
+  ``jax.vjp``."""
+  model, x = build(name)
+  f, params, rest = logits_fn(model)
+  t_params, t_x = like(params, 2), like(x, 3)
+  v = like(np.zeros((3, BATCH, 10), np.float32), 4)
+
+  @jit
+  def run(params, x, t_params, t_x, v):
+    _, jt_params = jax.jvp(lambda p: f(p, rest, x), (params,), (t_params,))
+    _, jt_x = jax.jvp(lambda x: f(params, rest, x), (x,), (t_x,))
+    _, vjp = jax.vjp(lambda p, x: f(p, rest, x), params, x)
+    return jt_params, jt_x, vjp(v)
+
+  jt_params, jt_x, (vt_params, vt_x) = jax.device_get(
+      run(params, x, t_params, t_x, v))
+  for jt, vt, t in ((jt_params, vt_params, t_params), (jt_x, vt_x, t_x)):
+    # Every exit moves in the direction t (forward mode reached it).
+    assert np.all(np.abs(jt).max(axis=(1, 2)) > 0)
+    # Float32 rounding, relative to the Cauchy-Schwarz bound of both sides.
+    bound = max(np.linalg.norm(v) * tree_norm(jt),
+                tree_norm(vt) * tree_norm(t))
+    assert abs(tree_vdot(v, jt) - tree_vdot(vt, t)) <= 1e-6 * bound, name
+
+
+@pytest.mark.parametrize("name", ["nested-width-resnet", "nested-depth-mlp"])
+def test_jvp_equals_a_float64_central_difference(name):
+  model, x = build(name)
+  f, params, rest = logits_fn(model)
+  with jax.enable_x64(True):
+    # jnp arrays: BatchNorm writes its statistics into (copies of) `rest`.
+    to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+    params, rest, x = to64(params), to64(rest), to64(x)
+    t_params, t_x = like(params, 2), like(x, 3)
+    eps = 1e-6
+
+    @jit
+    def run(params, x, t_params, t_x):
+      step = lambda s: f(jax.tree.map(lambda p, t: p + s * t, params,
+                                      t_params), rest, x + s * t_x)
+      out, jt = jax.jvp(lambda p, x: f(p, rest, x), (params, x),
+                        (t_params, t_x))
+      return out, jt, (step(eps) - step(-eps)) / (2 * eps)
+
+    out, jt, difference = jax.device_get(run(params, x, t_params, t_x))
+  assert out.dtype == jt.dtype == np.float64
+  assert np.all(np.abs(jt).max(axis=(1, 2)) > 0)
+  np.testing.assert_allclose(jt, difference, rtol=1e-6,
+                             atol=1e-7 * np.abs(jt).max())
+
+
+def lowered_gradient(name: str) -> str:
+  """StableHLO text of the gradient of the zoo model's summed exit losses."""
+  model, x = build(name)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  labels = jnp.arange(BATCH) % 10
+  loss_fn = zoo.per_exit_loss_fn(graphdef)
+
+  def total_loss(params, rest, x, labels):
+    losses, new_rest = loss_fn(params, rest, x, labels)
+    return losses.sum(), new_rest
+
+  grad = jax.grad(total_loss, has_aux=True)
+  return jax.jit(grad).lower(params, rest, x, labels).as_text()
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_gradient_program_has_no_custom_calls(name):
+  text = lowered_gradient(name)
+  op = "stablehlo.convolution" if name.endswith("resnet") else (
+      "stablehlo.dot_general")
+  assert op in text  # the layers are in the program
+  assert "custom_call" not in text
+
+
+def test_a_custom_call_in_a_lowered_program_is_found():
+  # The check above can fail: a LAPACK (CPU) or cuSOLVER (GPU) call is a
+  # custom call in the lowered text.
+  text = jax.jit(jnp.linalg.cholesky).lower(jnp.eye(3)).as_text()
+  assert "custom_call" in text
