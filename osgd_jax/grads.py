@@ -35,9 +35,9 @@ from typing import Any, Callable
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.extend.core import Literal
+
+from osgd_jax.dataflow import check_exit_dependencies
 
 __all__ = ["staged_value_and_per_exit_grads", "value_and_per_exit_grads",
            "ROWS"]
@@ -152,227 +152,6 @@ def value_and_per_exit_grads(
 # ----------------------------------------------------------------------------
 # The staged (anytime) Jacobian.
 # ----------------------------------------------------------------------------
-
-# Primitives that act element by element (operands of the output's shape, or
-# scalars): row i of the output reads row i of every operand.
-_ELEMENTWISE = frozenset({
-    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2",
-    "atanh", "cbrt", "ceil", "clamp", "convert_element_type", "copy",
-    "copy_p", "cos", "cosh", "div", "eq", "erf", "erf_inv", "erfc", "exp",
-    "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow", "is_finite",
-    "le", "lgamma", "digamma", "log", "log1p", "logistic", "lt", "max",
-    "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real",
-    "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin",
-    "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor",
-})
-_REDUCTIONS = frozenset({
-    "argmax", "argmin", "reduce_and", "reduce_max", "reduce_min",
-    "reduce_or", "reduce_prod", "reduce_sum", "reduce_xor",
-})
-_CUMULATIVE = frozenset({"cumlogsumexp", "cummax", "cummin", "cumprod",
-                         "cumsum"})
-_SCATTERS = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul",
-                       "scatter_mul", "scatter-min", "scatter_min",
-                       "scatter-max", "scatter_max", "dynamic_update_slice"})
-# Calls whose body has the call's inputs and outputs: followed exactly.
-# custom_jvp_call is followed through its primal body, assuming (as every
-# library rule does) that the custom derivative reads what the primal reads.
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
-          "custom_jvp_call": "call_jaxpr"}
-
-_NONE: frozenset = frozenset()
-
-
-def _total(dep: Any) -> frozenset:
-  return dep if isinstance(dep, frozenset) else _NONE.union(*dep)
-
-
-def _rows_of(dep: Any, aval: Any, n: int) -> tuple:
-  """``dep`` as ``n`` row sets (aligned if it tracks a leading axis of n)."""
-  if isinstance(dep, tuple) and aval.shape and aval.shape[0] == n:
-    return dep
-  return (_total(dep),) * n
-
-
-def _union_rows(parts: list[tuple]) -> tuple:
-  return tuple(_NONE.union(*row) for row in zip(*parts))
-
-
-def _scattered_rows(eqn: Any, ins: list[Any], n: int,
-                    consts: dict[Any, Any]) -> tuple:
-  """Rows of a scatter's output: the operand's, plus the updates' where hit.
-
-  Only rows that a constant index names (``losses.at[2].add(...)``) get the
-  updates' dependencies; any other index may hit every row.
-  """
-  rows = _rows_of(ins[0], eqn.invars[0].aval, n)
-  updates = _total(ins[1] if eqn.primitive.name == "dynamic_update_slice"
-                   else ins[2])
-  hit = range(n)
-  index = consts.get(eqn.invars[1]) if len(eqn.invars) > 1 else None
-  dn = eqn.params.get("dimension_numbers")
-  if (index is not None and dn is not None
-      and tuple(dn.scatter_dims_to_operand_dims) == (0,)
-      and 0 in dn.inserted_window_dims and not dn.operand_batching_dims):
-    named = {int(i) for i in np.ravel(index)}
-    # An index out of range may be clipped to any edge row: keep them all.
-    hit = named if named <= set(range(n)) else hit
-  return tuple(r | updates if i in hit else r for i, r in enumerate(rows))
-
-
-def _row_rule(eqn: Any, ins: list[Any], n: int,
-              consts: dict[Any, Any]) -> tuple | None:
-  """Per-row dependencies of the output of ``eqn`` (leading axis of size n).
-
-  Returns ``None`` where the rule does not know how the output's leading
-  axis relates to its inputs'; the caller then falls back to the union.
-  """
-  name, p = eqn.primitive.name, eqn.params
-  avals = [v.aval for v in eqn.invars]
-  rows = ins[0] if ins and isinstance(ins[0], tuple) else None
-  if name in _SCATTERS:
-    return _scattered_rows(eqn, ins, n, consts)
-
-  def elementwise():
-    return _union_rows([_rows_of(d, a, n) for d, a in zip(ins, avals)])
-
-  if name in _ELEMENTWISE:
-    return elementwise()
-  if name == "stack":
-    if p["axis"] == 0:
-      return tuple(_total(d) for d in ins)
-    return elementwise()
-  if name == "concatenate":
-    if p["dimension"] != 0:
-      return elementwise()
-    return tuple(r for d, a in zip(ins, avals)
-                 for r in _rows_of(d, a, a.shape[0]))
-  if rows is None:
-    return None
-  lead = avals[0].shape[0]
-  if name == "broadcast_in_dim":
-    if p["broadcast_dimensions"][:1] == (0,):
-      return rows if lead == n else rows * n if lead == 1 else None
-    return None
-  if name == "reshape":
-    return rows if p.get("dimensions") is None and lead == n else None
-  if name == "squeeze":
-    return rows if 0 not in p["dimensions"] else None
-  if name == "transpose":
-    return rows if p["permutation"][0] == 0 else None
-  if name == "slice":
-    strides = p["strides"] or (1,) * len(p["start_indices"])
-    return rows[p["start_indices"][0]:p["limit_indices"][0]:strides[0]]
-  if name == "dynamic_slice":
-    return rows if p["slice_sizes"][0] == lead else None
-  if name in _REDUCTIONS:
-    return rows if 0 not in p["axes"] else None
-  if name in _CUMULATIVE:
-    return rows if p["axis"] != 0 else None
-  if name == "gather":
-    dn = p["dimension_numbers"]
-    if 0 in dn.offset_dims:
-      # Output axis 0 is the operand's first sliced axis: aligned when that
-      # is axis 0, taken whole.
-      first = next(i for i in range(len(avals[0].shape))
-                   if i not in dn.collapsed_slice_dims
-                   and i not in dn.operand_batching_dims)
-      if first == 0 and 0 not in dn.start_index_map and (
-          p["slice_sizes"][0] == lead):
-        return rows
-      return None
-    # Output axis 0 is the indices' axis 0; aligned if it batches axis 0.
-    if 0 in dn.operand_batching_dims:
-      q = dn.operand_batching_dims.index(0)
-      if dn.start_indices_batching_dims[q] == 0:
-        return rows
-    return None
-  if name == "dot_general":
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
-    if lb:
-      if lb[0] != 0:
-        return None
-      rhs = ins[1] if rb[0] == 0 else _total(ins[1])
-      return _union_rows([rows, _rows_of(rhs, avals[1], n)])
-    if 0 in lc:
-      return None
-    return _union_rows([rows, (_total(ins[1]),) * n])
-  return None
-
-
-def _body_of(eqn: Any) -> Any:
-  """The jaxpr a call runs, if its inputs and outputs are the call's."""
-  body = eqn.params.get(_CALLS[eqn.primitive.name])
-  body = getattr(body, "jaxpr", body)
-  if (body is None or len(getattr(body, "invars", ())) != len(eqn.invars)
-      or len(body.outvars) != len(eqn.outvars)):
-    return None
-  return body
-
-
-def _dataflow(jaxpr: Any, in_deps: list[Any]) -> list[Any]:
-  """Which exits' logits each output of ``jaxpr`` depends on, differentiably.
-
-  A dependency is a frozenset of exit indices (the whole array depends on
-  them) or a tuple of frozensets, one per row of the array's leading axis.
-  Integer and boolean values carry no gradient, so they depend on nothing;
-  neither does the output of ``stop_gradient``. Anything without a rule
-  depends on the union of its inputs: the analysis may over-report a
-  dependency but never misses one.
-  """
-  env: dict[Any, Any] = {}
-  read = lambda v: _NONE if isinstance(v, Literal) else env.get(v, _NONE)
-  # Integer constants broadcast from literals: the ``2`` of ``.at[2]``.
-  consts: dict[Any, Any] = {}
-  for var, dep in zip(jaxpr.invars, in_deps):
-    env[var] = dep
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if (name == "broadcast_in_dim" and isinstance(eqn.invars[0], Literal)
-        and np.ndim(eqn.invars[0].val) == 0):
-      consts[eqn.outvars[0]] = np.full(eqn.params["shape"],
-                                       eqn.invars[0].val)
-    if not any(_total(d) for d in ins) or name == "stop_gradient":
-      outs = [_NONE] * len(eqn.outvars)
-    elif name in _CALLS and _body_of(eqn) is not None:
-      outs = _dataflow(_body_of(eqn), ins)
-    else:
-      out_aval = eqn.outvars[0].aval
-      rule = None
-      if len(eqn.outvars) == 1 and getattr(out_aval, "shape", ()):
-        rule = _row_rule(eqn, ins, out_aval.shape[0], consts)
-      outs = [rule] if rule is not None else (
-          [_NONE.union(*map(_total, ins))] * len(eqn.outvars))
-    for var, dep in zip(eqn.outvars, outs):
-      if not jnp.issubdtype(getattr(var.aval, "dtype", jnp.int32),
-                            jnp.inexact):
-        dep = _NONE
-      env[var] = dep
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _check_exit_dependencies(closed_jaxpr: Any, num_exits: int,
-                             fn_name: str) -> None:
-  """Raises if some exit's loss reads (differentiably) a later exit's logits."""
-  (losses,) = _dataflow(closed_jaxpr.jaxpr,
-                        [frozenset({j}) for j in range(num_exits)])[:1]
-  deps = _rows_of(losses, closed_jaxpr.jaxpr.outvars[0].aval, num_exits)
-  bad = [(k, sorted(j for j in dep if j > k)) for k, dep in enumerate(deps)]
-  bad = [(k, later) for k, later in bad if later]
-  if bad:
-    details = "; ".join(
-        f"exit {k + 1} reads exit(s) {', '.join(str(j + 1) for j in later)}"
-        for k, later in bad)
-    raise ValueError(
-        f"{fn_name}: the loss of an exit depends on the logits of a later"
-        f" exit ({details}). The staged Jacobian runs exit k's backward pass"
-        " through stages 1..k only, so it cannot follow that dependency."
-        " Use osgd_jax.value_and_per_exit_grads, or wrap the later logits in"
-        " jax.lax.stop_gradient. (The check follows the loss's jaxpr and"
-        " may over-report through operations it has no rule for.)")
-
 
 def _split_floats(tree: Any) -> tuple[list[Any], list[Any], Any]:
   """Splits a carry into its differentiable leaves and the rest."""
@@ -605,7 +384,7 @@ def staged_value_and_per_exit_grads(
       raise ValueError(
           f"{fn_name} returned {loss_shape.shape[0]} losses but the model has"
           f" {num_exits} exits; return one loss per exit.")
-    _check_exit_dependencies(closed, num_exits, fn_name)
+    check_exit_dependencies(closed, num_exits, fn_name)
     out_tree = jax.tree.structure(out_shape)
     loss_from_jaxpr = jax.extend.core.jaxpr_as_fun(closed)
 
