@@ -7,6 +7,8 @@ comparison compiles the paths it compares as one function, cheaply
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from flax import nnx
 import osgd_jax
 from osgd_jax import zoo
 from osgd_jax.losses import per_exit_cross_entropy
+from osgd_jax.staged import ROWS
 from tiny_anytime import WEIGHTS
 from tiny_anytime import compile_cheaply
 from tiny_anytime import tiny_net
@@ -216,3 +219,122 @@ def test_variables_shared_between_stages_are_refused():
   with pytest.raises(ValueError, match="stage 3 does not own exactly"):
     _trace(graphdef, per_exit_cross_entropy, (params, rest) + args[2:])
 
+
+def test_model_without_stages_is_refused():
+  model, _, args = _abstract()
+  model.stages = nnx.List([])
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  with pytest.raises(ValueError, match="the model has no stages"):
+    _trace(graphdef, per_exit_cross_entropy, (params, rest) + args[2:])
+
+
+def test_parameters_outside_the_stages_are_refused():
+  model, _, args = _abstract()
+  model.extra = nnx.Param(jnp.zeros(2))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  with pytest.raises(ValueError, match=r"parameters outside model.stages"
+                     r" \(\['extra'\]\) would get no gradient"):
+    _trace(graphdef, per_exit_cross_entropy, (params, rest) + args[2:])
+
+
+def test_state_shared_between_stages_is_refused():
+  model, _, args = _abstract()
+  shared = nnx.BatchStat(jnp.zeros(2))  # a statistic, not a parameter
+  model.stages[1].shared, model.stages[2].shared = shared, shared
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  with pytest.raises(ValueError,
+                     match="stage 3 does not own exactly its own state"):
+    _trace(graphdef, per_exit_cross_entropy, (params, rest) + args[2:])
+
+
+def _leaves_equal(a, b, exact, err_msg=""):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(x, y, err_msg=err_msg)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=err_msg)
+
+
+def test_auto_rows_equal_looped_and_batched():
+  # A conv family: the two forms differ most for convolution gradients.
+  model, x, y = tiny_net("branched-resnet")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forms = {rows: osgd_jax.staged_value_and_per_exit_grads(
+      graphdef, _loss, has_aux=True, rows=rows) for rows in ROWS}
+  every_form = compile_cheaply(
+      lambda *args: {rows: fn(*args) for rows, fn in forms.items()},
+      params, rest, x, y)
+  results = jax.device_get(every_form(params, rest, x, y))
+  assert jax.default_backend() == "cpu"
+  # On CPU "auto" is the looped program, so it gives the same bits.
+  _leaves_equal(results["auto"], results["looped"], exact=True)
+  _leaves_equal(results["auto"], results["batched"], exact=False)
+
+
+# What JAX itself may emit as custom calls to place shardings; no other
+# target (a native kernel, a vendor library) may appear in the export.
+_SHARDING_TARGETS = {"Sharding", "SPMDFullToShardShape",
+                     "SPMDShardToFullShape"}
+
+
+def _custom_call_targets(mlir_text):
+  """The target of every custom_call in ``mlir_text``, "" where unreadable."""
+  targets = []
+  for line in mlir_text.splitlines():
+    if "custom_call" in line:
+      match = (re.search(r"custom_call\s*@([\w.$-]+)", line)
+               or re.search(r'call_target_name\s*=\s*"([^"]*)"', line))
+      targets.append(match.group(1) if match else "")
+  return targets
+
+
+def test_custom_call_targets_are_read():
+  # Guards the export test below against passing because it reads nothing.
+  text = ('%0 = stablehlo.custom_call @Sharding(%arg0)\n'
+          '%1 = "stablehlo.custom_call"(%0) {call_target_name = "lapack"}\n'
+          '%2 = stablehlo.custom_call(%1)\n')
+  assert _custom_call_targets(text) == ["Sharding", "lapack", ""]
+
+
+def test_export_for_cpu_gpu_and_tpu_from_a_cpu_host():
+  # rows="auto" stages both forms; the platform picks one when it lowers,
+  # so a CPU host can export for accelerators it does not have.
+  model, x, y = tiny_net("nested-depth-resnet")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  jitted = jax.jit(osgd_jax.staged_value_and_per_exit_grads(
+      graphdef, _loss, has_aux=True))
+  platforms = ("cpu", "cuda", "tpu")
+  exported = jax.export.export(jitted, platforms=platforms)(
+      params, rest, x, y)
+  assert exported.platforms == platforms
+  # Pure JAX: nothing but what JAX emits for sharding (today: nothing).
+  targets = _custom_call_targets(exported.mlir_module())
+  assert set(targets) <= _SHARDING_TARGETS, targets
+
+  both = compile_cheaply(lambda *args: (exported.call(*args), jitted(*args)),
+                         params, rest, x, y)
+  from_export, from_jit = jax.device_get(both(params, rest, x, y))
+  _leaves_equal(from_export, from_jit, exact=False)
+
+
+def _convolutions(jitted, args, platform):
+  lowered = jitted.trace(*args).lower(lowering_platforms=(platform,))
+  return lowered.as_text().count("stablehlo.convolution")
+
+
+def test_auto_rows_are_chosen_per_platform_when_lowered():
+  # One trace of rows="auto" lowers to the looped program for CPU and the
+  # batched one for GPU and TPU: the forms differ in how many convolutions
+  # run (one set per exit, or one vmapped set per stage).
+  model, x, y = tiny_net("nested-depth-resnet")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  args = (params, rest, x, y)
+  jitted = {rows: jax.jit(osgd_jax.staged_value_and_per_exit_grads(
+      graphdef, per_exit_cross_entropy, rows=rows)) for rows in ROWS}
+  looped = _convolutions(jitted["looped"], args, "cpu")
+  batched = _convolutions(jitted["batched"], args, "cpu")
+  assert looped != batched
+  assert _convolutions(jitted["auto"], args, "cpu") == looped
+  assert _convolutions(jitted["auto"], args, "cuda") == batched
+  assert _convolutions(jitted["auto"], args, "tpu") == batched
