@@ -55,7 +55,7 @@ def _stage_rows(grads, stage):
 
 # Each family runs one way of driving a stage's rows; each way meets conv
 # and dense families, nested and branched ones.
-_ROWS = {"branched-mlp": "batched", "branched-resnet": "looped",
+_FAMILY_ROWS = {"branched-mlp": "batched", "branched-resnet": "looped",
          "nested-depth-mlp": "looped", "nested-depth-resnet": "batched",
          "nested-width-mlp": "batched", "nested-width-resnet": "looped",
          "nested-width-depth-mlp": "looped",
@@ -65,10 +65,10 @@ _ROWS = {"branched-mlp": "batched", "branched-resnet": "looped",
 @pytest.mark.parametrize("name", zoo.names())
 def test_staged_equals_vmap_on_every_family(name):
   # One family runs in float64, where the paths must agree to double
-  # precision; the train-step test below covers it in float32.
+  # precision; the training-step test covers it in float32.
   x64 = name == "branched-mlp"
   with jax.enable_x64(x64):
-    _check_family(name, x64, _ROWS[name])
+    _check_family(name, x64, _FAMILY_ROWS[name])
 
 
 def test_rows_option_is_checked():
@@ -266,10 +266,13 @@ def test_auto_rows_equal_looped_and_batched():
       lambda *args: {rows: fn(*args) for rows, fn in forms.items()},
       params, rest, x, y)
   results = jax.device_get(every_form(params, rest, x, y))
-  assert jax.default_backend() == "cpu"
-  # On CPU "auto" is the looped program, so it gives the same bits.
-  _leaves_equal(results["auto"], results["looped"], exact=True)
-  _leaves_equal(results["auto"], results["batched"], exact=False)
+  # "auto" is the looped program on CPU, so it gives the looped form's bits
+  # there (an accelerator's convolutions need not be deterministic, and it
+  # runs the batched form), and the other form's values to rounding.
+  on_cpu = jax.default_backend() == "cpu"
+  chosen, other = ("looped", "batched") if on_cpu else ("batched", "looped")
+  _leaves_equal(results["auto"], results[chosen], exact=on_cpu)
+  _leaves_equal(results["auto"], results[other], exact=False)
 
 
 # What JAX itself may emit as custom calls to place shardings; no other
