@@ -18,9 +18,9 @@ from osgd_jax.aggregators import mgda
 from osgd_jax.aggregators import pcgrad
 from osgd_jax.aggregators import upgrad
 from osgd_jax.aggregators import weighted_sum
-from osgd_jax.grads import staged_value_and_per_exit_grads
 from osgd_jax.grads import value_and_per_exit_grads
 from osgd_jax.losses import per_exit_cross_entropy
+from osgd_jax.staged import staged_value_and_per_exit_grads
 from osgd_jax.transform import OsgdState
 from osgd_jax.transform import osgd
 from osgd_jax.transform import osgd_sgd

@@ -2,29 +2,19 @@
 
 An anytime network with K exits has a loss *vector* ``(l_1, ..., l_K)``. OSGD
 needs the gradient of every component separately, i.e. the rows of the
-Jacobian of that vector with respect to the parameters. Two ways compute them:
+Jacobian of that vector with respect to the parameters.
 
-* :func:`value_and_per_exit_grads` works for any ``loss_fn(params, *args)``.
-  Reverse mode gives row k as the VJP with the one-hot cotangent ``e_k``;
-  vmapping the VJP over the rows of the identity computes all K rows from a
-  single forward pass, with the backward passes batched by XLA. Each of the
-  K backward passes runs through the whole network.
-* :func:`staged_value_and_per_exit_grads` is the *anytime* (staged) Jacobian
-  of a zoo :class:`~osgd_jax.zoo.AnytimeNet`. Exit k depends only on stages
-  1..k, so row k needs a backward pass through those stages only. The
-  forward runs stage by stage and keeps each stage's VJP; the backward walks
-  the stages from last to first and runs stage j's VJP for exits j..K only.
-  With ``c_j`` the backward cost of stage j, that is
-  ``sum_k (c_1 + ... + c_k)`` instead of ``K * (c_1 + ... + c_K)``: for K
-  stages of equal cost, about half the backward work, and no multiplication
-  of cotangents that are known to be zero.
+:func:`value_and_per_exit_grads` computes them for any
+``loss_fn(params, *args)``. Reverse mode gives row k as the VJP with the
+one-hot cotangent ``e_k``; vmapping the VJP over the rows of the identity
+computes all K rows from a single forward pass, with the K backward passes
+batched by XLA. Each of those passes runs through the whole network; for a
+zoo :class:`~osgd_jax.zoo.AnytimeNet`,
+:func:`~osgd_jax.staged.staged_value_and_per_exit_grads` runs exit k's only
+through the stages that exit reads.
 
-How the rows of one stage's VJP run is a backend choice (``rows``):
-``"batched"`` vmaps them, which accelerators turn into larger, faster
-kernels; ``"looped"`` traces one VJP per row. On XLA:CPU the whole OSGD
-step of the zoo's ResNets runs 1.4–1.5× faster with the rows looped
-(``benchmarks/bench_step.py``), so ``"auto"`` loops on CPU and batches
-elsewhere.
+The checks of what a loss function returns, which both share, are here too:
+:func:`check_loss_vector` and :func:`check_aux_pair`.
 """
 
 from __future__ import annotations
@@ -33,27 +23,33 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.extend
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from jax.extend.core import Literal
 
-__all__ = ["staged_value_and_per_exit_grads", "value_and_per_exit_grads",
-           "ROWS"]
-
-# How the per-exit rows of one stage's VJP run; see the module docstring.
-ROWS = ("auto", "batched", "looped")
+__all__ = ["check_aux_pair", "check_loss_vector", "value_and_per_exit_grads"]
 
 
-def _check_rows(rows: str) -> str:
-  if rows not in ROWS:
-    raise ValueError(f"rows must be one of {ROWS}, got {rows!r}.")
-  return rows
+def check_loss_vector(losses: Any, fn_name: str) -> None:
+  """Raises unless ``losses`` is a non-empty 1-D floating-point vector.
 
+  Args:
+    losses: what a loss function returned as its per-exit losses: an array
+      or anything with ``shape`` and ``dtype`` (e.g. a
+      ``jax.ShapeDtypeStruct``).
+    fn_name: the loss function's name, for the error message.
 
-def _check_loss_vector(losses: Any, fn_name: str) -> None:
-  """Raises a ``ValueError`` unless ``losses`` is a non-empty 1-D float vector."""
+  Raises:
+    ValueError: if ``losses`` has no shape or dtype, is not 1-D, is empty, or
+      is not floating-point; the message says how to fix the loss function.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from osgd_jax import grads
+    >>> grads.check_loss_vector(jnp.zeros(3), "loss_fn")  # fine: returns None
+    >>> grads.check_loss_vector(jnp.zeros(()), "loss_fn")
+    Traceback (most recent call last):
+    ...
+    ValueError: loss_fn must return a 1-D vector ... returned shape (). ...
+  """
   shape = getattr(losses, "shape", None)
   dtype = getattr(losses, "dtype", None)
   if shape is None or dtype is None:
@@ -86,6 +82,35 @@ def _check_loss_vector(losses: Any, fn_name: str) -> None:
     )
 
 
+def check_aux_pair(out: Any, fn_name: str) -> tuple[Any, Any]:
+  """Returns ``out``, a loss function's ``(losses, aux)``, or raises.
+
+  Args:
+    out: what a loss function called with ``has_aux=True`` returned.
+    fn_name: the loss function's name, for the error message.
+
+  Returns:
+    ``out`` itself, once it is known to be a pair.
+
+  Raises:
+    ValueError: if ``out`` is not a tuple of two elements.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from osgd_jax import grads
+    >>> losses, aux = grads.check_aux_pair((jnp.zeros(2), {}), "loss_fn")
+    >>> grads.check_aux_pair([jnp.zeros(2), {}], "loss_fn")
+    Traceback (most recent call last):
+    ...
+    ValueError: With has_aux=True, loss_fn must return a pair ... returned list.
+  """
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise ValueError(
+        f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
+        f" but it returned {type(out).__name__}.")
+  return out
+
+
 def value_and_per_exit_grads(
     loss_fn: Callable[..., Any],
     has_aux: bool = False,
@@ -109,7 +134,7 @@ def value_and_per_exit_grads(
 
   Raises:
     ValueError: at trace time, if ``loss_fn`` does not return a non-empty 1-D
-      floating-point vector.
+      floating-point vector, or (with ``has_aux``) not a pair.
 
   Example:
     >>> import jax.numpy as jnp
@@ -125,519 +150,18 @@ def value_and_per_exit_grads(
 
   @functools.wraps(loss_fn)
   def value_and_grads(params, *args):
-    closed = lambda p: loss_fn(p, *args)
     if has_aux:
-      def checked(p):
-        # Checked inside the one trace that jax.vjp makes of loss_fn.
-        out = closed(p)
-        if not (isinstance(out, tuple) and len(out) == 2):
-          raise ValueError(
-              f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
-              f" but it returned {type(out).__name__}."
-          )
-        return out
-      losses, vjp_fn, aux = jax.vjp(checked, params, has_aux=True)
+      # Checked inside the one trace that jax.vjp makes of loss_fn.
+      losses, vjp_fn, aux = jax.vjp(
+          lambda p: check_aux_pair(loss_fn(p, *args), fn_name), params,
+          has_aux=True)
     else:
-      losses, vjp_fn = jax.vjp(closed, params)
-    _check_loss_vector(losses, fn_name)
+      losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, *args), params)
+    check_loss_vector(losses, fn_name)
     cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
     (grads,) = jax.vmap(vjp_fn)(cotangents)
     if has_aux:
       return (losses, aux), grads
     return losses, grads
-
-  return value_and_grads
-
-
-# ----------------------------------------------------------------------------
-# The staged (anytime) Jacobian.
-# ----------------------------------------------------------------------------
-
-# Primitives that act element by element (operands of the output's shape, or
-# scalars): row i of the output reads row i of every operand.
-_ELEMENTWISE = frozenset({
-    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2",
-    "atanh", "cbrt", "ceil", "clamp", "convert_element_type", "copy",
-    "copy_p", "cos", "cosh", "div", "eq", "erf", "erf_inv", "erfc", "exp",
-    "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow", "is_finite",
-    "le", "lgamma", "digamma", "log", "log1p", "logistic", "lt", "max",
-    "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real",
-    "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin",
-    "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor",
-})
-_REDUCTIONS = frozenset({
-    "argmax", "argmin", "reduce_and", "reduce_max", "reduce_min",
-    "reduce_or", "reduce_prod", "reduce_sum", "reduce_xor",
-})
-_CUMULATIVE = frozenset({"cumlogsumexp", "cummax", "cummin", "cumprod",
-                         "cumsum"})
-_SCATTERS = frozenset({"scatter", "scatter-add", "scatter_add", "scatter-mul",
-                       "scatter_mul", "scatter-min", "scatter_min",
-                       "scatter-max", "scatter_max", "dynamic_update_slice"})
-# Calls whose body has the call's inputs and outputs: followed exactly.
-# custom_jvp_call is followed through its primal body, assuming (as every
-# library rule does) that the custom derivative reads what the primal reads.
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
-          "custom_jvp_call": "call_jaxpr"}
-
-_NONE: frozenset = frozenset()
-
-
-def _total(dep: Any) -> frozenset:
-  return dep if isinstance(dep, frozenset) else _NONE.union(*dep)
-
-
-def _rows_of(dep: Any, aval: Any, n: int) -> tuple:
-  """``dep`` as ``n`` row sets (aligned if it tracks a leading axis of n)."""
-  if isinstance(dep, tuple) and aval.shape and aval.shape[0] == n:
-    return dep
-  return (_total(dep),) * n
-
-
-def _union_rows(parts: list[tuple]) -> tuple:
-  return tuple(_NONE.union(*row) for row in zip(*parts))
-
-
-def _scattered_rows(eqn: Any, ins: list[Any], n: int,
-                    consts: dict[Any, Any]) -> tuple:
-  """Rows of a scatter's output: the operand's, plus the updates' where hit.
-
-  Only rows that a constant index names (``losses.at[2].add(...)``) get the
-  updates' dependencies; any other index may hit every row.
-  """
-  rows = _rows_of(ins[0], eqn.invars[0].aval, n)
-  updates = _total(ins[1] if eqn.primitive.name == "dynamic_update_slice"
-                   else ins[2])
-  hit = range(n)
-  index = consts.get(eqn.invars[1]) if len(eqn.invars) > 1 else None
-  dn = eqn.params.get("dimension_numbers")
-  if (index is not None and dn is not None
-      and tuple(dn.scatter_dims_to_operand_dims) == (0,)
-      and 0 in dn.inserted_window_dims and not dn.operand_batching_dims):
-    named = {int(i) for i in np.ravel(index)}
-    # An index out of range may be clipped to any edge row: keep them all.
-    hit = named if named <= set(range(n)) else hit
-  return tuple(r | updates if i in hit else r for i, r in enumerate(rows))
-
-
-def _row_rule(eqn: Any, ins: list[Any], n: int,
-              consts: dict[Any, Any]) -> tuple | None:
-  """Per-row dependencies of the output of ``eqn`` (leading axis of size n).
-
-  Returns ``None`` where the rule does not know how the output's leading
-  axis relates to its inputs'; the caller then falls back to the union.
-  """
-  name, p = eqn.primitive.name, eqn.params
-  avals = [v.aval for v in eqn.invars]
-  rows = ins[0] if ins and isinstance(ins[0], tuple) else None
-  if name in _SCATTERS:
-    return _scattered_rows(eqn, ins, n, consts)
-
-  def elementwise():
-    return _union_rows([_rows_of(d, a, n) for d, a in zip(ins, avals)])
-
-  if name in _ELEMENTWISE:
-    return elementwise()
-  if name == "stack":
-    if p["axis"] == 0:
-      return tuple(_total(d) for d in ins)
-    return elementwise()
-  if name == "concatenate":
-    if p["dimension"] != 0:
-      return elementwise()
-    return tuple(r for d, a in zip(ins, avals)
-                 for r in _rows_of(d, a, a.shape[0]))
-  if rows is None:
-    return None
-  lead = avals[0].shape[0]
-  if name == "broadcast_in_dim":
-    if p["broadcast_dimensions"][:1] == (0,):
-      return rows if lead == n else rows * n if lead == 1 else None
-    return None
-  if name == "reshape":
-    return rows if p.get("dimensions") is None and lead == n else None
-  if name == "squeeze":
-    return rows if 0 not in p["dimensions"] else None
-  if name == "transpose":
-    return rows if p["permutation"][0] == 0 else None
-  if name == "slice":
-    strides = p["strides"] or (1,) * len(p["start_indices"])
-    return rows[p["start_indices"][0]:p["limit_indices"][0]:strides[0]]
-  if name == "dynamic_slice":
-    return rows if p["slice_sizes"][0] == lead else None
-  if name in _REDUCTIONS:
-    return rows if 0 not in p["axes"] else None
-  if name in _CUMULATIVE:
-    return rows if p["axis"] != 0 else None
-  if name == "gather":
-    dn = p["dimension_numbers"]
-    if 0 in dn.offset_dims:
-      # Output axis 0 is the operand's first sliced axis: aligned when that
-      # is axis 0, taken whole.
-      first = next(i for i in range(len(avals[0].shape))
-                   if i not in dn.collapsed_slice_dims
-                   and i not in dn.operand_batching_dims)
-      if first == 0 and 0 not in dn.start_index_map and (
-          p["slice_sizes"][0] == lead):
-        return rows
-      return None
-    # Output axis 0 is the indices' axis 0; aligned if it batches axis 0.
-    if 0 in dn.operand_batching_dims:
-      q = dn.operand_batching_dims.index(0)
-      if dn.start_indices_batching_dims[q] == 0:
-        return rows
-    return None
-  if name == "dot_general":
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
-    if lb:
-      if lb[0] != 0:
-        return None
-      rhs = ins[1] if rb[0] == 0 else _total(ins[1])
-      return _union_rows([rows, _rows_of(rhs, avals[1], n)])
-    if 0 in lc:
-      return None
-    return _union_rows([rows, (_total(ins[1]),) * n])
-  return None
-
-
-def _body_of(eqn: Any) -> Any:
-  """The jaxpr a call runs, if its inputs and outputs are the call's."""
-  body = eqn.params.get(_CALLS[eqn.primitive.name])
-  body = getattr(body, "jaxpr", body)
-  if (body is None or len(getattr(body, "invars", ())) != len(eqn.invars)
-      or len(body.outvars) != len(eqn.outvars)):
-    return None
-  return body
-
-
-def _dataflow(jaxpr: Any, in_deps: list[Any]) -> list[Any]:
-  """Which exits' logits each output of ``jaxpr`` depends on, differentiably.
-
-  A dependency is a frozenset of exit indices (the whole array depends on
-  them) or a tuple of frozensets, one per row of the array's leading axis.
-  Integer and boolean values carry no gradient, so they depend on nothing;
-  neither does the output of ``stop_gradient``. Anything without a rule
-  depends on the union of its inputs: the analysis may over-report a
-  dependency but never misses one.
-  """
-  env: dict[Any, Any] = {}
-  read = lambda v: _NONE if isinstance(v, Literal) else env.get(v, _NONE)
-  # Integer constants broadcast from literals: the ``2`` of ``.at[2]``.
-  consts: dict[Any, Any] = {}
-  for var, dep in zip(jaxpr.invars, in_deps):
-    env[var] = dep
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if (name == "broadcast_in_dim" and isinstance(eqn.invars[0], Literal)
-        and np.ndim(eqn.invars[0].val) == 0):
-      consts[eqn.outvars[0]] = np.full(eqn.params["shape"],
-                                       eqn.invars[0].val)
-    if not any(_total(d) for d in ins) or name == "stop_gradient":
-      outs = [_NONE] * len(eqn.outvars)
-    elif name in _CALLS and _body_of(eqn) is not None:
-      outs = _dataflow(_body_of(eqn), ins)
-    else:
-      out_aval = eqn.outvars[0].aval
-      rule = None
-      if len(eqn.outvars) == 1 and getattr(out_aval, "shape", ()):
-        rule = _row_rule(eqn, ins, out_aval.shape[0], consts)
-      outs = [rule] if rule is not None else (
-          [_NONE.union(*map(_total, ins))] * len(eqn.outvars))
-    for var, dep in zip(eqn.outvars, outs):
-      if not jnp.issubdtype(getattr(var.aval, "dtype", jnp.int32),
-                            jnp.inexact):
-        dep = _NONE
-      env[var] = dep
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _check_exit_dependencies(closed_jaxpr: Any, num_exits: int,
-                             fn_name: str) -> None:
-  """Raises if some exit's loss reads (differentiably) a later exit's logits."""
-  (losses,) = _dataflow(closed_jaxpr.jaxpr,
-                        [frozenset({j}) for j in range(num_exits)])[:1]
-  deps = _rows_of(losses, closed_jaxpr.jaxpr.outvars[0].aval, num_exits)
-  bad = [(k, sorted(j for j in dep if j > k)) for k, dep in enumerate(deps)]
-  bad = [(k, later) for k, later in bad if later]
-  if bad:
-    details = "; ".join(
-        f"exit {k + 1} reads exit(s) {', '.join(str(j + 1) for j in later)}"
-        for k, later in bad)
-    raise ValueError(
-        f"{fn_name}: the loss of an exit depends on the logits of a later"
-        f" exit ({details}). The staged Jacobian runs exit k's backward pass"
-        " through stages 1..k only, so it cannot follow that dependency."
-        " Use osgd_jax.value_and_per_exit_grads, or wrap the later logits in"
-        " jax.lax.stop_gradient. (The check follows the loss's jaxpr and"
-        " may over-report through operations it has no rule for.)")
-
-
-def _split_floats(tree: Any) -> tuple[list[Any], list[Any], Any]:
-  """Splits a carry into its differentiable leaves and the rest."""
-  leaves, treedef = jax.tree.flatten(tree)
-  is_float = tuple(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-                   for leaf in leaves)
-  floats = [leaf for leaf, f in zip(leaves, is_float) if f]
-  others = [leaf for leaf, f in zip(leaves, is_float) if not f]
-  return floats, others, (treedef, is_float)
-
-
-def _join_floats(floats: list[Any], others: list[Any], spec: Any) -> Any:
-  treedef, is_float = spec
-  floats, others = iter(floats), iter(others)
-  return jax.tree.unflatten(
-      treedef, [next(floats) if f else next(others) for f in is_float])
-
-
-def _anytime_stages(model: Any, params: Any, rest: Any,
-                    fn_name: str) -> list[Any]:
-  """Checks that every variable belongs to exactly one stage; returns stages.
-
-  Each stage is split on its own, so a variable shared between two stages
-  (or a parameter outside the stages) would make the staged gradient wrong.
-  Such a variable shows up under only one path of the model's state, so
-  comparing each stage's own state with its part of the model's finds it.
-  """
-  stages = getattr(model, "stages", None)
-  if stages is None or not callable(getattr(model, "input_carry", None)):
-    raise ValueError(
-        f"{fn_name}: graphdef must describe an anytime network with `stages`"
-        " and `input_carry` (an osgd_jax.zoo.AnytimeNet), but it describes a"
-        f" {type(model).__name__}. Use osgd_jax.value_and_per_exit_grads for"
-        " other models.")
-  stages = list(stages)
-  if not stages:
-    raise ValueError(f"{fn_name}: the model has no stages.")
-  outside = [k for k in params.keys() if k != "stages"]
-  if outside:
-    raise ValueError(
-        f"{fn_name}: parameters outside model.stages ({outside}) would get"
-        " no gradient; move them into a stage or use"
-        " osgd_jax.value_and_per_exit_grads.")
-  model_rest = nnx.state(model, nnx.Not(nnx.Param))
-  for j, stage in enumerate(stages):
-    _, own_params, own_rest = nnx.split(stage, nnx.Param, ...)
-    for kind, own, whole in (("parameters", own_params, params),
-                             ("state", own_rest, model_rest)):
-      part = whole["stages"][j] if ("stages" in whole
-                                    and j in whole["stages"]) else nnx.State({})
-      if jax.tree.structure(own) != jax.tree.structure(part):
-        raise ValueError(
-            f"{fn_name}: stage {j + 1} does not own exactly its own {kind}:"
-            " it shares variables with another stage or the params were not"
-            " split with `nnx.split(model, nnx.Param, ...)`. The staged"
-            " Jacobian needs disjoint stages; use"
-            " osgd_jax.value_and_per_exit_grads.")
-  return stages
-
-
-def _staged_backward(vjps: list[Any], logit_cts: Any, num_exits: int,
-                     rows: str) -> list[Any]:
-  """The per-exit gradients of every stage's parameters, stage 1 first.
-
-  ``vjps[j]`` is stage j's VJP with its output floats; ``logit_cts[j][k]``
-  the cotangent of exit k's loss on exit j's logits. Returns one pytree per
-  stage whose leaves are ``(K, *param.shape)``.
-  """
-  # Backward: stage j runs for exits j..K-1. Exit j starts at its own
-  # logits with a zero carry cotangent; later exits bring theirs.
-  stage_grads = [None] * num_exits
-  carry_cts = None  # batched: stacked over exits j+1..K; looped: a list
-  for j in reversed(range(num_exits)):
-    vjp, out_floats = vjps[j]
-    if rows == "batched":
-      # zeros_like keeps each array's sharding (explicit-sharding meshes).
-      first = [jnp.zeros_like(f)[None] for f in out_floats]
-      out_cts = first if carry_cts is None else [
-          jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
-      cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
-      if j == 0:
-        (grads_j,) = cts
-      else:
-        grads_j, carry_cts = cts
-      # Exits before j do not reach stage j: zero rows, one concatenation.
-      stage_grads[j] = jax.tree.map(
-          lambda g, j=j: g if j == 0 else jnp.concatenate(
-              [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
-    else:
-      own = [jnp.zeros_like(f) for f in out_floats]
-      outs = [vjp((ct, logit_cts[j][k])) for k, ct in
-              zip(range(j, num_exits), [own] + (carry_cts or []))]
-      carry_cts = [out[1] for out in outs] if j else None
-      # One stack per leaf: zero rows for exits before j, then the rest.
-      stage_grads[j] = jax.tree.map(
-          lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
-          *[out[0] for out in outs])
-  return stage_grads
-
-
-def staged_value_and_per_exit_grads(
-    graphdef: Any,
-    loss_fn: Callable[..., Any],
-    has_aux: bool = False,
-    rows: str = "auto",
-) -> Callable[..., tuple[Any, Any]]:
-  """Per-exit gradients of an anytime network, each through its own stages.
-
-  The anytime (staged) Jacobian: exit k's loss depends only on stages 1..k,
-  so its gradient needs a backward pass through those stages only. The
-  returned function runs the forward once, stage by stage, keeping each
-  stage's VJP, then walks the stages backwards; stage j's VJP runs, vmapped,
-  for exits j..K only, and its parameters' rows for exits before j are
-  exact zeros. The result equals :func:`value_and_per_exit_grads` of the
-  merged model's loss, for about ``sum_k (c_1 + ... + c_k)`` backward work
-  instead of ``K * (c_1 + ... + c_K)`` (``c_j``: the cost of stage j).
-
-  Assumptions, checked at trace time:
-
-  * every parameter and every other variable belongs to exactly one stage
-    (``model.stages[j]``), and ``model.input_carry`` has no parameters;
-  * ``losses[k]`` depends on the logits of exits 1..k only, never on a later
-    exit's (checked on the jaxpr of ``loss_fn``; ``jax.lax.stop_gradient``
-    on the later logits is fine).
-
-  Args:
-    graphdef: the graph definition of an :class:`~osgd_jax.zoo.AnytimeNet`,
-      from ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``.
-    loss_fn: ``loss_fn(stacked_logits, *loss_args)`` with ``stacked_logits``
-      of shape ``(K, batch, classes)``, returning the ``(K,)`` vector of exit
-      losses, exit 1 first (or ``(losses, aux)`` with ``has_aux``).
-    has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
-    rows: how a stage's VJP runs for its exits: ``"batched"`` (one vmapped
-      VJP), ``"looped"`` (one VJP per exit, unrolled), or ``"auto"`` (looped
-      on CPU, where XLA's vmapped convolution gradients are slow; batched on
-      GPU/TPU). The results agree to float rounding.
-
-  Returns:
-    A function ``fn(params, rest, x, *loss_args)`` returning
-    ``((losses, new_rest), grads)``, or ``((losses, aux, new_rest), grads)``
-    with ``has_aux``. ``new_rest`` is the non-parameter state after the
-    forward pass (updated BatchNorm statistics in train mode); every leaf of
-    ``grads`` has shape ``(K, *param.shape)``, row k the gradient of
-    ``losses[k]``, in the structure of ``params``.
-
-  Raises:
-    ValueError: at construction, if ``graphdef`` is not an ``nnx.GraphDef``
-      or ``rows`` is unknown;
-      at trace time, if the model has no ``stages``, a variable is shared
-      between stages or lies outside them, ``loss_fn`` does not return a
-      non-empty 1-D floating-point vector of length K, or an exit's loss
-      depends on a later exit's logits.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> import osgd_jax
-    >>> from osgd_jax import zoo
-    >>> model = zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8,
-    ...                    stages=3)
-    >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    >>> loss_fn = lambda logits, y: osgd_jax.per_exit_cross_entropy(logits, y)
-    >>> grads_fn = jax.jit(
-    ...     osgd_jax.staged_value_and_per_exit_grads(graphdef, loss_fn))
-    >>> (losses, rest), grads = grads_fn(
-    ...     params, rest, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
-    >>> nnx.update(model, rest)  # keep the new batch statistics
-    >>> head_2 = grads["stages"][1]["head"]["linear"]["kernel"]
-    >>> losses.shape, head_2.shape, bool((head_2[0] == 0).all())
-    ((3,), (3, 8, 10), True)
-  """
-  fn_name = getattr(loss_fn, "__name__", "loss_fn")
-  rows = _check_rows(rows)
-  if not isinstance(graphdef, nnx.GraphDef):
-    raise ValueError(
-        "staged_value_and_per_exit_grads takes the graphdef of an anytime"
-        " network, from `graphdef, params, rest = nnx.split(model,"
-        f" nnx.Param, ...)`, but got a {type(graphdef).__name__}.")
-
-  def value_and_grads(params, rest, x, *loss_args):
-    # Fresh Variables: the caller's state is never mutated.
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    stages = _anytime_stages(model, params, rest, fn_name)
-    num_exits = len(stages)
-
-    # Forward, stage by stage; each VJP involves only its stage's variables.
-    carry = model.input_carry(x)
-    vjps, logits = [], []
-    for j, stage in enumerate(stages):
-      stage_def, stage_params, stage_rest = nnx.split(stage, nnx.Param, ...)
-      floats, others, spec = _split_floats(carry)
-      out_spec = []
-
-      def run(p, floats, stage_def=stage_def, stage_rest=stage_rest,
-              others=others, spec=spec, out_spec=out_spec):
-        module = nnx.merge(stage_def, p, stage_rest, copy=True)
-        new_carry, out = module(_join_floats(floats, others, spec))
-        new_floats, new_others, new_spec = _split_floats(new_carry)
-        out_spec.append(new_spec)
-        return ((new_floats, out),
-                (new_others, nnx.state(module, nnx.Not(nnx.Param))))
-
-      if j == 0:
-        # Nothing upstream of stage 1 has parameters: no input cotangent.
-        (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
-            lambda p, run=run, floats=floats: run(p, floats), stage_params,
-            has_aux=True)
-      else:
-        (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
-            run, stage_params, floats, has_aux=True)
-      nnx.update(stage, new_rest)
-      carry = _join_floats(new_floats, new_others, out_spec[-1])
-      vjps.append((vjp, new_floats))
-      logits.append(out)
-
-    # The loss, traced once; its jaxpr also serves the dependency check.
-    def stacked_loss(*exit_logits):
-      out = loss_fn(jnp.stack(exit_logits), *loss_args)
-      if has_aux and not (isinstance(out, tuple) and len(out) == 2):
-        raise ValueError(
-            f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
-            f" but it returned {type(out).__name__}.")
-      return out
-
-    closed, out_shape = jax.make_jaxpr(stacked_loss, return_shape=True)(
-        *logits)
-    loss_shape = out_shape[0] if has_aux else out_shape
-    _check_loss_vector(loss_shape, fn_name)
-    if loss_shape.shape[0] != num_exits:
-      raise ValueError(
-          f"{fn_name} returned {loss_shape.shape[0]} losses but the model has"
-          f" {num_exits} exits; return one loss per exit.")
-    _check_exit_dependencies(closed, num_exits, fn_name)
-    out_tree = jax.tree.structure(out_shape)
-    loss_from_jaxpr = jax.extend.core.jaxpr_as_fun(closed)
-
-    def losses_and_aux(*exit_logits):
-      out = jax.tree.unflatten(out_tree, loss_from_jaxpr(*exit_logits))
-      return out if has_aux else (out, None)
-
-    losses, loss_vjp, aux = jax.vjp(losses_and_aux, *logits, has_aux=True)
-    # logit_cts[j][k]: cotangent of exit k's loss on exit j's logits.
-    logit_cts = jax.vmap(loss_vjp)(jnp.eye(num_exits, dtype=losses.dtype))
-
-    def backward(rows):
-      return _staged_backward(vjps, logit_cts, num_exits, rows)
-
-    if rows == "auto":
-      # Decided when the step is lowered for its platform, not when traced.
-      stage_grads = jax.lax.platform_dependent(
-          cpu=lambda: backward("looped"), default=lambda: backward("batched"))
-    else:
-      stage_grads = backward(rows)
-
-    by_path = {}
-    for j, grads_j in enumerate(stage_grads):
-      prefix = (jax.tree_util.DictKey("stages"), jax.tree_util.DictKey(j))
-      for path, leaf in jax.tree_util.tree_flatten_with_path(grads_j)[0]:
-        by_path[prefix + path] = leaf
-    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    grads = jax.tree.unflatten(treedef, [by_path[path] for path, _ in paths])
-
-    new_rest = nnx.state(model, nnx.Not(nnx.Param))
-    if has_aux:
-      return (losses, aux, new_rest), grads
-    return (losses, new_rest), grads
 
   return value_and_grads

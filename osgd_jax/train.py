@@ -32,8 +32,8 @@ from flax import nnx
 
 from osgd_jax import aggregators, anytime, data as data_lib, sharding, zoo
 from osgd_jax.checkpoint import CheckpointStore
-from osgd_jax.grads import (staged_value_and_per_exit_grads,
-                            value_and_per_exit_grads)
+from osgd_jax.grads import value_and_per_exit_grads
+from osgd_jax.staged import staged_value_and_per_exit_grads
 from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.transform import osgd
 

@@ -42,5 +42,5 @@ def test_the_examples_are_found():
            for t in finder.find(importlib.import_module(name), name)}
   for public in ("osgd_jax.transform.osgd", "osgd_jax.transform.osgd_sgd",
                  "osgd_jax.grads.value_and_per_exit_grads",
-                 "osgd_jax.grads.staged_value_and_per_exit_grads"):
+                 "osgd_jax.staged.staged_value_and_per_exit_grads"):
     assert public in found, sorted(found)

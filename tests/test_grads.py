@@ -1,4 +1,4 @@
-"""value_and_per_exit_grads against K separate jax.grad calls, and its errors."""
+"""value_and_per_exit_grads against K jax.grad calls, and the loss checks."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_forward_is_traced_once():
     calls.append(1)
     return _losses(params, x)
 
-  osgd_jax.value_and_per_exit_grads(counting_losses)(_params(), jnp.ones((2, 4)))
+  osgd_jax.value_and_per_exit_grads(counting_losses)(_params(),
+                                                    jnp.ones((2, 4)))
   # One forward, whose VJP is vmapped: not K gradient computations.
   assert len(calls) == 1
 
@@ -63,6 +64,10 @@ def test_has_aux_returns_aux():
     (lambda p: jnp.sum(p["w2"]), r"shape \(\).*jax.value_and_grad"),
     (lambda p: jnp.ones((3, 2)) * p["w2"][0], r"shape \(3, 2\).*Reduce"),
     (lambda p: jnp.zeros((0,)) * p["w2"][0], r"K=0"),
+    (lambda p: [p["w2"][0], p["w2"][1]],
+     r"returned a list\. Stack the exit losses"),
+    (lambda p: jnp.round(p["w2"][:2]).astype(jnp.int32),
+     r"floating-point losses, got dtype int32\. Cast them"),
 ])
 def test_error_when_loss_is_not_a_vector(bad, match):
   with pytest.raises(ValueError, match=match):
