@@ -43,6 +43,7 @@ __all__ = [
     "StatefulWeighting",
     "check_granularity",
     "check_num_exits",
+    "check_positive_int",
     "combine",
     "diagnostics",
     "from_weighting",
@@ -167,6 +168,34 @@ def check_granularity(granularity: str) -> str:
   return granularity
 
 
+def check_positive_int(value: Any, name: str, owner: str) -> int:
+  """Returns ``value`` as an int, or raises a ``ValueError`` naming it.
+
+  Structural settings (K, iteration caps, step counts) must be Python ints:
+  they fix shapes or loop lengths when the update is traced. Under
+  ``optax.inject_hyperparams`` every number becomes an array unless it is
+  listed in ``static_args``, which the message says.
+
+  Args:
+    value: the value given.
+    name: the argument's name.
+    owner: the transformation's name, for the message.
+
+  Returns:
+    ``value`` as an int.
+
+  Example:
+    >>> check_positive_int(3, "max_iter", "mgda")
+    3
+  """
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < 1):
+    raise ValueError(
+        f"{owner}: {name} must be a positive int, got {value!r}. Under"
+        f" optax.inject_hyperparams pass static_args=({name!r},).")
+  return int(value)
+
+
 def check_num_exits(num_exits: Any, name: str) -> int:
   """Returns ``num_exits`` as an int, or raises a ``ValueError`` saying why.
 
@@ -191,12 +220,7 @@ def check_num_exits(num_exits: Any, name: str) -> int:
         " shapes are fixed at init, so that lax.scan over steps and"
         f" restoring a checkpoint onto tx.init(params) work; e.g."
         f" {name}(num_exits=4).")
-  if (isinstance(num_exits, bool)
-      or not isinstance(num_exits, (int, np.integer)) or num_exits < 1):
-    raise ValueError(
-        f"{name}: num_exits must be a positive int, got {num_exits!r}. Under"
-        " optax.inject_hyperparams pass static_args=('num_exits',).")
-  return int(num_exits)
+  return check_positive_int(num_exits, "num_exits", name)
 
 
 def num_groups(params: Any, granularity: str) -> int:

@@ -162,16 +162,16 @@ def weighted_sum(
           f"unknown weighted_sum preset {weights!r}; choose one of"
           f" {WEIGHT_PRESETS}, or pass a (K,) vector or a schedule.")
     if weights == "sdn":
-      if (not isinstance(total_steps, (int, np.integer))
-          or isinstance(total_steps, bool) or total_steps < 1):
+      if total_steps is None:
         raise ValueError(
-            "weighted_sum('sdn') needs total_steps >= 1 (an int), the"
-            " training steps over which the early exits' weights rise; got"
-            f" {total_steps!r}.")
-      caps = np.asarray(cap, np.float64)
-      if not np.all(np.isfinite(caps)) or not np.all(caps >= 0):
-        raise ValueError(
-            f"weighted_sum('sdn') needs finite caps >= 0, got {cap!r}.")
+            "weighted_sum('sdn') needs total_steps, the number of training"
+            " steps over which the early exits' weights rise.")
+      aggregation.check_positive_int(total_steps, "total_steps", name)
+      if not isinstance(cap, jax.Array):  # an injected cap is not checked
+        caps = np.asarray(cap, np.float64)
+        if not np.all(np.isfinite(caps)) or not np.all(caps >= 0):
+          raise ValueError(
+              f"weighted_sum('sdn') needs finite caps >= 0, got {cap!r}.")
       weighting = _counting(lambda gram, count: weightings.sdn(
           gram, progress=count / total_steps, cap=cap))
     elif weights == "geometric":
@@ -374,12 +374,10 @@ def pcgrad(
       granularity=granularity, name="pcgrad")
 
 
-def _check_qp_options(max_iter: Any, tol: Any) -> None:
-  if (isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer))
-      or max_iter < 1):
-    raise ValueError(f"max_iter must be a positive int, got {max_iter!r}.")
+def _check_qp_options(max_iter: Any, tol: Any, name: str) -> None:
+  aggregation.check_positive_int(max_iter, "max_iter", name)
   if _is_number(tol) and not 0 <= tol < 1:
-    raise ValueError(f"tol must be in [0, 1), got {tol!r}.")
+    raise ValueError(f"{name}: tol must be in [0, 1), got {tol!r}.")
 
 
 def mgda(
@@ -423,7 +421,7 @@ def mgda(
     Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*,
     NeurIPS 2018. https://arxiv.org/abs/1810.04650
   """
-  _check_qp_options(max_iter, tol)
+  _check_qp_options(max_iter, tol, "mgda")
   return aggregation.from_weighting(
       functools.partial(weightings.mgda, max_iter=max_iter, tol=tol),
       num_exits=num_exits, granularity=granularity, name="mgda")
@@ -471,7 +469,7 @@ def upgrad(
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024.
     https://arxiv.org/abs/2406.16232 (TorchJD: https://github.com/TorchJD/torchjd)
   """
-  _check_qp_options(max_iter, tol)
+  _check_qp_options(max_iter, tol, "upgrad")
   return aggregation.from_weighting(
       functools.partial(weightings.upgrad, max_iter=max_iter, tol=tol),
       num_exits=num_exits, granularity=granularity, name="upgrad")

@@ -43,7 +43,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   """The argument parser of ``osgd-train``; its defaults are TrainConfig's."""
   from osgd_jax import zoo
   from osgd_jax.data import DATASET_NAMES
-  from osgd_jax.orthogonalize import GRANULARITIES, METHODS
+  from osgd_jax.aggregation import GRANULARITIES
+  from osgd_jax.transform import METHODS
   from osgd_jax.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
                               TrainConfig)
 

@@ -1,4 +1,4 @@
-"""Hypothesis properties of the OSGD projection (DESIGN.md §2)."""
+"""Hypothesis properties of the OSGD projection (docs/design.md, "The maths")."""
 
 from __future__ import annotations
 

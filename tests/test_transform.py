@@ -77,8 +77,9 @@ def _error_bound(rows, method, tol=DEFAULT_TOL, order=None):
 
   A kept component with relative squared norm p = ‖ĝ_k‖²/‖g_k‖² is computed
   to about eps/√p by modified Gram–Schmidt (cond(G)) and to eps/p by the Gram
-  form (cond(M) = cond(G)²); see DESIGN.md §2. Nearly degenerate components
-  are therefore inherently inaccurate, and the bound says so.
+  form (cond(M) = cond(G)²); see docs/design.md, "The maths". Nearly
+  degenerate components are therefore inherently inaccurate, and the bound
+  says so.
   """
   comps = gram_schmidt_components(rows, tol, order)
   in_sq = np.sum(rows ** 2, axis=1)

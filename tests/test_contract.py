@@ -1,0 +1,283 @@
+"""The Optax contract, for every transformation of the library.
+
+One harness runs every transformation, built with its documented defaults
+(plus ``num_exits``), through the same cases, as Optax's contrib common
+tests do: jit and no jit (chex's variants), ``lax.scan`` over steps, an Orbax
+save restored onto ``tx.init(params)``, ``optax.inject_hyperparams``, dtypes,
+shardings typed on an ``Explicit`` mesh, ``nnx.Optimizer``, ``jax.export``
+for every platform, and the diagnostics found by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl.testing import parameterized
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import osgd_jax
+
+K = 3
+STEPS = 3
+PARAM_SHAPES = {"b": (6,), "w": (4, 6)}
+
+
+def _by_norm(gram):
+  """A user's weighting: exit k weighted by its share of ‖g‖² (sums to K)."""
+  sq = jnp.diagonal(gram)
+  return gram.shape[-1] * sq / jnp.maximum(sq.sum(), 1e-30)
+
+
+def _user_weighting(num_exits=None, granularity="global"):
+  return osgd_jax.from_weighting(_by_norm, num_exits=num_exits,
+                                 granularity=granularity)
+
+
+# (name, factory, arguments, static_args for optax.inject_hyperparams).
+TRANSFORMS = (
+    ("osgd", osgd_jax.osgd, {}, ("num_exits",)),
+    ("osgd_sequential_global", osgd_jax.osgd,
+     {"method": "sequential", "granularity": "global"}, ("num_exits",)),
+    ("osgd_sgd", osgd_jax.osgd_sgd, {"learning_rate": 0.1}, ("num_exits",)),
+    ("weighted_sum", osgd_jax.weighted_sum, {}, ("num_exits",)),
+    ("weighted_sum_sdn", osgd_jax.weighted_sum,
+     {"weights": "sdn", "total_steps": 10}, ("num_exits", "total_steps")),
+    ("adaptive_loss_balancing", osgd_jax.adaptive_loss_balancing, {},
+     ("num_exits",)),
+    ("pcgrad", osgd_jax.pcgrad, {}, ("num_exits", "seed")),
+    ("mgda", osgd_jax.mgda, {}, ("num_exits", "max_iter")),
+    ("upgrad", osgd_jax.upgrad, {}, ("num_exits", "max_iter")),
+    ("from_weighting", _user_weighting, {}, ("num_exits",)),
+)
+NAMED = [dict(testcase_name=name, name=name) for name, *_ in TRANSFORMS]
+_BY_NAME = {name: (factory, kwargs, static)
+            for name, factory, kwargs, static in TRANSFORMS}
+
+
+def _make(name, num_exits=K):
+  factory, kwargs, _ = _BY_NAME[name]
+  return factory(num_exits=num_exits, **kwargs)
+
+
+def _params(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  return {n: jnp.asarray(rng.normal(size=s), dtype)
+          for n, s in PARAM_SHAPES.items()}
+
+
+def _grads(step, dtype=jnp.float32):
+  """Stacked per-exit gradients whose rows conflict, different every step."""
+  rng = np.random.default_rng(step + 1)
+  out = {}
+  for n, s in PARAM_SHAPES.items():
+    rows = rng.normal(size=(K,) + s)
+    rows[1] -= 0.8 * rows[0]
+    out[n] = jnp.asarray(rows, dtype)
+  return out
+
+
+def _losses(step):
+  return jnp.asarray([1.0 + step, 2.0, 0.5], jnp.float32)
+
+
+def _types(tree):
+  return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _run(update, state, params, steps=STEPS, dtype=jnp.float32):
+  outs = []
+  for step in range(steps):
+    updates, state = update(_grads(step, dtype), state, params,
+                            losses=_losses(step))
+    outs.append(updates)
+  return outs, state
+
+
+class TransformContractTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(NAMED)
+  def test_state_keeps_structure_shapes_and_dtypes(self, name):
+    tx, params = _make(name), _params()
+    state = tx.init(params)
+    outs, new_state = _run(self.variant(tx.update), state, params)
+    chex.assert_trees_all_equal_structs(state, new_state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+    for updates in outs:
+      chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+      chex.assert_tree_all_finite(updates)
+    chex.assert_tree_all_finite(new_state)
+
+  @parameterized.named_parameters(NAMED)
+  def test_lax_scan_over_steps_equals_a_python_loop(self, name):
+    tx, params = _make(name), _params()
+    grads = jax.tree.map(lambda *g: jnp.stack(g),
+                         *[_grads(step) for step in range(STEPS)])
+    losses = jnp.stack([_losses(step) for step in range(STEPS)])
+
+    def step(state, inputs):
+      g, l = inputs
+      updates, state = tx.update(g, state, params, losses=l)
+      return state, updates
+
+    scanned_state, scanned = jax.jit(
+        lambda s: jax.lax.scan(step, s, (grads, losses)))(tx.init(params))
+    looped, looped_state = _run(jax.jit(tx.update), tx.init(params), params)
+    chex.assert_trees_all_close(
+        scanned, jax.tree.map(lambda *u: jnp.stack(u), *looped),
+        rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(scanned_state, looped_state, rtol=1e-5,
+                                atol=1e-6)
+
+  @parameterized.named_parameters(NAMED)
+  def test_orbax_round_trip_onto_a_fresh_init(self, name):
+    tx, params = _make(name), _params()
+    update = jax.jit(tx.update)
+    _, state = _run(update, tx.init(params), params, steps=2)
+    with (tempfile.TemporaryDirectory() as directory,
+          ocp.StandardCheckpointer() as checkpointer):
+      path = os.path.join(directory, "state")
+      checkpointer.save(path, state)
+      checkpointer.wait_until_finished()
+      restored = checkpointer.restore(path, tx.init(params))
+    chex.assert_trees_all_equal_structs(restored, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(restored, state)
+    chex.assert_trees_all_equal(restored, state)
+    # Training goes on from the restored state exactly as from the original.
+    step = 2
+    args = (_grads(step), params)
+    chex.assert_trees_all_equal(
+        update(args[0], restored, params, losses=_losses(step)),
+        update(args[0], state, params, losses=_losses(step)))
+
+  @parameterized.named_parameters(NAMED)
+  def test_inject_hyperparams_gives_the_same_updates(self, name):
+    factory, kwargs, static = _BY_NAME[name]
+    injected = optax.inject_hyperparams(factory, static_args=static)(
+        num_exits=K, **kwargs)
+    params = _params()
+    state = injected.init(params)
+    outs, new_state = _run(jax.jit(injected.update), state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+    plain, _ = _run(jax.jit(_make(name).update), _make(name).init(params),
+                    params)
+    chex.assert_trees_all_close(outs, plain, rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(NAMED)
+  def test_low_precision_dtypes_are_kept(self, name):
+    tx, params = _make(name), _params(jnp.bfloat16)
+    state = tx.init(params)
+    outs, new_state = _run(jax.jit(tx.update), state, params,
+                           dtype=jnp.bfloat16)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+    for updates in outs:
+      chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+      chex.assert_tree_all_finite(updates)
+
+  @parameterized.named_parameters(NAMED)
+  def test_sharding_types_are_stable_on_an_explicit_mesh(self, name):
+    mesh = jax.make_mesh((4, 2), ("data", "model"),
+                         axis_types=(AxisType.Explicit,) * 2)
+    tx = _make(name)
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    with jax.set_mesh(mesh):
+      params = {"b": put(_params()["b"], "model"),
+                "w": put(_params()["w"], None, "model")}
+      grads = {"b": put(_grads(0)["b"], None, "model"),
+               "w": put(_grads(0)["w"], None, None, "model")}
+      state0 = tx.init(params)
+      updates, state1 = tx.update(grads, state0, params, losses=_losses(0))
+      jitted_updates, state2 = jax.jit(tx.update)(grads, state0, params,
+                                                  losses=_losses(0))
+      types = lambda tree: jax.tree.map(jax.typeof, tree)
+      chex.assert_trees_all_equal(types(state0), types(state1))
+      chex.assert_trees_all_equal(types(state0), types(jax.jit(tx.init)(params)))
+      chex.assert_trees_all_equal(types(state1), types(state2))
+      # The update is split like the parameters, never gathered.
+      chex.assert_trees_all_equal(types(updates), types(params))
+      chex.assert_trees_all_equal(types(jitted_updates), types(params))
+
+  @parameterized.named_parameters(NAMED)
+  def test_nnx_optimizer_updates_a_two_exit_model(self, name):
+    model = _TwoExitNet(nnx.Rngs(0))
+    tx = _make(name, num_exits=2)
+    if name != "osgd_sgd":  # osgd_sgd is a whole optimizer already
+      tx = optax.chain(tx, optax.sgd(0.05))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    y = jnp.arange(8) % 2
+
+    @nnx.jit
+    def train_step(model, optimizer):
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def exit_losses(params):
+        logits = nnx.merge(graphdef, params, rest)(x)
+        labels = jnp.broadcast_to(y, logits.shape[:-1])
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, labels).mean(-1)
+
+      losses, grads = osgd_jax.value_and_per_exit_grads(exit_losses)(params)
+      optimizer.update(model, grads, losses=losses)
+      return losses
+
+    before = _types(nnx.state(optimizer))
+    first = train_step(model, optimizer)
+    for _ in range(20):
+      last = train_step(model, optimizer)
+    assert _types(nnx.state(optimizer)) == before
+    assert float(last.sum()) < float(first.sum()), (first, last)
+
+  @parameterized.named_parameters(NAMED)
+  def test_exports_for_every_platform_from_this_host(self, name):
+    tx, params = _make(name), _params()
+    state = tx.init(params)
+    args = (_grads(0), state, params)
+    jitted = jax.jit(lambda g, s, p: tx.update(g, s, p, losses=_losses(0)))
+    exported = jax.export.export(jitted, platforms=("cpu", "cuda", "tpu"))(
+        *args)
+    assert exported.platforms == ("cpu", "cuda", "tpu")
+    chex.assert_trees_all_close(exported.call(*args), jitted(*args),
+                                rtol=1e-6, atol=1e-6)
+    if name.startswith("osgd"):
+      text = jitted.lower(*args).as_text()
+      assert not re.search(r"custom_call", text), re.findall(
+          r"custom_call @\w+", text)
+
+  @parameterized.named_parameters(NAMED)
+  def test_diagnostics_are_found_by_name(self, name):
+    tx, params = _make(name), _params()
+    _, state = _run(jax.jit(tx.update), tx.init(params), params, steps=1)
+    grads = _grads(0)
+    rows = np.concatenate([np.asarray(grads[n]).reshape(K, -1)
+                           for n in sorted(grads)], axis=1)
+    norms = np.linalg.norm(rows, axis=1)
+    np.testing.assert_allclose(optax.tree_utils.tree_get(state, "exit_norms"),
+                               norms, rtol=1e-5)
+    np.testing.assert_allclose(optax.tree_utils.tree_get(state, "cosine"),
+                               rows @ rows.T / np.outer(norms, norms),
+                               rtol=1e-5, atol=1e-6)
+    assert optax.tree_utils.tree_get(state, "weights").shape == (K,)
+
+
+class _TwoExitNet(nnx.Module):
+  """Exit 1 reads a hidden layer; exit 2 a second one on top of it."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(4, 8, rngs=rngs)
+    self.head1 = nnx.Linear(8, 2, rngs=rngs)
+    self.deeper = nnx.Linear(8, 8, rngs=rngs)
+    self.head2 = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.relu(self.hidden(x))
+    return jnp.stack([self.head1(h), self.head2(jax.nn.relu(self.deeper(h)))])
