@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 import osgd_jax
-from osgd_jax.data import iterate_batches, make_synthetic
+from osgd_jax.app.data import iterate_batches, make_synthetic
 
 
 class ThreeExitMLP(nnx.Module):

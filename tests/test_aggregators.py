@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import aggregators, zoo
-from osgd_jax import train as train_lib
+from osgd_jax.app import train as train_lib
 
 SHAPES = {"conv": (3, 2, 4), "bias": (5,), "scale": ()}
 NAMES = list(SHAPES)

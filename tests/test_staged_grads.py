@@ -17,9 +17,9 @@ import pytest
 from flax import nnx
 
 import osgd_jax
-from osgd_jax import train as train_lib
+from osgd_jax.app import train as train_lib
 from osgd_jax import zoo
-from osgd_jax.cli import config_from_args
+from osgd_jax.app.cli import config_from_args
 from osgd_jax.losses import per_exit_cross_entropy
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0,

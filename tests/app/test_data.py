@@ -1,4 +1,4 @@
-"""Tests for osgd_jax.data: loaders, batch streams and augmentation.
+"""Tests for osgd_jax.app.data: loaders, batch streams and augmentation.
 
 The CIFAR tests write tiny archives in the official layout: Python-2-style
 protocol-2 pickles (byte strings as BINSTRING, NumPy 1 module names), inside
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from osgd_jax import data
-from osgd_jax.data import (Dataset, DatasetFormatError, DatasetNotFoundError,
+from osgd_jax.app import data
+from osgd_jax.app.data import (Dataset, DatasetFormatError, DatasetNotFoundError,
                            load_dataset)
 
 _SETTINGS = hypothesis.settings(max_examples=30, deadline=None)

@@ -1,7 +1,7 @@
 """The OSGD-vs-baselines experiment: ``osgd-compare``.
 
 Trains every requested model with each optimizer (by default OSGD and SGD; any
-subset of ``osgd_jax.train.OPTIMIZERS``) on the same data and seeds,
+subset of ``osgd_jax.app.train.OPTIMIZERS``) on the same data and seeds,
 then prints and saves the mean ± std test accuracy per exit (``compare.md``,
 ``compare.json``) and a figure per model (``compare-<model>.png``).
 """
@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from osgd_jax.cli import EXIT_BAD_INPUT, _OneLineParser, quiet_library_logs
-from osgd_jax.report import plot_exit_accuracy, write_json
-from osgd_jax.train import OPTIMIZERS, TrainConfig, prepare_output_dir, train
+from osgd_jax.app.cli import EXIT_BAD_INPUT, _OneLineParser, quiet_library_logs
+from osgd_jax.app.report import plot_exit_accuracy, write_json
+from osgd_jax.app.train import OPTIMIZERS, TrainConfig, prepare_output_dir, train
 
 __all__ = ["DEFAULT_MODELS", "DEFAULT_OPTIMIZERS", "compare", "format_table", "main"]
 
@@ -35,7 +35,7 @@ def compare(base: TrainConfig, models: Sequence[str], optimizers: Sequence[str],
     base: settings shared by all runs; ``model``, ``optimizer``, ``seed`` and
       ``out`` are replaced per run (``out`` becomes a sub-directory).
     models: zoo model names.
-    optimizers: names from ``osgd_jax.train.OPTIMIZERS``.
+    optimizers: names from ``osgd_jax.app.train.OPTIMIZERS``.
     seeds: the seeds, the same for every model and optimizer.
 
   Returns:

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from osgd_jax import train as train_lib
-from osgd_jax.checkpoint import CheckpointStore
-from osgd_jax.train import TrainConfig, TrainingDiverged, train
+from osgd_jax.app import train as train_lib
+from osgd_jax.app.checkpoint import CheckpointStore
+from osgd_jax.app.train import TrainConfig, TrainingDiverged, train
 
 # A small, fast configuration: an MLP on digits.
 SMALL = TrainConfig(model="nested-depth-mlp", epochs=3, batch_size=128,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from osgd_jax.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.base import Dataset, channel_stats, standardize
 
 __all__ = ["load_digits", "stratified_split"]
 

@@ -11,8 +11,8 @@ The data order of epoch e is fixed by ``(seed, e)`` and the augmentation key
 of step s by ``(seed, e, s)``, so a run resumed from the checkpoint of epoch
 e reproduces the uninterrupted run's metrics exactly.
 
-Run it as ``osgd-train`` or ``python -m osgd_jax.train`` (see
-:mod:`osgd_jax.cli`), or call :func:`train` with a :class:`TrainConfig`.
+Run it as ``osgd-train`` or ``python -m osgd_jax.app.train`` (see
+:mod:`osgd_jax.app.cli`), or call :func:`train` with a :class:`TrainConfig`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from osgd_jax import aggregators, anytime, data as data_lib, sharding, zoo
-from osgd_jax.checkpoint import CheckpointStore
+from osgd_jax import aggregators, anytime, sharding, zoo
+from osgd_jax.app import data as data_lib
+from osgd_jax.app.checkpoint import CheckpointStore
 from osgd_jax.grads import (staged_value_and_per_exit_grads,
                             value_and_per_exit_grads)
 from osgd_jax.losses import per_exit_cross_entropy
@@ -546,7 +547,7 @@ def train(config: TrainConfig) -> TrainResult:
   summary = {"test_accuracy": accuracy, "test_loss": final["test_loss"],
              "flops": flops.flops, "flops_source": flops.source,
              "params": param_counts}
-  from osgd_jax.report import plot_accuracy_vs_flops
+  from osgd_jax.app.report import plot_accuracy_vs_flops
   thresholds = np.linspace(0.0, 1.0, 21)
   sweep_flops, sweep_accuracy = anytime.early_exit_curve(
       model, dataset.x_test, dataset.y_test, thresholds, flops=flops.flops)
@@ -566,7 +567,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _write_metrics(out: str, config: TrainConfig, history, summary=None) -> None:
-  from osgd_jax.report import write_json
+  from osgd_jax.app.report import write_json
   payload = {"config": config.to_json(), "epochs": history}
   if summary is not None:
     payload["final"] = summary
@@ -574,5 +575,5 @@ def _write_metrics(out: str, config: TrainConfig, history, summary=None) -> None
 
 
 if __name__ == "__main__":
-  from osgd_jax.cli import main
+  from osgd_jax.app.cli import main
   raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The ``osgd-train`` command: flags, config files and one-line errors.
 
-Every flag mirrors a :class:`osgd_jax.train.TrainConfig` field. A YAML or JSON
+Every flag mirrors a :class:`osgd_jax.app.train.TrainConfig` field. A YAML or JSON
 file given with ``--config`` supplies defaults whose keys are the flag names
 (``batch_size`` or ``batch-size``); flags on the command line override it.
 Bad input ends with one line on stderr saying what is wrong and what to do,
@@ -42,9 +42,9 @@ def _float_list(text: str) -> tuple[float, ...]:
 def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   """The argument parser of ``osgd-train``; its defaults are TrainConfig's."""
   from osgd_jax import zoo
-  from osgd_jax.data import DATASET_NAMES
+  from osgd_jax.app.data import DATASET_NAMES
   from osgd_jax.orthogonalize import GRANULARITIES, METHODS
-  from osgd_jax.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
+  from osgd_jax.app.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
                               TrainConfig)
 
   d = TrainConfig()
@@ -137,7 +137,7 @@ def config_from_args(argv: Sequence[str] | None = None):
     SystemExit: with status 2 on an argparse error.
     ValueError: a bad config file or value.
   """
-  from osgd_jax.train import TrainConfig
+  from osgd_jax.app.train import TrainConfig
 
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -173,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   import jax
 
   from osgd_jax import sharding
-  from osgd_jax.report import exit_table
-  from osgd_jax.train import TrainingDiverged, train
+  from osgd_jax.app.report import exit_table
+  from osgd_jax.app.train import TrainingDiverged, train
 
   quiet_library_logs()
   prog = "osgd-train"
