@@ -13,7 +13,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
 
 
 def _run(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "osgd_jax.app.train", *args],
+  return subprocess.run([sys.executable, "-m", "osgd_jax.app", *args],
                         capture_output=True, text=True, timeout=timeout, env=ENV)
 
 

@@ -39,7 +39,7 @@ CONFIG = train_lib.TrainConfig(
 def _run_steps(config, dataset, steps):
   model = train_lib.build_model(config, dataset)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  mesh = train_lib._make_mesh(config)
+  mesh = train_lib.make_mesh(config)
   tx, step = train_lib.make_train_step(config, graphdef, model.num_exits,
                                        100, False, mesh)
   if mesh is not None:
@@ -110,7 +110,7 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "osgd_jax.app.train", *flags,
+        [sys.executable, "-m", "osgd_jax.app", *flags,
          "--mesh", "data=4,model=2", "--out", str(tmp_path / "multi")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))
