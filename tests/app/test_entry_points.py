@@ -96,3 +96,9 @@ def test_with_the_extra_the_commands_run(script, capsys):
   assert exit_.value.code == 0
   assert capsys.readouterr().out.startswith(f"usage: {script}")
 
+
+def test_the_checked_packages_are_the_app_extra():
+  extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]["app"]
+  names = [requirement.split(">")[0].split("=")[0] for requirement in extra]
+  assert sorted(entry_points.APP_REQUIREMENTS.values()) == sorted(names)
