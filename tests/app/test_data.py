@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import tarfile
 
 import hypothesis
@@ -412,6 +413,12 @@ def test_digits_flatten_and_seed(digits):
   other = load_dataset("digits", seed=1)
   assert not np.array_equal(other.y_test, digits.y_test)
   np.testing.assert_array_equal(load_dataset("digits").x_test, digits.x_test)
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "sklearn", None)
+  with pytest.raises(ImportError, match=r'scikit-learn.*"osgd-jax\[app\]"'):
+    load_dataset("digits")
 
 
 def test_dataset_is_frozen_and_read_only(digits):
