@@ -209,3 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {os.path.join(result.out, 'accuracy_vs_flops.png')},"
         f" {os.path.join(result.out, 'checkpoints')}")
   return 0
+
+
+if __name__ == "__main__":
+  # `python -m osgd_jax.app.cli`: the command without the app extra check
+  # of `python -m osgd_jax.app` and the console script.
+  raise SystemExit(main())

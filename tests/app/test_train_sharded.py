@@ -110,7 +110,7 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "osgd_jax.app", *flags,
+        [sys.executable, "-m", "osgd_jax.app.cli", *flags,
          "--mesh", "data=4,model=2", "--out", str(tmp_path / "multi")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))

@@ -99,11 +99,11 @@ def make_optimizer(config: TrainConfig, total_steps: int,
     without the aggregator for ``sgd``.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> tx = make_optimizer(TrainConfig(), total_steps=10, num_exits=2)
     >>> params = {"w": jnp.zeros(3)}
-    >>> grads = {"w": jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])}
-    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> grads = {"w": jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])}  # (K, 3)
+    >>> updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     >>> updates["w"].shape
     (3,)
   """
