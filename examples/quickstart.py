@@ -27,14 +27,15 @@ import osgd_jax
 
 def make_clusters(rng: np.random.Generator, num: int, centres: np.ndarray,
                   noise: float) -> tuple[np.ndarray, np.ndarray]:
-  """``num`` points around random class centres, with balanced labels."""
+  """``num`` points around the class centres (noise: the Gaussian's std)."""
   labels = rng.permutation(np.arange(num) % len(centres)).astype(np.int32)
-  points = centres[labels] + noise * rng.standard_normal((num, centres.shape[1]))
-  return points.astype(np.float32), labels
+  offsets = noise * rng.standard_normal((num, centres.shape[1]))
+  return (centres[labels] + offsets).astype(np.float32), labels
 
 
 def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
-                     rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     rng: np.random.Generator,
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One epoch of full batches in a random order."""
   order = rng.permutation(len(x))
   for start in range(0, len(x) - batch_size + 1, batch_size):

@@ -29,4 +29,5 @@ def test_quickstart_trains_every_exit_without_the_app():
   assert len(losses) == 3  # steps 1, 100 and 200
   assert all(last < 0.5 * first for first, last in zip(losses[0], losses[-1]))
   accuracy = re.search(r"test accuracy per exit: (.*)", result.stdout).group(1)
-  assert all(float(a) > 0.5 for a in accuracy.split(", ")), accuracy  # chance: 0.1
+  # Chance is 0.1.
+  assert all(float(a) > 0.5 for a in accuracy.split(", ")), accuracy

@@ -63,7 +63,8 @@ def imported_names(module: str) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative: resolved against the importing package
         package = module if _is_package(module) else module.rpartition(".")[0]
-        base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        base = (package.rsplit(".", node.level - 1)[0] if node.level > 1
+                else package)
         base = f"{base}.{node.module}" if node.module else base
       else:
         base = node.module
@@ -109,7 +110,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_find_cycle_finds_and_names_a_cycle():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
-  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [
+      "a", "b", "c", "a"]
   assert find_cycle({"x": {"y"}, "y": {"y"}}) == ["y", "y"]
 
 
@@ -195,11 +197,12 @@ print(json.dumps({"refused": refused, "update": updates["w"].tolist()}))
 
 
 def test_library_imports_and_runs_without_the_app():
-  assert "osgd_jax" in LIBRARY_MODULES and "osgd_jax.zoo.registry" in LIBRARY_MODULES
+  assert {"osgd_jax", "osgd_jax.zoo.registry"} <= set(LIBRARY_MODULES)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
   result = subprocess.run(
-      [sys.executable, "-c", _WITHOUT_APP, ",".join(APP_ONLY), *LIBRARY_MODULES],
+      [sys.executable, "-c", _WITHOUT_APP, ",".join(APP_ONLY),
+       *LIBRARY_MODULES],
       capture_output=True, text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""The distribution's metadata: dependencies, extras, version, license, typing."""
+"""The distribution's metadata: dependencies, extras, version, license."""
 
 from __future__ import annotations
 
