@@ -2,7 +2,7 @@
 
 On one network, batch and machine, in one run, the script times:
 
-* our plain summed-loss SGD step, the floor: ``osgd_jax.train``'s jitted
+* our plain summed-loss SGD step, the floor: ``osgd_jax.app.train``'s jitted
   step with ``optimizer="sgd"`` (one forward, one backward, momentum);
 * our OSGD step, through the same ``make_train_step``, so the benchmark
   measures what ``osgd-train`` runs, with each ``per_exit_grads``: the
@@ -80,7 +80,8 @@ import numpy as np
 from flax import nnx
 
 import osgd_jax
-from osgd_jax import anytime, data as data_lib, train, zoo
+from osgd_jax import anytime, zoo
+from osgd_jax.app import data as data_lib, train
 from osgd_jax.losses import per_exit_cross_entropy
 
 import scope_profile  # benchmarks/scope_profile.py, beside this script

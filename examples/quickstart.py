@@ -1,9 +1,11 @@
 """Quickstart: train a small 3-exit network with Orthogonalized SGD.
 
 A cascade of dense layers with a classifier head after each one is trained on
-a seeded synthetic task. Each step computes the three exit losses' gradients
-in one pass (``value_and_per_exit_grads``), projects them with OSGD in
-priority order and applies momentum SGD, all inside one jitted function.
+a seeded synthetic task made here with NumPy. Each step computes the three
+exit losses' gradients in one pass (``value_and_per_exit_grads``), projects
+them with OSGD in priority order and applies momentum SGD, all inside one
+jitted function. It uses the library only (no ``osgd_jax.app``), so a plain
+``pip install osgd-jax`` runs it.
 
 Run: ``python examples/quickstart.py [--steps N] [--seed S]``
 """
@@ -12,13 +14,33 @@ from __future__ import annotations
 
 import argparse
 
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 import osgd_jax
-from osgd_jax.data import iterate_batches, make_synthetic
+
+
+def make_clusters(rng: np.random.Generator, num: int, centres: np.ndarray,
+                  noise: float) -> tuple[np.ndarray, np.ndarray]:
+  """``num`` points around the class centres (noise: the Gaussian's std)."""
+  labels = rng.permutation(np.arange(num) % len(centres)).astype(np.int32)
+  offsets = noise * rng.standard_normal((num, centres.shape[1]))
+  return (centres[labels] + offsets).astype(np.float32), labels
+
+
+def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
+                     rng: np.random.Generator,
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """One epoch of full batches in a random order."""
+  order = rng.permutation(len(x))
+  for start in range(0, len(x) - batch_size + 1, batch_size):
+    chosen = order[start:start + batch_size]
+    yield x[chosen], y[chosen]
 
 
 class ThreeExitMLP(nnx.Module):
@@ -65,27 +87,30 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
-  data = make_synthetic(seed=args.seed, shape=(32,), difficulty=0.3)
-  model = ThreeExitMLP(32, 64, data.num_classes, rngs=nnx.Rngs(args.seed))
+  # Ten classes in 32 dimensions: unit-norm centres plus Gaussian noise.
+  rng = np.random.default_rng(args.seed)
+  centres = rng.standard_normal((10, 32))
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  x_train, y_train = make_clusters(rng, 2048, centres, noise=0.3)
+  x_test, y_test = make_clusters(rng, 512, centres, noise=0.3)
+  model = ThreeExitMLP(32, 64, len(centres), rngs=nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(
       model, osgd_jax.osgd_sgd(learning_rate=0.05, momentum=0.9, num_exits=3),
       wrt=nnx.Param)
 
   print(f"devices: {jax.devices()}")
   print("step   " + "  ".join(f"loss_exit{k}" for k in (1, 2, 3)))
-  step, epoch = 0, 0
+  step = 0
   while step < args.steps:
-    for x, y in iterate_batches(data.x_train, data.y_train, args.batch_size,
-                                seed=args.seed, epoch=epoch):
+    for x, y in shuffled_batches(x_train, y_train, args.batch_size, rng):
       losses = train_step(model, optimizer, x, y)
       step += 1
       if step == 1 or step % 100 == 0:
         print(f"{step:5d}  " + "  ".join(f"{l:10.4f}" for l in losses))
       if step >= args.steps:
         break
-    epoch += 1
 
-  acc = accuracy(model, data.x_test, data.y_test)
+  acc = accuracy(model, x_test, y_test)
   cosine = optimizer.opt_state[0].cosine[...]
   print("test accuracy per exit: " + ", ".join(f"{a:.3f}" for a in acc))
   print(f"gradient cosine between exits 1 and 3 at the last step: {cosine[0, 2]:.3f}")

@@ -8,7 +8,6 @@ is run under jit in a chain with momentum on a zoo model.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -22,7 +21,6 @@ from hypothesis import given, settings, strategies as st
 import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import aggregators, weightings, zoo
-from osgd_jax import train as train_lib
 
 SHAPES = {"conv": (3, 2, 4), "bias": (5,), "scale": ()}
 NAMES = list(SHAPES)
@@ -401,46 +399,6 @@ def test_jitted_chain_with_momentum_on_zoo_model(name):
   assert _finite((params, state, losses))
   assert jax.tree.map(jnp.shape, state) == shapes  # fixed by num_exits
   assert float(losses.mean()) < float(first.mean()), (first, losses)
-
-
-def test_make_optimizer_builds_every_optimizer():
-  params = {"w": jnp.ones(4)}
-  grads = {"w": jnp.arange(12.0).reshape(3, 4) - 5.0}
-  for name in train_lib.OPTIMIZERS:
-    config = dataclasses.replace(train_lib.TrainConfig(), optimizer=name)
-    config.validate()
-    tx = train_lib.make_optimizer(config, total_steps=10, num_exits=3)
-    state = tx.init(params)
-    g = {"w": grads["w"].sum(0)} if name == "sgd" else grads
-    # Traced, not compiled: the compiled kernels are tested above.
-    updates, new_state = jax.eval_shape(
-        functools.partial(tx.update, losses=jnp.ones(3)), g, state, params)
-    assert updates["w"].shape == (4,), name
-    assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
-
-
-def test_train_step_passes_losses_and_seed():
-  # AdaLoss is the optimizer that needs train.py to pass the losses along.
-  model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3, width=8)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  config = train_lib.TrainConfig(model="branched-mlp", optimizer="adaloss")
-  tx, step = train_lib.make_train_step(config, graphdef, 3, total_steps=4,
-                                       augment=False)
-  opt_state = tx.init(params)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(32, 64)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, size=32), jnp.int32)
-  for _ in range(2):
-    params, rest, opt_state, losses = step(params, rest, opt_state, x, y,
-                                           jax.random.key(0))
-  ada = opt_state[0].weighting_state
-  assert int(ada.count[0]) == 2 and _finite((params, opt_state, losses))
-  # The step is shared by the seeds of an experiment; PCGrad's key is not.
-  keys = [train_lib.make_train_step(
-      dataclasses.replace(config, optimizer="pcgrad", seed=seed), graphdef, 3,
-      total_steps=4, augment=False)[0].init(params)[0].weighting_state.key_data
-      for seed in (0, 1)]
-  assert not np.array_equal(keys[0], keys[1])
 
 
 # --- errors ----------------------------------------------------------------------

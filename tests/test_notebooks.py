@@ -24,7 +24,7 @@ COLAB_URL = ("https://colab.research.google.com/github/osgd-jax/osgd-jax/blob/"
 MACHINE_PATH = re.compile(
     r"(?<![\w.-])(/work|/root|/tmp|/home|/Users|/private/var|/var/folders)"
     r"(?=[/\"'\s)]|$)")
-PUBLIC_MODULES = {"osgd_jax", "osgd_jax.train"}
+PUBLIC_MODULES = {"osgd_jax", "osgd_jax.app", "osgd_jax.app.train"}
 CELL_TIMEOUT_S = 300
 
 

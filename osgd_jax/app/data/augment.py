@@ -80,7 +80,7 @@ def augment(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from osgd_jax.data import augment, augment_key
+    >>> from osgd_jax.app.data import augment, augment_key
     >>> step_key = augment_key(jax.random.key(0), epoch=0, step=0)
     >>> out = jax.jit(augment)(step_key, jnp.ones((8, 32, 32, 3)))
     >>> out.shape

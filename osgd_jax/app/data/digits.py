@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from osgd_jax.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.base import Dataset, channel_stats, standardize
 
 __all__ = ["load_digits", "stratified_split"]
 
@@ -66,10 +66,10 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
   """
   try:
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
+  except ImportError as e:
     raise ImportError(
-        "the 'digits' dataset ships with scikit-learn: pip install scikit-learn"
-    ) from e
+        "the 'digits' dataset ships with scikit-learn, part of the app extra:"
+        ' pip install "osgd-jax[app]"') from e
   bunch = datasets.load_digits()
   images = (bunch.images / 16.0)[..., None]
   labels = bunch.target.astype(np.int32)

@@ -1,9 +1,11 @@
 """The OSGD-vs-baselines experiment: ``osgd-compare``.
 
 Trains every requested model with each optimizer (by default OSGD and SGD; any
-subset of ``osgd_jax.train.OPTIMIZERS``) on the same data and seeds,
+subset of ``osgd_jax.app.train.OPTIMIZERS``) on the same data and seeds,
 then prints and saves the mean ± std test accuracy per exit (``compare.md``,
 ``compare.json``) and a figure per model (``compare-<model>.png``).
+
+Run it as ``osgd-compare`` or ``python -m osgd_jax.app.compare``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
 
-from osgd_jax.cli import EXIT_BAD_INPUT, _OneLineParser, quiet_library_logs
-from osgd_jax.report import plot_exit_accuracy, write_json
-from osgd_jax.train import OPTIMIZERS, TrainConfig, prepare_output_dir, train
+from osgd_jax import zoo
+from osgd_jax.app.command_line import (EXIT_BAD_INPUT, OneLineArgumentParser,
+                                       print_error, quiet_library_logs)
+from osgd_jax.app.report import plot_exit_accuracy, write_json
+from osgd_jax.app.train import (OPTIMIZERS, TrainConfig, prepare_output_dir,
+                                train)
 
 __all__ = ["DEFAULT_MODELS", "DEFAULT_OPTIMIZERS", "compare", "format_table", "main"]
 
@@ -35,7 +39,7 @@ def compare(base: TrainConfig, models: Sequence[str], optimizers: Sequence[str],
     base: settings shared by all runs; ``model``, ``optimizer``, ``seed`` and
       ``out`` are replaced per run (``out`` becomes a sub-directory).
     models: zoo model names.
-    optimizers: names from ``osgd_jax.train.OPTIMIZERS``.
+    optimizers: names from ``osgd_jax.app.train.OPTIMIZERS``.
     seeds: the seeds, the same for every model and optimizer.
 
   Returns:
@@ -57,7 +61,22 @@ def compare(base: TrainConfig, models: Sequence[str], optimizers: Sequence[str],
 
 
 def format_table(results: dict[str, dict[str, np.ndarray]]) -> str:
-  """A Markdown table: one row per (model, optimizer), mean ± std per exit."""
+  """A Markdown table: one row per (model, optimizer), mean ± std per exit.
+
+  Args:
+    results: ``results[model][optimizer]``, accuracies ``(seeds, K)`` in
+      [0, 1], as :func:`compare` returns them.
+
+  Returns:
+    The table, in percent.
+
+  Example:
+    >>> runs = {"osgd": np.array([[0.5, 0.9], [0.7, 0.9]])}
+    >>> print(format_table({"branched-mlp": runs}))
+    | model | optimizer | exit 1 | exit 2 |
+    | --- | --- | --- | --- |
+    | branched-mlp | osgd | 60.0 ± 10.0 | 90.0 ± 0.0 |
+  """
   num_exits = max(a.shape[1] for runs in results.values() for a in runs.values())
   header = "| model | optimizer | " + " | ".join(
       f"exit {k}" for k in range(1, num_exits + 1)) + " |"
@@ -71,11 +90,16 @@ def format_table(results: dict[str, dict[str, np.ndarray]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs ``osgd-compare``; returns the process exit status."""
-  from osgd_jax import zoo
+  """Runs ``osgd-compare``.
 
+  Args:
+    argv: the command's arguments; ``None`` reads ``sys.argv``.
+
+  Returns:
+    The process exit status: 0, or ``EXIT_BAD_INPUT``.
+  """
   defaults = TrainConfig()
-  p = _OneLineParser(
+  p = OneLineArgumentParser(
       prog="osgd-compare",
       description="Train optimizers (default: osgd and sgd) on the same"
       " models, data and seeds and"
@@ -105,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.validate()
     results = compare(base, args.models, args.optimizers, range(args.seeds))
   except ValueError as e:
-    print(f"osgd-compare: error: {e}", file=sys.stderr)
+    print_error("osgd-compare", e)
     return EXIT_BAD_INPUT
   table = format_table(results)
   print(table)

@@ -1,4 +1,4 @@
-"""Tests for osgd_jax.data: loaders, batch streams and augmentation.
+"""Tests for osgd_jax.app.data: loaders, batch streams and augmentation.
 
 The CIFAR tests write tiny archives in the official layout: Python-2-style
 protocol-2 pickles (byte strings as BINSTRING, NumPy 1 module names), inside
@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import struct
+import sys
 import tarfile
 
 import hypothesis
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from osgd_jax import data
-from osgd_jax.data import (Dataset, DatasetFormatError, DatasetNotFoundError,
+from osgd_jax.app import data
+from osgd_jax.app.data import (Dataset, DatasetFormatError, DatasetNotFoundError,
                            load_dataset)
 
 _SETTINGS = hypothesis.settings(max_examples=30, deadline=None)
@@ -412,6 +413,12 @@ def test_digits_flatten_and_seed(digits):
   other = load_dataset("digits", seed=1)
   assert not np.array_equal(other.y_test, digits.y_test)
   np.testing.assert_array_equal(load_dataset("digits").x_test, digits.x_test)
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "sklearn", None)
+  with pytest.raises(ImportError, match=r'scikit-learn.*"osgd-jax\[app\]"'):
+    load_dataset("digits")
 
 
 def test_dataset_is_frozen_and_read_only(digits):

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from osgd_jax.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
+from osgd_jax.app.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
                                 DatasetNotFoundError, channel_stats,
                                 standardize)
 

@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from osgd_jax import train as train_lib
-from osgd_jax.checkpoint import CheckpointStore
-from osgd_jax.train import TrainConfig, TrainingDiverged, train
+from osgd_jax.app import train as train_lib
+from osgd_jax.app.checkpoint import CheckpointStore
+from osgd_jax.app.train import TrainConfig, TrainingDiverged, train
+from osgd_jax.app.train import run as run_lib
 
 # A small, fast configuration: an MLP on digits.
 SMALL = TrainConfig(model="nested-depth-mlp", epochs=3, batch_size=128,
@@ -25,7 +26,7 @@ def _metrics(history):
 
 def _interrupt_at_step(monkeypatch, step_number, error):
   """Makes the training step raise ``error`` on its ``step_number``-th call."""
-  make_step = train_lib.make_train_step
+  make_step = run_lib.make_train_step
   calls = []
 
   def patched(*args, **kwargs):
@@ -38,7 +39,7 @@ def _interrupt_at_step(monkeypatch, step_number, error):
       return step(*a)
     return tx, wrapped
 
-  monkeypatch.setattr(train_lib, "make_train_step", patched)
+  monkeypatch.setattr(run_lib, "make_train_step", patched)
 
 
 @pytest.mark.slow
@@ -62,7 +63,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, optimizer):
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  make_step = train_lib.make_train_step
+  make_step = run_lib.make_train_step
   calls = []
 
   def poisoned(*args, **kwargs):
@@ -76,7 +77,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
       return (*state, losses)
     return tx, wrapped
 
-  monkeypatch.setattr(train_lib, "make_train_step", poisoned)
+  monkeypatch.setattr(run_lib, "make_train_step", poisoned)
   config = dataclasses.replace(SMALL, out=str(tmp_path / "run"))
   with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1.*epoch 1.*kept"):
     train(config)

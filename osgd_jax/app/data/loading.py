@@ -7,10 +7,10 @@ import inspect
 import os
 from typing import Any, Callable
 
-from osgd_jax.data.base import Dataset
-from osgd_jax.data.cifar import load_cifar
-from osgd_jax.data.digits import load_digits
-from osgd_jax.data.synthetic import make_synthetic
+from osgd_jax.app.data.base import Dataset
+from osgd_jax.app.data.cifar import load_cifar
+from osgd_jax.app.data.digits import load_digits
+from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = ["DATASET_NAMES", "load_dataset"]
 

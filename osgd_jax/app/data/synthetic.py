@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from osgd_jax.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.base import Dataset, channel_stats, standardize
 
 __all__ = ["make_synthetic"]
 

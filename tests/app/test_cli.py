@@ -13,7 +13,10 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
 
 
 def _run(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "osgd_jax.train", *args],
+  # The command module itself: the app extra check in front of it (the
+  # console script's, tests/app/test_entry_points.py) would only add its
+  # imports to every run here.
+  return subprocess.run([sys.executable, "-m", "osgd_jax.app.cli", *args],
                         capture_output=True, text=True, timeout=timeout, env=ENV)
 
 

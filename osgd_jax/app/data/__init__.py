@@ -8,16 +8,16 @@ and ``augment`` (random crop with padding and flip) runs inside a jitted step
 with keys from ``augment_key(key, epoch, step)``.
 """
 
-from osgd_jax.data.augment import augment, random_crop, random_flip
-from osgd_jax.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
+from osgd_jax.app.data.augment import augment, random_crop, random_flip
+from osgd_jax.app.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
                                 DatasetNotFoundError)
-from osgd_jax.data.batching import (augment_key, batch_indices,
+from osgd_jax.app.data.batching import (augment_key, batch_indices,
                                     epoch_permutation, iterate_batches,
                                     num_batches)
-from osgd_jax.data.cifar import load_cifar
-from osgd_jax.data.digits import load_digits, stratified_split
-from osgd_jax.data.loading import DATASET_NAMES, load_dataset
-from osgd_jax.data.synthetic import make_synthetic
+from osgd_jax.app.data.cifar import load_cifar
+from osgd_jax.app.data.digits import load_digits, stratified_split
+from osgd_jax.app.data.loading import DATASET_NAMES, load_dataset
+from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
     "CIFAR_URL",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from osgd_jax import compare
+from osgd_jax.app import compare
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """The ``osgd-train`` command: flags, config files and one-line errors.
 
-Every flag mirrors a :class:`osgd_jax.train.TrainConfig` field. A YAML or JSON
-file given with ``--config`` supplies defaults whose keys are the flag names
-(``batch_size`` or ``batch-size``); flags on the command line override it.
-Bad input ends with one line on stderr saying what is wrong and what to do,
-and exit status 2; a diverged run exits with status 1.
+Every flag mirrors a :class:`osgd_jax.app.train.TrainConfig` field. A YAML or
+JSON file given with ``--config`` supplies defaults whose keys are the flag
+names (``batch_size`` or ``batch-size``); flags on the command line override
+it. Bad input ends with one line on stderr saying what is wrong and what to
+do, and exit status 2; a diverged run exits with status 1.
+
+Run it as ``osgd-train`` or ``python -m osgd_jax.app``.
 """
 
 from __future__ import annotations
@@ -12,23 +14,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
-import sys
 from typing import Any, Sequence
 
+import jax
+import yaml
+
+from osgd_jax import sharding, zoo
+from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
+                                       OneLineArgumentParser, print_error,
+                                       quiet_library_logs)
+from osgd_jax.app.data import DATASET_NAMES
+from osgd_jax.app.report import exit_table
+from osgd_jax.app.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
+                                TrainConfig, TrainingDiverged, train)
+from osgd_jax.aggregation import GRANULARITIES
+from osgd_jax.transform import METHODS
+
 __all__ = ["main", "build_parser", "config_from_args"]
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-
-
-class _OneLineParser(argparse.ArgumentParser):
-  """An ArgumentParser whose errors are one line, not usage plus error."""
-
-  def error(self, message: str):  # noqa: D401 - argparse's signature
-    self.exit(EXIT_BAD_INPUT,
-              f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -40,16 +43,21 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
-  """The argument parser of ``osgd-train``; its defaults are TrainConfig's."""
-  from osgd_jax import zoo
-  from osgd_jax.data import DATASET_NAMES
-  from osgd_jax.aggregation import GRANULARITIES
-  from osgd_jax.transform import METHODS
-  from osgd_jax.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
-                              TrainConfig)
+  """The argument parser of ``osgd-train``; its defaults are TrainConfig's.
 
+  Args:
+    prog: the command's name in usage and error lines.
+
+  Returns:
+    The parser; every destination is a :class:`TrainConfig` field, plus
+    ``config``.
+
+  Example:
+    >>> build_parser().parse_args(["--epochs", "3"]).epochs
+    3
+  """
   d = TrainConfig()
-  p = _OneLineParser(
+  p = OneLineArgumentParser(
       prog=prog,
       description="Train an anytime network with Orthogonalized SGD (or the"
       " summed-loss SGD baseline), then print per-exit test accuracy, FLOPs"
@@ -118,7 +126,6 @@ def _read_config_file(path: str) -> dict[str, Any]:
     text = f.read()
   try:
     if path.endswith((".yaml", ".yml")):
-      import yaml
       values = yaml.safe_load(text)
     else:
       values = json.loads(text)
@@ -131,15 +138,25 @@ def _read_config_file(path: str) -> dict[str, Any]:
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def config_from_args(argv: Sequence[str] | None = None):
+def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
   """Parses ``argv`` (and ``--config``) into a validated TrainConfig.
+
+  Args:
+    argv: the command's arguments; ``None`` reads ``sys.argv``.
+
+  Returns:
+    The validated configuration.
 
   Raises:
     SystemExit: with status 2 on an argparse error.
     ValueError: a bad config file or value.
-  """
-  from osgd_jax.train import TrainConfig
 
+  Example:
+    >>> config = config_from_args(["--optimizer", "sgd",
+    ...                            "--exit-weights", "1,1,2,4"])
+    >>> config.optimizer, config.exit_weights
+    ('sgd', (1.0, 1.0, 2.0, 4.0))
+  """
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.config:
@@ -160,23 +177,15 @@ def config_from_args(argv: Sequence[str] | None = None):
   return config
 
 
-def quiet_library_logs() -> None:
-  """Silences absl logging for the command-line tools.
-
-  Orbax logs its own errors and save-timing warnings through absl before
-  raising; a command reports each failure once, as one line.
-  """
-  logging.getLogger("absl").setLevel(logging.CRITICAL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs ``osgd-train``; returns the process exit status."""
-  import jax
+  """Runs ``osgd-train``.
 
-  from osgd_jax import sharding
-  from osgd_jax.report import exit_table
-  from osgd_jax.train import TrainingDiverged, train
+  Args:
+    argv: the command's arguments; ``None`` reads ``sys.argv``.
 
+  Returns:
+    The process exit status: 0, ``EXIT_BAD_INPUT`` or ``EXIT_FAILED``.
+  """
   quiet_library_logs()
   prog = "osgd-train"
   try:
@@ -186,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     result = train(config)
   except ValueError as e:  # bad input: data, flags, --out, checkpoints
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print_error(prog, e)
     return EXIT_BAD_INPUT
   except TrainingDiverged as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print_error(prog, e)
     return EXIT_FAILED
   if jax.process_index() != 0:  # process 0 reports for the run
     return 0
@@ -204,4 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # `python -m osgd_jax.app.cli`: the command without the app extra check
+  # of `python -m osgd_jax.app` and the console script.
   raise SystemExit(main())

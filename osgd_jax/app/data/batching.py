@@ -152,7 +152,7 @@ def iterate_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
     An iterator of ``(x[idx], y[idx])`` pairs, freshly allocated per batch.
 
   Example:
-    >>> from osgd_jax.data import iterate_batches, load_dataset
+    >>> from osgd_jax.app.data import iterate_batches, load_dataset
     >>> ds = load_dataset("digits")
     >>> for xb, yb in iterate_batches(ds.x_train, ds.y_train, 128, seed=0,
     ...                               epoch=0):

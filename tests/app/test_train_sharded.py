@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from osgd_jax import cli, data as data_lib, sharding
-from osgd_jax import train as train_lib
+from osgd_jax import sharding
+from osgd_jax.app import cli, data as data_lib
+from osgd_jax.app import train as train_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -38,7 +39,7 @@ CONFIG = train_lib.TrainConfig(
 def _run_steps(config, dataset, steps):
   model = train_lib.build_model(config, dataset)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  mesh = train_lib._make_mesh(config)
+  mesh = train_lib.make_mesh(config)
   tx, step = train_lib.make_train_step(config, graphdef, model.num_exits,
                                        100, False, mesh)
   if mesh is not None:
@@ -109,7 +110,7 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "osgd_jax.train", *flags,
+        [sys.executable, "-m", "osgd_jax.app.cli", *flags,
          "--mesh", "data=4,model=2", "--out", str(tmp_path / "multi")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))
@@ -141,7 +142,7 @@ def _config_fields(flags):
 
 
 def test_sharded_checkpoints_restore_onto_any_mesh(tmp_path):
-  from osgd_jax.checkpoint import CheckpointStore
+  from osgd_jax.app.checkpoint import CheckpointStore
   rng = np.random.default_rng(0)
   tree = {"w": rng.normal(size=(8, 6)).astype(np.float32),
           "b": rng.normal(size=(5,)).astype(np.float32)}

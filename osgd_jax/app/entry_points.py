@@ -1,0 +1,103 @@
+"""The console scripts ``osgd-train`` and ``osgd-compare``.
+
+Each checks first that the ``app`` extra is installed, so that a user who
+installed only the library gets one line naming what is missing and the
+command that installs it, instead of a traceback (or, for a package that is
+imported late, a failure at the end of a run). The commands themselves are
+imported only after that check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+from typing import Sequence
+
+from osgd_jax.app.command_line import EXIT_BAD_INPUT, print_error
+
+__all__ = ["APP_REQUIREMENTS", "install_command", "missing_requirements",
+           "osgd_compare", "osgd_train"]
+
+# The app extra (pyproject.toml): the module the application imports from
+# each distribution, and the distribution's name.
+APP_REQUIREMENTS = {
+    "orbax.checkpoint": "orbax-checkpoint",
+    "sklearn": "scikit-learn",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "yaml": "pyyaml",
+}
+
+
+def missing_requirements() -> list[str]:
+  """The distributions of the ``app`` extra that cannot be imported.
+
+  Returns:
+    Their names (as ``pip`` knows them), in :data:`APP_REQUIREMENTS` order;
+    empty when the extra is complete.
+
+  Example:
+    >>> missing_requirements()
+    []
+  """
+  missing = []
+  for module, distribution in APP_REQUIREMENTS.items():
+    try:
+      importlib.import_module(module)
+    except ImportError:
+      missing.append(distribution)
+  return missing
+
+
+def install_command() -> str:
+  """The command that installs the ``app`` extra into this interpreter.
+
+  Returns:
+    ``<this python> -m pip install "osgd-jax[app]"``: pip keeps the installed
+    osgd-jax (an editable one too) and adds what the extra lacks.
+
+  Example:
+    >>> install_command().endswith(' -m pip install "osgd-jax[app]"')
+    True
+  """
+  return f'{shlex.quote(sys.executable)} -m pip install "osgd-jax[app]"'
+
+
+def _report_missing(prog: str) -> bool:
+  """Prints the error line and returns True when the app extra is incomplete."""
+  missing = missing_requirements()
+  if missing:
+    print_error(prog, f"{prog} needs the app extra, which lacks"
+                f" {', '.join(missing)}; install it with: {install_command()}")
+  return bool(missing)
+
+
+def osgd_train(argv: Sequence[str] | None = None) -> int:
+  """``osgd-train``: see :func:`osgd_jax.app.cli.main`.
+
+  Args:
+    argv: the command's arguments; ``None`` reads ``sys.argv``.
+
+  Returns:
+    The process exit status.
+  """
+  if _report_missing("osgd-train"):
+    return EXIT_BAD_INPUT
+  from osgd_jax.app import cli  # pylint: disable=g-import-not-at-top
+  return cli.main(argv)
+
+
+def osgd_compare(argv: Sequence[str] | None = None) -> int:
+  """``osgd-compare``: see :func:`osgd_jax.app.compare.main`.
+
+  Args:
+    argv: the command's arguments; ``None`` reads ``sys.argv``.
+
+  Returns:
+    The process exit status.
+  """
+  if _report_missing("osgd-compare"):
+    return EXIT_BAD_INPUT
+  from osgd_jax.app import compare  # pylint: disable=g-import-not-at-top
+  return compare.main(argv)

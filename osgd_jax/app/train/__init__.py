@@ -1,0 +1,70 @@
+"""Training anytime networks: OSGD, the baselines, or summed-loss SGD.
+
+``train(TrainConfig(...))`` runs what ``osgd-train`` runs (see
+:mod:`osgd_jax.app.cli`), in pieces with one job each:
+
+* :mod:`~osgd_jax.app.train.config`: the settings, their validation, and
+  which of them a resumed run may change;
+* :mod:`~osgd_jax.app.train.optimizer`: the gradient pipeline from the
+  optimizer's name;
+* :mod:`~osgd_jax.app.train.step`: the jitted step;
+* :mod:`~osgd_jax.app.train.run`: starting a run (output directory, data,
+  model, mesh, checkpoints, resume);
+* :mod:`~osgd_jax.app.train.loop`: the epochs, evaluation and checkpoints;
+* :mod:`~osgd_jax.app.train.artefacts`: ``metrics.json``, the figure and
+  the result.
+"""
+
+from osgd_jax.app.train.artefacts import TrainResult
+from osgd_jax.app.train.artefacts import finish_run
+from osgd_jax.app.train.artefacts import write_metrics
+from osgd_jax.app.train.config import OPTIMIZERS
+from osgd_jax.app.train.config import PER_EXIT_GRADS
+from osgd_jax.app.train.config import SCHEDULES
+from osgd_jax.app.train.config import TrainConfig
+from osgd_jax.app.train.config import check_resumable
+from osgd_jax.app.train.loop import TrainingDiverged
+from osgd_jax.app.train.loop import epoch_record
+from osgd_jax.app.train.loop import save_epoch
+from osgd_jax.app.train.loop import train
+from osgd_jax.app.train.loop import train_epoch
+from osgd_jax.app.train.optimizer import aggregator_for
+from osgd_jax.app.train.optimizer import make_optimizer
+from osgd_jax.app.train.optimizer import make_schedule
+from osgd_jax.app.train.run import Run
+from osgd_jax.app.train.run import TrainState
+from osgd_jax.app.train.run import build_model
+from osgd_jax.app.train.run import default_output_dir
+from osgd_jax.app.train.run import load_data
+from osgd_jax.app.train.run import make_mesh
+from osgd_jax.app.train.run import prepare_output_dir
+from osgd_jax.app.train.run import start_run
+from osgd_jax.app.train.step import make_train_step
+
+__all__ = [
+    "OPTIMIZERS",
+    "PER_EXIT_GRADS",
+    "Run",
+    "SCHEDULES",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "TrainingDiverged",
+    "aggregator_for",
+    "build_model",
+    "check_resumable",
+    "default_output_dir",
+    "epoch_record",
+    "finish_run",
+    "load_data",
+    "make_mesh",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "prepare_output_dir",
+    "save_epoch",
+    "start_run",
+    "train",
+    "train_epoch",
+    "write_metrics",
+]

@@ -1,0 +1,120 @@
+"""What a run leaves behind: ``metrics.json``, the figure, the result.
+
+Process 0 writes the files of a multi-process run; every process returns the
+same :class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from osgd_jax import anytime
+from osgd_jax.app.report import plot_accuracy_vs_flops, write_json
+from osgd_jax.app.train.config import TrainConfig
+from osgd_jax.app.train.run import Run, TrainState
+
+__all__ = ["EARLY_EXIT_THRESHOLDS", "TrainResult", "finish_run",
+           "write_metrics"]
+
+# The confidence thresholds of the early-exit curve in metrics.json and the
+# figure, from 0 (every example takes exit 1) to 1 (only certain ones stop
+# before the last exit).
+EARLY_EXIT_THRESHOLDS = np.linspace(0.0, 1.0, 21)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished run produced.
+
+  Attributes:
+    history: one dict per completed epoch (as written to ``metrics.json``).
+    test_accuracy: ``(K,)`` final test accuracy per exit.
+    test_loss: ``(K,)`` final test loss per exit.
+    flops: ``(K,)`` FLOPs of one example up to each exit, and its source.
+    params: ``(K,)`` parameters on each exit's path.
+    out: the output directory.
+    model: the trained model, in eval mode.
+  """
+
+  history: list[dict[str, Any]]
+  test_accuracy: np.ndarray
+  test_loss: np.ndarray
+  flops: anytime.ExitFlops
+  params: np.ndarray
+  out: str
+  model: Any
+
+
+def write_metrics(out: str, config: TrainConfig, history: list[dict[str, Any]],
+                  summary: dict[str, Any] | None = None) -> None:
+  """Writes ``out/metrics.json``: the config, the epochs and the final summary.
+
+  Args:
+    out: the run's output directory.
+    config: the run's settings.
+    history: one record per completed epoch.
+    summary: the final test metrics, FLOPs and early-exit curve, once the
+      run is over.
+
+  Example:
+    >>> import json, tempfile
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...   write_metrics(out, TrainConfig(), [{"epoch": 1}])
+    ...   with open(os.path.join(out, "metrics.json")) as f:
+    ...     json.load(f)["epochs"]
+    [{'epoch': 1}]
+  """
+  payload = {"config": config.to_json(), "epochs": history}
+  if summary is not None:
+    payload["final"] = summary
+  write_json(os.path.join(out, "metrics.json"), payload)
+
+
+def finish_run(run: Run, state: TrainState) -> TrainResult:
+  """Measures the trained model and writes the run's final artefacts.
+
+  Adds the final test metrics, FLOPs and parameters per exit and the
+  early-exit curve (accuracy against mean FLOPs, exiting at the first exit
+  whose confidence reaches each of :data:`EARLY_EXIT_THRESHOLDS`) to
+  ``metrics.json``, and plots both against FLOPs in
+  ``accuracy_vs_flops.png``.
+
+  Args:
+    run: the run, whose last history record holds the final test metrics.
+    state: the trained state.
+
+  Returns:
+    The :class:`TrainResult`.
+  """
+  config, dataset = run.config, run.dataset
+  model = run.host_model(state)
+  model.eval()
+  final = run.history[-1]
+  accuracy = np.asarray(final["test_accuracy"])
+  flops = anytime.flops_per_exit(model, (1,) + dataset.input_shape)
+  param_counts = anytime.params_per_exit(model)
+  sweep_flops, sweep_accuracy = anytime.early_exit_curve(
+      model, dataset.x_test, dataset.y_test, EARLY_EXIT_THRESHOLDS,
+      flops=flops.flops)
+  result = TrainResult(run.history, accuracy, np.asarray(final["test_loss"]),
+                       flops, param_counts, run.out, model)
+  if jax.process_index() != 0:  # process 0 writes the run's files
+    return result
+  write_metrics(run.out, config, run.history, {
+      "test_accuracy": accuracy, "test_loss": final["test_loss"],
+      "flops": flops.flops, "flops_source": flops.source,
+      "params": param_counts,
+      "early_exit": {"threshold": EARLY_EXIT_THRESHOLDS,
+                     "mean_flops": sweep_flops, "accuracy": sweep_accuracy}})
+  plot_accuracy_vs_flops(
+      {f"{config.optimizer}: exit k": (flops.flops, accuracy),
+       f"{config.optimizer}: early exit by confidence": (sweep_flops,
+                                                        sweep_accuracy)},
+      os.path.join(run.out, "accuracy_vs_flops.png"),
+      title=f"{config.model} on {config.dataset}")
+  return result
