@@ -39,9 +39,11 @@ On one network, batch and machine, in one run, the script times:
   ``jac_to_grad``), each followed by the same SGD momentum update.
 
 Targets, as ratios from the run (verdicts are printed, never asserted), all
-of the default staged step: OSGD / plain within 1.15x of the structural
-limit; the transform <= 5% of the OSGD step; our OSGD step no slower than
-TorchJD's fastest step.
+of the default staged step: OSGD / plain at or under the structural limit;
+the transform <= 5% of the OSGD step; OSGD / plain below the ratio of
+TorchJD's fastest step to PyTorch's plain step, measured in the same run (the
+absolute times are printed beside it). The vmap Jacobian's ratio is printed
+beside its own limit, that of K full backward passes.
 It also reports the memory of the stacked per-exit gradients against the
 parameters (K x) and XLA's ``memory_analysis`` of each compiled step.
 
@@ -86,7 +88,7 @@ from osgd_jax.losses import per_exit_cross_entropy
 
 import scope_profile  # benchmarks/scope_profile.py, beside this script
 
-TARGET_LIMIT = 1.15  # OSGD/plain over the structural limit
+TARGET_LIMIT = 1.0  # OSGD/plain at or under the structural limit
 TARGET_SHARE = 0.05  # the transform's share of the OSGD step
 MIN_SAMPLE_S = 0.2   # fast steps are repeated back to back for this long
 LABEL_WIDTH = 56     # the step column of the printed table
@@ -457,9 +459,13 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
   ratios = {k: med[k] / plain for k in med}
   osgd_ratio = ratios[osgd_key]
   alone_share = med["transform"] / med[osgd_key]
-  torchjd = {k: v for k, v in med.items()
-             if k.startswith(tuple(f"torch-{a.lower()}"
-                                   for a in TORCHJD_AGGREGATORS))}
+  # TorchJD's steps over PyTorch's plain step of the same memory layout.
+  torchjd = {}
+  for k, v in med.items():
+    for agg in TORCHJD_AGGREGATORS:
+      agg_key = f"torch-{agg.lower()}"
+      if k.startswith(agg_key):
+        torchjd[k] = v / med["torch-plain" + k[len(agg_key):]]
   best_torchjd = min(torchjd, key=torchjd.get) if torchjd else None
 
   param_bytes = _nbytes(params)
@@ -486,7 +492,8 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
       # rows is part of both steps).
       projection_in_step_s=med[osgd_key] - med["sum-staged"],
       best_torchjd=best_torchjd,
-      osgd_over_best_torchjd=(med[osgd_key] / med[best_torchjd]
+      best_torchjd_ratio=torchjd.get(best_torchjd),
+      osgd_over_best_torchjd=(osgd_ratio / torchjd[best_torchjd]
                               if best_torchjd else None),
       memory=dict(param_bytes=param_bytes, per_exit_grad_bytes=grad_bytes,
                   grads_over_params=grad_bytes / param_bytes,
@@ -556,8 +563,11 @@ def _print_result(r: dict, out: Callable[[str], None]) -> None:
       f"  {_verdict(over <= TARGET_LIMIT)}")
   out(f"          (staged, rows batched:"
       f" {ratios['jax-osgd-staged-batched']:.3f}x ="
-      f" {r['batched_over_limit']:.3f}x the limit; vmap Jacobian:"
-      f" {ratios['jax-osgd-vmap']:.3f}x = {r['vmap_over_limit']:.3f}x)")
+      f" {r['batched_over_limit']:.3f}x the limit)")
+  out(f"vmap Jacobian (value_and_per_exit_grads): OSGD / plain ="
+      f" {ratios['jax-osgd-vmap']:.3f}x, beside the limit of K full backward"
+      f" passes {s['vmap_limit']:.3f}x ="
+      f" {ratios['jax-osgd-vmap'] / s['vmap_limit']:.3f}x that limit")
   p = r["transform_in_step"]
   out(f"target 2: the transform inside the OSGD step (profiles of {p['runs']}"
       f" steps): {p['estimate_s'] * 1e3:.3f} ms = {100 * p['share']:.2f}% of"
@@ -579,10 +589,13 @@ def _print_result(r: dict, out: Callable[[str], None]) -> None:
       f" arguments; the OSGD step - the same step with the rows summed ="
       f" {r['projection_in_step_s'] * 1e3:.2f} ms)")
   if r["best_torchjd"] is not None:
+    best = r["best_torchjd"]
     rel = r["osgd_over_best_torchjd"]
-    out(f"target 3: {osgd_label} / fastest TorchJD step"
-        f" ({labels[r['best_torchjd']]}, {med[r['best_torchjd']] * 1e3:.2f} ms)"
-        f" = {rel:.3f}x (target <= 1x)  {_verdict(rel <= 1.0)}")
+    out(f"target 3: OSGD / plain {ratios[r['osgd_variant']]:.3f}x against"
+        f" TorchJD's fastest / PyTorch plain {r['best_torchjd_ratio']:.3f}x"
+        f" ({labels[best]}) = {rel:.3f} (target < 1)  {_verdict(rel < 1.0)}")
+    out(f"          (absolute: {osgd_label} {med[r['osgd_variant']] * 1e3:.2f}"
+        f" ms; {labels[best]} {med[best] * 1e3:.2f} ms)")
   else:
     out("target 3: skipped (no PyTorch/TorchJD)")
   m = r["memory"]
@@ -680,15 +693,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   out("\nsummary (ratios from this run):")
   out(f"{'model':<22} {'osgd/plain':>10} {'limit':>7} {'/limit':>7}"
-      f" {'batched/limit':>13} {'vmap/limit':>10} {'transform':>9}"
-      f" {'osgd/torchjd':>12}")
+      f" {'batched/limit':>13} {'vmap/Klimit':>11} {'transform':>9}"
+      f" {'torchjd/plain':>13} {'ours/theirs':>11}")
   for r in results:
     tj = r["osgd_over_best_torchjd"]
+    tr = r["best_torchjd_ratio"]
+    vmap = r["ratio_to_plain"]["jax-osgd-vmap"] / r["structural"]["vmap_limit"]
     out(f"{r['model']:<22} {r['ratio_to_plain'][r['osgd_variant']]:>9.2f}x"
         f" {r['structural']['limit']:>6.2f}x {r['osgd_over_limit']:>6.2f}x"
-        f" {r['batched_over_limit']:>12.2f}x {r['vmap_over_limit']:>9.2f}x"
+        f" {r['batched_over_limit']:>12.2f}x {vmap:>10.2f}x"
         f" {100 * r['transform_share']:>8.2f}%"
-        f" {'-' if tj is None else f'{tj:.2f}x':>12}")
+        f" {'-' if tr is None else f'{tr:.2f}x':>13}"
+        f" {'-' if tj is None else f'{tj:.2f}':>11}")
   out(f"total {time.perf_counter() - start:.0f} s")
 
   if args.json:

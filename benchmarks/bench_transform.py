@@ -5,7 +5,7 @@ stacked ``(K, N)`` gradient buffer. So the useful yardstick is not FLOPs but
 the cost of one fused pass over that buffer, measured here as a jitted
 weighted sum over K on the very same buffer, in two forms: a contraction
 (``jnp.tensordot(w, G, axes=1)``) and K scaled rows added elementwise (the
-library's ``orthogonalize.weighted_sum``). The floor is the faster of the two.
+library's ``gram.weighted_sum``). The floor is the faster of the two.
 ``method="gram"`` needs two passes (the Gram matrix, then the weighted sum),
 so its ideal is about 2× the floor; the target is 3×. ``method="sequential"``
 makes O(K) passes and is reported for comparison only.
@@ -18,9 +18,9 @@ asserted: timings on a shared machine are evidence, not a test.
 Each call is timed to its end (``block_until_ready``), which on the CPU
 backend, with JAX's default asynchronous dispatch, hands the program to a
 runtime thread and puts the calling thread to sleep until it is done. Once a
-program runs longer than the caller's short wait before sleeping (a few tens
-of µs), waking it again costs the call 30–60 µs on a virtual machine: small
-rows would measure that hand-off, not the work. So by default the CPU
+program runs longer than the caller's short wait before sleeping, waking it
+again costs the call a fixed delay: small rows would measure that hand-off,
+not the work. So by default the CPU
 backend runs each program on the calling thread
 (``jax_cpu_enable_async_dispatch=False``), for the floor and the methods
 alike; ``--dispatch async`` keeps JAX's default. Inside a training step the
@@ -57,7 +57,7 @@ DEFAULT_SIZES = (10**4, 10**5, 10**6, 10**7)
 DEFAULT_KS = (2, 4, 8)
 DEFAULT_LEAVES = 20
 MIN_SAMPLE_S = 0.02  # calls are batched so that one sample lasts about this
-# Each case compiles two osgd updates (~1 s each on CPU), so --quick keeps few.
+# Each case compiles two osgd updates, so --quick keeps few.
 QUICK = dict(sizes=(10**4,), ks=(2,), repeats=3, leaves=3)
 
 

@@ -188,7 +188,7 @@ for module in sys.argv[2:]:
 
 import jax.numpy as jnp
 import osgd_jax
-tx = osgd_jax.osgd()
+tx = osgd_jax.osgd(num_exits=2)
 params = {"w": jnp.zeros(3)}
 grads = {"w": jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])}
 updates, _ = tx.update(grads, tx.init(params), params)
