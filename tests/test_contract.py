@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import osgd_jax
+from tiny_anytime import TwoExitNet
 
 K = 3
 STEPS = 3
@@ -208,7 +209,7 @@ class TransformContractTest(chex.TestCase):
 
   @parameterized.named_parameters(NAMED)
   def test_nnx_optimizer_updates_a_two_exit_model(self, name):
-    model = _TwoExitNet(nnx.Rngs(0))
+    model = TwoExitNet(nnx.Rngs(0), in_features=4, width=8, classes=2)
     tx = _make(name, num_exits=2)
     if name != "osgd_sgd":  # osgd_sgd is a whole optimizer already
       tx = optax.chain(tx, optax.sgd(0.05))
@@ -268,16 +269,3 @@ class TransformContractTest(chex.TestCase):
                                rtol=1e-5, atol=1e-6)
     assert optax.tree_utils.tree_get(state, "weights").shape == (K,)
 
-
-class _TwoExitNet(nnx.Module):
-  """Exit 1 reads a hidden layer; exit 2 a second one on top of it."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.hidden = nnx.Linear(4, 8, rngs=rngs)
-    self.head1 = nnx.Linear(8, 2, rngs=rngs)
-    self.deeper = nnx.Linear(8, 8, rngs=rngs)
-    self.head2 = nnx.Linear(8, 2, rngs=rngs)
-
-  def __call__(self, x):
-    h = jax.nn.relu(self.hidden(x))
-    return jnp.stack([self.head1(h), self.head2(jax.nn.relu(self.deeper(h)))])

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import osgd_jax
+from tiny_anytime import TwoExitNet
 
 
 def _init_mlp(key, sizes=(8, 16, 16), num_exits=3, classes=4):
@@ -130,21 +131,8 @@ def test_scan_over_steps_with_fixed_state_shapes():
   assert np.all(np.asarray(losses[-1]) < np.asarray(losses[0]))
 
 
-class _TwoExitNet(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.body = nnx.Linear(8, 16, rngs=rngs)
-    self.head1 = nnx.Linear(16, 4, rngs=rngs)
-    self.deeper = nnx.Linear(16, 16, rngs=rngs)
-    self.head2 = nnx.Linear(16, 4, rngs=rngs)
-
-  def __call__(self, x):
-    h = jax.nn.relu(self.body(x))
-    deep = jax.nn.relu(self.deeper(h))
-    return jnp.stack([self.head1(h), self.head2(deep)])
-
-
 def test_nnx_optimizer_with_split_merge():
-  model = _TwoExitNet(nnx.Rngs(0))
+  model = TwoExitNet(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, osgd_jax.osgd_sgd(0.05, num_exits=2),
                             wrt=nnx.Param)
   x, y = _task()
@@ -171,7 +159,7 @@ def test_nnx_optimizer_with_split_merge():
 
 
 def test_error_names_leaf_inside_nnx_state():
-  model = _TwoExitNet(nnx.Rngs(0))
+  model = TwoExitNet(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   grads = jax.tree.map(lambda p: jnp.stack([p, p]), params)
   grads["head2"]["kernel"] = jnp.ones((2, 16, 5))

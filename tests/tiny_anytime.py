@@ -1,4 +1,4 @@
-"""Tiny zoo networks and a cheap compile, for the per-exit gradient tests.
+"""Tiny anytime networks and a cheap compile, shared by the tests.
 
 Compilation dominates these tests on a CPU, so every model is tiny, and each
 comparison is compiled as one function with XLA:CPU's cheapest settings: the
@@ -48,3 +48,23 @@ def tiny_net(name: str, **config: Any) -> tuple[Any, jax.Array, jax.Array]:
   x = jax.random.normal(jax.random.key(1), shape)
   y = jnp.arange(BATCH, dtype=jnp.int32) % 10
   return model, x, y
+
+
+class TwoExitNet(nnx.Module):
+  """Exit 1 reads one hidden layer; exit 2 a second one on top of it.
+
+  Exit 1 does not reach ``deeper`` or ``head2``, so its gradient rows on
+  them are zero (degenerate for OSGD).
+  """
+
+  def __init__(self, rngs: nnx.Rngs, in_features: int = 8, width: int = 16,
+               classes: int = 4):
+    self.body = nnx.Linear(in_features, width, rngs=rngs)
+    self.head1 = nnx.Linear(width, classes, rngs=rngs)
+    self.deeper = nnx.Linear(width, width, rngs=rngs)
+    self.head2 = nnx.Linear(width, classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.relu(self.body(x))
+    deep = jax.nn.relu(self.deeper(h))
+    return jnp.stack([self.head1(h), self.head2(deep)])

@@ -20,18 +20,11 @@ from flax import nnx
 from osgd_jax import zoo
 from osgd_jax.app import train as train_lib
 from osgd_jax.app.cli import config_from_args
-
-# Exit 2 has weight 0: its gradient rows are exactly zero.
-WEIGHTS = (1.0, 0.0, 2.0)
-BATCH = 4
+from tiny_anytime import WEIGHTS, tiny_net
 
 
 def _tiny_branched_mlp():
-  model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), width=4, depth=1,
-                     stages=3, norm="batch", in_features=64)
-  x = jax.random.normal(jax.random.key(1), (BATCH, 64))
-  y = jnp.arange(BATCH, dtype=jnp.int32) % 10
-  return model, x, y
+  return tiny_net("branched-mlp")
 
 
 def _train_config(per_exit_grads):
