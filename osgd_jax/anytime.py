@@ -159,8 +159,8 @@ def flops_per_exit(
       return ExitFlops(np.asarray(counts, dtype=np.float64), "xla")
     if source == "xla":
       raise ValueError(
-          f"The {jax.default_backend()} backend gives no FLOP count in its"
-          " cost analysis; use source='analytic' or 'auto'.")
+          "XLA's cost analysis gives no FLOP count on this backend; use"
+          " source='analytic' or 'auto'.")
   counts = [
       _jaxpr_flops(jax.make_jaxpr(fn)(abstract_state, x).jaxpr)
       for fn in forwards]

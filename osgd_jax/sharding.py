@@ -144,7 +144,7 @@ def make_mesh(spec: str | Mapping[str, int] = "data=-1",
   if math.prod(shape) != count:
     raise ValueError(
         f"mesh {spec!r} needs {math.prod(shape)} devices but {count} are"
-        f" available ({jax.default_backend()}); make data×model equal"
+        f" available ({devices[0].platform}); make data×model equal"
         f" {count}, or use -1 for one axis (e.g. --mesh data=-1,model=2).")
   return jax.make_mesh(shape, _AXES, axis_types=(AxisType.Auto,) * 2,
                        devices=devices)
