@@ -83,3 +83,14 @@ def test_flops_errors(kwargs, match):
 def test_params_per_exit_needs_stages():
   with pytest.raises(ValueError, match="staged model"):
     anytime.params_per_exit(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_xla_source_without_a_cost_analysis_is_an_error(monkeypatch):
+  # A backend whose cost analysis has no FLOP count: "auto" falls back to the
+  # analytic count, "xla" says so.
+  model = zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), width=4)
+  monkeypatch.setattr(anytime, "_xla_flops", lambda *args: None)
+  assert anytime.flops_per_exit(model, (1, 64)).source == "analytic"
+  with pytest.raises(ValueError, match="no FLOP count on this backend.*"
+                     "source='analytic'"):
+    anytime.flops_per_exit(model, (1, 64), source="xla")
