@@ -30,7 +30,7 @@ def test_the_app_and_test_extras():
       "matplotlib", "orbax-checkpoint", "pyyaml", "scikit-learn", "tqdm"]
   assert sorted(_names(extras["test"])) == [
       "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
-      "osgd-jax[app]", "pytest"]
+      "osgd-jax[app]", "pytest", "pytest-xdist"]
 
 
 def test_the_version_has_one_source():
