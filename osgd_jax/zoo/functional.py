@@ -50,14 +50,14 @@ def per_exit_loss_fn(
     with ``jax.value_and_grad`` after summing the losses.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> import osgd_jax
     >>> from osgd_jax import zoo
     >>> model = zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), width=4)
     >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    >>> step = osgd_jax.value_and_per_exit_grads(
-    ...     zoo.per_exit_loss_fn(graphdef), has_aux=True)
+    >>> step = jax.jit(osgd_jax.value_and_per_exit_grads(
+    ...     zoo.per_exit_loss_fn(graphdef), has_aux=True))
     >>> (losses, rest), grads = step(
     ...     params, rest, jnp.ones((8, 64)), jnp.zeros(8, jnp.int32))
     >>> nnx.update(model, rest)  # keep the new batch statistics

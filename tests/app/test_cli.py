@@ -1,4 +1,9 @@
-"""``osgd-train`` end to end, in subprocesses: artefacts and one-line errors."""
+"""``osgd-train`` end to end: artefacts and one-line errors.
+
+Runs go through a subprocess; the bad flags, which fail before any work,
+are checked by calling the command's ``main`` in this process (one of them
+also through a subprocess, for the process's real exit status).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+from osgd_jax.app import cli
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
 
@@ -48,6 +55,15 @@ def _assert_one_line_error(result, *fragments):
     assert fragment in lines[0], lines[0]
 
 
+def _main_in_process(args, capsys):
+  """``(status, stderr)`` of ``osgd-train args`` run by its ``main``."""
+  try:
+    status = cli.main(list(args))
+  except SystemExit as e:  # argparse's errors exit
+    status = e.code
+  return subprocess.CompletedProcess(args, status, "", capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--model", "resnet-1000"], ["--model", "invalid choice", "nested-depth-resnet"]),
     (["--dataset", "mnist"], ["--dataset", "invalid choice", "cifar10"]),
@@ -58,8 +74,12 @@ def _assert_one_line_error(result, *fragments):
      ["cifar-10-python.tar.gz", "/nonexistent/cifar", "cs.toronto.edu"]),
     (["--out", "/proc/osgd-cannot-write"], ["cannot write to --out"]),
 ])
-def test_bad_input_gives_one_line_and_status_2(args, fragments):
-  _assert_one_line_error(_run(*args), *fragments)
+def test_bad_input_gives_one_line_and_status_2(args, fragments, capsys):
+  _assert_one_line_error(_main_in_process(args, capsys), *fragments)
+
+
+def test_bad_input_in_a_process_of_its_own():
+  _assert_one_line_error(_run("--lr", "-1"), "--lr must be > 0")
 
 
 def test_config_file_and_unknown_key(tmp_path):
