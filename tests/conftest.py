@@ -9,8 +9,8 @@ them.
   ``tests/test_train_sharded.py``); single-device code runs on device 0.
 * The suite is dominated by compile time, not run time: the tests compile
   hundreds of small programs and run each a few times. XLA:CPU's cheapest
-  code generation (no LLVM optimisation passes, no fusion emitters) cuts the
-  suite's time by half or more without changing what is computed. Set
+  code generation (no LLVM optimisation passes, no fusion emitters) spends
+  less time compiling without changing what is computed. Set
   ``OSGD_TEST_OPTIMIZED_XLA=1`` to test with XLA's default settings.
 
 A flag already present in ``XLA_FLAGS`` is left as it is.

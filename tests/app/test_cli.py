@@ -1,8 +1,9 @@
 """``osgd-train`` end to end: artefacts and one-line errors.
 
-Runs go through a subprocess; the bad flags, which fail before any work,
-are checked by calling the command's ``main`` in this process (one of them
-also through a subprocess, for the process's real exit status).
+The default run goes through a subprocess, as a user starts it. The other
+cases call the command's ``main`` in this process, which returns the exit
+status; one bad flag also runs in a subprocess of its own, for the process's
+real exit status and stderr.
 """
 
 from __future__ import annotations
@@ -82,23 +83,26 @@ def test_bad_input_in_a_process_of_its_own():
   _assert_one_line_error(_run("--lr", "-1"), "--lr must be > 0")
 
 
-def test_config_file_and_unknown_key(tmp_path):
+def test_config_file_and_unknown_key(tmp_path, capsys):
   bad = tmp_path / "bad.yaml"
   bad.write_text("epochs: 1\nlearning_rate: 0.1\n")
-  _assert_one_line_error(_run("--config", str(bad)), "unknown key(s) ['learning_rate']")
+  _assert_one_line_error(_main_in_process(["--config", str(bad)], capsys),
+                         "unknown key(s) ['learning_rate']")
   broken = tmp_path / "broken.json"
   broken.write_text("{epochs: ")
-  _assert_one_line_error(_run("--config", str(broken)), "not valid JSON")
+  _assert_one_line_error(_main_in_process(["--config", str(broken)], capsys),
+                         "not valid JSON")
 
 
-def test_corrupt_checkpoint_on_resume(tmp_path):
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
   out = tmp_path / "run"
   args = ["--model", "branched-mlp", "--epochs", "1", "--no-progress",
           "--out", str(out)]
-  assert _run(*args).returncode == 0
+  assert _main_in_process(args, capsys).returncode == 0
   for root, _, files in os.walk(out / "checkpoints" / "1"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  _assert_one_line_error(_run(*args, "--epochs", "2", "--resume"),
-                         "corrupt", "without --resume")
+  _assert_one_line_error(
+      _main_in_process(args + ["--epochs", "2", "--resume"], capsys),
+      "corrupt", "without --resume")

@@ -97,6 +97,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _with_device_count(xla_flags, count):
+  """``xla_flags`` with ``count`` host devices, its other flags kept."""
+  kept = [flag for flag in xla_flags.split()
+          if not flag.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+
+
 @pytest.mark.slow
 def test_two_processes_train_the_same_run_as_one(tmp_path):
   flags = ["--model", "nested-depth-mlp", "--dataset", "synthetic",
@@ -106,7 +113,7 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
   procs = []
   for rank in range(2):
     env = dict(os.environ,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               XLA_FLAGS=_with_device_count(os.environ.get("XLA_FLAGS", ""), 4),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
     procs.append(subprocess.Popen(
