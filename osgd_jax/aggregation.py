@@ -43,12 +43,14 @@ __all__ = [
     "StatefulWeighting",
     "check_granularity",
     "check_num_exits",
+    "check_fraction",
     "check_positive_int",
     "combine",
     "diagnostics",
     "from_weighting",
     "group_grams",
     "init_weighting_state",
+    "is_checkable_number",
     "num_groups",
     "read_stacked",
     "size_weighted_mean",
@@ -194,6 +196,37 @@ def check_positive_int(value: Any, name: str, owner: str) -> int:
         f"{owner}: {name} must be a positive int, got {value!r}. Under"
         f" optax.inject_hyperparams pass static_args=({name!r},).")
   return int(value)
+
+
+def is_checkable_number(x: Any) -> bool:
+  """A Python or NumPy number, which can be checked when the factory runs.
+
+  Under ``optax.inject_hyperparams`` numeric arguments arrive as (possibly
+  traced) arrays; those are not checked.
+
+  Example:
+    >>> is_checkable_number(0.5), is_checkable_number(True)
+    (True, False)
+  """
+  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def check_fraction(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it lies in ``[0, 1)``.
+
+  Tolerances and decay rates are such fractions. An array (a hyperparameter
+  injected by ``optax.inject_hyperparams``) is not checked.
+
+  Args:
+    value: the value given.
+    name: the argument's name.
+    owner: the transformation's name, for the message.
+
+  Example:
+    >>> check_fraction(1e-6, "tol", "osgd")
+  """
+  if is_checkable_number(value) and not 0 <= value < 1:
+    raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}.")
 
 
 def check_num_exits(num_exits: Any, name: str) -> int:

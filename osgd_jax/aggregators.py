@@ -53,15 +53,6 @@ __all__ = [
 WEIGHT_PRESETS = ("uniform", "linear", "geometric", "sdn")
 
 
-def _is_number(x: Any) -> bool:
-  """A Python or NumPy number, which can be checked when the factory runs.
-
-  Under ``optax.inject_hyperparams`` numeric arguments arrive as (possibly
-  traced) arrays; those are not checked.
-  """
-  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
-
-
 def _counting(schedule: Callable[[jax.Array, jax.Array], jax.Array]
               ) -> aggregation.StatefulWeighting:
   """A weighting ``schedule(gram, step)`` whose state counts the updates."""
@@ -175,7 +166,8 @@ def weighted_sum(
       weighting = _counting(lambda gram, count: weightings.sdn(
           gram, progress=count / total_steps, cap=cap))
     elif weights == "geometric":
-      if _is_number(ratio) and not (np.isfinite(ratio) and ratio > 0):
+      if (aggregation.is_checkable_number(ratio)
+          and not (np.isfinite(ratio) and ratio > 0)):
         raise ValueError(
             f"the geometric ratio must be a finite number > 0, got {ratio!r}.")
       weighting = functools.partial(weightings.geometric, ratio=ratio)
@@ -271,9 +263,8 @@ def adaptive_loss_balancing(
     https://arxiv.org/abs/1708.06832
   """
   name = "adaptive_loss_balancing"
-  if _is_number(decay) and not 0 <= decay < 1:
-    raise ValueError(f"decay must be in [0, 1), got {decay!r}.")
-  if _is_number(eps) and not eps > 0:
+  aggregation.check_fraction(decay, "decay", name)
+  if aggregation.is_checkable_number(eps) and not eps > 0:
     raise ValueError(f"eps must be > 0, got {eps!r}.")
 
   def init(k):
@@ -376,8 +367,7 @@ def pcgrad(
 
 def _check_qp_options(max_iter: Any, tol: Any, name: str) -> None:
   aggregation.check_positive_int(max_iter, "max_iter", name)
-  if _is_number(tol) and not 0 <= tol < 1:
-    raise ValueError(f"{name}: tol must be in [0, 1), got {tol!r}.")
+  aggregation.check_fraction(tol, "tol", name)
 
 
 def mgda(

@@ -108,12 +108,6 @@ def _check_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
   return order
 
 
-def _check_tol(tol: Any) -> None:
-  # A traced or array tol (optax.inject_hyperparams) is not checked here.
-  if isinstance(tol, (int, float)) and not 0 <= tol < 1:
-    raise ValueError(f"tol must be in [0, 1), got {tol}.")
-
-
 def _gram_schmidt(order, tol, rescale) -> aggregation.StatefulWeighting:
   """OSGD's weighting; its state keeps the components' squared norms ‖ĝ_k‖²."""
 
@@ -214,7 +208,7 @@ def osgd(
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   order = _check_order(order)
-  _check_tol(tol)
+  aggregation.check_fraction(tol, "tol", "osgd")
   if order is not None:
     if num_exits is not None and num_exits != len(order):
       raise ValueError(

@@ -324,7 +324,8 @@ def test_error_when_num_exits_differs_from_k():
 @pytest.mark.parametrize("kwargs, match", [
     ({"granularity": "layer"}, "granularity must be one of"),
     ({"method": "qr"}, "method must be one of"),
-    ({"tol": -1.0}, "tol"),
+    ({"tol": -1.0}, r"osgd: tol must be in \[0, 1\), got -1.0"),
+    ({"tol": np.float32(1.0)}, r"osgd: tol must be in \[0, 1\)"),
     ({"num_exits": 0}, "num_exits must be a positive int"),
     ({"num_exits": 2.0}, "num_exits must be a positive int"),
     ({"num_exits": 2, "order": (1, 0, 2)}, "order has 3 entries"),
