@@ -14,7 +14,8 @@ import shlex
 import sys
 from typing import Sequence
 
-from osgd_jax.app.command_line import EXIT_BAD_INPUT, print_error
+from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_INTERRUPTED,
+                                       print_error)
 
 __all__ = ["APP_REQUIREMENTS", "install_command", "missing_requirements",
            "osgd_compare", "osgd_train"]
@@ -73,6 +74,19 @@ def _report_missing(prog: str) -> bool:
   return bool(missing)
 
 
+def _run(prog: str, module: str, argv: Sequence[str] | None) -> int:
+  if _report_missing(prog):
+    return EXIT_BAD_INPUT
+  try:
+    # Imported only now; JAX's import takes seconds, and a Ctrl-C in them
+    # (or anywhere the command does not handle it) is one line too.
+    command = importlib.import_module(f"osgd_jax.app.{module}")
+    return command.main(argv)
+  except KeyboardInterrupt:
+    print_error(prog, "interrupted before any work was saved.")
+    return EXIT_INTERRUPTED
+
+
 def osgd_train(argv: Sequence[str] | None = None) -> int:
   """``osgd-train``: see :func:`osgd_jax.app.cli.main`.
 
@@ -82,10 +96,7 @@ def osgd_train(argv: Sequence[str] | None = None) -> int:
   Returns:
     The process exit status.
   """
-  if _report_missing("osgd-train"):
-    return EXIT_BAD_INPUT
-  from osgd_jax.app import cli  # pylint: disable=g-import-not-at-top
-  return cli.main(argv)
+  return _run("osgd-train", "cli", argv)
 
 
 def osgd_compare(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +108,4 @@ def osgd_compare(argv: Sequence[str] | None = None) -> int:
   Returns:
     The process exit status.
   """
-  if _report_missing("osgd-compare"):
-    return EXIT_BAD_INPUT
-  from osgd_jax.app import compare  # pylint: disable=g-import-not-at-top
-  return compare.main(argv)
+  return _run("osgd-compare", "compare", argv)
