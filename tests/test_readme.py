@@ -45,3 +45,20 @@ def test_readme_block_runs_as_written(block):
     if name in namespace:  # a training step's result is a number, not NaN
       for leaf in jax.tree.leaves(namespace[name]):
         assert np.all(np.isfinite(np.asarray(leaf))), (name, leaf)
+
+
+def test_the_fault_table_names_tests_that_exist():
+  # docs/faults.md gives the test of every fault case; a renamed or deleted
+  # test must not leave the table pointing at nothing.
+  root = README.parent
+  text = (root / "docs" / "faults.md").read_text()
+  path, named = None, []
+  for ref in re.findall(r"`((?:tests/[\w/]+\.py)?::\w+|tests/[\w/]+\.py)`", text):
+    file, _, test = ref.partition("::")
+    path = file or path
+    if test:
+      named.append((path, test))
+  assert len(named) >= 15, named
+  for file, test in named:
+    assert re.search(rf"^def {test}\(", (root / file).read_text(), re.M), (
+        file, test)
