@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from typing import Any
 
 import jax
@@ -142,8 +143,9 @@ class CheckpointStore:
                          f"damaged-checkpoint-{epoch}")
     older = [e for e in self._complete_epochs() if e < epoch]
     if older:
-      advice = (f"To resume from the checkpoint of epoch {older[-1]}, move"
-                f" it aside (nothing is deleted): mv {path} {aside}")
+      move = shlex.join(["mv", path, aside])
+      advice = (f"To resume from the checkpoint of epoch {older[-1]} instead,"
+                f" move the damaged one aside (nothing is deleted): {move}")
     else:
       advice = ("There is no older checkpoint: start again with a new --out"
                 " (the damaged one stays for inspection).")

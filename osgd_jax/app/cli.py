@@ -216,8 +216,9 @@ def resume_command(argv: Sequence[str], out: str, *, resume: bool = True
 
 def _interrupted(error: TrainingInterrupted, argv: Sequence[str]) -> str:
   if error.last_epoch is None:
-    return (f"interrupted before the first epoch was saved; nothing to"
-            f" resume. Start again with: {resume_command(argv, error.out, resume=False)}")
+    again = resume_command(argv, error.out, resume=False)
+    return ("interrupted before the first epoch was saved; nothing to"
+            f" resume. Start again with: {again}")
   saved = (f"epochs 1-{error.last_epoch} are" if error.last_epoch > 1
            else "epoch 1 is")
   return (f"interrupted; {saved} saved in {error.out}. Resume with:"
@@ -255,8 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_error(prog, e)
     return EXIT_FAILED
   except OSError as e:  # the file system failed outside a checkpoint
-    print_error(prog, f"{e}; the finished epochs' checkpoints are kept."
-                " Fix the file system, then resume.")
+    print_error(prog, f"{e}; the checkpoints of finished epochs are kept."
+                " Fix the file system, then resume with --resume (or run"
+                " again if no epoch was saved).")
     return EXIT_FAILED
   except TrainingInterrupted as e:
     print_error(prog, _interrupted(e, argv))

@@ -177,7 +177,7 @@ def test_damaged_checkpoint_is_one_line_and_moving_it_aside_resumes(tmp_path,
   # In a process of its own: no "Event loop is closed" noise after the line.
   line = _assert_one_line_error(
       _run(*args, "--resume"), "checkpoints/2 cannot be read",
-      "it is damaged", "To resume from the checkpoint of epoch 1")
+      "it is damaged", "To resume from the checkpoint of epoch 1 instead")
   advice = line.split("(nothing is deleted): ")[1]
   assert advice.startswith("mv ")
   assert subprocess.run(shlex.split(advice)).returncode == 0
