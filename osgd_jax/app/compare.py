@@ -31,7 +31,8 @@ from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
                                        print_error, quiet_library_logs)
 from osgd_jax.app.report import plot_exit_accuracy, write_json
 from osgd_jax.app.train import (OPTIMIZERS, TrainConfig, TrainingDiverged,
-                                check_resumable, prepare_output_dir, train)
+                                config_differences, describe_differences,
+                                prepare_output_dir, train)
 
 __all__ = ["DEFAULT_MODELS", "DEFAULT_OPTIMIZERS", "RESULT_FILE", "compare",
            "format_table", "main", "run_once"]
@@ -56,13 +57,12 @@ def _read_result(config: TrainConfig) -> dict[str, Any] | None:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
         f"cannot read {path} ({e}); run the comparison with a new --out.") from None
-  try:
-    check_resumable(saved, config)
-  except ValueError:
+  changed = config_differences(saved, config)
+  if changed:
     raise ValueError(
         f"{config.out} holds a finished run with other settings than this"
-        " comparison's (compare its result.json); run the comparison with a"
-        " new --out.") from None
+        f" comparison's ({describe_differences(saved, config, changed)});"
+        " run the comparison with its settings or a new --out.")
   if status not in ("finished", "diverged"):
     raise ValueError(f"{path} has an unknown status {status!r}; run the"
                      " comparison with a new --out.")

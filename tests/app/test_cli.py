@@ -205,6 +205,10 @@ def test_full_disk_is_one_line_and_running_again_works(tmp_path, capsys):
       "could not write the checkpoint of epoch 1", "File too large [errno 27]",
       "no earlier checkpoint exists", status=1)
   assert "then run the command again" in line
+  # Resuming instead is refused, with advice that amounts to the same.
+  _assert_one_line_error(_main_in_process([*args, "--resume"], capsys),
+                         "no checkpoint to resume from",
+                         "run without --resume to start a new run")
   assert _main_in_process(args, capsys).returncode == 0  # the advice
   assert os.listdir(out / "checkpoints") == ["1"]
 

@@ -92,4 +92,5 @@ def test_a_directory_of_other_settings_is_refused(tmp_path, capsys):
                        "--out", str(out)]) == 2
   err = capsys.readouterr().err
   assert "holds a finished run with other settings" in err
-  assert "a new --out" in err
+  assert "--batch-size was 64, now 256; --epochs was 3, now 1)" in err
+  assert "its settings or a new --out" in err

@@ -23,6 +23,8 @@ from osgd_jax.app.train.config import PER_EXIT_GRADS
 from osgd_jax.app.train.config import SCHEDULES
 from osgd_jax.app.train.config import TrainConfig
 from osgd_jax.app.train.config import check_resumable
+from osgd_jax.app.train.config import config_differences
+from osgd_jax.app.train.config import describe_differences
 from osgd_jax.app.train.loop import TrainingDiverged
 from osgd_jax.app.train.loop import TrainingInterrupted
 from osgd_jax.app.train.loop import epoch_record
@@ -58,7 +60,9 @@ __all__ = [
     "aggregator_for",
     "build_model",
     "check_resumable",
+    "config_differences",
     "default_output_dir",
+    "describe_differences",
     "epoch_record",
     "finish_run",
     "load_data",

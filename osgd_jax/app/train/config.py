@@ -18,7 +18,8 @@ from osgd_jax.app import data as data_lib
 from osgd_jax.transform import METHODS
 
 __all__ = ["OPTIMIZERS", "PER_EXIT_GRADS", "RESUMABLE_CHANGES", "SCHEDULES",
-           "TrainConfig", "check_resumable"]
+           "TrainConfig", "check_resumable", "config_differences",
+           "describe_differences"]
 
 # "sgd" differentiates the summed loss; every other name aggregates the
 # stacked per-exit gradients with the transformation of the same name.
@@ -191,6 +192,43 @@ def _as_flag(name: str, value: Any) -> str:
   return f"{_flag(name)} {value}"
 
 
+def config_differences(saved: dict[str, Any], config: TrainConfig
+                       ) -> list[str]:
+  """The fields, outside :data:`RESUMABLE_CHANGES`, where two runs differ.
+
+  Args:
+    saved: a run's recorded configuration (``TrainConfig.to_json``, read
+      back from JSON, so tuples are lists).
+    config: another configuration.
+
+  Returns:
+    The differing field names, sorted.
+
+  Example:
+    >>> config_differences(TrainConfig().to_json(), TrainConfig(lr=0.1))
+    ['lr']
+  """
+  current = config.to_json()
+  return sorted(
+      k for k in current
+      if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
+      and not (isinstance(current[k], tuple) and saved.get(k) == list(current[k])))
+
+
+def describe_differences(saved: dict[str, Any], config: TrainConfig,
+                         changed: list[str]) -> str:
+  """``--flag was <saved>, now <new>`` for each field in ``changed``, by ``;``.
+
+  Example:
+    >>> describe_differences(TrainConfig().to_json(), TrainConfig(lr=0.1),
+    ...                      ["lr"])
+    '--lr was 0.05, now 0.1'
+  """
+  current = config.to_json()
+  return "; ".join(f"{_flag(k)} was {saved.get(k)!r}, now {current[k]!r}"
+                   for k in changed)
+
+
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
   """Checks that ``config`` may continue the run that was saved with ``saved``.
 
@@ -207,17 +245,11 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
   Example:
     >>> check_resumable(TrainConfig().to_json(), TrainConfig(eval_every=5))
   """
-  current = config.to_json()
-  changed = sorted(
-      k for k in current
-      if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-      and not (isinstance(current[k], tuple) and saved.get(k) == list(current[k])))
+  changed = config_differences(saved, config)
   if changed:
-    details = ", ".join(
-        f"{_flag(k)} was {saved.get(k)!r}, now {current[k]!r}" for k in changed)
     original = ", ".join(_as_flag(k, saved.get(k)) for k in changed)
     raise ValueError(
-        f"--resume with settings that differ from the saved run ({details})."
-        f" To continue it, resume with its settings ({original}); to train"
-        " with the new ones, choose a new --out. Its checkpoints were not"
-        " read or changed.")
+        "--resume with settings that differ from the saved run"
+        f" ({describe_differences(saved, config, changed)}). To continue it,"
+        f" resume with its settings ({original}); to train with the new ones,"
+        " choose a new --out. Its checkpoints were not read or changed.")
