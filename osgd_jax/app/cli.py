@@ -178,9 +178,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
   values = {k: v for k, v in vars(args).items() if k != "config"}
-  if isinstance(values.get("exit_weights"), list):
-    values["exit_weights"] = tuple(values["exit_weights"])
-  config = TrainConfig(**values)
+  config = TrainConfig(**values)  # it turns a file's list into a tuple
   config.validate()
   return config
 

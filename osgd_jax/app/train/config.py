@@ -13,7 +13,7 @@ import numbers
 from typing import Any
 
 from osgd_jax import sharding, zoo
-from osgd_jax.aggregation import GRANULARITIES
+from osgd_jax.aggregation import GRANULARITIES, is_checkable_number
 from osgd_jax.app import data as data_lib
 from osgd_jax.transform import METHODS
 
@@ -146,7 +146,8 @@ class TrainConfig:
     if self.exit_weights is not None:
       weights = self.exit_weights
       if not isinstance(weights, tuple) or not weights or not all(
-          _is_real(w) and math.isfinite(w) and w >= 0 for w in weights):
+          is_checkable_number(w) and math.isfinite(w) and w >= 0
+          for w in weights):
         raise ValueError(
             "--exit-weights must be finite numbers >= 0, one per exit, such"
             f" as 1,1,2,4; got {weights!r}.")
@@ -171,14 +172,10 @@ def _check_choice(flag: str, value: Any, choices: tuple[str, ...],
                      f" {', '.join(choices)}.")
 
 
-def _is_real(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_real(flag: str, value: Any, condition: str, holds) -> None:
   # A NaN fails every comparison, so it is rejected here and never reaches
   # training as a "divergence".
-  if not (_is_real(value) and math.isfinite(value) and holds(value)):
+  if not (is_checkable_number(value) and math.isfinite(value) and holds(value)):
     raise ValueError(f"{flag} must be a finite number {condition}, got"
                      f" {value!r}.")
 
