@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -75,8 +76,11 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
       break
   _, stderr = process.communicate(timeout=300)
   interrupted = subprocess.CompletedProcess([], process.returncode, "", stderr)
-  line = _assert_one_line_error(interrupted, "interrupted; epochs 1-2 are saved",
+  line = _assert_one_line_error(interrupted, "interrupted; epochs 1-",
                                 str(out), status=130)
+  # Epoch 3 takes about a second: on a loaded machine, it may be done and
+  # saved before the signal arrives.
+  assert re.search(r"epochs 1-[23] are saved in ", line), line
   resume = line.split("Resume with: ")[1]
   assert resume == shlex.join(["osgd-train", "--epochs", "4", "--no-progress",
                                "--out", str(out), "--resume"])
