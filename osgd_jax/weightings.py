@@ -46,21 +46,31 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from osgd_jax import gram as gram_lib
 from osgd_jax import nnqp
 from osgd_jax import orthogonalize
 
 __all__ = [
+    "ALIGNED_MTL_SCALE_MODES",
     "DEFAULT_QP_TOL",
     "Weighting",
     "adaloss",
+    "aligned_mtl",
+    "constant",
+    "dualproj",
     "geometric",
+    "gradvac",
+    "imtl_g",
+    "krum",
     "linear",
+    "mean",
     "mgda",
     "osgd",
     "pcgrad",
     "pcgrad_orders",
+    "random_weighting",
     "sdn",
     "uniform",
     "upgrad",
@@ -452,3 +462,412 @@ def upgrad(gram: jax.Array, *, max_iter: int = 100,
   # v_i = ‖g_i‖ (ĝ_i + Σ_k μ_ik ĝ_k) = g_i + Σ_k μ_ik ‖g_i‖/‖g_k‖ g_k.
   lam = mu * norms[:, None] * inv_norms[None, :]
   return (1.0 + lam.sum(axis=0)) / k
+
+
+# --- the other aggregators of TorchJD -----------------------------------------
+
+
+def _preference(gram: jax.Array, pref_vector: jax.Array | Sequence[float] | None,
+                owner: str) -> jax.Array:
+  """``pref_vector`` as ``(K,)`` in the Gram's dtype; ``None``: ``1/K`` each."""
+  k = gram.shape[-1]
+  if pref_vector is None:
+    return jnp.full((k,), 1.0 / k, gram.dtype)
+  if np.shape(pref_vector) != (k,):
+    raise ValueError(
+        f"{owner} got pref_vector of shape {np.shape(pref_vector)}, but the"
+        f" gradients have K={k} exits; pass one preference per exit, shape"
+        f" ({k},).")
+  return jnp.asarray(pref_vector, gram.dtype)
+
+
+def _psd_eigh(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Eigenvalues (ascending), eigenvectors, and which eigenvalues are nonzero.
+
+  An eigenvalue counts as zero at or below ``K · eps · λ_max``, the usual
+  numerical-rank threshold (NumPy's ``matrix_rank``), since the Gram matrix
+  of rank-deficient gradients has eigenvalues of that size, of either sign.
+  """
+  k = gram.shape[-1]
+  lam, vec = jnp.linalg.eigh(gram)
+  cutoff = jnp.max(lam) * k * jnp.finfo(gram.dtype).eps
+  return lam, vec, lam > jnp.maximum(cutoff, 0.0)
+
+
+def mean(gram: jax.Array) -> jax.Array:
+  """Mean: every exit weighs ``1/K``, the average of the gradients.
+
+  TorchJD's ``Mean``; :func:`uniform` is its ``Sum``. The update is the
+  gradient of the mean loss.
+
+  Args:
+    gram: ``(K, K)``; only K is read.
+
+  Returns:
+    ``(K,)`` weights ``1/K``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> mean(jnp.eye(4)).tolist()
+    [0.25, 0.25, 0.25, 0.25]
+  """
+  return uniform(gram) / gram.shape[-1]
+
+
+def constant(gram: jax.Array, *, weights: jax.Array | Sequence[float]
+             ) -> jax.Array:
+  """Constant: fixed, user-given weights (TorchJD's ``Constant``).
+
+  The update is the gradient of the weighted loss ``Σ_k w_k ℓ_k``. As a
+  transformation this is :func:`osgd_jax.weighted_sum` with a vector.
+
+  Args:
+    gram: ``(K, K)``; only K is read.
+    weights: ``(K,)`` the weights.
+
+  Returns:
+    ``(K,)`` ``weights``, in the Gram matrix's dtype.
+
+  Raises:
+    ValueError: ``weights`` is not of shape ``(K,)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> constant(jnp.eye(2), weights=[0.5, 2.0]).tolist()
+    [0.5, 2.0]
+  """
+  k = gram.shape[-1]
+  if np.shape(weights) != (k,):
+    raise ValueError(
+        f"constant got weights of shape {np.shape(weights)}, but the"
+        f" gradients have K={k} exits; pass one weight per exit, shape ({k},).")
+  return jnp.asarray(weights, gram.dtype)
+
+
+def random_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
+  """Random weighting: ``w = softmax(z)``, ``z ~ N(0, I_K)``, fresh every step.
+
+  Lin et al.'s random weighting of the gradients (their Algorithm 2; TorchJD's
+  ``Random``): positive weights summing to 1, drawn at every step without
+  looking at the gradients. A litmus test for multi-task methods: a method
+  that does not beat it has not shown what its weighting adds.
+
+  Args:
+    gram: ``(K, K)``; only K is read.
+    key: a PRNG key.
+
+  Returns:
+    ``(K,)`` positive weights on the simplex.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> w = random_weighting(jnp.eye(3), key=jax.random.key(0))
+    >>> bool(jnp.all(w > 0)), round(float(w.sum()), 6)
+    (True, 1.0)
+
+  References:
+    Lin, Ye, Xu, Shi & Zhang, *Reasonable Effectiveness of Random Weighting:
+    A Litmus Test for Multi-Task Learning*, TMLR 2022.
+    https://arxiv.org/abs/2111.10603
+  """
+  z = jax.random.normal(key, gram.shape[-1:], gram.dtype)
+  return jax.nn.softmax(z)
+
+
+def imtl_g(gram: jax.Array) -> jax.Array:
+  """IMTL-G: the update whose projections on every unit gradient are equal.
+
+  Impartial multi-task learning (gradient part) looks for ``u = wᵀ G`` with
+  ``Σ w = 1`` and ``⟨u, g_k/‖g_k‖⟩`` the same for every k, so that no exit
+  is favoured: ``M w ∝ d`` with ``d_k = ‖g_k‖``. In the generalisation of
+  Quinton & Rey (TorchJD's ``IMTLG``), which also covers linearly dependent
+  gradients, ``w = M⁺ d / Σ(M⁺ d)``, with ``M⁺`` the pseudo-inverse (its
+  eigenvalues at or below ``K·eps·λ_max`` counted as zero). The weights are 0
+  where ``Σ(M⁺ d)`` is zero to rounding, relative to ``Σ|M⁺ d|``. When the
+  nonzero gradients are linearly independent, ``M⁺ d`` is computed in the
+  basis ``g_k/‖g_k‖``, exact for norms from 1e-8 to 1e8 (TorchJD's pinv of M
+  is not); linearly dependent gradients of very different norms remain
+  ill-conditioned.
+
+  Invariance: scaling gradient k by ``c_k > 0`` leaves the direction of u
+  unchanged.
+
+  Args:
+    gram: ``(K, K)``.
+
+  Returns:
+    ``(K,)`` weights summing to 1 (or 0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [0.0, 3.0]])
+    >>> [round(v, 4) for v in (imtl_g(g @ g.T) @ g).tolist()]   # equal cosines
+    [0.75, 0.75]
+
+  References:
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, *Towards Impartial
+    Multi-task Learning*, ICLR 2021. https://openreview.net/forum?id=IMPnRXEWpvr
+    Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024.
+    https://arxiv.org/abs/2406.16232
+  """
+  # When the nonzero rows are independent, M⁺ d = S⁻¹ C⁺ 1 for M = S C S,
+  # S = diag(‖g_k‖), C the cosines: exact, without squaring the rows' scales
+  # into the condition number (norms from 1e-8 to 1e8 would leave nothing
+  # of M's small eigenvalues). Otherwise (S C S)⁺ ≠ S⁻¹ C⁺ S⁻¹, and M⁺ d
+  # is formed from M itself.
+  norms, corr = gram_lib.gram_statistics(gram)
+  pinv_apply = lambda lam, vec, keep, x: vec @ (
+      jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0) * (vec.T @ x))
+  lam_c, vec_c, keep_c = _psd_eigh(corr)
+  rows = norms > 0
+  equilibrated = pinv_apply(lam_c, vec_c, keep_c, rows.astype(gram.dtype)
+                            ) * gram_lib.safe_inverse(norms)
+  lam, vec, keep = _psd_eigh(gram)
+  direct = pinv_apply(lam, vec, keep, norms)
+  v = jnp.where(keep_c.sum() == rows.sum(), equilibrated, direct)
+  total = v.sum()
+  degenerate = jnp.abs(total) <= (
+      gram.shape[-1] * jnp.finfo(gram.dtype).eps * jnp.abs(v).sum())
+  return jnp.where(degenerate, 0.0, v / jnp.where(degenerate, 1.0, total))
+
+
+ALIGNED_MTL_SCALE_MODES = ("min", "median", "rmse")
+
+
+def aligned_mtl(gram: jax.Array, *,
+                pref_vector: jax.Array | Sequence[float] | None = None,
+                scale_mode: str = "min") -> jax.Array:
+  """Aligned-MTL: the preference-weighted sum of aligned (orthogonal) gradients.
+
+  Aligned-MTL replaces G by ``Ĝ = √λ · U Vᵀ`` (from the SVD ``G = U Σ Vᵀ``
+  over the nonzero singular values), whose rows are orthogonal with equal
+  norms ``√λ``: the gradients' conflicts and dominance removed, the condition
+  number 1. The update is ``pᵀ Ĝ = wᵀ G`` with ``w = B p``,
+  ``B = √λ · V_M Λ^{-1/2} V_Mᵀ`` on the nonzero eigenpairs of ``M``
+  (``B = I`` when M is 0), and ``λ`` the smallest nonzero eigenvalue of M
+  (``"min"``, the paper's), their median (``"median"``, the lower one) or
+  their mean (``"rmse"``, the authors' code). Like TorchJD's, it works
+  from the eigenpairs of M, whose small ones are known to ``eps`` times the
+  largest: with norms spanning 1e-8…1e8, ``"median"`` and ``"rmse"`` lift
+  such eigenvectors to the largest scale (about 1e-4 relative error in x64).
+
+  Args:
+    gram: ``(K, K)``.
+    pref_vector: ``(K,)`` preferences p; ``None``: ``1/K`` each.
+    scale_mode: ``"min"``, ``"median"`` or ``"rmse"``.
+
+  Returns:
+    ``(K,)`` weights.
+
+  Raises:
+    ValueError: an unknown ``scale_mode`` or a ``pref_vector`` not of shape
+      ``(K,)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
+    >>> [round(v, 4) for v in (aligned_mtl(g @ g.T) @ g).tolist()]
+    [0.5, 0.5]
+
+  References:
+    Senushkin, Patakin, Kuznetsov & Konushin, *Independent Component
+    Alignment for Multi-Task Learning*, CVPR 2023.
+    https://arxiv.org/abs/2305.19000
+  """
+  if scale_mode not in ALIGNED_MTL_SCALE_MODES:
+    raise ValueError(
+        f"aligned_mtl: scale_mode must be one of {ALIGNED_MTL_SCALE_MODES},"
+        f" got {scale_mode!r}.")
+  p = _preference(gram, pref_vector, "aligned_mtl")
+  k = gram.shape[-1]
+  lam, vec, nonzero = _psd_eigh(gram)
+  rank = nonzero.sum()
+  kept = jnp.where(nonzero, lam, 0.0)
+  if scale_mode == "min":
+    scale = jnp.min(jnp.where(nonzero, lam, jnp.inf))
+  elif scale_mode == "median":
+    # eigh sorts ascending, so the nonzero eigenvalues are the last `rank`.
+    scale = lam[jnp.clip(k - rank + (rank - 1) // 2, 0, k - 1)]
+  else:
+    scale = kept.sum() / jnp.maximum(rank, 1)
+  inv_sqrt = jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, lam, 1.0)),
+                       0.0)
+  balance = jnp.sqrt(jnp.where(rank > 0, scale, 1.0)) * (
+      (vec * inv_sqrt) @ vec.T)
+  balance = jnp.where(rank > 0, balance, jnp.eye(k, dtype=gram.dtype))
+  return balance @ p
+
+
+def krum(gram: jax.Array, *, n_byzantine: int, n_selected: int = 1
+         ) -> jax.Array:
+  """Krum: the gradient(s) closest to their neighbours, robust to outliers.
+
+  Each gradient's score is the sum of its Euclidean distances to its
+  ``K − f − 2`` nearest other gradients (``f = n_byzantine``, the number of
+  gradients that may be arbitrary); the ``n_selected`` lowest-scored ones are
+  averaged (Multi-Krum; one: Krum). Distances come from the Gram matrix,
+  ``‖g_i − g_j‖² = M_ii + M_jj − 2 M_ij``. Blanchard et al. sum *squared*
+  distances; TorchJD's ``Krum``, which this matches, sums the distances. Ties
+  go to the lower index.
+
+  Args:
+    gram: ``(K, K)``, with ``K ≥ n_byzantine + 3`` and ``K ≥ n_selected``.
+    n_byzantine: f, the number of gradients that may be adversarial, ≥ 0.
+    n_selected: how many gradients to average, ≥ 1.
+
+  Returns:
+    ``(K,)`` weights: ``1/n_selected`` on the selected exits, 0 elsewhere.
+
+  Raises:
+    ValueError: K is too small for ``n_byzantine`` or ``n_selected``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [1.1, 0.0], [0.9, 0.1], [-9.0, 5.0]])
+    >>> krum(g @ g.T, n_byzantine=1).tolist()
+    [1.0, 0.0, 0.0, 0.0]
+
+  References:
+    Blanchard, El Mhamdi, Guerraoui & Stainer, *Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent*, NeurIPS 2017.
+    https://papers.nips.cc/paper/6617
+  """
+  k = gram.shape[-1]
+  if k < n_byzantine + 3 or k < n_selected:
+    raise ValueError(
+        f"krum with n_byzantine={n_byzantine} and n_selected={n_selected}"
+        f" needs K ≥ {max(n_byzantine + 3, n_selected)} exits, got K={k};"
+        " lower n_byzantine or n_selected.")
+  sq = jnp.diagonal(gram)
+  dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
+  # Its own distance, 0, sorts first in every row; drop it.
+  nearest = jnp.sort(dist, axis=-1)[:, 1:k - n_byzantine - 1]
+  scores = nearest.sum(axis=-1)
+  selected = jnp.argsort(scores, stable=True)[:n_selected]
+  return jax.nn.one_hot(selected, k, dtype=gram.dtype).sum(0) / n_selected
+
+
+def dualproj(gram: jax.Array, *,
+             pref_vector: jax.Array | Sequence[float] | None = None,
+             max_iter: int = 100,
+             tol: float | jax.Array = DEFAULT_QP_TOL) -> jax.Array:
+  """DualProj: the mean gradient, projected onto the dual cone of all of them.
+
+  The preference-weighted sum ``pᵀ G`` (the mean by default) is projected
+  onto ``{v : ⟨v, g_j⟩ ≥ 0 for all j}``, the directions that conflict with
+  no exit, as GEM projects a gradient against its episodic memory (its
+  Equation 11). The projection is ``(p + λ)ᵀ G`` with ``λ ≥ 0`` solving
+  ``min_{λ ≥ 0} ½ λᵀMλ + λᵀ M p``, solved exactly by an active-set method in
+  the basis ``g_k / ‖g_k‖`` (as :func:`upgrad`'s projections; TorchJD adds
+  ``1e-4 · I`` to the trace-normalised M instead). Zero rows constrain
+  nothing.
+
+  Properties: non-conflicting; non-conflicting gradients give ``pᵀ G``
+  unchanged; invariant to the exits' order (with uniform p).
+
+  Args:
+    gram: ``(K, K)``.
+    pref_vector: ``(K,)`` preferences p; ``None``: ``1/K`` each.
+    max_iter: cap on the active-set iterations.
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    ``(K,)`` weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [-1.0, 1.0]])
+    >>> [round(v, 4) for v in (dualproj(g @ g.T) @ g).tolist()]
+    [0.0, 0.5]
+
+  References:
+    Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*,
+    NeurIPS 2017. https://arxiv.org/abs/1706.08840
+    Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024.
+    https://arxiv.org/abs/2406.16232
+  """
+  p = _preference(gram, pref_vector, "dualproj")
+  norms, corr = gram_lib.gram_statistics(gram)
+  # In the basis ĝ_k = g_k/‖g_k‖: μ = ‖g‖ ∘ λ, linear term C (‖g‖ ∘ p),
+  # scaled to unit size (the problem is homogeneous in its linear term).
+  q = norms * p
+  size = jnp.max(jnp.abs(q))
+  mu = nnqp.solve_nonnegative_qp(
+      corr, corr @ (q * gram_lib.safe_inverse(size)), norms > 0,
+      max_iter=max_iter, tol=tol)
+  return p + mu * size * gram_lib.safe_inverse(norms)
+
+
+def gradvac(gram: jax.Array, *, target: jax.Array, key: jax.Array,
+            beta: float | jax.Array = 0.5, eps: float | jax.Array = 1e-8
+            ) -> tuple[jax.Array, jax.Array]:
+  """Gradient Vaccine: raises every pair's cosine to its running target.
+
+  As :func:`pcgrad`, every task (exit) i visits the others j in a random
+  order, starting from ``g_i^GV = g_i``. With ``φ_ij`` the cosine of
+  ``g_i^GV`` and the original ``g_j``, and ``φ̂_ij`` its target, when
+  ``φ_ij < φ̂_ij`` a multiple of ``g_j`` is added that brings the cosine up
+  to ``φ̂_ij``:
+
+  ``g_i^GV += ‖g_i^GV‖ (φ̂_ij √(1−φ_ij²) − φ_ij √(1−φ̂_ij²))
+  / (‖g_j‖ √(1−φ̂_ij²)) · g_j``
+
+  (the paper's Equation 3, with ``eps`` added to this denominator and to the
+  cosine's, as TorchJD's ``GradVac`` does); then the target follows the
+  cosine, ``φ̂_ij ← (1−β) φ̂_ij + β φ_ij``. The update is ``Σ_i g_i^GV``.
+  Targets start at 0, where the first step is PCGrad-like. Unlike the other
+  weightings this one returns its new state too.
+
+  Args:
+    gram: ``(K, K)``.
+    target: ``(K, K)`` the targets ``φ̂`` (row i: task i's targets).
+    key: a PRNG key that draws the visiting orders.
+    beta: the EMA rate of the targets, in [0, 1].
+    eps: added to the denominators.
+
+  Returns:
+    ``(weights, new_target)``: ``(K,)`` and ``(K, K)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [-1.0, 1.0]])
+    >>> w, target = gradvac(g @ g.T, target=jnp.zeros((2, 2)),
+    ...                     key=jax.random.key(0))
+    >>> [round(v, 4) for v in (w @ g).tolist()]   # as PCGrad at target 0
+    [0.5, 1.5]
+    >>> round(float(target[0, 1]), 4)   # ½ · cos(g_1, g_2)
+    -0.3536
+
+  References:
+    Wang, Tsvetkov, Firat & Cao, *Gradient Vaccine: Investigating and
+    Improving Multi-task Optimization in Massively Multilingual Models*,
+    ICLR 2021. https://arxiv.org/abs/2010.05874
+  """
+  k = gram.shape[-1]
+  orders = pcgrad_orders(key, k)
+  target = jnp.asarray(target, gram.dtype)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  tasks = jnp.arange(k)
+
+  def visit(position, carry):
+    coeff, target = carry
+    j = orders[:, position]                        # task i's next other task
+    cg = coeff @ gram                              # row i: ⟨g_i^GV, g_m⟩
+    dots = jnp.take_along_axis(cg, j[:, None], axis=1)[:, 0]
+    norm_i = jnp.sqrt(jnp.maximum(jnp.sum(cg * coeff, axis=-1), 0.0))
+    norm_j = norms[j]
+    phi = dots / (norm_i * norm_j + eps)
+    phi_hat = target[tasks, j]
+    other = j != tasks
+    sin_phi = jnp.sqrt(jnp.maximum(1.0 - phi * phi, 0.0))
+    sin_hat = jnp.sqrt(jnp.maximum(1.0 - phi_hat * phi_hat, 0.0))
+    step = norm_i * (phi_hat * sin_phi - phi * sin_hat) / (
+        norm_j * sin_hat + eps)
+    step = jnp.where(other & (phi < phi_hat), step, 0.0)
+    coeff = coeff + step[:, None] * jax.nn.one_hot(j, k, dtype=gram.dtype)
+    new_hat = jnp.where(other, (1.0 - beta) * phi_hat + beta * phi, phi_hat)
+    return coeff, target.at[tasks, j].set(new_hat)
+
+  coeff, target = jax.lax.fori_loop(
+      0, k, visit, (jnp.eye(k, dtype=gram.dtype), target))
+  return coeff.sum(axis=0), target
