@@ -12,10 +12,18 @@ from osgd_jax.aggregation import AggregationState
 from osgd_jax.aggregation import StatefulWeighting
 from osgd_jax.aggregation import from_weighting
 from osgd_jax.aggregators import AdaLossState
+from osgd_jax.aggregators import GradVacState
+from osgd_jax.aggregators import KeyState
 from osgd_jax.aggregators import PCGradState
 from osgd_jax.aggregators import adaptive_loss_balancing
+from osgd_jax.aggregators import aligned_mtl
+from osgd_jax.aggregators import dualproj
+from osgd_jax.aggregators import gradvac
+from osgd_jax.aggregators import imtl_g
+from osgd_jax.aggregators import krum
 from osgd_jax.aggregators import mgda
 from osgd_jax.aggregators import pcgrad
+from osgd_jax.aggregators import random_weighting
 from osgd_jax.aggregators import upgrad
 from osgd_jax.aggregators import weighted_sum
 from osgd_jax.grads import value_and_per_exit_grads
@@ -30,18 +38,26 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLossState",
     "AggregationState",
+    "GradVacState",
+    "KeyState",
     "OsgdState",
     "PCGradState",
     "StatefulWeighting",
     "adaptive_loss_balancing",
+    "aligned_mtl",
     "anytime",
+    "dualproj",
     "from_weighting",
+    "gradvac",
+    "imtl_g",
+    "krum",
     "losses",
     "mgda",
     "osgd",
     "osgd_sgd",
     "pcgrad",
     "per_exit_cross_entropy",
+    "random_weighting",
     "staged_value_and_per_exit_grads",
     "upgrad",
     "value_and_per_exit_grads",

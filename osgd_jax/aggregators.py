@@ -17,7 +17,17 @@ keep it in their state, whose shapes are fixed at ``init``.
 :func:`mgda`                    MGDA: the min-norm point of the convex hull
 :func:`upgrad`                  UPGrad: mean of the projections onto the dual
                                 cone
+:func:`random_weighting`        Random: softmax of Gaussian weights, every step
+:func:`imtl_g`                  IMTL-G: equal projections on the unit gradients
+:func:`aligned_mtl`             Aligned-MTL: the sum of aligned (orthogonal,
+                                equal-norm) gradients
+:func:`krum`                    Krum: the gradient(s) nearest their neighbours
+:func:`dualproj`                DualProj: the mean, projected onto the dual cone
+:func:`gradvac`                 GradVac: cosines raised to running targets
 ==============================  ===============================================
+
+TorchJD's ``Mean``, ``Sum`` and ``Constant`` are :func:`weighted_sum` with
+``"mean"``, ``"sum"`` (``"uniform"``) and a vector of weights.
 
 ``granularity="global"`` (the default here) computes one weight vector from
 the Gram matrix of the whole flattened parameter vector, as the papers do;
@@ -41,16 +51,24 @@ from osgd_jax import weightings
 
 __all__ = [
     "AdaLossState",
+    "GradVacState",
+    "KeyState",
     "PCGradState",
     "WEIGHT_PRESETS",
     "adaptive_loss_balancing",
+    "aligned_mtl",
+    "dualproj",
+    "gradvac",
+    "imtl_g",
+    "krum",
     "mgda",
     "pcgrad",
+    "random_weighting",
     "upgrad",
     "weighted_sum",
 ]
 
-WEIGHT_PRESETS = ("uniform", "linear", "geometric", "sdn")
+WEIGHT_PRESETS = ("uniform", "linear", "geometric", "sdn", "mean", "sum")
 
 
 def _counting(schedule: Callable[[jax.Array, jax.Array], jax.Array]
@@ -98,11 +116,14 @@ def weighted_sum(
   summed-loss baseline.
 
   Presets (by name): ``"uniform"`` (:func:`osgd_jax.weightings.uniform`,
-  MSDNet's summed loss), ``"linear"`` and ``"geometric"`` (ramps towards the
-  later exits that sum to K; :func:`~osgd_jax.weightings.linear`,
+  MSDNet's summed loss; TorchJD's ``Sum``, also named ``"sum"``), ``"mean"``
+  (:func:`~osgd_jax.weightings.mean`, TorchJD's ``Mean``), ``"linear"`` and
+  ``"geometric"`` (ramps towards the later exits that sum to K;
+  :func:`~osgd_jax.weightings.linear`,
   :func:`~osgd_jax.weightings.geometric`), and ``"sdn"``, the Shallow-Deep
   Networks schedule (:func:`~osgd_jax.weightings.sdn`) whose early-exit
-  weights rise over ``total_steps`` updates.
+  weights rise over ``total_steps`` updates. A fixed vector is TorchJD's
+  ``Constant`` (:func:`~osgd_jax.weightings.constant`).
 
   Invariances: linear in the gradients; a row scaled by ``c`` scales its
   contribution by ``c``.
@@ -172,7 +193,7 @@ def weighted_sum(
             f"the geometric ratio must be a finite number > 0, got {ratio!r}.")
       weighting = functools.partial(weightings.geometric, ratio=ratio)
     else:
-      weighting = getattr(weightings, weights)
+      weighting = getattr(weightings, "uniform" if weights == "sum" else weights)
   elif callable(weights):
     weighting = _counting(_scheduled(weights))
   else:
@@ -186,7 +207,7 @@ def weighted_sum(
           f"weighted_sum got {fixed.shape[0]} weights but"
           f" num_exits={num_exits}; give one weight per exit.")
     num_exits = fixed.shape[0]
-    weighting = lambda gram: jnp.asarray(fixed, gram.dtype)
+    weighting = functools.partial(weightings.constant, weights=fixed)
   return aggregation.from_weighting(
       weighting, num_exits=num_exits, granularity=granularity, name=name)
 
@@ -293,16 +314,36 @@ def adaptive_loss_balancing(
       granularity=granularity, name=name)
 
 
-class PCGradState(NamedTuple):
-  """PCGrad's weighting state.
+class KeyState(NamedTuple):
+  """The weighting state of a random weighting: its PRNG key.
 
   Attributes:
     key_data: the raw data (uint32) of the PRNG key that draws the next
-      visiting orders (``jax.random.wrap_key_data`` turns it into a key); raw
+      random numbers (``jax.random.wrap_key_data`` turns it into a key); raw
       data, so that it checkpoints like any array.
   """
 
   key_data: jax.Array
+
+
+# PCGrad's weighting state (its key draws the visiting orders).
+PCGradState = KeyState
+
+
+def _keyed(draw: Callable[..., jax.Array], seed: int
+           ) -> aggregation.StatefulWeighting:
+  """``draw(gram, key=)`` with a key that the state carries, split per step."""
+
+  def init(k):
+    del k
+    return KeyState(jax.random.key_data(jax.random.key(seed)))
+
+  def apply(gram, state: KeyState, **extra_args):
+    del extra_args
+    key, subkey = jax.random.split(jax.random.wrap_key_data(state.key_data))
+    return draw(gram, key=subkey), KeyState(jax.random.key_data(key))
+
+  return aggregation.StatefulWeighting(init, apply)
 
 
 def pcgrad(
@@ -335,7 +376,7 @@ def pcgrad(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
-    :class:`PCGradState` per group.
+    :class:`KeyState` (``PCGradState``) per group.
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
@@ -349,19 +390,8 @@ def pcgrad(
     Yu, Kumar, Gupta, Levine, Hausman & Finn, *Gradient Surgery for
     Multi-Task Learning*, NeurIPS 2020. https://arxiv.org/abs/2001.06782
   """
-
-  def init(k):
-    del k
-    return PCGradState(jax.random.key_data(jax.random.key(seed)))
-
-  def apply(gram, state: PCGradState, **extra_args):
-    del extra_args
-    key, subkey = jax.random.split(jax.random.wrap_key_data(state.key_data))
-    return (weightings.pcgrad(gram, key=subkey),
-            PCGradState(jax.random.key_data(key)))
-
   return aggregation.from_weighting(
-      aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
+      _keyed(weightings.pcgrad, seed), num_exits=num_exits,
       granularity=granularity, name="pcgrad")
 
 
@@ -463,3 +493,334 @@ def upgrad(
   return aggregation.from_weighting(
       functools.partial(weightings.upgrad, max_iter=max_iter, tol=tol),
       num_exits=num_exits, granularity=granularity, name="upgrad")
+
+
+def random_weighting(
+    seed: int = 0,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """Random weighting: ``u = Σ_k w_k g_k`` with ``w = softmax(z)``, ``z ~ N(0, I)``.
+
+  Fresh weights at every step (:func:`osgd_jax.weightings.random_weighting`,
+  TorchJD's ``Random``), from a PRNG key that the state carries, split at
+  every update, so a run is reproducible from ``seed``. Under
+  ``granularity="leaf"`` every leaf starts from the same key, hence draws
+  the same weights. The weights sum to 1: the update is about the size of
+  one gradient.
+
+  Args:
+    seed: seeds the weights.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`KeyState` per group.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.random_weighting(seed=0, num_exits=3)
+    >>> _, state = tx.update({"w": jnp.ones((3, 2))}, tx.init({"w": jnp.zeros(2)}))
+    >>> round(float(state.weights.sum()), 5)
+    1.0
+
+  References:
+    Lin, Ye, Xu, Shi & Zhang, *Reasonable Effectiveness of Random Weighting:
+    A Litmus Test for Multi-Task Learning*, TMLR 2022.
+    https://arxiv.org/abs/2111.10603
+  """
+  return aggregation.from_weighting(
+      _keyed(weightings.random_weighting, seed), num_exits=num_exits,
+      granularity=granularity, name="random_weighting")
+
+
+def imtl_g(
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """IMTL-G: the update with equal projections on every exit's unit gradient.
+
+  ``u = Σ_k w_k g_k`` with ``w = M⁺ d / Σ(M⁺ d)``, ``d_k = ‖g_k‖``
+  (:func:`osgd_jax.weightings.imtl_g`, TorchJD's ``IMTLG``): ``⟨u, g_k⟩ /
+  ‖g_k‖`` is the same for every exit, so none is favoured.
+
+  Invariance: scaling exit k's gradient by ``c_k > 0`` leaves the direction
+  of u unchanged; invariant to the exits' order.
+
+  Args:
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.imtl_g(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [0.75, 0.75]
+
+  References:
+    Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021.
+    https://openreview.net/forum?id=IMPnRXEWpvr
+  """
+  return aggregation.from_weighting(
+      weightings.imtl_g, num_exits=num_exits, granularity=granularity,
+      name="imtl_g")
+
+
+def aligned_mtl(
+    pref_vector: Sequence[float] | jax.Array | None = None,
+    scale_mode: str = "min",
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """Aligned-MTL: the preference-weighted sum of the aligned gradients.
+
+  The gradients are replaced by orthogonal ones of equal norm, spanning the
+  same space (the condition number of the system made 1), and summed with
+  the preferences (:func:`osgd_jax.weightings.aligned_mtl`, TorchJD's
+  ``AlignedMTL``).
+
+  Args:
+    pref_vector: ``(K,)`` preferences; ``None``: ``1/K`` each.
+    scale_mode: the common norm's square: the smallest nonzero eigenvalue of
+      M (``"min"``, the paper's), their median (``"median"``) or mean
+      (``"rmse"``).
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Raises:
+    ValueError: an unknown ``scale_mode``, or a ``pref_vector`` that is not
+      K finite numbers.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.aligned_mtl(num_exits=2)
+    >>> g = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [0.5, 0.5]
+
+  References:
+    Senushkin, Patakin, Kuznetsov & Konushin, *Independent Component
+    Alignment for Multi-Task Learning*, CVPR 2023.
+    https://arxiv.org/abs/2305.19000
+  """
+  name = "aligned_mtl"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  aggregation.check_pref_vector(pref_vector, num_exits, name)
+  if scale_mode not in weightings.ALIGNED_MTL_SCALE_MODES:
+    raise ValueError(
+        f"{name}: scale_mode must be one of"
+        f" {weightings.ALIGNED_MTL_SCALE_MODES}, got {scale_mode!r}.")
+  return aggregation.from_weighting(
+      functools.partial(weightings.aligned_mtl, pref_vector=pref_vector,
+                        scale_mode=scale_mode),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+def krum(
+    n_byzantine: int = 0,
+    n_selected: int = 1,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """Krum: the gradient(s) nearest their neighbours, robust to outliers.
+
+  ``u`` is the mean of the ``n_selected`` gradients whose summed distances
+  to their ``K − n_byzantine − 2`` nearest neighbours are the smallest
+  (:func:`osgd_jax.weightings.krum`, TorchJD's ``Krum``). Made for
+  Byzantine-robust distributed training, where up to ``n_byzantine``
+  gradients may be arbitrary.
+
+  Args:
+    n_byzantine: how many gradients may be adversarial, ``≥ 0``; K must be
+      at least ``n_byzantine + 3``.
+    n_selected: how many gradients to average (Multi-Krum), ``1 ≤ · ≤ K``.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Raises:
+    ValueError: ``n_byzantine`` or ``n_selected`` out of range for K.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.krum(num_exits=3)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [1.2, 0.0], [-5.0, 4.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates["w"].tolist()
+    [1.0, 0.0]
+
+  References:
+    Blanchard, El Mhamdi, Guerraoui & Stainer, *Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent*, NeurIPS 2017.
+    https://papers.nips.cc/paper/6617
+  """
+  name = "krum"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  if (isinstance(n_byzantine, bool) or not isinstance(n_byzantine, int)
+      or n_byzantine < 0):
+    raise ValueError(
+        f"{name}: n_byzantine must be an int >= 0, got {n_byzantine!r}.")
+  aggregation.check_positive_int(n_selected, "n_selected", name)
+  if num_exits < n_byzantine + 3 or num_exits < n_selected:
+    raise ValueError(
+        f"{name} with n_byzantine={n_byzantine} and n_selected={n_selected}"
+        f" needs num_exits >= {max(n_byzantine + 3, n_selected)}, got"
+        f" num_exits={num_exits}; lower n_byzantine or n_selected.")
+  return aggregation.from_weighting(
+      functools.partial(weightings.krum, n_byzantine=n_byzantine,
+                        n_selected=n_selected),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+def dualproj(
+    pref_vector: Sequence[float] | jax.Array | None = None,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+    max_iter: int = 100,
+    tol: float = weightings.DEFAULT_QP_TOL,
+) -> optax.GradientTransformationExtraArgs:
+  """DualProj: the mean gradient projected onto the dual cone of all of them.
+
+  ``u`` is the projection of ``Σ_k p_k g_k`` (the mean by default) onto
+  ``{v : ⟨v, g_j⟩ ≥ 0 for all j}`` (:func:`osgd_jax.weightings.dualproj`,
+  TorchJD's ``DualProj``; GEM's projection), solved exactly under
+  ``jax.jit``.
+
+  Properties: non-conflicting (``⟨g_j, u⟩ ≥ 0`` for every j); a mean of
+  non-conflicting gradients passes unchanged; invariant to the exits' order
+  (uniform preferences); positively homogeneous. The update is a mean: its
+  size is that of one gradient.
+
+  Args:
+    pref_vector: ``(K,)`` preferences; ``None``: ``1/K`` each.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` or ``"leaf"``.
+    max_iter: cap on active-set iterations.
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.dualproj(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]   # (0, ½) ⟂ g_1
+    [0.0, 0.5]
+
+  References:
+    Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*,
+    NeurIPS 2017. https://arxiv.org/abs/1706.08840
+  """
+  name = "dualproj"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  aggregation.check_pref_vector(pref_vector, num_exits, name)
+  _check_qp_options(max_iter, tol, name)
+  return aggregation.from_weighting(
+      functools.partial(weightings.dualproj, pref_vector=pref_vector,
+                        max_iter=max_iter, tol=tol),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+class GradVacState(NamedTuple):
+  """GradVac's weighting state.
+
+  Attributes:
+    target: ``(K, K)`` the cosine targets ``φ̂`` (row i: task i's), an EMA
+      of the cosines seen; 0 at ``init``.
+    key_data: the raw data of the PRNG key that draws the visiting orders
+      (as :class:`KeyState`'s).
+  """
+
+  target: jax.Array
+  key_data: jax.Array
+
+
+def gradvac(
+    beta: float = 0.5,
+    eps: float = 1e-8,
+    seed: int = 0,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """Gradient Vaccine: every pair's cosine raised to a running target.
+
+  As PCGrad, but instead of projecting a conflict away, task i's gradient
+  gets the multiple of ``g_j`` that brings their cosine up to the target
+  ``φ̂_ij``, an EMA (rate ``beta``) of the cosines seen at earlier steps
+  (:func:`osgd_jax.weightings.gradvac`, TorchJD's ``GradVac``). The
+  update is the sum of the modified gradients. The targets and the PRNG key
+  of the visiting orders live in the state; under ``granularity="leaf"``
+  every leaf has its own targets (the paper's per-parameter-group variant)
+  and the same key.
+
+  Args:
+    beta: the targets' EMA rate, in [0, 1].
+    eps: added to the denominators, ``≥ 0``.
+    seed: seeds the visiting orders.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the whole model) or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`GradVacState` per group.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.gradvac(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+    >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]   # PCGrad at target 0
+    [0.5, 1.5]
+    >>> state.weighting_state.target.shape   # one group
+    (1, 2, 2)
+
+  References:
+    Wang, Tsvetkov, Firat & Cao, *Gradient Vaccine: Investigating and
+    Improving Multi-task Optimization in Massively Multilingual Models*,
+    ICLR 2021. https://arxiv.org/abs/2010.05874
+  """
+  name = "gradvac"
+  aggregation.check_unit_interval(beta, "beta", name)
+  aggregation.check_nonnegative(eps, "eps", name)
+
+  def init(k):
+    return GradVacState(jnp.zeros((k, k), jnp.float32),
+                        jax.random.key_data(jax.random.key(seed)))
+
+  def apply(gram, state: GradVacState, **extra_args):
+    del extra_args
+    key, subkey = jax.random.split(jax.random.wrap_key_data(state.key_data))
+    weights, target = weightings.gradvac(
+        gram, target=state.target.astype(gram.dtype), key=subkey, beta=beta,
+        eps=eps)
+    return weights, GradVacState(target, jax.random.key_data(key))
+
+  return aggregation.from_weighting(
+      aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
+      granularity=granularity, name=name)
