@@ -180,3 +180,104 @@ def sdn_weights(num_exits, step, total_steps, cap):
   caps = cap * np.arange(1, num_exits) / (num_exits - 1)
   early = np.minimum(caps, 0.01 + caps * step / total_steps)
   return np.concatenate([early, [1.0]])
+
+
+# --- the other aggregators of TorchJD (tests/test_torchjd.py) -----------------
+# From the papers' definitions, on the gradient rows, in float64.
+
+
+def _rank_cutoff(values_sq, k):
+  """Squared singular values above K·eps·max count (NumPy's matrix_rank)."""
+  return values_sq > k * np.finfo(np.float64).eps * values_sq.max(initial=0.0)
+
+
+def imtl_g_direction(rows):
+  """IMTL-G (Liu et al. 2021): equal projections of u on the unit gradients.
+
+  Independent nonzero rows: the paper's closed form, α_{2:} = g_1 Uᵀ (D Uᵀ)⁻¹
+  with D = [g_1 − g_k], U = [u_1 − u_k] (u_k = g_k/‖g_k‖), α_1 = 1 − Σ α_{2:}.
+  Dependent rows: Quinton & Rey's generalisation, the least-squares solution
+  of minimum norm of M α = d (d_k = ‖g_k‖), normalised to sum to 1.
+  """
+  g = np.asarray(rows, np.float64)
+  norms = np.linalg.norm(g, axis=1)
+  live = np.flatnonzero(norms > 0)
+  sub = g[live]
+  s = np.linalg.svd(sub / norms[live, None], compute_uv=False)
+  if len(live) > 1 and np.all(_rank_cutoff(s ** 2, len(g))):
+    units = sub / norms[live, None]
+    d, u = sub[0] - sub[1:], units[0] - units[1:]
+    tail = sub[0] @ u.T @ np.linalg.inv(d @ u.T)
+    alpha = np.concatenate([[1 - tail.sum()], tail])
+    return alpha @ sub
+  m = g @ g.T
+  v = np.linalg.lstsq(m, norms, rcond=len(g) * np.finfo(np.float64).eps)[0]
+  return v / v.sum() @ g if abs(v.sum()) > 1e-300 else np.zeros(g.shape[1])
+
+
+def aligned_mtl_direction(rows, pref=None, scale_mode="min"):
+  """Aligned-MTL (Senushkin et al. 2023, Algorithm 1), from the SVD of G.
+
+  G = U Σ Vᵀ over the nonzero singular values; the aligned gradients are
+  √λ · U Vᵀ with λ the smallest (or median, or mean) σ²; u = pᵀ of them.
+  """
+  g = np.asarray(rows, np.float64)
+  k = len(g)
+  pref = np.full(k, 1.0 / k) if pref is None else np.asarray(pref)
+  u, s, vt = np.linalg.svd(g, full_matrices=False)
+  keep = _rank_cutoff(s ** 2, k)
+  if not keep.any():
+    return pref @ g
+  lam = np.sort(s[keep] ** 2)
+  scale = {"min": lam[0], "median": lam[(len(lam) - 1) // 2],
+           "rmse": lam.mean()}[scale_mode]
+  aligned = np.sqrt(scale) * u[:, keep] @ vt[keep]
+  return pref @ aligned
+
+
+def krum_direction(rows, n_byzantine, n_selected=1):
+  """(Multi-)Krum as TorchJD defines it: sums of Euclidean distances.
+
+  Each row's score sums its distances to its K − f − 2 nearest other rows;
+  the mean of the n_selected lowest-scored rows (ties: lower index).
+  """
+  g = np.asarray(rows, np.float64)
+  k = len(g)
+  dist = np.linalg.norm(g[:, None] - g[None], axis=-1)
+  scores = [np.sort(np.delete(dist[i], i))[:k - n_byzantine - 2].sum()
+            for i in range(k)]
+  chosen = np.argsort(scores, kind="stable")[:n_selected]
+  return g[chosen].mean(axis=0)
+
+
+def dualproj_direction(rows, pref=None):
+  """DualProj: the preference-weighted sum projected onto the dual cone."""
+  g = np.asarray(rows, np.float64)
+  pref = np.full(len(g), 1.0 / len(g)) if pref is None else np.asarray(pref)
+  return dual_cone_projection(g, pref @ g)
+
+
+def gradvac_direction(rows, orders, target, beta=0.5, eps=1e-8):
+  """GradVac (Wang et al. 2021, Algorithm 1 with eps): (direction, new targets).
+
+  Task i visits the others in ``orders[i]``; φ = cos(g_i^GV, g_j); if below
+  the target φ̂_ij, g_i^GV += ‖g_i^GV‖(φ̂√(1−φ²) − φ√(1−φ̂²))/(‖g_j‖√(1−φ̂²))
+  g_j; then φ̂_ij ← (1−β)φ̂_ij + βφ.
+  """
+  g = np.asarray(rows, np.float64)
+  target = np.array(target, np.float64)
+  total = np.zeros(g.shape[1])
+  for i in range(len(g)):
+    v = g[i].copy()
+    for j in orders[i]:
+      if j == i:
+        continue
+      nv, nj = np.linalg.norm(v), np.linalg.norm(g[j])
+      phi, hat = v @ g[j] / (nv * nj + eps), target[i, j]
+      if phi < hat:
+        sin_phi = np.sqrt(max(1 - phi ** 2, 0.0))
+        sin_hat = np.sqrt(max(1 - hat ** 2, 0.0))
+        v = v + nv * (hat * sin_phi - phi * sin_hat) / (nj * sin_hat + eps) * g[j]
+      target[i, j] = (1 - beta) * hat + beta * phi
+    total += v
+  return total, target

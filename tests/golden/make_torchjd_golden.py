@@ -1,0 +1,120 @@
+"""Writes TorchJD's outputs on seeded Jacobians to ``torchjd_golden.json``.
+
+The tests compare the JAX weightings with this file (``tests/test_torchjd.py``)
+so that the suite never imports torch. Regenerate it, with torch (the CPU
+build) and the TorchJD version named in the file installed, by::
+
+  python tests/golden/make_torchjd_golden.py
+
+Each deterministic aggregator is run once on every Jacobian of ``CASES``; a
+stateful one on a sequence of Jacobians (``SEQUENCES``), from a fresh
+instance, so that its state (an EMA) is exercised. Aggregators that draw
+random numbers are left out, but GradVac with K = 2, where every task has one
+other to visit, is deterministic. The Jacobians are stored with the outputs,
+so the tests read them rather than regenerate them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+
+import numpy as np
+import torch
+from torchjd import aggregation as agg
+
+K, N = 4, 6
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                   "torchjd_golden.json")
+
+
+def _cases() -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(20)
+  random = rng.normal(size=(K, N))
+  conflicting = rng.normal(size=(K, N))
+  conflicting[1:] -= 0.9 * conflicting[0]
+  rank_deficient = rng.normal(size=(K, N))
+  rank_deficient[2] = 1.5 * rank_deficient[0] - 0.5 * rank_deficient[1]
+  rank_deficient[3] = -2.0 * rank_deficient[1]
+  zero_row = rng.normal(size=(K, N))
+  zero_row[1] = 0.0
+  mixed_scale = rng.normal(size=(K, N)) * 10.0 ** np.array(
+      [[-8.0], [-2.0], [3.0], [8.0]])
+  return {"random": random, "conflicting": conflicting,
+          "rank_deficient": rank_deficient, "zero_row": zero_row,
+          "mixed_scale": mixed_scale}
+
+
+# name -> (constructor, its arguments as stored in the file).
+AGGREGATORS = {
+    "mean": (agg.Mean, {}),
+    "sum": (agg.Sum, {}),
+    "constant": (lambda: agg.Constant(torch.tensor(
+        [1.0, 0.5, 2.0, -1.0], dtype=torch.float64)),
+                 {"weights": [1.0, 0.5, 2.0, -1.0]}),
+    "imtl_g": (agg.IMTLG, {}),
+    "aligned_mtl": (agg.AlignedMTL, {}),
+    "aligned_mtl_median": (lambda: agg.AlignedMTL(scale_mode="median"),
+                           {"scale_mode": "median"}),
+    "aligned_mtl_rmse": (lambda: agg.AlignedMTL(scale_mode="rmse"),
+                         {"scale_mode": "rmse"}),
+    "krum": (lambda: agg.Krum(n_byzantine=0), {"n_byzantine": 0}),
+    "multi_krum": (lambda: agg.Krum(n_byzantine=0, n_selected=2),
+                   {"n_byzantine": 0, "n_selected": 2}),
+    "dualproj": (agg.DualProj, {}),
+    "upgrad": (agg.UPGrad, {}),
+    "mgda": (agg.MGDA, {}),
+}
+
+
+def _sequences() -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(21)
+  pairs = rng.normal(size=(4, 2, N))
+  pairs[:, 1] -= 0.7 * pairs[:, 0]   # the pairs conflict
+  steps = rng.normal(size=(4, K, N))
+  steps[:, 1:] -= 0.6 * steps[:, :1]
+  return {"pairs": pairs, "steps": steps}
+
+
+# name -> (constructor, its arguments, the sequence it runs on).
+STATEFUL = {
+    "gradvac": (agg.GradVac, {"beta": 0.5, "eps": 1e-8}, "pairs"),
+    "pcd": (agg.PCD, {"tau": 0.02, "beta": 0.999, "eps": 1e-8}, "steps"),
+}
+
+
+def _run(aggregator, matrix: np.ndarray) -> list[float]:
+  out = aggregator(torch.tensor(matrix, dtype=torch.float64))
+  return out.detach().numpy().tolist()
+
+
+def main() -> None:
+  torch.manual_seed(0)
+  cases = _cases()
+  sequences = _sequences()
+  golden = {
+      "torchjd": metadata.version("torchjd"),
+      "torch": torch.__version__,
+      "cases": {name: m.tolist() for name, m in cases.items()},
+      "sequences": {name: s.tolist() for name, s in sequences.items()},
+      "aggregators": {},
+      "stateful": {},
+  }
+  for name, (make, kwargs) in AGGREGATORS.items():
+    golden["aggregators"][name] = {
+        "kwargs": kwargs,
+        "outputs": {case: _run(make(), m) for case, m in cases.items()}}
+  for name, (make, kwargs, sequence) in STATEFUL.items():
+    instance = make(**kwargs)
+    golden["stateful"][name] = {
+        "kwargs": kwargs, "sequence": sequence,
+        "outputs": [_run(instance, m) for m in sequences[sequence]]}
+  with open(OUT, "w") as f:
+    json.dump(golden, f, indent=None, separators=(",", ":"))
+    f.write("\n")
+  print(f"wrote {OUT} ({os.path.getsize(OUT)} bytes)")
+
+
+if __name__ == "__main__":
+  main()
