@@ -17,6 +17,7 @@ from osgd_jax.aggregators import KeyState
 from osgd_jax.aggregators import PCGradState
 from osgd_jax.aggregators import adaptive_loss_balancing
 from osgd_jax.aggregators import aligned_mtl
+from osgd_jax.aggregators import cagrad
 from osgd_jax.aggregators import dualproj
 from osgd_jax.aggregators import gradvac
 from osgd_jax.aggregators import imtl_g
@@ -46,6 +47,7 @@ __all__ = [
     "adaptive_loss_balancing",
     "aligned_mtl",
     "anytime",
+    "cagrad",
     "dualproj",
     "from_weighting",
     "gradvac",

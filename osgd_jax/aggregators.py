@@ -24,6 +24,8 @@ keep it in their state, whose shapes are fixed at ``init``.
 :func:`krum`                    Krum: the gradient(s) nearest their neighbours
 :func:`dualproj`                DualProj: the mean, projected onto the dual cone
 :func:`gradvac`                 GradVac: cosines raised to running targets
+:func:`cagrad`                  CAGrad: the best worst case in a ball around
+                                the mean
 ==============================  ===============================================
 
 TorchJD's ``Mean``, ``Sum`` and ``Constant`` are :func:`weighted_sum` with
@@ -57,6 +59,7 @@ __all__ = [
     "WEIGHT_PRESETS",
     "adaptive_loss_balancing",
     "aligned_mtl",
+    "cagrad",
     "dualproj",
     "gradvac",
     "imtl_g",
@@ -824,3 +827,60 @@ def gradvac(
   return aggregation.from_weighting(
       aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
       granularity=granularity, name=name)
+
+
+def cagrad(
+    c: float = 0.4,
+    norm_eps: float = 1e-4,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+    bisections: int = 40,
+    max_iter: int = 100,
+    tol: float = weightings.DEFAULT_QP_TOL,
+) -> optax.GradientTransformationExtraArgs:
+  """CAGrad: the best worst-case improvement within a ball around the mean.
+
+  ``u = g_0 + c ‖g_0‖ g_w / ‖g_w‖``, the direction within ``c ‖g_0‖`` of the
+  mean gradient ``g_0`` that maximises ``min_k ⟨g_k, u⟩``
+  (:func:`osgd_jax.weightings.cagrad`, TorchJD's ``CAGrad``), solved under
+  ``jax.jit`` by a bisection over simplex QPs, with no convex-solver
+  dependency. ``c = 0`` is the mean; as c grows the update approaches
+  MGDA's direction. No update when the worst case cannot be improved (e.g.
+  an exit with a zero gradient).
+
+  Args:
+    c: the ball's radius relative to ``‖g_0‖``, ``≥ 0`` (the paper's 0.4).
+    norm_eps: below this ``‖g_w‖``, relative to the gradients' Frobenius
+      norm, no update.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+    bisections: steps of the bisection.
+    max_iter: cap on the active-set iterations of each QP.
+    tol: relative tolerance of their optimality test.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.cagrad(0.5, num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [0.75, 0.75]
+
+  References:
+    Liu, Liu, Jin, Stone & Liu, *Conflict-Averse Gradient Descent for
+    Multi-task Learning*, NeurIPS 2021. https://arxiv.org/abs/2110.14048
+  """
+  name = "cagrad"
+  aggregation.check_nonnegative(c, "c", name)
+  aggregation.check_nonnegative(norm_eps, "norm_eps", name)
+  aggregation.check_positive_int(bisections, "bisections", name)
+  _check_qp_options(max_iter, tol, name)
+  return aggregation.from_weighting(
+      functools.partial(weightings.cagrad, c=c, norm_eps=norm_eps,
+                        bisections=bisections, max_iter=max_iter, tol=tol),
+      num_exits=num_exits, granularity=granularity, name=name)

@@ -281,3 +281,30 @@ def gradvac_direction(rows, orders, target, beta=0.5, eps=1e-8):
       target[i, j] = (1 - beta) * hat + beta * phi
     total += v
   return total, target
+
+
+def cagrad_direction(rows, c, norm_eps=1e-4):
+  """CAGrad (Liu et al. 2021, Algorithm 1) by SciPy's SLSQP from several starts.
+
+  d = g_0 + c‖g_0‖ g_w/‖g_w‖, w minimising ⟨g_w, g_0⟩ + c‖g_0‖‖g_w‖ on the
+  simplex; 0 when ‖g_w‖ < norm_eps · ‖G‖_F (TorchJD's rule, no direction).
+  """
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+
+  g = np.asarray(rows, np.float64)
+  k = len(g)
+  frobenius = np.linalg.norm(g)
+  g = g / frobenius
+  g0 = g.mean(axis=0)
+  radius = c * np.linalg.norm(g0)
+  objective = lambda w: (w @ g) @ g0 + radius * np.linalg.norm(w @ g)
+  simplex = [{"type": "eq", "fun": lambda w: w.sum() - 1}]
+  starts = [np.full(k, 1.0 / k)] + list(0.7 * np.eye(k) + 0.3 / k)
+  best = min((optimize.minimize(objective, x0, method="SLSQP",
+                                bounds=[(0, 1)] * k, constraints=simplex,
+                                options={"ftol": 1e-15, "maxiter": 1000})
+              for x0 in starts), key=lambda r: r.fun)
+  gw = best.x @ g
+  if np.linalg.norm(gw) < norm_eps:
+    return np.zeros(g.shape[1])
+  return frobenius * (g0 + radius * gw / np.linalg.norm(gw))

@@ -50,6 +50,7 @@ WEIGHTINGS = {
     "dualproj": (weightings.dualproj, {}),
     "upgrad": (weightings.upgrad, {}),
     "mgda": (weightings.mgda, {}),
+    "cagrad": (weightings.cagrad, {"c": 0.4}),
 }
 
 ORACLES = {
@@ -65,6 +66,7 @@ ORACLES = {
     "multi_krum": functools.partial(oracles.krum_direction, n_byzantine=0,
                                     n_selected=2),
     "dualproj": oracles.dualproj_direction,
+    "cagrad": functools.partial(oracles.cagrad_direction, c=0.4),
 }
 
 
@@ -122,13 +124,16 @@ def _assert_close(got, want, rows, rtol):
 # to its mean (1e16): that eigenvector, known from M to eps · 1e16/1e4,
 # dominates the update. TorchJD's is as far from the oracle.
 MIXED_RTOL = {"aligned_mtl_rmse": 1e-3}
+# SLSQP's accuracy; CAGrad's minimum is not smooth where ‖g_w‖ is small.
+RTOL = {"cagrad": 1e-7}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("name", sorted(ORACLES))
 def test_matches_float64_oracle(name, case):
   rows = CASES[case](np.random.default_rng(sorted(CASES).index(case)))
-  rtol = MIXED_RTOL.get(name, 1e-9) if case == "mixed_scale" else 1e-9
+  rtol = RTOL.get(name, 1e-9)
+  rtol = MIXED_RTOL.get(name, rtol) if case == "mixed_scale" else rtol
   _assert_close(_direction(name, rows), ORACLES[name](rows), rows, rtol)
 
 
@@ -192,7 +197,8 @@ GOLDEN_RTOL = {"dualproj": 2e-4, "upgrad": 2e-4, "mgda": 2e-2,
 GOLDEN_SKIP = {("imtl_g", "mixed_scale")}
 
 
-@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+# CAGrad needs cvxpy in TorchJD, absent where the file was made: no golden.
+@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"cagrad"}))
 def test_matches_torchjd(name):
   golden = _golden()["aggregators"][name]
   assert golden["kwargs"] == {
@@ -243,7 +249,7 @@ seeds = st.integers(0, 2**31 - 1)
 scales = st.lists(st.floats(-8, 8), min_size=K, max_size=K)
 zeros = st.one_of(st.none(), st.integers(0, K - 1))
 common = settings(max_examples=10, deadline=None)
-DETERMINISTIC = ["imtl_g", "aligned_mtl", "krum", "dualproj"]
+DETERMINISTIC = ["imtl_g", "aligned_mtl", "krum", "dualproj", "cagrad"]
 
 
 @common
@@ -299,6 +305,7 @@ TRANSFORMS = {
     "krum": osgd_jax.krum,
     "dualproj": osgd_jax.dualproj,
     "gradvac": osgd_jax.gradvac,
+    "cagrad": osgd_jax.cagrad,
 }
 
 
@@ -340,6 +347,8 @@ def test_options_are_checked_with_a_fix():
     osgd_jax.aligned_mtl(scale_mode="max", num_exits=3)
   with pytest.raises(ValueError, match=r"pref_vector must be 3 finite"):
     osgd_jax.dualproj([0.5, 0.5], num_exits=3)
+  with pytest.raises(ValueError, match=r"c must be a finite number >= 0"):
+    osgd_jax.cagrad(-0.1, num_exits=3)
   with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
     osgd_jax.gradvac(beta=1.5, num_exits=3)
   with pytest.raises(ValueError, match=r"shape \(3,\).*K=2"):
