@@ -60,7 +60,9 @@ __all__ = [
     "aligned_mtl",
     "constant",
     "cagrad",
+    "config",
     "dualproj",
+    "fairgrad",
     "geometric",
     "gradvac",
     "imtl_g",
@@ -68,10 +70,14 @@ __all__ = [
     "linear",
     "mean",
     "mgda",
+    "modo",
     "osgd",
+    "pcd",
     "pcgrad",
     "pcgrad_orders",
+    "project_onto_simplex",
     "random_weighting",
+    "sdmgrad",
     "sdn",
     "uniform",
     "upgrad",
@@ -962,3 +968,291 @@ def cagrad(gram: jax.Array, *, c: float | jax.Array = 0.4,
   weights = mean_w + radius * gram_lib.safe_inverse(norm_w) * w
   # c = 0 or g_0 = 0: the ball is the point g_0, the mean.
   return jnp.where(found, weights, jnp.where(positive, 0.0, mean_w))
+
+
+def project_onto_simplex(y: jax.Array) -> jax.Array:
+  """The Euclidean projection of ``y`` onto the probability simplex.
+
+  ``x = max(y − θ, 0)`` with θ such that ``Σx = 1``, found by sorting (Held,
+  Wolfe & Crowder 1974; Duchi et al. 2008).
+
+  Args:
+    y: ``(K,)``.
+
+  Returns:
+    ``(K,)`` non-negative, summing to 1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> project_onto_simplex(jnp.asarray([2.0, 0.0, 0.5])).tolist()
+    [1.0, 0.0, 0.0]
+  """
+  k = y.shape[-1]
+  desc = jnp.sort(y)[::-1]
+  cumsum = jnp.cumsum(desc)
+  index = jnp.arange(1, k + 1, dtype=y.dtype)
+  support = desc - (cumsum - 1.0) / index > 0
+  rho = jnp.max(jnp.where(support, jnp.arange(k), 0))
+  theta = (cumsum[rho] - 1.0) / (rho + 1).astype(y.dtype)
+  return jnp.maximum(y - theta, 0.0)
+
+
+def config(gram: jax.Array, *,
+           pref_vector: jax.Array | Sequence[float] | None = None
+           ) -> jax.Array:
+  """ConFIG: the conflict-free direction with equal cosines to every gradient.
+
+  The direction v solves ``Ĝ v = p`` in the least-squares sense of minimum
+  norm (``v = Ĝ⁺ p``, Ĝ the gradients scaled to unit norm, p = 1 by
+  default: equal cosines with every gradient, hence none conflicts), and the
+  update is ``u = (Σ_i ⟨g_i, v̂⟩) v̂`` with ``v̂ = v / ‖v‖``: the unit
+  direction, as long as the gradients' summed projections on it. Exact from
+  the Gram matrix: ``v = Σ_k β_k ĝ_k`` with ``β = C⁺ p`` for the cosines C.
+  TorchJD's ``ConFIG``; 0 when v is.
+
+  Properties: non-conflicting when ``Ĝ v = p`` is solvable with ``p > 0``
+  (in particular for linearly independent gradients); invariant to the
+  exits' order (uniform p) and, in direction, to each gradient's scale.
+
+  Args:
+    gram: ``(K, K)``.
+    pref_vector: ``(K,)`` the target cosines' proportions; ``None``: ones.
+
+  Returns:
+    ``(K,)`` weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
+    >>> [round(v, 4) for v in (config(g @ g.T) @ g).tolist()]
+    [1.5, 1.5]
+
+  References:
+    Liu, Chu, Thuerey, *ConFIG: Towards Conflict-free Training of Physics
+    Informed Neural Networks*, ICLR 2025. https://arxiv.org/abs/2408.11104
+  """
+  k = gram.shape[-1]
+  p = (jnp.ones((k,), gram.dtype) if pref_vector is None
+       else _preference(gram, pref_vector, "config"))
+  norms, corr = gram_lib.gram_statistics(gram)
+  lam, vec, keep = _psd_eigh(corr)
+  beta = vec @ (jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+                * (vec.T @ p))
+  c_beta = corr @ beta
+  v_sq = beta @ c_beta                          # ‖v‖²
+  length_times_norm = norms @ c_beta            # Σ_i ⟨g_i, v⟩
+  return (length_times_norm * gram_lib.safe_inverse(v_sq)) * beta * (
+      gram_lib.safe_inverse(norms))
+
+
+def modo(gram: jax.Array, *, previous: jax.Array,
+         gamma: float | jax.Array = 0.1, rho: float | jax.Array = 0.1
+         ) -> jax.Array:
+  """MoDo: one projected-gradient step of the weights towards MGDA's.
+
+  Multi-objective gradient with double sampling keeps weights λ on the
+  simplex and moves them, at every training step, by one step of projected
+  gradient descent on ``½‖λᵀG‖² + ½ρ‖λ‖²``:
+  ``λ ← Π_Δ(λ − γ (M λ + ρ λ))``. The update is ``λᵀG``. The paper forms M
+  from two independent mini-batches (``J_1 J_2ᵀ``) for its guarantee; the
+  stacked-gradient contract has one batch, so M is ``G Gᵀ``.
+
+  Args:
+    gram: ``(K, K)``.
+    previous: ``(K,)`` the weights of the previous step (``1/K`` at first).
+    gamma: the weights' step size, > 0.
+    rho: the weights' ℓ2 regularisation, ≥ 0.
+
+  Returns:
+    ``(K,)`` the new weights, on the simplex.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w = modo(jnp.diag(jnp.asarray([1.0, 3.0])), previous=jnp.full(2, 0.5))
+    >>> [round(v, 4) for v in w.tolist()]
+    [0.55, 0.45]
+
+  References:
+    Chen, Fernando, Ying & Chen, *Three-Way Trade-Off in Multi-Objective
+    Learning: Optimization, Generalization and Conflict-Avoidance*, JMLR 25,
+    2024. https://arxiv.org/abs/2305.20057
+  """
+  previous = jnp.asarray(previous, gram.dtype)
+  return project_onto_simplex(
+      previous - gamma * (gram @ previous + rho * previous))
+
+
+def sdmgrad(gram: jax.Array, *, previous: jax.Array,
+            pref_vector: jax.Array | Sequence[float] | None = None,
+            lr: float | jax.Array = 10.0, momentum: float | jax.Array = 0.5,
+            n_iter: int = 20, lambda_: float | jax.Array = 0.3
+            ) -> tuple[jax.Array, jax.Array]:
+  """SDMGrad: MGDA's weights pulled towards a preferred direction.
+
+  Stochastic direction-oriented multi-objective gradient descent minimises
+  ``½‖(w + λ w̃)ᵀ G‖²`` over w on the simplex, w̃ the preferences (``1/K``,
+  the mean), by ``n_iter`` steps of projected gradient descent with
+  momentum from the previous step's w, on M scaled by the squared mean
+  gradient norm; the update is ``(w + λ w̃)ᵀ G / (1 + λ)``. As for
+  :func:`modo`, the paper's M comes from two mini-batches; here it is
+  ``G Gᵀ``. TorchJD's ``SDMGradWeighting``, with its defaults (LibMTL's).
+
+  Args:
+    gram: ``(K, K)``.
+    previous: ``(K,)`` the previous step's w (``1/K`` at first).
+    pref_vector: ``(K,)`` the preferences w̃; ``None``: ``1/K`` each.
+    lr: the inner step size, > 0.
+    momentum: the inner momentum, in [0, 1).
+    n_iter: the inner steps.
+    lambda_: the pull towards w̃, ≥ 0.
+
+  Returns:
+    ``(weights, w)``: the ``(K,)`` weights of the update and the new w.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w, _ = sdmgrad(jnp.eye(2), previous=jnp.full(2, 0.5))
+    >>> [round(v, 4) for v in w.tolist()]
+    [0.5, 0.5]
+
+  References:
+    Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and
+    Provable Stochastic Algorithms*, NeurIPS 2023.
+    https://arxiv.org/abs/2305.18409
+  """
+  target = _preference(gram, pref_vector, "sdmgrad")
+  scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)))
+  a = gram / (scale * scale + 1e-8)
+
+  def step(_, carry):
+    w, velocity = carry
+    velocity = momentum * velocity + a @ (w + lambda_ * target)
+    return project_onto_simplex(w - lr * velocity), velocity
+
+  w, _ = jax.lax.fori_loop(
+      0, n_iter, step,
+      (jnp.asarray(previous, gram.dtype), jnp.zeros_like(target)))
+  return (w + lambda_ * target) / (1.0 + lambda_), w
+
+
+def fairgrad(gram: jax.Array, *, alpha: float | jax.Array = 1.0,
+             max_iter: int = 50) -> jax.Array:
+  """FairGrad: α-fair weights, the solution of ``M w = w^{-1/α}``, ``w > 0``.
+
+  Fair resource allocation in multi-task learning: the update ``d = wᵀ G``
+  maximises the α-fair utility of the tasks' improvements ``⟨g_k, d⟩``,
+  whose optimality condition is ``⟨g_k, d⟩ = w_k^{-1/α}`` for every k (the
+  paper's Equation 4). α = 1 is proportional fairness (Nash-MTL's
+  bargaining solution); α → ∞ approaches max-min fairness (MGDA-like);
+  α = 0 gives the mean. Solved by Newton's method on ``log w``, with steps
+  at most 1 in ``log w`` (TorchJD uses SciPy's bounded least squares). The
+  equation has no positive solution when the gradients can be combined
+  positively into 0, e.g. with a zero gradient: its weight then grows at
+  every Newton step (finite, and it multiplies a zero gradient).
+
+  Args:
+    gram: ``(K, K)``.
+    alpha: the fairness parameter, ≥ 0.
+    max_iter: the Newton steps.
+
+  Returns:
+    ``(K,)`` positive weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w = fairgrad(jnp.diag(jnp.asarray([1.0, 4.0])), alpha=1.0)
+    >>> [round(v, 4) for v in w.tolist()]   # w_k² M_kk = 1
+    [1.0, 0.5]
+
+  References:
+    Ban & Ji, *Fair Resource Allocation in Multi-Task Learning*, ICML 2024.
+    https://arxiv.org/abs/2402.15638
+  """
+  k = gram.shape[-1]
+  alpha = jnp.asarray(alpha, gram.dtype)
+  inv_alpha = 1.0 / jnp.where(alpha > 0, alpha, 1.0)
+  diag = jnp.diagonal(gram)
+  # The solution for M's diagonal alone: a start of the right scale for
+  # every row, whose norms may span 1e-8 to 1e8.
+  y0 = -alpha / (1.0 + alpha) * jnp.log(jnp.where(diag > 0, diag, 1.0))
+  eye = jnp.eye(k, dtype=gram.dtype)
+
+  def newton(_, y):
+    x = jnp.exp(y)
+    rhs = jnp.exp(-y * inv_alpha)
+    residual = gram @ x - rhs
+    jacobian = gram * x[None, :] + eye * (inv_alpha * rhs)
+    step = jnp.linalg.solve(jacobian, -residual)
+    step = jnp.where(jnp.isfinite(step), step, 0.0)
+    return y + jnp.clip(step, -1.0, 1.0)
+
+  y = jax.lax.fori_loop(0, max_iter, newton, y0)
+  return jnp.where(alpha > 0, jnp.exp(y), jnp.full((k,), 1.0 / k, gram.dtype))
+
+
+def pcd(gram: jax.Array, *, scales: jax.Array | None = None,
+        tau: float | Sequence[float] | jax.Array = 0.02, max_iter: int = 100,
+        tol: float | jax.Array = DEFAULT_QP_TOL) -> jax.Array:
+  """PCD: follow the primary (first) exit, guaranteeing progress to the others.
+
+  Priority-constrained descent treats exit 1 as the primary objective and
+  the others as secondary. With the gradients normalised, ``g̃_i = s_i g_i``,
+  it solves ``min_d ½‖d − g̃_1‖²`` subject to ``⟨g̃_j, d⟩ ≥ τ_j ‖g̃_j‖²`` for
+  j ≥ 2: each secondary exit gets at least the fraction τ of the progress a
+  step along its own normalised gradient would give. The dual is the
+  non-negative QP ``min_{μ ≥ 0} ½ μᵀ M̃_ss μ − μᵀ(τ ∘ diag M̃_ss − M̃_s1)`` on
+  the normalised Gram M̃, solved exactly by an active-set method, and
+  ``d̃ = g̃_1 + Σ_j μ_j g̃_j``; the update is d̃ rescaled to ``‖g_1‖``. It is
+  ``g_1`` when the constraints cannot hold together (μ's constraints left
+  violated), and 0 when ``g_1`` is 0 or d̃ is 0 to rounding. TorchJD's
+  ``PCD``, whose scales come from an EMA of the squared norms
+  (:func:`osgd_jax.pcd` keeps it).
+
+  Args:
+    gram: ``(K, K)``; row and column 1 are the primary exit's.
+    scales: ``(K,)`` the normalising factors ``s_i``; ``None``: ``1/‖g_i‖``.
+    tau: the guaranteed fraction, in [0, 1]: one number, or K−1.
+    max_iter: cap on the active-set iterations.
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    ``(K,)`` weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [-1.0, 1.0]])
+    >>> [round(v, 4) for v in (pcd(g @ g.T, tau=0.0) @ g).tolist()]
+    [0.7071, 0.7071]
+
+  References:
+    Varam et al., *Not All Objectives Are Born Equal: Priority-Constrained
+    Descent for Hierarchical Multi-Objective Optimization*, TMLR 2026.
+    https://openreview.net/forum?id=HT01yGHLEt
+  """
+  k = gram.shape[-1]
+  dtype = gram.dtype
+  first = jax.nn.one_hot(0, k, dtype=dtype)
+  if k == 1:
+    return jnp.ones((1,), dtype)
+  sq_norms = jnp.diagonal(gram)
+  if scales is None:
+    scales = gram_lib.safe_inverse(jnp.sqrt(jnp.maximum(sq_norms, 0.0)))
+  scales = jnp.asarray(scales, dtype)
+  taus = jnp.broadcast_to(jnp.asarray(tau, dtype).reshape(-1), (k - 1,))
+  normal = gram * scales[:, None] * scales[None, :]
+  sec = normal[1:, 1:]
+  b = taus * jnp.diagonal(sec) - normal[1:, 0]
+  mu = nnqp.solve_nonnegative_qp(sec, -b, jnp.diagonal(sec) > 0,
+                                 max_iter=max_iter, tol=tol)
+  # The dual is unbounded when the constraints cannot hold together; the
+  # solver then stops at a point whose constraints are violated.
+  scale = jnp.max(jnp.diagonal(normal))
+  feasible = jnp.all(sec @ mu - b >= -1e-6 * scale)
+  w = jnp.where(feasible, jnp.concatenate([jnp.ones((1,), dtype), mu]), first)
+  direction_sq = w @ (normal @ w)
+  magnitude = (jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diagonal(normal), 0.0))
+               ) ** 2
+  kept = (sq_norms[0] > 0) & (
+      direction_sq > 10.0 * jnp.finfo(dtype).eps * magnitude)
+  rescale = jnp.sqrt(sq_norms[0] * gram_lib.safe_inverse(direction_sq))
+  return jnp.where(kept, w * scales * rescale, 0.0)
