@@ -26,6 +26,14 @@ keep it in their state, whose shapes are fixed at ``init``.
 :func:`gradvac`                 GradVac: cosines raised to running targets
 :func:`cagrad`                  CAGrad: the best worst case in a ball around
                                 the mean
+:func:`config`                  ConFIG: equal cosines with every gradient
+:func:`fairgrad`                FairGrad: α-fair improvements of the exits
+:func:`modo`                    MoDo: one projected step of MGDA's weights per
+                                update
+:func:`sdmgrad`                 SDMGrad: MGDA's weights pulled to the mean
+:func:`crmogm`                  CR-MOGM: any weighting, smoothed by an EMA
+:func:`pcd`                     PCD: exit 1 first, the others guaranteed
+                                progress
 ==============================  ===============================================
 
 TorchJD's ``Mean``, ``Sum`` and ``Constant`` are :func:`weighted_sum` with
@@ -49,24 +57,34 @@ import numpy as np
 import optax
 
 from osgd_jax import aggregation
+from osgd_jax import gram as gram_lib
 from osgd_jax import weightings
 
 __all__ = [
     "AdaLossState",
+    "CRMOGMState",
     "GradVacState",
     "KeyState",
+    "PCDState",
     "PCGradState",
+    "SimplexState",
     "WEIGHT_PRESETS",
     "adaptive_loss_balancing",
     "aligned_mtl",
     "cagrad",
+    "config",
+    "crmogm",
     "dualproj",
+    "fairgrad",
     "gradvac",
     "imtl_g",
     "krum",
     "mgda",
+    "modo",
+    "pcd",
     "pcgrad",
     "random_weighting",
+    "sdmgrad",
     "upgrad",
     "weighted_sum",
 ]
@@ -884,3 +902,410 @@ def cagrad(
       functools.partial(weightings.cagrad, c=c, norm_eps=norm_eps,
                         bisections=bisections, max_iter=max_iter, tol=tol),
       num_exits=num_exits, granularity=granularity, name=name)
+
+
+def config(
+    pref_vector: Sequence[float] | jax.Array | None = None,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """ConFIG: a conflict-free direction with equal cosines to every gradient.
+
+  ``u = (Σ_i ⟨g_i, v̂⟩) v̂`` with ``v = Ĝ⁺ p`` for the unit gradients Ĝ
+  (:func:`osgd_jax.weightings.config`, TorchJD's ``ConFIG``), exact from the
+  Gram matrix.
+
+  Args:
+    pref_vector: ``(K,)`` proportions of the target cosines; ``None``: ones.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.config(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [1.5, 1.5]
+
+  References:
+    Liu, Chu & Thuerey, *ConFIG: Towards Conflict-free Training of Physics
+    Informed Neural Networks*, ICLR 2025. https://arxiv.org/abs/2408.11104
+  """
+  name = "config"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  aggregation.check_pref_vector(pref_vector, num_exits, name)
+  return aggregation.from_weighting(
+      functools.partial(weightings.config, pref_vector=pref_vector),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+def fairgrad(
+    alpha: float = 1.0,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+    max_iter: int = 50,
+) -> optax.GradientTransformationExtraArgs:
+  """FairGrad: α-fair weights, ``M w = w^{-1/α}``, solved by Newton under jit.
+
+  The update ``u = wᵀ G`` maximises the α-fair utility of the exits'
+  improvements ``⟨g_k, u⟩`` (:func:`osgd_jax.weightings.fairgrad`, TorchJD's
+  ``FairGrad``): α = 1 is proportional fairness (Nash-MTL's solution), large
+  α approaches max-min fairness, α = 0 the mean.
+
+  Args:
+    alpha: the fairness parameter, ``≥ 0`` (TorchJD has no default; the
+      paper tunes it in {0.5, 1, 2, 5, ...}).
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+    max_iter: the Newton steps.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.fairgrad(1.0, num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]   # ⟨g_k, u⟩ = 1/w_k
+    [1.0, 1.0]
+
+  References:
+    Ban & Ji, *Fair Resource Allocation in Multi-Task Learning*, ICML 2024.
+    https://arxiv.org/abs/2402.15638
+  """
+  name = "fairgrad"
+  aggregation.check_nonnegative(alpha, "alpha", name)
+  aggregation.check_positive_int(max_iter, "max_iter", name)
+  return aggregation.from_weighting(
+      functools.partial(weightings.fairgrad, alpha=alpha, max_iter=max_iter),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+class SimplexState(NamedTuple):
+  """The weights a MoDo or SDMGrad step starts from.
+
+  Attributes:
+    weights: ``(K,)`` on the simplex, ``1/K`` at ``init``.
+  """
+
+  weights: jax.Array
+
+
+def _uniform_start(k: int) -> SimplexState:
+  return SimplexState(jnp.full((k,), 1.0 / k, jnp.float32))
+
+
+def modo(
+    gamma: float = 0.1,
+    rho: float = 0.1,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """MoDo: weights that take one projected-gradient step towards MGDA's per update.
+
+  ``λ ← Π_Δ(λ − γ (M λ + ρ λ))``, ``u = λᵀ G``
+  (:func:`osgd_jax.weightings.modo`, TorchJD's ``MoDoWeighting``), λ kept
+  in the state. The paper's M pairs two independent mini-batches; on the
+  stacked-gradient contract it is the step's ``G Gᵀ``.
+
+  Args:
+    gamma: the weights' step size, ``> 0``.
+    rho: their ℓ2 regularisation, ``≥ 0``.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`SimplexState` per group.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.modo(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0 ** 0.5]])}
+    >>> _, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in state.weights.tolist()]
+    [0.55, 0.45]
+
+  References:
+    Chen, Fernando, Ying & Chen, *Three-Way Trade-Off in Multi-Objective
+    Learning: Optimization, Generalization and Conflict-Avoidance*, JMLR 25,
+    2024. https://arxiv.org/abs/2305.20057
+  """
+  name = "modo"
+  if aggregation.is_checkable_number(gamma) and not gamma > 0:
+    raise ValueError(f"{name}: gamma must be > 0, got {gamma!r}.")
+  aggregation.check_nonnegative(rho, "rho", name)
+
+  def apply(gram, state: SimplexState, **extra_args):
+    del extra_args
+    weights = weightings.modo(gram, previous=state.weights.astype(gram.dtype),
+                              gamma=gamma, rho=rho)
+    return weights, SimplexState(weights)
+
+  return aggregation.from_weighting(
+      aggregation.StatefulWeighting(_uniform_start, apply),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+def sdmgrad(
+    lr: float = 10.0,
+    momentum: float = 0.5,
+    n_iter: int = 20,
+    lambda_: float = 0.3,
+    pref_vector: Sequence[float] | jax.Array | None = None,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """SDMGrad: MGDA's weights pulled towards a preferred direction (the mean).
+
+  ``n_iter`` projected momentum steps on ``½‖(w + λ w̃)ᵀ G‖²`` from the
+  previous w, then ``u = (w + λ w̃)ᵀ G / (1 + λ)``
+  (:func:`osgd_jax.weightings.sdmgrad`, TorchJD's ``SDMGradWeighting``), w
+  kept in the state. As for :func:`modo`, M is the step's ``G Gᵀ``.
+
+  Args:
+    lr: the inner step size, ``> 0``.
+    momentum: the inner momentum, in [0, 1).
+    n_iter: the inner steps.
+    lambda_: the pull towards the preferences, ``≥ 0``.
+    pref_vector: ``(K,)`` the preferences; ``None``: ``1/K`` each.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`SimplexState` per group.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.sdmgrad(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [0.5, 0.5]
+
+  References:
+    Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and
+    Provable Stochastic Algorithms*, NeurIPS 2023.
+    https://arxiv.org/abs/2305.18409
+  """
+  name = "sdmgrad"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  if aggregation.is_checkable_number(lr) and not lr > 0:
+    raise ValueError(f"{name}: lr must be > 0, got {lr!r}.")
+  aggregation.check_fraction(momentum, "momentum", name)
+  aggregation.check_positive_int(n_iter, "n_iter", name)
+  aggregation.check_nonnegative(lambda_, "lambda_", name)
+  aggregation.check_pref_vector(pref_vector, num_exits, name)
+
+  def apply(gram, state: SimplexState, **extra_args):
+    del extra_args
+    weights, w = weightings.sdmgrad(
+        gram, previous=state.weights.astype(gram.dtype),
+        pref_vector=pref_vector, lr=lr, momentum=momentum, n_iter=n_iter,
+        lambda_=lambda_)
+    return weights, SimplexState(w)
+
+  return aggregation.from_weighting(
+      aggregation.StatefulWeighting(_uniform_start, apply),
+      num_exits=num_exits, granularity=granularity, name=name)
+
+
+class CRMOGMState(NamedTuple):
+  """CR-MOGM's weighting state.
+
+  Attributes:
+    weights: ``(K,)`` the smoothed weights of the previous update.
+    count: the number of updates so far (the first takes the inner weights
+      as they are).
+    inner: the wrapped weighting's own state (``()`` for a pure one).
+  """
+
+  weights: jax.Array
+  count: jax.Array
+  inner: Any
+
+
+def crmogm(
+    weighting: str | weightings.Weighting | aggregation.StatefulWeighting
+    = "upgrad",
+    alpha: float = 0.9,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+) -> optax.GradientTransformationExtraArgs:
+  """CR-MOGM: any weighting's weights, smoothed by an EMA across steps.
+
+  ``λ_t = α λ_{t−1} + (1 − α) λ̂_t`` with ``λ̂_t`` the wrapped weighting's
+  weights, and ``λ_1 = λ̂_1``; ``u = λ_tᵀ G``. The paper shows that this
+  smoothing makes stochastic multi-objective gradient manipulation (MGDA,
+  UPGrad and kin) converge; TorchJD's ``CRMOGMWeighting``.
+
+  Args:
+    weighting: a weighting's name in :mod:`osgd_jax.weightings` taking no
+      options (``"upgrad"``, ``"mgda"``, ``"dualproj"``, ``"imtl_g"``, ...),
+      a function ``(K, K) -> (K,)``, or a :class:`osgd_jax.StatefulWeighting`.
+    alpha: the EMA's weight on the previous weights, in [0, 1]; 0: no
+      smoothing.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` or ``"leaf"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`CRMOGMState` per group.
+
+  Raises:
+    ValueError: an unknown weighting name or ``alpha`` outside [0, 1].
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.crmogm("mgda", alpha=0.5, num_exits=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> for g in ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 3.0]]):
+    ...   _, state = tx.update({"w": jnp.asarray(g)}, state)
+    >>> [round(v, 4) for v in state.weights.tolist()]   # ½(½, ½) + ½(0.9, 0.1)
+    [0.7, 0.3]
+
+  References:
+    Zhou, Zhang, Jiang, Chen, Wang & Xu, *On the Convergence of Stochastic
+    Multi-Objective Gradient Manipulation and Beyond*, NeurIPS 2022.
+    https://openreview.net/forum?id=ScwfQ7hdwyP
+  """
+  name = "crmogm"
+  aggregation.check_unit_interval(alpha, "alpha", name)
+  if isinstance(weighting, str):
+    if weighting not in weightings.__all__ or not callable(
+        getattr(weightings, weighting)):
+      raise ValueError(
+          f"{name}: unknown weighting {weighting!r}; name a function of"
+          " osgd_jax.weightings (e.g. 'upgrad') or pass one.")
+    weighting = getattr(weightings, weighting)
+  inner = (weighting if isinstance(weighting, aggregation.StatefulWeighting)
+           else aggregation.stateless(weighting))
+
+  def init(k):
+    return CRMOGMState(jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.int32),
+                       inner.init(k))
+
+  def apply(gram, state: CRMOGMState, **extra_args):
+    fresh, inner_state = inner.apply(gram, state.inner, **extra_args)
+    previous = state.weights.astype(gram.dtype)
+    weights = jnp.where(state.count == 0, fresh,
+                        alpha * previous + (1.0 - alpha) * fresh)
+    return weights, CRMOGMState(weights, optax.safe_increment(state.count),
+                                inner_state)
+
+  return aggregation.from_weighting(
+      aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
+      granularity=granularity, name=name)
+
+
+class PCDState(NamedTuple):
+  """PCD's weighting state.
+
+  Attributes:
+    sq_norm_ema: ``(K,)`` the EMA of the exits' squared gradient norms.
+    count: the number of updates so far (for the EMA's bias correction).
+  """
+
+  sq_norm_ema: jax.Array
+  count: jax.Array
+
+
+def pcd(
+    tau: float | Sequence[float] = 0.02,
+    beta: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+    max_iter: int = 100,
+    tol: float = weightings.DEFAULT_QP_TOL,
+) -> optax.GradientTransformationExtraArgs:
+  """PCD: follow exit 1's gradient, guaranteeing each other exit some progress.
+
+  Exit 1 (the first row; reorder the exits to choose another) is the
+  primary objective: the update is the closest direction to its normalised
+  gradient that gives every other exit at least the fraction ``tau`` of the
+  progress of a step along its own normalised gradient, rescaled to
+  ``‖g_1‖`` (:func:`osgd_jax.weightings.pcd`, TorchJD's ``PCD``). Each
+  gradient is normalised by ``1/√(v̂_i + eps)``, v̂ the bias-corrected EMA
+  (decay ``beta``) of its squared norm, kept in the state. For anytime
+  networks, a natural choice is the exit that must be best (the last:
+  reverse the exits) or the one served most.
+
+  Args:
+    tau: the guaranteed fraction, in [0, 1]: one number or K−1.
+    beta: the EMA's decay, in [0, 1).
+    eps: added to the EMA before its inverse square root, ``≥ 0``.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` or ``"leaf"``.
+    max_iter: cap on the active-set iterations.
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`PCDState` per group.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.pcd(tau=0.0, num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]   # g_1's size, ⟂ g_2
+    [0.7071, 0.7071]
+
+  References:
+    Varam et al., *Not All Objectives Are Born Equal: Priority-Constrained
+    Descent for Hierarchical Multi-Objective Optimization*, TMLR 2026.
+    https://openreview.net/forum?id=HT01yGHLEt
+  """
+  name = "pcd"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  if not isinstance(tau, jax.Array):
+    taus = np.asarray(tau, np.float64).reshape(-1)
+    if taus.shape not in ((1,), (num_exits - 1,)) or not np.all(
+        (taus >= 0) & (taus <= 1)):
+      raise ValueError(
+          f"{name}: tau must be one number or {num_exits - 1} (one per"
+          f" secondary exit), each in [0, 1]; got {tau!r}.")
+  aggregation.check_fraction(beta, "beta", name)
+  aggregation.check_nonnegative(eps, "eps", name)
+  _check_qp_options(max_iter, tol, name)
+
+  def init(k):
+    return PCDState(jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def apply(gram, state: PCDState, **extra_args):
+    del extra_args
+    sq_norms = jnp.maximum(jnp.diagonal(gram), 0.0)
+    count = optax.safe_increment(state.count)
+    ema = beta * state.sq_norm_ema.astype(gram.dtype) + (1 - beta) * sq_norms
+    debiased = ema / (1 - jnp.asarray(beta, gram.dtype) ** count)
+    scales = gram_lib.safe_inverse(jnp.sqrt(debiased + eps))
+    weights = weightings.pcd(gram, scales=scales, tau=tau, max_iter=max_iter,
+                             tol=tol)
+    # A non-finite gradient leaves the EMA as it was (and the update NaN).
+    finite = jnp.all(jnp.isfinite(gram))
+    return weights, PCDState(
+        jnp.where(finite, ema, state.sq_norm_ema.astype(gram.dtype)),
+        jnp.where(finite, count, state.count))
+
+  return aggregation.from_weighting(
+      aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
+      granularity=granularity, name=name)
