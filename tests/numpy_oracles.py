@@ -308,3 +308,86 @@ def cagrad_direction(rows, c, norm_eps=1e-4):
   if np.linalg.norm(gw) < norm_eps:
     return np.zeros(g.shape[1])
   return frobenius * (g0 + radius * gw / np.linalg.norm(gw))
+
+
+def config_direction(rows, pref=None):
+  """ConFIG (Liu et al. 2025): v = Ĝ⁺ p on the unit rows, u = (Σ_i ⟨g_i, v̂⟩) v̂."""
+  g = np.asarray(rows, np.float64)
+  pref = np.ones(len(g)) if pref is None else np.asarray(pref)
+  norms = np.linalg.norm(g, axis=1)
+  units = np.divide(g, norms[:, None], out=np.zeros_like(g),
+                    where=norms[:, None] > 0)
+  v = np.linalg.pinv(units) @ pref
+  if not np.any(v):
+    return np.zeros(g.shape[1])
+  unit = v / np.linalg.norm(v)
+  return (g @ unit).sum() * unit
+
+
+def fairgrad_residual(gram, weights, alpha):
+  """FairGrad (Ban & Ji 2024, Eq. 4), M w = w^{-1/α}: the relative residual.
+
+  The positive solution is unique (if x ≠ y solve it, (x − y)ᵀM(x − y) ≥ 0
+  but (x − y)ᵀ(x^{-1/α} − y^{-1/α}) < 0), so a small residual identifies it.
+  """
+  m = np.asarray(gram, np.float64)
+  w = np.asarray(weights, np.float64)
+  assert np.all(w > 0), w
+  return np.max(np.abs((m @ w) * w ** (1 / alpha) - 1))
+
+
+def simplex_projection(y):
+  """Euclidean projection onto the simplex, by bisection on the threshold."""
+  y = np.asarray(y, np.float64)
+  lo, hi = y.min() - 1.0, y.max()
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if np.maximum(y - mid, 0).sum() > 1 else (lo, mid)
+  return np.maximum(y - 0.5 * (lo + hi), 0)
+
+
+def modo_weights(grams, gamma, rho):
+  """MoDo's weights after the given steps: λ ← Π_Δ(λ − γ(Mλ + ρλ)), from 1/K."""
+  lam = np.full(len(grams[0]), 1.0 / len(grams[0]))
+  for m in grams:
+    lam = simplex_projection(lam - gamma * (m @ lam + rho * lam))
+  return lam
+
+
+def sdmgrad_weights(grams, lr=10.0, momentum=0.5, n_iter=20, lambda_=0.3):
+  """SDMGrad's last weights (w + λ w̃)/(1 + λ), w carried over the steps."""
+  k = len(grams[0])
+  target = np.full(k, 1.0 / k)
+  w = target.copy()
+  for m in grams:
+    a = m / (np.mean(np.sqrt(np.maximum(np.diag(m), 0))) ** 2 + 1e-8)
+    velocity = np.zeros(k)
+    for _ in range(n_iter):
+      velocity = momentum * velocity + a @ (w + lambda_ * target)
+      w = simplex_projection(w - lr * velocity)
+  return (w + lambda_ * target) / (1 + lambda_)
+
+
+def pcd_direction(rows, tau):
+  """PCD on the unit rows: min ½‖d − ĝ_1‖², ⟨ĝ_j, d⟩ ≥ τ for j ≥ 2, by KKT.
+
+  Every active set A is tried: d = ĝ_1 + Σ_A μ_j ĝ_j with the constraints of
+  A tight; the candidate with μ ≥ 0 satisfying all constraints is the
+  optimum (a strictly convex QP). None: infeasible, g_1. d is rescaled to
+  ‖g_1‖.
+  """
+  g = np.asarray(rows, np.float64)
+  norms = np.linalg.norm(g, axis=1)
+  units = g / norms[:, None]
+  sec = units[1:]
+  for size in range(len(sec) + 1):
+    for active in itertools.combinations(range(len(sec)), size):
+      a = sec[list(active)]
+      if size and np.linalg.matrix_rank(a) < size:
+        continue  # dependent constraints: another active set has them
+      mu = (np.linalg.solve(a @ a.T, tau - a @ units[0]) if size
+            else np.zeros(0))
+      d = units[0] + mu @ a
+      if np.all(mu >= -1e-12) and np.all(sec @ d >= tau - 1e-9):
+        return d * norms[0] / np.linalg.norm(d)
+  return g[0]

@@ -51,6 +51,10 @@ WEIGHTINGS = {
     "upgrad": (weightings.upgrad, {}),
     "mgda": (weightings.mgda, {}),
     "cagrad": (weightings.cagrad, {"c": 0.4}),
+    "config": (weightings.config, {}),
+    "fairgrad": (weightings.fairgrad, {"alpha": 1.0}),
+    "fairgrad_2": (weightings.fairgrad, {"alpha": 2.0}),
+    "pcd": (weightings.pcd, {"tau": 0.3}),
 }
 
 ORACLES = {
@@ -67,7 +71,12 @@ ORACLES = {
                                     n_selected=2),
     "dualproj": oracles.dualproj_direction,
     "cagrad": functools.partial(oracles.cagrad_direction, c=0.4),
+    "config": oracles.config_direction,
+    "pcd": functools.partial(oracles.pcd_direction, tau=0.3),
 }
+# PCD normalises the rows: a zero secondary row has no constraint to meet,
+# which the oracle, on unit rows, does not express.
+NO_ORACLE = {("pcd", "zero_row")}
 
 
 def _random(rng):
@@ -131,10 +140,24 @@ RTOL = {"cagrad": 1e-7}
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("name", sorted(ORACLES))
 def test_matches_float64_oracle(name, case):
+  if (name, case) in NO_ORACLE:
+    pytest.skip("no solution to compare")
   rows = CASES[case](np.random.default_rng(sorted(CASES).index(case)))
   rtol = RTOL.get(name, 1e-9)
   rtol = MIXED_RTOL.get(name, rtol) if case == "mixed_scale" else rtol
   _assert_close(_direction(name, rows), ORACLES[name](rows), rows, rtol)
+
+
+# FairGrad's equation has no positive solution when a positive combination
+# of the gradients is 0 (a zero row, or g_4 = −2 g_2): only the other cases.
+@pytest.mark.parametrize("case", ["random", "mixed_scale"])
+@pytest.mark.parametrize("name, alpha", [("fairgrad", 1.0),
+                                         ("fairgrad_2", 2.0)])
+def test_fairgrad_solves_its_equation(name, alpha, case):
+  rows = CASES[case](np.random.default_rng(sorted(CASES).index(case)))
+  with jax.enable_x64(True):
+    w = np.asarray(_weighting(name)(jnp.asarray(rows @ rows.T)))
+  assert oracles.fairgrad_residual(rows @ rows.T, w, alpha) < 1e-9
 
 
 def test_imtl_g_equalises_the_projections_at_every_scale():
@@ -161,6 +184,43 @@ def test_gradvac_matches_oracle_over_steps():
       want, target = oracles.gradvac_direction(rows, orders, target, beta=0.3)
       _assert_close(np.asarray(w) @ rows, want, rows, 1e-9)
       np.testing.assert_allclose(np.asarray(state), target, atol=1e-12)
+
+
+def test_modo_and_sdmgrad_match_oracles_over_steps():
+  rng = np.random.default_rng(6)
+  grams = []
+  for _ in range(3):
+    rows = rng.normal(size=(K, N))
+    grams.append(rows @ rows.T)
+  with jax.enable_x64(True):
+    lam = jnp.full((K,), 1.0 / K)
+    w = lam
+    for m in grams:
+      lam = weightings.modo(jnp.asarray(m), previous=lam, gamma=0.05, rho=0.1)
+      weights, w = weightings.sdmgrad(jnp.asarray(m), previous=w)
+  np.testing.assert_allclose(lam, oracles.modo_weights(grams, 0.05, 0.1),
+                             atol=1e-12)
+  np.testing.assert_allclose(weights, oracles.sdmgrad_weights(grams),
+                             atol=1e-10)
+
+
+def test_pcd_falls_back_to_the_primary_when_infeasible():
+  # Two opposite secondaries cannot both get progress.
+  rows = np.zeros((3, 4))
+  rows[0, 0], rows[1, 1], rows[2, 1] = 2.0, 1.0, -3.0
+  np.testing.assert_allclose(_direction("pcd", rows), rows[0], atol=1e-12)
+
+
+def test_crmogm_smooths_the_wrapped_weights():
+  grams = [np.diag([1.0, 4.0]), np.diag([4.0, 1.0]), np.diag([1.0, 9.0])]
+  tx = osgd_jax.crmogm("mgda", alpha=0.75, num_exits=2)
+  state = tx.init({"w": jnp.zeros(2)})
+  want = None
+  for m in grams:
+    _, state = tx.update({"w": jnp.asarray(np.sqrt(m), jnp.float32)}, state)
+    fresh = np.asarray(weightings.mgda(jnp.asarray(m, jnp.float32)))
+    want = fresh if want is None else 0.75 * want + 0.25 * fresh
+    np.testing.assert_allclose(state.weights, want, rtol=1e-5)
 
 
 def test_random_weighting_is_a_softmax_of_standard_normals():
@@ -191,14 +251,18 @@ def _golden():
 # its MGDA stops Frank–Wolfe early.
 # Aligned-MTL's "rmse" on mixed scales: see MIXED_RTOL.
 GOLDEN_RTOL = {"dualproj": 2e-4, "upgrad": 2e-4, "mgda": 2e-2,
-               "aligned_mtl_rmse": 1e-6}
+               "aligned_mtl_rmse": 1e-6, "fairgrad": 1e-6, "fairgrad_2": 1e-5}
 # TorchJD's pinv of M counts the 1e-8 row's eigenvalue (1e-16 of the largest)
 # as zero; ours works with the cosines (see the test above).
-GOLDEN_SKIP = {("imtl_g", "mixed_scale")}
+# FairGrad on rank_deficient: no positive solution (see NO_ORACLE); TorchJD's
+# least squares stops short of its own tolerance on mixed scales.
+GOLDEN_SKIP = {("imtl_g", "mixed_scale"), ("fairgrad", "rank_deficient"),
+               ("fairgrad_2", "rank_deficient")}
 
 
 # CAGrad needs cvxpy in TorchJD, absent where the file was made: no golden.
-@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"cagrad"}))
+# PCD is stateful in TorchJD (its EMA): see the sequences below.
+@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"cagrad", "pcd"}))
 def test_matches_torchjd(name):
   golden = _golden()["aggregators"][name]
   assert golden["kwargs"] == {
@@ -212,19 +276,33 @@ def test_matches_torchjd(name):
                   GOLDEN_RTOL.get(name, 1e-9))
 
 
-def test_gradvac_matches_torchjd_over_steps():
-  # K = 2: each task has one other to visit, so TorchJD is deterministic.
-  golden = _golden()["stateful"]["gradvac"]
-  tx = osgd_jax.gradvac(**golden["kwargs"], num_exits=2)
-  params = {"w": jnp.zeros(N // 2)}
-  state = tx.init(params)
+# name in the file -> (transform, tolerance). GradVac with K = 2: each task
+# has one other to visit, so TorchJD is deterministic. The states' float32
+# EMAs bound the agreement to about 1e-7; CR-MOGM wraps UPGrad, whose QP
+# TorchJD regularises.
+STATEFUL_GOLDEN = {
+    "gradvac": (osgd_jax.gradvac, 1e-6),
+    "pcd": (osgd_jax.pcd, 1e-6),
+    "pcd_tau": (osgd_jax.pcd, 1e-6),
+    "modo": (osgd_jax.modo, 1e-6),
+    "sdmgrad": (osgd_jax.sdmgrad, 1e-6),
+    "crmogm_upgrad": (functools.partial(osgd_jax.crmogm, "upgrad"), 2e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL_GOLDEN))
+def test_stateful_transforms_match_torchjd_over_steps(name):
+  golden = _golden()["stateful"][name]
+  factory, rtol = STATEFUL_GOLDEN[name]
+  sequence = np.asarray(_golden()["sequences"][golden["sequence"]])
+  k = sequence.shape[1]
+  tx = factory(**golden["kwargs"], num_exits=k)
+  state = tx.init({"w": jnp.zeros(sequence.shape[2])})
   with jax.enable_x64(True):
     update = jax.jit(tx.update)
-    for rows, want in zip(_golden()["sequences"][golden["sequence"]],
-                          golden["outputs"]):
-      rows = np.asarray(rows)
+    for rows, want in zip(sequence, golden["outputs"]):
       out, state = update({"w": jnp.asarray(rows)}, state)
-      _assert_close(np.asarray(out["w"]), np.asarray(want), rows, 1e-6)
+      _assert_close(np.asarray(out["w"]), np.asarray(want), rows, rtol)
 
 
 # --- properties -----------------------------------------------------------------
@@ -249,7 +327,10 @@ seeds = st.integers(0, 2**31 - 1)
 scales = st.lists(st.floats(-8, 8), min_size=K, max_size=K)
 zeros = st.one_of(st.none(), st.integers(0, K - 1))
 common = settings(max_examples=10, deadline=None)
-DETERMINISTIC = ["imtl_g", "aligned_mtl", "krum", "dualproj", "cagrad"]
+DETERMINISTIC = ["imtl_g", "aligned_mtl", "krum", "dualproj", "cagrad",
+                 "config", "fairgrad", "pcd"]
+# PCD favours its first exit: not symmetric.
+SYMMETRIC = [name for name in DETERMINISTIC if name != "pcd"]
 
 
 @common
@@ -262,12 +343,14 @@ def test_outputs_are_finite_everywhere(seed, scales, zero):
 
 @common
 @given(seeds, st.lists(st.floats(-3, 3), min_size=K, max_size=K), zeros)
-def test_dualproj_is_non_conflicting(seed, scales, zero):
+def test_dualproj_and_config_are_non_conflicting(seed, scales, zero):
+  # ConFIG's claim needs independent rows (K ≤ N here); DualProj's none.
   rows = _rows(seed, scales, zero)
-  rows[1:] -= 0.9 * rows[0]   # conflicts to project away
-  u = np.asarray(_float32("dualproj")(rows), np.float64)
+  rows[1:] -= 0.9 * rows[0]   # conflicts to resolve
   norms = np.linalg.norm(rows.astype(np.float64), axis=1)
-  assert np.all(rows @ u >= -1e-4 * norms * norms.sum()), rows @ u
+  for name in ("dualproj", "config"):
+    u = np.asarray(_float32(name)(rows), np.float64)
+    assert np.all(rows @ u >= -1e-4 * norms * norms.sum()), (name, rows @ u)
 
 
 # Invariances are properties of the maths: checked in x64 (the weightings
@@ -278,7 +361,7 @@ def test_dualproj_is_non_conflicting(seed, scales, zero):
 @given(seeds, st.permutations(range(K)))
 def test_symmetric_weightings_ignore_the_exits_order(seed, perm):
   rows = _rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(np.float64)
-  for name in DETERMINISTIC:
+  for name in SYMMETRIC:
     u = _direction(name, rows)
     permuted = _direction(name, rows[np.asarray(perm)])
     np.testing.assert_allclose(permuted, u, rtol=1e-9,
@@ -306,6 +389,12 @@ TRANSFORMS = {
     "dualproj": osgd_jax.dualproj,
     "gradvac": osgd_jax.gradvac,
     "cagrad": osgd_jax.cagrad,
+    "config": osgd_jax.config,
+    "fairgrad": osgd_jax.fairgrad,
+    "modo": osgd_jax.modo,
+    "sdmgrad": osgd_jax.sdmgrad,
+    "crmogm": osgd_jax.crmogm,
+    "pcd": osgd_jax.pcd,
 }
 
 
@@ -351,5 +440,11 @@ def test_options_are_checked_with_a_fix():
     osgd_jax.cagrad(-0.1, num_exits=3)
   with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
     osgd_jax.gradvac(beta=1.5, num_exits=3)
+  with pytest.raises(ValueError, match=r"tau must be one number or 2"):
+    osgd_jax.pcd(tau=[0.1, 0.2, 0.3], num_exits=3)
+  with pytest.raises(ValueError, match=r"unknown weighting 'nope'"):
+    osgd_jax.crmogm("nope", num_exits=3)
+  with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+    osgd_jax.sdmgrad(momentum=1.0, num_exits=3)
   with pytest.raises(ValueError, match=r"shape \(3,\).*K=2"):
     weightings.constant(jnp.eye(2), weights=[1.0, 2.0, 3.0])

@@ -29,21 +29,29 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                    "torchjd_golden.json")
 
 
+def _short(x):
+  """Floats to 12 significant digits: a smaller file, still 1e-12 exact."""
+  return np.vectorize(lambda v: float(f"{v:.12g}"))(np.asarray(x, np.float64))
+
+
 def _cases() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(20)
   random = rng.normal(size=(K, N))
   conflicting = rng.normal(size=(K, N))
   conflicting[1:] -= 0.9 * conflicting[0]
-  rank_deficient = rng.normal(size=(K, N))
+  # Rounded before the dependent rows are formed, so that they stay
+  # dependent to the last bit (and are not rounded again).
+  rank_deficient = _short(rng.normal(size=(K, N)))
   rank_deficient[2] = 1.5 * rank_deficient[0] - 0.5 * rank_deficient[1]
   rank_deficient[3] = -2.0 * rank_deficient[1]
   zero_row = rng.normal(size=(K, N))
   zero_row[1] = 0.0
   mixed_scale = rng.normal(size=(K, N)) * 10.0 ** np.array(
       [[-8.0], [-2.0], [3.0], [8.0]])
-  return {"random": random, "conflicting": conflicting,
-          "rank_deficient": rank_deficient, "zero_row": zero_row,
-          "mixed_scale": mixed_scale}
+  # Rounded before TorchJD sees them, so that the file holds its inputs.
+  return {"random": _short(random), "conflicting": _short(conflicting),
+          "rank_deficient": rank_deficient,
+          "zero_row": _short(zero_row), "mixed_scale": _short(mixed_scale)}
 
 
 # name -> (constructor, its arguments as stored in the file).
@@ -65,6 +73,11 @@ AGGREGATORS = {
     "dualproj": (agg.DualProj, {}),
     "upgrad": (agg.UPGrad, {}),
     "mgda": (agg.MGDA, {}),
+    "config": (agg.ConFIG, {}),
+    "fairgrad": (lambda: agg.FairGrad(alpha=1.0), {"alpha": 1.0}),
+    "fairgrad_2": (lambda: agg.FairGrad(alpha=2.0), {"alpha": 2.0}),
+    "trimmed_mean": (lambda: agg.TrimmedMean(trim_number=1),
+                     {"trim_number": 1}),
 }
 
 
@@ -74,19 +87,35 @@ def _sequences() -> dict[str, np.ndarray]:
   pairs[:, 1] -= 0.7 * pairs[:, 0]   # the pairs conflict
   steps = rng.normal(size=(4, K, N))
   steps[:, 1:] -= 0.6 * steps[:, :1]
-  return {"pairs": pairs, "steps": steps}
+  return {"pairs": _short(pairs), "steps": _short(steps)}
 
 
 # name -> (constructor, its arguments, the sequence it runs on).
 STATEFUL = {
     "gradvac": (agg.GradVac, {"beta": 0.5, "eps": 1e-8}, "pairs"),
     "pcd": (agg.PCD, {"tau": 0.02, "beta": 0.999, "eps": 1e-8}, "steps"),
+    "pcd_tau": (agg.PCD, {"tau": 0.5, "beta": 0.9, "eps": 1e-8}, "steps"),
+    # MoDo and SDMGrad weigh a K×K matrix (J_1 J_2ᵀ in their papers): given
+    # the Gramian J Jᵀ, as the JAX transforms have one batch.
+    "modo": (lambda **kw: _on_gramian(agg.MoDoWeighting(**kw)),
+             {"gamma": 0.1, "rho": 0.1}, "steps"),
+    "sdmgrad": (lambda **kw: _on_gramian(agg.SDMGradWeighting(**kw)),
+                {"lr": 10.0, "momentum": 0.5, "n_iter": 20, "lambda_": 0.3},
+                "steps"),
+    "crmogm_upgrad": (lambda **kw: agg.GramianWeightedAggregator(
+        agg.CRMOGMWeighting(agg.UPGradWeighting(), **kw)), {"alpha": 0.9},
+                      "steps"),
 }
+
+
+def _on_gramian(weighting):
+  """An aggregator J -> weighting(J Jᵀ) @ J."""
+  return lambda matrix: weighting(matrix @ matrix.T) @ matrix
 
 
 def _run(aggregator, matrix: np.ndarray) -> list[float]:
   out = aggregator(torch.tensor(matrix, dtype=torch.float64))
-  return out.detach().numpy().tolist()
+  return _short(out.detach().numpy()).tolist()
 
 
 def main() -> None:
