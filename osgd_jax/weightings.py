@@ -60,6 +60,7 @@ __all__ = [
     "aligned_mtl",
     "constant",
     "cagrad",
+    "clip_update_norm",
     "config",
     "dualproj",
     "fairgrad",
@@ -71,6 +72,7 @@ __all__ = [
     "mean",
     "mgda",
     "modo",
+    "nash_mtl",
     "osgd",
     "pcd",
     "pcgrad",
@@ -1256,3 +1258,57 @@ def pcd(gram: jax.Array, *, scales: jax.Array | None = None,
       direction_sq > 10.0 * jnp.finfo(dtype).eps * magnitude)
   rescale = jnp.sqrt(sq_norms[0] * gram_lib.safe_inverse(direction_sq))
   return jnp.where(kept, w * scales * rescale, 0.0)
+
+
+def nash_mtl(gram: jax.Array, *, max_norm: float | jax.Array = 1.0,
+             max_iter: int = 50) -> jax.Array:
+  """Nash-MTL: the Nash bargaining solution, ``M̄ α = 1/α``, norm-clipped.
+
+  The tasks bargain over the update ``d = αᵀ G``; the Nash bargaining
+  solution is ``⟨g_k, d⟩ = 1/α_k`` for every k, on M scaled to unit
+  Frobenius norm (``M̄ = M / ‖M‖_F``, the authors' normalisation), and the
+  update is scaled down to norm ``max_norm`` if longer (0: no clipping).
+  The paper (and TorchJD's ``NashMTL``, through cvxpy) approaches α by a
+  few concave-convex steps per update; here the equation is solved by
+  :func:`fairgrad`'s Newton method (it is FairGrad's with α = 1), so the
+  weights are the solution those steps approach.
+
+  Args:
+    gram: ``(K, K)``.
+    max_norm: the largest norm of the update, ``≥ 0``; 0: unbounded.
+    max_iter: the Newton steps.
+
+  Returns:
+    ``(K,)`` positive weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[0.1, 0.0], [0.0, 0.2]])
+    >>> [round(v, 4) for v in (nash_mtl(g @ g.T) @ g).tolist()]   # equal gains
+    [0.2031, 0.2031]
+
+  References:
+    Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya,
+    *Multi-Task Learning as a Bargaining Game*, ICML 2022.
+    https://arxiv.org/abs/2202.01017
+  """
+  frobenius = jnp.sqrt(jnp.sum(gram * gram))
+  alpha = fairgrad(gram * gram_lib.safe_inverse(frobenius), alpha=1.0,
+                   max_iter=max_iter)
+  return clip_update_norm(gram, alpha, max_norm)
+
+
+def clip_update_norm(gram: jax.Array, weights: jax.Array,
+                     max_norm: float | jax.Array) -> jax.Array:
+  """``weights`` scaled so that ``‖wᵀ G‖ ≤ max_norm`` (0: unchanged).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w = clip_update_norm(jnp.eye(2), jnp.asarray([3.0, 4.0]), 1.0)
+    >>> [round(v, 4) for v in w.tolist()]
+    [0.6, 0.8]
+  """
+  norm = jnp.sqrt(jnp.maximum(weights @ (gram @ weights), 0.0))
+  clip = (max_norm > 0) & (norm > max_norm)
+  return jnp.where(clip, weights * max_norm * gram_lib.safe_inverse(norm),
+                   weights)
