@@ -13,8 +13,11 @@ from osgd_jax.aggregation import StatefulWeighting
 from osgd_jax.aggregation import from_weighting
 from osgd_jax.aggregators import AdaLossState
 from osgd_jax.aggregators import CRMOGMState
+from osgd_jax.aggregators import CoordinateState
+from osgd_jax.aggregators import ExcessMTLState
 from osgd_jax.aggregators import GradVacState
 from osgd_jax.aggregators import KeyState
+from osgd_jax.aggregators import NashMTLState
 from osgd_jax.aggregators import PCDState
 from osgd_jax.aggregators import PCGradState
 from osgd_jax.aggregators import SimplexState
@@ -24,16 +27,20 @@ from osgd_jax.aggregators import cagrad
 from osgd_jax.aggregators import config
 from osgd_jax.aggregators import crmogm
 from osgd_jax.aggregators import dualproj
+from osgd_jax.aggregators import excess_mtl
 from osgd_jax.aggregators import fairgrad
+from osgd_jax.aggregators import graddrop
 from osgd_jax.aggregators import gradvac
 from osgd_jax.aggregators import imtl_g
 from osgd_jax.aggregators import krum
 from osgd_jax.aggregators import mgda
 from osgd_jax.aggregators import modo
+from osgd_jax.aggregators import nash_mtl
 from osgd_jax.aggregators import pcd
 from osgd_jax.aggregators import pcgrad
 from osgd_jax.aggregators import random_weighting
 from osgd_jax.aggregators import sdmgrad
+from osgd_jax.aggregators import trimmed_mean
 from osgd_jax.aggregators import upgrad
 from osgd_jax.aggregators import weighted_sum
 from osgd_jax.grads import value_and_per_exit_grads
@@ -49,8 +56,11 @@ __all__ = [
     "AdaLossState",
     "AggregationState",
     "CRMOGMState",
+    "CoordinateState",
+    "ExcessMTLState",
     "GradVacState",
     "KeyState",
+    "NashMTLState",
     "OsgdState",
     "PCDState",
     "PCGradState",
@@ -63,14 +73,17 @@ __all__ = [
     "config",
     "crmogm",
     "dualproj",
+    "excess_mtl",
     "fairgrad",
     "from_weighting",
+    "graddrop",
     "gradvac",
     "imtl_g",
     "krum",
     "losses",
     "mgda",
     "modo",
+    "nash_mtl",
     "osgd",
     "osgd_sgd",
     "pcd",
@@ -79,6 +92,7 @@ __all__ = [
     "random_weighting",
     "sdmgrad",
     "staged_value_and_per_exit_grads",
+    "trimmed_mean",
     "upgrad",
     "value_and_per_exit_grads",
     "weighted_sum",

@@ -34,6 +34,13 @@ keep it in their state, whose shapes are fixed at ``init``.
 :func:`crmogm`                  CR-MOGM: any weighting, smoothed by an EMA
 :func:`pcd`                     PCD: exit 1 first, the others guaranteed
                                 progress
+:func:`nash_mtl`                Nash-MTL: the Nash bargaining solution
+:func:`trimmed_mean`            TrimmedMean: per coordinate, without extremes
+                                (no weighting: coordinate-wise)
+:func:`graddrop`                GradDrop: per coordinate, one sign kept at
+                                random (no weighting: coordinate-wise)
+:func:`excess_mtl`              ExcessMTL: weights following excess-risk
+                                estimates (reads every coordinate)
 ==============================  ===============================================
 
 TorchJD's ``Mean``, ``Sum`` and ``Constant`` are :func:`weighted_sum` with
@@ -63,8 +70,11 @@ from osgd_jax import weightings
 __all__ = [
     "AdaLossState",
     "CRMOGMState",
+    "CoordinateState",
+    "ExcessMTLState",
     "GradVacState",
     "KeyState",
+    "NashMTLState",
     "PCDState",
     "PCGradState",
     "SimplexState",
@@ -75,16 +85,20 @@ __all__ = [
     "config",
     "crmogm",
     "dualproj",
+    "excess_mtl",
     "fairgrad",
+    "graddrop",
     "gradvac",
     "imtl_g",
     "krum",
     "mgda",
     "modo",
+    "nash_mtl",
     "pcd",
     "pcgrad",
     "random_weighting",
     "sdmgrad",
+    "trimmed_mean",
     "upgrad",
     "weighted_sum",
 ]
@@ -1309,3 +1323,404 @@ def pcd(
   return aggregation.from_weighting(
       aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
       granularity=granularity, name=name)
+
+
+class NashMTLState(NamedTuple):
+  """Nash-MTL's weighting state.
+
+  Attributes:
+    alpha: ``(K,)`` the bargaining weights last solved for (before the norm
+      clipping), reused between updates.
+    count: the number of updates so far.
+  """
+
+  alpha: jax.Array
+  count: jax.Array
+
+
+def nash_mtl(
+    max_norm: float = 1.0,
+    update_weights_every: int = 1,
+    *,
+    num_exits: int | None = None,
+    granularity: str = "global",
+    max_iter: int = 50,
+) -> optax.GradientTransformationExtraArgs:
+  """Nash-MTL: the exits' Nash bargaining solution, norm-clipped.
+
+  ``u = αᵀ G`` with ``⟨g_k, u⟩ = 1/α_k`` on the Frobenius-normalised Gram
+  matrix, clipped to norm ``max_norm``
+  (:func:`osgd_jax.weightings.nash_mtl`, TorchJD's ``NashMTL`` with its
+  defaults). α is solved for every ``update_weights_every`` updates and
+  reused in between, as the paper does to save time; here that saves
+  little, since the solve is a few K×K Newton steps under ``jax.jit``
+  (TorchJD's needs cvxpy).
+
+  Args:
+    max_norm: the largest norm of the update, ``≥ 0``; 0: unbounded.
+    update_weights_every: solve for α every this many updates.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+    granularity: ``"global"`` (the paper's) or ``"leaf"``.
+    max_iter: the Newton steps.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
+    :class:`NashMTLState` per group.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.nash_mtl(num_exits=2)
+    >>> g = {"w": jnp.array([[0.1, 0.0], [0.0, 0.2]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> [round(v, 4) for v in updates["w"].tolist()]
+    [0.2031, 0.2031]
+
+  References:
+    Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022.
+    https://arxiv.org/abs/2202.01017
+  """
+  name = "nash_mtl"
+  aggregation.check_nonnegative(max_norm, "max_norm", name)
+  aggregation.check_positive_int(update_weights_every, "update_weights_every",
+                                 name)
+  aggregation.check_positive_int(max_iter, "max_iter", name)
+
+  def init(k):
+    return NashMTLState(jnp.ones((k,), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def apply(gram, state: NashMTLState, **extra_args):
+    del extra_args
+    solve = state.count % update_weights_every == 0
+    fresh = weightings.nash_mtl(gram, max_norm=0.0, max_iter=max_iter)
+    alpha = jnp.where(solve, fresh, state.alpha.astype(gram.dtype))
+    weights = weightings.clip_update_norm(gram, alpha, max_norm)
+    return weights, NashMTLState(alpha, optax.safe_increment(state.count))
+
+  return aggregation.from_weighting(
+      aggregation.StatefulWeighting(init, apply), num_exits=num_exits,
+      granularity=granularity, name=name)
+
+
+# --- aggregators of the gradients themselves, coordinate by coordinate -------
+
+
+class CoordinateState(NamedTuple):
+  """The state of an aggregator that combines the gradients coordinate-wise.
+
+  Its update is no weighted sum of the exits' gradients, so there are no
+  weights; the Gram diagnostics are kept, for ``optax.tree_utils.tree_get``.
+
+  Attributes:
+    exit_norms: ``(K,)`` the norm of each exit's gradient, at the last
+      update.
+    cosine: ``(K, K)`` the cosines between the exits' gradients.
+    key_data: the PRNG key of a random aggregator (GradDrop); else ``()``.
+  """
+
+  exit_norms: jax.Array
+  cosine: jax.Array
+  key_data: Any
+
+
+def _coordinatewise(
+    combine: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    num_exits: int | None,
+    seed: int | None,
+    name: str,
+) -> optax.GradientTransformationExtraArgs:
+  """A transformation applying ``combine(leaf (K, ...), key) -> (...)`` per leaf."""
+  num_exits = aggregation.check_num_exits(num_exits, name)
+
+  def init_fn(params):
+    del params
+    k = num_exits
+    key_data = (() if seed is None
+                else jax.random.key_data(jax.random.key(seed)))
+    return CoordinateState(
+        jnp.zeros((k,), aggregation.DIAGNOSTICS_DTYPE),
+        jnp.zeros((k, k), aggregation.DIAGNOSTICS_DTYPE), key_data)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    with jax.named_scope(name):
+      stacked = aggregation.read_stacked(updates, num_exits=num_exits,
+                                         params=params, name=name)
+      if stacked is None:
+        return updates, state
+      key_data = state.key_data
+      if seed is not None:
+        key, subkey = jax.random.split(jax.random.wrap_key_data(key_data))
+        key_data = jax.random.key_data(key)
+      outs = []
+      for i, leaf in enumerate(stacked.leaves):
+        leaf_key = (None if seed is None
+                    else jax.random.fold_in(subkey, i))
+        out = combine(leaf.astype(stacked.compute_dtype), leaf_key)
+        outs.append(out.astype(leaf.dtype))
+      exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
+      as_state = lambda x: x.astype(aggregation.DIAGNOSTICS_DTYPE)
+      return (jax.tree.unflatten(stacked.treedef, outs),
+              CoordinateState(as_state(exit_norms), as_state(cosine),
+                              key_data))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def trimmed_mean(
+    trim_number: int = 1,
+    *,
+    num_exits: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Trimmed mean: per coordinate, the mean of the exits' values without extremes.
+
+  Every coordinate's K values are sorted and the ``trim_number`` largest and
+  smallest dropped; the update is the mean of the rest (TorchJD's
+  ``TrimmedMean``; Yin et al.'s coordinate-wise trimmed mean, robust to
+  ``trim_number`` arbitrary gradients). No weighting of the Gram matrix
+  gives it, so it is not :func:`osgd_jax.from_weighting` of one: it sorts
+  the stacked gradients along K, leaf by leaf (coordinates are independent,
+  so there is no ``granularity``).
+
+  Args:
+    trim_number: how many values to drop at each end, ``≥ 0``;
+      ``K ≥ 2 trim_number + 1``.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`CoordinateState`.
+
+  Raises:
+    ValueError: K is too small for ``trim_number``.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.trimmed_mean(1, num_exits=3)
+    >>> g = {"w": jnp.array([[1.0, -5.0], [2.0, 0.0], [9.0, 1.0]])}
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates["w"].tolist()   # the medians
+    [2.0, 0.0]
+
+  References:
+    Yin, Chen, Kannan & Bartlett, *Byzantine-Robust Distributed Learning:
+    Towards Optimal Statistical Rates*, ICML 2018.
+    https://arxiv.org/abs/1803.01498
+  """
+  name = "trimmed_mean"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  if (isinstance(trim_number, bool) or not isinstance(trim_number, int)
+      or trim_number < 0 or num_exits < 2 * trim_number + 1):
+    raise ValueError(
+        f"{name}: trim_number must be an int with 0 <= trim_number and"
+        f" num_exits >= 2 * trim_number + 1 (num_exits={num_exits}), got"
+        f" {trim_number!r}.")
+
+  def combine(leaf, key):
+    del key
+    kept = jnp.sort(leaf, axis=0)[trim_number:num_exits - trim_number]
+    return kept.mean(axis=0)
+
+  return _coordinatewise(combine, num_exits=num_exits, seed=None, name=name)
+
+
+def graddrop(
+    leak: Sequence[float] | None = None,
+    seed: int = 0,
+    *,
+    num_exits: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """GradDrop: per coordinate, keep one sign, chosen at random by its purity.
+
+  For every coordinate, ``P = ½(1 + Σ_k g_k / Σ_k |g_k|)`` measures how
+  positive the exits' values are; with U uniform on [0, 1], exit k's value
+  is kept where ``P > U`` and it is positive, or ``P < U`` and it is
+  negative, and the update is ``Σ_k (ℓ_k + (1 − ℓ_k) m_k) g_k`` (m the kept
+  mask, ℓ the leak). As TorchJD's ``GradDrop``, it is applied to the
+  parameters' gradients (the paper applies it at a shared activation
+  layer), with the identity as the paper's f. Coordinates where every value
+  is 0 give 0. U is drawn from a PRNG key that the state carries, split at
+  every update.
+
+  Args:
+    leak: ``(K,)`` the leak ℓ_k in [0, 1] of each exit (1: always kept);
+      ``None``: zeros.
+    seed: seeds U.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`CoordinateState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.graddrop(num_exits=2)
+    >>> g = {"w": jnp.array([[1.0, -2.0], [3.0, -1.0]])}   # signs agree
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates["w"].tolist()
+    [4.0, -3.0]
+
+  References:
+    Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, *Just Pick a
+    Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout*,
+    NeurIPS 2020. https://arxiv.org/abs/2010.06808
+  """
+  name = "graddrop"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  if leak is not None:
+    leaks = np.asarray(leak, np.float64)
+    if leaks.shape != (num_exits,) or not np.all((leaks >= 0) & (leaks <= 1)):
+      raise ValueError(
+          f"{name}: leak must be {num_exits} numbers in [0, 1] (one per exit,"
+          f" num_exits={num_exits}), got {leak!r}.")
+
+  def combine(leaf, key):
+    k = leaf.shape[0]
+    ell = (jnp.zeros((k,), leaf.dtype) if leak is None
+           else jnp.asarray(leak, leaf.dtype))
+    ell = ell.reshape((k,) + (1,) * (leaf.ndim - 1))
+    total = jnp.sum(jnp.abs(leaf), axis=0)
+    purity = 0.5 * (1.0 + leaf.sum(axis=0) * gram_lib.safe_inverse(total))
+    u = jax.random.uniform(key, leaf.shape[1:], leaf.dtype)
+    keep = ((purity > u) & (leaf > 0)) | ((purity < u) & (leaf < 0))
+    return jnp.sum((ell + (1.0 - ell) * keep) * leaf, axis=0)
+
+  return _coordinatewise(combine, num_exits=num_exits, seed=seed, name=name)
+
+
+class ExcessMTLState(NamedTuple):
+  """ExcessMTL's state.
+
+  Attributes:
+    weights: ``(K,)`` the task weights, on the simplex (``1/K`` at
+      ``init``).
+    exit_norms: ``(K,)`` the norm of each exit's gradient, at the last
+      update.
+    cosine: ``(K, K)`` the cosines between the exits' gradients.
+    sq_grad_sum: the running sum of the squared gradients, shaped like the
+      stacked gradients (``(K, *param.shape)`` per leaf, float32): K times
+      the parameters' memory.
+    initial: ``(K,)`` the excess-risk baseline of the scale processing.
+    warmup_sum: ``(K,)`` the excess risks summed over the warm-up.
+    count: the number of updates so far.
+  """
+
+  weights: jax.Array
+  exit_norms: jax.Array
+  cosine: jax.Array
+  sq_grad_sum: Any
+  initial: jax.Array
+  warmup_sum: jax.Array
+  count: jax.Array
+
+
+def excess_mtl(
+    robust_step_size: float = 1.0,
+    n_warmup_steps: int = 0,
+    *,
+    num_exits: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """ExcessMTL: weights that follow the exits' estimated excess risks.
+
+  Each update estimates exit k's excess risk by a second-order expansion
+  with an AdaGrad-like diagonal curvature, ``r_k = Σ_n g_kn² / √(S_kn +
+  1e-7)`` with S the running sum of the squared gradients (the paper's
+  Equations 6–7), divides it by a baseline (the first update's, or the
+  warm-up's mean: the scale processing of its Section 3.2) and moves the
+  weights by an exponentiated-gradient step, ``w ← softmax(log w + η r)``
+  (Equation 9); the update is ``Σ_k w_k g_k``. During the ``n_warmup_steps``
+  first updates the weights stay ``1/K`` while the baseline is gathered. As
+  TorchJD's ``ExcessMTL``, weights start at ``1/K`` (the authors' code: 1).
+
+  It reads every coordinate of the gradients, not only their Gram matrix,
+  and its state holds S: K times the parameters' memory. The whole model is
+  one group.
+
+  Args:
+    robust_step_size: η, ``> 0``.
+    n_warmup_steps: updates that gather the baseline, ``≥ 0`` (the paper
+      suggests three epochs); 0: the first update's risks.
+    num_exits: K (required; see :func:`osgd_jax.osgd`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    :class:`ExcessMTLState`.
+
+  Example:
+    >>> import jax.numpy as jnp, osgd_jax
+    >>> tx = osgd_jax.excess_mtl(num_exits=2)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update({"w": jnp.eye(2)}, state, params)
+    >>> bool(abs(float(state.weights.sum()) - 1) < 1e-6)
+    True
+
+  References:
+    He, Huang, Yuan, Li & Zhou, *Robust Multi-Task Learning with Excess
+    Risks*, ICML 2024. https://proceedings.mlr.press/v235/he24n.html
+  """
+  name = "excess_mtl"
+  num_exits = aggregation.check_num_exits(num_exits, name)
+  if (aggregation.is_checkable_number(robust_step_size)
+      and not robust_step_size > 0):
+    raise ValueError(
+        f"{name}: robust_step_size must be > 0, got {robust_step_size!r}.")
+  if (isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int)
+      or n_warmup_steps < 0):
+    raise ValueError(
+        f"{name}: n_warmup_steps must be an int >= 0, got {n_warmup_steps!r}.")
+  f32 = aggregation.DIAGNOSTICS_DTYPE
+
+  def init_fn(params):
+    k = num_exits
+    zeros = jnp.zeros((k,), f32)
+    return ExcessMTLState(
+        weights=jnp.full((k,), 1.0 / k, f32), exit_norms=zeros,
+        cosine=jnp.zeros((k, k), f32),
+        sq_grad_sum=jax.tree.map(
+            lambda p: jnp.zeros((k,) + jnp.shape(p), f32), params),
+        initial=zeros, warmup_sum=zeros, count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    with jax.named_scope(name):
+      stacked = aggregation.read_stacked(updates, num_exits=num_exits,
+                                         params=params, name=name)
+      if stacked is None:
+        return updates, state
+      dtype = stacked.compute_dtype
+      sq = [leaf.astype(dtype) ** 2 for leaf in stacked.leaves]
+      sums = [s.astype(dtype) + q for s, q in
+              zip(jax.tree.leaves(state.sq_grad_sum), sq)]
+      risk = sum(jnp.sum(q / jnp.sqrt(s + 1e-7), axis=tuple(
+          range(1, q.ndim))) for q, s in zip(sq, sums))
+      count = state.count
+      warming = count < n_warmup_steps
+      first = count == n_warmup_steps
+      warmup_sum = jnp.where(warming, state.warmup_sum + risk,
+                             state.warmup_sum)
+      if n_warmup_steps > 0:
+        baseline = jnp.where(first, warmup_sum / n_warmup_steps,
+                             state.initial)
+        scaled = risk / (baseline + 1e-7)
+      else:
+        baseline = jnp.where(first, risk, state.initial)
+        scaled = jnp.where(first, risk, risk / (baseline + 1e-7))
+      weights = state.weights.astype(dtype)
+      weights = jnp.where(
+          warming, weights,
+          jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled))
+      new_updates = aggregation.combine(stacked, weights[None], "global")
+      exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
+      return new_updates, ExcessMTLState(
+          weights=weights.astype(f32), exit_norms=exit_norms.astype(f32),
+          cosine=cosine.astype(f32),
+          sq_grad_sum=jax.tree.unflatten(
+              stacked.treedef, [s.astype(f32) for s in sums]),
+          initial=jnp.where(warming, state.initial, baseline).astype(f32),
+          warmup_sum=warmup_sum.astype(f32),
+          count=optax.safe_increment(count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
