@@ -391,3 +391,37 @@ def pcd_direction(rows, tau):
       if np.all(mu >= -1e-12) and np.all(sec @ d >= tau - 1e-9):
         return d * norms[0] / np.linalg.norm(d)
   return g[0]
+
+
+def trimmed_mean_direction(rows, trim_number):
+  """Coordinate-wise trimmed mean (Yin et al. 2018): drop the extremes, average."""
+  g = np.sort(np.asarray(rows, np.float64), axis=0)
+  return g[trim_number:len(g) - trim_number].mean(axis=0)
+
+
+def excess_mtl_updates(steps, robust_step_size, n_warmup_steps):
+  """ExcessMTL (He et al. 2024, Eqs. 6–9 and Section 3.2) over the steps' rows.
+
+  Returns the update of every step.
+  """
+  steps = [np.asarray(r, np.float64) for r in steps]
+  k = len(steps[0])
+  weights = np.full(k, 1.0 / k)
+  sums = np.zeros_like(steps[0])
+  baseline, warmup, outs = None, np.zeros(k), []
+  for t, rows in enumerate(steps):
+    sums = sums + rows ** 2
+    risk = (rows ** 2 / np.sqrt(sums + 1e-7)).sum(axis=1)
+    if t < n_warmup_steps:
+      warmup += risk
+    else:
+      if baseline is None:
+        baseline = warmup / n_warmup_steps if n_warmup_steps else risk
+        scaled = risk / (baseline + 1e-7) if n_warmup_steps else risk
+      else:
+        scaled = risk / (baseline + 1e-7)
+      logits = np.log(weights) + robust_step_size * scaled
+      weights = np.exp(logits - logits.max())
+      weights /= weights.sum()
+    outs.append(weights @ rows)
+  return outs

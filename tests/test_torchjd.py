@@ -204,6 +204,68 @@ def test_modo_and_sdmgrad_match_oracles_over_steps():
                              atol=1e-10)
 
 
+def test_excess_mtl_matches_oracle_over_steps():
+  rng = np.random.default_rng(7)
+  steps = [rng.normal(size=(K, N)) * [[1.0], [0.1], [3.0], [1.0]]
+           for _ in range(4)]
+  for warmup in (0, 2):
+    tx = osgd_jax.excess_mtl(0.5, warmup, num_exits=K)
+    state = tx.init({"w": jnp.zeros(N)})
+    with jax.enable_x64(True):
+      update = jax.jit(tx.update)
+      for rows, want in zip(steps, oracles.excess_mtl_updates(steps, 0.5,
+                                                              warmup)):
+        out, state = update({"w": jnp.asarray(rows)}, state)
+        _assert_close(np.asarray(out["w"]), want, rows, 1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trimmed_mean_matches_oracle_and_torchjd(case):
+  tx = osgd_jax.trimmed_mean(1, num_exits=K)
+  state = tx.init({"w": jnp.zeros(N)})
+  rows = CASES[case](np.random.default_rng(sorted(CASES).index(case)))
+  with jax.enable_x64(True):
+    out, _ = tx.update({"w": jnp.asarray(rows)}, state)
+  np.testing.assert_allclose(out["w"], oracles.trimmed_mean_direction(rows, 1),
+                             rtol=1e-12)
+  golden = _golden()["aggregators"]["trimmed_mean"]
+  if case in golden["outputs"]:
+    rows = np.asarray(_golden()["cases"][case])
+    with jax.enable_x64(True):
+      out, _ = tx.update({"w": jnp.asarray(rows[:, :N // 2])},
+                         tx.init({"w": jnp.zeros(N // 2)}))
+    np.testing.assert_allclose(out["w"], golden["outputs"][case], rtol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["random", "mixed_scale"])
+def test_nash_mtl_is_the_bargaining_solution_clipped(case):
+  rows = CASES[case](np.random.default_rng(sorted(CASES).index(case)))
+  m = rows @ rows.T
+  with jax.enable_x64(True):
+    alpha = np.asarray(jax.jit(functools.partial(
+        weightings.nash_mtl, max_norm=0.0))(jnp.asarray(m)))
+    clipped = np.asarray(weightings.nash_mtl(jnp.asarray(m), max_norm=1.0))
+  # ⟨g_k, d⟩ = 1/α_k on M/‖M‖_F: FairGrad's equation with α = 1.
+  assert oracles.fairgrad_residual(m / np.linalg.norm(m), alpha, 1.0) < 1e-9
+  norm = np.sqrt(alpha @ m @ alpha)
+  np.testing.assert_allclose(clipped, alpha / max(norm, 1.0), rtol=1e-9)
+
+
+def test_graddrop_keeps_a_sign_with_its_purity():
+  # 20000 copies of one coordinate (a, −b) with a = 3, b = 1: P = ¾, so the
+  # positive value is kept with probability ¾, the negative with ¼.
+  tx = osgd_jax.graddrop(seed=1, num_exits=2)
+  g = {"w": jnp.asarray(np.tile([[3.0], [-1.0]], (1, 20000)), jnp.float32)}
+  out, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(20000)}))
+  values, counts = np.unique(np.asarray(out["w"]), return_counts=True)
+  assert values.tolist() == [-1.0, 3.0]
+  np.testing.assert_allclose(counts / 20000, [0.25, 0.75], atol=0.015)
+  # Agreeing signs pass whole; leak 1 keeps everything.
+  tx = osgd_jax.graddrop(leak=[1.0, 1.0], num_exits=2)
+  out, _ = tx.update(g, tx.init({"w": jnp.zeros(20000)}))
+  np.testing.assert_allclose(out["w"], 2.0)
+
+
 def test_pcd_falls_back_to_the_primary_when_infeasible():
   # Two opposite secondaries cannot both get progress.
   rows = np.zeros((3, 4))
@@ -287,6 +349,8 @@ STATEFUL_GOLDEN = {
     "modo": (osgd_jax.modo, 1e-6),
     "sdmgrad": (osgd_jax.sdmgrad, 1e-6),
     "crmogm_upgrad": (functools.partial(osgd_jax.crmogm, "upgrad"), 2e-4),
+    "excess_mtl": (osgd_jax.excess_mtl, 1e-6),
+    "excess_mtl_warmup": (osgd_jax.excess_mtl, 1e-6),
 }
 
 
@@ -398,10 +462,20 @@ TRANSFORMS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+# Coordinate-wise, or one group by construction: no granularity.
+COORDINATEWISE = {
+    "nash_mtl": osgd_jax.nash_mtl,
+    "trimmed_mean": osgd_jax.trimmed_mean,
+    "graddrop": osgd_jax.graddrop,
+    "excess_mtl": osgd_jax.excess_mtl,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS) + sorted(COORDINATEWISE))
 def test_transform_scans_and_keeps_its_state(name):
   """jit + lax.scan over steps; the state keeps its structure and dtypes."""
-  tx = TRANSFORMS[name](num_exits=K, granularity="leaf")
+  tx = (TRANSFORMS[name](num_exits=K, granularity="leaf") if name in TRANSFORMS
+        else COORDINATEWISE[name](num_exits=K))
   params = {"b": jnp.zeros(3), "w": jnp.zeros((2, 3))}
   rng = np.random.default_rng(0)
   grads = {n: jnp.asarray(rng.normal(size=(3, K) + p.shape), jnp.float32)
@@ -446,5 +520,11 @@ def test_options_are_checked_with_a_fix():
     osgd_jax.crmogm("nope", num_exits=3)
   with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
     osgd_jax.sdmgrad(momentum=1.0, num_exits=3)
+  with pytest.raises(ValueError, match=r"num_exits >= 2 \* trim_number \+ 1"):
+    osgd_jax.trimmed_mean(2, num_exits=4)
+  with pytest.raises(ValueError, match=r"leak must be 3 numbers in \[0, 1\]"):
+    osgd_jax.graddrop(leak=[0.5, 2.0, 0.0], num_exits=3)
+  with pytest.raises(ValueError, match=r"n_warmup_steps must be an int"):
+    osgd_jax.excess_mtl(n_warmup_steps=-1, num_exits=3)
   with pytest.raises(ValueError, match=r"shape \(3,\).*K=2"):
     weightings.constant(jnp.eye(2), weights=[1.0, 2.0, 3.0])

@@ -102,6 +102,10 @@ STATEFUL = {
     "sdmgrad": (lambda **kw: _on_gramian(agg.SDMGradWeighting(**kw)),
                 {"lr": 10.0, "momentum": 0.5, "n_iter": 20, "lambda_": 0.3},
                 "steps"),
+    "excess_mtl": (agg.ExcessMTL, {"robust_step_size": 1.0,
+                                   "n_warmup_steps": 0}, "steps"),
+    "excess_mtl_warmup": (agg.ExcessMTL, {"robust_step_size": 0.5,
+                                          "n_warmup_steps": 2}, "steps"),
     "crmogm_upgrad": (lambda **kw: agg.GramianWeightedAggregator(
         agg.CRMOGMWeighting(agg.UPGradWeighting(), **kw)), {"alpha": 0.9},
                       "steps"),
