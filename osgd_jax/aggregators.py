@@ -583,8 +583,9 @@ def imtl_g(
   (:func:`osgd_jax.weightings.imtl_g`, TorchJD's ``IMTLG``): ``⟨u, g_k⟩ /
   ‖g_k‖`` is the same for every exit, so none is favoured.
 
-  Invariance: scaling exit k's gradient by ``c_k > 0`` leaves the direction
-  of u unchanged; invariant to the exits' order.
+  Invariance: scaling exit k's gradient by ``c_k > 0`` leaves the line of
+  u unchanged (its size and sign follow the normalisation ``Σ w = 1``);
+  invariant to the exits' order.
 
   Args:
     num_exits: K (required; see :func:`osgd_jax.osgd`).
@@ -1008,10 +1009,11 @@ class SimplexState(NamedTuple):
   """The weights a MoDo or SDMGrad step starts from.
 
   Attributes:
-    weights: ``(K,)`` on the simplex, ``1/K`` at ``init``.
+    iterate: ``(K,)`` on the simplex, ``1/K`` at ``init`` (not named
+      ``weights``, which names the applied weights in every state).
   """
 
-  weights: jax.Array
+  iterate: jax.Array
 
 
 def _uniform_start(k: int) -> SimplexState:
@@ -1063,7 +1065,7 @@ def modo(
 
   def apply(gram, state: SimplexState, **extra_args):
     del extra_args
-    weights = weightings.modo(gram, previous=state.weights.astype(gram.dtype),
+    weights = weightings.modo(gram, previous=state.iterate.astype(gram.dtype),
                               gamma=gamma, rho=rho)
     return weights, SimplexState(weights)
 
@@ -1128,7 +1130,7 @@ def sdmgrad(
   def apply(gram, state: SimplexState, **extra_args):
     del extra_args
     weights, w = weightings.sdmgrad(
-        gram, previous=state.weights.astype(gram.dtype),
+        gram, previous=state.iterate.astype(gram.dtype),
         pref_vector=pref_vector, lr=lr, momentum=momentum, n_iter=n_iter,
         lambda_=lambda_)
     return weights, SimplexState(w)
@@ -1142,13 +1144,13 @@ class CRMOGMState(NamedTuple):
   """CR-MOGM's weighting state.
 
   Attributes:
-    weights: ``(K,)`` the smoothed weights of the previous update.
+    smoothed: ``(K,)`` the smoothed weights of the previous update.
     count: the number of updates so far (the first takes the inner weights
       as they are).
     inner: the wrapped weighting's own state (``()`` for a pure one).
   """
 
-  weights: jax.Array
+  smoothed: jax.Array
   count: jax.Array
   inner: Any
 
@@ -1217,7 +1219,7 @@ def crmogm(
 
   def apply(gram, state: CRMOGMState, **extra_args):
     fresh, inner_state = inner.apply(gram, state.inner, **extra_args)
-    previous = state.weights.astype(gram.dtype)
+    previous = state.smoothed.astype(gram.dtype)
     weights = jnp.where(state.count == 0, fresh,
                         alpha * previous + (1.0 - alpha) * fresh)
     return weights, CRMOGMState(weights, optax.safe_increment(state.count),
@@ -1408,29 +1410,38 @@ def nash_mtl(
 class CoordinateState(NamedTuple):
   """The state of an aggregator that combines the gradients coordinate-wise.
 
-  Its update is no weighted sum of the exits' gradients, so there are no
-  weights; the Gram diagnostics are kept, for ``optax.tree_utils.tree_get``.
+  Its update is no weighted sum of the exits' gradients; ``weights`` holds
+  each exit's multiplier averaged over the coordinates instead (the
+  fraction of its values kept, for TrimmedMean divided by the number
+  kept), beside the Gram diagnostics, for ``optax.tree_utils.tree_get``.
 
   Attributes:
+    weights: ``(K,)`` each exit's mean multiplier over the coordinates, at
+      the last update.
     exit_norms: ``(K,)`` the norm of each exit's gradient, at the last
       update.
     cosine: ``(K, K)`` the cosines between the exits' gradients.
     key_data: the PRNG key of a random aggregator (GradDrop); else ``()``.
   """
 
+  weights: jax.Array
   exit_norms: jax.Array
   cosine: jax.Array
   key_data: Any
 
 
 def _coordinatewise(
-    combine: Callable[[jax.Array, jax.Array], jax.Array],
+    combine: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
     *,
     num_exits: int | None,
     seed: int | None,
     name: str,
 ) -> optax.GradientTransformationExtraArgs:
-  """A transformation applying ``combine(leaf (K, ...), key) -> (...)`` per leaf."""
+  """A transformation applying ``combine(leaf, key) -> (update, multipliers)``.
+
+  ``combine`` maps one stacked leaf ``(K, ...)`` to its update ``(...)`` and
+  the exits' multipliers summed over its coordinates, ``(K,)``.
+  """
   num_exits = aggregation.check_num_exits(num_exits, name)
 
   def init_fn(params):
@@ -1438,9 +1449,10 @@ def _coordinatewise(
     k = num_exits
     key_data = (() if seed is None
                 else jax.random.key_data(jax.random.key(seed)))
+    zeros = jnp.zeros((k,), aggregation.DIAGNOSTICS_DTYPE)
     return CoordinateState(
-        jnp.zeros((k,), aggregation.DIAGNOSTICS_DTYPE),
-        jnp.zeros((k, k), aggregation.DIAGNOSTICS_DTYPE), key_data)
+        zeros, zeros, jnp.zeros((k, k), aggregation.DIAGNOSTICS_DTYPE),
+        key_data)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -1454,16 +1466,19 @@ def _coordinatewise(
         key, subkey = jax.random.split(jax.random.wrap_key_data(key_data))
         key_data = jax.random.key_data(key)
       outs = []
+      multipliers = jnp.zeros((num_exits,), stacked.compute_dtype)
       for i, leaf in enumerate(stacked.leaves):
         leaf_key = (None if seed is None
                     else jax.random.fold_in(subkey, i))
-        out = combine(leaf.astype(stacked.compute_dtype), leaf_key)
+        out, summed = combine(leaf.astype(stacked.compute_dtype), leaf_key)
         outs.append(out.astype(leaf.dtype))
+        multipliers = multipliers + summed
+      weights = multipliers / max(sum(stacked.sizes), 1)
       exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
       as_state = lambda x: x.astype(aggregation.DIAGNOSTICS_DTYPE)
       return (jax.tree.unflatten(stacked.treedef, outs),
-              CoordinateState(as_state(exit_norms), as_state(cosine),
-                              key_data))
+              CoordinateState(as_state(weights), as_state(exit_norms),
+                              as_state(cosine), key_data))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -1520,7 +1535,13 @@ def trimmed_mean(
   def combine(leaf, key):
     del key
     kept = jnp.sort(leaf, axis=0)[trim_number:num_exits - trim_number]
-    return kept.mean(axis=0)
+    # Exit k's rank among the K values of each coordinate (ties by index).
+    rank = jnp.argsort(jnp.argsort(leaf, axis=0, stable=True), axis=0)
+    inside = (rank >= trim_number) & (rank < num_exits - trim_number)
+    # Sums over the parameter axes as they are: a reshape would merge axes
+    # split over devices (docs/design.md, "Sharding").
+    summed = inside.astype(leaf.dtype).sum(axis=tuple(range(1, leaf.ndim)))
+    return kept.mean(axis=0), summed / (num_exits - 2 * trim_number)
 
   return _coordinatewise(combine, num_exits=num_exits, seed=None, name=name)
 
@@ -1584,7 +1605,9 @@ def graddrop(
     purity = 0.5 * (1.0 + leaf.sum(axis=0) * gram_lib.safe_inverse(total))
     u = jax.random.uniform(key, leaf.shape[1:], leaf.dtype)
     keep = ((purity > u) & (leaf > 0)) | ((purity < u) & (leaf < 0))
-    return jnp.sum((ell + (1.0 - ell) * keep) * leaf, axis=0)
+    multiplier = ell + (1.0 - ell) * keep
+    return (jnp.sum(multiplier * leaf, axis=0),
+            multiplier.sum(axis=tuple(range(1, leaf.ndim))))
 
   return _coordinatewise(combine, num_exits=num_exits, seed=seed, name=name)
 
@@ -1679,8 +1702,10 @@ def excess_mtl(
     return ExcessMTLState(
         weights=jnp.full((k,), 1.0 / k, f32), exit_norms=zeros,
         cosine=jnp.zeros((k, k), f32),
+        # Shaped, and on a mesh split, like the stacked gradients.
         sq_grad_sum=jax.tree.map(
-            lambda p: jnp.zeros((k,) + jnp.shape(p), f32), params),
+            lambda p: jnp.broadcast_to(jnp.zeros_like(p, f32)[None],
+                                       (k,) + jnp.shape(p)), params),
         initial=zeros, warmup_sum=zeros, count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -25,7 +25,26 @@ weighting          extra input                       supplied by
                                                      ``update(..., losses=)``
 :func:`pcgrad`     ``key`` (the visiting orders)     a PRNG key in the state
                                                      of :func:`~osgd_jax.pcgrad`
+:func:`random_     ``key``                           a PRNG key in the state
+weighting`
+:func:`gradvac`    ``target`` (cosine targets),      the state of
+                   ``key``; returns new targets      :func:`~osgd_jax.gradvac`
+:func:`modo`,      ``previous`` (the last weights)   the state of
+:func:`sdmgrad`                                      :func:`~osgd_jax.modo`,
+                                                     :func:`~osgd_jax.sdmgrad`
+:func:`pcd`        ``scales`` (1/√EMA of ‖g_k‖²)     the state of
+                                                     :func:`~osgd_jax.pcd`
 =================  ================================  ========================
+
+The weightings of TorchJD 0.18 are all here under their papers' names
+(``mean``, ``constant``, ``random_weighting``, ``imtl_g``, ``aligned_mtl``,
+``krum``, ``dualproj``, ``gradvac``, ``cagrad``, ``config``, ``fairgrad``,
+``modo``, ``sdmgrad``, ``pcd``, ``nash_mtl``, besides ``uniform`` (its
+``Sum``), ``mgda``, ``upgrad`` and ``pcgrad``). CR-MOGM smooths any
+weighting (:func:`osgd_jax.crmogm`). TrimmedMean, GradDrop and ExcessMTL
+read every coordinate of the gradients, so they are transformations only
+(:func:`osgd_jax.trimmed_mean`, :func:`osgd_jax.graddrop`,
+:func:`osgd_jax.excess_mtl`).
 
 Example: a user-defined weighting, here exit k weighted by its share of the
 total squared gradient norm, as an Optax transformation::
@@ -598,8 +617,9 @@ def imtl_g(gram: jax.Array) -> jax.Array:
   is not); linearly dependent gradients of very different norms remain
   ill-conditioned.
 
-  Invariance: scaling gradient k by ``c_k > 0`` leaves the direction of u
-  unchanged.
+  Invariance: scaling gradient k by ``c_k > 0`` leaves the line of u
+  unchanged; its size, and even its sign, follow the normalisation
+  ``Σ w = 1``, which the scales change.
 
   Args:
     gram: ``(K, K)``.
@@ -1015,6 +1035,10 @@ def config(gram: jax.Array, *,
   Properties: non-conflicting when ``Ĝ v = p`` is solvable with ``p > 0``
   (in particular for linearly independent gradients); invariant to the
   exits' order (uniform p) and, in direction, to each gradient's scale.
+  Numerics: v is as ill-conditioned as Ĝ, and the Gram matrix squares that
+  condition number (TorchJD takes the pseudo-inverse of Ĝ itself): in
+  float32, gradients whose cosines are within about 1e-3 of ±1 give an
+  inaccurate v, and the update may then conflict.
 
   Args:
     gram: ``(K, K)``.
