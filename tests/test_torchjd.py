@@ -344,12 +344,13 @@ def test_matches_torchjd(name):
                   GOLDEN_RTOL.get(name, 1e-9))
 
 
-# name in the file -> (transform, tolerance). GradVac with K = 2: each task
-# has one other to visit, so TorchJD is deterministic. The states' float32
+# name in the file -> (transform, tolerance). GradVac and PCGrad with K = 2:
+# each task has one other to visit, so TorchJD is deterministic. The states' float32
 # EMAs bound the agreement to about 1e-7; CR-MOGM wraps UPGrad, whose QP
 # TorchJD regularises.
 STATEFUL_GOLDEN = {
     "gradvac": (osgd_jax.gradvac, 1e-6),
+    "pcgrad": (osgd_jax.pcgrad, 1e-9),
     "pcd": (osgd_jax.pcd, 1e-6),
     "pcd_tau": (osgd_jax.pcd, 1e-6),
     "modo": (osgd_jax.modo, 1e-6),

@@ -9,8 +9,8 @@ build) and the TorchJD version named in the file installed, by::
 Each deterministic aggregator is run once on every Jacobian of ``CASES``; a
 stateful one on a sequence of Jacobians (``SEQUENCES``), from a fresh
 instance, so that its state (an EMA) is exercised. Aggregators that draw
-random numbers are left out, but GradVac with K = 2, where every task has one
-other to visit, is deterministic. The Jacobians are stored with the outputs,
+random numbers are left out, but GradVac and PCGrad with K = 2, where every
+task has one other to visit, are deterministic. The Jacobians are stored with the outputs,
 so the tests read them rather than regenerate them.
 """
 
@@ -93,6 +93,7 @@ def _sequences() -> dict[str, np.ndarray]:
 # name -> (constructor, its arguments, the sequence it runs on).
 STATEFUL = {
     "gradvac": (agg.GradVac, {"beta": 0.5, "eps": 1e-8}, "pairs"),
+    "pcgrad": (agg.PCGrad, {}, "pairs"),  # K = 2: one order
     "pcd": (agg.PCD, {"tau": 0.02, "beta": 0.999, "eps": 1e-8}, "steps"),
     "pcd_tau": (agg.PCD, {"tau": 0.5, "beta": 0.9, "eps": 1e-8}, "steps"),
     # MoDo and SDMGrad weigh a K×K matrix (J_1 J_2ᵀ in their papers): given
