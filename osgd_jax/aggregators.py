@@ -70,6 +70,7 @@ from osgd_jax import weightings
 __all__ = [
     "AdaLossState",
     "CRMOGMState",
+    "CRMOGM_WEIGHTINGS",
     "CoordinateState",
     "ExcessMTLState",
     "GradVacState",
@@ -1140,6 +1141,13 @@ def sdmgrad(
       num_exits=num_exits, granularity=granularity, name=name)
 
 
+# The weightings of osgd_jax.weightings that crmogm takes by name: those
+# that need nothing but the Gram matrix.
+CRMOGM_WEIGHTINGS = ("upgrad", "mgda", "dualproj", "imtl_g", "aligned_mtl",
+                     "cagrad", "config", "fairgrad", "nash_mtl", "pcd", "osgd",
+                     "mean", "uniform")
+
+
 class CRMOGMState(NamedTuple):
   """CR-MOGM's weighting state.
 
@@ -1171,9 +1179,10 @@ def crmogm(
   UPGrad and kin) converge; TorchJD's ``CRMOGMWeighting``.
 
   Args:
-    weighting: a weighting's name in :mod:`osgd_jax.weightings` taking no
-      options (``"upgrad"``, ``"mgda"``, ``"dualproj"``, ``"imtl_g"``, ...),
-      a function ``(K, K) -> (K,)``, or a :class:`osgd_jax.StatefulWeighting`.
+    weighting: the name of a weighting of :mod:`osgd_jax.weightings` that
+      reads the Gram matrix only (``CRMOGM_WEIGHTINGS``: ``"upgrad"``,
+      ``"mgda"``, ...), with its defaults; a function ``(K, K) -> (K,)``; or
+      a :class:`osgd_jax.StatefulWeighting`.
     alpha: the EMA's weight on the previous weights, in [0, 1]; 0: no
       smoothing.
     num_exits: K (required; see :func:`osgd_jax.osgd`).
@@ -1204,11 +1213,11 @@ def crmogm(
   name = "crmogm"
   aggregation.check_unit_interval(alpha, "alpha", name)
   if isinstance(weighting, str):
-    if weighting not in weightings.__all__ or not callable(
-        getattr(weightings, weighting)):
+    if weighting not in CRMOGM_WEIGHTINGS:
       raise ValueError(
-          f"{name}: unknown weighting {weighting!r}; name a function of"
-          " osgd_jax.weightings (e.g. 'upgrad') or pass one.")
+          f"{name}: unknown weighting {weighting!r}; name one of"
+          f" {CRMOGM_WEIGHTINGS}, or pass a function (K, K) -> (K,) or an"
+          " osgd_jax.StatefulWeighting.")
     weighting = getattr(weightings, weighting)
   inner = (weighting if isinstance(weighting, aggregation.StatefulWeighting)
            else aggregation.stateless(weighting))
