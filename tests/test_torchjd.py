@@ -5,11 +5,13 @@ paper's definition (tests/numpy_oracles.py) on random, rank-deficient,
 zero-row and mixed-scale (1e-8…1e8) gradients; against TorchJD's own outputs,
 stored in tests/golden/torchjd_golden.json by
 tests/golden/make_torchjd_golden.py (so the suite never imports torch); and
-for the properties it claims, with hypothesis. Each transformation gets one
-contract check (jit, ``lax.scan``, the state's structure kept); the full
-harness of tests/test_contract.py costs about ten seconds per
-transformation, and these are all ``from_weighting`` of a weighting, which
-that harness covers.
+for the properties it claims, with hypothesis. The random ones (Random,
+GradDrop) are checked by the distributions they document. Each
+transformation gets one contract check (jit, ``lax.scan``, the state's
+structure kept, the diagnostics found by name), and the three not built by
+``from_weighting`` one on an ``Explicit`` mesh; the full harness of
+tests/test_contract.py costs about ten seconds per transformation, and
+covers ``from_weighting`` itself.
 
 The weightings are compared in x64 (the algorithms, not float32 rounding),
 each compiled once for the one (K, K) shape of the cases.
@@ -328,11 +330,19 @@ GOLDEN_SKIP = {("imtl_g", "mixed_scale"), ("fairgrad", "rank_deficient"),
                ("fairgrad_2", "rank_deficient")}
 
 
-# CAGrad needs cvxpy in TorchJD, absent where the file was made: no golden.
+def _golden_or_skip(kind, name):
+  """The file's entry, or a skip: TorchJD's CAGrad and Nash-MTL need cvxpy,
+  and the file holds them only if it was made where cvxpy was installed."""
+  entry = _golden()[kind].get(name)
+  if entry is None:
+    pytest.skip(f"no TorchJD output for {name} in {GOLDEN} (needs cvxpy)")
+  return entry
+
+
 # PCD is stateful in TorchJD (its EMA): see the sequences below.
-@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"cagrad", "pcd"}))
+@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"pcd"}))
 def test_matches_torchjd(name):
-  golden = _golden()["aggregators"][name]
+  golden = _golden_or_skip("aggregators", name)
   assert golden["kwargs"] == {
       k: list(v) if isinstance(v, tuple) else v
       for k, v in WEIGHTINGS[name][1].items()}
@@ -358,12 +368,15 @@ STATEFUL_GOLDEN = {
     "crmogm_upgrad": (functools.partial(osgd_jax.crmogm, "upgrad"), 2e-4),
     "excess_mtl": (osgd_jax.excess_mtl, 1e-6),
     "excess_mtl_warmup": (osgd_jax.excess_mtl, 1e-6),
+    # TorchJD approaches Nash's solution by at most 20 cvxpy steps, stopping
+    # at a residual of 1e-3; ours solves it. (Not yet run: no cvxpy here.)
+    "nash_mtl": (osgd_jax.nash_mtl, 5e-2),
 }
 
 
 @pytest.mark.parametrize("name", sorted(STATEFUL_GOLDEN))
 def test_stateful_transforms_match_torchjd_over_steps(name):
-  golden = _golden()["stateful"][name]
+  golden = _golden_or_skip("stateful", name)
   factory, rtol = STATEFUL_GOLDEN[name]
   sequence = np.asarray(_golden()["sequences"][golden["sequence"]])
   k = sequence.shape[1]

@@ -79,6 +79,15 @@ AGGREGATORS = {
     "trimmed_mean": (lambda: agg.TrimmedMean(trim_number=1),
                      {"trim_number": 1}),
 }
+# TorchJD's CAGrad and Nash-MTL need cvxpy (pip install "torchjd[cagrad]"
+# "torchjd[nash_mtl]"); they are recorded when it is installed.
+OPTIONAL = {
+    "cagrad": (lambda: agg.CAGrad(c=0.4), {"c": 0.4}),
+}
+OPTIONAL_STATEFUL = {
+    "nash_mtl": (lambda **kw: agg.NashMTL(n_tasks=K, **kw),
+                 {"max_norm": 1.0, "update_weights_every": 1}, "steps"),
+}
 
 
 def _sequences() -> dict[str, np.ndarray]:
@@ -139,7 +148,23 @@ def main() -> None:
     golden["aggregators"][name] = {
         "kwargs": kwargs,
         "outputs": {case: _run(make(), m) for case, m in cases.items()}}
-  for name, (make, kwargs, sequence) in STATEFUL.items():
+  for name, (make, kwargs) in OPTIONAL.items():
+    try:
+      make()
+    except ImportError as e:
+      print(f"skipped {name}: {e}")
+      continue
+    golden["aggregators"][name] = {
+        "kwargs": kwargs,
+        "outputs": {case: _run(make(), m) for case, m in cases.items()}}
+  stateful = dict(STATEFUL)
+  for name, entry in OPTIONAL_STATEFUL.items():
+    try:
+      entry[0](**entry[1])
+      stateful[name] = entry
+    except ImportError as e:
+      print(f"skipped {name}: {e}")
+  for name, (make, kwargs, sequence) in stateful.items():
     instance = make(**kwargs)
     golden["stateful"][name] = {
         "kwargs": kwargs, "sequence": sequence,
