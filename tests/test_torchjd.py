@@ -248,9 +248,9 @@ def test_nash_mtl_is_the_bargaining_solution_clipped(case):
   rows = CASES[case](np.random.default_rng(sorted(CASES).index(case)))
   m = rows @ rows.T
   with jax.enable_x64(True):
-    alpha = np.asarray(jax.jit(functools.partial(
-        weightings.nash_mtl, max_norm=0.0))(jnp.asarray(m)))
-    clipped = np.asarray(weightings.nash_mtl(jnp.asarray(m), max_norm=1.0))
+    nash = jax.jit(weightings.nash_mtl)   # max_norm traced: one compile
+    alpha = np.asarray(nash(jnp.asarray(m), max_norm=jnp.asarray(0.0)))
+    clipped = np.asarray(nash(jnp.asarray(m), max_norm=jnp.asarray(1.0)))
   # ⟨g_k, d⟩ = 1/α_k on M/‖M‖_F: FairGrad's equation with α = 1.
   assert oracles.fairgrad_residual(m / np.linalg.norm(m), alpha, 1.0) < 1e-9
   norm = np.sqrt(alpha @ m @ alpha)
