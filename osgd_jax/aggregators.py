@@ -8,40 +8,40 @@ in an Optax chain, like :func:`osgd_jax.osgd`. Each is
 the ones whose weighting needs a step count, a running average or a PRNG key
 keep it in their state, whose shapes are fixed at ``init``.
 
-==============================  ===============================================
-:func:`weighted_sum`            fixed or scheduled loss weights (MSDNet's
-                                uniform sum, linear and geometric ramps, the
-                                SDN ramp)
-:func:`adaptive_loss_balancing` AdaLoss: ``w_k ∝ 1 / EMA(loss_k)``
-:func:`pcgrad`                  PCGrad: project away conflicting gradients
-:func:`mgda`                    MGDA: the min-norm point of the convex hull
-:func:`upgrad`                  UPGrad: mean of the projections onto the dual
-                                cone
-:func:`random_weighting`        Random: softmax of Gaussian weights, every step
-:func:`imtl_g`                  IMTL-G: equal projections on the unit gradients
-:func:`aligned_mtl`             Aligned-MTL: the sum of aligned (orthogonal,
-                                equal-norm) gradients
-:func:`krum`                    Krum: the gradient(s) nearest their neighbours
-:func:`dualproj`                DualProj: the mean, projected onto the dual cone
-:func:`gradvac`                 GradVac: cosines raised to running targets
-:func:`cagrad`                  CAGrad: the best worst case in a ball around
-                                the mean
-:func:`config`                  ConFIG: equal cosines with every gradient
-:func:`fairgrad`                FairGrad: α-fair improvements of the exits
-:func:`modo`                    MoDo: one projected step of MGDA's weights per
-                                update
-:func:`sdmgrad`                 SDMGrad: MGDA's weights pulled to the mean
-:func:`crmogm`                  CR-MOGM: any weighting, smoothed by an EMA
-:func:`pcd`                     PCD: exit 1 first, the others guaranteed
-                                progress
-:func:`nash_mtl`                Nash-MTL: the Nash bargaining solution
-:func:`trimmed_mean`            TrimmedMean: per coordinate, without extremes
-                                (no weighting: coordinate-wise)
-:func:`graddrop`                GradDrop: per coordinate, one sign kept at
-                                random (no weighting: coordinate-wise)
-:func:`excess_mtl`              ExcessMTL: weights following excess-risk
-                                estimates (reads every coordinate)
-==============================  ===============================================
+================================  ===============================================
+:func:`weighted_sum`              fixed or scheduled loss weights (MSDNet's
+                                  uniform sum, linear and geometric ramps, the
+                                  SDN ramp)
+:func:`adaptive_loss_balancing`   AdaLoss: ``w_k ∝ 1 / EMA(loss_k)``
+:func:`pcgrad`                    PCGrad: project away conflicting gradients
+:func:`mgda`                      MGDA: the min-norm point of the convex hull
+:func:`upgrad`                    UPGrad: mean of the projections onto the dual
+                                  cone
+:func:`random_weighting`          Random: softmax of Gaussian weights, every step
+:func:`imtl_g`                    IMTL-G: equal projections on the unit gradients
+:func:`aligned_mtl`               Aligned-MTL: the sum of aligned (orthogonal,
+                                  equal-norm) gradients
+:func:`krum`                      Krum: the gradient(s) nearest their neighbours
+:func:`dualproj`                  DualProj: the mean, projected onto the dual cone
+:func:`gradvac`                   GradVac: cosines raised to running targets
+:func:`cagrad`                    CAGrad: the best worst case in a ball around
+                                  the mean
+:func:`config`                    ConFIG: equal cosines with every gradient
+:func:`fairgrad`                  FairGrad: α-fair improvements of the exits
+:func:`modo`                      MoDo: one projected step of MGDA's weights per
+                                  update
+:func:`sdmgrad`                   SDMGrad: MGDA's weights pulled to the mean
+:func:`crmogm`                    CR-MOGM: any weighting, smoothed by an EMA
+:func:`pcd`                       PCD: exit 1 first, the others guaranteed
+                                  progress
+:func:`nash_mtl`                  Nash-MTL: the Nash bargaining solution
+:func:`trimmed_mean`              TrimmedMean: per coordinate, without extremes
+                                  (no weighting: coordinate-wise)
+:func:`graddrop`                  GradDrop: per coordinate, one sign kept at
+                                  random (no weighting: coordinate-wise)
+:func:`excess_mtl`                ExcessMTL: weights following excess-risk
+                                  estimates (reads every coordinate)
+================================  ===============================================
 
 TorchJD's ``Mean``, ``Sum`` and ``Constant`` are :func:`weighted_sum` with
 ``"mean"``, ``"sum"`` (``"uniform"``) and a vector of weights.

@@ -13,28 +13,25 @@ Some weightings read more than the Gram matrix; they take it as keyword
 arguments, and their transformations supply it from the Optax state or from
 the update's extra arguments:
 
-=================  ================================  ========================
-weighting          extra input                       supplied by
-=================  ================================  ========================
-:func:`sdn`        ``progress`` (step / total)       the step count in the
-                                                     state of
-                                                     :func:`~osgd_jax.weighted_sum`
-:func:`adaloss`    ``losses`` (running averages)     an EMA in the state of
-                                                     :func:`~osgd_jax.adaptive_loss_balancing`,
-                                                     fed by
-                                                     ``update(..., losses=)``
-:func:`pcgrad`     ``key`` (the visiting orders)     a PRNG key in the state
-                                                     of :func:`~osgd_jax.pcgrad`
-:func:`random_     ``key``                           a PRNG key in the state
-weighting`
-:func:`gradvac`    ``target`` (cosine targets),      the state of
-                   ``key``; returns new targets      :func:`~osgd_jax.gradvac`
-:func:`modo`,      ``previous`` (the last weights)   the state of
-:func:`sdmgrad`                                      :func:`~osgd_jax.modo`,
-                                                     :func:`~osgd_jax.sdmgrad`
-:func:`pcd`        ``scales`` (1/√EMA of ‖g_k‖²)     the state of
-                                                     :func:`~osgd_jax.pcd`
-=================  ================================  ========================
+=========================  ==============================  ====================================
+weighting                  extra input                     supplied by
+=========================  ==============================  ====================================
+:func:`sdn`                ``progress`` (step / total)     the step count in the state
+                                                           of :func:`~osgd_jax.weighted_sum`
+:func:`adaloss`            ``losses`` (running averages)   an EMA in the state of
+                                                           :func:`~osgd_jax.adaptive_loss_balancing`,
+                                                           fed by ``update(..., losses=)``
+:func:`pcgrad`             ``key`` (the visiting orders)   a PRNG key in the state of
+                                                           :func:`~osgd_jax.pcgrad`
+:func:`random_weighting`   ``key``                         a PRNG key in the state of
+                                                           :func:`~osgd_jax.random_weighting`
+:func:`gradvac`            ``target``, ``key``; it         the state of
+                           returns the new ``target``      :func:`~osgd_jax.gradvac`
+:func:`modo`               ``previous`` (last weights)     the state of :func:`~osgd_jax.modo`
+:func:`sdmgrad`            ``previous``; it returns        the state of
+                           the next                        :func:`~osgd_jax.sdmgrad`
+:func:`pcd`                ``scales`` (1/√EMA of ‖g_k‖²)   the state of :func:`~osgd_jax.pcd`
+=========================  ==============================  ====================================
 
 The weightings of TorchJD 0.18 are all here under their papers' names
 (``mean``, ``constant``, ``random_weighting``, ``imtl_g``, ``aligned_mtl``,
