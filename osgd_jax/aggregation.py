@@ -513,6 +513,13 @@ def _check_groups(weighting_state: Any, groups: int, name: str) -> None:
           " with tx.init(params) for the params these gradients are of.")
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every float in ``tree`` is finite (other leaves are ignored)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def from_weighting(
     weighting: weightings.Weighting | StatefulWeighting,
     *,
@@ -545,7 +552,10 @@ def from_weighting(
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`AggregationState`. ``update(grads, state, params=None,
     **extra_args)`` takes the stacked gradients; ``params``, if given, are
-    checked against them; ``extra_args`` reach a stateful weighting.
+    checked against them; ``extra_args`` reach a stateful weighting. A NaN
+    or Inf gradient gives a non-finite update (of its group, under
+    ``"leaf"``) and leaves the weighting's state unchanged, so
+    ``optax.apply_if_finite`` after this transformation skips the step.
 
   Raises:
     ValueError: a bad ``num_exits`` or ``granularity`` (at construction);
@@ -597,9 +607,14 @@ def from_weighting(
       weights = weights.astype(stacked.compute_dtype)
       new_updates = combine(stacked, weights, granularity)
       mean_weights, exit_norms, cosine = diagnostics(stacked, weights)
+      # A step with a NaN or Inf gradient or loss leaves the weighting's
+      # state (AdaLoss's running losses, ...) as it was: its update is
+      # non-finite, so that optax.apply_if_finite later in the chain skips
+      # it, and the steps after it start from an unpoisoned state.
+      finite = _all_finite((grams, extra_args))
       weighting_state = jax.tree.map(
-          lambda new, old: new.astype(old.dtype), weighting_state,
-          state.weighting_state)
+          lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
+          weighting_state, state.weighting_state)
       return new_updates, AggregationState(mean_weights, exit_norms, cosine,
                                            weighting_state)
 

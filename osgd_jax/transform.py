@@ -299,6 +299,12 @@ def osgd_sgd(
     An ``optax.GradientTransformationExtraArgs``; it also works through
     ``optax.inject_hyperparams(osgd_sgd, static_args=("num_exits",))``.
 
+  Raises:
+    ValueError: a number given for ``learning_rate``, ``momentum`` or
+      ``weight_decay`` is NaN or infinite (every update would be NaN, and
+      ``optax.apply_if_finite``, which checks the incoming gradients, would
+      not notice); or a bad OSGD option (see :func:`osgd`).
+
   Example:
     >>> import jax.numpy as jnp, optax, osgd_jax
     >>> tx = optax.inject_hyperparams(osgd_jax.osgd_sgd,
@@ -310,6 +316,12 @@ def osgd_sgd(
     >>> # Injected, weight_decay is an array, so the decay step needs params.
     >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
+  for name, value in (("learning_rate", learning_rate),
+                      ("momentum", momentum), ("weight_decay", weight_decay)):
+    if aggregation.is_checkable_number(value) and not math.isfinite(value):
+      raise ValueError(
+          f"osgd_sgd: {name} must be a finite number, got {value}; a"
+          " non-finite one makes every update NaN.")
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms = [osgd(granularity, method, order, tol, rescale, num_exits)]

@@ -4,7 +4,9 @@ Every flag mirrors a :class:`osgd_jax.app.train.TrainConfig` field. A YAML or
 JSON file given with ``--config`` supplies defaults whose keys are the flag
 names (``batch_size`` or ``batch-size``); flags on the command line override
 it. Bad input ends with one line on stderr saying what is wrong and what to
-do, and exit status 2; a diverged run exits with status 1.
+do, and exit status 2; a diverged run or a failed write exits with status 1.
+The run directory is printed first; Ctrl-C keeps the finished epochs and
+ends with one line giving the command that resumes the run (status 130).
 
 Run it as ``osgd-train`` or ``python -m osgd_jax.app``.
 """
@@ -15,23 +17,27 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
+import sys
 from typing import Any, Sequence
 
 import jax
 import yaml
 
 from osgd_jax import sharding, zoo
+from osgd_jax.app.checkpoint import CheckpointWriteError
 from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
-                                       OneLineArgumentParser, print_error,
-                                       quiet_library_logs)
-from osgd_jax.app.data import DATASET_NAMES
+                                       EXIT_INTERRUPTED, OneLineArgumentParser,
+                                       print_error, quiet_library_logs)
+from osgd_jax.app.data import DATASET_ALIASES, DATASET_NAMES
 from osgd_jax.app.report import exit_table
 from osgd_jax.app.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
-                                TrainConfig, TrainingDiverged, train)
+                                TrainConfig, TrainingDiverged,
+                                TrainingInterrupted, default_output_dir, train)
 from osgd_jax.aggregation import GRANULARITIES
 from osgd_jax.transform import METHODS
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "resume_command"]
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -70,7 +76,9 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="zoo model name")
   p.add_argument("--preset", default=d.preset,
                  help="model preset (cifar or digits); default: the dataset's")
-  p.add_argument("--dataset", default=d.dataset, choices=DATASET_NAMES)
+  p.add_argument("--dataset", default=d.dataset,
+                 choices=DATASET_NAMES + tuple(DATASET_ALIASES),
+                 help="the data set; CIFAR-10 and the like are aliases")
   p.add_argument("--data-dir", default=d.data_dir,
                  help="directory holding the CIFAR archives or their extracted folders")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
@@ -171,11 +179,49 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
   values = {k: v for k, v in vars(args).items() if k != "config"}
-  if isinstance(values.get("exit_weights"), list):
-    values["exit_weights"] = tuple(values["exit_weights"])
-  config = TrainConfig(**values)
+  config = TrainConfig(**values)  # it turns a file's list into a tuple
   config.validate()
   return config
+
+
+def resume_command(argv: Sequence[str], out: str, *, resume: bool = True
+                   ) -> str:
+  """The shell command that resumes the run of ``osgd-train argv`` in ``out``.
+
+  Args:
+    argv: the arguments the run was started with.
+    out: its output directory.
+    resume: add ``--resume``; without it, the command starts the run again.
+
+  Returns:
+    ``osgd-train`` with the same arguments, ``--out out`` and ``--resume``.
+
+  Example:
+    >>> resume_command(["--epochs", "5", "--out", "a b"], "/runs/a b")
+    "osgd-train --epochs 5 --out '/runs/a b' --resume"
+  """
+  kept, skip = [], False
+  for arg in argv:
+    if skip or arg == "--resume" or arg.startswith("--out="):
+      skip = False
+      continue
+    if arg == "--out":
+      skip = True
+      continue
+    kept.append(arg)
+  return shlex.join(["osgd-train", *kept, "--out", out]
+                    + (["--resume"] if resume else []))
+
+
+def _interrupted(error: TrainingInterrupted, argv: Sequence[str]) -> str:
+  if error.last_epoch is None:
+    again = resume_command(argv, error.out, resume=False)
+    return ("interrupted before the first epoch was saved; nothing to"
+            f" resume. Start again with: {again}")
+  saved = (f"epochs 1-{error.last_epoch} are" if error.last_epoch > 1
+           else "epoch 1 is")
+  return (f"interrupted; {saved} saved in {error.out}. Resume with:"
+          f" {resume_command(argv, error.out)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,22 +231,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv: the command's arguments; ``None`` reads ``sys.argv``.
 
   Returns:
-    The process exit status: 0, ``EXIT_BAD_INPUT`` or ``EXIT_FAILED``.
+    The process exit status: 0, ``EXIT_BAD_INPUT``, ``EXIT_FAILED`` or
+    ``EXIT_INTERRUPTED``.
   """
   quiet_library_logs()
   prog = "osgd-train"
+  argv = list(sys.argv[1:] if argv is None else argv)
   try:
     # Before anything touches a device: a multi-process launch (TPU pod,
     # Slurm, mpirun, or JAX_COORDINATOR_ADDRESS/..._PROCESS_ID) joins here.
     sharding.initialize_distributed()
     config = config_from_args(argv)
+    if config.out is None and jax.process_count() == 1:
+      # Named now, so that an interrupted run can say where it is.
+      config = dataclasses.replace(config, out=default_output_dir(config))
+    if jax.process_index() == 0 and config.out is not None:
+      print(f"run directory: {os.path.abspath(config.out)}", flush=True)
     result = train(config)
   except ValueError as e:  # bad input: data, flags, --out, checkpoints
     print_error(prog, e)
     return EXIT_BAD_INPUT
-  except TrainingDiverged as e:
+  except (TrainingDiverged, CheckpointWriteError) as e:
     print_error(prog, e)
     return EXIT_FAILED
+  except OSError as e:  # the file system failed outside a checkpoint
+    print_error(prog, f"{e}; the checkpoints of finished epochs are kept."
+                " Fix the file system, then resume with --resume (or run"
+                " again if no epoch was saved).")
+    return EXIT_FAILED
+  except TrainingInterrupted as e:
+    print_error(prog, _interrupted(e, argv))
+    return EXIT_INTERRUPTED
+  except KeyboardInterrupt:
+    print_error(prog, "interrupted before training started; nothing was"
+                " saved.")
+    return EXIT_INTERRUPTED
   if jax.process_index() != 0:  # process 0 reports for the run
     return 0
   print(f"{config.model} on {config.dataset}, optimizer {config.optimizer},"

@@ -2,7 +2,8 @@
 
 Bad input ends a command with one line on stderr saying what is wrong and
 what to do, and exit status :data:`EXIT_BAD_INPUT`; a run that failed (a
-diverged loss) exits with :data:`EXIT_FAILED`. This module needs only the
+diverged loss, a full disk) exits with :data:`EXIT_FAILED`, and one stopped
+by Ctrl-C with :data:`EXIT_INTERRUPTED`. This module needs only the
 standard library, so that it can report a missing ``app`` extra.
 """
 
@@ -13,11 +14,12 @@ import logging
 import sys
 from typing import NoReturn
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "OneLineArgumentParser",
-           "print_error", "quiet_library_logs"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED",
+           "OneLineArgumentParser", "print_error", "quiet_library_logs"]
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -49,10 +51,31 @@ def print_error(prog: str, message: object) -> None:
   print(f"{prog}: error: {message}", file=sys.stderr)
 
 
+def _is_closed_loop_report(unraisable: "sys.UnraisableHookArgs") -> bool:
+  error = unraisable.exc_value
+  return (isinstance(error, RuntimeError)
+          and str(error) == "Event loop is closed")
+
+
+def _drop_closed_loop_reports(unraisable: "sys.UnraisableHookArgs") -> None:
+  if not _is_closed_loop_report(unraisable):
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_library_logs() -> None:
-  """Silences absl logging for the command-line tools.
+  """Silences library noise for the command-line tools.
 
   Orbax logs its own errors and save-timing warnings through absl before
-  raising; a command reports each failure once, as one line.
+  raising, and asyncio logs the failed write tasks behind them; a command
+  reports each failure once, as one line. When a
+  checkpoint read fails, TensorStore's other reads still complete later and
+  report to an event loop Orbax has already closed: Python prints each of
+  those as an "Event loop is closed" traceback that says nothing about the
+  fault. Only that report is dropped; every other unraisable error is
+  printed as before.
   """
   logging.getLogger("absl").setLevel(logging.CRITICAL)
+  # Orbax's failed background writes end as asyncio tasks whose exception
+  # asyncio logs again ("Task exception was never retrieved").
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  sys.unraisablehook = _drop_closed_loop_reports

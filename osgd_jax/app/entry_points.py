@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib
 import shlex
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
-from osgd_jax.app.command_line import EXIT_BAD_INPUT, print_error
+from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_INTERRUPTED,
+                                       print_error)
 
 __all__ = ["APP_REQUIREMENTS", "install_command", "missing_requirements",
            "osgd_compare", "osgd_train"]
@@ -73,6 +74,33 @@ def _report_missing(prog: str) -> bool:
   return bool(missing)
 
 
+def _run(prog: str, command: Callable[[], Callable[..., int]],
+         argv: Sequence[str] | None) -> int:
+  """Runs ``command()(argv)`` once the app extra is known to be complete.
+
+  ``command`` imports the command's module: JAX's import takes seconds, and
+  a Ctrl-C in them (or anywhere the command does not handle one) is one line
+  too.
+  """
+  if _report_missing(prog):
+    return EXIT_BAD_INPUT
+  try:
+    return command()(argv)
+  except KeyboardInterrupt:
+    print_error(prog, "interrupted before any work was saved.")
+    return EXIT_INTERRUPTED
+
+
+def _train_main() -> Callable[..., int]:
+  from osgd_jax.app import cli  # pylint: disable=g-import-not-at-top
+  return cli.main
+
+
+def _compare_main() -> Callable[..., int]:
+  from osgd_jax.app import compare  # pylint: disable=g-import-not-at-top
+  return compare.main
+
+
 def osgd_train(argv: Sequence[str] | None = None) -> int:
   """``osgd-train``: see :func:`osgd_jax.app.cli.main`.
 
@@ -82,10 +110,7 @@ def osgd_train(argv: Sequence[str] | None = None) -> int:
   Returns:
     The process exit status.
   """
-  if _report_missing("osgd-train"):
-    return EXIT_BAD_INPUT
-  from osgd_jax.app import cli  # pylint: disable=g-import-not-at-top
-  return cli.main(argv)
+  return _run("osgd-train", _train_main, argv)
 
 
 def osgd_compare(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +122,4 @@ def osgd_compare(argv: Sequence[str] | None = None) -> int:
   Returns:
     The process exit status.
   """
-  if _report_missing("osgd-compare"):
-    return EXIT_BAD_INPUT
-  from osgd_jax.app import compare  # pylint: disable=g-import-not-at-top
-  return compare.main(argv)
+  return _run("osgd-compare", _compare_main, argv)

@@ -76,7 +76,7 @@ Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
                        mutable=["batch_stats"])[0]
 """
 
-from osgd_jax.zoo.base import AnytimeNet
+from osgd_jax.zoo.base import MAX_LAYERS, MAX_WIDTH, AnytimeNet
 from osgd_jax.zoo.blocks import (NORMS, Backbone, Head, ResidualLayer, Stem,
                                  conv_backbone, dense_backbone)
 from osgd_jax.zoo.branched import BranchedNet, BranchedStage
@@ -89,6 +89,8 @@ from osgd_jax.zoo.registry import (config_keys, create, model_class, names,
 
 __all__ = [
     "AnytimeNet",
+    "MAX_LAYERS",
+    "MAX_WIDTH",
     "Backbone",
     "BranchedNet",
     "BranchedStage",

@@ -16,7 +16,7 @@ each stage's VJP for the staged per-exit gradient.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,15 @@ from flax import nnx
 
 from osgd_jax.zoo.blocks import NORMS, Backbone, require_int
 
-__all__ = ["AnytimeNet", "check_config"]
+__all__ = ["AnytimeNet", "MAX_LAYERS", "MAX_WIDTH", "check_config",
+           "check_size"]
+
+# The largest network a family builds: a configuration beyond these (the
+# depth-nested families double their depth with every stage, the
+# width-nested ones their width) would take many minutes to build, trace and
+# compile, and is refused up front instead.
+MAX_LAYERS = 256
+MAX_WIDTH = 4096
 
 
 def check_config(backbone: Any, *, stages: Any, width: Any, depth: Any,
@@ -61,6 +69,45 @@ def check_config(backbone: Any, *, stages: Any, width: Any, depth: Any,
     require_int(name, value, 1)
   if norm not in NORMS:
     raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
+
+
+def check_size(family: str, stages: int,
+               size: Callable[[int], tuple[int, int]]) -> None:
+  """Refuses a configuration too large to build and compile in minutes.
+
+  Args:
+    family: the family's name, for the message.
+    stages: the requested number of stages.
+    size: ``stages -> (residual layers, widest stage width)`` of the family
+      with its other settings fixed.
+
+  Raises:
+    ValueError: the network would exceed :data:`MAX_LAYERS` layers or
+      :data:`MAX_WIDTH` features; the message gives the largest number of
+      stages that fits.
+
+  Example:
+    >>> check_size("NestedDepthNet", 4, lambda s: (2 * 2 ** (s - 1), 16))
+    >>> check_size("NestedDepthNet", 12, lambda s: (2 * 2 ** (s - 1), 16))
+    Traceback (most recent call last):
+    ...
+    ValueError: NestedDepthNet with 12 stages would have 4096 residual layers and stages up to 16 features wide (at most 256 and 4096 are built): building and compiling it would take many minutes. Use at most 8 stages with these settings.
+  """
+  def fits(s: int) -> bool:
+    layers, widest = size(s)
+    return layers <= MAX_LAYERS and widest <= MAX_WIDTH
+
+  if fits(stages):
+    return
+  layers, widest = size(stages)
+  most = max((s for s in range(1, stages) if fits(s)), default=None)
+  advice = (f"Use at most {most} stages with these settings." if most
+            else "Use a smaller depth or width.")
+  raise ValueError(
+      f"{family} with {stages} stages would have {layers} residual layers and"
+      f" stages up to {widest} features wide (at most {MAX_LAYERS} and"
+      f" {MAX_WIDTH} are built): building and compiling it would take many"
+      f" minutes. {advice}")
 
 
 class AnytimeNet(nnx.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from osgd_jax.zoo.base import AnytimeNet, check_config
+from osgd_jax.zoo.base import AnytimeNet, check_config, check_size
 from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
 
 __all__ = ["BranchedStage", "BranchedNet"]
@@ -102,6 +102,8 @@ class BranchedNet(AnytimeNet):
                rngs: nnx.Rngs):
     check_config(backbone, stages=stages, width=width, depth=depth,
                  num_classes=num_classes, norm=norm)
+    check_size(type(self).__name__, stages, lambda s: (
+        s * depth, backbone.scale(width, min(s - 1, backbone.downsamples))))
     self.backbone = backbone
     self.num_classes = num_classes
     built, in_features, level = [], None, 0

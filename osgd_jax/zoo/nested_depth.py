@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Sequence
 import jax
 from flax import nnx
 
-from osgd_jax.zoo.base import AnytimeNet, check_config
+from osgd_jax.zoo.base import AnytimeNet, check_config, check_size
 from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
 
 __all__ = ["InterlacedStage", "NestedDepthNet"]
@@ -143,6 +143,11 @@ class NestedDepthNet(AnytimeNet):
                rngs: nnx.Rngs):
     check_config(backbone, stages=stages, width=width, depth=depth,
                  num_classes=num_classes, norm=norm)
+    # Stages 1 and 2 have ``depth`` layers; every later one doubles the count.
+    check_size(type(self).__name__, stages, lambda s: (
+        depth * 2 ** (s - 1),
+        backbone.scale(width * self.chain_growth ** (s - 1),
+                       backbone.downsamples)))
     self.backbone = backbone
     self.num_classes = num_classes
     built, sequence = [], []  # sequence: (features, level) of S_k, in order

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from osgd_jax.zoo.base import AnytimeNet, check_config
+from osgd_jax.zoo.base import AnytimeNet, check_config, check_size
 from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
 
 __all__ = ["group_widths", "WidthStage", "NestedWidthNet"]
@@ -138,6 +138,10 @@ class NestedWidthNet(AnytimeNet):
                rngs: nnx.Rngs):
     check_config(backbone, stages=stages, width=width, depth=depth,
                  num_classes=num_classes, norm=norm)
+    # Stage k's layers are as wide as groups 1..k together.
+    check_size(type(self).__name__, stages, lambda s: (
+        s * depth, backbone.scale(sum(group_widths(width, s)),
+                                  backbone.downsamples)))
     self.backbone = backbone
     self.num_classes = num_classes
     widths = group_widths(width, stages)

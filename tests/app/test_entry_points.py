@@ -106,3 +106,19 @@ def test_the_checked_packages_are_the_app_extra():
       "optional-dependencies"]["app"]
   names = [requirement.split(">")[0].split("=")[0] for requirement in extra]
   assert sorted(entry_points.APP_REQUIREMENTS.values()) == sorted(names)
+
+
+@pytest.mark.parametrize("script, module", [
+    (entry_points.osgd_train, "cli"), (entry_points.osgd_compare, "compare")])
+def test_ctrl_c_outside_the_training_loop_is_one_line(script, module, capsys,
+                                                      monkeypatch):
+  # E.g. while JAX is still being imported: the command's own handler is
+  # not in place yet.
+  def interrupted(argv):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(f"osgd_jax.app.{module}.main", interrupted)
+  assert script([]) == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"{script.__name__.replace('_', '-')}: error: interrupted"
+                 " before any work was saved."]

@@ -1,4 +1,5 @@
-"""Training loop: resume reproduces a run, divergence keeps the last checkpoint."""
+"""Training loop: runs are reproducible, resume reproduces a run, divergence
+keeps the last checkpoint, and every refusal's advice is safe to follow."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from osgd_jax.app import train as train_lib
@@ -42,24 +44,62 @@ def _interrupt_at_step(monkeypatch, step_number, error):
   monkeypatch.setattr(run_lib, "make_train_step", patched)
 
 
+def _interrupt_while_saving(monkeypatch, epoch):
+  """Ctrl-C while the checkpoint of ``epoch`` is being written.
+
+  The interrupt arrives in the wait for Orbax's write, which goes on in the
+  background: the run must report it only once it is complete.
+  """
+  save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+  started, interrupted = [], []
+
+  def recording_save(manager, step, *args, **kwargs):
+    result = save(manager, step, *args, **kwargs)
+    started.append(step)  # Orbax writes it in the background from here
+    return result
+
+  def patched(manager):
+    if started[-1:] == [epoch] and not interrupted:
+      interrupted.append(1)
+      raise KeyboardInterrupt
+    return wait(manager)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", recording_save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", patched)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["osgd", "sgd"])
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, optimizer):
-  full = train(dataclasses.replace(SMALL, optimizer=optimizer,
-                                   out=str(tmp_path / "full")))
-  config = dataclasses.replace(SMALL, optimizer=optimizer,
-                               out=str(tmp_path / "killed"))
-  # Killed during epoch 3 (11 steps per epoch), after two checkpoints.
+@pytest.mark.parametrize("model, optimizer, interrupt, learned", [
+    ("nested-depth-mlp", "osgd", "mid-step", 0.5),
+    ("nested-depth-mlp", "osgd", "while-saving", 0.5),
+    # A convolutional model learns more slowly in 3 short epochs.
+    ("branched-resnet", "sgd", "mid-step", 0.1),
+])
+def test_runs_are_reproducible_and_resume_exactly(tmp_path, monkeypatch, model,
+                                                  optimizer, interrupt, learned):
+  # Two runs with the same flags and seed: the full one, and one killed and
+  # resumed. Their epochs before the kill were computed independently, so
+  # equal metrics show that a run is reproducible; equal metrics after it,
+  # that resuming is exact.
+  base = dataclasses.replace(SMALL, model=model, optimizer=optimizer)
+  full = train(dataclasses.replace(base, out=str(tmp_path / "full")))
+  config = dataclasses.replace(base, out=str(tmp_path / "killed"))
   with monkeypatch.context() as patch:
-    _interrupt_at_step(patch, 2 * 11 + 5, KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
+    if interrupt == "mid-step":  # during epoch 3 (11 steps per epoch)
+      _interrupt_at_step(patch, 2 * 11 + 5, KeyboardInterrupt())
+    else:
+      _interrupt_while_saving(patch, epoch=2)
+    with pytest.raises(train_lib.TrainingInterrupted) as interrupted:
       train(config)
+  assert interrupted.value.out == config.out
+  assert interrupted.value.last_epoch == 2
   resumed = train(dataclasses.replace(config, resume=True))
   assert len(resumed.history) == 3
   assert _metrics(resumed.history) == _metrics(full.history)
   np.testing.assert_array_equal(resumed.test_accuracy, full.test_accuracy)
   # Every exit learned something on digits (chance is 10%).
-  assert np.all(full.test_accuracy > 0.5), full.test_accuracy
+  assert np.all(full.test_accuracy > learned), full.test_accuracy
+  assert full.test_accuracy[-1] > 0.5, full.test_accuracy
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -87,29 +127,87 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   assert [r["epoch"] for r in metrics["epochs"]] == [1]
 
 
-def test_refuses_to_overwrite_an_existing_run(tmp_path):
-  config = dataclasses.replace(SMALL, epochs=1, out=str(tmp_path / "run"))
-  train(config)
-  with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+def _checkpoint_files(out):
+  return {str(path.relative_to(out)): path.read_bytes()
+          for path in sorted((out / "checkpoints").rglob("*")) if path.is_file()}
+
+
+def test_refusals_keep_the_run_and_their_advice_works(tmp_path):
+  out = tmp_path / "run"
+  config = dataclasses.replace(SMALL, epochs=1, out=str(out))
+  first = train(config)
+  saved = json.loads((out / train_lib.CONFIG_FILE).read_text())
+  assert saved == json.loads(json.dumps(config.to_json()))
+  before = _checkpoint_files(out)
+  with pytest.raises(ValueError, match="already holds checkpoints; pass"
+                     " --resume to continue that run"):
     train(config)
-  with pytest.raises(ValueError, match=r"different configuration \(lr"):
-    train(dataclasses.replace(config, resume=True, lr=0.5))
+  # A new --epochs, --lr and model: each is named, with its saved value,
+  # before any checkpoint is read; the checkpoints are untouched.
+  changed = dataclasses.replace(config, resume=True, lr=0.5, epochs=2,
+                                model="branched-mlp")
+  with pytest.raises(ValueError) as refused:
+    train(changed)
+  message = str(refused.value)
+  for fragment in ("--epochs was 1, now 2", "--lr was 0.05, now 0.5",
+                   "--model was 'nested-depth-mlp', now 'branched-mlp'",
+                   "(--epochs 1, --lr 0.05, --model nested-depth-mlp)"):
+    assert fragment in message, message
+  assert "corrupt" not in message and "damaged" not in message
+  assert _checkpoint_files(out) == before
+  # Its advice, followed literally: resume with the saved settings.
+  advised = dataclasses.replace(changed, epochs=1, lr=0.05,
+                                model="nested-depth-mlp")
+  resumed = train(advised)
+  np.testing.assert_array_equal(resumed.test_accuracy, first.test_accuracy)
+  assert _checkpoint_files(out) == before
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("model", "resnet-1000", "unknown model"),
-    ("dataset", "mnist", "unknown dataset"),
-    ("optimizer", "adam", "unknown optimizer"),
-    ("schedule", "linear", "unknown schedule"),
-    ("epochs", 0, "--epochs must be >= 1"),
-    ("lr", -1.0, "--lr must be > 0"),
-    ("momentum", 1.5, "--momentum"),
-    ("preset", "imagenet", "unknown preset"),
+    ("model", "resnet-1000", "unknown --model 'resnet-1000'; choose one of"),
+    ("model", 3, "unknown --model 3"),
+    ("dataset", "mnist", "unknown dataset 'mnist'; choose one of"),
+    ("dataset", "Cifar10", "unknown dataset 'Cifar10'.*aliases CIFAR-10"),
+    ("optimizer", "adam", "unknown --optimizer"),
+    ("schedule", "linear", "unknown --schedule"),
+    ("granularity", "layer", "unknown --granularity"),
+    ("method", "qr", "unknown --method"),
+    ("preset", "imagenet", "unknown --preset 'imagenet' for nested-depth-mlp"),
     ("per_exit_grads", "loop", "unknown --per-exit-grads"),
+    ("epochs", 0, "--epochs must be an integer from 1 to"),
+    ("epochs", 2.5, "--epochs must be an integer .* got 2.5"),
+    ("epochs", True, "--epochs must be an integer"),
+    ("epochs", 10**9, "--epochs must be an integer from 1 to 100000"),
+    ("seed", -1, "--seed must be an integer from 0 to 4294967295"),
+    ("seed", 2**40, "--seed must be an integer"),
+    ("batch_size", "64", "--batch-size must be an integer"),
+    ("lr", -1.0, "--lr must be a finite number > 0"),
+    ("lr", float("nan"), "--lr must be a finite number > 0, got nan"),
+    ("lr", float("inf"), "--lr must be a finite number"),
+    ("lr", "0.1", "--lr must be a finite number"),
+    ("momentum", 1.5, r"--momentum must be a finite number in \[0, 1\)"),
+    ("momentum", float("nan"), "--momentum must be a finite number"),
+    ("weight_decay", float("nan"), "--weight-decay must be a finite number"),
+    ("out", "", "--out must be a non-empty path"),
+    ("out", "  ", "--out must be a non-empty path"),
+    ("data_dir", "", "--data-dir must be a non-empty path"),
+    ("progress", "yes", "progress must be true or false"),
+    ("exit_weights", (0.0, 0.0, 0.0, 0.0), "are all zero: no exit would be"),
+    ("exit_weights", (1.0, float("nan")), "--exit-weights must be finite"),
+    ("exit_weights", (1.0, -1.0), "--exit-weights must be finite numbers >= 0"),
+    ("exit_weights", (), "--exit-weights must be finite"),
 ])
 def test_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(SMALL, **{field: value}).validate()
+
+
+@pytest.mark.parametrize("alias, name", [("CIFAR-10", "cifar10"),
+                                         ("cifar-100", "cifar100")])
+def test_a_dataset_alias_names_its_dataset_and_preset(alias, name):
+  config = TrainConfig(dataset=alias)
+  config.validate()
+  assert (config.dataset, config.preset_name) == (name, "cifar")
 
 
 def test_exit_weights_must_match_exits(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.extend as jex
@@ -277,6 +278,37 @@ def test_same_rngs_same_parameters(name):
 def test_bad_names_and_configs_raise_value_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize("name, config, layers, width, most", [
+    # Each stage doubles the depth: 3 * 2**13 layers.
+    ("nested-depth-resnet", dict(stages=14), 24576, 64, 7),
+    ("nested-width-depth-mlp", dict(stages=12, width=64), 2048, 131072, 7),
+    # Each group doubles the width; stage k is as wide as groups 1..k.
+    ("nested-width-mlp", dict(stages=16, width=16), 32, 524288, 9),
+    ("branched-mlp", dict(stages=600), 600, 256, 256),
+    ("branched-mlp", dict(stages=2, depth=600), 1200, 256, None),
+])
+def test_a_network_too_large_to_build_in_minutes_is_refused_up_front(
+    name, config, layers, width, most):
+  started = time.perf_counter()
+  with pytest.raises(ValueError) as refused:
+    zoo.create(name, rngs=nnx.Rngs(0), preset="cifar", **config)
+  assert time.perf_counter() - started < 5  # refused before building
+  message = str(refused.value)
+  assert (f"would have {layers} residual layers and stages up to {width}"
+          f" features wide (at most {zoo.MAX_LAYERS} and {zoo.MAX_WIDTH}"
+          " are built)") in message, message
+  if most is None:
+    assert message.endswith("Use a smaller depth or width."), message
+  else:
+    assert message.endswith(f"Use at most {most} stages with these settings.")
+    # The bound is tight: one stage more is refused too. (Building the
+    # largest network allowed takes seconds per family; the refusal's advice
+    # is what the doctest of zoo.base.check_size shows.)
+    with pytest.raises(ValueError, match="would have"):
+      zoo.create(name, rngs=nnx.Rngs(0), preset="cifar",
+                 **dict(config, stages=most + 1))
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,13 @@ from osgd_jax.app.data.batching import (augment_key, batch_indices,
                                     num_batches)
 from osgd_jax.app.data.cifar import load_cifar
 from osgd_jax.app.data.digits import load_digits, stratified_split
-from osgd_jax.app.data.loading import DATASET_NAMES, load_dataset
+from osgd_jax.app.data.loading import (DATASET_ALIASES, DATASET_NAMES,
+                                      canonical_dataset_name, load_dataset)
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
     "CIFAR_URL",
+    "DATASET_ALIASES",
     "DATASET_NAMES",
     "Dataset",
     "DatasetFormatError",
@@ -28,6 +30,7 @@ __all__ = [
     "augment",
     "augment_key",
     "batch_indices",
+    "canonical_dataset_name",
     "epoch_permutation",
     "iterate_batches",
     "load_cifar",

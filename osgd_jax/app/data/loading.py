@@ -12,7 +12,8 @@ from osgd_jax.app.data.cifar import load_cifar
 from osgd_jax.app.data.digits import load_digits
 from osgd_jax.app.data.synthetic import make_synthetic
 
-__all__ = ["DATASET_NAMES", "load_dataset"]
+__all__ = ["DATASET_ALIASES", "DATASET_NAMES", "canonical_dataset_name",
+           "load_dataset"]
 
 # name -> (loader, whether it reads data_dir, whether it takes seed)
 _LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
@@ -22,6 +23,39 @@ _LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
     "synthetic": (make_synthetic, False, True),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+# The spellings accepted besides the names themselves, each for one data set.
+# Matching is exact: a name that is neither a dataset nor an alias is an
+# error, never a guess, because the model's preset is chosen by the data set.
+DATASET_ALIASES: dict[str, str] = {
+    "CIFAR-10": "cifar10", "cifar-10": "cifar10", "CIFAR10": "cifar10",
+    "CIFAR-100": "cifar100", "cifar-100": "cifar100", "CIFAR100": "cifar100",
+}
+
+
+def canonical_dataset_name(name: Any) -> str:
+  """The dataset ``name`` stands for: itself, or what its alias names.
+
+  Args:
+    name: one of ``DATASET_NAMES`` or of ``DATASET_ALIASES``' keys.
+
+  Returns:
+    The name in ``DATASET_NAMES``.
+
+  Raises:
+    ValueError: any other value; the message lists the valid names.
+
+  Example:
+    >>> canonical_dataset_name("CIFAR-10"), canonical_dataset_name("digits")
+    ('cifar10', 'digits')
+  """
+  if isinstance(name, str):
+    if name in _LOADERS:
+      return name
+    if name in DATASET_ALIASES:
+      return DATASET_ALIASES[name]
+  raise ValueError(
+      f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}"
+      f" (or the aliases {', '.join(DATASET_ALIASES)}).")
 
 
 def _options_of(loader: Callable[..., Dataset]) -> list[str]:
@@ -49,8 +83,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
   ==============  ==========  =================================================
 
   Args:
-    name: one of ``DATASET_NAMES`` (case and ``-``/``_`` are ignored, so
-      ``"CIFAR-10"`` works).
+    name: one of ``DATASET_NAMES``, or an alias from ``DATASET_ALIASES``
+      (``"CIFAR-10"``); any other spelling is an error.
     data_dir: directory holding the CIFAR archives; unused by the others.
     seed: the *data* seed: the train/test split of ``digits`` and the sample
       of ``synthetic``; CIFAR has an official split and ignores it. Keep it
@@ -74,10 +108,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
     >>> ds.x_train.shape, ds.num_classes
     ((1438, 64), 10)
   """
-  key = str(name).lower().replace("-", "").replace("_", "")
-  if key not in _LOADERS:
-    raise ValueError(f"unknown dataset {name!r}; valid names are"
-                     f" {', '.join(DATASET_NAMES)}")
+  key = canonical_dataset_name(name)
   loader, reads_dir, takes_seed = _LOADERS[key]
   allowed = _options_of(loader)
   unknown = sorted(set(options) - set(allowed))

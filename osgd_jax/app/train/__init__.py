@@ -23,7 +23,10 @@ from osgd_jax.app.train.config import PER_EXIT_GRADS
 from osgd_jax.app.train.config import SCHEDULES
 from osgd_jax.app.train.config import TrainConfig
 from osgd_jax.app.train.config import check_resumable
+from osgd_jax.app.train.config import config_differences
+from osgd_jax.app.train.config import describe_differences
 from osgd_jax.app.train.loop import TrainingDiverged
+from osgd_jax.app.train.loop import TrainingInterrupted
 from osgd_jax.app.train.loop import epoch_record
 from osgd_jax.app.train.loop import save_epoch
 from osgd_jax.app.train.loop import train
@@ -31,6 +34,7 @@ from osgd_jax.app.train.loop import train_epoch
 from osgd_jax.app.train.optimizer import aggregator_for
 from osgd_jax.app.train.optimizer import make_optimizer
 from osgd_jax.app.train.optimizer import make_schedule
+from osgd_jax.app.train.run import CONFIG_FILE
 from osgd_jax.app.train.run import Run
 from osgd_jax.app.train.run import TrainState
 from osgd_jax.app.train.run import build_model
@@ -38,10 +42,12 @@ from osgd_jax.app.train.run import default_output_dir
 from osgd_jax.app.train.run import load_data
 from osgd_jax.app.train.run import make_mesh
 from osgd_jax.app.train.run import prepare_output_dir
+from osgd_jax.app.train.run import read_saved_config
 from osgd_jax.app.train.run import start_run
 from osgd_jax.app.train.step import make_train_step
 
 __all__ = [
+    "CONFIG_FILE",
     "OPTIMIZERS",
     "PER_EXIT_GRADS",
     "Run",
@@ -50,10 +56,13 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "aggregator_for",
     "build_model",
     "check_resumable",
+    "config_differences",
     "default_output_dir",
+    "describe_differences",
     "epoch_record",
     "finish_run",
     "load_data",
@@ -62,6 +71,7 @@ __all__ = [
     "make_schedule",
     "make_train_step",
     "prepare_output_dir",
+    "read_saved_config",
     "save_epoch",
     "start_run",
     "train",

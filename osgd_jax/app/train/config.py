@@ -8,13 +8,18 @@ same settings, except the few in :data:`RESUMABLE_CHANGES`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 from osgd_jax import sharding, zoo
+from osgd_jax.aggregation import GRANULARITIES, is_checkable_number
 from osgd_jax.app import data as data_lib
+from osgd_jax.transform import METHODS
 
 __all__ = ["OPTIMIZERS", "PER_EXIT_GRADS", "RESUMABLE_CHANGES", "SCHEDULES",
-           "TrainConfig", "check_resumable"]
+           "TrainConfig", "check_resumable", "config_differences",
+           "describe_differences"]
 
 # "sgd" differentiates the summed loss; every other name aggregates the
 # stacked per-exit gradients with the transformation of the same name.
@@ -33,9 +38,23 @@ PER_EXIT_GRADS = ("staged", "staged-looped", "staged-batched", "vmap")
 
 # Fields that may change between a run and its resumption. per_exit_grads
 # changes how the same gradients are computed (equal up to rounding), and
-# checkpoints from before the field existed do not record it.
-RESUMABLE_CHANGES = ("epochs", "out", "resume", "eval_every", "progress",
+# checkpoints from before the field existed do not record it. ``epochs`` is
+# not one: the learning-rate schedule (and SDN's weights) span all epochs, so
+# a new count would silently change the steps already planned.
+RESUMABLE_CHANGES = ("out", "resume", "eval_every", "progress",
                      "keep_checkpoints", "data_dir", "per_exit_grads", "mesh")
+
+# Integer fields: (smallest, largest) accepted value. The bounds keep step
+# counts within the int32 counters of Optax schedules and the seed within
+# the 32 bits a PRNG key takes.
+_INT_RANGES = {
+    "epochs": (1, 100_000),
+    "batch_size": (1, 2**31 - 1),
+    "eval_every": (1, 100_000),
+    "keep_checkpoints": (1, 10_000),
+    "seed": (0, 2**32 - 1),
+}
+_BOOL_FIELDS = ("resume", "progress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,79 +94,163 @@ class TrainConfig:
   keep_checkpoints: int = 2
   progress: bool = True
 
+  def __post_init__(self):
+    # An alias names its data set everywhere after this, the preset included.
+    if isinstance(self.dataset, str) and self.dataset in data_lib.DATASET_ALIASES:
+      object.__setattr__(self, "dataset",
+                         data_lib.DATASET_ALIASES[self.dataset])
+    if isinstance(self.exit_weights, list):  # as a JSON or YAML file gives it
+      object.__setattr__(self, "exit_weights", tuple(self.exit_weights))
+
   @property
   def preset_name(self) -> str:
     """The zoo preset the model is built with: ``preset``, or the dataset's."""
     if self.preset is not None:
       return self.preset
-    return "cifar" if self.dataset.startswith("cifar") else "digits"
+    return "cifar" if self.dataset in ("cifar10", "cifar100") else "digits"
 
   def validate(self) -> None:
-    """Raises a ``ValueError`` naming the first bad field and the fix."""
-    if self.model not in zoo.names():
-      raise ValueError(
-          f"unknown model {self.model!r}; choose one of: {', '.join(zoo.names())}.")
-    if self.dataset.lower().replace("-", "").replace("_", "") not in (
-        data_lib.DATASET_NAMES):
-      raise ValueError(
-          f"unknown dataset {self.dataset!r}; choose one of:"
-          f" {', '.join(data_lib.DATASET_NAMES)}.")
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(
-          f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}.")
-    if self.per_exit_grads not in PER_EXIT_GRADS:
-      raise ValueError(
-          f"unknown --per-exit-grads {self.per_exit_grads!r}; choose one of:"
-          f" {', '.join(PER_EXIT_GRADS)}.")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(
-          f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
-    if self.preset is not None and self.preset not in zoo.presets(self.model):
-      raise ValueError(
-          f"unknown preset {self.preset!r} for {self.model}; choose one of:"
-          f" {', '.join(zoo.presets(self.model))}.")
-    for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got"
-                         f" {getattr(self, name)}.")
-    if not self.lr > 0:
-      raise ValueError(f"--lr must be > 0, got {self.lr}.")
-    if not 0 <= self.momentum < 1:
-      raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}.")
-    if self.weight_decay < 0:
-      raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
+    """Raises a ``ValueError`` naming the first bad field and the fix.
+
+    Every field is checked for its type and range, so that a value from a
+    config file gets the same one-line error as a flag, before any work.
+    """
+    _check_choice("--model", self.model, zoo.names())
+    data_lib.canonical_dataset_name(self.dataset)
+    _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+    _check_choice("--granularity", self.granularity, GRANULARITIES)
+    _check_choice("--method", self.method, METHODS)
+    _check_choice("--per-exit-grads", self.per_exit_grads, PER_EXIT_GRADS)
+    _check_choice("--schedule", self.schedule, SCHEDULES)
+    if self.preset is not None:
+      _check_choice("--preset", self.preset, tuple(zoo.presets(self.model)),
+                    f" for {self.model}")
+    for name in ("data_dir", "out", "mesh"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, str) and value.strip()):
+        raise ValueError(
+            f"{_flag(name)} must be a non-empty path or text, got {value!r};"
+            f" leave it out for the default.")
+    for name in _BOOL_FIELDS:
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be true or false, got"
+                         f" {getattr(self, name)!r}.")
+    for name, (low, high) in _INT_RANGES.items():
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+          or not low <= value <= high):
+        raise ValueError(f"{_flag(name)} must be an integer from {low} to"
+                         f" {high}, got {value!r}.")
+    _check_real("--lr", self.lr, "> 0", lambda v: v > 0)
+    _check_real("--momentum", self.momentum, "in [0, 1)",
+                lambda v: 0 <= v < 1)
+    _check_real("--weight-decay", self.weight_decay, ">= 0", lambda v: v >= 0)
     if self.mesh is not None:
       sharding.parse_mesh_spec(self.mesh)  # the device count is checked at start
-    if self.exit_weights is not None and any(w < 0 for w in self.exit_weights):
-      raise ValueError(f"--exit-weights must be >= 0, got {self.exit_weights}.")
+    if self.exit_weights is not None:
+      weights = self.exit_weights
+      if not isinstance(weights, tuple) or not weights or not all(
+          is_checkable_number(w) and math.isfinite(w) and w >= 0
+          for w in weights):
+        raise ValueError(
+            "--exit-weights must be finite numbers >= 0, one per exit, such"
+            f" as 1,1,2,4; got {weights!r}.")
+      if not any(w > 0 for w in weights):
+        raise ValueError(
+            f"--exit-weights {','.join(map(str, weights))} are all zero: no"
+            " exit would be trained. Give at least one exit a weight > 0.")
 
   def to_json(self) -> dict[str, Any]:
     """The fields as a JSON-serialisable dict, as checkpoints record them."""
     return dataclasses.asdict(self)
 
 
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _check_choice(flag: str, value: Any, choices: tuple[str, ...],
+                  where: str = "") -> None:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"unknown {flag} {value!r}{where}; choose one of:"
+                     f" {', '.join(choices)}.")
+
+
+def _check_real(flag: str, value: Any, condition: str, holds) -> None:
+  # A NaN fails every comparison, so it is rejected here and never reaches
+  # training as a "divergence".
+  if not (is_checkable_number(value) and math.isfinite(value) and holds(value)):
+    raise ValueError(f"{flag} must be a finite number {condition}, got"
+                     f" {value!r}.")
+
+
+def _as_flag(name: str, value: Any) -> str:
+  """``value`` of field ``name`` as the command-line flag that sets it."""
+  if value is None:
+    return f"no {_flag(name)}"
+  if isinstance(value, (list, tuple)):
+    value = ",".join(str(v) for v in value)
+  return f"{_flag(name)} {value}"
+
+
+def config_differences(saved: dict[str, Any], config: TrainConfig
+                       ) -> list[str]:
+  """The fields, outside :data:`RESUMABLE_CHANGES`, where two runs differ.
+
+  Args:
+    saved: a run's recorded configuration (``TrainConfig.to_json``, read
+      back from JSON, so tuples are lists).
+    config: another configuration.
+
+  Returns:
+    The differing field names, sorted.
+
+  Example:
+    >>> config_differences(TrainConfig().to_json(), TrainConfig(lr=0.1))
+    ['lr']
+  """
+  current = config.to_json()
+  return sorted(
+      k for k in current
+      if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
+      and not (isinstance(current[k], tuple) and saved.get(k) == list(current[k])))
+
+
+def describe_differences(saved: dict[str, Any], config: TrainConfig,
+                         changed: list[str]) -> str:
+  """``--flag was <saved>, now <new>`` for each field in ``changed``, by ``;``.
+
+  Example:
+    >>> describe_differences(TrainConfig().to_json(), TrainConfig(lr=0.1),
+    ...                      ["lr"])
+    '--lr was 0.05, now 0.1'
+  """
+  current = config.to_json()
+  return "; ".join(f"{_flag(k)} was {saved.get(k)!r}, now {current[k]!r}"
+                   for k in changed)
+
+
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
   """Checks that ``config`` may continue the run that was saved with ``saved``.
 
   Args:
-    saved: the configuration a checkpoint recorded (``TrainConfig.to_json``,
+    saved: the configuration the run recorded (``TrainConfig.to_json``,
       read back from JSON, so tuples are lists).
     config: the configuration of the run resuming it.
 
   Raises:
     ValueError: a field outside :data:`RESUMABLE_CHANGES` differs; the
-      message names each one, old and new.
+      message names each one with the saved and the new value, and the flags
+      that continue the saved run. Following it changes no file.
 
   Example:
-    >>> check_resumable(TrainConfig().to_json(), TrainConfig(epochs=30))
+    >>> check_resumable(TrainConfig().to_json(), TrainConfig(eval_every=5))
   """
-  current = config.to_json()
-  changed = sorted(
-      k for k in current
-      if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-      and not (isinstance(current[k], tuple) and saved.get(k) == list(current[k])))
+  changed = config_differences(saved, config)
   if changed:
-    details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+    original = ", ".join(_as_flag(k, saved.get(k)) for k in changed)
     raise ValueError(
-        f"--resume with a different configuration ({details}); use the"
-        " original settings or a new --out.")
+        "--resume with settings that differ from the saved run"
+        f" ({describe_differences(saved, config, changed)}). To continue it,"
+        f" resume with its settings ({original}); to train with the new ones,"
+        " choose a new --out. Its checkpoints were not read or changed.")

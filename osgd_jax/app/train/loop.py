@@ -21,12 +21,28 @@ from osgd_jax.app.train.artefacts import TrainResult, finish_run, write_metrics
 from osgd_jax.app.train.config import TrainConfig
 from osgd_jax.app.train.run import Run, TrainState, start_run
 
-__all__ = ["TrainingDiverged", "epoch_record", "save_epoch", "train",
-           "train_epoch"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "epoch_record",
+           "save_epoch", "train", "train_epoch"]
 
 
 class TrainingDiverged(RuntimeError):
   """A loss became NaN or Inf; the last good checkpoint was kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """Training was interrupted (Ctrl-C); the finished epochs are saved.
+
+  A ``KeyboardInterrupt``, so that code catching that still does.
+
+  Attributes:
+    out: the run's output directory.
+    last_epoch: the newest saved epoch, or ``None`` if none was saved.
+  """
+
+  def __init__(self, out: str, last_epoch: int | None):
+    super().__init__(out, last_epoch)
+    self.out = out
+    self.last_epoch = last_epoch
 
 
 def _progress_bar(config: TrainConfig, epoch: int, steps: int) -> tqdm:
@@ -44,7 +60,8 @@ def _check_finite(losses: np.ndarray, run: Run, epoch: int, step: int) -> None:
           else "no checkpoint was written yet")
   raise TrainingDiverged(
       f"non-finite loss at epoch {epoch + 1}, step {step + 1}: exit"
-      f" losses {losses.tolist()}; {kept}. Lower --lr or check the data.")
+      f" losses {losses.tolist()}; {kept}. Check the data, or train again"
+      " with a lower --lr and a new --out.")
 
 
 def train_epoch(run: Run, state: TrainState, epoch: int,
@@ -126,7 +143,9 @@ def epoch_record(run: Run, state: TrainState, epoch: int,
 
 
 def _print_epoch(config: TrainConfig, record: dict[str, Any]) -> None:
-  if not config.progress or jax.process_index() != 0:
+  # Printed with or without the progress bar: a log of a run in the
+  # background should still say how far it got.
+  if jax.process_index() != 0:
     return
   tested = (" test acc " + " ".join(
       f"{100 * a:.1f}" for a in record["test_accuracy"])
@@ -167,6 +186,8 @@ def train(config: TrainConfig) -> TrainResult:
       checkpoint that cannot be resumed; the message says what to do.
     TrainingDiverged: a loss became NaN or Inf. Checkpoints of earlier
       epochs are kept.
+    TrainingInterrupted: a ``KeyboardInterrupt`` during training, raised
+      once every checkpoint already started is complete.
 
   Example:
     >>> result = train(TrainConfig(epochs=1, out="/tmp/osgd-run"))  # doctest: +SKIP
@@ -175,12 +196,19 @@ def train(config: TrainConfig) -> TrainResult:
   """
   run, state = start_run(config)
   step_times: list[float] = []
-  for epoch in range(len(run.history), config.epochs):
-    state, train_loss, epoch_step_times = train_epoch(run, state, epoch)
-    step_times += epoch_step_times
-    run.history.append(
-        epoch_record(run, state, epoch, train_loss, step_times))
-    _print_epoch(config, run.history[-1])
-    save_epoch(run, state)
-  run.store.close()
+  try:
+    for epoch in range(len(run.history), config.epochs):
+      state, train_loss, epoch_step_times = train_epoch(run, state, epoch)
+      step_times += epoch_step_times
+      run.history.append(
+          epoch_record(run, state, epoch, train_loss, step_times))
+      save_epoch(run, state)
+      _print_epoch(config, run.history[-1])  # once it is saved
+  except KeyboardInterrupt as e:
+    run.store.wait()  # a save in flight completes: its epoch counts as done
+    raise TrainingInterrupted(run.out, run.store.latest_epoch()) from e
+  finally:
+    # Orbax's background threads end here, so a failure leaves no
+    # half-finished write and no noise at interpreter exit.
+    run.store.close()
   return finish_run(run, state)

@@ -8,6 +8,7 @@ from the newest checkpoint with ``resume``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -20,12 +21,18 @@ from flax import nnx
 from osgd_jax import sharding, zoo
 from osgd_jax.app import data as data_lib
 from osgd_jax.app.checkpoint import CheckpointStore
+from osgd_jax.app.report import write_json
 from osgd_jax.app.train.config import TrainConfig, check_resumable
 from osgd_jax.app.train.step import make_train_step
 
-__all__ = ["Run", "TrainState", "build_model", "default_output_dir",
-           "load_data", "make_mesh", "prepare_output_dir", "start_run",
+__all__ = ["CONFIG_FILE", "Run", "TrainState", "build_model",
+           "default_output_dir", "load_data", "make_mesh",
+           "prepare_output_dir", "read_saved_config", "start_run",
            "takes_images"]
+
+# The run's configuration, written when it starts: ``--resume`` compares the
+# new settings with it before it reads any checkpoint.
+CONFIG_FILE = "config.json"
 
 
 class TrainState(NamedTuple):
@@ -247,10 +254,52 @@ def _initial_state(tx: Any, params: Any, rest: Any,
                     sharding.shard_params(tx.init(params), mesh))
 
 
+def read_saved_config(out: str, store: CheckpointStore) -> dict[str, Any]:
+  """The configuration a run in ``out`` was started with.
+
+  Args:
+    out: the run's output directory.
+    store: its checkpoints, read (metadata only) when ``out`` has no
+      :data:`CONFIG_FILE`, as runs of earlier versions do not.
+
+  Returns:
+    ``TrainConfig.to_json()`` of that run, as read back from JSON.
+
+  Raises:
+    ValueError: there is no run in ``out`` to resume, or its record cannot
+      be read.
+  """
+  path = os.path.join(out, CONFIG_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(
+          f"cannot read {path} ({e}); it records the run's settings. Start"
+          " again with a new --out.") from None
+    if not isinstance(saved, dict):
+      raise ValueError(f"{path} does not hold a run's settings; start again"
+                       " with a new --out.")
+    return saved
+  epoch = store.latest_epoch()
+  if epoch is None:
+    raise ValueError(
+        f"no run to resume in {out}: it holds no checkpoint; run without"
+        " --resume to start a new run.")
+  return store.read_metadata(epoch)["config"]
+
+
 def _resume_point(config: TrainConfig, out: str, store: CheckpointStore,
                   state: TrainState) -> tuple[TrainState, list[dict[str, Any]]]:
-  """The state and history to start from: the newest checkpoint's or fresh."""
+  """The state and history to start from: the newest checkpoint's or fresh.
+
+  A resumed run's settings are compared with the saved ones before any
+  checkpoint is read, so that a checkpoint of other settings is reported as
+  such, never as damaged.
+  """
   if config.resume:
+    check_resumable(read_saved_config(out, store), config)
     arrays, meta = store.restore_latest(tuple(state))
     check_resumable(meta["config"], config)
     return TrainState(*arrays), list(meta["history"])
@@ -258,6 +307,8 @@ def _resume_point(config: TrainConfig, out: str, store: CheckpointStore,
     raise ValueError(
         f"{out} already holds checkpoints; pass --resume to continue that"
         " run, or choose a new --out.")
+  if jax.process_index() == 0:
+    write_json(os.path.join(out, CONFIG_FILE), config.to_json())
   return state, []
 
 
