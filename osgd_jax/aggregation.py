@@ -513,8 +513,17 @@ def _check_groups(weighting_state: Any, groups: int, name: str) -> None:
           " with tx.init(params) for the params these gradients are of.")
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  """Whether every float in ``tree`` is finite (other leaves are ignored)."""
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every float in ``tree`` is finite (other leaves are ignored).
+
+  An aggregator keeps its own state (running averages, counts, keys) where
+  this is false, so that ``optax.apply_if_finite`` after it skips the step.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> bool(all_finite({"g": jnp.ones(2), "key": jnp.zeros(2, jnp.uint32)}))
+    True
+  """
   checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
@@ -611,7 +620,7 @@ def from_weighting(
       # state (AdaLoss's running losses, ...) as it was: its update is
       # non-finite, so that optax.apply_if_finite later in the chain skips
       # it, and the steps after it start from an unpoisoned state.
-      finite = _all_finite((grams, extra_args))
+      finite = all_finite((grams, extra_args))
       weighting_state = jax.tree.map(
           lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
           weighting_state, state.weighting_state)

@@ -1471,16 +1471,24 @@ def _coordinatewise(
       if stacked is None:
         return updates, state
       key_data = state.key_data
+      # A step with a NaN or Inf gradient keeps the key, as every
+      # aggregator keeps its state, for optax.apply_if_finite after it.
+      finite = aggregation.all_finite(stacked.leaves)
       if seed is not None:
         key, subkey = jax.random.split(jax.random.wrap_key_data(key_data))
-        key_data = jax.random.key_data(key)
+        key_data = jnp.where(finite, jax.random.key_data(key), key_data)
       outs = []
       multipliers = jnp.zeros((num_exits,), stacked.compute_dtype)
       for i, leaf in enumerate(stacked.leaves):
         leaf_key = (None if seed is None
                     else jax.random.fold_in(subkey, i))
-        out, summed = combine(leaf.astype(stacked.compute_dtype), leaf_key)
-        outs.append(out.astype(leaf.dtype))
+        leaf = leaf.astype(stacked.compute_dtype)
+        out, summed = combine(leaf, leaf_key)
+        # A non-finite gradient is not hidden (GradDrop's mask would drop
+        # it): its coordinates' update is non-finite too.
+        out = jnp.where(jnp.all(jnp.isfinite(leaf), axis=0), out,
+                        leaf.sum(axis=0))
+        outs.append(out.astype(stacked.leaves[i].dtype))
         multipliers = multipliers + summed
       weights = multipliers / max(sum(stacked.sizes), 1)
       exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
@@ -1767,7 +1775,7 @@ def excess_mtl(
           jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled))
       new_updates = aggregation.combine(stacked, weights[None], "global")
       exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
-      return new_updates, ExcessMTLState(
+      new_state = ExcessMTLState(
           weights=weights.astype(f32), exit_norms=exit_norms.astype(f32),
           cosine=cosine.astype(f32),
           sq_grad_sum=jax.tree.unflatten(
@@ -1775,5 +1783,12 @@ def excess_mtl(
           initial=jnp.where(warming, state.initial, baseline).astype(f32),
           warmup_sum=warmup_sum.astype(f32),
           count=optax.safe_increment(count))
+      # A step with a NaN or Inf gradient leaves the running sums and
+      # weights as they were, for optax.apply_if_finite after it.
+      finite = aggregation.all_finite(stacked.leaves)
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                          new_state, state)
+      return new_updates, kept._replace(exit_norms=new_state.exit_norms,
+                                        cosine=new_state.cosine)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
