@@ -2,7 +2,9 @@
 
 The tests compare the JAX weightings with this file (``tests/test_torchjd.py``)
 so that the suite never imports torch. Regenerate it, with torch (the CPU
-build) and the TorchJD version named in the file installed, by::
+build) and the TorchJD version named in the file installed, with the extras
+its CAGrad and Nash-MTL need (``pip install "torchjd[cagrad,nash_mtl]"``:
+cvxpy and ecos), by::
 
   python tests/golden/make_torchjd_golden.py
 
@@ -78,15 +80,8 @@ AGGREGATORS = {
     "fairgrad_2": (lambda: agg.FairGrad(alpha=2.0), {"alpha": 2.0}),
     "trimmed_mean": (lambda: agg.TrimmedMean(trim_number=1),
                      {"trim_number": 1}),
-}
-# TorchJD's CAGrad and Nash-MTL need cvxpy (pip install "torchjd[cagrad]"
-# "torchjd[nash_mtl]"); they are recorded when it is installed.
-OPTIONAL = {
+    # Needs cvxpy.
     "cagrad": (lambda: agg.CAGrad(c=0.4), {"c": 0.4}),
-}
-OPTIONAL_STATEFUL = {
-    "nash_mtl": (lambda **kw: agg.NashMTL(n_tasks=K, **kw),
-                 {"max_norm": 1.0, "update_weights_every": 1}, "steps"),
 }
 
 
@@ -119,6 +114,9 @@ STATEFUL = {
     "crmogm_upgrad": (lambda **kw: agg.GramianWeightedAggregator(
         agg.CRMOGMWeighting(agg.UPGradWeighting(), **kw)), {"alpha": 0.9},
                       "steps"),
+    # Needs cvxpy and ecos.
+    "nash_mtl": (lambda **kw: agg.NashMTL(n_tasks=K, **kw),
+                 {"max_norm": 1.0, "update_weights_every": 1}, "steps"),
 }
 
 
@@ -148,23 +146,7 @@ def main() -> None:
     golden["aggregators"][name] = {
         "kwargs": kwargs,
         "outputs": {case: _run(make(), m) for case, m in cases.items()}}
-  for name, (make, kwargs) in OPTIONAL.items():
-    try:
-      make()
-    except ImportError as e:
-      print(f"skipped {name}: {e}")
-      continue
-    golden["aggregators"][name] = {
-        "kwargs": kwargs,
-        "outputs": {case: _run(make(), m) for case, m in cases.items()}}
-  stateful = dict(STATEFUL)
-  for name, entry in OPTIONAL_STATEFUL.items():
-    try:
-      entry[0](**entry[1])
-      stateful[name] = entry
-    except ImportError as e:
-      print(f"skipped {name}: {e}")
-  for name, (make, kwargs, sequence) in stateful.items():
+  for name, (make, kwargs, sequence) in STATEFUL.items():
     instance = make(**kwargs)
     golden["stateful"][name] = {
         "kwargs": kwargs, "sequence": sequence,
