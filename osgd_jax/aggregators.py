@@ -1729,7 +1729,9 @@ def excess_mtl(
   if (isinstance(n_warmup_steps, bool) or not isinstance(n_warmup_steps, int)
       or n_warmup_steps < 0):
     raise ValueError(
-        f"{name}: n_warmup_steps must be an int >= 0, got {n_warmup_steps!r}.")
+        f"{name}: n_warmup_steps must be an int >= 0, got {n_warmup_steps!r}."
+        " Under optax.inject_hyperparams pass"
+        " static_args=('n_warmup_steps',).")
   f32 = aggregation.DIAGNOSTICS_DTYPE
 
   def init_fn(params):
