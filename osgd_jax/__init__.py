@@ -12,10 +12,35 @@ from osgd_jax.aggregation import AggregationState
 from osgd_jax.aggregation import StatefulWeighting
 from osgd_jax.aggregation import from_weighting
 from osgd_jax.aggregators import AdaLossState
+from osgd_jax.aggregators import CRMOGMState
+from osgd_jax.aggregators import CoordinateState
+from osgd_jax.aggregators import ExcessMTLState
+from osgd_jax.aggregators import GradVacState
+from osgd_jax.aggregators import KeyState
+from osgd_jax.aggregators import NashMTLState
+from osgd_jax.aggregators import PCDState
 from osgd_jax.aggregators import PCGradState
+from osgd_jax.aggregators import SimplexState
 from osgd_jax.aggregators import adaptive_loss_balancing
+from osgd_jax.aggregators import aligned_mtl
+from osgd_jax.aggregators import cagrad
+from osgd_jax.aggregators import config
+from osgd_jax.aggregators import crmogm
+from osgd_jax.aggregators import dualproj
+from osgd_jax.aggregators import excess_mtl
+from osgd_jax.aggregators import fairgrad
+from osgd_jax.aggregators import graddrop
+from osgd_jax.aggregators import gradvac
+from osgd_jax.aggregators import imtl_g
+from osgd_jax.aggregators import krum
 from osgd_jax.aggregators import mgda
+from osgd_jax.aggregators import modo
+from osgd_jax.aggregators import nash_mtl
+from osgd_jax.aggregators import pcd
 from osgd_jax.aggregators import pcgrad
+from osgd_jax.aggregators import random_weighting
+from osgd_jax.aggregators import sdmgrad
+from osgd_jax.aggregators import trimmed_mean
 from osgd_jax.aggregators import upgrad
 from osgd_jax.aggregators import weighted_sum
 from osgd_jax.grads import value_and_per_exit_grads
@@ -30,19 +55,44 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLossState",
     "AggregationState",
+    "CRMOGMState",
+    "CoordinateState",
+    "ExcessMTLState",
+    "GradVacState",
+    "KeyState",
+    "NashMTLState",
     "OsgdState",
+    "PCDState",
     "PCGradState",
+    "SimplexState",
     "StatefulWeighting",
     "adaptive_loss_balancing",
+    "aligned_mtl",
     "anytime",
+    "cagrad",
+    "config",
+    "crmogm",
+    "dualproj",
+    "excess_mtl",
+    "fairgrad",
     "from_weighting",
+    "graddrop",
+    "gradvac",
+    "imtl_g",
+    "krum",
     "losses",
     "mgda",
+    "modo",
+    "nash_mtl",
     "osgd",
     "osgd_sgd",
+    "pcd",
     "pcgrad",
     "per_exit_cross_entropy",
+    "random_weighting",
+    "sdmgrad",
     "staged_value_and_per_exit_grads",
+    "trimmed_mean",
     "upgrad",
     "value_and_per_exit_grads",
     "weighted_sum",

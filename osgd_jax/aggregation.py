@@ -44,7 +44,10 @@ __all__ = [
     "check_granularity",
     "check_num_exits",
     "check_fraction",
+    "check_nonnegative",
     "check_positive_int",
+    "check_pref_vector",
+    "check_unit_interval",
     "combine",
     "diagnostics",
     "from_weighting",
@@ -227,6 +230,56 @@ def check_fraction(value: Any, name: str, owner: str) -> None:
   """
   if is_checkable_number(value) and not 0 <= value < 1:
     raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}.")
+
+
+def check_unit_interval(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it lies in ``[0, 1]``.
+
+  For rates where both ends mean something (an EMA rate of 1 keeps only the
+  newest value); an injected array is not checked.
+
+  Example:
+    >>> check_unit_interval(1.0, "beta", "gradvac")
+  """
+  if is_checkable_number(value) and not 0 <= value <= 1:
+    raise ValueError(f"{owner}: {name} must be in [0, 1], got {value!r}.")
+
+
+def check_nonnegative(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it is finite and ``≥ 0``.
+
+  For small constants added to denominators, and radii; an injected array
+  is not checked.
+
+  Example:
+    >>> check_nonnegative(1e-8, "eps", "gradvac")
+  """
+  if is_checkable_number(value) and not (np.isfinite(value) and value >= 0):
+    raise ValueError(
+        f"{owner}: {name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_pref_vector(pref_vector: Any, num_exits: int, owner: str) -> None:
+  """Raises a ``ValueError`` unless ``pref_vector`` is ``None`` or K finite numbers.
+
+  Args:
+    pref_vector: the preferences given, or ``None`` (uniform).
+    num_exits: K.
+    owner: the transformation's name, for the message.
+
+  Example:
+    >>> check_pref_vector([0.5, 0.5], 2, "dualproj")
+  """
+  if pref_vector is None:
+    return
+  # An array (injected by optax.inject_hyperparams, maybe traced) has a
+  # shape to check but perhaps no values.
+  finite = isinstance(pref_vector, jax.Array) or np.all(
+      np.isfinite(np.asarray(pref_vector, np.float64)))
+  if np.shape(pref_vector) != (num_exits,) or not finite:
+    raise ValueError(
+        f"{owner}: pref_vector must be {num_exits} finite numbers (one per"
+        f" exit, num_exits={num_exits}), got {pref_vector!r}.")
 
 
 def check_num_exits(num_exits: Any, name: str) -> int:
@@ -460,8 +513,17 @@ def _check_groups(weighting_state: Any, groups: int, name: str) -> None:
           " with tx.init(params) for the params these gradients are of.")
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  """Whether every float in ``tree`` is finite (other leaves are ignored)."""
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every float in ``tree`` is finite (other leaves are ignored).
+
+  An aggregator keeps its own state (running averages, counts, keys) where
+  this is false, so that ``optax.apply_if_finite`` after it skips the step.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> bool(all_finite({"g": jnp.ones(2), "key": jnp.zeros(2, jnp.uint32)}))
+    True
+  """
   checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
@@ -558,7 +620,7 @@ def from_weighting(
       # state (AdaLoss's running losses, ...) as it was: its update is
       # non-finite, so that optax.apply_if_finite later in the chain skips
       # it, and the steps after it start from an unpoisoned state.
-      finite = _all_finite((grams, extra_args))
+      finite = all_finite((grams, extra_args))
       weighting_state = jax.tree.map(
           lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
           weighting_state, state.weighting_state)

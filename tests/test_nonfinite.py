@@ -31,7 +31,20 @@ TRANSFORMS = {
     "pcgrad": lambda: osgd_jax.pcgrad(num_exits=K),
     "mgda": lambda: osgd_jax.mgda(num_exits=K),
     "upgrad": lambda: osgd_jax.upgrad(num_exits=K),
+    # TorchJD's aggregators (NaN only: Inf takes the same path).
+    **{name: (lambda name=name: getattr(osgd_jax, name)(num_exits=K))
+       for name in ("random_weighting", "imtl_g", "aligned_mtl", "krum",
+                    "dualproj", "gradvac", "cagrad", "config", "fairgrad",
+                    "modo", "sdmgrad", "pcd", "nash_mtl", "trimmed_mean",
+                    "graddrop", "excess_mtl")},
+    "crmogm": lambda: osgd_jax.crmogm(osgd_jax.weightings.upgrad,
+                                      num_exits=K),
 }
+_BOTH_POISONS = ("osgd", "osgd_global", "weighted_sum_sdn", "adaloss",
+                 "pcgrad", "mgda", "upgrad")
+CASES = [(name, poison) for name in sorted(TRANSFORMS)
+         for poison in ((np.nan, np.inf) if name in _BOTH_POISONS
+                        else (np.nan,))]
 
 
 def _grads(seed, poison=None):
@@ -48,8 +61,7 @@ def _losses(poison=None):
   return losses if poison is None else losses.at[1].set(poison)
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize("name, poison", CASES)
 def test_apply_if_finite_after_the_aggregator_skips_a_bad_step(name, poison):
   tx = optax.chain(TRANSFORMS[name](), optax.apply_if_finite(optax.sgd(0.1), 3))
   update = jax.jit(lambda g, s, losses: tx.update(g, s, PARAMS, losses=losses))

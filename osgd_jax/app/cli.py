@@ -86,9 +86,10 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " of the summed (weighted) exit losses; sgd-linear,"
                  " sgd-geometric: exit weights ramping up with depth (sum K);"
                  " sgd-sdn: SDN's early-exit weights rising over training;"
-                 " adaloss: weights 1/EMA(loss); pcgrad, mgda, upgrad: the"
-                 " multi-task aggregators (mgda and upgrad return mean-sized"
-                 " updates, about 1/K of a sum: scale --lr)")
+                 " sgd-mean: the mean; adaloss: weights 1/EMA(loss);"
+                 " pcgrad, mgda, upgrad and the rest: TorchJD's multi-task"
+                 " aggregators with their defaults (see the README; most"
+                 " return mean-sized updates, about 1/K of a sum: scale --lr)")
   p.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
                  help="OSGD basis per parameter tensor or over all parameters"
                  " (the baseline aggregators always work over all)")

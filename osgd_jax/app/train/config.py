@@ -24,7 +24,11 @@ __all__ = ["OPTIMIZERS", "PER_EXIT_GRADS", "RESUMABLE_CHANGES", "SCHEDULES",
 # "sgd" differentiates the summed loss; every other name aggregates the
 # stacked per-exit gradients with the transformation of the same name.
 OPTIMIZERS = ("osgd", "sgd", "sgd-linear", "sgd-geometric", "sgd-sdn",
-              "adaloss", "pcgrad", "mgda", "upgrad")
+              "sgd-mean", "adaloss", "pcgrad", "mgda", "upgrad",
+              # The rest of TorchJD 0.18's aggregators, by their papers' names.
+              "random", "imtl-g", "aligned-mtl", "krum", "dualproj", "gradvac",
+              "cagrad", "config", "fairgrad", "nash-mtl", "modo", "sdmgrad",
+              "pcd", "crmogm", "trimmed-mean", "graddrop", "excess-mtl")
 SCHEDULES = ("cosine", "step", "constant")
 # How the per-exit gradients are computed: "staged" runs exit k's backward
 # pass through stages 1..k only, its rows looped on CPU and batched on

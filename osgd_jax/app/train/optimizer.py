@@ -81,7 +81,21 @@ def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
     return osgd_jax.mgda(num_exits=num_exits)
   if name == "upgrad":
     return osgd_jax.upgrad(num_exits=num_exits)
+  seeded = {"random": osgd_jax.random_weighting, "gradvac": osgd_jax.gradvac,
+            "graddrop": osgd_jax.graddrop}
+  if name in seeded:
+    return seeded[name](seed=config.seed, num_exits=num_exits)
+  if name == "trimmed-mean":  # drops the extremes when K allows it
+    return osgd_jax.trimmed_mean(int(num_exits >= 3), num_exits=num_exits)
+  # The others, with their defaults; krum needs K >= 3, and says so.
+  if name in _BY_NAME:
+    return getattr(osgd_jax, name.replace("-", "_"))(num_exits=num_exits)
   return None
+
+
+_BY_NAME = ("imtl-g", "aligned-mtl", "krum", "dualproj", "cagrad", "config",
+            "fairgrad", "nash-mtl", "modo", "sdmgrad", "pcd", "crmogm",
+            "excess-mtl")
 
 
 def make_optimizer(config: TrainConfig, total_steps: int,
