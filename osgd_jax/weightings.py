@@ -479,14 +479,39 @@ def upgrad(gram: jax.Array, *, max_iter: int = 100,
   if k == 1:  # a row lies in its own dual cone
     return jnp.ones((1,), gram.dtype)
   norms, corr = gram_lib.gram_statistics(gram)
-  inv_norms = gram_lib.safe_inverse(norms)
-  nonzero = norms > 0
-  # Row i of corr is C e_i, the linear term of row i's dual problem.
-  mu = jax.vmap(lambda ci: nnqp.solve_nonnegative_qp(
-      corr, ci, nonzero, max_iter=max_iter, tol=tol))(corr)
-  # v_i = ‖g_i‖ (ĝ_i + Σ_k μ_ik ĝ_k) = g_i + Σ_k μ_ik ‖g_i‖/‖g_k‖ g_k.
-  lam = mu * norms[:, None] * inv_norms[None, :]
-  return (1.0 + lam.sum(axis=0)) / k
+  # Row i's projection has weights e_i + λ_i; the update is their mean.
+  projected = jax.vmap(lambda p: _project_onto_dual_cone(
+      norms, corr, p, max_iter=max_iter, tol=tol))(jnp.eye(k, dtype=gram.dtype))
+  return projected.mean(axis=0)
+
+
+def _project_onto_dual_cone(norms: jax.Array, corr: jax.Array, p: jax.Array,
+                            *, max_iter: int, tol: float | jax.Array
+                            ) -> jax.Array:
+  """The weights ``p + λ`` of ``pᵀ G`` projected onto the rows' dual cone.
+
+  ``λ ≥ 0`` solves ``min_{λ ≥ 0} ½ λᵀMλ + λᵀ M p``, solved exactly by the
+  active-set method in the basis ``ĝ_k = g_k / ‖g_k‖``, where the matrix is
+  the cosines C and the rows' scales drop out: ``μ = ‖g‖ ∘ λ``, with the
+  linear term ``C (‖g‖ ∘ p)`` scaled to unit size (the problem is
+  homogeneous in it). Zero rows constrain nothing.
+
+  Args:
+    norms: ``(K,)`` the rows' norms.
+    corr: ``(K, K)`` their cosines.
+    p: ``(K,)`` the weights of the vector to project.
+    max_iter: cap on the active-set iterations.
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    ``(K,)`` the projection's weights.
+  """
+  q = norms * p
+  size = jnp.max(jnp.abs(q))
+  mu = nnqp.solve_nonnegative_qp(
+      corr, corr @ (q * gram_lib.safe_inverse(size)), norms > 0,
+      max_iter=max_iter, tol=tol)
+  return p + mu * size * gram_lib.safe_inverse(norms)
 
 
 # --- the other aggregators of TorchJD -----------------------------------------
@@ -812,16 +837,10 @@ def dualproj(gram: jax.Array, *,
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024.
     https://arxiv.org/abs/2406.16232
   """
-  p = _preference(gram, pref_vector, "dualproj")
   norms, corr = gram_lib.gram_statistics(gram)
-  # In the basis ĝ_k = g_k/‖g_k‖: μ = ‖g‖ ∘ λ, linear term C (‖g‖ ∘ p),
-  # scaled to unit size (the problem is homogeneous in its linear term).
-  q = norms * p
-  size = jnp.max(jnp.abs(q))
-  mu = nnqp.solve_nonnegative_qp(
-      corr, corr @ (q * gram_lib.safe_inverse(size)), norms > 0,
+  return _project_onto_dual_cone(
+      norms, corr, _preference(gram, pref_vector, "dualproj"),
       max_iter=max_iter, tol=tol)
-  return p + mu * size * gram_lib.safe_inverse(norms)
 
 
 def gradvac(gram: jax.Array, *, target: jax.Array, key: jax.Array,
