@@ -197,3 +197,21 @@ def test_scope_profile_splits_kernel_time_by_named_scope():
   assert 0 <= heavy.share <= heavy.upper_share <= 1 + 1e-9
   assert absent.scope_s == absent.mixed_s == 0 and absent.share == 0
   assert abs(absent.total_s - heavy.total_s) <= 1e-9  # one profile
+
+
+def test_bench_loop_quick_prints_both_loops_and_their_ratio(tmp_path):
+  out_json = tmp_path / "loop.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "bench_loop.py"), "--quick",
+       "--log-every", "3", "--json", str(out_json)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  rows = {line[:28].strip(): line[28:].split() for line in proc.stdout.splitlines()
+          if line.startswith(("wait after", "fetch every"))}
+  assert set(rows) == {"wait after every step", "fetch every 3 steps"}, proc.stdout
+  assert rows["wait after every step"][1] == "1.00x", proc.stdout
+  result = json.loads(out_json.read_text())
+  assert sorted(result["epoch_seconds"]) == ["1", "3"]
+  seconds = {k: np.median(v) for k, v in result["epoch_seconds"].items()}
+  assert f"{result['ratio']:.2f}x" == rows["fetch every 3 steps"][1]
+  np.testing.assert_allclose(result["ratio"], seconds["3"] / seconds["1"])

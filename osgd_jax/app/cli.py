@@ -121,6 +121,13 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="how many of the newest checkpoints to keep")
   p.add_argument("--no-progress", dest="progress", action="store_false",
                  help="hide the progress bar")
+  p.add_argument("--log-every", type=int, default=d.log_every,
+                 help="fetch the losses from the device every N steps (and"
+                 " at the end of each epoch) for the progress bar, the"
+                 " divergence check and TensorBoard; changes no result")
+  p.add_argument("--tensorboard", default=d.tensorboard, metavar="DIR",
+                 help="also write the losses and test accuracies as"
+                 " TensorBoard scalars to DIR (needs the tensorboard extra)")
   p.add_argument("--mesh", default=d.mesh,
                  help="train over devices: data=D,model=M splits each batch over"
                  " D devices and each parameter over M (one axis may be -1:"

@@ -11,6 +11,8 @@
 * :mod:`~osgd_jax.app.train.run`: starting a run (output directory, data,
   model, mesh, checkpoints, resume);
 * :mod:`~osgd_jax.app.train.loop`: the epochs, evaluation and checkpoints;
+* :mod:`~osgd_jax.app.train.callbacks`: the records the loop hands out, and
+  TensorBoard;
 * :mod:`~osgd_jax.app.train.artefacts`: ``metrics.json``, the figure and
   the result.
 """
@@ -18,6 +20,8 @@
 from osgd_jax.app.train.artefacts import TrainResult
 from osgd_jax.app.train.artefacts import finish_run
 from osgd_jax.app.train.artefacts import write_metrics
+from osgd_jax.app.train.callbacks import Callback
+from osgd_jax.app.train.callbacks import TensorBoardLogger
 from osgd_jax.app.train.config import OPTIMIZERS
 from osgd_jax.app.train.config import PER_EXIT_GRADS
 from osgd_jax.app.train.config import SCHEDULES
@@ -30,6 +34,7 @@ from osgd_jax.app.train.loop import TrainingInterrupted
 from osgd_jax.app.train.loop import epoch_record
 from osgd_jax.app.train.loop import save_epoch
 from osgd_jax.app.train.loop import train
+from osgd_jax.app.train.loop import seconds_per_step
 from osgd_jax.app.train.loop import train_epoch
 from osgd_jax.app.train.optimizer import aggregator_for
 from osgd_jax.app.train.optimizer import make_optimizer
@@ -48,12 +53,14 @@ from osgd_jax.app.train.step import make_train_step
 
 __all__ = [
     "CONFIG_FILE",
+    "Callback",
     "OPTIMIZERS",
     "PER_EXIT_GRADS",
     "Run",
     "SCHEDULES",
     "TrainConfig",
     "TrainResult",
+    "TensorBoardLogger",
     "TrainState",
     "TrainingDiverged",
     "TrainingInterrupted",
@@ -73,6 +80,7 @@ __all__ = [
     "prepare_output_dir",
     "read_saved_config",
     "save_epoch",
+    "seconds_per_step",
     "start_run",
     "train",
     "train_epoch",

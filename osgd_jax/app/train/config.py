@@ -8,6 +8,7 @@ same settings, except the few in :data:`RESUMABLE_CHANGES`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
 from typing import Any
@@ -42,7 +43,8 @@ PER_EXIT_GRADS = ("staged", "staged-looped", "staged-batched", "vmap")
 # not one: the learning-rate schedule (and SDN's weights) span all epochs, so
 # a new count would silently change the steps already planned.
 RESUMABLE_CHANGES = ("out", "resume", "eval_every", "progress",
-                     "keep_checkpoints", "data_dir", "per_exit_grads", "mesh")
+                     "keep_checkpoints", "data_dir", "per_exit_grads", "mesh",
+                     "log_every", "tensorboard")
 
 # Integer fields: (smallest, largest) accepted value. The bounds keep step
 # counts within the int32 counters of Optax schedules and the seed within
@@ -51,6 +53,7 @@ _INT_RANGES = {
     "epochs": (1, 100_000),
     "batch_size": (1, 2**31 - 1),
     "eval_every": (1, 100_000),
+    "log_every": (1, 2**31 - 1),
     "keep_checkpoints": (1, 10_000),
     "seed": (0, 2**32 - 1),
 }
@@ -93,6 +96,8 @@ class TrainConfig:
   eval_every: int = 1
   keep_checkpoints: int = 2
   progress: bool = True
+  log_every: int = 100  # fetch the losses from the device every N steps
+  tensorboard: str | None = None  # a directory for TensorBoard event files
 
   def __post_init__(self):
     # An alias names its data set everywhere after this, the preset included.
@@ -125,7 +130,7 @@ class TrainConfig:
     if self.preset is not None:
       _check_choice("--preset", self.preset, tuple(zoo.presets(self.model)),
                     f" for {self.model}")
-    for name in ("data_dir", "out", "mesh"):
+    for name in ("data_dir", "out", "mesh", "tensorboard"):
       value = getattr(self, name)
       if value is not None and not (isinstance(value, str) and value.strip()):
         raise ValueError(
@@ -145,6 +150,12 @@ class TrainConfig:
     _check_real("--momentum", self.momentum, "in [0, 1)",
                 lambda v: 0 <= v < 1)
     _check_real("--weight-decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+    if (self.tensorboard is not None
+        and importlib.util.find_spec("tensorboardX") is None):
+      raise ValueError(
+          "--tensorboard needs tensorboardX, which is not installed; install"
+          " the extra (python -m pip install 'osgd-jax[tensorboard]') or"
+          " leave out --tensorboard.")
     if self.mesh is not None:
       sharding.parse_mesh_spec(self.mesh)  # the device count is checked at start
     if self.exit_weights is not None:

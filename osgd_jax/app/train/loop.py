@@ -4,12 +4,16 @@ The data order of epoch e is fixed by ``(seed, e)`` and the augmentation key
 of step s by ``(seed, e, s)``, so a run resumed from the checkpoint of epoch
 e reproduces the uninterrupted run's metrics exactly. A NaN or Inf loss stops
 the run and keeps the checkpoints of the epochs before it.
+
+Steps are dispatched without waiting for the device: the losses are fetched
+every ``log_every`` steps, so an accelerator never idles while Python reads
+the next batch. How often they are fetched changes no result.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -18,11 +22,12 @@ from tqdm.auto import tqdm
 from osgd_jax import anytime, sharding
 from osgd_jax.app import data as data_lib
 from osgd_jax.app.train.artefacts import TrainResult, finish_run, write_metrics
+from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
 from osgd_jax.app.train.config import TrainConfig
 from osgd_jax.app.train.run import Run, TrainState, start_run
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "epoch_record",
-           "save_epoch", "train", "train_epoch"]
+           "save_epoch", "seconds_per_step", "train", "train_epoch"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,56 +69,113 @@ def _check_finite(losses: np.ndarray, run: Run, epoch: int, step: int) -> None:
       " with a lower --lr and a new --out.")
 
 
-def train_epoch(run: Run, state: TrainState, epoch: int,
-                ) -> tuple[TrainState, np.ndarray, list[float]]:
-  """Runs the steps of one epoch.
+def _emit(callbacks: Sequence[Callback], record: dict[str, Any]) -> None:
+  for callback in callbacks:
+    callback(record)
 
-  Each process reads its own slice of every global batch.
+
+def train_epoch(run: Run, state: TrainState, epoch: int,
+                callbacks: Sequence[Callback] = (),
+                ) -> tuple[TrainState, np.ndarray, list[tuple[int, float]]]:
+  """Runs the steps of one epoch without waiting on the device every step.
+
+  Steps are dispatched one after another while the device works; their
+  losses stay on the device and are fetched together after the epoch's
+  first step, then every ``config.log_every`` steps and after the last. Each
+  fetch checks the losses, updates the progress bar and sends a ``"step"``
+  record to the callbacks. Each process reads its own slice of every global
+  batch.
 
   Args:
     run: the started run.
     state: the state before the epoch.
     epoch: the 0-based epoch index.
+    callbacks: called with each fetch's record: ``{"kind": "step",
+      "epoch", "step", "global_step", "train_loss", "examples_per_s"}``,
+      ``step`` counted within the epoch and ``train_loss`` the ``(K,)`` mean
+      exit losses of the steps since the last fetch.
 
   Returns:
-    ``(state, mean_losses, step_times)``: the state after the epoch, the
-    ``(K,)`` mean unweighted exit losses of its batches, and each step's
-    time in seconds.
+    ``(state, mean_losses, timings)``: the state after the epoch, the
+    ``(K,)`` mean unweighted exit losses of its batches, and each fetch's
+    ``(steps, seconds)``: how many steps it covered and the wall time
+    since the previous fetch (data loading included).
 
   Raises:
-    TrainingDiverged: a batch's loss was NaN or Inf.
+    TrainingDiverged: a batch's loss was NaN or Inf; the message names the
+      first such step.
   """
   config, dataset = run.config, run.dataset
   run_key = jax.random.key(config.seed)
   loss_sum = np.zeros(run.num_exits)
-  step_times = []
+  timings: list[tuple[int, float]] = []
+  pending: list[jax.Array] = []  # the losses of the steps not yet fetched
   batches = data_lib.iterate_batches(
       dataset.x_train, dataset.y_train, config.batch_size, seed=config.seed,
       epoch=epoch, process_index=jax.process_index(),
       process_count=jax.process_count())
   with _progress_bar(config, epoch + 1, run.steps_per_epoch) as bar:
+    since = time.perf_counter()
     for step, (x, y) in enumerate(batches):
       key = data_lib.augment_key(run_key, epoch, step)
       if run.mesh is not None:
         x, y = sharding.shard_batch((x, y), run.mesh)
         key = sharding.shard_params(key, run.mesh)  # replicated
-      start = time.perf_counter()
       *new_state, losses = run.step(*state, x, y, key)
-      losses = np.asarray(losses)  # syncs: an honest step time
-      step_times.append(time.perf_counter() - start)
       state = TrainState(*new_state)
-      _check_finite(losses, run, epoch, step)
-      loss_sum += losses
-      bar.set_postfix_str(
-          " ".join(f"l{k + 1}={v:.3f}" for k, v in enumerate(losses))
-          + f" {config.batch_size / step_times[-1]:.0f} ex/s")
+      pending.append(losses)
       bar.update()
-  return state, loss_sum / run.steps_per_epoch, step_times
+      # The first step is fetched alone: its time is mostly compilation,
+      # which the reported step time leaves out.
+      if not (step == 0 or (step + 1) % config.log_every == 0
+              or step + 1 == run.steps_per_epoch):
+        continue
+      fetched = jax.device_get(pending)  # the only wait on the device
+      seconds = time.perf_counter() - since
+      first = step + 1 - len(fetched)
+      for i, step_losses in enumerate(fetched):
+        _check_finite(step_losses, run, epoch, first + i)
+        loss_sum += step_losses
+      timings.append((len(fetched), seconds))
+      window_loss = np.mean(fetched, axis=0, dtype=np.float64)
+      examples_per_s = len(fetched) * config.batch_size / seconds
+      bar.set_postfix_str(
+          " ".join(f"l{k + 1}={v:.3f}" for k, v in enumerate(window_loss))
+          + f" {examples_per_s:.0f} ex/s")
+      _emit(callbacks, {
+          "kind": "step", "epoch": epoch + 1, "step": step + 1,
+          "global_step": epoch * run.steps_per_epoch + step + 1,
+          "train_loss": window_loss.tolist(),
+          "examples_per_s": examples_per_s})
+      pending = []
+      since = time.perf_counter()
+  return state, loss_sum / run.steps_per_epoch, timings
+
+
+def seconds_per_step(timings: Sequence[tuple[int, float]]) -> float:
+  """The mean step time of ``timings``, leaving out the first fetch.
+
+  The process's first fetch covers only its first step, whose time is
+  mostly compilation.
+
+  Args:
+    timings: ``(steps, seconds)`` per fetch, as :func:`train_epoch` returns.
+
+  Returns:
+    Seconds per step over every fetch but the first (over the first alone
+    when it is the only one).
+
+  Example:
+    >>> seconds_per_step([(1, 9.0), (3, 0.3), (1, 0.1)])
+    0.1
+  """
+  steady = timings[1:] or timings
+  return sum(s for _, s in steady) / sum(n for n, _ in steady)
 
 
 def epoch_record(run: Run, state: TrainState, epoch: int,
-                 train_loss: np.ndarray, step_times: list[float],
-                 ) -> dict[str, Any]:
+                 train_loss: np.ndarray,
+                 timings: Sequence[tuple[int, float]]) -> dict[str, Any]:
   """The ``metrics.json`` record of an epoch, evaluated on the test set if due.
 
   Args:
@@ -121,7 +183,8 @@ def epoch_record(run: Run, state: TrainState, epoch: int,
     state: the state after the epoch.
     epoch: the 0-based epoch index.
     train_loss: ``(K,)`` mean training loss per exit.
-    step_times: the times of this process's steps so far, in seconds.
+    timings: this process's ``(steps, seconds)`` per fetch so far (see
+      :func:`train_epoch`).
 
   Returns:
     ``{"epoch", "train_loss", "step_time_s"}``, and ``"test_loss"`` and
@@ -131,8 +194,7 @@ def epoch_record(run: Run, state: TrainState, epoch: int,
   record: dict[str, Any] = {
       "epoch": epoch + 1,
       "train_loss": train_loss.tolist(),
-      # The process's first step includes compilation; leave it out.
-      "step_time_s": float(np.median(step_times[1:] or step_times)),
+      "step_time_s": seconds_per_step(timings),
   }
   if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
     metrics = anytime.evaluate(run.host_model(state), run.dataset.x_test,
@@ -172,11 +234,18 @@ def save_epoch(run: Run, state: TrainState) -> None:
     write_metrics(run.out, run.config, run.history)
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, callbacks: Sequence[Callback] = ()
+          ) -> TrainResult:
   """Trains ``config.model`` and writes metrics, checkpoints and a figure.
+
+  The device is waited on only every ``config.log_every`` steps and at the
+  ends of epochs (see :func:`train_epoch`).
 
   Args:
     config: the run's settings.
+    callbacks: called with every logged record, on every process (see
+      :mod:`osgd_jax.app.train.callbacks`). With ``config.tensorboard``
+      set, process 0 also writes the records as TensorBoard scalars.
 
   Returns:
     A :class:`TrainResult`.
@@ -190,20 +259,31 @@ def train(config: TrainConfig) -> TrainResult:
       once every checkpoint already started is complete.
 
   Example:
-    >>> result = train(TrainConfig(epochs=1, out="/tmp/osgd-run"))  # doctest: +SKIP
-    >>> result.test_accuracy.shape                                  # doctest: +SKIP
-    (4,)
+    >>> records = []
+    >>> result = train(TrainConfig(epochs=1, out="/tmp/osgd-run"),
+    ...                callbacks=[records.append])  # doctest: +SKIP
+    >>> result.test_accuracy.shape, records[-1]["kind"]  # doctest: +SKIP
+    ((4,), 'epoch')
   """
   run, state = start_run(config)
-  step_times: list[float] = []
+  timings: list[tuple[int, float]] = []
+  callbacks = list(callbacks)
+  tensorboard = None
   try:
+    if config.tensorboard is not None and jax.process_index() == 0:
+      tensorboard = TensorBoardLogger(config.tensorboard)
+      callbacks.append(tensorboard)
     for epoch in range(len(run.history), config.epochs):
-      state, train_loss, epoch_step_times = train_epoch(run, state, epoch)
-      step_times += epoch_step_times
+      state, train_loss, epoch_timings = train_epoch(run, state, epoch,
+                                                     callbacks)
+      timings += epoch_timings
       run.history.append(
-          epoch_record(run, state, epoch, train_loss, step_times))
+          epoch_record(run, state, epoch, train_loss, timings))
       save_epoch(run, state)
       _print_epoch(config, run.history[-1])  # once it is saved
+      _emit(callbacks, {"kind": "epoch",
+                        "global_step": (epoch + 1) * run.steps_per_epoch,
+                        **run.history[-1]})
   except KeyboardInterrupt as e:
     run.store.wait()  # a save in flight completes: its epoch counts as done
     raise TrainingInterrupted(run.out, run.store.latest_epoch()) from e
@@ -211,4 +291,6 @@ def train(config: TrainConfig) -> TrainResult:
     # Orbax's background threads end here, so a failure leaves no
     # half-finished write and no noise at interpreter exit.
     run.store.close()
+    if tensorboard is not None:
+      tensorboard.close()
   return finish_run(run, state)
