@@ -50,7 +50,7 @@ from osgd_jax.transform import OsgdState
 from osgd_jax.transform import osgd
 from osgd_jax.transform import osgd_sgd
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaLossState",

@@ -29,8 +29,9 @@ def test_the_app_and_test_extras():
   assert sorted(_names(extras["app"])) == [
       "matplotlib", "orbax-checkpoint", "pyyaml", "scikit-learn", "tqdm"]
   assert sorted(_names(extras["test"])) == [
-      "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
-      "osgd-jax[app]", "pytest", "pytest-xdist"]
+      "build", "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
+      "osgd-jax[app,tensorboard]", "pytest", "pytest-xdist", "setuptools"]
+  assert _names(extras["tensorboard"]) == ["tensorboardX"]
 
 
 def test_the_version_has_one_source():
