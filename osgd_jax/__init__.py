@@ -48,7 +48,9 @@ from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.staged import staged_value_and_per_exit_grads
 from osgd_jax.transform import OsgdState
 from osgd_jax.transform import osgd
+from osgd_jax.transform import SwitchToSumState
 from osgd_jax.transform import osgd_sgd
+from osgd_jax.transform import switch_to_sum
 
 __version__ = "0.2.0"
 
@@ -66,6 +68,7 @@ __all__ = [
     "PCGradState",
     "SimplexState",
     "StatefulWeighting",
+    "SwitchToSumState",
     "adaptive_loss_balancing",
     "aligned_mtl",
     "anytime",
@@ -92,6 +95,7 @@ __all__ = [
     "random_weighting",
     "sdmgrad",
     "staged_value_and_per_exit_grads",
+    "switch_to_sum",
     "trimmed_mean",
     "upgrad",
     "value_and_per_exit_grads",

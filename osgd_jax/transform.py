@@ -12,8 +12,9 @@ Assumptions where the paper's text is silent (each is an option):
   ``"global"`` applies it to the whole flattened parameter vector;
 * projected components are not rescaled (``rescale=False``); ``rescale=True``
   scales each kept component back to the norm of the gradient it came from;
-* there is no switch to plain SGD late in training; schedule one yourself by
-  swapping the transformation if you want it.
+* the paper trains with OSGD throughout; the late switch to plain SGD that
+  it leaves open is an option, off by default: :func:`switch_to_sum`, or
+  ``osgd_sgd(..., sgd_after=N)``, sums the exit gradients from step N on.
 
 ``osgd`` is :func:`osgd_jax.from_weighting` of the Gram–Schmidt weighting
 (:func:`osgd_jax.weightings.osgd`), with a state that adds the projected
@@ -53,7 +54,8 @@ import optax
 from osgd_jax import aggregation
 from osgd_jax import orthogonalize
 
-__all__ = ["METHODS", "OsgdState", "osgd", "osgd_sgd"]
+__all__ = ["METHODS", "OsgdState", "SwitchToSumState", "osgd", "osgd_sgd",
+           "switch_to_sum"]
 
 METHODS = ("gram", "sequential")
 _NAME = "osgd"
@@ -268,6 +270,7 @@ def osgd_sgd(
     tol: float = orthogonalize.DEFAULT_TOL,
     rescale: bool = False,
     num_exits: int | None = None,
+    sgd_after: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The paper's optimizer: OSGD, then weight decay, momentum and learning rate.
 
@@ -275,6 +278,7 @@ def osgd_sgd(
 
     optax.chain(
         osgd(granularity, method, order, tol, rescale, num_exits),
+        # only with sgd_after: switch_to_sum(osgd(...), sgd_after)
         optax.add_decayed_weights(weight_decay),
         optax.trace(decay=momentum, nesterov=nesterov),
         optax.scale_by_learning_rate(learning_rate),
@@ -294,10 +298,16 @@ def osgd_sgd(
     tol: see :func:`osgd`.
     rescale: see :func:`osgd`.
     num_exits: see :func:`osgd` (required unless ``order`` gives K).
+    sgd_after: from this many updates on, sum the exit gradients instead of
+      projecting them: plain summed-loss SGD late in training (see
+      :func:`switch_to_sum`). ``None``, the default, never switches. The
+      paper leaves such a switch open; this option is our assumption of
+      what it would be.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; it also works through
-    ``optax.inject_hyperparams(osgd_sgd, static_args=("num_exits",))``.
+    ``optax.inject_hyperparams(osgd_sgd, static_args=("num_exits",))``,
+    which makes ``sgd_after`` a hyperparameter too.
 
   Raises:
     ValueError: a number given for ``learning_rate``, ``momentum`` or
@@ -325,9 +335,84 @@ def osgd_sgd(
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms = [osgd(granularity, method, order, tol, rescale, num_exits)]
+  if sgd_after is not None:
+    transforms[0] = switch_to_sum(transforms[0], sgd_after)
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
     transforms.append(optax.add_decayed_weights(weight_decay))
   if momentum is not None:
     transforms.append(optax.trace(decay=momentum, nesterov=nesterov))
   transforms.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*transforms)
+
+
+class SwitchToSumState(NamedTuple):
+  """The state of :func:`switch_to_sum`.
+
+  Attributes:
+    count: int32 scalar, the number of updates so far.
+    inner: the aggregator's state; it stays as it was from the switch on.
+  """
+  count: jax.Array
+  inner: optax.OptState
+
+
+def switch_to_sum(aggregator: optax.GradientTransformation,
+                  after_steps: int | jax.Array,
+                  ) -> optax.GradientTransformationExtraArgs:
+  """``aggregator`` for the first ``after_steps`` updates, then the plain sum.
+
+  The sum over the leading K axis of the stacked gradients is the gradient
+  of the summed (weighted) exit losses, so from update ``after_steps`` on
+  the chain that follows trains as plain SGD would. Momentum carries across
+  the switch. Both branches are compiled into one program and
+  ``jax.lax.cond`` picks one at run time, so the state keeps its structure
+  and the switch works under ``jit``, ``lax.scan`` and
+  ``optax.inject_hyperparams`` (where ``after_steps`` is an array).
+
+  Args:
+    aggregator: a transformation of stacked per-exit gradients, such as
+      :func:`osgd`; its updates must have the sum's shapes and dtypes.
+    after_steps: the number of updates made with ``aggregator``; an int
+      >= 0 (0 sums from the first update) or an integer array.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`SwitchToSumState`; extra keyword arguments reach
+    ``aggregator``.
+
+  Raises:
+    ValueError: ``after_steps`` is a number but not an integer >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = switch_to_sum(osgd(num_exits=2), after_steps=1)
+    >>> grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]])}  # (K, 2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> projected, state = tx.update(grads, state)
+    >>> summed, state = tx.update(grads, state)
+    >>> projected["w"].tolist(), summed["w"].tolist()
+    ([1.0, 1.0], [2.0, 1.0])
+  """
+  if aggregation.is_checkable_number(after_steps) and not (
+      float(after_steps).is_integer() and after_steps >= 0):
+    raise ValueError(
+        f"switch_to_sum: after_steps must be an integer >= 0, got"
+        f" {after_steps!r}.")
+
+  def init_fn(params):
+    return SwitchToSumState(count=jnp.zeros([], jnp.int32),
+                            inner=aggregator.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    def aggregate():
+      return aggregator.update(updates, state.inner, params, **extra_args)
+
+    def summed():
+      return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates), state.inner
+
+    new_updates, inner = jax.lax.cond(state.count < after_steps, aggregate,
+                                      summed)
+    return new_updates, SwitchToSumState(optax.safe_increment(state.count),
+                                         inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

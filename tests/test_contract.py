@@ -49,6 +49,9 @@ TRANSFORMS = (
     ("osgd_sequential_global", osgd_jax.osgd,
      {"method": "sequential", "granularity": "global"}, ("num_exits",)),
     ("osgd_sgd", osgd_jax.osgd_sgd, {"learning_rate": 0.1}, ("num_exits",)),
+    # Switches to the sum within the STEPS of the scan and Orbax cases.
+    ("osgd_sgd_switch", osgd_jax.osgd_sgd,
+     {"learning_rate": 0.1, "sgd_after": 2}, ("num_exits",)),
     ("weighted_sum", osgd_jax.weighted_sum, {}, ("num_exits",)),
     ("weighted_sum_sdn", osgd_jax.weighted_sum,
      {"weights": "sdn", "total_steps": 10}, ("num_exits", "total_steps")),
@@ -235,7 +238,7 @@ class TransformContractTest(chex.TestCase):
   def test_nnx_optimizer_updates_a_two_exit_model(self, name):
     model = TwoExitNet(nnx.Rngs(0), in_features=4, width=8, classes=2)
     tx = _make(name, num_exits=2)
-    if name != "osgd_sgd":  # osgd_sgd is a whole optimizer already
+    if not name.startswith("osgd_sgd"):  # a whole optimizer already
       tx = optax.chain(tx, optax.sgd(0.05))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)

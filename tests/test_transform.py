@@ -374,3 +374,77 @@ def test_update_ops_carry_the_transformation_name_as_scope():
     text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text(
         debug_info=True)
     assert f"/{scope}/" in text or f'"{scope}/' in text, scope
+
+
+@pytest.mark.parametrize("sgd_after", [0, 2, 5])
+def test_osgd_sgd_switches_to_the_summed_gradient_after_n_steps(sgd_after):
+  # A float64 NumPy oracle of the whole chain: OSGD's direction for the
+  # first sgd_after steps, the sum of the exit gradients after, then weight
+  # decay and heavy-ball momentum carried across the switch.
+  rng = np.random.default_rng(3)
+  shapes = {"b": (5,), "w": (4, 5)}
+  params = {n: jnp.asarray(rng.normal(size=s), jnp.float32)
+            for n, s in shapes.items()}
+  lr, beta, decay = 0.1, 0.9, 1e-2
+  tx = osgd_jax.osgd_sgd(lr, momentum=beta, weight_decay=decay, num_exits=3,
+                         sgd_after=sgd_after)
+  state = jax.jit(tx.init)(params)
+  update = jax.jit(tx.update)
+  ref_params = {n: np.asarray(p, np.float64) for n, p in params.items()}
+  trace = {n: np.zeros(s) for n, s in shapes.items()}
+  for step in range(4):
+    grads = {n: rng.normal(size=(3,) + s) for n, s in shapes.items()}
+    grads["w"][1] -= 0.9 * grads["w"][0]  # conflicting exits
+    names = sorted(shapes)
+    if step < sgd_after:
+      directions = dict(zip(names, osgd_direction(
+          [grads[n] for n in names], tol=DEFAULT_TOL)))
+    else:
+      directions = {n: grads[n].sum(0) for n in names}
+    for n in names:
+      trace[n] = beta * trace[n] + directions[n] + decay * ref_params[n]
+      ref_params[n] = ref_params[n] - lr * trace[n]
+    updates, state = update(
+        {n: jnp.asarray(g, jnp.float32) for n, g in grads.items()}, state,
+        params)
+    params = optax.apply_updates(params, updates)
+    for n in names:
+      np.testing.assert_allclose(params[n], ref_params[n], rtol=2e-5,
+                                 atol=2e-6)
+  assert int(state[0].count) == 4
+
+
+def test_switch_to_sum_keeps_the_aggregator_state_after_the_switch():
+  tx = osgd_jax.switch_to_sum(osgd_jax.osgd(num_exits=2), after_steps=1)
+  params = {"w": jnp.zeros(3)}
+  grads = {"w": jnp.array([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])}
+  state = tx.init(params)
+  assert isinstance(state, osgd_jax.SwitchToSumState)
+  _, state = tx.update(grads, state)
+  frozen = state.inner
+  updates, state = tx.update({"w": 3 * grads["w"]}, state)
+  np.testing.assert_array_equal(updates["w"], [6.0, 6.0, 0.0])
+  # The diagnostics are the last projection's, from before the switch:
+  # g2's part along g1 removed, u = g1 + (g2 - g1) = g2.
+  jax.tree.map(np.testing.assert_array_equal, state.inner, frozen)
+  np.testing.assert_allclose(state.inner.weights, [0.0, 1.0])
+
+
+def test_switch_to_sum_moves_with_an_injected_step_count():
+  tx = optax.inject_hyperparams(osgd_jax.osgd_sgd, static_args=("num_exits",))(
+      learning_rate=1.0, momentum=None, num_exits=2, sgd_after=100)
+  params = {"w": jnp.zeros(2)}
+  grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]])}
+  state = tx.init(params)
+  projected, state = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_allclose(projected["w"], [-1.0, -1.0])
+  state.hyperparams["sgd_after"] = jnp.asarray(0)  # switch now
+  summed, state = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_allclose(summed["w"], [-2.0, -1.0])
+
+
+@pytest.mark.parametrize("after_steps", [-1, 1.5, float("nan")])
+def test_switch_to_sum_refuses_a_step_count_that_is_not_a_count(after_steps):
+  with pytest.raises(ValueError, match="switch_to_sum: after_steps must be an"
+                     " integer >= 0"):
+    osgd_jax.switch_to_sum(osgd_jax.osgd(num_exits=2), after_steps)

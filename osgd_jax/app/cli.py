@@ -95,6 +95,14 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " (the baseline aggregators always work over all)")
   p.add_argument("--method", default=d.method, choices=METHODS,
                  help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt")
+  p.add_argument("--rescale", action="store_true",
+                 help="OSGD: scale each projected component back to the norm"
+                 " of its exit's gradient (the paper is silent; an option)")
+  p.add_argument("--switch-to-sgd", type=float, default=d.switch_to_sgd,
+                 metavar="FRACTION",
+                 help="after this fraction of the run's steps, sum the exit"
+                 " gradients (plain SGD) instead of aggregating them, e.g."
+                 " 0.8; default: never")
   p.add_argument("--exit-weights", type=_float_list, default=d.exit_weights,
                  help="comma-separated loss weight per exit (default: all 1)")
   p.add_argument("--per-exit-grads", default=d.per_exit_grads,

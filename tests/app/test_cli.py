@@ -225,3 +225,13 @@ def test_resume_command_round_trips_awkward_arguments():
       "/runs/new dir", "--resume"]
   assert cli.resume_command(["--out=y", "--seed", "1"], "/runs/x",
                             resume=False) == "osgd-train --seed 1 --out /runs/x"
+
+
+def test_the_papers_options_and_the_loop_flags_reach_the_config():
+  config = cli.config_from_args(["--rescale", "--switch-to-sgd", "0.8",
+                                 "--granularity", "global", "--log-every",
+                                 "7", "--tensorboard", "tb"])
+  assert (config.rescale, config.switch_to_sgd, config.granularity,
+          config.log_every, config.tensorboard) == (True, 0.8, "global", 7, "tb")
+  default = cli.config_from_args([])
+  assert (default.rescale, default.switch_to_sgd) == (False, None)

@@ -240,3 +240,53 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"cannot write to --out .*file/run"
                      r".*choose a writable directory"):
     train_lib.prepare_output_dir(str(blocker / "run"))
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_its_default():
+  saved = SMALL.to_json()
+  for new_field in ("rescale", "switch_to_sgd", "log_every", "tensorboard"):
+    del saved[new_field]
+  train_lib.check_resumable(saved, SMALL)  # the defaults: nothing differs
+  with pytest.raises(ValueError, match=r"--rescale was False, now True.*"
+                     r"resume with its settings \(no --rescale\)"):
+    train_lib.check_resumable(saved, dataclasses.replace(SMALL, rescale=True))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("switch_to_sgd", 1.5, r"--switch-to-sgd must be a finite number in \[0, 1\]"),
+    ("switch_to_sgd", float("nan"), "--switch-to-sgd must be a finite number"),
+    ("rescale", "yes", "rescale must be true or false"),
+])
+def test_paper_option_validation(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(SMALL, **{field: value}).validate()
+
+
+def test_paper_options_refuse_optimizers_they_do_not_apply_to():
+  with pytest.raises(ValueError, match="--optimizer sgd is plain SGD"
+                     " throughout. Leave out --switch-to-sgd"):
+    dataclasses.replace(SMALL, optimizer="sgd", switch_to_sgd=0.5).validate()
+  with pytest.raises(ValueError, match="--rescale is an option of --optimizer"
+                     " osgd, not pcgrad"):
+    dataclasses.replace(SMALL, optimizer="pcgrad", rescale=True).validate()
+
+
+def test_switch_to_sgd_sums_the_exit_gradients_from_its_step_on():
+  # 10 steps, switching after 0.3 of them: steps 0-2 aggregate with OSGD,
+  # steps 3-9 sum the exit gradients, as the summed-loss gradient would.
+  config = dataclasses.replace(SMALL, switch_to_sgd=0.3, rescale=True,
+                               momentum=0.0, weight_decay=0.0,
+                               schedule="constant", lr=1.0)
+  tx = train_lib.make_optimizer(config, total_steps=10, num_exits=2)
+  params = {"w": np.zeros(2, np.float32)}
+  grads = {"w": np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)}
+  state = tx.init(params)
+  updates = []
+  for _ in range(5):
+    update, state = tx.update(grads, state, params)
+    updates.append(np.asarray(update["w"]).tolist())
+  # OSGD with rescale: [1, 0] and the component [0, 1] of [1, 1], scaled to
+  # that gradient's norm, √2.
+  projected = [-1.0, -np.sqrt(2)]
+  np.testing.assert_allclose(updates, [projected] * 3 + [[-2.0, -1.0]] * 2,
+                             rtol=1e-6)

@@ -57,7 +57,7 @@ _INT_RANGES = {
     "keep_checkpoints": (1, 10_000),
     "seed": (0, 2**32 - 1),
 }
-_BOOL_FIELDS = ("resume", "progress")
+_BOOL_FIELDS = ("resume", "progress", "rescale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,10 @@ class TrainConfig:
   optimizer: str = "osgd"
   granularity: str = "leaf"
   method: str = "gram"
+  rescale: bool = False  # OSGD: projected components keep their exit's norm
+  # From this fraction of the run's steps on, sum the exit gradients (plain
+  # SGD) instead of aggregating them; None: never.
+  switch_to_sgd: float | None = None
   exit_weights: tuple[float, ...] | None = None
   per_exit_grads: str = "staged"
   mesh: str | None = None  # e.g. "data=4,model=2"; None: one device
@@ -150,6 +154,18 @@ class TrainConfig:
     _check_real("--momentum", self.momentum, "in [0, 1)",
                 lambda v: 0 <= v < 1)
     _check_real("--weight-decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+    if self.switch_to_sgd is not None:
+      _check_real("--switch-to-sgd", self.switch_to_sgd, "in [0, 1]",
+                  lambda v: 0 <= v <= 1)
+      if self.optimizer == "sgd":
+        raise ValueError(
+            "--switch-to-sgd switches an aggregating optimizer to plain SGD;"
+            " --optimizer sgd is plain SGD throughout. Leave out"
+            " --switch-to-sgd, or choose an --optimizer such as osgd.")
+    if self.rescale and self.optimizer != "osgd":
+      raise ValueError(
+          f"--rescale is an option of --optimizer osgd, not"
+          f" {self.optimizer}; leave it out or use --optimizer osgd.")
     if (self.tensorboard is not None
         and importlib.util.find_spec("tensorboardX") is None):
       raise ValueError(
@@ -176,6 +192,14 @@ class TrainConfig:
     return dataclasses.asdict(self)
 
 
+_DEFAULTS = TrainConfig().to_json()
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  # A run saved before a field existed trained with the field's default.
+  return {**_DEFAULTS, **saved}
+
+
 def _flag(name: str) -> str:
   return "--" + name.replace("_", "-")
 
@@ -197,8 +221,10 @@ def _check_real(flag: str, value: Any, condition: str, holds) -> None:
 
 def _as_flag(name: str, value: Any) -> str:
   """``value`` of field ``name`` as the command-line flag that sets it."""
-  if value is None:
+  if value is None or value is False:  # a switch: absent, or the default
     return f"no {_flag(name)}"
+  if value is True:
+    return _flag(name)
   if isinstance(value, (list, tuple)):
     value = ",".join(str(v) for v in value)
   return f"{_flag(name)} {value}"
@@ -210,7 +236,8 @@ def config_differences(saved: dict[str, Any], config: TrainConfig
 
   Args:
     saved: a run's recorded configuration (``TrainConfig.to_json``, read
-      back from JSON, so tuples are lists).
+      back from JSON, so tuples are lists). A field it lacks, from a
+      version before the field existed, counts as the field's default.
     config: another configuration.
 
   Returns:
@@ -221,6 +248,7 @@ def config_differences(saved: dict[str, Any], config: TrainConfig
     ['lr']
   """
   current = config.to_json()
+  saved = _with_defaults(saved)
   return sorted(
       k for k in current
       if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
@@ -236,7 +264,7 @@ def describe_differences(saved: dict[str, Any], config: TrainConfig,
     ...                      ["lr"])
     '--lr was 0.05, now 0.1'
   """
-  current = config.to_json()
+  current, saved = config.to_json(), _with_defaults(saved)
   return "; ".join(f"{_flag(k)} was {saved.get(k)!r}, now {current[k]!r}"
                    for k in changed)
 
@@ -259,7 +287,8 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
   """
   changed = config_differences(saved, config)
   if changed:
-    original = ", ".join(_as_flag(k, saved.get(k)) for k in changed)
+    original = ", ".join(_as_flag(k, _with_defaults(saved).get(k))
+                         for k in changed)
     raise ValueError(
         "--resume with settings that differ from the saved run"
         f" ({describe_differences(saved, config, changed)}). To continue it,"

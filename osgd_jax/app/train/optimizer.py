@@ -47,7 +47,8 @@ def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
   """The transformation that turns stacked per-exit gradients into one update.
 
   This is the one place that maps an optimizer's name to its transformation.
-  ``--granularity`` and ``--method`` configure OSGD; the baselines aggregate
+  ``--granularity``, ``--method`` and ``--rescale`` configure OSGD; the
+  baselines aggregate
   over all parameters (their ``granularity="global"`` default), as their
   papers do.
 
@@ -69,7 +70,7 @@ def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
   name = config.optimizer
   if name == "osgd":
     return osgd_jax.osgd(granularity=config.granularity, method=config.method,
-                         num_exits=num_exits)
+                         rescale=config.rescale, num_exits=num_exits)
   if name.startswith("sgd-"):
     return osgd_jax.weighted_sum(name[len("sgd-"):], total_steps=total_steps,
                                  num_exits=num_exits)
@@ -110,7 +111,9 @@ def make_optimizer(config: TrainConfig, total_steps: int,
 
   Returns:
     ``optax.chain(aggregator, add_decayed_weights, trace, learning rate)``,
-    without the aggregator for ``sgd``.
+    without the aggregator for ``sgd``. With ``switch_to_sgd`` the
+    aggregator gives way to the plain sum of the exit gradients after that
+    fraction of ``total_steps`` (:func:`osgd_jax.switch_to_sum`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -122,6 +125,9 @@ def make_optimizer(config: TrainConfig, total_steps: int,
     (3,)
   """
   aggregator = aggregator_for(config, total_steps, num_exits)
+  if aggregator is not None and config.switch_to_sgd is not None:
+    aggregator = osgd_jax.switch_to_sum(
+        aggregator, round(config.switch_to_sgd * total_steps))
   head = [] if aggregator is None else [aggregator]
   return optax.chain(
       *head,

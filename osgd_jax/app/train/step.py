@@ -29,8 +29,9 @@ __all__ = ["STEP_FIELDS", "exit_weight_vector", "make_train_step"]
 
 # The fields that shape the compiled step; runs that agree on them (e.g. the
 # seeds of one experiment) share one compiled function.
-STEP_FIELDS = ("optimizer", "granularity", "method", "exit_weights", "lr",
-               "schedule", "momentum", "weight_decay", "per_exit_grads")
+STEP_FIELDS = ("optimizer", "granularity", "method", "rescale",
+               "switch_to_sgd", "exit_weights", "lr", "schedule", "momentum",
+               "weight_decay", "per_exit_grads")
 
 
 def exit_weight_vector(config: TrainConfig, num_exits: int) -> jax.Array:
