@@ -235,3 +235,19 @@ def test_the_papers_options_and_the_loop_flags_reach_the_config():
           config.log_every, config.tensorboard) == (True, 0.8, "global", 7, "tb")
   default = cli.config_from_args([])
   assert (default.rescale, default.switch_to_sgd) == (False, None)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_paper_scale_configs_are_valid_and_flags_override_them(dataset):
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                      f"{dataset}.yaml")
+  config = cli.config_from_args(["--config", path])
+  assert (config.dataset, config.preset, config.optimizer) == (
+      dataset, "cifar", "osgd")
+  assert (config.epochs, config.batch_size, config.lr, config.schedule,
+          config.momentum, config.weight_decay, config.mesh) == (
+              200, 128, 0.1, "step", 0.9, 5e-4, "data=-1")
+  # The documented command's optional flags win over the file.
+  override = cli.config_from_args(["--config", path, "--model",
+                                   "branched-resnet", "--optimizer", "sgd"])
+  assert (override.model, override.optimizer) == ("branched-resnet", "sgd")
