@@ -1,4 +1,4 @@
-"""``download_cifar``, offline.
+"""``download_cifar`` and ``osgd-train --download``, offline.
 
 The archives are tiny ones in the official format (``tests/cifar_files.py``),
 fetched through ``file://`` URLs and from an HTTP server on localhost that
@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
-from osgd_jax.app import data
+from osgd_jax.app import cli, data
 from osgd_jax.app.data import (CifarArchive, DatasetFormatError,
                                DatasetNotFoundError, DownloadError,
                                download_cifar, load_dataset)
@@ -315,3 +315,105 @@ def test_bad_arguments_are_refused_before_anything_is_done(dataset, md5,
   with pytest.raises(ValueError, match=expected):
     download_cifar(dataset, str(tmp_path / "data"), md5=md5)
   assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------
+# osgd-train --download, run by the command's main in this process. A
+# training run would spend seconds compiling, so these runs stop at the
+# first thing a run does: writing to --out, here a directory that takes no
+# files. What was downloaded by then, and what was printed, shows that the
+# download came first.
+
+UNWRITABLE_OUT = "/proc/osgd-cannot-write"
+
+
+def _main(args, capsys) -> tuple[int, str, str]:
+  status = cli.main(list(args))
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+@pytest.fixture
+def official(monkeypatch, source):
+  """Makes the tiny archive the official CIFAR-10 of this test."""
+  monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10",
+                      CifarArchive(source.url, source.md5))
+  return source
+
+
+def test_osgd_train_download_fetches_the_archive_before_the_run(
+    official, tmp_path, capsys):
+  data_dir = tmp_path / "data"
+  args = ["--download", "--dataset", "CIFAR-10", "--data-dir", str(data_dir),
+          "--out", UNWRITABLE_OUT]
+  status, stdout, err = _main(args, capsys)
+  assert stdout == (f"cifar10: downloaded {data_dir / ARCHIVE} (MD5 checked)."
+                    f"\nrun directory: {UNWRITABLE_OUT}\n")
+  assert "cifar10 archive" in err  # the progress bar
+  assert status == 2 and err.splitlines()[-1].startswith(
+      "osgd-train: error: cannot write to --out")
+  assert (data_dir / ARCHIVE).read_bytes() == official.blob
+  # Again: the archive is there, nothing is fetched.
+  status, stdout, _ = _main([*args, "--no-progress"], capsys)
+  assert status == 2 and stdout == f"run directory: {UNWRITABLE_OUT}\n"
+  assert _left_in(data_dir) == [ARCHIVE]
+
+
+def test_osgd_train_download_is_no_setting_of_the_run():
+  # It says what to fetch, not how to train: config.json does not record
+  # it, so adding or dropping it never stands in the way of --resume.
+  assert cli.config_from_args(["--download"]) == cli.config_from_args([])
+
+
+def test_osgd_train_download_is_a_no_op_for_the_builtin_datasets(capsys):
+  # No --data-dir, which a CIFAR download would need: nothing is fetched
+  # and the run starts.
+  for dataset in ("digits", "synthetic"):
+    status, stdout, err = _main(["--download", "--dataset", dataset,
+                                 "--out", UNWRITABLE_OUT], capsys)
+    assert stdout == f"run directory: {UNWRITABLE_OUT}\n"
+    assert status == 2 and err.startswith(
+        "osgd-train: error: cannot write to --out")
+
+
+def test_osgd_train_download_failures_are_one_line(official, tmp_path,
+                                                   monkeypatch, capsys):
+  data_dir, out = tmp_path / "data", tmp_path / "run"
+  args = ["--download", "--data-dir", str(data_dir), "--out", str(out),
+          "--dataset", "cifar10", "--no-progress"]
+  # A failed download: status 1, nothing in --data-dir, no run started.
+  monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10",
+                      CifarArchive(official.url, "0" * 32))
+  status, stdout, err = _main(args, capsys)
+  assert status == 1 and stdout == "" and len(err.splitlines()) == 1
+  assert err.startswith(f"osgd-train: error: cifar10: the {len(official.blob)}"
+                        f" bytes downloaded from {official.url} have MD5")
+  assert _left_in(data_dir) == [] and not out.exists()
+  # An archive of another MD5 in --data-dir: bad input, kept as it is.
+  (data_dir / ARCHIVE).write_bytes(b"not the archive")
+  status, stdout, err = _main(args, capsys)
+  assert status == 2 and len(err.splitlines()) == 1
+  assert "it is damaged or not the official archive" in err
+  assert "(nothing is deleted): mv " in err
+  assert (data_dir / ARCHIVE).read_bytes() == b"not the archive"
+  # No --data-dir to download into.
+  status, _, err = _main(["--download", "--dataset", "cifar100"], capsys)
+  assert (status, err) == (2, "osgd-train: error: --download needs"
+                           " --data-dir: the directory to keep cifar100's"
+                           " archive in.\n")
+
+
+def test_ctrl_c_during_osgd_train_download_is_one_line(source, server,
+                                                      tmp_path, monkeypatch,
+                                                      capsys):
+  data_dir, out = tmp_path / "data", tmp_path / "run"
+  with _ctrl_c_midway(server, source, data_dir) as (url, seen):
+    monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10",
+                        CifarArchive(url, source.md5))
+    status, stdout, err = _main(
+        ["--download", "--dataset", "cifar10", "--data-dir", str(data_dir),
+         "--out", str(out), "--no-progress"], capsys)
+  assert (status, stdout, err) == (130, "", "osgd-train: error: interrupted"
+                                   " before training started; nothing was"
+                                   " saved.\n")
+  assert seen and _left_in(data_dir) == [] and not out.exists()
