@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 import re
+import tomllib
+import types
 
 import pytest
 
@@ -18,8 +20,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ("01_quickstart", "02_nested_architectures", "03_osgd_vs_sgd")
-COLAB_URL = ("https://colab.research.google.com/github/osgd-jax/osgd-jax/blob/"
-             "main/notebooks/{}.ipynb")
+PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+REPOSITORY = PROJECT["urls"]["Repository"]
+COLAB_URL = REPOSITORY.replace(
+    "https://github.com/", "https://colab.research.google.com/github/"
+) + "/blob/main/notebooks/{}.ipynb"
 # Absolute paths of a developer's or CI machine must not leak into a notebook.
 MACHINE_PATH = re.compile(
     r"(?<![\w.-])(/work|/root|/tmp|/home|/Users|/private/var|/var/folders)"
@@ -85,6 +90,84 @@ def test_notebook_opens_with_badge_and_setup(path):
   assert "ImportError" in handler and "pip" in handler and "install" in handler
   assert "sys.executable" in handler
   assert "jax.devices()" in code
+
+
+def _setup_cell(path) -> str:
+  return next(_source(c) for c in _load(path)["cells"]
+              if c["cell_type"] == "code")
+
+
+def _setup_functions() -> dict:
+  """The set-up cell's constants and functions, without running its installs."""
+  tree = ast.parse(_setup_cell(NOTEBOOKS[0]))
+  kept = [node for node in tree.body
+          if isinstance(node, (ast.Assign, ast.FunctionDef))
+          or isinstance(node, ast.Import) and not any(
+              alias.name in ("jax", "osgd_jax") for alias in node.names)]
+  namespace = {}
+  exec(compile(ast.Module(kept, type_ignores=[]), "set-up cell", "exec"),  # pylint: disable=exec-used
+       namespace)
+  return namespace
+
+
+def _lower_bound(package: str) -> str:
+  (bound,) = [r.split(">=")[1] for r in PROJECT["dependencies"]
+              if re.match(rf"{package}>=", r)]
+  return bound
+
+
+def test_the_setup_cell_is_the_same_in_every_notebook():
+  # One source of truth: a fix to the install logic reaches every notebook.
+  assert len({_setup_cell(path) for path in NOTEBOOKS}) == 1
+
+
+def test_the_setup_cell_installs_from_the_project_with_its_jax_bound():
+  setup = _setup_functions()
+  assert setup["REPOSITORY"] == REPOSITORY
+  assert setup["JAX_MIN"] == _lower_bound("jax") == _lower_bound("jaxlib")
+
+
+@pytest.mark.parametrize("versions, device, expected", [
+    # A recent enough JAX in the runtime is kept, whatever the device.
+    (["0.10.1", "0.10.1"], "tpu", None),
+    (["0.11.2", "0.11.2"], None, None),
+    # Older: the accelerator's build; 0.4.38 < 0.10.1 as numbers, not text.
+    (["0.4.38", "0.4.38"], "tpu", "jax[tpu]>={bound}"),
+    (["0.9.2", "0.9.2"], "gpu", "jax[cuda12]>={bound}"),
+    (["0.10.1", "0.9.2"], "gpu", "jax[cuda12]>={bound}"),  # an old jaxlib
+    ([None, None], None, "jax>={bound}"),  # no JAX on a CPU runtime
+    ([None, None], "tpu", "jax[tpu]>={bound}"),
+])
+def test_the_setup_cell_keeps_a_recent_jax_else_installs_the_devices_build(
+    versions, device, expected):
+  setup = _setup_functions()
+  bound = _lower_bound("jax")
+  assert setup["jax_to_install"](versions, device) == (
+      expected and expected.format(bound=bound))
+
+
+@pytest.mark.parametrize("env, devices, nvidia_smi, expected", [
+    ({"COLAB_TPU_ADDR": "10.0.0.2:8470"}, [], None, "tpu"),
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, [], None, "tpu"),
+    ({}, ["/dev/accel0"], None, "tpu"),
+    ({}, ["/dev/vfio/0"], None, "tpu"),
+    ({}, [], 0, "gpu"),  # nvidia-smi -L lists a GPU
+    ({}, [], 9, None),  # nvidia-smi installed, but no GPU or driver
+    ({}, [], None, None),
+])
+def test_the_setup_cell_finds_the_accelerator_without_jax(env, devices,
+                                                          nvidia_smi,
+                                                          expected):
+  setup = _setup_functions()
+  setup["os"] = types.SimpleNamespace(environ=env)
+  setup["glob"] = types.SimpleNamespace(
+      glob=lambda pattern: [d for d in devices if re.fullmatch(
+          pattern.replace("[0-9]*", r"[0-9]+"), d)])
+  setup["shutil"] = types.SimpleNamespace(
+      which=lambda name: None if nvidia_smi is None else f"/usr/bin/{name}")
+  setup["subprocess"] = types.SimpleNamespace(
+      run=lambda args, **_: types.SimpleNamespace(returncode=nvidia_smi))
+  assert setup["accelerator"]() == expected
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
