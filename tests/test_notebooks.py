@@ -31,6 +31,11 @@ MACHINE_PATH = re.compile(
     r"(?=[/\"'\s)]|$)")
 PUBLIC_MODULES = {"osgd_jax", "osgd_jax.app", "osgd_jax.app.train"}
 CELL_TIMEOUT_S = 300
+# The notebooks run on the suite's 8 host devices (tests/conftest.py), but
+# 03, which trains data-parallel on several devices, on 2: as many as its
+# smoke run needs to take that path, and no more to compile for.
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+DATA_PARALLEL = {"03_osgd_vs_sgd": 2}
 
 
 def _load(path):
@@ -206,6 +211,10 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
       p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
   env = dict(os.environ, OSGD_NOTEBOOK_SMOKE="1", TMPDIR=str(tmp),
              PYTHONPATH=pythonpath)
+  devices = DATA_PARALLEL.get(path.stem)
+  if devices:
+    flags = re.sub(rf"{DEVICE_COUNT}=\S*", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT}={devices}".strip()
   client = nbclient.NotebookClient(
       nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
       resources={"metadata": {"path": str(cwd)}})
@@ -216,3 +225,11 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
       shown = [o for o in cell.outputs if "image/png" in o.get("data", {})]
       assert shown, (f"{path.name} cell {i} showed no figure: has something"
                      " switched matplotlib's backend away from inline?")
+  if devices:
+    printed = "".join(o.get("text", "") for cell in nb.cells
+                      if cell.cell_type == "code" for o in cell.outputs)
+    assert f"training data-parallel on {devices} devices:" in printed, printed
+    # Both runs trained over that mesh, as their metrics.json record.
+    configs = [json.loads(m.read_text())["config"]
+               for m in sorted(tmp.glob("osgd-*/metrics.json"))]
+    assert [c["mesh"] for c in configs] == ["data=-1", "data=-1"], configs
