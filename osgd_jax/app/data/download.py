@@ -5,8 +5,9 @@
 it. The bytes stream into a hidden ``.partial`` file in that directory and
 are hashed as they arrive; only a file of the announced length and the
 expected MD5 is renamed to the archive's name. An interrupted, cut or altered
-download therefore leaves nothing that the loader would read, and what is
-already in ``data_dir`` is never overwritten or deleted.
+download therefore leaves nothing that the loader would read, and what the
+loader would read that is already in ``data_dir`` is used as it is, never
+downloaded again, replaced or deleted.
 """
 
 from __future__ import annotations
