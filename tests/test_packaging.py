@@ -1,4 +1,4 @@
-"""The distribution's metadata: dependencies, extras, version, license."""
+"""The distribution's metadata: dependencies, extras, version, license, URLs."""
 
 from __future__ import annotations
 
@@ -63,3 +63,51 @@ def test_python_versions_and_typing_marker():
   assert "Typing :: Typed" in classifiers
   assert PYPROJECT["tool"]["setuptools"]["package-data"]["osgd_jax"] == [
       "py.typed"]
+
+
+def test_the_project_urls_point_into_the_repository():
+  urls = PROJECT["urls"]
+  repository = urls["Repository"]
+  assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repository)
+  assert urls["Homepage"] == repository
+  assert urls["Issues"] == f"{repository}/issues"
+  assert urls["Changelog"] == f"{repository}/blob/main/CHANGELOG.md"
+  assert urls["Documentation"].startswith(f"{repository}/")
+
+
+# Links to a GitHub repository of the project's owner, or to any notebook
+# Colab opens from GitHub; they end where Markdown, JSON or Python would end
+# them.
+_LINK_END = r"[^\s()\[\]<>\"'`\\]*"
+
+
+def _documents() -> list[pathlib.Path]:
+  # docs/ may hold a Sphinx site (.rst, conf.py, notebooks) besides Markdown.
+  found = [ROOT / "README.md"]
+  for folder in ("docs", "notebooks"):
+    found += sorted(p for p in (ROOT / folder).rglob("*")
+                    if p.suffix in (".md", ".rst", ".py", ".ipynb"))
+  return found
+
+
+def test_every_link_to_the_repository_is_the_project_url():
+  repository = PROJECT["urls"]["Repository"]
+  owner = repository.split("/")[3]
+  link = re.compile(
+      rf"https?://(?:colab\.research\.google\.com/github/[\w.-]+|github\.com/"
+      rf"{re.escape(owner)})/{_LINK_END}")
+  found = []
+  for path in _documents():
+    for match in link.finditer(path.read_text(encoding="utf-8")):
+      url = re.sub(r"^https?://colab\.research\.google\.com/github/",
+                   "https://github.com/", match.group(0)).rstrip(".,;:")
+      found.append(url)
+      where = f"{path.relative_to(ROOT)}: {match.group(0)}"
+      assert url == repository or url.startswith(f"{repository}/"), where
+      # A link to a file of the repository names one that exists.
+      inside = re.match(rf"{re.escape(repository)}/(?:blob|tree)/main/(.+)",
+                        url)
+      if inside:
+        assert (ROOT / inside.group(1)).exists(), where
+  # The three notebooks' Colab badges and install commands at least.
+  assert len(found) >= 6, found

@@ -1,12 +1,17 @@
 """The ``osgd-train`` command: flags, config files and one-line errors.
 
-Every flag mirrors a :class:`osgd_jax.app.train.TrainConfig` field. A YAML or
-JSON file given with ``--config`` supplies defaults whose keys are the flag
-names (``batch_size`` or ``batch-size``); flags on the command line override
-it. Bad input ends with one line on stderr saying what is wrong and what to
-do, and exit status 2; a diverged run or a failed write exits with status 1.
-The run directory is printed first; Ctrl-C keeps the finished epochs and
-ends with one line giving the command that resumes the run (status 130).
+Every flag but ``--config`` and ``--download`` mirrors a
+:class:`osgd_jax.app.train.TrainConfig` field. A YAML or JSON file given with
+``--config`` supplies defaults whose keys are the flag names (``batch_size``
+or ``batch-size``); flags on the command line override it. ``--download``
+fetches a CIFAR archive missing from ``--data-dir`` before the run starts;
+it says what to fetch, not how to train, so it is no part of the run's
+configuration (``config.json``) and never stands in the way of ``--resume``.
+Bad input ends with one line on stderr saying what is wrong and what to do,
+and exit status 2; a diverged run, a failed write or a failed download
+exits with status 1. The run directory is printed first; Ctrl-C keeps the
+finished epochs and ends with one line giving the command that resumes the
+run (status 130).
 
 Run it as ``osgd-train`` or ``python -m osgd_jax.app``.
 """
@@ -29,7 +34,8 @@ from osgd_jax.app.checkpoint import CheckpointWriteError
 from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
                                        EXIT_INTERRUPTED, OneLineArgumentParser,
                                        print_error, quiet_library_logs)
-from osgd_jax.app.data import DATASET_ALIASES, DATASET_NAMES
+from osgd_jax.app.data import (CIFAR_ARCHIVES, DATASET_ALIASES, DATASET_NAMES,
+                               DownloadError, download_cifar)
 from osgd_jax.app.report import exit_table
 from osgd_jax.app.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
                                 TrainConfig, TrainingDiverged,
@@ -38,6 +44,10 @@ from osgd_jax.aggregation import GRANULARITIES
 from osgd_jax.transform import METHODS
 
 __all__ = ["main", "build_parser", "config_from_args", "resume_command"]
+
+# The flags that are no TrainConfig field: they say where the settings come
+# from and what to fetch, not how to train.
+_COMMAND_ONLY = ("config", "download")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -56,7 +66,7 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
 
   Returns:
     The parser; every destination is a :class:`TrainConfig` field, plus
-    ``config``.
+    ``config`` and ``download``.
 
   Example:
     >>> build_parser().parse_args(["--epochs", "3"]).epochs
@@ -81,6 +91,10 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="the data set; CIFAR-10 and the like are aliases")
   p.add_argument("--data-dir", default=d.data_dir,
                  help="directory holding the CIFAR archives or their extracted folders")
+  p.add_argument("--download", action="store_true",
+                 help="download the CIFAR archive into --data-dir if neither it"
+                 " nor its extracted folder is there, checking its MD5 (digits"
+                 " and synthetic have nothing to download)")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
                  help="osgd: orthogonalized per-exit gradients; sgd: gradient"
                  " of the summed (weighted) exit losses; sgd-linear,"
@@ -181,6 +195,11 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     >>> config.optimizer, config.exit_weights
     ('sgd', (1.0, 1.0, 2.0, 4.0))
   """
+  return _parse(argv)[0]
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
+  """The validated configuration, and whether ``--download`` was given."""
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.config:
@@ -193,10 +212,23 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
           f" {', '.join(sorted(fields))}.")
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
-  values = {k: v for k, v in vars(args).items() if k != "config"}
+  values = {k: v for k, v in vars(args).items() if k not in _COMMAND_ONLY}
   config = TrainConfig(**values)  # it turns a file's list into a tuple
   config.validate()
-  return config
+  return config, args.download
+
+
+def _download(config: TrainConfig) -> None:
+  """Fetches the run's CIFAR archive when ``--data-dir`` lacks it."""
+  if config.dataset not in CIFAR_ARCHIVES:
+    return  # digits ship with scikit-learn; synthetic data is generated
+  if config.data_dir is None:
+    raise ValueError(f"--download needs --data-dir: the directory to keep"
+                     f" {config.dataset}'s archive in.")
+  # Every process fetches what its own --data-dir lacks; on a shared file
+  # system, concurrent downloads each write a file of their own and the
+  # last complete one takes the archive's name.
+  download_cifar(config.dataset, config.data_dir, progress=config.progress)
 
 
 def resume_command(argv: Sequence[str], out: str, *, resume: bool = True
@@ -256,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before anything touches a device: a multi-process launch (TPU pod,
     # Slurm, mpirun, or JAX_COORDINATOR_ADDRESS/..._PROCESS_ID) joins here.
     sharding.initialize_distributed()
-    config = config_from_args(argv)
+    config, download = _parse(argv)
+    if download:
+      _download(config)
     if config.out is None and jax.process_count() == 1:
       # Named now, so that an interrupted run can say where it is.
       config = dataclasses.replace(config, out=default_output_dir(config))
@@ -266,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:  # bad input: data, flags, --out, checkpoints
     print_error(prog, e)
     return EXIT_BAD_INPUT
-  except (TrainingDiverged, CheckpointWriteError) as e:
+  except (TrainingDiverged, CheckpointWriteError, DownloadError) as e:
     print_error(prog, e)
     return EXIT_FAILED
   except OSError as e:  # the file system failed outside a checkpoint

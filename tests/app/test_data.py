@@ -1,19 +1,15 @@
 """Tests for osgd_jax.app.data: loaders, batch streams and augmentation.
 
-The CIFAR tests write tiny archives in the official layout: Python-2-style
-protocol-2 pickles (byte strings as BINSTRING, NumPy 1 module names), inside
-``cifar-10-batches-py/`` / ``cifar-100-python/`` and their ``.tar.gz``.
+The CIFAR tests write tiny archives in the official layout
+(``tests/cifar_files.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import pickle
-import struct
 import sys
-import tarfile
 
 import hypothesis
 import hypothesis.strategies as st
@@ -25,139 +21,27 @@ import pytest
 from osgd_jax.app import data
 from osgd_jax.app.data import (Dataset, DatasetFormatError, DatasetNotFoundError,
                            load_dataset)
+from cifar_files import py2_pickle, write_cifar
 
 _SETTINGS = hypothesis.settings(max_examples=30, deadline=None)
-
-# ---------------------------------------------------------------------------
-# Writing CIFAR files in the official format.
-
-
-class _Py2Pickler(pickle._Pickler):  # pylint: disable=protected-access
-  """Pickles like Python 2's cPickle: every string is a byte string."""
-
-  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
-
-  def _save_py2_str(self, obj):
-    raw = obj.encode("latin1") if isinstance(obj, str) else obj
-    n = len(raw)
-    if n < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([n]) + raw)
-    else:
-      self.write(pickle.BINSTRING + struct.pack("<i", n) + raw)
-    if raw is obj:
-      self.memoize(obj)
-
-  dispatch[bytes] = _save_py2_str
-  dispatch[str] = _save_py2_str
-
-
-def _py2_pickle(obj) -> bytes:
-  buf = io.BytesIO()
-  _Py2Pickler(buf, protocol=2).dump(obj)
-  # The official files were written by NumPy 1, whose module was numpy.core.
-  return buf.getvalue().replace(b"cnumpy._core.multiarray\n",
-                                b"cnumpy.core.multiarray\n")
-
-
-@dataclasses.dataclass
-class _Written:
-  """Raw contents of a generated CIFAR tree."""
-  root: str
-  folder: str
-  archive: str
-  train: np.ndarray         # uint8 (N, 3072), official row layout
-  test: np.ndarray
-  train_labels: dict        # label key -> int array
-  test_labels: dict
-
-
-def _cifar_files(variant: str, rng: np.random.Generator, n: int):
-  """{file name: pickled dict} for a tiny CIFAR tree, plus raw arrays."""
-  def batch(label, num_classes_by_key):
-    d = {b"batch_label": label.encode(),
-         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-         b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
-    for key, k in num_classes_by_key.items():
-      d[key.encode()] = [int(v) for v in rng.integers(0, k, n)]
-    return d
-
-  if variant == "cifar10":
-    keys = {"labels": 10}
-    files = {f"data_batch_{i}": batch(f"training batch {i} of 5", keys)
-             for i in range(1, 6)}
-    files["test_batch"] = batch("testing batch 1 of 1", keys)
-    meta = ("batches.meta", {
-        b"num_cases_per_batch": n, b"num_vis": 3072,
-        b"label_names": [f"class{i}".encode() for i in range(10)]})
-    train_names, test_names = [f"data_batch_{i}" for i in range(1, 6)], [
-        "test_batch"]
-  else:
-    keys = {"fine_labels": 100, "coarse_labels": 20}
-    files = {"train": batch("training batch 1 of 1", keys),
-             "test": batch("testing batch 1 of 1", keys)}
-    meta = ("meta", {
-        b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
-    train_names, test_names = ["train"], ["test"]
-  files[meta[0]] = meta[1]
-
-  def cat(names, key):
-    if key == "data":
-      return np.concatenate([files[f][b"data"] for f in names])
-    return np.concatenate([files[f][key.encode()] for f in names])
-
-  raw = dict(train=cat(train_names, "data"), test=cat(test_names, "data"),
-             train_labels={k: cat(train_names, k) for k in keys},
-             test_labels={k: cat(test_names, k) for k in keys})
-  return files, raw
-
-
-_NAMES = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
-          "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz")}
-
-
-def _write_cifar(root: str, variant: str, *, seed: int = 0, n: int = 20,
-                 extracted: bool = True, archived: bool = True,
-                 edit=None) -> _Written:
-  """Writes the folder and/or the archive; ``edit(files)`` may corrupt them."""
-  folder_name, archive_name = _NAMES[variant]
-  files, raw = _cifar_files(variant, np.random.default_rng(seed), n)
-  blobs = {name: _py2_pickle(d) for name, d in files.items()}
-  if edit is not None:
-    edit(blobs)
-  os.makedirs(root, exist_ok=True)
-  folder = os.path.join(root, folder_name)
-  archive = os.path.join(root, archive_name)
-  if extracted:
-    os.makedirs(folder)
-    for name, blob in blobs.items():
-      with open(os.path.join(folder, name), "wb") as f:
-        f.write(blob)
-  if archived:
-    with tarfile.open(archive, "w:gz") as tar:
-      for name, blob in blobs.items():
-        info = tarfile.TarInfo(f"{folder_name}/{name}")
-        info.size = len(blob)
-        tar.addfile(info, io.BytesIO(blob))
-  return _Written(root=root, folder=folder, archive=archive, **raw)
 
 
 @pytest.fixture(scope="module")
 def cifar10_only_folder(tmp_path_factory):
-  return _write_cifar(str(tmp_path_factory.mktemp("c10f")), "cifar10",
-                      archived=False)
+  return write_cifar(str(tmp_path_factory.mktemp("c10f")), "cifar10",
+                     archived=False)
 
 
 @pytest.fixture(scope="module")
 def cifar10_only_archive(tmp_path_factory):
-  return _write_cifar(str(tmp_path_factory.mktemp("c10a")), "cifar10",
-                      extracted=False)
+  return write_cifar(str(tmp_path_factory.mktemp("c10a")), "cifar10",
+                     extracted=False)
 
 
 @pytest.fixture(scope="module")
 def cifar100_archive(tmp_path_factory):
-  return _write_cifar(str(tmp_path_factory.mktemp("c100")), "cifar100",
-                      seed=1, n=30, extracted=False)
+  return write_cifar(str(tmp_path_factory.mktemp("c100")), "cifar100",
+                     seed=1, n=30, extracted=False)
 
 
 def _unstandardize(ds: Dataset, x: np.ndarray) -> np.ndarray:
@@ -194,7 +78,7 @@ def test_cifar10_round_trips_pixels_and_labels(source, cifar10_only_folder,
 
 
 def test_cifar_folder_and_archive_give_identical_datasets(tmp_path):
-  written = _write_cifar(str(tmp_path / "both"), "cifar10", seed=5)
+  written = write_cifar(str(tmp_path / "both"), "cifar10", seed=5)
   from_dir = load_dataset("cifar10", data_dir=written.root)
   os.rename(written.folder, str(tmp_path / "elsewhere"))
   from_tar = load_dataset("cifar10", data_dir=written.root)
@@ -240,15 +124,15 @@ def test_cifar_reads_pickles_written_by_python3_numpy2(tmp_path):
     for name, blob in blobs.items():
       blobs[name] = pickle.dumps(pickle.loads(blob, encoding="bytes"),
                                  protocol=2)
-  written = _write_cifar(str(tmp_path / "py3"), "cifar10", edit=repickle,
-                         archived=False)
+  written = write_cifar(str(tmp_path / "py3"), "cifar10", edit=repickle,
+                        archived=False)
   ds = load_dataset("cifar10", data_dir=written.root)
   np.testing.assert_array_equal(ds.y_train, written.train_labels["labels"])
 
 
 def test_meta_file_is_optional(tmp_path):
-  written = _write_cifar(str(tmp_path / "nometa"), "cifar10", archived=False,
-                         edit=lambda blobs: blobs.pop("batches.meta"))
+  written = write_cifar(str(tmp_path / "nometa"), "cifar10", archived=False,
+                        edit=lambda blobs: blobs.pop("batches.meta"))
   ds = load_dataset("cifar10", data_dir=written.root)
   assert ds.class_names == () and ds.num_train == 100
 
@@ -284,15 +168,15 @@ def test_no_data_dir_and_empty_directory(tmp_path):
 
 
 def test_missing_batch_file_is_named(tmp_path):
-  written = _write_cifar(str(tmp_path / "partial"), "cifar10", archived=False,
-                         edit=lambda blobs: blobs.pop("data_batch_3"))
+  written = write_cifar(str(tmp_path / "partial"), "cifar10", archived=False,
+                        edit=lambda blobs: blobs.pop("data_batch_3"))
   msg = _raises(DatasetNotFoundError, written.root)
   assert "data_batch_3" in msg and written.folder in msg
 
 
 def test_archive_missing_a_member(tmp_path):
-  written = _write_cifar(str(tmp_path / "short"), "cifar10", extracted=False,
-                         edit=lambda blobs: blobs.pop("test_batch"))
+  written = write_cifar(str(tmp_path / "short"), "cifar10", extracted=False,
+                        edit=lambda blobs: blobs.pop("test_batch"))
   msg = _raises(DatasetFormatError, written.root)
   assert "test_batch" in msg and written.archive in msg
 
@@ -304,7 +188,7 @@ def test_corrupt_pickle(tmp_path, corruption):
     blobs["data_batch_2"] = {"truncated": blob[:len(blob) // 2],
                              "garbage": b"\x80\x02not a pickle at all",
                              "empty": b""}[corruption]
-  written = _write_cifar(str(tmp_path / "bad"), "cifar10", edit=corrupt)
+  written = write_cifar(str(tmp_path / "bad"), "cifar10", edit=corrupt)
   msg = _raises(DatasetFormatError, written.root)
   assert "data_batch_2" in msg and "pickle" in msg and data.CIFAR_URL in msg
   os.rename(written.folder, str(tmp_path / "moved"))  # now read the archive
@@ -324,21 +208,21 @@ def test_wrong_contents(tmp_path, problem, expected):
   def edit(blobs):
     batch = pickle.loads(blobs["test_batch"], encoding="bytes")
     problem(batch)
-    blobs["test_batch"] = _py2_pickle(batch)
-  written = _write_cifar(str(tmp_path / "wrong"), "cifar10", edit=edit,
-                         archived=False)
+    blobs["test_batch"] = py2_pickle(batch)
+  written = write_cifar(str(tmp_path / "wrong"), "cifar10", edit=edit,
+                        archived=False)
   msg = _raises(DatasetFormatError, written.root)
   assert expected in msg and "test_batch" in msg
 
 
 def test_non_dict_pickle_and_bad_meta(tmp_path):
-  written = _write_cifar(
+  written = write_cifar(
       str(tmp_path / "list"), "cifar10", archived=False,
-      edit=lambda blobs: blobs.update(data_batch_1=_py2_pickle([1, 2])))
+      edit=lambda blobs: blobs.update(data_batch_1=py2_pickle([1, 2])))
   assert "not a dict" in _raises(DatasetFormatError, written.root)
-  written = _write_cifar(
+  written = write_cifar(
       str(tmp_path / "meta"), "cifar10", archived=False,
-      edit=lambda blobs: blobs.update({"batches.meta": _py2_pickle({})}))
+      edit=lambda blobs: blobs.update({"batches.meta": py2_pickle({})}))
   assert "batches.meta" in _raises(DatasetFormatError, written.root)
 
 
@@ -348,7 +232,7 @@ def test_corrupt_archive(tmp_path):
   (root / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8bthis is no gzip")
   msg = _raises(DatasetFormatError, str(root))
   assert "cifar-10-python.tar.gz" in msg and "archive" in msg
-  written = _write_cifar(str(tmp_path / "cut"), "cifar10", extracted=False)
+  written = write_cifar(str(tmp_path / "cut"), "cifar10", extracted=False)
   with open(written.archive, "rb") as f:
     blob = f.read()
   with open(written.archive, "wb") as f:
@@ -366,7 +250,7 @@ class _Exploit:
 
 def test_pickle_cannot_run_code(tmp_path):
   sentinel = str(tmp_path / "pwned")
-  written = _write_cifar(
+  written = write_cifar(
       str(tmp_path / "evil"), "cifar10", archived=False,
       edit=lambda blobs: blobs.update(
           data_batch_1=pickle.dumps({b"data": _Exploit(sentinel)}, 2)))

@@ -3,9 +3,11 @@
 ``load_dataset(name)`` returns a ``Dataset`` of standardised NumPy arrays in
 host memory: scikit-learn's ``digits``, ``cifar10``/``cifar100`` from the
 official archives in a local ``data_dir``, or a seeded ``synthetic`` task.
-``iterate_batches`` streams an epoch in an order fixed by ``(seed, epoch)``,
-and ``augment`` (random crop with padding and flip) runs inside a jitted step
-with keys from ``augment_key(key, epoch, step)``.
+``download_cifar`` fetches the CIFAR archives into that directory, checked
+against their published MD5. ``iterate_batches`` streams an epoch in an order
+fixed by ``(seed, epoch)``, and ``augment`` (random crop with padding and
+flip) runs inside a jitted step with keys from ``augment_key(key, epoch,
+step)``.
 """
 
 from osgd_jax.app.data.augment import augment, random_crop, random_flip
@@ -15,22 +17,28 @@ from osgd_jax.app.data.batching import (augment_key, batch_indices,
                                     epoch_permutation, iterate_batches,
                                     num_batches)
 from osgd_jax.app.data.cifar import load_cifar
+from osgd_jax.app.data.download import (CIFAR_ARCHIVES, CifarArchive,
+                                       DownloadError, download_cifar)
 from osgd_jax.app.data.digits import load_digits, stratified_split
 from osgd_jax.app.data.loading import (DATASET_ALIASES, DATASET_NAMES,
                                       canonical_dataset_name, load_dataset)
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
+    "CIFAR_ARCHIVES",
     "CIFAR_URL",
+    "CifarArchive",
     "DATASET_ALIASES",
     "DATASET_NAMES",
     "Dataset",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "DownloadError",
     "augment",
     "augment_key",
     "batch_indices",
     "canonical_dataset_name",
+    "download_cifar",
     "epoch_permutation",
     "iterate_batches",
     "load_cifar",

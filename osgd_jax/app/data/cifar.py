@@ -1,9 +1,10 @@
-"""CIFAR-10 / CIFAR-100 from the official "python version" archives, no download.
+"""CIFAR-10 / CIFAR-100 from the official "python version" archives.
 
 The archives (https://www.cs.toronto.edu/~kriz/cifar.html) hold pickled dicts
 written by Python 2: bytes keys, ``b"data"`` a uint8 ``(N, 3072)`` array of
 row-major channel-first 3x32x32 images, and integer label lists. They are read
-either straight from the ``.tar.gz`` or from its extracted folder.
+either straight from the ``.tar.gz`` or from its extracted folder. Reading
+never downloads anything; ``download.py`` fetches the archives.
 
 Pickles can run arbitrary code when loaded, so the unpickler here only resolves
 the handful of globals that NumPy arrays need and rejects everything else.
@@ -26,7 +27,7 @@ from osgd_jax.app.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
                                 DatasetNotFoundError, channel_stats,
                                 standardize)
 
-__all__ = ["load_cifar"]
+__all__ = ["archive_path", "find_cifar", "load_cifar"]
 
 _IMAGE_SIZE = 3 * 32 * 32
 
@@ -155,7 +156,7 @@ def _not_found(layout: _Layout, root: str | None,
       f" (holding {', '.join(layout.files)} and optionally {layout.meta}) or"
       f" the archive {layout.archive}. Download the '{layout.title}' from"
       f" {CIFAR_URL} and pass the directory holding it (extracted or not) as"
-      " data_dir.")
+      " data_dir, or let download_cifar (osgd-train --download) fetch it.")
 
 
 # Each reader returns {file name: (where it was read, unpickled dict)}.
@@ -198,6 +199,71 @@ def _read_archive(layout: _Layout, archive: str) -> _Contents:
   return contents
 
 
+def _layout(name: str) -> _Layout:
+  if name not in _LAYOUTS:
+    raise ValueError(f"unknown CIFAR variant {name!r}; use one of"
+                     f" {sorted(_LAYOUTS)}")
+  return _LAYOUTS[name]
+
+
+def _locate(layout: _Layout, root: str) -> str | None:
+  folder = os.path.join(root, layout.folder)
+  archive = os.path.join(root, layout.archive)
+  if os.path.isdir(folder):
+    return folder
+  if os.path.isfile(archive):
+    return archive
+  # data_dir may itself be the extracted folder.
+  if os.path.isfile(os.path.join(root, layout.files[0])):
+    return root
+  return None
+
+
+def archive_path(data_dir: str | os.PathLike[str], name: str) -> str:
+  """Where the official archive of ``name`` belongs in ``data_dir``.
+
+  Args:
+    data_dir: a directory (``~`` is expanded).
+    name: ``"cifar10"`` or ``"cifar100"``.
+
+  Returns:
+    The path of ``cifar-10-python.tar.gz`` or ``cifar-100-python.tar.gz``
+    in ``data_dir``, whether or not it exists.
+
+  Raises:
+    ValueError: an unknown ``name``.
+
+  Example:
+    >>> archive_path("/data", "cifar100")
+    '/data/cifar-100-python.tar.gz'
+  """
+  root = os.fspath(os.path.expanduser(data_dir))
+  return os.path.join(root, _layout(name).archive)
+
+
+def find_cifar(data_dir: str | os.PathLike[str], name: str) -> str | None:
+  """The files :func:`load_cifar` reads for ``name`` in ``data_dir``, if any.
+
+  Args:
+    data_dir: a directory (``~`` is expanded).
+    name: ``"cifar10"`` or ``"cifar100"``.
+
+  Returns:
+    The extracted folder, else the archive, else ``data_dir`` itself when it
+    holds the batch files, as :func:`load_cifar` looks for them; ``None``
+    when there is none of these. Whether they are complete and valid is
+    only known by reading them.
+
+  Raises:
+    ValueError: an unknown ``name``.
+
+  Example:
+    >>> find_cifar("/nonexistent", "cifar10") is None
+    True
+  """
+  return _locate(_layout(name), os.fspath(os.path.expanduser(data_dir)))
+
+
 def _read(layout: _Layout,
           data_dir: str | os.PathLike[str] | None) -> _Contents:
   if data_dir is None:
@@ -205,16 +271,12 @@ def _read(layout: _Layout,
   root = os.fspath(os.path.expanduser(data_dir))
   if not os.path.isdir(root):
     raise _not_found(layout, root, f"the directory {root!r} does not exist")
-  folder = os.path.join(root, layout.folder)
-  archive = os.path.join(root, layout.archive)
-  if os.path.isdir(folder):
-    return _read_folder(layout, folder)
-  if os.path.isfile(archive):
-    return _read_archive(layout, archive)
-  # data_dir may itself be the extracted folder.
-  if os.path.isfile(os.path.join(root, layout.files[0])):
-    return _read_folder(layout, root)
-  raise _not_found(layout, root, "found neither the folder nor the archive")
+  found = _locate(layout, root)
+  if found is None:
+    raise _not_found(layout, root, "found neither the folder nor the archive")
+  if found == os.path.join(root, layout.archive):
+    return _read_archive(layout, found)
+  return _read_folder(layout, found)
 
 
 def _class_names(layout: _Layout, contents: _Contents, names_key: str, num_classes: int,
@@ -264,10 +326,7 @@ def load_cifar(data_dir: str | os.PathLike[str] | None, *,
     >>> ds.x_train.shape  # doctest: +SKIP
     (50000, 32, 32, 3)
   """
-  if name not in _LAYOUTS:
-    raise ValueError(f"unknown CIFAR variant {name!r}; use one of"
-                     f" {sorted(_LAYOUTS)}")
-  layout = _LAYOUTS[name]
+  layout = _layout(name)
   if label_mode not in layout.labels:
     raise ValueError(f"{name} has no label_mode {label_mode!r}; use one of"
                      f" {sorted(layout.labels)}")
