@@ -55,6 +55,8 @@ from osgd_jax import orthogonalize
 
 __all__ = ["METHODS", "OsgdState", "osgd", "osgd_sgd"]
 
+#: The ``method`` values of :func:`osgd`: two passes over the gradients (a
+#: Gram matrix, then a weighted sum), or modified Gram–Schmidt on them.
 METHODS = ("gram", "sequential")
 _NAME = "osgd"
 

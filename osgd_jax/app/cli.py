@@ -55,8 +55,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     prog: the command's name in usage and error lines.
 
   Returns:
-    The parser; every destination is a :class:`TrainConfig` field, plus
-    ``config``.
+    The parser; every destination is a
+    :class:`~osgd_jax.app.train.TrainConfig` field, plus ``config``.
 
   Example:
     >>> build_parser().parse_args(["--epochs", "3"]).epochs

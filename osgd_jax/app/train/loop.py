@@ -179,7 +179,7 @@ def train(config: TrainConfig) -> TrainResult:
     config: the run's settings.
 
   Returns:
-    A :class:`TrainResult`.
+    A :class:`~osgd_jax.app.train.TrainResult`.
 
   Raises:
     ValueError: a bad setting, missing data, an unwritable ``out``, or a
