@@ -30,7 +30,13 @@ def test_the_app_and_test_extras():
       "matplotlib", "orbax-checkpoint", "pyyaml", "scikit-learn", "tqdm"]
   assert sorted(_names(extras["test"])) == [
       "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
-      "osgd-jax[app]", "pytest", "pytest-xdist"]
+      "osgd-jax[app]", "osgd-jax[docs]", "pytest", "pytest-xdist"]
+
+
+def test_the_docs_extra_is_sphinx_and_myst_nb():
+  # tests/test_docs.py builds the site, so the test extra installs it.
+  assert sorted(_names(PROJECT["optional-dependencies"]["docs"])) == [
+      "myst-nb", "sphinx"]
 
 
 def test_the_version_has_one_source():
