@@ -6,16 +6,20 @@ a page left out of the table of contents fails it. It runs in a subprocess,
 so that Sphinx's global state never reaches the other tests of its worker.
 From the ``objects.inv`` it writes, every name in the ``__all__`` of every
 public module must have an entry, so a public symbol without documentation
-fails the suite.
+fails the suite. The fast tests check that the command-line guide names every
+flag of both commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
 import pathlib
 import pkgutil
 import posixpath
+import re
 import subprocess
 import sys
 
@@ -23,9 +27,11 @@ import pytest
 from sphinx.util.inventory import InventoryFile
 
 import osgd_jax
+from osgd_jax.app import cli, compare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+CLI_GUIDE = DOCS / "guides" / "cli.md"
 
 
 def public_modules() -> list[str]:
@@ -114,8 +120,32 @@ def test_docs_build_without_warnings_and_index_every_public_name(tmp_path):
   assert {"osgd_jax.osgd", "osgd_jax.transform.osgd", "osgd_jax.zoo.create",
           "osgd_jax.OsgdState.cosine"} <= inventory["py:function"] | inventory[
               "py:attribute"]
-  # The pages, the notebooks (rendered, not run) and the benchmarks.
+  # The guides, the notebooks (rendered, not run) and the benchmarks.
   pages = inventory["std:doc"]
-  for page in ("index", "design", "faults", "_generated/notebooks/01_quickstart",
+  for page in ("index", "guides/quickstart", "guides/cli", "design", "faults",
+               "experiments", "_generated/notebooks/01_quickstart",
                "_generated/benchmarks/RESULTS", "api/osgd_jax"):
     assert page in pages, page
+
+
+def _documented_flags() -> set[str]:
+  return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", CLI_GUIDE.read_text()))
+
+
+def test_the_cli_guide_names_every_flag_of_osgd_train():
+  flags = {option for action in cli.build_parser()._actions  # pylint: disable=protected-access
+           for option in action.option_strings
+           if option.startswith("--") and option != "--help"}
+  assert {"--model", "--optimizer", "--mesh", "--no-progress"} <= flags
+  assert sorted(flags - _documented_flags()) == []
+
+
+def test_the_cli_guide_names_every_flag_of_osgd_compare():
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+    compare.main(["--help"])
+  assert exit_.value.code == 0
+  flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.getvalue()))
+  flags.discard("--help")
+  assert {"--models", "--optimizers", "--seeds"} <= flags
+  assert sorted(flags - _documented_flags()) == []

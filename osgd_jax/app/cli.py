@@ -88,7 +88,7 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " sgd-sdn: SDN's early-exit weights rising over training;"
                  " sgd-mean: the mean; adaloss: weights 1/EMA(loss);"
                  " pcgrad, mgda, upgrad and the rest: TorchJD's multi-task"
-                 " aggregators with their defaults (see the README; most"
+                 " aggregators with their defaults (see the weightings guide; most"
                  " return mean-sized updates, about 1/K of a sum: scale --lr)")
   p.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
                  help="OSGD basis per parameter tensor or over all parameters"
