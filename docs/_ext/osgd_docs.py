@@ -12,7 +12,7 @@ and a search for ``osgd`` finds one description, not two.
   re-exported under, read from the packages' ``__all__``;
 * ``doctree-read`` registers those aliases next to the entries autodoc made;
 * the ``public-names`` directive lists a package's ``__all__``, each name
-  with the first line of its docstring and a link to its entry;
+  with the first paragraph of its docstring and a link to its entry;
 * NamedTuple fields are left to their class's ``Attributes:`` section
   (autodoc would add a second, "Alias for field number 0", entry).
 """
@@ -154,7 +154,10 @@ class PublicNames(SphinxDirective):
                        self.get_source_info()[0]), 0, item)
         items += item
     finally:
-      ref_context["py:module"] = saved
+      if saved is None:
+        ref_context.pop("py:module", None)
+      else:
+        ref_context["py:module"] = saved
     return [items]
 
 
