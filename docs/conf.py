@@ -12,7 +12,6 @@ rendered as stored (without outputs), never executed.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -32,14 +31,12 @@ extensions = [
     "sphinx.ext.napoleon",
     "myst_nb",  # Markdown pages (MyST) and notebooks
     "osgd_docs",  # docs/_ext: one entry per object, re-exports as aliases
+    "outside_pages",  # docs/_ext: notebooks/ and benchmarks/ as pages
 ]
 
-# Pages that live outside docs/ (the notebooks, the benchmarks' results) are
-# copied into this git-ignored folder when the build starts: Sphinx reads
-# sources under its source directory only, and copies keep the relative
-# links between those files working.
-GENERATED = "_generated"
-OUTSIDE_PAGES = {
+# The notebooks and the benchmarks' results are pages too (docs/_ext/
+# outside_pages.py copies them into the git-ignored docs/_generated/).
+outside_pages = {
     "notebooks": ("README.md", "*.ipynb"),
     "benchmarks": ("README.md", "RESULTS.md"),
 }
@@ -84,27 +81,3 @@ html_theme_options = {
     "sidebar_width": "250px",
     "fixed_sidebar": True,
 }
-
-
-def _copy_outside_pages(app, config):  # pylint: disable=unused-argument
-  """Copies OUTSIDE_PAGES into docs/_generated/, keeping unchanged files.
-
-  A file whose bytes are unchanged keeps its copy (and its mtime), so an
-  incremental build does not re-read it; a file gone from its folder is
-  removed from the copy.
-  """
-  for folder, patterns in OUTSIDE_PAGES.items():
-    target = DOCS / GENERATED / folder
-    target.mkdir(parents=True, exist_ok=True)
-    sources = {p.name: p for pattern in patterns
-               for p in (ROOT / folder).glob(pattern)}
-    for stale in set(p.name for p in target.iterdir()) - set(sources):
-      (target / stale).unlink()
-    for name, source in sources.items():
-      copy = target / name
-      if not copy.exists() or copy.read_bytes() != source.read_bytes():
-        shutil.copy2(source, copy)
-
-
-def setup(app):
-  app.connect("config-inited", _copy_outside_pages)
