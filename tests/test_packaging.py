@@ -33,10 +33,11 @@ def test_the_app_and_test_extras():
       "osgd-jax[app]", "osgd-jax[docs]", "pytest", "pytest-xdist"]
 
 
-def test_the_docs_extra_is_sphinx_and_myst_nb():
-  # tests/test_docs.py builds the site, so the test extra installs it.
+def test_the_docs_extra_is_sphinx_and_myst_nb_with_the_app():
+  # tests/test_docs.py builds the site, so the test extra installs it; the
+  # API reference imports the application, so the site needs the app extra.
   assert sorted(_names(PROJECT["optional-dependencies"]["docs"])) == [
-      "myst-nb", "sphinx"]
+      "myst-nb", "osgd-jax[app]", "sphinx"]
 
 
 def test_the_version_has_one_source():
