@@ -60,6 +60,8 @@ __all__ = [
     "stateless",
 ]
 
+#: The ``granularity`` values: one Gram matrix and weight vector per
+#: parameter tensor (``"leaf"``), or one over all parameters (``"global"``).
 GRANULARITIES = ("leaf", "global")
 
 # The dtype of every diagnostic in a state, whatever the gradients' dtype, so
@@ -568,7 +570,7 @@ def from_weighting(
 
   Raises:
     ValueError: a bad ``num_exits`` or ``granularity`` (at construction);
-      gradients that are not stacked (K, *param.shape) float arrays with
+      gradients that are not stacked ``(K, *param.shape)`` float arrays with
       ``K == num_exits`` (at trace time, naming the leaf).
 
   Example:

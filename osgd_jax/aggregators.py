@@ -60,6 +60,7 @@ __all__ = [
     "weighted_sum",
 ]
 
+#: The named loss weightings :func:`weighted_sum` takes.
 WEIGHT_PRESETS = ("uniform", "linear", "geometric", "sdn", "mean", "sum")
 
 

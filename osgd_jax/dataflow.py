@@ -34,8 +34,9 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
 __all__ = ["Dependency", "check_exit_dependencies", "dependencies",
            "row_dependencies"]
 
-# The labels an array depends on: one set for the whole array, or a tuple of
-# sets, one per row of its leading axis (its length is that axis's size).
+#: The labels an array depends on, as one set for the whole array or as a
+#: tuple of sets, one per row of its leading axis (its length is that axis's
+#: size).
 Dependency = frozenset[int] | tuple[frozenset[int], ...]
 
 _NONE: frozenset[int] = frozenset()

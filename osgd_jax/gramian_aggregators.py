@@ -91,7 +91,7 @@ def random_weighting(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`osgd_jax.AggregationState`; its ``weighting_state`` is a
-    :class:`KeyState` per group.
+    :class:`~osgd_jax.KeyState` per group.
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
@@ -326,7 +326,7 @@ class GradVacState(NamedTuple):
     target: ``(K, K)`` the cosine targets ``φ̂`` (row i: task i's), an EMA
       of the cosines seen; 0 at ``init``.
     key_data: the raw data of the PRNG key that draws the visiting orders
-      (as :class:`KeyState`'s).
+      (as :class:`~osgd_jax.KeyState`'s).
   """
 
   target: jax.Array
@@ -678,8 +678,8 @@ def sdmgrad(
       num_exits=num_exits, granularity=granularity, name=name)
 
 
-# The weightings of osgd_jax.weightings that crmogm takes by name: those
-# that need nothing but the Gram matrix.
+#: The weightings of :mod:`osgd_jax.weightings` that :func:`crmogm` takes by
+#: name: those that need nothing but the Gram matrix.
 CRMOGM_WEIGHTINGS = ("upgrad", "mgda", "dualproj", "imtl_g", "aligned_mtl",
                      "cagrad", "config", "fairgrad", "nash_mtl", "pcd", "osgd",
                      "mean", "uniform")

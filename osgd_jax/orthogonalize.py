@@ -37,13 +37,13 @@ __all__ = [
     "modified_gram_schmidt",
 ]
 
-# Default relative tolerance on ‖ĝ_k‖² / ‖g_k‖². A component keeping less than
-# this fraction of its squared norm (about 0.3% of its norm) is treated as
-# lying in the span of earlier exits: in float32 the Gram form cannot resolve
-# finer residuals of nearly collinear rows, since cond(M) = cond(G)².
+#: Default relative tolerance on ‖ĝ_k‖² / ‖g_k‖². A component keeping less
+#: than this fraction of its squared norm (about 0.3% of its norm) is treated
+#: as lying in the span of earlier exits: in float32 the Gram form cannot
+#: resolve finer residuals of nearly collinear rows, since cond(M) = cond(G)².
 DEFAULT_TOL = 1e-5
 
-# Up to this many exits, the K×K algebra is unrolled at trace time.
+#: Up to this many exits, the K×K algebra is unrolled at trace time.
 UNROLL_MAX_EXITS = 16
 
 

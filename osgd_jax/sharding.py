@@ -45,7 +45,9 @@ __all__ = [
     "initialize_distributed",
 ]
 
+#: The mesh axis a batch is split over.
 DATA_AXIS = "data"
+#: The mesh axis every parameter is split over (on one of its dimensions).
 MODEL_AXIS = "model"
 _AXES = (DATA_AXIS, MODEL_AXIS)
 

@@ -37,7 +37,7 @@ from osgd_jax.grads import check_aux_pair, check_loss_vector
 
 __all__ = ["ROWS", "staged_value_and_per_exit_grads"]
 
-# How the per-exit rows of one stage's VJP run; see the module docstring.
+#: How the per-exit rows of one stage's VJP run; see the module docstring.
 ROWS = ("auto", "batched", "looped")
 
 

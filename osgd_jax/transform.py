@@ -57,6 +57,8 @@ from osgd_jax import orthogonalize
 __all__ = ["METHODS", "OsgdState", "SwitchToSumState", "osgd", "osgd_sgd",
            "switch_to_sum"]
 
+#: The ``method`` values of :func:`osgd`: two passes over the gradients (a
+#: Gram matrix, then a weighted sum), or modified Gram–Schmidt on them.
 METHODS = ("gram", "sequential")
 _NAME = "osgd"
 

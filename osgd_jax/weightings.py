@@ -101,10 +101,11 @@ __all__ = [
     "upgrad",
 ]
 
-# A weighting: ``(K, K)`` Gram matrix -> ``(K,)`` weights, jittable.
+#: The type of a weighting, a jittable function from a ``(K, K)`` Gram
+#: matrix to ``(K,)`` weights.
 Weighting = Callable[[jax.Array], jax.Array]
 
-# Relative tolerance of the QP solvers' optimality test (MGDA, UPGrad).
+#: Relative tolerance of the QP solvers' optimality test (MGDA, UPGrad).
 DEFAULT_QP_TOL = 1e-6
 # The smallest scale MGDA's second solve uses, relative to the largest
 # squared gradient norm: keeps its matrix finite when 0 is in the hull.
@@ -682,6 +683,7 @@ def imtl_g(gram: jax.Array) -> jax.Array:
   return jnp.where(degenerate, 0.0, v / jnp.where(degenerate, 1.0, total))
 
 
+#: The ``scale_mode`` values of :func:`aligned_mtl`.
 ALIGNED_MTL_SCALE_MODES = ("min", "median", "rmse")
 
 

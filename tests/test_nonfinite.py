@@ -1,6 +1,6 @@
 """The library under bad numbers: NaN/Inf gradients and learning rates.
 
-What is promised (README, "OSGD in your own Optax loop"): a NaN or Inf
+What is promised (docs/guides/optax.md, "Wrappers, NaN and Inf"): a NaN or Inf
 gradient makes the update of its group non-finite, and leaves the
 aggregator's own state as it was, so that ``optax.apply_if_finite`` after
 the aggregator skips the step and the next steps are as if it never came.

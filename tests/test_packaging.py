@@ -30,8 +30,16 @@ def test_the_app_and_test_extras():
       "matplotlib", "orbax-checkpoint", "pyyaml", "scikit-learn", "tqdm"]
   assert sorted(_names(extras["test"])) == [
       "build", "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
-      "osgd-jax[app,tensorboard]", "pytest", "pytest-xdist", "setuptools"]
+      "osgd-jax[app,tensorboard]", "osgd-jax[docs]", "pytest", "pytest-xdist",
+      "setuptools"]
   assert _names(extras["tensorboard"]) == ["tensorboardX"]
+
+
+def test_the_docs_extra_is_sphinx_and_myst_nb_with_the_app():
+  # tests/test_docs.py builds the site, so the test extra installs it; the
+  # API reference imports the application, so the site needs the app extra.
+  assert sorted(_names(PROJECT["optional-dependencies"]["docs"])) == [
+      "myst-nb", "osgd-jax[app]", "sphinx"]
 
 
 def test_the_version_has_one_source():

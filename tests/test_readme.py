@@ -1,8 +1,10 @@
-"""The README's Python blocks run as written, imports included.
+"""The README's and the guides' Python blocks run as written, imports included.
 
-Users paste them into a fresh interpreter, so each runs in a namespace of its
-own, with nothing imported for it. The suite's 8 host devices stand in for
-the devices of the multi-device block.
+A reader follows a page from the top, so each page's blocks run in order in
+one fresh namespace, with nothing imported for them: a block may use what an
+earlier block of its page defined, never what another page did. The pages
+are README.md, docs/index.md and docs/guides/*.md. The suite's 8 host devices
+stand in for the devices of the multi-device guide.
 """
 
 from __future__ import annotations
@@ -14,44 +16,53 @@ import jax
 import numpy as np
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, ROOT / "docs" / "index.md",
+         *sorted((ROOT / "docs" / "guides").glob("*.md"))]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 
 
-def _blocks() -> list[str]:
-  return _BLOCK.findall(README.read_text())
+def _blocks(page: pathlib.Path) -> list[tuple[int, str]]:
+  """The page's Python blocks, each with the line number it starts on."""
+  text = page.read_text()
+  return [(text.count("\n", 0, m.start(1)), m.group(1))
+          for m in _BLOCK.finditer(text)]
 
 
-def _first_line(block: str) -> str:
-  return next(line for line in block.splitlines()
-              if line and not line.startswith(("import", "from")))
+def _page_id(page: pathlib.Path) -> str:
+  return str(page.relative_to(ROOT))
 
 
 def test_the_blocks_are_found():
-  # Guards the test below against passing vacuously: the README shows the
-  # Optax loop, the staged zoo step, a user weighting and the sharded step.
-  blocks = _blocks()
-  assert len(blocks) >= 4
+  # Guards the test below against passing vacuously: the pages show the
+  # Optax loop, the staged zoo step, a user weighting, a stateful one, the
+  # sharded step and early exit, and the README has its example.
+  assert len(_blocks(README)) >= 1
+  blocks = [block for page in PAGES for _, block in _blocks(page)]
+  assert len(blocks) >= 12
   for needle in ("value_and_per_exit_grads", "staged_value_and_per_exit_grads",
-                 "from_weighting", "sharding.shard_batch"):
+                 "from_weighting", "StatefulWeighting", "sharding.shard_batch",
+                 "anytime.early_exit"):
     assert any(needle in block for block in blocks), needle
 
 
-@pytest.mark.parametrize("block", _blocks(), ids=_first_line)
-def test_readme_block_runs_as_written(block):
-  namespace = {"__name__": "__readme__"}
-  exec(compile(block, str(README), "exec"), namespace)  # pylint: disable=exec-used
-  for name in ("losses", "updates"):
-    if name in namespace:  # a training step's result is a number, not NaN
-      for leaf in jax.tree.leaves(namespace[name]):
-        assert np.all(np.isfinite(np.asarray(leaf))), (name, leaf)
+@pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=_page_id)
+def test_page_blocks_run_in_order(page):
+  namespace = {"__name__": "__docs__"}
+  for line, block in _blocks(page):
+    # Padded so that a traceback gives the line in the page.
+    exec(compile("\n" * line + block, str(page), "exec"), namespace)  # pylint: disable=exec-used
+    for name in ("losses", "updates"):
+      if name in namespace:  # a training step's result is a number, not NaN
+        for leaf in jax.tree.leaves(namespace[name]):
+          assert np.all(np.isfinite(np.asarray(leaf))), (page.name, line, name)
 
 
 def test_the_fault_table_names_tests_that_exist():
   # docs/faults.md gives the test of every fault case; a renamed or deleted
   # test must not leave the table pointing at nothing.
-  root = README.parent
-  text = (root / "docs" / "faults.md").read_text()
+  text = (ROOT / "docs" / "faults.md").read_text()
   path, named = None, []
   for ref in re.findall(r"`((?:tests/[\w/]+\.py)?::\w+|tests/[\w/]+\.py)`", text):
     file, _, test = ref.partition("::")
@@ -60,5 +71,5 @@ def test_the_fault_table_names_tests_that_exist():
       named.append((path, test))
   assert len(named) >= 15, named
   for file, test in named:
-    assert re.search(rf"^def {test}\(", (root / file).read_text(), re.M), (
+    assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), (
         file, test)

@@ -65,8 +65,9 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     prog: the command's name in usage and error lines.
 
   Returns:
-    The parser; every destination is a :class:`TrainConfig` field, plus
-    ``config`` and ``download``.
+    The parser; every destination is a
+    :class:`~osgd_jax.app.train.TrainConfig` field, plus ``config`` and
+    ``download``.
 
   Example:
     >>> build_parser().parse_args(["--epochs", "3"]).epochs
@@ -102,7 +103,7 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " sgd-sdn: SDN's early-exit weights rising over training;"
                  " sgd-mean: the mean; adaloss: weights 1/EMA(loss);"
                  " pcgrad, mgda, upgrad and the rest: TorchJD's multi-task"
-                 " aggregators with their defaults (see the README; most"
+                 " aggregators with their defaults (see the weightings guide; most"
                  " return mean-sized updates, about 1/K of a sum: scale --lr)")
   p.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
                  help="OSGD basis per parameter tensor or over all parameters"

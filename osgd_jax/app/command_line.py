@@ -17,9 +17,13 @@ from typing import NoReturn
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED",
            "OneLineArgumentParser", "print_error", "quiet_library_logs"]
 
+#: Exit status of a command given bad input (a flag, a config file, missing
+#: data, an unwritable output directory, a damaged checkpoint).
 EXIT_BAD_INPUT = 2
+#: Exit status of a run that failed (a diverged loss, a failed write).
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -33,6 +37,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
   """
 
   def error(self, message: str) -> NoReturn:
+    """Exits with ``EXIT_BAD_INPUT`` and one line: the error and ``--help``."""
     self.exit(EXIT_BAD_INPUT,
               f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

@@ -37,10 +37,12 @@ from osgd_jax.app.train import (OPTIMIZERS, TrainConfig, TrainingDiverged,
 __all__ = ["DEFAULT_MODELS", "DEFAULT_OPTIMIZERS", "RESULT_FILE", "compare",
            "format_table", "main", "run_once"]
 
-# A finished (or diverged) run's outcome, in the run's own directory.
+#: A finished (or diverged) run's outcome, in the run's own directory.
 RESULT_FILE = "result.json"
 
+#: The optimizers ``osgd-compare`` compares without ``--optimizers``.
 DEFAULT_OPTIMIZERS = ("osgd", "sgd")
+#: The models ``osgd-compare`` trains without ``--models``.
 DEFAULT_MODELS = ("branched-resnet", "nested-width-resnet",
                   "nested-depth-resnet", "nested-width-depth-resnet")
 

@@ -20,8 +20,8 @@ from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_INTERRUPTED,
 __all__ = ["APP_REQUIREMENTS", "install_command", "missing_requirements",
            "osgd_compare", "osgd_train"]
 
-# The app extra (pyproject.toml): the module the application imports from
-# each distribution, and the distribution's name.
+#: The app extra of pyproject.toml, as a mapping from the module the
+#: application imports to the name of the distribution that provides it.
 APP_REQUIREMENTS = {
     "orbax.checkpoint": "orbax-checkpoint",
     "sklearn": "scikit-learn",

@@ -32,7 +32,10 @@ __all__ = ["AnytimeNet", "MAX_LAYERS", "MAX_WIDTH", "check_config",
 # depth-nested families double their depth with every stage, the
 # width-nested ones their width) would take many minutes to build, trace and
 # compile, and is refused up front instead.
+
+#: The most residual layers a model may have (see :func:`check_size`).
 MAX_LAYERS = 256
+#: The most features (channels) a model's widest stage may have.
 MAX_WIDTH = 4096
 
 

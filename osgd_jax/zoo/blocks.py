@@ -48,7 +48,9 @@ __all__ = [
     "Head",
 ]
 
+#: The normalisations a backbone's layers can use (``norm=``).
 NORMS = ("batch", "group", "layer", "none")
+#: :class:`Backbone` kinds: 3×3 convolutions on NHWC images, or an MLP.
 BACKBONE_KINDS = ("conv", "dense")
 
 

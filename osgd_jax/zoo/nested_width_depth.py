@@ -15,10 +15,10 @@ __all__ = ["NestedWidthDepthNet"]
 class NestedWidthDepthNet(NestedDepthNet):
   """Width+depth-nested network: each stage doubles the depth and the width.
 
-  The interlaced construction of :class:`NestedDepthNet` (stage k+1 adds one
-  new layer after each of the ``n = D * 2**(k-1)`` layers of ``S_k``,
-  reading the previous new layer and, laterally, the old layer at the same
-  position), with the new chain of stage k ``2**(k-1)`` times as wide as
+  The interlaced construction of :class:`~osgd_jax.zoo.NestedDepthNet`
+  (stage k+1 adds one new layer after each of the ``n = D * 2**(k-1)``
+  layers of ``S_k``, reading the previous new layer and, laterally, the old
+  layer at the same position), with the new chain of stage k ``2**(k-1)`` times as wide as
   stage 1's. Exit k+1 sees every old unit through the lateral inputs and
   adds new, wider units at twice the depth::
 
@@ -33,10 +33,10 @@ class NestedWidthDepthNet(NestedDepthNet):
   Old units never read new ones: exit k depends only on stages 1..k.
   ``stages[k-1]`` owns stage k's layers and head k (stage 1 also the stem).
 
-  Carry: as for :class:`NestedDepthNet`, stage 1 takes the input batch and
-  stage k returns ``{"stem": h_0, "outputs": (o_1, ..., o_n)}``, the stem
-  output and the outputs of the ``n = D * 2**(k-1)`` layers of ``S_k`` in
-  sequence order (their widths differ by stage).
+  Carry: as for :class:`~osgd_jax.zoo.NestedDepthNet`, stage 1 takes the
+  input batch and stage k returns ``{"stem": h_0, "outputs": (o_1, ...,
+  o_n)}``, the stem output and the outputs of the ``n = D * 2**(k-1)``
+  layers of ``S_k`` in sequence order (their widths differ by stage).
 
   Args:
     backbone: what a layer is: :func:`~osgd_jax.zoo.blocks.conv_backbone`

@@ -15,6 +15,8 @@ __all__ = [
     "standardize",
 ]
 
+#: The CIFAR data sets' home page, where error messages send users for the
+#: archives.
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 

@@ -22,10 +22,12 @@ _LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
     "cifar100": (functools.partial(load_cifar, name="cifar100"), True, False),
     "synthetic": (make_synthetic, False, True),
 }
+#: The data sets :func:`load_dataset` loads, by their canonical names.
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
-# The spellings accepted besides the names themselves, each for one data set.
-# Matching is exact: a name that is neither a dataset nor an alias is an
-# error, never a guess, because the model's preset is chosen by the data set.
+#: The spellings accepted besides the names themselves, each for one data
+#: set. Matching is exact: a name that is neither a dataset nor an alias is
+#: an error, never a guess, because the model's preset is chosen by the data
+#: set.
 DATASET_ALIASES: dict[str, str] = {
     "CIFAR-10": "cifar10", "cifar-10": "cifar10", "CIFAR10": "cifar10",
     "CIFAR-100": "cifar100", "cifar-100": "cifar100", "CIFAR100": "cifar100",

@@ -21,9 +21,9 @@ from osgd_jax.app.train.run import Run, TrainState
 __all__ = ["EARLY_EXIT_THRESHOLDS", "TrainResult", "finish_run",
            "write_metrics"]
 
-# The confidence thresholds of the early-exit curve in metrics.json and the
-# figure, from 0 (every example takes exit 1) to 1 (only certain ones stop
-# before the last exit).
+#: The confidence thresholds of the early-exit curve in metrics.json and the
+#: figure, from 0 (every example takes exit 1) to 1 (only certain ones stop
+#: before the last exit).
 EARLY_EXIT_THRESHOLDS = np.linspace(0.0, 1.0, 21)
 
 

@@ -22,26 +22,30 @@ __all__ = ["OPTIMIZERS", "PER_EXIT_GRADS", "RESUMABLE_CHANGES", "SCHEDULES",
            "TrainConfig", "check_resumable", "config_differences",
            "describe_differences"]
 
-# "sgd" differentiates the summed loss; every other name aggregates the
-# stacked per-exit gradients with the transformation of the same name.
+#: The optimizers by name. "sgd" differentiates the summed loss; every other
+#: name aggregates the stacked per-exit gradients with the transformation of
+#: the same name.
 OPTIMIZERS = ("osgd", "sgd", "sgd-linear", "sgd-geometric", "sgd-sdn",
               "sgd-mean", "adaloss", "pcgrad", "mgda", "upgrad",
               # The rest of TorchJD 0.18's aggregators, by their papers' names.
               "random", "imtl-g", "aligned-mtl", "krum", "dualproj", "gradvac",
               "cagrad", "config", "fairgrad", "nash-mtl", "modo", "sdmgrad",
               "pcd", "crmogm", "trimmed-mean", "graddrop", "excess-mtl")
+#: The learning-rate schedules, from the peak ``lr`` (``cosine`` decays to
+#: 0, ``step`` divides by 10 at half and three quarters of the run,
+#: ``constant`` keeps ``lr``).
 SCHEDULES = ("cosine", "step", "constant")
-# How the per-exit gradients are computed: "staged" runs exit k's backward
-# pass through stages 1..k only, its rows looped on CPU and batched on
-# accelerators ("staged-looped" / "staged-batched" force one); "vmap" (the
-# fallback) runs K full backward passes.
+#: How the per-exit gradients are computed. "staged" runs exit k's backward
+#: pass through stages 1..k only, its rows looped on CPU and batched on
+#: accelerators ("staged-looped" / "staged-batched" force one); "vmap" (the
+#: fallback) runs K full backward passes.
 PER_EXIT_GRADS = ("staged", "staged-looped", "staged-batched", "vmap")
 
-# Fields that may change between a run and its resumption. per_exit_grads
-# changes how the same gradients are computed (equal up to rounding), and
-# checkpoints from before the field existed do not record it. ``epochs`` is
-# not one: the learning-rate schedule (and SDN's weights) span all epochs, so
-# a new count would silently change the steps already planned.
+#: Fields that may change between a run and its resumption. per_exit_grads
+#: changes how the same gradients are computed (equal up to rounding), and
+#: checkpoints from before the field existed do not record it. ``epochs`` is
+#: not one: the learning-rate schedule (and SDN's weights) span all epochs, so
+#: a new count would silently change the steps already planned.
 RESUMABLE_CHANGES = ("out", "resume", "eval_every", "progress",
                      "keep_checkpoints", "data_dir", "per_exit_grads", "mesh",
                      "log_every", "tensorboard")
@@ -113,7 +117,7 @@ class TrainConfig:
 
   @property
   def preset_name(self) -> str:
-    """The zoo preset the model is built with: ``preset``, or the dataset's."""
+    """The zoo preset the model is built with (``preset``, or the dataset's)."""
     if self.preset is not None:
       return self.preset
     return "cifar" if self.dataset in ("cifar10", "cifar100") else "digits"

@@ -248,7 +248,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()
       set, process 0 also writes the records as TensorBoard scalars.
 
   Returns:
-    A :class:`TrainResult`.
+    A :class:`~osgd_jax.app.train.TrainResult`.
 
   Raises:
     ValueError: a bad setting, missing data, an unwritable ``out``, or a

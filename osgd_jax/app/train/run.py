@@ -30,8 +30,9 @@ __all__ = ["CONFIG_FILE", "Run", "TrainState", "build_model",
            "prepare_output_dir", "read_saved_config", "start_run",
            "takes_images"]
 
-# The run's configuration, written when it starts: ``--resume`` compares the
-# new settings with it before it reads any checkpoint.
+#: The file of a run's configuration, written when the run starts;
+#: ``--resume`` compares the new settings with it before it reads any
+#: checkpoint.
 CONFIG_FILE = "config.json"
 
 
@@ -55,7 +56,7 @@ class Run:
     num_exits: K.
     steps_per_epoch: global batches per epoch.
     mesh: the device mesh, or ``None`` for one device.
-    step: the jitted step (see :func:`make_train_step`).
+    step: the jitted step (see :func:`~osgd_jax.app.train.make_train_step`).
     store: the run's checkpoints.
     history: one record per completed epoch, those of a resumed run first.
   """
@@ -120,8 +121,8 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
   """Creates the zoo model for the dataset's input shape and classes.
 
   Args:
-    config: ``model``, its preset (:attr:`TrainConfig.preset_name`) and
-      ``seed``.
+    config: ``model``, its preset
+      (:attr:`~osgd_jax.app.train.TrainConfig.preset_name`) and ``seed``.
     dataset: the data it will train on.
 
   Returns:

@@ -27,8 +27,8 @@ from osgd_jax.losses import per_exit_cross_entropy
 
 __all__ = ["STEP_FIELDS", "exit_weight_vector", "make_train_step"]
 
-# The fields that shape the compiled step; runs that agree on them (e.g. the
-# seeds of one experiment) share one compiled function.
+#: The fields that shape the compiled step; runs that agree on them (e.g. the
+#: seeds of one experiment) share one compiled function.
 STEP_FIELDS = ("optimizer", "granularity", "method", "rescale",
                "switch_to_sgd", "exit_weights", "lr", "schedule", "momentum",
                "weight_decay", "per_exit_grads")
