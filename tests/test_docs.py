@@ -87,7 +87,8 @@ def test_undocumented_reports_modules_and_names_without_an_entry():
       "std:doc": {"osgd_jax.transform.OsgdState"},  # not a Python entry
   }
   assert undocumented(inventory, ["osgd_jax.transform"]) == [
-      "osgd_jax.transform.OsgdState"]
+      "osgd_jax.transform.OsgdState", "osgd_jax.transform.SwitchToSumState",
+      "osgd_jax.transform.switch_to_sum"]
   missing = undocumented(inventory, ["osgd_jax.zoo.registry"])
   assert missing[0] == "osgd_jax.zoo.registry"  # the module itself
   assert "osgd_jax.zoo.registry.create" in missing

@@ -1,7 +1,7 @@
 """Downloading the official CIFAR archives, checked and written atomically.
 
 ``download_cifar(dataset, data_dir)`` fetches ``cifar-10-python.tar.gz`` or
-``cifar-100-python.tar.gz`` into ``data_dir``, where :func:`load_cifar` reads
+``cifar-100-python.tar.gz`` into ``data_dir``, where :func:`~osgd_jax.app.data.cifar.load_cifar` reads
 it. The bytes stream into a hidden ``.partial`` file in that directory and
 are hashed as they arrive; only a file of the announced length and the
 expected MD5 is renamed to the archive's name. An interrupted, cut or altered
@@ -42,8 +42,9 @@ class CifarArchive(NamedTuple):
   md5: str
 
 
-# The "python version" archives of https://www.cs.toronto.edu/~kriz/cifar.html
-# with the MD5 sums published there; the file names are the loader's.
+#: Where each data set's official "python version" archive is, and the MD5
+#: sum published for it (https://www.cs.toronto.edu/~kriz/cifar.html); the
+#: file names are the ones the loader reads.
 CIFAR_ARCHIVES: dict[str, CifarArchive] = {
     "cifar10": CifarArchive(
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -164,7 +165,7 @@ def download_cifar(dataset: str, data_dir: str | os.PathLike[str], *,
                    progress: bool = True) -> str:
   """Downloads a CIFAR archive into ``data_dir`` unless it is there already.
 
-  When ``data_dir`` already holds what :func:`load_cifar` reads (the
+  When ``data_dir`` already holds what :func:`~osgd_jax.app.data.cifar.load_cifar` reads (the
   extracted folder, the archive, or the batch files themselves), nothing is
   downloaded; an archive found there is checked against ``md5`` first.
   Otherwise ``url`` is streamed into a hidden ``.partial`` file in
@@ -179,7 +180,7 @@ def download_cifar(dataset: str, data_dir: str | os.PathLike[str], *,
     data_dir: the directory to download into, later the loader's
       ``data_dir``.
     url: where to download from; default: the official archive's address
-      (:data:`CIFAR_ARCHIVES`). Any URL ``urllib`` opens works
+      (:data:`~osgd_jax.app.data.download.CIFAR_ARCHIVES`). Any URL ``urllib`` opens works
       (``https://``, ``file://``, ...).
     md5: the MD5 the archive must have (hex); default: the official
       archive's. It also checks an archive already in ``data_dir``.
@@ -187,7 +188,7 @@ def download_cifar(dataset: str, data_dir: str | os.PathLike[str], *,
       saying what was found or fetched.
 
   Returns:
-    The path :func:`load_cifar` will read: the archive just downloaded, or
+    The path :func:`~osgd_jax.app.data.cifar.load_cifar` will read: the archive just downloaded, or
     what was already there.
 
   Raises:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 __all__ = ["Callback", "TensorBoardLogger"]
 
+#: The type of a callback, called with each record and returning nothing.
 Callback = Callable[[dict[str, Any]], None]
 
 _INSTALL_HINT = ("install the TensorBoard extra: python -m pip install"
