@@ -86,7 +86,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   p.add_argument("--model", default=d.model, choices=zoo.names(),
                  help="zoo model name")
   p.add_argument("--preset", default=d.preset,
-                 help="model preset (cifar or digits); default: the dataset's")
+                 help="model preset (cifar, digits, or mnist1d for the MLPs);"
+                 " default: the dataset's")
   p.add_argument("--dataset", default=d.dataset,
                  choices=DATASET_NAMES + tuple(DATASET_ALIASES),
                  help="the data set; CIFAR-10 and the like are aliases")

@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, out=prepare_output_dir(args.out),
                        progress=False)
-    base.validate()
+    for model in args.models:  # each with the data set, before any run
+      dataclasses.replace(base, model=model).validate()
     print(f"output directory: {base.out}", flush=True)
     results = compare(base, args.models, args.optimizers, range(args.seeds))
   except ValueError as e:

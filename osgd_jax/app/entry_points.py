@@ -28,11 +28,16 @@ APP_REQUIREMENTS = {
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
     "yaml": "pyyaml",
+    "mnist1d": "mnist1d",
 }
 
 
 def missing_requirements() -> list[str]:
   """The distributions of the ``app`` extra that cannot be imported.
+
+  A distribution whose import fails only because another one of the extra
+  cannot be imported (mnist1d imports matplotlib) is not named: it is not
+  missing, and installing the extra mends both.
 
   Returns:
     Their names (as ``pip`` knows them), in :data:`APP_REQUIREMENTS` order;
@@ -42,13 +47,16 @@ def missing_requirements() -> list[str]:
     >>> missing_requirements()
     []
   """
-  missing = []
-  for module, distribution in APP_REQUIREMENTS.items():
+  failed = {}  # module -> the module whose import failed
+  for module in APP_REQUIREMENTS:
     try:
       importlib.import_module(module)
-    except ImportError:
-      missing.append(distribution)
-  return missing
+    except ImportError as e:
+      failed[module] = e.name or module
+  top = lambda name: name.split(".")[0]
+  return [APP_REQUIREMENTS[module] for module, culprit in failed.items()
+          if not any(top(culprit) == top(other)
+                     for other in failed if other != module)]
 
 
 def install_command() -> str:

@@ -104,6 +104,8 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
     (["--model", "resnet-1000"], ["--model", "invalid choice", "nested-depth-resnet"]),
     (["--dataset", "mnist"], ["--dataset", "invalid choice", "cifar10"]),
     (["--dataset", "Cifar10"], ["--dataset", "invalid choice", "CIFAR-10"]),
+    (["--dataset", "mnist1d", "--model", "branched-resnet"],
+     ["--model branched-resnet convolves 2-D images", "nested-depth-mlp"]),
     (["--optimizer", "adam"], ["--optimizer", "invalid choice", "osgd"]),
     (["--lr", "fast"], ["--lr", "invalid float"]),
     (["--lr", "-1"], ["--lr must be a finite number > 0, got -1.0"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from osgd_jax.app import compare
@@ -43,6 +44,25 @@ def test_tiny_comparison_writes_table_json_and_figure(tmp_path, capsys):
 def test_bad_seed_count_is_one_line_error(tmp_path, capsys):
   assert compare.main(["--seeds", "0", "--out", str(tmp_path)]) == 2
   assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_mnist1d_is_checked_against_each_model(tmp_path, capsys, monkeypatch):
+  # The default models are ResNets: refused before any run.
+  assert compare.main(["--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
+  assert "--model branched-resnet convolves 2-D images" in (
+      capsys.readouterr().err)
+  # MLPs are accepted, although the shared settings' own model is a ResNet.
+  runs = []
+
+  def recorded(base, models, optimizers, seeds):
+    runs.append((base.dataset, tuple(models)))
+    return {m: {o: np.full((len(seeds), 4), 0.5) for o in optimizers}
+            for m in models}
+
+  monkeypatch.setattr(compare, "compare", recorded)
+  assert compare.main(["--dataset", "MNIST-1D", "--models", "branched-mlp",
+                       "nested-depth-mlp", "--out", str(tmp_path)]) == 0
+  assert runs == [("mnist1d", ("branched-mlp", "nested-depth-mlp"))]
 
 
 def test_diverged_and_interrupted_runs(tmp_path, capsys, monkeypatch):

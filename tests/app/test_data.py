@@ -22,6 +22,7 @@ from osgd_jax.app import data
 from osgd_jax.app.data import (Dataset, DatasetFormatError, DatasetNotFoundError,
                            load_dataset)
 from cifar_files import py2_pickle, write_cifar
+from osgd_jax.app.data import mnist1d as mnist1d_loader
 
 _SETTINGS = hypothesis.settings(max_examples=30, deadline=None)
 
@@ -313,10 +314,94 @@ def test_dataset_is_frozen_and_read_only(digits):
   assert digits.input_shape == (8, 8, 1) and digits.num_test == 359
 
 
+def _generate_uncached():
+  """MNIST-1D's generation, bypassing the in-process cache of its arrays."""
+  return mnist1d_loader._generate.__wrapped__()  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+  return load_dataset("mnist1d")
+
+
+def test_mnist1d_shapes_labels_and_pinned_split(mnist1d):
+  assert mnist1d.x_train.shape == (4000, 40, 1)
+  assert mnist1d.x_test.shape == (1000, 40, 1)
+  assert mnist1d.x_train.dtype == mnist1d.x_test.dtype == np.float32
+  assert mnist1d.y_train.dtype == mnist1d.y_test.dtype == np.int32
+  assert mnist1d.num_classes == 10 and mnist1d.mean.shape == (1,)
+  for labels in (mnist1d.y_train, mnist1d.y_test):
+    assert np.all(np.bincount(labels, minlength=10) > 80)
+    assert labels.min() == 0 and labels.max() == 9
+  # Pinned: the generator's seed is its own default argument, so the data
+  # must never change between runs, machines or versions.
+  np.testing.assert_array_equal(mnist1d.y_train[:10],
+                                [2, 6, 4, 5, 6, 6, 6, 0, 3, 1])
+  np.testing.assert_array_equal(mnist1d.y_test[:10],
+                                [2, 6, 3, 9, 4, 3, 1, 9, 5, 2])
+  np.testing.assert_allclose(mnist1d.mean, [-3.2367e-4], atol=1e-8)
+  np.testing.assert_allclose(mnist1d.std, [0.997648], rtol=1e-6)
+  # Loading again (as osgd-compare does per run) and by an alias: the same.
+  again = load_dataset("MNIST-1D", seed=5)  # the split ignores the seed
+  assert again.name == "mnist1d"
+  np.testing.assert_array_equal(again.x_train, mnist1d.x_train)
+  np.testing.assert_array_equal(again.y_test, mnist1d.y_test)
+  flat = load_dataset("mnist-1d", flatten=True)
+  assert flat.input_shape == (40,)
+
+
+def test_mnist1d_is_the_packages_split_standardised_on_training_statistics(
+    mnist1d):
+  import mnist1d.data as package  # pylint: disable=g-import-not-at-top
+  state = np.random.get_state()  # make_dataset seeds NumPy's global stream
+  try:
+    raw = package.make_dataset(package.get_dataset_args())
+  finally:
+    np.random.set_state(state)
+  np.testing.assert_array_equal(mnist1d.y_train, raw["y"])
+  np.testing.assert_array_equal(mnist1d.y_test, raw["y_test"])
+  mean, std = raw["x"].mean(), raw["x"].std()  # all training samples
+  np.testing.assert_allclose(mnist1d.mean, [mean], rtol=1e-5)
+  np.testing.assert_allclose(mnist1d.std, [std], rtol=1e-6)
+  np.testing.assert_allclose(mnist1d.x_train[..., 0], (raw["x"] - mean) / std,
+                             atol=1e-5)
+  np.testing.assert_allclose(mnist1d.x_test[..., 0],
+                             (raw["x_test"] - mean) / std, atol=1e-5)
+
+
+def test_mnist1d_generation_leaves_the_global_random_streams(monkeypatch):
+  import random  # pylint: disable=g-import-not-at-top
+  import mnist1d.data  # pylint: disable=g-import-not-at-top
+
+  def reseeding(args):  # as the real generator does, without its seconds
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    return {"x": np.zeros((2, 40)), "y": np.arange(2), "x_test": np.ones(
+        (1, 40)), "y_test": np.arange(1)}
+
+  monkeypatch.setattr(mnist1d.data, "make_dataset", reseeding)
+  np.random.seed(123)
+  random.seed(123)
+  expected = np.random.random(), random.random()
+  np.random.seed(123)
+  random.seed(123)
+  x_train, *_ = _generate_uncached()
+  assert x_train.shape == (2, 40) and not x_train.flags.writeable
+  assert (np.random.random(), random.random()) == expected
+
+
+def test_mnist1d_without_the_package_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "mnist1d", None)
+  monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+  # Uncached: the data set may already be in memory in this process.
+  with pytest.raises(ImportError, match=r'mnist1d package.*"osgd-jax\[app\]"'):
+    _generate_uncached()
+
+
 def test_load_dataset_rejects_unknown_names_and_options():
   with pytest.raises(ValueError) as info:
     load_dataset("mnist")
-  for name in ("digits", "cifar10", "cifar100", "synthetic"):
+  for name in ("digits", "cifar10", "cifar100", "mnist1d", "synthetic"):
     assert name in str(info.value)
   with pytest.raises(ValueError, match="difficulty"):
     load_dataset("synthetic", difficuly=0.3)

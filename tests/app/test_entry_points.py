@@ -72,11 +72,18 @@ def test_a_missing_package_of_the_extra_is_one_line(broken_sklearn):
 
 
 def test_every_missing_package_is_named():
+  # mnist1d imports matplotlib, so it cannot be imported either; it is
+  # installed, though, and not named.
   result = _run_script(SCRIPTS["osgd-compare"], [],
                        block=["orbax.checkpoint", "matplotlib", "tqdm"])
   _assert_one_line(result, "osgd-compare: error:",
                    "lacks orbax-checkpoint, matplotlib, tqdm;",
                    'pip install "osgd-jax[app]"')
+
+
+def test_a_missing_mnist1d_is_named(monkeypatch):
+  monkeypatch.setitem(sys.modules, "mnist1d", None)
+  assert entry_points.missing_requirements() == ["mnist1d"]
 
 
 def test_python_dash_m_runs_osgd_train(monkeypatch):

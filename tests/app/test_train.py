@@ -215,6 +215,39 @@ def test_a_dataset_alias_names_its_dataset_and_preset(alias, name):
   assert (config.dataset, config.preset_name) == (name, "cifar")
 
 
+@pytest.mark.parametrize("alias", ["mnist1d", "MNIST-1D", "mnist-1d"])
+def test_mnist1d_takes_the_mnist1d_preset(alias):
+  config = TrainConfig(model="nested-width-mlp", dataset=alias)
+  config.validate()
+  assert (config.dataset, config.preset_name) == ("mnist1d", "mnist1d")
+
+
+@pytest.mark.parametrize("preset", [None, "cifar", "digits"])
+@pytest.mark.parametrize("model", ["branched-resnet", "nested-depth-resnet",
+                                   "nested-width-resnet",
+                                   "nested-width-depth-resnet"])
+def test_a_resnet_on_mnist1d_is_refused_before_any_work(model, preset):
+  # Whatever the preset: a 2-D convolution cannot take a 1-D signal.
+  config = TrainConfig(model=model, preset=preset, dataset="MNIST-1D")
+  with pytest.raises(ValueError) as refused:
+    config.validate()
+  assert str(refused.value) == (
+      f"--model {model} convolves 2-D images, but --dataset mnist1d holds 1-D"
+      " signals; choose an MLP: branched-mlp, nested-depth-mlp,"
+      " nested-width-depth-mlp, nested-width-mlp.")
+
+
+@pytest.mark.slow
+def test_one_epoch_on_mnist1d_learns(tmp_path):
+  config = TrainConfig(model="nested-depth-mlp", dataset="mnist1d", epochs=1,
+                       batch_size=125, lr=0.1, progress=False,
+                       out=str(tmp_path / "run"))
+  result = train(config)
+  assert result.model.backbone.in_features == 40
+  # 32 steps: every exit is already well above chance (10%).
+  assert np.all(result.test_accuracy > 0.25), result.test_accuracy
+
+
 def test_exit_weights_must_match_exits(tmp_path):
   config = dataclasses.replace(SMALL, exit_weights=(1.0, 2.0),
                                out=str(tmp_path / "run"))

@@ -70,6 +70,9 @@ def input_shape(name: str, preset: str) -> tuple[int, ...]:
   conv = name.endswith("resnet")
   if preset == "cifar":
     return (2, 32, 32, 3) if conv else (2, 3072)
+  if preset == "mnist1d":  # 1-D signals, (40, 1), flattened by the MLPs
+    assert not conv
+    return (2, 40, 1)
   return (2, 8, 8, 1) if conv else (2, 64)
 
 
@@ -172,8 +175,15 @@ def test_exit_dependencies_finds_a_read_of_a_later_stage():
   np.testing.assert_array_equal(depends, [[1, 0, 1], [1, 1, 0], [0, 0, 1]])
 
 
-@pytest.mark.parametrize("preset", ["cifar", "digits"])
-@pytest.mark.parametrize("name", NAMES)
+def test_every_name_has_the_cifar_and_digits_presets_and_mlps_mnist1d():
+  for name in NAMES:
+    expected = {"cifar", "digits"} | (
+        {"mnist1d"} if name.endswith("-mlp") else set())
+    assert set(zoo.presets(name)) == expected, name
+
+
+@pytest.mark.parametrize("name, preset", [
+    (name, preset) for name in NAMES for preset in zoo.presets(name)])
 def test_presets_fit_their_data_and_nest(name, preset):
   model = preset_model(name, preset)
   shape = input_shape(name, preset)
@@ -186,7 +196,7 @@ def test_presets_fit_their_data_and_nest(name, preset):
   np.testing.assert_array_equal(depends, np.tril(np.ones((4, 4), bool)))
   counts = anytime.params_per_exit(model)
   assert np.all(np.diff(counts) > 0), counts
-  if preset == "digits":  # small enough for a CPU run in minutes
+  if preset != "cifar":  # small enough for a CPU run in minutes
     assert counts[-1] < 500_000
     assert counts[-1] < anytime.params_per_exit(
         preset_model(name, "cifar"))[-1]

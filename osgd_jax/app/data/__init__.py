@@ -2,7 +2,8 @@
 
 ``load_dataset(name)`` returns a ``Dataset`` of standardised NumPy arrays in
 host memory: scikit-learn's ``digits``, ``cifar10``/``cifar100`` from the
-official archives in a local ``data_dir``, or a seeded ``synthetic`` task.
+official archives in a local ``data_dir``, the 1-D signals of ``mnist1d``
+from the ``mnist1d`` package's generator, or a seeded ``synthetic`` task.
 ``download_cifar`` fetches the CIFAR archives into that directory, checked
 against their published MD5. ``iterate_batches`` streams an epoch in an order
 fixed by ``(seed, epoch)``, and ``augment`` (random crop with padding and
@@ -22,6 +23,7 @@ from osgd_jax.app.data.download import (CIFAR_ARCHIVES, CifarArchive,
 from osgd_jax.app.data.digits import load_digits, stratified_split
 from osgd_jax.app.data.loading import (DATASET_ALIASES, DATASET_NAMES,
                                       canonical_dataset_name, load_dataset)
+from osgd_jax.app.data.mnist1d import load_mnist1d
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "load_cifar",
     "load_dataset",
     "load_digits",
+    "load_mnist1d",
     "make_synthetic",
     "num_batches",
     "random_crop",

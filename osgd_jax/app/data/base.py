@@ -33,19 +33,21 @@ class Dataset:
   """A classification dataset held in host memory as NumPy arrays.
 
   The inputs are float32 and already standardised: ``x = (raw - mean) / std``
-  with ``raw`` scaled to [0, 1] (pixels) and ``mean``/``std`` computed on the
-  training split only, per channel (the last axis of the unflattened input).
+  with ``raw`` scaled to [0, 1] (pixels; MNIST-1D's signals are taken as its
+  generator returns them) and ``mean``/``std`` computed on the training split
+  only, per channel (the last axis of the unflattened input: ``(H, W, C)``
+  images, ``(length, C)`` signals).
   The arrays are read-only, so batches sliced from them can be handed out
   without defensive copies.
 
   Attributes:
-    name: the registry name (``"digits"``, ``"cifar10"``, ...).
+    name: the registry name (``"digits"``, ``"cifar10"``, ``"mnist1d"``, ...).
     x_train: inputs, ``(N_train, *input_shape)`` float32.
     y_train: labels, ``(N_train,)`` int32 in ``[0, num_classes)``.
     x_test: inputs, ``(N_test, *input_shape)`` float32.
     y_test: labels, ``(N_test,)`` int32.
     num_classes: number of classes.
-    mean: per-channel mean subtracted from the [0, 1]-scaled inputs, ``(C,)``.
+    mean: per-channel mean subtracted from the raw inputs, ``(C,)``.
     std: per-channel standard deviation divided out, ``(C,)``.
     class_names: human-readable class names, or ``()`` when unknown.
   """

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from osgd_jax.app.data.base import Dataset
 from osgd_jax.app.data.cifar import load_cifar
 from osgd_jax.app.data.digits import load_digits
+from osgd_jax.app.data.mnist1d import load_mnist1d
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = ["DATASET_ALIASES", "DATASET_NAMES", "canonical_dataset_name",
@@ -20,6 +21,7 @@ _LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
     "digits": (load_digits, False, True),
     "cifar10": (functools.partial(load_cifar, name="cifar10"), True, False),
     "cifar100": (functools.partial(load_cifar, name="cifar100"), True, False),
+    "mnist1d": (load_mnist1d, False, False),
     "synthetic": (make_synthetic, False, True),
 }
 #: The data sets :func:`load_dataset` loads, by their canonical names.
@@ -31,6 +33,7 @@ DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 DATASET_ALIASES: dict[str, str] = {
     "CIFAR-10": "cifar10", "cifar-10": "cifar10", "CIFAR10": "cifar10",
     "CIFAR-100": "cifar100", "cifar-100": "cifar100", "CIFAR100": "cifar100",
+    "MNIST-1D": "mnist1d", "mnist-1d": "mnist1d", "MNIST1D": "mnist1d",
 }
 
 
@@ -81,6 +84,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
   ``cifar100``    32x32x3     ``cifar-100-python.tar.gz`` (or extracted) in
                               ``data_dir``; ``label_mode="coarse"`` for 20
                               superclasses
+  ``mnist1d``     40x1        1-D digit signals from the ``mnist1d`` package's
+                              generator, its fixed 4000/1000 split
   ``synthetic``   ``shape``   seeded Gaussian clusters with a ``difficulty``
   ==============  ==========  =================================================
 
@@ -89,10 +94,11 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
       (``"CIFAR-10"``); any other spelling is an error.
     data_dir: directory holding the CIFAR archives; unused by the others.
     seed: the *data* seed: the train/test split of ``digits`` and the sample
-      of ``synthetic``; CIFAR has an official split and ignores it. Keep it
-      fixed across training seeds to compare runs on the same test set.
+      of ``synthetic``; CIFAR and MNIST-1D have fixed splits and ignore it.
+      Keep it fixed across training seeds to compare runs on the same test
+      set.
     flatten: return each example as a flat vector (for MLPs) instead of an
-      ``(H, W, C)`` image.
+      ``(H, W, C)`` image or ``(length, C)`` signal.
     **options: loader-specific keyword arguments, e.g. ``test_fraction``
       (digits), ``label_mode`` (CIFAR), ``num_train``, ``num_test``,
       ``num_classes``, ``shape``, ``difficulty`` (synthetic).

@@ -62,6 +62,13 @@ _INT_RANGES = {
     "seed": (0, 2**32 - 1),
 }
 _BOOL_FIELDS = ("resume", "progress", "rescale")
+# The zoo preset sized for each data set; the others (digits, and synthetic,
+# which is digits-sized) take the digits preset.
+_DATASET_PRESETS = {"cifar10": "cifar", "cifar100": "cifar",
+                    "mnist1d": "mnist1d"}
+# Data sets of 1-D signals, which only the MLPs take: the ResNets convolve
+# 2-D images.
+_SIGNAL_DATASETS = ("mnist1d",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +127,7 @@ class TrainConfig:
     """The zoo preset the model is built with (``preset``, or the dataset's)."""
     if self.preset is not None:
       return self.preset
-    return "cifar" if self.dataset in ("cifar10", "cifar100") else "digits"
+    return _DATASET_PRESETS.get(self.dataset, "digits")
 
   def validate(self) -> None:
     """Raises a ``ValueError`` naming the first bad field and the fix.
@@ -130,6 +137,13 @@ class TrainConfig:
     """
     _check_choice("--model", self.model, zoo.names())
     data_lib.canonical_dataset_name(self.dataset)
+    if (self.dataset in _SIGNAL_DATASETS
+        and "in_channels" in zoo.config_keys(self.model)):
+      mlps = [m for m in zoo.names() if "in_features" in zoo.config_keys(m)]
+      raise ValueError(
+          f"--model {self.model} convolves 2-D images, but --dataset"
+          f" {self.dataset} holds 1-D signals; choose an MLP:"
+          f" {', '.join(mlps)}.")
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("--granularity", self.granularity, GRANULARITIES)
     _check_choice("--method", self.method, METHODS)
