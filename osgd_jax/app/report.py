@@ -48,14 +48,17 @@ def _human(n: float) -> str:
 
 
 def exit_table(accuracy: Sequence[float], flops: Sequence[float],
-               params: Sequence[int], flops_source: str = "") -> str:
-  """Formats the per-exit table: test accuracy, FLOPs and parameters.
+               params: Sequence[int], flops_source: str = "",
+               split: str = "test") -> str:
+  """Formats the per-exit table: accuracy, FLOPs and parameters.
 
   Args:
-    accuracy: ``(K,)`` test accuracy per exit, in [0, 1].
+    accuracy: ``(K,)`` accuracy per exit, in [0, 1].
     flops: ``(K,)`` FLOPs of one example up to each exit.
     params: ``(K,)`` parameters on each exit's path.
     flops_source: where the FLOPs come from ("xla" or "analytic").
+    split: the split the accuracy is of, ``"test"`` or ``"validation"``
+      (the column reads ``val acc``).
 
   Returns:
     A multi-line string.
@@ -64,7 +67,8 @@ def exit_table(accuracy: Sequence[float], flops: Sequence[float],
     >>> print(exit_table([0.5, 0.9], [1e6, 3e6], [100, 300]).splitlines()[0])
     exit  test acc      FLOPs     params
   """
-  lines = [f"{'exit':>4}  {'test acc':>8}  {'FLOPs':>9}  {'params':>9}"]
+  label = "val acc" if split == "validation" else f"{split} acc"
+  lines = [f"{'exit':>4}  {label:>8}  {'FLOPs':>9}  {'params':>9}"]
   for k, (a, f, p) in enumerate(zip(accuracy, flops, params), start=1):
     lines.append(f"{k:>4}  {100 * a:>7.2f}%  {_human(f):>9}  {_human(p):>9}")
   if flops_source:
@@ -80,20 +84,22 @@ def _figure(**kwargs):
 
 
 def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
-                           path: str, title: str = "") -> None:
-  """Plots test accuracy against FLOPs per example, one line per curve.
+                           path: str, title: str = "",
+                           ylabel: str = "test accuracy (%)") -> None:
+  """Plots accuracy against FLOPs per example, one line per curve.
 
   Args:
     curves: label -> (flops, accuracy) arrays.
     path: the PNG to write.
     title: figure title.
+    ylabel: the y axis' label: the split the accuracy is of.
   """
   fig = _figure(figsize=(5, 3.5), dpi=120)
   ax = fig.subplots()
   for label, (flops, acc) in curves.items():
     ax.plot(np.asarray(flops), 100 * np.asarray(acc), marker="o", label=label)
   ax.set_xlabel("FLOPs per example")
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()

@@ -3,6 +3,7 @@
 ``load_dataset(name)`` returns a ``Dataset`` of standardised NumPy arrays in
 host memory: scikit-learn's ``digits``, ``cifar10``/``cifar100`` from the
 official archives in a local ``data_dir``, or a seeded ``synthetic`` task.
+``hold_out_validation`` splits a validation set off the training set.
 ``iterate_batches`` streams an epoch in an order fixed by ``(seed, epoch)``,
 and ``augment`` (random crop with padding and flip) runs inside a jitted step
 with keys from ``augment_key(key, epoch, step)``.
@@ -15,9 +16,11 @@ from osgd_jax.app.data.batching import (augment_key, batch_indices,
                                     epoch_permutation, iterate_batches,
                                     num_batches)
 from osgd_jax.app.data.cifar import load_cifar
-from osgd_jax.app.data.digits import load_digits, stratified_split
+from osgd_jax.app.data.digits import load_digits
 from osgd_jax.app.data.loading import (DATASET_ALIASES, DATASET_NAMES,
                                       canonical_dataset_name, load_dataset)
+from osgd_jax.app.data.splits import (VALIDATION_SPLIT_SEED,
+                                     hold_out_validation, stratified_split)
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
@@ -27,11 +30,13 @@ __all__ = [
     "Dataset",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "VALIDATION_SPLIT_SEED",
     "augment",
     "augment_key",
     "batch_indices",
     "canonical_dataset_name",
     "epoch_permutation",
+    "hold_out_validation",
     "iterate_batches",
     "load_cifar",
     "load_dataset",
