@@ -27,7 +27,8 @@ def test_the_library_depends_on_jax_optax_flax_and_numpy_only():
 def test_the_app_and_test_extras():
   extras = PROJECT["optional-dependencies"]
   assert sorted(_names(extras["app"])) == [
-      "matplotlib", "orbax-checkpoint", "pyyaml", "scikit-learn", "tqdm"]
+      "matplotlib", "orbax-checkpoint", "pyyaml", "scikit-learn", "scipy",
+      "tqdm"]
   assert sorted(_names(extras["test"])) == [
       "build", "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
       "osgd-jax[app,tensorboard]", "pytest", "pytest-xdist", "setuptools"]
