@@ -167,6 +167,7 @@ def test_the_tables_of_a_hand_written_results_file():
   assert tables.matched_table(HAND) == ""
   markdown = tables.render_markdown(HAND)
   assert "over 3 seeds" in markdown and "seeds 0–2" in markdown
+  assert "sgd-matched" not in markdown  # not run, so not described
   assert ("branched-mlp: sgd 0.1, osgd 0.01, pcgrad 0.1; nested-depth-mlp:"
           " sgd 0.1.") in markdown
   without_baseline = json.loads(json.dumps(HAND))

@@ -67,6 +67,11 @@ def settings_text(payload: dict[str, Any]) -> str:
   s = payload["settings"]
   base = s["base_config"]
   grid = ", ".join(f"{lr:g}" for lr in s["lr_grid"])
+  matched = (
+      " `sgd-matched` is summed-loss SGD at"
+      f" `{s['matched_to']}`'s chosen rate times the ratio of"
+      f" `{s['matched_to']}`'s mean update norm to the summed gradient's"
+      " along its tuning run." if "sgd-matched" in s["optimizers"] else "")
   return (
       f"`osgd-compare` on {s['dataset']}, {s['epochs']}"
       f" epoch{'s' * (s['epochs'] != 1)}, batch"
@@ -80,10 +85,7 @@ def settings_text(payload: dict[str, Any]) -> str:
       f" {s['validation_split_seed']}; tuning seed {s['tuning_seed']}; ties"
       " go to the smaller rate). The chosen rate was then trained on the"
       f" whole training set with {_seed_range(s['seeds'])} and scored on"
-      f" the test set. `sgd-matched` is summed-loss SGD at"
-      f" `{s['matched_to']}`'s chosen rate times the ratio of"
-      f" `{s['matched_to']}`'s mean update norm to the summed gradient's"
-      " along its tuning run.")
+      f" the test set.{matched}")
 
 
 def accuracy_table(payload: dict[str, Any]) -> str:
