@@ -69,7 +69,9 @@ def test_a_tiny_comparison_round_trips_through_results_json(tmp_path, capsys):
   assert tuned["evaluated_on"] == "validation" and "test_accuracy" not in tuned
   assert tuned["val_accuracy"] == entry["optimizers"]["osgd"]["grid"][0][
       "val_accuracy"]
-  assert _json(osgd / "seed1" / "metrics.json")["final"]["evaluated_on"] == "test"
+  chosen = entry["optimizers"]["osgd"]["chosen_lr"]
+  assert _json(osgd / "test" / f"lr{chosen!r}" / "seed1" / "metrics.json")[
+      "final"]["evaluated_on"] == "test"
   # The report is made from the JSON alone.
   report = (out / "report.md").read_text()
   assert report.startswith(compare.render_markdown(payload))
@@ -338,8 +340,8 @@ def test_diverged_and_interrupted_runs(tmp_path, capsys, monkeypatch):
   assert compare.main(args) == 130
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "Run the same command again to continue" in err[0]
-  assert _json(out / "branched-mlp" / "sgd" / "seed0" / compare.RESULT_FILE
-               )["status"] == "finished"
+  assert _json(out / "branched-mlp" / "sgd" / "test" / "lr0.1" / "seed0" /
+               compare.RESULT_FILE)["status"] == "finished"
   fake.faults[("sgd", 0.1, 1)] = TrainingDiverged("non-finite loss")
   done = len(fake.calls)
   assert compare.main(args) == 0
@@ -394,3 +396,18 @@ def test_a_directory_of_other_settings_is_refused(tmp_path, capsys):
   assert "holds a finished run with other settings" in err
   assert "--batch-size was 64, now 256; --epochs was 3, now 1)" in err
   assert "its settings or a new --out" in err
+
+
+def test_a_wider_grid_trains_only_the_new_runs(tmp_path, capsys, monkeypatch):
+  fake = _FakeTraining()
+  _no_model(monkeypatch, fake)
+  args = [*TINY, "--optimizers", "sgd", "--out", str(tmp_path)]
+  assert compare.main(args) == 0
+  done = len(fake.calls)
+  wider = [*args, "--lr-grid", "0.05,0.1,0.2"]  # the last --lr-grid counts
+  assert compare.main(wider) == 0
+  # The new rate's tuning run, and the test runs of the new choice (the
+  # fake's accuracy grows with the rate).
+  assert fake.calls[done:] == [("sgd", 0.2, experiment.TUNING_SEED),
+                               ("sgd", 0.2, 0), ("sgd", 0.2, 1)]
+  capsys.readouterr()

@@ -41,7 +41,7 @@ TIE_TOLERANCE = 1e-9
 # The TrainConfig fields a comparison sets run by run.
 _PER_RUN = ("model", "optimizer", "granularity", "method", "rescale",
             "switch_to_sgd", "lr", "seed", "validation", "out", "resume")
-# Where sgd-matched's ratio is kept, in its optimizer directory.
+# sgd-matched's ratio, beside the run it was measured along.
 _RATIO_FILE = "ratio.json"
 
 
@@ -173,11 +173,11 @@ def _tune(plan: Plan, model: str, name: str, progress: _Progress
 def _matched_ratio(plan: Plan, model: str, osgd_lr: float,
                    progress: _Progress) -> dict[str, Any] | None:
   """The ratio along OSGD's chosen tuning run, measured once and kept."""
-  directory = os.path.join(plan.base.out, model, variants.MATCHED)
+  directory = os.path.join(plan.base.out, model, variants.MATCHED, "measure",
+                           _lr_dir(osgd_lr))
   config = variants.config_for(
       plan.base, variants.MATCHED_TO, model=model, lr=osgd_lr,
-      seed=TUNING_SEED, validation=plan.validation,
-      out=os.path.join(directory, "measure"))
+      seed=TUNING_SEED, validation=plan.validation, out=directory)
   path = os.path.join(directory, _RATIO_FILE)
   progress.done += 1
   name = (f"[{progress.done}/{progress.total}] {model}, {variants.MATCHED}:"
@@ -211,7 +211,8 @@ def _test(plan: Plan, model: str, name: str, lr: float, progress: _Progress
   for seed in plan.seeds:
     config = variants.config_for(
         plan.base, name, model=model, lr=lr, seed=seed, validation=0.0,
-        out=os.path.join(plan.base.out, model, name, f"seed{seed}"))
+        out=os.path.join(plan.base.out, model, name, "test", _lr_dir(lr),
+                         f"seed{seed}"))
     accuracy = progress.run(f"{model}, {name}, lr {lr:.4g}, seed {seed}",
                             config)
     rows.append(None if accuracy is None else accuracy.tolist())
@@ -243,9 +244,12 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
   """Runs both phases for every model and optimizer.
 
   Args:
-    plan: what to train; ``plan.base.out`` holds one directory per model,
-      optimizer and run (``<model>/<optimizer>/tune/lr<rate>`` and
-      ``<model>/<optimizer>/seed<seed>``).
+    plan: what to train; ``plan.base.out`` holds one directory per run:
+      ``<model>/<optimizer>/tune/lr<rate>`` and
+      ``<model>/<optimizer>/test/lr<rate>/seed<seed>``, and sgd-matched's
+      measurement in ``<model>/sgd-matched/measure/lr<osgd's rate>``. A
+      run is named by its rate, so a wider grid or a new choice adds runs
+      and reuses the others.
 
   Returns:
     The results, as :mod:`osgd_jax.app.compare.results` describes them.
