@@ -379,6 +379,9 @@ def test_every_rate_diverged_leaves_the_optimizer_untested(tmp_path, capsys,
   assert entry["optimizers"]["osgd"]["test_accuracy"] is None
   assert entry["optimizers"]["sgd-matched"]["chosen_lr"] is None
   assert "| branched-mlp | osgd | — | every grid rate diverged |" in printed
+  assert "| branched-mlp | sgd-matched | — | no rate to match |" in printed
+  assert ("branched-mlp, sgd-matched: no learning rate to test (osgd has no"
+          " rate, or its measured run diverged)") in printed
 
 
 def test_a_directory_of_other_settings_is_refused(tmp_path, capsys):

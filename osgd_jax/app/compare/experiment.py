@@ -292,8 +292,11 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
       result = entry["optimizers"][name]
       lr = result["chosen_lr"]
       if lr is None:
-        print(f"{model}, {name}: no learning rate to test (every grid rate"
-              " diverged); its test runs are left out.", flush=True)
+        why = ("every grid rate diverged" if result["grid"] else
+               f"{variants.MATCHED_TO} has no rate, or its measured run"
+               " diverged")
+        print(f"{model}, {name}: no learning rate to test ({why}); its test"
+              " runs are left out.", flush=True)
         progress.done += len(plan.seeds)
         result["test_accuracy"] = None
         continue

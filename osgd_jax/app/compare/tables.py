@@ -110,7 +110,9 @@ def accuracy_table(payload: dict[str, Any]) -> str:
       rows = _rows(result, num_exits)
       label = name
       if result["test_accuracy"] is None:
-        cells = _pad(["every grid rate diverged"], width + 1)
+        why = ("every grid rate diverged" if result["grid"]
+               else "no rate to match")
+        cells = _pad([why], width + 1)
       else:
         with_mean = np.concatenate([rows, rows.mean(axis=1, keepdims=True)],
                                    axis=1)
