@@ -196,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns:
     The process exit status: 0, ``EXIT_BAD_INPUT``, ``EXIT_FAILED`` (a
     failed write) or ``EXIT_INTERRUPTED``.
+
+  Example:
+    >>> main(["--report", "/nonexistent/results.json"])  # one line on stderr
+    2
   """
   parser = build_parser()
   args = parser.parse_args(argv)
@@ -225,9 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_error("osgd-compare", e)
     return EXIT_FAILED
   except KeyboardInterrupt:
-    print_error("osgd-compare", "interrupted; the finished runs are kept in"
-                f" {args.out}. Run the same command again to continue: it"
-                " skips them and resumes the interrupted one.")
+    if args.report is not None:
+      print_error("osgd-compare", "interrupted; the report may be"
+                  " incomplete. Run the same command again.")
+    else:
+      print_error("osgd-compare", "interrupted; the finished runs are kept"
+                  f" in {args.out}. Run the same command again to continue:"
+                  " it skips them and resumes the interrupted one.")
     return EXIT_INTERRUPTED
   print(render_markdown(payload))
   print("wrote " + ", ".join([path, *written]))
