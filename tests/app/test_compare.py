@@ -236,11 +236,17 @@ def test_the_update_norms_from_osgd_s_state_are_the_direct_norms():
            "b": jax.random.normal(keys[1], (3, 7)) + 1.0}  # correlated rows
   params = jax.tree.map(lambda g: g[0], grads)
   tx = osgd_jax.osgd(num_exits=3)
-  update, state = tx.update(grads, tx.init(params), params)
-  u, s = matched.update_and_sum_norms(state)
-  assert float(u) == pytest.approx(float(optax.tree.norm(update)), rel=1e-5)
-  assert float(s) == pytest.approx(float(optax.tree.norm(
-      jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))), rel=1e-5)
+
+  @jax.jit
+  def norms(grads):
+    update, state = tx.update(grads, tx.init(params), params)
+    summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+    return (matched.update_and_sum_norms(state), optax.tree.norm(update),
+            optax.tree.norm(summed))
+
+  (u, s), update, summed = norms(grads)
+  assert float(u) == pytest.approx(float(update), rel=1e-5)
+  assert float(s) == pytest.approx(float(summed), rel=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [
