@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "osgd_jax"
 APP = "osgd_jax.app"
 # The app extra, and chex, which only the tests use.
-APP_ONLY = ("orbax", "sklearn", "matplotlib", "tqdm", "yaml", "chex")
+APP_ONLY = ("orbax", "sklearn", "scipy", "matplotlib", "tqdm", "yaml", "chex")
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -28,6 +28,7 @@ def test_the_app_and_test_extras():
   extras = PROJECT["optional-dependencies"]
   assert sorted(_names(extras["app"])) == [
       "matplotlib", "mnist1d", "orbax-checkpoint", "pyyaml", "scikit-learn",
+      "scipy",
       "tqdm"]
   assert sorted(_names(extras["test"])) == [
       "build", "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",

@@ -73,3 +73,23 @@ def test_the_fault_table_names_tests_that_exist():
   for file, test in named:
     assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), (
         file, test)
+
+
+def test_the_generated_tables_are_what_their_results_files_give():
+  # The experiment's tables are made, never typed: `osgd-compare --report
+  # docs/results/<section>.json --readme README.md --section <section>`
+  # writes them between the section's markers. Each section must be what
+  # its committed results file gives today, and each results file must have
+  # its section.
+  from osgd_jax.app.compare import load_results, render_markdown  # pylint: disable=g-import-not-at-top
+  from osgd_jax.app.compare.report import replace_section  # pylint: disable=g-import-not-at-top
+  text = README.read_text()
+  sections = re.findall(r"^<!-- compare:([\w.-]+):begin -->$", text, re.M)
+  results = README.parent / "docs" / "results"
+  assert sorted(sections) == sorted(p.stem for p in results.glob("*.json"))
+  for section in sections:
+    payload = load_results(str(results / f"{section}.json"))
+    assert replace_section(text, section, render_markdown(payload)) == text, (
+        f"README's {section} tables differ from docs/results/{section}.json;"
+        f" run: osgd-compare --report docs/results/{section}.json --readme"
+        f" README.md --section {section}")

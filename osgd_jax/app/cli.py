@@ -97,6 +97,12 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="download the CIFAR archive into --data-dir if neither it"
                  " nor its extracted folder is there, checking its MD5 (digits"
                  " and synthetic have nothing to download)")
+  p.add_argument("--validation", type=float, default=d.validation,
+                 metavar="FRACTION",
+                 help="hold out this fraction of the training set (stratified,"
+                 " with a fixed seed), train on the rest and evaluate on it"
+                 " instead of the test set, which it then never scores on;"
+                 " 0: train on all and evaluate on the test set")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
                  help="osgd: orthogonalized per-exit gradients; sgd: gradient"
                  " of the summed (weighted) exit losses; sgd-linear,"
@@ -140,7 +146,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out")
   p.add_argument("--eval-every", type=int, default=d.eval_every,
-                 help="evaluate on the test set every N epochs (and at the end)")
+                 help="evaluate on the test set (or the --validation split)"
+                 " every N epochs (and at the end)")
   p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                  help="how many of the newest checkpoints to keep")
   p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -321,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   print(f"{config.model} on {config.dataset}, optimizer {config.optimizer},"
         f" {config.epochs} epochs")
-  print(exit_table(result.test_accuracy, result.flops.flops, result.params,
-                   result.flops.source))
+  print(exit_table(result.accuracy, result.flops.flops, result.params,
+                   result.flops.source, split=result.evaluated_on))
   print(f"artefacts: {os.path.join(result.out, 'metrics.json')},"
         f" {os.path.join(result.out, 'accuracy_vs_flops.png')},"
         f" {os.path.join(result.out, 'checkpoints')}")

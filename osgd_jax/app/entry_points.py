@@ -25,6 +25,7 @@ __all__ = ["APP_REQUIREMENTS", "install_command", "missing_requirements",
 APP_REQUIREMENTS = {
     "orbax.checkpoint": "orbax-checkpoint",
     "sklearn": "scikit-learn",
+    "scipy": "scipy",
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
     "yaml": "pyyaml",

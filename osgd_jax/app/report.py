@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["write_json", "exit_table", "plot_accuracy_vs_flops",
-           "plot_exit_accuracy"]
+           "plot_accuracy_vs_lr", "plot_exit_accuracy"]
 
 
 def write_json(path: str, payload: Any) -> None:
@@ -48,14 +48,17 @@ def _human(n: float) -> str:
 
 
 def exit_table(accuracy: Sequence[float], flops: Sequence[float],
-               params: Sequence[int], flops_source: str = "") -> str:
-  """Formats the per-exit table: test accuracy, FLOPs and parameters.
+               params: Sequence[int], flops_source: str = "",
+               split: str = "test") -> str:
+  """Formats the per-exit table: accuracy, FLOPs and parameters.
 
   Args:
-    accuracy: ``(K,)`` test accuracy per exit, in [0, 1].
+    accuracy: ``(K,)`` accuracy per exit, in [0, 1].
     flops: ``(K,)`` FLOPs of one example up to each exit.
     params: ``(K,)`` parameters on each exit's path.
     flops_source: where the FLOPs come from ("xla" or "analytic").
+    split: the split the accuracy is of, ``"test"`` or ``"validation"``
+      (the column reads ``val acc``).
 
   Returns:
     A multi-line string.
@@ -64,7 +67,8 @@ def exit_table(accuracy: Sequence[float], flops: Sequence[float],
     >>> print(exit_table([0.5, 0.9], [1e6, 3e6], [100, 300]).splitlines()[0])
     exit  test acc      FLOPs     params
   """
-  lines = [f"{'exit':>4}  {'test acc':>8}  {'FLOPs':>9}  {'params':>9}"]
+  label = "val acc" if split == "validation" else f"{split} acc"
+  lines = [f"{'exit':>4}  {label:>8}  {'FLOPs':>9}  {'params':>9}"]
   for k, (a, f, p) in enumerate(zip(accuracy, flops, params), start=1):
     lines.append(f"{k:>4}  {100 * a:>7.2f}%  {_human(f):>9}  {_human(p):>9}")
   if flops_source:
@@ -80,20 +84,22 @@ def _figure(**kwargs):
 
 
 def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
-                           path: str, title: str = "") -> None:
-  """Plots test accuracy against FLOPs per example, one line per curve.
+                           path: str, title: str = "",
+                           ylabel: str = "test accuracy (%)") -> None:
+  """Plots accuracy against FLOPs per example, one line per curve.
 
   Args:
     curves: label -> (flops, accuracy) arrays.
     path: the PNG to write.
     title: figure title.
+    ylabel: the y axis' label: the split the accuracy is of.
   """
   fig = _figure(figsize=(5, 3.5), dpi=120)
   ax = fig.subplots()
   for label, (flops, acc) in curves.items():
     ax.plot(np.asarray(flops), 100 * np.asarray(acc), marker="o", label=label)
   ax.set_xlabel("FLOPs per example")
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
@@ -117,9 +123,52 @@ def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
     exits = np.arange(1, len(mean) + 1)
     ax.bar(exits + (i - (len(results) - 1) / 2) * width, 100 * np.asarray(mean),
            width, yerr=100 * np.asarray(std), label=label, capsize=2)
+  num_exits = max((len(mean) for mean, _ in results.values()), default=0)
+  ax.set_xticks(np.arange(1, num_exits + 1))
   ax.set_xlabel("exit")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def plot_accuracy_vs_lr(curves: dict[str, tuple[Sequence[float], np.ndarray]],
+                        path: str, title: str = "",
+                        chosen: dict[str, float] | None = None) -> None:
+  """Accuracy against the learning rate (log axis), one line per curve.
+
+  Two panels: the mean over exits, and the last exit.
+
+  Args:
+    curves: label -> (rates, accuracy): ``(R,)`` rates and ``(R, K)``
+      accuracies in [0, 1], a NaN row where the run diverged (a gap).
+    path: the PNG to write.
+    title: figure title.
+    chosen: label -> the rate chosen, circled.
+  """
+  fig = _figure(figsize=(8, 3.5), dpi=120)
+  axes = fig.subplots(1, 2, sharey=True)
+  for ax, name in zip(axes, ("mean over exits", "last exit")):
+    for label, (rates, acc) in curves.items():
+      acc = np.asarray(acc, np.float64)
+      values = 100 * (acc.mean(axis=1) if name == "mean over exits"
+                      else acc[:, -1])
+      (line,) = ax.plot(np.asarray(rates), values, marker="o", label=label)
+      if chosen and chosen.get(label) in list(rates):
+        i = list(rates).index(chosen[label])
+        ax.plot([rates[i]], [values[i]], marker="o", markersize=11,
+                fillstyle="none", color=line.get_color())
+    ax.set_xscale("log")
+    rates = sorted({r for rs, _ in curves.values() for r in rs})
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("peak learning rate")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("validation accuracy (%)")
+  axes[-1].legend(fontsize="small")
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path)

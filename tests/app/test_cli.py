@@ -232,11 +232,14 @@ def test_resume_command_round_trips_awkward_arguments():
 def test_the_papers_options_and_the_loop_flags_reach_the_config():
   config = cli.config_from_args(["--rescale", "--switch-to-sgd", "0.8",
                                  "--granularity", "global", "--log-every",
-                                 "7", "--tensorboard", "tb"])
+                                 "7", "--tensorboard", "tb",
+                                 "--validation", "0.2"])
   assert (config.rescale, config.switch_to_sgd, config.granularity,
-          config.log_every, config.tensorboard) == (True, 0.8, "global", 7, "tb")
+          config.log_every, config.tensorboard, config.validation) == (
+              True, 0.8, "global", 7, "tb", 0.2)
   default = cli.config_from_args([])
-  assert (default.rescale, default.switch_to_sgd) == (False, None)
+  assert (default.rescale, default.switch_to_sgd, default.validation) == (
+      False, None, 0.0)
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])

@@ -201,6 +201,10 @@ def test_refusals_keep_the_run_and_their_advice_works(tmp_path):
     ("exit_weights", (1.0, float("nan")), "--exit-weights must be finite"),
     ("exit_weights", (1.0, -1.0), "--exit-weights must be finite numbers >= 0"),
     ("exit_weights", (), "--exit-weights must be finite"),
+    ("validation", 1.0, r"--validation must be a finite number in \[0, 1\)"),
+    ("validation", -0.1, r"--validation must be a finite number in \[0, 1\)"),
+    ("validation", float("nan"), "--validation must be a finite number"),
+    ("validation", "0.2", "--validation must be a finite number"),
 ])
 def test_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -323,3 +327,39 @@ def test_switch_to_sgd_sums_the_exit_gradients_from_its_step_on():
   projected = [-1.0, -np.sqrt(2)]
   np.testing.assert_allclose(updates, [projected] * 3 + [[-2.0, -1.0]] * 2,
                              rtol=1e-6)
+
+
+def test_a_validation_split_is_held_out_of_the_training_set_only():
+  full = train_lib.load_data(SMALL)
+  config = dataclasses.replace(SMALL, validation=0.2)
+  split = train_lib.load_data(config)
+  assert (config.evaluated_on, config.eval_prefix) == ("validation", "val")
+  # A stratified part of the training set, the rest to train on; the test
+  # set is dropped, so no run on the split can score on it.
+  assert split.num_train + split.num_test == full.num_train
+  pool = {row.tobytes() for row in full.x_train}
+  assert all(row.tobytes() in pool for row in split.x_test)
+  assert not {row.tobytes() for row in full.x_test} & {
+      row.tobytes() for row in split.x_test}
+  np.testing.assert_allclose(np.bincount(split.y_test),
+                             0.2 * np.bincount(full.y_train), atol=0.5)
+  # The same examples whatever the run's seed: every run of an experiment
+  # validates on one split.
+  again = train_lib.load_data(dataclasses.replace(config, seed=7))
+  np.testing.assert_array_equal(again.x_test, split.x_test)
+  # Not a change a resumed run may make.
+  assert train_lib.config_differences(SMALL.to_json(), config) == [
+      "validation"]
+
+
+def test_a_validation_split_that_leaves_too_little_is_one_line(tmp_path):
+  config = dataclasses.replace(SMALL, validation=1e-4, out=str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"^--validation 0.0001 holds out none"
+                     r" of the 1438 training examples of digits; choose a"
+                     r" fraction such as 0.2.$"):
+    train(config)
+  config = dataclasses.replace(SMALL, validation=0.9, batch_size=512,
+                               out=str(tmp_path / "b"))
+  with pytest.raises(ValueError, match=r"--batch-size 512 exceeds the 143"
+                     r" training examples left by --validation 0.9"):
+    train(config)

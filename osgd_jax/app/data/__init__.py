@@ -5,10 +5,10 @@ host memory: scikit-learn's ``digits``, ``cifar10``/``cifar100`` from the
 official archives in a local ``data_dir``, the 1-D signals of ``mnist1d``
 from the ``mnist1d`` package's generator, or a seeded ``synthetic`` task.
 ``download_cifar`` fetches the CIFAR archives into that directory, checked
-against their published MD5. ``iterate_batches`` streams an epoch in an order
-fixed by ``(seed, epoch)``, and ``augment`` (random crop with padding and
-flip) runs inside a jitted step with keys from ``augment_key(key, epoch,
-step)``.
+against their published MD5. ``hold_out_validation`` splits a validation set
+off the training set. ``iterate_batches`` streams an epoch in an order fixed
+by ``(seed, epoch)``, and ``augment`` (random crop with padding and flip)
+runs inside a jitted step with keys from ``augment_key(key, epoch, step)``.
 """
 
 from osgd_jax.app.data.augment import augment, random_crop, random_flip
@@ -19,11 +19,13 @@ from osgd_jax.app.data.batching import (augment_key, batch_indices,
                                     num_batches)
 from osgd_jax.app.data.cifar import load_cifar
 from osgd_jax.app.data.download import (CIFAR_ARCHIVES, CifarArchive,
-                                       DownloadError, download_cifar)
-from osgd_jax.app.data.digits import load_digits, stratified_split
+                                        DownloadError, download_cifar)
+from osgd_jax.app.data.digits import load_digits
 from osgd_jax.app.data.loading import (DATASET_ALIASES, DATASET_NAMES,
-                                      canonical_dataset_name, load_dataset)
+                                       canonical_dataset_name, load_dataset)
 from osgd_jax.app.data.mnist1d import load_mnist1d
+from osgd_jax.app.data.splits import (VALIDATION_SPLIT_SEED,
+                                      hold_out_validation, stratified_split)
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
@@ -36,12 +38,14 @@ __all__ = [
     "DatasetFormatError",
     "DatasetNotFoundError",
     "DownloadError",
+    "VALIDATION_SPLIT_SEED",
     "augment",
     "augment_key",
     "batch_indices",
     "canonical_dataset_name",
     "download_cifar",
     "epoch_permutation",
+    "hold_out_validation",
     "iterate_batches",
     "load_cifar",
     "load_dataset",

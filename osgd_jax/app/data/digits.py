@@ -5,42 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from osgd_jax.app.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.splits import stratified_split
 
-__all__ = ["load_digits", "stratified_split"]
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Splits example indices so that every class keeps the same proportions.
-
-  Each class independently sends ``round(test_fraction * class_size)`` of its
-  examples to the test side. The split depends only on ``(labels,
-  test_fraction, seed)``, so it never changes between runs (the test suite
-  pins a few indices, guarding against a change of NumPy's random stream).
-
-  Args:
-    labels: ``(N,)`` integer labels.
-    test_fraction: fraction of each class held out, in (0, 1).
-    seed: non-negative integer seed of the split.
-
-  Returns:
-    ``(train_indices, test_indices)``, sorted int64 arrays that partition
-    ``range(N)``.
-
-  Example:
-    >>> train, test = stratified_split(np.array([0, 0, 1, 1]), 0.5, seed=0)
-  """
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-  labels = np.asarray(labels)
-  rng = np.random.default_rng(seed)
-  train, test = [], []
-  for c in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == c))
-    num_test = int(np.floor(test_fraction * members.size + 0.5))
-    test.append(members[:num_test])
-    train.append(members[num_test:])
-  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+__all__ = ["load_digits"]
 
 
 def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:

@@ -31,23 +31,40 @@ EARLY_EXIT_THRESHOLDS = np.linspace(0.0, 1.0, 21)
 class TrainResult:
   """What a finished run produced.
 
+  A run is scored on one split, which ``evaluated_on`` names: the test
+  set (``test_accuracy`` and ``test_loss`` are set, ``val_*`` are ``None``)
+  or the validation split of a run with ``validation`` > 0 (the other way
+  round), as the keys of its ``metrics.json`` are.
+
   Attributes:
     history: one dict per completed epoch (as written to ``metrics.json``).
-    test_accuracy: ``(K,)`` final test accuracy per exit.
-    test_loss: ``(K,)`` final test loss per exit.
+    test_accuracy: ``(K,)`` final test accuracy per exit, or ``None``.
+    test_loss: ``(K,)`` final test loss per exit, or ``None``.
     flops: ``(K,)`` FLOPs of one example up to each exit, and its source.
     params: ``(K,)`` parameters on each exit's path.
     out: the output directory.
     model: the trained model, in eval mode.
+    val_accuracy: ``(K,)`` final validation accuracy per exit, or ``None``.
+    val_loss: ``(K,)`` final validation loss per exit, or ``None``.
+    evaluated_on: ``"test"`` or ``"validation"``.
   """
 
   history: list[dict[str, Any]]
-  test_accuracy: np.ndarray
-  test_loss: np.ndarray
+  test_accuracy: np.ndarray | None
+  test_loss: np.ndarray | None
   flops: anytime.ExitFlops
   params: np.ndarray
   out: str
   model: Any
+  val_accuracy: np.ndarray | None = None
+  val_loss: np.ndarray | None = None
+  evaluated_on: str = "test"
+
+  @property
+  def accuracy(self) -> np.ndarray:
+    """``(K,)`` final accuracy per exit on the split named by ``evaluated_on``."""
+    return (self.val_accuracy if self.evaluated_on == "validation"
+            else self.test_accuracy)
 
 
 def write_metrics(out: str, config: TrainConfig, history: list[dict[str, Any]],
@@ -78,14 +95,15 @@ def write_metrics(out: str, config: TrainConfig, history: list[dict[str, Any]],
 def finish_run(run: Run, state: TrainState) -> TrainResult:
   """Measures the trained model and writes the run's final artefacts.
 
-  Adds the final test metrics, FLOPs and parameters per exit and the
-  early-exit curve (accuracy against mean FLOPs, exiting at the first exit
+  Adds the final test metrics (validation metrics for a run with
+  ``validation`` > 0: ``val_accuracy``, ``val_loss`` and ``evaluated_on``
+  say which), FLOPs and parameters per exit and the early-exit curve (accuracy against mean FLOPs, exiting at the first exit
   whose confidence reaches each of :data:`EARLY_EXIT_THRESHOLDS`) to
   ``metrics.json``, and plots both against FLOPs in
   ``accuracy_vs_flops.png``.
 
   Args:
-    run: the run, whose last history record holds the final test metrics.
+    run: the run, whose last history record holds the final metrics.
     state: the trained state.
 
   Returns:
@@ -94,19 +112,24 @@ def finish_run(run: Run, state: TrainState) -> TrainResult:
   config, dataset = run.config, run.dataset
   model = run.host_model(state)
   model.eval()
-  final = run.history[-1]
-  accuracy = np.asarray(final["test_accuracy"])
+  final, prefix = run.history[-1], config.eval_prefix
+  accuracy = np.asarray(final[f"{prefix}_accuracy"])
+  loss = np.asarray(final[f"{prefix}_loss"])
   flops = anytime.flops_per_exit(model, (1,) + dataset.input_shape)
   param_counts = anytime.params_per_exit(model)
   sweep_flops, sweep_accuracy = anytime.early_exit_curve(
       model, dataset.x_test, dataset.y_test, EARLY_EXIT_THRESHOLDS,
       flops=flops.flops)
-  result = TrainResult(run.history, accuracy, np.asarray(final["test_loss"]),
-                       flops, param_counts, run.out, model)
+  on_test = config.evaluated_on == "test"
+  result = TrainResult(run.history, accuracy if on_test else None,
+                       loss if on_test else None, flops, param_counts,
+                       run.out, model, None if on_test else accuracy,
+                       None if on_test else loss, config.evaluated_on)
   if jax.process_index() != 0:  # process 0 writes the run's files
     return result
   write_metrics(run.out, config, run.history, {
-      "test_accuracy": accuracy, "test_loss": final["test_loss"],
+      "evaluated_on": config.evaluated_on,
+      f"{prefix}_accuracy": accuracy, f"{prefix}_loss": loss,
       "flops": flops.flops, "flops_source": flops.source,
       "params": param_counts,
       "early_exit": {"threshold": EARLY_EXIT_THRESHOLDS,
@@ -116,5 +139,6 @@ def finish_run(run: Run, state: TrainState) -> TrainResult:
        f"{config.optimizer}: early exit by confidence": (sweep_flops,
                                                         sweep_accuracy)},
       os.path.join(run.out, "accuracy_vs_flops.png"),
-      title=f"{config.model} on {config.dataset}")
+      title=f"{config.model} on {config.dataset}",
+      ylabel=f"{config.evaluated_on} accuracy (%)")
   return result

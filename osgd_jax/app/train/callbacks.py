@@ -9,7 +9,8 @@ logs, on every process:
   last), ``train_loss`` being the mean exit losses since the last fetch;
 * ``{"kind": "epoch", "global_step", ...}`` after each epoch, the rest being
   the epoch's ``metrics.json`` record (``train_loss``, ``step_time_s``, and
-  ``test_loss`` and ``test_accuracy`` when it was evaluated).
+  ``test_loss`` and ``test_accuracy`` when it was evaluated, or ``val_loss``
+  and ``val_accuracy`` for a run scored on a validation split).
 
 A callback runs on the host between fetches, so it costs no device time,
 but it delays the next steps' dispatch by as long as it takes.
@@ -32,8 +33,8 @@ class TensorBoardLogger:
   """Writes the training records as TensorBoard scalars, with tensorboardX.
 
   Scalars, against the global step: ``train/loss/exit_k`` from every step
-  record, and ``test/accuracy/exit_k`` and ``test/loss/exit_k`` from the
-  epoch records that have them. View them with ``tensorboard --logdir``.
+  record, and ``test/accuracy/exit_k`` and ``test/loss/exit_k`` (or
+  ``val/...`` on a validation split) from the epoch records that have them. View them with ``tensorboard --logdir``.
 
   Args:
     logdir: the directory for the event files; created if missing.
@@ -61,7 +62,9 @@ class TensorBoardLogger:
     scalars = {"train/loss": record.get("train_loss")
                if record.get("kind") == "step" else None,
                "test/accuracy": record.get("test_accuracy"),
-               "test/loss": record.get("test_loss")}
+               "test/loss": record.get("test_loss"),
+               "val/accuracy": record.get("val_accuracy"),
+               "val/loss": record.get("val_loss")}
     for tag, values in scalars.items():
       for k, value in enumerate(values or ()):
         self._writer.add_scalar(f"{tag}/exit_{k + 1}", value, step)

@@ -89,6 +89,10 @@ class TrainConfig:
   preset: str | None = None  # None: the preset named after the dataset
   dataset: str = "digits"
   data_dir: str | None = None
+  # The fraction of the training set held out (stratified, with a fixed
+  # seed) to evaluate on instead of the test set; 0: train on all of it and
+  # evaluate on the test set.
+  validation: float = 0.0
   optimizer: str = "osgd"
   granularity: str = "leaf"
   method: str = "gram"
@@ -128,6 +132,29 @@ class TrainConfig:
     if self.preset is not None:
       return self.preset
     return _DATASET_PRESETS.get(self.dataset, "digits")
+
+  @property
+  def evaluated_on(self) -> str:
+    """The split the run is scored on: ``"validation"`` or ``"test"``.
+
+    Example:
+      >>> TrainConfig(validation=0.2).evaluated_on
+      'validation'
+    """
+    return "validation" if self.validation else "test"
+
+  @property
+  def eval_prefix(self) -> str:
+    """The prefix of the run's evaluation metrics: ``"val"`` or ``"test"``.
+
+    A run on a validation split records ``val_accuracy`` and ``val_loss``,
+    never ``test_*``, so that no reader takes one for the other.
+
+    Example:
+      >>> TrainConfig().eval_prefix + "_accuracy"
+      'test_accuracy'
+    """
+    return "val" if self.validation else "test"
 
   def validate(self) -> None:
     """Raises a ``ValueError`` naming the first bad field and the fix.
@@ -169,6 +196,8 @@ class TrainConfig:
         raise ValueError(f"{_flag(name)} must be an integer from {low} to"
                          f" {high}, got {value!r}.")
     _check_real("--lr", self.lr, "> 0", lambda v: v > 0)
+    _check_real("--validation", self.validation, "in [0, 1)",
+                lambda v: 0 <= v < 1)
     _check_real("--momentum", self.momentum, "in [0, 1)",
                 lambda v: 0 <= v < 1)
     _check_real("--weight-decay", self.weight_decay, ">= 0", lambda v: v >= 0)

@@ -176,7 +176,7 @@ def seconds_per_step(timings: Sequence[tuple[int, float]]) -> float:
 def epoch_record(run: Run, state: TrainState, epoch: int,
                  train_loss: np.ndarray,
                  timings: Sequence[tuple[int, float]]) -> dict[str, Any]:
-  """The ``metrics.json`` record of an epoch, evaluated on the test set if due.
+  """The ``metrics.json`` record of an epoch, evaluated if due.
 
   Args:
     run: the run.
@@ -188,7 +188,9 @@ def epoch_record(run: Run, state: TrainState, epoch: int,
 
   Returns:
     ``{"epoch", "train_loss", "step_time_s"}``, and ``"test_loss"`` and
-    ``"test_accuracy"`` every ``eval_every`` epochs and after the last.
+    ``"test_accuracy"`` every ``eval_every`` epochs and after the last;
+    ``"val_loss"`` and ``"val_accuracy"`` instead for a run that evaluates
+    on a validation split (``config.validation`` > 0).
   """
   config = run.config
   record: dict[str, Any] = {
@@ -199,8 +201,8 @@ def epoch_record(run: Run, state: TrainState, epoch: int,
   if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
     metrics = anytime.evaluate(run.host_model(state), run.dataset.x_test,
                                run.dataset.y_test)
-    record["test_loss"] = metrics.loss.tolist()
-    record["test_accuracy"] = metrics.accuracy.tolist()
+    record[f"{config.eval_prefix}_loss"] = metrics.loss.tolist()
+    record[f"{config.eval_prefix}_accuracy"] = metrics.accuracy.tolist()
   return record
 
 
@@ -209,9 +211,9 @@ def _print_epoch(config: TrainConfig, record: dict[str, Any]) -> None:
   # background should still say how far it got.
   if jax.process_index() != 0:
     return
-  tested = (" test acc " + " ".join(
-      f"{100 * a:.1f}" for a in record["test_accuracy"])
-            if "test_accuracy" in record else "")
+  key = f"{config.eval_prefix}_accuracy"
+  tested = (f" {config.eval_prefix} acc " + " ".join(
+      f"{100 * a:.1f}" for a in record[key]) if key in record else "")
   print(f"epoch {record['epoch']}/{config.epochs}: train loss "
         + " ".join(f"{v:.3f}" for v in record["train_loss"]) + tested,
         flush=True)

@@ -98,10 +98,13 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
   """Loads the run's dataset, shaped for the model's backbone.
 
   Args:
-    config: ``dataset``, ``data_dir`` and ``model``.
+    config: ``dataset``, ``data_dir``, ``model`` and ``validation``.
 
   Returns:
     The dataset; ``synthetic`` is digits-sized, so the digits presets fit it.
+    With ``validation`` > 0, its test arrays are the validation split held
+    out of the training set (:func:`osgd_jax.app.data.hold_out_validation`),
+    and the test set is dropped.
 
   Raises:
     ValueError: the data is missing or malformed; the message says where it
@@ -113,8 +116,12 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
   """
   if config.dataset == "synthetic":
     shape = (8, 8, 1) if takes_images(config.model) else (64,)
-    return data_lib.load_dataset("synthetic", shape=shape, difficulty=0.5)
-  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
+    dataset = data_lib.load_dataset("synthetic", shape=shape, difficulty=0.5)
+  else:
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
+  if config.validation:
+    dataset = data_lib.hold_out_validation(dataset, config.validation)
+  return dataset
 
 
 def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
@@ -336,9 +343,11 @@ def start_run(config: TrainConfig) -> tuple[Run, TrainState]:
   model = build_model(config, dataset)
   steps_per_epoch = data_lib.num_batches(dataset.num_train, config.batch_size)
   if steps_per_epoch == 0:
+    held = (f" left by --validation {config.validation}" if config.validation
+            else "")
     raise ValueError(
         f"--batch-size {config.batch_size} exceeds the {dataset.num_train}"
-        " training examples; use a smaller batch.")
+        f" training examples{held}; use a smaller batch.")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, step = make_train_step(
       config, graphdef, model.num_exits, steps_per_epoch * config.epochs,
