@@ -32,15 +32,18 @@ from osgd_jax.app.train import TrainConfig, prepare_output_dir
 __all__ = ["DEFAULT_LR_GRID", "DEFAULT_MODELS", "DEFAULT_OPTIMIZERS",
            "RESULTS_FILE", "build_parser", "main", "parse_lr_grid"]
 
+#: The comparison's results, in its output directory.
 RESULTS_FILE = "results.json"
+#: The optimizers compared without ``--optimizers``.
 DEFAULT_OPTIMIZERS = ("sgd", "osgd", variants.MATCHED)
+#: The models trained without ``--models``.
 DEFAULT_MODELS = ("branched-resnet", "nested-width-resnet",
                   "nested-depth-resnet", "nested-width-depth-resnet")
-# Steps of about 2 (1-2-5 per decade) from a fifth of the training default
-# (0.05) to ten times it: optimizers whose updates are about the size of one
-# exit's gradient (MGDA, UPGrad: 1/K of a sum, K = 4) find their match of
-# 0.05, about 0.2, inside the grid, and with momentum 0.9 rates above 0.5
-# make the summed-loss step diverge on the digits models.
+#: Steps of about 2 (1-2-5 per decade) from a fifth of the training default
+#: (0.05) to ten times it. Optimizers whose updates are about the size of one
+#: exit's gradient (MGDA, UPGrad, 1/K of a sum at K = 4) find their match of
+#: 0.05, about 0.2, inside the grid, and with momentum 0.9 rates above 0.5
+#: make the summed-loss step diverge on the digits models.
 DEFAULT_LR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 _SWITCH_PERCENT = 100 * (1 - variants.VARIANTS["osgd-switch"]["switch_to_sgd"])
 # The training flags, which --report (it trains nothing) does not take.

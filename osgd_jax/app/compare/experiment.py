@@ -31,12 +31,13 @@ from osgd_jax.app.train import (TrainConfig, TrainingDiverged, build_model,
 __all__ = ["MAX_SEEDS", "TIE_TOLERANCE", "TUNING_SEED", "Plan",
            "choose_rate", "model_costs", "run_comparison"]
 
-# The seed of every tuning run: outside the evaluation seeds 0..N-1 (N is
-# at most MAX_SEEDS), so no tested run shares its initialisation or data
-# order with the run that chose its rate.
+#: The seed of every tuning run, outside the evaluation seeds 0..N-1 (N is
+#: at most MAX_SEEDS), so no tested run shares its initialisation or data
+#: order with the run that chose its rate.
 TUNING_SEED = 1000
+#: The most seeds a comparison tests.
 MAX_SEEDS = 1000
-# Mean accuracies closer than this are a tie, which the smaller rate wins.
+#: Mean accuracies closer than this are a tie, which the smaller rate wins.
 TIE_TOLERANCE = 1e-9
 # The TrainConfig fields a comparison sets run by run.
 _PER_RUN = ("model", "optimizer", "granularity", "method", "rescale",
@@ -69,7 +70,7 @@ class Plan:
 
   @property
   def num_runs(self) -> int:
-    """The runs the plan trains at most: phase 1, phase 2 and the ratios.
+    """The most runs the plan trains, over phase 1, phase 2 and the ratios.
 
     Example:
       >>> Plan(TrainConfig(), ("branched-mlp",), ("sgd", "osgd",

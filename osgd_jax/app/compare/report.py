@@ -23,6 +23,7 @@ from osgd_jax.app.report import (plot_accuracy_vs_flops, plot_accuracy_vs_lr,
 
 __all__ = ["REPORT_FILE", "markers", "replace_section", "write_report"]
 
+#: The report's Markdown file, beside its figures.
 REPORT_FILE = "report.md"
 _SECTION = re.compile(r"[A-Za-z0-9_.-]+")
 

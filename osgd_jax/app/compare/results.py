@@ -48,13 +48,15 @@ import numpy as np
 __all__ = ["CONFIDENCE", "EXAMPLE", "FORMAT", "VERSION", "accuracy_rows",
            "load_results"]
 
+#: The ``"format"`` entry that marks a results file.
 FORMAT = "osgd-compare results"
+#: The version of the file's layout that this code reads and writes.
 VERSION = 1
-# The confidence level of the paired differences' intervals.
+#: The confidence level of the paired differences' intervals.
 CONFIDENCE = 0.95
 
-# A small hand-made results object in this layout, for the examples: one
-# model with 2 exits, 2 seeds, a 2-rate grid, sgd, osgd and sgd-matched.
+#: A small hand-made results object in this layout, for the examples (one
+#: model with 2 exits, 2 seeds, a 2-rate grid, sgd, osgd and sgd-matched).
 EXAMPLE: dict[str, Any] = {
     "format": FORMAT, "version": VERSION,
     "settings": {

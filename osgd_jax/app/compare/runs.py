@@ -22,7 +22,7 @@ from osgd_jax.app.train import (TrainConfig, TrainingDiverged,
 
 __all__ = ["RESULT_FILE", "read_record", "run_once"]
 
-# A finished (or diverged) run's outcome, in the run's own directory.
+#: A finished (or diverged) run's outcome, in the run's own directory.
 RESULT_FILE = "result.json"
 
 

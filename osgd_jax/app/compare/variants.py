@@ -17,14 +17,16 @@ from osgd_jax.app.train import OPTIMIZERS, TrainConfig
 __all__ = ["BASELINE", "MATCHED", "MATCHED_TO", "VARIANTS", "check_names",
            "config_for", "is_tuned"]
 
-# The summed-loss baseline every optimizer is paired with.
+#: The summed-loss baseline every optimizer is paired with.
 BASELINE = "sgd"
-# Plain summed-loss SGD whose learning rate is MATCHED_TO's tuned rate
-# times the measured ratio of the two optimizers' update norms
-# (osgd_jax.app.compare.matched); it has no rate grid of its own.
+#: Plain summed-loss SGD whose learning rate is MATCHED_TO's tuned rate
+#: times the measured ratio of the two optimizers' update norms
+#: (osgd_jax.app.compare.matched); it has no rate grid of its own.
 MATCHED = "sgd-matched"
+#: The optimizer whose update size MATCHED is matched to.
 MATCHED_TO = "osgd"
 
+#: Every name ``--optimizers`` takes, and the run settings it stands for.
 VARIANTS: dict[str, dict[str, Any]] = {
     **{name: {"optimizer": name} for name in OPTIMIZERS},
     "osgd-global": {"optimizer": "osgd", "granularity": "global"},

@@ -10,9 +10,9 @@ from osgd_jax.app.data.base import Dataset
 
 __all__ = ["VALIDATION_SPLIT_SEED", "hold_out_validation", "stratified_split"]
 
-# The seed of every validation split. It is fixed, not the run's seed, so
-# that all runs of an experiment (every seed, optimizer and learning rate)
-# are scored on the same held-out examples.
+#: The seed of every validation split. It is fixed, not the run's seed, so
+#: that all runs of an experiment (every seed, optimizer and learning rate)
+#: are scored on the same held-out examples.
 VALIDATION_SPLIT_SEED = 0
 
 

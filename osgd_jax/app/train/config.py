@@ -135,7 +135,7 @@ class TrainConfig:
 
   @property
   def evaluated_on(self) -> str:
-    """The split the run is scored on: ``"validation"`` or ``"test"``.
+    """The split the run is scored on, ``"validation"`` or ``"test"``.
 
     Example:
       >>> TrainConfig(validation=0.2).evaluated_on
@@ -145,7 +145,7 @@ class TrainConfig:
 
   @property
   def eval_prefix(self) -> str:
-    """The prefix of the run's evaluation metrics: ``"val"`` or ``"test"``.
+    """The prefix of the run's evaluation metrics, ``"val"`` or ``"test"``.
 
     A run on a validation split records ``val_accuracy`` and ``val_loss``,
     never ``test_*``, so that no reader takes one for the other.
