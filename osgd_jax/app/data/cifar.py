@@ -24,8 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from osgd_jax.app.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
-                                DatasetNotFoundError, channel_stats,
-                                standardize)
+                                DatasetNotFoundError, standardized)
 
 __all__ = ["archive_path", "find_cifar", "load_cifar"]
 
@@ -344,16 +343,8 @@ def load_cifar(data_dir: str | os.PathLike[str] | None, *,
   if train_images.shape[0] == 0:
     raise _format_error(layout, contents[layout.train[0]][0],
                         "holds no training images")
-  mean, std = channel_stats(train_images)
-  mean, std = mean / np.float32(255), std / np.float32(255)
-  return Dataset(
-      name=name,
-      x_train=standardize(train_images, mean, std, scale=1 / 255),
-      y_train=y_train,
-      x_test=standardize(test_images, mean, std, scale=1 / 255),
-      y_test=y_test,
-      num_classes=num_classes,
-      mean=mean,
-      std=std,
+  return standardized(
+      name, train_images, y_train, test_images, y_test, num_classes,
+      scale=1 / 255,
       class_names=_class_names(layout, contents, names_key, num_classes,
                                label_mode))

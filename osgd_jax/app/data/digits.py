@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from osgd_jax.app.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.base import Dataset, standardized
 from osgd_jax.app.data.splits import stratified_split
 
 __all__ = ["load_digits"]
@@ -41,14 +41,6 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
   images = (bunch.images / 16.0)[..., None]
   labels = bunch.target.astype(np.int32)
   train, test = stratified_split(labels, test_fraction, seed)
-  mean, std = channel_stats(images[train])
-  return Dataset(
-      name="digits",
-      x_train=standardize(images[train], mean, std),
-      y_train=labels[train],
-      x_test=standardize(images[test], mean, std),
-      y_test=labels[test],
-      num_classes=10,
-      mean=mean,
-      std=std,
-      class_names=tuple(str(d) for d in range(10)))
+  return standardized("digits", images[train], labels[train], images[test],
+                      labels[test], 10,
+                      class_names=tuple(str(d) for d in range(10)))

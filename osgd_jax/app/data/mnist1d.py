@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from osgd_jax.app.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.base import Dataset, standardized
 
 __all__ = ["load_mnist1d"]
 
@@ -84,14 +84,5 @@ def load_mnist1d() -> Dataset:
   """
   x_train, y_train, x_test, y_test = _generate()
   x_train, x_test = x_train[..., None], x_test[..., None]
-  mean, std = channel_stats(x_train)
-  return Dataset(
-      name="mnist1d",
-      x_train=standardize(x_train, mean, std),
-      y_train=y_train,
-      x_test=standardize(x_test, mean, std),
-      y_test=y_test,
-      num_classes=10,
-      mean=mean,
-      std=std,
-      class_names=tuple(str(d) for d in range(10)))
+  return standardized("mnist1d", x_train, y_train, x_test, y_test, 10,
+                      class_names=tuple(str(d) for d in range(10)))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from osgd_jax.app.data.base import Dataset, channel_stats, standardize
+from osgd_jax.app.data.base import Dataset, standardized
 
 __all__ = ["make_synthetic"]
 
@@ -86,13 +86,5 @@ def make_synthetic(*, seed: int = 0, num_train: int = 2048,
                            num_test, difficulty)
   x_train = x_train.reshape(num_train, *shape)
   x_test = x_test.reshape(num_test, *shape)
-  mean, std = channel_stats(x_train)
-  return Dataset(
-      name="synthetic",
-      x_train=standardize(x_train, mean, std),
-      y_train=y_train,
-      x_test=standardize(x_test, mean, std),
-      y_test=y_test,
-      num_classes=num_classes,
-      mean=mean,
-      std=std)
+  return standardized("synthetic", x_train, y_train, x_test, y_test,
+                      num_classes)
