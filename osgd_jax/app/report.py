@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["write_json", "exit_table", "plot_accuracy_vs_flops",
-           "plot_accuracy_vs_lr", "plot_exit_accuracy"]
+           "plot_accuracy_vs_lr", "plot_exit_accuracy",
+           "plot_paired_differences"]
 
 
 def write_json(path: str, payload: Any) -> None:
@@ -102,7 +103,8 @@ def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[flo
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend()
+  if curves:  # a model whose every run diverged has no lines to name
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path)
 
@@ -128,7 +130,8 @@ def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
   ax.set_xlabel("exit")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
-  ax.legend()
+  if results:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path)
 
@@ -172,3 +175,51 @@ def plot_accuracy_vs_lr(curves: dict[str, tuple[Sequence[float], np.ndarray]],
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path)
+
+
+def plot_paired_differences(
+    panels: dict[str, dict[str, tuple[float, float]]], path: str,
+    title: str = "", xlabel: str = "difference (percentage points)") -> Any:
+  """Differences with their confidence intervals, one panel per group.
+
+  A forest plot: each label is a row with its mean difference and a bar
+  for its interval; a dashed line marks 0, and a filled marker a
+  difference whose interval excludes it.
+
+  Args:
+    panels: panel title (e.g. a model) -> label (e.g. an optimizer) ->
+      ``(mean, half_width)``, as fractions; a NaN half-width (one pair)
+      draws no bar, and a NaN mean no row.
+    path: the PNG to write.
+    title: figure title.
+    xlabel: the x axis' label.
+
+  Returns:
+    The ``matplotlib.figure.Figure``, already written to ``path``.
+  """
+  labels = list(dict.fromkeys(l for rows in panels.values() for l in rows))
+  fig = _figure(figsize=(2.6 * max(len(panels), 1) + 1.2,
+                         0.32 * len(labels) + 1.4), dpi=100)
+  # One x scale for all panels, so that their intervals compare by eye.
+  axes = fig.subplots(1, max(len(panels), 1), sharex=True, sharey=True,
+                      squeeze=False)[0]
+  for ax, (name, rows) in zip(axes, panels.items()):
+    for y, label in enumerate(labels):
+      mean, half = rows.get(label, (np.nan, np.nan))
+      if np.isnan(mean):
+        continue
+      excludes = not np.isnan(half) and abs(mean) > half
+      ax.errorbar([100 * mean], [y], xerr=None if np.isnan(half) else
+                  [[100 * half], [100 * half]], fmt="o", color="C0",
+                  markerfacecolor="C0" if excludes else "white", capsize=2)
+    ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_title(name, fontsize="medium")
+    ax.set_xlabel(xlabel, fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+  axes[0].set_yticks(range(len(labels)), labels)
+  axes[0].invert_yaxis()
+  if title:
+    fig.suptitle(title, fontsize="medium")
+  fig.tight_layout()
+  fig.savefig(path)
+  return fig

@@ -17,8 +17,10 @@ import pytest
 
 import osgd_jax
 from osgd_jax.app import compare
+from osgd_jax.app import report as report_lib
 from osgd_jax.app.compare import (experiment, matched, results, runs, stats,
                                   tables, variants)
+from osgd_jax.app.compare import report as compare_report
 from osgd_jax.app.train import (OPTIMIZERS, TrainConfig, TrainingDiverged,
                                 TrainResult)
 
@@ -176,6 +178,40 @@ def test_the_tables_of_a_hand_written_results_file():
   without_baseline["settings"]["baseline"] = "sgd-mean"
   assert tables.difference_table(without_baseline) == (
       "(No `sgd-mean` runs to pair the others with.)")
+
+
+def test_the_differences_figure_draws_each_pair_and_its_interval(tmp_path):
+  written = compare_report.write_report(HAND, str(tmp_path))
+  path = tmp_path / compare_report.DIFFERENCES_FIGURE
+  assert written[:2] == [str(tmp_path / "report.md"), str(path)]
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Drawn from the same pairs as the table above: osgd's mean over exits,
+  # +6.0 ± 4.303 * 0.01 / sqrt(3) points, excludes 0 (a filled marker);
+  # pcgrad's -2.5 ± 31.8 does not; nested-depth-mlp's osgd never ran.
+  fig = report_lib.plot_paired_differences(
+      {model: {name: (overall.mean, overall.half_width)
+               for name, (_, overall) in rows.items()}
+       for model, rows in tables.paired_differences(HAND).items()},
+      str(tmp_path / "again.png"))
+  branched, nested = fig.axes
+  assert [t.get_text() for t in branched.get_yticklabels()] == ["osgd",
+                                                                "pcgrad"]
+  markers = [line for line in branched.lines if line.get_marker() == "o"]
+  assert [(float(m.get_xdata()[0]), float(m.get_ydata()[0]))
+          for m in markers] == [(pytest.approx(6.0), 0.0),
+                                (pytest.approx(-2.5), 1.0)]
+  assert [m.get_markerfacecolor() != "white" for m in markers] == [True, False]
+  bars = [c.get_segments()[0] for c in branched.collections]
+  half = 100 * 4.302652729911275 * 0.01 / math.sqrt(3)
+  np.testing.assert_allclose(bars[0][:, 0], [6.0 - half, 6.0 + half])
+  assert not [line for line in nested.lines if line.get_marker() == "o"]
+  # With nothing to pair, no figure.
+  without_baseline = json.loads(json.dumps(HAND))
+  del without_baseline["models"]["branched-mlp"]["optimizers"]["sgd"]
+  del without_baseline["models"]["nested-depth-mlp"]["optimizers"]["sgd"]
+  assert compare_report.DIFFERENCES_FIGURE not in [
+      os.path.basename(p) for p in compare_report.write_report(
+          without_baseline, str(tmp_path / "none"))]
 
 
 def test_paired_differences_match_an_independent_float64_computation():

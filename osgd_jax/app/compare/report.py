@@ -17,14 +17,18 @@ import numpy as np
 
 from osgd_jax.app.compare import results as results_lib
 from osgd_jax.app.compare import stats
-from osgd_jax.app.compare.tables import render_markdown
+from osgd_jax.app.compare.tables import paired_differences, render_markdown
 from osgd_jax.app.report import (plot_accuracy_vs_flops, plot_accuracy_vs_lr,
-                                 plot_exit_accuracy)
+                                 plot_exit_accuracy, plot_paired_differences)
 
-__all__ = ["REPORT_FILE", "markers", "replace_section", "write_report"]
+__all__ = ["DIFFERENCES_FIGURE", "REPORT_FILE", "markers", "replace_section",
+           "write_report"]
 
 #: The report's Markdown file, beside its figures.
 REPORT_FILE = "report.md"
+#: The report's summary figure, every model's paired differences from the
+#: baseline in one forest plot (the README shows it).
+DIFFERENCES_FIGURE = "differences.png"
 _SECTION = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -87,10 +91,27 @@ def replace_section(text: str, section: str, fragment: str,
   return "".join(lines[:starts[0] + 1]) + fragment + "".join(lines[ends[0]:])
 
 
+def _differences_figure(payload: dict[str, Any], out: str) -> list[str]:
+  settings = payload["settings"]
+  panels = {model: {name: (overall.mean, overall.half_width)
+                    for name, (_, overall) in per_model.items()}
+            for model, per_model in paired_differences(payload).items()}
+  if all(np.isnan(mean) for rows in panels.values()
+         for mean, _ in rows.values()):
+    return []
+  path = os.path.join(out, DIFFERENCES_FIGURE)
+  plot_paired_differences(
+      panels, path, title=(
+          f"{settings['dataset']}: test accuracy minus {settings['baseline']}'s,"
+          f" mean over exits ({100 * settings['confidence']:g}% interval,"
+          " paired by seed)"))
+  return [path]
+
+
 def _figures(payload: dict[str, Any], out: str) -> list[str]:
   settings = payload["settings"]
   dataset, seeds = settings["dataset"], len(settings["seeds"])
-  written = []
+  written = _differences_figure(payload, out)
   for model, entry in payload["models"].items():
     num_exits = len(entry["flops"])
     summary = {}
@@ -125,8 +146,10 @@ def _figures(payload: dict[str, Any], out: str) -> list[str]:
 def write_report(payload: dict[str, Any], out: str) -> list[str]:
   """Writes ``report.md`` and the figures of a comparison into ``out``.
 
-  Figures, per model: ``accuracy-<model>.png`` (test accuracy per exit,
-  mean ± std per optimizer), ``flops-<model>.png`` (mean test accuracy
+  Figures: :data:`DIFFERENCES_FIGURE` (each optimizer's paired difference
+  from the baseline, mean over exits, with its interval; left out when no
+  optimizer can be paired) and, per model: ``accuracy-<model>.png`` (test
+  accuracy per exit, mean ± std per optimizer), ``flops-<model>.png`` (mean test accuracy
   against FLOPs per example) and ``lr-<model>.png`` (validation accuracy
   of the tuning runs against the learning rate, log axis).
 
@@ -141,7 +164,7 @@ def write_report(payload: dict[str, Any], out: str) -> list[str]:
     >>> import tempfile
     >>> paths = write_report(results_lib.EXAMPLE, tempfile.mkdtemp())
     >>> [os.path.basename(p) for p in paths]
-    ['report.md', 'accuracy-branched-mlp.png', 'flops-branched-mlp.png', 'lr-branched-mlp.png']
+    ['report.md', 'differences.png', 'accuracy-branched-mlp.png', 'flops-branched-mlp.png', 'lr-branched-mlp.png']
   """
   os.makedirs(out, exist_ok=True)
   figures = _figures(payload, out)

@@ -16,7 +16,8 @@ from osgd_jax.app.compare import results as results_lib
 from osgd_jax.app.compare import stats
 
 __all__ = ["accuracy_table", "difference_table", "edge_note", "matched_table",
-           "render_markdown", "robustness_table", "settings_text"]
+           "paired_differences", "render_markdown", "robustness_table",
+           "settings_text"]
 
 
 def _num_exits(entry: dict[str, Any]) -> int:
@@ -143,6 +144,52 @@ def _difference(d: stats.PairedDifference) -> str:
   return f"**{text}**" if d.excludes_zero else text
 
 
+def paired_differences(payload: dict[str, Any]
+                       ) -> dict[str, dict[str, tuple[list[stats.PairedDifference],
+                                                      stats.PairedDifference]]]:
+  """Each optimizer's test accuracy minus the baseline's, paired by seed.
+
+  Args:
+    payload: the results.
+
+  Returns:
+    model -> optimizer -> ``(per_exit, overall)``: one
+    :class:`~osgd_jax.app.compare.stats.PairedDifference` per exit, and one
+    for the mean over exits, at the results' confidence level; accuracies
+    are fractions. The baseline itself is left out; a model without any
+    baseline runs gets ``n = 0`` throughout, and so does an optimizer
+    without test runs.
+
+  Example:
+    >>> per_exit, overall = paired_differences(
+    ...     results_lib.EXAMPLE)["branched-mlp"]["osgd"]
+    >>> overall.n, round(overall.mean, 3), len(per_exit)
+    (2, 0.075, 2)
+  """
+  settings = payload["settings"]
+  baseline, confidence = settings["baseline"], settings["confidence"]
+  differences = {}
+  for model, entry in payload["models"].items():
+    num_exits = _num_exits(entry)
+    base = _rows(entry["optimizers"].get(baseline, {"test_accuracy": None}),
+                 num_exits)
+    per_model = differences[model] = {}
+    for name, result in entry["optimizers"].items():
+      if name == baseline:
+        continue
+      rows = _rows(result, num_exits)
+      if base.size == 0 or rows.size == 0:
+        none = stats.paired_difference(np.array([]), np.array([]))
+        per_model[name] = ([none] * num_exits, none)
+        continue
+      per_model[name] = (
+          [stats.paired_difference(rows[:, k], base[:, k], confidence)
+           for k in range(num_exits)],
+          stats.paired_difference(rows.mean(axis=1), base.mean(axis=1),
+                                  confidence))
+  return differences
+
+
 def difference_table(payload: dict[str, Any]) -> str:
   """Each optimizer minus the baseline, paired by seed, with t intervals.
 
@@ -163,26 +210,16 @@ def difference_table(payload: dict[str, Any]) -> str:
   baseline = payload["settings"]["baseline"]
   if not any(baseline in e["optimizers"] for e in payload["models"].values()):
     return f"(No `{baseline}` runs to pair the others with.)"
+  differences = paired_differences(payload)
   width = _max_exits(payload)
   lines = _header(["model", "optimizer", "n"], width, ["mean over exits"])
-  for model, entry in payload["models"].items():
-    num_exits = _num_exits(entry)
-    base = _rows(entry["optimizers"].get(
-        baseline, {"test_accuracy": None}), num_exits)
-    for name, result in entry["optimizers"].items():
-      if name == baseline:
-        continue
-      rows = _rows(result, num_exits)
-      if base.size == 0 or rows.size == 0:
+  for model, per_model in differences.items():
+    for name, (per_exit, overall) in per_model.items():
+      if overall.n == 0:
         lines.append(f"| {model} | {name} | 0 | "
                      + " | ".join(["—"] * (width + 1)) + " |")
         continue
-      diffs = [stats.paired_difference(rows[:, k], base[:, k],
-                                       payload["settings"]["confidence"])
-               for k in range(num_exits)]
-      overall = stats.paired_difference(rows.mean(axis=1), base.mean(axis=1),
-                                        payload["settings"]["confidence"])
-      cells = _pad([_difference(d) for d in diffs], width)
+      cells = _pad([_difference(d) for d in per_exit], width)
       lines.append(f"| {model} | {name} | {overall.n} | " + " | ".join(
           cells + [_difference(overall)]) + " |")
   return "\n".join(lines)
