@@ -93,3 +93,33 @@ def test_the_generated_tables_are_what_their_results_files_give():
         f"README's {section} tables differ from docs/results/{section}.json;"
         f" run: osgd-compare --report docs/results/{section}.json --readme"
         f" README.md --section {section}")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+  """A PNG's (width, height), from its IHDR chunk."""
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+  return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_each_comparison_shows_its_differences_figure(tmp_path):
+  # Beside its tables, each section shows the report's forest plot, copied
+  # to docs/results/<section>-differences.png. Pixels differ between
+  # matplotlib versions, but the size follows the models and optimizers
+  # drawn: a figure of another results file would not match.
+  from osgd_jax.app.compare import load_results  # pylint: disable=g-import-not-at-top
+  from osgd_jax.app.compare.report import DIFFERENCES_FIGURE, write_differences_figure  # pylint: disable=g-import-not-at-top
+  text = README.read_text()
+  results = README.parent / "docs" / "results"
+  sections = sorted(p.stem for p in results.glob("*.json"))
+  assert sections
+  for section in sections:
+    figure = f"docs/results/{section}-differences.png"
+    assert f"]({figure})" in text, f"README does not show {figure}"
+    payload = load_results(str(results / f"{section}.json"))
+    made = write_differences_figure(payload, str(tmp_path))
+    assert _png_size((ROOT / figure).read_bytes()) == _png_size(
+        pathlib.Path(made).read_bytes()), (
+            f"{figure} is not docs/results/{section}.json's; run:"
+            f" osgd-compare --report docs/results/{section}.json"
+            f" --report-out /tmp/{section} && cp /tmp/{section}/"
+            f"{DIFFERENCES_FIGURE} {figure}")

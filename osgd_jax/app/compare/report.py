@@ -22,7 +22,7 @@ from osgd_jax.app.report import (plot_accuracy_vs_flops, plot_accuracy_vs_lr,
                                  plot_exit_accuracy, plot_paired_differences)
 
 __all__ = ["DIFFERENCES_FIGURE", "REPORT_FILE", "markers", "replace_section",
-           "write_report"]
+           "write_differences_figure", "write_report"]
 
 #: The report's Markdown file, beside its figures.
 REPORT_FILE = "report.md"
@@ -91,27 +91,44 @@ def replace_section(text: str, section: str, fragment: str,
   return "".join(lines[:starts[0] + 1]) + fragment + "".join(lines[ends[0]:])
 
 
-def _differences_figure(payload: dict[str, Any], out: str) -> list[str]:
+def write_differences_figure(payload: dict[str, Any], out: str) -> str | None:
+  """Draws :data:`DIFFERENCES_FIGURE` of a comparison into ``out``.
+
+  Args:
+    payload: the results (:mod:`osgd_jax.app.compare.results`).
+    out: an existing directory.
+
+  Returns:
+    The figure's path, or ``None`` (nothing drawn) when no optimizer could
+    be paired with the baseline.
+
+  Example:
+    >>> import tempfile
+    >>> os.path.basename(write_differences_figure(results_lib.EXAMPLE,
+    ...                                           tempfile.mkdtemp()))
+    'differences.png'
+  """
   settings = payload["settings"]
   panels = {model: {name: (overall.mean, overall.half_width)
                     for name, (_, overall) in per_model.items()}
             for model, per_model in paired_differences(payload).items()}
   if all(np.isnan(mean) for rows in panels.values()
          for mean, _ in rows.values()):
-    return []
+    return None
   path = os.path.join(out, DIFFERENCES_FIGURE)
   plot_paired_differences(
       panels, path, title=(
           f"{settings['dataset']}: test accuracy minus {settings['baseline']}'s,"
           f" mean over exits ({100 * settings['confidence']:g}% interval,"
           " paired by seed)"))
-  return [path]
+  return path
 
 
 def _figures(payload: dict[str, Any], out: str) -> list[str]:
   settings = payload["settings"]
   dataset, seeds = settings["dataset"], len(settings["seeds"])
-  written = _differences_figure(payload, out)
+  differences = write_differences_figure(payload, out)
+  written = [] if differences is None else [differences]
   for model, entry in payload["models"].items():
     num_exits = len(entry["flops"])
     summary = {}
