@@ -166,9 +166,10 @@ def write_report(payload: dict[str, Any], out: str) -> list[str]:
   Figures: :data:`DIFFERENCES_FIGURE` (each optimizer's paired difference
   from the baseline, mean over exits, with its interval; left out when no
   optimizer can be paired) and, per model: ``accuracy-<model>.png`` (test
-  accuracy per exit, mean ± std per optimizer), ``flops-<model>.png`` (mean test accuracy
-  against FLOPs per example) and ``lr-<model>.png`` (validation accuracy
-  of the tuning runs against the learning rate, log axis).
+  accuracy per exit, mean ± std per optimizer), ``flops-<model>.png``
+  (mean test accuracy against FLOPs per example) and ``lr-<model>.png``
+  (validation accuracy of the tuning runs against the learning rate, log
+  axis).
 
   Args:
     payload: the results (:mod:`osgd_jax.app.compare.results`).
