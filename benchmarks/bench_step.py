@@ -30,7 +30,7 @@ On one network, batch and machine, in one run, the script times:
   stacked gradients of the model's shapes (it adds the launch of a call,
   timed apart, and its weighted sums cannot fuse with an optimizer), and the
   same staged step with the rows summed instead of projected
-  (``optimizer="sgd-uniform"``), whose difference to the OSGD step is the
+  (``optimizer="sum"``), whose difference to the OSGD step is the
   noisy wall-time view of the same question;
 * with the ``bench`` extra installed (``pip install -e '.[bench]'``): the same
   architecture in PyTorch (``benchmarks/torch_zoo.py``; parameter counts are
@@ -406,7 +406,7 @@ def _bench_model(name: str, args: argparse.Namespace, overrides: dict,
        "osgd", "staged-batched"),
       ("jax-osgd-vmap", "jax OSGD, vmap Jacobian", "osgd", "vmap"),
       ("sum-staged", "jax staged Jacobian, rows summed (no projection)",
-       "sgd-uniform", "staged")]
+       "sum", "staged")]
   compiled_steps = {}
   for key, label, optimizer, mode in jax_steps:
     call, compiled_steps[key] = _train_step(

@@ -20,7 +20,8 @@ from hypothesis import given, settings, strategies as st
 
 import numpy_oracles as oracles
 import osgd_jax
-from osgd_jax import aggregators, weightings, zoo
+from osgd_jax import aggregation, weightings, zoo
+from osgd_jax.aggregation import _stateful
 
 SHAPES = {"conv": (3, 2, 4), "bias": (5,), "scale": ()}
 NAMES = list(SHAPES)
@@ -28,11 +29,11 @@ NAMES = list(SHAPES)
 # per-leaf cases are rank-deficient too.
 K = 6
 FACTORIES = {
-    "mgda": aggregators.mgda,
-    "upgrad": aggregators.upgrad,
-    "pcgrad": aggregators.pcgrad,
-    "adaloss": aggregators.adaptive_loss_balancing,
-    "weighted_sum": aggregators.weighted_sum,
+    "mgda": aggregation.mgda,
+    "upgrad": aggregation.upgrad,
+    "pcgrad": aggregation.pcgrad,
+    "adaloss": aggregation.adaptive_loss_balancing,
+    "weighted_sum": aggregation.weighted_sum,
 }
 
 
@@ -141,7 +142,7 @@ def _pcgrad_orders(state):
   """The visiting orders the next update draws (the transform's own split)."""
   key_data = state.weighting_state.key_data[0]
   _, subkey = jax.random.split(jax.random.wrap_key_data(key_data))
-  return np.asarray(weightings.pcgrad_orders(subkey, K))
+  return np.asarray(_stateful.visiting_orders(subkey, K))
 
 
 # --- against the oracles -----------------------------------------------------
@@ -177,7 +178,7 @@ def test_matches_float64_oracle(name, granularity, case):
 def test_weighted_sum_and_adaloss_match_oracle(granularity):
   grads = _stacked(0, _mixed_scale)
   w = np.array([1.0, 0.5, 2.0, 0.0, -1.0, 3.0], np.float32)
-  tx = aggregators.weighted_sum(w, granularity=granularity)
+  tx = aggregation.weighted_sum(w, granularity=granularity)
   out, state = tx.update(grads, tx.init(PARAMS))  # eager: nothing to compile
   expected = oracles.aggregate(_leaves(grads), lambda rows: w @ rows, granularity)
   _assert_close(out, expected, grads, granularity, rtol=1e-6)
@@ -186,7 +187,7 @@ def test_weighted_sum_and_adaloss_match_oracle(granularity):
   history = np.array([[2.0, 1.0, 0.5, 0.5, 4.0, 1.0],
                       [1.0, 1.0, 0.2, 0.4, 3.0, 0.0],
                       [0.5, 2.0, 0.1, 0.3, 3.5, 0.5]], np.float32)
-  tx = aggregators.adaptive_loss_balancing(decay=0.8, granularity=granularity,
+  tx = aggregation.adaptive_loss_balancing(decay=0.8, granularity=granularity,
                                           num_exits=K)
   update = tx.update
   state = tx.init(PARAMS)
@@ -210,7 +211,7 @@ def test_weighted_sum_presets_and_schedules():
     return np.stack(seen)
 
   k = np.arange(1, 5)
-  ws = functools.partial(aggregators.weighted_sum, num_exits=4)
+  ws = functools.partial(aggregation.weighted_sum, num_exits=4)
   np.testing.assert_allclose(weights_over(ws(), 1)[0], 1)
   np.testing.assert_allclose(weights_over(ws("linear"), 1)[0],
                              4 * k / k.sum(), rtol=1e-6)
@@ -239,7 +240,7 @@ def test_pcgrad_orders_are_reproducible_and_advance():
       outs.append(out["conv"])
     runs.append(np.stack(outs))
   np.testing.assert_array_equal(runs[0], runs[1])
-  other_seed = aggregators.pcgrad(seed=1, num_exits=K).init(PARAMS)
+  other_seed = aggregation.pcgrad(seed=1, num_exits=K).init(PARAMS)
   assert not np.array_equal(other_seed.weighting_state.key_data,
                             _init("pcgrad").weighting_state.key_data)
   # The key advances, so the orders of consecutive updates differ.
@@ -405,7 +406,7 @@ def test_jitted_chain_with_momentum_on_zoo_model(name):
 
 
 def test_adaloss_errors_name_the_missing_or_misshapen_losses():
-  tx = aggregators.adaptive_loss_balancing(num_exits=3)
+  tx = aggregation.adaptive_loss_balancing(num_exits=3)
   grads = {"w": jnp.ones((3, 2))}
   with pytest.raises(ValueError, match=r"needs the per-exit losses.*losses=losses"):
     tx.update(grads, tx.init(None))
@@ -414,25 +415,25 @@ def test_adaloss_errors_name_the_missing_or_misshapen_losses():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: aggregators.weighted_sum("cubic"), "unknown weighted_sum preset"),
-    (lambda: aggregators.weighted_sum("sdn"), "needs total_steps"),
-    (lambda: aggregators.weighted_sum([[1.0]]), "1-D vector"),
-    (lambda: aggregators.weighted_sum([1.0, 2.0], num_exits=3), "num_exits=3"),
-    (lambda: aggregators.mgda(granularity="layer", num_exits=2),
+    (lambda: aggregation.weighted_sum("cubic"), "unknown weighted_sum preset"),
+    (lambda: aggregation.weighted_sum("sdn"), "needs total_steps"),
+    (lambda: aggregation.weighted_sum([[1.0]]), "1-D vector"),
+    (lambda: aggregation.weighted_sum([1.0, 2.0], num_exits=3), "num_exits=3"),
+    (lambda: aggregation.mgda(granularity="layer", num_exits=2),
      "granularity must be one of"),
-    (lambda: aggregators.upgrad(max_iter=0, num_exits=2), "max_iter"),
-    (lambda: aggregators.mgda(tol=1.0, num_exits=2),
+    (lambda: aggregation.upgrad(max_iter=0, num_exits=2), "max_iter"),
+    (lambda: aggregation.mgda(tol=1.0, num_exits=2),
      r"mgda: tol must be in \[0, 1\), got 1.0"),
-    (lambda: aggregators.upgrad(tol=np.float64(-0.1), num_exits=2),
+    (lambda: aggregation.upgrad(tol=np.float64(-0.1), num_exits=2),
      r"upgrad: tol must be in \[0, 1\)"),
-    (lambda: aggregators.pcgrad(num_exits=0), "num_exits"),
-    (lambda: aggregators.adaptive_loss_balancing(decay=1.0, num_exits=2),
+    (lambda: aggregation.pcgrad(num_exits=0), "num_exits"),
+    (lambda: aggregation.adaptive_loss_balancing(decay=1.0, num_exits=2),
      r"adaptive_loss_balancing: decay must be in \[0, 1\)"),
-    (lambda: aggregators.mgda(), r"mgda needs num_exits=K.*fixed at init"),
-    (lambda: aggregators.upgrad(), r"upgrad needs num_exits=K"),
-    (lambda: aggregators.pcgrad(), r"pcgrad needs num_exits=K"),
-    (lambda: aggregators.weighted_sum(), r"weighted_sum needs num_exits=K"),
-    (lambda: aggregators.adaptive_loss_balancing(),
+    (lambda: aggregation.mgda(), r"mgda needs num_exits=K.*fixed at init"),
+    (lambda: aggregation.upgrad(), r"upgrad needs num_exits=K"),
+    (lambda: aggregation.pcgrad(), r"pcgrad needs num_exits=K"),
+    (lambda: aggregation.weighted_sum(), r"weighted_sum needs num_exits=K"),
+    (lambda: aggregation.adaptive_loss_balancing(),
      r"adaptive_loss_balancing needs num_exits=K"),
     (lambda: osgd_jax.from_weighting(len, num_exits=2, granularity="x"),
      "granularity must be one of"),
@@ -447,26 +448,26 @@ def test_shape_errors_at_update():
   grads = {"w": jnp.ones((3, 2))}
   with pytest.raises(ValueError, match=r"K=3 exits but weighted_sum was built"
                      r" with num_exits=2; build it with num_exits=3"):
-    tx = aggregators.weighted_sum([1.0, 2.0])
+    tx = aggregation.weighted_sum([1.0, 2.0])
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"2 caps.*K=4"):
-    tx = aggregators.weighted_sum("sdn", total_steps=5, cap=[0.1, 0.2],
+    tx = aggregation.weighted_sum("sdn", total_steps=5, cap=[0.1, 0.2],
                                   num_exits=4)
     tx.update({"w": jnp.ones((4, 2))}, tx.init(None))
   with pytest.raises(ValueError, match=r"schedule returned weights of shape"
                      r" \(2,\).*K=3"):
-    tx = aggregators.weighted_sum(lambda step: jnp.ones(2), num_exits=3)
+    tx = aggregation.weighted_sum(lambda step: jnp.ones(2), num_exits=3)
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"K=3 exits but mgda was built with num_exits=2"):
-    tx = aggregators.mgda(num_exits=2)
+    tx = aggregation.mgda(num_exits=2)
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"pcgrad expects.*\['s'\] is a scalar"):
-    tx = aggregators.pcgrad(num_exits=1)
+    tx = aggregation.pcgrad(num_exits=1)
     tx.update({"s": jnp.float32(1.0)}, tx.init(None))
   with pytest.raises(ValueError, match=r"\['w'\].*expected \(K, \*param\.shape\)"):
-    tx = aggregators.upgrad(num_exits=3)
+    tx = aggregation.upgrad(num_exits=3)
     tx.update(grads, tx.init(None), {"w": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"state for 2 groups but the gradients"
                      r" form 1.*tx.init\(params\)"):
-    tx = aggregators.pcgrad(num_exits=3, granularity="leaf")
+    tx = aggregation.pcgrad(num_exits=3, granularity="leaf")
     tx.update(grads, tx.init({"a": jnp.ones(2), "b": jnp.ones(2)}))

@@ -69,7 +69,7 @@ NAMED = [dict(testcase_name=name, name=name) for name, *_ in TRANSFORMS]
 # checks are in tests/test_torchjd.py, and here they go through the cases
 # that only this harness has: Orbax, inject_hyperparams and nnx.Optimizer.
 TORCHJD_TRANSFORMS = tuple(
-    (name, getattr(osgd_jax, name), {}, ("num_exits",) + extra)
+    (name, getattr(osgd_jax.aggregation, name), {}, ("num_exits",) + extra)
     for name, extra in (
         ("random_weighting", ("seed",)), ("imtl_g", ()), ("aligned_mtl", ()),
         ("krum", ("n_byzantine", "n_selected")), ("dualproj", ("max_iter",)),

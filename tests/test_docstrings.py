@@ -40,7 +40,8 @@ def test_the_examples_are_found():
   finder = doctest.DocTestFinder(exclude_empty=True)
   found = {t.name for name in _modules()
            for t in finder.find(importlib.import_module(name), name)}
-  for public in ("osgd_jax.transform.osgd", "osgd_jax.transform.osgd_sgd",
+  for public in ("osgd_jax.aggregation._osgd.osgd",
+                 "osgd_jax.aggregation._osgd.osgd_sgd",
                  "osgd_jax.grads.value_and_per_exit_grads",
                  "osgd_jax.staged.staged_value_and_per_exit_grads"):
     assert public in found, sorted(found)

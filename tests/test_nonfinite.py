@@ -32,7 +32,8 @@ TRANSFORMS = {
     "mgda": lambda: osgd_jax.mgda(num_exits=K),
     "upgrad": lambda: osgd_jax.upgrad(num_exits=K),
     # TorchJD's aggregators (NaN only: Inf takes the same path).
-    **{name: (lambda name=name: getattr(osgd_jax, name)(num_exits=K))
+    **{name: (lambda name=name: getattr(osgd_jax.aggregation, name)(
+        num_exits=K))
        for name in ("random_weighting", "imtl_g", "aligned_mtl", "krum",
                     "dualproj", "gradvac", "cagrad", "config", "fairgrad",
                     "modo", "sdmgrad", "pcd", "nash_mtl", "trimmed_mean",

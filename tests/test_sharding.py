@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import osgd_jax
-from osgd_jax import aggregators, sharding
+from osgd_jax import aggregation, sharding
 
 K = 3
 
@@ -229,9 +229,9 @@ def test_many_leaves_reduce_only_their_gram_blocks():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: aggregators.upgrad(num_exits=K),
-    lambda: aggregators.pcgrad(seed=0, num_exits=K),
-    lambda: aggregators.weighted_sum("geometric", num_exits=K),
+    lambda: aggregation.upgrad(num_exits=K),
+    lambda: aggregation.pcgrad(seed=0, num_exits=K),
+    lambda: aggregation.weighted_sum("geometric", num_exits=K),
 ])
 def test_baseline_aggregators_run_sharded(make):
   mesh = _mesh(4, 2, explicit=True)

@@ -35,6 +35,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import weightings
+from osgd_jax.aggregation import _stateful
 
 K, N = 4, 12
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden",
@@ -182,7 +183,7 @@ def test_gradvac_matches_oracle_over_steps():
       rows = rng.normal(size=(K, N))
       rows[1:] -= 0.8 * rows[0]
       key = jax.random.key(t)
-      orders = np.asarray(weightings.pcgrad_orders(key, K))
+      orders = np.asarray(_stateful.visiting_orders(key, K))
       w, state = step(jnp.asarray(rows @ rows.T), target=state, key=key)
       want, target = oracles.gradvac_direction(rows, orders, target, beta=0.3)
       _assert_close(np.asarray(w) @ rows, want, rows, 1e-9)
@@ -481,7 +482,7 @@ TRANSFORMS = {
     "dualproj": osgd_jax.dualproj,
     "gradvac": osgd_jax.gradvac,
     "cagrad": osgd_jax.cagrad,
-    "config": osgd_jax.config,
+    "config": osgd_jax.aggregation.config,
     "fairgrad": osgd_jax.fairgrad,
     "modo": osgd_jax.modo,
     "sdmgrad": osgd_jax.sdmgrad,

@@ -17,6 +17,7 @@ import pytest
 
 import numpy_oracles as oracles
 from osgd_jax import weightings
+from osgd_jax.aggregation import _stateful
 from osgd_jax.orthogonalize import DEFAULT_TOL
 
 K, N = 4, 12
@@ -75,7 +76,7 @@ def test_adaloss_is_inverse_losses_normalised_to_k():
 def test_pcgrad_follows_the_orders_its_key_draws():
   rows = _rows(1)
   key = jax.random.key(7)
-  orders = np.asarray(weightings.pcgrad_orders(key, K))
+  orders = np.asarray(_stateful.visiting_orders(key, K))
   assert all(sorted(order) == list(range(K)) for order in orders.tolist())
   np.testing.assert_allclose(_direction(weightings.pcgrad, rows, key=key),
                              oracles.pcgrad_direction(rows, orders), atol=1e-9)

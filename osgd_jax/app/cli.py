@@ -24,12 +24,12 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import jax
 import yaml
 
-from osgd_jax import sharding, zoo
+from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app.checkpoint import CheckpointWriteError
 from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
                                        EXIT_INTERRUPTED, OneLineArgumentParser,
@@ -40,8 +40,6 @@ from osgd_jax.app.report import exit_table
 from osgd_jax.app.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
                                 TrainConfig, TrainingDiverged,
                                 TrainingInterrupted, default_output_dir, train)
-from osgd_jax.aggregation import GRANULARITIES
-from osgd_jax.transform import METHODS
 
 __all__ = ["main", "build_parser", "config_from_args", "resume_command"]
 
@@ -104,18 +102,19 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " instead of the test set, which it then never scores on;"
                  " 0: train on all and evaluate on the test set")
   p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
-                 help="osgd: orthogonalized per-exit gradients; sgd: gradient"
-                 " of the summed (weighted) exit losses; sgd-linear,"
-                 " sgd-geometric: exit weights ramping up with depth (sum K);"
-                 " sgd-sdn: SDN's early-exit weights rising over training;"
-                 " sgd-mean: the mean; adaloss: weights 1/EMA(loss);"
-                 " pcgrad, mgda, upgrad and the rest: TorchJD's multi-task"
-                 " aggregators with their defaults (see the weightings guide; most"
-                 " return mean-sized updates, about 1/K of a sum: scale --lr)")
-  p.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES,
+                 help="sgd: gradient of the summed (weighted) exit losses;"
+                 " every other name aggregates the per-exit gradients, with"
+                 " its defaults: osgd, orthogonalized; sum, mean, linear,"
+                 " geometric: fixed exit weights (linear and geometric ramp"
+                 " up with depth, summing to K); sdn: SDN's early-exit weights"
+                 " rising over training; adaloss: weights 1/EMA(loss); pcgrad,"
+                 " mgda, upgrad and the rest: TorchJD's multi-task"
+                 " aggregators (see the weightings guide; most return"
+                 " mean-sized updates, about 1/K of a sum: scale --lr)")
+  p.add_argument("--granularity", default=d.granularity, choices=get_args(aggregation.Granularity),
                  help="OSGD basis per parameter tensor or over all parameters"
                  " (the baseline aggregators always work over all)")
-  p.add_argument("--method", default=d.method, choices=METHODS,
+  p.add_argument("--method", default=d.method, choices=get_args(aggregation.OsgdMethod),
                  help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt")
   p.add_argument("--rescale", action="store_true",
                  help="OSGD: scale each projected component back to the norm"

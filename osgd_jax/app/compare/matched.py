@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from osgd_jax.app.train import TrainConfig, start_run, train_epoch
-from osgd_jax.transform import OsgdState
+from osgd_jax.aggregation import OsgdState
 
 __all__ = ["measure_update_ratio", "update_and_sum_norms"]
 
@@ -37,7 +37,7 @@ def update_and_sum_norms(state: OsgdState) -> jax.Array:
   over the whole parameter vector).
 
   Args:
-    state: the :class:`~osgd_jax.transform.OsgdState` after an update.
+    state: the :class:`~osgd_jax.aggregation.OsgdState` after an update.
 
   Returns:
     A float32 array ``(2,)``.

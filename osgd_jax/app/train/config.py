@@ -11,26 +11,23 @@ import dataclasses
 import importlib.util
 import math
 import numbers
-from typing import Any
+from typing import Any, get_args
 
-from osgd_jax import sharding, zoo
-from osgd_jax.aggregation import GRANULARITIES, is_checkable_number
+from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app import data as data_lib
-from osgd_jax.transform import METHODS
 
 __all__ = ["OPTIMIZERS", "PER_EXIT_GRADS", "RESUMABLE_CHANGES", "SCHEDULES",
            "TrainConfig", "check_resumable", "config_differences",
            "describe_differences"]
 
-#: The optimizers by name. "sgd" differentiates the summed loss; every other
-#: name aggregates the stacked per-exit gradients with the transformation of
-#: the same name.
-OPTIMIZERS = ("osgd", "sgd", "sgd-linear", "sgd-geometric", "sgd-sdn",
-              "sgd-mean", "adaloss", "pcgrad", "mgda", "upgrad",
-              # The rest of TorchJD 0.18's aggregators, by their papers' names.
-              "random", "imtl-g", "aligned-mtl", "krum", "dualproj", "gradvac",
-              "cagrad", "config", "fairgrad", "nash-mtl", "modo", "sdmgrad",
-              "pcd", "crmogm", "trimmed-mean", "graddrop", "excess-mtl")
+#: The optimizers by name, OSGD first. "sgd" differentiates the summed loss;
+#: every other name is an aggregator of the library's registry
+#: (:func:`osgd_jax.aggregation.names`), which aggregates the stacked
+#: per-exit gradients.
+OPTIMIZERS = ("osgd", "sgd",
+              *(name for name in aggregation.names() if name != "osgd"))
+_GRANULARITIES = get_args(aggregation.Granularity)
+_METHODS = get_args(aggregation.OsgdMethod)
 #: The learning-rate schedules, from the peak ``lr`` (``cosine`` decays to
 #: 0, ``step`` divides by 10 at half and three quarters of the run,
 #: ``constant`` keeps ``lr``).
@@ -172,8 +169,8 @@ class TrainConfig:
           f" {self.dataset} holds 1-D signals; choose an MLP:"
           f" {', '.join(mlps)}.")
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
-    _check_choice("--granularity", self.granularity, GRANULARITIES)
-    _check_choice("--method", self.method, METHODS)
+    _check_choice("--granularity", self.granularity, _GRANULARITIES)
+    _check_choice("--method", self.method, _METHODS)
     _check_choice("--per-exit-grads", self.per_exit_grads, PER_EXIT_GRADS)
     _check_choice("--schedule", self.schedule, SCHEDULES)
     if self.preset is not None:
@@ -224,7 +221,7 @@ class TrainConfig:
     if self.exit_weights is not None:
       weights = self.exit_weights
       if not isinstance(weights, tuple) or not weights or not all(
-          is_checkable_number(w) and math.isfinite(w) and w >= 0
+          _is_number(w) and math.isfinite(w) and w >= 0
           for w in weights):
         raise ValueError(
             "--exit-weights must be finite numbers >= 0, one per exit, such"
@@ -258,10 +255,14 @@ def _check_choice(flag: str, value: Any, choices: tuple[str, ...],
                      f" {', '.join(choices)}.")
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_real(flag: str, value: Any, condition: str, holds) -> None:
   # A NaN fails every comparison, so it is rejected here and never reaches
   # training as a "divergence".
-  if not (is_checkable_number(value) and math.isfinite(value) and holds(value)):
+  if not (_is_number(value) and math.isfinite(value) and holds(value)):
     raise ValueError(f"{flag} must be a finite number {condition}, got"
                      f" {value!r}.")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import optax
 
-import osgd_jax
+from osgd_jax import aggregation
 from osgd_jax.app.train.config import TrainConfig
 
 __all__ = ["aggregator_for", "make_optimizer", "make_schedule"]
@@ -46,17 +46,17 @@ def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
                    ) -> optax.GradientTransformationExtraArgs | None:
   """The transformation that turns stacked per-exit gradients into one update.
 
-  This is the one place that maps an optimizer's name to its transformation.
-  ``--granularity``, ``--method`` and ``--rescale`` configure OSGD; the
-  baselines aggregate
-  over all parameters (their ``granularity="global"`` default), as their
-  papers do.
+  The optimizer's name is a name of the library's registry
+  (:func:`osgd_jax.aggregation.create`), with its defaults, but for what a
+  run sets: ``--granularity``, ``--method`` and ``--rescale`` configure
+  OSGD; ``seed`` seeds the random ones (PCGrad's orders, ...); the run's
+  steps are what SDN's weights rise over. The baselines aggregate over all
+  parameters (their ``granularity="global"`` default), as their papers do.
 
   Args:
-    config: ``optimizer`` (one of ``OPTIMIZERS``), and OSGD's
-      ``granularity`` and ``method``; ``seed`` seeds PCGrad's shuffles.
-    total_steps: the run's number of steps (``sgd-sdn``'s weights rise over
-      them).
+    config: ``optimizer`` (one of ``OPTIMIZERS``), OSGD's ``granularity``,
+      ``method`` and ``rescale``, and ``seed``.
+    total_steps: the run's number of steps.
     num_exits: K, which fixes the state's shapes at ``init``.
 
   Returns:
@@ -68,35 +68,17 @@ def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
     True
   """
   name = config.optimizer
+  if name == "sgd":
+    return None
   if name == "osgd":
-    return osgd_jax.osgd(granularity=config.granularity, method=config.method,
-                         rescale=config.rescale, num_exits=num_exits)
-  if name.startswith("sgd-"):
-    return osgd_jax.weighted_sum(name[len("sgd-"):], total_steps=total_steps,
-                                 num_exits=num_exits)
-  if name == "adaloss":
-    return osgd_jax.adaptive_loss_balancing(num_exits=num_exits)
-  if name == "pcgrad":
-    return osgd_jax.pcgrad(seed=config.seed, num_exits=num_exits)
-  if name == "mgda":
-    return osgd_jax.mgda(num_exits=num_exits)
-  if name == "upgrad":
-    return osgd_jax.upgrad(num_exits=num_exits)
-  seeded = {"random": osgd_jax.random_weighting, "gradvac": osgd_jax.gradvac,
-            "graddrop": osgd_jax.graddrop}
-  if name in seeded:
-    return seeded[name](seed=config.seed, num_exits=num_exits)
-  if name == "trimmed-mean":  # drops the extremes when K allows it
-    return osgd_jax.trimmed_mean(int(num_exits >= 3), num_exits=num_exits)
-  # The others, with their defaults; krum needs K >= 3, and says so.
-  if name in _BY_NAME:
-    return getattr(osgd_jax, name.replace("-", "_"))(num_exits=num_exits)
-  return None
-
-
-_BY_NAME = ("imtl-g", "aligned-mtl", "krum", "dualproj", "cagrad", "config",
-            "fairgrad", "nash-mtl", "modo", "sdmgrad", "pcd", "crmogm",
-            "excess-mtl")
+    return aggregation.create(
+        name, num_exits=num_exits, granularity=config.granularity,
+        method=config.method, rescale=config.rescale)
+  settings = {"seed": config.seed, "total_steps": total_steps}
+  accepted = aggregation.options(name)
+  return aggregation.create(
+      name, num_exits=num_exits,
+      **{key: value for key, value in settings.items() if key in accepted})
 
 
 def make_optimizer(config: TrainConfig, total_steps: int,
@@ -113,7 +95,7 @@ def make_optimizer(config: TrainConfig, total_steps: int,
     ``optax.chain(aggregator, add_decayed_weights, trace, learning rate)``,
     without the aggregator for ``sgd``. With ``switch_to_sgd`` the
     aggregator gives way to the plain sum of the exit gradients after that
-    fraction of ``total_steps`` (:func:`osgd_jax.switch_to_sum`).
+    fraction of ``total_steps`` (:func:`osgd_jax.aggregation.switch_to_sum`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -126,7 +108,7 @@ def make_optimizer(config: TrainConfig, total_steps: int,
   """
   aggregator = aggregator_for(config, total_steps, num_exits)
   if aggregator is not None and config.switch_to_sgd is not None:
-    aggregator = osgd_jax.switch_to_sum(
+    aggregator = aggregation.switch_to_sum(
         aggregator, round(config.switch_to_sgd * total_steps))
   head = [] if aggregator is None else [aggregator]
   return optax.chain(

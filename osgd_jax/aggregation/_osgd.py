@@ -1,4 +1,4 @@
-"""Orthogonalized SGD as an Optax gradient transformation.
+"""Orthogonalized SGD: its Gram–Schmidt weighting, its transformation, its optimizer.
 
 Implements the projection step of Wan, Hoffmann, Lu & Maire, *Orthogonalized
 SGD and Nested Architectures for Anytime Neural Networks* (ICML 2020,
@@ -13,11 +13,11 @@ Assumptions where the paper's text is silent (each is an option):
 * projected components are not rescaled (``rescale=False``); ``rescale=True``
   scales each kept component back to the norm of the gradient it came from;
 * the paper trains with OSGD throughout; the late switch to plain SGD that
-  it leaves open is an option, off by default: :func:`switch_to_sum`, or
+  it leaves open is an option, off by default: :func:`~osgd_jax.aggregation.switch_to_sum`, or
   ``osgd_sgd(..., sgd_after=N)``, sums the exit gradients from step N on.
 
-``osgd`` is :func:`osgd_jax.from_weighting` of the Gram–Schmidt weighting
-(:func:`osgd_jax.weightings.osgd`), with a state that adds the projected
+``osgd`` is :func:`~osgd_jax.aggregation.from_weighting` of the Gram–Schmidt
+weighting (:func:`osgd_weighting`), with a state that adds the projected
 components' norms to the diagnostics. Its ``method="sequential"`` runs
 modified Gram–Schmidt on the gradients instead, for nearly collinear rows.
 
@@ -44,23 +44,61 @@ it:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from osgd_jax import aggregation
 from osgd_jax import orthogonalize
-
-__all__ = ["METHODS", "OsgdState", "SwitchToSumState", "osgd", "osgd_sgd",
-           "switch_to_sum"]
+from osgd_jax.aggregation import _checks, _engine, _registry
+from osgd_jax.aggregation._switch_to_sum import switch_to_sum
+from osgd_jax.aggregation._types import Granularity
 
 #: The ``method`` values of :func:`osgd`: two passes over the gradients (a
 #: Gram matrix, then a weighted sum), or modified Gram–Schmidt on them.
-METHODS = ("gram", "sequential")
+OsgdMethod = Literal["gram", "sequential"]
 _NAME = "osgd"
+
+
+def osgd_weighting(
+    gram: jax.Array,
+    *,
+    order: Sequence[int] | None = None,
+    tol: float | jax.Array = orthogonalize.DEFAULT_TOL,
+    rescale: bool = False,
+) -> jax.Array:
+  """OSGD's weighting: Gram–Schmidt in priority order, then the sum.
+
+  ``ĝ_1 = g_1``, ``ĝ_k = g_k − Σ_{j<k} ⟨g_k, ĝ_j⟩/‖ĝ_j‖² ĝ_j`` and
+  ``u = Σ_k ĝ_k = wᵀ G``, with ``w = L⁻ᵀ 1`` for ``M = L D Lᵀ`` (L unit lower
+  triangular). A component keeping at most ``tol`` of its squared norm is
+  degenerate and adds nothing.
+
+  Args:
+    gram: ``(K, K)`` Gram matrix of the exits' gradients.
+    order: the exits from highest to lowest priority (a permutation of
+      ``range(K)``); ``None``: exit 1 first.
+    tol: relative tolerance on ``‖ĝ_k‖² / ‖g_k‖²``.
+    rescale: scale each kept component back to ``‖g_k‖`` (an assumption
+      where the paper's text is silent; off by default).
+
+  Returns:
+    ``(K,)`` weights, those :func:`osgd` applies.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = jnp.asarray([[1.0, 0.0], [1.0, 1.0]])
+    >>> w = osgd_weighting(g @ g.T)
+    >>> [round(v, 6) for v in (w @ g).tolist()]   # g1 + (g2 − its g1 part)
+    [1.0, 1.0]
+
+  """
+  weights, _ = orthogonalize.gram_schmidt_weights(
+      gram, order=order, tol=tol, rescale=rescale)
+  return weights
 
 
 class OsgdState(NamedTuple):
@@ -112,7 +150,7 @@ def _check_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
   return order
 
 
-def _gram_schmidt(order, tol, rescale) -> aggregation.StatefulWeighting:
+def _gram_schmidt(order, tol, rescale) -> _engine.StatefulWeighting:
   """OSGD's weighting; its state keeps the components' squared norms ‖ĝ_k‖²."""
 
   def apply(gram, state, **extra_args):
@@ -121,24 +159,24 @@ def _gram_schmidt(order, tol, rescale) -> aggregation.StatefulWeighting:
         gram, order=order, tol=tol, rescale=rescale)
     return weights, residual_sq
 
-  return aggregation.StatefulWeighting(
-      init=lambda k: jnp.zeros((k,), aggregation.DIAGNOSTICS_DTYPE),
+  return _engine.StatefulWeighting(
+      init=lambda k: jnp.zeros((k,), _engine.DIAGNOSTICS_DTYPE),
       apply=apply)
 
 
 def _osgd_state(weights, exit_norms, cosine, residual_sq, sizes) -> OsgdState:
-  residual_sq = residual_sq.astype(aggregation.DIAGNOSTICS_DTYPE)
-  dropped = (residual_sq <= 0).astype(aggregation.DIAGNOSTICS_DTYPE)
+  residual_sq = residual_sq.astype(_engine.DIAGNOSTICS_DTYPE)
+  dropped = (residual_sq <= 0).astype(_engine.DIAGNOSTICS_DTYPE)
   return OsgdState(
       weights=weights, exit_norms=exit_norms,
       projected_norms=jnp.sqrt(residual_sq.sum(axis=0)), cosine=cosine,
-      degenerate_fraction=aggregation.size_weighted_mean(dropped, sizes),
+      degenerate_fraction=_engine.size_weighted_mean(dropped, sizes),
       projected_sq_norms=residual_sq)
 
 
 def osgd(
-    granularity: str = "leaf",
-    method: str = "gram",
+    granularity: Granularity = "leaf",
+    method: OsgdMethod = "gram",
     order: Sequence[int] | None = None,
     tol: float = orthogonalize.DEFAULT_TOL,
     rescale: bool = False,
@@ -208,24 +246,23 @@ def osgd(
     >>> updates["w"].shape
     (3,)
   """
-  aggregation.check_granularity(granularity)
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  _checks.check_granularity(granularity, _NAME)
+  _checks.check_choice(method, "method", _NAME, OsgdMethod)
   order = _check_order(order)
-  aggregation.check_fraction(tol, "tol", "osgd")
+  _checks.check_fraction(tol, "tol", _NAME)
   if order is not None:
     if num_exits is not None and num_exits != len(order):
       raise ValueError(
           f"order has {len(order)} entries but num_exits={num_exits}.")
     num_exits = len(order) if num_exits is None else num_exits
-  num_exits = aggregation.check_num_exits(num_exits, _NAME)
-  projection = aggregation.from_weighting(
+  num_exits = _checks.check_num_exits(num_exits, _NAME)
+  projection = _engine.from_weighting(
       _gram_schmidt(order, tol, rescale), num_exits=num_exits,
       granularity=granularity, name=_NAME)
 
   def init_fn(params):
-    zeros = lambda *shape: jnp.zeros(shape, aggregation.DIAGNOSTICS_DTYPE)
-    k, groups = num_exits, aggregation.num_groups(params, granularity)
+    zeros = lambda *shape: jnp.zeros(shape, _engine.DIAGNOSTICS_DTYPE)
+    k, groups = num_exits, _engine.num_groups(params, granularity)
     return OsgdState(weights=zeros(k), exit_norms=zeros(k),
                      projected_norms=zeros(k), cosine=zeros(k, k),
                      degenerate_fraction=zeros(k),
@@ -239,14 +276,14 @@ def osgd(
     if method == "gram":
       new_updates, inner = projection.update(
           updates,
-          aggregation.AggregationState(state.weights, state.exit_norms,
+          _engine.AggregationState(state.weights, state.exit_norms,
                                        state.cosine, state.projected_sq_norms),
           params, **extra_args)
       return new_updates, _osgd_state(
           inner.weights, inner.exit_norms, inner.cosine,
           inner.weighting_state, sizes)
     with jax.named_scope(_NAME):
-      stacked = aggregation.read_stacked(
+      stacked = _engine.read_stacked(
           updates, num_exits=num_exits, params=params, name=_NAME)
       outs, residual_sq, weights = orthogonalize.modified_gram_schmidt(
           stacked.leaves, order=order, tol=tol, rescale=rescale,
@@ -255,7 +292,7 @@ def osgd(
       new_updates = jax.tree.unflatten(stacked.treedef, [
           out.astype(leaf.dtype) for out, leaf in zip(outs, stacked.leaves)])
       return new_updates, _osgd_state(
-          *aggregation.diagnostics(stacked, weights), residual_sq, sizes)
+          *_engine.diagnostics(stacked, weights), residual_sq, sizes)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -266,8 +303,8 @@ def osgd_sgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     *,
-    granularity: str = "leaf",
-    method: str = "gram",
+    granularity: Granularity = "leaf",
+    method: OsgdMethod = "gram",
     order: Sequence[int] | None = None,
     tol: float = orthogonalize.DEFAULT_TOL,
     rescale: bool = False,
@@ -302,7 +339,7 @@ def osgd_sgd(
     num_exits: see :func:`osgd` (required unless ``order`` gives K).
     sgd_after: from this many updates on, sum the exit gradients instead of
       projecting them: plain summed-loss SGD late in training (see
-      :func:`switch_to_sum`). ``None``, the default, never switches. The
+      :func:`~osgd_jax.aggregation.switch_to_sum`). ``None``, the default, never switches. The
       paper leaves such a switch open; this option is our assumption of
       what it would be.
 
@@ -330,7 +367,7 @@ def osgd_sgd(
   """
   for name, value in (("learning_rate", learning_rate),
                       ("momentum", momentum), ("weight_decay", weight_decay)):
-    if aggregation.is_checkable_number(value) and not math.isfinite(value):
+    if _checks.is_checkable_number(value) and not math.isfinite(value):
       raise ValueError(
           f"osgd_sgd: {name} must be a finite number, got {value}; a"
           " non-finite one makes every update NaN.")
@@ -347,74 +384,4 @@ def osgd_sgd(
   return optax.chain(*transforms)
 
 
-class SwitchToSumState(NamedTuple):
-  """The state of :func:`switch_to_sum`.
-
-  Attributes:
-    count: int32 scalar, the number of updates so far.
-    inner: the aggregator's state; it stays as it was from the switch on.
-  """
-  count: jax.Array
-  inner: optax.OptState
-
-
-def switch_to_sum(aggregator: optax.GradientTransformation,
-                  after_steps: int | jax.Array,
-                  ) -> optax.GradientTransformationExtraArgs:
-  """``aggregator`` for the first ``after_steps`` updates, then the plain sum.
-
-  The sum over the leading K axis of the stacked gradients is the gradient
-  of the summed (weighted) exit losses, so from update ``after_steps`` on
-  the chain that follows trains as plain SGD would. Momentum carries across
-  the switch. Both branches are compiled into one program and
-  ``jax.lax.cond`` picks one at run time, so the state keeps its structure
-  and the switch works under ``jit``, ``lax.scan`` and
-  ``optax.inject_hyperparams`` (where ``after_steps`` is an array).
-
-  Args:
-    aggregator: a transformation of stacked per-exit gradients, such as
-      :func:`osgd`; its updates must have the sum's shapes and dtypes.
-    after_steps: the number of updates made with ``aggregator``; an int
-      >= 0 (0 sums from the first update) or an integer array.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`SwitchToSumState`; extra keyword arguments reach
-    ``aggregator``.
-
-  Raises:
-    ValueError: ``after_steps`` is a number but not an integer >= 0.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> tx = switch_to_sum(osgd(num_exits=2), after_steps=1)
-    >>> grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]])}  # (K, 2)
-    >>> state = tx.init({"w": jnp.zeros(2)})
-    >>> projected, state = tx.update(grads, state)
-    >>> summed, state = tx.update(grads, state)
-    >>> projected["w"].tolist(), summed["w"].tolist()
-    ([1.0, 1.0], [2.0, 1.0])
-  """
-  if aggregation.is_checkable_number(after_steps) and not (
-      float(after_steps).is_integer() and after_steps >= 0):
-    raise ValueError(
-        f"switch_to_sum: after_steps must be an integer >= 0, got"
-        f" {after_steps!r}.")
-
-  def init_fn(params):
-    return SwitchToSumState(count=jnp.zeros([], jnp.int32),
-                            inner=aggregator.init(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    def aggregate():
-      return aggregator.update(updates, state.inner, params, **extra_args)
-
-    def summed():
-      return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates), state.inner
-
-    new_updates, inner = jax.lax.cond(state.count < after_steps, aggregate,
-                                      summed)
-    return new_updates, SwitchToSumState(optax.safe_increment(state.count),
-                                         inner)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+_registry.register(_NAME, osgd, weighting=osgd_weighting)

@@ -1,7 +1,8 @@
-"""A small non-negative quadratic program, solved exactly under ``jax.jit``.
+"""Small quadratic programs on the Gram matrix, solved exactly under ``jax.jit``.
 
-MGDA's min-norm point and UPGrad's projections onto the dual cone are QPs in
-K variables (one per exit) over the K×K Gram matrix. An active-set method
+MGDA's min-norm point (which CAGrad's inner problems reuse), the projections
+onto the dual cone of UPGrad and DualProj, and PCD's dual are QPs in K
+variables (one per exit) over the K×K Gram matrix. An active-set method
 solves them exactly in about K steps with XLA operations only, so they run
 inside a jitted optimizer step on any backend.
 """
@@ -13,7 +14,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["solve_nonnegative_qp"]
+from osgd_jax import gram as gram_lib
+
+#: Relative tolerance of the QP solvers' optimality test.
+DEFAULT_TOL = 1e-6
+# The smallest scale the min-norm point's second solve uses, relative to the
+# largest squared gradient norm: keeps its matrix finite when 0 is in the
+# hull.
+_SCALE_FLOOR = 1e-12
 
 
 def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
@@ -124,3 +132,90 @@ def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
   final = jax.lax.while_loop(
       lambda cr: ~cr.done & (cr.it < max_iter), body, start)
   return final.x
+
+
+def min_norm_point(gram: jax.Array, *, max_iter: int,
+                   tol: float | jax.Array) -> jax.Array:
+  """The weights of the minimum-norm point of the rows' convex hull.
+
+  ``w = argmin_{w ≥ 0, Σw = 1} ‖wᵀ G‖²``. The simplex QP is solved as the
+  non-negative least squares ``min_{u ≥ 0} ½ uᵀ(M/σ + 11ᵀ)u − 1ᵀu`` with
+  ``w = u / 1ᵀu``: its optimality conditions are the simplex QP's for any
+  scale σ > 0, and it stays bounded when 0 is in the hull. The scale matters
+  in floating point, since the ``11ᵀ`` term swamps Gram entries far below
+  σ: a first solve with σ = max_k M_kk gives ``‖u*‖²``, and a second with σ
+  near it (at least 1e-12 of max_k M_kk) puts the rows that decide the
+  answer at unit scale, e.g. for gradients whose norms span 1e-8 to 1e8.
+
+  Args:
+    gram: ``(K, K)``.
+    max_iter: cap on the active-set iterations (about K are needed).
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    ``(K,)`` weights on the simplex.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w = min_norm_point(jnp.eye(2), max_iter=10, tol=1e-6)
+    >>> [round(v, 4) for v in w.tolist()]
+    [0.5, 0.5]
+  """
+  k = gram.shape[-1]
+  if k == 1:  # the hull is the one row
+    return jnp.ones((1,), gram.dtype)
+  max_diag = jnp.max(jnp.diagonal(gram))
+  ones = jnp.ones((k, k), gram.dtype)
+
+  def solve(sigma):
+    u = solve_nonnegative_qp(
+        gram * gram_lib.safe_inverse(sigma) + ones, -ones[0],
+        jnp.ones((k,), jnp.bool_), max_iter=max_iter, tol=tol)
+    w = u / jnp.sum(u)
+    return w, w @ (gram @ w)
+
+  def phase(_, carry):
+    best, best_sq, sigma = carry
+    w, norm_sq = solve(sigma)
+    # Both solves give points of the hull; keep the shorter. When 0 is
+    # (nearly) in the hull the second, at a tiny σ, is the worse conditioned.
+    better = norm_sq < best_sq
+    best = jnp.where(better, w, best)
+    best_sq = jnp.where(better, norm_sq, best_sq)
+    return best, best_sq, jnp.clip(norm_sq, _SCALE_FLOOR * max_diag, max_diag)
+
+  # A loop rather than two calls: the solver is traced and compiled once.
+  w, _, _ = jax.lax.fori_loop(
+      0, 2, phase,
+      (jnp.full((k,), 1.0 / k, gram.dtype), jnp.asarray(jnp.inf, gram.dtype),
+       max_diag))
+  return w
+
+
+def project_onto_dual_cone(norms: jax.Array, corr: jax.Array, p: jax.Array,
+                            *, max_iter: int, tol: float | jax.Array
+                            ) -> jax.Array:
+  """The weights ``p + λ`` of ``pᵀ G`` projected onto the rows' dual cone.
+
+  ``λ ≥ 0`` solves ``min_{λ ≥ 0} ½ λᵀMλ + λᵀ M p``, solved exactly by the
+  active-set method in the basis ``ĝ_k = g_k / ‖g_k‖``, where the matrix is
+  the cosines C and the rows' scales drop out: ``μ = ‖g‖ ∘ λ``, with the
+  linear term ``C (‖g‖ ∘ p)`` scaled to unit size (the problem is
+  homogeneous in it). Zero rows constrain nothing.
+
+  Args:
+    norms: ``(K,)`` the rows' norms.
+    corr: ``(K, K)`` their cosines.
+    p: ``(K,)`` the weights of the vector to project.
+    max_iter: cap on the active-set iterations.
+    tol: relative tolerance of the optimality test.
+
+  Returns:
+    ``(K,)`` the projection's weights.
+  """
+  q = norms * p
+  size = jnp.max(jnp.abs(q))
+  mu = solve_nonnegative_qp(
+      corr, corr @ (q * gram_lib.safe_inverse(size)), norms > 0,
+      max_iter=max_iter, tol=tol)
+  return p + mu * size * gram_lib.safe_inverse(norms)

@@ -1,32 +1,28 @@
 """From a weighting to an Optax transformation: the one aggregation path.
 
-Every transformation of the library takes per-exit gradients stacked on a
+Every transformation of the package takes per-exit gradients stacked on a
 leading axis K (every leaf ``(K, *param.shape)``, as
 :func:`osgd_jax.value_and_per_exit_grads` returns them) and returns one
-parameter-shaped update, in three steps:
+parameter-shaped update, in three steps (``docs/design.md``, "Weightings:
+the one aggregation path"):
 
 1. the Gram matrix of every leaf (one pass over the gradients), summed over
    the leaves when they share one basis (``granularity="global"``);
-2. the weights ``w`` of each group (a leaf, or all leaves), from a
-   :mod:`~osgd_jax.weightings` function of its K×K Gram matrix;
+2. the weights ``w`` of each group (a leaf, or all leaves), from a weighting
+   of its K×K Gram matrix;
 3. ``Σ_k w_k g_k`` for every leaf (a second pass).
 
 :func:`from_weighting` builds such a transformation from any weighting; the
 pieces it is made of (:func:`read_stacked`, :func:`group_grams`,
-:func:`combine`, :func:`diagnostics`) are public too, for transformations
-whose state holds more (:func:`osgd_jax.osgd` builds on them).
-
-A weighting that needs a state (a step count, a running average, a PRNG key)
-or the step's losses is a :class:`StatefulWeighting`. Its state lives in the
-Optax state, one copy per group, with shapes fixed at ``init``; the
-update's keyword arguments (``tx.update(grads, state, params,
-losses=losses)``) reach its ``apply``.
+:func:`combine`, :func:`diagnostics`) serve the transformations whose
+state holds more (OSGD's) or that read every coordinate.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,35 +30,8 @@ import numpy as np
 import optax
 
 from osgd_jax import gram as gram_lib
-from osgd_jax import weightings
-
-__all__ = [
-    "GRANULARITIES",
-    "AggregationState",
-    "StackedGradients",
-    "StatefulWeighting",
-    "check_granularity",
-    "check_num_exits",
-    "check_fraction",
-    "check_nonnegative",
-    "check_positive_int",
-    "check_pref_vector",
-    "check_unit_interval",
-    "combine",
-    "diagnostics",
-    "from_weighting",
-    "group_grams",
-    "init_weighting_state",
-    "is_checkable_number",
-    "num_groups",
-    "read_stacked",
-    "size_weighted_mean",
-    "stateless",
-]
-
-#: The ``granularity`` values: one Gram matrix and weight vector per
-#: parameter tensor (``"leaf"``), or one over all parameters (``"global"``).
-GRANULARITIES = ("leaf", "global")
+from osgd_jax.aggregation import _checks
+from osgd_jax.aggregation._types import Granularity, Weighting
 
 # The dtype of every diagnostic in a state, whatever the gradients' dtype, so
 # that a state keeps its dtypes from ``init`` on.
@@ -95,19 +64,12 @@ class StatefulWeighting(NamedTuple):
   apply: Callable[..., tuple[jax.Array, Any]]
 
 
-def stateless(weighting: weightings.Weighting) -> StatefulWeighting:
+def stateless(weighting: Weighting) -> StatefulWeighting:
   """A :class:`StatefulWeighting` with an empty state around a pure weighting.
-
-  Args:
-    weighting: ``(K, K) -> (K,)``.
-
-  Returns:
-    A :class:`StatefulWeighting` whose state is ``()``.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from osgd_jax import weightings
-    >>> stateless(weightings.uniform).apply(jnp.eye(2), ())[0].tolist()
+    >>> stateless(lambda gram: jnp.ones(2)).apply(jnp.eye(2), ())[0].tolist()
     [1.0, 1.0]
   """
 
@@ -156,162 +118,8 @@ class StackedGradients(NamedTuple):
   compute_dtype: Any
   grams: jax.Array
 
-  @property
-  def num_exits(self) -> int:
-    """K, the length of the leading axis of every leaf."""
-    return self.leaves[0].shape[0]
 
-
-def check_granularity(granularity: str) -> str:
-  """Returns ``granularity``, or raises a ``ValueError`` naming the choices.
-
-  Example:
-    >>> check_granularity("leaf")
-    'leaf'
-  """
-  if granularity not in GRANULARITIES:
-    raise ValueError(
-        f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-  return granularity
-
-
-def check_positive_int(value: Any, name: str, owner: str) -> int:
-  """Returns ``value`` as an int, or raises a ``ValueError`` naming it.
-
-  Structural settings (K, iteration caps, step counts) must be Python ints:
-  they fix shapes or loop lengths when the update is traced. Under
-  ``optax.inject_hyperparams`` every number becomes an array unless it is
-  listed in ``static_args``, which the message says.
-
-  Args:
-    value: the value given.
-    name: the argument's name.
-    owner: the transformation's name, for the message.
-
-  Returns:
-    ``value`` as an int.
-
-  Example:
-    >>> check_positive_int(3, "max_iter", "mgda")
-    3
-  """
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < 1):
-    raise ValueError(
-        f"{owner}: {name} must be a positive int, got {value!r}. Under"
-        f" optax.inject_hyperparams pass static_args=({name!r},).")
-  return int(value)
-
-
-def is_checkable_number(x: Any) -> bool:
-  """A Python or NumPy number, which can be checked when the factory runs.
-
-  Under ``optax.inject_hyperparams`` numeric arguments arrive as (possibly
-  traced) arrays; those are not checked.
-
-  Example:
-    >>> is_checkable_number(0.5), is_checkable_number(True)
-    (True, False)
-  """
-  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
-
-
-def check_fraction(value: Any, name: str, owner: str) -> None:
-  """Raises a ``ValueError`` naming ``value`` unless it lies in ``[0, 1)``.
-
-  Tolerances and decay rates are such fractions. An array (a hyperparameter
-  injected by ``optax.inject_hyperparams``) is not checked.
-
-  Args:
-    value: the value given.
-    name: the argument's name.
-    owner: the transformation's name, for the message.
-
-  Example:
-    >>> check_fraction(1e-6, "tol", "osgd")
-  """
-  if is_checkable_number(value) and not 0 <= value < 1:
-    raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}.")
-
-
-def check_unit_interval(value: Any, name: str, owner: str) -> None:
-  """Raises a ``ValueError`` naming ``value`` unless it lies in ``[0, 1]``.
-
-  For rates where both ends mean something (an EMA rate of 1 keeps only the
-  newest value); an injected array is not checked.
-
-  Example:
-    >>> check_unit_interval(1.0, "beta", "gradvac")
-  """
-  if is_checkable_number(value) and not 0 <= value <= 1:
-    raise ValueError(f"{owner}: {name} must be in [0, 1], got {value!r}.")
-
-
-def check_nonnegative(value: Any, name: str, owner: str) -> None:
-  """Raises a ``ValueError`` naming ``value`` unless it is finite and ``≥ 0``.
-
-  For small constants added to denominators, and radii; an injected array
-  is not checked.
-
-  Example:
-    >>> check_nonnegative(1e-8, "eps", "gradvac")
-  """
-  if is_checkable_number(value) and not (np.isfinite(value) and value >= 0):
-    raise ValueError(
-        f"{owner}: {name} must be a finite number >= 0, got {value!r}.")
-
-
-def check_pref_vector(pref_vector: Any, num_exits: int, owner: str) -> None:
-  """Raises a ``ValueError`` unless ``pref_vector`` is ``None`` or K finite numbers.
-
-  Args:
-    pref_vector: the preferences given, or ``None`` (uniform).
-    num_exits: K.
-    owner: the transformation's name, for the message.
-
-  Example:
-    >>> check_pref_vector([0.5, 0.5], 2, "dualproj")
-  """
-  if pref_vector is None:
-    return
-  # An array (injected by optax.inject_hyperparams, maybe traced) has a
-  # shape to check but perhaps no values.
-  finite = isinstance(pref_vector, jax.Array) or np.all(
-      np.isfinite(np.asarray(pref_vector, np.float64)))
-  if np.shape(pref_vector) != (num_exits,) or not finite:
-    raise ValueError(
-        f"{owner}: pref_vector must be {num_exits} finite numbers (one per"
-        f" exit, num_exits={num_exits}), got {pref_vector!r}.")
-
-
-def check_num_exits(num_exits: Any, name: str) -> int:
-  """Returns ``num_exits`` as an int, or raises a ``ValueError`` saying why.
-
-  Every transformation fixes the shapes of its state at ``init``, which has
-  only the parameters, so it needs K, the number of exits, up front.
-
-  Args:
-    num_exits: the value passed as ``num_exits``.
-    name: the transformation's name, for the message.
-
-  Returns:
-    K, a positive int.
-
-  Example:
-    >>> check_num_exits(4, "osgd")
-    4
-  """
-  if num_exits is None:
-    raise ValueError(
-        f"{name} needs num_exits=K, the number of exits (the leading axis of"
-        " the stacked gradients): its state holds (K,) diagnostics whose"
-        " shapes are fixed at init, so that lax.scan over steps and"
-        f" restoring a checkpoint onto tx.init(params) work; e.g."
-        f" {name}(num_exits=4).")
-  return check_positive_int(num_exits, "num_exits", name)
-
-
-def num_groups(params: Any, granularity: str) -> int:
+def num_groups(params: optax.Params, granularity: Granularity) -> int:
   """How many Gram matrices an update weighs: one per leaf, or one.
 
   Example:
@@ -368,7 +176,8 @@ def _check_against_params(flat: list[tuple[Any, Any]], treedef: Any,
           " (osgd_jax.value_and_per_exit_grads does).")
 
 
-def read_stacked(updates: Any, *, num_exits: int, params: Any = None,
+def read_stacked(updates: optax.Updates, *, num_exits: int,
+                 params: optax.Params | None = None,
                  name: str) -> StackedGradients | None:
   """Checks stacked gradients and forms every leaf's Gram matrix.
 
@@ -411,7 +220,7 @@ def read_stacked(updates: Any, *, num_exits: int, params: Any = None,
                           gram_lib.gram_matrices(leaves, compute_dtype))
 
 
-def group_grams(grams: jax.Array, granularity: str) -> jax.Array:
+def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
   """The Gram matrix of each group: ``(L, K, K)`` per leaf, or their sum.
 
   Example:
@@ -423,7 +232,7 @@ def group_grams(grams: jax.Array, granularity: str) -> jax.Array:
 
 
 def combine(stacked: StackedGradients, weights: jax.Array,
-            granularity: str) -> Any:
+            granularity: Granularity) -> optax.Updates:
   """``Σ_k w_k g_k`` for every leaf, in the structure and dtypes of the input.
 
   Args:
@@ -465,6 +274,18 @@ def size_weighted_mean(per_group: jax.Array, sizes: tuple[int, ...]
   return jnp.tensordot(fractions, per_group, axes=1)
 
 
+def as_diagnostic(x: jax.Array) -> jax.Array:
+  """``x`` in the dtype every diagnostic of a state has."""
+  return x.astype(DIAGNOSTICS_DTYPE)
+
+
+def gram_diagnostics(stacked: StackedGradients
+                     ) -> tuple[jax.Array, jax.Array]:
+  """``(exit_norms, cosine)`` over all parameters, in the state's dtype."""
+  exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
+  return as_diagnostic(exit_norms), as_diagnostic(cosine)
+
+
 def diagnostics(stacked: StackedGradients, weights: jax.Array
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The diagnostics every aggregation state holds, in the state's dtype.
@@ -476,23 +297,13 @@ def diagnostics(stacked: StackedGradients, weights: jax.Array
   Returns:
     ``(weights, exit_norms, cosine)`` as in :class:`AggregationState`.
   """
-  exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
   mean_weights = size_weighted_mean(weights, stacked.sizes)
-  as_state = lambda x: x.astype(DIAGNOSTICS_DTYPE)
-  return as_state(mean_weights), as_state(exit_norms), as_state(cosine)
+  return (as_diagnostic(mean_weights), *gram_diagnostics(stacked))
 
 
 def init_weighting_state(weighting: StatefulWeighting, num_exits: int,
                          groups: int) -> Any:
   """One copy of the weighting's initial state per group, stacked.
-
-  Args:
-    weighting: the weighting.
-    num_exits: K.
-    groups: the number of groups (:func:`num_groups`).
-
-  Returns:
-    ``weighting.init(num_exits)`` with a leading axis of size ``groups``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -531,11 +342,18 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``finite``, else ``old``, leaf by leaf in ``old``'s dtypes."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(finite, jnp.asarray(n).astype(o.dtype), o),
+      new, old)
+
+
 def from_weighting(
-    weighting: weightings.Weighting | StatefulWeighting,
+    weighting: Weighting | StatefulWeighting,
     *,
     num_exits: int | None = None,
-    granularity: str = "global",
+    granularity: Granularity = "global",
     name: str = "from_weighting",
 ) -> optax.GradientTransformationExtraArgs:
   """Turns a weighting into an Optax transformation of stacked gradients.
@@ -586,14 +404,15 @@ def from_weighting(
     >>> [round(u, 4) for u in updates["w"].tolist()]   # weights 0.2 and 1.8
     [-0.2, -5.4]
   """
-  num_exits = check_num_exits(num_exits, name)
-  check_granularity(granularity)
+  num_exits = _checks.check_num_exits(num_exits, name)
+  _checks.check_granularity(granularity, name)
   if not isinstance(weighting, StatefulWeighting):
     if not callable(weighting):
       raise ValueError(
           f"{name}: weighting must be a function (K, K) -> (K,) or an"
           f" osgd_jax.StatefulWeighting, got {type(weighting).__name__}.")
     weighting = stateless(weighting)
+  stateful: StatefulWeighting = weighting
 
   def init_fn(params):
     k = num_exits
@@ -602,7 +421,7 @@ def from_weighting(
         exit_norms=jnp.zeros((k,), DIAGNOSTICS_DTYPE),
         cosine=jnp.zeros((k, k), DIAGNOSTICS_DTYPE),
         weighting_state=init_weighting_state(
-            weighting, k, num_groups(params, granularity)))
+            stateful, k, num_groups(params, granularity)))
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope(name):
@@ -613,7 +432,7 @@ def from_weighting(
       grams = group_grams(stacked.grams, granularity)
       _check_groups(state.weighting_state, grams.shape[0], name)
       weights, weighting_state = jax.vmap(
-          lambda m, s: weighting.apply(m, s, **extra_args))(
+          lambda m, s: stateful.apply(m, s, **extra_args))(
               grams, state.weighting_state)
       weights = weights.astype(stacked.compute_dtype)
       new_updates = combine(stacked, weights, granularity)
@@ -622,10 +441,8 @@ def from_weighting(
       # state (AdaLoss's running losses, ...) as it was: its update is
       # non-finite, so that optax.apply_if_finite later in the chain skips
       # it, and the steps after it start from an unpoisoned state.
-      finite = all_finite((grams, extra_args))
-      weighting_state = jax.tree.map(
-          lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
-          weighting_state, state.weighting_state)
+      weighting_state = keep_if_finite(all_finite((grams, extra_args)),
+                                       weighting_state, state.weighting_state)
       return new_updates, AggregationState(mean_weights, exit_norms, cosine,
                                            weighting_state)
 

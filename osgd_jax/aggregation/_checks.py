@@ -1,0 +1,203 @@
+"""The checks every aggregator's factory runs on its options.
+
+Options are checked when the factory runs, so that a bad one is named before
+anything is traced. Under ``optax.inject_hyperparams`` numeric options
+arrive as (possibly traced) arrays: those cannot be checked then, and are
+not. Shapes that depend on K are checked against ``num_exits``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from osgd_jax.aggregation._types import Granularity
+
+
+def is_checkable_number(x: Any) -> bool:
+  """A Python or NumPy number, which can be checked when the factory runs.
+
+  Example:
+    >>> is_checkable_number(0.5), is_checkable_number(True)
+    (True, False)
+  """
+  return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def check_choice(value: Any, name: str, owner: str, choices: Any) -> None:
+  """Raises a ``ValueError`` unless ``value`` is one of a ``Literal``'s values.
+
+  Example:
+    >>> check_choice("leaf", "granularity", "osgd", Granularity)
+  """
+  allowed = get_args(choices)
+  if value not in allowed:
+    raise ValueError(
+        f"{owner}: {name} must be one of {allowed}, got {value!r}.")
+
+
+def check_granularity(granularity: Any, owner: str) -> None:
+  """Raises a ``ValueError`` naming the choices unless ``granularity`` is one.
+
+  Example:
+    >>> check_granularity("global", "mgda")
+  """
+  check_choice(granularity, "granularity", owner, Granularity)
+
+
+def check_positive_int(value: Any, name: str, owner: str) -> int:
+  """Returns ``value`` as an int, or raises a ``ValueError`` naming it.
+
+  Structural settings (K, iteration caps, step counts) must be Python ints:
+  they fix shapes or loop lengths when the update is traced. Under
+  ``optax.inject_hyperparams`` every number becomes an array unless it is
+  listed in ``static_args``, which the message says.
+
+  Example:
+    >>> check_positive_int(3, "max_iter", "mgda")
+    3
+  """
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < 1):
+    raise ValueError(
+        f"{owner}: {name} must be a positive int, got {value!r}. Under"
+        f" optax.inject_hyperparams pass static_args=({name!r},).")
+  return int(value)
+
+
+def check_count(value: Any, name: str, owner: str) -> int:
+  """Returns ``value`` as an int, or raises unless it is an int ``≥ 0``.
+
+  Example:
+    >>> check_count(0, "n_byzantine", "krum")
+    0
+  """
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < 0):
+    raise ValueError(
+        f"{owner}: {name} must be an int >= 0, got {value!r}. Under"
+        f" optax.inject_hyperparams pass static_args=({name!r},).")
+  return int(value)
+
+
+def check_fraction(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it lies in ``[0, 1)``.
+
+  Tolerances and decay rates are such fractions.
+
+  Example:
+    >>> check_fraction(1e-6, "tol", "osgd")
+  """
+  if is_checkable_number(value) and not 0 <= value < 1:
+    raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}.")
+
+
+def check_unit_interval(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it lies in ``[0, 1]``.
+
+  For rates where both ends mean something (an EMA rate of 1 keeps only the
+  newest value).
+
+  Example:
+    >>> check_unit_interval(1.0, "beta", "gradvac")
+  """
+  if is_checkable_number(value) and not 0 <= value <= 1:
+    raise ValueError(f"{owner}: {name} must be in [0, 1], got {value!r}.")
+
+
+def check_nonnegative(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it is finite and ``≥ 0``.
+
+  For small constants added to denominators, and radii.
+
+  Example:
+    >>> check_nonnegative(1e-8, "eps", "gradvac")
+  """
+  if is_checkable_number(value) and not (np.isfinite(value) and value >= 0):
+    raise ValueError(
+        f"{owner}: {name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_positive(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it is finite and ``> 0``.
+
+  Example:
+    >>> check_positive(0.1, "gamma", "modo")
+  """
+  if is_checkable_number(value) and not (np.isfinite(value) and value > 0):
+    raise ValueError(
+        f"{owner}: {name} must be a finite number > 0, got {value!r}.")
+
+
+def check_qp_options(max_iter: Any, tol: Any, owner: str) -> None:
+  """Checks a QP solver's ``max_iter`` (an int >= 1) and ``tol`` (in [0, 1)).
+
+  Example:
+    >>> check_qp_options(100, 1e-6, "mgda")
+  """
+  check_positive_int(max_iter, "max_iter", owner)
+  check_fraction(tol, "tol", owner)
+
+
+def check_pref_vector(pref_vector: Any, num_exits: int, owner: str) -> None:
+  """Raises a ``ValueError`` unless ``pref_vector`` is ``None`` or K finite numbers.
+
+  Example:
+    >>> check_pref_vector([0.5, 0.5], 2, "dualproj")
+  """
+  if pref_vector is None:
+    return
+  # An array (injected by optax.inject_hyperparams, maybe traced) has a
+  # shape to check but perhaps no values.
+  finite = isinstance(pref_vector, jax.Array) or np.all(
+      np.isfinite(np.asarray(pref_vector, np.float64)))
+  if np.shape(pref_vector) != (num_exits,) or not finite:
+    raise ValueError(
+        f"{owner}: pref_vector must be {num_exits} finite numbers (one per"
+        f" exit, num_exits={num_exits}), got {pref_vector!r}.")
+
+
+def preference(gram: jax.Array, pref_vector: jax.Array | Sequence[float] | None,
+               owner: str) -> jax.Array:
+  """``pref_vector`` as ``(K,)`` in the Gram's dtype; ``None``: ``1/K`` each.
+
+  The check a weighting makes when it is traced, where K is first known.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> preference(jnp.eye(2), None, "dualproj").tolist()
+    [0.5, 0.5]
+  """
+  k = gram.shape[-1]
+  if pref_vector is None:
+    return jnp.full((k,), 1.0 / k, gram.dtype)
+  if np.shape(pref_vector) != (k,):
+    raise ValueError(
+        f"{owner} got pref_vector of shape {np.shape(pref_vector)}, but the"
+        f" gradients have K={k} exits; pass one preference per exit, shape"
+        f" ({k},).")
+  return jnp.asarray(pref_vector, gram.dtype)
+
+
+def check_num_exits(num_exits: Any, owner: str) -> int:
+  """Returns ``num_exits`` as an int, or raises a ``ValueError`` saying why.
+
+  Every transformation fixes the shapes of its state at ``init``, which has
+  only the parameters, so it needs K, the number of exits, up front.
+
+  Example:
+    >>> check_num_exits(4, "osgd")
+    4
+  """
+  if num_exits is None:
+    raise ValueError(
+        f"{owner} needs num_exits=K, the number of exits (the leading axis of"
+        " the stacked gradients): its state holds (K,) diagnostics whose"
+        " shapes are fixed at init, so that lax.scan over steps and"
+        f" restoring a checkpoint onto tx.init(params) work; e.g."
+        f" {owner}(num_exits=4).")
+  return check_positive_int(num_exits, "num_exits", owner)
