@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from osgd_jax.zoo.base import AnytimeNet
+
 __all__ = ["EarlyExitResult", "ExitFlops", "ExitMetrics", "early_exit",
            "early_exit_curve", "evaluate", "flops_per_exit", "params_per_exit",
            "predict_within"]
@@ -97,7 +99,7 @@ def _jaxpr_flops(jaxpr: Any) -> float:
 
 
 def flops_per_exit(
-    model: nnx.Module,
+    model: AnytimeNet,
     input_shape: Sequence[int],
     *,
     source: str = "auto",
@@ -167,7 +169,7 @@ def flops_per_exit(
   return ExitFlops(np.asarray(counts, dtype=np.float64), "analytic")
 
 
-def params_per_exit(model: nnx.Module) -> np.ndarray:
+def params_per_exit(model: AnytimeNet) -> np.ndarray:
   """Number of parameters on each exit's path: those of stages 1..k.
 
   Args:
@@ -223,7 +225,7 @@ def _predict_logits(graphdef: Any, state: Any, x: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, state).predict(x)
 
 
-def _batched_logits(model: nnx.Module, x: np.ndarray,
+def _batched_logits(model: AnytimeNet, x: np.ndarray,
                     batch_size: int) -> np.ndarray:
   """All exits' logits ``(K, N, C)``, in fixed-size batches (one compile)."""
   if batch_size < 1:
@@ -244,7 +246,7 @@ def _batched_logits(model: nnx.Module, x: np.ndarray,
   return np.concatenate(chunks, axis=1)
 
 
-def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray, *,
+def evaluate(model: AnytimeNet, x: np.ndarray, y: np.ndarray, *,
              batch_size: int = 500) -> ExitMetrics:
   """Test accuracy and cross-entropy of every exit.
 
@@ -286,7 +288,7 @@ def _confidence_exits(probs: np.ndarray, threshold: float) -> np.ndarray:
   return confident.argmax(axis=0)
 
 
-def early_exit(model: nnx.Module, x: np.ndarray, threshold: float, *,
+def early_exit(model: AnytimeNet, x: np.ndarray, threshold: float, *,
                flops: np.ndarray | None = None,
                batch_size: int = 500) -> EarlyExitResult:
   """Confidence-based early exit: each example stops at its first sure exit.
@@ -320,7 +322,7 @@ def early_exit(model: nnx.Module, x: np.ndarray, threshold: float, *,
                          float(np.asarray(flops)[exits].mean()))
 
 
-def early_exit_curve(model: nnx.Module, x: np.ndarray, y: np.ndarray,
+def early_exit_curve(model: AnytimeNet, x: np.ndarray, y: np.ndarray,
                      thresholds: Sequence[float], *,
                      flops: np.ndarray | None = None,
                      batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
@@ -353,7 +355,7 @@ def early_exit_curve(model: nnx.Module, x: np.ndarray, y: np.ndarray,
   return np.asarray(mean_flops), np.asarray(accuracy)
 
 
-def predict_within(model: nnx.Module, x: jax.Array,
+def predict_within(model: AnytimeNet, x: jax.Array,
                    flops_budget: float) -> tuple[jax.Array, int]:
   """Logits of the deepest exit whose cost fits ``flops_budget`` per example.
 

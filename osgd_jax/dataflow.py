@@ -143,17 +143,23 @@ def _scatter_rows(eqn: JaxprEqn, ins: list[Dependency], num_rows: int,
                for i, row in enumerate(rows))
 
 
+def _shape(var: Any) -> tuple[int, ...]:
+  """The shape of a jaxpr variable's abstract value (arrays only reach here)."""
+  return tuple(var.aval.shape)
+
+
 def _gather_keeps_rows(eqn: JaxprEqn) -> bool:
   """Whether a gather's output axis 0 is its operand's axis 0, row for row."""
-  numbers, operand = eqn.params["dimension_numbers"], eqn.invars[0].aval
+  numbers = eqn.params["dimension_numbers"]
+  operand_shape = _shape(eqn.invars[0])
   if 0 in numbers.offset_dims:
     # Output axis 0 is the operand's first sliced axis: aligned when that is
     # axis 0, taken whole and from row 0.
-    first = next(i for i in range(operand.ndim)
+    first = next(i for i in range(len(operand_shape))
                  if i not in numbers.collapsed_slice_dims
                  and i not in numbers.operand_batching_dims)
     return (first == 0 and 0 not in numbers.start_index_map
-            and eqn.params["slice_sizes"][0] == operand.shape[0])
+            and eqn.params["slice_sizes"][0] == operand_shape[0])
   # Output axis 0 is the indices' axis 0: aligned when it batches axis 0.
   if 0 not in numbers.operand_batching_dims:
     return False
@@ -182,7 +188,7 @@ def _dot_general_rows(eqn: JaxprEqn, ins: list[Dependency],
 def _keeps_rows(eqn: JaxprEqn, num_rows: int) -> bool:
   """Whether the output's rows are its first operand's rows, unchanged."""
   name, params = eqn.primitive.name, eqn.params
-  lead = eqn.invars[0].aval.shape[0]
+  lead = _shape(eqn.invars[0])[0]
   if name in ("broadcast_in_dim", "reshape") and lead != num_rows:
     return False
   if name == "broadcast_in_dim":
@@ -222,7 +228,7 @@ def _output_rows(eqn: JaxprEqn, ins: list[Dependency], num_rows: int,
     return tuple(_union(d) for d in ins)
   if name == "concatenate":
     return tuple(row for d, var in zip(ins, eqn.invars)
-                 for row in row_dependencies(d, var.aval.shape[0]))
+                 for row in row_dependencies(d, _shape(var)[0]))
   rows = ins[0] if isinstance(ins[0], tuple) else None
   if rows is None:
     return None

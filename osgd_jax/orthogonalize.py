@@ -299,13 +299,13 @@ def modified_gram_schmidt(
     ([1.0, 1.0], [[1.0, 1.0]], [[0.0, 1.0]])
   """
   num_exits = leaves[0].shape[0]
-  order = np.arange(num_exits) if order is None else np.asarray(order)
+  priority = np.arange(num_exits) if order is None else np.asarray(order)
   residuals = [leaf.astype(compute_dtype) for leaf in leaves]
   row_sq = lambda x: jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
   input_sq = _sum_over_groups(jnp.stack([row_sq(r) for r in residuals]),
                               shared_basis)
   num_leaves = input_sq.shape[0]
-  order_array = jnp.asarray(order, jnp.int32)
+  order_array = jnp.asarray(priority, jnp.int32)
   rank = jnp.argsort(order_array)
 
   def step(position, carry):
@@ -342,7 +342,7 @@ def modified_gram_schmidt(
     coeff = keep.astype(compute_dtype)
   updates = [gram_lib.weighted_sum(c, r, compute_dtype)
              for c, r in zip(coeff, residuals)]
-  weights = _weights_from_coefficients(coefficients, coeff, order)
+  weights = _weights_from_coefficients(coefficients, coeff, priority)
   if shared_basis:
     return updates, kept_sq[:1], weights[:1]
   return updates, kept_sq, weights

@@ -35,6 +35,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -265,7 +266,8 @@ def shard_params(tree: Any, mesh: Mesh, specs: Any | None = None) -> Any:
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return jax.device_put(x, sharding)  # already global: reshard in place
-  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
     # Typed PRNG keys have no NumPy form: place their raw data, then rewrap.
     data = _put(jax.random.key_data(x), NamedSharding(
         sharding.mesh, PartitionSpec(*sharding.spec, None)))

@@ -53,9 +53,9 @@ def _split_floats(tree: Any) -> tuple[list[Any], list[Any], Any]:
 
 def _join_floats(floats: list[Any], others: list[Any], spec: Any) -> Any:
   treedef, is_float = spec
-  floats, others = iter(floats), iter(others)
+  float_iter, other_iter = iter(floats), iter(others)
   return jax.tree.unflatten(
-      treedef, [next(floats) if f else next(others) for f in is_float])
+      treedef, [next(float_iter) if f else next(other_iter) for f in is_float])
 
 
 def _anytime_stages(model: Any, params: Any, rest: Any,

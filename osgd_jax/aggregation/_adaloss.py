@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osgd_jax.aggregation import _checks, _engine, _registry
+from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
@@ -143,7 +143,7 @@ def adaptive_loss_balancing(
     ema = jnp.where(state.count == 0, losses,
                     decay * state.ema + (1 - decay) * losses)
     weights = adaloss_weighting(gram, losses=ema.astype(gram.dtype), eps=eps)
-    return weights, AdaLossState(ema, optax.safe_increment(state.count))
+    return weights, AdaLossState(ema, _stateful.next_count(state.count))
 
   return _engine.from_weighting(
       _engine.StatefulWeighting(init, apply), num_exits=num_exits,

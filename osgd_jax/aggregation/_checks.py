@@ -9,7 +9,7 @@ not. Shapes that depend on K are checked against ``num_exits``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, TypeGuard, get_args
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 from osgd_jax.aggregation._types import Granularity
 
 
-def is_checkable_number(x: Any) -> bool:
+def is_checkable_number(x: Any) -> TypeGuard[int | float | np.number]:
   """A Python or NumPy number, which can be checked when the factory runs.
 
   Example:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osgd_jax.aggregation import _checks, _engine, _registry
+from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity, Weighting
 
 
@@ -90,7 +90,7 @@ def crmogm(
     previous = state.smoothed.astype(gram.dtype)
     weights = jnp.where(state.count == 0, fresh,
                         alpha * previous + (1.0 - alpha) * fresh)
-    return weights, CRMOGMState(weights, optax.safe_increment(state.count),
+    return weights, CRMOGMState(weights, _stateful.next_count(state.count),
                                 inner_state)
 
   return _engine.from_weighting(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osgd_jax.aggregation import _checks, _engine, _registry
+from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 
 
 class ExcessMTLState(NamedTuple):
@@ -138,7 +138,7 @@ def excess_mtl(
               stacked.treedef, [s.astype(f32) for s in sums]),
           initial=jnp.where(warming, state.initial, baseline).astype(f32),
           warmup_sum=warmup_sum.astype(f32),
-          count=optax.safe_increment(count))
+          count=_stateful.next_count(count))
       # A step with a NaN or Inf gradient leaves the running sums and
       # weights as they were, for optax.apply_if_finite after it.
       finite = _engine.all_finite(stacked.leaves)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -69,15 +70,16 @@ def graddrop(
     # The sums over K are written row by row: elementwise adds of K rows,
     # which XLA:CPU runs far faster than a reduction over the leading axis.
     rows = [leaf[i] for i in range(k)]
-    total = sum(jnp.abs(r) for r in rows)
-    purity = 0.5 * (1.0 + sum(rows) * gram_lib.safe_inverse(total))
+    total = functools.reduce(jnp.add, [jnp.abs(r) for r in rows])
+    purity = 0.5 * (1.0 + functools.reduce(jnp.add, rows)
+                    * gram_lib.safe_inverse(total))
     u = jax.random.uniform(key, leaf.shape[1:], leaf.dtype)
     above, below = purity > u, purity < u
-    update, summed = 0.0, []
-    for r, l in zip(rows, ell):
-      multiplier = l + (1.0 - l) * ((above & (r > 0)) | (below & (r < 0))
-                                    ).astype(leaf.dtype)
-      update = update + multiplier * r
+    update, summed = jnp.zeros_like(total), []
+    for row, leak_k in zip(rows, ell, strict=True):
+      kept = (above & (row > 0)) | (below & (row < 0))
+      multiplier = leak_k + (1.0 - leak_k) * kept.astype(leaf.dtype)
+      update = update + multiplier * row
       summed.append(multiplier.sum())
     return update, jnp.stack(summed)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from osgd_jax import gram as gram_lib
-from osgd_jax.aggregation import _checks, _engine, _linalg, _registry
+from osgd_jax.aggregation import _checks, _engine, _linalg, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
@@ -132,7 +132,7 @@ def nash_mtl(
     alpha = jnp.where(solve, _bargain(gram, max_iter),
                       state.alpha.astype(gram.dtype))
     weights = _clip_update_norm(gram, alpha, max_norm)
-    return weights, NashMTLState(alpha, optax.safe_increment(state.count))
+    return weights, NashMTLState(alpha, _stateful.next_count(state.count))
 
   return _engine.from_weighting(
       _engine.StatefulWeighting(init, apply), num_exits=num_exits,

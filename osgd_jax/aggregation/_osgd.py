@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -277,14 +277,16 @@ def osgd(
       new_updates, inner = projection.update(
           updates,
           _engine.AggregationState(state.weights, state.exit_norms,
-                                       state.cosine, state.projected_sq_norms),
+                                   state.cosine, state.projected_sq_norms),
           params, **extra_args)
+      inner = cast(_engine.AggregationState, inner)
       return new_updates, _osgd_state(
           inner.weights, inner.exit_norms, inner.cosine,
           inner.weighting_state, sizes)
     with jax.named_scope(_NAME):
       stacked = _engine.read_stacked(
           updates, num_exits=num_exits, params=params, name=_NAME)
+      assert stacked is not None  # a tree without leaves returned above
       outs, residual_sq, weights = orthogonalize.modified_gram_schmidt(
           stacked.leaves, order=order, tol=tol, rescale=rescale,
           shared_basis=granularity == "global",
@@ -373,7 +375,8 @@ def osgd_sgd(
           " non-finite one makes every update NaN.")
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
-  transforms = [osgd(granularity, method, order, tol, rescale, num_exits)]
+  transforms: list[optax.GradientTransformation] = [
+      osgd(granularity, method, order, tol, rescale, num_exits)]
   if sgd_after is not None:
     transforms[0] = switch_to_sum(transforms[0], sgd_after)
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):

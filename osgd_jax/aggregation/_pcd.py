@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from osgd_jax import gram as gram_lib
-from osgd_jax.aggregation import _checks, _engine, _qp, _registry
+from osgd_jax.aggregation import _checks, _engine, _qp, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
@@ -159,7 +159,7 @@ def pcd(
   def apply(gram, state: PCDState, **extra_args):
     del extra_args
     sq_norms = jnp.maximum(jnp.diagonal(gram), 0.0)
-    count = optax.safe_increment(state.count)
+    count = _stateful.next_count(state.count)
     ema = beta * state.sq_norm_ema.astype(gram.dtype) + (1 - beta) * sq_norms
     debiased = ema / (1 - jnp.asarray(beta, gram.dtype) ** count)
     scales = gram_lib.safe_inverse(jnp.sqrt(debiased + eps))

@@ -18,6 +18,17 @@ import optax
 from osgd_jax.aggregation._engine import StatefulWeighting
 
 
+def next_count(count: jax.Array) -> jax.Array:
+  """``count + 1``, saturating at its dtype's largest value, as Optax counts.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> int(next_count(jnp.zeros((), jnp.int32)))
+    1
+  """
+  return jnp.asarray(optax.safe_increment(count))
+
+
 def counting(schedule: Callable[[jax.Array, jax.Array], jax.Array]
              ) -> StatefulWeighting:
   """A weighting ``schedule(gram, step)`` whose state counts the updates.
@@ -31,7 +42,7 @@ def counting(schedule: Callable[[jax.Array, jax.Array], jax.Array]
 
   def apply(gram, count, **extra_args):
     del extra_args
-    return schedule(gram, count), optax.safe_increment(count)
+    return schedule(gram, count), next_count(count)
 
   return StatefulWeighting(init=lambda num_exits: jnp.zeros((), jnp.int32),
                            apply=apply)

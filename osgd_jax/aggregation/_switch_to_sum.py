@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osgd_jax.aggregation import _checks
+from osgd_jax.aggregation import _checks, _stateful
 
 
 class SwitchToSumState(NamedTuple):
@@ -83,7 +83,7 @@ def switch_to_sum(aggregator: optax.GradientTransformation,
 
     new_updates, inner = jax.lax.cond(state.count < after_steps, aggregate,
                                       summed)
-    return new_updates, SwitchToSumState(optax.safe_increment(state.count),
+    return new_updates, SwitchToSumState(_stateful.next_count(state.count),
                                          inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

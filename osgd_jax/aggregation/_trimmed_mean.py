@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import optax
 
@@ -69,13 +71,16 @@ def trimmed_mean(
       for i in range(round_ % 2, num_exits - 1, 2):
         rows[i], rows[i + 1] = (jnp.minimum(rows[i], rows[i + 1]),
                                 jnp.maximum(rows[i], rows[i + 1]))
-    update = sum(rows[trim_number:num_exits - trim_number]) / kept_count
+    update = functools.reduce(
+        jnp.add, rows[trim_number:num_exits - trim_number]) / kept_count
     # Exit k's rank among the K values of each coordinate (ties by index),
     # for the diagnostics: which exits' values are kept.
     summed = []
     for k in range(num_exits):
-      rank = sum(((leaf[j] < leaf[k]) | ((leaf[j] == leaf[k]) & (j < k))
-                  ).astype(jnp.int32) for j in range(num_exits) if j != k)
+      # Started from an array, so that K = 1 (no other exit) ranks 0 too.
+      rank = sum((((leaf[j] < leaf[k]) | ((leaf[j] == leaf[k]) & (j < k))
+                   ).astype(jnp.int32) for j in range(num_exits) if j != k),
+                 jnp.zeros(leaf.shape[1:], jnp.int32))
       inside = (rank >= trim_number) & (rank < num_exits - trim_number)
       # A sum over the parameter axes as they are: a reshape would merge
       # axes split over devices (docs/design.md, "Sharding").

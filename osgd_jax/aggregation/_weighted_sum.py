@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from osgd_jax.aggregation import _checks, _engine, _linalg, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity, Weighting
@@ -142,8 +143,8 @@ def sdn_weighting(gram: jax.Array, *, progress: float | jax.Array,
   return jnp.concatenate([early, jnp.ones((1,), gram.dtype)])
 
 
-def constant_weighting(gram: jax.Array, *, weights: jax.Array | Sequence[float]
-             ) -> jax.Array:
+def constant_weighting(gram: jax.Array, *,
+                       weights: ArrayLike | Sequence[float]) -> jax.Array:
   """Constant: fixed, user-given weights (TorchJD's ``Constant``).
 
   The update is the gradient of the weighted loss ``Σ_k w_k ℓ_k``. As a

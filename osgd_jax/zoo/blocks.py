@@ -354,7 +354,8 @@ class ResidualLayer(nnx.Module):
           rngs=rngs, kernel=1)
 
   def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
-    h = sum(lin(x) for lin, x in zip(self.inputs, inputs))
+    h = functools.reduce(
+        jnp.add, [lin(x) for lin, x in zip(self.inputs, inputs, strict=True)])
     h = jax.nn.relu(_apply(self.norm1, h))
     h = _apply(self.norm2, self.linear(h))
     skip = inputs[0] if self.skip is None else self.skip(inputs[0])

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from flax import nnx
 
@@ -223,4 +223,6 @@ def create(
                   **config)
   backbone_keys = _keywords(make_backbone)
   backbone = make_backbone(**{k: settings.pop(k) for k in backbone_keys})
-  return cls(backbone, rngs=rngs, **settings)
+  # The family classes take the backbone first (AnytimeNet itself does not).
+  family = cast(Callable[..., AnytimeNet], cls)
+  return family(backbone, rngs=rngs, **settings)
