@@ -63,36 +63,32 @@ def coordinatewise(
         zeros, zeros, jnp.zeros((k, k), _engine.DIAGNOSTICS_DTYPE),
         key_data)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def apply_fn(stacked, state, **extra_args):
     del extra_args
-    with jax.named_scope(name):
-      stacked = _engine.read_stacked(updates, num_exits=num_exits,
-                                         params=params, name=name)
-      if stacked is None:
-        return updates, state
-      key_data = state.key_data
-      # A step with a NaN or Inf gradient keeps the key, as every
-      # aggregator keeps its state, for optax.apply_if_finite after it.
-      finite = _engine.all_finite(stacked.leaves)
-      if seed is not None:
-        next_key_data, subkey = _stateful.split_key_data(key_data)
-        key_data = jnp.where(finite, next_key_data, key_data)
-      outs = []
-      multipliers = jnp.zeros((num_exits,), stacked.compute_dtype)
-      for i, leaf in enumerate(stacked.leaves):
-        leaf_key = (None if seed is None
-                    else jax.random.fold_in(subkey, i))
-        leaf = leaf.astype(stacked.compute_dtype)
-        out, summed = combine(leaf, leaf_key)
-        # A non-finite gradient is not hidden (GradDrop's mask would drop
-        # it): its coordinates' update is non-finite too.
-        out = jnp.where(jnp.all(jnp.isfinite(leaf), axis=0), out,
-                        leaf.sum(axis=0))
-        outs.append(out.astype(stacked.leaves[i].dtype))
-        multipliers = multipliers + summed
-      weights = multipliers / max(sum(stacked.sizes), 1)
-      return (jax.tree.unflatten(stacked.treedef, outs),
-              CoordinateState(_engine.as_diagnostic(weights),
-                              *_engine.gram_diagnostics(stacked), key_data))
+    key_data = state.key_data
+    # A step with a NaN or Inf gradient keeps the key, as every
+    # aggregator keeps its state, for optax.apply_if_finite after it.
+    finite = _engine.all_finite(stacked.leaves)
+    if seed is not None:
+      next_key_data, subkey = _stateful.split_key_data(key_data)
+      key_data = jnp.where(finite, next_key_data, key_data)
+    outs = []
+    multipliers = jnp.zeros((num_exits,), stacked.compute_dtype)
+    for i, leaf in enumerate(stacked.leaves):
+      leaf_key = (None if seed is None
+                  else jax.random.fold_in(subkey, i))
+      leaf = leaf.astype(stacked.compute_dtype)
+      out, summed = combine(leaf, leaf_key)
+      # A non-finite gradient is not hidden (GradDrop's mask would drop
+      # it): its coordinates' update is non-finite too.
+      out = jnp.where(jnp.all(jnp.isfinite(leaf), axis=0), out,
+                      leaf.sum(axis=0))
+      outs.append(out.astype(stacked.leaves[i].dtype))
+      multipliers = multipliers + summed
+    weights = multipliers / max(sum(stacked.sizes), 1)
+    return (jax.tree.unflatten(stacked.treedef, outs),
+            CoordinateState(_engine.as_diagnostic(weights),
+                            *_engine.gram_diagnostics(stacked), key_data))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _engine.stacked_transformation(init_fn, apply_fn,
+                                       num_exits=num_exits, name=name)

@@ -349,6 +349,42 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
       new, old)
 
 
+def stacked_transformation(
+    init_fn: Callable[[optax.Params], Any],
+    apply_fn: Callable[..., tuple[optax.Updates, Any]],
+    *,
+    num_exits: int,
+    name: str,
+) -> optax.GradientTransformationExtraArgs:
+  """A transformation whose update starts from checked stacked gradients.
+
+  Every aggregator's ``update`` checks the stacked gradients against
+  ``num_exits`` and ``params``, forms their Gram matrices, passes a tree
+  without leaves through, and runs in a ``jax.named_scope`` of its name;
+  this is that part, once.
+
+  Args:
+    init_fn: ``init_fn(params) -> state``.
+    apply_fn: ``apply_fn(stacked, state, **extra_args) -> (updates,
+      state)`` on the :class:`StackedGradients` of the update.
+    num_exits: K.
+    name: the transformation's name, for errors and the named scope.
+
+  Returns:
+    The ``optax.GradientTransformationExtraArgs``.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    with jax.named_scope(name):
+      stacked = read_stacked(updates, num_exits=num_exits, params=params,
+                             name=name)
+      if stacked is None:
+        return updates, state
+      return apply_fn(stacked, state, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def from_weighting(
     weighting: Weighting | StatefulWeighting,
     *,
@@ -423,27 +459,23 @@ def from_weighting(
         weighting_state=init_weighting_state(
             stateful, k, num_groups(params, granularity)))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    with jax.named_scope(name):
-      stacked = read_stacked(updates, num_exits=num_exits, params=params,
-                             name=name)
-      if stacked is None:
-        return updates, state
-      grams = group_grams(stacked.grams, granularity)
-      _check_groups(state.weighting_state, grams.shape[0], name)
-      weights, weighting_state = jax.vmap(
-          lambda m, s: stateful.apply(m, s, **extra_args))(
-              grams, state.weighting_state)
-      weights = weights.astype(stacked.compute_dtype)
-      new_updates = combine(stacked, weights, granularity)
-      mean_weights, exit_norms, cosine = diagnostics(stacked, weights)
-      # A step with a NaN or Inf gradient or loss leaves the weighting's
-      # state (AdaLoss's running losses, ...) as it was: its update is
-      # non-finite, so that optax.apply_if_finite later in the chain skips
-      # it, and the steps after it start from an unpoisoned state.
-      weighting_state = keep_if_finite(all_finite((grams, extra_args)),
-                                       weighting_state, state.weighting_state)
-      return new_updates, AggregationState(mean_weights, exit_norms, cosine,
-                                           weighting_state)
+  def apply_fn(stacked, state, **extra_args):
+    grams = group_grams(stacked.grams, granularity)
+    _check_groups(state.weighting_state, grams.shape[0], name)
+    weights, weighting_state = jax.vmap(
+        lambda m, s: stateful.apply(m, s, **extra_args))(
+            grams, state.weighting_state)
+    weights = weights.astype(stacked.compute_dtype)
+    new_updates = combine(stacked, weights, granularity)
+    mean_weights, exit_norms, cosine = diagnostics(stacked, weights)
+    # A step with a NaN or Inf gradient or loss leaves the weighting's
+    # state (AdaLoss's running losses, ...) as it was: its update is
+    # non-finite, so that optax.apply_if_finite later in the chain skips
+    # it, and the steps after it start from an unpoisoned state.
+    weighting_state = keep_if_finite(all_finite((grams, extra_args)),
+                                     weighting_state, state.weighting_state)
+    return new_updates, AggregationState(mean_weights, exit_norms, cosine,
+                                         weighting_state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return stacked_transformation(init_fn, apply_fn, num_exits=num_exits,
+                                name=name)
