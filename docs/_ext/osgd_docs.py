@@ -414,28 +414,35 @@ class Face(SphinxDirective):
     if self.env.docname != f"{API}/{face}":
       raise self.error(f"the page of {face} is {API}/{face}")
     lines = [f".. automodule:: {face}", ""]
-    if _names(face) and _is_package(importlib.import_module(face)):
+    package = _is_package(importlib.import_module(face))
+    if _names(face) and package:
       lines += _title("Public names", "-")
       lines += [f".. public-names:: {face}", ""]
+    elif _names(face):
+      lines += self._elsewhere(face, "elsewhere")
     own = self._own_entries(face)
-    if own and _is_package(importlib.import_module(face)):
+    if own and package:
       lines += _title("Reference", "-")
     lines += own
     for module_name in sections_of(face):
       lines += _title(f"``{module_name}``", "-")
       lines += [f".. automodule:: {module_name}", ""]
-      elsewhere = [f":py:obj:`{name} <{home_of(module_name, name)}>`"
-                   for name in _names(module_name)
-                   if home_of(module_name, name) != f"{module_name}.{name}"]
-      if elsewhere:
-        lines += [f"Also exports, documented above: {', '.join(elsewhere)}.",
-                  ""]
+      lines += self._elsewhere(module_name, "above")
       lines += self._own_entries(module_name)
     node = nodes.section()
     node.document = self.state.document
     nested_parse_with_titles(
         self.state, StringList(lines, f"<face {face}>"), node)
     return node.children
+
+  @staticmethod
+  def _elsewhere(module_name: str, where: str) -> list[str]:
+    """A line that links the names ``module_name`` exports from elsewhere."""
+    links = [f":py:obj:`{name} <{home_of(module_name, name)}>`"
+             for name in _names(module_name)
+             if home_of(module_name, name) != f"{module_name}.{name}"]
+    return [f"Also exports, documented {where}: {', '.join(links)}.",
+            ""] if links else []
 
   @staticmethod
   def _own_entries(module_name: str) -> list[str]:
