@@ -25,9 +25,9 @@ def adaloss_weighting(gram: jax.Array, *, losses: jax.Array,
 
   ``w_k = K · (1/ℓ_k) / Σ_j (1/ℓ_j)`` with ``ℓ_k ≥ eps``. With ``ℓ`` the
   current losses, ``w_k ∝ 1/ℓ_k`` makes ``u`` the gradient of
-  ``Σ_k log ℓ_k``; :func:`adaptive_loss_balancing` passes a running
-  average instead. The weights are normalised to sum to K, the uniform
-  sum's total.
+  ``Σ_k log ℓ_k``; :func:`~osgd_jax.aggregation.adaptive_loss_balancing`
+  passes a running average instead. The weights are normalised to sum to K,
+  the uniform sum's total.
 
   Args:
     gram: ``(K, K)``; only K is read.
@@ -74,7 +74,7 @@ def adaptive_loss_balancing(
 ) -> optax.GradientTransformationExtraArgs:
   """AdaLoss: weights inversely proportional to a running average of the losses.
 
-  ``w_k = K · (1/ℓ̄_k) / Σ_j (1/ℓ̄_j)`` (:func:`adaloss_weighting`),
+  ``w_k = K · (1/ℓ̄_k) / Σ_j (1/ℓ̄_j)`` (:func:`osgd_jax.weightings.adaloss`),
   ``u = Σ_k w_k g_k``, where ``ℓ̄_k`` is an exponential moving average of exit
   k's loss, updated with this step's losses before the weights are formed
   (the first update sets it to the losses). This is Hu et al.'s balancing,

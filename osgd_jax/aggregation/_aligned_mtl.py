@@ -86,7 +86,7 @@ def aligned_mtl(
 
   The gradients are replaced by orthogonal ones of equal norm, spanning the
   same space (the condition number of the system made 1), and summed with
-  the preferences (:func:`aligned_mtl_weighting`, TorchJD's
+  the preferences (:func:`osgd_jax.weightings.aligned_mtl`, TorchJD's
   ``AlignedMTL``).
 
   Args:

@@ -114,7 +114,7 @@ def cagrad(
 
   ``u = g_0 + c ‖g_0‖ g_w / ‖g_w‖``, the direction within ``c ‖g_0‖`` of the
   mean gradient ``g_0`` that maximises ``min_k ⟨g_k, u⟩``
-  (:func:`cagrad_weighting`, TorchJD's ``CAGrad``), solved under
+  (:func:`osgd_jax.weightings.cagrad`, TorchJD's ``CAGrad``), solved under
   ``jax.jit`` by a bisection over simplex QPs, with no convex-solver
   dependency. ``c = 0`` is the mean; as c grows the update approaches
   MGDA's direction. No update when the worst case cannot be improved (e.g.

@@ -71,7 +71,7 @@ def config(
   """ConFIG: a conflict-free direction with equal cosines to every gradient.
 
   ``u = (Σ_i ⟨g_i, v̂⟩) v̂`` with ``v = Ĝ⁺ p`` for the unit gradients Ĝ
-  (:func:`config_weighting`, TorchJD's ``ConFIG``), exact from the
+  (:func:`osgd_jax.weightings.config`, TorchJD's ``ConFIG``), exact from the
   Gram matrix.
 
   Args:

@@ -64,7 +64,7 @@ def dualproj(
   """DualProj: the mean gradient projected onto the dual cone of all of them.
 
   ``u`` is the projection of ``Σ_k p_k g_k`` (the mean by default) onto
-  ``{v : ⟨v, g_j⟩ ≥ 0 for all j}`` (:func:`dualproj_weighting`,
+  ``{v : ⟨v, g_j⟩ ≥ 0 for all j}`` (:func:`osgd_jax.weightings.dualproj`,
   TorchJD's ``DualProj``; GEM's projection), solved exactly under
   ``jax.jit``.
 

@@ -54,7 +54,7 @@ def fairgrad(
   """FairGrad: α-fair weights, ``M w = w^{-1/α}``, solved by Newton under jit.
 
   The update ``u = wᵀ G`` maximises the α-fair utility of the exits'
-  improvements ``⟨g_k, u⟩`` (:func:`fairgrad_weighting`, TorchJD's
+  improvements ``⟨g_k, u⟩`` (:func:`osgd_jax.weightings.fairgrad`, TorchJD's
   ``FairGrad``): α = 1 is proportional fairness (Nash-MTL's solution), large
   α approaches max-min fairness, α = 0 the mean.
 

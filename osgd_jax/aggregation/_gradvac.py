@@ -110,7 +110,7 @@ def gradvac(
   As PCGrad, but instead of projecting a conflict away, task i's gradient
   gets the multiple of ``g_j`` that brings their cosine up to the target
   ``φ̂_ij``, an EMA (rate ``beta``) of the cosines seen at earlier steps
-  (:func:`gradvac_weighting`, TorchJD's ``GradVac``). The
+  (:func:`osgd_jax.weightings.gradvac`, TorchJD's ``GradVac``). The
   update is the sum of the modified gradients. The targets and the PRNG key
   of the visiting orders live in the state; under ``granularity="leaf"``
   every leaf has its own targets (the paper's per-parameter-group variant)

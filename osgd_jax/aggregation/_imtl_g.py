@@ -70,7 +70,7 @@ def imtl_g(
   """IMTL-G: the update with equal projections on every exit's unit gradient.
 
   ``u = Σ_k w_k g_k`` with ``w = M⁺ d / Σ(M⁺ d)``, ``d_k = ‖g_k‖``
-  (:func:`imtl_g_weighting`, TorchJD's ``IMTLG``): ``⟨u, g_k⟩ /
+  (:func:`osgd_jax.weightings.imtl_g`, TorchJD's ``IMTLG``): ``⟨u, g_k⟩ /
   ‖g_k‖`` is the same for every exit, so none is favoured.
 
   Invariance: scaling exit k's gradient by ``c_k > 0`` leaves the line of

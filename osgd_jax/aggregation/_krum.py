@@ -74,7 +74,7 @@ def krum(
 
   ``u`` is the mean of the ``n_selected`` gradients whose summed distances
   to their ``K − n_byzantine − 2`` nearest neighbours are the smallest
-  (:func:`krum_weighting`, TorchJD's ``Krum``). Made for
+  (:func:`osgd_jax.weightings.krum`, TorchJD's ``Krum``). Made for
   Byzantine-robust distributed training, where up to ``n_byzantine``
   gradients may be arbitrary.
 

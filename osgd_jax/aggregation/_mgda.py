@@ -52,7 +52,7 @@ def mgda(
   """MGDA: the minimum-norm point of the convex hull of the exits' gradients.
 
   ``u = Σ_k α_k g_k`` with ``α = argmin_{α ≥ 0, Σα = 1} ‖Σ_k α_k g_k‖²``
-  (:func:`mgda_weighting`), solved exactly under ``jax.jit``. No
+  (:func:`osgd_jax.weightings.mgda`), solved exactly under ``jax.jit``. No
   rescaling: u is a convex combination, so its size is that of one gradient,
   not of their sum (raise the learning rate by up to K against a summed
   loss). u = 0 when 0 is in the hull (a Pareto-stationary point).

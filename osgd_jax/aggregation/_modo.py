@@ -53,7 +53,7 @@ def modo(
   """MoDo: weights that take one projected-gradient step towards MGDA's per update.
 
   ``λ ← Π_Δ(λ − γ (M λ + ρ λ))``, ``u = λᵀ G``
-  (:func:`modo_weighting`, TorchJD's ``MoDoWeighting``), λ kept
+  (:func:`osgd_jax.weightings.modo`, TorchJD's ``MoDoWeighting``), λ kept
   in the state. The paper's M pairs two independent mini-batches; on the
   stacked-gradient contract it is the step's ``G Gᵀ``.
 

@@ -87,7 +87,7 @@ def nash_mtl(
 
   ``u = αᵀ G`` with ``⟨g_k, u⟩ = 1/α_k`` on the Frobenius-normalised Gram
   matrix, clipped to norm ``max_norm``
-  (:func:`nash_mtl_weighting`, TorchJD's ``NashMTL`` with its
+  (:func:`osgd_jax.weightings.nash_mtl`, TorchJD's ``NashMTL`` with its
   defaults). α is solved for every ``update_weights_every`` updates and
   reused in between, as the paper does to save time; here that saves
   little, since the solve is a few K×K Newton steps under ``jax.jit``

@@ -107,7 +107,7 @@ def pcd(
   primary objective: the update is the closest direction to its normalised
   gradient that gives every other exit at least the fraction ``tau`` of the
   progress of a step along its own normalised gradient, rescaled to
-  ``‖g_1‖`` (:func:`pcd_weighting`, TorchJD's ``PCD``). Each
+  ``‖g_1‖`` (:func:`osgd_jax.weightings.pcd`, TorchJD's ``PCD``). Each
   gradient is normalised by ``1/√(v̂_i + eps)``, v̂ the bias-corrected EMA
   (decay ``beta``) of its squared norm, kept in the state. For anytime
   networks, a natural choice is the exit that must be best (the last:

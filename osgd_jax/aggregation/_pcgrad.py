@@ -69,7 +69,7 @@ def pcgrad(
   are visited in a random order; whenever ``⟨g_i^PC, g_j⟩ < 0`` the
   projection onto the normal plane of the *original* ``g_j`` is applied. The
   update is ``Σ_i g_i^PC`` (Algorithm 1 of the paper;
-  :func:`pcgrad_weighting`), computed exactly from the Gram matrix.
+  :func:`osgd_jax.weightings.pcgrad`), computed exactly from the Gram matrix.
 
   The orders are drawn from a PRNG key that the state carries, split at every
   update, so a run is reproducible from ``seed``. Under

@@ -43,7 +43,7 @@ def random_weighting(
 ) -> optax.GradientTransformationExtraArgs:
   """Random weighting: ``u = Σ_k w_k g_k`` with ``w = softmax(z)``, ``z ~ N(0, I)``.
 
-  Fresh weights at every step (:func:`random_softmax_weighting`,
+  Fresh weights at every step (:func:`osgd_jax.weightings.random_weighting`,
   TorchJD's ``Random``), from a PRNG key that the state carries, split at
   every update, so a run is reproducible from ``seed``. Under
   ``granularity="leaf"`` every leaf starts from the same key, hence draws

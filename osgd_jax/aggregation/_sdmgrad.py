@@ -75,7 +75,7 @@ def sdmgrad(
 
   ``n_iter`` projected momentum steps on ``½‖(w + λ w̃)ᵀ G‖²`` from the
   previous w, then ``u = (w + λ w̃)ᵀ G / (1 + λ)``
-  (:func:`sdmgrad_weighting`, TorchJD's ``SDMGradWeighting``), w
+  (:func:`osgd_jax.weightings.sdmgrad`, TorchJD's ``SDMGradWeighting``), w
   kept in the state. As for :func:`~osgd_jax.aggregation.modo`, M is the step's ``G Gᵀ``.
 
   Args:

@@ -65,7 +65,7 @@ def upgrad(
   Every gradient g_i is projected onto the dual cone of all of them,
   ``{v : ⟨v, g_j⟩ ≥ 0 for all j}`` (the directions that conflict with no
   exit), and the projections are averaged
-  (:func:`upgrad_weighting`), solved exactly under ``jax.jit``.
+  (:func:`osgd_jax.weightings.upgrad`), solved exactly under ``jax.jit``.
 
   Properties (TorchJD's): non-conflicting (``⟨g_j, u⟩ ≥ 0`` for every j);
   linear under scaling (for ``c > 0``, ``u(diag(c) G) = (1/K) Σ_i c_i v_i``);

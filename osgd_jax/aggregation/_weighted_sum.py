@@ -46,8 +46,8 @@ def uniform_weighting(gram: jax.Array) -> jax.Array:
 def mean_weighting(gram: jax.Array) -> jax.Array:
   """Mean: every exit weighs ``1/K``, the average of the gradients.
 
-  TorchJD's ``Mean``; :func:`uniform_weighting` is its ``Sum``. The update is the
-  gradient of the mean loss.
+  TorchJD's ``Mean``; :func:`~osgd_jax.weightings.uniform` is its ``Sum``.
+  The update is the gradient of the mean loss.
 
   Args:
     gram: ``(K, K)``; only K is read.
@@ -85,7 +85,9 @@ def linear_weighting(gram: jax.Array) -> jax.Array:
 
 
 def geometric_weighting(gram: jax.Array, *, ratio: float | jax.Array = 2.0) -> jax.Array:
-  """``w_k ∝ ratio**(k-1)``; the weights sum to K, as :func:`linear_weighting`'s.
+  """``w_k ∝ ratio**(k-1)``: later exits weigh more; the weights sum to K.
+
+  Normalised as :func:`~osgd_jax.weightings.linear` is.
 
   Args:
     gram: ``(K, K)``; only K is read.
@@ -148,7 +150,8 @@ def constant_weighting(gram: jax.Array, *,
   """Constant: fixed, user-given weights (TorchJD's ``Constant``).
 
   The update is the gradient of the weighted loss ``Σ_k w_k ℓ_k``. As a
-  transformation this is :func:`weighted_sum` with a vector.
+  transformation this is :func:`~osgd_jax.aggregation.weighted_sum` with a
+  vector.
 
   Args:
     gram: ``(K, K)``; only K is read.
@@ -215,13 +218,15 @@ def weighted_sum(
 
   Presets (by name, each also a name of
   :func:`~osgd_jax.aggregation.create`): ``"sum"``
-  (:func:`uniform_weighting`, MSDNet's summed loss; TorchJD's ``Sum``, also
-  named ``"uniform"``), ``"mean"`` (:func:`mean_weighting`, TorchJD's
-  ``Mean``), ``"linear"`` and ``"geometric"`` (ramps towards the later exits
-  that sum to K; :func:`linear_weighting`, :func:`geometric_weighting`),
-  and ``"sdn"``, the Shallow-Deep Networks schedule (:func:`sdn_weighting`)
-  whose early-exit weights rise over ``total_steps`` updates. A fixed vector
-  is TorchJD's ``Constant`` (:func:`constant_weighting`).
+  (:func:`osgd_jax.weightings.uniform`, MSDNet's summed loss; TorchJD's
+  ``Sum``, also named ``"uniform"``), ``"mean"``
+  (:func:`osgd_jax.weightings.mean`, TorchJD's ``Mean``), ``"linear"`` and
+  ``"geometric"`` (ramps towards the later exits that sum to K;
+  :func:`osgd_jax.weightings.linear`, :func:`osgd_jax.weightings.geometric`),
+  and ``"sdn"``, the Shallow-Deep Networks schedule
+  (:func:`osgd_jax.weightings.sdn`) whose early-exit weights rise over
+  ``total_steps`` updates. A fixed vector is TorchJD's ``Constant``
+  (:func:`osgd_jax.weightings.constant`).
 
   Invariances: linear in the gradients; a row scaled by ``c`` scales its
   contribution by ``c``.
