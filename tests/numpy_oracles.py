@@ -53,9 +53,9 @@ def osgd_direction(leaves, *, tol, granularity="leaf", order=None, rescale=False
   return out
 
 
-# --- baselines (tests/test_aggregators.py) -----------------------------------
+# --- baselines (tests/aggregation/test_<method>.py) -------------------------
 # Each works on the gradient vectors themselves, in float64, from the paper's
-# definition; none uses the Gram-matrix formulations of osgd_jax.aggregators.
+# definition; none uses the Gram-matrix formulations of osgd_jax.aggregation.
 
 
 def _flat_rows(leaves, granularity):
@@ -182,7 +182,7 @@ def sdn_weights(num_exits, step, total_steps, cap):
   return np.concatenate([early, [1.0]])
 
 
-# --- the other aggregators of TorchJD (tests/test_torchjd.py) -----------------
+# --- the other aggregators of TorchJD (tests/aggregation/test_<method>.py) ----
 # From the papers' definitions, on the gradient rows, in float64.
 
 

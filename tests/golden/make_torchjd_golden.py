@@ -1,7 +1,8 @@
 """Writes TorchJD's outputs on seeded Jacobians to ``torchjd_golden.json``.
 
-The tests compare the JAX weightings with this file (``tests/test_torchjd.py``)
-so that the suite never imports torch. Regenerate it, with torch (the CPU
+The tests compare the JAX weightings with this file (each method's
+``tests/aggregation/test_<method>.py``, through
+``tests/aggregation/gram_cases.py``) so that the suite never imports torch. Regenerate it, with torch (the CPU
 build) and the TorchJD version named in the file installed, with the extras
 its CAGrad and Nash-MTL need (``pip install "torchjd[cagrad,nash_mtl]"``:
 cvxpy and ecos), by::

@@ -5,11 +5,18 @@ One harness runs every transformation, built with its documented defaults
 tests do: jit and no jit (chex's variants), ``lax.scan`` over steps, an Orbax
 save restored onto ``tx.init(params)``, ``optax.inject_hyperparams``, dtypes,
 shardings typed on an ``Explicit`` mesh, ``nnx.Optimizer``, ``jax.export``
-for every platform, and the diagnostics found by name.
+for every platform, and the diagnostics found by name. TorchJD's
+aggregators go through the cases that only this harness has, and through
+one scan each; the first baselines train a zoo model in a jitted chain.
+
+Each transformation, and its jitted update, is made once for the module, so
+the cases that run the same update on the same shapes compile it once.
+(Each method's numerics are in its own test_<method>.py.)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -20,11 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from absl.testing import parameterized
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import osgd_jax
+import stacked_cases
+from osgd_jax import zoo
 from tiny_anytime import TwoExitNet
 
 K = 3
@@ -66,16 +76,19 @@ NAMED = [dict(testcase_name=name, name=name) for name, *_ in TRANSFORMS]
 
 # TorchJD's aggregators (issue 20). The whole harness would cost seconds per
 # transformation; their jit, scan, state-structure, sharding and diagnostics
-# checks are in tests/test_torchjd.py, and here they go through the cases
-# that only this harness has: Orbax, inject_hyperparams and nnx.Optimizer.
+# checks are the module-level tests at the end of this file, and here they
+# go through the cases that only this harness has: Orbax,
+# inject_hyperparams and nnx.Optimizer.
 TORCHJD_TRANSFORMS = tuple(
     (name, getattr(osgd_jax.aggregation, name), {}, ("num_exits",) + extra)
     for name, extra in (
         ("random_weighting", ("seed",)), ("imtl_g", ()), ("aligned_mtl", ()),
         ("krum", ("n_byzantine", "n_selected")), ("dualproj", ("max_iter",)),
-        ("gradvac", ("seed",)), ("cagrad", ("bisections", "max_iter")), ("config", ()),
-        ("fairgrad", ("max_iter",)), ("modo", ()), ("sdmgrad", ("n_iter",)),
-        ("pcd", ("max_iter",)), ("nash_mtl", ("update_weights_every", "max_iter")), ("crmogm", ("weighting",)),
+        ("gradvac", ("seed",)), ("cagrad", ("bisections", "max_iter")),
+        ("config", ()), ("fairgrad", ("max_iter",)), ("modo", ()),
+        ("sdmgrad", ("n_iter",)), ("pcd", ("max_iter",)),
+        ("nash_mtl", ("update_weights_every", "max_iter")),
+        ("crmogm", ("weighting",)),
         ("trimmed_mean", ("trim_number",)), ("graddrop", ("seed",)),
         ("excess_mtl", ("n_warmup_steps",))))
 # With the two exits of the nnx.Optimizer case, TrimmedMean trims none; Krum
@@ -86,14 +99,22 @@ WITH_TORCHJD = NAMED + [dict(testcase_name=name, name=name)
 WITH_TWO_EXIT_TORCHJD = [case for case in WITH_TORCHJD
                          if case["name"] != "krum"]
 _BY_NAME = {name: (factory, kwargs, static)
-            for name, factory, kwargs, static in TRANSFORMS + TORCHJD_TRANSFORMS}
+            for name, factory, kwargs, static
+            in TRANSFORMS + TORCHJD_TRANSFORMS}
 
 
+@functools.lru_cache(maxsize=None)
 def _make(name, num_exits=K):
   factory, kwargs, _ = _BY_NAME[name]
   if num_exits == 2:
     kwargs = dict(kwargs, **TWO_EXIT_KWARGS.get(name, {}))
   return factory(num_exits=num_exits, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name):
+  """``jax.jit(_make(name).update)``, one for every case that runs it."""
+  return jax.jit(_make(name).update)
 
 
 def _params(dtype=jnp.float32):
@@ -159,7 +180,7 @@ class TransformContractTest(chex.TestCase):
 
     scanned_state, scanned = jax.jit(
         lambda s: jax.lax.scan(step, s, (grads, losses)))(tx.init(params))
-    looped, looped_state = _run(jax.jit(tx.update), tx.init(params), params)
+    looped, looped_state = _run(_jitted(name), tx.init(params), params)
     chex.assert_trees_all_close(
         scanned, jax.tree.map(lambda *u: jnp.stack(u), *looped),
         rtol=1e-5, atol=1e-6)
@@ -169,7 +190,7 @@ class TransformContractTest(chex.TestCase):
   @parameterized.named_parameters(WITH_TORCHJD)
   def test_orbax_round_trip_onto_a_fresh_init(self, name):
     tx, params = _make(name), _params()
-    update = jax.jit(tx.update)
+    update = _jitted(name)
     _, state = _run(update, tx.init(params), params, steps=2)
     with (tempfile.TemporaryDirectory() as directory,
           ocp.StandardCheckpointer() as checkpointer):
@@ -196,15 +217,14 @@ class TransformContractTest(chex.TestCase):
     state = injected.init(params)
     outs, new_state = _run(jax.jit(injected.update), state, params)
     chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
-    plain, _ = _run(jax.jit(_make(name).update), _make(name).init(params),
-                    params)
+    plain, _ = _run(_jitted(name), _make(name).init(params), params)
     chex.assert_trees_all_close(outs, plain, rtol=1e-5, atol=1e-6)
 
   @parameterized.named_parameters(NAMED)
   def test_low_precision_dtypes_are_kept(self, name):
     tx, params = _make(name), _params(jnp.bfloat16)
     state = tx.init(params)
-    outs, new_state = _run(jax.jit(tx.update), state, params,
+    outs, new_state = _run(_jitted(name), state, params,
                            dtype=jnp.bfloat16)
     chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
     for updates in outs:
@@ -228,7 +248,8 @@ class TransformContractTest(chex.TestCase):
                                                   losses=_losses(0))
       types = lambda tree: jax.tree.map(jax.typeof, tree)
       chex.assert_trees_all_equal(types(state0), types(state1))
-      chex.assert_trees_all_equal(types(state0), types(jax.jit(tx.init)(params)))
+      chex.assert_trees_all_equal(types(state0),
+                                  types(jax.jit(tx.init)(params)))
       chex.assert_trees_all_equal(types(state1), types(state2))
       # The update is split like the parameters, never gathered.
       chex.assert_trees_all_equal(types(updates), types(params))
@@ -284,7 +305,7 @@ class TransformContractTest(chex.TestCase):
   @parameterized.named_parameters(NAMED)
   def test_diagnostics_are_found_by_name(self, name):
     tx, params = _make(name), _params()
-    _, state = _run(jax.jit(tx.update), tx.init(params), params, steps=1)
+    _, state = _run(_jitted(name), tx.init(params), params, steps=1)
     grads = _grads(0)
     rows = np.concatenate([np.asarray(grads[n]).reshape(K, -1)
                            for n in sorted(grads)], axis=1)
@@ -296,3 +317,130 @@ class TransformContractTest(chex.TestCase):
                                rtol=1e-5, atol=1e-6)
     assert optax.tree_utils.tree_get(state, "weights").shape == (K,)
 
+
+# --- TorchJD's aggregators: jit, scan, state and sharding ---------------------
+# One contract check each: the whole harness above costs about ten seconds
+# per transformation, and covers from_weighting itself.
+
+TORCHJD_K = 4
+# Built by from_weighting, with one group per leaf.
+LEAF_TRANSFORMS = {
+    "random_weighting": osgd_jax.random_weighting,
+    "imtl_g": osgd_jax.imtl_g,
+    "aligned_mtl": osgd_jax.aligned_mtl,
+    "krum": osgd_jax.krum,
+    "dualproj": osgd_jax.dualproj,
+    "gradvac": osgd_jax.gradvac,
+    "cagrad": osgd_jax.cagrad,
+    "config": osgd_jax.aggregation.config,
+    "fairgrad": osgd_jax.fairgrad,
+    "modo": osgd_jax.modo,
+    "sdmgrad": osgd_jax.sdmgrad,
+    "crmogm": osgd_jax.crmogm,
+    "pcd": osgd_jax.pcd,
+}
+# Coordinate-wise, or one group by construction: no granularity.
+COORDINATEWISE = {
+    "nash_mtl": osgd_jax.nash_mtl,
+    "trimmed_mean": osgd_jax.trimmed_mean,
+    "graddrop": osgd_jax.graddrop,
+    "excess_mtl": osgd_jax.excess_mtl,
+}
+
+
+@pytest.mark.parametrize("name",
+                         sorted(LEAF_TRANSFORMS) + sorted(COORDINATEWISE))
+def test_transform_scans_and_keeps_its_state(name):
+  """jit + lax.scan over steps; the state keeps its structure and dtypes."""
+  k = TORCHJD_K
+  tx = (LEAF_TRANSFORMS[name](num_exits=k, granularity="leaf")
+        if name in LEAF_TRANSFORMS else COORDINATEWISE[name](num_exits=k))
+  params = {"b": jnp.zeros(3), "w": jnp.zeros((2, 3))}
+  rng = np.random.default_rng(0)
+  grads = {n: jnp.asarray(rng.normal(size=(3, k) + p.shape), jnp.float32)
+           for n, p in params.items()}
+
+  def step(state, g):
+    updates, state = tx.update(g, state, params)
+    return state, updates
+
+  state0 = tx.init(params)
+  state, updates = jax.jit(lambda s: jax.lax.scan(step, s, grads))(state0)
+  chex.assert_trees_all_equal_structs(state0, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state0, state)
+  chex.assert_tree_all_finite((state, updates))
+  chex.assert_trees_all_equal_shapes(
+      updates, jax.tree.map(lambda p: jnp.zeros((3,) + p.shape), params))
+  for field, shape in (("weights", (k,)), ("exit_norms", (k,)),
+                       ("cosine", (k, k))):
+    assert optax.tree_utils.tree_get(state, field).shape == shape, field
+
+
+def test_coordinatewise_states_keep_their_sharding_types():
+  """The transformations not built by from_weighting, on an Explicit mesh.
+
+  (The harness above runs every case on from_weighting's; these few cases
+  cost a fraction of it.)
+  """
+  k = TORCHJD_K
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(AxisType.Explicit,) * 2)
+  put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+  types = lambda tree: jax.tree.map(jax.typeof, tree)
+  rng = np.random.default_rng(0)
+  with jax.set_mesh(mesh):
+    params = {"b": put(jnp.zeros(6), "model"),
+              "w": put(jnp.zeros((4, 6)), None, "model")}
+    grads = {"b": put(jnp.asarray(rng.normal(size=(k, 6)), jnp.float32),
+                      None, "model"),
+             "w": put(jnp.asarray(rng.normal(size=(k, 4, 6)), jnp.float32),
+                      None, None, "model")}
+    for tx in (osgd_jax.graddrop(num_exits=k), osgd_jax.excess_mtl(
+        num_exits=k), osgd_jax.trimmed_mean(num_exits=k)):
+      state0 = tx.init(params)
+      updates, state1 = jax.jit(tx.update)(grads, state0, params)
+      chex.assert_trees_all_equal(types(state0), types(state1))
+      chex.assert_trees_all_equal(types(updates), types(params))
+
+
+# --- the first baselines in a training step -----------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo_task():
+  """A 3-exit zoo model, a batch and its jitted per-exit gradients.
+
+  Compiled once for all aggregators: the model's forward and vmapped VJP
+  cost more to compile than any aggregator.
+  """
+  model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3, width=8)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  grads_fn = jax.jit(osgd_jax.value_and_per_exit_grads(
+      zoo.per_exit_loss_fn(graphdef), has_aux=True))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, size=64), jnp.int32)
+  return params, rest, lambda p, r: grads_fn(p, r, x, y)
+
+
+@pytest.mark.parametrize("name", sorted(stacked_cases.FACTORIES))
+def test_jitted_chain_with_momentum_on_zoo_model(name):
+  params, rest, grads_fn = _zoo_task()
+  options = ({"weights": "sdn", "total_steps": 10} if name == "weighted_sum"
+             else {})
+  tx = optax.chain(stacked_cases.FACTORIES[name](num_exits=3, **options),
+                   optax.add_decayed_weights(1e-4),
+                   optax.sgd(0.1, momentum=0.9))
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  shapes = jax.tree.map(jnp.shape, state)
+  first = None
+  for _ in range(8):
+    (losses, rest), grads = grads_fn(params, rest)
+    updates, state = update(grads, state, params, losses=losses)
+    params = optax.apply_updates(params, updates)
+    first = losses if first is None else first
+  (losses, _), _ = grads_fn(params, rest)
+  assert stacked_cases.finite((params, state, losses))
+  assert jax.tree.map(jnp.shape, state) == shapes  # fixed by num_exits
+  assert float(losses.mean()) < float(first.mean()), (first, losses)

@@ -8,6 +8,7 @@ the aggregator skips the step and the next steps are as if it never came.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -62,10 +63,18 @@ def _losses(poison=None):
   return losses if poison is None else losses.at[1].set(poison)
 
 
+@functools.lru_cache(maxsize=None)
+def _chain(name):
+  """The chain and its jitted update, compiled once for both poisons."""
+  tx = optax.chain(TRANSFORMS[name](),
+                   optax.apply_if_finite(optax.sgd(0.1), 3))
+  return tx, jax.jit(
+      lambda g, s, losses: tx.update(g, s, PARAMS, losses=losses))
+
+
 @pytest.mark.parametrize("name, poison", CASES)
 def test_apply_if_finite_after_the_aggregator_skips_a_bad_step(name, poison):
-  tx = optax.chain(TRANSFORMS[name](), optax.apply_if_finite(optax.sgd(0.1), 3))
-  update = jax.jit(lambda g, s, losses: tx.update(g, s, PARAMS, losses=losses))
+  tx, update = _chain(name)
   state = tx.init(PARAMS)
   # A bad step: gradient and loss non-finite, as a diverging loss gives.
   skipped, after_bad = update(_grads(0, poison), state, _losses(poison))
@@ -91,7 +100,8 @@ def test_under_leaf_granularity_only_the_bad_leaf_is_non_finite():
   assert np.all(np.isfinite(updates["b"]))
 
 
-@pytest.mark.parametrize("option", ["learning_rate", "momentum", "weight_decay"])
+@pytest.mark.parametrize("option",
+                         ["learning_rate", "momentum", "weight_decay"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, np.float32("nan")])
 def test_osgd_sgd_refuses_a_non_finite_number(option, value):
   kwargs = {"learning_rate": 0.1, "num_exits": K, option: value}
