@@ -38,3 +38,15 @@ def test_trimmed_mean_matches_oracle_and_torchjd(case):
 def test_options_are_checked_with_a_fix():
   with pytest.raises(ValueError, match=r"num_exits >= 2 \* trim_number \+ 1"):
     osgd_jax.trimmed_mean(2, num_exits=4)
+
+
+def test_one_exit_is_the_identity_with_its_diagnostics():
+  # With K = 1 no other exit ranks a coordinate: the rank is an array of
+  # zeros, not the Python int 0 (which once raised AttributeError).
+  tx = osgd_jax.trimmed_mean(0, num_exits=1)
+  grads = {"w": jnp.asarray([[3.0, -1.0, 0.5]]), "b": jnp.asarray([[2.0]])}
+  out, state = jax.jit(tx.update)(grads, tx.init({"w": jnp.zeros(3),
+                                                  "b": jnp.zeros(1)}))
+  np.testing.assert_array_equal(out["w"], [3.0, -1.0, 0.5])
+  np.testing.assert_array_equal(out["b"], [2.0])
+  np.testing.assert_array_equal(state.weights, [1.0])
