@@ -27,23 +27,26 @@ copyright = "2026, osgd-jax developers"  # pylint: disable=redefined-builtin
 release = version = osgd_jax.__version__
 
 extensions = [
-    "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
-    "myst_nb",  # Markdown pages (MyST) and notebooks
-    "osgd_docs",  # docs/_ext: one entry per object, re-exports as aliases
-    "outside_pages",  # docs/_ext: notebooks/ and benchmarks/ as pages
+  "sphinx.ext.autodoc",
+  "sphinx.ext.napoleon",
+  "myst_nb",  # Markdown pages (MyST) and notebooks
+  "osgd_docs",  # docs/_ext: one entry per object, re-exports as aliases
+  "outside_pages",  # docs/_ext: notebooks/ and benchmarks/ as pages
 ]
 
 # The notebooks and the benchmarks' results are pages too (docs/_ext/
 # outside_pages.py copies them into the git-ignored docs/_generated/).
 outside_pages = {
-    "notebooks": ("README.md", "*.ipynb"),
-    "benchmarks": ("README.md", "RESULTS.md"),
+  "notebooks": ("README.md", "*.ipynb"),
+  "benchmarks": ("README.md", "RESULTS.md"),
 }
 
 exclude_patterns = ["_build"]
-source_suffix = {".rst": "restructuredtext", ".md": "myst-nb",
-                 ".ipynb": "myst-nb"}
+source_suffix = {
+  ".rst": "restructuredtext",
+  ".md": "myst-nb",
+  ".ipynb": "myst-nb",
+}
 
 # --- API reference ---------------------------------------------------------
 # A module's page is `automodule :members:`: what its __all__ lists, those
@@ -61,8 +64,11 @@ napoleon_use_rtype = False
 # fetch inventories) the names of other packages cannot; these are ignored.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib"
-               r"|argparse|collections|types|pathlib|os|concurrent)\..*"),
+  (
+    r"py:.*",
+    r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib"
+    r"|argparse|collections|types|pathlib|os|concurrent)\..*",
+  ),
 ]
 
 # --- Markdown and notebooks ----------------------------------------------
@@ -76,8 +82,8 @@ nb_execution_mode = "off"  # the notebooks are stored without outputs
 html_theme = "alabaster"
 html_title = f"osgd-jax {version}"
 html_theme_options = {
-    "description": "Orthogonalized SGD and nested anytime networks in JAX",
-    "page_width": "1160px",
-    "sidebar_width": "250px",
-    "fixed_sidebar": True,
+  "description": "Orthogonalized SGD and nested anytime networks in JAX",
+  "page_width": "1160px",
+  "sidebar_width": "250px",
+  "fixed_sidebar": True,
 }

@@ -13,7 +13,6 @@ Run: ``python examples/quickstart.py [--steps N] [--seed S]``
 from __future__ import annotations
 
 import argparse
-
 from collections.abc import Iterator
 
 import jax
@@ -25,36 +24,45 @@ from flax import nnx
 import osgd_jax
 
 
-def make_clusters(rng: np.random.Generator, num: int, centres: np.ndarray,
-                  noise: float) -> tuple[np.ndarray, np.ndarray]:
+def make_clusters(
+  rng: np.random.Generator, num: int, centres: np.ndarray, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
   """``num`` points around the class centres (noise: the Gaussian's std)."""
   labels = rng.permutation(np.arange(num) % len(centres)).astype(np.int32)
   offsets = noise * rng.standard_normal((num, centres.shape[1]))
   return (centres[labels] + offsets).astype(np.float32), labels
 
 
-def shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
-                     rng: np.random.Generator,
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def shuffled_batches(
+  x: np.ndarray,
+  y: np.ndarray,
+  batch_size: int,
+  rng: np.random.Generator,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One epoch of full batches in a random order."""
   order = rng.permutation(len(x))
   for start in range(0, len(x) - batch_size + 1, batch_size):
-    chosen = order[start:start + batch_size]
+    chosen = order[start : start + batch_size]
     yield x[chosen], y[chosen]
 
 
 class ThreeExitMLP(nnx.Module):
   """Three dense stages; exit k reads stage k, so exit 1 is the cheapest."""
 
-  def __init__(self, in_features: int, width: int, classes: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self, in_features: int, width: int, classes: int, *, rngs: nnx.Rngs
+  ):
     dims = [in_features, width, width, width]
     self.stages = nnx.List(
-        [nnx.Linear(dims[i], dims[i + 1], rngs=rngs) for i in range(3)])
-    self.heads = nnx.List([nnx.Linear(width, classes, rngs=rngs) for _ in range(3)])
+      [nnx.Linear(dims[i], dims[i + 1], rngs=rngs) for i in range(3)]
+    )
+    self.heads = nnx.List(
+      [nnx.Linear(width, classes, rngs=rngs) for _ in range(3)]
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     logits = []
-    for stage, head in zip(self.stages, self.heads):
+    for stage, head in zip(self.stages, self.heads, strict=True):
       x = jax.nn.relu(stage(x))
       logits.append(head(x))
     return jnp.stack(logits)  # (K, batch, classes)
@@ -63,14 +71,17 @@ class ThreeExitMLP(nnx.Module):
 def exit_losses(params, graphdef, rest, x, y):
   logits = nnx.merge(graphdef, params, rest)(x)
   labels = jnp.broadcast_to(y, logits.shape[:-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(-1)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(
+    -1
+  )
 
 
 @nnx.jit
 def train_step(model, optimizer, x, y):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   losses, grads = osgd_jax.value_and_per_exit_grads(exit_losses)(
-      params, graphdef, rest, x, y)  # every grad leaf: (3, *param.shape)
+    params, graphdef, rest, x, y
+  )  # every grad leaf: (3, *param.shape)
   optimizer.update(model, grads)  # OSGD projection, then momentum SGD
   return losses
 
@@ -95,8 +106,10 @@ def main(argv=None) -> None:
   x_test, y_test = make_clusters(rng, 512, centres, noise=0.3)
   model = ThreeExitMLP(32, 64, len(centres), rngs=nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(
-      model, osgd_jax.osgd_sgd(learning_rate=0.05, momentum=0.9, num_exits=3),
-      wrt=nnx.Param)
+    model,
+    osgd_jax.osgd_sgd(learning_rate=0.05, momentum=0.9, num_exits=3),
+    wrt=nnx.Param,
+  )
 
   print(f"devices: {jax.devices()}")
   print("step   " + "  ".join(f"loss_exit{k}" for k in (1, 2, 3)))
@@ -113,7 +126,9 @@ def main(argv=None) -> None:
   acc = accuracy(model, x_test, y_test)
   cosine = optimizer.opt_state[0].cosine[...]
   print("test accuracy per exit: " + ", ".join(f"{a:.3f}" for a in acc))
-  print(f"gradient cosine between exits 1 and 3 at the last step: {cosine[0, 2]:.3f}")
+  print(
+    f"gradient cosine between exits 1 and 3 at the last step: {cosine[0, 2]:.3f}"
+  )
 
 
 if __name__ == "__main__":

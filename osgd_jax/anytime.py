@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,17 @@ from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet
 
-__all__ = ["EarlyExitResult", "ExitFlops", "ExitMetrics", "early_exit",
-           "early_exit_curve", "evaluate", "flops_per_exit", "params_per_exit",
-           "predict_within"]
+__all__ = [
+  "EarlyExitResult",
+  "ExitFlops",
+  "ExitMetrics",
+  "early_exit",
+  "early_exit_curve",
+  "evaluate",
+  "flops_per_exit",
+  "params_per_exit",
+  "predict_within",
+]
 
 _SOURCES = ("auto", "xla", "analytic")
 
@@ -58,7 +67,10 @@ def _xla_flops(fn: Any, *args: Any) -> float | None:
   except Exception:  # pylint: disable=broad-except
     return None
   cost = None
-  for analyse in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
+  for analyse in (
+    lowered.cost_analysis,
+    lambda: lowered.compile().cost_analysis(),
+  ):
     try:
       cost = analyse()
     except Exception:  # pylint: disable=broad-except
@@ -99,11 +111,11 @@ def _jaxpr_flops(jaxpr: Any) -> float:
 
 
 def flops_per_exit(
-    model: AnytimeNet,
-    input_shape: Sequence[int],
-    *,
-    source: str = "auto",
-    dtype: Any = jnp.float32,
+  model: AnytimeNet,
+  input_shape: Sequence[int],
+  *,
+  source: str = "auto",
+  dtype: Any = jnp.float32,
 ) -> ExitFlops:
   """FLOPs of computing exits 1..k, for every k.
 
@@ -144,16 +156,19 @@ def flops_per_exit(
     shape = ()
   if len(shape) < 2 or min(shape) < 1:
     raise ValueError(
-        "input_shape must be the shape of an input batch, batch axis"
-        f" included, e.g. (1, 32, 32, 3) or (1, 64); got {input_shape!r}.")
+      "input_shape must be the shape of an input batch, batch axis"
+      f" included, e.g. (1, 32, 32, 3) or (1, 64); got {input_shape!r}."
+    )
   graphdef, state = nnx.split(model)
   abstract_state = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), state)
+    lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), state
+  )
   x = jax.ShapeDtypeStruct(shape, dtype)
   jax.eval_shape(model.input_carry, x)  # a wrong input shape fails here
   forwards = [
-      functools.partial(_forward, graphdef, upto=k)
-      for k in range(1, model.num_exits + 1)]
+    functools.partial(_forward, graphdef, upto=k)
+    for k in range(1, model.num_exits + 1)
+  ]
 
   if source != "analytic":
     counts = [_xla_flops(fn, abstract_state, x) for fn in forwards]
@@ -161,11 +176,12 @@ def flops_per_exit(
       return ExitFlops(np.asarray(counts, dtype=np.float64), "xla")
     if source == "xla":
       raise ValueError(
-          "XLA's cost analysis gives no FLOP count on this backend; use"
-          " source='analytic' or 'auto'.")
+        "XLA's cost analysis gives no FLOP count on this backend; use"
+        " source='analytic' or 'auto'."
+      )
   counts = [
-      _jaxpr_flops(jax.make_jaxpr(fn)(abstract_state, x).jaxpr)
-      for fn in forwards]
+    _jaxpr_flops(jax.make_jaxpr(fn)(abstract_state, x).jaxpr) for fn in forwards
+  ]
   return ExitFlops(np.asarray(counts, dtype=np.float64), "analytic")
 
 
@@ -189,12 +205,16 @@ def params_per_exit(model: AnytimeNet) -> np.ndarray:
   stages = getattr(model, "stages", None)
   if stages is None:
     raise ValueError(
-        "params_per_exit needs a staged model with a `stages` list, such as"
-        " one built by osgd_jax.zoo.create().")
+      "params_per_exit needs a staged model with a `stages` list, such as"
+      " one built by osgd_jax.zoo.create()."
+    )
   counts = [
-      sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(
-          nnx.state(stage, nnx.Param)))
-      for stage in stages]
+    sum(
+      int(np.prod(jnp.shape(p)))
+      for p in jax.tree.leaves(nnx.state(stage, nnx.Param))
+    )
+    for stage in stages
+  ]
   return np.cumsum(np.asarray(counts, dtype=np.int64))
 
 
@@ -225,8 +245,9 @@ def _predict_logits(graphdef: Any, state: Any, x: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, state).predict(x)
 
 
-def _batched_logits(model: AnytimeNet, x: np.ndarray,
-                    batch_size: int) -> np.ndarray:
+def _batched_logits(
+  model: AnytimeNet, x: np.ndarray, batch_size: int
+) -> np.ndarray:
   """All exits' logits ``(K, N, C)``, in fixed-size batches (one compile)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -237,17 +258,20 @@ def _batched_logits(model: AnytimeNet, x: np.ndarray,
   size = min(batch_size, n)
   chunks = []
   for start in range(0, n, size):
-    batch = np.asarray(x[start:start + size])
+    batch = np.asarray(x[start : start + size])
     valid = len(batch)
     if valid < size:  # pad the tail so every call has the same shape
       pad = np.zeros((size - valid,) + batch.shape[1:], batch.dtype)
       batch = np.concatenate([batch, pad])
-    chunks.append(np.asarray(_predict_logits(graphdef, state, batch))[:, :valid])
+    chunks.append(
+      np.asarray(_predict_logits(graphdef, state, batch))[:, :valid]
+    )
   return np.concatenate(chunks, axis=1)
 
 
-def evaluate(model: AnytimeNet, x: np.ndarray, y: np.ndarray, *,
-             batch_size: int = 500) -> ExitMetrics:
+def evaluate(
+  model: AnytimeNet, x: np.ndarray, y: np.ndarray, *, batch_size: int = 500
+) -> ExitMetrics:
   """Test accuracy and cross-entropy of every exit.
 
   BatchNorm uses its running statistics (the model is not changed).
@@ -272,12 +296,16 @@ def evaluate(model: AnytimeNet, x: np.ndarray, y: np.ndarray, *,
   """
   y = np.asarray(y)
   if y.shape != (len(x),):
-    raise ValueError(f"y must have shape ({len(x)},) to match x, got {y.shape}.")
+    raise ValueError(
+      f"y must have shape ({len(x)},) to match x, got {y.shape}."
+    )
   logits = _batched_logits(model, x, batch_size).astype(np.float64)
   accuracy = (logits.argmax(-1) == y).mean(axis=1)
   shifted = logits - logits.max(-1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  loss = -np.take_along_axis(log_probs, y[None, :, None], axis=-1)[..., 0].mean(1)
+  loss = -np.take_along_axis(log_probs, y[None, :, None], axis=-1)[..., 0].mean(
+    1
+  )
   return ExitMetrics(accuracy, loss)
 
 
@@ -288,9 +316,14 @@ def _confidence_exits(probs: np.ndarray, threshold: float) -> np.ndarray:
   return confident.argmax(axis=0)
 
 
-def early_exit(model: AnytimeNet, x: np.ndarray, threshold: float, *,
-               flops: np.ndarray | None = None,
-               batch_size: int = 500) -> EarlyExitResult:
+def early_exit(
+  model: AnytimeNet,
+  x: np.ndarray,
+  threshold: float,
+  *,
+  flops: np.ndarray | None = None,
+  batch_size: int = 500,
+) -> EarlyExitResult:
   """Confidence-based early exit: each example stops at its first sure exit.
 
   An example stops at the first exit whose maximum softmax probability is at
@@ -318,14 +351,20 @@ def early_exit(model: AnytimeNet, x: np.ndarray, threshold: float, *,
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   exits = _confidence_exits(probs, threshold)
   predictions = logits.argmax(-1)[exits, np.arange(logits.shape[1])]
-  return EarlyExitResult(predictions, exits + 1,
-                         float(np.asarray(flops)[exits].mean()))
+  return EarlyExitResult(
+    predictions, exits + 1, float(np.asarray(flops)[exits].mean())
+  )
 
 
-def early_exit_curve(model: AnytimeNet, x: np.ndarray, y: np.ndarray,
-                     thresholds: Sequence[float], *,
-                     flops: np.ndarray | None = None,
-                     batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+def early_exit_curve(
+  model: AnytimeNet,
+  x: np.ndarray,
+  y: np.ndarray,
+  thresholds: Sequence[float],
+  *,
+  flops: np.ndarray | None = None,
+  batch_size: int = 500,
+) -> tuple[np.ndarray, np.ndarray]:
   """Accuracy against mean FLOPs per example over a threshold sweep.
 
   Args:
@@ -355,8 +394,9 @@ def early_exit_curve(model: AnytimeNet, x: np.ndarray, y: np.ndarray,
   return np.asarray(mean_flops), np.asarray(accuracy)
 
 
-def predict_within(model: AnytimeNet, x: jax.Array,
-                   flops_budget: float) -> tuple[jax.Array, int]:
+def predict_within(
+  model: AnytimeNet, x: jax.Array, flops_budget: float
+) -> tuple[jax.Array, int]:
   """Logits of the deepest exit whose cost fits ``flops_budget`` per example.
 
   Only stages 1..k run.
@@ -376,7 +416,8 @@ def predict_within(model: AnytimeNet, x: jax.Array,
   fits = np.nonzero(flops <= flops_budget)[0]
   if fits.size == 0:
     raise ValueError(
-        f"a budget of {flops_budget:.4g} FLOPs is below exit 1's cost of"
-        f" {flops[0]:.4g} FLOPs per example; raise the budget.")
+      f"a budget of {flops_budget:.4g} FLOPs is below exit 1's cost of"
+      f" {flops[0]:.4g} FLOPs per example; raise the budget."
+    )
   k = int(fits[-1]) + 1
   return model.predict(x, upto=k)[-1], k

@@ -25,14 +25,19 @@ neither does the output of ``jax.lax.stop_gradient``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
 
-__all__ = ["Dependency", "check_exit_dependencies", "dependencies",
-           "row_dependencies"]
+__all__ = [
+  "Dependency",
+  "check_exit_dependencies",
+  "dependencies",
+  "row_dependencies",
+]
 
 #: The labels an array depends on, as one set for the whole array or as a
 #: tuple of sets, one per row of its leading axis (its length is that axis's
@@ -45,27 +50,87 @@ _NONE: frozenset[int] = frozenset()
 # operands have the output's shape, or are scalars): row i of the output
 # reads row i of every operand. Comparisons and bitwise operations are absent
 # on purpose: their results are boolean or integer and so depend on nothing.
-_ELEMENTWISE = frozenset({
-    "abs", "acos", "acosh", "add", "asin", "asinh", "atan", "atan2", "atanh",
-    "cbrt", "ceil", "clamp", "convert_element_type", "copy", "cos", "cosh",
-    "digamma", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1",
-    "floor", "imag", "integer_pow", "lgamma", "log", "log1p", "logistic",
-    "max", "min", "mul", "neg", "nextafter", "pow", "real",
-    "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin",
-    "sinh", "sqrt", "square", "sub", "tan", "tanh",
-})
-_REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_prod",
-                         "reduce_sum"})
-_CUMULATIVE = frozenset({"cumlogsumexp", "cummax", "cummin", "cumprod",
-                         "cumsum"})
-_SCATTERS = frozenset({"scatter", "scatter-add", "scatter-sub", "scatter-mul",
-                       "scatter-min", "scatter-max"})
+_ELEMENTWISE = frozenset(
+  {
+    "abs",
+    "acos",
+    "acosh",
+    "add",
+    "asin",
+    "asinh",
+    "atan",
+    "atan2",
+    "atanh",
+    "cbrt",
+    "ceil",
+    "clamp",
+    "convert_element_type",
+    "copy",
+    "cos",
+    "cosh",
+    "digamma",
+    "div",
+    "erf",
+    "erf_inv",
+    "erfc",
+    "exp",
+    "exp2",
+    "expm1",
+    "floor",
+    "imag",
+    "integer_pow",
+    "lgamma",
+    "log",
+    "log1p",
+    "logistic",
+    "max",
+    "min",
+    "mul",
+    "neg",
+    "nextafter",
+    "pow",
+    "real",
+    "reduce_precision",
+    "rem",
+    "round",
+    "rsqrt",
+    "select_n",
+    "sign",
+    "sin",
+    "sinh",
+    "sqrt",
+    "square",
+    "sub",
+    "tan",
+    "tanh",
+  }
+)
+_REDUCTIONS = frozenset(
+  {"reduce_max", "reduce_min", "reduce_prod", "reduce_sum"}
+)
+_CUMULATIVE = frozenset(
+  {"cumlogsumexp", "cummax", "cummin", "cumprod", "cumsum"}
+)
+_SCATTERS = frozenset(
+  {
+    "scatter",
+    "scatter-add",
+    "scatter-sub",
+    "scatter-mul",
+    "scatter-min",
+    "scatter-max",
+  }
+)
 # Calls whose body takes the call's inputs and returns its outputs, and the
 # parameter that holds the body: followed exactly. custom_jvp_call is
 # followed through its primal body, assuming (as every library rule does)
 # that the custom derivative reads what the primal reads.
-_CALLS = {"jit": "jaxpr", "closed_call": "call_jaxpr", "remat2": "jaxpr",
-          "custom_jvp_call": "call_jaxpr"}
+_CALLS = {
+  "jit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "remat2": "jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+}
 
 
 def _union(dep: Dependency) -> frozenset[int]:
@@ -73,8 +138,9 @@ def _union(dep: Dependency) -> frozenset[int]:
   return dep if isinstance(dep, frozenset) else _NONE.union(*dep)
 
 
-def row_dependencies(dep: Dependency,
-                     num_rows: int) -> tuple[frozenset[int], ...]:
+def row_dependencies(
+  dep: Dependency, num_rows: int
+) -> tuple[frozenset[int], ...]:
   """The labels that each of ``num_rows`` rows of an array depends on.
 
   Args:
@@ -98,8 +164,10 @@ def row_dependencies(dep: Dependency,
 
 def _union_rows(deps: Sequence[Dependency], num_rows: int) -> tuple:
   """Row i of the result reads row i of every dependency (or all of it)."""
-  return tuple(_NONE.union(*row) for row in
-               zip(*(row_dependencies(d, num_rows) for d in deps)))
+  return tuple(
+    _NONE.union(*row)
+    for row in zip(*(row_dependencies(d, num_rows) for d in deps), strict=True)
+  )
 
 
 def _known_value(var: Any, consts: dict[Any, np.ndarray]) -> Any:
@@ -109,8 +177,9 @@ def _known_value(var: Any, consts: dict[Any, np.ndarray]) -> Any:
   return consts.get(var)
 
 
-def _rows_hit_by_scatter(eqn: JaxprEqn, num_rows: int,
-                         consts: dict[Any, np.ndarray]) -> set[int]:
+def _rows_hit_by_scatter(
+  eqn: JaxprEqn, num_rows: int, consts: dict[Any, np.ndarray]
+) -> set[int]:
   """The rows of a scatter's operand that its updates may change.
 
   Only an index that is a constant and names single rows along axis 0 (as
@@ -120,17 +189,24 @@ def _rows_hit_by_scatter(eqn: JaxprEqn, num_rows: int,
   every_row = set(range(num_rows))
   index = _known_value(eqn.invars[1], consts)
   numbers = eqn.params["dimension_numbers"]
-  if (index is None or tuple(numbers.scatter_dims_to_operand_dims) != (0,)
-      or 0 not in numbers.inserted_window_dims
-      or numbers.operand_batching_dims):
+  if (
+    index is None
+    or tuple(numbers.scatter_dims_to_operand_dims) != (0,)
+    or 0 not in numbers.inserted_window_dims
+    or numbers.operand_batching_dims
+  ):
     return every_row
   named = {int(i) for i in np.ravel(index)}
   # An index out of range may be clipped to an edge row: keep them all.
   return named if named <= every_row else every_row
 
 
-def _scatter_rows(eqn: JaxprEqn, ins: list[Dependency], num_rows: int,
-                  consts: dict[Any, np.ndarray]) -> tuple:
+def _scatter_rows(
+  eqn: JaxprEqn,
+  ins: list[Dependency],
+  num_rows: int,
+  consts: dict[Any, np.ndarray],
+) -> tuple:
   """Rows of a scatter's output: the operand's, plus the updates' where hit."""
   rows = row_dependencies(ins[0], num_rows)
   if eqn.primitive.name == "dynamic_update_slice":
@@ -139,8 +215,7 @@ def _scatter_rows(eqn: JaxprEqn, ins: list[Dependency], num_rows: int,
   else:
     # Operands (operand, indices, updates).
     updates, hit = _union(ins[2]), _rows_hit_by_scatter(eqn, num_rows, consts)
-  return tuple(row | updates if i in hit else row
-               for i, row in enumerate(rows))
+  return tuple(row | updates if i in hit else row for i, row in enumerate(rows))
 
 
 def _shape(var: Any) -> tuple[int, ...]:
@@ -155,11 +230,17 @@ def _gather_keeps_rows(eqn: JaxprEqn) -> bool:
   if 0 in numbers.offset_dims:
     # Output axis 0 is the operand's first sliced axis: aligned when that is
     # axis 0, taken whole and from row 0.
-    first = next(i for i in range(len(operand_shape))
-                 if i not in numbers.collapsed_slice_dims
-                 and i not in numbers.operand_batching_dims)
-    return (first == 0 and 0 not in numbers.start_index_map
-            and eqn.params["slice_sizes"][0] == operand_shape[0])
+    first = next(
+      i
+      for i in range(len(operand_shape))
+      if i not in numbers.collapsed_slice_dims
+      and i not in numbers.operand_batching_dims
+    )
+    return (
+      first == 0
+      and 0 not in numbers.start_index_map
+      and eqn.params["slice_sizes"][0] == operand_shape[0]
+    )
   # Output axis 0 is the indices' axis 0: aligned when it batches axis 0.
   if 0 not in numbers.operand_batching_dims:
     return False
@@ -167,8 +248,9 @@ def _gather_keeps_rows(eqn: JaxprEqn) -> bool:
   return numbers.start_indices_batching_dims[position] == 0
 
 
-def _dot_general_rows(eqn: JaxprEqn, ins: list[Dependency],
-                      num_rows: int) -> tuple | None:
+def _dot_general_rows(
+  eqn: JaxprEqn, ins: list[Dependency], num_rows: int
+) -> tuple | None:
   """Rows of a dot_general whose output axis 0 is the lhs's axis 0."""
   (lhs_contract, _), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
   if lhs_batch:
@@ -210,8 +292,12 @@ def _keeps_rows(eqn: JaxprEqn, num_rows: int) -> bool:
   return False
 
 
-def _output_rows(eqn: JaxprEqn, ins: list[Dependency], num_rows: int,
-                 consts: dict[Any, np.ndarray]) -> tuple | None:
+def _output_rows(
+  eqn: JaxprEqn,
+  ins: list[Dependency],
+  num_rows: int,
+  consts: dict[Any, np.ndarray],
+) -> tuple | None:
   """Per-row dependencies of the single output of ``eqn``.
 
   Returns ``None`` where no rule says how the output's leading axis (of
@@ -221,23 +307,33 @@ def _output_rows(eqn: JaxprEqn, ins: list[Dependency], num_rows: int,
   name, params = eqn.primitive.name, eqn.params
   if name in _SCATTERS or name == "dynamic_update_slice":
     return _scatter_rows(eqn, ins, num_rows, consts)
-  if (name in _ELEMENTWISE or (name == "stack" and params["axis"] != 0)
-      or (name == "concatenate" and params["dimension"] != 0)):
+  if (
+    name in _ELEMENTWISE
+    or (name == "stack" and params["axis"] != 0)
+    or (name == "concatenate" and params["dimension"] != 0)
+  ):
     return _union_rows(ins, num_rows)
   if name == "stack":
     return tuple(_union(d) for d in ins)
   if name == "concatenate":
-    return tuple(row for d, var in zip(ins, eqn.invars)
-                 for row in row_dependencies(d, _shape(var)[0]))
+    return tuple(
+      row
+      for d, var in zip(ins, eqn.invars, strict=True)
+      for row in row_dependencies(d, _shape(var)[0])
+    )
   rows = ins[0] if isinstance(ins[0], tuple) else None
   if rows is None:
     return None
   if name == "slice":
     strides = params["strides"] or (1,) * len(params["start_indices"])
-    return rows[params["start_indices"][0]:params["limit_indices"][0]:
-                strides[0]]
-  if (name == "broadcast_in_dim" and len(rows) == 1
-      and params["broadcast_dimensions"][:1] == (0,)):
+    return rows[
+      params["start_indices"][0] : params["limit_indices"][0] : strides[0]
+    ]
+  if (
+    name == "broadcast_in_dim"
+    and len(rows) == 1
+    and params["broadcast_dimensions"][:1] == (0,)
+  ):
     return rows * num_rows
   if name == "dot_general":
     return _dot_general_rows(eqn, ins, num_rows)
@@ -248,30 +344,37 @@ def _call_body(eqn: JaxprEqn) -> Jaxpr | None:
   """The jaxpr a call runs, if its inputs and outputs are the call's."""
   body = eqn.params.get(_CALLS[eqn.primitive.name])
   body = getattr(body, "jaxpr", body)  # a ClosedJaxpr's open jaxpr
-  if (not isinstance(body, Jaxpr) or len(body.invars) != len(eqn.invars)
-      or len(body.outvars) != len(eqn.outvars)):
+  if (
+    not isinstance(body, Jaxpr)
+    or len(body.invars) != len(eqn.invars)
+    or len(body.outvars) != len(eqn.outvars)
+  ):
     return None
   return body
 
 
-def _interpret(jaxpr: Jaxpr,
-               in_deps: Sequence[Dependency]) -> list[Dependency]:
+def _interpret(jaxpr: Jaxpr, in_deps: Sequence[Dependency]) -> list[Dependency]:
   """:func:`dependencies` of an open jaxpr (a call's body too), eqn by eqn.
 
   The integer arrays that the jaxpr builds by broadcasting a scalar literal,
   such as the index ``2`` of ``.at[2]``, are kept in ``consts``, so that a
   scatter can tell which rows such an index names.
   """
-  env: dict[Any, Dependency] = dict(zip(jaxpr.invars, in_deps))
+  env: dict[Any, Dependency] = dict(zip(jaxpr.invars, in_deps, strict=True))
   consts: dict[Any, np.ndarray] = {}
-  read = lambda v: _NONE if isinstance(v, Literal) else env.get(v, _NONE)
+
+  def read(v):
+    return _NONE if isinstance(v, Literal) else env.get(v, _NONE)
+
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     ins = [read(v) for v in eqn.invars]
-    if (name == "broadcast_in_dim" and isinstance(eqn.invars[0], Literal)
-        and np.ndim(eqn.invars[0].val) == 0):
-      consts[eqn.outvars[0]] = np.full(eqn.params["shape"],
-                                       eqn.invars[0].val)
+    if (
+      name == "broadcast_in_dim"
+      and isinstance(eqn.invars[0], Literal)
+      and np.ndim(eqn.invars[0].val) == 0
+    ):
+      consts[eqn.outvars[0]] = np.full(eqn.params["shape"], eqn.invars[0].val)
     body = _call_body(eqn) if name in _CALLS else None
     if name == "stop_gradient" or not any(map(_union, ins)):
       outs = [_NONE] * len(eqn.outvars)
@@ -282,17 +385,22 @@ def _interpret(jaxpr: Jaxpr,
       rows = None
       if len(eqn.outvars) == 1 and shape:
         rows = _output_rows(eqn, ins, shape[0], consts)
-      outs = [rows] if rows is not None else (
-          [_NONE.union(*map(_union, ins))] * len(eqn.outvars))
-    for var, dep in zip(eqn.outvars, outs):
+      outs = (
+        [rows]
+        if rows is not None
+        else ([_NONE.union(*map(_union, ins))] * len(eqn.outvars))
+      )
+    for var, dep in zip(eqn.outvars, outs, strict=True):
       differentiable = jnp.issubdtype(
-          getattr(var.aval, "dtype", jnp.int32), jnp.inexact)
+        getattr(var.aval, "dtype", jnp.int32), jnp.inexact
+      )
       env[var] = dep if differentiable else _NONE
   return [read(v) for v in jaxpr.outvars]
 
 
-def dependencies(closed_jaxpr: ClosedJaxpr,
-                 in_deps: Sequence[Dependency]) -> list[Dependency]:
+def dependencies(
+  closed_jaxpr: ClosedJaxpr, in_deps: Sequence[Dependency]
+) -> list[Dependency]:
   """Which labelled inputs each output of a jaxpr depends on, differentiably.
 
   Args:
@@ -327,21 +435,24 @@ def dependencies(closed_jaxpr: ClosedJaxpr,
   invars = closed_jaxpr.jaxpr.invars
   if len(in_deps) != len(invars):
     raise ValueError(
-        f"in_deps has {len(in_deps)} entries but the jaxpr has {len(invars)}"
-        " inputs; pass one dependency per input, in the order of the"
-        " jaxpr's inputs.")
-  for j, (dep, var) in enumerate(zip(in_deps, invars)):
+      f"in_deps has {len(in_deps)} entries but the jaxpr has {len(invars)}"
+      " inputs; pass one dependency per input, in the order of the"
+      " jaxpr's inputs."
+    )
+  for j, (dep, var) in enumerate(zip(in_deps, invars, strict=True)):
     rows = var.aval.shape[0] if getattr(var.aval, "shape", ()) else None
     if isinstance(dep, tuple) and len(dep) != rows:
       raise ValueError(
-          f"in_deps[{j}] has one set per row for {len(dep)} rows, but input"
-          f" {j} has shape {var.aval.shape}; give one frozenset per row of"
-          " its leading axis, or a single frozenset for the whole input.")
+        f"in_deps[{j}] has one set per row for {len(dep)} rows, but input"
+        f" {j} has shape {var.aval.shape}; give one frozenset per row of"
+        " its leading axis, or a single frozenset for the whole input."
+      )
   return _interpret(closed_jaxpr.jaxpr, in_deps)
 
 
-def check_exit_dependencies(closed_jaxpr: ClosedJaxpr, num_exits: int,
-                            fn_name: str) -> None:
+def check_exit_dependencies(
+  closed_jaxpr: ClosedJaxpr, num_exits: int, fn_name: str
+) -> None:
   """Raises unless the loss of each exit reads no later exit's logits.
 
   Args:
@@ -366,18 +477,24 @@ def check_exit_dependencies(closed_jaxpr: ClosedJaxpr, num_exits: int,
     ...
     ValueError: losses: the loss of an exit depends ... (exit 1 reads exit(s) 2)...
   """
-  losses = dependencies(closed_jaxpr,
-                        [frozenset({j}) for j in range(num_exits)])[0]
-  later = [(k, sorted(j for j in dep if j > k))
-           for k, dep in enumerate(row_dependencies(losses, num_exits))]
+  losses = dependencies(
+    closed_jaxpr, [frozenset({j}) for j in range(num_exits)]
+  )[0]
+  later = [
+    (k, sorted(j for j in dep if j > k))
+    for k, dep in enumerate(row_dependencies(losses, num_exits))
+  ]
   details = "; ".join(
-      f"exit {k + 1} reads exit(s) {', '.join(str(j + 1) for j in exits)}"
-      for k, exits in later if exits)
+    f"exit {k + 1} reads exit(s) {', '.join(str(j + 1) for j in exits)}"
+    for k, exits in later
+    if exits
+  )
   if details:
     raise ValueError(
-        f"{fn_name}: the loss of an exit depends on the logits of a later"
-        f" exit ({details}). The staged Jacobian runs exit k's backward pass"
-        " through stages 1..k only, so it cannot follow that dependency."
-        " Use osgd_jax.value_and_per_exit_grads, or wrap the later logits in"
-        " jax.lax.stop_gradient. (The check follows the loss's jaxpr and"
-        " may over-report through operations it has no rule for.)")
+      f"{fn_name}: the loss of an exit depends on the logits of a later"
+      f" exit ({details}). The staged Jacobian runs exit k's backward pass"
+      " through stages 1..k only, so it cannot follow that dependency."
+      " Use osgd_jax.value_and_per_exit_grads, or wrap the later logits in"
+      " jax.lax.stop_gradient. (The check follows the loss's jaxpr and"
+      " may over-report through operations it has no rule for.)"
+    )

@@ -20,7 +20,8 @@ The checks of what a loss function returns, which both share, are here too:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,31 +55,31 @@ def check_loss_vector(losses: Any, fn_name: str) -> None:
   dtype = getattr(losses, "dtype", None)
   if shape is None or dtype is None:
     raise ValueError(
-        f"{fn_name} must return a 1-D array of per-exit losses with shape (K,),"
-        f" but it returned a {type(losses).__name__}. Stack the exit losses,"
-        " e.g. `return jnp.stack([loss_1, ..., loss_K])`, and pass"
-        " `has_aux=True` if it also returns auxiliary data as `(losses, aux)`."
+      f"{fn_name} must return a 1-D array of per-exit losses with shape (K,),"
+      f" but it returned a {type(losses).__name__}. Stack the exit losses,"
+      " e.g. `return jnp.stack([loss_1, ..., loss_K])`, and pass"
+      " `has_aux=True` if it also returns auxiliary data as `(losses, aux)`."
     )
   if len(shape) != 1:
     hint = (
-        " For a single scalar loss use `jax.value_and_grad` instead."
-        if len(shape) == 0
-        else " Reduce over the batch (e.g. `.mean(axis=-1)`) so one loss per"
-        " exit remains."
+      " For a single scalar loss use `jax.value_and_grad` instead."
+      if len(shape) == 0
+      else " Reduce over the batch (e.g. `.mean(axis=-1)`) so one loss per"
+      " exit remains."
     )
     raise ValueError(
-        f"{fn_name} must return a 1-D vector of per-exit losses with shape"
-        f" (K,), but it returned shape {tuple(shape)}.{hint}"
+      f"{fn_name} must return a 1-D vector of per-exit losses with shape"
+      f" (K,), but it returned shape {tuple(shape)}.{hint}"
     )
   if shape[0] == 0:
     raise ValueError(
-        f"{fn_name} returned an empty loss vector (K=0); an anytime network"
-        " needs at least one exit."
+      f"{fn_name} returned an empty loss vector (K=0); an anytime network"
+      " needs at least one exit."
     )
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise ValueError(
-        f"{fn_name} must return floating-point losses, got dtype {dtype}."
-        " Cast them with `.astype(jnp.float32)`."
+      f"{fn_name} must return floating-point losses, got dtype {dtype}."
+      " Cast them with `.astype(jnp.float32)`."
     )
 
 
@@ -106,14 +107,15 @@ def check_aux_pair(out: Any, fn_name: str) -> tuple[Any, Any]:
   """
   if not (isinstance(out, tuple) and len(out) == 2):
     raise ValueError(
-        f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
-        f" but it returned {type(out).__name__}.")
+      f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
+      f" but it returned {type(out).__name__}."
+    )
   return out
 
 
 def value_and_per_exit_grads(
-    loss_fn: Callable[..., Any],
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
   """Creates a function returning the exit losses and their stacked gradients.
 
@@ -153,8 +155,10 @@ def value_and_per_exit_grads(
     if has_aux:
       # Checked inside the one trace that jax.vjp makes of loss_fn.
       losses, vjp_fn, aux = jax.vjp(
-          lambda p: check_aux_pair(loss_fn(p, *args), fn_name), params,
-          has_aux=True)
+        lambda p: check_aux_pair(loss_fn(p, *args), fn_name),
+        params,
+        has_aux=True,
+      )
     else:
       losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, *args), params)
     check_loss_vector(losses, fn_name)

@@ -12,7 +12,8 @@ shard (``docs/design.md``, "Sharding").
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,11 @@ import jax.numpy as jnp
 from osgd_jax import sharding
 
 __all__ = [
-    "contract_trailing",
-    "gram_matrices",
-    "gram_statistics",
-    "safe_inverse",
-    "weighted_sum",
+  "contract_trailing",
+  "gram_matrices",
+  "gram_statistics",
+  "safe_inverse",
+  "weighted_sum",
 ]
 
 # On TPU the default float32 matmul precision uses bfloat16 passes, which
@@ -47,8 +48,14 @@ def _replicated_like(x: jax.Array) -> jax.sharding.NamedSharding | None:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
-                      batch_b: bool, compute_dtype: Any) -> jax.Array:
+def contract_trailing(
+  a: jax.Array,
+  b: jax.Array,
+  *,
+  batch_a: bool,
+  batch_b: bool,
+  compute_dtype: Any,
+) -> jax.Array:
   """Inner products of ``a`` and ``b`` over their parameter axes.
 
   Args:
@@ -72,9 +79,12 @@ def contract_trailing(a: jax.Array, b: jax.Array, *, batch_a: bool,
   axes_a = tuple(range(int(batch_a), a.ndim))
   axes_b = tuple(range(int(batch_b), b.ndim))
   return jnp.tensordot(
-      a, b, axes=(axes_a, axes_b), precision=_PRECISION,
-      preferred_element_type=compute_dtype,
-      out_sharding=_replicated_like(a),
+    a,
+    b,
+    axes=(axes_a, axes_b),
+    precision=_PRECISION,
+    preferred_element_type=compute_dtype,
+    out_sharding=_replicated_like(a),
   ).astype(compute_dtype)
 
 
@@ -94,14 +104,19 @@ def gram_matrices(leaves: Sequence[jax.Array], compute_dtype: Any) -> jax.Array:
     >>> gram_matrices([leaf], jnp.float32)[0].tolist()
     [[1.0, 1.0], [1.0, 2.0]]
   """
-  return jnp.stack([
-      contract_trailing(leaf, leaf, batch_a=True, batch_b=True,
-                        compute_dtype=compute_dtype)
-      for leaf in leaves])
+  return jnp.stack(
+    [
+      contract_trailing(
+        leaf, leaf, batch_a=True, batch_b=True, compute_dtype=compute_dtype
+      )
+      for leaf in leaves
+    ]
+  )
 
 
-def weighted_sum(weights: jax.Array, leaf: jax.Array,
-                 compute_dtype: Any) -> jax.Array:
+def weighted_sum(
+  weights: jax.Array, leaf: jax.Array, compute_dtype: Any
+) -> jax.Array:
   """``Σ_k weights[k] · leaf[k]``, a parameter-shaped array in ``compute_dtype``.
 
   The K scaled rows are added one after another, which XLA fuses into one

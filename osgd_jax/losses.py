@@ -17,9 +17,9 @@ __all__ = ["per_exit_cross_entropy"]
 
 
 def per_exit_cross_entropy(
-    logits: jax.Array,
-    labels: jax.Array,
-    weights: Any | None = None,
+  logits: jax.Array,
+  labels: jax.Array,
+  weights: Any | None = None,
 ) -> jax.Array:
   """Mean softmax cross-entropy of every exit.
 
@@ -46,30 +46,36 @@ def per_exit_cross_entropy(
   labels = jnp.asarray(labels)
   if logits.ndim != 3:
     raise ValueError(
-        "logits must have shape (K, batch, classes) (exits stacked first, as"
-        f" the zoo models return them), got shape {tuple(logits.shape)}. For"
-        " one exit, add the leading axis with `logits[None]`.")
+      "logits must have shape (K, batch, classes) (exits stacked first, as"
+      f" the zoo models return them), got shape {tuple(logits.shape)}. For"
+      " one exit, add the leading axis with `logits[None]`."
+    )
   k, batch, _ = logits.shape
   if not jnp.issubdtype(logits.dtype, jnp.floating):
-    raise ValueError(f"logits must be floating point, got dtype {logits.dtype}.")
+    raise ValueError(
+      f"logits must be floating point, got dtype {logits.dtype}."
+    )
   if labels.ndim != 1 or labels.shape[0] != batch:
     raise ValueError(
-        f"labels must be integer class indices of shape (batch,) = ({batch},)"
-        f" to match logits of shape {tuple(logits.shape)}, got shape"
-        f" {tuple(labels.shape)}. Pass class indices, not one-hot vectors.")
+      f"labels must be integer class indices of shape (batch,) = ({batch},)"
+      f" to match logits of shape {tuple(logits.shape)}, got shape"
+      f" {tuple(labels.shape)}. Pass class indices, not one-hot vectors."
+    )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(
-        f"labels must be integer class indices, got dtype {labels.dtype};"
-        " cast them with `.astype(jnp.int32)`.")
+      f"labels must be integer class indices, got dtype {labels.dtype};"
+      " cast them with `.astype(jnp.int32)`."
+    )
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(dtype), jnp.broadcast_to(labels, (k, batch))
+    logits.astype(dtype), jnp.broadcast_to(labels, (k, batch))
   ).mean(axis=-1)
   if weights is None:
     return losses
   weights = jnp.asarray(weights)
   if weights.shape != (k,):
     raise ValueError(
-        f"weights must have shape (K,) = ({k},), one per exit, got shape"
-        f" {tuple(weights.shape)}.")
+      f"weights must have shape (K,) = ({k},), one per exit, got shape"
+      f" {tuple(weights.shape)}."
+    )
   return losses * weights.astype(dtype)

@@ -21,7 +21,8 @@ and adds nothing.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,11 @@ import numpy as np
 from osgd_jax import gram as gram_lib
 
 __all__ = [
-    "DEFAULT_TOL",
-    "UNROLL_MAX_EXITS",
-    "gram_schmidt_weights",
-    "ldl_weights",
-    "modified_gram_schmidt",
+  "DEFAULT_TOL",
+  "UNROLL_MAX_EXITS",
+  "gram_schmidt_weights",
+  "ldl_weights",
+  "modified_gram_schmidt",
 ]
 
 #: Default relative tolerance on ‖ĝ_k‖² / ‖g_k‖². A component keeping less
@@ -47,8 +48,9 @@ DEFAULT_TOL = 1e-5
 UNROLL_MAX_EXITS = 16
 
 
-def _factor_unrolled(corr: jax.Array, tol
-                     ) -> tuple[dict[tuple[int, int], jax.Array], list[jax.Array]]:
+def _factor_unrolled(
+  corr: jax.Array, tol
+) -> tuple[dict[tuple[int, int], jax.Array], list[jax.Array]]:
   """:func:`_factor_loop`, written entry by entry for a static small K.
 
   Returns the entries of L below the diagonal as ``{(i, j): (...,)}`` and
@@ -97,15 +99,19 @@ def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
     # Elementwise products and sums rather than einsum: a tiny dot_general
     # costs far more to compile than to run.
     column = jnp.take(corr, j, axis=-1) - jnp.sum(
-        lower * weighted_row[..., None, :], axis=-1)
+      lower * weighted_row[..., None, :], axis=-1
+    )
     pivot = jnp.take(column, j, axis=-1)
     keep = pivot > tol
     new_column = jnp.where(
-        keep[..., None] & (rows > j),
-        column / jnp.where(keep, pivot, 1.0)[..., None],
-        (rows == j).astype(corr.dtype))
+      keep[..., None] & (rows > j),
+      column / jnp.where(keep, pivot, 1.0)[..., None],
+      (rows == j).astype(corr.dtype),
+    )
     lower = jnp.where(rows == j, new_column[..., :, None], lower)
-    pivots = jnp.where(rows == j, jnp.where(keep, pivot, 0.0)[..., None], pivots)
+    pivots = jnp.where(
+      rows == j, jnp.where(keep, pivot, 0.0)[..., None], pivots
+    )
     return lower, pivots
 
   lower = jnp.broadcast_to(jnp.eye(num_exits, dtype=corr.dtype), corr.shape)
@@ -144,14 +150,15 @@ def _back_substitute_loop(lower, coeff, scale, inv_scale) -> jax.Array:
   def back_step(i, weights):
     j = num_exits - 1 - i
     w_j = jnp.take(coeff, j, axis=-1) - jnp.sum(
-        jnp.take(lower, j, axis=-1) * weights, axis=-1)
+      jnp.take(lower, j, axis=-1) * weights, axis=-1
+    )
     return jnp.where(rows == j, w_j[..., None], weights)
 
   return jax.lax.fori_loop(0, num_exits, back_step, jnp.zeros_like(coeff))
 
 
 def ldl_weights(
-    gram: jax.Array, *, tol: float | jax.Array, rescale: bool
+  gram: jax.Array, *, tol: float | jax.Array, rescale: bool
 ) -> tuple[jax.Array, jax.Array]:
   """Gram–Schmidt weights from a Gram matrix, rows taken in index order.
 
@@ -186,17 +193,18 @@ def ldl_weights(
   # L = S L' S⁻¹ undoes the equilibration. Solving with L itself (rather than
   # w = S⁻¹ L'⁻ᵀ S coeff) keeps w exactly equal to coeff when nothing is
   # projected, e.g. K = 1 is the identity bit for bit.
-  back_substitute = (_back_substitute_unrolled if unrolled
-                     else _back_substitute_loop)
+  back_substitute = (
+    _back_substitute_unrolled if unrolled else _back_substitute_loop
+  )
   return back_substitute(lower, coeff, scale, inv_scale), pivots * diag
 
 
 def gram_schmidt_weights(
-    gram: jax.Array,
-    *,
-    order: Sequence[int] | None = None,
-    tol: float | jax.Array = DEFAULT_TOL,
-    rescale: bool = False,
+  gram: jax.Array,
+  *,
+  order: Sequence[int] | None = None,
+  tol: float | jax.Array = DEFAULT_TOL,
+  rescale: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Gram–Schmidt weights from a Gram matrix, rows taken in priority order.
 
@@ -242,8 +250,9 @@ def _sum_over_groups(per_leaf: jax.Array, shared_basis: bool) -> jax.Array:
   return per_leaf
 
 
-def _weights_from_coefficients(coefficients: jax.Array, coeff: jax.Array,
-                               order: np.ndarray) -> jax.Array:
+def _weights_from_coefficients(
+  coefficients: jax.Array, coeff: jax.Array, order: np.ndarray
+) -> jax.Array:
   """The weights ``w`` with ``Σ_k coeff_k r_k = wᵀ G`` for the residuals r.
 
   Modified Gram–Schmidt subtracts ``coefficients[i, j] · r_j`` from row i
@@ -259,13 +268,13 @@ def _weights_from_coefficients(coefficients: jax.Array, coeff: jax.Array,
 
 
 def modified_gram_schmidt(
-    leaves: Sequence[jax.Array],
-    *,
-    order: Sequence[int] | None = None,
-    tol: float | jax.Array = DEFAULT_TOL,
-    rescale: bool = False,
-    shared_basis: bool = False,
-    compute_dtype: Any = jnp.float32,
+  leaves: Sequence[jax.Array],
+  *,
+  order: Sequence[int] | None = None,
+  tol: float | jax.Array = DEFAULT_TOL,
+  rescale: bool = False,
+  shared_basis: bool = False,
+  compute_dtype: Any = jnp.float32,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
   """Gram–Schmidt on the gradients themselves, one exit after another.
 
@@ -301,9 +310,13 @@ def modified_gram_schmidt(
   num_exits = leaves[0].shape[0]
   priority = np.arange(num_exits) if order is None else np.asarray(order)
   residuals = [leaf.astype(compute_dtype) for leaf in leaves]
-  row_sq = lambda x: jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-  input_sq = _sum_over_groups(jnp.stack([row_sq(r) for r in residuals]),
-                              shared_basis)
+
+  def row_sq(x):
+    return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+
+  input_sq = _sum_over_groups(
+    jnp.stack([row_sq(r) for r in residuals]), shared_basis
+  )
   num_leaves = input_sq.shape[0]
   order_array = jnp.asarray(priority, jnp.int32)
   rank = jnp.argsort(order_array)
@@ -311,21 +324,35 @@ def modified_gram_schmidt(
   def step(position, carry):
     residuals, kept_sq, coefficients = carry
     exit_index = order_array[position]
-    basis = [jax.lax.dynamic_index_in_dim(r, exit_index, 0, keepdims=False)
-             for r in residuals]
+    basis = [
+      jax.lax.dynamic_index_in_dim(r, exit_index, 0, keepdims=False)
+      for r in residuals
+    ]
     basis_sq = _sum_over_groups(
-        jnp.stack([jnp.sum(jnp.square(b)) for b in basis]), shared_basis)
-    dots = _sum_over_groups(jnp.stack([
-        gram_lib.contract_trailing(r, b, batch_a=True, batch_b=False,
-                                   compute_dtype=compute_dtype)
-        for r, b in zip(residuals, basis)]), shared_basis)
+      jnp.stack([jnp.sum(jnp.square(b)) for b in basis]), shared_basis
+    )
+    dots = _sum_over_groups(
+      jnp.stack(
+        [
+          gram_lib.contract_trailing(
+            r, b, batch_a=True, batch_b=False, compute_dtype=compute_dtype
+          )
+          for r, b in zip(residuals, basis, strict=True)
+        ]
+      ),
+      shared_basis,
+    )
     keep = basis_sq > tol * input_sq[:, exit_index]
     later = rank > position
     coeff = jnp.where(
-        keep[:, None] & later[None, :],
-        dots / jnp.where(keep, basis_sq, 1.0)[:, None], 0.0)
-    residuals = [r - _row_scale(c, r) * b[None]
-                 for r, c, b in zip(residuals, coeff, basis)]
+      keep[:, None] & later[None, :],
+      dots / jnp.where(keep, basis_sq, 1.0)[:, None],
+      0.0,
+    )
+    residuals = [
+      r - _row_scale(c, r) * b[None]
+      for r, c, b in zip(residuals, coeff, basis, strict=True)
+    ]
     kept_sq = kept_sq.at[:, exit_index].set(jnp.where(keep, basis_sq, 0.0))
     coefficients = coefficients.at[:, :, exit_index].set(coeff)
     return residuals, kept_sq, coefficients
@@ -333,15 +360,19 @@ def modified_gram_schmidt(
   kept_sq = jnp.zeros((num_leaves, num_exits), compute_dtype)
   coefficients = jnp.zeros((num_leaves, num_exits, num_exits), compute_dtype)
   residuals, kept_sq, coefficients = jax.lax.fori_loop(
-      0, num_exits, step, (residuals, kept_sq, coefficients))
+    0, num_exits, step, (residuals, kept_sq, coefficients)
+  )
   keep = kept_sq > 0
   if rescale:
     coeff = jnp.where(
-        keep, jnp.sqrt(input_sq / jnp.where(keep, kept_sq, 1.0)), 0.0)
+      keep, jnp.sqrt(input_sq / jnp.where(keep, kept_sq, 1.0)), 0.0
+    )
   else:
     coeff = keep.astype(compute_dtype)
-  updates = [gram_lib.weighted_sum(c, r, compute_dtype)
-             for c, r in zip(coeff, residuals)]
+  updates = [
+    gram_lib.weighted_sum(c, r, compute_dtype)
+    for c, r in zip(coeff, residuals, strict=True)
+  ]
   weights = _weights_from_coefficients(coefficients, coeff, priority)
   if shared_basis:
     return updates, kept_sq[:1], weights[:1]

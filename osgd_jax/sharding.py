@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,21 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
-    "DATA_AXIS", "MODEL_AXIS", "parse_mesh_spec", "make_mesh", "param_spec",
-    "param_shardings", "shard_params", "constrain", "stacked_shardings",
-    "batch_sharding", "shard_batch", "replicated", "explicit_mesh", "to_host",
-    "initialize_distributed",
+  "DATA_AXIS",
+  "MODEL_AXIS",
+  "parse_mesh_spec",
+  "make_mesh",
+  "param_spec",
+  "param_shardings",
+  "shard_params",
+  "constrain",
+  "stacked_shardings",
+  "batch_sharding",
+  "shard_batch",
+  "replicated",
+  "explicit_mesh",
+  "to_host",
+  "initialize_distributed",
 ]
 
 #: The mesh axis a batch is split over.
@@ -83,33 +95,42 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
       name, sep, value = part.partition("=")
       if not sep:
         raise ValueError(
-            f"bad mesh spec {spec!r}: {part!r} is not of the form axis=size;"
-            " write e.g. --mesh data=4,model=2.")
+          f"bad mesh spec {spec!r}: {part!r} is not of the form axis=size;"
+          " write e.g. --mesh data=4,model=2."
+        )
       items.append((name, value))
   sizes: dict[str, int] = {}
   for name, value in items:
     if name not in _AXES:
       raise ValueError(
-          f"bad mesh spec {spec!r}: unknown axis {name!r}; the axes are"
-          f" {' and '.join(_AXES)}, e.g. --mesh data=4,model=2.")
+        f"bad mesh spec {spec!r}: unknown axis {name!r}; the axes are"
+        f" {' and '.join(_AXES)}, e.g. --mesh data=4,model=2."
+      )
     if name in sizes:
       raise ValueError(f"bad mesh spec {spec!r}: axis {name!r} given twice.")
     try:
       size = int(value)
     except (TypeError, ValueError):
       size = 0
-    if size == 0 or size < -1 or str(value).strip() not in (str(size), f"+{size}"):
+    if (
+      size == 0
+      or size < -1
+      or str(value).strip() not in (str(size), f"+{size}")
+    ):
       raise ValueError(
-          f"bad mesh spec {spec!r}: the size of {name!r} must be a positive"
-          f" integer (or -1 for all remaining devices), got {value!r}.")
+        f"bad mesh spec {spec!r}: the size of {name!r} must be a positive"
+        f" integer (or -1 for all remaining devices), got {value!r}."
+      )
     sizes[name] = size
   if list(sizes.values()).count(-1) > 1:
     raise ValueError(f"bad mesh spec {spec!r}: only one axis may be -1.")
   return {axis: sizes.get(axis, 1) for axis in _AXES}
 
 
-def make_mesh(spec: str | Mapping[str, int] = "data=-1",
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+  spec: str | Mapping[str, int] = "data=-1",
+  devices: Sequence[Any] | None = None,
+) -> Mesh:
   """Builds the ``(data, model)`` device mesh described by ``spec``.
 
   The axes are ``Auto`` (XLA propagates shardings inside ``jit``); the
@@ -140,17 +161,20 @@ def make_mesh(spec: str | Mapping[str, int] = "data=-1",
     if size == -1:
       if count % known:
         raise ValueError(
-            f"mesh {spec!r}: the other axes use {known} devices, which does"
-            f" not divide the {count} devices available.")
+          f"mesh {spec!r}: the other axes use {known} devices, which does"
+          f" not divide the {count} devices available."
+        )
       sizes[axis] = count // known
   shape = tuple(sizes[a] for a in _AXES)
   if math.prod(shape) != count:
     raise ValueError(
-        f"mesh {spec!r} needs {math.prod(shape)} devices but {count} are"
-        f" available ({devices[0].platform}); make data×model equal"
-        f" {count}, or use -1 for one axis (e.g. --mesh data=-1,model=2).")
-  return jax.make_mesh(shape, _AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices)
+      f"mesh {spec!r} needs {math.prod(shape)} devices but {count} are"
+      f" available ({devices[0].platform}); make data×model equal"
+      f" {count}, or use -1 for one axis (e.g. --mesh data=-1,model=2)."
+    )
+  return jax.make_mesh(
+    shape, _AXES, axis_types=(AxisType.Auto,) * 2, devices=devices
+  )
 
 
 def param_spec(shape: Sequence[int], model_size: int) -> PartitionSpec:
@@ -186,13 +210,15 @@ def _path_name(path: Any) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
-def _check_divides(path: Any, shape: Sequence[int], spec: PartitionSpec,
-                   mesh: Mesh) -> None:
+def _check_divides(
+  path: Any, shape: Sequence[int], spec: PartitionSpec, mesh: Mesh
+) -> None:
   """Raises a ``ValueError`` if ``spec`` splits a dimension unevenly."""
   if len(spec) > len(shape):
     raise ValueError(
-        f"leaf {_path_name(path)} has shape {tuple(shape)} but its partition"
-        f" spec {spec} names {len(spec)} dimensions.")
+      f"leaf {_path_name(path)} has shape {tuple(shape)} but its partition"
+      f" spec {spec} names {len(spec)} dimensions."
+    )
   for dim, axes in enumerate(spec):
     if axes is None:
       continue
@@ -200,10 +226,11 @@ def _check_divides(path: Any, shape: Sequence[int], spec: PartitionSpec,
     ways = math.prod(mesh.shape[a] for a in names)
     if shape[dim] % ways:
       raise ValueError(
-          f"leaf {_path_name(path)} of shape {tuple(shape)}: dimension {dim}"
-          f" (size {shape[dim]}) does not divide evenly over mesh axes"
-          f" {names} ({ways} devices). Shard another dimension, replicate"
-          " this one (None), or change --mesh.")
+        f"leaf {_path_name(path)} of shape {tuple(shape)}: dimension {dim}"
+        f" (size {shape[dim]}) does not divide evenly over mesh axes"
+        f" {names} ({ways} devices). Shard another dimension, replicate"
+        " this one (None), or change --mesh."
+      )
 
 
 def param_shardings(tree: Any, mesh: Mesh, specs: Any | None = None) -> Any:
@@ -225,15 +252,16 @@ def param_shardings(tree: Any, mesh: Mesh, specs: Any | None = None) -> Any:
   model_size = mesh.shape.get(MODEL_AXIS, 1)
   if specs is None:
     return jax.tree.map(
-        lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), tree)
+      lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), tree
+    )
 
   def one(path, x, spec):
     _check_divides(path, np.shape(x), spec, mesh)
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(
-      one, tree, specs,
-      is_leaf=lambda s: isinstance(s, PartitionSpec))
+    one, tree, specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
+  )
 
 
 def shard_params(tree: Any, mesh: Mesh, specs: Any | None = None) -> Any:
@@ -269,13 +297,16 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
   dtype = getattr(x, "dtype", None)
   if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
     # Typed PRNG keys have no NumPy form: place their raw data, then rewrap.
-    data = _put(jax.random.key_data(x), NamedSharding(
-        sharding.mesh, PartitionSpec(*sharding.spec, None)))
+    data = _put(
+      jax.random.key_data(x),
+      NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, None)),
+    )
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
   host = np.asarray(x)
   # Every process holds the whole value; each places only its own shards.
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])
+  return jax.make_array_from_callback(
+    host.shape, sharding, lambda index: host[index]
+  )
 
 
 def to_host(tree: Any) -> Any:
@@ -337,8 +368,10 @@ def stacked_shardings(shardings: Any) -> Any:
     The same pytree with ``None`` prepended to every spec.
   """
   return jax.tree.map(
-      lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), shardings,
-      is_leaf=lambda s: isinstance(s, NamedSharding))
+    lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)),
+    shardings,
+    is_leaf=lambda s: isinstance(s, NamedSharding),
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -401,20 +434,22 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     global_batch = x.shape[0] * processes
     if global_batch % data_size:
       raise ValueError(
-          f"the batch of {global_batch} examples does not divide over the"
-          f" {data_size} devices of the data axis; use a --batch-size that is"
-          f" a multiple of {data_size}.")
+        f"the batch of {global_batch} examples does not divide over the"
+        f" {data_size} devices of the data axis; use a --batch-size that is"
+        f" a multiple of {data_size}."
+      )
     return jax.make_array_from_process_local_data(
-        sharding, x, (global_batch,) + x.shape[1:])
+      sharding, x, (global_batch,) + x.shape[1:]
+    )
 
   return jax.tree.map(one, batch)
 
 
 # Launchers whose environment jax.distributed.initialize() reads by itself.
 _MANAGED_CLUSTERS = {
-    "TPU_WORKER_HOSTNAMES": "a Cloud TPU pod slice",
-    "SLURM_JOB_ID": "a Slurm job",
-    "OMPI_MCA_orte_hnp_uri": "Open MPI (mpirun)",
+  "TPU_WORKER_HOSTNAMES": "a Cloud TPU pod slice",
+  "SLURM_JOB_ID": "a Slurm job",
+  "OMPI_MCA_orte_hnp_uri": "Open MPI (mpirun)",
 }
 
 
@@ -424,9 +459,10 @@ def _env_int(name: str) -> int:
     return int(value)  # type: ignore[arg-type]
   except (TypeError, ValueError):
     raise ValueError(
-        f"JAX_COORDINATOR_ADDRESS is set, so {name} must be an integer too"
-        f" (got {value!r}); export JAX_NUM_PROCESSES and JAX_PROCESS_ID on"
-        " every process.") from None
+      f"JAX_COORDINATOR_ADDRESS is set, so {name} must be an integer too"
+      f" (got {value!r}); export JAX_NUM_PROCESSES and JAX_PROCESS_ID on"
+      " every process."
+    ) from None
 
 
 def _several_processes_launched() -> bool:
@@ -473,10 +509,12 @@ def initialize_distributed() -> bool:
     process_id = _env_int("JAX_PROCESS_ID")
     if not 0 <= process_id < num_processes:
       raise ValueError(
-          f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES="
-          f"{num_processes}).")
-    jax.distributed.initialize(address, num_processes=num_processes,
-                               process_id=process_id)
+        f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES="
+        f"{num_processes})."
+      )
+    jax.distributed.initialize(
+      address, num_processes=num_processes, process_id=process_id
+    )
     return True
   if _several_processes_launched():
     jax.distributed.initialize()

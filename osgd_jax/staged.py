@@ -25,7 +25,8 @@ function (and a ``jax.export`` of it) serves CPUs and accelerators alike.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.extend
@@ -44,10 +45,11 @@ ROWS = ("auto", "batched", "looped")
 def _split_floats(tree: Any) -> tuple[list[Any], list[Any], Any]:
   """Splits a carry into its differentiable leaves and the rest."""
   leaves, treedef = jax.tree.flatten(tree)
-  is_float = tuple(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-                   for leaf in leaves)
-  floats = [leaf for leaf, f in zip(leaves, is_float) if f]
-  others = [leaf for leaf, f in zip(leaves, is_float) if not f]
+  is_float = tuple(
+    jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves
+  )
+  floats = [leaf for leaf, f in zip(leaves, is_float, strict=True) if f]
+  others = [leaf for leaf, f in zip(leaves, is_float, strict=True) if not f]
   return floats, others, (treedef, is_float)
 
 
@@ -55,11 +57,13 @@ def _join_floats(floats: list[Any], others: list[Any], spec: Any) -> Any:
   treedef, is_float = spec
   float_iter, other_iter = iter(floats), iter(others)
   return jax.tree.unflatten(
-      treedef, [next(float_iter) if f else next(other_iter) for f in is_float])
+    treedef, [next(float_iter) if f else next(other_iter) for f in is_float]
+  )
 
 
-def _anytime_stages(model: Any, params: Any, rest: Any,
-                    fn_name: str) -> list[Any]:
+def _anytime_stages(
+  model: Any, params: Any, rest: Any, fn_name: str
+) -> list[Any]:
   """Checks that every variable belongs to exactly one stage; returns stages.
 
   Each stage is split on its own, so a variable shared between two stages
@@ -70,38 +74,47 @@ def _anytime_stages(model: Any, params: Any, rest: Any,
   stages = getattr(model, "stages", None)
   if stages is None or not callable(getattr(model, "input_carry", None)):
     raise ValueError(
-        f"{fn_name}: graphdef must describe an anytime network with `stages`"
-        " and `input_carry` (an osgd_jax.zoo.AnytimeNet), but it describes a"
-        f" {type(model).__name__}. Use osgd_jax.value_and_per_exit_grads for"
-        " other models.")
+      f"{fn_name}: graphdef must describe an anytime network with `stages`"
+      " and `input_carry` (an osgd_jax.zoo.AnytimeNet), but it describes a"
+      f" {type(model).__name__}. Use osgd_jax.value_and_per_exit_grads for"
+      " other models."
+    )
   stages = list(stages)
   if not stages:
     raise ValueError(f"{fn_name}: the model has no stages.")
   outside = [k for k in params.keys() if k != "stages"]
   if outside:
     raise ValueError(
-        f"{fn_name}: parameters outside model.stages ({outside}) would get"
-        " no gradient; move them into a stage or use"
-        " osgd_jax.value_and_per_exit_grads.")
+      f"{fn_name}: parameters outside model.stages ({outside}) would get"
+      " no gradient; move them into a stage or use"
+      " osgd_jax.value_and_per_exit_grads."
+    )
   model_rest = nnx.state(model, nnx.Not(nnx.Param))
   for j, stage in enumerate(stages):
     _, own_params, own_rest = nnx.split(stage, nnx.Param, ...)
-    for kind, own, whole in (("parameters", own_params, params),
-                             ("state", own_rest, model_rest)):
-      part = whole["stages"][j] if ("stages" in whole
-                                    and j in whole["stages"]) else nnx.State({})
+    for kind, own, whole in (
+      ("parameters", own_params, params),
+      ("state", own_rest, model_rest),
+    ):
+      part = (
+        whole["stages"][j]
+        if ("stages" in whole and j in whole["stages"])
+        else nnx.State({})
+      )
       if jax.tree.structure(own) != jax.tree.structure(part):
         raise ValueError(
-            f"{fn_name}: stage {j + 1} does not own exactly its own {kind}:"
-            " it shares variables with another stage or the params were not"
-            " split with `nnx.split(model, nnx.Param, ...)`. The staged"
-            " Jacobian needs disjoint stages; use"
-            " osgd_jax.value_and_per_exit_grads.")
+          f"{fn_name}: stage {j + 1} does not own exactly its own {kind}:"
+          " it shares variables with another stage or the params were not"
+          " split with `nnx.split(model, nnx.Param, ...)`. The staged"
+          " Jacobian needs disjoint stages; use"
+          " osgd_jax.value_and_per_exit_grads."
+        )
   return stages
 
 
-def _staged_backward(vjps: list[Any], logit_cts: Any, num_exits: int,
-                     rows: str) -> list[Any]:
+def _staged_backward(
+  vjps: list[Any], logit_cts: Any, num_exits: int, rows: str
+) -> list[Any]:
   """The per-exit gradients of every stage's parameters, stage 1 first.
 
   ``vjps[j]`` is stage j's VJP with its output floats; ``logit_cts[j][k]``
@@ -117,8 +130,13 @@ def _staged_backward(vjps: list[Any], logit_cts: Any, num_exits: int,
     if rows == "batched":
       # zeros_like keeps each array's sharding (explicit-sharding meshes).
       first = [jnp.zeros_like(f)[None] for f in out_floats]
-      out_cts = first if carry_cts is None else [
-          jnp.concatenate([z, c]) for z, c in zip(first, carry_cts)]
+      out_cts = (
+        first
+        if carry_cts is None
+        else [
+          jnp.concatenate([z, c]) for z, c in zip(first, carry_cts, strict=True)
+        ]
+      )
       cts = jax.vmap(vjp)((out_cts, logit_cts[j][j:]))
       if j == 0:
         (grads_j,) = cts
@@ -126,25 +144,33 @@ def _staged_backward(vjps: list[Any], logit_cts: Any, num_exits: int,
         grads_j, carry_cts = cts
       # Exits before j do not reach stage j: zero rows, one concatenation.
       stage_grads[j] = jax.tree.map(
-          lambda g, j=j: g if j == 0 else jnp.concatenate(
-              [jnp.zeros_like(g[:1])] * j + [g]), grads_j)
+        lambda g, j=j: (
+          g if j == 0 else jnp.concatenate([jnp.zeros_like(g[:1])] * j + [g])
+        ),
+        grads_j,
+      )
     else:
       own = [jnp.zeros_like(f) for f in out_floats]
-      outs = [vjp((ct, logit_cts[j][k])) for k, ct in
-              zip(range(j, num_exits), [own] + (carry_cts or []))]
+      outs = [
+        vjp((ct, logit_cts[j][k]))
+        for k, ct in zip(
+          range(j, num_exits), [own] + (carry_cts or []), strict=True
+        )
+      ]
       carry_cts = [out[1] for out in outs] if j else None
       # One stack per leaf: zero rows for exits before j, then the rest.
       stage_grads[j] = jax.tree.map(
-          lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
-          *[out[0] for out in outs])
+        lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
+        *[out[0] for out in outs],
+      )
   return stage_grads
 
 
 def staged_value_and_per_exit_grads(
-    graphdef: Any,
-    loss_fn: Callable[..., Any],
-    has_aux: bool = False,
-    rows: str = "auto",
+  graphdef: Any,
+  loss_fn: Callable[..., Any],
+  has_aux: bool = False,
+  rows: str = "auto",
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-exit gradients of an anytime network, each through its own stages.
 
@@ -216,9 +242,10 @@ def staged_value_and_per_exit_grads(
     raise ValueError(f"rows must be one of {ROWS}, got {rows!r}.")
   if not isinstance(graphdef, nnx.GraphDef):
     raise ValueError(
-        "staged_value_and_per_exit_grads takes the graphdef of an anytime"
-        " network, from `graphdef, params, rest = nnx.split(model,"
-        f" nnx.Param, ...)`, but got a {type(graphdef).__name__}.")
+      "staged_value_and_per_exit_grads takes the graphdef of an anytime"
+      " network, from `graphdef, params, rest = nnx.split(model,"
+      f" nnx.Param, ...)`, but got a {type(graphdef).__name__}."
+    )
 
   def value_and_grads(params, rest, x, *loss_args):
     # Fresh Variables: the caller's state is never mutated.
@@ -234,23 +261,35 @@ def staged_value_and_per_exit_grads(
       floats, others, spec = _split_floats(carry)
       out_spec = []
 
-      def run(p, floats, stage_def=stage_def, stage_rest=stage_rest,
-              others=others, spec=spec, out_spec=out_spec):
+      def run(
+        p,
+        floats,
+        stage_def=stage_def,
+        stage_rest=stage_rest,
+        others=others,
+        spec=spec,
+        out_spec=out_spec,
+      ):
         module = nnx.merge(stage_def, p, stage_rest, copy=True)
         new_carry, out = module(_join_floats(floats, others, spec))
         new_floats, new_others, new_spec = _split_floats(new_carry)
         out_spec.append(new_spec)
-        return ((new_floats, out),
-                (new_others, nnx.state(module, nnx.Not(nnx.Param))))
+        return (
+          (new_floats, out),
+          (new_others, nnx.state(module, nnx.Not(nnx.Param))),
+        )
 
       if j == 0:
         # Nothing upstream of stage 1 has parameters: no input cotangent.
         (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
-            lambda p, run=run, floats=floats: run(p, floats), stage_params,
-            has_aux=True)
+          lambda p, run=run, floats=floats: run(p, floats),
+          stage_params,
+          has_aux=True,
+        )
       else:
         (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
-            run, stage_params, floats, has_aux=True)
+          run, stage_params, floats, has_aux=True
+        )
       nnx.update(stage, new_rest)
       carry = _join_floats(new_floats, new_others, out_spec[-1])
       vjps.append((vjp, new_floats))
@@ -261,14 +300,14 @@ def staged_value_and_per_exit_grads(
       out = loss_fn(jnp.stack(exit_logits), *loss_args)
       return check_aux_pair(out, fn_name) if has_aux else out
 
-    closed, out_shape = jax.make_jaxpr(stacked_loss, return_shape=True)(
-        *logits)
+    closed, out_shape = jax.make_jaxpr(stacked_loss, return_shape=True)(*logits)
     loss_shape = out_shape[0] if has_aux else out_shape
     check_loss_vector(loss_shape, fn_name)
     if loss_shape.shape[0] != num_exits:
       raise ValueError(
-          f"{fn_name} returned {loss_shape.shape[0]} losses but the model has"
-          f" {num_exits} exits; return one loss per exit.")
+        f"{fn_name} returned {loss_shape.shape[0]} losses but the model has"
+        f" {num_exits} exits; return one loss per exit."
+      )
     check_exit_dependencies(closed, num_exits, fn_name)
     out_tree = jax.tree.structure(out_shape)
     loss_from_jaxpr = jax.extend.core.jaxpr_as_fun(closed)
@@ -287,7 +326,8 @@ def staged_value_and_per_exit_grads(
     if rows == "auto":
       # Decided when the step is lowered for its platform, not when traced.
       stage_grads = jax.lax.platform_dependent(
-          cpu=lambda: backward("looped"), default=lambda: backward("batched"))
+        cpu=lambda: backward("looped"), default=lambda: backward("batched")
+      )
     else:
       stage_grads = backward(rows)
 

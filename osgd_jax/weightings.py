@@ -59,7 +59,7 @@ total squared gradient norm, as an Optax transformation::
 
 from osgd_jax.aggregation._adaloss import adaloss_weighting as adaloss
 from osgd_jax.aggregation._aligned_mtl import (
-    aligned_mtl_weighting as aligned_mtl,
+  aligned_mtl_weighting as aligned_mtl,
 )
 from osgd_jax.aggregation._cagrad import cagrad_weighting as cagrad
 from osgd_jax.aggregation._config import config_weighting as config
@@ -75,7 +75,7 @@ from osgd_jax.aggregation._osgd import osgd_weighting as osgd
 from osgd_jax.aggregation._pcd import pcd_weighting as pcd
 from osgd_jax.aggregation._pcgrad import pcgrad_weighting as pcgrad
 from osgd_jax.aggregation._random_weighting import (
-    random_softmax_weighting as random_weighting,
+  random_softmax_weighting as random_weighting,
 )
 from osgd_jax.aggregation._sdmgrad import sdmgrad_weighting as sdmgrad
 from osgd_jax.aggregation._types import Weighting
@@ -88,29 +88,29 @@ from osgd_jax.aggregation._weighted_sum import sdn_weighting as sdn
 from osgd_jax.aggregation._weighted_sum import uniform_weighting as uniform
 
 __all__ = [
-    "Weighting",
-    "adaloss",
-    "aligned_mtl",
-    "cagrad",
-    "config",
-    "constant",
-    "dualproj",
-    "fairgrad",
-    "geometric",
-    "gradvac",
-    "imtl_g",
-    "krum",
-    "linear",
-    "mean",
-    "mgda",
-    "modo",
-    "nash_mtl",
-    "osgd",
-    "pcd",
-    "pcgrad",
-    "random_weighting",
-    "sdmgrad",
-    "sdn",
-    "uniform",
-    "upgrad",
+  "Weighting",
+  "adaloss",
+  "aligned_mtl",
+  "cagrad",
+  "config",
+  "constant",
+  "dualproj",
+  "fairgrad",
+  "geometric",
+  "gradvac",
+  "imtl_g",
+  "krum",
+  "linear",
+  "mean",
+  "mgda",
+  "modo",
+  "nash_mtl",
+  "osgd",
+  "pcd",
+  "pcgrad",
+  "random_weighting",
+  "sdmgrad",
+  "sdn",
+  "uniform",
+  "upgrad",
 ]

@@ -7,7 +7,9 @@ import itertools
 import numpy as np
 
 
-def gram_schmidt_components(rows, tol: float, order=None, rescale: bool = False):
+def gram_schmidt_components(
+  rows, tol: float, order=None, rescale: bool = False
+):
   """Classical Gram–Schmidt in float64, straight from the definition.
 
   Args:
@@ -34,21 +36,24 @@ def gram_schmidt_components(rows, tol: float, order=None, rescale: bool = False)
   return components
 
 
-def osgd_direction(leaves, *, tol, granularity="leaf", order=None, rescale=False):
+def osgd_direction(
+  leaves, *, tol, granularity="leaf", order=None, rescale=False
+):
   """Reference OSGD update for a list of stacked leaves (K, *shape)."""
   leaves = [np.asarray(x, np.float64) for x in leaves]
   if granularity == "leaf":
     return [
-        gram_schmidt_components(x.reshape(len(x), -1), tol, order, rescale)
-        .sum(0).reshape(x.shape[1:])
-        for x in leaves
+      gram_schmidt_components(x.reshape(len(x), -1), tol, order, rescale)
+      .sum(0)
+      .reshape(x.shape[1:])
+      for x in leaves
     ]
   flat = np.concatenate([x.reshape(len(x), -1) for x in leaves], axis=1)
   total = gram_schmidt_components(flat, tol, order, rescale).sum(0)
   out, start = [], 0
   for x in leaves:
     size = int(np.prod(x.shape[1:]))
-    out.append(total[start:start + size].reshape(x.shape[1:]))
+    out.append(total[start : start + size].reshape(x.shape[1:]))
     start += size
   return out
 
@@ -67,11 +72,13 @@ def _flat_rows(leaves, granularity):
 def _split_like(vectors, leaves, granularity):
   """Inverse of _flat_rows for one vector per group: param-shaped arrays."""
   if granularity == "leaf":
-    return [v.reshape(np.shape(x)[1:]) for v, x in zip(vectors, leaves)]
+    return [
+      v.reshape(np.shape(x)[1:]) for v, x in zip(vectors, leaves, strict=True)
+    ]
   out, start = [], 0
   for x in leaves:
     size = int(np.prod(np.shape(x)[1:]))
-    out.append(vectors[0][start:start + size].reshape(np.shape(x)[1:]))
+    out.append(vectors[0][start : start + size].reshape(np.shape(x)[1:]))
     start += size
   return out
 
@@ -132,8 +139,9 @@ def min_norm_point(rows):
       p = g[list(subset)]
       # Points p_0 + Σ_s β_s (p_s − p_0); minimise ‖·‖ over β by least squares.
       base, dirs = p[0], (p[1:] - p[0]).T
-      beta = (np.linalg.lstsq(dirs, -base, rcond=None)[0]
-              if size > 1 else np.zeros(0))
+      beta = (
+        np.linalg.lstsq(dirs, -base, rcond=None)[0] if size > 1 else np.zeros(0)
+      )
       alpha = np.concatenate([[1 - beta.sum()], beta])
       if np.any(alpha < -1e-12):
         continue
@@ -204,7 +212,7 @@ def imtl_g_direction(rows):
   live = np.flatnonzero(norms > 0)
   sub = g[live]
   s = np.linalg.svd(sub / norms[live, None], compute_uv=False)
-  if len(live) > 1 and np.all(_rank_cutoff(s ** 2, len(g))):
+  if len(live) > 1 and np.all(_rank_cutoff(s**2, len(g))):
     units = sub / norms[live, None]
     d, u = sub[0] - sub[1:], units[0] - units[1:]
     tail = sub[0] @ u.T @ np.linalg.inv(d @ u.T)
@@ -225,12 +233,15 @@ def aligned_mtl_direction(rows, pref=None, scale_mode="min"):
   k = len(g)
   pref = np.full(k, 1.0 / k) if pref is None else np.asarray(pref)
   u, s, vt = np.linalg.svd(g, full_matrices=False)
-  keep = _rank_cutoff(s ** 2, k)
+  keep = _rank_cutoff(s**2, k)
   if not keep.any():
     return pref @ g
   lam = np.sort(s[keep] ** 2)
-  scale = {"min": lam[0], "median": lam[(len(lam) - 1) // 2],
-           "rmse": lam.mean()}[scale_mode]
+  scale = {
+    "min": lam[0],
+    "median": lam[(len(lam) - 1) // 2],
+    "rmse": lam.mean(),
+  }[scale_mode]
   aligned = np.sqrt(scale) * u[:, keep] @ vt[keep]
   return pref @ aligned
 
@@ -244,8 +255,10 @@ def krum_direction(rows, n_byzantine, n_selected=1):
   g = np.asarray(rows, np.float64)
   k = len(g)
   dist = np.linalg.norm(g[:, None] - g[None], axis=-1)
-  scores = [np.sort(np.delete(dist[i], i))[:k - n_byzantine - 2].sum()
-            for i in range(k)]
+  scores = [
+    np.sort(np.delete(dist[i], i))[: k - n_byzantine - 2].sum()
+    for i in range(k)
+  ]
   chosen = np.argsort(scores, kind="stable")[:n_selected]
   return g[chosen].mean(axis=0)
 
@@ -275,9 +288,11 @@ def gradvac_direction(rows, orders, target, beta=0.5, eps=1e-8):
       nv, nj = np.linalg.norm(v), np.linalg.norm(g[j])
       phi, hat = v @ g[j] / (nv * nj + eps), target[i, j]
       if phi < hat:
-        sin_phi = np.sqrt(max(1 - phi ** 2, 0.0))
-        sin_hat = np.sqrt(max(1 - hat ** 2, 0.0))
-        v = v + nv * (hat * sin_phi - phi * sin_hat) / (nj * sin_hat + eps) * g[j]
+        sin_phi = np.sqrt(max(1 - phi**2, 0.0))
+        sin_hat = np.sqrt(max(1 - hat**2, 0.0))
+        v = (
+          v + nv * (hat * sin_phi - phi * sin_hat) / (nj * sin_hat + eps) * g[j]
+        )
       target[i, j] = (1 - beta) * hat + beta * phi
     total += v
   return total, target
@@ -297,13 +312,26 @@ def cagrad_direction(rows, c, norm_eps=1e-4):
   g = g / frobenius
   g0 = g.mean(axis=0)
   radius = c * np.linalg.norm(g0)
-  objective = lambda w: (w @ g) @ g0 + radius * np.linalg.norm(w @ g)
+
+  def objective(w):
+    return (w @ g) @ g0 + radius * np.linalg.norm(w @ g)
+
   simplex = [{"type": "eq", "fun": lambda w: w.sum() - 1}]
   starts = [np.full(k, 1.0 / k)] + list(0.7 * np.eye(k) + 0.3 / k)
-  best = min((optimize.minimize(objective, x0, method="SLSQP",
-                                bounds=[(0, 1)] * k, constraints=simplex,
-                                options={"ftol": 1e-15, "maxiter": 1000})
-              for x0 in starts), key=lambda r: r.fun)
+  best = min(
+    (
+      optimize.minimize(
+        objective,
+        x0,
+        method="SLSQP",
+        bounds=[(0, 1)] * k,
+        constraints=simplex,
+        options={"ftol": 1e-15, "maxiter": 1000},
+      )
+      for x0 in starts
+    ),
+    key=lambda r: r.fun,
+  )
   gw = best.x @ g
   if np.linalg.norm(gw) < norm_eps:
     return np.zeros(g.shape[1])
@@ -315,8 +343,9 @@ def config_direction(rows, pref=None):
   g = np.asarray(rows, np.float64)
   pref = np.ones(len(g)) if pref is None else np.asarray(pref)
   norms = np.linalg.norm(g, axis=1)
-  units = np.divide(g, norms[:, None], out=np.zeros_like(g),
-                    where=norms[:, None] > 0)
+  units = np.divide(
+    g, norms[:, None], out=np.zeros_like(g), where=norms[:, None] > 0
+  )
   v = np.linalg.pinv(units) @ pref
   if not np.any(v):
     return np.zeros(g.shape[1])
@@ -385,8 +414,7 @@ def pcd_direction(rows, tau):
       a = sec[list(active)]
       if size and np.linalg.matrix_rank(a) < size:
         continue  # dependent constraints: another active set has them
-      mu = (np.linalg.solve(a @ a.T, tau - a @ units[0]) if size
-            else np.zeros(0))
+      mu = np.linalg.solve(a @ a.T, tau - a @ units[0]) if size else np.zeros(0)
       d = units[0] + mu @ a
       if np.all(mu >= -1e-12) and np.all(sec @ d >= tau - 1e-9):
         return d * norms[0] / np.linalg.norm(d)
@@ -396,7 +424,7 @@ def pcd_direction(rows, tau):
 def trimmed_mean_direction(rows, trim_number):
   """Coordinate-wise trimmed mean (Yin et al. 2018): drop the extremes, average."""
   g = np.sort(np.asarray(rows, np.float64), axis=0)
-  return g[trim_number:len(g) - trim_number].mean(axis=0)
+  return g[trim_number : len(g) - trim_number].mean(axis=0)
 
 
 def excess_mtl_updates(steps, robust_step_size, n_warmup_steps):
@@ -410,8 +438,8 @@ def excess_mtl_updates(steps, robust_step_size, n_warmup_steps):
   sums = np.zeros_like(steps[0])
   baseline, warmup, outs = None, np.zeros(k), []
   for t, rows in enumerate(steps):
-    sums = sums + rows ** 2
-    risk = (rows ** 2 / np.sqrt(sums + 1e-7)).sum(axis=1)
+    sums = sums + rows**2
+    risk = (rows**2 / np.sqrt(sums + 1e-7)).sum(axis=1)
     if t < n_warmup_steps:
       warmup += risk
     else:

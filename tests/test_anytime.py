@@ -30,8 +30,10 @@ def test_analytic_flops_and_params_strictly_increase(name):
   assert np.all(np.diff(cost.flops) > 0), cost.flops
   params = anytime.params_per_exit(model)
   assert params.shape == (3,) and np.all(np.diff(params) > 0), params
-  stage_counts = [sum(a.size for a in jax.tree.leaves(nnx.state(s, nnx.Param)))
-                  for s in model.stages]
+  stage_counts = [
+    sum(a.size for a in jax.tree.leaves(nnx.state(s, nnx.Param)))
+    for s in model.stages
+  ]
   np.testing.assert_array_equal(params, np.cumsum(stage_counts))
   total = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert params[-1] == total
@@ -43,8 +45,9 @@ def test_xla_cost_analysis_on_cpu(name):
   cost = anytime.flops_per_exit(model, input_shape(name))  # "auto"
   assert cost.source == "xla"  # the CPU backend reports FLOPs
   assert cost.flops.shape == (3,) and np.all(np.diff(cost.flops) > 0)
-  analytic = anytime.flops_per_exit(model, input_shape(name),
-                                    source="analytic").flops
+  analytic = anytime.flops_per_exit(
+    model, input_shape(name), source="analytic"
+  ).flops
   # XLA also counts element-wise work; the matmuls and convs dominate.
   assert np.all(cost.flops > 0.5 * analytic)
   assert np.all(cost.flops < 3.0 * analytic)
@@ -68,12 +71,15 @@ def test_flops_scale_with_the_batch():
   np.testing.assert_allclose(four, 4 * one)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(input_shape=(64,)), "batch axis included"),
     (dict(input_shape=(0, 64)), "batch axis included"),
     (dict(input_shape=(1, 63)), r"expects a batch of shape \(batch, 64\)"),
     (dict(input_shape=(1, 64), source="hlo"), "source must be one of"),
-])
+  ],
+)
 def test_flops_errors(kwargs, match):
   model = tiny("branched-mlp")
   with pytest.raises(ValueError, match=match):
@@ -91,6 +97,7 @@ def test_xla_source_without_a_cost_analysis_is_an_error(monkeypatch):
   model = zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), width=4)
   monkeypatch.setattr(anytime, "_xla_flops", lambda *args: None)
   assert anytime.flops_per_exit(model, (1, 64)).source == "analytic"
-  with pytest.raises(ValueError, match="no FLOP count on this backend.*"
-                     "source='analytic'"):
+  with pytest.raises(
+    ValueError, match="no FLOP count on this backend.*source='analytic'"
+  ):
     anytime.flops_per_exit(model, (1, 64), source="xla")

@@ -20,8 +20,10 @@ def model():
 @pytest.fixture(scope="module")
 def batch():
   rng = np.random.default_rng(0)
-  return (rng.normal(size=(37, 64)).astype(np.float32),
-          rng.integers(0, 10, size=37))
+  return (
+    rng.normal(size=(37, 64)).astype(np.float32),
+    rng.integers(0, 10, size=37),
+  )
 
 
 def test_evaluate_matches_direct_computation(model, batch):
@@ -40,11 +42,15 @@ def test_early_exit_extremes_and_flops(model, batch):
   first = anytime.early_exit(model, x, threshold=0.0)
   assert np.all(first.exit_used == 1)
   np.testing.assert_allclose(first.mean_flops, flops[0])
-  np.testing.assert_array_equal(first.predictions, np.asarray(model(x, upto=1))[0].argmax(-1))
+  np.testing.assert_array_equal(
+    first.predictions, np.asarray(model(x, upto=1))[0].argmax(-1)
+  )
   last = anytime.early_exit(model, x, threshold=1.01)
   assert np.all(last.exit_used == 3)
   np.testing.assert_allclose(last.mean_flops, flops[-1])
-  np.testing.assert_array_equal(last.predictions, np.asarray(model(x))[-1].argmax(-1))
+  np.testing.assert_array_equal(
+    last.predictions, np.asarray(model(x))[-1].argmax(-1)
+  )
 
 
 def test_early_exit_picks_first_confident_exit(model, batch):
@@ -57,7 +63,9 @@ def test_early_exit_picks_first_confident_exit(model, batch):
     confident = np.nonzero(probs[:, b] >= threshold)[0]
     expected = confident[0] + 1 if confident.size else 3
     assert result.exit_used[b] == expected
-  np.testing.assert_allclose(result.mean_flops, flops[result.exit_used - 1].mean())
+  np.testing.assert_allclose(
+    result.mean_flops, flops[result.exit_used - 1].mean()
+  )
 
 
 def test_curve_spans_cheapest_to_full(model, batch):

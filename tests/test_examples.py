@@ -10,24 +10,46 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The application cannot be imported: the example must not need it.
-_WITHOUT_APP = ("import runpy, sys; sys.modules['osgd_jax.app'] = None;"
-                " sys.argv = sys.argv[1:];"
-                " runpy.run_path(sys.argv[0], run_name='__main__')")
+_WITHOUT_APP = (
+  "import runpy, sys; sys.modules['osgd_jax.app'] = None;"
+  " sys.argv = sys.argv[1:];"
+  " runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def test_quickstart_trains_every_exit_without_the_app():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+      p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+    ),
+  )
   result = subprocess.run(
-      [sys.executable, "-c", _WITHOUT_APP,
-       str(ROOT / "examples" / "quickstart.py"), "--steps", "200"],
-      capture_output=True, text=True, env=env, timeout=300)
+    [
+      sys.executable,
+      "-c",
+      _WITHOUT_APP,
+      str(ROOT / "examples" / "quickstart.py"),
+      "--steps",
+      "200",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
-  losses = [[float(v) for v in line.split()[1:]]
-            for line in lines if re.match(r"\s*\d+\s+\d", line)]
+  losses = [
+    [float(v) for v in line.split()[1:]]
+    for line in lines
+    if re.match(r"\s*\d+\s+\d", line)
+  ]
   assert len(losses) == 3  # steps 1, 100 and 200
-  assert all(last < 0.5 * first for first, last in zip(losses[0], losses[-1]))
+  assert all(
+    last < 0.5 * first
+    for first, last in zip(losses[0], losses[-1], strict=True)
+  )
   accuracy = re.search(r"test accuracy per exit: (.*)", result.stdout).group(1)
   # Chance is 0.1.
   assert all(float(a) > 0.5 for a in accuracy.split(", ")), accuracy

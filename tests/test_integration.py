@@ -8,29 +8,40 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tiny_anytime import TwoExitNet
 
 import osgd_jax
-from tiny_anytime import TwoExitNet
 
 
 def _init_mlp(key, sizes=(8, 16, 16), num_exits=3, classes=4):
   """A tiny 3-exit network: a chain of dense layers with a head after each."""
   keys = iter(jax.random.split(key, 2 * num_exits))
-  dense = lambda k, i, o: {"w": jax.random.normal(k, (i, o)) / np.sqrt(i),
-                           "b": jnp.zeros(o)}
+
+  def dense(k, i, o):
+    return {
+      "w": jax.random.normal(k, (i, o)) / np.sqrt(i),
+      "b": jnp.zeros(o),
+    }
+
   dims = [sizes[0]] + [sizes[1]] * num_exits
   return {
-      "trunk": [dense(next(keys), dims[i], dims[i + 1]) for i in range(num_exits)],
-      "heads": [dense(next(keys), dims[i + 1], classes) for i in range(num_exits)],
+    "trunk": [
+      dense(next(keys), dims[i], dims[i + 1]) for i in range(num_exits)
+    ],
+    "heads": [
+      dense(next(keys), dims[i + 1], classes) for i in range(num_exits)
+    ],
   }
 
 
 def _exit_losses(params, x, y):
   h, losses = x, []
-  for layer, head in zip(params["trunk"], params["heads"]):
+  for layer, head in zip(params["trunk"], params["heads"], strict=True):
     h = jnp.tanh(h @ layer["w"] + layer["b"])
     logits = h @ head["w"] + head["b"]
-    losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    losses.append(
+      optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    )
   return jnp.stack(losses)
 
 
@@ -64,8 +75,9 @@ def _train(tx, steps, params=None):
 
 
 def test_osgd_training_lowers_every_exit_loss():
-  tx = osgd_jax.osgd_sgd(learning_rate=0.05, momentum=0.9, weight_decay=1e-4,
-                         num_exits=3)
+  tx = osgd_jax.osgd_sgd(
+    learning_rate=0.05, momentum=0.9, weight_decay=1e-4, num_exits=3
+  )
   first, last, state = _train(tx, steps=300)
   assert np.all(np.asarray(last) < 0.5 * np.asarray(first)), (first, last)
   diagnostics = state[0]
@@ -77,16 +89,18 @@ def test_osgd_training_lowers_every_exit_loss():
 @pytest.mark.parametrize("granularity", ["leaf", "global"])
 def test_chain_with_schedule_and_momentum(method, granularity):
   tx = optax.chain(
-      osgd_jax.osgd(method=method, granularity=granularity, num_exits=3),
-      optax.add_decayed_weights(5e-4),
-      optax.sgd(optax.cosine_decay_schedule(0.05, 50), momentum=0.9))
+    osgd_jax.osgd(method=method, granularity=granularity, num_exits=3),
+    optax.add_decayed_weights(5e-4),
+    optax.sgd(optax.cosine_decay_schedule(0.05, 50), momentum=0.9),
+  )
   first, last, _ = _train(tx, steps=50)
   assert np.all(np.asarray(last) < np.asarray(first))
 
 
 def test_inject_hyperparams_changes_learning_rate_in_state():
   tx = optax.inject_hyperparams(osgd_jax.osgd_sgd, static_args=("num_exits",))(
-      learning_rate=0.05, momentum=0.9, num_exits=3)
+    learning_rate=0.05, momentum=0.9, num_exits=3
+  )
   params = _init_mlp(jax.random.key(0))
   state = tx.init(params)
   x, y = _task()
@@ -94,15 +108,18 @@ def test_inject_hyperparams_changes_learning_rate_in_state():
   update = jax.jit(tx.update)
   u1, state = update(grads, state, params)
   state.hyperparams["learning_rate"] = jnp.asarray(0.0)
-  u0, _ = update(grads, tx.init(params)._replace(
-      hyperparams={**state.hyperparams}), params)
+  u0, _ = update(
+    grads, tx.init(params)._replace(hyperparams={**state.hyperparams}), params
+  )
   assert float(jnp.abs(u1["trunk"][0]["w"]).max()) > 0
   np.testing.assert_array_equal(u0["trunk"][0]["w"], 0.0)
 
 
 def test_apply_if_finite_after_osgd_skips_non_finite_steps():
-  tx = optax.chain(osgd_jax.osgd(num_exits=2),
-                   optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=2))
+  tx = optax.chain(
+    osgd_jax.osgd(num_exits=2),
+    optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=2),
+  )
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   bad = {"w": jnp.array([[1.0, jnp.nan, 0.0], [0.0, 1.0, 1.0]])}
@@ -127,26 +144,31 @@ def test_scan_over_steps_with_fixed_state_shapes():
     return (optax.apply_updates(params, updates), state), losses
 
   _, losses = jax.jit(lambda c: jax.lax.scan(step, c, length=40))(
-      (params, tx.init(params)))
+    (params, tx.init(params))
+  )
   assert np.all(np.asarray(losses[-1]) < np.asarray(losses[0]))
 
 
 def test_nnx_optimizer_with_split_merge():
   model = TwoExitNet(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, osgd_jax.osgd_sgd(0.05, num_exits=2),
-                            wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model, osgd_jax.osgd_sgd(0.05, num_exits=2), wrt=nnx.Param
+  )
   x, y = _task()
 
   def exit_losses(params, graphdef, rest):
     logits = nnx.merge(graphdef, params, rest)(x)
     labels = jnp.broadcast_to(y, logits.shape[:-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(-1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(
+      -1
+    )
 
   @nnx.jit
   def train_step(model, optimizer):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     losses, grads = osgd_jax.value_and_per_exit_grads(exit_losses)(
-        params, graphdef, rest)
+      params, graphdef, rest
+    )
     optimizer.update(model, grads)
     return losses
 

@@ -27,8 +27,9 @@ def test_mean_cross_entropy_per_exit(data):
   logits, labels = data
   losses = per_exit_cross_entropy(logits, labels)
   assert losses.shape == (3,) and losses.dtype == jnp.float32
-  np.testing.assert_allclose(losses, reference(logits, np.asarray(labels)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses, reference(logits, np.asarray(labels)), rtol=1e-5
+  )
   # Exits are independent: changing exit 2's logits moves only loss 2.
   bump = np.zeros(logits.shape, np.float32)
   bump[1, np.arange(5), np.asarray(labels)] = 1.0  # raise the true class
@@ -41,11 +42,15 @@ def test_weights_scale_each_exit(data):
   logits, labels = data
   weights = jnp.array([1.0, 0.5, 0.0])
   np.testing.assert_allclose(
-      per_exit_cross_entropy(logits, labels, weights),
-      per_exit_cross_entropy(logits, labels) * weights, rtol=1e-6)
+    per_exit_cross_entropy(logits, labels, weights),
+    per_exit_cross_entropy(logits, labels) * weights,
+    rtol=1e-6,
+  )
   np.testing.assert_allclose(
-      per_exit_cross_entropy(logits, labels, [2.0, 2.0, 2.0]),
-      2 * per_exit_cross_entropy(logits, labels), rtol=1e-6)
+    per_exit_cross_entropy(logits, labels, [2.0, 2.0, 2.0]),
+    2 * per_exit_cross_entropy(logits, labels),
+    rtol=1e-6,
+  )
 
 
 def test_jit_and_per_exit_jacobian(data):
@@ -62,17 +67,21 @@ def test_bfloat16_logits_give_float32_losses(data):
   logits, labels = data
   losses = per_exit_cross_entropy(logits.astype(jnp.bfloat16), labels)
   assert losses.dtype == jnp.float32
-  np.testing.assert_allclose(losses, per_exit_cross_entropy(logits, labels),
-                             rtol=2e-2)
+  np.testing.assert_allclose(
+    losses, per_exit_cross_entropy(logits, labels), rtol=2e-2
+  )
 
 
-@pytest.mark.parametrize("logits_shape, labels, weights, match", [
+@pytest.mark.parametrize(
+  "logits_shape, labels, weights, match",
+  [
     ((5, 4), np.zeros(5, int), None, r"shape \(K, batch, classes\)"),
     ((3, 5, 4), np.zeros(4, int), None, r"shape \(batch,\) = \(5,\)"),
     ((3, 5, 4), np.zeros((5, 4), int), None, "not one-hot"),
     ((3, 5, 4), np.zeros(5, np.float32), None, "integer class indices"),
     ((3, 5, 4), np.zeros(5, int), np.ones(2), r"shape \(K,\) = \(3,\)"),
-])
+  ],
+)
 def test_bad_shapes_raise(logits_shape, labels, weights, match):
   with pytest.raises(ValueError, match=match):
     per_exit_cross_entropy(jnp.zeros(logits_shape), labels, weights)

@@ -15,25 +15,45 @@ PROJECT = PYPROJECT["project"]
 
 
 def _names(requirements):
-  return [re.match(r"[A-Za-z0-9._-]+(\[[^]]*\])?", r).group(0)
-          for r in requirements]
+  return [
+    re.match(r"[A-Za-z0-9._-]+(\[[^]]*\])?", r).group(0) for r in requirements
+  ]
 
 
 def test_the_library_depends_on_jax_optax_flax_and_numpy_only():
   assert sorted(_names(PROJECT["dependencies"])) == [
-      "flax", "jax", "jaxlib", "numpy", "optax"]
+    "flax",
+    "jax",
+    "jaxlib",
+    "numpy",
+    "optax",
+  ]
 
 
 def test_the_app_and_test_extras():
   extras = PROJECT["optional-dependencies"]
   assert sorted(_names(extras["app"])) == [
-      "matplotlib", "mnist1d", "orbax-checkpoint", "pyyaml", "scikit-learn",
-      "scipy",
-      "tqdm"]
+    "matplotlib",
+    "mnist1d",
+    "orbax-checkpoint",
+    "pyyaml",
+    "scikit-learn",
+    "scipy",
+    "tqdm",
+  ]
   assert sorted(_names(extras["test"])) == [
-      "build", "chex", "hypothesis", "ipykernel", "nbclient", "nbformat",
-      "osgd-jax[app,tensorboard]", "osgd-jax[docs]", "pytest", "pytest-xdist",
-      "setuptools"]
+    "build",
+    "chex",
+    "hypothesis",
+    "ipykernel",
+    "nbclient",
+    "nbformat",
+    "osgd-jax[app,tensorboard]",
+    "osgd-jax[docs]",
+    "pytest",
+    "pytest-xdist",
+    "setuptools",
+  ]
   assert _names(extras["tensorboard"]) == ["tensorboardX"]
 
 
@@ -41,13 +61,17 @@ def test_the_docs_extra_is_sphinx_and_myst_nb_with_the_app():
   # tests/test_docs.py builds the site, so the test extra installs it; the
   # API reference imports the application, so the site needs the app extra.
   assert sorted(_names(PROJECT["optional-dependencies"]["docs"])) == [
-      "myst-nb", "osgd-jax[app]", "sphinx"]
+    "myst-nb",
+    "osgd-jax[app]",
+    "sphinx",
+  ]
 
 
 def test_the_version_has_one_source():
   assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
   assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
-      "attr": "osgd_jax.__version__"}
+    "attr": "osgd_jax.__version__"
+  }
   assert re.fullmatch(r"\d+\.\d+\.\d+", osgd_jax.__version__)
   # The installed metadata was built from that attribute.
   assert importlib.metadata.version("osgd-jax") == osgd_jax.__version__
@@ -72,7 +96,8 @@ def test_python_versions_and_typing_marker():
   assert (ROOT / "osgd_jax" / "py.typed").is_file()
   assert "Typing :: Typed" in classifiers
   assert PYPROJECT["tool"]["setuptools"]["package-data"]["osgd_jax"] == [
-      "py.typed"]
+    "py.typed"
+  ]
 
 
 def test_the_project_urls_point_into_the_repository():
@@ -95,8 +120,11 @@ def _documents() -> list[pathlib.Path]:
   # docs/ may hold a Sphinx site (.rst, conf.py, notebooks) besides Markdown.
   found = [ROOT / "README.md"]
   for folder in ("docs", "notebooks"):
-    found += sorted(p for p in (ROOT / folder).rglob("*")
-                    if p.suffix in (".md", ".rst", ".py", ".ipynb"))
+    found += sorted(
+      p
+      for p in (ROOT / folder).rglob("*")
+      if p.suffix in (".md", ".rst", ".py", ".ipynb")
+    )
   return found
 
 
@@ -104,19 +132,24 @@ def test_every_link_to_the_repository_is_the_project_url():
   repository = PROJECT["urls"]["Repository"]
   owner = repository.split("/")[3]
   link = re.compile(
-      rf"https?://(?:colab\.research\.google\.com/github/[\w.-]+|github\.com/"
-      rf"{re.escape(owner)})/{_LINK_END}")
+    rf"https?://(?:colab\.research\.google\.com/github/[\w.-]+|github\.com/"
+    rf"{re.escape(owner)})/{_LINK_END}"
+  )
   found = []
   for path in _documents():
     for match in link.finditer(path.read_text(encoding="utf-8")):
-      url = re.sub(r"^https?://colab\.research\.google\.com/github/",
-                   "https://github.com/", match.group(0)).rstrip(".,;:")
+      url = re.sub(
+        r"^https?://colab\.research\.google\.com/github/",
+        "https://github.com/",
+        match.group(0),
+      ).rstrip(".,;:")
       found.append(url)
       where = f"{path.relative_to(ROOT)}: {match.group(0)}"
       assert url == repository or url.startswith(f"{repository}/"), where
       # A link to a file of the repository names one that exists.
-      inside = re.match(rf"{re.escape(repository)}/(?:blob|tree)/main/(.+)",
-                        url)
+      inside = re.match(
+        rf"{re.escape(repository)}/(?:blob|tree)/main/(.+)", url
+      )
       if inside:
         assert (ROOT / inside.group(1)).exists(), where
   # The three notebooks' Colab badges and install commands at least.

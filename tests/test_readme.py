@@ -18,16 +18,20 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PAGES = [README, ROOT / "docs" / "index.md",
-         *sorted((ROOT / "docs" / "guides").glob("*.md"))]
+PAGES = [
+  README,
+  ROOT / "docs" / "index.md",
+  *sorted((ROOT / "docs" / "guides").glob("*.md")),
+]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
 
 
 def _blocks(page: pathlib.Path) -> list[tuple[int, str]]:
   """The page's Python blocks, each with the line number it starts on."""
   text = page.read_text()
-  return [(text.count("\n", 0, m.start(1)), m.group(1))
-          for m in _BLOCK.finditer(text)]
+  return [
+    (text.count("\n", 0, m.start(1)), m.group(1)) for m in _BLOCK.finditer(text)
+  ]
 
 
 def _page_id(page: pathlib.Path) -> str:
@@ -41,9 +45,14 @@ def test_the_blocks_are_found():
   assert len(_blocks(README)) >= 1
   blocks = [block for page in PAGES for _, block in _blocks(page)]
   assert len(blocks) >= 12
-  for needle in ("value_and_per_exit_grads", "staged_value_and_per_exit_grads",
-                 "from_weighting", "StatefulWeighting", "sharding.shard_batch",
-                 "anytime.early_exit"):
+  for needle in (
+    "value_and_per_exit_grads",
+    "staged_value_and_per_exit_grads",
+    "from_weighting",
+    "StatefulWeighting",
+    "sharding.shard_batch",
+    "anytime.early_exit",
+  ):
     assert any(needle in block for block in blocks), needle
 
 
@@ -64,7 +73,9 @@ def test_the_fault_table_names_tests_that_exist():
   # test must not leave the table pointing at nothing.
   text = (ROOT / "docs" / "faults.md").read_text()
   path, named = None, []
-  for ref in re.findall(r"`((?:tests/[\w/]+\.py)?::\w+|tests/[\w/]+\.py)`", text):
+  for ref in re.findall(
+    r"`((?:tests/[\w/]+\.py)?::\w+|tests/[\w/]+\.py)`", text
+  ):
     file, _, test = ref.partition("::")
     path = file or path
     if test:
@@ -72,7 +83,9 @@ def test_the_fault_table_names_tests_that_exist():
   assert len(named) >= 15, named
   for file, test in named:
     assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), (
-        file, test)
+      file,
+      test,
+    )
 
 
 def test_the_generated_tables_are_what_their_results_files_give():
@@ -83,6 +96,7 @@ def test_the_generated_tables_are_what_their_results_files_give():
   # its section.
   from osgd_jax.app.compare import load_results, render_markdown  # pylint: disable=g-import-not-at-top
   from osgd_jax.app.compare.report import replace_section  # pylint: disable=g-import-not-at-top
+
   text = README.read_text()
   sections = re.findall(r"^<!-- compare:([\w.-]+):begin -->$", text, re.M)
   results = README.parent / "docs" / "results"
@@ -90,9 +104,10 @@ def test_the_generated_tables_are_what_their_results_files_give():
   for section in sections:
     payload = load_results(str(results / f"{section}.json"))
     assert replace_section(text, section, render_markdown(payload)) == text, (
-        f"README's {section} tables differ from docs/results/{section}.json;"
-        f" run: osgd-compare --report docs/results/{section}.json --readme"
-        f" README.md --section {section}")
+      f"README's {section} tables differ from docs/results/{section}.json;"
+      f" run: osgd-compare --report docs/results/{section}.json --readme"
+      f" README.md --section {section}"
+    )
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -107,7 +122,11 @@ def test_each_comparison_shows_its_differences_figure(tmp_path):
   # matplotlib versions, but the size follows the models and optimizers
   # drawn: a figure of another results file would not match.
   from osgd_jax.app.compare import load_results  # pylint: disable=g-import-not-at-top
-  from osgd_jax.app.compare.report import DIFFERENCES_FIGURE, write_differences_figure  # pylint: disable=g-import-not-at-top
+  from osgd_jax.app.compare.report import (
+    DIFFERENCES_FIGURE,
+    write_differences_figure,
+  )  # pylint: disable=g-import-not-at-top
+
   text = README.read_text()
   results = README.parent / "docs" / "results"
   sections = sorted(p.stem for p in results.glob("*.json"))
@@ -118,8 +137,10 @@ def test_each_comparison_shows_its_differences_figure(tmp_path):
     payload = load_results(str(results / f"{section}.json"))
     made = write_differences_figure(payload, str(tmp_path))
     assert _png_size((ROOT / figure).read_bytes()) == _png_size(
-        pathlib.Path(made).read_bytes()), (
-            f"{figure} is not docs/results/{section}.json's; run:"
-            f" osgd-compare --report docs/results/{section}.json"
-            f" --report-out /tmp/{section} && cp /tmp/{section}/"
-            f"{DIFFERENCES_FIGURE} {figure}")
+      pathlib.Path(made).read_bytes()
+    ), (
+      f"{figure} is not docs/results/{section}.json's; run:"
+      f" osgd-compare --report docs/results/{section}.json"
+      f" --report-out /tmp/{section} && cp /tmp/{section}/"
+      f"{DIFFERENCES_FIGURE} {figure}"
+    )

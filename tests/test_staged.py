@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_anytime import WEIGHTS, compile_cheaply, tiny_net
 
 import osgd_jax
 from osgd_jax import zoo
 from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.staged import ROWS
-from tiny_anytime import WEIGHTS
-from tiny_anytime import compile_cheaply
-from tiny_anytime import tiny_net
 
 
 def _loss(logits, y):
@@ -43,8 +41,9 @@ def _reference(graphdef, loss):
 
 
 def _staged_and_reference(graphdef, loss, rows="auto"):
-  staged = osgd_jax.staged_value_and_per_exit_grads(graphdef, loss,
-                                                    has_aux=True, rows=rows)
+  staged = osgd_jax.staged_value_and_per_exit_grads(
+    graphdef, loss, has_aux=True, rows=rows
+  )
   reference = _reference(graphdef, loss)
   return lambda *args: (staged(*args), reference(*args))
 
@@ -55,11 +54,16 @@ def _stage_rows(grads, stage):
 
 # Each family runs one way of driving a stage's rows; each way meets conv
 # and dense families, nested and branched ones.
-_FAMILY_ROWS = {"branched-mlp": "batched", "branched-resnet": "looped",
-         "nested-depth-mlp": "looped", "nested-depth-resnet": "batched",
-         "nested-width-mlp": "batched", "nested-width-resnet": "looped",
-         "nested-width-depth-mlp": "looped",
-         "nested-width-depth-resnet": "batched"}
+_FAMILY_ROWS = {
+  "branched-mlp": "batched",
+  "branched-resnet": "looped",
+  "nested-depth-mlp": "looped",
+  "nested-depth-resnet": "batched",
+  "nested-width-mlp": "batched",
+  "nested-width-resnet": "looped",
+  "nested-width-depth-mlp": "looped",
+  "nested-width-depth-resnet": "batched",
+}
 
 
 @pytest.mark.parametrize("name", zoo.names())
@@ -73,8 +77,11 @@ def test_staged_equals_vmap_on_every_family(name):
 
 def test_rows_option_is_checked():
   graphdef = nnx.split(tiny_net("branched-mlp")[0], nnx.Param, ...)[0]
-  with pytest.raises(ValueError, match=r"rows must be one of \('auto', "
-                     r"'batched', 'looped'\), got 'unrolled'"):
+  with pytest.raises(
+    ValueError,
+    match=r"rows must be one of \('auto', "
+    r"'batched', 'looped'\), got 'unrolled'",
+  ):
     osgd_jax.staged_value_and_per_exit_grads(graphdef, _loss, rows="unrolled")
 
 
@@ -82,11 +89,15 @@ def _check_family(name, x64, rows):
   model, x, y = tiny_net(name)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if x64:
-    to64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+
+    def to64(t):
+      return jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+
     params, rest, x = to64(params), to64(rest), to64(x)
   rtol, atol = (1e-10, 1e-12) if x64 else (1e-4, 1e-5)
-  both = compile_cheaply(_staged_and_reference(graphdef, _loss, rows), params,
-                         rest, x, y)
+  both = compile_cheaply(
+    _staged_and_reference(graphdef, _loss, rows), params, rest, x, y
+  )
   # NumPy from here on: eager jnp ops would each compile for their shape.
   staged, reference = jax.device_get(both(params, rest, x, y))
   (losses, aux, new_rest), grads = staged
@@ -96,20 +107,30 @@ def _check_family(name, x64, rows):
   np.testing.assert_allclose(aux["sum"], ref_aux["sum"], rtol=rtol)
   # BatchNorm ran in train mode: its statistics moved, identically.
   assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
-  moved = [not np.allclose(a, b) for a, b in
-           zip(jax.tree.leaves(new_rest), jax.tree.leaves(rest))]
+  moved = [
+    not np.allclose(a, b)
+    for a, b in zip(
+      jax.tree.leaves(new_rest), jax.tree.leaves(rest), strict=True
+    )
+  ]
   assert any(moved)
-  for a, b in zip(jax.tree.leaves(new_rest), jax.tree.leaves(ref_rest)):
+  for a, b in zip(
+    jax.tree.leaves(new_rest), jax.tree.leaves(ref_rest), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
   assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
   scale = max(np.abs(g).max() for g in jax.tree.leaves(ref_grads))
   for (path, g), r, p in zip(
-      jax.tree_util.tree_flatten_with_path(grads)[0],
-      jax.tree.leaves(ref_grads), jax.tree.leaves(params)):
+    jax.tree_util.tree_flatten_with_path(grads)[0],
+    jax.tree.leaves(ref_grads),
+    jax.tree.leaves(params),
+    strict=True,
+  ):
     assert g.shape == (3,) + p.shape and g.dtype == p.dtype, path
-    np.testing.assert_allclose(g, r, rtol=rtol, atol=atol * scale,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      g, r, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path)
+    )
 
   for stage in range(3):
     rows = _stage_rows(grads, stage)
@@ -133,8 +154,12 @@ def test_without_aux_and_forward_traced_once():
   (losses, new_rest), grads = jax.eval_shape(fn, params, rest, x, y)
   assert losses.shape == (3,) and len(calls) == 1
   assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
-  assert all(g.shape == (3,) + p.shape for g, p in
-             zip(jax.tree.leaves(grads), jax.tree.leaves(params)))
+  assert all(
+    g.shape == (3,) + p.shape
+    for g, p in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(params), strict=True
+    )
+  )
 
 
 def _abstract(name="branched-mlp"):
@@ -155,15 +180,21 @@ def test_later_exit_dependency_is_refused():
     losses = per_exit_cross_entropy(logits, y)
     return losses.at[0].add(jnp.mean(logits[2]))
 
-  with pytest.raises(ValueError, match=r"\(exit 1 reads exit\(s\) 3\)\..*"
-                     r"value_and_per_exit_grads"):
+  with pytest.raises(
+    ValueError,
+    match=r"\(exit 1 reads exit\(s\) 3\)\..*"
+    r"value_and_per_exit_grads",
+  ):
     _trace(graphdef, reads_exit_3, args)
 
   def mixes_all(logits, y):  # e.g. a mean over the exits' logits
     return per_exit_cross_entropy(logits, y) + jnp.mean(logits)
 
-  with pytest.raises(ValueError, match=r"exit 1 reads exit\(s\) 2, 3; exit 2"
-                     r" reads exit\(s\) 3"):
+  with pytest.raises(
+    ValueError,
+    match=r"exit 1 reads exit\(s\) 2, 3; exit 2"
+    r" reads exit\(s\) 3",
+  ):
     _trace(graphdef, mixes_all, args)
 
   def distills(logits, y):  # from a later exit without its gradient: fine
@@ -179,15 +210,24 @@ def test_later_exit_dependency_is_refused():
   _trace(graphdef, distills, args)
 
 
-@pytest.mark.parametrize("loss, match", [
-    (lambda logits, y: per_exit_cross_entropy(logits, y).sum(),
-     "1-D vector of per-exit losses"),
+@pytest.mark.parametrize(
+  "loss, match",
+  [
+    (
+      lambda logits, y: per_exit_cross_entropy(logits, y).sum(),
+      "1-D vector of per-exit losses",
+    ),
     (lambda logits, y: jnp.zeros((0,)), "empty loss vector"),
-    (lambda logits, y: per_exit_cross_entropy(logits, y)[:2],
-     "returned 2 losses but the model has 3 exits"),
-    (lambda logits, y: (logits.sum((1, 2)) > 0).astype(jnp.int32),
-     "floating-point"),
-])
+    (
+      lambda logits, y: per_exit_cross_entropy(logits, y)[:2],
+      "returned 2 losses but the model has 3 exits",
+    ),
+    (
+      lambda logits, y: (logits.sum((1, 2)) > 0).astype(jnp.int32),
+      "floating-point",
+    ),
+  ],
+)
 def test_bad_loss_vector(loss, match):
   _, graphdef, args = _abstract()
   with pytest.raises(ValueError, match=match):
@@ -202,12 +242,12 @@ def test_has_aux_needs_a_pair():
 
 def test_not_an_anytime_network():
   _, graphdef, args = _abstract()
-  linear = nnx.Linear(64, 10, kernel_init=nnx.initializers.zeros_init(),
-                      rngs=nnx.Rngs(0))
+  linear = nnx.Linear(
+    64, 10, kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0)
+  )
   lin_def, lin_params, lin_rest = nnx.split(linear, nnx.Param, ...)
   with pytest.raises(ValueError, match="anytime network with `stages`"):
-    _trace(lin_def, per_exit_cross_entropy,
-           (lin_params, lin_rest) + args[2:])
+    _trace(lin_def, per_exit_cross_entropy, (lin_params, lin_rest) + args[2:])
   with pytest.raises(ValueError, match="takes the graphdef"):
     osgd_jax.staged_value_and_per_exit_grads(linear, per_exit_cross_entropy)
 
@@ -232,8 +272,11 @@ def test_parameters_outside_the_stages_are_refused():
   model, _, args = _abstract()
   model.extra = nnx.Param(jnp.zeros(2))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  with pytest.raises(ValueError, match=r"parameters outside model.stages"
-                     r" \(\['extra'\]\) would get no gradient"):
+  with pytest.raises(
+    ValueError,
+    match=r"parameters outside model.stages"
+    r" \(\['extra'\]\) would get no gradient",
+  ):
     _trace(graphdef, per_exit_cross_entropy, (params, rest) + args[2:])
 
 
@@ -242,14 +285,15 @@ def test_state_shared_between_stages_is_refused():
   shared = nnx.BatchStat(jnp.zeros(2))  # a statistic, not a parameter
   model.stages[1].shared, model.stages[2].shared = shared, shared
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  with pytest.raises(ValueError,
-                     match="stage 3 does not own exactly its own state"):
+  with pytest.raises(
+    ValueError, match="stage 3 does not own exactly its own state"
+  ):
     _trace(graphdef, per_exit_cross_entropy, (params, rest) + args[2:])
 
 
 def _leaves_equal(a, b, exact, err_msg=""):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     if exact:
       np.testing.assert_array_equal(x, y, err_msg=err_msg)
     else:
@@ -260,11 +304,19 @@ def test_auto_rows_equal_looped_and_batched():
   # A conv family: the two forms differ most for convolution gradients.
   model, x, y = tiny_net("branched-resnet")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  forms = {rows: osgd_jax.staged_value_and_per_exit_grads(
-      graphdef, _loss, has_aux=True, rows=rows) for rows in ROWS}
+  forms = {
+    rows: osgd_jax.staged_value_and_per_exit_grads(
+      graphdef, _loss, has_aux=True, rows=rows
+    )
+    for rows in ROWS
+  }
   every_form = compile_cheaply(
-      lambda *args: {rows: fn(*args) for rows, fn in forms.items()},
-      params, rest, x, y)
+    lambda *args: {rows: fn(*args) for rows, fn in forms.items()},
+    params,
+    rest,
+    x,
+    y,
+  )
   results = jax.device_get(every_form(params, rest, x, y))
   # "auto" is the looped program on CPU, so it gives the looped form's bits
   # there (an accelerator's convolutions need not be deterministic, and it
@@ -277,8 +329,7 @@ def test_auto_rows_equal_looped_and_batched():
 
 # What JAX itself may emit as custom calls to place shardings; no other
 # target (a native kernel, a vendor library) may appear in the export.
-_SHARDING_TARGETS = {"Sharding", "SPMDFullToShardShape",
-                     "SPMDShardToFullShape"}
+_SHARDING_TARGETS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
 
 
 def _custom_call_targets(mlir_text):
@@ -286,17 +337,20 @@ def _custom_call_targets(mlir_text):
   targets = []
   for line in mlir_text.splitlines():
     if "custom_call" in line:
-      match = (re.search(r"custom_call\s*@([\w.$-]+)", line)
-               or re.search(r'call_target_name\s*=\s*"([^"]*)"', line))
+      match = re.search(r"custom_call\s*@([\w.$-]+)", line) or re.search(
+        r'call_target_name\s*=\s*"([^"]*)"', line
+      )
       targets.append(match.group(1) if match else "")
   return targets
 
 
 def test_custom_call_targets_are_read():
   # Guards the export test below against passing because it reads nothing.
-  text = ('%0 = stablehlo.custom_call @Sharding(%arg0)\n'
-          '%1 = "stablehlo.custom_call"(%0) {call_target_name = "lapack"}\n'
-          '%2 = stablehlo.custom_call(%1)\n')
+  text = (
+    "%0 = stablehlo.custom_call @Sharding(%arg0)\n"
+    '%1 = "stablehlo.custom_call"(%0) {call_target_name = "lapack"}\n'
+    "%2 = stablehlo.custom_call(%1)\n"
+  )
   assert _custom_call_targets(text) == ["Sharding", "lapack", ""]
 
 
@@ -305,18 +359,19 @@ def test_export_for_cpu_gpu_and_tpu_from_a_cpu_host():
   # so a CPU host can export for accelerators it does not have.
   model, x, y = tiny_net("nested-depth-resnet")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  jitted = jax.jit(osgd_jax.staged_value_and_per_exit_grads(
-      graphdef, _loss, has_aux=True))
+  jitted = jax.jit(
+    osgd_jax.staged_value_and_per_exit_grads(graphdef, _loss, has_aux=True)
+  )
   platforms = ("cpu", "cuda", "tpu")
-  exported = jax.export.export(jitted, platforms=platforms)(
-      params, rest, x, y)
+  exported = jax.export.export(jitted, platforms=platforms)(params, rest, x, y)
   assert exported.platforms == platforms
   # Pure JAX: nothing but what JAX emits for sharding (today: nothing).
   targets = _custom_call_targets(exported.mlir_module())
   assert set(targets) <= _SHARDING_TARGETS, targets
 
-  both = compile_cheaply(lambda *args: (exported.call(*args), jitted(*args)),
-                         params, rest, x, y)
+  both = compile_cheaply(
+    lambda *args: (exported.call(*args), jitted(*args)), params, rest, x, y
+  )
   from_export, from_jit = jax.device_get(both(params, rest, x, y))
   _leaves_equal(from_export, from_jit, exact=False)
 
@@ -333,8 +388,14 @@ def test_auto_rows_are_chosen_per_platform_when_lowered():
   model, x, y = tiny_net("nested-depth-resnet")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   args = (params, rest, x, y)
-  jitted = {rows: jax.jit(osgd_jax.staged_value_and_per_exit_grads(
-      graphdef, per_exit_cross_entropy, rows=rows)) for rows in ROWS}
+  jitted = {
+    rows: jax.jit(
+      osgd_jax.staged_value_and_per_exit_grads(
+        graphdef, per_exit_cross_entropy, rows=rows
+      )
+    )
+    for rows in ROWS
+  }
   looped = _convolutions(jitted["looped"], args, "cpu")
   batched = _convolutions(jitted["batched"], args, "cpu")
   assert looped != batched

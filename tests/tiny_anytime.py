@@ -8,7 +8,8 @@ fraction of the time.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +17,19 @@ from flax import nnx
 
 from osgd_jax import zoo
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False}
+FAST_COMPILE = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+  "xla_cpu_use_fusion_emitters": False,
+}
 # Exit 2 has weight 0: its gradient rows must be exactly zero.
 WEIGHTS = (1.0, 0.0, 2.0)
 BATCH = 4
 
 
-def compile_cheaply(fn: Callable[..., Any] | None, *args: Any,
-                    jitted: Any = None) -> Any:
+def compile_cheaply(
+  fn: Callable[..., Any] | None, *args: Any, jitted: Any = None
+) -> Any:
   """Compiles ``jax.jit(fn)`` (or ``jitted``) for ``args``, cheaply on CPU."""
   lowered = (jitted or jax.jit(fn)).lower(*args)
   if jax.default_backend() != "cpu":
@@ -42,8 +46,15 @@ def tiny_net(name: str, **config: Any) -> tuple[Any, jax.Array, jax.Array]:
   """A 3-exit zoo model ``name`` of width 4, with a batch ``(x, y)`` for it."""
   conv = "resnet" in name
   fit = dict(in_channels=1, downsamples=1) if conv else dict(in_features=64)
-  model = zoo.create(name, rngs=nnx.Rngs(0), width=4, depth=1, stages=3,
-                     norm="batch", **{**fit, **config})
+  model = zoo.create(
+    name,
+    rngs=nnx.Rngs(0),
+    width=4,
+    depth=1,
+    stages=3,
+    norm="batch",
+    **{**fit, **config},
+  )
   shape = (BATCH, 8, 8, 1) if conv else (BATCH, 64)
   x = jax.random.normal(jax.random.key(1), shape)
   y = jnp.arange(BATCH, dtype=jnp.int32) % 10
@@ -57,8 +68,13 @@ class TwoExitNet(nnx.Module):
   them are zero (degenerate for OSGD).
   """
 
-  def __init__(self, rngs: nnx.Rngs, in_features: int = 8, width: int = 16,
-               classes: int = 4):
+  def __init__(
+    self,
+    rngs: nnx.Rngs,
+    in_features: int = 8,
+    width: int = 16,
+    classes: int = 4,
+  ):
     self.body = nnx.Linear(in_features, width, rngs=rngs)
     self.head1 = nnx.Linear(width, classes, rngs=rngs)
     self.deeper = nnx.Linear(width, width, rngs=rngs)

@@ -67,9 +67,13 @@ def is_public(module_name: str) -> bool:
 def all_modules() -> tuple[str, ...]:
   """Every module of the package, private ones too, ``__main__`` aside."""
   root = importlib.import_module(PACKAGE)
-  return (PACKAGE,) + tuple(sorted(
-      m.name for m in pkgutil.walk_packages(root.__path__, PACKAGE + ".")
-      if not m.name.endswith(".__main__")))
+  return (PACKAGE,) + tuple(
+    sorted(
+      m.name
+      for m in pkgutil.walk_packages(root.__path__, PACKAGE + ".")
+      if not m.name.endswith(".__main__")
+    )
+  )
 
 
 def public_modules() -> list[str]:
@@ -83,8 +87,9 @@ def _is_package(module: Any) -> bool:
 
 def is_face(module_name: str) -> bool:
   """Whether a public module has a page: a package, or a top-level module."""
-  return (module_name.rpartition(".")[0] == PACKAGE or
-          _is_package(importlib.import_module(module_name)))
+  return module_name.rpartition(".")[0] == PACKAGE or _is_package(
+    importlib.import_module(module_name)
+  )
 
 
 def faces() -> list[str]:
@@ -94,9 +99,10 @@ def faces() -> list[str]:
 
 def face_of(module_name: str) -> str:
   """The deepest face that is ``module_name`` or a package holding it."""
-  return max((f for f in faces()
-              if module_name == f or module_name.startswith(f + ".")),
-             key=lambda f: f.count("."))
+  return max(
+    (f for f in faces() if module_name == f or module_name.startswith(f + ".")),
+    key=lambda f: f.count("."),
+  )
 
 
 def sections_of(face: str) -> list[str]:
@@ -127,8 +133,9 @@ def _comment_home(obj: Any, name: str) -> str | None:
   """The module, private ones included, with ``name``'s ``#:`` comment."""
   for module_name in all_modules():
     module = importlib.import_module(module_name)
-    if (getattr(module, name, None) is obj
-        and ("", name) in _attr_docs(module_name)):
+    if getattr(module, name, None) is obj and ("", name) in _attr_docs(
+      module_name
+    ):
       return module_name
   return None
 
@@ -136,8 +143,9 @@ def _comment_home(obj: Any, name: str) -> str | None:
 def comment_of(obj: Any, name: str) -> list[str]:
   """The ``#:`` comment of a constant, from the module that defines it."""
   module_name = _comment_home(obj, name)
-  return [] if module_name is None else list(
-      _attr_docs(module_name)[("", name)])
+  return (
+    [] if module_name is None else list(_attr_docs(module_name)[("", name)])
+  )
 
 
 def _defining_module(obj: Any, name: str) -> str | None:
@@ -159,9 +167,12 @@ def _homes() -> dict[tuple[str, str], str]:
     if inspect.ismodule(obj):
       homes[module_name, name] = obj.__name__
       continue
-    same = [(m, n) for m, n in listed
-            if getattr(importlib.import_module(m), n) is obj
-            and (_is_definition(obj) or n == name)]
+    same = [
+      (m, n)
+      for m, n in listed
+      if getattr(importlib.import_module(m), n) is obj
+      and (_is_definition(obj) or n == name)
+    ]
     # A module of the same name takes ``osgd_jax.app.data.augment``: the
     # function ``augment`` is documented in that module's section.
     same = [(m, n) for m, n in same if f"{m}.{n}" not in all_modules()]
@@ -170,7 +181,8 @@ def _homes() -> dict[tuple[str, str], str]:
 
     def rank(candidate, defining=defining):
       holds = defining == candidate[0] or defining.startswith(
-          candidate[0] + ".")
+        candidate[0] + "."
+      )
       return (not holds, -candidate[0].count("."), candidate)
 
     home_module, home_name = min(pool, key=rank)
@@ -188,8 +200,13 @@ def public_aliases() -> dict[str, list[str]]:
   aliases: dict[str, list[str]] = {}
   for (module_name, name), home in _homes().items():
     full = f"{module_name}.{name}"
-    if (home != full and full not in all_modules() and not inspect.ismodule(
-        getattr(importlib.import_module(module_name), name))):
+    if (
+      home != full
+      and full not in all_modules()
+      and not inspect.ismodule(
+        getattr(importlib.import_module(module_name), name)
+      )
+    ):
       aliases.setdefault(home, []).append(full)
   return aliases
 
@@ -223,12 +240,21 @@ def _register_aliases(app, doctree) -> None:
       for alias in aliases.get(".".join(parts[:end]), ()):
         name = f"{alias}.{rest}" if rest else alias
         if getattr(domain.objects.get(name), "node_id", None) != sig["ids"][0]:
-          domain.note_object(name, sig.parent["objtype"], sig["ids"][0],
-                             aliased=True, location=sig)
+          domain.note_object(
+            name,
+            sig.parent["objtype"],
+            sig["ids"][0],
+            aliased=True,
+            location=sig,
+          )
   objects = domain.data["objects"]
-  for name in [n for n, entry in objects.items()
-               if entry.docname == app.env.docname and n.startswith(PACKAGE)
-               and not is_public(n)]:
+  for name in [
+    n
+    for n, entry in objects.items()
+    if entry.docname == app.env.docname
+    and n.startswith(PACKAGE)
+    and not is_public(n)
+  ]:
     del objects[name]
 
 
@@ -239,8 +265,11 @@ def source_module(obj: Any, name: str, home_module: str) -> str:
   that module: they resolve there, wherever the entry is.
   """
   module_name = _defining_module(obj, name)
-  return (module_name if module_name is not None and is_public(module_name)
-          else home_module)
+  return (
+    module_name
+    if module_name is not None and is_public(module_name)
+    else home_module
+  )
 
 
 def _described(node) -> str | None:
@@ -272,11 +301,13 @@ def _resolve_in_source(app, env, node, contnode):
   home = _private_to_home().get(node.get("reftarget", ""))
   if home is not None:
     entry = domain.objects.get(home)
-    if entry is None or not any(isinstance(n, addnodes.desc_signature)
-                                for n in _ancestors(node)):
+    if entry is None or not any(
+      isinstance(n, addnodes.desc_signature) for n in _ancestors(node)
+    ):
       return None
-    return make_refnode(app.builder, node["refdoc"], entry.docname,
-                        entry.node_id, contnode, home)
+    return make_refnode(
+      app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, home
+    )
   described = _described(node)
   if described is None:
     return None
@@ -290,9 +321,15 @@ def _resolve_in_source(app, env, node, contnode):
     return None
   retry = node.deepcopy()
   retry["py:module"] = source
-  return domain.resolve_xref(env, node["refdoc"], app.builder,
-                             node["reftype"], node["reftarget"], retry,
-                             contnode)
+  return domain.resolve_xref(
+    env,
+    node["refdoc"],
+    app.builder,
+    node["reftype"],
+    node["reftarget"],
+    retry,
+    contnode,
+  )
 
 
 def _ancestors(node):
@@ -304,7 +341,8 @@ def _ancestors(node):
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   del app, name, skip, options
   if what == "class" and (getattr(obj, "__doc__", None) or "").startswith(
-      "Alias for field number"):
+    "Alias for field number"
+  ):
     return True  # the class's Attributes: section documents the field
   return None
 
@@ -320,8 +358,11 @@ def _constant_comment(app, what, name, obj, options, lines) -> None:
   comment = comment_of(obj, name.rpartition(".")[2])
   if comment:
     lines[:] = comment
-  elif lines and " ".join(lines).strip() == " ".join(
-      (inspect.getdoc(type(obj)) or "").split("\n")).strip():
+  elif (
+    lines
+    and " ".join(lines).strip()
+    == " ".join((inspect.getdoc(type(obj)) or "").split("\n")).strip()
+  ):
     lines[:] = []
 
 
@@ -358,21 +399,25 @@ class PublicNames(SphinxDirective):
         home = home_of(package, name)
         role = "py:mod" if inspect.ismodule(obj) else "py:obj"
         summary = _summary(home, obj)
-        home_module = home if inspect.ismodule(obj) else home.rpartition(
-            ".")[0]
-        ref_context["py:module"] = (home_module if inspect.ismodule(obj) else
-                                    source_module(obj, name, home_module))
+        home_module = home if inspect.ismodule(obj) else home.rpartition(".")[0]
+        ref_context["py:module"] = (
+          home_module
+          if inspect.ismodule(obj)
+          else source_module(obj, name, home_module)
+        )
         where = face_of(home_module)
         home_name = home.rpartition(".")[2]
         if not inspect.ismodule(obj) and home_name != name:
           summary = f"another name of :py:obj:`{home_name} <{home}>`."
         line = f":{role}:`{name} <{home}>`" + (
-            f": {summary}" if summary else "")
+          f": {summary}" if summary else ""
+        )
         if not inspect.ismodule(obj) and where != face_of(package):
           line += f" (in :py:mod:`{where}`)"
         item = nodes.list_item()
-        self.state.nested_parse(StringList([line], self.get_source_info()[0]),
-                                0, item)
+        self.state.nested_parse(
+          StringList([line], self.get_source_info()[0]), 0, item
+        )
         items += item
     finally:
       if saved is None:
@@ -432,17 +477,23 @@ class Face(SphinxDirective):
     node = nodes.section()
     node.document = self.state.document
     nested_parse_with_titles(
-        self.state, StringList(lines, f"<face {face}>"), node)
+      self.state, StringList(lines, f"<face {face}>"), node
+    )
     return node.children
 
   @staticmethod
   def _elsewhere(module_name: str, where: str) -> list[str]:
     """A line that links the names ``module_name`` exports from elsewhere."""
-    links = [f":py:obj:`{name} <{home_of(module_name, name)}>`"
-             for name in _names(module_name)
-             if home_of(module_name, name) != f"{module_name}.{name}"]
-    return [f"Also exports, documented {where}: {', '.join(links)}.",
-            ""] if links else []
+    links = [
+      f":py:obj:`{name} <{home_of(module_name, name)}>`"
+      for name in _names(module_name)
+      if home_of(module_name, name) != f"{module_name}.{name}"
+    ]
+    return (
+      [f"Also exports, documented {where}: {', '.join(links)}.", ""]
+      if links
+      else []
+    )
 
   @staticmethod
   def _own_entries(module_name: str) -> list[str]:
@@ -463,8 +514,12 @@ def _check_pages(app, env) -> None:
   for page in sorted(wanted - pages):
     logger.warning("the face %s has no page %s.rst", page.split("/")[1], page)
   for page in sorted(pages - wanted):
-    logger.warning("%s documents no face (private modules and the modules a"
-                   " face holds have no page)", page, location=page)
+    logger.warning(
+      "%s documents no face (private modules and the modules a"
+      " face holds have no page)",
+      page,
+      location=page,
+    )
 
 
 def setup(app):
@@ -475,5 +530,8 @@ def setup(app):
   app.connect("autodoc-process-docstring", _constant_comment)
   app.add_directive("public-names", PublicNames)
   app.add_directive("face", Face)
-  return {"parallel_read_safe": True, "parallel_write_safe": True,
-          "env_version": 2}
+  return {
+    "parallel_read_safe": True,
+    "parallel_write_safe": True,
+    "env_version": 2,
+  }

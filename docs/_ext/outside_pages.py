@@ -35,8 +35,9 @@ def _copy_outside_pages(app, config) -> None:
   for folder, patterns in config.outside_pages.items():
     target = srcdir / GENERATED / folder
     target.mkdir(parents=True, exist_ok=True)
-    sources = {p.name: p for pattern in patterns
-               for p in (root / folder).glob(pattern)}
+    sources = {
+      p.name: p for pattern in patterns for p in (root / folder).glob(pattern)
+    }
     for stale in {p.name for p in target.iterdir()} - set(sources):
       (target / stale).unlink()
     for name, source in sources.items():
@@ -62,8 +63,10 @@ class OutsidePageLinks(SphinxTransform):
       except ValueError:
         continue
       docname = f"{GENERATED}/{relative.as_posix()}"
-      if (relative.parts[0] in self.config.outside_pages
-          and docname in self.env.found_docs):
+      if (
+        relative.parts[0] in self.config.outside_pages
+        and docname in self.env.found_docs
+      ):
         node["reftarget"] = docname
 
 

@@ -15,12 +15,14 @@ from osgd_jax.aggregation._types import Granularity
 def _check_losses(losses: Any, k: int, owner: str) -> None:
   if jnp.shape(losses) != (k,):
     raise ValueError(
-        f"{owner} got losses of shape {jnp.shape(losses)}, but the gradients"
-        f" have K={k} exits; pass the ({k},) vector of per-exit losses.")
+      f"{owner} got losses of shape {jnp.shape(losses)}, but the gradients"
+      f" have K={k} exits; pass the ({k},) vector of per-exit losses."
+    )
 
 
-def adaloss_weighting(gram: jax.Array, *, losses: jax.Array,
-            eps: float | jax.Array = 1e-8) -> jax.Array:
+def adaloss_weighting(
+  gram: jax.Array, *, losses: jax.Array, eps: float | jax.Array = 1e-8
+) -> jax.Array:
   """AdaLoss: weights inversely proportional to the exits' (average) losses.
 
   ``w_k = K · (1/ℓ_k) / Σ_j (1/ℓ_j)`` with ``ℓ_k ≥ eps``. With ``ℓ`` the
@@ -66,11 +68,11 @@ class AdaLossState(NamedTuple):
 
 
 def adaptive_loss_balancing(
-    decay: float = 0.9,
-    eps: float = 1e-8,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  decay: float = 0.9,
+  eps: float = 1e-8,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """AdaLoss: weights inversely proportional to a running average of the losses.
 
@@ -135,19 +137,24 @@ def adaptive_loss_balancing(
     k = gram.shape[-1]
     if losses is None:
       raise ValueError(
-          f"{name} needs the per-exit losses: call"
-          " tx.update(grads, state, params, losses=losses) with the (K,)"
-          " losses the gradients are of.")
+        f"{name} needs the per-exit losses: call"
+        " tx.update(grads, state, params, losses=losses) with the (K,)"
+        " losses the gradients are of."
+      )
     _check_losses(losses, k, name)
     losses = jnp.asarray(losses, jnp.float32)
-    ema = jnp.where(state.count == 0, losses,
-                    decay * state.ema + (1 - decay) * losses)
+    ema = jnp.where(
+      state.count == 0, losses, decay * state.ema + (1 - decay) * losses
+    )
     weights = adaloss_weighting(gram, losses=ema.astype(gram.dtype), eps=eps)
     return weights, AdaLossState(ema, _stateful.next_count(state.count))
 
   return _engine.from_weighting(
-      _engine.StatefulWeighting(init, apply), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _engine.StatefulWeighting(init, apply),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("adaloss", adaptive_loss_balancing)

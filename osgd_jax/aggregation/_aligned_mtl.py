@@ -18,9 +18,12 @@ ScaleMode = Literal["min", "median", "rmse"]
 _NAME = "aligned_mtl"
 
 
-def aligned_mtl_weighting(gram: jax.Array, *,
-                pref_vector: jax.Array | Sequence[float] | None = None,
-                scale_mode: ScaleMode = "min") -> jax.Array:
+def aligned_mtl_weighting(
+  gram: jax.Array,
+  *,
+  pref_vector: jax.Array | Sequence[float] | None = None,
+  scale_mode: ScaleMode = "min",
+) -> jax.Array:
   """Aligned-MTL: the preference-weighted sum of aligned (orthogonal) gradients.
 
   Aligned-MTL replaces G by ``Ĝ = √λ · U Vᵀ`` (from the SVD ``G = U Σ Vᵀ``
@@ -67,20 +70,22 @@ def aligned_mtl_weighting(gram: jax.Array, *,
     scale = lam[jnp.clip(k - rank + (rank - 1) // 2, 0, k - 1)]
   else:
     scale = kept.sum() / jnp.maximum(rank, 1)
-  inv_sqrt = jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, lam, 1.0)),
-                       0.0)
+  inv_sqrt = jnp.where(
+    nonzero, jax.lax.rsqrt(jnp.where(nonzero, lam, 1.0)), 0.0
+  )
   balance = jnp.sqrt(jnp.where(rank > 0, scale, 1.0)) * (
-      (vec * inv_sqrt) @ vec.T)
+    (vec * inv_sqrt) @ vec.T
+  )
   balance = jnp.where(rank > 0, balance, jnp.eye(k, dtype=gram.dtype))
   return balance @ p
 
 
 def aligned_mtl(
-    pref_vector: Sequence[float] | jax.Array | None = None,
-    scale_mode: ScaleMode = "min",
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  pref_vector: Sequence[float] | jax.Array | None = None,
+  scale_mode: ScaleMode = "min",
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Aligned-MTL: the preference-weighted sum of the aligned gradients.
 
@@ -122,10 +127,13 @@ def aligned_mtl(
   _checks.check_pref_vector(pref_vector, num_exits, _NAME)
   _checks.check_choice(scale_mode, "scale_mode", _NAME, ScaleMode)
   return _engine.from_weighting(
-      functools.partial(aligned_mtl_weighting, pref_vector=pref_vector,
-                        scale_mode=scale_mode),
-      num_exits=num_exits, granularity=granularity, name=_NAME)
+    functools.partial(
+      aligned_mtl_weighting, pref_vector=pref_vector, scale_mode=scale_mode
+    ),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=_NAME,
+  )
 
 
-_registry.register("aligned-mtl", aligned_mtl,
-                   weighting=aligned_mtl_weighting)
+_registry.register("aligned-mtl", aligned_mtl, weighting=aligned_mtl_weighting)

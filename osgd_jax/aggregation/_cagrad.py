@@ -13,10 +13,15 @@ from osgd_jax.aggregation import _checks, _engine, _qp, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
-def cagrad_weighting(gram: jax.Array, *, c: float | jax.Array = 0.4,
-           norm_eps: float | jax.Array = 1e-4, bisections: int = 40,
-           max_iter: int = 100, tol: float | jax.Array = _qp.DEFAULT_TOL
-           ) -> jax.Array:
+def cagrad_weighting(
+  gram: jax.Array,
+  *,
+  c: float | jax.Array = 0.4,
+  norm_eps: float | jax.Array = 1e-4,
+  bisections: int = 40,
+  max_iter: int = 100,
+  tol: float | jax.Array = _qp.DEFAULT_TOL,
+) -> jax.Array:
   """CAGrad: the best worst-case improvement in a ball around the mean.
 
   Conflict-averse gradient descent looks for the direction d, within
@@ -63,7 +68,7 @@ def cagrad_weighting(gram: jax.Array, *, c: float | jax.Array = 0.4,
   dtype = gram.dtype
   mean_w = jnp.full((k,), 1.0 / k, dtype)
   m = gram * gram_lib.safe_inverse(jnp.trace(gram))
-  b = m @ mean_w                                   # ⟨g_k, g_0⟩
+  b = m @ mean_w  # ⟨g_k, g_0⟩
   g0_sq = jnp.maximum(mean_w @ b, 0.0)
   radius = jnp.asarray(c, dtype) * jnp.sqrt(g0_sq)  # c ‖g_0‖
   positive = radius > 0
@@ -74,7 +79,7 @@ def cagrad_weighting(gram: jax.Array, *, c: float | jax.Array = 0.4,
     # homogeneous: on 1ᵀw = 1, bᵀw = (bᵀw)(1ᵀw) and κ = κ (1ᵀw)²; κ = 2a²‖g_0‖²
     # makes the form positive definite there (⟨b, w⟩ ≤ ‖g_0‖ ‖g_w‖).
     a = t * gram_lib.safe_inverse(radius)
-    q = (m + a * (b[:, None] + b[None, :]) + 2.0 * a * a * g0_sq * ones)
+    q = m + a * (b[:, None] + b[None, :]) + 2.0 * a * a * g0_sq * ones
     w = _qp.min_norm_point(q, max_iter=max_iter, tol=tol)
     return w, w @ (m @ w)
 
@@ -89,9 +94,9 @@ def cagrad_weighting(gram: jax.Array, *, c: float | jax.Array = 0.4,
     # F's envelope in t decreases while ‖g_w(t)‖ > t.
     return jnp.where(q > t * t, mid, lo), jnp.where(q > t * t, hi, mid)
 
-  lo, hi = jax.lax.fori_loop(0, bisections, bisect,
-                             (log_hi + jnp.log(jnp.asarray(1e-8, dtype)),
-                              log_hi))
+  lo, hi = jax.lax.fori_loop(
+    0, bisections, bisect, (log_hi + jnp.log(jnp.asarray(1e-8, dtype)), log_hi)
+  )
   w, q = inner(jnp.exp(0.5 * (lo + hi)))
   norm_w = jnp.sqrt(jnp.maximum(q, 0.0))
   found = positive & (norm_w >= norm_eps)
@@ -101,14 +106,14 @@ def cagrad_weighting(gram: jax.Array, *, c: float | jax.Array = 0.4,
 
 
 def cagrad(
-    c: float = 0.4,
-    norm_eps: float = 1e-4,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    bisections: int = 40,
-    max_iter: int = 100,
-    tol: float = _qp.DEFAULT_TOL,
+  c: float = 0.4,
+  norm_eps: float = 1e-4,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  bisections: int = 40,
+  max_iter: int = 100,
+  tol: float = _qp.DEFAULT_TOL,
 ) -> optax.GradientTransformationExtraArgs:
   """CAGrad: the best worst-case improvement within a ball around the mean.
 
@@ -152,9 +157,18 @@ def cagrad(
   _checks.check_positive_int(bisections, "bisections", name)
   _checks.check_qp_options(max_iter, tol, name)
   return _engine.from_weighting(
-      functools.partial(cagrad_weighting, c=c, norm_eps=norm_eps,
-                        bisections=bisections, max_iter=max_iter, tol=tol),
-      num_exits=num_exits, granularity=granularity, name=name)
+    functools.partial(
+      cagrad_weighting,
+      c=c,
+      norm_eps=norm_eps,
+      bisections=bisections,
+      max_iter=max_iter,
+      tol=tol,
+    ),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("cagrad", cagrad, weighting=cagrad_weighting)

@@ -37,7 +37,8 @@ def check_choice(value: Any, name: str, owner: str, choices: Any) -> None:
   allowed = get_args(choices)
   if value not in allowed:
     raise ValueError(
-        f"{owner}: {name} must be one of {allowed}, got {value!r}.")
+      f"{owner}: {name} must be one of {allowed}, got {value!r}."
+    )
 
 
 def check_granularity(granularity: Any, owner: str) -> None:
@@ -61,11 +62,15 @@ def check_positive_int(value: Any, name: str, owner: str) -> int:
     >>> check_positive_int(3, "max_iter", "mgda")
     3
   """
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < 1):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < 1
+  ):
     raise ValueError(
-        f"{owner}: {name} must be a positive int, got {value!r}. Under"
-        f" optax.inject_hyperparams pass static_args=({name!r},).")
+      f"{owner}: {name} must be a positive int, got {value!r}. Under"
+      f" optax.inject_hyperparams pass static_args=({name!r},)."
+    )
   return int(value)
 
 
@@ -76,11 +81,15 @@ def check_count(value: Any, name: str, owner: str) -> int:
     >>> check_count(0, "n_byzantine", "krum")
     0
   """
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < 0):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < 0
+  ):
     raise ValueError(
-        f"{owner}: {name} must be an int >= 0, got {value!r}. Under"
-        f" optax.inject_hyperparams pass static_args=({name!r},).")
+      f"{owner}: {name} must be an int >= 0, got {value!r}. Under"
+      f" optax.inject_hyperparams pass static_args=({name!r},)."
+    )
   return int(value)
 
 
@@ -119,7 +128,8 @@ def check_nonnegative(value: Any, name: str, owner: str) -> None:
   """
   if is_checkable_number(value) and not (np.isfinite(value) and value >= 0):
     raise ValueError(
-        f"{owner}: {name} must be a finite number >= 0, got {value!r}.")
+      f"{owner}: {name} must be a finite number >= 0, got {value!r}."
+    )
 
 
 def check_positive(value: Any, name: str, owner: str) -> None:
@@ -130,7 +140,8 @@ def check_positive(value: Any, name: str, owner: str) -> None:
   """
   if is_checkable_number(value) and not (np.isfinite(value) and value > 0):
     raise ValueError(
-        f"{owner}: {name} must be a finite number > 0, got {value!r}.")
+      f"{owner}: {name} must be a finite number > 0, got {value!r}."
+    )
 
 
 def check_qp_options(max_iter: Any, tol: Any, owner: str) -> None:
@@ -154,15 +165,18 @@ def check_pref_vector(pref_vector: Any, num_exits: int, owner: str) -> None:
   # An array (injected by optax.inject_hyperparams, maybe traced) has a
   # shape to check but perhaps no values.
   finite = isinstance(pref_vector, jax.Array) or np.all(
-      np.isfinite(np.asarray(pref_vector, np.float64)))
+    np.isfinite(np.asarray(pref_vector, np.float64))
+  )
   if np.shape(pref_vector) != (num_exits,) or not finite:
     raise ValueError(
-        f"{owner}: pref_vector must be {num_exits} finite numbers (one per"
-        f" exit, num_exits={num_exits}), got {pref_vector!r}.")
+      f"{owner}: pref_vector must be {num_exits} finite numbers (one per"
+      f" exit, num_exits={num_exits}), got {pref_vector!r}."
+    )
 
 
-def preference(gram: jax.Array, pref_vector: jax.Array | Sequence[float] | None,
-               owner: str) -> jax.Array:
+def preference(
+  gram: jax.Array, pref_vector: jax.Array | Sequence[float] | None, owner: str
+) -> jax.Array:
   """``pref_vector`` as ``(K,)`` in the Gram's dtype; ``None``: ``1/K`` each.
 
   The check a weighting makes when it is traced, where K is first known.
@@ -177,9 +191,10 @@ def preference(gram: jax.Array, pref_vector: jax.Array | Sequence[float] | None,
     return jnp.full((k,), 1.0 / k, gram.dtype)
   if np.shape(pref_vector) != (k,):
     raise ValueError(
-        f"{owner} got pref_vector of shape {np.shape(pref_vector)}, but the"
-        f" gradients have K={k} exits; pass one preference per exit, shape"
-        f" ({k},).")
+      f"{owner} got pref_vector of shape {np.shape(pref_vector)}, but the"
+      f" gradients have K={k} exits; pass one preference per exit, shape"
+      f" ({k},)."
+    )
   return jnp.asarray(pref_vector, gram.dtype)
 
 
@@ -195,9 +210,10 @@ def check_num_exits(num_exits: Any, owner: str) -> int:
   """
   if num_exits is None:
     raise ValueError(
-        f"{owner} needs num_exits=K, the number of exits (the leading axis of"
-        " the stacked gradients): its state holds (K,) diagnostics whose"
-        " shapes are fixed at init, so that lax.scan over steps and"
-        f" restoring a checkpoint onto tx.init(params) work; e.g."
-        f" {owner}(num_exits=4).")
+      f"{owner} needs num_exits=K, the number of exits (the leading axis of"
+      " the stacked gradients): its state holds (K,) diagnostics whose"
+      " shapes are fixed at init, so that lax.scan over steps and"
+      f" restoring a checkpoint onto tx.init(params) work; e.g."
+      f" {owner}(num_exits=4)."
+    )
   return check_positive_int(num_exits, "num_exits", owner)

@@ -14,9 +14,9 @@ from osgd_jax.aggregation import _checks, _engine, _linalg, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
-def config_weighting(gram: jax.Array, *,
-           pref_vector: jax.Array | Sequence[float] | None = None
-           ) -> jax.Array:
+def config_weighting(
+  gram: jax.Array, *, pref_vector: jax.Array | Sequence[float] | None = None
+) -> jax.Array:
   """ConFIG: the conflict-free direction with equal cosines to every gradient.
 
   The direction v solves ``Ĝ v = p`` in the least-squares sense of minimum
@@ -50,23 +50,29 @@ def config_weighting(gram: jax.Array, *,
 
   """
   k = gram.shape[-1]
-  p = (jnp.ones((k,), gram.dtype) if pref_vector is None
-       else _checks.preference(gram, pref_vector, "config"))
+  p = (
+    jnp.ones((k,), gram.dtype)
+    if pref_vector is None
+    else _checks.preference(gram, pref_vector, "config")
+  )
   norms, corr = gram_lib.gram_statistics(gram)
   lam, vec, keep = _linalg.psd_eigh(corr)
   beta = _linalg.pinv_apply(lam, vec, keep, p)
   c_beta = corr @ beta
-  v_sq = beta @ c_beta                          # ‖v‖²
-  length_times_norm = norms @ c_beta            # Σ_i ⟨g_i, v⟩
-  return (length_times_norm * gram_lib.safe_inverse(v_sq)) * beta * (
-      gram_lib.safe_inverse(norms))
+  v_sq = beta @ c_beta  # ‖v‖²
+  length_times_norm = norms @ c_beta  # Σ_i ⟨g_i, v⟩
+  return (
+    (length_times_norm * gram_lib.safe_inverse(v_sq))
+    * beta
+    * (gram_lib.safe_inverse(norms))
+  )
 
 
 def config(
-    pref_vector: Sequence[float] | jax.Array | None = None,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  pref_vector: Sequence[float] | jax.Array | None = None,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """ConFIG: a conflict-free direction with equal cosines to every gradient.
 
@@ -99,8 +105,11 @@ def config(
   num_exits = _checks.check_num_exits(num_exits, name)
   _checks.check_pref_vector(pref_vector, num_exits, name)
   return _engine.from_weighting(
-      functools.partial(config_weighting, pref_vector=pref_vector),
-      num_exits=num_exits, granularity=granularity, name=name)
+    functools.partial(config_weighting, pref_vector=pref_vector),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("config", config, weighting=config_weighting)

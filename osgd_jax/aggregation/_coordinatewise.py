@@ -41,11 +41,11 @@ class CoordinateState(NamedTuple):
 
 
 def coordinatewise(
-    combine: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
-    *,
-    num_exits: int | None,
-    seed: int | None,
-    name: str,
+  combine: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
+  *,
+  num_exits: int | None,
+  seed: int | None,
+  name: str,
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation applying ``combine(leaf, key) -> (update, multipliers)``.
 
@@ -60,8 +60,8 @@ def coordinatewise(
     key_data = () if seed is None else _stateful.seed_key_data(seed)
     zeros = jnp.zeros((k,), _engine.DIAGNOSTICS_DTYPE)
     return CoordinateState(
-        zeros, zeros, jnp.zeros((k, k), _engine.DIAGNOSTICS_DTYPE),
-        key_data)
+      zeros, zeros, jnp.zeros((k, k), _engine.DIAGNOSTICS_DTYPE), key_data
+    )
 
   def apply_fn(stacked, state, **extra_args):
     del extra_args
@@ -75,20 +75,26 @@ def coordinatewise(
     outs = []
     multipliers = jnp.zeros((num_exits,), stacked.compute_dtype)
     for i, leaf in enumerate(stacked.leaves):
-      leaf_key = (None if seed is None
-                  else jax.random.fold_in(subkey, i))
+      leaf_key = None if seed is None else jax.random.fold_in(subkey, i)
       leaf = leaf.astype(stacked.compute_dtype)
       out, summed = combine(leaf, leaf_key)
       # A non-finite gradient is not hidden (GradDrop's mask would drop
       # it): its coordinates' update is non-finite too.
-      out = jnp.where(jnp.all(jnp.isfinite(leaf), axis=0), out,
-                      leaf.sum(axis=0))
+      out = jnp.where(
+        jnp.all(jnp.isfinite(leaf), axis=0), out, leaf.sum(axis=0)
+      )
       outs.append(out.astype(stacked.leaves[i].dtype))
       multipliers = multipliers + summed
     weights = multipliers / max(sum(stacked.sizes), 1)
-    return (jax.tree.unflatten(stacked.treedef, outs),
-            CoordinateState(_engine.as_diagnostic(weights),
-                            *_engine.gram_diagnostics(stacked), key_data))
+    return (
+      jax.tree.unflatten(stacked.treedef, outs),
+      CoordinateState(
+        _engine.as_diagnostic(weights),
+        *_engine.gram_diagnostics(stacked),
+        key_data,
+      ),
+    )
 
-  return _engine.stacked_transformation(init_fn, apply_fn,
-                                       num_exits=num_exits, name=name)
+  return _engine.stacked_transformation(
+    init_fn, apply_fn, num_exits=num_exits, name=name
+  )

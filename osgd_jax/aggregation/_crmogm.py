@@ -28,11 +28,11 @@ class CRMOGMState(NamedTuple):
 
 
 def crmogm(
-    weighting: str | Weighting | _engine.StatefulWeighting = "upgrad",
-    alpha: float = 0.9,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  weighting: str | Weighting | _engine.StatefulWeighting = "upgrad",
+  alpha: float = 0.9,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """CR-MOGM: any weighting's weights, smoothed by an EMA across steps.
 
@@ -78,24 +78,33 @@ def crmogm(
   _checks.check_unit_interval(alpha, "alpha", name)
   if isinstance(weighting, str):
     weighting = _registry.weighting(weighting)
-  inner = (weighting if isinstance(weighting, _engine.StatefulWeighting)
-           else _engine.stateless(weighting))
+  inner = (
+    weighting
+    if isinstance(weighting, _engine.StatefulWeighting)
+    else _engine.stateless(weighting)
+  )
 
   def init(k):
-    return CRMOGMState(jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.int32),
-                       inner.init(k))
+    return CRMOGMState(
+      jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.int32), inner.init(k)
+    )
 
   def apply(gram, state: CRMOGMState, **extra_args):
     fresh, inner_state = inner.apply(gram, state.inner, **extra_args)
     previous = state.smoothed.astype(gram.dtype)
-    weights = jnp.where(state.count == 0, fresh,
-                        alpha * previous + (1.0 - alpha) * fresh)
-    return weights, CRMOGMState(weights, _stateful.next_count(state.count),
-                                inner_state)
+    weights = jnp.where(
+      state.count == 0, fresh, alpha * previous + (1.0 - alpha) * fresh
+    )
+    return weights, CRMOGMState(
+      weights, _stateful.next_count(state.count), inner_state
+    )
 
   return _engine.from_weighting(
-      _engine.StatefulWeighting(init, apply), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _engine.StatefulWeighting(init, apply),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("crmogm", crmogm)

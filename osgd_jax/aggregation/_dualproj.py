@@ -13,10 +13,13 @@ from osgd_jax.aggregation import _checks, _engine, _qp, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
-def dualproj_weighting(gram: jax.Array, *,
-             pref_vector: jax.Array | Sequence[float] | None = None,
-             max_iter: int = 100,
-             tol: float | jax.Array = _qp.DEFAULT_TOL) -> jax.Array:
+def dualproj_weighting(
+  gram: jax.Array,
+  *,
+  pref_vector: jax.Array | Sequence[float] | None = None,
+  max_iter: int = 100,
+  tol: float | jax.Array = _qp.DEFAULT_TOL,
+) -> jax.Array:
   """DualProj: the mean gradient, projected onto the dual cone of all of them.
 
   The preference-weighted sum ``pᵀ G`` (the mean by default) is projected
@@ -49,17 +52,21 @@ def dualproj_weighting(gram: jax.Array, *,
   """
   norms, corr = gram_lib.gram_statistics(gram)
   return _qp.project_onto_dual_cone(
-      norms, corr, _checks.preference(gram, pref_vector, "dualproj"),
-      max_iter=max_iter, tol=tol)
+    norms,
+    corr,
+    _checks.preference(gram, pref_vector, "dualproj"),
+    max_iter=max_iter,
+    tol=tol,
+  )
 
 
 def dualproj(
-    pref_vector: Sequence[float] | jax.Array | None = None,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    max_iter: int = 100,
-    tol: float = _qp.DEFAULT_TOL,
+  pref_vector: Sequence[float] | jax.Array | None = None,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  max_iter: int = 100,
+  tol: float = _qp.DEFAULT_TOL,
 ) -> optax.GradientTransformationExtraArgs:
   """DualProj: the mean gradient projected onto the dual cone of all of them.
 
@@ -103,9 +110,13 @@ def dualproj(
   _checks.check_pref_vector(pref_vector, num_exits, name)
   _checks.check_qp_options(max_iter, tol, name)
   return _engine.from_weighting(
-      functools.partial(dualproj_weighting, pref_vector=pref_vector,
-                        max_iter=max_iter, tol=tol),
-      num_exits=num_exits, granularity=granularity, name=name)
+    functools.partial(
+      dualproj_weighting, pref_vector=pref_vector, max_iter=max_iter, tol=tol
+    ),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("dualproj", dualproj, weighting=dualproj_weighting)

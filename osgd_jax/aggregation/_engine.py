@@ -139,46 +139,57 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
   for path, leaf in flat:
     if not hasattr(leaf, "shape") or np.ndim(leaf) == 0:
       raise ValueError(
-          f"{name} expects every gradient leaf stacked as (K, *param.shape),"
-          f" but leaf {_leaf_name(path)} is a scalar. Compute the gradients"
-          " with osgd_jax.value_and_per_exit_grads.")
+        f"{name} expects every gradient leaf stacked as (K, *param.shape),"
+        f" but leaf {_leaf_name(path)} is a scalar. Compute the gradients"
+        " with osgd_jax.value_and_per_exit_grads."
+      )
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise ValueError(
-          f"gradient leaf {_leaf_name(path)} has non-float dtype {leaf.dtype};"
-          " gradients are floating point.")
+        f"gradient leaf {_leaf_name(path)} has non-float dtype {leaf.dtype};"
+        " gradients are floating point."
+      )
     if leaf.shape[0] != first.shape[0]:
       raise ValueError(
-          f"all gradient leaves must share the leading exit axis K, but leaf"
-          f" {_leaf_name(first_path)} has K={first.shape[0]} and leaf"
-          f" {_leaf_name(path)} has K={leaf.shape[0]}.")
+        f"all gradient leaves must share the leading exit axis K, but leaf"
+        f" {_leaf_name(first_path)} has K={first.shape[0]} and leaf"
+        f" {_leaf_name(path)} has K={leaf.shape[0]}."
+      )
   if first.shape[0] == 0:
     raise ValueError(
-        f"gradient leaf {_leaf_name(first_path)} has K=0 exits; stacked"
-        " gradients need at least one row.")
+      f"gradient leaf {_leaf_name(first_path)} has K=0 exits; stacked"
+      " gradients need at least one row."
+    )
   return first.shape[0]
 
 
-def _check_against_params(flat: list[tuple[Any, Any]], treedef: Any,
-                          params: Any) -> None:
+def _check_against_params(
+  flat: list[tuple[Any, Any]], treedef: Any, params: Any
+) -> None:
   flat_params, params_treedef = jax.tree_util.tree_flatten_with_path(params)
   if params_treedef != treedef:
     raise ValueError(
-        "the stacked gradients and params have different tree structures:"
-        f" {treedef} vs {params_treedef}. Pass the params the gradients were"
-        " taken with respect to.")
-  for (path, leaf), (_, param) in zip(flat, flat_params):
+      "the stacked gradients and params have different tree structures:"
+      f" {treedef} vs {params_treedef}. Pass the params the gradients were"
+      " taken with respect to."
+    )
+  for (path, leaf), (_, param) in zip(flat, flat_params, strict=True):
     if tuple(leaf.shape[1:]) != tuple(np.shape(param)):
       shape = ", ".join(map(str, np.shape(param)))
       raise ValueError(
-          f"gradient leaf {_leaf_name(path)} has shape {tuple(leaf.shape)},"
-          f" expected (K, *param.shape) = (K, {shape}) for its parameter."
-          " Stack per-exit gradients on a new leading axis"
-          " (osgd_jax.value_and_per_exit_grads does).")
+        f"gradient leaf {_leaf_name(path)} has shape {tuple(leaf.shape)},"
+        f" expected (K, *param.shape) = (K, {shape}) for its parameter."
+        " Stack per-exit gradients on a new leading axis"
+        " (osgd_jax.value_and_per_exit_grads does)."
+      )
 
 
-def read_stacked(updates: optax.Updates, *, num_exits: int,
-                 params: optax.Params | None = None,
-                 name: str) -> StackedGradients | None:
+def read_stacked(
+  updates: optax.Updates,
+  *,
+  num_exits: int,
+  params: optax.Params | None = None,
+  name: str,
+) -> StackedGradients | None:
   """Checks stacked gradients and forms every leaf's Gram matrix.
 
   Args:
@@ -209,15 +220,21 @@ def read_stacked(updates: optax.Updates, *, num_exits: int,
   k = _check_leaves(flat, name)
   if k != num_exits:
     raise ValueError(
-        f"the stacked gradients have K={k} exits but {name} was built with"
-        f" num_exits={num_exits}; build it with num_exits={k}.")
+      f"the stacked gradients have K={k} exits but {name} was built with"
+      f" num_exits={num_exits}; build it with num_exits={k}."
+    )
   if params is not None:
     _check_against_params(flat, treedef, params)
   leaves = [leaf for _, leaf in flat]
   compute_dtype = jnp.result_type(jnp.float32, *[leaf.dtype for leaf in leaves])
   sizes = tuple(math.prod(leaf.shape[1:]) for leaf in leaves)
-  return StackedGradients(leaves, treedef, sizes, compute_dtype,
-                          gram_lib.gram_matrices(leaves, compute_dtype))
+  return StackedGradients(
+    leaves,
+    treedef,
+    sizes,
+    compute_dtype,
+    gram_lib.gram_matrices(leaves, compute_dtype),
+  )
 
 
 def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
@@ -231,8 +248,9 @@ def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
   return grams.sum(axis=0, keepdims=True) if granularity == "global" else grams
 
 
-def combine(stacked: StackedGradients, weights: jax.Array,
-            granularity: Granularity) -> optax.Updates:
+def combine(
+  stacked: StackedGradients, weights: jax.Array, granularity: Granularity
+) -> optax.Updates:
   """``Σ_k w_k g_k`` for every leaf, in the structure and dtypes of the input.
 
   Args:
@@ -251,14 +269,17 @@ def combine(stacked: StackedGradients, weights: jax.Array,
   """
   shared = granularity == "global"
   outs = [
-      gram_lib.weighted_sum(weights[0 if shared else i], leaf,
-                            stacked.compute_dtype).astype(leaf.dtype)
-      for i, leaf in enumerate(stacked.leaves)]
+    gram_lib.weighted_sum(
+      weights[0 if shared else i], leaf, stacked.compute_dtype
+    ).astype(leaf.dtype)
+    for i, leaf in enumerate(stacked.leaves)
+  ]
   return jax.tree.unflatten(stacked.treedef, outs)
 
 
-def size_weighted_mean(per_group: jax.Array, sizes: tuple[int, ...]
-                       ) -> jax.Array:
+def size_weighted_mean(
+  per_group: jax.Array, sizes: tuple[int, ...]
+) -> jax.Array:
   """Averages ``(G, ...)`` per-group values, weighting leaves by their size.
 
   With one group (``granularity="global"``) it is that group's value.
@@ -279,15 +300,15 @@ def as_diagnostic(x: jax.Array) -> jax.Array:
   return x.astype(DIAGNOSTICS_DTYPE)
 
 
-def gram_diagnostics(stacked: StackedGradients
-                     ) -> tuple[jax.Array, jax.Array]:
+def gram_diagnostics(stacked: StackedGradients) -> tuple[jax.Array, jax.Array]:
   """``(exit_norms, cosine)`` over all parameters, in the state's dtype."""
   exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
   return as_diagnostic(exit_norms), as_diagnostic(cosine)
 
 
-def diagnostics(stacked: StackedGradients, weights: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def diagnostics(
+  stacked: StackedGradients, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The diagnostics every aggregation state holds, in the state's dtype.
 
   Args:
@@ -301,8 +322,9 @@ def diagnostics(stacked: StackedGradients, weights: jax.Array
   return (as_diagnostic(mean_weights), *gram_diagnostics(stacked))
 
 
-def init_weighting_state(weighting: StatefulWeighting, num_exits: int,
-                         groups: int) -> Any:
+def init_weighting_state(
+  weighting: StatefulWeighting, num_exits: int, groups: int
+) -> Any:
   """One copy of the weighting's initial state per group, stacked.
 
   Example:
@@ -313,17 +335,18 @@ def init_weighting_state(weighting: StatefulWeighting, num_exits: int,
   """
   one = weighting.init(num_exits)
   return jax.tree.map(
-      lambda x: jnp.broadcast_to(jnp.asarray(x), (groups,) + jnp.shape(x)),
-      one)
+    lambda x: jnp.broadcast_to(jnp.asarray(x), (groups,) + jnp.shape(x)), one
+  )
 
 
 def _check_groups(weighting_state: Any, groups: int, name: str) -> None:
   for leaf in jax.tree.leaves(weighting_state):
     if leaf.shape[0] != groups:
       raise ValueError(
-          f"{name}'s state holds the weighting's state for {leaf.shape[0]}"
-          f" groups but the gradients form {groups}; initialise the state"
-          " with tx.init(params) for the params these gradients are of.")
+        f"{name}'s state holds the weighting's state for {leaf.shape[0]}"
+        f" groups but the gradients form {groups}; initialise the state"
+        " with tx.init(params) for the params these gradients are of."
+      )
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -337,24 +360,27 @@ def all_finite(tree: Any) -> jax.Array:
     >>> bool(all_finite({"g": jnp.ones(2), "key": jnp.zeros(2, jnp.uint32)}))
     True
   """
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  checks = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
   """``new`` where ``finite``, else ``old``, leaf by leaf in ``old``'s dtypes."""
   return jax.tree.map(
-      lambda n, o: jnp.where(finite, jnp.asarray(n).astype(o.dtype), o),
-      new, old)
+    lambda n, o: jnp.where(finite, jnp.asarray(n).astype(o.dtype), o), new, old
+  )
 
 
 def stacked_transformation(
-    init_fn: Callable[[optax.Params], Any],
-    apply_fn: Callable[..., tuple[optax.Updates, Any]],
-    *,
-    num_exits: int,
-    name: str,
+  init_fn: Callable[[optax.Params], Any],
+  apply_fn: Callable[..., tuple[optax.Updates, Any]],
+  *,
+  num_exits: int,
+  name: str,
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation whose update starts from checked stacked gradients.
 
@@ -376,8 +402,9 @@ def stacked_transformation(
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope(name):
-      stacked = read_stacked(updates, num_exits=num_exits, params=params,
-                             name=name)
+      stacked = read_stacked(
+        updates, num_exits=num_exits, params=params, name=name
+      )
       if stacked is None:
         return updates, state
       return apply_fn(stacked, state, **extra_args)
@@ -386,11 +413,11 @@ def stacked_transformation(
 
 
 def from_weighting(
-    weighting: Weighting | StatefulWeighting,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    name: str = "from_weighting",
+  weighting: Weighting | StatefulWeighting,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  name: str = "from_weighting",
 ) -> optax.GradientTransformationExtraArgs:
   """Turns a weighting into an Optax transformation of stacked gradients.
 
@@ -445,26 +472,29 @@ def from_weighting(
   if not isinstance(weighting, StatefulWeighting):
     if not callable(weighting):
       raise ValueError(
-          f"{name}: weighting must be a function (K, K) -> (K,) or an"
-          f" osgd_jax.StatefulWeighting, got {type(weighting).__name__}.")
+        f"{name}: weighting must be a function (K, K) -> (K,) or an"
+        f" osgd_jax.StatefulWeighting, got {type(weighting).__name__}."
+      )
     weighting = stateless(weighting)
   stateful: StatefulWeighting = weighting
 
   def init_fn(params):
     k = num_exits
     return AggregationState(
-        weights=jnp.zeros((k,), DIAGNOSTICS_DTYPE),
-        exit_norms=jnp.zeros((k,), DIAGNOSTICS_DTYPE),
-        cosine=jnp.zeros((k, k), DIAGNOSTICS_DTYPE),
-        weighting_state=init_weighting_state(
-            stateful, k, num_groups(params, granularity)))
+      weights=jnp.zeros((k,), DIAGNOSTICS_DTYPE),
+      exit_norms=jnp.zeros((k,), DIAGNOSTICS_DTYPE),
+      cosine=jnp.zeros((k, k), DIAGNOSTICS_DTYPE),
+      weighting_state=init_weighting_state(
+        stateful, k, num_groups(params, granularity)
+      ),
+    )
 
   def apply_fn(stacked, state, **extra_args):
     grams = group_grams(stacked.grams, granularity)
     _check_groups(state.weighting_state, grams.shape[0], name)
     weights, weighting_state = jax.vmap(
-        lambda m, s: stateful.apply(m, s, **extra_args))(
-            grams, state.weighting_state)
+      lambda m, s: stateful.apply(m, s, **extra_args)
+    )(grams, state.weighting_state)
     weights = weights.astype(stacked.compute_dtype)
     new_updates = combine(stacked, weights, granularity)
     mean_weights, exit_norms, cosine = diagnostics(stacked, weights)
@@ -472,10 +502,13 @@ def from_weighting(
     # state (AdaLoss's running losses, ...) as it was: its update is
     # non-finite, so that optax.apply_if_finite later in the chain skips
     # it, and the steps after it start from an unpoisoned state.
-    weighting_state = keep_if_finite(all_finite((grams, extra_args)),
-                                     weighting_state, state.weighting_state)
-    return new_updates, AggregationState(mean_weights, exit_norms, cosine,
-                                         weighting_state)
+    weighting_state = keep_if_finite(
+      all_finite((grams, extra_args)), weighting_state, state.weighting_state
+    )
+    return new_updates, AggregationState(
+      mean_weights, exit_norms, cosine, weighting_state
+    )
 
-  return stacked_transformation(init_fn, apply_fn, num_exits=num_exits,
-                                name=name)
+  return stacked_transformation(
+    init_fn, apply_fn, num_exits=num_exits, name=name
+  )

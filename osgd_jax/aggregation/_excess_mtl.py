@@ -38,10 +38,10 @@ class ExcessMTLState(NamedTuple):
 
 
 def excess_mtl(
-    robust_step_size: float = 1.0,
-    n_warmup_steps: int = 0,
-    *,
-    num_exits: int | None = None,
+  robust_step_size: float = 1.0,
+  n_warmup_steps: int = 0,
+  *,
+  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ExcessMTL: weights that follow the exits' estimated excess risks.
 
@@ -93,56 +93,73 @@ def excess_mtl(
     k = num_exits
     zeros = jnp.zeros((k,), f32)
     return ExcessMTLState(
-        weights=jnp.full((k,), 1.0 / k, f32), exit_norms=zeros,
-        cosine=jnp.zeros((k, k), f32),
-        # Shaped, and on a mesh split, like the stacked gradients.
-        sq_grad_sum=jax.tree.map(
-            lambda p: jnp.broadcast_to(jnp.zeros_like(p, f32)[None],
-                                       (k,) + jnp.shape(p)), params),
-        initial=zeros, warmup_sum=zeros, count=jnp.zeros((), jnp.int32))
+      weights=jnp.full((k,), 1.0 / k, f32),
+      exit_norms=zeros,
+      cosine=jnp.zeros((k, k), f32),
+      # Shaped, and on a mesh split, like the stacked gradients.
+      sq_grad_sum=jax.tree.map(
+        lambda p: jnp.broadcast_to(
+          jnp.zeros_like(p, f32)[None], (k,) + jnp.shape(p)
+        ),
+        params,
+      ),
+      initial=zeros,
+      warmup_sum=zeros,
+      count=jnp.zeros((), jnp.int32),
+    )
 
   def apply_fn(stacked, state, **extra_args):
     del extra_args
     dtype = stacked.compute_dtype
     sq = [leaf.astype(dtype) ** 2 for leaf in stacked.leaves]
-    sums = [s.astype(dtype) + q for s, q in
-            zip(jax.tree.leaves(state.sq_grad_sum), sq)]
-    risk = sum(jnp.sum(q / jnp.sqrt(s + 1e-7), axis=tuple(
-        range(1, q.ndim))) for q, s in zip(sq, sums))
+    sums = [
+      s.astype(dtype) + q
+      for s, q in zip(jax.tree.leaves(state.sq_grad_sum), sq, strict=True)
+    ]
+    risk = sum(
+      jnp.sum(q / jnp.sqrt(s + 1e-7), axis=tuple(range(1, q.ndim)))
+      for q, s in zip(sq, sums, strict=True)
+    )
     count = state.count
     warming = count < n_warmup_steps
     first = count == n_warmup_steps
-    warmup_sum = jnp.where(warming, state.warmup_sum + risk,
-                           state.warmup_sum)
+    warmup_sum = jnp.where(warming, state.warmup_sum + risk, state.warmup_sum)
     if n_warmup_steps > 0:
-      baseline = jnp.where(first, warmup_sum / n_warmup_steps,
-                           state.initial)
+      baseline = jnp.where(first, warmup_sum / n_warmup_steps, state.initial)
       scaled = risk / (baseline + 1e-7)
     else:
       baseline = jnp.where(first, risk, state.initial)
       scaled = jnp.where(first, risk, risk / (baseline + 1e-7))
     weights = state.weights.astype(dtype)
     weights = jnp.where(
-        warming, weights,
-        jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled))
+      warming,
+      weights,
+      jax.nn.softmax(jnp.log(weights) + robust_step_size * scaled),
+    )
     new_updates = _engine.combine(stacked, weights[None], "global")
     exit_norms, cosine = _engine.gram_diagnostics(stacked)
     new_state = ExcessMTLState(
-        weights=weights.astype(f32), exit_norms=exit_norms, cosine=cosine,
-        sq_grad_sum=jax.tree.unflatten(
-            stacked.treedef, [s.astype(f32) for s in sums]),
-        initial=jnp.where(warming, state.initial, baseline).astype(f32),
-        warmup_sum=warmup_sum.astype(f32),
-        count=_stateful.next_count(count))
+      weights=weights.astype(f32),
+      exit_norms=exit_norms,
+      cosine=cosine,
+      sq_grad_sum=jax.tree.unflatten(
+        stacked.treedef, [s.astype(f32) for s in sums]
+      ),
+      initial=jnp.where(warming, state.initial, baseline).astype(f32),
+      warmup_sum=warmup_sum.astype(f32),
+      count=_stateful.next_count(count),
+    )
     # A step with a NaN or Inf gradient leaves the running sums and
     # weights as they were, for optax.apply_if_finite after it.
     finite = _engine.all_finite(stacked.leaves)
     kept = _engine.keep_if_finite(finite, new_state, state)
-    return new_updates, kept._replace(exit_norms=new_state.exit_norms,
-                                      cosine=new_state.cosine)
+    return new_updates, kept._replace(
+      exit_norms=new_state.exit_norms, cosine=new_state.cosine
+    )
 
-  return _engine.stacked_transformation(init_fn, apply_fn,
-                                       num_exits=num_exits, name=name)
+  return _engine.stacked_transformation(
+    init_fn, apply_fn, num_exits=num_exits, name=name
+  )
 
 
 _registry.register("excess-mtl", excess_mtl)

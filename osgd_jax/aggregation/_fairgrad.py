@@ -11,8 +11,9 @@ from osgd_jax.aggregation import _checks, _engine, _linalg, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
-def fairgrad_weighting(gram: jax.Array, *, alpha: float | jax.Array = 1.0,
-             max_iter: int = 50) -> jax.Array:
+def fairgrad_weighting(
+  gram: jax.Array, *, alpha: float | jax.Array = 1.0, max_iter: int = 50
+) -> jax.Array:
   """FairGrad: α-fair weights, the solution of ``M w = w^{-1/α}``, ``w > 0``.
 
   Fair resource allocation in multi-task learning: the update ``d = wᵀ G``
@@ -45,11 +46,11 @@ def fairgrad_weighting(gram: jax.Array, *, alpha: float | jax.Array = 1.0,
 
 
 def fairgrad(
-    alpha: float = 1.0,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    max_iter: int = 50,
+  alpha: float = 1.0,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  max_iter: int = 50,
 ) -> optax.GradientTransformationExtraArgs:
   """FairGrad: α-fair weights, ``M w = w^{-1/α}``, solved by Newton under jit.
 
@@ -85,8 +86,11 @@ def fairgrad(
   _checks.check_nonnegative(alpha, "alpha", name)
   _checks.check_positive_int(max_iter, "max_iter", name)
   return _engine.from_weighting(
-      functools.partial(fairgrad_weighting, alpha=alpha, max_iter=max_iter),
-      num_exits=num_exits, granularity=granularity, name=name)
+    functools.partial(fairgrad_weighting, alpha=alpha, max_iter=max_iter),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("fairgrad", fairgrad, weighting=fairgrad_weighting)

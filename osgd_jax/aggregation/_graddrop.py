@@ -15,10 +15,10 @@ from osgd_jax.aggregation import _checks, _coordinatewise, _registry
 
 
 def graddrop(
-    leak: Sequence[float] | None = None,
-    seed: int = 0,
-    *,
-    num_exits: int | None = None,
+  leak: Sequence[float] | None = None,
+  seed: int = 0,
+  *,
+  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GradDrop: per coordinate, keep one sign, chosen at random by its purity.
 
@@ -61,8 +61,9 @@ def graddrop(
     leaks = np.asarray(leak, np.float64)
     if leaks.shape != (num_exits,) or not np.all((leaks >= 0) & (leaks <= 1)):
       raise ValueError(
-          f"{name}: leak must be {num_exits} numbers in [0, 1] (one per exit,"
-          f" num_exits={num_exits}), got {leak!r}.")
+        f"{name}: leak must be {num_exits} numbers in [0, 1] (one per exit,"
+        f" num_exits={num_exits}), got {leak!r}."
+      )
 
   def combine(leaf, key):
     k = leaf.shape[0]
@@ -71,8 +72,9 @@ def graddrop(
     # which XLA:CPU runs far faster than a reduction over the leading axis.
     rows = [leaf[i] for i in range(k)]
     total = functools.reduce(jnp.add, [jnp.abs(r) for r in rows])
-    purity = 0.5 * (1.0 + functools.reduce(jnp.add, rows)
-                    * gram_lib.safe_inverse(total))
+    purity = 0.5 * (
+      1.0 + functools.reduce(jnp.add, rows) * gram_lib.safe_inverse(total)
+    )
     u = jax.random.uniform(key, leaf.shape[1:], leaf.dtype)
     above, below = purity > u, purity < u
     update, summed = jnp.zeros_like(total), []
@@ -83,7 +85,9 @@ def graddrop(
       summed.append(multiplier.sum())
     return update, jnp.stack(summed)
 
-  return _coordinatewise.coordinatewise(combine, num_exits=num_exits, seed=seed, name=name)
+  return _coordinatewise.coordinatewise(
+    combine, num_exits=num_exits, seed=seed, name=name
+  )
 
 
 _registry.register("graddrop", graddrop)

@@ -12,9 +12,14 @@ from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
-def gradvac_weighting(gram: jax.Array, *, target: jax.Array, key: jax.Array,
-            beta: float | jax.Array = 0.5, eps: float | jax.Array = 1e-8
-            ) -> tuple[jax.Array, jax.Array]:
+def gradvac_weighting(
+  gram: jax.Array,
+  *,
+  target: jax.Array,
+  key: jax.Array,
+  beta: float | jax.Array = 0.5,
+  eps: float | jax.Array = 1e-8,
+) -> tuple[jax.Array, jax.Array]:
   """Gradient Vaccine: raises every pair's cosine to its running target.
 
   As :func:`pcgrad`, every task (exit) i visits the others j in a random
@@ -61,8 +66,8 @@ def gradvac_weighting(gram: jax.Array, *, target: jax.Array, key: jax.Array,
 
   def visit(position, carry):
     coeff, target = carry
-    j = orders[:, position]                        # task i's next other task
-    cg = coeff @ gram                              # row i: ⟨g_i^GV, g_m⟩
+    j = orders[:, position]  # task i's next other task
+    cg = coeff @ gram  # row i: ⟨g_i^GV, g_m⟩
     dots = jnp.take_along_axis(cg, j[:, None], axis=1)[:, 0]
     norm_i = jnp.sqrt(jnp.maximum(jnp.sum(cg * coeff, axis=-1), 0.0))
     norm_j = norms[j]
@@ -71,15 +76,17 @@ def gradvac_weighting(gram: jax.Array, *, target: jax.Array, key: jax.Array,
     other = j != tasks
     sin_phi = jnp.sqrt(jnp.maximum(1.0 - phi * phi, 0.0))
     sin_hat = jnp.sqrt(jnp.maximum(1.0 - phi_hat * phi_hat, 0.0))
-    step = norm_i * (phi_hat * sin_phi - phi * sin_hat) / (
-        norm_j * sin_hat + eps)
+    step = (
+      norm_i * (phi_hat * sin_phi - phi * sin_hat) / (norm_j * sin_hat + eps)
+    )
     step = jnp.where(other & (phi < phi_hat), step, 0.0)
     coeff = coeff + step[:, None] * jax.nn.one_hot(j, k, dtype=gram.dtype)
     new_hat = jnp.where(other, (1.0 - beta) * phi_hat + beta * phi, phi_hat)
     return coeff, target.at[tasks, j].set(new_hat)
 
   coeff, target = jax.lax.fori_loop(
-      0, k, visit, (jnp.eye(k, dtype=gram.dtype), target))
+    0, k, visit, (jnp.eye(k, dtype=gram.dtype), target)
+  )
   return coeff.sum(axis=0), target
 
 
@@ -98,12 +105,12 @@ class GradVacState(NamedTuple):
 
 
 def gradvac(
-    beta: float = 0.5,
-    eps: float = 1e-8,
-    seed: int = 0,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  beta: float = 0.5,
+  eps: float = 1e-8,
+  seed: int = 0,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient Vaccine: every pair's cosine raised to a running target.
 
@@ -148,20 +155,28 @@ def gradvac(
   _checks.check_nonnegative(eps, "eps", name)
 
   def init(k):
-    return GradVacState(jnp.zeros((k, k), jnp.float32),
-                        _stateful.seed_key_data(seed))
+    return GradVacState(
+      jnp.zeros((k, k), jnp.float32), _stateful.seed_key_data(seed)
+    )
 
   def apply(gram, state: GradVacState, **extra_args):
     del extra_args
     key_data, subkey = _stateful.split_key_data(state.key_data)
     weights, target = gradvac_weighting(
-        gram, target=state.target.astype(gram.dtype), key=subkey, beta=beta,
-        eps=eps)
+      gram,
+      target=state.target.astype(gram.dtype),
+      key=subkey,
+      beta=beta,
+      eps=eps,
+    )
     return weights, GradVacState(target, key_data)
 
   return _engine.from_weighting(
-      _engine.StatefulWeighting(init, apply), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _engine.StatefulWeighting(init, apply),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("gradvac", gradvac)

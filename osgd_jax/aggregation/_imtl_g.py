@@ -51,21 +51,23 @@ def imtl_g_weighting(gram: jax.Array) -> jax.Array:
   norms, corr = gram_lib.gram_statistics(gram)
   lam_c, vec_c, keep_c = _linalg.psd_eigh(corr)
   rows = norms > 0
-  equilibrated = _linalg.pinv_apply(lam_c, vec_c, keep_c, rows.astype(gram.dtype)
-                            ) * gram_lib.safe_inverse(norms)
+  equilibrated = _linalg.pinv_apply(
+    lam_c, vec_c, keep_c, rows.astype(gram.dtype)
+  ) * gram_lib.safe_inverse(norms)
   lam, vec, keep = _linalg.psd_eigh(gram)
   direct = _linalg.pinv_apply(lam, vec, keep, norms)
   v = jnp.where(keep_c.sum() == rows.sum(), equilibrated, direct)
   total = v.sum()
   degenerate = jnp.abs(total) <= (
-      gram.shape[-1] * jnp.finfo(gram.dtype).eps * jnp.abs(v).sum())
+    gram.shape[-1] * jnp.finfo(gram.dtype).eps * jnp.abs(v).sum()
+  )
   return jnp.where(degenerate, 0.0, v / jnp.where(degenerate, 1.0, total))
 
 
 def imtl_g(
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """IMTL-G: the update with equal projections on every exit's unit gradient.
 
@@ -100,8 +102,11 @@ def imtl_g(
     https://arxiv.org/abs/2406.16232
   """
   return _engine.from_weighting(
-      imtl_g_weighting, num_exits=num_exits, granularity=granularity,
-      name="imtl_g")
+    imtl_g_weighting,
+    num_exits=num_exits,
+    granularity=granularity,
+    name="imtl_g",
+  )
 
 
 _registry.register("imtl-g", imtl_g, weighting=imtl_g_weighting)

@@ -17,13 +17,15 @@ _NAME = "krum"
 def _check_sizes(num_exits: int, n_byzantine: int, n_selected: int) -> None:
   if num_exits < n_byzantine + 3 or num_exits < n_selected:
     raise ValueError(
-        f"{_NAME} with n_byzantine={n_byzantine} and n_selected={n_selected}"
-        f" needs num_exits >= {max(n_byzantine + 3, n_selected)}, got"
-        f" num_exits={num_exits}; lower n_byzantine or n_selected.")
+      f"{_NAME} with n_byzantine={n_byzantine} and n_selected={n_selected}"
+      f" needs num_exits >= {max(n_byzantine + 3, n_selected)}, got"
+      f" num_exits={num_exits}; lower n_byzantine or n_selected."
+    )
 
 
-def krum_weighting(gram: jax.Array, *, n_byzantine: int, n_selected: int = 1
-         ) -> jax.Array:
+def krum_weighting(
+  gram: jax.Array, *, n_byzantine: int, n_selected: int = 1
+) -> jax.Array:
   """Krum: the gradient(s) closest to their neighbours, robust to outliers.
 
   Each gradient's score is the sum of its Euclidean distances to its
@@ -57,18 +59,18 @@ def krum_weighting(gram: jax.Array, *, n_byzantine: int, n_selected: int = 1
   sq = jnp.diagonal(gram)
   dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
   # Its own distance, 0, sorts first in every row; drop it.
-  nearest = jnp.sort(dist, axis=-1)[:, 1:k - n_byzantine - 1]
+  nearest = jnp.sort(dist, axis=-1)[:, 1 : k - n_byzantine - 1]
   scores = nearest.sum(axis=-1)
   selected = jnp.argsort(scores, stable=True)[:n_selected]
   return jax.nn.one_hot(selected, k, dtype=gram.dtype).sum(0) / n_selected
 
 
 def krum(
-    n_byzantine: int = 0,
-    n_selected: int = 1,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  n_byzantine: int = 0,
+  n_selected: int = 1,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Krum: the gradient(s) nearest their neighbours, robust to outliers.
 
@@ -110,9 +112,13 @@ def krum(
   _checks.check_positive_int(n_selected, "n_selected", _NAME)
   _check_sizes(num_exits, n_byzantine, n_selected)
   return _engine.from_weighting(
-      functools.partial(krum_weighting, n_byzantine=n_byzantine,
-                        n_selected=n_selected),
-      num_exits=num_exits, granularity=granularity, name=_NAME)
+    functools.partial(
+      krum_weighting, n_byzantine=n_byzantine, n_selected=n_selected
+    ),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=_NAME,
+  )
 
 
 _registry.register("krum", krum)

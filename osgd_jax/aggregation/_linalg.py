@@ -30,8 +30,9 @@ def psd_eigh(gram: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return lam, vec, lam > jnp.maximum(cutoff, 0.0)
 
 
-def pinv_apply(lam: jax.Array, vec: jax.Array, keep: jax.Array,
-               x: jax.Array) -> jax.Array:
+def pinv_apply(
+  lam: jax.Array, vec: jax.Array, keep: jax.Array, x: jax.Array
+) -> jax.Array:
   """``A⁺ x`` for ``A = V diag(λ) Vᵀ``, the eigenvalues not kept counted as 0.
 
   Example:
@@ -71,8 +72,9 @@ def project_onto_simplex(y: jax.Array) -> jax.Array:
   return jnp.maximum(y - theta, 0.0)
 
 
-def solve_fair_equation(gram: jax.Array, *, alpha: float | jax.Array,
-                        max_iter: int) -> jax.Array:
+def solve_fair_equation(
+  gram: jax.Array, *, alpha: float | jax.Array, max_iter: int
+) -> jax.Array:
   """The positive solution of ``M w = w^{-1/α}`` by Newton's method on ``log w``.
 
   Steps are at most 1 in ``log w``; α = 0 gives ``1/K`` each. The equation

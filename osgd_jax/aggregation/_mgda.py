@@ -11,8 +11,12 @@ from osgd_jax.aggregation import _checks, _engine, _qp, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
-def mgda_weighting(gram: jax.Array, *, max_iter: int = 100,
-         tol: float | jax.Array = _qp.DEFAULT_TOL) -> jax.Array:
+def mgda_weighting(
+  gram: jax.Array,
+  *,
+  max_iter: int = 100,
+  tol: float | jax.Array = _qp.DEFAULT_TOL,
+) -> jax.Array:
   """MGDA: the minimum-norm point of the convex hull of the gradients.
 
   ``w = argmin_{w ≥ 0, Σw = 1} ‖wᵀ G‖²``, the common descent direction of the
@@ -43,11 +47,11 @@ def mgda_weighting(gram: jax.Array, *, max_iter: int = 100,
 
 
 def mgda(
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    max_iter: int = 100,
-    tol: float = _qp.DEFAULT_TOL,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  max_iter: int = 100,
+  tol: float = _qp.DEFAULT_TOL,
 ) -> optax.GradientTransformationExtraArgs:
   """MGDA: the minimum-norm point of the convex hull of the exits' gradients.
 
@@ -87,8 +91,11 @@ def mgda(
   """
   _checks.check_qp_options(max_iter, tol, "mgda")
   return _engine.from_weighting(
-      functools.partial(mgda_weighting, max_iter=max_iter, tol=tol),
-      num_exits=num_exits, granularity=granularity, name="mgda")
+    functools.partial(mgda_weighting, max_iter=max_iter, tol=tol),
+    num_exits=num_exits,
+    granularity=granularity,
+    name="mgda",
+  )
 
 
 _registry.register("mgda", mgda, weighting=mgda_weighting)

@@ -10,9 +10,13 @@ from osgd_jax.aggregation import _checks, _engine, _linalg, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
-def modo_weighting(gram: jax.Array, *, previous: jax.Array,
-         gamma: float | jax.Array = 0.1, rho: float | jax.Array = 0.1
-         ) -> jax.Array:
+def modo_weighting(
+  gram: jax.Array,
+  *,
+  previous: jax.Array,
+  gamma: float | jax.Array = 0.1,
+  rho: float | jax.Array = 0.1,
+) -> jax.Array:
   """MoDo: one projected-gradient step of the weights towards MGDA's.
 
   Multi-objective gradient with double sampling keeps weights λ on the
@@ -40,15 +44,16 @@ def modo_weighting(gram: jax.Array, *, previous: jax.Array,
   """
   previous = jnp.asarray(previous, gram.dtype)
   return _linalg.project_onto_simplex(
-      previous - gamma * (gram @ previous + rho * previous))
+    previous - gamma * (gram @ previous + rho * previous)
+  )
 
 
 def modo(
-    gamma: float = 0.1,
-    rho: float = 0.1,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  gamma: float = 0.1,
+  rho: float = 0.1,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """MoDo: weights that take one projected-gradient step towards MGDA's per update.
 
@@ -90,8 +95,11 @@ def modo(
     return weights, weights
 
   return _engine.from_weighting(
-      _stateful.simplex_iteration(step), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _stateful.simplex_iteration(step),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("modo", modo)

@@ -13,26 +13,28 @@ from osgd_jax.aggregation import _checks, _engine, _linalg, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
-def _clip_update_norm(gram: jax.Array, weights: jax.Array,
-                     max_norm: float | jax.Array) -> jax.Array:
-  """``weights`` scaled so that ``‖wᵀ G‖ ≤ max_norm`` (0: unchanged).
-
-  """
+def _clip_update_norm(
+  gram: jax.Array, weights: jax.Array, max_norm: float | jax.Array
+) -> jax.Array:
+  """``weights`` scaled so that ``‖wᵀ G‖ ≤ max_norm`` (0: unchanged)."""
   norm = jnp.sqrt(jnp.maximum(weights @ (gram @ weights), 0.0))
   clip = (max_norm > 0) & (norm > max_norm)
-  return jnp.where(clip, weights * max_norm * gram_lib.safe_inverse(norm),
-                   weights)
+  return jnp.where(
+    clip, weights * max_norm * gram_lib.safe_inverse(norm), weights
+  )
 
 
 def _bargain(gram: jax.Array, max_iter: int) -> jax.Array:
   """The bargaining weights α on the Frobenius-normalised Gram, unclipped."""
   frobenius = jnp.sqrt(jnp.sum(gram * gram))
   return _linalg.solve_fair_equation(
-      gram * gram_lib.safe_inverse(frobenius), alpha=1.0, max_iter=max_iter)
+    gram * gram_lib.safe_inverse(frobenius), alpha=1.0, max_iter=max_iter
+  )
 
 
-def nash_mtl_weighting(gram: jax.Array, *, max_norm: float | jax.Array = 1.0,
-             max_iter: int = 50) -> jax.Array:
+def nash_mtl_weighting(
+  gram: jax.Array, *, max_norm: float | jax.Array = 1.0, max_iter: int = 50
+) -> jax.Array:
   """Nash-MTL: the Nash bargaining solution, ``M̄ α = 1/α``, norm-clipped.
 
   The tasks bargain over the update ``d = αᵀ G``; the Nash bargaining
@@ -76,12 +78,12 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl(
-    max_norm: float = 1.0,
-    update_weights_every: int = 1,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    max_iter: int = 50,
+  max_norm: float = 1.0,
+  update_weights_every: int = 1,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  max_iter: int = 50,
 ) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL: the exits' Nash bargaining solution, norm-clipped.
 
@@ -119,8 +121,7 @@ def nash_mtl(
   """
   name = "nash_mtl"
   _checks.check_nonnegative(max_norm, "max_norm", name)
-  _checks.check_positive_int(update_weights_every, "update_weights_every",
-                                 name)
+  _checks.check_positive_int(update_weights_every, "update_weights_every", name)
   _checks.check_positive_int(max_iter, "max_iter", name)
 
   def init(k):
@@ -129,14 +130,18 @@ def nash_mtl(
   def apply(gram, state: NashMTLState, **extra_args):
     del extra_args
     solve = state.count % update_weights_every == 0
-    alpha = jnp.where(solve, _bargain(gram, max_iter),
-                      state.alpha.astype(gram.dtype))
+    alpha = jnp.where(
+      solve, _bargain(gram, max_iter), state.alpha.astype(gram.dtype)
+    )
     weights = _clip_update_norm(gram, alpha, max_norm)
     return weights, NashMTLState(alpha, _stateful.next_count(state.count))
 
   return _engine.from_weighting(
-      _engine.StatefulWeighting(init, apply), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _engine.StatefulWeighting(init, apply),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("nash-mtl", nash_mtl, weighting=nash_mtl_weighting)

@@ -64,11 +64,11 @@ _NAME = "osgd"
 
 
 def osgd_weighting(
-    gram: jax.Array,
-    *,
-    order: Sequence[int] | None = None,
-    tol: float | jax.Array = orthogonalize.DEFAULT_TOL,
-    rescale: bool = False,
+  gram: jax.Array,
+  *,
+  order: Sequence[int] | None = None,
+  tol: float | jax.Array = orthogonalize.DEFAULT_TOL,
+  rescale: bool = False,
 ) -> jax.Array:
   """OSGD's weighting: Gram–Schmidt in priority order, then the sum.
 
@@ -97,7 +97,8 @@ def osgd_weighting(
 
   """
   weights, _ = orthogonalize.gram_schmidt_weights(
-      gram, order=order, tol=tol, rescale=rescale)
+    gram, order=order, tol=tol, rescale=rescale
+  )
   return weights
 
 
@@ -139,14 +140,16 @@ def _check_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
     order = tuple(int(i) for i in np.asarray(order).reshape(-1))
   except (TypeError, ValueError) as e:
     raise ValueError(
-        f"order must be a sequence of ints (a permutation of range(K)), got"
-        f" {order!r}.") from e
+      f"order must be a sequence of ints (a permutation of range(K)), got"
+      f" {order!r}."
+    ) from e
   if not order:
     raise ValueError("order is empty: an anytime network needs K >= 1 exits.")
   if sorted(order) != list(range(len(order))):
     raise ValueError(
-        f"order must be a permutation of range(K) listing exits by priority"
-        f" (highest first), e.g. (0, 1, 2); got {order}.")
+      f"order must be a permutation of range(K) listing exits by priority"
+      f" (highest first), e.g. (0, 1, 2); got {order}."
+    )
   return order
 
 
@@ -156,31 +159,35 @@ def _gram_schmidt(order, tol, rescale) -> _engine.StatefulWeighting:
   def apply(gram, state, **extra_args):
     del state, extra_args
     weights, residual_sq = orthogonalize.gram_schmidt_weights(
-        gram, order=order, tol=tol, rescale=rescale)
+      gram, order=order, tol=tol, rescale=rescale
+    )
     return weights, residual_sq
 
   return _engine.StatefulWeighting(
-      init=lambda k: jnp.zeros((k,), _engine.DIAGNOSTICS_DTYPE),
-      apply=apply)
+    init=lambda k: jnp.zeros((k,), _engine.DIAGNOSTICS_DTYPE), apply=apply
+  )
 
 
 def _osgd_state(weights, exit_norms, cosine, residual_sq, sizes) -> OsgdState:
   residual_sq = residual_sq.astype(_engine.DIAGNOSTICS_DTYPE)
   dropped = (residual_sq <= 0).astype(_engine.DIAGNOSTICS_DTYPE)
   return OsgdState(
-      weights=weights, exit_norms=exit_norms,
-      projected_norms=jnp.sqrt(residual_sq.sum(axis=0)), cosine=cosine,
-      degenerate_fraction=_engine.size_weighted_mean(dropped, sizes),
-      projected_sq_norms=residual_sq)
+    weights=weights,
+    exit_norms=exit_norms,
+    projected_norms=jnp.sqrt(residual_sq.sum(axis=0)),
+    cosine=cosine,
+    degenerate_fraction=_engine.size_weighted_mean(dropped, sizes),
+    projected_sq_norms=residual_sq,
+  )
 
 
 def osgd(
-    granularity: Granularity = "leaf",
-    method: OsgdMethod = "gram",
-    order: Sequence[int] | None = None,
-    tol: float = orthogonalize.DEFAULT_TOL,
-    rescale: bool = False,
-    num_exits: int | None = None,
+  granularity: Granularity = "leaf",
+  method: OsgdMethod = "gram",
+  order: Sequence[int] | None = None,
+  tol: float = orthogonalize.DEFAULT_TOL,
+  rescale: bool = False,
+  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Orthogonalized SGD: projects per-exit gradients in priority order and sums.
 
@@ -253,20 +260,30 @@ def osgd(
   if order is not None:
     if num_exits is not None and num_exits != len(order):
       raise ValueError(
-          f"order has {len(order)} entries but num_exits={num_exits}.")
+        f"order has {len(order)} entries but num_exits={num_exits}."
+      )
     num_exits = len(order) if num_exits is None else num_exits
   num_exits = _checks.check_num_exits(num_exits, _NAME)
   projection = _engine.from_weighting(
-      _gram_schmidt(order, tol, rescale), num_exits=num_exits,
-      granularity=granularity, name=_NAME)
+    _gram_schmidt(order, tol, rescale),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=_NAME,
+  )
 
   def init_fn(params):
-    zeros = lambda *shape: jnp.zeros(shape, _engine.DIAGNOSTICS_DTYPE)
+    def zeros(*shape):
+      return jnp.zeros(shape, _engine.DIAGNOSTICS_DTYPE)
+
     k, groups = num_exits, _engine.num_groups(params, granularity)
-    return OsgdState(weights=zeros(k), exit_norms=zeros(k),
-                     projected_norms=zeros(k), cosine=zeros(k, k),
-                     degenerate_fraction=zeros(k),
-                     projected_sq_norms=zeros(groups, k))
+    return OsgdState(
+      weights=zeros(k),
+      exit_norms=zeros(k),
+      projected_norms=zeros(k),
+      cosine=zeros(k, k),
+      degenerate_fraction=zeros(k),
+      projected_sq_norms=zeros(groups, k),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     leaves = jax.tree.leaves(updates)
@@ -275,43 +292,64 @@ def osgd(
     sizes = tuple(math.prod(np.shape(leaf)[1:]) for leaf in leaves)
     if method == "gram":
       new_updates, inner = projection.update(
-          updates,
-          _engine.AggregationState(state.weights, state.exit_norms,
-                                   state.cosine, state.projected_sq_norms),
-          params, **extra_args)
+        updates,
+        _engine.AggregationState(
+          state.weights,
+          state.exit_norms,
+          state.cosine,
+          state.projected_sq_norms,
+        ),
+        params,
+        **extra_args,
+      )
       inner = cast(_engine.AggregationState, inner)
       return new_updates, _osgd_state(
-          inner.weights, inner.exit_norms, inner.cosine,
-          inner.weighting_state, sizes)
+        inner.weights,
+        inner.exit_norms,
+        inner.cosine,
+        inner.weighting_state,
+        sizes,
+      )
     with jax.named_scope(_NAME):
       stacked = _engine.read_stacked(
-          updates, num_exits=num_exits, params=params, name=_NAME)
+        updates, num_exits=num_exits, params=params, name=_NAME
+      )
       assert stacked is not None  # a tree without leaves returned above
       outs, residual_sq, weights = orthogonalize.modified_gram_schmidt(
-          stacked.leaves, order=order, tol=tol, rescale=rescale,
-          shared_basis=granularity == "global",
-          compute_dtype=stacked.compute_dtype)
-      new_updates = jax.tree.unflatten(stacked.treedef, [
-          out.astype(leaf.dtype) for out, leaf in zip(outs, stacked.leaves)])
+        stacked.leaves,
+        order=order,
+        tol=tol,
+        rescale=rescale,
+        shared_basis=granularity == "global",
+        compute_dtype=stacked.compute_dtype,
+      )
+      new_updates = jax.tree.unflatten(
+        stacked.treedef,
+        [
+          out.astype(leaf.dtype)
+          for out, leaf in zip(outs, stacked.leaves, strict=True)
+        ],
+      )
       return new_updates, _osgd_state(
-          *_engine.diagnostics(stacked, weights), residual_sq, sizes)
+        *_engine.diagnostics(stacked, weights), residual_sq, sizes
+      )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def osgd_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float | None = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    *,
-    granularity: Granularity = "leaf",
-    method: OsgdMethod = "gram",
-    order: Sequence[int] | None = None,
-    tol: float = orthogonalize.DEFAULT_TOL,
-    rescale: bool = False,
-    num_exits: int | None = None,
-    sgd_after: int | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float | None = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 0.0,
+  *,
+  granularity: Granularity = "leaf",
+  method: OsgdMethod = "gram",
+  order: Sequence[int] | None = None,
+  tol: float = orthogonalize.DEFAULT_TOL,
+  rescale: bool = False,
+  num_exits: int | None = None,
+  sgd_after: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The paper's optimizer: OSGD, then weight decay, momentum and learning rate.
 
@@ -367,16 +405,21 @@ def osgd_sgd(
     >>> # Injected, weight_decay is an array, so the decay step needs params.
     >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
-  for name, value in (("learning_rate", learning_rate),
-                      ("momentum", momentum), ("weight_decay", weight_decay)):
+  for name, value in (
+    ("learning_rate", learning_rate),
+    ("momentum", momentum),
+    ("weight_decay", weight_decay),
+  ):
     if _checks.is_checkable_number(value) and not math.isfinite(value):
       raise ValueError(
-          f"osgd_sgd: {name} must be a finite number, got {value}; a"
-          " non-finite one makes every update NaN.")
+        f"osgd_sgd: {name} must be a finite number, got {value}; a"
+        " non-finite one makes every update NaN."
+      )
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms: list[optax.GradientTransformation] = [
-      osgd(granularity, method, order, tol, rescale, num_exits)]
+    osgd(granularity, method, order, tol, rescale, num_exits)
+  ]
   if sgd_after is not None:
     transforms[0] = switch_to_sum(transforms[0], sgd_after)
   if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):

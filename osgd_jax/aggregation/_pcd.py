@@ -15,9 +15,14 @@ from osgd_jax.aggregation import _checks, _engine, _qp, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
-def pcd_weighting(gram: jax.Array, *, scales: jax.Array | None = None,
-        tau: float | Sequence[float] | jax.Array = 0.02, max_iter: int = 100,
-        tol: float | jax.Array = _qp.DEFAULT_TOL) -> jax.Array:
+def pcd_weighting(
+  gram: jax.Array,
+  *,
+  scales: jax.Array | None = None,
+  tau: float | Sequence[float] | jax.Array = 0.02,
+  max_iter: int = 100,
+  tol: float | jax.Array = _qp.DEFAULT_TOL,
+) -> jax.Array:
   """PCD: follow the primary (first) exit, guaranteeing progress to the others.
 
   Priority-constrained descent treats exit 1 as the primary objective and
@@ -63,18 +68,21 @@ def pcd_weighting(gram: jax.Array, *, scales: jax.Array | None = None,
   normal = gram * scales[:, None] * scales[None, :]
   sec = normal[1:, 1:]
   b = taus * jnp.diagonal(sec) - normal[1:, 0]
-  mu = _qp.solve_nonnegative_qp(sec, -b, jnp.diagonal(sec) > 0,
-                                 max_iter=max_iter, tol=tol)
+  mu = _qp.solve_nonnegative_qp(
+    sec, -b, jnp.diagonal(sec) > 0, max_iter=max_iter, tol=tol
+  )
   # The dual is unbounded when the constraints cannot hold together; the
   # solver then stops at a point whose constraints are violated.
   scale = jnp.max(jnp.diagonal(normal))
   feasible = jnp.all(sec @ mu - b >= -1e-6 * scale)
   w = jnp.where(feasible, jnp.concatenate([jnp.ones((1,), dtype), mu]), first)
   direction_sq = w @ (normal @ w)
-  magnitude = (jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diagonal(normal), 0.0))
-               ) ** 2
+  magnitude = (
+    jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diagonal(normal), 0.0))
+  ) ** 2
   kept = (sq_norms[0] > 0) & (
-      direction_sq > 10.0 * jnp.finfo(dtype).eps * magnitude)
+    direction_sq > 10.0 * jnp.finfo(dtype).eps * magnitude
+  )
   rescale = jnp.sqrt(sq_norms[0] * gram_lib.safe_inverse(direction_sq))
   return jnp.where(kept, w * scales * rescale, 0.0)
 
@@ -92,14 +100,14 @@ class PCDState(NamedTuple):
 
 
 def pcd(
-    tau: float | Sequence[float] = 0.02,
-    beta: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    max_iter: int = 100,
-    tol: float = _qp.DEFAULT_TOL,
+  tau: float | Sequence[float] = 0.02,
+  beta: float = 0.999,
+  eps: float = 1e-8,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  max_iter: int = 100,
+  tol: float = _qp.DEFAULT_TOL,
 ) -> optax.GradientTransformationExtraArgs:
   """PCD: follow exit 1's gradient, guaranteeing each other exit some progress.
 
@@ -145,10 +153,12 @@ def pcd(
   if not isinstance(tau, jax.Array):
     taus = np.asarray(tau, np.float64).reshape(-1)
     if taus.shape not in ((1,), (num_exits - 1,)) or not np.all(
-        (taus >= 0) & (taus <= 1)):
+      (taus >= 0) & (taus <= 1)
+    ):
       raise ValueError(
-          f"{name}: tau must be one number or {num_exits - 1} (one per"
-          f" secondary exit), each in [0, 1]; got {tau!r}.")
+        f"{name}: tau must be one number or {num_exits - 1} (one per"
+        f" secondary exit), each in [0, 1]; got {tau!r}."
+      )
   _checks.check_fraction(beta, "beta", name)
   _checks.check_nonnegative(eps, "eps", name)
   _checks.check_qp_options(max_iter, tol, name)
@@ -163,17 +173,22 @@ def pcd(
     ema = beta * state.sq_norm_ema.astype(gram.dtype) + (1 - beta) * sq_norms
     debiased = ema / (1 - jnp.asarray(beta, gram.dtype) ** count)
     scales = gram_lib.safe_inverse(jnp.sqrt(debiased + eps))
-    weights = pcd_weighting(gram, scales=scales, tau=tau, max_iter=max_iter,
-                             tol=tol)
+    weights = pcd_weighting(
+      gram, scales=scales, tau=tau, max_iter=max_iter, tol=tol
+    )
     # A non-finite gradient leaves the EMA as it was (and the update NaN).
     finite = jnp.all(jnp.isfinite(gram))
     return weights, PCDState(
-        jnp.where(finite, ema, state.sq_norm_ema.astype(gram.dtype)),
-        jnp.where(finite, count, state.count))
+      jnp.where(finite, ema, state.sq_norm_ema.astype(gram.dtype)),
+      jnp.where(finite, count, state.count),
+    )
 
   return _engine.from_weighting(
-      _engine.StatefulWeighting(init, apply), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _engine.StatefulWeighting(init, apply),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("pcd", pcd, weighting=pcd_weighting)

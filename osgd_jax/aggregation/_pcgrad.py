@@ -46,7 +46,7 @@ def pcgrad_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
   tasks = jnp.arange(k)
 
   def visit(position, coeff):
-    j = orders[:, position]                        # task i's next other task
+    j = orders[:, position]  # task i's next other task
     dots = jnp.sum(coeff * gram[:, j].T, axis=-1)  # ⟨g_i^PC, g_j⟩, original g_j
     # The conflict test uses the current g_i^PC; a zero g_j never conflicts.
     conflict = (dots < 0) & (j != tasks)
@@ -58,10 +58,10 @@ def pcgrad_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
 
 
 def pcgrad(
-    seed: int = 0,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  seed: int = 0,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """PCGrad: "gradient surgery" that removes conflicting components.
 
@@ -102,8 +102,11 @@ def pcgrad(
     Multi-Task Learning*, NeurIPS 2020. https://arxiv.org/abs/2001.06782
   """
   return _engine.from_weighting(
-      _stateful.keyed(pcgrad_weighting, seed), num_exits=num_exits,
-      granularity=granularity, name="pcgrad")
+    _stateful.keyed(pcgrad_weighting, seed),
+    num_exits=num_exits,
+    granularity=granularity,
+    name="pcgrad",
+  )
 
 
 _registry.register("pcgrad", pcgrad)

@@ -24,8 +24,14 @@ DEFAULT_TOL = 1e-6
 _SCALE_FLOOR = 1e-12
 
 
-def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
-                         max_iter: int, tol: float | jax.Array) -> jax.Array:
+def solve_nonnegative_qp(
+  q: jax.Array,
+  c: jax.Array,
+  allowed: jax.Array,
+  *,
+  max_iter: int,
+  tol: float | jax.Array,
+) -> jax.Array:
   """Solves ``min_{x ≥ 0} ½ xᵀ q x + cᵀ x`` (q PSD), ``x_k = 0`` where not allowed.
 
   The Lawson–Hanson active-set method on the normal equations: exact after
@@ -60,7 +66,9 @@ def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
   k = q.shape[-1]
   dtype = q.dtype
   eye = jnp.eye(k, dtype=dtype)
-  objective = lambda x: 0.5 * x @ (q @ x) + c @ x
+
+  def objective(x):
+    return 0.5 * x @ (q @ x) + c @ x
 
   def solve_on(passive):
     # The unconstrained minimiser over the passive set, zero elsewhere. The
@@ -69,16 +77,20 @@ def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
     # numerically singular one gives non-finite values, which are refused.
     p = passive.astype(dtype)
     a = q * (p[:, None] * p[None, :]) + eye * (1.0 - p)
-    return jax.scipy.linalg.cho_solve(
-        jax.scipy.linalg.cho_factor(a, lower=True), -c * p) * p
+    return (
+      jax.scipy.linalg.cho_solve(
+        jax.scipy.linalg.cho_factor(a, lower=True), -c * p
+      )
+      * p
+    )
 
   class Carry(NamedTuple):
-    x: jax.Array          # current point: feasible, positive on `passive`
+    x: jax.Array  # current point: feasible, positive on `passive`
     passive: jax.Array
-    s: jax.Array          # minimiser over `passive` (pending)
-    base_x: jax.Array     # the point before `entering` entered
+    s: jax.Array  # minimiser over `passive` (pending)
+    base_x: jax.Array  # the point before `entering` entered
     base_passive: jax.Array
-    entering: jax.Array   # one-hot, or all False
+    entering: jax.Array  # one-hot, or all False
     refused: jax.Array
     it: jax.Array
     done: jax.Array
@@ -91,8 +103,9 @@ def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
     # Inner step: move from x towards s until a passive variable hits zero.
     blocking = cr.passive & (s <= 0)
     # x − s > 0 where x > 0 ≥ s; the entering variable has x = 0 (ratio 0).
-    ratio = jnp.where(blocking, cr.x / jnp.where(cr.x - s > 0, cr.x - s, 1.0),
-                      jnp.inf)
+    ratio = jnp.where(
+      blocking, cr.x / jnp.where(cr.x - s > 0, cr.x - s, 1.0), jnp.inf
+    )
     alpha = jnp.clip(jnp.min(ratio), 0.0, 1.0)
     inner_x = cr.x + alpha * (s - cr.x)
     inner_passive = cr.passive & ~(blocking & (ratio <= alpha))
@@ -114,28 +127,40 @@ def solve_nonnegative_qp(q: jax.Array, c: jax.Array, allowed: jax.Array, *,
     entering = jax.nn.one_hot(j, k, dtype=jnp.bool_) & candidates
 
     new = Carry(
-        x=jnp.where(stepping, inner_x, x),
-        passive=jnp.where(stepping, inner_passive, passive | entering),
-        s=cr.s,
-        base_x=jnp.where(stepping, cr.base_x, x),
-        base_passive=jnp.where(stepping, cr.base_passive, passive),
-        entering=jnp.where(stepping, cr.entering, entering),
-        refused=jnp.where(stepping, cr.refused, refused),
-        it=cr.it + 1,
-        done=~stepping & ~jnp.any(candidates))
+      x=jnp.where(stepping, inner_x, x),
+      passive=jnp.where(stepping, inner_passive, passive | entering),
+      s=cr.s,
+      base_x=jnp.where(stepping, cr.base_x, x),
+      base_passive=jnp.where(stepping, cr.base_passive, passive),
+      entering=jnp.where(stepping, cr.entering, entering),
+      refused=jnp.where(stepping, cr.refused, refused),
+      it=cr.it + 1,
+      done=~stepping & ~jnp.any(candidates),
+    )
     return new._replace(s=solve_on(new.passive))
 
   zeros = jnp.zeros((k,), dtype)
   none = jnp.zeros((k,), jnp.bool_)
-  start = Carry(zeros, none, zeros, zeros, none, none, none,
-                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_))
+  start = Carry(
+    zeros,
+    none,
+    zeros,
+    zeros,
+    none,
+    none,
+    none,
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((), jnp.bool_),
+  )
   final = jax.lax.while_loop(
-      lambda cr: ~cr.done & (cr.it < max_iter), body, start)
+    lambda cr: ~cr.done & (cr.it < max_iter), body, start
+  )
   return final.x
 
 
-def min_norm_point(gram: jax.Array, *, max_iter: int,
-                   tol: float | jax.Array) -> jax.Array:
+def min_norm_point(
+  gram: jax.Array, *, max_iter: int, tol: float | jax.Array
+) -> jax.Array:
   """The weights of the minimum-norm point of the rows' convex hull.
 
   ``w = argmin_{w ≥ 0, Σw = 1} ‖wᵀ G‖²``. The simplex QP is solved as the
@@ -169,8 +194,12 @@ def min_norm_point(gram: jax.Array, *, max_iter: int,
 
   def solve(sigma):
     u = solve_nonnegative_qp(
-        gram * gram_lib.safe_inverse(sigma) + ones, -ones[0],
-        jnp.ones((k,), jnp.bool_), max_iter=max_iter, tol=tol)
+      gram * gram_lib.safe_inverse(sigma) + ones,
+      -ones[0],
+      jnp.ones((k,), jnp.bool_),
+      max_iter=max_iter,
+      tol=tol,
+    )
     w = u / jnp.sum(u)
     return w, w @ (gram @ w)
 
@@ -186,15 +215,26 @@ def min_norm_point(gram: jax.Array, *, max_iter: int,
 
   # A loop rather than two calls: the solver is traced and compiled once.
   w, _, _ = jax.lax.fori_loop(
-      0, 2, phase,
-      (jnp.full((k,), 1.0 / k, gram.dtype), jnp.asarray(jnp.inf, gram.dtype),
-       max_diag))
+    0,
+    2,
+    phase,
+    (
+      jnp.full((k,), 1.0 / k, gram.dtype),
+      jnp.asarray(jnp.inf, gram.dtype),
+      max_diag,
+    ),
+  )
   return w
 
 
-def project_onto_dual_cone(norms: jax.Array, corr: jax.Array, p: jax.Array,
-                            *, max_iter: int, tol: float | jax.Array
-                            ) -> jax.Array:
+def project_onto_dual_cone(
+  norms: jax.Array,
+  corr: jax.Array,
+  p: jax.Array,
+  *,
+  max_iter: int,
+  tol: float | jax.Array,
+) -> jax.Array:
   """The weights ``p + λ`` of ``pᵀ G`` projected onto the rows' dual cone.
 
   ``λ ≥ 0`` solves ``min_{λ ≥ 0} ½ λᵀMλ + λᵀ M p``, solved exactly by the
@@ -216,6 +256,10 @@ def project_onto_dual_cone(norms: jax.Array, corr: jax.Array, p: jax.Array,
   q = norms * p
   size = jnp.max(jnp.abs(q))
   mu = solve_nonnegative_qp(
-      corr, corr @ (q * gram_lib.safe_inverse(size)), norms > 0,
-      max_iter=max_iter, tol=tol)
+    corr,
+    corr @ (q * gram_lib.safe_inverse(size)),
+    norms > 0,
+    max_iter=max_iter,
+    tol=tol,
+  )
   return p + mu * size * gram_lib.safe_inverse(norms)

@@ -36,10 +36,10 @@ def random_softmax_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
 
 
 def random_weighting(
-    seed: int = 0,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  seed: int = 0,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Random weighting: ``u = Σ_k w_k g_k`` with ``w = softmax(z)``, ``z ~ N(0, I)``.
 
@@ -73,8 +73,11 @@ def random_weighting(
     https://arxiv.org/abs/2111.10603
   """
   return _engine.from_weighting(
-      _stateful.keyed(random_softmax_weighting, seed), num_exits=num_exits,
-      granularity=granularity, name="random_weighting")
+    _stateful.keyed(random_softmax_weighting, seed),
+    num_exits=num_exits,
+    granularity=granularity,
+    name="random_weighting",
+  )
 
 
 _registry.register("random", random_weighting)

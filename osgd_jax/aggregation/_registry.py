@@ -27,9 +27,13 @@ class _Entry(NamedTuple):
 _ENTRIES: dict[str, _Entry] = {}
 
 
-def register(name: str,
-             factory: Callable[..., optax.GradientTransformationExtraArgs],
-             *, weighting: Weighting | None = None, **fixed: Any) -> None:
+def register(
+  name: str,
+  factory: Callable[..., optax.GradientTransformationExtraArgs],
+  *,
+  weighting: Weighting | None = None,
+  **fixed: Any,
+) -> None:
   """Registers ``factory(**fixed, num_exits=K, **options)`` under ``name``.
 
   Args:
@@ -58,7 +62,8 @@ def names() -> tuple[str, ...]:
 def _entry(name: Any) -> _Entry:
   if name not in _ENTRIES:
     raise ValueError(
-        f"unknown aggregator {name!r}; choose one of {', '.join(names())}.")
+      f"unknown aggregator {name!r}; choose one of {', '.join(names())}."
+    )
   return _ENTRIES[name]
 
 
@@ -74,12 +79,14 @@ def options(name: str) -> tuple[str, ...]:
   """
   entry = _entry(name)
   parameters = inspect.signature(entry.factory).parameters
-  return tuple(p for p in parameters
-               if p != "num_exits" and p not in entry.fixed)
+  return tuple(
+    p for p in parameters if p != "num_exits" and p not in entry.fixed
+  )
 
 
-def create(name: str, *, num_exits: int,
-           **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+def create(
+  name: str, *, num_exits: int, **kwargs: Any
+) -> optax.GradientTransformationExtraArgs:
   """The aggregator ``name`` for K exits, with its defaults or ``kwargs``.
 
   Args:
@@ -103,8 +110,9 @@ def create(name: str, *, num_exits: int,
   unknown = sorted(set(kwargs) - set(options(name)))
   if unknown:
     raise ValueError(
-        f"aggregator {name!r} takes no option {', '.join(unknown)}; its"
-        f" options are {', '.join(options(name)) or 'none'}.")
+      f"aggregator {name!r} takes no option {', '.join(unknown)}; its"
+      f" options are {', '.join(options(name)) or 'none'}."
+    )
   return entry.factory(**entry.fixed, num_exits=num_exits, **kwargs)
 
 
@@ -133,8 +141,9 @@ def weighting(name: str) -> Weighting:
   found = _ENTRIES.get(name)
   if found is None or found.weighting is None:
     raise ValueError(
-        f"unknown weighting {name!r}: name an aggregator that is a weighting"
-        f" of the Gram matrix alone ({', '.join(weighting_names())}), or"
-        " pass a function"
-        " (K, K) -> (K,) or an osgd_jax.aggregation.StatefulWeighting.")
+      f"unknown weighting {name!r}: name an aggregator that is a weighting"
+      f" of the Gram matrix alone ({', '.join(weighting_names())}), or"
+      " pass a function"
+      " (K, K) -> (K,) or an osgd_jax.aggregation.StatefulWeighting."
+    )
   return found.weighting

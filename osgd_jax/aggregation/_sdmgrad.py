@@ -12,11 +12,16 @@ from osgd_jax.aggregation import _checks, _engine, _linalg, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
-def sdmgrad_weighting(gram: jax.Array, *, previous: jax.Array,
-            pref_vector: jax.Array | Sequence[float] | None = None,
-            lr: float | jax.Array = 10.0, momentum: float | jax.Array = 0.5,
-            n_iter: int = 20, lambda_: float | jax.Array = 0.3
-            ) -> tuple[jax.Array, jax.Array]:
+def sdmgrad_weighting(
+  gram: jax.Array,
+  *,
+  previous: jax.Array,
+  pref_vector: jax.Array | Sequence[float] | None = None,
+  lr: float | jax.Array = 10.0,
+  momentum: float | jax.Array = 0.5,
+  n_iter: int = 20,
+  lambda_: float | jax.Array = 0.3,
+) -> tuple[jax.Array, jax.Array]:
   """SDMGrad: MGDA's weights pulled towards a preferred direction.
 
   Stochastic direction-oriented multi-objective gradient descent minimises
@@ -56,20 +61,20 @@ def sdmgrad_weighting(gram: jax.Array, *, previous: jax.Array,
     return _linalg.project_onto_simplex(w - lr * velocity), velocity
 
   w, _ = jax.lax.fori_loop(
-      0, n_iter, step,
-      (jnp.asarray(previous, gram.dtype), jnp.zeros_like(target)))
+    0, n_iter, step, (jnp.asarray(previous, gram.dtype), jnp.zeros_like(target))
+  )
   return (w + lambda_ * target) / (1.0 + lambda_), w
 
 
 def sdmgrad(
-    lr: float = 10.0,
-    momentum: float = 0.5,
-    n_iter: int = 20,
-    lambda_: float = 0.3,
-    pref_vector: Sequence[float] | jax.Array | None = None,
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
+  lr: float = 10.0,
+  momentum: float = 0.5,
+  n_iter: int = 20,
+  lambda_: float = 0.3,
+  pref_vector: Sequence[float] | jax.Array | None = None,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """SDMGrad: MGDA's weights pulled towards a preferred direction (the mean).
 
@@ -115,12 +120,21 @@ def sdmgrad(
 
   def step(gram, previous):
     return sdmgrad_weighting(
-        gram, previous=previous, pref_vector=pref_vector, lr=lr,
-        momentum=momentum, n_iter=n_iter, lambda_=lambda_)
+      gram,
+      previous=previous,
+      pref_vector=pref_vector,
+      lr=lr,
+      momentum=momentum,
+      n_iter=n_iter,
+      lambda_=lambda_,
+    )
 
   return _engine.from_weighting(
-      _stateful.simplex_iteration(step), num_exits=num_exits,
-      granularity=granularity, name=name)
+    _stateful.simplex_iteration(step),
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+  )
 
 
 _registry.register("sdmgrad", sdmgrad)

@@ -29,8 +29,9 @@ def next_count(count: jax.Array) -> jax.Array:
   return jnp.asarray(optax.safe_increment(count))
 
 
-def counting(schedule: Callable[[jax.Array, jax.Array], jax.Array]
-             ) -> StatefulWeighting:
+def counting(
+  schedule: Callable[[jax.Array, jax.Array], jax.Array],
+) -> StatefulWeighting:
   """A weighting ``schedule(gram, step)`` whose state counts the updates.
 
   Example:
@@ -44,8 +45,9 @@ def counting(schedule: Callable[[jax.Array, jax.Array], jax.Array]
     del extra_args
     return schedule(gram, count), next_count(count)
 
-  return StatefulWeighting(init=lambda num_exits: jnp.zeros((), jnp.int32),
-                           apply=apply)
+  return StatefulWeighting(
+    init=lambda num_exits: jnp.zeros((), jnp.int32), apply=apply
+  )
 
 
 class KeyState(NamedTuple):
@@ -127,7 +129,7 @@ class SimplexState(NamedTuple):
 
 
 def simplex_iteration(
-    step: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  step: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
 ) -> StatefulWeighting:
   """A weighting that moves a point of the simplex at every update.
 

@@ -23,13 +23,15 @@ class SwitchToSumState(NamedTuple):
     count: int32 scalar, the number of updates so far.
     inner: the aggregator's state; it stays as it was from the switch on.
   """
+
   count: jax.Array
   inner: optax.OptState
 
 
-def switch_to_sum(aggregator: optax.GradientTransformation,
-                  after_steps: int | jax.Array,
-                  ) -> optax.GradientTransformationExtraArgs:
+def switch_to_sum(
+  aggregator: optax.GradientTransformation,
+  after_steps: int | jax.Array,
+) -> optax.GradientTransformationExtraArgs:
   """``aggregator`` for the first ``after_steps`` updates, then the plain sum.
 
   The sum over the leading K axis of the stacked gradients is the gradient
@@ -65,14 +67,17 @@ def switch_to_sum(aggregator: optax.GradientTransformation,
     ([1.0, 1.0], [2.0, 1.0])
   """
   if _checks.is_checkable_number(after_steps) and not (
-      float(after_steps).is_integer() and after_steps >= 0):
+    float(after_steps).is_integer() and after_steps >= 0
+  ):
     raise ValueError(
-        f"switch_to_sum: after_steps must be an integer >= 0, got"
-        f" {after_steps!r}.")
+      f"switch_to_sum: after_steps must be an integer >= 0, got"
+      f" {after_steps!r}."
+    )
 
   def init_fn(params):
-    return SwitchToSumState(count=jnp.zeros([], jnp.int32),
-                            inner=aggregator.init(params))
+    return SwitchToSumState(
+      count=jnp.zeros([], jnp.int32), inner=aggregator.init(params)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     def aggregate():
@@ -81,9 +86,11 @@ def switch_to_sum(aggregator: optax.GradientTransformation,
     def summed():
       return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates), state.inner
 
-    new_updates, inner = jax.lax.cond(state.count < after_steps, aggregate,
-                                      summed)
-    return new_updates, SwitchToSumState(_stateful.next_count(state.count),
-                                         inner)
+    new_updates, inner = jax.lax.cond(
+      state.count < after_steps, aggregate, summed
+    )
+    return new_updates, SwitchToSumState(
+      _stateful.next_count(state.count), inner
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,9 +11,9 @@ from osgd_jax.aggregation import _checks, _coordinatewise, _registry
 
 
 def trimmed_mean(
-    trim_number: int = 1,
-    *,
-    num_exits: int | None = None,
+  trim_number: int = 1,
+  *,
+  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Trimmed mean: per coordinate, the mean of the exits' values without extremes.
 
@@ -52,12 +52,16 @@ def trimmed_mean(
   """
   name = "trimmed_mean"
   num_exits = _checks.check_num_exits(num_exits, name)
-  if (isinstance(trim_number, bool) or not isinstance(trim_number, int)
-      or not 0 <= trim_number <= (num_exits - 1) // 2):
+  if (
+    isinstance(trim_number, bool)
+    or not isinstance(trim_number, int)
+    or not 0 <= trim_number <= (num_exits - 1) // 2
+  ):
     raise ValueError(
-        f"{name}: trim_number must be an int with 0 <= trim_number and"
-        f" num_exits >= 2 * trim_number + 1 (num_exits={num_exits}), got"
-        f" {trim_number!r}.")
+      f"{name}: trim_number must be an int with 0 <= trim_number and"
+      f" num_exits >= 2 * trim_number + 1 (num_exits={num_exits}), got"
+      f" {trim_number!r}."
+    )
 
   kept_count = num_exits - 2 * trim_number
 
@@ -69,25 +73,38 @@ def trimmed_mean(
     # axis is a slow kernel on XLA:CPU.
     for round_ in range(num_exits):
       for i in range(round_ % 2, num_exits - 1, 2):
-        rows[i], rows[i + 1] = (jnp.minimum(rows[i], rows[i + 1]),
-                                jnp.maximum(rows[i], rows[i + 1]))
-    update = functools.reduce(
-        jnp.add, rows[trim_number:num_exits - trim_number]) / kept_count
+        rows[i], rows[i + 1] = (
+          jnp.minimum(rows[i], rows[i + 1]),
+          jnp.maximum(rows[i], rows[i + 1]),
+        )
+    update = (
+      functools.reduce(jnp.add, rows[trim_number : num_exits - trim_number])
+      / kept_count
+    )
     # Exit k's rank among the K values of each coordinate (ties by index),
     # for the diagnostics: which exits' values are kept.
     summed = []
     for k in range(num_exits):
       # Started from an array, so that K = 1 (no other exit) ranks 0 too.
-      rank = sum((((leaf[j] < leaf[k]) | ((leaf[j] == leaf[k]) & (j < k))
-                   ).astype(jnp.int32) for j in range(num_exits) if j != k),
-                 jnp.zeros(leaf.shape[1:], jnp.int32))
+      rank = sum(
+        (
+          ((leaf[j] < leaf[k]) | ((leaf[j] == leaf[k]) & (j < k))).astype(
+            jnp.int32
+          )
+          for j in range(num_exits)
+          if j != k
+        ),
+        jnp.zeros(leaf.shape[1:], jnp.int32),
+      )
       inside = (rank >= trim_number) & (rank < num_exits - trim_number)
       # A sum over the parameter axes as they are: a reshape would merge
       # axes split over devices (docs/design.md, "Sharding").
       summed.append(inside.astype(leaf.dtype).sum())
     return update, jnp.stack(summed) / kept_count
 
-  return _coordinatewise.coordinatewise(combine, num_exits=num_exits, seed=None, name=name)
+  return _coordinatewise.coordinatewise(
+    combine, num_exits=num_exits, seed=None, name=name
+  )
 
 
 _registry.register("trimmed-mean", trimmed_mean)

@@ -13,8 +13,12 @@ from osgd_jax.aggregation import _checks, _engine, _qp, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
-def upgrad_weighting(gram: jax.Array, *, max_iter: int = 100,
-           tol: float | jax.Array = _qp.DEFAULT_TOL) -> jax.Array:
+def upgrad_weighting(
+  gram: jax.Array,
+  *,
+  max_iter: int = 100,
+  tol: float | jax.Array = _qp.DEFAULT_TOL,
+) -> jax.Array:
   """UPGrad: the mean of the gradients' projections onto their dual cone.
 
   Every gradient g_i is projected onto the dual cone of all of them,
@@ -48,17 +52,20 @@ def upgrad_weighting(gram: jax.Array, *, max_iter: int = 100,
     return jnp.ones((1,), gram.dtype)
   norms, corr = gram_lib.gram_statistics(gram)
   # Row i's projection has weights e_i + λ_i; the update is their mean.
-  projected = jax.vmap(lambda p: _qp.project_onto_dual_cone(
-      norms, corr, p, max_iter=max_iter, tol=tol))(jnp.eye(k, dtype=gram.dtype))
+  projected = jax.vmap(
+    lambda p: _qp.project_onto_dual_cone(
+      norms, corr, p, max_iter=max_iter, tol=tol
+    )
+  )(jnp.eye(k, dtype=gram.dtype))
   return projected.mean(axis=0)
 
 
 def upgrad(
-    *,
-    num_exits: int | None = None,
-    granularity: Granularity = "global",
-    max_iter: int = 100,
-    tol: float = _qp.DEFAULT_TOL,
+  *,
+  num_exits: int | None = None,
+  granularity: Granularity = "global",
+  max_iter: int = 100,
+  tol: float = _qp.DEFAULT_TOL,
 ) -> optax.GradientTransformationExtraArgs:
   """UPGrad: the mean of the gradients' projections onto their dual cone.
 
@@ -97,8 +104,11 @@ def upgrad(
   """
   _checks.check_qp_options(max_iter, tol, "upgrad")
   return _engine.from_weighting(
-      functools.partial(upgrad_weighting, max_iter=max_iter, tol=tol),
-      num_exits=num_exits, granularity=granularity, name="upgrad")
+    functools.partial(upgrad_weighting, max_iter=max_iter, tol=tol),
+    num_exits=num_exits,
+    granularity=granularity,
+    name="upgrad",
+  )
 
 
 _registry.register("upgrad", upgrad, weighting=upgrad_weighting)

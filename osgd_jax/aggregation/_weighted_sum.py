@@ -84,7 +84,9 @@ def linear_weighting(gram: jax.Array) -> jax.Array:
   return index * (gram.shape[-1] / index.sum())
 
 
-def geometric_weighting(gram: jax.Array, *, ratio: float | jax.Array = 2.0) -> jax.Array:
+def geometric_weighting(
+  gram: jax.Array, *, ratio: float | jax.Array = 2.0
+) -> jax.Array:
   """``w_k ∝ ratio**(k-1)``: later exits weigh more; the weights sum to K.
 
   Normalised as :func:`~osgd_jax.weightings.linear` is.
@@ -105,8 +107,12 @@ def geometric_weighting(gram: jax.Array, *, ratio: float | jax.Array = 2.0) -> j
   return ramp * (gram.shape[-1] / ramp.sum())
 
 
-def sdn_weighting(gram: jax.Array, *, progress: float | jax.Array,
-        cap: float | Sequence[float] = 0.9) -> jax.Array:
+def sdn_weighting(
+  gram: jax.Array,
+  *,
+  progress: float | jax.Array,
+  cap: float | Sequence[float] = 0.9,
+) -> jax.Array:
   """The Shallow-Deep Networks schedule of exit weights.
 
   The final exit weighs 1. Early exit k of K-1 has a cap ``c_k`` (``cap ·
@@ -139,14 +145,16 @@ def sdn_weighting(gram: jax.Array, *, progress: float | jax.Array,
     caps = caps * _linalg.exit_index(gram)[:-1] / (k - 1)
   elif caps.shape != (k - 1,):
     raise ValueError(
-        f"sdn got {caps.shape[0]} caps but the gradients have K={k} exits;"
-        " pass K-1 caps (one per early exit) or one number.")
+      f"sdn got {caps.shape[0]} caps but the gradients have K={k} exits;"
+      " pass K-1 caps (one per early exit) or one number."
+    )
   early = jnp.minimum(caps, 0.01 + caps * jnp.asarray(progress, gram.dtype))
   return jnp.concatenate([early, jnp.ones((1,), gram.dtype)])
 
 
-def constant_weighting(gram: jax.Array, *,
-                       weights: ArrayLike | Sequence[float]) -> jax.Array:
+def constant_weighting(
+  gram: jax.Array, *, weights: ArrayLike | Sequence[float]
+) -> jax.Array:
   """Constant: fixed, user-given weights (TorchJD's ``Constant``).
 
   The update is the gradient of the weighted loss ``Σ_k w_k ℓ_k``. As a
@@ -171,16 +179,19 @@ def constant_weighting(gram: jax.Array, *,
   k = gram.shape[-1]
   if np.shape(weights) != (k,):
     raise ValueError(
-        f"constant got weights of shape {np.shape(weights)}, but the"
-        f" gradients have K={k} exits; pass one weight per exit, shape ({k},).")
+      f"constant got weights of shape {np.shape(weights)}, but the"
+      f" gradients have K={k} exits; pass one weight per exit, shape ({k},)."
+    )
   return jnp.asarray(weights, gram.dtype)
 
 
 # The presets that are a fixed function of K.
 _FIXED_PRESETS: dict[str, Weighting] = {
-    "sum": uniform_weighting, "uniform": uniform_weighting,
-    "mean": mean_weighting, "linear": linear_weighting,
-    "geometric": geometric_weighting,
+  "sum": uniform_weighting,
+  "uniform": uniform_weighting,
+  "mean": mean_weighting,
+  "linear": linear_weighting,
+  "geometric": geometric_weighting,
 }
 
 
@@ -192,23 +203,26 @@ def _scheduled(schedule: Callable[[jax.Array], Any]):
     w = jnp.asarray(schedule(count))
     if w.shape != (k,):
       raise ValueError(
-          f"weighted_sum's schedule returned weights of shape {tuple(w.shape)}"
-          f" but the gradients have K={k} exits; return one weight per exit,"
-          f" shape ({k},).")
+        f"weighted_sum's schedule returned weights of shape {tuple(w.shape)}"
+        f" but the gradients have K={k} exits; return one weight per exit,"
+        f" shape ({k},)."
+      )
     return w.astype(gram.dtype)
 
   return weights
 
 
 def weighted_sum(
-    weights: WeightPreset | Sequence[float] | jax.Array
-    | Callable[[jax.Array], Any] = "uniform",
-    *,
-    num_exits: int | None = None,
-    total_steps: int | None = None,
-    cap: float | Sequence[float] = 0.9,
-    ratio: float = 2.0,
-    granularity: Granularity = "global",
+  weights: WeightPreset
+  | Sequence[float]
+  | jax.Array
+  | Callable[[jax.Array], Any] = "uniform",
+  *,
+  num_exits: int | None = None,
+  total_steps: int | None = None,
+  cap: float | Sequence[float] = 0.9,
+  ratio: float = 2.0,
+  granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """A fixed or scheduled weighted sum of the per-exit gradients.
 
@@ -274,21 +288,25 @@ def weighted_sum(
   if isinstance(weights, str):
     if weights not in get_args(WeightPreset):
       raise ValueError(
-          f"unknown weighted_sum preset {weights!r}; choose one of"
-          f" {get_args(WeightPreset)}, or pass a (K,) vector or a schedule.")
+        f"unknown weighted_sum preset {weights!r}; choose one of"
+        f" {get_args(WeightPreset)}, or pass a (K,) vector or a schedule."
+      )
     if weights == "sdn":
       if total_steps is None:
         raise ValueError(
-            "weighted_sum('sdn') needs total_steps, the number of training"
-            " steps over which the early exits' weights rise.")
+          "weighted_sum('sdn') needs total_steps, the number of training"
+          " steps over which the early exits' weights rise."
+        )
       steps = _checks.check_positive_int(total_steps, "total_steps", name)
       if not isinstance(cap, jax.Array):  # an injected cap is not checked
         caps = np.asarray(cap, np.float64)
         if not np.all(np.isfinite(caps)) or not np.all(caps >= 0):
           raise ValueError(
-              f"weighted_sum('sdn') needs finite caps >= 0, got {cap!r}.")
-      weighting = _stateful.counting(lambda gram, count: sdn_weighting(
-          gram, progress=count / steps, cap=cap))
+            f"weighted_sum('sdn') needs finite caps >= 0, got {cap!r}."
+          )
+      weighting = _stateful.counting(
+        lambda gram, count: sdn_weighting(gram, progress=count / steps, cap=cap)
+      )
     elif weights == "geometric":
       _checks.check_positive(ratio, "ratio", name)
       weighting = functools.partial(geometric_weighting, ratio=ratio)
@@ -300,19 +318,23 @@ def weighted_sum(
     fixed = np.asarray(weights, np.float32)
     if fixed.ndim != 1 or fixed.size == 0 or not np.all(np.isfinite(fixed)):
       raise ValueError(
-          "weighted_sum weights must be a preset name, a schedule, or a"
-          f" non-empty 1-D vector of finite numbers; got {weights!r}.")
+        "weighted_sum weights must be a preset name, a schedule, or a"
+        f" non-empty 1-D vector of finite numbers; got {weights!r}."
+      )
     if num_exits is not None and fixed.shape[0] != num_exits:
       raise ValueError(
-          f"weighted_sum got {fixed.shape[0]} weights but"
-          f" num_exits={num_exits}; give one weight per exit.")
+        f"weighted_sum got {fixed.shape[0]} weights but"
+        f" num_exits={num_exits}; give one weight per exit."
+      )
     num_exits = fixed.shape[0]
     weighting = functools.partial(constant_weighting, weights=fixed)
   return _engine.from_weighting(
-      weighting, num_exits=num_exits, granularity=granularity, name=name)
+    weighting, num_exits=num_exits, granularity=granularity, name=name
+  )
 
 
 for _preset in ("sum", "mean", "linear", "geometric"):
-  _registry.register(_preset, weighted_sum, weights=_preset,
-                     weighting=_FIXED_PRESETS[_preset])
+  _registry.register(
+    _preset, weighted_sum, weights=_preset, weighting=_FIXED_PRESETS[_preset]
+  )
 _registry.register("sdn", weighted_sum, weights="sdn")

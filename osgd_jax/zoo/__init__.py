@@ -77,38 +77,50 @@ Example: a Linen user wraps a zoo model with ``flax.nnx.bridge.ToLinen``::
 """
 
 from osgd_jax.zoo.base import MAX_LAYERS, MAX_WIDTH, AnytimeNet
-from osgd_jax.zoo.blocks import (NORMS, Backbone, Head, ResidualLayer, Stem,
-                                 conv_backbone, dense_backbone)
+from osgd_jax.zoo.blocks import (
+  NORMS,
+  Backbone,
+  Head,
+  ResidualLayer,
+  Stem,
+  conv_backbone,
+  dense_backbone,
+)
 from osgd_jax.zoo.branched import BranchedNet, BranchedStage
 from osgd_jax.zoo.functional import per_exit_loss_fn
 from osgd_jax.zoo.nested_depth import InterlacedStage, NestedDepthNet
 from osgd_jax.zoo.nested_width import NestedWidthNet, WidthStage
 from osgd_jax.zoo.nested_width_depth import NestedWidthDepthNet
-from osgd_jax.zoo.registry import (config_keys, create, model_class, names,
-                                   presets)
+from osgd_jax.zoo.registry import (
+  config_keys,
+  create,
+  model_class,
+  names,
+  presets,
+)
 
 __all__ = [
-    "AnytimeNet",
-    "MAX_LAYERS",
-    "MAX_WIDTH",
-    "Backbone",
-    "BranchedNet",
-    "BranchedStage",
-    "Head",
-    "InterlacedStage",
-    "NORMS",
-    "NestedDepthNet",
-    "NestedWidthDepthNet",
-    "NestedWidthNet",
-    "ResidualLayer",
-    "Stem",
-    "WidthStage",
-    "config_keys",
-    "conv_backbone",
-    "create",
-    "dense_backbone",
-    "model_class",
-    "names",
-    "per_exit_loss_fn",
-    "presets",
+  "AnytimeNet",
+  "MAX_LAYERS",
+  "MAX_WIDTH",
+  "Backbone",
+  "BranchedNet",
+  "BranchedStage",
+  "Head",
+  "InterlacedStage",
+  "NORMS",
+  "NestedDepthNet",
+  "NestedWidthDepthNet",
+  "NestedWidthNet",
+  "ResidualLayer",
+  "Stem",
+  "WidthStage",
+  "config_keys",
+  "conv_backbone",
+  "create",
+  "dense_backbone",
+  "model_class",
+  "names",
+  "per_exit_loss_fn",
+  "presets",
 ]

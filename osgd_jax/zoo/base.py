@@ -16,7 +16,8 @@ each stage's VJP for the staged per-exit gradient.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,13 @@ from flax import nnx
 
 from osgd_jax.zoo.blocks import NORMS, Backbone, require_int
 
-__all__ = ["AnytimeNet", "MAX_LAYERS", "MAX_WIDTH", "check_config",
-           "check_size"]
+__all__ = [
+  "AnytimeNet",
+  "MAX_LAYERS",
+  "MAX_WIDTH",
+  "check_config",
+  "check_size",
+]
 
 # The largest network a family builds: a configuration beyond these (the
 # depth-nested families double their depth with every stage, the
@@ -39,8 +45,15 @@ MAX_LAYERS = 256
 MAX_WIDTH = 4096
 
 
-def check_config(backbone: Any, *, stages: Any, width: Any, depth: Any,
-                 num_classes: Any, norm: Any) -> None:
+def check_config(
+  backbone: Any,
+  *,
+  stages: Any,
+  width: Any,
+  depth: Any,
+  num_classes: Any,
+  norm: Any,
+) -> None:
   """Raises a ``ValueError`` naming the first bad setting of a zoo family.
 
   Args:
@@ -63,19 +76,22 @@ def check_config(backbone: Any, *, stages: Any, width: Any, depth: Any,
   """
   if not isinstance(backbone, Backbone):
     raise ValueError(
-        f"backbone must be a zoo.Backbone, got {type(backbone).__name__};"
-        " pass e.g. zoo.conv_backbone(in_channels=3, downsamples=2) for"
-        " 32×32 RGB images or zoo.dense_backbone(in_features=64) for 64"
-        " features per example.")
-  for name, value in dict(stages=stages, width=width, depth=depth,
-                          num_classes=num_classes).items():
+      f"backbone must be a zoo.Backbone, got {type(backbone).__name__};"
+      " pass e.g. zoo.conv_backbone(in_channels=3, downsamples=2) for"
+      " 32×32 RGB images or zoo.dense_backbone(in_features=64) for 64"
+      " features per example."
+    )
+  for name, value in dict(
+    stages=stages, width=width, depth=depth, num_classes=num_classes
+  ).items():
     require_int(name, value, 1)
   if norm not in NORMS:
     raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
 
 
-def check_size(family: str, stages: int,
-               size: Callable[[int], tuple[int, int]]) -> None:
+def check_size(
+  family: str, stages: int, size: Callable[[int], tuple[int, int]]
+) -> None:
   """Refuses a configuration too large to build and compile in minutes.
 
   Args:
@@ -96,6 +112,7 @@ def check_size(family: str, stages: int,
     ...
     ValueError: NestedDepthNet with 12 stages would have 4096 residual layers and stages up to 16 features wide (at most 256 and 4096 are built): building and compiling it would take many minutes. Use at most 8 stages with these settings.
   """
+
   def fits(s: int) -> bool:
     layers, widest = size(s)
     return layers <= MAX_LAYERS and widest <= MAX_WIDTH
@@ -104,13 +121,17 @@ def check_size(family: str, stages: int,
     return
   layers, widest = size(stages)
   most = max((s for s in range(1, stages) if fits(s)), default=None)
-  advice = (f"Use at most {most} stages with these settings." if most
-            else "Use a smaller depth or width.")
+  advice = (
+    f"Use at most {most} stages with these settings."
+    if most
+    else "Use a smaller depth or width."
+  )
   raise ValueError(
-      f"{family} with {stages} stages would have {layers} residual layers and"
-      f" stages up to {widest} features wide (at most {MAX_LAYERS} and"
-      f" {MAX_WIDTH} are built): building and compiling it would take many"
-      f" minutes. {advice}")
+    f"{family} with {stages} stages would have {layers} residual layers and"
+    f" stages up to {widest} features wide (at most {MAX_LAYERS} and"
+    f" {MAX_WIDTH} are built): building and compiling it would take many"
+    f" minutes. {advice}"
+  )
 
 
 class AnytimeNet(nnx.Module):
@@ -163,11 +184,15 @@ class AnytimeNet(nnx.Module):
     k = self.num_exits
     if upto is None:
       return k
-    if (isinstance(upto, bool) or not isinstance(upto, (int, np.integer))
-        or not 1 <= upto <= k):
+    if (
+      isinstance(upto, bool)
+      or not isinstance(upto, (int, np.integer))
+      or not 1 <= upto <= k
+    ):
       raise ValueError(
-          f"upto must be an int between 1 and the number of exits ({k}),"
-          f" got {upto!r}; pass upto=None to compute all exits.")
+        f"upto must be an int between 1 and the number of exits ({k}),"
+        f" got {upto!r}; pass upto=None to compute all exits."
+      )
     return int(upto)
 
   def __call__(self, x: jax.Array, *, upto: int | None = None) -> jax.Array:
@@ -216,4 +241,3 @@ class AnytimeNet(nnx.Module):
       total += stage.depth
       depths.append(total)
     return tuple(depths)
-

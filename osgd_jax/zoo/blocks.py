@@ -27,25 +27,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 __all__ = [
-    "NORMS",
-    "BACKBONE_KINDS",
-    "require_int",
-    "Backbone",
-    "conv_backbone",
-    "dense_backbone",
-    "make_norm",
-    "group_norm_groups",
-    "fan_in_init",
-    "Stem",
-    "ResidualLayer",
-    "Head",
+  "NORMS",
+  "BACKBONE_KINDS",
+  "require_int",
+  "Backbone",
+  "conv_backbone",
+  "dense_backbone",
+  "make_norm",
+  "group_norm_groups",
+  "fan_in_init",
+  "Stem",
+  "ResidualLayer",
+  "Head",
 ]
 
 #: The normalisations a backbone's layers can use (``norm=``).
@@ -82,7 +83,7 @@ def _unit_truncated_normal(key: jax.Array, size: int, dtype: Any) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _shape_kernel(flat: jax.Array, shape: tuple[int, ...], std: float):
-  return (flat[:math.prod(shape)] * std).reshape(shape)
+  return (flat[: math.prod(shape)] * std).reshape(shape)
 
 
 def fan_in_init(scale: float) -> Any:
@@ -103,8 +104,9 @@ def fan_in_init(scale: float) -> Any:
     An initialiser ``init(key, shape, dtype=jnp.float32)``.
   """
 
-  def init(key: jax.Array, shape: Sequence[int],
-           dtype: Any = jnp.float32) -> jax.Array:
+  def init(
+    key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32
+  ) -> jax.Array:
     shape = tuple(int(d) for d in shape)
     size = math.prod(shape)
     # 0.8796... is the std of a standard normal truncated to [-2, 2].
@@ -143,30 +145,48 @@ class Backbone:
   def __post_init__(self):
     if self.kind not in BACKBONE_KINDS:
       raise ValueError(
-          f"Unknown backbone kind {self.kind!r}; choose one of"
-          f" {BACKBONE_KINDS}, or build the backbone with conv_backbone(...)"
-          " or dense_backbone(...).")
+        f"Unknown backbone kind {self.kind!r}; choose one of"
+        f" {BACKBONE_KINDS}, or build the backbone with conv_backbone(...)"
+        " or dense_backbone(...)."
+      )
     require_int("in_features", self.in_features, 1)
     require_int("downsamples", self.downsamples, 0)
     if self.kind == "dense" and self.downsamples:
       raise ValueError(
-          f"A dense backbone has no resolution to halve, got downsamples="
-          f"{self.downsamples}; use downsamples=0, or conv_backbone(...) for"
-          " images.")
+        f"A dense backbone has no resolution to halve, got downsamples="
+        f"{self.downsamples}; use downsamples=0, or conv_backbone(...) for"
+        " images."
+      )
 
   def linear(
-      self, in_features: int, out_features: int, *, stride: int = 1,
-      use_bias: bool, rngs: nnx.Rngs, kernel: int = 3,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    stride: int = 1,
+    use_bias: bool,
+    rngs: nnx.Rngs,
+    kernel: int = 3,
   ) -> nnx.Module:
     """A 3×3 (or ``kernel``×``kernel``) convolution, or a dense layer."""
     if self.kind == "conv":
       return nnx.Conv(
-          in_features, out_features, kernel_size=(kernel, kernel),
-          strides=(stride, stride), padding="SAME", use_bias=use_bias,
-          kernel_init=he_normal, rngs=rngs)
+        in_features,
+        out_features,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding="SAME",
+        use_bias=use_bias,
+        kernel_init=he_normal,
+        rngs=rngs,
+      )
     return nnx.Linear(
-        in_features, out_features, use_bias=use_bias, kernel_init=he_normal,
-        rngs=rngs)
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      kernel_init=he_normal,
+      rngs=rngs,
+    )
 
   def levels(self, depth: int) -> tuple[int, ...]:
     """Resolution level (number of halvings so far) of a chain's layers.
@@ -190,18 +210,20 @@ class Backbone:
         x = x[..., None]  # grey images given as (batch, height, width)
       if x.ndim != 4 or x.shape[-1] != self.in_features:
         raise ValueError(
-            f"This convolutional model expects a batch of NHWC images of shape"
-            f" (batch, height, width, {self.in_features}), got shape"
-            f" {tuple(x.shape)}. Reshape the input (e.g. `x.reshape(-1, 8, 8,"
-            f" 1)` for flat 8×8 digits) or build the model with"
-            f" in_channels={x.shape[-1] if x.ndim else '?'}.")
+          f"This convolutional model expects a batch of NHWC images of shape"
+          f" (batch, height, width, {self.in_features}), got shape"
+          f" {tuple(x.shape)}. Reshape the input (e.g. `x.reshape(-1, 8, 8,"
+          f" 1)` for flat 8×8 digits) or build the model with"
+          f" in_channels={x.shape[-1] if x.ndim else '?'}."
+        )
       return x
     if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
       raise ValueError(
-          f"This MLP expects a batch of shape (batch, {self.in_features}) (or"
-          f" (batch, ...) with {self.in_features} values per example), got"
-          f" shape {tuple(x.shape)}. Build the model with in_features equal"
-          " to the number of values per example.")
+        f"This MLP expects a batch of shape (batch, {self.in_features}) (or"
+        f" (batch, ...) with {self.in_features} values per example), got"
+        f" shape {tuple(x.shape)}. Build the model with in_features equal"
+        " to the number of values per example."
+      )
     return x.reshape(x.shape[0], self.in_features)
 
   def pool(self, h: jax.Array) -> jax.Array:
@@ -256,8 +278,10 @@ def group_norm_groups(features: int) -> int:
   """
   min_size = min(4, features)
   return max(
-      d for d in range(1, min(32, features) + 1)
-      if features % d == 0 and features // d >= min_size)
+    d
+    for d in range(1, min(32, features) + 1)
+    if features % d == 0 and features // d >= min_size
+  )
 
 
 def make_norm(norm: str, features: int, *, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -271,7 +295,8 @@ def make_norm(norm: str, features: int, *, rngs: nnx.Rngs) -> nnx.Module | None:
     return nnx.BatchNorm(features, momentum=0.9, rngs=rngs)
   if norm == "group":
     return nnx.GroupNorm(
-        features, num_groups=group_norm_groups(features), rngs=rngs)
+      features, num_groups=group_norm_groups(features), rngs=rngs
+    )
   if norm == "layer":
     return nnx.LayerNorm(features, rngs=rngs)
   if norm == "none":
@@ -299,12 +324,13 @@ class Stem(nnx.Module):
     (2, 32, 32, 8)
   """
 
-  def __init__(self, backbone: Backbone, out_features: int, *, norm: str,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, backbone: Backbone, out_features: int, *, norm: str, rngs: nnx.Rngs
+  ):
     # A bias in front of a norm is cancelled (batch) or redundant (group/layer).
     self.linear = backbone.linear(
-        backbone.in_features, out_features, use_bias=norm == "none",
-        rngs=rngs)
+      backbone.in_features, out_features, use_bias=norm == "none", rngs=rngs
+    )
     self.norm = make_norm(norm, out_features, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -331,31 +357,49 @@ class ResidualLayer(nnx.Module):
     (2, 4, 4, 8)
   """
 
-  def __init__(self, backbone: Backbone, in_features: Sequence[int],
-               out_features: int, *, strides: Sequence[int] | None = None,
-               norm: str, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: Backbone,
+    in_features: Sequence[int],
+    out_features: int,
+    *,
+    strides: Sequence[int] | None = None,
+    norm: str,
+    rngs: nnx.Rngs,
+  ):
     strides = tuple(strides or (1,) * len(in_features))
     if len(strides) != len(in_features):
       raise ValueError(
-          f"Got {len(in_features)} inputs but {len(strides)} strides.")
+        f"Got {len(in_features)} inputs but {len(strides)} strides."
+      )
     bias = norm == "none"
-    self.inputs = nnx.List([
+    self.inputs = nnx.List(
+      [
         backbone.linear(f, out_features, stride=s, use_bias=bias, rngs=rngs)
-        for f, s in zip(in_features, strides)])
+        for f, s in zip(in_features, strides, strict=True)
+      ]
+    )
     self.norm1 = make_norm(norm, out_features, rngs=rngs)
     self.linear = backbone.linear(
-        out_features, out_features, use_bias=bias, rngs=rngs)
+      out_features, out_features, use_bias=bias, rngs=rngs
+    )
     self.norm2 = make_norm(norm, out_features, rngs=rngs)
     if in_features[0] == out_features and strides[0] == 1:
       self.skip = None
     else:
       self.skip = backbone.linear(
-          in_features[0], out_features, stride=strides[0], use_bias=bias,
-          rngs=rngs, kernel=1)
+        in_features[0],
+        out_features,
+        stride=strides[0],
+        use_bias=bias,
+        rngs=rngs,
+        kernel=1,
+      )
 
   def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
     h = functools.reduce(
-        jnp.add, [lin(x) for lin, x in zip(self.inputs, inputs, strict=True)])
+      jnp.add, [lin(x) for lin, x in zip(self.inputs, inputs, strict=True)]
+    )
     h = jax.nn.relu(_apply(self.norm1, h))
     h = _apply(self.norm2, self.linear(h))
     skip = inputs[0] if self.skip is None else self.skip(inputs[0])
@@ -378,11 +422,18 @@ class Head(nnx.Module):
     (2, 10)
   """
 
-  def __init__(self, backbone: Backbone, in_features: int, num_classes: int,
-               *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: Backbone,
+    in_features: int,
+    num_classes: int,
+    *,
+    rngs: nnx.Rngs,
+  ):
     self.backbone = backbone
-    self.linear = nnx.Linear(in_features, num_classes,
-                             kernel_init=lecun_normal, rngs=rngs)
+    self.linear = nnx.Linear(
+      in_features, num_classes, kernel_init=lecun_normal, rngs=rngs
+    )
 
   def __call__(self, h: jax.Array) -> jax.Array:
     return self.linear(self.backbone.pool(h))

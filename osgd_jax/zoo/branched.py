@@ -30,19 +30,37 @@ class BranchedStage(nnx.Module):
     rngs: the random generators.
   """
 
-  def __init__(self, backbone: Backbone, *, in_features: int | None,
-               width: int, depth: int, stride: int, num_classes: int,
-               norm: str, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: Backbone,
+    *,
+    in_features: int | None,
+    width: int,
+    depth: int,
+    stride: int,
+    num_classes: int,
+    norm: str,
+    rngs: nnx.Rngs,
+  ):
     self.depth = depth
     if in_features is None:
       self.stem = Stem(backbone, width, norm=norm, rngs=rngs)
       in_features = width
     else:
       self.stem = None
-    self.layers = nnx.List([
-        ResidualLayer(backbone, (in_features if i == 0 else width,), width,
-                      strides=(stride if i == 0 else 1,), norm=norm, rngs=rngs)
-        for i in range(depth)])
+    self.layers = nnx.List(
+      [
+        ResidualLayer(
+          backbone,
+          (in_features if i == 0 else width,),
+          width,
+          strides=(stride if i == 0 else 1,),
+          norm=norm,
+          rngs=rngs,
+        )
+        for i in range(depth)
+      ]
+    )
     self.head = Head(backbone, width, num_classes, rngs=rngs)
 
   def __call__(self, carry: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,22 +115,50 @@ class BranchedNet(AnytimeNet):
     (2, 2, 10)
   """
 
-  def __init__(self, backbone: Backbone, *, stages: int, width: int,
-               depth: int, num_classes: int = 10, norm: str = "batch",
-               rngs: nnx.Rngs):
-    check_config(backbone, stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm)
-    check_size(type(self).__name__, stages, lambda s: (
-        s * depth, backbone.scale(width, min(s - 1, backbone.downsamples))))
+  def __init__(
+    self,
+    backbone: Backbone,
+    *,
+    stages: int,
+    width: int,
+    depth: int,
+    num_classes: int = 10,
+    norm: str = "batch",
+    rngs: nnx.Rngs,
+  ):
+    check_config(
+      backbone,
+      stages=stages,
+      width=width,
+      depth=depth,
+      num_classes=num_classes,
+      norm=norm,
+    )
+    check_size(
+      type(self).__name__,
+      stages,
+      lambda s: (
+        s * depth,
+        backbone.scale(width, min(s - 1, backbone.downsamples)),
+      ),
+    )
     self.backbone = backbone
     self.num_classes = num_classes
     built, in_features, level = [], None, 0
     for k in range(stages):
       new_level = min(k, backbone.downsamples)
       stage_width = backbone.scale(width, new_level)
-      built.append(BranchedStage(
-          backbone, in_features=in_features, width=stage_width, depth=depth,
-          stride=2 ** (new_level - level), num_classes=num_classes, norm=norm,
-          rngs=rngs))
+      built.append(
+        BranchedStage(
+          backbone,
+          in_features=in_features,
+          width=stage_width,
+          depth=depth,
+          stride=2 ** (new_level - level),
+          num_classes=num_classes,
+          norm=norm,
+          rngs=rngs,
+        )
+      )
       in_features, level = stage_width, new_level
     self.stages = nnx.List(built)

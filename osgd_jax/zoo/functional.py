@@ -15,7 +15,8 @@ the updated rest of the state as auxiliary output::
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -26,11 +27,11 @@ __all__ = ["per_exit_loss_fn"]
 
 
 def per_exit_loss_fn(
-    graphdef: Any,
-    *,
-    upto: int | None = None,
-    weights: Any | None = None,
-    loss: Callable[..., jax.Array] = per_exit_cross_entropy,
+  graphdef: Any,
+  *,
+  upto: int | None = None,
+  weights: Any | None = None,
+  loss: Callable[..., jax.Array] = per_exit_cross_entropy,
 ) -> Callable[..., tuple[jax.Array, Any]]:
   """Builds ``loss_fn(params, rest, x, labels) -> (losses, new_rest)``.
 
@@ -65,8 +66,9 @@ def per_exit_loss_fn(
     (4,)
   """
 
-  def loss_fn(params: Any, rest: Any, x: jax.Array,
-              labels: jax.Array) -> tuple[jax.Array, Any]:
+  def loss_fn(
+    params: Any, rest: Any, x: jax.Array, labels: jax.Array
+  ) -> tuple[jax.Array, Any]:
     # Fresh Variables: the caller's state is never mutated, and BatchNorm can
     # write its statistics inside the VJP's trace.
     model = nnx.merge(graphdef, params, rest, copy=True)

@@ -8,7 +8,8 @@ construction with chains that widen.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 from flax import nnx
@@ -35,12 +36,22 @@ class InterlacedStage(nnx.Module):
     rngs: the random generators.
   """
 
-  def __init__(self, backbone: Backbone, *, stem_width: int, chain_width: int,
-               levels: Sequence[int],
-               lateral_features: Sequence[int] | None, num_classes: int,
-               norm: str, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: Backbone,
+    *,
+    stem_width: int,
+    chain_width: int,
+    levels: Sequence[int],
+    lateral_features: Sequence[int] | None,
+    num_classes: int,
+    norm: str,
+    rngs: nnx.Rngs,
+  ):
     first = lateral_features is None
-    self.stem = Stem(backbone, stem_width, norm=norm, rngs=rngs) if first else None
+    self.stem = (
+      Stem(backbone, stem_width, norm=norm, rngs=rngs) if first else None
+    )
     self.depth = len(levels)
     layers, outs, prev_f, prev_l = [], [], stem_width, 0
     for i, level in enumerate(levels):
@@ -50,8 +61,9 @@ class InterlacedStage(nnx.Module):
         ins, strides = (prev_f,), (stride,)
       else:
         ins, strides = (prev_f, lateral_features[i]), (stride, 1)
-      layers.append(ResidualLayer(backbone, ins, out, strides=strides,
-                                  norm=norm, rngs=rngs))
+      layers.append(
+        ResidualLayer(backbone, ins, out, strides=strides, norm=norm, rngs=rngs)
+      )
       outs.append(out)
       prev_f, prev_l = out, level
     self.layers = nnx.List(layers)
@@ -70,7 +82,9 @@ class InterlacedStage(nnx.Module):
     if lateral is None:
       outputs = tuple(new)
     else:
-      outputs = tuple(o for pair in zip(lateral, new) for o in pair)
+      outputs = tuple(
+        o for pair in zip(lateral, new, strict=True) for o in pair
+      )
     return {"stem": h0, "outputs": outputs}, self.head(h)
 
 
@@ -138,16 +152,36 @@ class NestedDepthNet(AnytimeNet):
   # the width+depth family is this construction with 2.
   chain_growth: ClassVar[int] = 1
 
-  def __init__(self, backbone: Backbone, *, stages: int, width: int,
-               depth: int, num_classes: int = 10, norm: str = "batch",
-               rngs: nnx.Rngs):
-    check_config(backbone, stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm)
+  def __init__(
+    self,
+    backbone: Backbone,
+    *,
+    stages: int,
+    width: int,
+    depth: int,
+    num_classes: int = 10,
+    norm: str = "batch",
+    rngs: nnx.Rngs,
+  ):
+    check_config(
+      backbone,
+      stages=stages,
+      width=width,
+      depth=depth,
+      num_classes=num_classes,
+      norm=norm,
+    )
     # Stages 1 and 2 have ``depth`` layers; every later one doubles the count.
-    check_size(type(self).__name__, stages, lambda s: (
+    check_size(
+      type(self).__name__,
+      stages,
+      lambda s: (
         depth * 2 ** (s - 1),
-        backbone.scale(width * self.chain_growth ** (s - 1),
-                       backbone.downsamples)))
+        backbone.scale(
+          width * self.chain_growth ** (s - 1), backbone.downsamples
+        ),
+      ),
+    )
     self.backbone = backbone
     self.num_classes = num_classes
     built, sequence = [], []  # sequence: (features, level) of S_k, in order
@@ -155,11 +189,20 @@ class NestedDepthNet(AnytimeNet):
       first = k == 0
       levels = backbone.levels(depth) if first else [l for _, l in sequence]
       stage = InterlacedStage(
-          backbone, stem_width=width,
-          chain_width=width * self.chain_growth**k, levels=levels,
-          lateral_features=None if first else [f for f, _ in sequence],
-          num_classes=num_classes, norm=norm, rngs=rngs)
-      new = list(zip(stage.out_features, levels))
-      sequence = new if first else [s for p in zip(sequence, new) for s in p]
+        backbone,
+        stem_width=width,
+        chain_width=width * self.chain_growth**k,
+        levels=levels,
+        lateral_features=None if first else [f for f, _ in sequence],
+        num_classes=num_classes,
+        norm=norm,
+        rngs=rngs,
+      )
+      new = list(zip(stage.out_features, levels, strict=True))
+      sequence = (
+        new
+        if first
+        else [s for p in zip(sequence, new, strict=True) for s in p]
+      )
       built.append(stage)
     self.stages = nnx.List(built)

@@ -6,7 +6,8 @@ stages, and :func:`group_widths` the widths of the groups.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,17 @@ class WidthStage(nnx.Module):
     rngs: the random generators.
   """
 
-  def __init__(self, backbone: Backbone, *, widths: Sequence[int],
-               index: int, depth: int, num_classes: int, norm: str,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: Backbone,
+    *,
+    widths: Sequence[int],
+    index: int,
+    depth: int,
+    num_classes: int,
+    norm: str,
+    rngs: nnx.Rngs,
+  ):
     own, old = widths[index], sum(widths[:index])
     self.first = index == 0
     # Later stages widen existing layer positions; they add no depth.
@@ -47,14 +56,21 @@ class WidthStage(nnx.Module):
     layers, prev = [], 0
     for level in backbone.levels(depth):
       ins = (own, old) if old else (own,)
-      layers.append(ResidualLayer(
-          backbone, tuple(backbone.scale(f, prev) for f in ins),
-          backbone.scale(own, level), strides=(2 ** (level - prev),) * len(ins),
-          norm=norm, rngs=rngs))
+      layers.append(
+        ResidualLayer(
+          backbone,
+          tuple(backbone.scale(f, prev) for f in ins),
+          backbone.scale(own, level),
+          strides=(2 ** (level - prev),) * len(ins),
+          norm=norm,
+          rngs=rngs,
+        )
+      )
       prev = level
     self.layers = nnx.List(layers)
-    self.head = Head(backbone, backbone.scale(own + old, prev), num_classes,
-                     rngs=rngs)
+    self.head = Head(
+      backbone, backbone.scale(own + old, prev), num_classes, rngs=rngs
+    )
 
   def __call__(self, carry: Any) -> tuple[dict[str, Any], jax.Array]:
     if self.first:
@@ -70,7 +86,8 @@ class WidthStage(nnx.Module):
       features = tuple(new)
     else:
       features = tuple(
-          jnp.concatenate([o, n], axis=-1) for o, n in zip(old, new))
+        jnp.concatenate([o, n], axis=-1) for o, n in zip(old, new, strict=True)
+      )
     return {"input": x, "features": features}, self.head(features[-1])
 
 
@@ -133,19 +150,48 @@ class NestedWidthNet(AnytimeNet):
     (2, 2, 10)
   """
 
-  def __init__(self, backbone: Backbone, *, stages: int, width: int,
-               depth: int, num_classes: int = 10, norm: str = "batch",
-               rngs: nnx.Rngs):
-    check_config(backbone, stages=stages, width=width, depth=depth,
-                 num_classes=num_classes, norm=norm)
+  def __init__(
+    self,
+    backbone: Backbone,
+    *,
+    stages: int,
+    width: int,
+    depth: int,
+    num_classes: int = 10,
+    norm: str = "batch",
+    rngs: nnx.Rngs,
+  ):
+    check_config(
+      backbone,
+      stages=stages,
+      width=width,
+      depth=depth,
+      num_classes=num_classes,
+      norm=norm,
+    )
     # Stage k's layers are as wide as groups 1..k together.
-    check_size(type(self).__name__, stages, lambda s: (
-        s * depth, backbone.scale(sum(group_widths(width, s)),
-                                  backbone.downsamples)))
+    check_size(
+      type(self).__name__,
+      stages,
+      lambda s: (
+        s * depth,
+        backbone.scale(sum(group_widths(width, s)), backbone.downsamples),
+      ),
+    )
     self.backbone = backbone
     self.num_classes = num_classes
     widths = group_widths(width, stages)
-    self.stages = nnx.List([
-        WidthStage(backbone, widths=widths, index=k, depth=depth,
-                   num_classes=num_classes, norm=norm, rngs=rngs)
-        for k in range(stages)])
+    self.stages = nnx.List(
+      [
+        WidthStage(
+          backbone,
+          widths=widths,
+          index=k,
+          depth=depth,
+          num_classes=num_classes,
+          norm=norm,
+          rngs=rngs,
+        )
+        for k in range(stages)
+      ]
+    )

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from flax import nnx
 
@@ -41,21 +42,22 @@ from osgd_jax.zoo.nested_width_depth import NestedWidthDepthNet
 __all__ = ["create", "names", "presets", "model_class", "config_keys"]
 
 _FAMILIES: dict[str, type[AnytimeNet]] = {
-    "branched": BranchedNet,
-    "nested-width": NestedWidthNet,
-    "nested-depth": NestedDepthNet,
-    "nested-width-depth": NestedWidthDepthNet,
+  "branched": BranchedNet,
+  "nested-width": NestedWidthNet,
+  "nested-depth": NestedDepthNet,
+  "nested-width-depth": NestedWidthDepthNet,
 }
 
 # Name suffix -> (backbone factory, the preset that gives the defaults).
 _BACKBONES: dict[str, tuple[Callable[..., Backbone], str]] = {
-    "resnet": (conv_backbone, "cifar"),
-    "mlp": (dense_backbone, "digits"),
+  "resnet": (conv_backbone, "cifar"),
+  "mlp": (dense_backbone, "digits"),
 }
 
 _MODELS: dict[str, tuple[type[AnytimeNet], str]] = {
-    f"{family}-{suffix}": (cls, suffix)
-    for family, cls in _FAMILIES.items() for suffix in _BACKBONES
+  f"{family}-{suffix}": (cls, suffix)
+  for family, cls in _FAMILIES.items()
+  for suffix in _BACKBONES
 }
 
 _CIFAR_CONV = dict(stages=4, num_classes=10, in_channels=3, downsamples=2)
@@ -66,37 +68,45 @@ _MNIST1D_MLP = dict(stages=4, num_classes=10, in_features=40)
 
 # Sizes per name: (width, depth) for cifar, digits and (MLPs) mnist1d.
 _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "branched-resnet": {
-        "cifar": dict(_CIFAR_CONV, width=16, depth=2),
-        "digits": dict(_DIGITS_CONV, width=8, depth=1)},
-    "nested-width-resnet": {
-        "cifar": dict(_CIFAR_CONV, width=8, depth=3),
-        "digits": dict(_DIGITS_CONV, width=4, depth=2)},
-    "nested-depth-resnet": {
-        "cifar": dict(_CIFAR_CONV, width=16, depth=3),
-        "digits": dict(_DIGITS_CONV, width=8, depth=2)},
-    "nested-width-depth-resnet": {
-        "cifar": dict(_CIFAR_CONV, width=8, depth=3),
-        "digits": dict(_DIGITS_CONV, width=4, depth=1)},
-    "branched-mlp": {
-        "cifar": dict(_CIFAR_MLP, width=256, depth=1),
-        "digits": dict(_DIGITS_MLP, width=64, depth=1),
-        "mnist1d": dict(_MNIST1D_MLP, width=64, depth=1)},
-    "nested-width-mlp": {
-        "cifar": dict(_CIFAR_MLP, width=64, depth=2),
-        "digits": dict(_DIGITS_MLP, width=16, depth=2),
-        "mnist1d": dict(_MNIST1D_MLP, width=16, depth=2)},
-    "nested-depth-mlp": {
-        "cifar": dict(_CIFAR_MLP, width=256, depth=1),
-        "digits": dict(_DIGITS_MLP, width=64, depth=1),
-        "mnist1d": dict(_MNIST1D_MLP, width=64, depth=1)},
-    "nested-width-depth-mlp": {
-        "cifar": dict(_CIFAR_MLP, width=64, depth=1),
-        "digits": dict(_DIGITS_MLP, width=16, depth=1),
-        # 16 wide (digits' size), every exit stayed near 50% on MNIST-1D;
-        # 24 gains a few points and stays under 500k parameters (32: 660k,
-        # 64: 2.6M, for at most 3 points more).
-        "mnist1d": dict(_MNIST1D_MLP, width=24, depth=1)},
+  "branched-resnet": {
+    "cifar": dict(_CIFAR_CONV, width=16, depth=2),
+    "digits": dict(_DIGITS_CONV, width=8, depth=1),
+  },
+  "nested-width-resnet": {
+    "cifar": dict(_CIFAR_CONV, width=8, depth=3),
+    "digits": dict(_DIGITS_CONV, width=4, depth=2),
+  },
+  "nested-depth-resnet": {
+    "cifar": dict(_CIFAR_CONV, width=16, depth=3),
+    "digits": dict(_DIGITS_CONV, width=8, depth=2),
+  },
+  "nested-width-depth-resnet": {
+    "cifar": dict(_CIFAR_CONV, width=8, depth=3),
+    "digits": dict(_DIGITS_CONV, width=4, depth=1),
+  },
+  "branched-mlp": {
+    "cifar": dict(_CIFAR_MLP, width=256, depth=1),
+    "digits": dict(_DIGITS_MLP, width=64, depth=1),
+    "mnist1d": dict(_MNIST1D_MLP, width=64, depth=1),
+  },
+  "nested-width-mlp": {
+    "cifar": dict(_CIFAR_MLP, width=64, depth=2),
+    "digits": dict(_DIGITS_MLP, width=16, depth=2),
+    "mnist1d": dict(_MNIST1D_MLP, width=16, depth=2),
+  },
+  "nested-depth-mlp": {
+    "cifar": dict(_CIFAR_MLP, width=256, depth=1),
+    "digits": dict(_DIGITS_MLP, width=64, depth=1),
+    "mnist1d": dict(_MNIST1D_MLP, width=64, depth=1),
+  },
+  "nested-width-depth-mlp": {
+    "cifar": dict(_CIFAR_MLP, width=64, depth=1),
+    "digits": dict(_DIGITS_MLP, width=16, depth=1),
+    # 16 wide (digits' size), every exit stayed near 50% on MNIST-1D;
+    # 24 gains a few points and stays under 500k parameters (32: 660k,
+    # 64: 2.6M, for at most 3 points more).
+    "mnist1d": dict(_MNIST1D_MLP, width=24, depth=1),
+  },
 }
 
 
@@ -118,7 +128,8 @@ def names() -> tuple[str, ...]:
 def _check_name(name: Any) -> str:
   if name not in _MODELS:
     raise ValueError(
-        f"Unknown model {name!r}; choose one of: {', '.join(names())}.")
+      f"Unknown model {name!r}; choose one of: {', '.join(names())}."
+    )
   return name
 
 
@@ -150,8 +161,9 @@ def config_keys(name: str) -> tuple[str, ...]:
     'in_features'
   """
   cls, suffix = _MODELS[_check_name(name)]
-  return (_keywords(cls.__init__, "backbone", "rngs")
-          + _keywords(_BACKBONES[suffix][0]))
+  return _keywords(cls.__init__, "backbone", "rngs") + _keywords(
+    _BACKBONES[suffix][0]
+  )
 
 
 def presets(name: str) -> dict[str, dict[str, Any]]:
@@ -171,11 +183,11 @@ def presets(name: str) -> dict[str, dict[str, Any]]:
 
 
 def create(
-    name: str,
-    *,
-    rngs: nnx.Rngs,
-    preset: str | None = None,
-    **config: Any,
+  name: str,
+  *,
+  rngs: nnx.Rngs,
+  preset: str | None = None,
+  **config: Any,
 ) -> AnytimeNet:
   """Builds the zoo model ``name``: its family class on its backbone.
 
@@ -206,21 +218,25 @@ def create(
   make_backbone, default_preset = _BACKBONES[suffix]
   if not isinstance(rngs, nnx.Rngs):
     raise ValueError(
-        f"rngs must be a flax.nnx.Rngs, got {type(rngs).__name__}; pass e.g."
-        " rngs=nnx.Rngs(0).")
+      f"rngs must be a flax.nnx.Rngs, got {type(rngs).__name__}; pass e.g."
+      " rngs=nnx.Rngs(0)."
+    )
   available = _PRESETS[name]
   if preset is not None and preset not in available:
     raise ValueError(
-        f"Unknown preset {preset!r} for {name!r}; choose one of:"
-        f" {', '.join(sorted(available))}.")
+      f"Unknown preset {preset!r} for {name!r}; choose one of:"
+      f" {', '.join(sorted(available))}."
+    )
   valid = config_keys(name)
   unknown = sorted(set(config) - set(valid))
   if unknown:
     raise ValueError(
-        f"Unknown config key(s) {unknown} for {name!r}; valid keys are:"
-        f" {', '.join(valid)}.")
-  settings = dict(available[default_preset if preset is None else preset],
-                  **config)
+      f"Unknown config key(s) {unknown} for {name!r}; valid keys are:"
+      f" {', '.join(valid)}."
+    )
+  settings = dict(
+    available[default_preset if preset is None else preset], **config
+  )
   backbone_keys = _keywords(make_backbone)
   backbone = make_backbone(**{k: settings.pop(k) for k in backbone_keys})
   # The family classes take the backbone first (AnytimeNet itself does not).

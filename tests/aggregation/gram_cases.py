@@ -20,11 +20,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 
 K, N = 4, 12
-GOLDEN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden",
-                      "torchjd_golden.json")
+GOLDEN = os.path.join(
+  os.path.dirname(os.path.dirname(__file__)), "golden", "torchjd_golden.json"
+)
 
 
 def _random(rng):
@@ -45,12 +47,17 @@ def _zero_row(rng):
 
 
 def mixed_scale(rng):
-  return rng.normal(size=(K, N)) * 10.0 ** np.array([[-8.0], [-3.0], [2.0],
-                                                     [8.0]])
+  return rng.normal(size=(K, N)) * 10.0 ** np.array(
+    [[-8.0], [-3.0], [2.0], [8.0]]
+  )
 
 
-CASES = {"random": _random, "rank_deficient": _rank_deficient,
-         "zero_row": _zero_row, "mixed_scale": mixed_scale}
+CASES = {
+  "random": _random,
+  "rank_deficient": _rank_deficient,
+  "zero_row": _zero_row,
+  "mixed_scale": mixed_scale,
+}
 
 
 def case_rows(case):
@@ -58,7 +65,7 @@ def case_rows(case):
   return CASES[case](np.random.default_rng(sorted(CASES).index(case)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(weighting, options):
   return jax.jit(functools.partial(weighting, **dict(options)))
 
@@ -80,8 +87,9 @@ def jitted(weighting, **options):
 def direction(weighting, rows, **options):
   """``wᵀ G`` with the weights of ``weighting`` on ``G Gᵀ``, in float64."""
   with jax.enable_x64(True):
-    w = np.asarray(jitted(weighting, **options)(
-        jnp.asarray(rows @ rows.T, jnp.float64)))
+    w = np.asarray(
+      jitted(weighting, **options)(jnp.asarray(rows @ rows.T, jnp.float64))
+    )
   assert w.shape == (len(rows),) and np.all(np.isfinite(w)), w
   return w @ rows
 
@@ -99,7 +107,7 @@ def conflicting_rows(seed):
   """K rows, the second conflicting with the first, the last in their span."""
   rng = np.random.default_rng(seed)
   rows = rng.normal(size=(K, N))
-  rows[1] -= 1.2 * rows[0]          # conflicting
+  rows[1] -= 1.2 * rows[0]  # conflicting
   rows[3] = 0.5 * rows[0] + rows[2]  # in the span of earlier rows
   return rows
 
@@ -114,7 +122,7 @@ def assert_close(got, want, rows, rtol):
 # --- TorchJD's outputs --------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def golden():
   with open(GOLDEN) as f:
     return json.load(f)
@@ -124,9 +132,10 @@ def golden_entry(kind, name):
   """The file's entry for ``name``; every aggregator has one."""
   entry = golden()[kind].get(name)
   assert entry is not None, (
-      f"no TorchJD output for {name} in {GOLDEN}: regenerate it with"
-      " tests/golden/make_torchjd_golden.py where torch and"
-      " 'torchjd[cagrad,nash_mtl]' (cvxpy, ecos) are installed")
+    f"no TorchJD output for {name} in {GOLDEN}: regenerate it with"
+    " tests/golden/make_torchjd_golden.py where torch and"
+    " 'torchjd[cagrad,nash_mtl]' (cvxpy, ecos) are installed"
+  )
   return entry
 
 
@@ -143,13 +152,15 @@ def assert_matches_torchjd(name, weighting, options, rtol, skip=()):
   """
   entry = golden_entry("aggregators", name)
   assert entry["kwargs"] == {
-      k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    k: list(v) if isinstance(v, tuple) else v for k, v in options.items()
+  }
   for case, want in entry["outputs"].items():
     if case in skip:
       continue
     rows = np.asarray(golden()["cases"][case])
-    assert_close(direction(weighting, rows, **options), np.asarray(want), rows,
-                 rtol)
+    assert_close(
+      direction(weighting, rows, **options), np.asarray(want), rows, rtol
+    )
 
 
 def assert_matches_torchjd_over_steps(name, factory, rtol):
@@ -164,7 +175,7 @@ def assert_matches_torchjd_over_steps(name, factory, rtol):
   state = tx.init({"w": jnp.zeros(sequence.shape[2])})
   with jax.enable_x64(True):
     update = jax.jit(tx.update)
-    for rows, want in zip(sequence, entry["outputs"]):
+    for rows, want in zip(sequence, entry["outputs"], strict=True):
       out, state = update({"w": jnp.asarray(rows)}, state)
       assert_close(np.asarray(out["w"]), np.asarray(want), rows, rtol)
 
@@ -172,7 +183,7 @@ def assert_matches_torchjd_over_steps(name, factory, rtol):
 # --- for the properties -------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _float32(weighting, options):
   fn = functools.partial(weighting, **dict(options))
   return jax.jit(lambda rows: fn(rows @ rows.T) @ rows)

@@ -13,8 +13,8 @@ import functools
 
 import jax
 import numpy as np
-
 import numpy_oracles as oracles
+
 import osgd_jax
 from osgd_jax import aggregation
 from osgd_jax.aggregation import _stateful
@@ -25,23 +25,23 @@ NAMES = list(SHAPES)
 # per-leaf cases are rank-deficient too.
 K = 6
 FACTORIES = {
-    "mgda": aggregation.mgda,
-    "upgrad": aggregation.upgrad,
-    "pcgrad": aggregation.pcgrad,
-    "adaloss": aggregation.adaptive_loss_balancing,
-    "weighted_sum": aggregation.weighted_sum,
+  "mgda": aggregation.mgda,
+  "upgrad": aggregation.upgrad,
+  "pcgrad": aggregation.pcgrad,
+  "adaloss": aggregation.adaptive_loss_balancing,
+  "weighted_sum": aggregation.weighted_sum,
 }
 
 
 PARAMS = {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transform(name, granularity="global", k=K):
   return FACTORIES[name](granularity=granularity, num_exits=k)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(name, granularity="global", k=K):
   """A jitted update, compiled once per (shapes, aggregator, granularity)."""
   return jax.jit(transform(name, granularity, k).update)
@@ -69,7 +69,7 @@ def conflicting(rng, k, n):
 def collinear(rng, k, n):
   rows = rng.normal(size=(k, n))
   rows[2] = 1.5 * rows[0] - 0.5 * rows[1]  # rank-deficient
-  rows[3] = -2.0 * rows[1]                 # exactly opposite: 0 in the hull
+  rows[3] = -2.0 * rows[1]  # exactly opposite: 0 in the hull
   return rows
 
 
@@ -93,16 +93,25 @@ def huge(rng, k, n):
 
 
 CASES = {
-    "random": random, "correlated": correlated, "conflicting": conflicting,
-    "collinear": collinear, "zero_row": zero_row,
-    "mixed_scale": mixed_scale, "tiny": tiny, "huge": huge,
+  "random": random,
+  "correlated": correlated,
+  "conflicting": conflicting,
+  "collinear": collinear,
+  "zero_row": zero_row,
+  "mixed_scale": mixed_scale,
+  "tiny": tiny,
+  "huge": huge,
 }
 
 
 def stacked_with(rng, k, make_rows):
   """A dict of stacked leaves (K, *shape) whose rows come from make_rows."""
-  return {name: make_rows(rng, k, int(np.prod(shape))).reshape((k,) + shape)
-          .astype(np.float32) for name, shape in SHAPES.items()}
+  return {
+    name: make_rows(rng, k, int(np.prod(shape)))
+    .reshape((k,) + shape)
+    .astype(np.float32)
+    for name, shape in SHAPES.items()
+  }
 
 
 def stacked(seed, make_rows, k=K):
@@ -123,7 +132,7 @@ def assert_close(out, expected, grads, granularity, rtol=1e-4):
   rows = oracles._flat_rows(leaves(grads), granularity)
   got = oracles._flat_rows([x[None] for x in leaves(out)], granularity)
   ref = oracles._flat_rows([np.asarray(x)[None] for x in expected], granularity)
-  for g, u, r in zip(rows, got, ref):
+  for g, u, r in zip(rows, got, ref, strict=True):
     scale = np.linalg.norm(g, axis=1).sum()
     err = np.max(np.abs(u[0] - r[0]), initial=0.0)
     assert err <= rtol * scale, (err / max(scale, 1e-300), rtol)
@@ -133,7 +142,7 @@ def assert_non_conflicting(out, grads, granularity, rtol=1e-4):
   """⟨g_k, u⟩ ≥ −rtol · ‖g_k‖ · Σ_j ‖g_j‖ for every row k of every group."""
   rows = oracles._flat_rows(leaves(grads), granularity)
   got = oracles._flat_rows([x[None] for x in leaves(out)], granularity)
-  for g, u in zip(rows, got):
+  for g, u in zip(rows, got, strict=True):
     dots = g @ u[0]
     bound = rtol * np.linalg.norm(g, axis=1) * np.linalg.norm(g, axis=1).sum()
     assert np.all(dots >= -bound), (dots, bound)
@@ -153,7 +162,7 @@ def pcgrad_orders(state):
 # --- OSGD on any tree ---------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _osgd(options):
   tx = osgd_jax.osgd(**dict(options))
   return tx, jax.jit(tx.update)
@@ -170,8 +179,11 @@ def apply_osgd(grads, params=None, **options):
     k = np.shape(leaves[0])[:1] if leaves else ()
     options.setdefault("num_exits", k[0] if k and k[0] else 1)
   tx, update = _osgd(tuple(sorted(options.items())))
-  like_params = params if params is not None else jax.tree.map(
-      lambda g: np.zeros(np.shape(g)[1:]), grads)
+  like_params = (
+    params
+    if params is not None
+    else jax.tree.map(lambda g: np.zeros(np.shape(g)[1:]), grads)
+  )
   state = tx.init(like_params)
   return update(grads, state, params)
 
@@ -183,8 +195,9 @@ def apply_osgd(grads, params=None, **options):
 def random_tree(seed, exp, zero_row=False):
   rng = np.random.default_rng(seed)
   scales = 10.0 ** (exp + rng.uniform(-1, 1, size=K))
-  grads = stacked(seed, lambda rng, k, n: rng.normal(size=(k, n))
-                  * scales[:, None])
+  grads = stacked(
+    seed, lambda rng, k, n: rng.normal(size=(k, n)) * scales[:, None]
+  )
   if zero_row:
     for g in grads.values():
       g[rng.integers(K)] = 0.0

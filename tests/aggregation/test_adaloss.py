@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, settings, strategies as st
-
 import numpy_oracles as oracles
+import pytest
 import stacked_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from osgd_jax import aggregation, weightings
 
 K = stacked_cases.K
@@ -30,19 +31,26 @@ exponents = st.floats(-8, 8)
 @pytest.mark.parametrize("granularity", ["global", "leaf"])
 def test_matches_float64_oracle(granularity):
   grads = stacked_cases.stacked(0, stacked_cases.mixed_scale)
-  history = np.array([[2.0, 1.0, 0.5, 0.5, 4.0, 1.0],
-                      [1.0, 1.0, 0.2, 0.4, 3.0, 0.0],
-                      [0.5, 2.0, 0.1, 0.3, 3.5, 0.5]], np.float32)
-  tx = aggregation.adaptive_loss_balancing(decay=0.8, granularity=granularity,
-                                          num_exits=K)
+  history = np.array(
+    [
+      [2.0, 1.0, 0.5, 0.5, 4.0, 1.0],
+      [1.0, 1.0, 0.2, 0.4, 3.0, 0.0],
+      [0.5, 2.0, 0.1, 0.3, 3.5, 0.5],
+    ],
+    np.float32,
+  )
+  tx = aggregation.adaptive_loss_balancing(
+    decay=0.8, granularity=granularity, num_exits=K
+  )
   update = tx.update
   state = tx.init(PARAMS)
   for losses in history:
     out, state = update(grads, state, losses=losses)
   w = oracles.adaloss_weights(history, decay=0.8)
   np.testing.assert_allclose(state.weights, w, rtol=1e-5)
-  expected = oracles.aggregate(stacked_cases.leaves(grads),
-                               lambda rows: w @ rows, granularity)
+  expected = oracles.aggregate(
+    stacked_cases.leaves(grads), lambda rows: w @ rows, granularity
+  )
   stacked_cases.assert_close(out, expected, grads, granularity, rtol=1e-5)
 
 
@@ -51,8 +59,10 @@ def test_adaloss_is_inverse_losses_normalised_to_k():
   losses = np.array([2.0, 1.0, 0.5, 0.0])
   inverse = 1 / np.maximum(losses, 1e-3)
   np.testing.assert_allclose(
-      weightings.adaloss(jnp.eye(k), losses=jnp.asarray(losses), eps=1e-3),
-      k * inverse / inverse.sum(), rtol=1e-6)
+    weightings.adaloss(jnp.eye(k), losses=jnp.asarray(losses), eps=1e-3),
+    k * inverse / inverse.sum(),
+    rtol=1e-6,
+  )
 
 
 # --- properties ---------------------------------------------------------------
@@ -72,21 +82,24 @@ def test_adaloss_ignores_per_exit_loss_scale(seed, exp):
   rng = np.random.default_rng(seed)
   losses = rng.uniform(0.1, 3, size=K).astype(np.float32)
   c = (10.0 ** rng.uniform(-3, 3, size=K)).astype(np.float32)
-  scaled = {n: g * c.reshape((K,) + (1,) * (g.ndim - 1))
-            for n, g in grads.items()}
+  scaled = {
+    n: g * c.reshape((K,) + (1,) * (g.ndim - 1)) for n, g in grads.items()
+  }
   # Only the normalisation Σ_j 1/ℓ_j sees the scales.
   ratio = np.sum(1 / losses) / np.sum(1 / (losses * c))
   np.testing.assert_allclose(
-      stacked_cases.update("adaloss", scaled, losses * c),
-      ratio * stacked_cases.update("adaloss", grads, losses),
-      rtol=1e-4,
-      atol=1e-5 * K * ratio * np.abs(stacked_cases.global_rows(grads)).max())
+    stacked_cases.update("adaloss", scaled, losses * c),
+    ratio * stacked_cases.update("adaloss", grads, losses),
+    rtol=1e-4,
+    atol=1e-5 * K * ratio * np.abs(stacked_cases.global_rows(grads)).max(),
+  )
 
 
 def test_single_exit_is_the_identity():
   g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
   out, _ = stacked_cases.jitted("adaloss", k=1)(
-      g, stacked_cases.init("adaloss", k=1), losses=np.ones(1, np.float32))
+    g, stacked_cases.init("adaloss", k=1), losses=np.ones(1, np.float32)
+  )
   np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)
 
 
@@ -96,8 +109,9 @@ def test_single_exit_is_the_identity():
 def test_adaloss_errors_name_the_missing_or_misshapen_losses():
   tx = aggregation.adaptive_loss_balancing(num_exits=3)
   grads = {"w": jnp.ones((3, 2))}
-  with pytest.raises(ValueError,
-                     match=r"needs the per-exit losses.*losses=losses"):
+  with pytest.raises(
+    ValueError, match=r"needs the per-exit losses.*losses=losses"
+  ):
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"shape \(2,\).*K=3"):
     tx.update(grads, tx.init(None), losses=jnp.ones(2))
@@ -108,12 +122,19 @@ def test_weighting_error_names_the_shape_k_needs():
     weightings.adaloss(jnp.eye(4), losses=jnp.ones(3))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: aggregation.adaptive_loss_balancing(decay=1.0, num_exits=2),
-     r"adaptive_loss_balancing: decay must be in \[0, 1\)"),
-    (lambda: aggregation.adaptive_loss_balancing(),
-     r"adaptive_loss_balancing needs num_exits=K"),
-])
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (
+      lambda: aggregation.adaptive_loss_balancing(decay=1.0, num_exits=2),
+      r"adaptive_loss_balancing: decay must be in \[0, 1\)",
+    ),
+    (
+      lambda: aggregation.adaptive_loss_balancing(),
+      r"adaptive_loss_balancing needs num_exits=K",
+    ),
+  ],
+)
 def test_bad_options(make, match):
   with pytest.raises(ValueError, match=match):
     make()

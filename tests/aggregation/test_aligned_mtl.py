@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-import pytest
-from hypothesis import given, strategies as st
-
 import gram_cases
+import numpy as np
 import numpy_oracles as oracles
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 import osgd_jax
 from osgd_jax import weightings
 
 K = gram_cases.K
 # name in tests/golden/torchjd_golden.json -> (keyword arguments, oracle).
 VARIANTS = {
-    "aligned_mtl": ({}, oracles.aligned_mtl_direction),
-    "aligned_mtl_median": ({"scale_mode": "median"}, functools.partial(
-        oracles.aligned_mtl_direction, scale_mode="median")),
-    "aligned_mtl_rmse": ({"scale_mode": "rmse"}, functools.partial(
-        oracles.aligned_mtl_direction, scale_mode="rmse")),
+  "aligned_mtl": ({}, oracles.aligned_mtl_direction),
+  "aligned_mtl_median": (
+    {"scale_mode": "median"},
+    functools.partial(oracles.aligned_mtl_direction, scale_mode="median"),
+  ),
+  "aligned_mtl_rmse": (
+    {"scale_mode": "rmse"},
+    functools.partial(oracles.aligned_mtl_direction, scale_mode="rmse"),
+  ),
 }
 # Aligned-MTL's "rmse" scale lifts M's smallest kept eigenvalue (1e4 here)
 # to its mean (1e16): that eigenvector, known from M to eps · 1e16/1e4,
@@ -35,23 +40,34 @@ MIXED_RTOL = {"aligned_mtl_rmse": 1e-3}
 GOLDEN_RTOL = {"aligned_mtl_rmse": 1e-6}
 
 
-@pytest.mark.parametrize("name, case", [
-    (name, case) for name in sorted(VARIANTS)
-    for case in sorted(gram_cases.CASES)])
+@pytest.mark.parametrize(
+  "name, case",
+  [
+    (name, case)
+    for name in sorted(VARIANTS)
+    for case in sorted(gram_cases.CASES)
+  ],
+)
 def test_matches_float64_oracle(name, case):
   rows = gram_cases.case_rows(case)
   options, oracle = VARIANTS[name]
   rtol = MIXED_RTOL.get(name, 1e-9) if case == "mixed_scale" else 1e-9
   gram_cases.assert_close(
-      gram_cases.direction(weightings.aligned_mtl, rows, **options),
-      oracle(rows), rows, rtol)
+    gram_cases.direction(weightings.aligned_mtl, rows, **options),
+    oracle(rows),
+    rows,
+    rtol,
+  )
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_matches_torchjd(name):
-  gram_cases.assert_matches_torchjd(name, weightings.aligned_mtl,
-                                    VARIANTS[name][0],
-                                    rtol=GOLDEN_RTOL.get(name, 1e-9))
+  gram_cases.assert_matches_torchjd(
+    name,
+    weightings.aligned_mtl,
+    VARIANTS[name][0],
+    rtol=GOLDEN_RTOL.get(name, 1e-9),
+  )
 
 
 # --- properties ---------------------------------------------------------------
@@ -61,8 +77,11 @@ def test_matches_torchjd(name):
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
   rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(np.isfinite(np.asarray(
-      gram_cases.float32_direction(weightings.aligned_mtl, rows))))
+  assert np.all(
+    np.isfinite(
+      np.asarray(gram_cases.float32_direction(weightings.aligned_mtl, rows))
+    )
+  )
 
 
 @gram_cases.common
@@ -71,12 +90,15 @@ def test_ignores_the_exits_order(seed, perm):
   # An invariance of the maths: checked in x64, away from float32's
   # conditioning.
   rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-      np.float64)
+    np.float64
+  )
   u = gram_cases.direction(weightings.aligned_mtl, rows)
-  permuted = gram_cases.direction(weightings.aligned_mtl,
-                                  rows[np.asarray(perm)])
-  np.testing.assert_allclose(permuted, u, rtol=1e-9,
-                             atol=1e-12 * np.abs(u).max())
+  permuted = gram_cases.direction(
+    weightings.aligned_mtl, rows[np.asarray(perm)]
+  )
+  np.testing.assert_allclose(
+    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  )
 
 
 def test_options_are_checked_with_a_fix():

@@ -7,12 +7,13 @@ hypothesis.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from hypothesis import given, strategies as st
-
 import gram_cases
+import numpy as np
 import numpy_oracles as oracles
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from osgd_jax import weightings
 
 K = gram_cases.K
@@ -21,13 +22,16 @@ K = gram_cases.K
 @pytest.mark.parametrize("case", sorted(gram_cases.CASES))
 def test_matches_float64_oracle(case):
   rows = gram_cases.case_rows(case)
-  gram_cases.assert_close(gram_cases.direction(weightings.config, rows),
-                          oracles.config_direction(rows), rows, 1e-9)
+  gram_cases.assert_close(
+    gram_cases.direction(weightings.config, rows),
+    oracles.config_direction(rows),
+    rows,
+    1e-9,
+  )
 
 
 def test_matches_torchjd():
-  gram_cases.assert_matches_torchjd("config", weightings.config, {},
-                                    rtol=1e-9)
+  gram_cases.assert_matches_torchjd("config", weightings.config, {}, rtol=1e-9)
 
 
 # --- properties ---------------------------------------------------------------
@@ -37,20 +41,26 @@ def test_matches_torchjd():
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
   rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(np.isfinite(np.asarray(
-      gram_cases.float32_direction(weightings.config, rows))))
+  assert np.all(
+    np.isfinite(
+      np.asarray(gram_cases.float32_direction(weightings.config, rows))
+    )
+  )
 
 
 @gram_cases.common
-@given(gram_cases.seeds, st.lists(st.floats(-3, 3), min_size=K, max_size=K),
-       gram_cases.zeros)
+@given(
+  gram_cases.seeds,
+  st.lists(st.floats(-3, 3), min_size=K, max_size=K),
+  gram_cases.zeros,
+)
 def test_config_is_non_conflicting(seed, scales, zero):
   # ConFIG's claim needs independent rows (K ≤ N here; a zero row
   # constrains nothing), and its v = Ĝ⁺1 is as ill-conditioned as Ĝ, whose
   # condition the Gram squares: nearly parallel rows are beyond float32,
   # so ConFIG is checked in x64.
   rows = gram_cases.property_rows(seed, scales, None)
-  rows[1:] -= 0.9 * rows[0]   # conflicts to resolve
+  rows[1:] -= 0.9 * rows[0]  # conflicts to resolve
   if zero is not None:
     rows[zero] = 0.0
   norms = np.linalg.norm(rows.astype(np.float64), axis=1)
@@ -64,8 +74,10 @@ def test_ignores_the_exits_order(seed, perm):
   # An invariance of the maths: checked in x64, away from float32's
   # conditioning.
   rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-      np.float64)
+    np.float64
+  )
   u = gram_cases.direction(weightings.config, rows)
   permuted = gram_cases.direction(weightings.config, rows[np.asarray(perm)])
-  np.testing.assert_allclose(permuted, u, rtol=1e-9,
-                             atol=1e-12 * np.abs(u).max())
+  np.testing.assert_allclose(
+    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  )

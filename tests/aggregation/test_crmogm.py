@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import functools
 
+import gram_cases
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gram_cases
 import osgd_jax
 
 
 def test_crmogm_smooths_the_wrapped_weights():
   # A cheap weighting to wrap (eager): the squared norms' shares.
-  shares = lambda gram: jnp.diagonal(gram) / jnp.trace(gram)
+  def shares(gram):
+    return jnp.diagonal(gram) / jnp.trace(gram)
+
   tx = osgd_jax.crmogm(shares, alpha=0.75, num_exits=2)
   state = tx.init({"w": jnp.zeros(2)})
   want = None
@@ -33,8 +35,8 @@ def test_crmogm_smooths_the_wrapped_weights():
 def test_matches_torchjd_over_steps():
   # CR-MOGM wraps UPGrad, whose QP TorchJD regularises.
   gram_cases.assert_matches_torchjd_over_steps(
-      "crmogm_upgrad", functools.partial(osgd_jax.crmogm, "upgrad"),
-      rtol=2e-4)
+    "crmogm_upgrad", functools.partial(osgd_jax.crmogm, "upgrad"), rtol=2e-4
+  )
 
 
 def test_options_are_checked_with_a_fix():

@@ -11,9 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+import stacked_cases
 
 import osgd_jax
-import stacked_cases
 from osgd_jax import aggregation
 
 _apply = stacked_cases.apply_osgd
@@ -22,11 +22,16 @@ _apply = stacked_cases.apply_osgd
 # --- from_weighting's options -------------------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: osgd_jax.from_weighting(len, num_exits=2, granularity="x"),
-     "granularity must be one of"),
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (
+      lambda: osgd_jax.from_weighting(len, num_exits=2, granularity="x"),
+      "granularity must be one of",
+    ),
     (lambda: osgd_jax.from_weighting(3, num_exits=2), "must be a function"),
-])
+  ],
+)
 def test_bad_options(make, match):
   with pytest.raises(ValueError, match=match):
     make()
@@ -76,19 +81,26 @@ def test_error_for_integer_gradients():
 def test_shape_errors_at_update():
   """The errors name the aggregator, the leaf and the fix."""
   grads = {"w": jnp.ones((3, 2))}
-  with pytest.raises(ValueError, match=r"K=3 exits but mgda was built with"
-                     r" num_exits=2"):
+  with pytest.raises(
+    ValueError,
+    match=r"K=3 exits but mgda was built with"
+    r" num_exits=2",
+  ):
     tx = aggregation.mgda(num_exits=2)
     tx.update(grads, tx.init(None))
   with pytest.raises(ValueError, match=r"pcgrad expects.*\['s'\] is a scalar"):
     tx = aggregation.pcgrad(num_exits=1)
     tx.update({"s": jnp.float32(1.0)}, tx.init(None))
-  with pytest.raises(ValueError,
-                     match=r"\['w'\].*expected \(K, \*param\.shape\)"):
+  with pytest.raises(
+    ValueError, match=r"\['w'\].*expected \(K, \*param\.shape\)"
+  ):
     tx = aggregation.upgrad(num_exits=3)
     tx.update(grads, tx.init(None), {"w": jnp.ones(3)})
-  with pytest.raises(ValueError, match=r"state for 2 groups but the gradients"
-                     r" form 1.*tx.init\(params\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"state for 2 groups but the gradients"
+    r" form 1.*tx.init\(params\)",
+  ):
     tx = aggregation.pcgrad(num_exits=3, granularity="leaf")
     tx.update(grads, tx.init({"a": jnp.ones(2), "b": jnp.ones(2)}))
 
@@ -100,8 +112,13 @@ def test_update_ops_carry_the_transformation_name_as_scope():
   """Profiles and compiled programs tell osgd's operations apart by scope."""
   params = {"w": jnp.zeros((4, 3))}
   grads = {"w": jnp.ones((2, 4, 3))}
-  for tx, scope in ((osgd_jax.osgd(num_exits=2), "osgd"),
-                    (osgd_jax.pcgrad(seed=0, num_exits=2), "pcgrad")):
-    text = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text(
-        debug_info=True)
+  for tx, scope in (
+    (osgd_jax.osgd(num_exits=2), "osgd"),
+    (osgd_jax.pcgrad(seed=0, num_exits=2), "pcgrad"),
+  ):
+    text = (
+      jax.jit(tx.update)
+      .lower(grads, tx.init(params), params)
+      .as_text(debug_info=True)
+    )
     assert f"/{scope}/" in text or f'"{scope}/' in text, scope

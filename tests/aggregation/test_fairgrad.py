@@ -7,14 +7,15 @@ its claims with hypothesis.
 
 from __future__ import annotations
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, strategies as st
-
-import gram_cases
 import numpy_oracles as oracles
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from osgd_jax import weightings
 
 K = gram_cases.K
@@ -31,8 +32,11 @@ GOLDEN_RTOL = {"fairgrad": 1e-6, "fairgrad_2": 1e-5}
 def test_fairgrad_solves_its_equation(name, alpha, case):
   rows = gram_cases.case_rows(case)
   with jax.enable_x64(True):
-    w = np.asarray(gram_cases.jitted(weightings.fairgrad, alpha=alpha)(
-        jnp.asarray(rows @ rows.T)))
+    w = np.asarray(
+      gram_cases.jitted(weightings.fairgrad, alpha=alpha)(
+        jnp.asarray(rows @ rows.T)
+      )
+    )
   assert oracles.fairgrad_residual(rows @ rows.T, w, alpha) < 1e-9
 
 
@@ -40,8 +44,12 @@ def test_fairgrad_solves_its_equation(name, alpha, case):
 def test_matches_torchjd(name):
   # On rank_deficient: no positive solution (see above).
   gram_cases.assert_matches_torchjd(
-      name, weightings.fairgrad, {"alpha": ALPHAS[name]},
-      rtol=GOLDEN_RTOL[name], skip=("rank_deficient",))
+    name,
+    weightings.fairgrad,
+    {"alpha": ALPHAS[name]},
+    rtol=GOLDEN_RTOL[name],
+    skip=("rank_deficient",),
+  )
 
 
 # --- properties ---------------------------------------------------------------
@@ -51,8 +59,13 @@ def test_matches_torchjd(name):
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
   rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(np.isfinite(np.asarray(
-      gram_cases.float32_direction(weightings.fairgrad, rows, alpha=1.0))))
+  assert np.all(
+    np.isfinite(
+      np.asarray(
+        gram_cases.float32_direction(weightings.fairgrad, rows, alpha=1.0)
+      )
+    )
+  )
 
 
 @gram_cases.common
@@ -61,9 +74,12 @@ def test_ignores_the_exits_order(seed, perm):
   # An invariance of the maths: checked in x64, away from float32's
   # conditioning.
   rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-      np.float64)
+    np.float64
+  )
   u = gram_cases.direction(weightings.fairgrad, rows, alpha=1.0)
-  permuted = gram_cases.direction(weightings.fairgrad, rows[np.asarray(perm)],
-                                  alpha=1.0)
-  np.testing.assert_allclose(permuted, u, rtol=1e-9,
-                             atol=1e-12 * np.abs(u).max())
+  permuted = gram_cases.direction(
+    weightings.fairgrad, rows[np.asarray(perm)], alpha=1.0
+  )
+  np.testing.assert_allclose(
+    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  )

@@ -7,13 +7,13 @@ transformation against TorchJD's with K = 2 (deterministic).
 
 from __future__ import annotations
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_oracles as oracles
 import pytest
 
-import gram_cases
-import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import weightings
 from osgd_jax.aggregation import _stateful
@@ -42,8 +42,9 @@ def test_matches_torchjd_over_steps():
   # With K = 2 each task has one other to visit, so TorchJD is
   # deterministic. The state's float32 EMA bounds the agreement to about
   # 1e-7.
-  gram_cases.assert_matches_torchjd_over_steps("gradvac", osgd_jax.gradvac,
-                                               rtol=1e-6)
+  gram_cases.assert_matches_torchjd_over_steps(
+    "gradvac", osgd_jax.gradvac, rtol=1e-6
+  )
 
 
 def test_options_are_checked_with_a_fix():

@@ -7,12 +7,13 @@ claims with hypothesis.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from hypothesis import given, strategies as st
-
 import gram_cases
+import numpy as np
 import numpy_oracles as oracles
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from osgd_jax import weightings
 
 K = gram_cases.K
@@ -21,8 +22,12 @@ K = gram_cases.K
 @pytest.mark.parametrize("case", sorted(gram_cases.CASES))
 def test_matches_float64_oracle(case):
   rows = gram_cases.case_rows(case)
-  gram_cases.assert_close(gram_cases.direction(weightings.imtl_g, rows),
-                          oracles.imtl_g_direction(rows), rows, 1e-9)
+  gram_cases.assert_close(
+    gram_cases.direction(weightings.imtl_g, rows),
+    oracles.imtl_g_direction(rows),
+    rows,
+    1e-9,
+  )
 
 
 def test_imtl_g_equalises_the_projections_at_every_scale():
@@ -37,8 +42,9 @@ def test_imtl_g_equalises_the_projections_at_every_scale():
 def test_matches_torchjd():
   # TorchJD's pinv of M counts the 1e-8 row's eigenvalue (1e-16 of the
   # largest) as zero; ours works with the cosines (see the test above).
-  gram_cases.assert_matches_torchjd("imtl_g", weightings.imtl_g, {},
-                                    rtol=1e-9, skip=("mixed_scale",))
+  gram_cases.assert_matches_torchjd(
+    "imtl_g", weightings.imtl_g, {}, rtol=1e-9, skip=("mixed_scale",)
+  )
 
 
 # --- properties ---------------------------------------------------------------
@@ -48,8 +54,11 @@ def test_matches_torchjd():
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
   rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(np.isfinite(np.asarray(
-      gram_cases.float32_direction(weightings.imtl_g, rows))))
+  assert np.all(
+    np.isfinite(
+      np.asarray(gram_cases.float32_direction(weightings.imtl_g, rows))
+    )
+  )
 
 
 @gram_cases.common
@@ -58,11 +67,13 @@ def test_ignores_the_exits_order(seed, perm):
   # An invariance of the maths: checked in x64, away from float32's
   # conditioning.
   rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-      np.float64)
+    np.float64
+  )
   u = gram_cases.direction(weightings.imtl_g, rows)
   permuted = gram_cases.direction(weightings.imtl_g, rows[np.asarray(perm)])
-  np.testing.assert_allclose(permuted, u, rtol=1e-9,
-                             atol=1e-12 * np.abs(u).max())
+  np.testing.assert_allclose(
+    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  )
 
 
 @gram_cases.common
@@ -71,7 +82,8 @@ def test_imtl_g_line_ignores_the_rows_scales(seed, log_c):
   # The line, not the direction: Σ w = 1 can flip the sign.
   rows = gram_cases.property_rows(seed, [0.0] * K, None).astype(np.float64)
   u = gram_cases.direction(weightings.imtl_g, rows)
-  scaled = gram_cases.direction(weightings.imtl_g,
-                                rows * 10.0 ** np.asarray(log_c)[:, None])
+  scaled = gram_cases.direction(
+    weightings.imtl_g, rows * 10.0 ** np.asarray(log_c)[:, None]
+  )
   cos = u @ scaled / (np.linalg.norm(u) * np.linalg.norm(scaled))
   assert abs(cos) > 1 - 1e-12, cos

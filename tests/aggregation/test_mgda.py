@@ -8,14 +8,15 @@ properties are checked with hypothesis.
 
 from __future__ import annotations
 
+import gram_cases
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, settings, strategies as st
-
-import gram_cases
 import numpy_oracles as oracles
+import pytest
 import stacked_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from osgd_jax import aggregation, weightings
 
 K = stacked_cases.K
@@ -35,8 +36,9 @@ def test_matches_float64_oracle(case):
   grads = stacked_cases.case_grads(case)
   state = stacked_cases.init("mgda", granularity)
   out, new_state = stacked_cases.jitted("mgda", granularity)(grads, state)
-  expected = oracles.aggregate(stacked_cases.leaves(grads),
-                               oracles.min_norm_point, granularity)
+  expected = oracles.aggregate(
+    stacked_cases.leaves(grads), oracles.min_norm_point, granularity
+  )
   stacked_cases.assert_close(out, expected, grads, granularity)
   assert stacked_cases.finite((out, new_state))
   stacked_cases.assert_non_conflicting(out, grads, granularity)
@@ -45,8 +47,11 @@ def test_matches_float64_oracle(case):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mgda_is_the_min_norm_point_of_the_hull(seed):
   rows = gram_cases.conflicting_rows(seed)[:3]
-  np.testing.assert_allclose(gram_cases.weighted_rows(weightings.mgda, rows),
-                             oracles.min_norm_point(rows), atol=1e-7)
+  np.testing.assert_allclose(
+    gram_cases.weighted_rows(weightings.mgda, rows),
+    oracles.min_norm_point(rows),
+    atol=1e-7,
+  )
 
 
 def test_weights_are_in_the_gram_matrix_dtype():
@@ -80,15 +85,15 @@ def test_finite_and_non_conflicting(seed, exp, zero_row):
 @given(seeds, exponents, st.floats(-3, 3))
 def test_positively_homogeneous_and_order_invariant(seed, exp, log_c):
   grads = stacked_cases.random_tree(seed, exp)
-  c = np.float32(10.0 ** log_c)
+  c = np.float32(10.0**log_c)
   perm = np.random.default_rng(seed).permutation(K)
   scale = np.abs(stacked_cases.global_rows(grads)).max() * K
   base = stacked_cases.update("mgda", grads)
   scaled = stacked_cases.update("mgda", {n: g * c for n, g in grads.items()})
-  np.testing.assert_allclose(scaled, c * base, rtol=1e-4,
-                             atol=1e-5 * c * scale)
-  permuted = stacked_cases.update("mgda",
-                                  {n: g[perm] for n, g in grads.items()})
+  np.testing.assert_allclose(scaled, c * base, rtol=1e-4, atol=1e-5 * c * scale)
+  permuted = stacked_cases.update(
+    "mgda", {n: g[perm] for n, g in grads.items()}
+  )
   np.testing.assert_allclose(permuted, base, rtol=1e-4, atol=1e-5 * scale)
 
 
@@ -101,13 +106,20 @@ def test_single_exit_is_the_identity():
 # --- errors -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: aggregation.mgda(granularity="layer", num_exits=2),
-     "granularity must be one of"),
-    (lambda: aggregation.mgda(tol=1.0, num_exits=2),
-     r"mgda: tol must be in \[0, 1\), got 1.0"),
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (
+      lambda: aggregation.mgda(granularity="layer", num_exits=2),
+      "granularity must be one of",
+    ),
+    (
+      lambda: aggregation.mgda(tol=1.0, num_exits=2),
+      r"mgda: tol must be in \[0, 1\), got 1.0",
+    ),
     (lambda: aggregation.mgda(), r"mgda needs num_exits=K.*fixed at init"),
-])
+  ],
+)
 def test_bad_options(make, match):
   with pytest.raises(ValueError, match=match):
     make()

@@ -6,12 +6,12 @@ against tests/numpy_oracles.py, the transformation against TorchJD's.
 
 from __future__ import annotations
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import gram_cases
 import numpy_oracles as oracles
+
 import osgd_jax
 from osgd_jax import weightings
 
@@ -29,11 +29,11 @@ def test_modo_matches_oracle_over_steps():
     lam = jnp.full((K,), 1.0 / K)
     for m in grams:
       lam = modo(jnp.asarray(m), previous=lam)
-  np.testing.assert_allclose(lam, oracles.modo_weights(grams, 0.05, 0.1),
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    lam, oracles.modo_weights(grams, 0.05, 0.1), atol=1e-12
+  )
 
 
 def test_matches_torchjd_over_steps():
   # The state's float32 weights bound the agreement to about 1e-7.
-  gram_cases.assert_matches_torchjd_over_steps("modo", osgd_jax.modo,
-                                               rtol=1e-6)
+  gram_cases.assert_matches_torchjd_over_steps("modo", osgd_jax.modo, rtol=1e-6)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import functools
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_oracles as oracles
 import pytest
 
-import gram_cases
-import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import weightings
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nash():
   """The jitted weighting, max_norm traced: one compile for every case."""
   return jax.jit(weightings.nash_mtl)
@@ -39,5 +39,6 @@ def test_matches_torchjd_over_steps():
   # TorchJD approaches Nash's solution by at most 20 warm-started cvxpy
   # steps, stopping at a residual of 1e-3; ours solves it. The first step
   # agrees to 1e-10; later ones differ by up to 3.3% of the update's scale.
-  gram_cases.assert_matches_torchjd_over_steps("nash_mtl", osgd_jax.nash_mtl,
-                                               rtol=5e-2)
+  gram_cases.assert_matches_torchjd_over_steps(
+    "nash_mtl", osgd_jax.nash_mtl, rtol=5e-2
+  )

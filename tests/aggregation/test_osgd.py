@@ -10,26 +10,30 @@ the options and ``osgd_sgd``'s chain against their definitions.
 from __future__ import annotations
 
 import functools
+import itertools
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
-
-import gram_cases
-import osgd_jax
 import stacked_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy_oracles import gram_schmidt_components, osgd_direction
+
+import osgd_jax
 from osgd_jax import weightings
 from osgd_jax.orthogonalize import DEFAULT_TOL
 
 METHODS = ("gram", "sequential")
 GRANULARITIES = ("leaf", "global")
 SHAPES = stacked_cases.SHAPES
-CASES = {case: stacked_cases.CASES[case] for case in (
-    "random", "correlated", "collinear", "zero_row", "mixed_scale")}
+CASES = {
+  case: stacked_cases.CASES[case]
+  for case in ("random", "correlated", "collinear", "zero_row", "mixed_scale")
+}
 EPS32 = float(np.finfo(np.float32).eps)
 _apply = stacked_cases.apply_osgd
 _stacked = stacked_cases.stacked_with
@@ -45,16 +49,17 @@ def _error_bound(rows, method, tol=DEFAULT_TOL, order=None):
   says so.
   """
   comps = gram_schmidt_components(rows, tol, order)
-  in_sq = np.sum(rows ** 2, axis=1)
-  kept = np.sum(comps ** 2, axis=1)
+  in_sq = np.sum(rows**2, axis=1)
+  kept = np.sum(comps**2, axis=1)
   p = kept[kept > 0] / in_sq[kept > 0]
   p_min = p.min() if p.size else 1.0
   amplification = 1 / p_min if method == "gram" else 1 / np.sqrt(p_min)
   return 1e-5 + 50 * EPS32 * amplification
 
 
-def _assert_close_to_oracle(out, expected, leaves, granularity, method,
-                            order=None):
+def _assert_close_to_oracle(
+  out, expected, leaves, granularity, method, order=None
+):
   names = list(SHAPES)
   flats = [np.asarray(x, np.float64).reshape(len(x), -1) for x in leaves]
   if granularity == "global":
@@ -64,7 +69,7 @@ def _assert_close_to_oracle(out, expected, leaves, granularity, method,
   else:
     got = [np.ravel(out[n]) for n in names]
     expected = [np.ravel(r) for r in expected]
-  for rows, g, ref in zip(flats, got, expected):
+  for rows, g, ref in zip(flats, got, expected, strict=True):
     scale = np.linalg.norm(rows, axis=1).sum()
     err = np.max(np.abs(np.asarray(g, np.float64) - ref), initial=0.0)
     bound = _error_bound(rows, method, order=order)
@@ -101,7 +106,8 @@ def test_rescale_matches_oracle(method, granularity):
   out, _ = _apply(grads, method=method, granularity=granularity, rescale=True)
   leaves = [grads[n] for n in SHAPES]
   expected = osgd_direction(
-      leaves, tol=DEFAULT_TOL, granularity=granularity, rescale=True)
+    leaves, tol=DEFAULT_TOL, granularity=granularity, rescale=True
+  )
   _assert_close_to_oracle(out, expected, leaves, granularity, method)
 
 
@@ -113,7 +119,8 @@ def test_rescale_keeps_each_component_norm(method):
   g[1] += 3 * g[0]
   out, _ = _apply({"w": g}, method=method, rescale=True)
   np.testing.assert_allclose(
-      np.linalg.norm(out["w"] - g[0]), np.linalg.norm(g[1]), rtol=1e-4)
+    np.linalg.norm(out["w"] - g[0]), np.linalg.norm(g[1]), rtol=1e-4
+  )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -125,7 +132,8 @@ def test_order_matches_oracle(method, granularity):
   out, _ = _apply(grads, method=method, granularity=granularity, order=order)
   leaves = [grads[n] for n in SHAPES]
   expected = osgd_direction(
-      leaves, tol=DEFAULT_TOL, granularity=granularity, order=order)
+    leaves, tol=DEFAULT_TOL, granularity=granularity, order=order
+  )
   _assert_close_to_oracle(out, expected, leaves, granularity, method, order)
 
 
@@ -133,10 +141,11 @@ def test_order_matches_oracle(method, granularity):
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_all_zero_and_unreached_leaves_give_no_nan(method, granularity):
   grads = {
-      "dead": np.zeros((3, 4, 2), np.float32),
-      "head2": np.stack([np.zeros(3), np.ones(3), np.zeros(3)]).astype(
-          np.float32),
-      "trunk": np.arange(9, dtype=np.float32).reshape(3, 3) + 1.0,
+    "dead": np.zeros((3, 4, 2), np.float32),
+    "head2": np.stack([np.zeros(3), np.ones(3), np.zeros(3)]).astype(
+      np.float32
+    ),
+    "trunk": np.arange(9, dtype=np.float32).reshape(3, 3) + 1.0,
   }
   out, state = _apply(grads, method=method, granularity=granularity)
   np.testing.assert_array_equal(out["dead"], 0.0)
@@ -144,8 +153,7 @@ def test_all_zero_and_unreached_leaves_give_no_nan(method, granularity):
     # Only exit 2 reaches head2: its gradient passes unchanged.
     np.testing.assert_allclose(out["head2"], np.ones(3))
     # Exit 1 reaches neither dead (8 params) nor head2 (3 of 14).
-    np.testing.assert_allclose(state.degenerate_fraction[0], 11 / 14,
-                               rtol=1e-6)
+    np.testing.assert_allclose(state.degenerate_fraction[0], 11 / 14, rtol=1e-6)
   for leaf in jax.tree.leaves((out, state)):
     assert np.all(np.isfinite(leaf))
 
@@ -164,7 +172,8 @@ def test_low_precision_is_computed_in_float32(dtype, method):
   ref = osgd_direction([np.asarray(low, np.float32)], tol=DEFAULT_TOL)[0]
   eps = float(jnp.finfo(dtype).eps)
   np.testing.assert_allclose(
-      np.asarray(out["w"], np.float32), ref, atol=4 * eps * np.abs(ref).max())
+    np.asarray(out["w"], np.float32), ref, atol=4 * eps * np.abs(ref).max()
+  )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -186,29 +195,38 @@ def test_diagnostics_match_definitions():
   _, state = _apply(grads, params=None)
   leaves = [np.asarray(grads[n], np.float64).reshape(3, -1) for n in SHAPES]
   flat = np.concatenate(leaves, 1)
-  np.testing.assert_allclose(state.exit_norms, np.linalg.norm(flat, axis=1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    state.exit_norms, np.linalg.norm(flat, axis=1), rtol=1e-5
+  )
   comps = np.concatenate(
-      [gram_schmidt_components(x, DEFAULT_TOL) for x in leaves], 1)
-  np.testing.assert_allclose(state.projected_norms,
-                             np.linalg.norm(comps, axis=1), rtol=1e-5)
+    [gram_schmidt_components(x, DEFAULT_TOL) for x in leaves], 1
+  )
+  np.testing.assert_allclose(
+    state.projected_norms, np.linalg.norm(comps, axis=1), rtol=1e-5
+  )
   norms = np.linalg.norm(flat, axis=1)
-  np.testing.assert_allclose(state.cosine,
-                             flat @ flat.T / np.outer(norms, norms),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    state.cosine, flat @ flat.T / np.outer(norms, norms), rtol=1e-5
+  )
   # The state's groups follow the tree's leaf order (dict keys sorted).
   per_leaf_sq = [
-      (gram_schmidt_components(leaves[list(SHAPES).index(n)], DEFAULT_TOL)
-       ** 2).sum(axis=1) for n in sorted(SHAPES)]
-  np.testing.assert_allclose(state.projected_sq_norms, per_leaf_sq, rtol=1e-5,
-                             atol=1e-6)
+    (
+      gram_schmidt_components(leaves[list(SHAPES).index(n)], DEFAULT_TOL) ** 2
+    ).sum(axis=1)
+    for n in sorted(SHAPES)
+  ]
+  np.testing.assert_allclose(
+    state.projected_sq_norms, per_leaf_sq, rtol=1e-5, atol=1e-6
+  )
   # Dropped: exit 3 on the zeroed bias, and exits 2 and 3 on the scalar leaf,
   # whose one-dimensional space exit 1 already spans.
-  dropped = sum(x.shape[1] * (np.linalg.norm(
-      gram_schmidt_components(x, DEFAULT_TOL), axis=1) == 0) for x in leaves)
+  dropped = sum(
+    x.shape[1]
+    * (np.linalg.norm(gram_schmidt_components(x, DEFAULT_TOL), axis=1) == 0)
+    for x in leaves
+  )
   np.testing.assert_allclose(dropped, [0, 1, 6])
-  np.testing.assert_allclose(state.degenerate_fraction, dropped / 30,
-                             atol=1e-7)
+  np.testing.assert_allclose(state.degenerate_fraction, dropped / 30, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -219,8 +237,9 @@ def test_weights_give_the_update(method, granularity):
   rng = np.random.default_rng(8)
   g = rng.normal(size=(4, 40))
   g[2] += 2.0 * g[0]
-  out, state = _apply({"w": jnp.asarray(g, jnp.float32)}, method=method,
-                      granularity=granularity)
+  out, state = _apply(
+    {"w": jnp.asarray(g, jnp.float32)}, method=method, granularity=granularity
+  )
   u = osgd_direction([g], tol=DEFAULT_TOL)[0]
   weights = np.linalg.lstsq(g.T, u, rcond=None)[0]
   np.testing.assert_allclose(state.weights, weights, rtol=1e-4, atol=1e-5)
@@ -233,8 +252,14 @@ def test_diagnostics_are_found_by_name():
   _, state = _apply(grads)
   tx = optax.chain(osgd_jax.osgd(num_exits=3), optax.sgd(0.1))
   _, chained = tx.update(grads, tx.init(jax.tree.map(lambda g: g[0], grads)))
-  for name in ("weights", "exit_norms", "projected_norms", "cosine",
-               "degenerate_fraction", "projected_sq_norms"):
+  for name in (
+    "weights",
+    "exit_norms",
+    "projected_norms",
+    "cosine",
+    "degenerate_fraction",
+    "projected_sq_norms",
+  ):
     found = optax.tree_utils.tree_get(chained, name)
     np.testing.assert_allclose(found, getattr(state, name), rtol=1e-6)
 
@@ -252,8 +277,10 @@ def test_osgd_is_gram_schmidt_then_the_sum(order):
   rows = gram_cases.conflicting_rows(0)
   want = gram_schmidt_components(rows, DEFAULT_TOL, order).sum(axis=0)
   np.testing.assert_allclose(
-      gram_cases.weighted_rows(weightings.osgd, rows, order=order), want,
-      atol=1e-9)
+    gram_cases.weighted_rows(weightings.osgd, rows, order=order),
+    want,
+    atol=1e-9,
+  )
 
 
 def test_weights_are_in_the_gram_matrix_dtype():
@@ -268,14 +295,15 @@ def test_weights_are_in_the_gram_matrix_dtype():
 LEAF_SHAPES = [(6,), (3, 4), ()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _update(method, granularity, order=None):
   """A jitted osgd update for stacked trees of any K (one trace per K)."""
 
   def update(grads):
     k = jax.tree.leaves(grads)[0].shape[0]
-    tx = osgd_jax.osgd(method=method, granularity=granularity, order=order,
-                       num_exits=k)
+    tx = osgd_jax.osgd(
+      method=method, granularity=granularity, order=order, num_exits=k
+    )
     return tx.update(grads, tx.init(jax.tree.map(lambda g: g[0], grads)))[0]
 
   return jax.jit(update)
@@ -283,13 +311,16 @@ def _update(method, granularity, order=None):
 
 def _rows(seed, k, scale_exp=0.0, shapes=LEAF_SHAPES):
   rng = np.random.default_rng(seed)
-  return {f"p{i}": (rng.normal(size=(k,) + s) * 10.0 ** scale_exp)
-          .astype(np.float32) for i, s in enumerate(shapes)}
+  return {
+    f"p{i}": (rng.normal(size=(k,) + s) * 10.0**scale_exp).astype(np.float32)
+    for i, s in enumerate(shapes)
+  }
 
 
 def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(tree[n], np.float64))
-                         for n in sorted(tree)])
+  return np.concatenate(
+    [np.ravel(np.asarray(tree[n], np.float64)) for n in sorted(tree)]
+  )
 
 
 methods = st.sampled_from(["gram", "sequential"])
@@ -301,10 +332,13 @@ common = settings(max_examples=25, deadline=None)
 def _components(grads, k, method, granularity):
   """ĝ_j = u(g_1..g_j) − u(g_1..g_{j−1}): Gram–Schmidt works on prefixes."""
   update = _update(method, granularity)
-  prefix = lambda j: _flat(update({n: g[:j] for n, g in grads.items()}))
+
+  def prefix(j):
+    return _flat(update({n: g[:j] for n, g in grads.items()}))
+
   sums = [np.zeros_like(_flat({n: g[0] for n, g in grads.items()}))]
   sums += [prefix(j) for j in range(1, k + 1)]
-  return [b - a for a, b in zip(sums, sums[1:])]
+  return [b - a for a, b in itertools.pairwise(sums)]
 
 
 @common
@@ -316,8 +350,11 @@ def test_components_are_mutually_orthogonal(seed, k, method):
   comps = _components(grads, k, method, "global")
   for i in range(k):
     for j in range(i):
-      cos = comps[i] @ comps[j] / (
-          np.linalg.norm(comps[i]) * np.linalg.norm(comps[j]) + 1e-30)
+      cos = (
+        comps[i]
+        @ comps[j]
+        / (np.linalg.norm(comps[i]) * np.linalg.norm(comps[j]) + 1e-30)
+      )
       assert abs(cos) < 1e-3, (i, j, cos)
 
 
@@ -326,29 +363,31 @@ def test_components_are_mutually_orthogonal(seed, k, method):
 def test_exit_one_passes_unchanged(seed, k, method, granularity):
   grads = _rows(seed, k)
   comps = _components(grads, 1, method, granularity)
-  np.testing.assert_allclose(comps[0],
-                             _flat({n: g[0] for n, g in grads.items()}),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    comps[0], _flat({n: g[0] for n, g in grads.items()}), rtol=1e-6
+  )
   # Every later component is orthogonal to g_1, hence so is u − g_1.
   if granularity == "global":
     u = _flat(_update(method, granularity)(grads))
     g1 = comps[0]
     assert abs((u - g1) @ g1) <= (
-        1e-4 * np.linalg.norm(u - g1) * np.linalg.norm(g1) + 1e-6)
+      1e-4 * np.linalg.norm(u - g1) * np.linalg.norm(g1) + 1e-6
+    )
 
 
 @common
-@given(seeds, st.integers(1, 6), methods, granularities,
-       st.floats(-6, 6))
-def test_orthogonal_inputs_give_the_plain_sum(seed, k, method, granularity,
-                                              exp):
+@given(seeds, st.integers(1, 6), methods, granularities, st.floats(-6, 6))
+def test_orthogonal_inputs_give_the_plain_sum(
+  seed, k, method, granularity, exp
+):
   rng = np.random.default_rng(seed)
   q, _ = np.linalg.qr(rng.normal(size=(12, k)))
   scales = 10.0 ** (exp + rng.uniform(-2, 2, size=k))
   rows = (q.T * scales[:, None]).astype(np.float32)
   out = _update(method, granularity)({"w": rows.reshape(k, 3, 4)})
-  np.testing.assert_allclose(np.ravel(out["w"]), rows.sum(0),
-                             rtol=1e-4, atol=1e-5 * np.abs(rows).max())
+  np.testing.assert_allclose(
+    np.ravel(out["w"]), rows.sum(0), rtol=1e-4, atol=1e-5 * np.abs(rows).max()
+  )
 
 
 @common
@@ -361,16 +400,16 @@ def test_single_exit_is_the_identity(seed, method, granularity, exp):
 
 
 @common
-@given(seeds, st.integers(1, 5), methods, granularities,
-       st.floats(-3, 3))
+@given(seeds, st.integers(1, 5), methods, granularities, st.floats(-3, 3))
 def test_positively_homogeneous(seed, k, method, granularity, log_c):
   grads = _rows(seed, k)
-  c = np.float32(10.0 ** log_c)
+  c = np.float32(10.0**log_c)
   update = _update(method, granularity)
   scaled = _flat(update({n: g * c for n, g in grads.items()}))
   base = _flat(update(grads))
-  np.testing.assert_allclose(scaled, c * base, rtol=2e-4,
-                             atol=1e-5 * c * np.abs(base).max())
+  np.testing.assert_allclose(
+    scaled, c * base, rtol=2e-4, atol=1e-5 * c * np.abs(base).max()
+  )
 
 
 @common
@@ -379,10 +418,14 @@ def test_order_equals_permuting_the_input(seed, perm, method, granularity):
   grads = _rows(seed, 4)
   perm = tuple(perm)
   ordered = _flat(_update(method, granularity, perm)(grads))
-  permuted = _flat(_update(method, granularity)(
-      {n: g[np.asarray(perm)] for n, g in grads.items()}))
-  np.testing.assert_allclose(ordered, permuted, rtol=1e-5,
-                             atol=1e-5 * np.abs(permuted).max())
+  permuted = _flat(
+    _update(method, granularity)(
+      {n: g[np.asarray(perm)] for n, g in grads.items()}
+    )
+  )
+  np.testing.assert_allclose(
+    ordered, permuted, rtol=1e-5, atol=1e-5 * np.abs(permuted).max()
+  )
 
 
 @common
@@ -396,8 +439,9 @@ def test_gram_matches_sequential_when_well_conditioned(seed, k, granularity):
     assert np.linalg.cond(rows) < 1e3
   gram = _flat(_update("gram", granularity)(grads))
   seq = _flat(_update("sequential", granularity)(grads))
-  np.testing.assert_allclose(gram, seq, rtol=1e-4,
-                             atol=1e-4 * np.abs(seq).max())
+  np.testing.assert_allclose(
+    gram, seq, rtol=1e-4, atol=1e-4 * np.abs(seq).max()
+  )
 
 
 # --- options and errors -------------------------------------------------------
@@ -414,7 +458,9 @@ def test_error_when_order_length_differs_from_k():
     _apply({"a": jnp.ones((3, 2))}, order=(1, 0))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"granularity": "layer"}, "granularity must be one of"),
     ({"method": "qr"}, "method must be one of"),
     ({"tol": -1.0}, r"osgd: tol must be in \[0, 1\), got -1.0"),
@@ -422,7 +468,8 @@ def test_error_when_order_length_differs_from_k():
     ({"num_exits": 0}, "num_exits must be a positive int"),
     ({"num_exits": 2.0}, "num_exits must be a positive int"),
     ({"num_exits": 2, "order": (1, 0, 2)}, "order has 3 entries"),
-])
+  ],
+)
 def test_error_for_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
     osgd_jax.osgd(**{"num_exits": 3, **kwargs})
@@ -441,13 +488,20 @@ def test_error_without_num_exits_says_why(factory):
 def test_osgd_sgd_equals_explicit_chain():
   rng = np.random.default_rng(7)
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
-  ready = osgd_jax.osgd_sgd(0.1, momentum=0.9, nesterov=True,
-                            weight_decay=1e-2, granularity="global",
-                            num_exits=3)
+  ready = osgd_jax.osgd_sgd(
+    0.1,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=1e-2,
+    granularity="global",
+    num_exits=3,
+  )
   explicit = optax.chain(
-      osgd_jax.osgd(granularity="global", num_exits=3),
-      optax.add_decayed_weights(1e-2),
-      optax.trace(decay=0.9, nesterov=True), optax.scale_by_learning_rate(0.1))
+    osgd_jax.osgd(granularity="global", num_exits=3),
+    optax.add_decayed_weights(1e-2),
+    optax.trace(decay=0.9, nesterov=True),
+    optax.scale_by_learning_rate(0.1),
+  )
   s1, s2 = ready.init(params), explicit.init(params)
   for step in range(3):
     grads = {"w": jnp.asarray(rng.normal(size=(3, 4, 3)), jnp.float32)}
@@ -464,11 +518,13 @@ def test_osgd_sgd_switches_to_the_summed_gradient_after_n_steps(sgd_after):
   # decay and heavy-ball momentum carried across the switch.
   rng = np.random.default_rng(3)
   shapes = {"b": (5,), "w": (4, 5)}
-  params = {n: jnp.asarray(rng.normal(size=s), jnp.float32)
-            for n, s in shapes.items()}
+  params = {
+    n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()
+  }
   lr, beta, decay = 0.1, 0.9, 1e-2
-  tx = osgd_jax.osgd_sgd(lr, momentum=beta, weight_decay=decay, num_exits=3,
-                         sgd_after=sgd_after)
+  tx = osgd_jax.osgd_sgd(
+    lr, momentum=beta, weight_decay=decay, num_exits=3, sgd_after=sgd_after
+  )
   state = jax.jit(tx.init)(params)
   update = jax.jit(tx.update)
   ref_params = {n: np.asarray(p, np.float64) for n, p in params.items()}
@@ -478,18 +534,22 @@ def test_osgd_sgd_switches_to_the_summed_gradient_after_n_steps(sgd_after):
     grads["w"][1] -= 0.9 * grads["w"][0]  # conflicting exits
     names = sorted(shapes)
     if step < sgd_after:
-      directions = dict(zip(names, osgd_direction(
-          [grads[n] for n in names], tol=DEFAULT_TOL)))
+      directions = dict(
+        zip(
+          names,
+          osgd_direction([grads[n] for n in names], tol=DEFAULT_TOL),
+          strict=True,
+        )
+      )
     else:
       directions = {n: grads[n].sum(0) for n in names}
     for n in names:
       trace[n] = beta * trace[n] + directions[n] + decay * ref_params[n]
       ref_params[n] = ref_params[n] - lr * trace[n]
     updates, state = update(
-        {n: jnp.asarray(g, jnp.float32) for n, g in grads.items()}, state,
-        params)
+      {n: jnp.asarray(g, jnp.float32) for n, g in grads.items()}, state, params
+    )
     params = optax.apply_updates(params, updates)
     for n in names:
-      np.testing.assert_allclose(params[n], ref_params[n], rtol=2e-5,
-                                 atol=2e-6)
+      np.testing.assert_allclose(params[n], ref_params[n], rtol=2e-5, atol=2e-6)
   assert int(state[0].count) == 4

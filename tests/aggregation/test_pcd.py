@@ -7,12 +7,12 @@ norms, against TorchJD's over steps; then its claims with hypothesis.
 
 from __future__ import annotations
 
+import gram_cases
 import numpy as np
+import numpy_oracles as oracles
 import pytest
 from hypothesis import given
 
-import gram_cases
-import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import weightings
 
@@ -22,8 +22,12 @@ from osgd_jax import weightings
 @pytest.mark.parametrize("case", sorted(set(gram_cases.CASES) - {"zero_row"}))
 def test_matches_float64_oracle(case):
   rows = gram_cases.case_rows(case)
-  gram_cases.assert_close(gram_cases.direction(weightings.pcd, rows, tau=0.3),
-                          oracles.pcd_direction(rows, tau=0.3), rows, 1e-9)
+  gram_cases.assert_close(
+    gram_cases.direction(weightings.pcd, rows, tau=0.3),
+    oracles.pcd_direction(rows, tau=0.3),
+    rows,
+    1e-9,
+  )
 
 
 def test_pcd_falls_back_to_the_primary_when_infeasible():
@@ -31,8 +35,8 @@ def test_pcd_falls_back_to_the_primary_when_infeasible():
   rows = np.zeros((3, 4))
   rows[0, 0], rows[1, 1], rows[2, 1] = 2.0, 1.0, -3.0
   np.testing.assert_allclose(
-      gram_cases.direction(weightings.pcd, rows, tau=0.3), rows[0],
-      atol=1e-12)
+    gram_cases.direction(weightings.pcd, rows, tau=0.3), rows[0], atol=1e-12
+  )
 
 
 # PCD is stateful in TorchJD (its EMA): compared over steps. The state's
@@ -47,8 +51,11 @@ def test_matches_torchjd_over_steps(name):
 def test_outputs_are_finite_everywhere(seed, scales, zero):
   # (PCD favours its first exit: not symmetric.)
   rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(np.isfinite(np.asarray(
-      gram_cases.float32_direction(weightings.pcd, rows, tau=0.3))))
+  assert np.all(
+    np.isfinite(
+      np.asarray(gram_cases.float32_direction(weightings.pcd, rows, tau=0.3))
+    )
+  )
 
 
 def test_options_are_checked_with_a_fix():

@@ -9,16 +9,17 @@ are checked with hypothesis.
 
 from __future__ import annotations
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, settings, strategies as st
-
-import gram_cases
 import numpy_oracles as oracles
-import osgd_jax
+import pytest
 import stacked_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import osgd_jax
 from osgd_jax import aggregation, weightings
 from osgd_jax.aggregation import _stateful
 
@@ -39,9 +40,13 @@ def test_matches_float64_oracle(granularity, case):
   state = stacked_cases.init("pcgrad", granularity)
   out, new_state = stacked_cases.jitted("pcgrad", granularity)(grads, state)
   orders = stacked_cases.pcgrad_orders(state)
-  direction = lambda rows: oracles.pcgrad_direction(rows, orders)
-  expected = oracles.aggregate(stacked_cases.leaves(grads), direction,
-                               granularity)
+
+  def direction(rows):
+    return oracles.pcgrad_direction(rows, orders)
+
+  expected = oracles.aggregate(
+    stacked_cases.leaves(grads), direction, granularity
+  )
   stacked_cases.assert_close(out, expected, grads, granularity)
   assert stacked_cases.finite((out, new_state))
 
@@ -58,25 +63,30 @@ def test_pcgrad_orders_are_reproducible_and_advance():
     runs.append(np.stack(outs))
   np.testing.assert_array_equal(runs[0], runs[1])
   other_seed = aggregation.pcgrad(seed=1, num_exits=K).init(PARAMS)
-  assert not np.array_equal(other_seed.weighting_state.key_data,
-                            stacked_cases.init("pcgrad").weighting_state
-                            .key_data)
+  assert not np.array_equal(
+    other_seed.weighting_state.key_data,
+    stacked_cases.init("pcgrad").weighting_state.key_data,
+  )
   # The key advances, so the orders of consecutive updates differ.
   state = stacked_cases.init("pcgrad")
   _, next_state = update(grads, state)
-  assert not np.array_equal(stacked_cases.pcgrad_orders(state),
-                            stacked_cases.pcgrad_orders(next_state))
+  assert not np.array_equal(
+    stacked_cases.pcgrad_orders(state), stacked_cases.pcgrad_orders(next_state)
+  )
 
 
 def test_pcgrad_follows_the_orders_its_key_draws():
   rows = gram_cases.conflicting_rows(1)
   key = jax.random.key(7)
   orders = np.asarray(_stateful.visiting_orders(key, gram_cases.K))
-  assert all(sorted(order) == list(range(gram_cases.K))
-             for order in orders.tolist())
+  assert all(
+    sorted(order) == list(range(gram_cases.K)) for order in orders.tolist()
+  )
   np.testing.assert_allclose(
-      gram_cases.weighted_rows(weightings.pcgrad, rows, key=key),
-      oracles.pcgrad_direction(rows, orders), atol=1e-9)
+    gram_cases.weighted_rows(weightings.pcgrad, rows, key=key),
+    oracles.pcgrad_direction(rows, orders),
+    atol=1e-9,
+  )
 
 
 def test_weights_are_in_the_gram_matrix_dtype():
@@ -89,8 +99,9 @@ def test_weights_are_in_the_gram_matrix_dtype():
 
 def test_matches_torchjd_over_steps():
   # With K = 2 each task has one other to visit, so TorchJD is deterministic.
-  gram_cases.assert_matches_torchjd_over_steps("pcgrad", osgd_jax.pcgrad,
-                                               rtol=1e-9)
+  gram_cases.assert_matches_torchjd_over_steps(
+    "pcgrad", osgd_jax.pcgrad, rtol=1e-9
+  )
 
 
 # --- properties ---------------------------------------------------------------
@@ -110,41 +121,46 @@ def test_positively_homogeneous(seed, exp, log_c):
   # Not invariant to the exits' order: PCGrad's random orders depend on the
   # exits' index.
   grads = stacked_cases.random_tree(seed, exp)
-  c = np.float32(10.0 ** log_c)
+  c = np.float32(10.0**log_c)
   scale = np.abs(stacked_cases.global_rows(grads)).max() * K
   base = stacked_cases.update("pcgrad", grads)
   scaled = stacked_cases.update("pcgrad", {n: g * c for n, g in grads.items()})
-  np.testing.assert_allclose(scaled, c * base, rtol=1e-4,
-                             atol=1e-5 * c * scale)
+  np.testing.assert_allclose(scaled, c * base, rtol=1e-4, atol=1e-5 * c * scale)
 
 
 @few
 @given(seeds, exponents)
 def test_pcgrad_two_non_conflicting_rows_give_the_sum(seed, exp):
   rng = np.random.default_rng(seed)
-  rows = (rng.normal(size=(2, 12)) * 10.0 ** exp).astype(np.float32)
+  rows = (rng.normal(size=(2, 12)) * 10.0**exp).astype(np.float32)
   if rows[0] @ rows[1] < 0:
     rows[1] = -rows[1]
   out, _ = stacked_cases.jitted("pcgrad", k=2)(
-      {"w": rows}, stacked_cases.init("pcgrad", k=2))
-  np.testing.assert_allclose(out["w"], rows.sum(0), rtol=1e-5,
-                             atol=1e-6 * np.abs(rows).max())
+    {"w": rows}, stacked_cases.init("pcgrad", k=2)
+  )
+  np.testing.assert_allclose(
+    out["w"], rows.sum(0), rtol=1e-5, atol=1e-6 * np.abs(rows).max()
+  )
 
 
 def test_single_exit_is_the_identity():
   g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
   out, _ = stacked_cases.jitted("pcgrad", k=1)(
-      g, stacked_cases.init("pcgrad", k=1))
+    g, stacked_cases.init("pcgrad", k=1)
+  )
   np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)
 
 
 # --- errors -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
+@pytest.mark.parametrize(
+  "make, match",
+  [
     (lambda: aggregation.pcgrad(num_exits=0), "num_exits"),
     (lambda: aggregation.pcgrad(), r"pcgrad needs num_exits=K"),
-])
+  ],
+)
 def test_bad_options(make, match):
   with pytest.raises(ValueError, match=match):
     make()

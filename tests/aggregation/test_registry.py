@@ -27,9 +27,23 @@ REQUIRED = {"sdn": {"total_steps": 10}}
 # PCGrad, Random and GradVac (a key), MoDo and SDMGrad (the previous
 # weights), Krum (its weighting needs n_byzantine), CR-MOGM (an EMA), and
 # the coordinate-wise TrimmedMean, GradDrop and ExcessMTL.
-PURE = ("aligned-mtl", "cagrad", "config", "dualproj", "fairgrad",
-        "geometric", "imtl-g", "linear", "mean", "mgda", "nash-mtl", "osgd",
-        "pcd", "sum", "upgrad")
+PURE = (
+  "aligned-mtl",
+  "cagrad",
+  "config",
+  "dualproj",
+  "fairgrad",
+  "geometric",
+  "imtl-g",
+  "linear",
+  "mean",
+  "mgda",
+  "nash-mtl",
+  "osgd",
+  "pcd",
+  "sum",
+  "upgrad",
+)
 PRESETS = ("sum", "mean", "linear", "geometric", "sdn")
 
 
@@ -60,8 +74,9 @@ def test_every_name_creates_a_transformation_of_stacked_grads(name):
   """
   tx = aggregation.create(name, num_exits=3, **REQUIRED.get(name, {}))
   params, grads = _grads()
-  updates, state = jax.jit(tx.update)(grads, tx.init(params), params,
-                                      losses=jnp.asarray([2.0, 1.0, 0.5]))
+  updates, state = jax.jit(tx.update)(
+    grads, tx.init(params), params, losses=jnp.asarray([2.0, 1.0, 0.5])
+  )
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
   chex.assert_tree_all_finite((updates, state))
 
@@ -100,8 +115,9 @@ def test_the_weighted_sum_presets_are_names():
     named = aggregation.create(preset, num_exits=3, **options)
     direct = aggregation.weighted_sum(preset, num_exits=3, **options)
     chex.assert_trees_all_equal(
-        named.update(grads, named.init(params), params)[0],
-        direct.update(grads, direct.init(params), params)[0])
+      named.update(grads, named.init(params), params)[0],
+      direct.update(grads, direct.init(params), params)[0],
+    )
 
 
 def test_weighting_upgrad_is_the_upgrad_weighting():
@@ -109,8 +125,9 @@ def test_weighting_upgrad_is_the_upgrad_weighting():
   rows = np.random.default_rng(0).normal(size=(3, 5))
   rows[1] -= 0.8 * rows[0]
   gram = jnp.asarray(rows @ rows.T, jnp.float32)
-  np.testing.assert_array_equal(aggregation.weighting("upgrad")(gram),
-                                weightings.upgrad(gram))
+  np.testing.assert_array_equal(
+    aggregation.weighting("upgrad")(gram), weightings.upgrad(gram)
+  )
 
 
 def test_weighting_names_are_the_names_with_a_pure_weighting():
@@ -136,10 +153,14 @@ def test_crmogm_by_name_smooths_the_registry_weighting():
 
 def test_crmogm_looks_the_name_up_in_the_registry(monkeypatch):
   """A weighting registered under a name is the one crmogm(name) applies."""
-  first = lambda gram: jnp.zeros(gram.shape[-1]).at[0].set(1.0)
+
+  def first(gram):
+    return jnp.zeros(gram.shape[-1]).at[0].set(1.0)
+
   entry = _registry._ENTRIES["mgda"]
-  monkeypatch.setitem(_registry._ENTRIES, "mgda",
-                      entry._replace(weighting=first))
+  monkeypatch.setitem(
+    _registry._ENTRIES, "mgda", entry._replace(weighting=first)
+  )
   tx = osgd_jax.crmogm("mgda", num_exits=2)
   g = {"w": jnp.asarray([[1.0, 0.0], [-1.0, 2.0]])}
   updates, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
@@ -149,6 +170,7 @@ def test_crmogm_looks_the_name_up_in_the_registry(monkeypatch):
 
 def test_weighting_of_an_unknown_name_lists_the_weightings():
   """weighting() of an unknown name lists the names that have one."""
-  with pytest.raises(ValueError, match=re.escape(
-      ", ".join(aggregation.weighting_names()))):
+  with pytest.raises(
+    ValueError, match=re.escape(", ".join(aggregation.weighting_names()))
+  ):
     aggregation.weighting("nope")

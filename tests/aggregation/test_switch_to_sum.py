@@ -29,7 +29,8 @@ def test_switch_to_sum_keeps_the_aggregator_state_after_the_switch():
 
 def test_switch_to_sum_moves_with_an_injected_step_count():
   tx = optax.inject_hyperparams(osgd_jax.osgd_sgd, static_args=("num_exits",))(
-      learning_rate=1.0, momentum=None, num_exits=2, sgd_after=100)
+    learning_rate=1.0, momentum=None, num_exits=2, sgd_after=100
+  )
   params = {"w": jnp.zeros(2)}
   grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]])}
   state = tx.init(params)
@@ -43,6 +44,7 @@ def test_switch_to_sum_moves_with_an_injected_step_count():
 
 @pytest.mark.parametrize("after_steps", [-1, 1.5, float("nan")])
 def test_switch_to_sum_refuses_a_step_count_that_is_not_a_count(after_steps):
-  with pytest.raises(ValueError, match="switch_to_sum: after_steps must be an"
-                     " integer >= 0"):
+  with pytest.raises(
+    ValueError, match="switch_to_sum: after_steps must be an integer >= 0"
+  ):
     osgd_jax.switch_to_sum(osgd_jax.osgd(num_exits=2), after_steps)

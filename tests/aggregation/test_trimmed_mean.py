@@ -5,13 +5,13 @@ Per coordinate, the mean without the extremes, in x64.
 
 from __future__ import annotations
 
+import gram_cases
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_oracles as oracles
 import pytest
 
-import gram_cases
-import numpy_oracles as oracles
 import osgd_jax
 
 K, N = gram_cases.K, gram_cases.N
@@ -24,14 +24,16 @@ def test_trimmed_mean_matches_oracle_and_torchjd(case):
   rows = gram_cases.case_rows(case)
   with jax.enable_x64(True):
     out, _ = tx.update({"w": jnp.asarray(rows)}, state)
-  np.testing.assert_allclose(out["w"], oracles.trimmed_mean_direction(rows, 1),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    out["w"], oracles.trimmed_mean_direction(rows, 1), rtol=1e-12
+  )
   golden = gram_cases.golden()["aggregators"]["trimmed_mean"]
   if case in golden["outputs"]:
     rows = np.asarray(gram_cases.golden()["cases"][case])
     with jax.enable_x64(True):
-      out, _ = tx.update({"w": jnp.asarray(rows[:, :N // 2])},
-                         tx.init({"w": jnp.zeros(N // 2)}))
+      out, _ = tx.update(
+        {"w": jnp.asarray(rows[:, : N // 2])}, tx.init({"w": jnp.zeros(N // 2)})
+      )
     np.testing.assert_allclose(out["w"], golden["outputs"][case], rtol=1e-11)
 
 
@@ -45,8 +47,9 @@ def test_one_exit_is_the_identity_with_its_diagnostics():
   # zeros, not the Python int 0 (which once raised AttributeError).
   tx = osgd_jax.trimmed_mean(0, num_exits=1)
   grads = {"w": jnp.asarray([[3.0, -1.0, 0.5]]), "b": jnp.asarray([[2.0]])}
-  out, state = jax.jit(tx.update)(grads, tx.init({"w": jnp.zeros(3),
-                                                  "b": jnp.zeros(1)}))
+  out, state = jax.jit(tx.update)(
+    grads, tx.init({"w": jnp.zeros(3), "b": jnp.zeros(1)})
+  )
   np.testing.assert_array_equal(out["w"], [3.0, -1.0, 0.5])
   np.testing.assert_array_equal(out["b"], [2.0])
   np.testing.assert_array_equal(state.weights, [1.0])

@@ -8,14 +8,15 @@ outputs; then its documented properties are checked with hypothesis.
 
 from __future__ import annotations
 
+import gram_cases
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, settings, strategies as st
-
-import gram_cases
 import numpy_oracles as oracles
+import pytest
 import stacked_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from osgd_jax import aggregation, weightings
 
 K = stacked_cases.K
@@ -33,8 +34,9 @@ def test_matches_float64_oracle(granularity, case):
   grads = stacked_cases.case_grads(case)
   state = stacked_cases.init("upgrad", granularity)
   out, new_state = stacked_cases.jitted("upgrad", granularity)(grads, state)
-  expected = oracles.aggregate(stacked_cases.leaves(grads),
-                               oracles.upgrad_direction, granularity)
+  expected = oracles.aggregate(
+    stacked_cases.leaves(grads), oracles.upgrad_direction, granularity
+  )
   stacked_cases.assert_close(out, expected, grads, granularity)
   assert stacked_cases.finite((out, new_state))
   stacked_cases.assert_non_conflicting(out, grads, granularity)
@@ -43,8 +45,11 @@ def test_matches_float64_oracle(granularity, case):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_upgrad_is_the_mean_projection_onto_the_dual_cone(seed):
   rows = gram_cases.conflicting_rows(seed)
-  np.testing.assert_allclose(gram_cases.weighted_rows(weightings.upgrad, rows),
-                             oracles.upgrad_direction(rows), atol=1e-7)
+  np.testing.assert_allclose(
+    gram_cases.weighted_rows(weightings.upgrad, rows),
+    oracles.upgrad_direction(rows),
+    atol=1e-7,
+  )
 
 
 def test_weights_are_in_the_gram_matrix_dtype():
@@ -57,8 +62,7 @@ def test_weights_are_in_the_gram_matrix_dtype():
 def test_matches_torchjd():
   # TorchJD's projections solve the QP on the trace-normalised Gram plus
   # 1e-4 I.
-  gram_cases.assert_matches_torchjd("upgrad", weightings.upgrad, {},
-                                    rtol=2e-4)
+  gram_cases.assert_matches_torchjd("upgrad", weightings.upgrad, {}, rtol=2e-4)
 
 
 # --- properties ---------------------------------------------------------------
@@ -80,15 +84,15 @@ def test_finite_and_non_conflicting(seed, exp, zero_row):
 @given(seeds, exponents, st.floats(-3, 3))
 def test_positively_homogeneous_and_order_invariant(seed, exp, log_c):
   grads = stacked_cases.random_tree(seed, exp)
-  c = np.float32(10.0 ** log_c)
+  c = np.float32(10.0**log_c)
   perm = np.random.default_rng(seed).permutation(K)
   scale = np.abs(stacked_cases.global_rows(grads)).max() * K
   base = stacked_cases.update("upgrad", grads)
   scaled = stacked_cases.update("upgrad", {n: g * c for n, g in grads.items()})
-  np.testing.assert_allclose(scaled, c * base, rtol=1e-4,
-                             atol=1e-5 * c * scale)
-  permuted = stacked_cases.update("upgrad",
-                                  {n: g[perm] for n, g in grads.items()})
+  np.testing.assert_allclose(scaled, c * base, rtol=1e-4, atol=1e-5 * c * scale)
+  permuted = stacked_cases.update(
+    "upgrad", {n: g[perm] for n, g in grads.items()}
+  )
   np.testing.assert_allclose(permuted, base, rtol=1e-4, atol=1e-5 * scale)
 
 
@@ -97,32 +101,45 @@ def test_positively_homogeneous_and_order_invariant(seed, exp, log_c):
 def test_upgrad_is_linear_under_scaling(seed, exp):
   grads = stacked_cases.random_tree(seed, exp)
   c1, c2 = np.random.default_rng(seed).uniform(0.1, 10, size=(2, K))
-  scaled = lambda c: {n: (g * c.reshape((K,) + (1,) * (g.ndim - 1))
-                          ).astype(np.float32) for n, g in grads.items()}
+
+  def scaled(c):
+    return {
+      n: (g * c.reshape((K,) + (1,) * (g.ndim - 1))).astype(np.float32)
+      for n, g in grads.items()
+    }
+
   scale = np.abs(stacked_cases.global_rows(grads)).max() * 20
   np.testing.assert_allclose(
-      stacked_cases.update("upgrad", scaled(c1 + c2)),
-      stacked_cases.update("upgrad", scaled(c1))
-      + stacked_cases.update("upgrad", scaled(c2)),
-      rtol=1e-4, atol=1e-5 * scale)
+    stacked_cases.update("upgrad", scaled(c1 + c2)),
+    stacked_cases.update("upgrad", scaled(c1))
+    + stacked_cases.update("upgrad", scaled(c2)),
+    rtol=1e-4,
+    atol=1e-5 * scale,
+  )
 
 
 def test_single_exit_is_the_identity():
   g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
   out, _ = stacked_cases.jitted("upgrad", k=1)(
-      g, stacked_cases.init("upgrad", k=1))
+    g, stacked_cases.init("upgrad", k=1)
+  )
   np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)
 
 
 # --- errors -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make, match", [
+@pytest.mark.parametrize(
+  "make, match",
+  [
     (lambda: aggregation.upgrad(max_iter=0, num_exits=2), "max_iter"),
-    (lambda: aggregation.upgrad(tol=np.float64(-0.1), num_exits=2),
-     r"upgrad: tol must be in \[0, 1\)"),
+    (
+      lambda: aggregation.upgrad(tol=np.float64(-0.1), num_exits=2),
+      r"upgrad: tol must be in \[0, 1\)",
+    ),
     (lambda: aggregation.upgrad(), r"upgrad needs num_exits=K"),
-])
+  ],
+)
 def test_bad_options(make, match):
   with pytest.raises(ValueError, match=match):
     make()

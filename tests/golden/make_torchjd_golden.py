@@ -28,8 +28,9 @@ import torch
 from torchjd import aggregation as agg
 
 K, N = 4, 6
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                   "torchjd_golden.json")
+OUT = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "torchjd_golden.json"
+)
 
 
 def _short(x):
@@ -50,46 +51,59 @@ def _cases() -> dict[str, np.ndarray]:
   zero_row = rng.normal(size=(K, N))
   zero_row[1] = 0.0
   mixed_scale = rng.normal(size=(K, N)) * 10.0 ** np.array(
-      [[-8.0], [-2.0], [3.0], [8.0]])
+    [[-8.0], [-2.0], [3.0], [8.0]]
+  )
   # Rounded before TorchJD sees them, so that the file holds its inputs.
-  return {"random": _short(random), "conflicting": _short(conflicting),
-          "rank_deficient": rank_deficient,
-          "zero_row": _short(zero_row), "mixed_scale": _short(mixed_scale)}
+  return {
+    "random": _short(random),
+    "conflicting": _short(conflicting),
+    "rank_deficient": rank_deficient,
+    "zero_row": _short(zero_row),
+    "mixed_scale": _short(mixed_scale),
+  }
 
 
 # name -> (constructor, its arguments as stored in the file).
 AGGREGATORS = {
-    "mean": (agg.Mean, {}),
-    "sum": (agg.Sum, {}),
-    "constant": (lambda: agg.Constant(torch.tensor(
-        [1.0, 0.5, 2.0, -1.0], dtype=torch.float64)),
-                 {"weights": [1.0, 0.5, 2.0, -1.0]}),
-    "imtl_g": (agg.IMTLG, {}),
-    "aligned_mtl": (agg.AlignedMTL, {}),
-    "aligned_mtl_median": (lambda: agg.AlignedMTL(scale_mode="median"),
-                           {"scale_mode": "median"}),
-    "aligned_mtl_rmse": (lambda: agg.AlignedMTL(scale_mode="rmse"),
-                         {"scale_mode": "rmse"}),
-    "krum": (lambda: agg.Krum(n_byzantine=0), {"n_byzantine": 0}),
-    "multi_krum": (lambda: agg.Krum(n_byzantine=0, n_selected=2),
-                   {"n_byzantine": 0, "n_selected": 2}),
-    "dualproj": (agg.DualProj, {}),
-    "upgrad": (agg.UPGrad, {}),
-    "mgda": (agg.MGDA, {}),
-    "config": (agg.ConFIG, {}),
-    "fairgrad": (lambda: agg.FairGrad(alpha=1.0), {"alpha": 1.0}),
-    "fairgrad_2": (lambda: agg.FairGrad(alpha=2.0), {"alpha": 2.0}),
-    "trimmed_mean": (lambda: agg.TrimmedMean(trim_number=1),
-                     {"trim_number": 1}),
-    # Needs cvxpy.
-    "cagrad": (lambda: agg.CAGrad(c=0.4), {"c": 0.4}),
+  "mean": (agg.Mean, {}),
+  "sum": (agg.Sum, {}),
+  "constant": (
+    lambda: agg.Constant(
+      torch.tensor([1.0, 0.5, 2.0, -1.0], dtype=torch.float64)
+    ),
+    {"weights": [1.0, 0.5, 2.0, -1.0]},
+  ),
+  "imtl_g": (agg.IMTLG, {}),
+  "aligned_mtl": (agg.AlignedMTL, {}),
+  "aligned_mtl_median": (
+    lambda: agg.AlignedMTL(scale_mode="median"),
+    {"scale_mode": "median"},
+  ),
+  "aligned_mtl_rmse": (
+    lambda: agg.AlignedMTL(scale_mode="rmse"),
+    {"scale_mode": "rmse"},
+  ),
+  "krum": (lambda: agg.Krum(n_byzantine=0), {"n_byzantine": 0}),
+  "multi_krum": (
+    lambda: agg.Krum(n_byzantine=0, n_selected=2),
+    {"n_byzantine": 0, "n_selected": 2},
+  ),
+  "dualproj": (agg.DualProj, {}),
+  "upgrad": (agg.UPGrad, {}),
+  "mgda": (agg.MGDA, {}),
+  "config": (agg.ConFIG, {}),
+  "fairgrad": (lambda: agg.FairGrad(alpha=1.0), {"alpha": 1.0}),
+  "fairgrad_2": (lambda: agg.FairGrad(alpha=2.0), {"alpha": 2.0}),
+  "trimmed_mean": (lambda: agg.TrimmedMean(trim_number=1), {"trim_number": 1}),
+  # Needs cvxpy.
+  "cagrad": (lambda: agg.CAGrad(c=0.4), {"c": 0.4}),
 }
 
 
 def _sequences() -> dict[str, np.ndarray]:
   rng = np.random.default_rng(21)
   pairs = rng.normal(size=(4, 2, N))
-  pairs[:, 1] -= 0.7 * pairs[:, 0]   # the pairs conflict
+  pairs[:, 1] -= 0.7 * pairs[:, 0]  # the pairs conflict
   steps = rng.normal(size=(4, K, N))
   steps[:, 1:] -= 0.6 * steps[:, :1]
   return {"pairs": _short(pairs), "steps": _short(steps)}
@@ -97,27 +111,45 @@ def _sequences() -> dict[str, np.ndarray]:
 
 # name -> (constructor, its arguments, the sequence it runs on).
 STATEFUL = {
-    "gradvac": (agg.GradVac, {"beta": 0.5, "eps": 1e-8}, "pairs"),
-    "pcgrad": (agg.PCGrad, {}, "pairs"),  # K = 2: one order
-    "pcd": (agg.PCD, {"tau": 0.02, "beta": 0.999, "eps": 1e-8}, "steps"),
-    "pcd_tau": (agg.PCD, {"tau": 0.5, "beta": 0.9, "eps": 1e-8}, "steps"),
-    # MoDo and SDMGrad weigh a K×K matrix (J_1 J_2ᵀ in their papers): given
-    # the Gramian J Jᵀ, as the JAX transforms have one batch.
-    "modo": (lambda **kw: _on_gramian(agg.MoDoWeighting(**kw)),
-             {"gamma": 0.1, "rho": 0.1}, "steps"),
-    "sdmgrad": (lambda **kw: _on_gramian(agg.SDMGradWeighting(**kw)),
-                {"lr": 10.0, "momentum": 0.5, "n_iter": 20, "lambda_": 0.3},
-                "steps"),
-    "excess_mtl": (agg.ExcessMTL, {"robust_step_size": 1.0,
-                                   "n_warmup_steps": 0}, "steps"),
-    "excess_mtl_warmup": (agg.ExcessMTL, {"robust_step_size": 0.5,
-                                          "n_warmup_steps": 2}, "steps"),
-    "crmogm_upgrad": (lambda **kw: agg.GramianWeightedAggregator(
-        agg.CRMOGMWeighting(agg.UPGradWeighting(), **kw)), {"alpha": 0.9},
-                      "steps"),
-    # Needs cvxpy and ecos.
-    "nash_mtl": (lambda **kw: agg.NashMTL(n_tasks=K, **kw),
-                 {"max_norm": 1.0, "update_weights_every": 1}, "steps"),
+  "gradvac": (agg.GradVac, {"beta": 0.5, "eps": 1e-8}, "pairs"),
+  "pcgrad": (agg.PCGrad, {}, "pairs"),  # K = 2: one order
+  "pcd": (agg.PCD, {"tau": 0.02, "beta": 0.999, "eps": 1e-8}, "steps"),
+  "pcd_tau": (agg.PCD, {"tau": 0.5, "beta": 0.9, "eps": 1e-8}, "steps"),
+  # MoDo and SDMGrad weigh a K×K matrix (J_1 J_2ᵀ in their papers): given
+  # the Gramian J Jᵀ, as the JAX transforms have one batch.
+  "modo": (
+    lambda **kw: _on_gramian(agg.MoDoWeighting(**kw)),
+    {"gamma": 0.1, "rho": 0.1},
+    "steps",
+  ),
+  "sdmgrad": (
+    lambda **kw: _on_gramian(agg.SDMGradWeighting(**kw)),
+    {"lr": 10.0, "momentum": 0.5, "n_iter": 20, "lambda_": 0.3},
+    "steps",
+  ),
+  "excess_mtl": (
+    agg.ExcessMTL,
+    {"robust_step_size": 1.0, "n_warmup_steps": 0},
+    "steps",
+  ),
+  "excess_mtl_warmup": (
+    agg.ExcessMTL,
+    {"robust_step_size": 0.5, "n_warmup_steps": 2},
+    "steps",
+  ),
+  "crmogm_upgrad": (
+    lambda **kw: agg.GramianWeightedAggregator(
+      agg.CRMOGMWeighting(agg.UPGradWeighting(), **kw)
+    ),
+    {"alpha": 0.9},
+    "steps",
+  ),
+  # Needs cvxpy and ecos.
+  "nash_mtl": (
+    lambda **kw: agg.NashMTL(n_tasks=K, **kw),
+    {"max_norm": 1.0, "update_weights_every": 1},
+    "steps",
+  ),
 }
 
 
@@ -136,22 +168,25 @@ def main() -> None:
   cases = _cases()
   sequences = _sequences()
   golden = {
-      "torchjd": metadata.version("torchjd"),
-      "torch": torch.__version__,
-      "cases": {name: m.tolist() for name, m in cases.items()},
-      "sequences": {name: s.tolist() for name, s in sequences.items()},
-      "aggregators": {},
-      "stateful": {},
+    "torchjd": metadata.version("torchjd"),
+    "torch": torch.__version__,
+    "cases": {name: m.tolist() for name, m in cases.items()},
+    "sequences": {name: s.tolist() for name, s in sequences.items()},
+    "aggregators": {},
+    "stateful": {},
   }
   for name, (make, kwargs) in AGGREGATORS.items():
     golden["aggregators"][name] = {
-        "kwargs": kwargs,
-        "outputs": {case: _run(make(), m) for case, m in cases.items()}}
+      "kwargs": kwargs,
+      "outputs": {case: _run(make(), m) for case, m in cases.items()},
+    }
   for name, (make, kwargs, sequence) in STATEFUL.items():
     instance = make(**kwargs)
     golden["stateful"][name] = {
-        "kwargs": kwargs, "sequence": sequence,
-        "outputs": [_run(instance, m) for m in sequences[sequence]]}
+      "kwargs": kwargs,
+      "sequence": sequence,
+      "outputs": [_run(instance, m) for m in sequences[sequence]],
+    }
   with open(OUT, "w") as f:
     json.dump(golden, f, indent=None, separators=(",", ":"))
     f.write("\n")

@@ -9,7 +9,8 @@ way they are trained.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ BATCH = 4
 # XLA:CPU's optimisation passes dominate the compile time of these tiny
 # programs.
 jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  jax.jit, compiler_options={"xla_backend_optimization_level": 0}
+)
 
 
 def build(name: str) -> tuple[zoo.AnytimeNet, np.ndarray]:
@@ -36,11 +38,15 @@ def build(name: str) -> tuple[zoo.AnytimeNet, np.ndarray]:
   return model, x
 
 
-def logits_fn(model: zoo.AnytimeNet) -> tuple[Callable[..., jax.Array], Any,
-                                              Any]:
+def logits_fn(
+  model: zoo.AnytimeNet,
+) -> tuple[Callable[..., jax.Array], Any, Any]:
   """``f(params, rest, x) -> (K, batch, classes)``, BatchNorm in train mode."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  f = lambda params, rest, x: nnx.merge(graphdef, params, rest, copy=True)(x)
+
+  def f(params, rest, x):
+    return nnx.merge(graphdef, params, rest, copy=True)(x)
+
   return f, params, rest
 
 
@@ -48,13 +54,15 @@ def like(tree: Any, seed: int) -> Any:
   """Standard normal NumPy arrays shaped like the leaves of ``tree``."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda a: rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype),
-      tree)
+    lambda a: rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype), tree
+  )
 
 
 def tree_vdot(a: Any, b: Any) -> float:
-  return sum(np.vdot(np.float64(x), np.float64(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return sum(
+    np.vdot(np.float64(x), np.float64(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 def tree_norm(a: Any) -> float:
@@ -79,13 +87,13 @@ def test_jvp_agrees_with_vjp(name):
     return jt_params, jt_x, vjp(v)
 
   jt_params, jt_x, (vt_params, vt_x) = jax.device_get(
-      run(params, x, t_params, t_x, v))
+    run(params, x, t_params, t_x, v)
+  )
   for jt, vt, t in ((jt_params, vt_params, t_params), (jt_x, vt_x, t_x)):
     # Every exit moves in the direction t (forward mode reached it).
     assert np.all(np.abs(jt).max(axis=(1, 2)) > 0)
     # Float32 rounding, relative to the Cauchy-Schwarz bound of both sides.
-    bound = max(np.linalg.norm(v) * tree_norm(jt),
-                tree_norm(vt) * tree_norm(t))
+    bound = max(np.linalg.norm(v) * tree_norm(jt), tree_norm(vt) * tree_norm(t))
     assert abs(tree_vdot(v, jt) - tree_vdot(vt, t)) <= 1e-6 * bound, name
 
 
@@ -95,24 +103,33 @@ def test_jvp_equals_a_float64_central_difference(name):
   f, params, rest = logits_fn(model)
   with jax.enable_x64(True):
     # jnp arrays: BatchNorm writes its statistics into (copies of) `rest`.
-    to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+    def to64(t):
+      return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+
     params, rest, x = to64(params), to64(rest), to64(x)
     t_params, t_x = like(params, 2), like(x, 3)
     eps = 1e-6
 
     @jit
     def run(params, x, t_params, t_x):
-      step = lambda s: f(jax.tree.map(lambda p, t: p + s * t, params,
-                                      t_params), rest, x + s * t_x)
-      out, jt = jax.jvp(lambda p, x: f(p, rest, x), (params, x),
-                        (t_params, t_x))
+      def step(s):
+        return f(
+          jax.tree.map(lambda p, t: p + s * t, params, t_params),
+          rest,
+          x + s * t_x,
+        )
+
+      out, jt = jax.jvp(
+        lambda p, x: f(p, rest, x), (params, x), (t_params, t_x)
+      )
       return out, jt, (step(eps) - step(-eps)) / (2 * eps)
 
     out, jt, difference = jax.device_get(run(params, x, t_params, t_x))
   assert out.dtype == jt.dtype == np.float64
   assert np.all(np.abs(jt).max(axis=(1, 2)) > 0)
-  np.testing.assert_allclose(jt, difference, rtol=1e-6,
-                             atol=1e-7 * np.abs(jt).max())
+  np.testing.assert_allclose(
+    jt, difference, rtol=1e-6, atol=1e-7 * np.abs(jt).max()
+  )
 
 
 def lowered_gradient(name: str) -> str:
@@ -133,8 +150,11 @@ def lowered_gradient(name: str) -> str:
 @pytest.mark.parametrize("name", zoo.names())
 def test_gradient_program_has_no_custom_calls(name):
   text = lowered_gradient(name)
-  op = "stablehlo.convolution" if name.endswith("resnet") else (
-      "stablehlo.dot_general")
+  op = (
+    "stablehlo.convolution"
+    if name.endswith("resnet")
+    else ("stablehlo.dot_general")
+  )
   assert op in text  # the layers are in the program
   assert "custom_call" not in text
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ NORM = {"branched-mlp": "none", "nested-depth-mlp": "none"}
 # XLA:CPU's optimisation passes dominate the compile time of these tiny
 # programs; every comparison below is within one compiled program.
 jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+  jax.jit, compiler_options={"xla_backend_optimization_level": 0}
+)
 
 
 def build(name: str, **overrides: Any) -> tuple[zoo.AnytimeNet, jax.Array]:
@@ -44,8 +46,10 @@ def perturb(module: nnx.Module, seed: int) -> None:
   # NumPy noise: no XLA compilation per parameter shape.
   rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree.flatten(nnx.state(module, nnx.Param))
-  noisy = [jnp.asarray(np.asarray(p) + rng.standard_normal(p.shape), p.dtype)
-           for p in leaves]
+  noisy = [
+    jnp.asarray(np.asarray(p) + rng.standard_normal(p.shape), p.dtype)
+    for p in leaves
+  ]
   nnx.update(module, jax.tree.unflatten(treedef, noisy))
 
 
@@ -82,25 +86,34 @@ def make_probe(model: zoo.AnytimeNet) -> Callable[..., dict[str, Any]]:
   graphdef, _, _ = nnx.split(model, nnx.Param, ...)
   num_exits = model.num_exits
   grads_fn = osgd_jax.value_and_per_exit_grads(
-      zoo.per_exit_loss_fn(graphdef), has_aux=True)
+    zoo.per_exit_loss_fn(graphdef), has_aux=True
+  )
 
   @jit
   def probe(params, rest, x, labels):
-    fresh = lambda: nnx.merge(graphdef, params, rest, copy=True)
+    def fresh():
+      return nnx.merge(graphdef, params, rest, copy=True)
+
     full = fresh()(x)
     (losses, new_rest), grads = grads_fn(params, rest, x, labels)
-    by_hand, frozen = [], nnx.view(
-        fresh(), use_running_average=True, raise_if_not_found=False)
+    by_hand, frozen = (
+      [],
+      nnx.view(fresh(), use_running_average=True, raise_if_not_found=False),
+    )
     carry = frozen.input_carry(x)
     for stage in frozen.stages:
       carry, logits = stage(carry)
       by_hand.append(logits)
     return dict(
-        full=full, losses=losses, new_rest=new_rest, grads=grads,
-        eval_full=fresh().predict(x),
-        eval_upto=[fresh().predict(x, upto=k)
-                   for k in range(1, num_exits + 1)],
-        eval_by_hand=jnp.stack(by_hand), carry=carry)
+      full=full,
+      losses=losses,
+      new_rest=new_rest,
+      grads=grads,
+      eval_full=fresh().predict(x),
+      eval_upto=[fresh().predict(x, upto=k) for k in range(1, num_exits + 1)],
+      eval_by_hand=jnp.stack(by_hand),
+      carry=carry,
+    )
 
   return probe
 
@@ -125,7 +138,8 @@ def test_later_stages_do_not_change_earlier_exits(case):
       perturb(stage, 100 * k + j)
     out = case.forward(other)
     np.testing.assert_array_equal(
-        out[:k], full[:k], err_msg=f"{case.name}: exits 1..{k} moved")
+      out[:k], full[:k], err_msg=f"{case.name}: exits 1..{k} moved"
+    )
     # The perturbation is real: the exits that own the parameters move.
     assert not np.allclose(out[k:], full[k:]), (case.name, k)
 
@@ -136,18 +150,22 @@ def test_a_stage_parameter_changes_its_exit(case, target):
   for k in range(1, case.model.num_exits + 1):
     other = nnx.clone(case.model)
     stage = other.stages[k - 1]
-    module = {"stage": stage, "head": stage.head,
-              "first_layer": stage.layers[0].inputs[0]}[target]
+    module = {
+      "stage": stage,
+      "head": stage.head,
+      "first_layer": stage.layers[0].inputs[0],
+    }[target]
     perturb(module, k)
     out = case.forward(other)
-    np.testing.assert_array_equal(out[:k - 1], full[:k - 1])
+    np.testing.assert_array_equal(out[: k - 1], full[: k - 1])
     assert not np.allclose(out[k - 1], full[k - 1]), (case.name, k)
 
 
 def test_upto_and_hand_driven_stages_equal_the_full_forward(case):
   full, batch = case.out["eval_full"], case.x.shape[0]
-  assert full.shape == case.out["full"].shape == (
-      case.model.num_exits, batch, 10)
+  assert (
+    full.shape == case.out["full"].shape == (case.model.num_exits, batch, 10)
+  )
   # Running versus batch statistics (the same without BatchNorm).
   assert np.allclose(full, case.out["full"]) == (case.name in NORM)
   # The carry is a plain pytree of batched arrays.
@@ -165,10 +183,14 @@ def test_per_exit_grads_with_batchnorm_in_train_mode(case):
   losses, grads = out["losses"], out["grads"]
   assert losses.shape == (num_exits,) and np.all(np.isfinite(losses))
   np.testing.assert_allclose(
-      losses, osgd_jax.losses.per_exit_cross_entropy(
-          jnp.asarray(out["full"]), case.labels), rtol=1e-5)
+    losses,
+    osgd_jax.losses.per_exit_cross_entropy(
+      jnp.asarray(out["full"]), case.labels
+    ),
+    rtol=1e-5,
+  )
   assert jax.tree.structure(grads) == jax.tree.structure(params)
-  for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+  for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True):
     assert g.shape == (num_exits, *p.shape)
   # Structure of the Jacobian: exit k+1 never reaches a later stage's
   # parameters, and reaches every parameter of its own stage.
@@ -182,17 +204,25 @@ def test_per_exit_grads_with_batchnorm_in_train_mode(case):
   old_stats = jax.tree.leaves(nnx.state(rest, nnx.BatchStat))
   assert len(new_stats) == len(old_stats)
   assert bool(new_stats) == (case.name not in NORM)
-  assert all(not np.allclose(a, b) for a, b in zip(new_stats, old_stats))
+  assert all(
+    not np.allclose(a, b) for a, b in zip(new_stats, old_stats, strict=True)
+  )
   other = nnx.clone(model)
   nnx.update(other, out["new_rest"])
-  for a, b in zip(jax.tree.leaves(nnx.state(other, nnx.BatchStat)),
-                  new_stats):  # nnx.update copied the NumPy stats in
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(other, nnx.BatchStat)), new_stats, strict=True
+  ):  # nnx.update copied the NumPy stats in
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name,norm", [
-    ("nested-width-resnet", "group"), ("nested-width-mlp", "layer"),
-    ("nested-depth-resnet", "none")])
+@pytest.mark.parametrize(
+  "name,norm",
+  [
+    ("nested-width-resnet", "group"),
+    ("nested-width-mlp", "layer"),
+    ("nested-depth-resnet", "none"),
+  ],
+)
 def test_nesting_holds_for_other_norms(name, norm):
   # Width nesting is where a norm could leak: it must act per channel group.
   # ResNets get two blocks per stage here, so that one halves the resolution.
@@ -219,10 +249,14 @@ def test_stage_vjp_through_the_carry(name):
   @jit
   def run(state_1, state_2, x):
     carry, _ = nnx.merge(graphdef_1, state_1, copy=True)(model.input_carry(x))
-    stage_2 = lambda s, c: nnx.merge(graphdef_2, s, copy=True)(c)
+
+    def stage_2(s, c):
+      return nnx.merge(graphdef_2, s, copy=True)(c)
+
     (new_carry, logits), vjp = jax.vjp(stage_2, state_2, carry)
-    return carry, vjp((jax.tree.map(jnp.zeros_like, new_carry),
-                       jnp.ones_like(logits)))
+    return carry, vjp(
+      (jax.tree.map(jnp.zeros_like, new_carry), jnp.ones_like(logits))
+    )
 
   carry, (d_state, d_carry) = run(state_1, state_2, x)
   assert jax.tree.structure(d_carry) == jax.tree.structure(carry)

@@ -15,27 +15,33 @@ from flax import nnx
 from osgd_jax import anytime, zoo
 
 NAMES = (
-    "branched-mlp", "branched-resnet", "nested-depth-mlp",
-    "nested-depth-resnet", "nested-width-depth-mlp",
-    "nested-width-depth-resnet", "nested-width-mlp", "nested-width-resnet",
+  "branched-mlp",
+  "branched-resnet",
+  "nested-depth-mlp",
+  "nested-depth-resnet",
+  "nested-width-depth-mlp",
+  "nested-width-depth-resnet",
+  "nested-width-mlp",
+  "nested-width-resnet",
 )
 FAMILIES = {
-    "branched": zoo.BranchedNet, "nested-width": zoo.NestedWidthNet,
-    "nested-depth": zoo.NestedDepthNet,
-    "nested-width-depth": zoo.NestedWidthDepthNet,
+  "branched": zoo.BranchedNet,
+  "nested-width": zoo.NestedWidthNet,
+  "nested-depth": zoo.NestedDepthNet,
+  "nested-width-depth": zoo.NestedWidthDepthNet,
 }
 FAMILY_KEYS = ("stages", "width", "depth", "num_classes", "norm")
 # The defaults of the eight per-backbone constructors that the four family
 # classes replaced: `create(name)` without a preset must keep building them.
 OLD_DEFAULTS = {
-    "branched-resnet": dict(width=16, depth=2),
-    "nested-width-resnet": dict(width=8, depth=3),
-    "nested-depth-resnet": dict(width=16, depth=3),
-    "nested-width-depth-resnet": dict(width=8, depth=3),
-    "branched-mlp": dict(width=64, depth=1),
-    "nested-width-mlp": dict(width=16, depth=2),
-    "nested-depth-mlp": dict(width=64, depth=1),
-    "nested-width-depth-mlp": dict(width=16, depth=1),
+  "branched-resnet": dict(width=16, depth=2),
+  "nested-width-resnet": dict(width=8, depth=3),
+  "nested-depth-resnet": dict(width=16, depth=3),
+  "nested-width-depth-resnet": dict(width=8, depth=3),
+  "branched-mlp": dict(width=64, depth=1),
+  "nested-width-mlp": dict(width=16, depth=2),
+  "nested-depth-mlp": dict(width=64, depth=1),
+  "nested-width-depth-mlp": dict(width=16, depth=1),
 }
 
 
@@ -48,7 +54,7 @@ def default_preset(name: str) -> str:
   return "cifar" if name.endswith("resnet") else "digits"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_model(name: str, preset: str) -> zoo.AnytimeNet:
   if preset == default_preset(name):
     # The default config is this preset (checked below): build it with no
@@ -62,8 +68,10 @@ def output_shape(model: zoo.AnytimeNet, shape) -> tuple[int, ...]:
   graphdef, state = nnx.split(model)
   # predict: tracing BatchNorm's statistic updates is slow in flax 0.12.
   return jax.eval_shape(
-      lambda s, x: nnx.merge(graphdef, s).predict(x), state,
-      jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    lambda s, x: nnx.merge(graphdef, s).predict(x),
+    state,
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+  ).shape
 
 
 def input_shape(name: str, preset: str) -> tuple[int, ...]:
@@ -82,8 +90,7 @@ def test_names_lists_every_family_and_backbone():
     conv, dense = f"{family}-resnet", f"{family}-mlp"
     assert zoo.model_class(conv) is zoo.model_class(dense) is cls
     assert issubclass(cls, zoo.AnytimeNet)
-    assert zoo.config_keys(conv) == FAMILY_KEYS + ("in_channels",
-                                                   "downsamples")
+    assert zoo.config_keys(conv) == FAMILY_KEYS + ("in_channels", "downsamples")
     assert zoo.config_keys(dense) == FAMILY_KEYS + ("in_features",)
 
 
@@ -92,23 +99,38 @@ def test_default_config_is_the_old_constructor_defaults(name):
   # Built directly from the family class with the old defaults: the same
   # graph (module types, widths, strides, backbone) and the same shapes.
   conv = name.endswith("resnet")
-  backbone = (zoo.conv_backbone(in_channels=3, downsamples=2) if conv
-              else zoo.dense_backbone(in_features=64))
+  backbone = (
+    zoo.conv_backbone(in_channels=3, downsamples=2)
+    if conv
+    else zoo.dense_backbone(in_features=64)
+  )
   family = name.removesuffix("-resnet").removesuffix("-mlp")
-  expected = nnx.eval_shape(lambda: FAMILIES[family](
-      backbone, stages=4, num_classes=10, norm="batch", rngs=nnx.Rngs(0),
-      **OLD_DEFAULTS[name]))
+  expected = nnx.eval_shape(
+    lambda: FAMILIES[family](
+      backbone,
+      stages=4,
+      num_classes=10,
+      norm="batch",
+      rngs=nnx.Rngs(0),
+      **OLD_DEFAULTS[name],
+    )
+  )
   model = preset_model(name, default_preset(name))  # create(name, rngs=...)
   assert type(model) is FAMILIES[family]
   assert model.backbone == backbone
   assert nnx.graphdef(model) == nnx.graphdef(expected)
-  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+
+  def shapes(m):
+    return jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+
   assert shapes(model) == shapes(expected)
   # And the defaults are this preset.
   assert zoo.presets(name)[default_preset(name)] == dict(
-      OLD_DEFAULTS[name], stages=4, num_classes=10,
-      **(dict(in_channels=3, downsamples=2) if conv else
-         dict(in_features=64)))
+    OLD_DEFAULTS[name],
+    stages=4,
+    num_classes=10,
+    **(dict(in_channels=3, downsamples=2) if conv else dict(in_features=64)),
+  )
 
 
 def exit_dependencies(exits, params, *args) -> tuple[list, np.ndarray]:
@@ -129,14 +151,20 @@ def exit_dependencies(exits, params, *args) -> tuple[list, np.ndarray]:
     The exits' output avals and the ``(K, K)`` boolean dependency matrix.
   """
   closed = jax.make_jaxpr(exits)(params, *args)
-  stage_of = [path[1].key for path, _ in
-              jax.tree_util.tree_flatten_with_path(params)[0]]
+  stage_of = [
+    path[1].key for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
   num_stages = len(params["stages"])
   depends = np.zeros((len(closed.jaxpr.outvars), num_stages), bool)
-  read = lambda v, tainted: not isinstance(v, jex.core.Literal) and (
-      v in tainted)
+
+  def read(v, tainted):
+    return not isinstance(v, jex.core.Literal) and (v in tainted)
+
   for j in range(num_stages):
-    tainted = {v for v, s in zip(closed.jaxpr.invars, stage_of) if s == j}
+    # The jaxpr's inputs are the parameters' leaves, then the inputs.
+    tainted = {
+      v for v, s in zip(closed.jaxpr.invars, stage_of, strict=False) if s == j
+    }
     for eqn in closed.jaxpr.eqns:
       if any(read(v, tainted) for v in eqn.invars):
         tainted.update(eqn.outvars)
@@ -151,8 +179,11 @@ def model_exits(model: zoo.AnytimeNet):
   def exits(params, rest, x):
     # predict: tracing BatchNorm's statistic updates is slow in flax 0.12;
     # the dataflow between stages is the same in both modes.
-    frozen = nnx.view(nnx.merge(graphdef, params, rest, copy=True),
-                      use_running_average=True, raise_if_not_found=False)
+    frozen = nnx.view(
+      nnx.merge(graphdef, params, rest, copy=True),
+      use_running_average=True,
+      raise_if_not_found=False,
+    )
     carry, logits = frozen.input_carry(x), []
     for stage in frozen.stages:
       carry, out = stage(carry)
@@ -167,8 +198,11 @@ def test_exit_dependencies_finds_a_read_of_a_later_stage():
   # exit 2 reading stage 1 through an op with a sub-jaxpr (jax.nn.relu).
   def exits(params, x):
     w = params["stages"]
-    return [x @ w[0] + w[2].sum(), jax.nn.relu(x @ w[0]) @ w[1],
-            jnp.tanh(x @ w[2])]
+    return [
+      x @ w[0] + w[2].sum(),
+      jax.nn.relu(x @ w[0]) @ w[1],
+      jnp.tanh(x @ w[2]),
+    ]
 
   params = {"stages": {j: jnp.ones((3, 3)) for j in range(3)}}
   _, depends = exit_dependencies(exits, params, jnp.ones((2, 3)))
@@ -178,17 +212,21 @@ def test_exit_dependencies_finds_a_read_of_a_later_stage():
 def test_every_name_has_the_cifar_and_digits_presets_and_mlps_mnist1d():
   for name in NAMES:
     expected = {"cifar", "digits"} | (
-        {"mnist1d"} if name.endswith("-mlp") else set())
+      {"mnist1d"} if name.endswith("-mlp") else set()
+    )
     assert set(zoo.presets(name)) == expected, name
 
 
-@pytest.mark.parametrize("name, preset", [
-    (name, preset) for name in NAMES for preset in zoo.presets(name)])
+@pytest.mark.parametrize(
+  "name, preset",
+  [(name, preset) for name in NAMES for preset in zoo.presets(name)],
+)
 def test_presets_fit_their_data_and_nest(name, preset):
   model = preset_model(name, preset)
   shape = input_shape(name, preset)
   avals, depends = exit_dependencies(
-      *model_exits(model), jax.ShapeDtypeStruct(shape, jnp.float32))
+    *model_exits(model), jax.ShapeDtypeStruct(shape, jnp.float32)
+  )
   assert [a.shape for a in avals] == [(2, 10)] * 4
   assert output_shape(model, shape) == (4, 2, 10)
   # Exit k reads stages 1..k (all of them: each adds to exit k's path) and
@@ -198,8 +236,7 @@ def test_presets_fit_their_data_and_nest(name, preset):
   assert np.all(np.diff(counts) > 0), counts
   if preset != "cifar":  # small enough for a CPU run in minutes
     assert counts[-1] < 500_000
-    assert counts[-1] < anytime.params_per_exit(
-        preset_model(name, "cifar"))[-1]
+    assert counts[-1] < anytime.params_per_exit(preset_model(name, "cifar"))[-1]
 
 
 def test_presets_returns_copies():
@@ -221,76 +258,148 @@ def test_same_rngs_same_parameters(name):
   b = zoo.create(name, rngs=nnx.Rngs(3), **config)
   c = zoo.create(name, rngs=nnx.Rngs(4), **config)
   pa, pb, pc = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (a, b, c))
-  for x, y in zip(pa, pb):
+  for x, y in zip(pa, pb, strict=True):
     np.testing.assert_array_equal(x, y)
-  assert any(not np.array_equal(x, y) for x, y in zip(pa, pc))
+  assert any(not np.array_equal(x, y) for x, y in zip(pa, pc, strict=True))
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: zoo.create("nested-resnet", rngs=nnx.Rngs(0)),
-     "Unknown model 'nested-resnet'.*nested-width-resnet"),
+@pytest.mark.parametrize(
+  "call, match",
+  [
+    (
+      lambda: zoo.create("nested-resnet", rngs=nnx.Rngs(0)),
+      "Unknown model 'nested-resnet'.*nested-width-resnet",
+    ),
     (lambda: zoo.presets("resnet"), "Unknown model"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), preset="imagenet"),
-     "Unknown preset 'imagenet'.*cifar, digits"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_channels=3),
-     r"Unknown config key\(s\) \['in_channels'\].*in_features"),
-    (lambda: zoo.create("branched-resnet", rngs=nnx.Rngs(0), widht=8),
-     r"\['widht'\].*width"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), norm="instance"),
-     "Unknown norm 'instance'.*batch"),
-    (lambda: zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), stages=0),
-     "stages must be an int >= 1, got 0"),
-    (lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=0),
-     "width must be an int >= 1, got 0"),
-    (lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=-4),
-     "width must be an int >= 1"),
-    (lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8.0),
-     "width must be an int"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), depth=0),
-     "depth must be an int >= 1"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=True),
-     "stages must be an int"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), num_classes=0),
-     "num_classes must be an int >= 1"),
-    (lambda: zoo.create("nested-width-resnet", rngs=nnx.Rngs(0),
-                        in_channels=0), "in_channels must be an int >= 1"),
-    (lambda: zoo.create("nested-width-resnet", rngs=nnx.Rngs(0),
-                        downsamples=-1), "downsamples must be an int >= 0"),
-    (lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_features=0),
-     "in_features must be an int >= 1"),
-    (lambda: zoo.create("branched-mlp", rngs=0), "rngs must be a flax.nnx.Rngs"),
-    (lambda: zoo.NestedDepthNet(zoo.conv_backbone(3, 2), stages=2, width=2,
-                                depth=1, norm="bn", rngs=nnx.Rngs(0)),
-     "Unknown norm 'bn'"),
-    (lambda: zoo.BranchedNet(zoo.dense_backbone(64), stages=0, width=2,
-                             depth=1, rngs=nnx.Rngs(0)),
-     "stages must be an int >= 1, got 0"),
-    (lambda: zoo.NestedWidthNet(zoo.dense_backbone(64), stages=2, width=2,
-                                depth=2, num_classes=-1, rngs=nnx.Rngs(0)),
-     "num_classes must be an int >= 1, got -1"),
-    (lambda: zoo.NestedWidthDepthNet("conv", stages=2, width=2, depth=1,
-                                     rngs=nnx.Rngs(0)),
-     r"backbone must be a zoo.Backbone, got str; pass e.g."
-     r" zoo.conv_backbone\(in_channels=3, downsamples=2\)"),
-    (lambda: zoo.conv_backbone(in_channels=0, downsamples=2),
-     "in_channels must be an int >= 1, got 0"),
-    (lambda: zoo.conv_backbone(in_channels=3, downsamples=1.0),
-     "downsamples must be an int >= 0, got 1.0"),
-    (lambda: zoo.dense_backbone(in_features=True),
-     "in_features must be an int >= 1, got True"),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), preset="imagenet"),
+      "Unknown preset 'imagenet'.*cifar, digits",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_channels=3),
+      r"Unknown config key\(s\) \['in_channels'\].*in_features",
+    ),
+    (
+      lambda: zoo.create("branched-resnet", rngs=nnx.Rngs(0), widht=8),
+      r"\['widht'\].*width",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), norm="instance"),
+      "Unknown norm 'instance'.*batch",
+    ),
+    (
+      lambda: zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), stages=0),
+      "stages must be an int >= 1, got 0",
+    ),
+    (
+      lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=0),
+      "width must be an int >= 1, got 0",
+    ),
+    (
+      lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=-4),
+      "width must be an int >= 1",
+    ),
+    (
+      lambda: zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8.0),
+      "width must be an int",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), depth=0),
+      "depth must be an int >= 1",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=True),
+      "stages must be an int",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), num_classes=0),
+      "num_classes must be an int >= 1",
+    ),
+    (
+      lambda: zoo.create(
+        "nested-width-resnet", rngs=nnx.Rngs(0), in_channels=0
+      ),
+      "in_channels must be an int >= 1",
+    ),
+    (
+      lambda: zoo.create(
+        "nested-width-resnet", rngs=nnx.Rngs(0), downsamples=-1
+      ),
+      "downsamples must be an int >= 0",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=nnx.Rngs(0), in_features=0),
+      "in_features must be an int >= 1",
+    ),
+    (
+      lambda: zoo.create("branched-mlp", rngs=0),
+      "rngs must be a flax.nnx.Rngs",
+    ),
+    (
+      lambda: zoo.NestedDepthNet(
+        zoo.conv_backbone(3, 2),
+        stages=2,
+        width=2,
+        depth=1,
+        norm="bn",
+        rngs=nnx.Rngs(0),
+      ),
+      "Unknown norm 'bn'",
+    ),
+    (
+      lambda: zoo.BranchedNet(
+        zoo.dense_backbone(64), stages=0, width=2, depth=1, rngs=nnx.Rngs(0)
+      ),
+      "stages must be an int >= 1, got 0",
+    ),
+    (
+      lambda: zoo.NestedWidthNet(
+        zoo.dense_backbone(64),
+        stages=2,
+        width=2,
+        depth=2,
+        num_classes=-1,
+        rngs=nnx.Rngs(0),
+      ),
+      "num_classes must be an int >= 1, got -1",
+    ),
+    (
+      lambda: zoo.NestedWidthDepthNet(
+        "conv", stages=2, width=2, depth=1, rngs=nnx.Rngs(0)
+      ),
+      r"backbone must be a zoo.Backbone, got str; pass e.g."
+      r" zoo.conv_backbone\(in_channels=3, downsamples=2\)",
+    ),
+    (
+      lambda: zoo.conv_backbone(in_channels=0, downsamples=2),
+      "in_channels must be an int >= 1, got 0",
+    ),
+    (
+      lambda: zoo.conv_backbone(in_channels=3, downsamples=1.0),
+      "downsamples must be an int >= 0, got 1.0",
+    ),
+    (
+      lambda: zoo.dense_backbone(in_features=True),
+      "in_features must be an int >= 1, got True",
+    ),
     (lambda: zoo.Backbone("rnn", 3), "Unknown backbone kind 'rnn'.*conv"),
     (lambda: zoo.Backbone("conv", 0), "in_features must be an int >= 1"),
     (lambda: zoo.Backbone("conv", 3, -1), "downsamples must be an int >= 0"),
-    (lambda: zoo.Backbone("dense", 64, 1),
-     "dense backbone has no resolution to halve, got downsamples=1; use"
-     " downsamples=0"),
-])
+    (
+      lambda: zoo.Backbone("dense", 64, 1),
+      "dense backbone has no resolution to halve, got downsamples=1; use"
+      " downsamples=0",
+    ),
+  ],
+)
 def test_bad_names_and_configs_raise_value_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()
 
 
-@pytest.mark.parametrize("name, config, layers, width, most", [
+@pytest.mark.parametrize(
+  "name, config, layers, width, most",
+  [
     # Each stage doubles the depth: 3 * 2**13 layers.
     ("nested-depth-resnet", dict(stages=14), 24576, 64, 7),
     ("nested-width-depth-mlp", dict(stages=12, width=64), 2048, 131072, 7),
@@ -298,17 +407,21 @@ def test_bad_names_and_configs_raise_value_errors(call, match):
     ("nested-width-mlp", dict(stages=16, width=16), 32, 524288, 9),
     ("branched-mlp", dict(stages=600), 600, 256, 256),
     ("branched-mlp", dict(stages=2, depth=600), 1200, 256, None),
-])
+  ],
+)
 def test_a_network_too_large_to_build_in_minutes_is_refused_up_front(
-    name, config, layers, width, most):
+  name, config, layers, width, most
+):
   started = time.perf_counter()
   with pytest.raises(ValueError) as refused:
     zoo.create(name, rngs=nnx.Rngs(0), preset="cifar", **config)
   assert time.perf_counter() - started < 5  # refused before building
   message = str(refused.value)
-  assert (f"would have {layers} residual layers and stages up to {width}"
-          f" features wide (at most {zoo.MAX_LAYERS} and {zoo.MAX_WIDTH}"
-          " are built)") in message, message
+  assert (
+    f"would have {layers} residual layers and stages up to {width}"
+    f" features wide (at most {zoo.MAX_LAYERS} and {zoo.MAX_WIDTH}"
+    " are built)"
+  ) in message, message
   if most is None:
     assert message.endswith("Use a smaller depth or width."), message
   else:
@@ -317,35 +430,50 @@ def test_a_network_too_large_to_build_in_minutes_is_refused_up_front(
     # largest network allowed takes seconds per family; the refusal's advice
     # is what the doctest of zoo.base.check_size shows.)
     with pytest.raises(ValueError, match="would have"):
-      zoo.create(name, rngs=nnx.Rngs(0), preset="cifar",
-                 **dict(config, stages=most + 1))
+      zoo.create(
+        name, rngs=nnx.Rngs(0), preset="cifar", **dict(config, stages=most + 1)
+      )
 
 
 @pytest.fixture(scope="module")
 def tiny():
   return {
-      "conv": zoo.create("nested-depth-resnet", rngs=nnx.Rngs(0), stages=3,
-                         width=2, depth=1, in_channels=1),
-      "mlp": zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), stages=3,
-                        width=2, depth=1),
+    "conv": zoo.create(
+      "nested-depth-resnet",
+      rngs=nnx.Rngs(0),
+      stages=3,
+      width=2,
+      depth=1,
+      in_channels=1,
+    ),
+    "mlp": zoo.create(
+      "nested-width-mlp", rngs=nnx.Rngs(0), stages=3, width=2, depth=1
+    ),
   }
 
 
 @pytest.mark.parametrize("upto", [0, 4, -1, 1.5, True, "2"])
 def test_bad_upto_raises(tiny, upto):
   for model in tiny.values():
-    with pytest.raises(ValueError, match=r"upto must be an int between 1 and"
-                       r" the number of exits \(3\)"):
-      model(jnp.ones((2, 8, 8, 1) if model is tiny["conv"] else (2, 64)),
-            upto=upto)
+    with pytest.raises(
+      ValueError,
+      match=r"upto must be an int between 1 and"
+      r" the number of exits \(3\)",
+    ):
+      model(
+        jnp.ones((2, 8, 8, 1) if model is tiny["conv"] else (2, 64)), upto=upto
+      )
 
 
-@pytest.mark.parametrize("key, shape, match", [
+@pytest.mark.parametrize(
+  "key, shape, match",
+  [
     ("conv", (2, 64), r"NHWC images of shape \(batch, height, width, 1\)"),
     ("conv", (2, 8, 8, 3), "in_channels=3"),
     ("mlp", (2, 63), r"expects a batch of shape \(batch, 64\)"),
     ("mlp", (64,), r"got shape \(64,\)"),
-])
+  ],
+)
 def test_bad_input_shapes_raise(tiny, key, shape, match):
   with pytest.raises(ValueError, match=match):
     tiny[key](jnp.ones(shape))
@@ -356,4 +484,5 @@ def test_convenient_input_layouts(tiny):
   assert tiny["conv"].input_carry(jnp.ones((2, 8, 8))).shape == (2, 8, 8, 1)
   assert tiny["mlp"].input_carry(jnp.ones((2, 8, 8, 1))).shape == (2, 64)
   assert tiny["mlp"].input_carry(jnp.ones((2, 64), jnp.int32)).dtype == (
-      jnp.float32)
+    jnp.float32
+  )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -17,19 +16,22 @@ def abstract(name: str, **config) -> zoo.AnytimeNet:
 
 
 def layers_in(modules) -> int:
-  return sum(isinstance(m, ResidualLayer)
-             for module in modules for _, m in nnx.iter_modules(module))
+  return sum(
+    isinstance(m, ResidualLayer)
+    for module in modules
+    for _, m in nnx.iter_modules(module)
+  )
 
 
 @pytest.mark.parametrize("backbone, depth", [("resnet", 1), ("mlp", 2)])
 def test_depth_per_exit_of_every_family(backbone, depth):
   config = dict(stages=4, width=2, depth=depth)
   expected = {
-      "branched": (depth, 2 * depth, 3 * depth, 4 * depth),
-      "nested-width": (depth,) * 4,
-      # Interlaced: every stage doubles the depth.
-      "nested-depth": (depth, 2 * depth, 4 * depth, 8 * depth),
-      "nested-width-depth": (depth, 2 * depth, 4 * depth, 8 * depth),
+    "branched": (depth, 2 * depth, 3 * depth, 4 * depth),
+    "nested-width": (depth,) * 4,
+    # Interlaced: every stage doubles the depth.
+    "nested-depth": (depth, 2 * depth, 4 * depth, 8 * depth),
+    "nested-width-depth": (depth, 2 * depth, 4 * depth, 8 * depth),
   }
   for family, depths in expected.items():
     model = abstract(f"{family}-{backbone}", **config)
@@ -63,16 +65,21 @@ def test_stage_k_owns_head_k_and_nothing_is_shared(name):
   assert isinstance(model.stages, nnx.List) and len(model.stages) == 3
   params = nnx.state(model, nnx.Param)
   assert set(params.keys()) == {"stages"}  # no parameter outside the stages
-  ids = [id(v) for s in model.stages
-         for v in jax.tree.leaves(nnx.state(s, nnx.Param),
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable))]
+  ids = [
+    id(v)
+    for s in model.stages
+    for v in jax.tree.leaves(
+      nnx.state(s, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+  ]
   assert len(ids) == len(set(ids))
   for stage in model.stages:
     assert isinstance(stage.head, zoo.Head)
 
 
-@pytest.mark.parametrize("name", ["nested-depth-resnet",
-                                  "nested-width-depth-resnet"])
+@pytest.mark.parametrize(
+  "name", ["nested-depth-resnet", "nested-width-depth-resnet"]
+)
 def test_cifar_sized_interlaced_resolutions(name):
   # 32x32x3 through two halvings; each new layer works at its lateral
   # input's resolution, striding its chain input when that is coarser.
@@ -87,11 +94,18 @@ def test_cifar_sized_interlaced_resolutions(name):
     return model.predict(x), carry
 
   out, carry = jax.eval_shape(
-      run, state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    run, state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  )
   assert out.shape == (3, 2, 10)
   growth = 2 if name == "nested-width-depth-resnet" else 1
   # S_2 = (L1, N1, L2, N2, L3, N3); widths double per halving.
-  expected = [(32, 2), (32, 2 * growth), (16, 4), (16, 4 * growth),
-              (8, 8), (8, 8 * growth)]
+  expected = [
+    (32, 2),
+    (32, 2 * growth),
+    (16, 4),
+    (16, 4 * growth),
+    (8, 8),
+    (8, 8 * growth),
+  ]
   assert [(a.shape[1], a.shape[-1]) for a in carry["outputs"]] == expected
   assert carry["stem"].shape == (2, 32, 32, 2)
