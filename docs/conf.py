@@ -11,15 +11,16 @@ rendered as stored (without outputs), never executed.
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
-# The checkout's own package is documented, whatever else is installed.
+# The checkout's own package is documented, whatever else is installed: it
+# is imported only once the checkout leads sys.path.
 sys.path[:0] = [str(ROOT), str(DOCS / "_ext")]
-
-import osgd_jax  # pylint: disable=wrong-import-position
+osgd_jax = importlib.import_module("osgd_jax")
 
 project = "osgd-jax"
 author = "osgd-jax developers"

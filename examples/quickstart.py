@@ -119,7 +119,7 @@ def main(argv=None) -> None:
       losses = train_step(model, optimizer, x, y)
       step += 1
       if step == 1 or step % 100 == 0:
-        print(f"{step:5d}  " + "  ".join(f"{l:10.4f}" for l in losses))
+        print(f"{step:5d}  " + "  ".join(f"{loss:10.4f}" for loss in losses))
       if step >= args.steps:
         break
 
@@ -127,7 +127,8 @@ def main(argv=None) -> None:
   cosine = optimizer.opt_state[0].cosine[...]
   print("test accuracy per exit: " + ", ".join(f"{a:.3f}" for a in acc))
   print(
-    f"gradient cosine between exits 1 and 3 at the last step: {cosine[0, 2]:.3f}"
+    "gradient cosine between exits 1 and 3 at the last step: "
+    f"{cosine[0, 2]:.3f}"
   )
 
 

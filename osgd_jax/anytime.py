@@ -1,10 +1,11 @@
 """Anytime utilities: what each exit costs, how well it does, when to stop.
 
 Exit k of a zoo model needs stages 1..k only, so its cost is that of
-``model(x, upto=k)``. :func:`flops_per_exit` measures it, :func:`params_per_exit`
-counts the parameters on exit k's path. :func:`evaluate` gives every exit's
-test accuracy and loss; :func:`early_exit` stops each example at its first
-confident exit, :func:`early_exit_curve` sweeps the confidence threshold, and
+``model(x, upto=k)``. :func:`flops_per_exit` measures it,
+:func:`params_per_exit` counts the parameters on exit k's path.
+:func:`evaluate` gives every exit's test accuracy and loss;
+:func:`early_exit` stops each example at its first confident exit,
+:func:`early_exit_curve` sweeps the confidence threshold, and
 :func:`predict_within` answers with the deepest exit that fits a FLOPs budget.
 """
 
@@ -290,7 +291,8 @@ def evaluate(
     >>> from flax import nnx
     >>> from osgd_jax import zoo
     >>> model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3)
-    >>> metrics = evaluate(model, np.zeros((10, 64), np.float32), np.zeros(10, int))
+    >>> metrics = evaluate(
+    ...     model, np.zeros((10, 64), np.float32), np.zeros(10, int))
     >>> metrics.accuracy.shape
     (3,)
   """

@@ -471,11 +471,12 @@ def check_exit_dependencies(
     >>> from osgd_jax import dataflow
     >>> def losses(logits_1, logits_2):
     ...   return jnp.stack([jnp.mean(logits_1 * logits_2), jnp.mean(logits_2)])
-    >>> dataflow.check_exit_dependencies(
+    >>> dataflow.check_exit_dependencies(  # doctest: +NORMALIZE_WHITESPACE
     ...     jax.make_jaxpr(losses)(jnp.ones(3), jnp.ones(3)), 2, "losses")
     Traceback (most recent call last):
     ...
-    ValueError: losses: the loss of an exit depends ... (exit 1 reads exit(s) 2)...
+    ValueError: losses: the loss of an exit depends on the logits of a later
+    exit (exit 1 reads exit(s) 2)...
   """
   losses = dependencies(
     closed_jaxpr, [frozenset({j}) for j in range(num_exits)]

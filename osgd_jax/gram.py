@@ -117,7 +117,7 @@ def gram_matrices(leaves: Sequence[jax.Array], compute_dtype: Any) -> jax.Array:
 def weighted_sum(
   weights: jax.Array, leaf: jax.Array, compute_dtype: Any
 ) -> jax.Array:
-  """``Σ_k weights[k] · leaf[k]``, a parameter-shaped array in ``compute_dtype``.
+  """``Σ_k weights[k] · leaf[k]``, parameter-shaped, in ``compute_dtype``.
 
   The K scaled rows are added one after another, which XLA fuses into one
   elementwise pass over the stacked leaf. Being elementwise, it keeps any

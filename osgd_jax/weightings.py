@@ -13,25 +13,28 @@ Some weightings read more than the Gram matrix; they take it as keyword
 arguments, and their transformations supply it from the Optax state or from
 the update's extra arguments:
 
-=========================  ==============================  ====================================
-weighting                  extra input                     supplied by
-=========================  ==============================  ====================================
-:func:`sdn`                ``progress`` (step / total)     the step count in the state
-                                                           of :func:`~osgd_jax.weighted_sum`
-:func:`adaloss`            ``losses`` (running averages)   an EMA in the state of
-                                                           :func:`~osgd_jax.adaptive_loss_balancing`,
-                                                           fed by ``update(..., losses=)``
-:func:`pcgrad`             ``key`` (the visiting orders)   a PRNG key in the state of
-                                                           :func:`~osgd_jax.pcgrad`
-:func:`random_weighting`   ``key``                         a PRNG key in the state of
-                                                           :func:`~osgd_jax.random_weighting`
-:func:`gradvac`            ``target``, ``key``; it         the state of
-                           returns the new ``target``      :func:`~osgd_jax.gradvac`
-:func:`modo`               ``previous`` (last weights)     the state of :func:`~osgd_jax.modo`
-:func:`sdmgrad`            ``previous``; it returns        the state of
-                           the next                        :func:`~osgd_jax.sdmgrad`
-:func:`pcd`                ``scales`` (1/√EMA of ‖g_k‖²)   the state of :func:`~osgd_jax.pcd`
-=========================  ==============================  ====================================
+========================  ======================================================
+weighting                 extra input, and what supplies it
+========================  ======================================================
+:func:`sdn`               ``progress`` (step / total), from the step count in
+                          the state of :func:`~osgd_jax.weighted_sum`
+:func:`adaloss`           ``losses`` (running averages), from an EMA in the
+                          state of :func:`~osgd_jax.adaptive_loss_balancing`,
+                          fed by ``update(..., losses=)``
+:func:`pcgrad`            ``key`` (the visiting orders), from a PRNG key in the
+                          state of :func:`~osgd_jax.pcgrad`
+:func:`random_weighting`  ``key``, from a PRNG key in the state of
+                          :func:`~osgd_jax.random_weighting`
+:func:`gradvac`           ``target`` and ``key``, from the state of
+                          :func:`~osgd_jax.gradvac`; it returns the new
+                          ``target``
+:func:`modo`              ``previous`` (last weights), from the state of
+                          :func:`~osgd_jax.modo`
+:func:`sdmgrad`           ``previous``, from the state of
+                          :func:`~osgd_jax.sdmgrad`; it returns the next
+:func:`pcd`               ``scales`` (1/√EMA of ‖g_k‖²), from the state of
+                          :func:`~osgd_jax.pcd`
+========================  ======================================================
 
 The weightings of TorchJD 0.18 are all here under their papers' names
 (``mean``, ``constant``, ``random_weighting``, ``imtl_g``, ``aligned_mtl``,
@@ -39,10 +42,10 @@ The weightings of TorchJD 0.18 are all here under their papers' names
 ``modo``, ``sdmgrad``, ``pcd``, ``nash_mtl``, besides ``uniform`` (its
 ``Sum``), ``mgda``, ``upgrad`` and ``pcgrad``). CR-MOGM smooths any
 weighting (:func:`osgd_jax.crmogm`, which also takes the name of any
-aggregator in :func:`osgd_jax.aggregation.weighting_names`). TrimmedMean, GradDrop and ExcessMTL
-read every coordinate of the gradients, so they are transformations only
-(:func:`osgd_jax.trimmed_mean`, :func:`osgd_jax.graddrop`,
-:func:`osgd_jax.excess_mtl`).
+aggregator in :func:`osgd_jax.aggregation.weighting_names`). TrimmedMean,
+GradDrop and ExcessMTL read every coordinate of the gradients, so they are
+transformations only (:func:`osgd_jax.trimmed_mean`,
+:func:`osgd_jax.graddrop`, :func:`osgd_jax.excess_mtl`).
 
 Example: a user-defined weighting, here exit k weighted by its share of the
 total squared gradient norm, as an Optax transformation::

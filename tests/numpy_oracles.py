@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references for the tests (not used by the library)."""
+"""Independent float64 NumPy references for tests (unused by the library)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _split_like(vectors, leaves, granularity):
 
 
 def aggregate(leaves, direction, granularity="global"):
-  """Applies ``direction((K, N) rows) -> (N,)`` per group; param-shaped output."""
+  """``direction((K, N) rows) -> (N,)`` per group, as a param-shaped output."""
   rows = _flat_rows(leaves, granularity)
   return _split_like([direction(r) for r in rows], leaves, granularity)
 
@@ -184,7 +184,7 @@ def upgrad_direction(rows):
 
 
 def sdn_weights(num_exits, step, total_steps, cap):
-  """SDN's schedule (Kaya et al. 2019): τ_k = min(c_k, 0.01 + c_k·t/T), last 1."""
+  """SDN schedule (Kaya et al. 2019): τ_k = min(c_k, 0.01 + c_k·t/T), last 1."""
   caps = cap * np.arange(1, num_exits) / (num_exits - 1)
   early = np.minimum(caps, 0.01 + caps * step / total_steps)
   return np.concatenate([early, [1.0]])
@@ -339,7 +339,7 @@ def cagrad_direction(rows, c, norm_eps=1e-4):
 
 
 def config_direction(rows, pref=None):
-  """ConFIG (Liu et al. 2025): v = Ĝ⁺ p on the unit rows, u = (Σ_i ⟨g_i, v̂⟩) v̂."""
+  """ConFIG (Liu et al. 2025): v = Ĝ⁺ p on unit rows, u = (Σ_i ⟨g_i, v̂⟩) v̂."""
   g = np.asarray(rows, np.float64)
   pref = np.ones(len(g)) if pref is None else np.asarray(pref)
   norms = np.linalg.norm(g, axis=1)
@@ -422,7 +422,7 @@ def pcd_direction(rows, tau):
 
 
 def trimmed_mean_direction(rows, trim_number):
-  """Coordinate-wise trimmed mean (Yin et al. 2018): drop the extremes, average."""
+  """Coordinate-wise trimmed mean (Yin et al. 2018): drop extremes, average."""
   g = np.sort(np.asarray(rows, np.float64), axis=0)
   return g[trim_number : len(g) - trim_number].mean(axis=0)
 

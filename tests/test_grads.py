@@ -35,7 +35,7 @@ def test_rows_equal_separate_gradients():
   losses, grads = jax.jit(osgd_jax.value_and_per_exit_grads(_losses))(params, x)
   np.testing.assert_allclose(losses, _losses(params, x), rtol=1e-6)
   for k in range(3):
-    expected = jax.grad(lambda p: _losses(p, x)[k])(params)
+    expected = jax.grad(lambda p, k=k: _losses(p, x)[k])(params)
     for name in params:
       assert grads[name].shape == (3,) + params[name].shape
       np.testing.assert_allclose(

@@ -1,4 +1,4 @@
-"""OSGD inside Optax and Flax NNX pipelines, and a small end-to-end training run."""
+"""OSGD in Optax and Flax NNX pipelines, and a small end-to-end training run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AdaLoss: weights inversely proportional to a running average of the losses."""
+"""AdaLoss: weights inversely proportional to running averages of the losses."""
 
 from __future__ import annotations
 

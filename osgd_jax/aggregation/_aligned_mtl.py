@@ -1,4 +1,4 @@
-"""Aligned-MTL: the preference-weighted sum of aligned (orthogonal) gradients."""
+"""Aligned-MTL: a preference-weighted sum of aligned (orthogonal) gradients."""
 
 from __future__ import annotations
 

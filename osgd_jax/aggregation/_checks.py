@@ -155,7 +155,7 @@ def check_qp_options(max_iter: Any, tol: Any, owner: str) -> None:
 
 
 def check_pref_vector(pref_vector: Any, num_exits: int, owner: str) -> None:
-  """Raises a ``ValueError`` unless ``pref_vector`` is ``None`` or K finite numbers.
+  """Raises a ``ValueError`` unless ``pref_vector`` is None or K finite numbers.
 
   Example:
     >>> check_pref_vector([0.5, 0.5], 2, "dualproj")

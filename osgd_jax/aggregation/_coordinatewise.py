@@ -1,4 +1,4 @@
-"""The engine of the aggregators that combine gradients coordinate by coordinate.
+"""The engine of the aggregators combining gradients coordinate by coordinate.
 
 TrimmedMean and GradDrop are no weighting of the Gram matrix: they combine
 the exits' values of every coordinate, leaf by leaf. Their ``weights``

@@ -54,7 +54,8 @@ class StatefulWeighting(NamedTuple):
     >>> # The sum of the exits' gradients, counting the steps.
     >>> counting = StatefulWeighting(
     ...     init=lambda num_exits: jnp.zeros((), jnp.int32),
-    ...     apply=lambda gram, count, **_: (jnp.ones(gram.shape[-1]), count + 1))
+    ...     apply=lambda gram, count, **_: (
+    ...         jnp.ones(gram.shape[-1]), count + 1))
     >>> weights, count = counting.apply(jnp.eye(2), counting.init(2))
     >>> weights.tolist(), int(count)
     ([1.0, 1.0], 1)
@@ -369,7 +370,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-  """``new`` where ``finite``, else ``old``, leaf by leaf in ``old``'s dtypes."""
+  """``new`` where ``finite``, else ``old``, each leaf in ``old``'s dtype."""
   return jax.tree.map(
     lambda n, o: jnp.where(finite, jnp.asarray(n).astype(o.dtype), o), new, old
   )

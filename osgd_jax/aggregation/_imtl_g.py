@@ -39,7 +39,8 @@ def imtl_g_weighting(gram: jax.Array) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp
     >>> g = jnp.asarray([[1.0, 0.0], [0.0, 3.0]])
-    >>> [round(v, 4) for v in (imtl_g_weighting(g @ g.T) @ g).tolist()]   # equal cosines
+    >>> # The update makes equal cosines with the two gradients.
+    >>> [round(v, 4) for v in (imtl_g_weighting(g @ g.T) @ g).tolist()]
     [0.75, 0.75]
 
   """

@@ -75,7 +75,7 @@ def project_onto_simplex(y: jax.Array) -> jax.Array:
 def solve_fair_equation(
   gram: jax.Array, *, alpha: float | jax.Array, max_iter: int
 ) -> jax.Array:
-  """The positive solution of ``M w = w^{-1/α}`` by Newton's method on ``log w``.
+  """Positive solution of ``M w = w^{-1/α}``, by Newton's method on ``log w``.
 
   Steps are at most 1 in ``log w``; α = 0 gives ``1/K`` each. The equation
   has no positive solution when the gradients can be combined positively

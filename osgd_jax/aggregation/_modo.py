@@ -1,4 +1,4 @@
-"""MoDo: one projected-gradient step of the weights towards MGDA's per update."""
+"""MoDo: weights moved one projected-gradient step towards MGDA's per update."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def modo_weighting(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> w = modo_weighting(jnp.diag(jnp.asarray([1.0, 3.0])), previous=jnp.full(2, 0.5))
+    >>> w = modo_weighting(
+    ...     jnp.diag(jnp.asarray([1.0, 3.0])), previous=jnp.full(2, 0.5))
     >>> [round(v, 4) for v in w.tolist()]
     [0.55, 0.45]
 
@@ -55,7 +56,7 @@ def modo(
   num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
-  """MoDo: weights that take one projected-gradient step towards MGDA's per update.
+  """MoDo: weights moved one projected-gradient step towards MGDA's per update.
 
   ``λ ← Π_Δ(λ − γ (M λ + ρ λ))``, ``u = λᵀ G``
   (:func:`osgd_jax.weightings.modo`, TorchJD's ``MoDoWeighting``), λ kept

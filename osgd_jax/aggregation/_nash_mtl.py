@@ -57,7 +57,8 @@ def nash_mtl_weighting(
   Example:
     >>> import jax.numpy as jnp
     >>> g = jnp.asarray([[0.1, 0.0], [0.0, 0.2]])
-    >>> [round(v, 4) for v in (nash_mtl_weighting(g @ g.T) @ g).tolist()]   # equal gains
+    >>> # The update gives the two exits equal gains.
+    >>> [round(v, 4) for v in (nash_mtl_weighting(g @ g.T) @ g).tolist()]
     [0.2031, 0.2031]
 
   """

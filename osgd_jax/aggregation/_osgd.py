@@ -1,4 +1,4 @@
-"""Orthogonalized SGD: its Gram–Schmidt weighting, its transformation, its optimizer.
+"""Orthogonalized SGD: its Gram–Schmidt weighting, transformation and optimizer.
 
 Implements the projection step of Wan, Hoffmann, Lu & Maire, *Orthogonalized
 SGD and Nested Architectures for Anytime Neural Networks* (ICML 2020,
@@ -13,7 +13,8 @@ Assumptions where the paper's text is silent (each is an option):
 * projected components are not rescaled (``rescale=False``); ``rescale=True``
   scales each kept component back to the norm of the gradient it came from;
 * the paper trains with OSGD throughout; the late switch to plain SGD that
-  it leaves open is an option, off by default: :func:`~osgd_jax.aggregation.switch_to_sum`, or
+  it leaves open is an option, off by default:
+  :func:`~osgd_jax.aggregation.switch_to_sum`, or
   ``osgd_sgd(..., sgd_after=N)``, sums the exit gradients from step N on.
 
 ``osgd`` is :func:`~osgd_jax.aggregation.from_weighting` of the Gram–Schmidt
@@ -246,9 +247,11 @@ def osgd(
     >>> params = {"w": jnp.ones(3)}
     >>> def losses(p, x):
     ...   return jnp.stack([jnp.sum(p["w"] * x), jnp.sum((p["w"] * x) ** 2)])
-    >>> tx = optax.chain(osgd_jax.osgd(num_exits=2), optax.sgd(0.1, momentum=0.9))
+    >>> tx = optax.chain(osgd_jax.osgd(num_exits=2),
+    ...                  optax.sgd(0.1, momentum=0.9))
     >>> state = tx.init(params)
-    >>> _, grads = osgd_jax.value_and_per_exit_grads(losses)(params, jnp.arange(3.))
+    >>> _, grads = osgd_jax.value_and_per_exit_grads(losses)(
+    ...     params, jnp.arange(3.))
     >>> updates, state = tx.update(grads, state, params)
     >>> updates["w"].shape
     (3,)
@@ -379,9 +382,9 @@ def osgd_sgd(
     num_exits: see :func:`osgd` (required unless ``order`` gives K).
     sgd_after: from this many updates on, sum the exit gradients instead of
       projecting them: plain summed-loss SGD late in training (see
-      :func:`~osgd_jax.aggregation.switch_to_sum`). ``None``, the default, never switches. The
-      paper leaves such a switch open; this option is our assumption of
-      what it would be.
+      :func:`~osgd_jax.aggregation.switch_to_sum`). ``None``, the default,
+      never switches. The paper leaves such a switch open; this option is
+      our assumption of what it would be.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; it also works through

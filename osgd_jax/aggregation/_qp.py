@@ -1,4 +1,4 @@
-"""Small quadratic programs on the Gram matrix, solved exactly under ``jax.jit``.
+"""Small quadratic programs on the Gram matrix, solved exactly in ``jax.jit``.
 
 MGDA's min-norm point (which CAGrad's inner problems reuse), the projections
 onto the dual cone of UPGrad and DualProj, and PCD's dual are QPs in K
@@ -32,7 +32,7 @@ def solve_nonnegative_qp(
   max_iter: int,
   tol: float | jax.Array,
 ) -> jax.Array:
-  """Solves ``min_{x ≥ 0} ½ xᵀ q x + cᵀ x`` (q PSD), ``x_k = 0`` where not allowed.
+  """Solves ``min_{x ≥ 0} ½ xᵀ q x + cᵀ x`` (q PSD), ``x_k = 0`` if not allowed.
 
   The Lawson–Hanson active-set method on the normal equations: exact after
   finitely many steps (about K), where projected-gradient or Frank–Wolfe

@@ -41,7 +41,7 @@ def random_weighting(
   num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
-  """Random weighting: ``u = Σ_k w_k g_k`` with ``w = softmax(z)``, ``z ~ N(0, I)``.
+  """Random weighting: ``u = Σ_k w_k g_k``, ``w = softmax(z)``, ``z ~ N(0, I)``.
 
   Fresh weights at every step (:func:`osgd_jax.weightings.random_weighting`,
   TorchJD's ``Random``), from a PRNG key that the state carries, split at
@@ -63,7 +63,8 @@ def random_weighting(
   Example:
     >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.random_weighting(seed=0, num_exits=3)
-    >>> _, state = tx.update({"w": jnp.ones((3, 2))}, tx.init({"w": jnp.zeros(2)}))
+    >>> _, state = tx.update({"w": jnp.ones((3, 2))},
+    ...                      tx.init({"w": jnp.zeros(2)}))
     >>> round(float(state.weights.sum()), 5)
     1.0
 

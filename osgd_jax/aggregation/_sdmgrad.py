@@ -29,8 +29,9 @@ def sdmgrad_weighting(
   the mean), by ``n_iter`` steps of projected gradient descent with
   momentum from the previous step's w, on M scaled by the squared mean
   gradient norm; the update is ``(w + λ w̃)ᵀ G / (1 + λ)``. As for
-  :func:`~osgd_jax.aggregation.modo`, the paper's M comes from two mini-batches; here it is
-  ``G Gᵀ``. TorchJD's ``SDMGradWeighting``, with its defaults (LibMTL's).
+  :func:`~osgd_jax.aggregation.modo`, the paper's M comes from two
+  mini-batches; here it is ``G Gᵀ``. TorchJD's ``SDMGradWeighting``, with
+  its defaults (LibMTL's).
 
   Args:
     gram: ``(K, K)``.
@@ -81,7 +82,8 @@ def sdmgrad(
   ``n_iter`` projected momentum steps on ``½‖(w + λ w̃)ᵀ G‖²`` from the
   previous w, then ``u = (w + λ w̃)ᵀ G / (1 + λ)``
   (:func:`osgd_jax.weightings.sdmgrad`, TorchJD's ``SDMGradWeighting``), w
-  kept in the state. As for :func:`~osgd_jax.aggregation.modo`, M is the step's ``G Gᵀ``.
+  kept in the state. As for :func:`~osgd_jax.aggregation.modo`, M is the
+  step's ``G Gᵀ``.
 
   Args:
     lr: the inner step size, ``> 0``.

@@ -44,7 +44,8 @@ def switch_to_sum(
 
   Args:
     aggregator: a transformation of stacked per-exit gradients, such as
-      :func:`~osgd_jax.aggregation.osgd`; its updates must have the sum's shapes and dtypes.
+      :func:`~osgd_jax.aggregation.osgd`; its updates must have the sum's
+      shapes and dtypes.
     after_steps: the number of updates made with ``aggregator``; an int
       >= 0 (0 sums from the first update) or an integer array.
 

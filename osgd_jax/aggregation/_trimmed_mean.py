@@ -1,4 +1,4 @@
-"""Trimmed mean: per coordinate, the mean of the exits' values without extremes."""
+"""Trimmed mean: per coordinate, the mean of the exits' non-extreme values."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ def trimmed_mean(
   *,
   num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Trimmed mean: per coordinate, the mean of the exits' values without extremes.
+  """Trimmed mean: per coordinate, the mean of the exits' non-extreme values.
 
   Every coordinate's K values are sorted and the ``trim_number`` largest and
   smallest dropped; the update is the mean of the rest (TorchJD's
   ``TrimmedMean``; Yin et al.'s coordinate-wise trimmed mean, robust to
   ``trim_number`` arbitrary gradients). No weighting of the Gram matrix
-  gives it, so it is not :func:`~osgd_jax.aggregation.from_weighting` of one: it sorts
-  the stacked gradients along K, leaf by leaf (coordinates are independent,
-  so there is no ``granularity``).
+  gives it, so it is not :func:`~osgd_jax.aggregation.from_weighting` of
+  one: it sorts the stacked gradients along K, leaf by leaf (coordinates
+  are independent, so there is no ``granularity``).
 
   Args:
     trim_number: how many values to drop at each end, ``≥ 0``;

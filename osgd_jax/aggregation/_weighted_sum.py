@@ -100,7 +100,8 @@ def geometric_weighting(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> [round(w, 4) for w in geometric_weighting(jnp.eye(3), ratio=2.0).tolist()]
+    >>> w = geometric_weighting(jnp.eye(3), ratio=2.0)
+    >>> [round(v, 4) for v in w.tolist()]
     [0.4286, 0.8571, 1.7143]
   """
   ramp = jnp.asarray(ratio, gram.dtype) ** (_linalg.exit_index(gram) - 1)
@@ -133,7 +134,8 @@ def sdn_weighting(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> [round(w, 4) for w in sdn_weighting(jnp.eye(3), progress=1.0, cap=0.8).tolist()]
+    >>> w = sdn_weighting(jnp.eye(3), progress=1.0, cap=0.8)
+    >>> [round(v, 4) for v in w.tolist()]
     [0.4, 0.8, 1.0]
 
   """

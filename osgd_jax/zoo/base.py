@@ -107,10 +107,14 @@ def check_size(
 
   Example:
     >>> check_size("NestedDepthNet", 4, lambda s: (2 * 2 ** (s - 1), 16))
-    >>> check_size("NestedDepthNet", 12, lambda s: (2 * 2 ** (s - 1), 16))
+    >>> check_size(  # doctest: +NORMALIZE_WHITESPACE
+    ...     "NestedDepthNet", 12, lambda s: (2 * 2 ** (s - 1), 16))
     Traceback (most recent call last):
     ...
-    ValueError: NestedDepthNet with 12 stages would have 4096 residual layers and stages up to 16 features wide (at most 256 and 4096 are built): building and compiling it would take many minutes. Use at most 8 stages with these settings.
+    ValueError: NestedDepthNet with 12 stages would have 4096 residual layers
+    and stages up to 16 features wide (at most 256 and 4096 are built):
+    building and compiling it would take many minutes. Use at most 8 stages
+    with these settings.
   """
 
   def fits(s: int) -> bool:

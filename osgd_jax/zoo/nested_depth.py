@@ -187,7 +187,9 @@ class NestedDepthNet(AnytimeNet):
     built, sequence = [], []  # sequence: (features, level) of S_k, in order
     for k in range(stages):
       first = k == 0
-      levels = backbone.levels(depth) if first else [l for _, l in sequence]
+      levels = (
+        backbone.levels(depth) if first else [level for _, level in sequence]
+      )
       stage = InterlacedStage(
         backbone,
         stem_width=width,

@@ -79,8 +79,8 @@ class WidthStage(nnx.Module):
       x, old = carry["input"], carry["features"]
     h = self.stem(x)
     new = [h]
-    for l, layer in enumerate(self.layers):
-      h = layer([h] if old is None else [h, old[l]])
+    for position, layer in enumerate(self.layers):
+      h = layer([h] if old is None else [h, old[position]])
       new.append(h)
     if old is None:
       features = tuple(new)

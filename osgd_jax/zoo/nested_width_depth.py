@@ -18,9 +18,9 @@ class NestedWidthDepthNet(NestedDepthNet):
   The interlaced construction of :class:`~osgd_jax.zoo.NestedDepthNet`
   (stage k+1 adds one new layer after each of the ``n = D * 2**(k-1)``
   layers of ``S_k``, reading the previous new layer and, laterally, the old
-  layer at the same position), with the new chain of stage k ``2**(k-1)`` times as wide as
-  stage 1's. Exit k+1 sees every old unit through the lateral inputs and
-  adds new, wider units at twice the depth::
+  layer at the same position), with the new chain of stage k ``2**(k-1)``
+  times as wide as stage 1's. Exit k+1 sees every old unit through the
+  lateral inputs and adds new, wider units at twice the depth::
 
       stage 1 (width w):   stem ─> L1 ─────> L2 ─────> head 1
                             │       │ o1      │ o2

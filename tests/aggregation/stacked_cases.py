@@ -208,7 +208,9 @@ def global_rows(tree):
   return oracles._flat_rows(leaves(tree), "global")[0]
 
 
-def update(name, grads, losses=np.arange(1.0, K + 1, dtype=np.float32)):
+def update(name, grads, losses=None):
+  if losses is None:  # the losses 1, ..., K unless given
+    losses = np.arange(1.0, K + 1, dtype=np.float32)
   # Only AdaLoss takes the losses; passing them to the others would compile
   # another variant of their update.
   extra = {"losses": losses} if name == "adaloss" else {}

@@ -207,8 +207,8 @@ class TransformContractTest(chex.TestCase):
     losses = jnp.stack([_losses(step) for step in range(STEPS)])
 
     def step(state, inputs):
-      g, l = inputs
-      updates, state = tx.update(g, state, params, losses=l)
+      g, step_losses = inputs
+      updates, state = tx.update(g, state, params, losses=step_losses)
       return state, updates
 
     scanned_state, scanned = jax.jit(

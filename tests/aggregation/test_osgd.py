@@ -503,7 +503,7 @@ def test_osgd_sgd_equals_explicit_chain():
     optax.scale_by_learning_rate(0.1),
   )
   s1, s2 = ready.init(params), explicit.init(params)
-  for step in range(3):
+  for _ in range(3):
     grads = {"w": jnp.asarray(rng.normal(size=(3, 4, 3)), jnp.float32)}
     u1, s1 = ready.update(grads, s1, params)
     u2, s2 = explicit.update(grads, s2, params)

@@ -2,10 +2,10 @@
 
 The tests compare the JAX weightings with this file (each method's
 ``tests/aggregation/test_<method>.py``, through
-``tests/aggregation/gram_cases.py``) so that the suite never imports torch. Regenerate it, with torch (the CPU
-build) and the TorchJD version named in the file installed, with the extras
-its CAGrad and Nash-MTL need (``pip install "torchjd[cagrad,nash_mtl]"``:
-cvxpy and ecos), by::
+``tests/aggregation/gram_cases.py``) so that the suite never imports torch.
+Regenerate it, with torch (the CPU build) and the TorchJD version named in
+the file installed, with the extras its CAGrad and Nash-MTL need
+(``pip install "torchjd[cagrad,nash_mtl]"``: cvxpy and ecos), by::
 
   python tests/golden/make_torchjd_golden.py
 
@@ -13,8 +13,8 @@ Each deterministic aggregator is run once on every Jacobian of ``CASES``; a
 stateful one on a sequence of Jacobians (``SEQUENCES``), from a fresh
 instance, so that its state (an EMA) is exercised. Aggregators that draw
 random numbers are left out, but GradVac and PCGrad with K = 2, where every
-task has one other to visit, are deterministic. The Jacobians are stored with the outputs,
-so the tests read them rather than regenerate them.
+task has one other to visit, are deterministic. The Jacobians are stored
+with the outputs, so the tests read them rather than regenerate them.
 """
 
 from __future__ import annotations
