@@ -377,7 +377,7 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
 
 
 def stacked_transformation(
-  init_fn: Callable[[optax.Params], Any],
+  init_fn: optax.TransformInitFn,
   apply_fn: Callable[..., tuple[optax.Updates, Any]],
   *,
   num_exits: int,
