@@ -101,7 +101,7 @@ def _run(prog: str, command: Callable[[], Callable[..., int]],
 
 
 def _train_main() -> Callable[..., int]:
-  from osgd_jax.app import cli  # pylint: disable=g-import-not-at-top
+  from osgd_jax.app.train import cli  # pylint: disable=g-import-not-at-top
   return cli.main
 
 
@@ -111,7 +111,7 @@ def _compare_main() -> Callable[..., int]:
 
 
 def osgd_train(argv: Sequence[str] | None = None) -> int:
-  """``osgd-train``: see :func:`osgd_jax.app.cli.main`.
+  """``osgd-train``: see :func:`osgd_jax.app.train.cli.main`.
 
   Args:
     argv: the command's arguments; ``None`` reads ``sys.argv``.

@@ -116,7 +116,7 @@ def test_the_checked_packages_are_the_app_extra():
 
 
 @pytest.mark.parametrize("script, module", [
-    (entry_points.osgd_train, "cli"), (entry_points.osgd_compare, "compare")])
+    (entry_points.osgd_train, "train.cli"), (entry_points.osgd_compare, "compare")])
 def test_ctrl_c_outside_the_training_loop_is_one_line(script, module, capsys,
                                                       monkeypatch):
   # E.g. while JAX is still being imported: the command's own handler is

@@ -22,8 +22,9 @@ import pytest
 from flax import nnx
 
 from osgd_jax import sharding
-from osgd_jax.app import cli, data as data_lib
+from osgd_jax.app import data as data_lib
 from osgd_jax.app import train as train_lib
+from osgd_jax.app.train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -117,7 +118,7 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "osgd_jax.app.cli", *flags,
+        [sys.executable, "-m", "osgd_jax.app.train.cli", *flags,
          "--mesh", "data=4,model=2", "--out", str(tmp_path / "multi")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))

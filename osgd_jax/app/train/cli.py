@@ -13,7 +13,10 @@ exits with status 1. The run directory is printed first; Ctrl-C keeps the
 finished epochs and ends with one line giving the command that resumes the
 run (status 130).
 
-Run it as ``osgd-train`` or ``python -m osgd_jax.app``.
+Run it as ``osgd-train`` or ``python -m osgd_jax.app``. It lives beside the
+trainer it drives (:func:`osgd_jax.app.train.train`), as ``osgd-compare``
+lives beside its experiment; ``osgd_jax.app.train`` does not import it, so
+that training from Python never loads the command.
 """
 
 from __future__ import annotations
@@ -336,6 +339,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  # `python -m osgd_jax.app.cli`: the command without the app extra check
-  # of `python -m osgd_jax.app` and the console script.
+  # `python -m osgd_jax.app.train.cli`: the command without the app extra
+  # check of `python -m osgd_jax.app` and the console script.
   raise SystemExit(main())
