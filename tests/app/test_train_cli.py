@@ -24,7 +24,7 @@ from osgd_jax.app.train import cli
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
 # The command module itself: the app extra check in front of it (the console
-# script's, tests/app/test_entry_points.py) would only add its imports.
+# script's, tests/app/test_commands.py) would only add its imports.
 COMMAND = [sys.executable, "-m", "osgd_jax.app.train.cli"]
 SMALL_RUN = ["--model", "branched-mlp", "--batch-size", "256", "--no-progress"]
 # The command as a terminal runs it, with Ctrl-C's SIGINT handled by Python.

@@ -34,9 +34,9 @@ import yaml
 
 from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app.checkpoint import CheckpointWriteError
-from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
-                                       EXIT_INTERRUPTED, OneLineArgumentParser,
-                                       print_error, quiet_library_logs)
+from osgd_jax.app.commands import (EXIT_BAD_INPUT, EXIT_FAILED,
+                                   EXIT_INTERRUPTED, OneLineArgumentParser,
+                                   print_error, quiet_library_logs)
 from osgd_jax.app.data import (CIFAR_ARCHIVES, DATASET_ALIASES, DATASET_NAMES,
                                DownloadError, download_cifar)
 from osgd_jax.app.report import exit_table
