@@ -56,7 +56,8 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected comma-separated numbers such as 1,1,2,4; got {text!r}") from None
+        "expected comma-separated numbers such as 1,1,2,4;"
+        f" got {text!r}") from None
 
 
 def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
@@ -83,7 +84,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
       " checkpoints to --out. With no arguments: a nested network on"
       " scikit-learn's digits, in a few minutes on a CPU.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--config", help="YAML or JSON file whose keys mirror these flags")
+  p.add_argument("--config",
+                 help="YAML or JSON file whose keys mirror these flags")
   p.add_argument("--model", default=d.model, choices=zoo.names(),
                  help="zoo model name")
   p.add_argument("--preset", default=d.preset,
@@ -93,7 +95,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  choices=DATASET_NAMES + tuple(DATASET_ALIASES),
                  help="the data set; CIFAR-10 and the like are aliases")
   p.add_argument("--data-dir", default=d.data_dir,
-                 help="directory holding the CIFAR archives or their extracted folders")
+                 help="directory holding the CIFAR archives or their"
+                 " extracted folders")
   p.add_argument("--download", action="store_true",
                  help="download the CIFAR archive into --data-dir if neither it"
                  " nor its extracted folder is there, checking its MD5 (digits"
@@ -114,11 +117,14 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " mgda, upgrad and the rest: TorchJD's multi-task"
                  " aggregators (see the weightings guide; most return"
                  " mean-sized updates, about 1/K of a sum: scale --lr)")
-  p.add_argument("--granularity", default=d.granularity, choices=get_args(aggregation.Granularity),
+  p.add_argument("--granularity", default=d.granularity,
+                 choices=get_args(aggregation.Granularity),
                  help="OSGD basis per parameter tensor or over all parameters"
                  " (the baseline aggregators always work over all)")
-  p.add_argument("--method", default=d.method, choices=get_args(aggregation.OsgdMethod),
-                 help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt")
+  p.add_argument("--method", default=d.method,
+                 choices=get_args(aggregation.OsgdMethod),
+                 help="OSGD kernel: two-pass Gram/LDL or sequential"
+                 " Gram-Schmidt")
   p.add_argument("--rescale", action="store_true",
                  help="OSGD: scale each projected component back to the norm"
                  " of its exit's gradient (the paper is silent; an option)")
@@ -162,9 +168,9 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="also write the losses and test accuracies as"
                  " TensorBoard scalars to DIR (needs the tensorboard extra)")
   p.add_argument("--mesh", default=d.mesh,
-                 help="train over devices: data=D,model=M splits each batch over"
-                 " D devices and each parameter over M (one axis may be -1:"
-                 " all remaining devices); default: one device")
+                 help="train over devices: data=D,model=M splits each batch"
+                 " over D devices and each parameter over M (one axis may be"
+                 " -1: all remaining devices); default: one device")
   return p
 
 
@@ -179,11 +185,12 @@ def _read_config_file(path: str) -> dict[str, Any]:
     else:
       values = json.loads(text)
   except Exception as e:  # json and yaml raise their own error types
-    raise ValueError(f"config file {path} is not valid"
-                     f" {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}:"
+    kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+    raise ValueError(f"config file {path} is not valid {kind}:"
                      f" {str(e).splitlines()[0]}") from None
   if not isinstance(values, dict):
-    raise ValueError(f"config file {path} must hold a mapping of flag names to values.")
+    raise ValueError(f"config file {path} must hold a mapping of flag names"
+                     " to values.")
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
