@@ -58,7 +58,7 @@ def test_sdist_and_wheel_carry_the_package_and_its_metadata(dists):
   with tarfile.open(sdist) as tar:
     names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
   for name in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md",
-               "osgd_jax/py.typed", "osgd_jax/app/cli.py"):
+               "osgd_jax/py.typed", "osgd_jax/app/train/cli.py"):
     assert name in names, name
   with zipfile.ZipFile(wheel) as whl:
     wheel_names = set(whl.namelist())
@@ -87,7 +87,7 @@ def test_each_dist_installs_into_a_fresh_venv_and_imports(dists, which,
   assert install.returncode == 0, install.stderr[-3000:]
   probe = subprocess.run(
       [str(python), "-I", "-c",
-       "import importlib.metadata, osgd_jax, osgd_jax.app.cli;"
+       "import importlib.metadata, osgd_jax, osgd_jax.app.train.cli;"
        "print(osgd_jax.__version__, importlib.metadata.version('osgd-jax'),"
        " osgd_jax.__file__)"],
       cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -29,7 +29,8 @@ import pytest
 from sphinx.util.inventory import InventoryFile
 
 import osgd_jax
-from osgd_jax.app import cli, compare
+from osgd_jax.app import compare
+from osgd_jax.app.train import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 
-from osgd_jax.app import cli, data
+from osgd_jax.app import data
+from osgd_jax.app.train import cli
 from osgd_jax.app.data import (CifarArchive, DatasetFormatError,
                                DatasetNotFoundError, DownloadError,
                                download_cifar, load_dataset)

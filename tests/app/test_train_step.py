@@ -19,7 +19,7 @@ from flax import nnx
 
 from osgd_jax import zoo
 from osgd_jax.app import train as train_lib
-from osgd_jax.app.cli import config_from_args
+from osgd_jax.app.train.cli import config_from_args
 from tiny_anytime import WEIGHTS, tiny_net
 
 

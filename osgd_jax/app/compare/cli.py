@@ -19,9 +19,9 @@ from typing import Sequence
 
 from osgd_jax import zoo
 from osgd_jax.app.checkpoint import CheckpointWriteError
-from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
-                                       EXIT_INTERRUPTED, OneLineArgumentParser,
-                                       print_error, quiet_library_logs)
+from osgd_jax.app.commands import (EXIT_BAD_INPUT, EXIT_FAILED,
+                                   EXIT_INTERRUPTED, OneLineArgumentParser,
+                                   print_error, quiet_library_logs)
 from osgd_jax.app.compare import experiment, variants
 from osgd_jax.app.compare.report import replace_section, write_report
 from osgd_jax.app.compare.results import load_results

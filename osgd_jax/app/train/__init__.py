@@ -1,7 +1,7 @@
 """Training anytime networks: OSGD, the baselines, or summed-loss SGD.
 
 ``train(TrainConfig(...))`` runs what ``osgd-train`` runs (see
-:mod:`osgd_jax.app.cli`), in pieces with one job each:
+:mod:`osgd_jax.app.train.cli`), in pieces with one job each:
 
 * :mod:`~osgd_jax.app.train.config`: the settings, their validation, and
   which of them a resumed run may change;
@@ -14,7 +14,9 @@
 * :mod:`~osgd_jax.app.train.callbacks`: the records the loop hands out, and
   TensorBoard;
 * :mod:`~osgd_jax.app.train.artefacts`: ``metrics.json``, the figure and
-  the result.
+  the result;
+* :mod:`~osgd_jax.app.train.cli`: the command, which this package does not
+  import (it needs this package, and training needs no command).
 """
 
 from osgd_jax.app.train.artefacts import TrainResult

@@ -17,7 +17,7 @@ import tomllib
 
 import pytest
 
-from osgd_jax.app import entry_points
+from osgd_jax.app import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
@@ -57,8 +57,13 @@ def broken_sklearn(tmp_path):
 
 def test_the_scripts_point_into_the_application():
   assert SCRIPTS == {
-      "osgd-train": "osgd_jax.app.entry_points:osgd_train",
-      "osgd-compare": "osgd_jax.app.entry_points:osgd_compare",
+      "osgd-train": "osgd_jax.app.commands:osgd_train",
+      "osgd-compare": "osgd_jax.app.commands:osgd_compare",
+  }
+  # Each runs its command, which lives beside what it drives.
+  assert commands.COMMANDS == {
+      "osgd-train": "osgd_jax.app.train.cli:main",
+      "osgd-compare": "osgd_jax.app.compare.cli:main",
   }
 
 
@@ -83,13 +88,13 @@ def test_every_missing_package_is_named():
 
 def test_a_missing_mnist1d_is_named(monkeypatch):
   monkeypatch.setitem(sys.modules, "mnist1d", None)
-  assert entry_points.missing_requirements() == ["mnist1d"]
+  assert commands.missing_requirements() == ["mnist1d"]
 
 
 def test_python_dash_m_runs_osgd_train(monkeypatch):
   # `python -m osgd_jax.app ARGS` is osgd_train, the app extra check first.
   calls = []
-  monkeypatch.setattr(entry_points, "osgd_train", lambda: calls.append(1) or 7)
+  monkeypatch.setattr(commands, "osgd_train", lambda: calls.append(1) or 7)
   # As under -m, where nothing imported the module before it runs.
   monkeypatch.delitem(sys.modules, "osgd_jax.app.__main__", raising=False)
   with pytest.raises(SystemExit) as exit_:
@@ -99,11 +104,11 @@ def test_python_dash_m_runs_osgd_train(monkeypatch):
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_with_the_extra_the_commands_run(script, capsys):
-  assert entry_points.missing_requirements() == []
+  assert commands.missing_requirements() == []
   module, function = SCRIPTS[script].split(":")
-  assert module == entry_points.__name__
+  assert module == commands.__name__
   with pytest.raises(SystemExit) as exit_:
-    getattr(entry_points, function)(["--help"])
+    getattr(commands, function)(["--help"])
   assert exit_.value.code == 0
   assert capsys.readouterr().out.startswith(f"usage: {script}")
 
@@ -112,11 +117,12 @@ def test_the_checked_packages_are_the_app_extra():
   extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
       "optional-dependencies"]["app"]
   names = [requirement.split(">")[0].split("=")[0] for requirement in extra]
-  assert sorted(entry_points.APP_REQUIREMENTS.values()) == sorted(names)
+  assert sorted(commands.APP_REQUIREMENTS.values()) == sorted(names)
 
 
 @pytest.mark.parametrize("script, module", [
-    (entry_points.osgd_train, "cli"), (entry_points.osgd_compare, "compare")])
+    (commands.osgd_train, "train.cli"),
+    (commands.osgd_compare, "compare.cli")])
 def test_ctrl_c_outside_the_training_loop_is_one_line(script, module, capsys,
                                                       monkeypatch):
   # E.g. while JAX is still being imported: the command's own handler is

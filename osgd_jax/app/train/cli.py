@@ -13,7 +13,10 @@ exits with status 1. The run directory is printed first; Ctrl-C keeps the
 finished epochs and ends with one line giving the command that resumes the
 run (status 130).
 
-Run it as ``osgd-train`` or ``python -m osgd_jax.app``.
+Run it as ``osgd-train`` or ``python -m osgd_jax.app``. It lives beside the
+trainer it drives (:func:`osgd_jax.app.train.train`), as ``osgd-compare``
+lives beside its experiment; ``osgd_jax.app.train`` does not import it, so
+that training from Python never loads the command.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import yaml
 
 from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app.checkpoint import CheckpointWriteError
-from osgd_jax.app.command_line import (EXIT_BAD_INPUT, EXIT_FAILED,
-                                       EXIT_INTERRUPTED, OneLineArgumentParser,
-                                       print_error, quiet_library_logs)
+from osgd_jax.app.commands import (EXIT_BAD_INPUT, EXIT_FAILED,
+                                   EXIT_INTERRUPTED, OneLineArgumentParser,
+                                   print_error, quiet_library_logs)
 from osgd_jax.app.data import (CIFAR_ARCHIVES, DATASET_ALIASES, DATASET_NAMES,
                                DownloadError, download_cifar)
 from osgd_jax.app.report import exit_table
@@ -53,7 +56,8 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected comma-separated numbers such as 1,1,2,4; got {text!r}") from None
+        "expected comma-separated numbers such as 1,1,2,4;"
+        f" got {text!r}") from None
 
 
 def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
@@ -80,7 +84,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
       " checkpoints to --out. With no arguments: a nested network on"
       " scikit-learn's digits, in a few minutes on a CPU.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--config", help="YAML or JSON file whose keys mirror these flags")
+  p.add_argument("--config",
+                 help="YAML or JSON file whose keys mirror these flags")
   p.add_argument("--model", default=d.model, choices=zoo.names(),
                  help="zoo model name")
   p.add_argument("--preset", default=d.preset,
@@ -90,7 +95,8 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  choices=DATASET_NAMES + tuple(DATASET_ALIASES),
                  help="the data set; CIFAR-10 and the like are aliases")
   p.add_argument("--data-dir", default=d.data_dir,
-                 help="directory holding the CIFAR archives or their extracted folders")
+                 help="directory holding the CIFAR archives or their"
+                 " extracted folders")
   p.add_argument("--download", action="store_true",
                  help="download the CIFAR archive into --data-dir if neither it"
                  " nor its extracted folder is there, checking its MD5 (digits"
@@ -111,11 +117,14 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  " mgda, upgrad and the rest: TorchJD's multi-task"
                  " aggregators (see the weightings guide; most return"
                  " mean-sized updates, about 1/K of a sum: scale --lr)")
-  p.add_argument("--granularity", default=d.granularity, choices=get_args(aggregation.Granularity),
+  p.add_argument("--granularity", default=d.granularity,
+                 choices=get_args(aggregation.Granularity),
                  help="OSGD basis per parameter tensor or over all parameters"
                  " (the baseline aggregators always work over all)")
-  p.add_argument("--method", default=d.method, choices=get_args(aggregation.OsgdMethod),
-                 help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt")
+  p.add_argument("--method", default=d.method,
+                 choices=get_args(aggregation.OsgdMethod),
+                 help="OSGD kernel: two-pass Gram/LDL or sequential"
+                 " Gram-Schmidt")
   p.add_argument("--rescale", action="store_true",
                  help="OSGD: scale each projected component back to the norm"
                  " of its exit's gradient (the paper is silent; an option)")
@@ -159,9 +168,9 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
                  help="also write the losses and test accuracies as"
                  " TensorBoard scalars to DIR (needs the tensorboard extra)")
   p.add_argument("--mesh", default=d.mesh,
-                 help="train over devices: data=D,model=M splits each batch over"
-                 " D devices and each parameter over M (one axis may be -1:"
-                 " all remaining devices); default: one device")
+                 help="train over devices: data=D,model=M splits each batch"
+                 " over D devices and each parameter over M (one axis may be"
+                 " -1: all remaining devices); default: one device")
   return p
 
 
@@ -176,11 +185,12 @@ def _read_config_file(path: str) -> dict[str, Any]:
     else:
       values = json.loads(text)
   except Exception as e:  # json and yaml raise their own error types
-    raise ValueError(f"config file {path} is not valid"
-                     f" {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}:"
+    kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+    raise ValueError(f"config file {path} is not valid {kind}:"
                      f" {str(e).splitlines()[0]}") from None
   if not isinstance(values, dict):
-    raise ValueError(f"config file {path} must hold a mapping of flag names to values.")
+    raise ValueError(f"config file {path} must hold a mapping of flag names"
+                     " to values.")
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
@@ -336,6 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  # `python -m osgd_jax.app.cli`: the command without the app extra check
-  # of `python -m osgd_jax.app` and the console script.
+  # `python -m osgd_jax.app.train.cli`: the command without the app extra
+  # check of `python -m osgd_jax.app` and the console script.
   raise SystemExit(main())

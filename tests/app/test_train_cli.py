@@ -20,12 +20,12 @@ import sys
 
 import pytest
 
-from osgd_jax.app import cli
+from osgd_jax.app.train import cli
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
 # The command module itself: the app extra check in front of it (the console
-# script's, tests/app/test_entry_points.py) would only add its imports.
-COMMAND = [sys.executable, "-m", "osgd_jax.app.cli"]
+# script's, tests/app/test_commands.py) would only add its imports.
+COMMAND = [sys.executable, "-m", "osgd_jax.app.train.cli"]
 SMALL_RUN = ["--model", "branched-mlp", "--batch-size", "256", "--no-progress"]
 # The command as a terminal runs it, with Ctrl-C's SIGINT handled by Python.
 # A command started in the background of a non-interactive shell (`cmd &`,
@@ -36,7 +36,7 @@ AT_A_TERMINAL = [
     "import runpy, signal, sys;"
     " signal.signal(signal.SIGINT, signal.default_int_handler);"
     " sys.argv = ['osgd-train', *sys.argv[1:]];"
-    " runpy.run_module('osgd_jax.app.cli', run_name='__main__')"]
+    " runpy.run_module('osgd_jax.app.train.cli', run_name='__main__')"]
 
 
 def _run(*args, timeout=600, command=COMMAND):
@@ -210,7 +210,7 @@ WITH_FULL_DISK = [sys.executable, "-c", (
     " signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
     " resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000));"
     " sys.argv[0] = 'osgd-train';"
-    " runpy.run_module('osgd_jax.app.cli', run_name='__main__')")]
+    " runpy.run_module('osgd_jax.app.train.cli', run_name='__main__')")]
 
 
 def test_full_disk_is_one_line_and_running_again_works(tmp_path, capsys):
