@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,28 +39,28 @@ MIN_SAMPLE_S = 0.02
 
 # name -> (factory of the transform for K, the smallest K it takes).
 TRANSFORMS: dict[str, tuple[Callable[[int], object], int]] = {
-    "osgd": (lambda k: osgd_jax.osgd(num_exits=k, granularity="global"), 1),
-    "mean": (lambda k: osgd_jax.weighted_sum("mean", num_exits=k), 1),
-    "random_weighting": (lambda k: osgd_jax.random_weighting(num_exits=k), 1),
-    "pcgrad": (lambda k: osgd_jax.pcgrad(num_exits=k), 1),
-    "mgda": (lambda k: osgd_jax.mgda(num_exits=k), 1),
-    "upgrad": (lambda k: osgd_jax.upgrad(num_exits=k), 1),
-    "imtl_g": (lambda k: osgd_jax.imtl_g(num_exits=k), 1),
-    "aligned_mtl": (lambda k: osgd_jax.aligned_mtl(num_exits=k), 1),
-    "krum": (lambda k: osgd_jax.krum(num_exits=k), 3),
-    "dualproj": (lambda k: osgd_jax.dualproj(num_exits=k), 1),
-    "gradvac": (lambda k: osgd_jax.gradvac(num_exits=k), 1),
-    "cagrad": (lambda k: osgd_jax.cagrad(num_exits=k), 1),
-    "config": (lambda k: osgd_jax.aggregation.config(num_exits=k), 1),
-    "fairgrad": (lambda k: osgd_jax.fairgrad(num_exits=k), 1),
-    "nash_mtl": (lambda k: osgd_jax.nash_mtl(num_exits=k), 1),
-    "modo": (lambda k: osgd_jax.modo(num_exits=k), 1),
-    "sdmgrad": (lambda k: osgd_jax.sdmgrad(num_exits=k), 1),
-    "pcd": (lambda k: osgd_jax.pcd(num_exits=k), 1),
-    "crmogm": (lambda k: osgd_jax.crmogm("upgrad", num_exits=k), 1),
-    "trimmed_mean": (lambda k: osgd_jax.trimmed_mean(1, num_exits=k), 3),
-    "graddrop": (lambda k: osgd_jax.graddrop(num_exits=k), 1),
-    "excess_mtl": (lambda k: osgd_jax.excess_mtl(num_exits=k), 1),
+  "osgd": (lambda k: osgd_jax.osgd(num_exits=k, granularity="global"), 1),
+  "mean": (lambda k: osgd_jax.weighted_sum("mean", num_exits=k), 1),
+  "random_weighting": (lambda k: osgd_jax.random_weighting(num_exits=k), 1),
+  "pcgrad": (lambda k: osgd_jax.pcgrad(num_exits=k), 1),
+  "mgda": (lambda k: osgd_jax.mgda(num_exits=k), 1),
+  "upgrad": (lambda k: osgd_jax.upgrad(num_exits=k), 1),
+  "imtl_g": (lambda k: osgd_jax.imtl_g(num_exits=k), 1),
+  "aligned_mtl": (lambda k: osgd_jax.aligned_mtl(num_exits=k), 1),
+  "krum": (lambda k: osgd_jax.krum(num_exits=k), 3),
+  "dualproj": (lambda k: osgd_jax.dualproj(num_exits=k), 1),
+  "gradvac": (lambda k: osgd_jax.gradvac(num_exits=k), 1),
+  "cagrad": (lambda k: osgd_jax.cagrad(num_exits=k), 1),
+  "config": (lambda k: osgd_jax.aggregation.config(num_exits=k), 1),
+  "fairgrad": (lambda k: osgd_jax.fairgrad(num_exits=k), 1),
+  "nash_mtl": (lambda k: osgd_jax.nash_mtl(num_exits=k), 1),
+  "modo": (lambda k: osgd_jax.modo(num_exits=k), 1),
+  "sdmgrad": (lambda k: osgd_jax.sdmgrad(num_exits=k), 1),
+  "pcd": (lambda k: osgd_jax.pcd(num_exits=k), 1),
+  "crmogm": (lambda k: osgd_jax.crmogm("upgrad", num_exits=k), 1),
+  "trimmed_mean": (lambda k: osgd_jax.trimmed_mean(1, num_exits=k), 3),
+  "graddrop": (lambda k: osgd_jax.graddrop(num_exits=k), 1),
+  "excess_mtl": (lambda k: osgd_jax.excess_mtl(num_exits=k), 1),
 }
 
 
@@ -76,29 +76,32 @@ def _torchjd_factories() -> dict[str, Callable[[int], Callable]]:
     return lambda m: weighting(m @ m.T) @ m
 
   out = {
-      "mean": lambda k: agg.Mean(),
-      "random_weighting": lambda k: agg.Random(),
-      "pcgrad": lambda k: agg.PCGrad(),
-      "mgda": lambda k: agg.MGDA(),
-      "upgrad": lambda k: agg.UPGrad(),
-      "imtl_g": lambda k: agg.IMTLG(),
-      "aligned_mtl": lambda k: agg.AlignedMTL(),
-      "krum": lambda k: agg.Krum(n_byzantine=0),
-      "dualproj": lambda k: agg.DualProj(),
-      "gradvac": lambda k: agg.GradVac(),
-      "config": lambda k: agg.ConFIG(),
-      "fairgrad": lambda k: agg.FairGrad(alpha=1.0),
-      "modo": lambda k: on_gramian(agg.MoDoWeighting()),
-      "sdmgrad": lambda k: on_gramian(agg.SDMGradWeighting()),
-      "pcd": lambda k: agg.PCD(),
-      "crmogm": lambda k: agg.GramianWeightedAggregator(
-          agg.CRMOGMWeighting(agg.UPGradWeighting())),
-      "trimmed_mean": lambda k: agg.TrimmedMean(trim_number=1),
-      "graddrop": lambda k: agg.GradDrop(),
-      "excess_mtl": lambda k: agg.ExcessMTL(),
+    "mean": lambda k: agg.Mean(),
+    "random_weighting": lambda k: agg.Random(),
+    "pcgrad": lambda k: agg.PCGrad(),
+    "mgda": lambda k: agg.MGDA(),
+    "upgrad": lambda k: agg.UPGrad(),
+    "imtl_g": lambda k: agg.IMTLG(),
+    "aligned_mtl": lambda k: agg.AlignedMTL(),
+    "krum": lambda k: agg.Krum(n_byzantine=0),
+    "dualproj": lambda k: agg.DualProj(),
+    "gradvac": lambda k: agg.GradVac(),
+    "config": lambda k: agg.ConFIG(),
+    "fairgrad": lambda k: agg.FairGrad(alpha=1.0),
+    "modo": lambda k: on_gramian(agg.MoDoWeighting()),
+    "sdmgrad": lambda k: on_gramian(agg.SDMGradWeighting()),
+    "pcd": lambda k: agg.PCD(),
+    "crmogm": lambda k: agg.GramianWeightedAggregator(
+      agg.CRMOGMWeighting(agg.UPGradWeighting())
+    ),
+    "trimmed_mean": lambda k: agg.TrimmedMean(trim_number=1),
+    "graddrop": lambda k: agg.GradDrop(),
+    "excess_mtl": lambda k: agg.ExcessMTL(),
   }
-  for name, make in (("cagrad", lambda k: agg.CAGrad(c=0.4)),
-                     ("nash_mtl", lambda k: agg.NashMTL(n_tasks=k))):
+  for name, make in (
+    ("cagrad", lambda k: agg.CAGrad(c=0.4)),
+    ("nash_mtl", lambda k: agg.NashMTL(n_tasks=k)),
+  ):
     try:
       make(2)
       out[name] = make
@@ -148,10 +151,14 @@ def run(ks, size: int, repeats: int, only=None) -> list[dict]:
       tx = make(k)
       update = jax.jit(tx.update)
       state = tx.init(params)
-      calls[name] = (lambda u=update, s=state:
-                     jax.block_until_ready(u(grads, s, params)))
-    matrix = (torch.from_numpy(jax.device_get(grads["w"]).copy())
-              if torch is not None else None)
+      calls[name] = lambda u=update, s=state: jax.block_until_ready(
+        u(grads, s, params)
+      )
+    matrix = (
+      torch.from_numpy(jax.device_get(grads["w"]).copy())
+      if torch is not None
+      else None
+    )
     for name in names:
       if name in torchjd and k >= TRANSFORMS[name][1]:
         aggregator = torchjd[name](k)
@@ -161,21 +168,32 @@ def run(ks, size: int, repeats: int, only=None) -> list[dict]:
       if name not in times:
         continue
       theirs = times.get(f"torchjd:{name}")
-      rows.append(dict(
-          name=name, K=k, N=size, floor_ms=times["floor"] * 1e3,
-          ms=times[name] * 1e3, x_floor=times[name] / times["floor"],
-          torchjd_ms=None if theirs is None else theirs * 1e3))
+      rows.append(
+        dict(
+          name=name,
+          K=k,
+          N=size,
+          floor_ms=times["floor"] * 1e3,
+          ms=times[name] * 1e3,
+          x_floor=times[name] / times["floor"],
+          torchjd_ms=None if theirs is None else theirs * 1e3,
+        )
+      )
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
-  lines = ["| aggregator | K | N | floor ms | ms | × floor | TorchJD ms |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [
+    "| aggregator | K | N | floor ms | ms | × floor | TorchJD ms |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
   for r in rows:
     theirs = "—" if r["torchjd_ms"] is None else f"{r['torchjd_ms']:.2f}"
-    lines.append(f"| {r['name']} | {r['K']} | {r['N']:.0e} |"
-                 f" {r['floor_ms']:.3f} | {r['ms']:.3f} | {r['x_floor']:.1f} |"
-                 f" {theirs} |")
+    lines.append(
+      f"| {r['name']} | {r['K']} | {r['N']:.0e} |"
+      f" {r['floor_ms']:.3f} | {r['ms']:.3f} | {r['x_floor']:.1f} |"
+      f" {theirs} |"
+    )
   return "\n".join(lines)
 
 
@@ -185,8 +203,11 @@ def main(argv=None) -> int:
   p.add_argument("--size", type=float, default=1e6)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--only", nargs="+", choices=sorted(TRANSFORMS))
-  p.add_argument("--quick", action="store_true",
-                 help="K = 2, N = 1e4, 2 repeats, a few aggregators")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="K = 2, N = 1e4, 2 repeats, a few aggregators",
+  )
   p.add_argument("--json")
   args = p.parse_args(argv)
   if jax.default_backend() == "cpu":

@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import os
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if "xla_force_host_platform_device_count" not in os.environ.get(
+  "XLA_FLAGS", ""
+):
   # Must precede JAX's backend start-up; harmless on GPU/TPU machines.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+  )
 
 import argparse
 import json
@@ -42,10 +46,9 @@ import re
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -55,8 +58,10 @@ from osgd_jax import sharding, zoo
 DEVICE_COUNTS = (1, 2, 4, 8)
 QUICK = dict(model="nested-depth-mlp", preset="digits", repeats=3)
 _COLLECTIVES = re.compile(
-    r"^\s*\S+ = (.*?) (all-gather|all-reduce|all-to-all|collective-permute|"
-    r"reduce-scatter)(?:-start)?\(", re.MULTILINE)
+  r"^\s*\S+ = (.*?) (all-gather|all-reduce|all-to-all|collective-permute|"
+  r"reduce-scatter)(?:-start)?\(",
+  re.MULTILINE,
+)
 
 
 def _model_params(name: str, preset: str) -> nnx.State:
@@ -81,37 +86,45 @@ def _collective_summary(hlo: str) -> str:
   for shape, op in _COLLECTIVES.findall(hlo):
     arrays = re.findall(r"(f32|f64|bf16|f16)\[([\d,]*)\]", shape)
     nbytes = sum(
-        int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        * {"f64": 8, "f32": 4}.get(dtype, 2) for dtype, dims in arrays)
+      int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+      * {"f64": 8, "f32": 4}.get(dtype, 2)
+      for dtype, dims in arrays
+    )
     entry = stats.setdefault(op, [0, 0, 0])
     entry[0] += 1
     entry[1] += len(arrays)
     entry[2] += nbytes
   if not stats:
     return "none"
-  return "; ".join(f"{op}: {n} op(s), {a} arrays, {b} B"
-                   for op, (n, a, b) in stats.items())
+  return "; ".join(
+    f"{op}: {n} op(s), {a} arrays, {b} B" for op, (n, a, b) in stats.items()
+  )
 
 
-def _setup(params, num_exits: int, devices: int, method: str,
-           granularity: str):
-  mesh = sharding.make_mesh({"data": 1, "model": devices},
-                            devices=jax.devices()[:devices])
+def _setup(params, num_exits: int, devices: int, method: str, granularity: str):
+  mesh = sharding.make_mesh(
+    {"data": 1, "model": devices}, devices=jax.devices()[:devices]
+  )
   shardings = sharding.param_shardings(params, mesh)
   rng = np.random.default_rng(0)
   host = jax.tree.map(
-      lambda p: rng.standard_normal((num_exits,) + p.shape, np.float32), params)
+    lambda p: rng.standard_normal((num_exits,) + p.shape, np.float32), params
+  )
   stacked = jax.tree.map(
-      lambda g, s: jax.device_put(g, s), host,
-      sharding.stacked_shardings(shardings))
+    lambda g, s: jax.device_put(g, s),
+    host,
+    sharding.stacked_shardings(shardings),
+  )
   placed = jax.tree.map(lambda p, s: jax.device_put(p, s), params, shardings)
-  tx = osgd_jax.osgd(method=method, granularity=granularity,
-                     num_exits=num_exits)
+  tx = osgd_jax.osgd(
+    method=method, granularity=granularity, num_exits=num_exits
+  )
   state = tx.init(placed)
   update = jax.jit(lambda g, p: tx.update(g, state, p)[0])
   compiled = update.lower(stacked, placed).compile()
-  return dict(mesh=mesh, stacked=stacked, params=placed, update=update,
-              compiled=compiled)
+  return dict(
+    mesh=mesh, stacked=stacked, params=placed, update=update, compiled=compiled
+  )
 
 
 def _time(fn, args, number: int) -> float:
@@ -121,11 +134,18 @@ def _time(fn, args, number: int) -> float:
   return (time.perf_counter() - start) / number
 
 
-def run(model: str, preset: str, method: str, granularity: str,
-        repeats: int, device_counts: Sequence[int]) -> list[dict]:
+def run(
+  model: str,
+  preset: str,
+  method: str,
+  granularity: str,
+  repeats: int,
+  device_counts: Sequence[int],
+) -> list[dict]:
   params, num_exits = _model_params(model, preset)
-  cases = {n: _setup(params, num_exits, n, method, granularity)
-           for n in device_counts}
+  cases = {
+    n: _setup(params, num_exits, n, method, granularity) for n in device_counts
+  }
   numbers = {}
   for n, case in cases.items():
     args = (case["stacked"], case["params"])
@@ -135,24 +155,32 @@ def run(model: str, preset: str, method: str, granularity: str,
   samples = {n: [] for n in cases}
   for _ in range(repeats):  # interleaved, so noise hits every n alike
     for n, case in cases.items():
-      samples[n].append(_time(case["update"], (case["stacked"], case["params"]),
-                              numbers[n]))
+      samples[n].append(
+        _time(case["update"], (case["stacked"], case["params"]), numbers[n])
+      )
   rows = []
   for n, case in cases.items():
     memory = case["compiled"].memory_analysis()
-    rows.append(dict(
-        devices=n, num_exits=num_exits,
+    rows.append(
+      dict(
+        devices=n,
+        num_exits=num_exits,
         params=int(sum(p.size for p in jax.tree.leaves(params))),
         stacked_bytes_per_device=_per_device_bytes(case["stacked"]),
         argument_bytes=getattr(memory, "argument_size_in_bytes", None),
         output_bytes=getattr(memory, "output_size_in_bytes", None),
         temp_bytes=getattr(memory, "temp_size_in_bytes", None),
         collectives=_collective_summary(case["compiled"].as_text()),
-        median_s=statistics.median(samples[n])))
+        median_s=statistics.median(samples[n]),
+      )
+    )
   base = rows[0]  # the one-device run
   for row in rows:
-    row["memory_x_devices"] = (row["stacked_bytes_per_device"] * row["devices"]
-                               / base["stacked_bytes_per_device"])
+    row["memory_x_devices"] = (
+      row["stacked_bytes_per_device"]
+      * row["devices"]
+      / base["stacked_bytes_per_device"]
+    )
     row["time_ratio"] = row["median_s"] / base["median_s"]
   return rows
 
@@ -163,58 +191,97 @@ def _mb(n) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="nested-depth-resnet",
-                      choices=zoo.names())
+  parser.add_argument(
+    "--model", default="nested-depth-resnet", choices=zoo.names()
+  )
   parser.add_argument("--preset", default="cifar")
-  parser.add_argument("--method", default="gram", choices=("gram", "sequential"))
-  parser.add_argument("--granularity", default="leaf",
-                      choices=("leaf", "global"))
+  parser.add_argument(
+    "--method", default="gram", choices=("gram", "sequential")
+  )
+  parser.add_argument(
+    "--granularity", default="leaf", choices=("leaf", "global")
+  )
   parser.add_argument("--repeats", type=int, default=9)
-  parser.add_argument("--devices", type=int, nargs="+",
-                      default=list(DEVICE_COUNTS))
-  parser.add_argument("--quick", action="store_true",
-                      help="a tiny model and few repeats (smoke test)")
+  parser.add_argument(
+    "--devices", type=int, nargs="+", default=list(DEVICE_COUNTS)
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="a tiny model and few repeats (smoke test)",
+  )
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args(argv)
   if args.quick:
     args.model, args.preset, args.repeats = (
-        QUICK["model"], QUICK["preset"], QUICK["repeats"])
+      QUICK["model"],
+      QUICK["preset"],
+      QUICK["repeats"],
+    )
   available = jax.device_count()
   if max(args.devices) > available:
-    print(f"error: --devices needs {max(args.devices)} devices, only"
-          f" {available} available", file=sys.stderr)
+    print(
+      f"error: --devices needs {max(args.devices)} devices, only"
+      f" {available} available",
+      file=sys.stderr,
+    )
     return 2
   if args.devices[0] != 1:
     args.devices = [1] + [n for n in args.devices if n != 1]
 
-  rows = run(args.model, args.preset, args.method, args.granularity,
-             args.repeats, args.devices)
+  rows = run(
+    args.model,
+    args.preset,
+    args.method,
+    args.granularity,
+    args.repeats,
+    args.devices,
+  )
   first = rows[0]
-  print(f"# {args.model} ({args.preset} preset): {first['params']:,} params,"
-        f" K={first['num_exits']}, osgd(method={args.method!r},"
-        f" granularity={args.granularity!r})")
-  print(f"# backend {jax.default_backend()} ({jax.devices()[0].device_kind}),"
-        f" jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores;"
-        f" median of {args.repeats} interleaved samples")
-  print(f"{'devices':>7} {'stacked MB/dev':>15} {'x devices/1-dev':>16}"
-        f" {'args MB':>8} {'out MB':>7} {'temp MB':>8} {'update ms':>10}"
-        f" {'x 1-dev':>8}  collectives")
+  print(
+    f"# {args.model} ({args.preset} preset): {first['params']:,} params,"
+    f" K={first['num_exits']}, osgd(method={args.method!r},"
+    f" granularity={args.granularity!r})"
+  )
+  print(
+    f"# backend {jax.default_backend()} ({jax.devices()[0].device_kind}),"
+    f" jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores;"
+    f" median of {args.repeats} interleaved samples"
+  )
+  print(
+    f"{'devices':>7} {'stacked MB/dev':>15} {'x devices/1-dev':>16}"
+    f" {'args MB':>8} {'out MB':>7} {'temp MB':>8} {'update ms':>10}"
+    f" {'x 1-dev':>8}  collectives"
+  )
   for row in rows:
     scaled = row["memory_x_devices"]
-    print(f"{row['devices']:>7} {_mb(row['stacked_bytes_per_device']):>15}"
-          f" {scaled:>16.3f} {_mb(row['argument_bytes']):>8}"
-          f" {_mb(row['output_bytes']):>7} {_mb(row['temp_bytes']):>8}"
-          f" {row['median_s'] * 1e3:>10.3f} {row['time_ratio']:>8.2f}"
-          f"  {row['collectives']}")
+    print(
+      f"{row['devices']:>7} {_mb(row['stacked_bytes_per_device']):>15}"
+      f" {scaled:>16.3f} {_mb(row['argument_bytes']):>8}"
+      f" {_mb(row['output_bytes']):>7} {_mb(row['temp_bytes']):>8}"
+      f" {row['median_s'] * 1e3:>10.3f} {row['time_ratio']:>8.2f}"
+      f"  {row['collectives']}"
+    )
   worst = max(row["memory_x_devices"] for row in rows)
   verdict = "PASS" if worst <= 1.05 else "MISS"
-  print(f"memory per device x devices, worst over n: {worst:.3f}"
-        f" (target: 1/devices scaling, <= 1.05) {verdict}")
+  print(
+    f"memory per device x devices, worst over n: {worst:.3f}"
+    f" (target: 1/devices scaling, <= 1.05) {verdict}"
+  )
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(model=args.model, preset=args.preset, method=args.method,
-                     granularity=args.granularity, backend=jax.default_backend(),
-                     rows=rows), f, indent=2)
+      json.dump(
+        dict(
+          model=args.model,
+          preset=args.preset,
+          method=args.method,
+          granularity=args.granularity,
+          backend=jax.default_backend(),
+          rows=rows,
+        ),
+        f,
+        indent=2,
+      )
   return 0
 
 

@@ -42,7 +42,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,13 +90,20 @@ def _leaf_shapes(size: int, num_leaves: int) -> list[tuple[int, ...]]:
   return shapes
 
 
-def _make_grads(case: Case, num_leaves: int, key: jax.Array) -> dict[str, jax.Array]:
+def _make_grads(
+  case: Case, num_leaves: int, key: jax.Array
+) -> dict[str, jax.Array]:
   """Random stacked gradients ``{name: (K, *shape)}`` in float32."""
-  shapes = ([(case.size,)] if case.layout == "single"
-            else _leaf_shapes(case.size, num_leaves))
+  shapes = (
+    [(case.size,)]
+    if case.layout == "single"
+    else _leaf_shapes(case.size, num_leaves)
+  )
   keys = jax.random.split(key, len(shapes))
-  return {f"p{i:02d}": jax.random.normal(k, (case.num_exits,) + s, jnp.float32)
-          for i, (k, s) in enumerate(zip(keys, shapes))}
+  return {
+    f"p{i:02d}": jax.random.normal(k, (case.num_exits,) + s, jnp.float32)
+    for i, (k, s) in enumerate(zip(keys, shapes, strict=True))
+  }
 
 
 def _floor_fns() -> dict[str, Callable]:
@@ -112,18 +120,20 @@ def _floor_fns() -> dict[str, Callable]:
 
   def rows(weights, grads):
     return jax.tree.map(
-        lambda g: gram_lib.weighted_sum(weights, g, jnp.float32), grads)
+      lambda g: gram_lib.weighted_sum(weights, g, jnp.float32), grads
+    )
 
-  return {"floor-tensordot": jax.jit(contraction),
-          "floor-rows": jax.jit(rows)}
+  return {"floor-tensordot": jax.jit(contraction), "floor-rows": jax.jit(rows)}
 
 
 def _method_fn(case: Case, method: str, grads) -> Callable:
   """The whole ``osgd`` update (projection and diagnostics), jitted."""
-  tx = osgd_jax.osgd(granularity=case.granularity, method=method,
-                     num_exits=case.num_exits)
-  params = jax.tree.map(lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype),
-                        grads)
+  tx = osgd_jax.osgd(
+    granularity=case.granularity, method=method, num_exits=case.num_exits
+  )
+  params = jax.tree.map(
+    lambda g: jax.ShapeDtypeStruct(g.shape[1:], g.dtype), grads
+  )
   state = tx.init(params)
 
   def update(grads):
@@ -140,8 +150,13 @@ def _time_calls(fn: Callable, args: tuple, number: int) -> float:
   return (time.perf_counter() - start) / number
 
 
-def _run_case(case: Case, methods: Sequence[str], repeats: int, num_leaves: int,
-              key: jax.Array) -> dict:
+def _run_case(
+  case: Case,
+  methods: Sequence[str],
+  repeats: int,
+  num_leaves: int,
+  key: jax.Array,
+) -> dict:
   """Times the floor and each method on one buffer, interleaved."""
   grads = _make_grads(case, num_leaves, key)
   weights = jnp.linspace(1.0, 2.0, case.num_exits, dtype=jnp.float32)
@@ -167,13 +182,18 @@ def _run_case(case: Case, methods: Sequence[str], repeats: int, num_leaves: int,
   floor_form = min(("floor-tensordot", "floor-rows"), key=times.get)
   times["floor"], mins["floor"] = times[floor_form], mins[floor_form]
   return dict(
-      layout=case.layout, granularity=case.granularity, K=case.num_exits,
-      N=case.size, leaves=1 if case.layout == "single" else num_leaves,
-      bytes=nbytes, median_s=times, floor_form=floor_form,
-      min_s=mins,
-      gb_per_s={name: nbytes / t / 1e9 for name, t in times.items()},
-      ratio={m: times[m] / times["floor"] for m in methods},
-      ratio_of_mins={m: mins[m] / mins["floor"] for m in methods},
+    layout=case.layout,
+    granularity=case.granularity,
+    K=case.num_exits,
+    N=case.size,
+    leaves=1 if case.layout == "single" else num_leaves,
+    bytes=nbytes,
+    median_s=times,
+    floor_form=floor_form,
+    min_s=mins,
+    gb_per_s={name: nbytes / t / 1e9 for name, t in times.items()},
+    ratio={m: times[m] / times["floor"] for m in methods},
+    ratio_of_mins={m: mins[m] / mins["floor"] for m in methods},
   )
 
 
@@ -185,9 +205,11 @@ def _fmt_bytes(n: float) -> str:
   raise AssertionError("unreachable")
 
 
-HEADER = (f"{'layout':<7} {'gran':<6} {'K':>2} {'N':>10} {'buffer':>9}"
-          f" {'floor ms':>9} {'GB/s':>6}  {'method':<10} {'ms':>9} {'GB/s':>6}"
-          f" {'x floor':>8}  target")
+HEADER = (
+  f"{'layout':<7} {'gran':<6} {'K':>2} {'N':>10} {'buffer':>9}"
+  f" {'floor ms':>9} {'GB/s':>6}  {'method':<10} {'ms':>9} {'GB/s':>6}"
+  f" {'x floor':>8}  target"
+)
 
 
 def _rows(result: dict) -> list[str]:
@@ -200,14 +222,18 @@ def _rows(result: dict) -> list[str]:
     else:
       verdict = "-"
     # The case and floor columns are printed once per case to keep it legible.
-    prefix = (f"{result['layout']:<7} {result['granularity']:<6}"
-              f" {result['K']:>2} {result['N']:>10,} {_fmt_bytes(result['bytes']):>9}"
-              f" {floor_ms:>8.3f}{result['floor_form'][6]}"
-              f" {result['gb_per_s']['floor']:>6.1f}"
-              if i == 0 else " " * 55)
+    prefix = (
+      f"{result['layout']:<7} {result['granularity']:<6}"
+      f" {result['K']:>2} {result['N']:>10,} {_fmt_bytes(result['bytes']):>9}"
+      f" {floor_ms:>8.3f}{result['floor_form'][6]}"
+      f" {result['gb_per_s']['floor']:>6.1f}"
+      if i == 0
+      else " " * 55
+    )
     lines.append(
-        f"{prefix}  {method:<10} {result['median_s'][method] * 1e3:>9.3f}"
-        f" {result['gb_per_s'][method]:>6.1f} {ratio:>7.2f}x  {verdict}")
+      f"{prefix}  {method:<10} {result['median_s'][method] * 1e3:>9.3f}"
+      f" {result['gb_per_s'][method]:>6.1f} {ratio:>7.2f}x  {verdict}"
+    )
   return lines
 
 
@@ -217,57 +243,95 @@ def _parse_sizes(values: Sequence[str]) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", nargs="+", default=None,
-                      help="total parameter counts N (e.g. 1e4 1e5); default"
-                           f" {' '.join(f'{s:.0e}' for s in DEFAULT_SIZES)}")
-  parser.add_argument("--ks", nargs="+", type=int, default=None,
-                      help=f"numbers of exits K; default {DEFAULT_KS}")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed samples per function (median taken); default 5")
-  parser.add_argument("--leaves", type=int, default=None,
-                      help=f"leaves in the multi-leaf pytree; default {DEFAULT_LEAVES}")
-  parser.add_argument("--methods", nargs="+", default=list(METHODS),
-                      choices=METHODS)
-  parser.add_argument("--no-multi", action="store_true",
-                      help="skip the multi-leaf rows")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny configuration for a smoke test")
+  parser.add_argument(
+    "--sizes",
+    nargs="+",
+    default=None,
+    help="total parameter counts N (e.g. 1e4 1e5); default"
+    f" {' '.join(f'{s:.0e}' for s in DEFAULT_SIZES)}",
+  )
+  parser.add_argument(
+    "--ks",
+    nargs="+",
+    type=int,
+    default=None,
+    help=f"numbers of exits K; default {DEFAULT_KS}",
+  )
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=None,
+    help="timed samples per function (median taken); default 5",
+  )
+  parser.add_argument(
+    "--leaves",
+    type=int,
+    default=None,
+    help=f"leaves in the multi-leaf pytree; default {DEFAULT_LEAVES}",
+  )
+  parser.add_argument(
+    "--methods", nargs="+", default=list(METHODS), choices=METHODS
+  )
+  parser.add_argument(
+    "--no-multi", action="store_true", help="skip the multi-leaf rows"
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny configuration for a smoke test"
+  )
   parser.add_argument("--json", metavar="PATH", help="write results as JSON")
-  parser.add_argument("--dispatch", choices=("sync", "async"), default="sync",
-                      help="CPU backend: run each program on the calling"
-                           " thread (sync, default) or hand it to a runtime"
-                           " thread (async, JAX's default); see the module"
-                           " docstring")
+  parser.add_argument(
+    "--dispatch",
+    choices=("sync", "async"),
+    default="sync",
+    help="CPU backend: run each program on the calling"
+    " thread (sync, default) or hand it to a runtime"
+    " thread (async, JAX's default); see the module"
+    " docstring",
+  )
   args = parser.parse_args(argv)
   # Read when the CPU client is created: before the first computation.
   jax.config.update("jax_cpu_enable_async_dispatch", args.dispatch == "async")
 
-  base = QUICK if args.quick else dict(
-      sizes=DEFAULT_SIZES, ks=DEFAULT_KS, repeats=5, leaves=DEFAULT_LEAVES)
+  base = (
+    QUICK
+    if args.quick
+    else dict(
+      sizes=DEFAULT_SIZES, ks=DEFAULT_KS, repeats=5, leaves=DEFAULT_LEAVES
+    )
+  )
   sizes = _parse_sizes(args.sizes) if args.sizes else list(base["sizes"])
   ks = args.ks or list(base["ks"])
   repeats = args.repeats or base["repeats"]
   num_leaves = args.leaves or base["leaves"]
 
   device = jax.devices()[0]
-  print(f"jax {jax.__version__}, backend {jax.default_backend()},"
-        f" device {device.device_kind} ({device}), {jax.device_count()} device(s);"
-        f" python {platform.python_version()}")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()},"
+    f" device {device.device_kind} ({device}), {jax.device_count()} device(s);"
+    f" python {platform.python_version()}"
+  )
   # Read back from JAX's config: what the runs below actually use.
-  dispatch = ("async" if jax.config.read("jax_cpu_enable_async_dispatch")
-              else "sync")
-  print(f"float32; {dispatch} dispatch on CPU;"
-        f" median of {repeats} interleaved samples (each >= {MIN_SAMPLE_S * 1e3:g} ms of"
-        f" back-to-back calls) after warm-up;"
-        f" floor = the faster of two jitted weighted sums over K on the same"
-        f" buffer (t: tensordot(w, G, axes=1), r: K rows added elementwise);"
-        f" GB/s = buffer bytes / time; target: {TARGET_METHOD} <="
-        f" {TARGET_RATIO:g}x floor")
+  dispatch = (
+    "async" if jax.config.read("jax_cpu_enable_async_dispatch") else "sync"
+  )
+  print(
+    f"float32; {dispatch} dispatch on CPU;"
+    f" median of {repeats} interleaved samples (each >= {MIN_SAMPLE_S * 1e3:g} ms of"
+    f" back-to-back calls) after warm-up;"
+    f" floor = the faster of two jitted weighted sums over K on the same"
+    f" buffer (t: tensordot(w, G, axes=1), r: K rows added elementwise);"
+    f" GB/s = buffer bytes / time; target: {TARGET_METHOD} <="
+    f" {TARGET_RATIO:g}x floor"
+  )
 
   cases = [Case("single", "leaf", k, n) for n in sizes for k in ks]
   if not args.no_multi:
-    cases += [Case("multi", g, k, n) for g in ("leaf", "global")
-              for n in sizes for k in ks]
+    cases += [
+      Case("multi", g, k, n)
+      for g in ("leaf", "global")
+      for n in sizes
+      for k in ks
+    ]
 
   results = []
   key = jax.random.key(0)
@@ -277,9 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = (case.layout, case.granularity)
     if section != last_section:
       leaves = 1 if case.layout == "single" else num_leaves
-      print(f"\n== {case.layout}-leaf pytree ({leaves}"
-            f" {'leaf' if leaves == 1 else 'leaves'}),"
-            f" granularity={case.granularity!r} ==")
+      print(
+        f"\n== {case.layout}-leaf pytree ({leaves}"
+        f" {'leaf' if leaves == 1 else 'leaves'}),"
+        f" granularity={case.granularity!r} =="
+      )
       print(HEADER)
       last_section = section
     key, sub = jax.random.split(key)
@@ -290,16 +356,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   target_rows = [r for r in results if TARGET_METHOD in r["ratio"]]
   misses = [r for r in target_rows if r["ratio"][TARGET_METHOD] > TARGET_RATIO]
-  print(f"\n{TARGET_METHOD}: {len(target_rows) - len(misses)}/{len(target_rows)}"
-        f" rows within {TARGET_RATIO:g}x of the floor;"
-        f" total {time.perf_counter() - start:.1f} s")
+  print(
+    f"\n{TARGET_METHOD}: {len(target_rows) - len(misses)}/{len(target_rows)}"
+    f" rows within {TARGET_RATIO:g}x of the floor;"
+    f" total {time.perf_counter() - start:.1f} s"
+  )
 
   if args.json:
-    meta = dict(jax=jax.__version__, backend=jax.default_backend(),
-                device=str(device), device_kind=device.device_kind,
-                python=platform.python_version(), repeats=repeats,
-                dispatch=dispatch,
-                target_ratio=TARGET_RATIO, argv=sys.argv[1:])
+    meta = dict(
+      jax=jax.__version__,
+      backend=jax.default_backend(),
+      device=str(device),
+      device_kind=device.device_kind,
+      python=platform.python_version(),
+      repeats=repeats,
+      dispatch=dispatch,
+      target_ratio=TARGET_RATIO,
+      argv=sys.argv[1:],
+    )
     with open(args.json, "w") as f:
       json.dump(dict(meta=meta, results=results), f, indent=2)
   return 0  # timings never fail the run

@@ -31,7 +31,8 @@ import os
 import re
 import statistics
 import tempfile
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 
@@ -40,8 +41,10 @@ __all__ = ["ScopeShare", "classify_kernels", "profile_scopes"]
 _CONTROL_FLOW = ("while", "conditional", "call")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = \S+(?: \S+)*? ([\w-]+)\(")
-_CALLEES = re.compile(r"(?:calls|body|condition|to_apply|branch_computations)"
-                      r"=\{?%([\w.\-]+)")
+_CALLEES = re.compile(
+  r"(?:calls|body|condition|to_apply|branch_computations)"
+  r"=\{?%([\w.\-]+)"
+)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
@@ -139,16 +142,18 @@ def classify_kernels(hlo_text: str, scope: str) -> dict[str, str]:
   return classes
 
 
-def _trace_kernels(call: Callable[[], object], module: str, runs: int
-                   ) -> list[list[tuple[str, float]]]:
+def _trace_kernels(
+  call: Callable[[], object], module: str, runs: int
+) -> list[list[tuple[str, float]]]:
   """Profiles ``runs`` calls: per run, (instruction, seconds) of each kernel."""
   call()  # warm
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir):
       for _ in range(runs):
         call()
-    paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"),
-                      recursive=True)
+    paths = glob.glob(
+      os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True
+    )
     if not paths:
       raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
     with gzip.open(paths[0]) as f:
@@ -156,19 +161,26 @@ def _trace_kernels(call: Callable[[], object], module: str, runs: int
   per_run = collections.defaultdict(list)
   for event in events:
     args = event.get("args") or {}
-    if (event.get("ph") == "X" and args.get("hlo_module") == module
-        and "hlo_op" in args):
+    if (
+      event.get("ph") == "X"
+      and args.get("hlo_module") == module
+      and "hlo_op" in args
+    ):
       per_run[args.get("run_id")].append((args["hlo_op"], event["dur"] * 1e-6))
   if not per_run:
     raise RuntimeError(
-        f"the profile has no kernel of {module}; this backend's profiler"
-        " does not record kernels by instruction")
+      f"the profile has no kernel of {module}; this backend's profiler"
+      " does not record kernels by instruction"
+    )
   return list(per_run.values())
 
 
-def profile_scopes(call: Callable[[], object], hlo_text: str,
-                   scopes: Sequence[str], runs: int = 50
-                   ) -> dict[str, ScopeShare]:
+def profile_scopes(
+  call: Callable[[], object],
+  hlo_text: str,
+  scopes: Sequence[str],
+  runs: int = 50,
+) -> dict[str, ScopeShare]:
   """Profiles ``runs`` calls and splits the kernel time by each scope.
 
   Args:
@@ -198,12 +210,18 @@ def profile_scopes(call: Callable[[], object], hlo_text: str,
           counts[kind] += seconds
           counts[kind + "#"] += 1
       totals.append(counts)
+
     # Means, not medians: the parts then add up to the total exactly.
-    mean = lambda key: statistics.mean(t[key] for t in totals)
+    def mean(key):
+      return statistics.mean(t[key] for t in totals)
+
     shares[scope] = ScopeShare(
-        runs=len(totals),
-        kernels=mean("scope#") + mean("mixed#") + mean("other#"),
-        total_s=mean("scope") + mean("mixed") + mean("other"),
-        scope_s=mean("scope"), mixed_s=mean("mixed"),
-        scope_kernels=mean("scope#"), mixed_kernels=mean("mixed#"))
+      runs=len(totals),
+      kernels=mean("scope#") + mean("mixed#") + mean("other#"),
+      total_s=mean("scope") + mean("mixed") + mean("other"),
+      scope_s=mean("scope"),
+      mixed_s=mean("mixed"),
+      scope_kernels=mean("scope#"),
+      mixed_kernels=mean("mixed#"),
+    )
   return shares

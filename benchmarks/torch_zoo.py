@@ -20,7 +20,7 @@ Only the ``batch`` norm is built: it is what the presets use.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -37,13 +37,15 @@ class _Backbone:
     self.in_features = in_features
     self.downsamples = downsamples
 
-  def linear(self, fan_in: int, fan_out: int, *, stride: int = 1,
-             kernel: int = 3) -> nn.Module:
+  def linear(
+    self, fan_in: int, fan_out: int, *, stride: int = 1, kernel: int = 3
+  ) -> nn.Module:
     # No bias: every linear map of the zoo's blocks is followed by a
     # BatchNorm (or is a skip added before one), as with norm="batch".
     if self.kind == "conv":
-      return nn.Conv2d(fan_in, fan_out, kernel, stride=stride,
-                       padding=kernel // 2, bias=False)
+      return nn.Conv2d(
+        fan_in, fan_out, kernel, stride=stride, padding=kernel // 2, bias=False
+      )
     return nn.Linear(fan_in, fan_out, bias=False)
 
   def norm(self, features: int) -> nn.Module:
@@ -72,12 +74,20 @@ class _Stem(nn.Module):
 class _ResidualLayer(nn.Module):
   """The zoo's residual block: several inputs summed, then the basic block."""
 
-  def __init__(self, backbone: _Backbone, in_features: Sequence[int],
-               out_features: int, strides: Sequence[int]):
+  def __init__(
+    self,
+    backbone: _Backbone,
+    in_features: Sequence[int],
+    out_features: int,
+    strides: Sequence[int],
+  ):
     super().__init__()
-    self.inputs = nn.ModuleList([
+    self.inputs = nn.ModuleList(
+      [
         backbone.linear(f, out_features, stride=s)
-        for f, s in zip(in_features, strides)])
+        for f, s in zip(in_features, strides, strict=True)
+      ]
+    )
     self.norm1 = backbone.norm(out_features)
     self.linear = backbone.linear(out_features, out_features)
     self.norm2 = backbone.norm(out_features)
@@ -86,11 +96,12 @@ class _ResidualLayer(nn.Module):
     if in_features[0] == out_features and not strided:
       self.skip = None
     else:
-      self.skip = backbone.linear(in_features[0], out_features,
-                                  stride=strides[0], kernel=1)
+      self.skip = backbone.linear(
+        in_features[0], out_features, stride=strides[0], kernel=1
+      )
 
   def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    h = sum(lin(x) for lin, x in zip(self.inputs, inputs))
+    h = sum(lin(x) for lin, x in zip(self.inputs, inputs, strict=True))
     h = self.norm2(self.linear(F.relu(self.norm1(h))))
     skip = inputs[0] if self.skip is None else self.skip(inputs[0])
     return F.relu(h + skip)
@@ -107,15 +118,29 @@ class _Head(nn.Module):
 
 
 class _BranchedStage(nn.Module):
-  def __init__(self, backbone: _Backbone, in_features: int | None, width: int,
-               depth: int, stride: int, num_classes: int):
+  def __init__(
+    self,
+    backbone: _Backbone,
+    in_features: int | None,
+    width: int,
+    depth: int,
+    stride: int,
+    num_classes: int,
+  ):
     super().__init__()
     self.stem = _Stem(backbone, width) if in_features is None else None
     fan_in = width if in_features is None else in_features
-    self.layers = nn.ModuleList([
-        _ResidualLayer(backbone, (fan_in if i == 0 else width,), width,
-                       (stride if i == 0 else 1,))
-        for i in range(depth)])
+    self.layers = nn.ModuleList(
+      [
+        _ResidualLayer(
+          backbone,
+          (fan_in if i == 0 else width,),
+          width,
+          (stride if i == 0 else 1,),
+        )
+        for i in range(depth)
+      ]
+    )
     self.head = _Head(backbone, width, num_classes)
 
   def forward(self, carry):
@@ -128,17 +153,26 @@ class _BranchedStage(nn.Module):
 class _InterlacedStage(nn.Module):
   """A new chain whose layer i reads the chain and the old layer i's output."""
 
-  def __init__(self, backbone: _Backbone, stem_width: int, chain_width: int,
-               levels: Sequence[int], lateral: Sequence[int] | None,
-               num_classes: int):
+  def __init__(
+    self,
+    backbone: _Backbone,
+    stem_width: int,
+    chain_width: int,
+    levels: Sequence[int],
+    lateral: Sequence[int] | None,
+    num_classes: int,
+  ):
     super().__init__()
     self.stem = _Stem(backbone, stem_width) if lateral is None else None
     layers, outs, prev_f, prev_l = [], [], stem_width, 0
     for i, level in enumerate(levels):
       out = chain_width * 2**level
       stride = 2 ** (level - prev_l)
-      ins, strides = (((prev_f,), (stride,)) if lateral is None
-                      else ((prev_f, lateral[i]), (stride, 1)))
+      ins, strides = (
+        ((prev_f,), (stride,))
+        if lateral is None
+        else ((prev_f, lateral[i]), (stride, 1))
+      )
       layers.append(_ResidualLayer(backbone, ins, out, strides))
       outs.append(out)
       prev_f, prev_l = out, level
@@ -155,8 +189,11 @@ class _InterlacedStage(nn.Module):
     for i, layer in enumerate(self.layers):
       h = layer([h] if lateral is None else [h, lateral[i]])
       new.append(h)
-    outputs = (new if lateral is None
-               else [o for pair in zip(lateral, new) for o in pair])
+    outputs = (
+      new
+      if lateral is None
+      else [o for pair in zip(lateral, new, strict=True) for o in pair]
+    )
     return (h0, outputs), self.head(h)
 
 
@@ -175,29 +212,46 @@ class TorchAnytimeNet(nn.Module):
     return logits
 
 
-def _branched(backbone: _Backbone, stages: int, width: int, depth: int,
-              num_classes: int) -> TorchAnytimeNet:
+def _branched(
+  backbone: _Backbone, stages: int, width: int, depth: int, num_classes: int
+) -> TorchAnytimeNet:
   built, fan_in, level = [], None, 0
   for k in range(stages):
     new_level = min(k, backbone.downsamples)
     stage_width = width * 2**new_level
-    built.append(_BranchedStage(backbone, fan_in, stage_width, depth,
-                                2 ** (new_level - level), num_classes))
+    built.append(
+      _BranchedStage(
+        backbone,
+        fan_in,
+        stage_width,
+        depth,
+        2 ** (new_level - level),
+        num_classes,
+      )
+    )
     fan_in, level = stage_width, new_level
   return TorchAnytimeNet(built)
 
 
-def _interlaced(backbone: _Backbone, stages: int, width: int, depth: int,
-                num_classes: int) -> TorchAnytimeNet:
+def _interlaced(
+  backbone: _Backbone, stages: int, width: int, depth: int, num_classes: int
+) -> TorchAnytimeNet:
   built, sequence = [], []  # (features, level) of the layer sequence S_k
   for k in range(stages):
     first = k == 0
     levels = backbone.levels(depth) if first else [l for _, l in sequence]
     stage = _InterlacedStage(
-        backbone, width, width, levels,
-        None if first else [f for f, _ in sequence], num_classes)
-    new = list(zip(stage.out_features, levels))
-    sequence = new if first else [s for p in zip(sequence, new) for s in p]
+      backbone,
+      width,
+      width,
+      levels,
+      None if first else [f for f, _ in sequence],
+      num_classes,
+    )
+    new = list(zip(stage.out_features, levels, strict=True))
+    sequence = (
+      new if first else [s for p in zip(sequence, new, strict=True) for s in p]
+    )
     built.append(stage)
   return TorchAnytimeNet(built)
 
@@ -225,5 +279,10 @@ def build(name: str, config: dict) -> TorchAnytimeNet:
   builders = {"branched": _branched, "nested-depth": _interlaced}
   if family not in builders:
     raise ValueError(f"no PyTorch twin for {name!r}.")
-  return builders[family](backbone, config["stages"], config["width"],
-                          config["depth"], config["num_classes"])
+  return builders[family](
+    backbone,
+    config["stages"],
+    config["width"],
+    config["depth"],
+    config["num_classes"],
+  )

@@ -20,12 +20,17 @@ import os
 
 _FLAGS = {"--xla_force_host_platform_device_count": "8"}
 if not os.environ.get("OSGD_TEST_OPTIMIZED_XLA"):
-  _FLAGS.update({
+  _FLAGS.update(
+    {
       "--xla_backend_optimization_level": "0",
       "--xla_llvm_disable_expensive_passes": "true",
       "--xla_cpu_use_fusion_emitters": "false",
-  })
+    }
+  )
 _current = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
-    [_current] + [f"{flag}={value}" for flag, value in _FLAGS.items()
-                  if flag not in _current]).strip()
+  [_current]
+  + [
+    f"{flag}={value}" for flag, value in _FLAGS.items() if flag not in _current
+  ]
+).strip()

@@ -5,9 +5,9 @@ Timings are never asserted: the machine running the tests may be loaded.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
-import json
 import subprocess
 import sys
 
@@ -19,8 +19,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_bench_transform_quick_prints_ratios_for_both_methods():
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "bench_transform.py"), "--quick"],
-      cwd=ROOT, capture_output=True, text=True, timeout=60)
+    [
+      sys.executable,
+      str(ROOT / "benchmarks" / "bench_transform.py"),
+      "--quick",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert "floor ms" in out and "x floor" in out, out  # the table header
@@ -35,10 +43,23 @@ def test_bench_transform_quick_prints_ratios_for_both_methods():
 def test_bench_transform_dispatch_async_keeps_jax_default(tmp_path):
   out_json = tmp_path / "out.json"
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "bench_transform.py"),
-       "--quick", "--methods", "gram", "--no-multi", "--dispatch", "async",
-       "--json", str(out_json)],
-      cwd=ROOT, capture_output=True, text=True, timeout=60)
+    [
+      sys.executable,
+      str(ROOT / "benchmarks" / "bench_transform.py"),
+      "--quick",
+      "--methods",
+      "gram",
+      "--no-multi",
+      "--dispatch",
+      "async",
+      "--json",
+      str(out_json),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "async dispatch on CPU" in proc.stdout, proc.stdout
   assert json.loads(out_json.read_text())["meta"]["dispatch"] == "async"
@@ -46,14 +67,21 @@ def test_bench_transform_dispatch_async_keeps_jax_default(tmp_path):
 
 def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices():
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "bench_sharded.py"), "--quick"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [sys.executable, str(ROOT / "benchmarks" / "bench_sharded.py"), "--quick"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
-  rows = [line.split() for line in proc.stdout.splitlines()
-          if line.split() and line.split()[0] in {"1", "2", "4", "8"}]
+  rows = [
+    line.split()
+    for line in proc.stdout.splitlines()
+    if line.split() and line.split()[0] in {"1", "2", "4", "8"}
+  ]
   assert [int(r[0]) for r in rows] == [1, 2, 4, 8], proc.stdout
   per_device = [float(r[1]) for r in rows]
-  for devices, mb in zip((1, 2, 4, 8), per_device):
+  for devices, mb in zip((1, 2, 4, 8), per_device, strict=True):
     # Memory is exact, not a timing: it must fall as 1/devices.
     assert abs(mb * devices - per_device[0]) <= 0.02 * per_device[0], rows
   assert all("all-gather" not in " ".join(r) for r in rows), proc.stdout
@@ -71,21 +99,34 @@ def _bench_step_module():
 @pytest.mark.slow  # compiles a dozen small steps: under a minute on 2 cores
 def test_bench_step_quick_prints_step_ratios_and_targets():
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert "median ms" in out and "x jax plain" in out, out  # the table header
   # A row: the label, then median ms, the ratio to plain and min ms.
-  rows = {label: rest for label, *rest in (
-      line.rsplit(None, 3) for line in out.splitlines()
-      if line.startswith(("jax ", "torch", "osgd(")))}
+  rows = {
+    label: rest
+    for label, *rest in (
+      line.rsplit(None, 3)
+      for line in out.splitlines()
+      if line.startswith(("jax ", "torch", "osgd("))
+    )
+  }
   staged = "jax OSGD, staged Jacobian (default: rows looped on CPU)"
-  expected = ["jax plain SGD (floor)", staged,
-              "jax OSGD, staged Jacobian, rows batched",
-              "jax OSGD, vmap Jacobian",
-              "jax staged Jacobian, rows summed (no projection)",
-              "jax forward+backward of the sum (F+B)", "osgd(...).update alone"]
+  expected = [
+    "jax plain SGD (floor)",
+    staged,
+    "jax OSGD, staged Jacobian, rows batched",
+    "jax OSGD, vmap Jacobian",
+    "jax staged Jacobian, rows summed (no projection)",
+    "jax forward+backward of the sum (F+B)",
+    "osgd(...).update alone",
+  ]
   for label in expected:
     assert label in rows, f"no row {label!r}:\n{out}"
     ms, ratio, min_ms = rows[label]
@@ -93,7 +134,8 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     # The ratio is of this row's median to the plain step's.
     plain_ms = float(rows["jax plain SGD (floor)"][0])
     assert abs(float(ratio[:-1]) - float(ms) / plain_ms) <= 0.01 + 0.01 * (
-        float(ms) / plain_ms), (label, rows[label], plain_ms)
+      float(ms) / plain_ms
+    ), (label, rows[label], plain_ms)
   assert rows["jax plain SGD (floor)"][1] == "1.00x"
   # No experiment rows any more: every OSGD row is a path of osgd_jax.
   assert not any(label.startswith("experiment") for label in rows), rows
@@ -104,27 +146,37 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     line = next(l for l in lines if l.startswith(target))
     assert line.rstrip().endswith(("PASS", "MISS")), line
   assert next(l for l in lines if l.startswith("target 1:")).startswith(
-      f"target 1: {staged} / plain"), out
+    f"target 1: {staged} / plain"
+  ), out
   # Target 2: the transform's time inside the OSGD step, from profiles: the
   # estimate within its bounds, their parts, then the standalone call.
   share = next(l for l in lines if l.startswith("target 2:"))
-  match = re.match(r"target 2: the transform inside the OSGD step \(profiles"
-                   r" of \d+ steps\): ([\d.]+) ms = ([\d.]+)% of its kernel"
-                   r" time", share)
+  match = re.match(
+    r"target 2: the transform inside the OSGD step \(profiles"
+    r" of \d+ steps\): ([\d.]+) ms = ([\d.]+)% of its kernel"
+    r" time",
+    share,
+  )
   assert match, share
   estimate_ms, percent = float(match[1]), float(match[2])
   bounds = lines[lines.index(share) + 1]
-  parts = re.search(r"bounds ([\d.]+)% \.\. ([\d.]+)%: \d+ osgd-only kernels"
-                    r" ([\d.]+) ms; \+\d+ kernels fusing .* ([\d.]+) ms; of"
-                    r" ([\d.]+) ms in \d+ kernels", bounds)
+  parts = re.search(
+    r"bounds ([\d.]+)% \.\. ([\d.]+)%: \d+ osgd-only kernels"
+    r" ([\d.]+) ms; \+\d+ kernels fusing .* ([\d.]+) ms; of"
+    r" ([\d.]+) ms in \d+ kernels",
+    bounds,
+  )
   assert parts, bounds
   lower, upper, osgd_ms, mixed_ms, total_ms = map(float, parts.groups())
   assert 0 < osgd_ms <= estimate_ms + 1e-3 <= osgd_ms + mixed_ms + 2e-3, bounds
   assert lower - 0.01 <= percent <= upper + 0.01, (share, bounds)
   assert abs(percent - 100 * estimate_ms / total_ms) <= 0.05 + 0.01 * percent
   alone = lines[lines.index(share) + 3]
-  match = re.search(r"osgd\(\.\.\.\)\.update alone, its own jitted call:"
-                    r" ([\d.]+) ms .* rows summed = (-?[\d.]+) ms", alone)
+  match = re.search(
+    r"osgd\(\.\.\.\)\.update alone, its own jitted call:"
+    r" ([\d.]+) ms .* rows summed = (-?[\d.]+) ms",
+    alone,
+  )
   assert match, alone
   assert abs(float(match[1]) - float(rows["osgd(...).update alone"][0])) <= 0.01
   osgd_ms = float(rows[staged][0])
@@ -135,8 +187,11 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
   assert any(l.strip().startswith("(staged, rows batched:") for l in lines), out
   vmap_limit = float(re.search(r"\(F \+ K B\)/\(F \+ B\) = ([\d.]+)", out)[1])
   vmap = next(l for l in lines if l.startswith("vmap Jacobian"))
-  match = re.search(r"OSGD / plain = ([\d.]+)x, beside the limit of K full"
-                    r" backward passes ([\d.]+)x = ([\d.]+)x that limit", vmap)
+  match = re.search(
+    r"OSGD / plain = ([\d.]+)x, beside the limit of K full"
+    r" backward passes ([\d.]+)x = ([\d.]+)x that limit",
+    vmap,
+  )
   assert match, vmap
   assert float(match[2]) == vmap_limit
   assert abs(float(match[1]) / vmap_limit - float(match[3])) <= 2e-3, vmap
@@ -148,9 +203,12 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     assert "torch plain SGD" in rows and "(the same tensor sizes)" in out, out
     assert "torch.set_num_threads(1)" in out, out  # --quick's default
     line = next(l for l in lines if l.startswith("target 3:"))
-    match = re.match(r"target 3: OSGD / plain ([\d.]+)x against TorchJD's"
-                     r" fastest / PyTorch plain ([\d.]+)x \(torchjd \w+\) ="
-                     r" ([\d.]+) \(target < 1\)", line)
+    match = re.match(
+      r"target 3: OSGD / plain ([\d.]+)x against TorchJD's"
+      r" fastest / PyTorch plain ([\d.]+)x \(torchjd \w+\) ="
+      r" ([\d.]+) \(target < 1\)",
+      line,
+    )
     assert match, line
     ours, theirs, rel = map(float, match.groups())
     assert abs(ours / theirs - rel) <= 2e-3 + 1e-3 * rel, line
@@ -174,8 +232,8 @@ def test_scope_profile_splits_kernel_time_by_named_scope():
 
   def f(x, v):
     with jax.named_scope("heavy"):
-      z = jnp.dot(x, x)           # a kernel of its own: the scope's
-    w = jnp.sin(v) * 2.0          # outside the scope, small
+      z = jnp.dot(x, x)  # a kernel of its own: the scope's
+    w = jnp.sin(v) * 2.0  # outside the scope, small
     with jax.named_scope("heavy"):
       z = z[:, :64] + jnp.tanh(w)  # may fuse with the outside ops: mixed
     return z
@@ -186,10 +244,15 @@ def test_scope_profile_splits_kernel_time_by_named_scope():
   classes = scope_profile.classify_kernels(text, "heavy")
   assert "scope" in classes.values(), classes
   assert set(scope_profile.classify_kernels(text, "absent").values()) <= {
-      "other", "control"}
+    "other",
+    "control",
+  }
   shares = scope_profile.profile_scopes(
-      lambda: jax.block_until_ready(compiled(x, v)), text,
-      ("heavy", "absent"), runs=5)
+    lambda: jax.block_until_ready(compiled(x, v)),
+    text,
+    ("heavy", "absent"),
+    runs=5,
+  )
   heavy, absent = shares["heavy"], shares["absent"]
   assert heavy.runs == 5 and heavy.kernels >= 2
   # The 384³ matmul is most of the work: the scope's kernels dominate.
@@ -202,13 +265,29 @@ def test_scope_profile_splits_kernel_time_by_named_scope():
 def test_bench_loop_quick_prints_both_loops_and_their_ratio(tmp_path):
   out_json = tmp_path / "loop.json"
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "bench_loop.py"), "--quick",
-       "--log-every", "3", "--json", str(out_json)],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      str(ROOT / "benchmarks" / "bench_loop.py"),
+      "--quick",
+      "--log-every",
+      "3",
+      "--json",
+      str(out_json),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
-  rows = {line[:28].strip(): line[28:].split() for line in proc.stdout.splitlines()
-          if line.startswith(("wait after", "fetch every"))}
-  assert set(rows) == {"wait after every step", "fetch every 3 steps"}, proc.stdout
+  rows = {
+    line[:28].strip(): line[28:].split()
+    for line in proc.stdout.splitlines()
+    if line.startswith(("wait after", "fetch every"))
+  }
+  assert set(rows) == {"wait after every step", "fetch every 3 steps"}, (
+    proc.stdout
+  )
   assert rows["wait after every step"][1] == "1.00x", proc.stdout
   result = json.loads(out_json.read_text())
   assert sorted(result["epoch_seconds"]) == ["1", "3"]

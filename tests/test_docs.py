@@ -50,22 +50,28 @@ def public_modules() -> list[str]:
   private module defines is public only where one of them lists it.
   """
   return ["osgd_jax"] + sorted(
-      m.name for m in pkgutil.walk_packages(osgd_jax.__path__, "osgd_jax.")
-      if not m.name.endswith(".__main__") and not is_private(m.name))
+    m.name
+    for m in pkgutil.walk_packages(osgd_jax.__path__, "osgd_jax.")
+    if not m.name.endswith(".__main__") and not is_private(m.name)
+  )
 
 
 def faces(modules: list[str]) -> list[str]:
   """The public modules with a page: packages and top-level modules."""
-  return [m for m in modules if m.count(".") == 1
-          or hasattr(importlib.import_module(m), "__path__")]
+  return [
+    m
+    for m in modules
+    if m.count(".") == 1 or hasattr(importlib.import_module(m), "__path__")
+  ]
 
 
 def _uri(entry) -> str:
   return entry.uri if hasattr(entry, "uri") else entry[2]
 
 
-def undocumented(inventory: dict[str, set[str]],
-                 modules: list[str]) -> list[str]:
+def undocumented(
+  inventory: dict[str, set[str]], modules: list[str]
+) -> list[str]:
   """The public names of ``modules`` that have no entry in ``inventory``.
 
   Args:
@@ -81,9 +87,13 @@ def undocumented(inventory: dict[str, set[str]],
     have one: the entry of its definition counts instead.
   """
   modules_documented = inventory.get("py:module", set())
-  objects_documented = set().union(*(
-      names for kind, names in inventory.items()
-      if kind.startswith("py:") and kind != "py:module"))
+  objects_documented = set().union(
+    *(
+      names
+      for kind, names in inventory.items()
+      if kind.startswith("py:") and kind != "py:module"
+    )
+  )
   missing = []
   for name in modules:
     module = importlib.import_module(name)
@@ -96,7 +106,9 @@ def undocumented(inventory: dict[str, set[str]],
           missing.append(full)
       elif full not in objects_documented:
         obj = getattr(module, public)
-        home = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        home = (
+          f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        )
         if not (full in modules_documented and home in objects_documented):
           missing.append(full)
   return missing
@@ -104,62 +116,106 @@ def undocumented(inventory: dict[str, set[str]],
 
 def test_undocumented_reports_modules_and_names_without_an_entry():
   inventory = {
-      "py:module": {"osgd_jax.zoo", "osgd_jax.grads"},
-      "py:function": {"osgd_jax.grads.value_and_per_exit_grads",
-                      "osgd_jax.grads.check_aux_pair",
-                      "osgd_jax.staged.ROWS"},  # the wrong type is fine
-      # Not a Python entry:
-      "std:doc": {"osgd_jax.staged.staged_value_and_per_exit_grads"},
+    "py:module": {"osgd_jax.zoo", "osgd_jax.grads"},
+    "py:function": {
+      "osgd_jax.grads.value_and_per_exit_grads",
+      "osgd_jax.grads.check_aux_pair",
+      "osgd_jax.staged.ROWS",
+    },  # the wrong type is fine
+    # Not a Python entry:
+    "std:doc": {"osgd_jax.staged.staged_value_and_per_exit_grads"},
   }
   assert undocumented(inventory, ["osgd_jax.grads"]) == [
-      "osgd_jax.grads.check_loss_vector"]
+    "osgd_jax.grads.check_loss_vector"
+  ]
   assert undocumented(inventory, ["osgd_jax.staged"]) == [
-      "osgd_jax.staged",  # the module itself
-      "osgd_jax.staged.staged_value_and_per_exit_grads"]
+    "osgd_jax.staged",  # the module itself
+    "osgd_jax.staged.staged_value_and_per_exit_grads",
+  ]
   # osgd_jax.app.data.augment names a module and, in __all__, a function.
   shadowed = {"py:module": {"osgd_jax.app.data.augment"}, "py:function": set()}
   assert "osgd_jax.app.data.augment" in undocumented(
-      shadowed, ["osgd_jax.app.data"])
+    shadowed, ["osgd_jax.app.data"]
+  )
   shadowed["py:function"].add("osgd_jax.app.data.augment.augment")
   assert "osgd_jax.app.data.augment" not in undocumented(
-      shadowed, ["osgd_jax.app.data"])
+    shadowed, ["osgd_jax.app.data"]
+  )
 
 
 def test_the_public_modules_are_the_faces_and_what_they_hold():
   modules = public_modules()
-  assert {"osgd_jax", "osgd_jax.aggregation", "osgd_jax.weightings",
-          "osgd_jax.app.train", "osgd_jax.zoo.registry"} <= set(modules)
+  assert {
+    "osgd_jax",
+    "osgd_jax.aggregation",
+    "osgd_jax.weightings",
+    "osgd_jax.app.train",
+    "osgd_jax.zoo.registry",
+  } <= set(modules)
   assert not any(is_private(m) for m in modules)
   assert "osgd_jax.aggregation._osgd" in {  # private, so left out
-      m.name for m in pkgutil.walk_packages(osgd_jax.__path__, "osgd_jax.")}
-  assert {"osgd_jax", "osgd_jax.aggregation", "osgd_jax.weightings",
-          "osgd_jax.grads", "osgd_jax.zoo", "osgd_jax.app",
-          "osgd_jax.app.train", "osgd_jax.app.compare",
-          "osgd_jax.app.data"} <= set(faces(modules))
+    m.name for m in pkgutil.walk_packages(osgd_jax.__path__, "osgd_jax.")
+  }
+  assert {
+    "osgd_jax",
+    "osgd_jax.aggregation",
+    "osgd_jax.weightings",
+    "osgd_jax.grads",
+    "osgd_jax.zoo",
+    "osgd_jax.app",
+    "osgd_jax.app.train",
+    "osgd_jax.app.compare",
+    "osgd_jax.app.data",
+  } <= set(faces(modules))
   assert "osgd_jax.zoo.registry" not in faces(modules)  # a section of zoo's
 
 
 @pytest.mark.slow
 def test_docs_build_without_warnings_and_index_every_public_name(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q",
-       "-b", "html", "-d", str(tmp_path / "doctrees"), str(DOCS),
-       str(tmp_path / "html")],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "sphinx",
+      "-W",
+      "--keep-going",
+      "-n",
+      "-q",
+      "-b",
+      "html",
+      "-d",
+      str(tmp_path / "doctrees"),
+      str(DOCS),
+      str(tmp_path / "html"),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, (
-      "the docs do not build cleanly:\n" + result.stderr[-6000:])
+    "the docs do not build cleanly:\n" + result.stderr[-6000:]
+  )
   with open(tmp_path / "html" / "objects.inv", "rb") as f:
     loaded = InventoryFile.load(f, "", posixpath.join)
   inventory = {kind: set(entries) for kind, entries in loaded.items()}
   modules = public_modules()
   assert undocumented(inventory, modules) == []
   # No private name has an entry: private modules are documented at a face.
-  assert [name for entries in inventory.values() for name in entries
-          if name.startswith("osgd_jax") and is_private(name)] == []
+  assert [
+    name
+    for entries in inventory.values()
+    for name in entries
+    if name.startswith("osgd_jax") and is_private(name)
+  ] == []
   # Every public name of an object leads to the same entry, on the page of
   # the face that defines it: osgd_jax.osgd is osgd_jax.aggregation.osgd.
-  uris = {name: _uri(entry) for kind, entries in loaded.items()
-          if kind.startswith("py:") for name, entry in entries.items()}
+  uris = {
+    name: _uri(entry)
+    for kind, entries in loaded.items()
+    if kind.startswith("py:")
+    for name, entry in entries.items()
+  }
   entries_of = {}
   for module_name in modules:
     module = importlib.import_module(module_name)
@@ -167,28 +223,50 @@ def test_docs_build_without_warnings_and_index_every_public_name(tmp_path):
       obj, full = getattr(module, name), f"{module_name}.{name}"
       if inspect.ismodule(obj) or full in inventory["py:module"]:
         continue  # a module, or a name a module of the same name takes
-      key = (id(obj) if inspect.isfunction(obj) or inspect.isclass(obj)
-             else (name, id(obj)))
+      key = (
+        id(obj)
+        if inspect.isfunction(obj) or inspect.isclass(obj)
+        else (name, id(obj))
+      )
       entries_of.setdefault(key, set()).add(uris[full])
   assert [sorted(u) for u in entries_of.values() if len(u) > 1] == []
   for alias, home, face in (
-      ("osgd_jax.osgd", "osgd_jax.aggregation.osgd", "osgd_jax.aggregation"),
-      ("osgd_jax.OsgdState.cosine", "osgd_jax.aggregation.OsgdState.cosine",
-       "osgd_jax.aggregation"),
-      ("osgd_jax.weightings.Weighting", "osgd_jax.aggregation.Weighting",
-       "osgd_jax.aggregation"),
-      ("osgd_jax.zoo.registry.create", "osgd_jax.zoo.create", "osgd_jax.zoo"),
-      ("osgd_jax.app.train.loop.train", "osgd_jax.app.train.train",
-       "osgd_jax.app.train")):
+    ("osgd_jax.osgd", "osgd_jax.aggregation.osgd", "osgd_jax.aggregation"),
+    (
+      "osgd_jax.OsgdState.cosine",
+      "osgd_jax.aggregation.OsgdState.cosine",
+      "osgd_jax.aggregation",
+    ),
+    (
+      "osgd_jax.weightings.Weighting",
+      "osgd_jax.aggregation.Weighting",
+      "osgd_jax.aggregation",
+    ),
+    ("osgd_jax.zoo.registry.create", "osgd_jax.zoo.create", "osgd_jax.zoo"),
+    (
+      "osgd_jax.app.train.loop.train",
+      "osgd_jax.app.train.train",
+      "osgd_jax.app.train",
+    ),
+  ):
     assert uris[alias] == uris[home] == f"api/{face}.html#{home}", alias
   # One page per face, and no other API page.
   pages = inventory["std:doc"]
   assert {p for p in pages if p.startswith("api/")} == {"api/index"} | {
-      f"api/{face}" for face in faces(modules)}
+    f"api/{face}" for face in faces(modules)
+  }
   # The guides, the notebooks (rendered, not run) and the benchmarks.
-  for page in ("index", "guides/quickstart", "guides/cli", "design", "faults",
-               "experiments", "_generated/notebooks/01_quickstart",
-               "_generated/benchmarks/RESULTS", "api/osgd_jax"):
+  for page in (
+    "index",
+    "guides/quickstart",
+    "guides/cli",
+    "design",
+    "faults",
+    "experiments",
+    "_generated/notebooks/01_quickstart",
+    "_generated/benchmarks/RESULTS",
+    "api/osgd_jax",
+  ):
     assert page in pages, page
 
 

@@ -33,8 +33,9 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-LIBRARY_MODULES = sorted(m for m in MODULES
-                         if m != APP and not m.startswith(APP + "."))
+LIBRARY_MODULES = sorted(
+  m for m in MODULES if m != APP and not m.startswith(APP + ".")
+)
 
 
 def _is_package(module: str) -> bool:
@@ -68,8 +69,9 @@ def imported_names(module: str, source: str | None = None) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative: resolved against the importing package
         package = module if _is_package(module) else module.rpartition(".")[0]
-        base = (package.rsplit(".", node.level - 1)[0] if node.level > 1
-                else package)
+        base = (
+          package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        )
         base = f"{base}.{node.module}" if node.module else base
       else:
         base = node.module
@@ -96,7 +98,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt)
         if cycle:
@@ -116,7 +118,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_find_cycle_finds_and_names_a_cycle():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [
-      "a", "b", "c", "a"]
+    "a",
+    "b",
+    "c",
+    "a",
+  ]
   assert find_cycle({"x": {"y"}, "y": {"y"}}) == ["y", "y"]
 
 
@@ -124,11 +130,14 @@ def test_the_graph_sees_deferred_and_relative_imports():
   # Deferred, inside a function, as a console script would import its
   # command after checking the app extra (the package has no such import
   # now: osgd_jax.app.commands names its commands instead).
-  deferred = ("def osgd_train():\n"
-              "  from osgd_jax.app.train import cli\n"
-              "  return cli.main()\n")
+  deferred = (
+    "def osgd_train():\n"
+    "  from osgd_jax.app.train import cli\n"
+    "  return cli.main()\n"
+  )
   assert imported_names("osgd_jax.app.commands", deferred) == {
-      "osgd_jax.app.train.cli"}
+    "osgd_jax.app.train.cli"
+  }
   graph = import_graph()
   assert "osgd_jax.app.train" in graph["osgd_jax.app.train.cli"]
   assert "osgd_jax.app.data.base" in graph["osgd_jax.app.data.digits"]
@@ -151,13 +160,19 @@ def _reachable(graph, start):
 
 def test_training_never_imports_the_commands():
   graph = import_graph()
-  commands = {"osgd_jax.app.train.cli", "osgd_jax.app.compare",
-              "osgd_jax.app.compare.cli", "osgd_jax.app.commands",
-              "osgd_jax.app.__main__"}
+  commands = {
+    "osgd_jax.app.train.cli",
+    "osgd_jax.app.compare",
+    "osgd_jax.app.compare.cli",
+    "osgd_jax.app.commands",
+    "osgd_jax.app.__main__",
+  }
   assert commands <= set(MODULES)
   for module in MODULES:
-    if (module.startswith("osgd_jax.app.train")
-        and module != "osgd_jax.app.train.cli"):
+    if (
+      module.startswith("osgd_jax.app.train")
+      and module != "osgd_jax.app.train.cli"
+    ):
       assert not _reachable(graph, module) & commands, module
 
 
@@ -166,8 +181,7 @@ def test_the_console_scripts_import_only_the_standard_library():
   # reach the commands by name (COMMANDS) once it is there, and the
   # commands import them for what the commands share.
   names = imported_names("osgd_jax.app.commands")
-  assert {name.partition(".")[0] for name in names} <= (
-      sys.stdlib_module_names)
+  assert {name.partition(".")[0] for name in names} <= (sys.stdlib_module_names)
   graph = import_graph()
   for target in COMMANDS.values():
     module = target.partition(":")[0]
@@ -223,12 +237,19 @@ print(json.dumps({"refused": refused, "update": updates["w"].tolist()}))
 
 def test_library_imports_and_runs_without_the_app():
   assert {"osgd_jax", "osgd_jax.zoo.registry"} <= set(LIBRARY_MODULES)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+      p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+    ),
+  )
   result = subprocess.run(
-      [sys.executable, "-c", _WITHOUT_APP, ",".join(APP_ONLY),
-       *LIBRARY_MODULES],
-      capture_output=True, text=True, env=env, timeout=300)
+    [sys.executable, "-c", _WITHOUT_APP, ",".join(APP_ONLY), *LIBRARY_MODULES],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["refused"] == ["import yaml", "import osgd_jax.app.train"]

@@ -70,8 +70,8 @@ class CheckpointStore:
       raise ValueError(f"keep must be >= 1 checkpoints, got {keep}.")
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
     )
 
   def latest_epoch(self) -> int | None:
@@ -94,22 +94,26 @@ class CheckpointStore:
     """
     try:
       self._manager.save(
-          epoch,
-          args=ocp.args.Composite(
-              arrays=ocp.args.StandardSave(arrays),
-              metadata=ocp.args.JsonSave(metadata),
-          ),
+        epoch,
+        args=ocp.args.Composite(
+          arrays=ocp.args.StandardSave(arrays),
+          metadata=ocp.args.JsonSave(metadata),
+        ),
       )
       self._manager.wait_until_finished()
     except Exception as e:  # Orbax and TensorStore raise many types
       last = self._complete_epochs()
-      then = (f"the checkpoint of epoch {last[-1]} is kept. Free space or"
-              " fix the file system, then resume with --resume" if last
-              else "no earlier checkpoint exists. Free space or fix the file"
-              " system, then run the command again")
+      then = (
+        f"the checkpoint of epoch {last[-1]} is kept. Free space or"
+        " fix the file system, then resume with --resume"
+        if last
+        else "no earlier checkpoint exists. Free space or fix the file"
+        " system, then run the command again"
+      )
       raise CheckpointWriteError(
-          f"could not write the checkpoint of epoch {epoch} to"
-          f" {self.directory} ({_reason(e)}); {then}.") from e
+        f"could not write the checkpoint of epoch {epoch} to"
+        f" {self.directory} ({_reason(e)}); {then}."
+      ) from e
 
   def _complete_epochs(self) -> list[int]:
     try:
@@ -132,26 +136,33 @@ class CheckpointStore:
     """
     try:
       restored = self._manager.restore(
-          epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        epoch, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+      )
     except Exception as e:  # Orbax raises many types for unreadable data
       raise self._damaged(epoch, e) from e
     return dict(restored.metadata)
 
   def _damaged(self, epoch: int, error: BaseException) -> CheckpointError:
     path = os.path.join(self.directory, str(epoch))
-    aside = os.path.join(os.path.dirname(self.directory),
-                         f"damaged-checkpoint-{epoch}")
+    aside = os.path.join(
+      os.path.dirname(self.directory), f"damaged-checkpoint-{epoch}"
+    )
     older = [e for e in self._complete_epochs() if e < epoch]
     if older:
       move = shlex.join(["mv", path, aside])
-      advice = (f"To resume from the checkpoint of epoch {older[-1]} instead,"
-                f" move the damaged one aside (nothing is deleted): {move}")
+      advice = (
+        f"To resume from the checkpoint of epoch {older[-1]} instead,"
+        f" move the damaged one aside (nothing is deleted): {move}"
+      )
     else:
-      advice = ("There is no older checkpoint: start again with a new --out"
-                " (the damaged one stays for inspection).")
+      advice = (
+        "There is no older checkpoint: start again with a new --out"
+        " (the damaged one stays for inspection)."
+      )
     return CheckpointError(
-        f"checkpoint {path} cannot be read ({_reason(error)}); it is damaged."
-        f" {advice}")
+      f"checkpoint {path} cannot be read ({_reason(error)}); it is damaged."
+      f" {advice}"
+    )
 
   def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any]]:
     """Restores the newest checkpoint onto ``template``'s structure.
@@ -171,20 +182,24 @@ class CheckpointStore:
     epoch = self.latest_epoch()
     if epoch is None:
       raise CheckpointError(
-          f"no checkpoint to resume from in {self.directory}; run without"
-          " --resume to start a new run.")
+        f"no checkpoint to resume from in {self.directory}; run without"
+        " --resume to start a new run."
+      )
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-        if not hasattr(x, "sharding") else
-        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        template)
+      lambda x: (
+        jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+        if not hasattr(x, "sharding")
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      ),
+      template,
+    )
     try:
       restored = self._manager.restore(
-          epoch,
-          args=ocp.args.Composite(
-              arrays=ocp.args.StandardRestore(abstract),
-              metadata=ocp.args.JsonRestore(),
-          ),
+        epoch,
+        args=ocp.args.Composite(
+          arrays=ocp.args.StandardRestore(abstract),
+          metadata=ocp.args.JsonRestore(),
+        ),
       )
     except Exception as e:  # Orbax raises many types for unreadable data.
       raise self._damaged(epoch, e) from e

@@ -21,12 +21,23 @@ import importlib
 import logging
 import shlex
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
-__all__ = ["APP_REQUIREMENTS", "COMMANDS", "EXIT_BAD_INPUT", "EXIT_FAILED",
-           "EXIT_INTERRUPTED", "OneLineArgumentParser", "install_command",
-           "missing_requirements", "osgd_compare", "osgd_train",
-           "print_error", "quiet_library_logs"]
+__all__ = [
+  "APP_REQUIREMENTS",
+  "COMMANDS",
+  "EXIT_BAD_INPUT",
+  "EXIT_FAILED",
+  "EXIT_INTERRUPTED",
+  "OneLineArgumentParser",
+  "install_command",
+  "missing_requirements",
+  "osgd_compare",
+  "osgd_train",
+  "print_error",
+  "quiet_library_logs",
+]
 
 #: Exit status of a command given bad input (a flag, a config file, missing
 #: data, an unwritable output directory, a damaged checkpoint).
@@ -39,13 +50,13 @@ EXIT_INTERRUPTED = 130
 #: The app extra of pyproject.toml, as a mapping from the module the
 #: application imports to the name of the distribution that provides it.
 APP_REQUIREMENTS = {
-    "orbax.checkpoint": "orbax-checkpoint",
-    "sklearn": "scikit-learn",
-    "scipy": "scipy",
-    "matplotlib": "matplotlib",
-    "tqdm": "tqdm",
-    "yaml": "pyyaml",
-    "mnist1d": "mnist1d",
+  "orbax.checkpoint": "orbax-checkpoint",
+  "sklearn": "scikit-learn",
+  "scipy": "scipy",
+  "matplotlib": "matplotlib",
+  "tqdm": "tqdm",
+  "yaml": "pyyaml",
+  "mnist1d": "mnist1d",
 }
 
 #: Each command, as ``module:function``: the ``main`` its console script
@@ -53,8 +64,8 @@ APP_REQUIREMENTS = {
 #: console scripts: each command imports this module for what the commands
 #: share, and is imported only once the app extra is known to be complete.
 COMMANDS = {
-    "osgd-train": "osgd_jax.app.train.cli:main",
-    "osgd-compare": "osgd_jax.app.compare.cli:main",
+  "osgd-train": "osgd_jax.app.train.cli:main",
+  "osgd-compare": "osgd_jax.app.compare.cli:main",
 }
 
 
@@ -70,8 +81,10 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
   def error(self, message: str) -> NoReturn:
     """Exits with ``EXIT_BAD_INPUT`` and one line: the error and ``--help``."""
-    self.exit(EXIT_BAD_INPUT,
-              f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    self.exit(
+      EXIT_BAD_INPUT,
+      f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+    )
 
 
 def print_error(prog: str, message: object) -> None:
@@ -92,13 +105,14 @@ def print_error(prog: str, message: object) -> None:
   print(f"{prog}: error: {message}", file=sys.stderr)
 
 
-def _is_closed_loop_report(unraisable: "sys.UnraisableHookArgs") -> bool:
+def _is_closed_loop_report(unraisable: sys.UnraisableHookArgs) -> bool:
   error = unraisable.exc_value
-  return (isinstance(error, RuntimeError)
-          and str(error) == "Event loop is closed")
+  return (
+    isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  )
 
 
-def _drop_closed_loop_reports(unraisable: "sys.UnraisableHookArgs") -> None:
+def _drop_closed_loop_reports(unraisable: sys.UnraisableHookArgs) -> None:
   if not _is_closed_loop_report(unraisable):
     sys.__unraisablehook__(unraisable)
 
@@ -143,10 +157,17 @@ def missing_requirements() -> list[str]:
       importlib.import_module(module)
     except ImportError as e:
       failed[module] = e.name or module
-  top = lambda name: name.split(".")[0]
-  return [APP_REQUIREMENTS[module] for module, culprit in failed.items()
-          if not any(top(culprit) == top(other)
-                     for other in failed if other != module)]
+
+  def top(name):
+    return name.split(".")[0]
+
+  return [
+    APP_REQUIREMENTS[module]
+    for module, culprit in failed.items()
+    if not any(
+      top(culprit) == top(other) for other in failed if other != module
+    )
+  ]
 
 
 def install_command() -> str:
@@ -167,8 +188,11 @@ def _report_missing(prog: str) -> bool:
   """Prints the error line and returns True when the app extra is incomplete."""
   missing = missing_requirements()
   if missing:
-    print_error(prog, f"{prog} needs the app extra, which lacks"
-                f" {', '.join(missing)}; install it with: {install_command()}")
+    print_error(
+      prog,
+      f"{prog} needs the app extra, which lacks"
+      f" {', '.join(missing)}; install it with: {install_command()}",
+    )
   return bool(missing)
 
 

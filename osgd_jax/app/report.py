@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["write_json", "exit_table", "plot_accuracy_vs_flops",
-           "plot_accuracy_vs_lr", "plot_exit_accuracy",
-           "plot_paired_differences"]
+__all__ = [
+  "write_json",
+  "exit_table",
+  "plot_accuracy_vs_flops",
+  "plot_accuracy_vs_lr",
+  "plot_exit_accuracy",
+  "plot_paired_differences",
+]
 
 
 def write_json(path: str, payload: Any) -> None:
@@ -48,9 +54,13 @@ def _human(n: float) -> str:
   return f"{n:.0f}"
 
 
-def exit_table(accuracy: Sequence[float], flops: Sequence[float],
-               params: Sequence[int], flops_source: str = "",
-               split: str = "test") -> str:
+def exit_table(
+  accuracy: Sequence[float],
+  flops: Sequence[float],
+  params: Sequence[int],
+  flops_source: str = "",
+  split: str = "test",
+) -> str:
   """Formats the per-exit table: accuracy, FLOPs and parameters.
 
   Args:
@@ -70,7 +80,9 @@ def exit_table(accuracy: Sequence[float], flops: Sequence[float],
   """
   label = "val acc" if split == "validation" else f"{split} acc"
   lines = [f"{'exit':>4}  {label:>8}  {'FLOPs':>9}  {'params':>9}"]
-  for k, (a, f, p) in enumerate(zip(accuracy, flops, params), start=1):
+  for k, (a, f, p) in enumerate(
+    zip(accuracy, flops, params, strict=True), start=1
+  ):
     lines.append(f"{k:>4}  {100 * a:>7.2f}%  {_human(f):>9}  {_human(p):>9}")
   if flops_source:
     lines.append(f"(FLOPs per example, from the {flops_source} cost count)")
@@ -81,12 +93,16 @@ def _figure(**kwargs):
   # A bare Figure renders to files without pyplot: no global backend switch
   # (which would silence plt.show() in a notebook), and nothing to close.
   from matplotlib.figure import Figure
+
   return Figure(**kwargs)
 
 
-def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
-                           path: str, title: str = "",
-                           ylabel: str = "test accuracy (%)") -> None:
+def plot_accuracy_vs_flops(
+  curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+  path: str,
+  title: str = "",
+  ylabel: str = "test accuracy (%)",
+) -> None:
   """Plots accuracy against FLOPs per example, one line per curve.
 
   Args:
@@ -109,8 +125,9 @@ def plot_accuracy_vs_flops(curves: dict[str, tuple[Sequence[float], Sequence[flo
   fig.savefig(path)
 
 
-def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
-                       path: str, title: str = "") -> None:
+def plot_exit_accuracy(
+  results: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = ""
+) -> None:
   """Bar chart of mean ± std test accuracy per exit for several optimizers.
 
   Args:
@@ -123,8 +140,14 @@ def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
   width = 0.8 / max(len(results), 1)
   for i, (label, (mean, std)) in enumerate(results.items()):
     exits = np.arange(1, len(mean) + 1)
-    ax.bar(exits + (i - (len(results) - 1) / 2) * width, 100 * np.asarray(mean),
-           width, yerr=100 * np.asarray(std), label=label, capsize=2)
+    ax.bar(
+      exits + (i - (len(results) - 1) / 2) * width,
+      100 * np.asarray(mean),
+      width,
+      yerr=100 * np.asarray(std),
+      label=label,
+      capsize=2,
+    )
   num_exits = max((len(mean) for mean, _ in results.values()), default=0)
   ax.set_xticks(np.arange(1, num_exits + 1))
   ax.set_xlabel("exit")
@@ -136,9 +159,12 @@ def plot_exit_accuracy(results: dict[str, tuple[np.ndarray, np.ndarray]],
   fig.savefig(path)
 
 
-def plot_accuracy_vs_lr(curves: dict[str, tuple[Sequence[float], np.ndarray]],
-                        path: str, title: str = "",
-                        chosen: dict[str, float] | None = None) -> None:
+def plot_accuracy_vs_lr(
+  curves: dict[str, tuple[Sequence[float], np.ndarray]],
+  path: str,
+  title: str = "",
+  chosen: dict[str, float] | None = None,
+) -> None:
   """Accuracy against the learning rate (log axis), one line per curve.
 
   Two panels: the mean over exits, and the last exit.
@@ -152,16 +178,23 @@ def plot_accuracy_vs_lr(curves: dict[str, tuple[Sequence[float], np.ndarray]],
   """
   fig = _figure(figsize=(8, 3.5), dpi=120)
   axes = fig.subplots(1, 2, sharey=True)
-  for ax, name in zip(axes, ("mean over exits", "last exit")):
+  for ax, name in zip(axes, ("mean over exits", "last exit"), strict=True):
     for label, (rates, acc) in curves.items():
       acc = np.asarray(acc, np.float64)
-      values = 100 * (acc.mean(axis=1) if name == "mean over exits"
-                      else acc[:, -1])
+      values = 100 * (
+        acc.mean(axis=1) if name == "mean over exits" else acc[:, -1]
+      )
       (line,) = ax.plot(np.asarray(rates), values, marker="o", label=label)
       if chosen and chosen.get(label) in list(rates):
         i = list(rates).index(chosen[label])
-        ax.plot([rates[i]], [values[i]], marker="o", markersize=11,
-                fillstyle="none", color=line.get_color())
+        ax.plot(
+          [rates[i]],
+          [values[i]],
+          marker="o",
+          markersize=11,
+          fillstyle="none",
+          color=line.get_color(),
+        )
     ax.set_xscale("log")
     rates = sorted({r for rs, _ in curves.values() for r in rs})
     ax.set_xticks(rates, [f"{r:g}" for r in rates])
@@ -178,8 +211,11 @@ def plot_accuracy_vs_lr(curves: dict[str, tuple[Sequence[float], np.ndarray]],
 
 
 def plot_paired_differences(
-    panels: dict[str, dict[str, tuple[float, float]]], path: str,
-    title: str = "", xlabel: str = "difference (percentage points)") -> Any:
+  panels: dict[str, dict[str, tuple[float, float]]],
+  path: str,
+  title: str = "",
+  xlabel: str = "difference (percentage points)",
+) -> Any:
   """Differences with their confidence intervals, one panel per group.
 
   A forest plot: each label is a row with its mean difference and a bar
@@ -198,20 +234,28 @@ def plot_paired_differences(
     The ``matplotlib.figure.Figure``, already written to ``path``.
   """
   labels = list(dict.fromkeys(l for rows in panels.values() for l in rows))
-  fig = _figure(figsize=(2.6 * max(len(panels), 1) + 1.2,
-                         0.32 * len(labels) + 1.4), dpi=100)
+  fig = _figure(
+    figsize=(2.6 * max(len(panels), 1) + 1.2, 0.32 * len(labels) + 1.4), dpi=100
+  )
   # One x scale for all panels, so that their intervals compare by eye.
-  axes = fig.subplots(1, max(len(panels), 1), sharex=True, sharey=True,
-                      squeeze=False)[0]
-  for ax, (name, rows) in zip(axes, panels.items()):
+  axes = fig.subplots(
+    1, max(len(panels), 1), sharex=True, sharey=True, squeeze=False
+  )[0]
+  for ax, (name, rows) in zip(axes, panels.items(), strict=True):
     for y, label in enumerate(labels):
       mean, half = rows.get(label, (np.nan, np.nan))
       if np.isnan(mean):
         continue
       excludes = not np.isnan(half) and abs(mean) > half
-      ax.errorbar([100 * mean], [y], xerr=None if np.isnan(half) else
-                  [[100 * half], [100 * half]], fmt="o", color="C0",
-                  markerfacecolor="C0" if excludes else "white", capsize=2)
+      ax.errorbar(
+        [100 * mean],
+        [y],
+        xerr=None if np.isnan(half) else [[100 * half], [100 * half]],
+        fmt="o",
+        color="C0",
+        markerfacecolor="C0" if excludes else "white",
+        capsize=2,
+      )
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_title(name, fontsize="medium")
     ax.set_xlabel(xlabel, fontsize="small")

@@ -21,18 +21,30 @@ from osgd_jax.app import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-    "scripts"]
+  "scripts"
+]
 
 
 def _run_script(target, args, *, block=(), pythonpath=()):
   """Runs ``module:function`` the way a console script does."""
   module, function = target.split(":")
-  code = (f"import sys\nfor name in {list(block)!r}: sys.modules[name] = None\n"
-          f"from {module} import {function}\nsys.exit({function}())")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [*map(str, pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, "-c", code, *args], env=env,
-                        capture_output=True, text=True, timeout=300)
+  code = (
+    f"import sys\nfor name in {list(block)!r}: sys.modules[name] = None\n"
+    f"from {module} import {function}\nsys.exit({function}())"
+  )
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+      [*map(str, pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    ),
+  )
+  return subprocess.run(
+    [sys.executable, "-c", code, *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _assert_one_line(result, *fragments):
@@ -51,27 +63,34 @@ def broken_sklearn(tmp_path):
   package = tmp_path / "sklearn"
   package.mkdir()
   (package / "__init__.py").write_text(
-      "raise ImportError('scikit-learn stand-in for the tests')\n")
+    "raise ImportError('scikit-learn stand-in for the tests')\n"
+  )
   return tmp_path
 
 
 def test_the_scripts_point_into_the_application():
   assert SCRIPTS == {
-      "osgd-train": "osgd_jax.app.commands:osgd_train",
-      "osgd-compare": "osgd_jax.app.commands:osgd_compare",
+    "osgd-train": "osgd_jax.app.commands:osgd_train",
+    "osgd-compare": "osgd_jax.app.commands:osgd_compare",
   }
   # Each runs its command, which lives beside what it drives.
   assert commands.COMMANDS == {
-      "osgd-train": "osgd_jax.app.train.cli:main",
-      "osgd-compare": "osgd_jax.app.compare.cli:main",
+    "osgd-train": "osgd_jax.app.train.cli:main",
+    "osgd-compare": "osgd_jax.app.compare.cli:main",
   }
 
 
 def test_a_missing_package_of_the_extra_is_one_line(broken_sklearn):
-  result = _run_script(SCRIPTS["osgd-train"], ["--help"],
-                       pythonpath=[broken_sklearn])
-  _assert_one_line(result, "osgd-train: error:", "app extra", "scikit-learn",
-                   '-m pip install "osgd-jax[app]"')
+  result = _run_script(
+    SCRIPTS["osgd-train"], ["--help"], pythonpath=[broken_sklearn]
+  )
+  _assert_one_line(
+    result,
+    "osgd-train: error:",
+    "app extra",
+    "scikit-learn",
+    '-m pip install "osgd-jax[app]"',
+  )
   # The command names this interpreter's pip, so it installs where it runs.
   assert sys.executable in result.stderr
 
@@ -79,11 +98,17 @@ def test_a_missing_package_of_the_extra_is_one_line(broken_sklearn):
 def test_every_missing_package_is_named():
   # mnist1d imports matplotlib, so it cannot be imported either; it is
   # installed, though, and not named.
-  result = _run_script(SCRIPTS["osgd-compare"], [],
-                       block=["orbax.checkpoint", "matplotlib", "tqdm"])
-  _assert_one_line(result, "osgd-compare: error:",
-                   "lacks orbax-checkpoint, matplotlib, tqdm;",
-                   'pip install "osgd-jax[app]"')
+  result = _run_script(
+    SCRIPTS["osgd-compare"],
+    [],
+    block=["orbax.checkpoint", "matplotlib", "tqdm"],
+  )
+  _assert_one_line(
+    result,
+    "osgd-compare: error:",
+    "lacks orbax-checkpoint, matplotlib, tqdm;",
+    'pip install "osgd-jax[app]"',
+  )
 
 
 def test_a_missing_mnist1d_is_named(monkeypatch):
@@ -115,16 +140,19 @@ def test_with_the_extra_the_commands_run(script, capsys):
 
 def test_the_checked_packages_are_the_app_extra():
   extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-      "optional-dependencies"]["app"]
+    "optional-dependencies"
+  ]["app"]
   names = [requirement.split(">")[0].split("=")[0] for requirement in extra]
   assert sorted(commands.APP_REQUIREMENTS.values()) == sorted(names)
 
 
-@pytest.mark.parametrize("script, module", [
-    (commands.osgd_train, "train.cli"),
-    (commands.osgd_compare, "compare.cli")])
-def test_ctrl_c_outside_the_training_loop_is_one_line(script, module, capsys,
-                                                      monkeypatch):
+@pytest.mark.parametrize(
+  "script, module",
+  [(commands.osgd_train, "train.cli"), (commands.osgd_compare, "compare.cli")],
+)
+def test_ctrl_c_outside_the_training_loop_is_one_line(
+  script, module, capsys, monkeypatch
+):
   # E.g. while JAX is still being imported: the command's own handler is
   # not in place yet.
   def interrupted(argv):
@@ -133,5 +161,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(script, module, capsys,
   monkeypatch.setattr(f"osgd_jax.app.{module}.main", interrupted)
   assert script([]) == 130
   err = capsys.readouterr().err.strip().splitlines()
-  assert err == [f"{script.__name__.replace('_', '-')}: error: interrupted"
-                 " before any work was saved."]
+  assert err == [
+    f"{script.__name__.replace('_', '-')}: error: interrupted"
+    " before any work was saved."
+  ]

@@ -18,17 +18,40 @@ import pytest
 import osgd_jax
 from osgd_jax.app import compare
 from osgd_jax.app import report as report_lib
-from osgd_jax.app.compare import (experiment, matched, results, runs, stats,
-                                  tables, variants)
+from osgd_jax.app.compare import (
+  experiment,
+  matched,
+  results,
+  runs,
+  stats,
+  tables,
+  variants,
+)
 from osgd_jax.app.compare import report as compare_report
-from osgd_jax.app.train import (OPTIMIZERS, TrainConfig, TrainingDiverged,
-                                TrainResult)
+from osgd_jax.app.train import (
+  OPTIMIZERS,
+  TrainConfig,
+  TrainingDiverged,
+  TrainResult,
+)
 
 # digits' 1438 training examples make 5 batches of 256, and so do the 1294
 # left by --validation 0.1: the tuning and the test runs of a rate share one
 # compiled step.
-TINY = ["--models", "branched-mlp", "--epochs", "1", "--batch-size", "256",
-        "--lr-grid", "0.05,0.1", "--validation", "0.1", "--seeds", "2"]
+TINY = [
+  "--models",
+  "branched-mlp",
+  "--epochs",
+  "1",
+  "--batch-size",
+  "256",
+  "--lr-grid",
+  "0.05,0.1",
+  "--validation",
+  "0.1",
+  "--seeds",
+  "2",
+]
 
 
 def _json(path):
@@ -38,8 +61,15 @@ def _json(path):
 @pytest.mark.slow
 def test_a_tiny_comparison_round_trips_through_results_json(tmp_path, capsys):
   out = tmp_path / "cmp"
-  args = [*TINY, "--optimizers", "sgd", "osgd", "sgd-matched",
-          "--out", str(out)]
+  args = [
+    *TINY,
+    "--optimizers",
+    "sgd",
+    "osgd",
+    "sgd-matched",
+    "--out",
+    str(out),
+  ]
   assert compare.main(args) == 0
   printed = capsys.readouterr().out
   assert "[11/11] branched-mlp, sgd-matched" in printed
@@ -47,7 +77,10 @@ def test_a_tiny_comparison_round_trips_through_results_json(tmp_path, capsys):
   assert payload["format"] == results.FORMAT
   settings = payload["settings"]
   assert (settings["lr_grid"], settings["seeds"], settings["validation"]) == (
-      [0.05, 0.1], [0, 1], 0.1)
+    [0.05, 0.1],
+    [0, 1],
+    0.1,
+  )
   entry = payload["models"]["branched-mlp"]
   assert len(entry["flops"]) == len(entry["params"]) == 4
   assert list(entry["optimizers"]) == ["sgd", "osgd", "sgd-matched"]
@@ -60,25 +93,35 @@ def test_a_tiny_comparison_round_trips_through_results_json(tmp_path, capsys):
   ratio = entry["matched"]
   assert ratio["osgd_lr"] == entry["optimizers"]["osgd"]["chosen_lr"]
   assert entry["optimizers"]["sgd-matched"]["chosen_lr"] == (
-      ratio["osgd_lr"] * ratio["ratio"])
+    ratio["osgd_lr"] * ratio["ratio"]
+  )
   assert ratio["steps"] == 5 and 0 < ratio["ratio"] < 2
-  assert np.asarray(entry["optimizers"]["sgd-matched"]["test_accuracy"]
-                    ).shape == (2, 4)
+  assert np.asarray(
+    entry["optimizers"]["sgd-matched"]["test_accuracy"]
+  ).shape == (2, 4)
   # A tuning run is scored on the validation split, and says so; a test run
   # on the test set.
   osgd = out / "branched-mlp" / "osgd"
   tuned = _json(osgd / "tune" / "lr0.05" / "metrics.json")["final"]
   assert tuned["evaluated_on"] == "validation" and "test_accuracy" not in tuned
-  assert tuned["val_accuracy"] == entry["optimizers"]["osgd"]["grid"][0][
-      "val_accuracy"]
+  assert (
+    tuned["val_accuracy"]
+    == entry["optimizers"]["osgd"]["grid"][0]["val_accuracy"]
+  )
   chosen = entry["optimizers"]["osgd"]["chosen_lr"]
-  assert _json(osgd / "test" / f"lr{chosen!r}" / "seed1" / "metrics.json")[
-      "final"]["evaluated_on"] == "test"
+  assert (
+    _json(osgd / "test" / f"lr{chosen!r}" / "seed1" / "metrics.json")["final"][
+      "evaluated_on"
+    ]
+    == "test"
+  )
   # The report is made from the JSON alone.
   report = (out / "report.md").read_text()
   assert report.startswith(compare.render_markdown(payload))
-  assert all((out / f"{kind}-branched-mlp.png").stat().st_size > 0
-             for kind in ("accuracy", "flops", "lr"))
+  assert all(
+    (out / f"{kind}-branched-mlp.png").stat().st_size > 0
+    for kind in ("accuracy", "flops", "lr")
+  )
   # The same command again trains nothing and reports the same.
   assert compare.main(args) == 0
   again = capsys.readouterr().out
@@ -87,97 +130,161 @@ def test_a_tiny_comparison_round_trips_through_results_json(tmp_path, capsys):
   assert (out / "report.md").read_text() == report
   # --report from the JSON fills the README section with the same tables.
   readme = tmp_path / "README.md"
-  readme.write_text("# title\n<!-- compare:digits:begin -->\nold\n"
-                    "<!-- compare:digits:end -->\nafter\n")
-  assert compare.main(["--report", str(out / "results.json"), "--report-out",
-                       str(tmp_path / "rep"), "--readme", str(readme),
-                       "--section", "digits"]) == 0
+  readme.write_text(
+    "# title\n<!-- compare:digits:begin -->\nold\n"
+    "<!-- compare:digits:end -->\nafter\n"
+  )
+  assert (
+    compare.main(
+      [
+        "--report",
+        str(out / "results.json"),
+        "--report-out",
+        str(tmp_path / "rep"),
+        "--readme",
+        str(readme),
+        "--section",
+        "digits",
+      ]
+    )
+    == 0
+  )
   assert readme.read_text() == (
-      "# title\n<!-- compare:digits:begin -->\n"
-      + compare.render_markdown(payload) + "<!-- compare:digits:end -->\nafter\n")
+    "# title\n<!-- compare:digits:begin -->\n"
+    + compare.render_markdown(payload)
+    + "<!-- compare:digits:end -->\nafter\n"
+  )
   assert (tmp_path / "rep" / "report.md").read_text() == report
 
 
 # Hand-written results: two models (2 and 3 exits), three seeds.
 HAND = {
-    "format": results.FORMAT, "version": results.VERSION,
-    "settings": {
-        "base_config": {"schedule": "cosine", "momentum": 0.9,
-                        "weight_decay": 0.0005},
-        "dataset": "digits", "epochs": 15, "batch_size": 64,
-        "models": ["branched-mlp", "nested-depth-mlp"],
-        "optimizers": ["sgd", "osgd", "pcgrad"], "variants": {},
-        "lr_grid": [0.01, 0.1], "validation": 0.2, "validation_split_seed": 0,
-        "tuning_seed": 1000, "seeds": [0, 1, 2], "selection": "",
-        "baseline": "sgd", "matched_to": "osgd", "confidence": 0.95},
-    "models": {
-        "branched-mlp": {
-            "flops": [10.0, 20.0], "flops_source": "xla", "params": [1, 2],
-            "matched": None,
-            "optimizers": {
-                "sgd": {"grid": [{"lr": 0.01, "val_accuracy": [0.5, 0.6]},
-                                 {"lr": 0.1, "val_accuracy": [0.6, 0.7]}],
-                        "chosen_lr": 0.1,
-                        "test_accuracy": [[0.5, 0.7], [0.6, 0.8], [0.7, 0.9]]},
-                "osgd": {"grid": [{"lr": 0.01, "val_accuracy": [0.6, 0.8]},
-                                  {"lr": 0.1, "val_accuracy": None}],
-                         "chosen_lr": 0.01,
-                         "test_accuracy": [[0.55, 0.75], [0.66, 0.86],
-                                           [0.77, 0.97]]},
-                "pcgrad": {"grid": [{"lr": 0.01, "val_accuracy": [0.5, 0.5]},
-                                    {"lr": 0.1, "val_accuracy": [0.55, 0.65]}],
-                           "chosen_lr": 0.1,
-                           "test_accuracy": [[0.6, 0.6], None, [0.6, 0.9]]}}},
-        "nested-depth-mlp": {
-            "flops": [10.0, 20.0, 30.0], "flops_source": "xla",
-            "params": [1, 2, 3], "matched": None,
-            "optimizers": {
-                "sgd": {"grid": [{"lr": 0.01, "val_accuracy": [0.2, 0.4, 0.6]},
-                                 {"lr": 0.1, "val_accuracy": [0.3, 0.6, 0.9]}],
-                        "chosen_lr": 0.1,
-                        "test_accuracy": [[0.3, 0.6, 0.9]] * 3},
-                "osgd": {"grid": [{"lr": 0.01, "val_accuracy": None},
-                                  {"lr": 0.1, "val_accuracy": None}],
-                         "chosen_lr": None, "test_accuracy": None}}}},
+  "format": results.FORMAT,
+  "version": results.VERSION,
+  "settings": {
+    "base_config": {
+      "schedule": "cosine",
+      "momentum": 0.9,
+      "weight_decay": 0.0005,
+    },
+    "dataset": "digits",
+    "epochs": 15,
+    "batch_size": 64,
+    "models": ["branched-mlp", "nested-depth-mlp"],
+    "optimizers": ["sgd", "osgd", "pcgrad"],
+    "variants": {},
+    "lr_grid": [0.01, 0.1],
+    "validation": 0.2,
+    "validation_split_seed": 0,
+    "tuning_seed": 1000,
+    "seeds": [0, 1, 2],
+    "selection": "",
+    "baseline": "sgd",
+    "matched_to": "osgd",
+    "confidence": 0.95,
+  },
+  "models": {
+    "branched-mlp": {
+      "flops": [10.0, 20.0],
+      "flops_source": "xla",
+      "params": [1, 2],
+      "matched": None,
+      "optimizers": {
+        "sgd": {
+          "grid": [
+            {"lr": 0.01, "val_accuracy": [0.5, 0.6]},
+            {"lr": 0.1, "val_accuracy": [0.6, 0.7]},
+          ],
+          "chosen_lr": 0.1,
+          "test_accuracy": [[0.5, 0.7], [0.6, 0.8], [0.7, 0.9]],
+        },
+        "osgd": {
+          "grid": [
+            {"lr": 0.01, "val_accuracy": [0.6, 0.8]},
+            {"lr": 0.1, "val_accuracy": None},
+          ],
+          "chosen_lr": 0.01,
+          "test_accuracy": [[0.55, 0.75], [0.66, 0.86], [0.77, 0.97]],
+        },
+        "pcgrad": {
+          "grid": [
+            {"lr": 0.01, "val_accuracy": [0.5, 0.5]},
+            {"lr": 0.1, "val_accuracy": [0.55, 0.65]},
+          ],
+          "chosen_lr": 0.1,
+          "test_accuracy": [[0.6, 0.6], None, [0.6, 0.9]],
+        },
+      },
+    },
+    "nested-depth-mlp": {
+      "flops": [10.0, 20.0, 30.0],
+      "flops_source": "xla",
+      "params": [1, 2, 3],
+      "matched": None,
+      "optimizers": {
+        "sgd": {
+          "grid": [
+            {"lr": 0.01, "val_accuracy": [0.2, 0.4, 0.6]},
+            {"lr": 0.1, "val_accuracy": [0.3, 0.6, 0.9]},
+          ],
+          "chosen_lr": 0.1,
+          "test_accuracy": [[0.3, 0.6, 0.9]] * 3,
+        },
+        "osgd": {
+          "grid": [
+            {"lr": 0.01, "val_accuracy": None},
+            {"lr": 0.1, "val_accuracy": None},
+          ],
+          "chosen_lr": None,
+          "test_accuracy": None,
+        },
+      },
+    },
+  },
 }
 
 
 def test_the_tables_of_a_hand_written_results_file():
   assert tables.accuracy_table(HAND).splitlines() == [
-      "| model | optimizer | lr | exit 1 | exit 2 | exit 3 | mean |",
-      "| --- | --- | --- | --- | --- | --- | --- |",
-      "| branched-mlp | sgd | 0.1 | 60.0 ± 10.0 | 80.0 ± 10.0 | — | 70.0 ± 10.0 |",
-      "| branched-mlp | osgd | 0.01 | 66.0 ± 11.0 | 86.0 ± 11.0 | — | 76.0 ± 11.0 |",
-      "| branched-mlp | pcgrad (1/3 diverged) | 0.1 | 60.0 ± 0.0 | 75.0 ± 21.2"
-      " | — | 67.5 ± 10.6 |",
-      "| nested-depth-mlp | sgd | 0.1 | 30.0 ± 0.0 | 60.0 ± 0.0 | 90.0 ± 0.0 |"
-      " 60.0 ± 0.0 |",
-      "| nested-depth-mlp | osgd | — | every grid rate diverged | — | — | — |"]
+    "| model | optimizer | lr | exit 1 | exit 2 | exit 3 | mean |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+    "| branched-mlp | sgd | 0.1 | 60.0 ± 10.0 | 80.0 ± 10.0 | — | 70.0 ± 10.0 |",
+    "| branched-mlp | osgd | 0.01 | 66.0 ± 11.0 | 86.0 ± 11.0 | — | 76.0 ± 11.0 |",
+    "| branched-mlp | pcgrad (1/3 diverged) | 0.1 | 60.0 ± 0.0 | 75.0 ± 21.2"
+    " | — | 67.5 ± 10.6 |",
+    "| nested-depth-mlp | sgd | 0.1 | 30.0 ± 0.0 | 60.0 ± 0.0 | 90.0 ± 0.0 |"
+    " 60.0 ± 0.0 |",
+    "| nested-depth-mlp | osgd | — | every grid rate diverged | — | — | — |",
+  ]
   # t(0.975, 2) = 4.303 for osgd's 3 pairs, t(0.975, 1) = 12.706 for
   # pcgrad's 2 (seed 1 diverged); bold: the interval excludes 0.
   assert tables.difference_table(HAND).splitlines()[2:] == [
-      "| branched-mlp | osgd | 3 | **+6.0 ± 2.5** | **+6.0 ± 2.5** | — |"
-      " **+6.0 ± 2.5** |",
-      "| branched-mlp | pcgrad | 2 | +0.0 ± 127.1 | -5.0 ± 63.5 | — |"
-      " -2.5 ± 31.8 |",
-      "| nested-depth-mlp | osgd | 0 | — | — | — | — |"]
+    "| branched-mlp | osgd | 3 | **+6.0 ± 2.5** | **+6.0 ± 2.5** | — |"
+    " **+6.0 ± 2.5** |",
+    "| branched-mlp | pcgrad | 2 | +0.0 ± 127.1 | -5.0 ± 63.5 | — |"
+    " -2.5 ± 31.8 |",
+    "| nested-depth-mlp | osgd | 0 | — | — | — | — |",
+  ]
   assert tables.robustness_table(HAND).splitlines() == [
-      "| model | lr | sgd | osgd | pcgrad |",
-      "| --- | --- | --- | --- | --- |",
-      "| branched-mlp | 0.01 | 55.0 / 60.0 | 70.0 / 80.0 * | 50.0 / 50.0 |",
-      "| branched-mlp | 0.1 | 65.0 / 70.0 * | diverged | 60.0 / 65.0 * |",
-      "| nested-depth-mlp | 0.01 | 40.0 / 60.0 | diverged | — |",
-      "| nested-depth-mlp | 0.1 | 60.0 / 90.0 * | diverged | — |"]
+    "| model | lr | sgd | osgd | pcgrad |",
+    "| --- | --- | --- | --- | --- |",
+    "| branched-mlp | 0.01 | 55.0 / 60.0 | 70.0 / 80.0 * | 50.0 / 50.0 |",
+    "| branched-mlp | 0.1 | 65.0 / 70.0 * | diverged | 60.0 / 65.0 * |",
+    "| nested-depth-mlp | 0.01 | 40.0 / 60.0 | diverged | — |",
+    "| nested-depth-mlp | 0.1 | 60.0 / 90.0 * | diverged | — |",
+  ]
   assert tables.matched_table(HAND) == ""
   markdown = tables.render_markdown(HAND)
   assert "over 3 seeds" in markdown and "seeds 0–2" in markdown
   assert "sgd-matched" not in markdown  # not run, so not described
-  assert ("branched-mlp: sgd 0.1, osgd 0.01, pcgrad 0.1; nested-depth-mlp:"
-          " sgd 0.1.") in markdown
+  assert (
+    "branched-mlp: sgd 0.1, osgd 0.01, pcgrad 0.1; nested-depth-mlp: sgd 0.1."
+  ) in markdown
   without_baseline = json.loads(json.dumps(HAND))
   without_baseline["settings"]["baseline"] = "sgd-mean"
   assert tables.difference_table(without_baseline) == (
-      "(No `sgd-mean` runs to pair the others with.)")
+    "(No `sgd-mean` runs to pair the others with.)"
+  )
 
 
 def test_the_differences_figure_draws_each_pair_and_its_interval(tmp_path):
@@ -189,17 +296,24 @@ def test_the_differences_figure_draws_each_pair_and_its_interval(tmp_path):
   # +6.0 ± 4.303 * 0.01 / sqrt(3) points, excludes 0 (a filled marker);
   # pcgrad's -2.5 ± 31.8 does not; nested-depth-mlp's osgd never ran.
   fig = report_lib.plot_paired_differences(
-      {model: {name: (overall.mean, overall.half_width)
-               for name, (_, overall) in rows.items()}
-       for model, rows in tables.paired_differences(HAND).items()},
-      str(tmp_path / "again.png"))
+    {
+      model: {
+        name: (overall.mean, overall.half_width)
+        for name, (_, overall) in rows.items()
+      }
+      for model, rows in tables.paired_differences(HAND).items()
+    },
+    str(tmp_path / "again.png"),
+  )
   branched, nested = fig.axes
-  assert [t.get_text() for t in branched.get_yticklabels()] == ["osgd",
-                                                                "pcgrad"]
+  assert [t.get_text() for t in branched.get_yticklabels()] == [
+    "osgd",
+    "pcgrad",
+  ]
   markers = [line for line in branched.lines if line.get_marker() == "o"]
-  assert [(float(m.get_xdata()[0]), float(m.get_ydata()[0]))
-          for m in markers] == [(pytest.approx(6.0), 0.0),
-                                (pytest.approx(-2.5), 1.0)]
+  assert [
+    (float(m.get_xdata()[0]), float(m.get_ydata()[0])) for m in markers
+  ] == [(pytest.approx(6.0), 0.0), (pytest.approx(-2.5), 1.0)]
   assert [m.get_markerfacecolor() != "white" for m in markers] == [True, False]
   bars = [c.get_segments()[0] for c in branched.collections]
   half = 100 * 4.302652729911275 * 0.01 / math.sqrt(3)
@@ -210,8 +324,11 @@ def test_the_differences_figure_draws_each_pair_and_its_interval(tmp_path):
   del without_baseline["models"]["branched-mlp"]["optimizers"]["sgd"]
   del without_baseline["models"]["nested-depth-mlp"]["optimizers"]["sgd"]
   assert compare_report.DIFFERENCES_FIGURE not in [
-      os.path.basename(p) for p in compare_report.write_report(
-          without_baseline, str(tmp_path / "none"))]
+    os.path.basename(p)
+    for p in compare_report.write_report(
+      without_baseline, str(tmp_path / "none")
+    )
+  ]
 
 
 def test_paired_differences_match_an_independent_float64_computation():
@@ -227,27 +344,37 @@ def test_paired_differences_match_an_independent_float64_computation():
   assert d.half_width == pytest.approx(3.182446305284263 * sd / 2, rel=1e-12)
   assert d.excludes_zero == (abs(mean) > 3.182446305284263 * sd / 2)
   # 4 degrees of freedom: t = 2.776.
-  five = stats.paired_difference(np.array([1.0, 2.0, 3.0, 4.0, 5.0]),
-                                 np.zeros(5))
+  five = stats.paired_difference(
+    np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.zeros(5)
+  )
   assert (five.n, five.mean) == (5, 3.0)
   assert five.half_width == pytest.approx(
-      2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5), rel=1e-12)
+    2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5), rel=1e-12
+  )
   assert five.excludes_zero
-  assert not stats.paired_difference(np.array([1.0, -1.0]),
-                                     np.zeros(2)).excludes_zero
+  assert not stats.paired_difference(
+    np.array([1.0, -1.0]), np.zeros(2)
+  ).excludes_zero
   one = stats.paired_difference(np.array([0.5, np.nan]), np.array([0.4, 0.3]))
   assert one.n == 1 and math.isnan(one.half_width) and not one.excludes_zero
   assert stats.paired_difference(np.array([np.nan]), np.array([0.1])).n == 0
   # The printed tables' values.
-  for p, dof, t in ((0.975, 1, 12.706), (0.975, 4, 2.776), (0.975, 9, 2.262),
-                    (0.995, 4, 4.604), (0.975, 1000, 1.962)):
+  for p, dof, t in (
+    (0.975, 1, 12.706),
+    (0.975, 4, 2.776),
+    (0.975, 9, 2.262),
+    (0.995, 4, 4.604),
+    (0.975, 1000, 1.962),
+  ):
     assert stats.t_quantile(p, dof) == pytest.approx(t, abs=5e-4)
 
 
 def test_the_chosen_rate_is_the_best_mean_then_the_smaller_and_never_diverged():
-  grid = [{"lr": 0.01, "val_accuracy": [0.5, 0.9]},
-          {"lr": 0.05, "val_accuracy": [0.8, 0.6]},  # the same mean: a tie
-          {"lr": 0.1, "val_accuracy": None}]
+  grid = [
+    {"lr": 0.01, "val_accuracy": [0.5, 0.9]},
+    {"lr": 0.05, "val_accuracy": [0.8, 0.6]},  # the same mean: a tie
+    {"lr": 0.1, "val_accuracy": None},
+  ]
   assert experiment.choose_rate(grid) == 0.01
   assert experiment.choose_rate(grid[1:]) == 0.05
   assert experiment.choose_rate(grid[2:]) is None
@@ -259,7 +386,10 @@ def test_each_optimizer_name_sets_its_fields():
     variants.config_for(base, name).validate()
   global_ = variants.config_for(base, "osgd-global", lr=0.2)
   assert (global_.optimizer, global_.granularity, global_.lr) == (
-      "osgd", "global", 0.2)
+    "osgd",
+    "global",
+    0.2,
+  )
   assert variants.config_for(base, "osgd-rescale").rescale
   assert variants.config_for(base, "osgd-switch").switch_to_sgd == 0.8
   assert variants.config_for(base, "sgd-matched").optimizer == "sgd"
@@ -268,8 +398,10 @@ def test_each_optimizer_name_sets_its_fields():
 
 def test_the_update_norms_from_osgd_s_state_are_the_direct_norms():
   keys = jax.random.split(jax.random.key(0), 2)
-  grads = {"a": jax.random.normal(keys[0], (3, 4, 5)),
-           "b": jax.random.normal(keys[1], (3, 7)) + 1.0}  # correlated rows
+  grads = {
+    "a": jax.random.normal(keys[0], (3, 4, 5)),
+    "b": jax.random.normal(keys[1], (3, 7)) + 1.0,
+  }  # correlated rows
   params = jax.tree.map(lambda g: g[0], grads)
   tx = osgd_jax.osgd(num_exits=3)
 
@@ -277,25 +409,41 @@ def test_the_update_norms_from_osgd_s_state_are_the_direct_norms():
   def norms(grads):
     update, state = tx.update(grads, tx.init(params), params)
     summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
-    return (matched.update_and_sum_norms(state), optax.tree.norm(update),
-            optax.tree.norm(summed))
+    return (
+      matched.update_and_sum_norms(state),
+      optax.tree.norm(update),
+      optax.tree.norm(summed),
+    )
 
   (u, s), update, summed = norms(grads)
   assert float(u) == pytest.approx(float(update), rel=1e-5)
   assert float(s) == pytest.approx(float(summed), rel=1e-5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lr-grid", ""], "--lr-grid '' is not a list of numbers; give finite"
-     " rates > 0 separated by commas, such as 0.01,0.05,0.1."),
-    (["--lr-grid", "0.1,-1"], "--lr-grid '0.1,-1' has -1.0, not a finite rate > 0"),
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--lr-grid", ""],
+      "--lr-grid '' is not a list of numbers; give finite"
+      " rates > 0 separated by commas, such as 0.01,0.05,0.1.",
+    ),
+    (
+      ["--lr-grid", "0.1,-1"],
+      "--lr-grid '0.1,-1' has -1.0, not a finite rate > 0",
+    ),
     (["--lr-grid", "0.1,nan"], "has nan, not a finite rate > 0"),
     (["--lr-grid", "0,0.1"], "has 0.0, not a finite rate > 0"),
     (["--lr-grid", "0.1,0.1"], "names a rate twice"),
-    (["--optimizers", "sgd", "osgd-fast"], "unknown optimizer 'osgd-fast' in"
-     " --optimizers; choose from: osgd, sgd,"),
-    (["--optimizers", "sgd", "sgd-matched"], "sgd-matched takes its learning"
-     " rate from osgd's tuned rate; add osgd to --optimizers."),
+    (
+      ["--optimizers", "sgd", "osgd-fast"],
+      "unknown optimizer 'osgd-fast' in --optimizers; choose from: osgd, sgd,",
+    ),
+    (
+      ["--optimizers", "sgd", "sgd-matched"],
+      "sgd-matched takes its learning"
+      " rate from osgd's tuned rate; add osgd to --optimizers.",
+    ),
     (["--optimizers", "sgd", "sgd"], "--optimizers names sgd more than once"),
     (["--seeds", "0"], "--seeds must be an integer from 1 to 1000, got 0."),
     (["--validation", "0"], "--validation must be a finite number in (0, 1)"),
@@ -303,7 +451,8 @@ def test_the_update_norms_from_osgd_s_state_are_the_direct_norms():
     (["--epochs", "0"], "--epochs must be an integer from 1"),
     (["--readme", "README.md"], "--readme and --section go together"),
     (["--report-out", "x"], "go with --report RESULTS"),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_status_2(args, message, tmp_path, capsys):
   assert compare.main([*args, "--out", str(tmp_path / "cmp")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -321,25 +470,38 @@ def test_a_report_of_a_missing_or_foreign_file_is_one_line(tmp_path, capsys):
   readme = tmp_path / "README.md"
   readme.write_text("no markers\n")
   for args, message in [
-      (["--report", str(tmp_path / "none.json")], "does not exist; pass the"
-       " results.json that osgd-compare wrote in its --out."),
-      (["--report", str(foreign)], "is not an osgd-compare results file"),
-      (["--report", str(broken)], "cannot be read as JSON"),
-      (["--report", str(good), "--seeds", "3"], "--report makes the report"
-       " from a results file and trains nothing; leave out --seeds."),
-      (["--report", str(good), "--readme", str(readme), "--section", "digits"],
-       "needs the line <!-- compare:digits:begin --> and, below it, the line"
-       " <!-- compare:digits:end -->, once each"),
-      (["--report", str(good), "--readme", str(readme), "--section", "a b"],
-       "--section 'a b' must be letters"),
+    (
+      ["--report", str(tmp_path / "none.json")],
+      "does not exist; pass the"
+      " results.json that osgd-compare wrote in its --out.",
+    ),
+    (["--report", str(foreign)], "is not an osgd-compare results file"),
+    (["--report", str(broken)], "cannot be read as JSON"),
+    (
+      ["--report", str(good), "--seeds", "3"],
+      "--report makes the report"
+      " from a results file and trains nothing; leave out --seeds.",
+    ),
+    (
+      ["--report", str(good), "--readme", str(readme), "--section", "digits"],
+      "needs the line <!-- compare:digits:begin --> and, below it, the line"
+      " <!-- compare:digits:end -->, once each",
+    ),
+    (
+      ["--report", str(good), "--readme", str(readme), "--section", "a b"],
+      "--section 'a b' must be letters",
+    ),
   ]:
     assert compare.main(args) == 2, args
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
   assert readme.read_text() == "no markers\n"  # a refused report writes nothing
   assert compare.main(["--report", str(good)]) == 0
-  assert (tmp_path / "report.md").read_text().startswith(
-      tables.render_markdown(HAND))
+  assert (
+    (tmp_path / "report.md")
+    .read_text()
+    .startswith(tables.render_markdown(HAND))
+  )
 
 
 class _FakeTraining:
@@ -357,64 +519,133 @@ class _FakeTraining:
       raise fault
     accuracy = np.array([0.5, 0.6]) + config.lr + config.seed % 10 / 100
     on_test = config.evaluated_on == "test"
-    return TrainResult([], accuracy if on_test else None, None, None, None,
-                       config.out, None, None if on_test else accuracy, None,
-                       config.evaluated_on)
+    return TrainResult(
+      [],
+      accuracy if on_test else None,
+      None,
+      None,
+      None,
+      config.out,
+      None,
+      None if on_test else accuracy,
+      None,
+      config.evaluated_on,
+    )
 
 
 def _no_model(monkeypatch, fake):
   monkeypatch.setattr(runs, "train", fake)
-  monkeypatch.setattr(experiment, "model_costs", lambda config: {
-      "flops": [1.0, 2.0], "flops_source": "xla", "params": [1, 2]})
-  monkeypatch.setattr(matched, "measure_update_ratio", lambda config: {
-      "ratio": 0.5, "epoch_ratios": [0.5], "first_step_ratio": 1.0,
-      "steps": 5})
+  monkeypatch.setattr(
+    experiment,
+    "model_costs",
+    lambda config: {
+      "flops": [1.0, 2.0],
+      "flops_source": "xla",
+      "params": [1, 2],
+    },
+  )
+  monkeypatch.setattr(
+    matched,
+    "measure_update_ratio",
+    lambda config: {
+      "ratio": 0.5,
+      "epoch_ratios": [0.5],
+      "first_step_ratio": 1.0,
+      "steps": 5,
+    },
+  )
 
 
 def test_diverged_and_interrupted_runs(tmp_path, capsys, monkeypatch):
   out = tmp_path / "cmp"
-  args = [*TINY, "--optimizers", "sgd", "osgd", "sgd-matched",
-          "--out", str(out)]
-  fake = _FakeTraining({
+  args = [
+    *TINY,
+    "--optimizers",
+    "sgd",
+    "osgd",
+    "sgd-matched",
+    "--out",
+    str(out),
+  ]
+  fake = _FakeTraining(
+    {
       ("osgd", 0.1, experiment.TUNING_SEED): TrainingDiverged("non-finite"),
-      ("sgd", 0.1, 1): KeyboardInterrupt()})
+      ("sgd", 0.1, 1): KeyboardInterrupt(),
+    }
+  )
   _no_model(monkeypatch, fake)
   assert compare.main(args) == 130
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "Run the same command again to continue" in err[0]
-  assert _json(out / "branched-mlp" / "sgd" / "test" / "lr0.1" / "seed0" /
-               compare.RESULT_FILE)["status"] == "finished"
+  assert (
+    _json(
+      out
+      / "branched-mlp"
+      / "sgd"
+      / "test"
+      / "lr0.1"
+      / "seed0"
+      / compare.RESULT_FILE
+    )["status"]
+    == "finished"
+  )
   fake.faults[("sgd", 0.1, 1)] = TrainingDiverged("non-finite loss")
   done = len(fake.calls)
   assert compare.main(args) == 0
   printed = capsys.readouterr().out
   # Only the interrupted run is trained again, and now it diverges.
-  assert fake.calls[done:] == [("sgd", 0.1, 1), ("osgd", 0.05, 0),
-                               ("osgd", 0.05, 1), ("sgd", 0.025, 0),
-                               ("sgd", 0.025, 1)]
+  assert fake.calls[done:] == [
+    ("sgd", 0.1, 1),
+    ("osgd", 0.05, 0),
+    ("osgd", 0.05, 1),
+    ("sgd", 0.025, 0),
+    ("sgd", 0.025, 1),
+  ]
   assert "tuning lr 0.1: diverged" in printed and "seed 1: diverged" in printed
   entry = _json(out / "results.json")["models"]["branched-mlp"]["optimizers"]
   # A diverged tuning run fails its rate; the other rate is chosen.
-  assert entry["osgd"]["grid"][1] == {"lr": 0.1, "status": "diverged",
-                                      "val_accuracy": None}
+  assert entry["osgd"]["grid"][1] == {
+    "lr": 0.1,
+    "status": "diverged",
+    "val_accuracy": None,
+  }
   assert entry["osgd"]["chosen_lr"] == 0.05
   assert entry["sgd-matched"]["chosen_lr"] == 0.025
   assert entry["sgd"]["test_accuracy"][1] is None
-  assert "| branched-mlp | sgd (1/2 diverged) | 0.1 |" in (
-      out / "report.md").read_text()
+  assert (
+    "| branched-mlp | sgd (1/2 diverged) | 0.1 |"
+    in (out / "report.md").read_text()
+  )
   # Recorded: a third call trains nothing.
   done = len(fake.calls)
   assert compare.main(args) == 0
   assert fake.calls[done:] == []
 
 
-def test_every_rate_diverged_leaves_the_optimizer_untested(tmp_path, capsys,
-                                                           monkeypatch):
-  fake = _FakeTraining({("osgd", lr, experiment.TUNING_SEED):
-                        TrainingDiverged("non-finite") for lr in (0.05, 0.1)})
+def test_every_rate_diverged_leaves_the_optimizer_untested(
+  tmp_path, capsys, monkeypatch
+):
+  fake = _FakeTraining(
+    {
+      ("osgd", lr, experiment.TUNING_SEED): TrainingDiverged("non-finite")
+      for lr in (0.05, 0.1)
+    }
+  )
   _no_model(monkeypatch, fake)
-  assert compare.main([*TINY, "--optimizers", "sgd", "osgd", "sgd-matched",
-                       "--out", str(tmp_path)]) == 0
+  assert (
+    compare.main(
+      [
+        *TINY,
+        "--optimizers",
+        "sgd",
+        "osgd",
+        "sgd-matched",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert "branched-mlp, osgd: no learning rate to test" in printed
   entry = _json(tmp_path / "results.json")["models"]["branched-mlp"]
@@ -422,20 +653,34 @@ def test_every_rate_diverged_leaves_the_optimizer_untested(tmp_path, capsys,
   assert entry["optimizers"]["sgd-matched"]["chosen_lr"] is None
   assert "| branched-mlp | osgd | — | every grid rate diverged |" in printed
   assert "| branched-mlp | sgd-matched | — | no rate to match |" in printed
-  assert ("branched-mlp, sgd-matched: no learning rate to test (osgd has no"
-          " rate, or its measured run diverged)") in printed
+  assert (
+    "branched-mlp, sgd-matched: no learning rate to test (osgd has no"
+    " rate, or its measured run diverged)"
+  ) in printed
 
 
 def test_a_directory_of_other_settings_is_refused(tmp_path, capsys):
   out = tmp_path / "cmp"
   run = out / "branched-mlp" / "sgd" / "tune" / "lr0.05"
   run.mkdir(parents=True)
-  config = TrainConfig(model="branched-mlp", optimizer="sgd", epochs=3,
-                       lr=0.05, seed=experiment.TUNING_SEED, validation=0.1,
-                       out=str(run))
-  (run / compare.RESULT_FILE).write_text(json.dumps(
-      {"status": "finished", "config": config.to_json(),
-       "val_accuracy": [0.5] * 4}))
+  config = TrainConfig(
+    model="branched-mlp",
+    optimizer="sgd",
+    epochs=3,
+    lr=0.05,
+    seed=experiment.TUNING_SEED,
+    validation=0.1,
+    out=str(run),
+  )
+  (run / compare.RESULT_FILE).write_text(
+    json.dumps(
+      {
+        "status": "finished",
+        "config": config.to_json(),
+        "val_accuracy": [0.5] * 4,
+      }
+    )
+  )
   assert compare.main([*TINY, "--optimizers", "sgd", "--out", str(out)]) == 2
   err = capsys.readouterr().err
   assert "holds a finished run with other settings" in err
@@ -453,8 +698,11 @@ def test_a_wider_grid_trains_only_the_new_runs(tmp_path, capsys, monkeypatch):
   assert compare.main(wider) == 0
   # The new rate's tuning run, and the test runs of the new choice (the
   # fake's accuracy grows with the rate).
-  assert fake.calls[done:] == [("sgd", 0.2, experiment.TUNING_SEED),
-                               ("sgd", 0.2, 0), ("sgd", 0.2, 1)]
+  assert fake.calls[done:] == [
+    ("sgd", 0.2, experiment.TUNING_SEED),
+    ("sgd", 0.2, 0),
+    ("sgd", 0.2, 1),
+  ]
   capsys.readouterr()
 
 
@@ -462,7 +710,8 @@ def test_mnist1d_is_checked_against_each_model(tmp_path, capsys, monkeypatch):
   # The default models are ResNets: refused before any run.
   assert compare.main(["--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
   assert "--model branched-resnet convolves 2-D images" in (
-      capsys.readouterr().err)
+    capsys.readouterr().err
+  )
   # MLPs pass every run's check, although the shared settings' own model is
   # a ResNet; the plan reaches the experiment.
   planned = []
@@ -472,8 +721,21 @@ def test_mnist1d_is_checked_against_each_model(tmp_path, capsys, monkeypatch):
     raise ValueError("planned")
 
   monkeypatch.setattr(experiment, "run_comparison", stop)
-  assert compare.main(["--dataset", "MNIST-1D", "--models", "branched-mlp",
-                       "nested-depth-mlp", "--out", str(tmp_path / "mlp")]) == 2
+  assert (
+    compare.main(
+      [
+        "--dataset",
+        "MNIST-1D",
+        "--models",
+        "branched-mlp",
+        "nested-depth-mlp",
+        "--out",
+        str(tmp_path / "mlp"),
+      ]
+    )
+    == 2
+  )
   assert "planned" in capsys.readouterr().err
   assert [(p.base.dataset, p.models) for p in planned] == [
-      ("mnist1d", ("branched-mlp", "nested-depth-mlp"))]
+    ("mnist1d", ("branched-mlp", "nested-depth-mlp"))
+  ]

@@ -21,18 +21,24 @@ import signal
 import socket
 import subprocess
 import threading
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+from cifar_files import CifarTree, write_cifar
 
 from osgd_jax.app import data
-from osgd_jax.app.train import cli
-from osgd_jax.app.data import (CifarArchive, DatasetFormatError,
-                               DatasetNotFoundError, DownloadError,
-                               download_cifar, load_dataset)
+from osgd_jax.app.data import (
+  CifarArchive,
+  DatasetFormatError,
+  DatasetNotFoundError,
+  DownloadError,
+  download_cifar,
+  load_dataset,
+)
 from osgd_jax.app.data.cifar import archive_path
-from cifar_files import CifarTree, write_cifar
+from osgd_jax.app.train import cli
 
 ARCHIVE = "cifar-10-python.tar.gz"
 
@@ -69,8 +75,9 @@ def server():
   """An HTTP server on localhost; tests put pages in ``server.pages``."""
   httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
   httpd.daemon_threads = True
-  thread = threading.Thread(target=httpd.serve_forever, args=(0.05,),
-                            daemon=True)
+  thread = threading.Thread(
+    target=httpd.serve_forever, args=(0.05,), daemon=True
+  )
   thread.start()
   httpd.pages = _Handler.pages
   httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -89,11 +96,16 @@ class _Source(NamedTuple):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-  written = write_cifar(str(tmp_path_factory.mktemp("served")), "cifar10",
-                        n=4, extracted=False)
+  written = write_cifar(
+    str(tmp_path_factory.mktemp("served")), "cifar10", n=4, extracted=False
+  )
   blob = pathlib.Path(written.archive).read_bytes()
-  return _Source(written, blob, hashlib.md5(blob).hexdigest(),
-                 pathlib.Path(written.archive).as_uri())
+  return _Source(
+    written,
+    blob,
+    hashlib.md5(blob).hexdigest(),
+    pathlib.Path(written.archive).as_uri(),
+  )
 
 
 def _left_in(directory) -> list[str]:
@@ -115,8 +127,9 @@ def test_the_official_archives_are_the_files_the_loader_reads():
 
 
 @pytest.mark.parametrize("scheme", ["file", "http"])
-def test_an_archive_is_downloaded_checked_and_loaded(scheme, source, server,
-                                                     tmp_path, capsys):
+def test_an_archive_is_downloaded_checked_and_loaded(
+  scheme, source, server, tmp_path, capsys
+):
   server.pages["/good.tar.gz"] = _Page(source.blob, len(source.blob))
   url = source.url if scheme == "file" else f"{server.url}/good.tar.gz"
   data_dir = tmp_path / "new" / "data"  # created by the download
@@ -132,14 +145,16 @@ def test_an_archive_is_downloaded_checked_and_loaded(scheme, source, server,
   os.umask(umask)
   assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
   ds = load_dataset("cifar10", data_dir=str(data_dir))
-  np.testing.assert_array_equal(ds.y_train,
-                                source.written.train_labels["labels"])
+  np.testing.assert_array_equal(
+    ds.y_train, source.written.train_labels["labels"]
+  )
   np.testing.assert_array_equal(ds.y_test, source.written.test_labels["labels"])
 
 
 @pytest.mark.parametrize("present", ["archive", "folder", "batch files"])
-def test_what_the_loader_would_read_is_not_downloaded_again(present, source,
-                                                            tmp_path, capsys):
+def test_what_the_loader_would_read_is_not_downloaded_again(
+  present, source, tmp_path, capsys
+):
   data_dir = tmp_path / "data"
   if present == "archive":
     data_dir.mkdir()
@@ -156,32 +171,40 @@ def test_what_the_loader_would_read_is_not_downloaded_again(present, source,
   path = download_cifar("cifar10", str(data_dir), url=nowhere, md5=source.md5)
   assert path == str(expected)
   assert capsys.readouterr().out == (
-      f"cifar10: found {path}; nothing to download.\n")
+    f"cifar10: found {path}; nothing to download.\n"
+  )
   assert {p: p.stat().st_mtime_ns for p in data_dir.rglob("*")} == before
 
 
 def test_an_archive_of_another_md5_is_kept_and_moving_it_aside_works(
-    source, tmp_path):
+  source, tmp_path
+):
   data_dir = tmp_path / "data"
   other = write_cifar(str(data_dir), "cifar10", seed=1, n=4, extracted=False)
   other_blob = pathlib.Path(other.archive).read_bytes()
   older = data_dir / f"{ARCHIVE}.damaged"  # moved aside before: kept too
   older.write_bytes(b"an older damaged archive")
   with pytest.raises(DatasetFormatError) as info:
-    download_cifar("cifar10", str(data_dir), url=source.url, md5=source.md5,
-                   progress=False)
+    download_cifar(
+      "cifar10", str(data_dir), url=source.url, md5=source.md5, progress=False
+    )
   message = str(info.value)
   assert isinstance(info.value, ValueError) and "\n" not in message
   assert f"{other.archive} has MD5 {hashlib.md5(other_blob).hexdigest()}" in (
-      message)
+    message
+  )
   assert f"not {source.md5}" in message and "nothing is deleted" in message
   assert pathlib.Path(other.archive).read_bytes() == other_blob  # untouched
   # The advice, as written, then the download again.
   move = message.split("(nothing is deleted): ")[1].split(", then")[0]
   assert shlex.split(move)[:2] == ["mv", other.archive]
   assert subprocess.run(shlex.split(move)).returncode == 0
-  assert download_cifar("cifar10", str(data_dir), url=source.url,
-                        md5=source.md5, progress=False) == other.archive
+  assert (
+    download_cifar(
+      "cifar10", str(data_dir), url=source.url, md5=source.md5, progress=False
+    )
+    == other.archive
+  )
   assert pathlib.Path(other.archive).read_bytes() == source.blob
   assert (data_dir / f"{ARCHIVE}.damaged-2").read_bytes() == other_blob
   assert older.read_bytes() == b"an older damaged archive"
@@ -190,36 +213,50 @@ def test_an_archive_of_another_md5_is_kept_and_moving_it_aside_works(
 def test_other_bytes_than_the_md5_says_leave_nothing(source, tmp_path):
   data_dir = tmp_path / "data"
   with pytest.raises(DownloadError) as info:
-    download_cifar("cifar10", str(data_dir), url=source.url, md5="0" * 32,
-                   progress=False)
+    download_cifar(
+      "cifar10", str(data_dir), url=source.url, md5="0" * 32, progress=False
+    )
   message = str(info.value)
   assert isinstance(info.value, OSError) and "\n" not in message
-  assert (f"the {len(source.blob)} bytes downloaded from {source.url} have"
-          f" MD5 {source.md5}, not {'0' * 32}") in message
+  assert (
+    f"the {len(source.blob)} bytes downloaded from {source.url} have"
+    f" MD5 {source.md5}, not {'0' * 32}"
+  ) in message
   assert f"nothing was saved in {data_dir}" in message
   _assert_nothing_left(data_dir)
 
 
 @pytest.mark.parametrize("declared", ["Content-Length", "no length"])
 def test_a_body_cut_short_leaves_nothing(declared, source, server, tmp_path):
-  half = source.blob[:len(source.blob) // 2]
+  half = source.blob[: len(source.blob) // 2]
   length = len(source.blob) if declared == "Content-Length" else None
   server.pages[f"/cut-{length}"] = _Page(half, length)
   data_dir = tmp_path / "data"
   with pytest.raises(DownloadError) as info:
-    download_cifar("cifar10", str(data_dir), url=f"{server.url}/cut-{length}",
-                   md5=source.md5, progress=False)
+    download_cifar(
+      "cifar10",
+      str(data_dir),
+      url=f"{server.url}/cut-{length}",
+      md5=source.md5,
+      progress=False,
+    )
   if length is None:  # only the checksum can tell
     assert f"the {len(half)} bytes downloaded" in str(info.value)
   else:
-    assert (f"ended after {len(half)} of {len(source.blob)} bytes;"
-            f" nothing was saved in {data_dir}. Try again.") in str(info.value)
+    assert (
+      f"ended after {len(half)} of {len(source.blob)} bytes;"
+      f" nothing was saved in {data_dir}. Try again."
+    ) in str(info.value)
   _assert_nothing_left(data_dir)
   # The advice, once the connection holds: nothing left behind is in the way.
   server.pages[f"/cut-{length}"] = _Page(source.blob, length)
-  assert download_cifar("cifar10", str(data_dir),
-                        url=f"{server.url}/cut-{length}", md5=source.md5,
-                        progress=False) == str(data_dir / ARCHIVE)
+  assert download_cifar(
+    "cifar10",
+    str(data_dir),
+    url=f"{server.url}/cut-{length}",
+    md5=source.md5,
+    progress=False,
+  ) == str(data_dir / ARCHIVE)
   assert _left_in(data_dir) == [ARCHIVE]
 
 
@@ -230,20 +267,27 @@ def _closed_port_url() -> str:
   return f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
 
 
-@pytest.mark.parametrize("where, reason", [
+@pytest.mark.parametrize(
+  "where, reason",
+  [
     ("404", "HTTP Error 404"),
     ("missing file", "No such file or directory"),
     ("closed port", "Connection refused"),
-])
-def test_a_failed_transfer_leaves_nothing(where, reason, source, server,
-                                          tmp_path):
-  url = {"404": f"{server.url}/nothing-here",
-         "missing file": (tmp_path / "missing.tar.gz").as_uri(),
-         "closed port": _closed_port_url()}[where]
+  ],
+)
+def test_a_failed_transfer_leaves_nothing(
+  where, reason, source, server, tmp_path
+):
+  url = {
+    "404": f"{server.url}/nothing-here",
+    "missing file": (tmp_path / "missing.tar.gz").as_uri(),
+    "closed port": _closed_port_url(),
+  }[where]
   data_dir = tmp_path / "data"
   with pytest.raises(DownloadError) as info:
-    download_cifar("cifar10", str(data_dir), url=url, md5=source.md5,
-                   progress=False)
+    download_cifar(
+      "cifar10", str(data_dir), url=url, md5=source.md5, progress=False
+    )
   message = str(info.value)
   assert message.startswith(f"cifar10: downloading {url} failed (")
   assert reason in message and "Check the connection" in message
@@ -270,8 +314,9 @@ def _ctrl_c_midway(server, source, data_dir):
     release.wait(timeout=30)
 
   path = f"/slow/{len(server.pages)}"
-  server.pages[path] = _Page(source.blob[:len(source.blob) // 2],
-                             len(source.blob), after=interrupt)
+  server.pages[path] = _Page(
+    source.blob[: len(source.blob) // 2], len(source.blob), after=interrupt
+  )
   handler = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     yield server.url + path, seen
@@ -284,8 +329,9 @@ def test_ctrl_c_during_a_download_leaves_nothing(source, server, tmp_path):
   data_dir = tmp_path / "data"
   with _ctrl_c_midway(server, source, data_dir) as (url, seen):
     with pytest.raises(KeyboardInterrupt):
-      download_cifar("cifar10", str(data_dir), url=url, md5=source.md5,
-                     progress=False)
+      download_cifar(
+        "cifar10", str(data_dir), url=url, md5=source.md5, progress=False
+      )
   assert [p.parent for p in seen] == [data_dir]  # it was interrupted midway
   _assert_nothing_left(data_dir)
 
@@ -293,26 +339,37 @@ def test_ctrl_c_during_a_download_leaves_nothing(source, server, tmp_path):
 def test_a_directory_that_cannot_be_written_leaves_nothing(source, tmp_path):
   # /proc/self exists but takes no new files, whoever runs the test.
   with pytest.raises(DownloadError) as info:
-    download_cifar("cifar10", "/proc/self", url=source.url, md5=source.md5,
-                   progress=False)
+    download_cifar(
+      "cifar10", "/proc/self", url=source.url, md5=source.md5, progress=False
+    )
   assert str(info.value).startswith(
-      "cifar10: writing the download into /proc/self failed (")
+    "cifar10: writing the download into /proc/self failed ("
+  )
   assert "Make it a writable directory" in str(info.value)
   assert not [n for n in os.listdir("/proc/self") if n.endswith(".partial")]
   a_file = tmp_path / "a-file"
   a_file.write_text("")
   with pytest.raises(DownloadError, match="cannot create .*a-file/data"):
-    download_cifar("cifar10", str(a_file / "data"), url=source.url,
-                   md5=source.md5, progress=False)
+    download_cifar(
+      "cifar10",
+      str(a_file / "data"),
+      url=source.url,
+      md5=source.md5,
+      progress=False,
+    )
 
 
-@pytest.mark.parametrize("dataset, md5, expected", [
+@pytest.mark.parametrize(
+  "dataset, md5, expected",
+  [
     ("digits", None, "digits has nothing to download"),
     ("Cifar10", None, "unknown dataset 'Cifar10'"),
     ("cifar100", "not-a-checksum", "md5 must be 32 hexadecimal digits"),
-])
-def test_bad_arguments_are_refused_before_anything_is_done(dataset, md5,
-                                                           expected, tmp_path):
+  ],
+)
+def test_bad_arguments_are_refused_before_anything_is_done(
+  dataset, md5, expected, tmp_path
+):
   with pytest.raises(ValueError, match=expected):
     download_cifar(dataset, str(tmp_path / "data"), md5=md5)
   assert not (tmp_path / "data").exists()
@@ -337,22 +394,34 @@ def _main(args, capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def official(monkeypatch, source):
   """Makes the tiny archive the official CIFAR-10 of this test."""
-  monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10",
-                      CifarArchive(source.url, source.md5))
+  monkeypatch.setitem(
+    data.CIFAR_ARCHIVES, "cifar10", CifarArchive(source.url, source.md5)
+  )
   return source
 
 
 def test_osgd_train_download_fetches_the_archive_before_the_run(
-    official, tmp_path, capsys):
+  official, tmp_path, capsys
+):
   data_dir = tmp_path / "data"
-  args = ["--download", "--dataset", "CIFAR-10", "--data-dir", str(data_dir),
-          "--out", UNWRITABLE_OUT]
+  args = [
+    "--download",
+    "--dataset",
+    "CIFAR-10",
+    "--data-dir",
+    str(data_dir),
+    "--out",
+    UNWRITABLE_OUT,
+  ]
   status, stdout, err = _main(args, capsys)
-  assert stdout == (f"cifar10: downloaded {data_dir / ARCHIVE} (MD5 checked)."
-                    f"\nrun directory: {UNWRITABLE_OUT}\n")
+  assert stdout == (
+    f"cifar10: downloaded {data_dir / ARCHIVE} (MD5 checked)."
+    f"\nrun directory: {UNWRITABLE_OUT}\n"
+  )
   assert "cifar10 archive" in err  # the progress bar
   assert status == 2 and err.splitlines()[-1].startswith(
-      "osgd-train: error: cannot write to --out")
+    "osgd-train: error: cannot write to --out"
+  )
   assert (data_dir / ARCHIVE).read_bytes() == official.blob
   # Again: the archive is there, nothing is fetched.
   status, stdout, _ = _main([*args, "--no-progress"], capsys)
@@ -370,25 +439,39 @@ def test_osgd_train_download_is_a_no_op_for_the_builtin_datasets(capsys):
   # No --data-dir, which a CIFAR download would need: nothing is fetched
   # and the run starts.
   for dataset in ("digits", "synthetic"):
-    status, stdout, err = _main(["--download", "--dataset", dataset,
-                                 "--out", UNWRITABLE_OUT], capsys)
+    status, stdout, err = _main(
+      ["--download", "--dataset", dataset, "--out", UNWRITABLE_OUT], capsys
+    )
     assert stdout == f"run directory: {UNWRITABLE_OUT}\n"
     assert status == 2 and err.startswith(
-        "osgd-train: error: cannot write to --out")
+      "osgd-train: error: cannot write to --out"
+    )
 
 
-def test_osgd_train_download_failures_are_one_line(official, tmp_path,
-                                                   monkeypatch, capsys):
+def test_osgd_train_download_failures_are_one_line(
+  official, tmp_path, monkeypatch, capsys
+):
   data_dir, out = tmp_path / "data", tmp_path / "run"
-  args = ["--download", "--data-dir", str(data_dir), "--out", str(out),
-          "--dataset", "cifar10", "--no-progress"]
+  args = [
+    "--download",
+    "--data-dir",
+    str(data_dir),
+    "--out",
+    str(out),
+    "--dataset",
+    "cifar10",
+    "--no-progress",
+  ]
   # A failed download: status 1, nothing in --data-dir, no run started.
-  monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10",
-                      CifarArchive(official.url, "0" * 32))
+  monkeypatch.setitem(
+    data.CIFAR_ARCHIVES, "cifar10", CifarArchive(official.url, "0" * 32)
+  )
   status, stdout, err = _main(args, capsys)
   assert status == 1 and stdout == "" and len(err.splitlines()) == 1
-  assert err.startswith(f"osgd-train: error: cifar10: the {len(official.blob)}"
-                        f" bytes downloaded from {official.url} have MD5")
+  assert err.startswith(
+    f"osgd-train: error: cifar10: the {len(official.blob)}"
+    f" bytes downloaded from {official.url} have MD5"
+  )
   assert _left_in(data_dir) == [] and not out.exists()
   # An archive of another MD5 in --data-dir: bad input, kept as it is.
   (data_dir / ARCHIVE).write_bytes(b"not the archive")
@@ -399,22 +482,40 @@ def test_osgd_train_download_failures_are_one_line(official, tmp_path,
   assert (data_dir / ARCHIVE).read_bytes() == b"not the archive"
   # No --data-dir to download into.
   status, _, err = _main(["--download", "--dataset", "cifar100"], capsys)
-  assert (status, err) == (2, "osgd-train: error: --download needs"
-                           " --data-dir: the directory to keep cifar100's"
-                           " archive in.\n")
+  assert (status, err) == (
+    2,
+    "osgd-train: error: --download needs"
+    " --data-dir: the directory to keep cifar100's"
+    " archive in.\n",
+  )
 
 
-def test_ctrl_c_during_osgd_train_download_is_one_line(source, server,
-                                                      tmp_path, monkeypatch,
-                                                      capsys):
+def test_ctrl_c_during_osgd_train_download_is_one_line(
+  source, server, tmp_path, monkeypatch, capsys
+):
   data_dir, out = tmp_path / "data", tmp_path / "run"
   with _ctrl_c_midway(server, source, data_dir) as (url, seen):
-    monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10",
-                        CifarArchive(url, source.md5))
+    monkeypatch.setitem(
+      data.CIFAR_ARCHIVES, "cifar10", CifarArchive(url, source.md5)
+    )
     status, stdout, err = _main(
-        ["--download", "--dataset", "cifar10", "--data-dir", str(data_dir),
-         "--out", str(out), "--no-progress"], capsys)
-  assert (status, stdout, err) == (130, "", "osgd-train: error: interrupted"
-                                   " before training started; nothing was"
-                                   " saved.\n")
+      [
+        "--download",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+      ],
+      capsys,
+    )
+  assert (status, stdout, err) == (
+    130,
+    "",
+    "osgd-train: error: interrupted"
+    " before training started; nothing was"
+    " saved.\n",
+  )
   assert seen and _left_in(data_dir) == [] and not out.exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,13 +16,16 @@ from osgd_jax.app.train import TrainConfig, TrainingDiverged, train
 from osgd_jax.app.train import run as run_lib
 
 # A small, fast configuration: an MLP on digits.
-SMALL = TrainConfig(model="nested-depth-mlp", epochs=3, batch_size=128,
-                    lr=0.05, progress=False)
+SMALL = TrainConfig(
+  model="nested-depth-mlp", epochs=3, batch_size=128, lr=0.05, progress=False
+)
 
 
 def _metrics(history):
-  return [(r["train_loss"], r.get("test_loss"), r.get("test_accuracy"))
-          for r in history]
+  return [
+    (r["train_loss"], r.get("test_loss"), r.get("test_accuracy"))
+    for r in history
+  ]
 
 
 def _interrupt_at_step(monkeypatch, step_number, error):
@@ -39,6 +41,7 @@ def _interrupt_at_step(monkeypatch, step_number, error):
       if len(calls) == step_number:
         raise error
       return step(*a)
+
     return tx, wrapped
 
   monkeypatch.setattr(run_lib, "make_train_step", patched)
@@ -50,7 +53,10 @@ def _interrupt_while_saving(monkeypatch, epoch):
   The interrupt arrives in the wait for Orbax's write, which goes on in the
   background: the run must report it only once it is complete.
   """
-  save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+  save, wait = (
+    ocp.CheckpointManager.save,
+    ocp.CheckpointManager.wait_until_finished,
+  )
   started, interrupted = [], []
 
   def recording_save(manager, step, *args, **kwargs):
@@ -69,14 +75,18 @@ def _interrupt_while_saving(monkeypatch, epoch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, optimizer, interrupt, learned", [
+@pytest.mark.parametrize(
+  "model, optimizer, interrupt, learned",
+  [
     ("nested-depth-mlp", "osgd", "mid-step", 0.5),
     ("nested-depth-mlp", "osgd", "while-saving", 0.5),
     # A convolutional model learns more slowly in 3 short epochs.
     ("branched-resnet", "sgd", "mid-step", 0.1),
-])
-def test_runs_are_reproducible_and_resume_exactly(tmp_path, monkeypatch, model,
-                                                  optimizer, interrupt, learned):
+  ],
+)
+def test_runs_are_reproducible_and_resume_exactly(
+  tmp_path, monkeypatch, model, optimizer, interrupt, learned
+):
   # Two runs with the same flags and seed: the full one, and one killed and
   # resumed. Their epochs before the kill were computed independently, so
   # equal metrics show that a run is reproducible; equal metrics after it,
@@ -117,6 +127,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
       if len(calls) > 11 + 3:
         losses = losses * np.nan
       return (*state, losses)
+
     return tx, wrapped
 
   monkeypatch.setattr(run_lib, "make_train_step", poisoned)
@@ -130,8 +141,11 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def _checkpoint_files(out):
-  return {str(path.relative_to(out)): path.read_bytes()
-          for path in sorted((out / "checkpoints").rglob("*")) if path.is_file()}
+  return {
+    str(path.relative_to(out)): path.read_bytes()
+    for path in sorted((out / "checkpoints").rglob("*"))
+    if path.is_file()
+  }
 
 
 def test_refusals_keep_the_run_and_their_advice_works(tmp_path):
@@ -141,31 +155,40 @@ def test_refusals_keep_the_run_and_their_advice_works(tmp_path):
   saved = json.loads((out / train_lib.CONFIG_FILE).read_text())
   assert saved == json.loads(json.dumps(config.to_json()))
   before = _checkpoint_files(out)
-  with pytest.raises(ValueError, match="already holds checkpoints; pass"
-                     " --resume to continue that run"):
+  with pytest.raises(
+    ValueError,
+    match="already holds checkpoints; pass --resume to continue that run",
+  ):
     train(config)
   # A new --epochs, --lr and model: each is named, with its saved value,
   # before any checkpoint is read; the checkpoints are untouched.
-  changed = dataclasses.replace(config, resume=True, lr=0.5, epochs=2,
-                                model="branched-mlp")
+  changed = dataclasses.replace(
+    config, resume=True, lr=0.5, epochs=2, model="branched-mlp"
+  )
   with pytest.raises(ValueError) as refused:
     train(changed)
   message = str(refused.value)
-  for fragment in ("--epochs was 1, now 2", "--lr was 0.05, now 0.5",
-                   "--model was 'nested-depth-mlp', now 'branched-mlp'",
-                   "(--epochs 1, --lr 0.05, --model nested-depth-mlp)"):
+  for fragment in (
+    "--epochs was 1, now 2",
+    "--lr was 0.05, now 0.5",
+    "--model was 'nested-depth-mlp', now 'branched-mlp'",
+    "(--epochs 1, --lr 0.05, --model nested-depth-mlp)",
+  ):
     assert fragment in message, message
   assert "corrupt" not in message and "damaged" not in message
   assert _checkpoint_files(out) == before
   # Its advice, followed literally: resume with the saved settings.
-  advised = dataclasses.replace(changed, epochs=1, lr=0.05,
-                                model="nested-depth-mlp")
+  advised = dataclasses.replace(
+    changed, epochs=1, lr=0.05, model="nested-depth-mlp"
+  )
   resumed = train(advised)
   np.testing.assert_array_equal(resumed.test_accuracy, first.test_accuracy)
   assert _checkpoint_files(out) == before
 
 
-@pytest.mark.parametrize("field, value, match", [
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
     ("model", "resnet-1000", "unknown --model 'resnet-1000'; choose one of"),
     ("model", 3, "unknown --model 3"),
     ("dataset", "mnist", "unknown dataset 'mnist'; choose one of"),
@@ -205,14 +228,16 @@ def test_refusals_keep_the_run_and_their_advice_works(tmp_path):
     ("validation", -0.1, r"--validation must be a finite number in \[0, 1\)"),
     ("validation", float("nan"), "--validation must be a finite number"),
     ("validation", "0.2", "--validation must be a finite number"),
-])
+  ],
+)
 def test_config_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(SMALL, **{field: value}).validate()
 
 
-@pytest.mark.parametrize("alias, name", [("CIFAR-10", "cifar10"),
-                                         ("cifar-100", "cifar100")])
+@pytest.mark.parametrize(
+  "alias, name", [("CIFAR-10", "cifar10"), ("cifar-100", "cifar100")]
+)
 def test_a_dataset_alias_names_its_dataset_and_preset(alias, name):
   config = TrainConfig(dataset=alias)
   config.validate()
@@ -227,25 +252,38 @@ def test_mnist1d_takes_the_mnist1d_preset(alias):
 
 
 @pytest.mark.parametrize("preset", [None, "cifar", "digits"])
-@pytest.mark.parametrize("model", ["branched-resnet", "nested-depth-resnet",
-                                   "nested-width-resnet",
-                                   "nested-width-depth-resnet"])
+@pytest.mark.parametrize(
+  "model",
+  [
+    "branched-resnet",
+    "nested-depth-resnet",
+    "nested-width-resnet",
+    "nested-width-depth-resnet",
+  ],
+)
 def test_a_resnet_on_mnist1d_is_refused_before_any_work(model, preset):
   # Whatever the preset: a 2-D convolution cannot take a 1-D signal.
   config = TrainConfig(model=model, preset=preset, dataset="MNIST-1D")
   with pytest.raises(ValueError) as refused:
     config.validate()
   assert str(refused.value) == (
-      f"--model {model} convolves 2-D images, but --dataset mnist1d holds 1-D"
-      " signals; choose an MLP: branched-mlp, nested-depth-mlp,"
-      " nested-width-depth-mlp, nested-width-mlp.")
+    f"--model {model} convolves 2-D images, but --dataset mnist1d holds 1-D"
+    " signals; choose an MLP: branched-mlp, nested-depth-mlp,"
+    " nested-width-depth-mlp, nested-width-mlp."
+  )
 
 
 @pytest.mark.slow
 def test_one_epoch_on_mnist1d_learns(tmp_path):
-  config = TrainConfig(model="nested-depth-mlp", dataset="mnist1d", epochs=1,
-                       batch_size=125, lr=0.1, progress=False,
-                       out=str(tmp_path / "run"))
+  config = TrainConfig(
+    model="nested-depth-mlp",
+    dataset="mnist1d",
+    epochs=1,
+    batch_size=125,
+    lr=0.1,
+    progress=False,
+    out=str(tmp_path / "run"),
+  )
   result = train(config)
   assert result.model.backbone.in_features == 40
   # 32 steps: every exit is already well above chance (10%).
@@ -253,8 +291,9 @@ def test_one_epoch_on_mnist1d_learns(tmp_path):
 
 
 def test_exit_weights_must_match_exits(tmp_path):
-  config = dataclasses.replace(SMALL, exit_weights=(1.0, 2.0),
-                               out=str(tmp_path / "run"))
+  config = dataclasses.replace(
+    SMALL, exit_weights=(1.0, 2.0), out=str(tmp_path / "run")
+  )
   with pytest.raises(ValueError, match="--exit-weights has 2 values.*4 exits"):
     train(config)
 
@@ -263,10 +302,12 @@ def test_output_dir_check_is_safe_for_processes_sharing_out(tmp_path):
   # Every process of a multi-process run checks the one --out at start-up;
   # the writability probes of concurrent checks must not collide.
   import concurrent.futures
+
   out = tmp_path / "shared"
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    results = list(pool.map(lambda _: train_lib.prepare_output_dir(str(out)),
-                            range(400)))
+    results = list(
+      pool.map(lambda _: train_lib.prepare_output_dir(str(out)), range(400))
+    )
   assert set(results) == {str(out)}
   assert list(out.iterdir()) == []  # no probe left behind
 
@@ -274,8 +315,11 @@ def test_output_dir_check_is_safe_for_processes_sharing_out(tmp_path):
 def test_unwritable_output_dir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  with pytest.raises(ValueError, match=r"cannot write to --out .*file/run"
-                     r".*choose a writable directory"):
+  with pytest.raises(
+    ValueError,
+    match=r"cannot write to --out .*file/run"
+    r".*choose a writable directory",
+  ):
     train_lib.prepare_output_dir(str(blocker / "run"))
 
 
@@ -284,36 +328,55 @@ def test_a_run_saved_before_a_field_existed_resumes_with_its_default():
   for new_field in ("rescale", "switch_to_sgd", "log_every", "tensorboard"):
     del saved[new_field]
   train_lib.check_resumable(saved, SMALL)  # the defaults: nothing differs
-  with pytest.raises(ValueError, match=r"--rescale was False, now True.*"
-                     r"resume with its settings \(no --rescale\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"--rescale was False, now True.*"
+    r"resume with its settings \(no --rescale\)",
+  ):
     train_lib.check_resumable(saved, dataclasses.replace(SMALL, rescale=True))
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("switch_to_sgd", 1.5, r"--switch-to-sgd must be a finite number in \[0, 1\]"),
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
+    (
+      "switch_to_sgd",
+      1.5,
+      r"--switch-to-sgd must be a finite number in \[0, 1\]",
+    ),
     ("switch_to_sgd", float("nan"), "--switch-to-sgd must be a finite number"),
     ("rescale", "yes", "rescale must be true or false"),
-])
+  ],
+)
 def test_paper_option_validation(field, value, match):
   with pytest.raises(ValueError, match=match):
     dataclasses.replace(SMALL, **{field: value}).validate()
 
 
 def test_paper_options_refuse_optimizers_they_do_not_apply_to():
-  with pytest.raises(ValueError, match="--optimizer sgd is plain SGD"
-                     " throughout. Leave out --switch-to-sgd"):
+  with pytest.raises(
+    ValueError,
+    match="--optimizer sgd is plain SGD throughout. Leave out --switch-to-sgd",
+  ):
     dataclasses.replace(SMALL, optimizer="sgd", switch_to_sgd=0.5).validate()
-  with pytest.raises(ValueError, match="--rescale is an option of --optimizer"
-                     " osgd, not pcgrad"):
+  with pytest.raises(
+    ValueError, match="--rescale is an option of --optimizer osgd, not pcgrad"
+  ):
     dataclasses.replace(SMALL, optimizer="pcgrad", rescale=True).validate()
 
 
 def test_switch_to_sgd_sums_the_exit_gradients_from_its_step_on():
   # 10 steps, switching after 0.3 of them: steps 0-2 aggregate with OSGD,
   # steps 3-9 sum the exit gradients, as the summed-loss gradient would.
-  config = dataclasses.replace(SMALL, switch_to_sgd=0.3, rescale=True,
-                               momentum=0.0, weight_decay=0.0,
-                               schedule="constant", lr=1.0)
+  config = dataclasses.replace(
+    SMALL,
+    switch_to_sgd=0.3,
+    rescale=True,
+    momentum=0.0,
+    weight_decay=0.0,
+    schedule="constant",
+    lr=1.0,
+  )
   tx = train_lib.make_optimizer(config, total_steps=10, num_exits=2)
   params = {"w": np.zeros(2, np.float32)}
   grads = {"w": np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)}
@@ -325,8 +388,9 @@ def test_switch_to_sgd_sums_the_exit_gradients_from_its_step_on():
   # OSGD with rescale: [1, 0] and the component [0, 1] of [1, 1], scaled to
   # that gradient's norm, √2.
   projected = [-1.0, -np.sqrt(2)]
-  np.testing.assert_allclose(updates, [projected] * 3 + [[-2.0, -1.0]] * 2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    updates, [projected] * 3 + [[-2.0, -1.0]] * 2, rtol=1e-6
+  )
 
 
 def test_a_validation_split_is_held_out_of_the_training_set_only():
@@ -340,26 +404,34 @@ def test_a_validation_split_is_held_out_of_the_training_set_only():
   pool = {row.tobytes() for row in full.x_train}
   assert all(row.tobytes() in pool for row in split.x_test)
   assert not {row.tobytes() for row in full.x_test} & {
-      row.tobytes() for row in split.x_test}
-  np.testing.assert_allclose(np.bincount(split.y_test),
-                             0.2 * np.bincount(full.y_train), atol=0.5)
+    row.tobytes() for row in split.x_test
+  }
+  np.testing.assert_allclose(
+    np.bincount(split.y_test), 0.2 * np.bincount(full.y_train), atol=0.5
+  )
   # The same examples whatever the run's seed: every run of an experiment
   # validates on one split.
   again = train_lib.load_data(dataclasses.replace(config, seed=7))
   np.testing.assert_array_equal(again.x_test, split.x_test)
   # Not a change a resumed run may make.
-  assert train_lib.config_differences(SMALL.to_json(), config) == [
-      "validation"]
+  assert train_lib.config_differences(SMALL.to_json(), config) == ["validation"]
 
 
 def test_a_validation_split_that_leaves_too_little_is_one_line(tmp_path):
   config = dataclasses.replace(SMALL, validation=1e-4, out=str(tmp_path / "a"))
-  with pytest.raises(ValueError, match=r"^--validation 0.0001 holds out none"
-                     r" of the 1438 training examples of digits; choose a"
-                     r" fraction such as 0.2.$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^--validation 0.0001 holds out none"
+    r" of the 1438 training examples of digits; choose a"
+    r" fraction such as 0.2.$",
+  ):
     train(config)
-  config = dataclasses.replace(SMALL, validation=0.9, batch_size=512,
-                               out=str(tmp_path / "b"))
-  with pytest.raises(ValueError, match=r"--batch-size 512 exceeds the 143"
-                     r" training examples left by --validation 0.9"):
+  config = dataclasses.replace(
+    SMALL, validation=0.9, batch_size=512, out=str(tmp_path / "b")
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"--batch-size 512 exceeds the 143"
+    r" training examples left by --validation 0.9",
+  ):
     train(config)

@@ -32,16 +32,19 @@ SMALL_RUN = ["--model", "branched-mlp", "--batch-size", "256", "--no-progress"]
 # which may be how this suite was started) inherits SIGINT ignored, and
 # Python then leaves it ignored: a SIGINT sent to it would change nothing.
 AT_A_TERMINAL = [
-    sys.executable, "-c",
-    "import runpy, signal, sys;"
-    " signal.signal(signal.SIGINT, signal.default_int_handler);"
-    " sys.argv = ['osgd-train', *sys.argv[1:]];"
-    " runpy.run_module('osgd_jax.app.train.cli', run_name='__main__')"]
+  sys.executable,
+  "-c",
+  "import runpy, signal, sys;"
+  " signal.signal(signal.SIGINT, signal.default_int_handler);"
+  " sys.argv = ['osgd-train', *sys.argv[1:]];"
+  " runpy.run_module('osgd_jax.app.train.cli', run_name='__main__')",
+]
 
 
 def _run(*args, timeout=600, command=COMMAND):
-  return subprocess.run([*command, *args], capture_output=True, text=True,
-                        timeout=timeout, env=ENV)
+  return subprocess.run(
+    [*command, *args], capture_output=True, text=True, timeout=timeout, env=ENV
+  )
 
 
 def _as_subprocess(command_line: str) -> list[str]:
@@ -76,8 +79,12 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
   # the run.
   out = tmp_path / "run"
   process = subprocess.Popen(
-      [*AT_A_TERMINAL, "--epochs", "4", "--out", str(out), "--no-progress"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    [*AT_A_TERMINAL, "--epochs", "4", "--out", str(out), "--no-progress"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=ENV,
+  )
   first = process.stdout.readline()
   assert first == f"run directory: {out}\n", first
   for line in process.stdout:
@@ -86,16 +93,27 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
       break
   _, stderr = process.communicate(timeout=300)
   interrupted = subprocess.CompletedProcess([], process.returncode, "", stderr)
-  line = _assert_one_line_error(interrupted, "interrupted; epochs 1-",
-                                str(out), status=130)
+  line = _assert_one_line_error(
+    interrupted, "interrupted; epochs 1-", str(out), status=130
+  )
   # Epoch 3 takes about a second: on a loaded machine, it may be done and
   # saved before the signal arrives.
   assert re.search(r"epochs 1-[23] are saved in ", line), line
   resume = line.split("Resume with: ")[1]
-  assert resume == shlex.join(["osgd-train", "--epochs", "4", "--no-progress",
-                               "--out", str(out), "--resume"])
-  result = subprocess.run(_as_subprocess(resume), capture_output=True,
-                          text=True, env=ENV, timeout=600)
+  assert resume == shlex.join(
+    [
+      "osgd-train",
+      "--epochs",
+      "4",
+      "--no-progress",
+      "--out",
+      str(out),
+      "--resume",
+    ]
+  )
+  result = subprocess.run(
+    _as_subprocess(resume), capture_output=True, text=True, env=ENV, timeout=600
+  )
   assert result.returncode == 0, result.stderr
   assert "test acc" in result.stdout and "FLOPs" in result.stdout
   metrics = json.loads((out / "metrics.json").read_text())
@@ -106,16 +124,25 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
     assert len(record["train_loss"]) == 4 and record["step_time_s"] > 0
   accuracy = metrics["final"]["test_accuracy"]
   assert min(accuracy) > 0.5, accuracy  # chance is 0.1
-  assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (out / "accuracy_vs_flops.png").read_bytes()[
+    :8
+  ] == b"\x89PNG\r\n\x1a\n"
   assert sorted(os.listdir(out / "checkpoints")) == ["3", "4"]
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--model", "resnet-1000"], ["--model", "invalid choice", "nested-depth-resnet"]),
+@pytest.mark.parametrize(
+  "args, fragments",
+  [
+    (
+      ["--model", "resnet-1000"],
+      ["--model", "invalid choice", "nested-depth-resnet"],
+    ),
     (["--dataset", "mnist"], ["--dataset", "invalid choice", "cifar10"]),
     (["--dataset", "Cifar10"], ["--dataset", "invalid choice", "CIFAR-10"]),
-    (["--dataset", "mnist1d", "--model", "branched-resnet"],
-     ["--model branched-resnet convolves 2-D images", "nested-depth-mlp"]),
+    (
+      ["--dataset", "mnist1d", "--model", "branched-resnet"],
+      ["--model branched-resnet convolves 2-D images", "nested-depth-mlp"],
+    ),
     (["--optimizer", "adam"], ["--optimizer", "invalid choice", "osgd"]),
     (["--lr", "fast"], ["--lr", "invalid float"]),
     (["--lr", "-1"], ["--lr must be a finite number > 0, got -1.0"]),
@@ -128,10 +155,13 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
     (["--out", ""], ["--out must be a non-empty path"]),
     (["--exit-weights", "0,0,0,0"], ["are all zero: no exit would be trained"]),
     (["--resume"], ["--resume needs the --out directory"]),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"],
-     ["cifar-10-python.tar.gz", "/nonexistent/cifar", "cs.toronto.edu"]),
+    (
+      ["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"],
+      ["cifar-10-python.tar.gz", "/nonexistent/cifar", "cs.toronto.edu"],
+    ),
     (["--out", "/proc/osgd-cannot-write"], ["cannot write to --out"]),
-])
+  ],
+)
 def test_bad_input_gives_one_line_and_status_2(args, fragments, capsys):
   _assert_one_line_error(_main_in_process(args, capsys), *fragments)
 
@@ -139,12 +169,16 @@ def test_bad_input_gives_one_line_and_status_2(args, fragments, capsys):
 def test_a_bad_config_value_in_a_process_of_its_own(tmp_path):
   config = tmp_path / "run.yaml"
   config.write_text("epochs: 2.5\n")
-  _assert_one_line_error(_run("--config", str(config)),
-                         "--epochs must be an integer from 1 to 100000, got 2.5")
+  _assert_one_line_error(
+    _run("--config", str(config)),
+    "--epochs must be an integer from 1 to 100000, got 2.5",
+  )
   assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("text, fragments", [
+@pytest.mark.parametrize(
+  "text, fragments",
+  [
     ("epochs: 1\nlearning_rate: 0.1\n", ["unknown key(s) ['learning_rate']"]),
     ("model: 3\n", ["unknown --model 3"]),
     ("progress: 'yes'\n", ["progress must be true or false"]),
@@ -154,21 +188,25 @@ def test_a_bad_config_value_in_a_process_of_its_own(tmp_path):
     ("dataset: Cifar10\n", ["unknown dataset 'Cifar10'", "CIFAR-10"]),
     ("out: ''\n", ["--out must be a non-empty path"]),
     ("- epochs\n", ["must hold a mapping of flag names to values"]),
-])
-def test_config_file_values_are_checked_like_flags(tmp_path, capsys, text,
-                                                   fragments):
+  ],
+)
+def test_config_file_values_are_checked_like_flags(
+  tmp_path, capsys, text, fragments
+):
   config = tmp_path / "run.yaml"
   config.write_text(text)
-  _assert_one_line_error(_main_in_process(["--config", str(config)], capsys),
-                         *fragments)
+  _assert_one_line_error(
+    _main_in_process(["--config", str(config)], capsys), *fragments
+  )
   assert not (tmp_path / "runs").exists()
 
 
 def test_broken_config_file(tmp_path, capsys):
   broken = tmp_path / "broken.json"
   broken.write_text("{epochs: ")
-  _assert_one_line_error(_main_in_process(["--config", str(broken)], capsys),
-                         "not valid JSON")
+  _assert_one_line_error(
+    _main_in_process(["--config", str(broken)], capsys), "not valid JSON"
+  )
 
 
 def test_dataset_aliases_pick_the_datasets_preset(tmp_path):
@@ -179,8 +217,9 @@ def test_dataset_aliases_pick_the_datasets_preset(tmp_path):
     assert (parsed.dataset, parsed.preset_name) == ("cifar10", "cifar")
 
 
-def test_damaged_checkpoint_is_one_line_and_moving_it_aside_resumes(tmp_path,
-                                                                    capsys):
+def test_damaged_checkpoint_is_one_line_and_moving_it_aside_resumes(
+  tmp_path, capsys
+):
   out = tmp_path / "run"
   args = [*SMALL_RUN, "--epochs", "2", "--out", str(out)]
   assert _main_in_process(args, capsys).returncode == 0
@@ -192,8 +231,11 @@ def test_damaged_checkpoint_is_one_line_and_moving_it_aside_resumes(tmp_path,
           f.truncate(10)
   # In a process of its own: no "Event loop is closed" noise after the line.
   line = _assert_one_line_error(
-      _run(*args, "--resume"), "checkpoints/2 cannot be read",
-      "it is damaged", "To resume from the checkpoint of epoch 1 instead")
+    _run(*args, "--resume"),
+    "checkpoints/2 cannot be read",
+    "it is damaged",
+    "To resume from the checkpoint of epoch 1 instead",
+  )
   advice = line.split("(nothing is deleted): ")[1]
   assert advice.startswith("mv ")
   assert subprocess.run(shlex.split(advice)).returncode == 0
@@ -205,26 +247,36 @@ def test_damaged_checkpoint_is_one_line_and_moving_it_aside_resumes(tmp_path,
 
 # The command in a process whose writes beyond 50 kB fail (EFBIG), as they
 # would on a full disk, instead of killing it (SIGXFSZ).
-WITH_FULL_DISK = [sys.executable, "-c", (
+WITH_FULL_DISK = [
+  sys.executable,
+  "-c",
+  (
     "import resource, runpy, signal, sys;"
     " signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
     " resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000));"
     " sys.argv[0] = 'osgd-train';"
-    " runpy.run_module('osgd_jax.app.train.cli', run_name='__main__')")]
+    " runpy.run_module('osgd_jax.app.train.cli', run_name='__main__')"
+  ),
+]
 
 
 def test_full_disk_is_one_line_and_running_again_works(tmp_path, capsys):
   out = tmp_path / "run"
   args = [*SMALL_RUN, "--epochs", "1", "--out", str(out)]
   line = _assert_one_line_error(
-      _run(*args, command=WITH_FULL_DISK),
-      "could not write the checkpoint of epoch 1", "File too large [errno 27]",
-      "no earlier checkpoint exists", status=1)
+    _run(*args, command=WITH_FULL_DISK),
+    "could not write the checkpoint of epoch 1",
+    "File too large [errno 27]",
+    "no earlier checkpoint exists",
+    status=1,
+  )
   assert "then run the command again" in line
   # Resuming instead is refused, with advice that amounts to the same.
-  _assert_one_line_error(_main_in_process([*args, "--resume"], capsys),
-                         "no checkpoint to resume from",
-                         "run without --resume to start a new run")
+  _assert_one_line_error(
+    _main_in_process([*args, "--resume"], capsys),
+    "no checkpoint to resume from",
+    "run without --resume to start a new run",
+  )
   assert _main_in_process(args, capsys).returncode == 0  # the advice
   assert os.listdir(out / "checkpoints") == ["1"]
 
@@ -233,36 +285,75 @@ def test_resume_command_round_trips_awkward_arguments():
   argv = ["--config", "my run.yaml", "--out", "old", "--lr", "0.1", "--resume"]
   command = cli.resume_command(argv, "/runs/new dir")
   assert shlex.split(command) == [
-      "osgd-train", "--config", "my run.yaml", "--lr", "0.1", "--out",
-      "/runs/new dir", "--resume"]
-  assert cli.resume_command(["--out=y", "--seed", "1"], "/runs/x",
-                            resume=False) == "osgd-train --seed 1 --out /runs/x"
+    "osgd-train",
+    "--config",
+    "my run.yaml",
+    "--lr",
+    "0.1",
+    "--out",
+    "/runs/new dir",
+    "--resume",
+  ]
+  assert (
+    cli.resume_command(["--out=y", "--seed", "1"], "/runs/x", resume=False)
+    == "osgd-train --seed 1 --out /runs/x"
+  )
 
 
 def test_the_papers_options_and_the_loop_flags_reach_the_config():
-  config = cli.config_from_args(["--rescale", "--switch-to-sgd", "0.8",
-                                 "--granularity", "global", "--log-every",
-                                 "7", "--tensorboard", "tb",
-                                 "--validation", "0.2"])
-  assert (config.rescale, config.switch_to_sgd, config.granularity,
-          config.log_every, config.tensorboard, config.validation) == (
-              True, 0.8, "global", 7, "tb", 0.2)
+  config = cli.config_from_args(
+    [
+      "--rescale",
+      "--switch-to-sgd",
+      "0.8",
+      "--granularity",
+      "global",
+      "--log-every",
+      "7",
+      "--tensorboard",
+      "tb",
+      "--validation",
+      "0.2",
+    ]
+  )
+  assert (
+    config.rescale,
+    config.switch_to_sgd,
+    config.granularity,
+    config.log_every,
+    config.tensorboard,
+    config.validation,
+  ) == (True, 0.8, "global", 7, "tb", 0.2)
   default = cli.config_from_args([])
   assert (default.rescale, default.switch_to_sgd, default.validation) == (
-      False, None, 0.0)
+    False,
+    None,
+    0.0,
+  )
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_paper_scale_configs_are_valid_and_flags_override_them(dataset):
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
-                      f"{dataset}.yaml")
+  path = os.path.join(
+    os.path.dirname(__file__), "..", "..", "configs", f"{dataset}.yaml"
+  )
   config = cli.config_from_args(["--config", path])
   assert (config.dataset, config.preset, config.optimizer) == (
-      dataset, "cifar", "osgd")
-  assert (config.epochs, config.batch_size, config.lr, config.schedule,
-          config.momentum, config.weight_decay, config.mesh) == (
-              200, 128, 0.1, "step", 0.9, 5e-4, "data=-1")
+    dataset,
+    "cifar",
+    "osgd",
+  )
+  assert (
+    config.epochs,
+    config.batch_size,
+    config.lr,
+    config.schedule,
+    config.momentum,
+    config.weight_decay,
+    config.mesh,
+  ) == (200, 128, 0.1, "step", 0.9, 5e-4, "data=-1")
   # The documented command's optional flags win over the file.
-  override = cli.config_from_args(["--config", path, "--model",
-                                   "branched-resnet", "--optimizer", "sgd"])
+  override = cli.config_from_args(
+    ["--config", path, "--model", "branched-resnet", "--optimizer", "sgd"]
+  )
   assert (override.model, override.optimizer) == ("branched-resnet", "sgd")

@@ -21,8 +21,9 @@ from osgd_jax.app.train import run as run_lib
 
 # 11 steps per epoch: digits' 1,437 training images (after the validation
 # split) in batches of 128.
-SMALL = TrainConfig(model="nested-depth-mlp", epochs=2, batch_size=128,
-                    lr=0.05, progress=False)
+SMALL = TrainConfig(
+  model="nested-depth-mlp", epochs=2, batch_size=128, lr=0.05, progress=False
+)
 STEPS = 11
 
 
@@ -39,11 +40,13 @@ def _read_scalars(logdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
     while offset < len(data):
       (length,) = struct.unpack_from("<Q", data, offset)
       event = event_pb2.Event.FromString(
-          data[offset + 12:offset + 12 + length])
+        data[offset + 12 : offset + 12 + length]
+      )
       offset += 12 + length + 4
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append(
-            (event.step, value.simple_value))
+          (event.step, value.simple_value)
+        )
   return scalars
 
 
@@ -71,6 +74,7 @@ def _record_dispatches_and_reads(monkeypatch) -> list[tuple[str, int]]:
       step_of[id(losses)] = len(step_of)
       outputs.append(losses)
       return (*state, losses)
+
     return tx, wrapped
 
   array_type = type(jax.numpy.zeros(()))
@@ -87,13 +91,18 @@ def _record_dispatches_and_reads(monkeypatch) -> list[tuple[str, int]]:
 
 
 def test_fetch_interval_changes_no_result_and_callbacks_see_each_fetch(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   records = {1: [], 4: []}
   results = {}
   for every in records:
-    config = dataclasses.replace(SMALL, log_every=every, mesh="data=-1",
-                                 out=str(tmp_path / f"every-{every}"),
-                                 tensorboard=str(tmp_path / f"tb-{every}"))
+    config = dataclasses.replace(
+      SMALL,
+      log_every=every,
+      mesh="data=-1",
+      out=str(tmp_path / f"every-{every}"),
+      tensorboard=str(tmp_path / f"tb-{every}"),
+    )
     with monkeypatch.context() as patch:
       events = _record_dispatches_and_reads(patch)
       results[every] = train(config, callbacks=[records[every].append])
@@ -116,41 +125,56 @@ def test_fetch_interval_changes_no_result_and_callbacks_see_each_fetch(
   epochs = [r for r in records[4] if r["kind"] == "epoch"]
   # The first step alone, every 4th, and the last of each epoch.
   assert [(r["epoch"], r["step"]) for r in steps] == [
-      (e, s) for e in (1, 2) for s in (1, 4, 8, 11)]
+    (e, s) for e in (1, 2) for s in (1, 4, 8, 11)
+  ]
   assert [r["global_step"] for r in steps] == [1, 4, 8, 11, 12, 15, 19, 22]
   assert [r["global_step"] for r in epochs] == [STEPS, 2 * STEPS]
-  assert [{k: v for k, v in r.items() if k not in ("kind", "global_step")}
-          for r in epochs] == results[4].history
+  assert [
+    {k: v for k, v in r.items() if k not in ("kind", "global_step")}
+    for r in epochs
+  ] == results[4].history
   # Each fetch's mean, weighted by its steps, is the epoch's mean loss; with
   # a fetch per step the records are the single steps' losses.
-  per_step = np.array([r["train_loss"] for r in records[1]
-                       if r["kind"] == "step"])
+  per_step = np.array(
+    [r["train_loss"] for r in records[1] if r["kind"] == "step"]
+  )
   assert per_step.shape == (2 * STEPS, 4)
   sizes = np.diff([0, 1, 4, 8, 11])
   for epoch in (0, 1):
-    window_means = np.array([r["train_loss"]
-                             for r in steps[4 * epoch:4 * epoch + 4]])
+    window_means = np.array(
+      [r["train_loss"] for r in steps[4 * epoch : 4 * epoch + 4]]
+    )
     np.testing.assert_allclose(
-        window_means, [per_step[STEPS * epoch + a:STEPS * epoch + b].mean(0)
-                       for a, b in zip([0, 1, 4, 8], [1, 4, 8, 11])],
-        rtol=1e-12)
+      window_means,
+      [
+        per_step[STEPS * epoch + a : STEPS * epoch + b].mean(0)
+        for a, b in zip([0, 1, 4, 8], [1, 4, 8, 11], strict=True)
+      ],
+      rtol=1e-12,
+    )
     np.testing.assert_allclose(
-        sizes @ window_means / STEPS, results[4].history[epoch]["train_loss"],
-        rtol=1e-12)
+      sizes @ window_means / STEPS,
+      results[4].history[epoch]["train_loss"],
+      rtol=1e-12,
+    )
   assert all(r["examples_per_s"] > 0 for r in steps)
 
   # TensorBoard holds the same scalars, at the same global steps.
   scalars = _read_scalars(tmp_path / "tb-4")
   assert sorted(scalars) == sorted(
-      f"{group}/exit_{k}" for group in ("train/loss", "test/accuracy",
-                                        "test/loss") for k in range(1, 5))
+    f"{group}/exit_{k}"
+    for group in ("train/loss", "test/accuracy", "test/loss")
+    for k in range(1, 5)
+  )
   for k in range(4):
     assert scalars[f"train/loss/exit_{k + 1}"] == [
-        (r["global_step"], pytest.approx(r["train_loss"][k], rel=1e-6))
-        for r in steps]
+      (r["global_step"], pytest.approx(r["train_loss"][k], rel=1e-6))
+      for r in steps
+    ]
     assert scalars[f"test/accuracy/exit_{k + 1}"] == [
-        (r["global_step"], pytest.approx(r["test_accuracy"][k], rel=1e-6))
-        for r in epochs]
+      (r["global_step"], pytest.approx(r["test_accuracy"][k], rel=1e-6))
+      for r in epochs
+    ]
 
 
 def test_seconds_per_step_leaves_out_the_first_fetch():
@@ -159,12 +183,20 @@ def test_seconds_per_step_leaves_out_the_first_fetch():
 
 
 def test_tensorboard_without_tensorboardx_is_refused_before_any_work(
-    monkeypatch):
+  monkeypatch,
+):
   real_find_spec = importlib.util.find_spec
   monkeypatch.setattr(
-      importlib.util, "find_spec",
-      lambda name, *a: None if name == "tensorboardX" else real_find_spec(name, *a))
+    importlib.util,
+    "find_spec",
+    lambda name, *a: (
+      None if name == "tensorboardX" else real_find_spec(name, *a)
+    ),
+  )
   config = dataclasses.replace(SMALL, tensorboard="tb")
-  with pytest.raises(ValueError, match=r"--tensorboard needs tensorboardX.*"
-                     r"pip install 'osgd-jax\[tensorboard\]'"):
+  with pytest.raises(
+    ValueError,
+    match=r"--tensorboard needs tensorboardX.*"
+    r"pip install 'osgd-jax\[tensorboard\]'",
+  ):
     config.validate()

@@ -26,32 +26,32 @@ accuracy over the learning-rate grid, figures) is made, then or later with
 Run it as ``osgd-compare`` or ``python -m osgd_jax.app.compare``.
 """
 
-from osgd_jax.app.compare.cli import DEFAULT_LR_GRID
-from osgd_jax.app.compare.cli import DEFAULT_MODELS
-from osgd_jax.app.compare.cli import DEFAULT_OPTIMIZERS
-from osgd_jax.app.compare.cli import RESULTS_FILE
-from osgd_jax.app.compare.cli import main
-from osgd_jax.app.compare.experiment import Plan
-from osgd_jax.app.compare.experiment import run_comparison
+from osgd_jax.app.compare.cli import (
+  DEFAULT_LR_GRID,
+  DEFAULT_MODELS,
+  DEFAULT_OPTIMIZERS,
+  RESULTS_FILE,
+  main,
+)
+from osgd_jax.app.compare.experiment import Plan, run_comparison
 from osgd_jax.app.compare.report import write_report
 from osgd_jax.app.compare.results import load_results
-from osgd_jax.app.compare.runs import RESULT_FILE
-from osgd_jax.app.compare.runs import run_once
+from osgd_jax.app.compare.runs import RESULT_FILE, run_once
 from osgd_jax.app.compare.tables import render_markdown
 from osgd_jax.app.compare.variants import VARIANTS
 
 __all__ = [
-    "DEFAULT_LR_GRID",
-    "DEFAULT_MODELS",
-    "DEFAULT_OPTIMIZERS",
-    "Plan",
-    "RESULTS_FILE",
-    "RESULT_FILE",
-    "VARIANTS",
-    "load_results",
-    "main",
-    "render_markdown",
-    "run_comparison",
-    "run_once",
-    "write_report",
+  "DEFAULT_LR_GRID",
+  "DEFAULT_MODELS",
+  "DEFAULT_OPTIMIZERS",
+  "Plan",
+  "RESULTS_FILE",
+  "RESULT_FILE",
+  "VARIANTS",
+  "load_results",
+  "main",
+  "render_markdown",
+  "run_comparison",
+  "run_once",
+  "write_report",
 ]

@@ -15,13 +15,18 @@ import argparse
 import dataclasses
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from osgd_jax import zoo
 from osgd_jax.app.checkpoint import CheckpointWriteError
-from osgd_jax.app.commands import (EXIT_BAD_INPUT, EXIT_FAILED,
-                                   EXIT_INTERRUPTED, OneLineArgumentParser,
-                                   print_error, quiet_library_logs)
+from osgd_jax.app.commands import (
+  EXIT_BAD_INPUT,
+  EXIT_FAILED,
+  EXIT_INTERRUPTED,
+  OneLineArgumentParser,
+  print_error,
+  quiet_library_logs,
+)
 from osgd_jax.app.compare import experiment, variants
 from osgd_jax.app.compare.report import replace_section, write_report
 from osgd_jax.app.compare.results import load_results
@@ -29,16 +34,27 @@ from osgd_jax.app.compare.tables import render_markdown
 from osgd_jax.app.report import write_json
 from osgd_jax.app.train import TrainConfig, prepare_output_dir
 
-__all__ = ["DEFAULT_LR_GRID", "DEFAULT_MODELS", "DEFAULT_OPTIMIZERS",
-           "RESULTS_FILE", "build_parser", "main", "parse_lr_grid"]
+__all__ = [
+  "DEFAULT_LR_GRID",
+  "DEFAULT_MODELS",
+  "DEFAULT_OPTIMIZERS",
+  "RESULTS_FILE",
+  "build_parser",
+  "main",
+  "parse_lr_grid",
+]
 
 #: The comparison's results, in its output directory.
 RESULTS_FILE = "results.json"
 #: The optimizers compared without ``--optimizers``.
 DEFAULT_OPTIMIZERS = ("sgd", "osgd", variants.MATCHED)
 #: The models trained without ``--models``.
-DEFAULT_MODELS = ("branched-resnet", "nested-width-resnet",
-                  "nested-depth-resnet", "nested-width-depth-resnet")
+DEFAULT_MODELS = (
+  "branched-resnet",
+  "nested-width-resnet",
+  "nested-depth-resnet",
+  "nested-width-depth-resnet",
+)
 #: Steps of about 2 (1-2-5 per decade) from a fifth of the training default
 #: (0.05) to ten times it. Optimizers whose updates are about the size of one
 #: exit's gradient (MGDA, UPGrad, 1/K of a sum at K = 4) find their match of
@@ -47,8 +63,18 @@ DEFAULT_MODELS = ("branched-resnet", "nested-width-resnet",
 DEFAULT_LR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 _SWITCH_PERCENT = 100 * (1 - variants.VARIANTS["osgd-switch"]["switch_to_sgd"])
 # The training flags, which --report (it trains nothing) does not take.
-_TRAINING = ("models", "optimizers", "seeds", "lr_grid", "validation",
-             "dataset", "data_dir", "epochs", "batch_size", "out")
+_TRAINING = (
+  "models",
+  "optimizers",
+  "seeds",
+  "lr_grid",
+  "validation",
+  "dataset",
+  "data_dir",
+  "epochs",
+  "batch_size",
+  "out",
+)
 
 
 def parse_lr_grid(text: str) -> tuple[float, ...]:
@@ -72,12 +98,14 @@ def parse_lr_grid(text: str) -> tuple[float, ...]:
   try:
     rates = [float(v) for v in text.split(",")]
   except ValueError:
-    raise ValueError(f"--lr-grid {text!r} is not a list of numbers;"
-                     f" {advice}.") from None
+    raise ValueError(
+      f"--lr-grid {text!r} is not a list of numbers; {advice}."
+    ) from None
   bad = [r for r in rates if not (math.isfinite(r) and r > 0)]
   if bad:
-    raise ValueError(f"--lr-grid {text!r} has {bad[0]}, not a finite rate"
-                     f" > 0; {advice}.")
+    raise ValueError(
+      f"--lr-grid {text!r} has {bad[0]}, not a finite rate > 0; {advice}."
+    )
   if len(set(rates)) < len(rates):
     raise ValueError(f"--lr-grid {text!r} names a rate twice; {advice}.")
   return tuple(sorted(rates))
@@ -95,92 +123,150 @@ def build_parser() -> argparse.ArgumentParser:
   """
   defaults = TrainConfig()
   p = OneLineArgumentParser(
-      prog="osgd-compare",
-      description="Compare optimizers on the same models, data and seeds:"
-      " tune each one's learning rate on a validation split of the training"
-      " set, train the chosen rate with every seed, and report the test"
-      " accuracy per exit, the paired differences from sgd with 95%"
-      " intervals, and the accuracy over the whole grid (results.json,"
-      " report.md, figures). With --report, make the report from a"
-      " results.json without training.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                 choices=zoo.names(), metavar="MODEL")
-  p.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
-                 metavar="OPTIMIZER",
-                 help="any of: " + ", ".join(variants.VARIANTS) + ";"
-                 " osgd-global: one basis over all parameters; osgd-rescale:"
-                 " components keep their exit's norm; osgd-switch: plain SGD"
-                 f" for the last {_SWITCH_PERCENT:g}%% of the steps;"
-                 " sgd-matched: summed-loss"
-                 " SGD at osgd's rate times the measured ratio of the update"
-                 " norms (needs osgd)")
-  p.add_argument("--seeds", type=int, default=5,
-                 help="test runs per optimizer, seeds 0..N-1; the intervals"
-                 " need N >= 2")
-  p.add_argument("--lr-grid", default=",".join(map(str, DEFAULT_LR_GRID)),
-                 help="the peak learning rates to tune over, comma-separated")
-  p.add_argument("--validation", type=float, default=0.2,
-                 help="fraction of the training set the tuning runs validate"
-                 " on (stratified, fixed split)")
+    prog="osgd-compare",
+    description="Compare optimizers on the same models, data and seeds:"
+    " tune each one's learning rate on a validation split of the training"
+    " set, train the chosen rate with every seed, and report the test"
+    " accuracy per exit, the paired differences from sgd with 95%"
+    " intervals, and the accuracy over the whole grid (results.json,"
+    " report.md, figures). With --report, make the report from a"
+    " results.json without training.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument(
+    "--models",
+    nargs="+",
+    default=list(DEFAULT_MODELS),
+    choices=zoo.names(),
+    metavar="MODEL",
+  )
+  p.add_argument(
+    "--optimizers",
+    nargs="+",
+    default=list(DEFAULT_OPTIMIZERS),
+    metavar="OPTIMIZER",
+    help="any of: " + ", ".join(variants.VARIANTS) + ";"
+    " osgd-global: one basis over all parameters; osgd-rescale:"
+    " components keep their exit's norm; osgd-switch: plain SGD"
+    f" for the last {_SWITCH_PERCENT:g}%% of the steps;"
+    " sgd-matched: summed-loss"
+    " SGD at osgd's rate times the measured ratio of the update"
+    " norms (needs osgd)",
+  )
+  p.add_argument(
+    "--seeds",
+    type=int,
+    default=5,
+    help="test runs per optimizer, seeds 0..N-1; the intervals need N >= 2",
+  )
+  p.add_argument(
+    "--lr-grid",
+    default=",".join(map(str, DEFAULT_LR_GRID)),
+    help="the peak learning rates to tune over, comma-separated",
+  )
+  p.add_argument(
+    "--validation",
+    type=float,
+    default=0.2,
+    help="fraction of the training set the tuning runs validate"
+    " on (stratified, fixed split)",
+  )
   p.add_argument("--dataset", default=defaults.dataset)
   p.add_argument("--data-dir", default=defaults.data_dir)
   p.add_argument("--epochs", type=int, default=defaults.epochs)
   p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-  p.add_argument("--out", default="runs/compare",
-                 help="the comparison's directory: one per run, results.json"
-                 " and the report")
-  p.add_argument("--report", metavar="RESULTS",
-                 help="make the report from this results.json; trains nothing")
-  p.add_argument("--report-out", metavar="DIR",
-                 help="where --report writes report.md and the figures;"
-                 " None: the results file's directory")
-  p.add_argument("--readme", metavar="FILE",
-                 help="with --report: put the tables between the --section's"
-                 " markers in this Markdown file")
-  p.add_argument("--section", metavar="NAME",
-                 help="the README section: the lines <!-- compare:NAME:begin"
-                 " --> and <!-- compare:NAME:end --> enclose it")
+  p.add_argument(
+    "--out",
+    default="runs/compare",
+    help="the comparison's directory: one per run, results.json and the report",
+  )
+  p.add_argument(
+    "--report",
+    metavar="RESULTS",
+    help="make the report from this results.json; trains nothing",
+  )
+  p.add_argument(
+    "--report-out",
+    metavar="DIR",
+    help="where --report writes report.md and the figures;"
+    " None: the results file's directory",
+  )
+  p.add_argument(
+    "--readme",
+    metavar="FILE",
+    help="with --report: put the tables between the --section's"
+    " markers in this Markdown file",
+  )
+  p.add_argument(
+    "--section",
+    metavar="NAME",
+    help="the README section: the lines <!-- compare:NAME:begin"
+    " --> and <!-- compare:NAME:end --> enclose it",
+  )
   return p
 
 
 def _plan(args: argparse.Namespace) -> experiment.Plan:
   if not 1 <= args.seeds <= experiment.MAX_SEEDS:
-    raise ValueError(f"--seeds must be an integer from 1 to"
-                     f" {experiment.MAX_SEEDS}, got {args.seeds}.")
+    raise ValueError(
+      f"--seeds must be an integer from 1 to"
+      f" {experiment.MAX_SEEDS}, got {args.seeds}."
+    )
   grid = parse_lr_grid(args.lr_grid)
   if not (math.isfinite(args.validation) and 0 < args.validation < 1):
-    raise ValueError("--validation must be a finite number in (0, 1): the"
-                     " tuning runs validate on that fraction of the training"
-                     f" set; got {args.validation}.")
+    raise ValueError(
+      "--validation must be a finite number in (0, 1): the"
+      " tuning runs validate on that fraction of the training"
+      f" set; got {args.validation}."
+    )
   variants.check_names(args.optimizers)
-  base = TrainConfig(dataset=args.dataset, data_dir=args.data_dir,
-                     epochs=args.epochs, batch_size=args.batch_size,
-                     out=args.out, progress=False)
+  base = TrainConfig(
+    dataset=args.dataset,
+    data_dir=args.data_dir,
+    epochs=args.epochs,
+    batch_size=args.batch_size,
+    out=args.out,
+    progress=False,
+  )
   for model in args.models:  # every run's settings, before any work
     for name in args.optimizers:
-      variants.config_for(base, name, model=model, lr=grid[0],
-                          validation=args.validation).validate()
+      variants.config_for(
+        base, name, model=model, lr=grid[0], validation=args.validation
+      ).validate()
   base = dataclasses.replace(base, out=prepare_output_dir(args.out))
-  return experiment.Plan(base, tuple(args.models), tuple(args.optimizers),
-                         grid, args.validation, tuple(range(args.seeds)))
+  return experiment.Plan(
+    base,
+    tuple(args.models),
+    tuple(args.optimizers),
+    grid,
+    args.validation,
+    tuple(range(args.seeds)),
+  )
 
 
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-  given = [f"--{d.replace('_', '-')}" for d in _TRAINING
-           if getattr(args, d) != parser.get_default(d)]
+  given = [
+    f"--{d.replace('_', '-')}"
+    for d in _TRAINING
+    if getattr(args, d) != parser.get_default(d)
+  ]
   if given:
-    raise ValueError(f"--report makes the report from a results file and"
-                     f" trains nothing; leave out {', '.join(given)}.")
+    raise ValueError(
+      f"--report makes the report from a results file and"
+      f" trains nothing; leave out {', '.join(given)}."
+    )
   payload = load_results(args.report)
   out = args.report_out or os.path.dirname(os.path.abspath(args.report))
   if args.readme is not None:
     if not os.path.isfile(args.readme):
-      raise ValueError(f"--readme {args.readme} does not exist; name the"
-                       " Markdown file whose section to fill.")
+      raise ValueError(
+        f"--readme {args.readme} does not exist; name the"
+        " Markdown file whose section to fill."
+      )
     with open(args.readme) as f:
-      text = replace_section(f.read(), args.section, render_markdown(payload),
-                             where=args.readme)
+      text = replace_section(
+        f.read(), args.section, render_markdown(payload), where=args.readme
+      )
   paths = write_report(payload, out)
   if args.readme is not None:
     with open(args.readme, "w") as f:
@@ -209,18 +295,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   quiet_library_logs()
   try:
     if (args.readme is None) != (args.section is None):
-      raise ValueError("--readme and --section go together: the file and"
-                       " the section of it to fill.")
+      raise ValueError(
+        "--readme and --section go together: the file and"
+        " the section of it to fill."
+      )
     if args.report is None:
       if args.readme is not None or args.report_out is not None:
-        raise ValueError("--report-out, --readme and --section go with"
-                         " --report RESULTS, the results file to report.")
+        raise ValueError(
+          "--report-out, --readme and --section go with"
+          " --report RESULTS, the results file to report."
+        )
     else:
       _report(args, parser)
       return 0
     plan = _plan(args)
-    print(f"output directory: {plan.base.out}; up to {plan.num_runs} runs",
-          flush=True)
+    print(
+      f"output directory: {plan.base.out}; up to {plan.num_runs} runs",
+      flush=True,
+    )
     payload = experiment.run_comparison(plan)
     path = os.path.join(plan.base.out, RESULTS_FILE)
     write_json(path, payload)
@@ -233,12 +325,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_FAILED
   except KeyboardInterrupt:
     if args.report is not None:
-      print_error("osgd-compare", "interrupted; the report may be"
-                  " incomplete. Run the same command again.")
+      print_error(
+        "osgd-compare",
+        "interrupted; the report may be"
+        " incomplete. Run the same command again.",
+      )
     else:
-      print_error("osgd-compare", "interrupted; the finished runs are kept"
-                  f" in {args.out}. Run the same command again to continue:"
-                  " it skips them and resumes the interrupted one.")
+      print_error(
+        "osgd-compare",
+        "interrupted; the finished runs are kept"
+        f" in {args.out}. Run the same command again to continue:"
+        " it skips them and resumes the interrupted one.",
+      )
     return EXIT_INTERRUPTED
   print(render_markdown(payload))
   print("wrote " + ", ".join([path, *written]))

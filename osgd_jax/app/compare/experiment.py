@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,22 @@ from osgd_jax.app import data as data_lib
 from osgd_jax.app.compare import matched, results, variants
 from osgd_jax.app.compare.runs import read_record, run_once
 from osgd_jax.app.report import write_json
-from osgd_jax.app.train import (TrainConfig, TrainingDiverged, build_model,
-                                load_data)
+from osgd_jax.app.train import (
+  TrainConfig,
+  TrainingDiverged,
+  build_model,
+  load_data,
+)
 
-__all__ = ["MAX_SEEDS", "TIE_TOLERANCE", "TUNING_SEED", "Plan",
-           "choose_rate", "model_costs", "run_comparison"]
+__all__ = [
+  "MAX_SEEDS",
+  "TIE_TOLERANCE",
+  "TUNING_SEED",
+  "Plan",
+  "choose_rate",
+  "model_costs",
+  "run_comparison",
+]
 
 #: The seed of every tuning run, outside the evaluation seeds 0..N-1 (N is
 #: at most MAX_SEEDS), so no tested run shares its initialisation or data
@@ -40,8 +52,19 @@ MAX_SEEDS = 1000
 #: Mean accuracies closer than this are a tie, which the smaller rate wins.
 TIE_TOLERANCE = 1e-9
 # The TrainConfig fields a comparison sets run by run.
-_PER_RUN = ("model", "optimizer", "granularity", "method", "rescale",
-            "switch_to_sgd", "lr", "seed", "validation", "out", "resume")
+_PER_RUN = (
+  "model",
+  "optimizer",
+  "granularity",
+  "method",
+  "rescale",
+  "switch_to_sgd",
+  "lr",
+  "seed",
+  "validation",
+  "out",
+  "resume",
+)
 # sgd-matched's ratio, beside the run it was measured along.
 _RATIO_FILE = "ratio.json"
 
@@ -79,8 +102,11 @@ class Plan:
     """
     tuned = sum(variants.is_tuned(o) for o in self.optimizers)
     measured = int(variants.MATCHED in self.optimizers)
-    return len(self.models) * (tuned * len(self.lr_grid) + measured
-                               + len(self.optimizers) * len(self.seeds))
+    return len(self.models) * (
+      tuned * len(self.lr_grid)
+      + measured
+      + len(self.optimizers) * len(self.seeds)
+    )
 
 
 def choose_rate(grid: Sequence[dict[str, Any]]) -> float | None:
@@ -102,8 +128,11 @@ def choose_rate(grid: Sequence[dict[str, Any]]) -> float | None:
     ...              {"lr": 1.0, "val_accuracy": None}])
     0.01
   """
-  scored = [(float(np.mean(p["val_accuracy"])), p["lr"]) for p in grid
-            if p["val_accuracy"] is not None]
+  scored = [
+    (float(np.mean(p["val_accuracy"])), p["lr"])
+    for p in grid
+    if p["val_accuracy"] is not None
+  ]
   if not scored:
     return None
   best = max(score for score, _ in scored)
@@ -128,8 +157,11 @@ def model_costs(config: TrainConfig) -> dict[str, Any]:
   model = build_model(config, dataset)
   model.eval()
   flops = anytime.flops_per_exit(model, (1,) + dataset.input_shape)
-  return {"flops": flops.flops.tolist(), "flops_source": flops.source,
-          "params": anytime.params_per_exit(model).tolist()}
+  return {
+    "flops": flops.flops.tolist(),
+    "flops_source": flops.source,
+    "params": anytime.params_per_exit(model).tolist(),
+  }
 
 
 class _Progress:
@@ -144,11 +176,16 @@ class _Progress:
     print(name, flush=True)  # the run's epochs print below it
     start = time.perf_counter()
     status, accuracy = run_once(config)
-    summary = ("" if accuracy is None else
-               f" ({config.evaluated_on}: mean {100 * np.mean(accuracy):.1f}%,"
-               f" last exit {100 * accuracy[-1]:.1f}%)")
-    print(f"{name}: {status} in {time.perf_counter() - start:.0f} s"
-          f"{summary}", flush=True)
+    summary = (
+      ""
+      if accuracy is None
+      else f" ({config.evaluated_on}: mean {100 * np.mean(accuracy):.1f}%,"
+      f" last exit {100 * accuracy[-1]:.1f}%)"
+    )
+    print(
+      f"{name}: {status} in {time.perf_counter() - start:.0f} s{summary}",
+      flush=True,
+    )
     return accuracy
 
 
@@ -156,66 +193,103 @@ def _lr_dir(lr: float) -> str:
   return f"lr{lr!r}"
 
 
-def _tune(plan: Plan, model: str, name: str, progress: _Progress
-          ) -> list[dict[str, Any]]:
+def _tune(
+  plan: Plan, model: str, name: str, progress: _Progress
+) -> list[dict[str, Any]]:
   grid = []
   for lr in plan.lr_grid:
     config = variants.config_for(
-        plan.base, name, model=model, lr=lr, seed=TUNING_SEED,
-        validation=plan.validation,
-        out=os.path.join(plan.base.out, model, name, "tune", _lr_dir(lr)))
+      plan.base,
+      name,
+      model=model,
+      lr=lr,
+      seed=TUNING_SEED,
+      validation=plan.validation,
+      out=os.path.join(plan.base.out, model, name, "tune", _lr_dir(lr)),
+    )
     accuracy = progress.run(f"{model}, {name}, tuning lr {lr}", config)
-    grid.append({"lr": lr, "status": "diverged" if accuracy is None
-                 else "finished",
-                 "val_accuracy": None if accuracy is None else accuracy.tolist()})
+    grid.append(
+      {
+        "lr": lr,
+        "status": "diverged" if accuracy is None else "finished",
+        "val_accuracy": None if accuracy is None else accuracy.tolist(),
+      }
+    )
   return grid
 
 
-def _matched_ratio(plan: Plan, model: str, osgd_lr: float,
-                   progress: _Progress) -> dict[str, Any] | None:
+def _matched_ratio(
+  plan: Plan, model: str, osgd_lr: float, progress: _Progress
+) -> dict[str, Any] | None:
   """The ratio along OSGD's chosen tuning run, measured once and kept."""
-  directory = os.path.join(plan.base.out, model, variants.MATCHED, "measure",
-                           _lr_dir(osgd_lr))
+  directory = os.path.join(
+    plan.base.out, model, variants.MATCHED, "measure", _lr_dir(osgd_lr)
+  )
   config = variants.config_for(
-      plan.base, variants.MATCHED_TO, model=model, lr=osgd_lr,
-      seed=TUNING_SEED, validation=plan.validation, out=directory)
+    plan.base,
+    variants.MATCHED_TO,
+    model=model,
+    lr=osgd_lr,
+    seed=TUNING_SEED,
+    validation=plan.validation,
+    out=directory,
+  )
   path = os.path.join(directory, _RATIO_FILE)
   progress.done += 1
-  name = (f"[{progress.done}/{progress.total}] {model}, {variants.MATCHED}:"
-          f" {variants.MATCHED_TO}'s update norm at lr {osgd_lr}")
+  name = (
+    f"[{progress.done}/{progress.total}] {model}, {variants.MATCHED}:"
+    f" {variants.MATCHED_TO}'s update norm at lr {osgd_lr}"
+  )
   print(name, flush=True)
   record = read_record(path, config, required=("ratio",))
   status = "skipped"
   if record is None:
     try:
-      record = {"config": config.to_json(),
-                **matched.measure_update_ratio(config)}
+      record = {
+        "config": config.to_json(),
+        **matched.measure_update_ratio(config),
+      }
     except TrainingDiverged as e:
       record = {"config": config.to_json(), "ratio": None, "reason": str(e)}
     os.makedirs(directory, exist_ok=True)
     write_json(path, record)
     status = "measured"
   ratio = record["ratio"]
-  print(f"{name}: {status}, ratio "
-        f"{'none (diverged)' if ratio is None else f'{ratio:.3f}'}",
-        flush=True)
+  print(
+    f"{name}: {status}, ratio "
+    f"{'none (diverged)' if ratio is None else f'{ratio:.3f}'}",
+    flush=True,
+  )
   if ratio is None:
     return None
   measured = {k: v for k, v in record.items() if k != "config"}
-  return {"to": variants.MATCHED_TO, "osgd_lr": osgd_lr, **measured,
-          "lr": osgd_lr * ratio}
+  return {
+    "to": variants.MATCHED_TO,
+    "osgd_lr": osgd_lr,
+    **measured,
+    "lr": osgd_lr * ratio,
+  }
 
 
-def _test(plan: Plan, model: str, name: str, lr: float, progress: _Progress
-          ) -> list[list[float] | None]:
+def _test(
+  plan: Plan, model: str, name: str, lr: float, progress: _Progress
+) -> list[list[float] | None]:
   rows = []
   for seed in plan.seeds:
     config = variants.config_for(
-        plan.base, name, model=model, lr=lr, seed=seed, validation=0.0,
-        out=os.path.join(plan.base.out, model, name, "test", _lr_dir(lr),
-                         f"seed{seed}"))
-    accuracy = progress.run(f"{model}, {name}, lr {lr:.4g}, seed {seed}",
-                            config)
+      plan.base,
+      name,
+      model=model,
+      lr=lr,
+      seed=seed,
+      validation=0.0,
+      out=os.path.join(
+        plan.base.out, model, name, "test", _lr_dir(lr), f"seed{seed}"
+      ),
+    )
+    accuracy = progress.run(
+      f"{model}, {name}, lr {lr:.4g}, seed {seed}", config
+    )
     rows.append(None if accuracy is None else accuracy.tolist())
   return rows
 
@@ -225,19 +299,24 @@ def _settings(plan: Plan) -> dict[str, Any]:
   # machine's output directory.
   base = {k: v for k, v in plan.base.to_json().items() if k not in _PER_RUN}
   return {
-      "base_config": base,
-      "dataset": plan.base.dataset, "epochs": plan.base.epochs,
-      "batch_size": plan.base.batch_size,
-      "models": list(plan.models), "optimizers": list(plan.optimizers),
-      "variants": {o: variants.VARIANTS[o] for o in plan.optimizers},
-      "lr_grid": list(plan.lr_grid), "validation": plan.validation,
-      "validation_split_seed": data_lib.VALIDATION_SPLIT_SEED,
-      "tuning_seed": TUNING_SEED, "seeds": list(plan.seeds),
-      "selection": "the grid rate of the best mean-over-exits validation"
-                   f" accuracy; ties (within {TIE_TOLERANCE}) go to the"
-                   " smaller rate; a diverged rate fails",
-      "baseline": variants.BASELINE, "matched_to": variants.MATCHED_TO,
-      "confidence": results.CONFIDENCE,
+    "base_config": base,
+    "dataset": plan.base.dataset,
+    "epochs": plan.base.epochs,
+    "batch_size": plan.base.batch_size,
+    "models": list(plan.models),
+    "optimizers": list(plan.optimizers),
+    "variants": {o: variants.VARIANTS[o] for o in plan.optimizers},
+    "lr_grid": list(plan.lr_grid),
+    "validation": plan.validation,
+    "validation_split_seed": data_lib.VALIDATION_SPLIT_SEED,
+    "tuning_seed": TUNING_SEED,
+    "seeds": list(plan.seeds),
+    "selection": "the grid rate of the best mean-over-exits validation"
+    f" accuracy; ties (within {TIE_TOLERANCE}) go to the"
+    " smaller rate; a diverged rate fails",
+    "baseline": variants.BASELINE,
+    "matched_to": variants.MATCHED_TO,
+    "confidence": results.CONFIDENCE,
   }
 
 
@@ -267,17 +346,23 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
     >>> payload = run_comparison(plan)  # doctest: +SKIP
   """
   progress = _Progress(plan.num_runs)
-  payload: dict[str, Any] = {"format": results.FORMAT,
-                             "version": results.VERSION,
-                             "settings": _settings(plan), "models": {}}
+  payload: dict[str, Any] = {
+    "format": results.FORMAT,
+    "version": results.VERSION,
+    "settings": _settings(plan),
+    "models": {},
+  }
   for model in plan.models:
     entry: dict[str, Any] = {"matched": None, "optimizers": {}}
     for name in plan.optimizers:
       if variants.is_tuned(name):
         grid = _tune(plan, model, name, progress)
         entry["optimizers"][name] = {
-            "fields": variants.VARIANTS[name], "lr_source": "tuned",
-            "grid": grid, "chosen_lr": choose_rate(grid)}
+          "fields": variants.VARIANTS[name],
+          "lr_source": "tuned",
+          "grid": grid,
+          "chosen_lr": choose_rate(grid),
+        }
     if variants.MATCHED in plan.optimizers:
       osgd_lr = entry["optimizers"][variants.MATCHED_TO]["chosen_lr"]
       if osgd_lr is not None:
@@ -285,25 +370,35 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
       else:
         progress.done += 1  # nothing to measure
       entry["optimizers"][variants.MATCHED] = {
-          "fields": variants.VARIANTS[variants.MATCHED],
-          "lr_source": "matched", "grid": [],
-          "chosen_lr": (None if entry["matched"] is None
-                        else entry["matched"]["lr"])}
+        "fields": variants.VARIANTS[variants.MATCHED],
+        "lr_source": "matched",
+        "grid": [],
+        "chosen_lr": (
+          None if entry["matched"] is None else entry["matched"]["lr"]
+        ),
+      }
     for name in plan.optimizers:
       result = entry["optimizers"][name]
       lr = result["chosen_lr"]
       if lr is None:
-        why = ("every grid rate diverged" if result["grid"] else
-               f"{variants.MATCHED_TO} has no rate, or its measured run"
-               " diverged")
-        print(f"{model}, {name}: no learning rate to test ({why}); its test"
-              " runs are left out.", flush=True)
+        why = (
+          "every grid rate diverged"
+          if result["grid"]
+          else f"{variants.MATCHED_TO} has no rate, or its measured run"
+          " diverged"
+        )
+        print(
+          f"{model}, {name}: no learning rate to test ({why}); its test"
+          " runs are left out.",
+          flush=True,
+        )
         progress.done += len(plan.seeds)
         result["test_accuracy"] = None
         continue
       result["test_accuracy"] = _test(plan, model, name, lr, progress)
     payload["models"][model] = {
-        **model_costs(dataclasses.replace(plan.base, model=model)),
-        "matched": entry["matched"],
-        "optimizers": {o: entry["optimizers"][o] for o in plan.optimizers}}
+      **model_costs(dataclasses.replace(plan.base, model=model)),
+      "matched": entry["matched"],
+      "optimizers": {o: entry["optimizers"][o] for o in plan.optimizers},
+    }
   return payload

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from osgd_jax.app.train import TrainConfig, start_run, train_epoch
 from osgd_jax.aggregation import OsgdState
+from osgd_jax.app.train import TrainConfig, start_run, train_epoch
 
 __all__ = ["measure_update_ratio", "update_and_sum_norms"]
 
@@ -53,8 +53,9 @@ def update_and_sum_norms(state: OsgdState) -> jax.Array:
   """
   norms, cosine = state.exit_norms, state.cosine
   summed_sq = jnp.maximum(norms @ cosine @ norms, 0.0)
-  return jnp.stack([jnp.sqrt(jnp.sum(state.projected_sq_norms)),
-                    jnp.sqrt(summed_sq)])
+  return jnp.stack(
+    [jnp.sqrt(jnp.sum(state.projected_sq_norms)), jnp.sqrt(summed_sq)]
+  )
 
 
 def measure_update_ratio(config: TrainConfig) -> dict[str, Any]:
@@ -95,11 +96,16 @@ def measure_update_ratio(config: TrainConfig) -> dict[str, Any]:
     >>> 0 < measured["ratio"] <= 1  # doctest: +SKIP
     True
   """
-  if (config.optimizer != "osgd" or config.rescale
-      or config.switch_to_sgd is not None):
-    raise ValueError("measure_update_ratio measures plain OSGD's updates;"
-                     " give it an osgd run without --rescale or"
-                     " --switch-to-sgd.")
+  if (
+    config.optimizer != "osgd"
+    or config.rescale
+    or config.switch_to_sgd is not None
+  ):
+    raise ValueError(
+      "measure_update_ratio measures plain OSGD's updates;"
+      " give it an osgd run without --rescale or"
+      " --switch-to-sgd."
+    )
   run, state = start_run(config)
   step, measured = run.step, []
 
@@ -116,7 +122,9 @@ def measure_update_ratio(config: TrainConfig) -> dict[str, Any]:
     run.store.close()
   norms = np.asarray(jax.device_get(measured), np.float64)
   per_epoch = norms.reshape(config.epochs, -1, 2).sum(axis=1)
-  return {"ratio": float(norms[:, 0].sum() / norms[:, 1].sum()),
-          "epoch_ratios": (per_epoch[:, 0] / per_epoch[:, 1]).tolist(),
-          "first_step_ratio": float(norms[0, 0] / norms[0, 1]),
-          "steps": len(norms)}
+  return {
+    "ratio": float(norms[:, 0].sum() / norms[:, 1].sum()),
+    "epoch_ratios": (per_epoch[:, 0] / per_epoch[:, 1]).tolist(),
+    "first_step_ratio": float(norms[0, 0] / norms[0, 1]),
+    "steps": len(norms),
+  }

@@ -18,11 +18,21 @@ import numpy as np
 from osgd_jax.app.compare import results as results_lib
 from osgd_jax.app.compare import stats
 from osgd_jax.app.compare.tables import paired_differences, render_markdown
-from osgd_jax.app.report import (plot_accuracy_vs_flops, plot_accuracy_vs_lr,
-                                 plot_exit_accuracy, plot_paired_differences)
+from osgd_jax.app.report import (
+  plot_accuracy_vs_flops,
+  plot_accuracy_vs_lr,
+  plot_exit_accuracy,
+  plot_paired_differences,
+)
 
-__all__ = ["DIFFERENCES_FIGURE", "REPORT_FILE", "markers", "replace_section",
-           "write_differences_figure", "write_report"]
+__all__ = [
+  "DIFFERENCES_FIGURE",
+  "REPORT_FILE",
+  "markers",
+  "replace_section",
+  "write_differences_figure",
+  "write_report",
+]
 
 #: The report's Markdown file, beside its figures.
 REPORT_FILE = "report.md"
@@ -49,14 +59,19 @@ def markers(section: str) -> tuple[str, str]:
     ('<!-- compare:digits:begin -->', '<!-- compare:digits:end -->')
   """
   if not _SECTION.fullmatch(section):
-    raise ValueError(f"--section {section!r} must be letters, digits, '.',"
-                     " '_' or '-', such as digits.")
-  return (f"<!-- compare:{section}:begin -->",
-          f"<!-- compare:{section}:end -->")
+    raise ValueError(
+      f"--section {section!r} must be letters, digits, '.',"
+      " '_' or '-', such as digits."
+    )
+  return (
+    f"<!-- compare:{section}:begin -->",
+    f"<!-- compare:{section}:end -->",
+  )
 
 
-def replace_section(text: str, section: str, fragment: str,
-                    where: str = "the README") -> str:
+def replace_section(
+  text: str, section: str, fragment: str, where: str = "the README"
+) -> str:
   """``text`` with the lines between a section's markers set to ``fragment``.
 
   Args:
@@ -86,9 +101,10 @@ def replace_section(text: str, section: str, fragment: str,
   ends = [i for i, line in enumerate(lines) if line.strip() == end]
   if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
     raise ValueError(
-        f"{where} needs the line {begin} and, below it, the line {end}, once"
-        " each; add them where the tables go, then report again.")
-  return "".join(lines[:starts[0] + 1]) + fragment + "".join(lines[ends[0]:])
+      f"{where} needs the line {begin} and, below it, the line {end}, once"
+      " each; add them where the tables go, then report again."
+    )
+  return "".join(lines[: starts[0] + 1]) + fragment + "".join(lines[ends[0] :])
 
 
 def write_differences_figure(payload: dict[str, Any], out: str) -> str | None:
@@ -109,18 +125,27 @@ def write_differences_figure(payload: dict[str, Any], out: str) -> str | None:
     'differences.png'
   """
   settings = payload["settings"]
-  panels = {model: {name: (overall.mean, overall.half_width)
-                    for name, (_, overall) in per_model.items()}
-            for model, per_model in paired_differences(payload).items()}
-  if all(np.isnan(mean) for rows in panels.values()
-         for mean, _ in rows.values()):
+  panels = {
+    model: {
+      name: (overall.mean, overall.half_width)
+      for name, (_, overall) in per_model.items()
+    }
+    for model, per_model in paired_differences(payload).items()
+  }
+  if all(
+    np.isnan(mean) for rows in panels.values() for mean, _ in rows.values()
+  ):
     return None
   path = os.path.join(out, DIFFERENCES_FIGURE)
   plot_paired_differences(
-      panels, path, title=(
-          f"{settings['dataset']}: test accuracy minus {settings['baseline']}'s,"
-          f" mean over exits ({100 * settings['confidence']:g}% interval,"
-          " paired by seed)"))
+    panels,
+    path,
+    title=(
+      f"{settings['dataset']}: test accuracy minus {settings['baseline']}'s,"
+      f" mean over exits ({100 * settings['confidence']:g}% interval,"
+      " paired by seed)"
+    ),
+  )
   return path
 
 
@@ -134,7 +159,8 @@ def _figures(payload: dict[str, Any], out: str) -> list[str]:
     summary = {}
     for name, result in entry["optimizers"].items():
       mean, std, n = stats.mean_and_std(
-          results_lib.accuracy_rows(result["test_accuracy"], num_exits))
+        results_lib.accuracy_rows(result["test_accuracy"], num_exits)
+      )
       if n:
         summary[name] = (mean, np.nan_to_num(std))
     title = f"{model} on {dataset}, {seeds} seeds"
@@ -142,20 +168,29 @@ def _figures(payload: dict[str, Any], out: str) -> list[str]:
     plot_exit_accuracy(summary, path, title=title + " (± std)")
     written.append(path)
     path = os.path.join(out, f"flops-{model}.png")
-    plot_accuracy_vs_flops({n: (entry["flops"], m)
-                            for n, (m, _) in summary.items()}, path,
-                           title=title)
+    plot_accuracy_vs_flops(
+      {n: (entry["flops"], m) for n, (m, _) in summary.items()},
+      path,
+      title=title,
+    )
     written.append(path)
-    curves = {name: ([p["lr"] for p in result["grid"]],
-                     results_lib.accuracy_rows(
-                         [p["val_accuracy"] for p in result["grid"]],
-                         num_exits))
-              for name, result in entry["optimizers"].items()
-              if result["grid"]}
+    curves = {
+      name: (
+        [p["lr"] for p in result["grid"]],
+        results_lib.accuracy_rows(
+          [p["val_accuracy"] for p in result["grid"]], num_exits
+        ),
+      )
+      for name, result in entry["optimizers"].items()
+      if result["grid"]
+    }
     path = os.path.join(out, f"lr-{model}.png")
-    plot_accuracy_vs_lr(curves, path, chosen={
-        n: entry["optimizers"][n]["chosen_lr"] for n in curves},
-                        title=f"{model} on {dataset}: the tuning runs")
+    plot_accuracy_vs_lr(
+      curves,
+      path,
+      chosen={n: entry["optimizers"][n]["chosen_lr"] for n in curves},
+      title=f"{model} on {dataset}: the tuning runs",
+    )
     written.append(path)
   return written
 
@@ -186,8 +221,9 @@ def write_report(payload: dict[str, Any], out: str) -> list[str]:
   """
   os.makedirs(out, exist_ok=True)
   figures = _figures(payload, out)
-  links = "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})"
-                    for p in figures)
+  links = "\n".join(
+    f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures
+  )
   path = os.path.join(out, REPORT_FILE)
   with open(path, "w") as f:
     f.write(render_markdown(payload) + "\n" + links + "\n")

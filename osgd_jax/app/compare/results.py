@@ -41,12 +41,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["CONFIDENCE", "EXAMPLE", "FORMAT", "VERSION", "accuracy_rows",
-           "load_results"]
+__all__ = [
+  "CONFIDENCE",
+  "EXAMPLE",
+  "FORMAT",
+  "VERSION",
+  "accuracy_rows",
+  "load_results",
+]
 
 #: The ``"format"`` entry that marks a results file.
 FORMAT = "osgd-compare results"
@@ -58,49 +65,82 @@ CONFIDENCE = 0.95
 #: A small hand-made results object in this layout, for the examples (one
 #: model with 2 exits, 2 seeds, a 2-rate grid, sgd, osgd and sgd-matched).
 EXAMPLE: dict[str, Any] = {
-    "format": FORMAT, "version": VERSION,
-    "settings": {
-        "base_config": {"schedule": "cosine", "momentum": 0.9,
-                        "weight_decay": 0.0005},
-        "dataset": "digits", "epochs": 1, "batch_size": 256,
-        "models": ["branched-mlp"],
-        "optimizers": ["sgd", "osgd", "sgd-matched"],
-        "variants": {"sgd": {"optimizer": "sgd"},
-                     "osgd": {"optimizer": "osgd"},
-                     "sgd-matched": {"optimizer": "sgd"}},
-        "lr_grid": [0.01, 0.1], "validation": 0.2,
-        "validation_split_seed": 0, "tuning_seed": 1000, "seeds": [0, 1],
-        "selection": "best mean-over-exits validation accuracy",
-        "baseline": "sgd", "matched_to": "osgd", "confidence": CONFIDENCE},
-    "models": {"branched-mlp": {
-        "flops": [1000.0, 2000.0], "flops_source": "xla",
-        "params": [100, 200],
-        "matched": {"to": "osgd", "osgd_lr": 0.01, "ratio": 0.562,
-                    "epoch_ratios": [0.871, 0.498],
-                    "first_step_ratio": 1.002, "steps": 10,
-                    "lr": 0.00562},
-        "optimizers": {
-            "sgd": {"fields": {"optimizer": "sgd"}, "lr_source": "tuned",
-                    "grid": [{"lr": 0.01, "status": "finished",
-                              "val_accuracy": [0.6, 0.7]},
-                             {"lr": 0.1, "status": "finished",
-                              "val_accuracy": [0.7, 0.8]}],
-                    "chosen_lr": 0.1,
-                    "test_accuracy": [[0.5, 0.7], [0.7, 0.9]]},
-            "osgd": {"fields": {"optimizer": "osgd"}, "lr_source": "tuned",
-                     "grid": [{"lr": 0.01, "status": "finished",
-                               "val_accuracy": [0.7, 0.9]},
-                              {"lr": 0.1, "status": "diverged",
-                               "val_accuracy": None}],
-                     "chosen_lr": 0.01,
-                     "test_accuracy": [[0.6, 0.8], [0.7, 1.0]]},
-            "sgd-matched": {"fields": {"optimizer": "sgd"},
-                            "lr_source": "matched", "grid": [],
-                            "chosen_lr": 0.00562,
-                            "test_accuracy": [[0.5, 0.8], None]}}}},
+  "format": FORMAT,
+  "version": VERSION,
+  "settings": {
+    "base_config": {
+      "schedule": "cosine",
+      "momentum": 0.9,
+      "weight_decay": 0.0005,
+    },
+    "dataset": "digits",
+    "epochs": 1,
+    "batch_size": 256,
+    "models": ["branched-mlp"],
+    "optimizers": ["sgd", "osgd", "sgd-matched"],
+    "variants": {
+      "sgd": {"optimizer": "sgd"},
+      "osgd": {"optimizer": "osgd"},
+      "sgd-matched": {"optimizer": "sgd"},
+    },
+    "lr_grid": [0.01, 0.1],
+    "validation": 0.2,
+    "validation_split_seed": 0,
+    "tuning_seed": 1000,
+    "seeds": [0, 1],
+    "selection": "best mean-over-exits validation accuracy",
+    "baseline": "sgd",
+    "matched_to": "osgd",
+    "confidence": CONFIDENCE,
+  },
+  "models": {
+    "branched-mlp": {
+      "flops": [1000.0, 2000.0],
+      "flops_source": "xla",
+      "params": [100, 200],
+      "matched": {
+        "to": "osgd",
+        "osgd_lr": 0.01,
+        "ratio": 0.562,
+        "epoch_ratios": [0.871, 0.498],
+        "first_step_ratio": 1.002,
+        "steps": 10,
+        "lr": 0.00562,
+      },
+      "optimizers": {
+        "sgd": {
+          "fields": {"optimizer": "sgd"},
+          "lr_source": "tuned",
+          "grid": [
+            {"lr": 0.01, "status": "finished", "val_accuracy": [0.6, 0.7]},
+            {"lr": 0.1, "status": "finished", "val_accuracy": [0.7, 0.8]},
+          ],
+          "chosen_lr": 0.1,
+          "test_accuracy": [[0.5, 0.7], [0.7, 0.9]],
+        },
+        "osgd": {
+          "fields": {"optimizer": "osgd"},
+          "lr_source": "tuned",
+          "grid": [
+            {"lr": 0.01, "status": "finished", "val_accuracy": [0.7, 0.9]},
+            {"lr": 0.1, "status": "diverged", "val_accuracy": None},
+          ],
+          "chosen_lr": 0.01,
+          "test_accuracy": [[0.6, 0.8], [0.7, 1.0]],
+        },
+        "sgd-matched": {
+          "fields": {"optimizer": "sgd"},
+          "lr_source": "matched",
+          "grid": [],
+          "chosen_lr": 0.00562,
+          "test_accuracy": [[0.5, 0.8], None],
+        },
+      },
+    }
+  },
 }
 
-_ADVICE = ("pass the results.json that osgd-compare wrote in its --out")
+_ADVICE = "pass the results.json that osgd-compare wrote in its --out"
 
 
 def load_results(path: str) -> dict[str, Any]:
@@ -129,16 +169,19 @@ def load_results(path: str) -> dict[str, Any]:
       payload = json.load(f)
   except (OSError, ValueError) as e:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ValueError(f"--report {path} cannot be read as JSON ({reason});"
-                     f" {_ADVICE}.") from None
+    raise ValueError(
+      f"--report {path} cannot be read as JSON ({reason}); {_ADVICE}."
+    ) from None
   if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-    raise ValueError(f"--report {path} is not an osgd-compare results file;"
-                     f" {_ADVICE}.")
+    raise ValueError(
+      f"--report {path} is not an osgd-compare results file; {_ADVICE}."
+    )
   if payload.get("version") != VERSION:
     raise ValueError(
-        f"--report {path} is a results file of version"
-        f" {payload.get('version')!r}, and this osgd-compare reads version"
-        f" {VERSION}; report it with the osgd-compare that wrote it.")
+      f"--report {path} is a results file of version"
+      f" {payload.get('version')!r}, and this osgd-compare reads version"
+      f" {VERSION}; report it with the osgd-compare that wrote it."
+    )
   try:
     settings, models = payload["settings"], payload["models"]
     for key in ("models", "optimizers", "lr_grid", "seeds", "baseline"):
@@ -150,13 +193,15 @@ def load_results(path: str) -> dict[str, Any]:
         for key in ("grid", "chosen_lr", "test_accuracy"):
           result[key]  # pylint: disable=pointless-statement
   except (KeyError, TypeError, AttributeError) as e:
-    raise ValueError(f"--report {path} lacks {e} of a results file; {_ADVICE}."
-                     ) from None
+    raise ValueError(
+      f"--report {path} lacks {e} of a results file; {_ADVICE}."
+    ) from None
   return payload
 
 
-def accuracy_rows(rows: Sequence[Sequence[float] | None] | None,
-                  num_exits: int) -> np.ndarray:
+def accuracy_rows(
+  rows: Sequence[Sequence[float] | None] | None, num_exits: int
+) -> np.ndarray:
   """Accuracy rows as a float64 array, NaN for a diverged (``null``) row.
 
   Args:
@@ -172,5 +217,6 @@ def accuracy_rows(rows: Sequence[Sequence[float] | None] | None,
     [[0.5, 0.75], [nan, nan]]
   """
   rows = rows or []
-  return np.array([[np.nan] * num_exits if r is None else r for r in rows],
-                  dtype=np.float64).reshape(len(rows), num_exits)
+  return np.array(
+    [[np.nan] * num_exits if r is None else r for r in rows], dtype=np.float64
+  ).reshape(len(rows), num_exits)

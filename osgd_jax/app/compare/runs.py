@@ -16,9 +16,13 @@ from typing import Any
 import numpy as np
 
 from osgd_jax.app.report import write_json
-from osgd_jax.app.train import (TrainConfig, TrainingDiverged,
-                                config_differences, describe_differences,
-                                train)
+from osgd_jax.app.train import (
+  TrainConfig,
+  TrainingDiverged,
+  config_differences,
+  describe_differences,
+  train,
+)
 
 __all__ = ["RESULT_FILE", "read_record", "run_once"]
 
@@ -26,8 +30,9 @@ __all__ = ["RESULT_FILE", "read_record", "run_once"]
 RESULT_FILE = "result.json"
 
 
-def read_record(path: str, config: TrainConfig,
-                required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+def read_record(
+  path: str, config: TrainConfig, required: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
   """A JSON record of a comparison that names the run settings it is of.
 
   Args:
@@ -57,14 +62,16 @@ def read_record(path: str, config: TrainConfig,
       record[key]  # pylint: disable=pointless-statement
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
-        f"cannot read {path} ({e}); run the comparison with a new --out.") from None
+      f"cannot read {path} ({e}); run the comparison with a new --out."
+    ) from None
   changed = config_differences(saved, config)
   if changed:
     raise ValueError(
-        f"{os.path.dirname(path)} holds a finished run with other settings"
-        f" than this comparison's"
-        f" ({describe_differences(saved, config, changed)}); run the"
-        " comparison with its settings or a new --out.")
+      f"{os.path.dirname(path)} holds a finished run with other settings"
+      f" than this comparison's"
+      f" ({describe_differences(saved, config, changed)}); run the"
+      " comparison with its settings or a new --out."
+    )
   return record
 
 
@@ -75,15 +82,19 @@ def _read_result(config: TrainConfig) -> dict[str, Any] | None:
     return None
   status = result["status"]
   if status not in ("finished", "diverged"):
-    raise ValueError(f"{path} has an unknown status {status!r}; run the"
-                     " comparison with a new --out.")
+    raise ValueError(
+      f"{path} has an unknown status {status!r}; run the"
+      " comparison with a new --out."
+    )
   if status == "finished":
     key = f"{config.eval_prefix}_accuracy"
     try:
       result[key] = np.asarray(result[key], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"cannot read {path} (no valid {e}); run the"
-                       " comparison with a new --out.") from None
+      raise ValueError(
+        f"cannot read {path} (no valid {e}); run the"
+        " comparison with a new --out."
+      ) from None
   return result
 
 
@@ -91,7 +102,8 @@ def _has_checkpoints(out: str) -> bool:
   # Orbax names a complete checkpoint by its step; a partial one has a suffix.
   directory = os.path.join(out, "checkpoints")
   return os.path.isdir(directory) and any(
-      name.isdigit() for name in os.listdir(directory))
+    name.isdigit() for name in os.listdir(directory)
+  )
 
 
 def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
@@ -130,11 +142,23 @@ def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
   try:
     result = train(dataclasses.replace(config, resume=resume))
   except TrainingDiverged as e:
-    write_json(os.path.join(config.out, RESULT_FILE),
-               {"status": "diverged", "config": config.to_json(),
-                "evaluated_on": config.evaluated_on, "reason": str(e)})
+    write_json(
+      os.path.join(config.out, RESULT_FILE),
+      {
+        "status": "diverged",
+        "config": config.to_json(),
+        "evaluated_on": config.evaluated_on,
+        "reason": str(e),
+      },
+    )
     return "diverged", None
-  write_json(os.path.join(config.out, RESULT_FILE),
-             {"status": "finished", "config": config.to_json(),
-              "evaluated_on": config.evaluated_on, key: result.accuracy})
+  write_json(
+    os.path.join(config.out, RESULT_FILE),
+    {
+      "status": "finished",
+      "config": config.to_json(),
+      "evaluated_on": config.evaluated_on,
+      key: result.accuracy,
+    },
+  )
   return ("resumed" if resume else "trained"), result.accuracy

@@ -20,8 +20,12 @@ import math
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ["PairedDifference", "mean_and_std", "paired_difference",
-           "t_quantile"]
+__all__ = [
+  "PairedDifference",
+  "mean_and_std",
+  "paired_difference",
+  "t_quantile",
+]
 
 
 def t_quantile(probability: float, dof: int) -> float:
@@ -58,12 +62,12 @@ class PairedDifference:
   @property
   def excludes_zero(self) -> bool:
     """Whether the interval lies wholly above or below 0 (False if none)."""
-    return (not math.isnan(self.half_width)
-            and abs(self.mean) > self.half_width)
+    return not math.isnan(self.half_width) and abs(self.mean) > self.half_width
 
 
-def paired_difference(values: np.ndarray, baseline: np.ndarray,
-                      confidence: float = 0.95) -> PairedDifference:
+def paired_difference(
+  values: np.ndarray, baseline: np.ndarray, confidence: float = 0.95
+) -> PairedDifference:
   """Mean of ``values − baseline`` paired by position, with its t interval.
 
   Args:
@@ -88,8 +92,11 @@ def paired_difference(values: np.ndarray, baseline: np.ndarray,
   mean = float(diff.mean())
   if n < 2:
     return PairedDifference(mean, math.nan, 1)
-  half = (t_quantile((1 + confidence) / 2, n - 1)
-          * float(diff.std(ddof=1)) / math.sqrt(n))
+  half = (
+    t_quantile((1 + confidence) / 2, n - 1)
+    * float(diff.std(ddof=1))
+    / math.sqrt(n)
+  )
   return PairedDifference(mean, half, n)
 
 

@@ -15,9 +15,16 @@ import numpy as np
 from osgd_jax.app.compare import results as results_lib
 from osgd_jax.app.compare import stats
 
-__all__ = ["accuracy_table", "difference_table", "edge_note", "matched_table",
-           "paired_differences", "render_markdown", "robustness_table",
-           "settings_text"]
+__all__ = [
+  "accuracy_table",
+  "difference_table",
+  "edge_note",
+  "matched_table",
+  "paired_differences",
+  "render_markdown",
+  "robustness_table",
+  "settings_text",
+]
 
 
 def _num_exits(entry: dict[str, Any]) -> int:
@@ -48,8 +55,9 @@ def _rate(lr: float | None) -> str:
 def _seed_range(seeds: list[int]) -> str:
   if seeds == list(range(len(seeds))) and len(seeds) > 1:
     return f"seeds 0–{len(seeds) - 1}"
-  return "seed" + ("s " if len(seeds) != 1 else " ") + ", ".join(
-      map(str, seeds))
+  return (
+    "seed" + ("s " if len(seeds) != 1 else " ") + ", ".join(map(str, seeds))
+  )
 
 
 def settings_text(payload: dict[str, Any]) -> str:
@@ -69,24 +77,28 @@ def settings_text(payload: dict[str, Any]) -> str:
   base = s["base_config"]
   grid = ", ".join(f"{lr:g}" for lr in s["lr_grid"])
   matched = (
-      " `sgd-matched` is summed-loss SGD at"
-      f" `{s['matched_to']}`'s chosen rate times the ratio of"
-      f" `{s['matched_to']}`'s mean update norm to the summed gradient's"
-      " along its tuning run." if "sgd-matched" in s["optimizers"] else "")
+    " `sgd-matched` is summed-loss SGD at"
+    f" `{s['matched_to']}`'s chosen rate times the ratio of"
+    f" `{s['matched_to']}`'s mean update norm to the summed gradient's"
+    " along its tuning run."
+    if "sgd-matched" in s["optimizers"]
+    else ""
+  )
   return (
-      f"`osgd-compare` on {s['dataset']}, {s['epochs']}"
-      f" epoch{'s' * (s['epochs'] != 1)}, batch"
-      f" {s['batch_size']}, {base['schedule']} schedule, momentum"
-      f" {base['momentum']}, weight decay {base['weight_decay']}; `sgd` is"
-      " the gradient of the summed exit losses. Each optimizer's peak"
-      f" learning rate was chosen from {{{grid}}} by the mean over exits of"
-      f" the validation accuracy, training on {100 * (1 - s['validation']):g}%"
-      f" of the training set and validating on the other"
-      f" {100 * s['validation']:g}% (stratified, split seed"
-      f" {s['validation_split_seed']}; tuning seed {s['tuning_seed']}; ties"
-      " go to the smaller rate). The chosen rate was then trained on the"
-      f" whole training set with {_seed_range(s['seeds'])} and scored on"
-      f" the test set.{matched}")
+    f"`osgd-compare` on {s['dataset']}, {s['epochs']}"
+    f" epoch{'s' * (s['epochs'] != 1)}, batch"
+    f" {s['batch_size']}, {base['schedule']} schedule, momentum"
+    f" {base['momentum']}, weight decay {base['weight_decay']}; `sgd` is"
+    " the gradient of the summed exit losses. Each optimizer's peak"
+    f" learning rate was chosen from {{{grid}}} by the mean over exits of"
+    f" the validation accuracy, training on {100 * (1 - s['validation']):g}%"
+    f" of the training set and validating on the other"
+    f" {100 * s['validation']:g}% (stratified, split seed"
+    f" {s['validation_split_seed']}; tuning seed {s['tuning_seed']}; ties"
+    " go to the smaller rate). The chosen rate was then trained on the"
+    f" whole training set with {_seed_range(s['seeds'])} and scored on"
+    f" the test set.{matched}"
+  )
 
 
 def accuracy_table(payload: dict[str, Any]) -> str:
@@ -111,19 +123,24 @@ def accuracy_table(payload: dict[str, Any]) -> str:
       rows = _rows(result, num_exits)
       label = name
       if result["test_accuracy"] is None:
-        why = ("every grid rate diverged" if result["grid"]
-               else "no rate to match")
+        why = (
+          "every grid rate diverged" if result["grid"] else "no rate to match"
+        )
         cells = _pad([why], width + 1)
       else:
-        with_mean = np.concatenate([rows, rows.mean(axis=1, keepdims=True)],
-                                   axis=1)
+        with_mean = np.concatenate(
+          [rows, rows.mean(axis=1, keepdims=True)], axis=1
+        )
         mean, std, n = stats.mean_and_std(with_mean)
         if n < len(rows):
           label += f" ({len(rows) - n}/{len(rows)} diverged)"
-        cells = [_mean_std(m, s) for m, s in zip(mean, std)]
+        cells = [_mean_std(m, s) for m, s in zip(mean, std, strict=True)]
         cells = _pad(cells[:-1], width) + cells[-1:]
-      lines.append(f"| {model} | {label} | {_rate(result['chosen_lr'])} | "
-                   + " | ".join(cells) + " |")
+      lines.append(
+        f"| {model} | {label} | {_rate(result['chosen_lr'])} | "
+        + " | ".join(cells)
+        + " |"
+      )
   return "\n".join(lines)
 
 
@@ -144,9 +161,11 @@ def _difference(d: stats.PairedDifference) -> str:
   return f"**{text}**" if d.excludes_zero else text
 
 
-def paired_differences(payload: dict[str, Any]
-                       ) -> dict[str, dict[str, tuple[list[stats.PairedDifference],
-                                                      stats.PairedDifference]]]:
+def paired_differences(
+  payload: dict[str, Any],
+) -> dict[
+  str, dict[str, tuple[list[stats.PairedDifference], stats.PairedDifference]]
+]:
   """Each optimizer's test accuracy minus the baseline's, paired by seed.
 
   Args:
@@ -171,8 +190,9 @@ def paired_differences(payload: dict[str, Any]
   differences = {}
   for model, entry in payload["models"].items():
     num_exits = _num_exits(entry)
-    base = _rows(entry["optimizers"].get(baseline, {"test_accuracy": None}),
-                 num_exits)
+    base = _rows(
+      entry["optimizers"].get(baseline, {"test_accuracy": None}), num_exits
+    )
     per_model = differences[model] = {}
     for name, result in entry["optimizers"].items():
       if name == baseline:
@@ -183,10 +203,14 @@ def paired_differences(payload: dict[str, Any]
         per_model[name] = ([none] * num_exits, none)
         continue
       per_model[name] = (
-          [stats.paired_difference(rows[:, k], base[:, k], confidence)
-           for k in range(num_exits)],
-          stats.paired_difference(rows.mean(axis=1), base.mean(axis=1),
-                                  confidence))
+        [
+          stats.paired_difference(rows[:, k], base[:, k], confidence)
+          for k in range(num_exits)
+        ],
+        stats.paired_difference(
+          rows.mean(axis=1), base.mean(axis=1), confidence
+        ),
+      )
   return differences
 
 
@@ -216,12 +240,16 @@ def difference_table(payload: dict[str, Any]) -> str:
   for model, per_model in differences.items():
     for name, (per_exit, overall) in per_model.items():
       if overall.n == 0:
-        lines.append(f"| {model} | {name} | 0 | "
-                     + " | ".join(["—"] * (width + 1)) + " |")
+        lines.append(
+          f"| {model} | {name} | 0 | " + " | ".join(["—"] * (width + 1)) + " |"
+        )
         continue
       cells = _pad([_difference(d) for d in per_exit], width)
-      lines.append(f"| {model} | {name} | {overall.n} | " + " | ".join(
-          cells + [_difference(overall)]) + " |")
+      lines.append(
+        f"| {model} | {name} | {overall.n} | "
+        + " | ".join(cells + [_difference(overall)])
+        + " |"
+      )
   return "\n".join(lines)
 
 
@@ -240,9 +268,13 @@ def robustness_table(payload: dict[str, Any]) -> str:
     >>> print(robustness_table(results_lib.EXAMPLE).splitlines()[3])
     | branched-mlp | 0.1 | 75.0 / 80.0 * | diverged |
   """
-  tuned = [n for n in payload["settings"]["optimizers"]
-           if any(e["optimizers"].get(n, {}).get("grid")
-                  for e in payload["models"].values())]
+  tuned = [
+    n
+    for n in payload["settings"]["optimizers"]
+    if any(
+      e["optimizers"].get(n, {}).get("grid") for e in payload["models"].values()
+    )
+  ]
   columns = ["model", "lr", *tuned]
   lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
   for model, entry in payload["models"].items():
@@ -250,8 +282,9 @@ def robustness_table(payload: dict[str, Any]) -> str:
       cells = []
       for name in tuned:
         result = entry["optimizers"].get(name)
-        point = next((p for p in (result or {}).get("grid", ())
-                      if p["lr"] == lr), None)
+        point = next(
+          (p for p in (result or {}).get("grid", ()) if p["lr"] == lr), None
+        )
         if point is None:
           cells.append("—")
         elif point["val_accuracy"] is None:
@@ -285,15 +318,20 @@ def edge_note(payload: dict[str, Any]) -> str:
     return ""
   found = []
   for model, entry in payload["models"].items():
-    edges = [f"{name} {r['chosen_lr']:g}" for name, r in
-             entry["optimizers"].items()
-             if r["grid"] and r["chosen_lr"] in (grid[0], grid[-1])]
+    edges = [
+      f"{name} {r['chosen_lr']:g}"
+      for name, r in entry["optimizers"].items()
+      if r["grid"] and r["chosen_lr"] in (grid[0], grid[-1])
+    ]
     if edges:
       found.append(f"{model}: {', '.join(edges)}")
   if not found:
     return ""
-  return ("Chosen at an end of the grid (a rate beyond it may do better): "
-          + "; ".join(found) + ".")
+  return (
+    "Chosen at an end of the grid (a rate beyond it may do better): "
+    + "; ".join(found)
+    + "."
+  )
 
 
 def matched_table(payload: dict[str, Any]) -> str:
@@ -310,18 +348,24 @@ def matched_table(payload: dict[str, Any]) -> str:
     >>> print(matched_table(results_lib.EXAMPLE).splitlines()[2])
     | branched-mlp | 0.01 | 0.562 | 0.00562 | 1.002 | 0.871 → 0.498 |
   """
-  entries = {m: e["matched"] for m, e in payload["models"].items()
-             if e.get("matched")}
+  entries = {
+    m: e["matched"] for m, e in payload["models"].items() if e.get("matched")
+  }
   if not entries:
     return ""
   to = payload["settings"]["matched_to"]
-  lines = [f"| model | {to} lr | ratio r | sgd-matched lr | r at step 1 |"
-           " r per epoch, first → last |", "|" + " --- |" * 6]
+  lines = [
+    f"| model | {to} lr | ratio r | sgd-matched lr | r at step 1 |"
+    " r per epoch, first → last |",
+    "|" + " --- |" * 6,
+  ]
   for model, m in entries.items():
     epochs = m["epoch_ratios"]
-    lines.append(f"| {model} | {m['osgd_lr']:.3g} | {m['ratio']:.3f} |"
-                 f" {m['lr']:.3g} | {m['first_step_ratio']:.3f} |"
-                 f" {epochs[0]:.3f} → {epochs[-1]:.3f} |")
+    lines.append(
+      f"| {model} | {m['osgd_lr']:.3g} | {m['ratio']:.3f} |"
+      f" {m['lr']:.3g} | {m['first_step_ratio']:.3f} |"
+      f" {epochs[0]:.3f} → {epochs[-1]:.3f} |"
+    )
   return "\n".join(lines)
 
 
@@ -345,27 +389,30 @@ def render_markdown(payload: dict[str, Any]) -> str:
   seeds = len(s["seeds"])
   confidence = f"{100 * s['confidence']:g}%"
   parts = [
-      settings_text(payload),
-      f"**Test accuracy (%)** per exit and its mean over exits, mean ±"
-      f" sample standard deviation over {seeds} seed{'s' * (seeds != 1)}"
-      " (lr: the peak learning rate of the test runs):",
-      accuracy_table(payload),
-      f"**Difference from `{s['baseline']}`** (percentage points), paired by"
-      f" seed: mean ± half-width of the {confidence} Student t interval over"
-      f" the n seeds where neither run diverged; **bold**: the interval"
-      " excludes 0." + (" With fewer than 2 seeds there is no interval."
-                        if seeds < 2 else ""),
-      difference_table(payload),
-      "**Learning-rate robustness**: validation accuracy (%) of each tuning"
-      " run, mean over exits / last exit; `*`: the rate chosen.",
-      robustness_table(payload),
+    settings_text(payload),
+    f"**Test accuracy (%)** per exit and its mean over exits, mean ±"
+    f" sample standard deviation over {seeds} seed{'s' * (seeds != 1)}"
+    " (lr: the peak learning rate of the test runs):",
+    accuracy_table(payload),
+    f"**Difference from `{s['baseline']}`** (percentage points), paired by"
+    f" seed: mean ± half-width of the {confidence} Student t interval over"
+    f" the n seeds where neither run diverged; **bold**: the interval"
+    " excludes 0."
+    + (" With fewer than 2 seeds there is no interval." if seeds < 2 else ""),
+    difference_table(payload),
+    "**Learning-rate robustness**: validation accuracy (%) of each tuning"
+    " run, mean over exits / last exit; `*`: the rate chosen.",
+    robustness_table(payload),
   ]
   edges = edge_note(payload)
   if edges:
     parts.append(edges)
   matched = matched_table(payload)
   if matched:
-    parts += ["**sgd-matched**: r = Σ‖u_t‖ / Σ‖Σ_k g_k,t‖ over the steps of"
-              f" `{s['matched_to']}`'s chosen tuning run (u_t its update"
-              " before momentum, g_k,t exit k's gradient):", matched]
+    parts += [
+      "**sgd-matched**: r = Σ‖u_t‖ / Σ‖Σ_k g_k,t‖ over the steps of"
+      f" `{s['matched_to']}`'s chosen tuning run (u_t its update"
+      " before momentum, g_k,t exit k's gradient):",
+      matched,
+    ]
   return "\n\n".join(parts) + "\n"

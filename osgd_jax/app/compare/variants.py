@@ -10,12 +10,20 @@ options the paper leaves open, or the matched-step control
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from osgd_jax.app.train import OPTIMIZERS, TrainConfig
 
-__all__ = ["BASELINE", "MATCHED", "MATCHED_TO", "VARIANTS", "check_names",
-           "config_for", "is_tuned"]
+__all__ = [
+  "BASELINE",
+  "MATCHED",
+  "MATCHED_TO",
+  "VARIANTS",
+  "check_names",
+  "config_for",
+  "is_tuned",
+]
 
 #: The summed-loss baseline every optimizer is paired with.
 BASELINE = "sgd"
@@ -28,11 +36,11 @@ MATCHED_TO = "osgd"
 
 #: Every name ``--optimizers`` takes, and the run settings it stands for.
 VARIANTS: dict[str, dict[str, Any]] = {
-    **{name: {"optimizer": name} for name in OPTIMIZERS},
-    "osgd-global": {"optimizer": "osgd", "granularity": "global"},
-    "osgd-rescale": {"optimizer": "osgd", "rescale": True},
-    "osgd-switch": {"optimizer": "osgd", "switch_to_sgd": 0.8},
-    MATCHED: {"optimizer": "sgd"},
+  **{name: {"optimizer": name} for name in OPTIMIZERS},
+  "osgd-global": {"optimizer": "osgd", "granularity": "global"},
+  "osgd-rescale": {"optimizer": "osgd", "rescale": True},
+  "osgd-switch": {"optimizer": "osgd", "switch_to_sgd": 0.8},
+  MATCHED: {"optimizer": "sgd"},
 }
 
 
@@ -62,15 +70,21 @@ def check_names(names: Sequence[str]) -> None:
   """
   for name in names:
     if name not in VARIANTS:
-      raise ValueError(f"unknown optimizer {name!r} in --optimizers; choose"
-                       f" from: {', '.join(VARIANTS)}.")
+      raise ValueError(
+        f"unknown optimizer {name!r} in --optimizers; choose"
+        f" from: {', '.join(VARIANTS)}."
+      )
   repeated = sorted({n for n in names if list(names).count(n) > 1})
   if repeated:
-    raise ValueError(f"--optimizers names {', '.join(repeated)} more than"
-                     " once; give each name once.")
+    raise ValueError(
+      f"--optimizers names {', '.join(repeated)} more than"
+      " once; give each name once."
+    )
   if MATCHED in names and MATCHED_TO not in names:
-    raise ValueError(f"{MATCHED} takes its learning rate from {MATCHED_TO}'s"
-                     f" tuned rate; add {MATCHED_TO} to --optimizers.")
+    raise ValueError(
+      f"{MATCHED} takes its learning rate from {MATCHED_TO}'s"
+      f" tuned rate; add {MATCHED_TO} to --optimizers."
+    )
 
 
 def config_for(base: TrainConfig, name: str, **fields: Any) -> TrainConfig:

@@ -12,48 +12,67 @@ runs inside a jitted step with keys from ``augment_key(key, epoch, step)``.
 """
 
 from osgd_jax.app.data.augment import augment, random_crop, random_flip
-from osgd_jax.app.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
-                                DatasetNotFoundError)
-from osgd_jax.app.data.batching import (augment_key, batch_indices,
-                                    epoch_permutation, iterate_batches,
-                                    num_batches)
+from osgd_jax.app.data.base import (
+  CIFAR_URL,
+  Dataset,
+  DatasetFormatError,
+  DatasetNotFoundError,
+)
+from osgd_jax.app.data.batching import (
+  augment_key,
+  batch_indices,
+  epoch_permutation,
+  iterate_batches,
+  num_batches,
+)
 from osgd_jax.app.data.cifar import load_cifar
-from osgd_jax.app.data.download import (CIFAR_ARCHIVES, CifarArchive,
-                                        DownloadError, download_cifar)
 from osgd_jax.app.data.digits import load_digits
-from osgd_jax.app.data.loading import (DATASET_ALIASES, DATASET_NAMES,
-                                       canonical_dataset_name, load_dataset)
+from osgd_jax.app.data.download import (
+  CIFAR_ARCHIVES,
+  CifarArchive,
+  DownloadError,
+  download_cifar,
+)
+from osgd_jax.app.data.loading import (
+  DATASET_ALIASES,
+  DATASET_NAMES,
+  canonical_dataset_name,
+  load_dataset,
+)
 from osgd_jax.app.data.mnist1d import load_mnist1d
-from osgd_jax.app.data.splits import (VALIDATION_SPLIT_SEED,
-                                      hold_out_validation, stratified_split)
+from osgd_jax.app.data.splits import (
+  VALIDATION_SPLIT_SEED,
+  hold_out_validation,
+  stratified_split,
+)
 from osgd_jax.app.data.synthetic import make_synthetic
 
 __all__ = [
-    "CIFAR_ARCHIVES",
-    "CIFAR_URL",
-    "CifarArchive",
-    "DATASET_ALIASES",
-    "DATASET_NAMES",
-    "Dataset",
-    "DatasetFormatError",
-    "DatasetNotFoundError",
-    "DownloadError",
-    "VALIDATION_SPLIT_SEED",
-    "augment",
-    "augment_key",
-    "batch_indices",
-    "canonical_dataset_name",
-    "download_cifar",
-    "epoch_permutation",
-    "hold_out_validation",
-    "iterate_batches",
-    "load_cifar",
-    "load_dataset",
-    "load_digits",
-    "load_mnist1d",
-    "make_synthetic",
-    "num_batches",
-    "random_crop",
-    "random_flip",
-    "stratified_split",
+  "CIFAR_ARCHIVES",
+  "CIFAR_URL",
+  "CifarArchive",
+  "DATASET_ALIASES",
+  "DATASET_NAMES",
+  "Dataset",
+  "DatasetFormatError",
+  "DatasetNotFoundError",
+  "DownloadError",
+  "VALIDATION_SPLIT_SEED",
+  "augment",
+  "augment_key",
+  "batch_indices",
+  "canonical_dataset_name",
+  "download_cifar",
+  "epoch_permutation",
+  "hold_out_validation",
+  "iterate_batches",
+  "load_cifar",
+  "load_dataset",
+  "load_digits",
+  "load_mnist1d",
+  "make_synthetic",
+  "num_batches",
+  "random_crop",
+  "random_flip",
+  "stratified_split",
 ]

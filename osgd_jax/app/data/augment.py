@@ -15,12 +15,14 @@ __all__ = ["augment", "random_crop", "random_flip"]
 def _check_images(images: jax.Array, fn_name: str) -> None:
   if images.ndim != 4:
     raise ValueError(
-        f"{fn_name} expects a batch of NHWC images (B, H, W, C), got shape"
-        f" {images.shape}; load the dataset with flatten=False.")
+      f"{fn_name} expects a batch of NHWC images (B, H, W, C), got shape"
+      f" {images.shape}; load the dataset with flatten=False."
+    )
 
 
-def random_crop(key: jax.Array, images: jax.Array,
-                padding: int = 4) -> jax.Array:
+def random_crop(
+  key: jax.Array, images: jax.Array, padding: int = 4
+) -> jax.Array:
   """Crops each image at a random offset from its zero-padded version.
 
   Image ``b`` becomes ``pad(images[b])[i:i + H, j:j + W]`` with ``i, j``
@@ -41,11 +43,14 @@ def random_crop(key: jax.Array, images: jax.Array,
   if padding < 0:
     raise ValueError(f"padding must be >= 0, got {padding}")
   b, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                            (0, 0)))
+  padded = jnp.pad(
+    images, ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  )
   offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
-  crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0),
-                                                (h, w, c))
+
+  def crop(image, o):
+    return jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c))
+
   return jax.vmap(crop)(padded, offsets)
 
 

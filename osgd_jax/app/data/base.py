@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 
 __all__ = [
-    "CIFAR_URL",
-    "Dataset",
-    "DatasetFormatError",
-    "DatasetNotFoundError",
-    "channel_stats",
-    "standardize",
-    "standardized",
+  "CIFAR_URL",
+  "Dataset",
+  "DatasetFormatError",
+  "DatasetNotFoundError",
+  "channel_stats",
+  "standardize",
+  "standardized",
 ]
 
 #: The CIFAR data sets' home page, where error messages send users for the
@@ -64,18 +64,28 @@ class Dataset:
   class_names: tuple[str, ...] = ()
 
   def __post_init__(self):
-    for split, x, y in (("train", self.x_train, self.y_train),
-                        ("test", self.x_test, self.y_test)):
+    for split, x, y in (
+      ("train", self.x_train, self.y_train),
+      ("test", self.x_test, self.y_test),
+    ):
       if x.ndim < 2 or y.shape != x.shape[:1]:
         raise ValueError(
-            f"{self.name} {split} split: inputs {x.shape} and labels {y.shape}"
-            " do not match; expected x of shape (N, ...) and y of shape (N,).")
+          f"{self.name} {split} split: inputs {x.shape} and labels {y.shape}"
+          " do not match; expected x of shape (N, ...) and y of shape (N,)."
+        )
     if self.x_train.shape[1:] != self.x_test.shape[1:]:
       raise ValueError(
-          f"{self.name}: train inputs {self.x_train.shape[1:]} and test inputs"
-          f" {self.x_test.shape[1:]} have different shapes.")
-    for array in (self.x_train, self.y_train, self.x_test, self.y_test,
-                  self.mean, self.std):
+        f"{self.name}: train inputs {self.x_train.shape[1:]} and test inputs"
+        f" {self.x_test.shape[1:]} have different shapes."
+      )
+    for array in (
+      self.x_train,
+      self.y_train,
+      self.x_test,
+      self.y_test,
+      self.mean,
+      self.std,
+    ):
       array.flags.writeable = False
 
   @property
@@ -98,13 +108,16 @@ class Dataset:
     per channel.
     """
     return dataclasses.replace(
-        self,
-        x_train=self.x_train.reshape(self.num_train, -1),
-        x_test=self.x_test.reshape(self.num_test, -1))
+      self,
+      x_train=self.x_train.reshape(self.num_train, -1),
+      x_test=self.x_test.reshape(self.num_test, -1),
+    )
 
   def __repr__(self) -> str:
-    return (f"Dataset(name={self.name!r}, train={self.x_train.shape},"
-            f" test={self.x_test.shape}, num_classes={self.num_classes})")
+    return (
+      f"Dataset(name={self.name!r}, train={self.x_train.shape},"
+      f" test={self.x_test.shape}, num_classes={self.num_classes})"
+    )
 
 
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,19 +142,20 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   chunk = 1 << 18
   total = np.zeros(flat.shape[1], np.float64)
   for start in range(0, n, chunk):
-    total += flat[start:start + chunk].sum(axis=0, dtype=np.float64)
+    total += flat[start : start + chunk].sum(axis=0, dtype=np.float64)
   mean = total / n
   squares = np.zeros_like(mean)
   for start in range(0, n, chunk):
-    deviation = flat[start:start + chunk].astype(np.float64) - mean
+    deviation = flat[start : start + chunk].astype(np.float64) - mean
     squares += np.einsum("ij,ij->j", deviation, deviation)
   std = np.sqrt(squares / n)
   std = np.where(std > 0, std, 1.0)
   return mean.astype(np.float32), std.astype(np.float32)
 
 
-def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
-                scale: float = 1.0) -> np.ndarray:
+def standardize(
+  x: np.ndarray, mean: np.ndarray, std: np.ndarray, *, scale: float = 1.0
+) -> np.ndarray:
   """Returns ``(x * scale - mean) / std`` as a new float32 array.
 
   Args:
@@ -167,10 +181,17 @@ def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
   return out
 
 
-def standardized(name: str, x_train: np.ndarray, y_train: np.ndarray,
-                 x_test: np.ndarray, y_test: np.ndarray, num_classes: int, *,
-                 scale: float = 1.0, class_names: tuple[str, ...] = ()
-                 ) -> Dataset:
+def standardized(
+  name: str,
+  x_train: np.ndarray,
+  y_train: np.ndarray,
+  x_test: np.ndarray,
+  y_test: np.ndarray,
+  num_classes: int,
+  *,
+  scale: float = 1.0,
+  class_names: tuple[str, ...] = (),
+) -> Dataset:
   """A :class:`Dataset` of inputs standardised with the training statistics.
 
   Every loader ends here, so that each standardises the same way: the
@@ -200,9 +221,14 @@ def standardized(name: str, x_train: np.ndarray, y_train: np.ndarray,
   mean, std = channel_stats(x_train)
   if scale != 1.0:
     mean, std = mean * np.float32(scale), std * np.float32(scale)
-  return Dataset(name=name,
-                 x_train=standardize(x_train, mean, std, scale=scale),
-                 y_train=y_train,
-                 x_test=standardize(x_test, mean, std, scale=scale),
-                 y_test=y_test, num_classes=num_classes, mean=mean, std=std,
-                 class_names=class_names)
+  return Dataset(
+    name=name,
+    x_train=standardize(x_train, mean, std, scale=scale),
+    y_train=y_train,
+    x_test=standardize(x_test, mean, std, scale=scale),
+    y_test=y_test,
+    num_classes=num_classes,
+    mean=mean,
+    std=std,
+    class_names=class_names,
+  )

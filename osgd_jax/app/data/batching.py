@@ -14,11 +14,11 @@ import jax
 import numpy as np
 
 __all__ = [
-    "augment_key",
-    "batch_indices",
-    "epoch_permutation",
-    "iterate_batches",
-    "num_batches",
+  "augment_key",
+  "batch_indices",
+  "epoch_permutation",
+  "iterate_batches",
+  "num_batches",
 ]
 
 
@@ -47,8 +47,9 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def num_batches(num_examples: int, batch_size: int, *,
-                drop_last: bool = True) -> int:
+def num_batches(
+  num_examples: int, batch_size: int, *, drop_last: bool = True
+) -> int:
   """Number of (global) batches in one epoch.
 
   Args:
@@ -70,10 +71,18 @@ def num_batches(num_examples: int, batch_size: int, *,
   return full + int(bool(rest) and not drop_last)
 
 
-def batch_indices(num_examples: int, batch_size: int, *, seed: int,
-                  epoch: int, shuffle: bool = True, drop_last: bool = True,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[np.ndarray]:
+def batch_indices(
+  num_examples: int,
+  batch_size: int,
+  *,
+  seed: int,
+  epoch: int,
+  shuffle: bool = True,
+  drop_last: bool = True,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[np.ndarray]:
   """Yields the example indices of each batch of one epoch.
 
   Global batch ``s`` is ``order[s * batch_size:(s + 1) * batch_size]`` of the
@@ -106,32 +115,48 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int,
   """
   _check_non_negative(start_step=start_step, process_index=process_index)
   if process_count < 1 or process_index >= process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got"
-                     f" process_index={process_index},"
-                     f" process_count={process_count}")
+    raise ValueError(
+      f"need 0 <= process_index < process_count, got"
+      f" process_index={process_index},"
+      f" process_count={process_count}"
+    )
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not a multiple of"
-                     f" process_count {process_count}")
+    raise ValueError(
+      f"batch_size {batch_size} is not a multiple of"
+      f" process_count {process_count}"
+    )
   steps = num_batches(num_examples, batch_size, drop_last=drop_last)
   if start_step > steps:
-    raise ValueError(f"start_step {start_step} is past the {steps} batches of"
-                     " an epoch")
+    raise ValueError(
+      f"start_step {start_step} is past the {steps} batches of an epoch"
+    )
   if shuffle:
     order = epoch_permutation(seed, epoch, num_examples)
   else:
     _check_non_negative(seed=seed, epoch=epoch)
     order = np.arange(num_examples)
   # Validation above runs eagerly; only the slicing is deferred.
-  return (np.array_split(order[s * batch_size:(s + 1) * batch_size],
-                         process_count)[process_index]
-          for s in range(start_step, steps))
+  return (
+    np.array_split(order[s * batch_size : (s + 1) * batch_size], process_count)[
+      process_index
+    ]
+    for s in range(start_step, steps)
+  )
 
 
-def iterate_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
-                    seed: int, epoch: int, shuffle: bool = True,
-                    drop_last: bool = True, start_step: int = 0,
-                    process_index: int = 0, process_count: int = 1
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iterate_batches(
+  x: np.ndarray,
+  y: np.ndarray,
+  batch_size: int,
+  *,
+  seed: int,
+  epoch: int,
+  shuffle: bool = True,
+  drop_last: bool = True,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields ``(inputs, labels)`` batches of one epoch, copying only each batch.
 
   See ``batch_indices`` for the order, resumption and process sharding.
@@ -163,9 +188,16 @@ def iterate_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
   if len(x) != len(y):
     raise ValueError(f"x and y have different lengths: {len(x)} != {len(y)}")
   indices = batch_indices(
-      len(x), batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
-      drop_last=drop_last, start_step=start_step, process_index=process_index,
-      process_count=process_count)
+    len(x),
+    batch_size,
+    seed=seed,
+    epoch=epoch,
+    shuffle=shuffle,
+    drop_last=drop_last,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return ((x[idx], y[idx]) for idx in indices)
 
 

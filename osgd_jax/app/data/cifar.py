@@ -23,8 +23,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from osgd_jax.app.data.base import (CIFAR_URL, Dataset, DatasetFormatError,
-                                DatasetNotFoundError, standardized)
+from osgd_jax.app.data.base import (
+  CIFAR_URL,
+  Dataset,
+  DatasetFormatError,
+  DatasetNotFoundError,
+  standardized,
+)
 
 __all__ = ["archive_path", "find_cifar", "load_cifar"]
 
@@ -34,6 +39,7 @@ _IMAGE_SIZE = 3 * 32 * 32
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """Where one CIFAR variant keeps its files and labels."""
+
   name: str
   title: str
   folder: str
@@ -50,27 +56,41 @@ class _Layout:
 
 
 _LAYOUTS = {
-    "cifar10": _Layout(
-        name="cifar10", title="CIFAR-10 python version",
-        folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
-        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test=("test_batch",), meta="batches.meta",
-        labels={"fine": ("labels", "label_names", 10)}),
-    "cifar100": _Layout(
-        name="cifar100", title="CIFAR-100 python version",
-        folder="cifar-100-python", archive="cifar-100-python.tar.gz",
-        train=("train",), test=("test",), meta="meta",
-        labels={"fine": ("fine_labels", "fine_label_names", 100),
-                "coarse": ("coarse_labels", "coarse_label_names", 20)}),
+  "cifar10": _Layout(
+    name="cifar10",
+    title="CIFAR-10 python version",
+    folder="cifar-10-batches-py",
+    archive="cifar-10-python.tar.gz",
+    train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test=("test_batch",),
+    meta="batches.meta",
+    labels={"fine": ("labels", "label_names", 10)},
+  ),
+  "cifar100": _Layout(
+    name="cifar100",
+    title="CIFAR-100 python version",
+    folder="cifar-100-python",
+    archive="cifar-100-python.tar.gz",
+    train=("train",),
+    test=("test",),
+    meta="meta",
+    labels={
+      "fine": ("fine_labels", "fine_label_names", 100),
+      "coarse": ("coarse_labels", "coarse_label_names", 20),
+    },
+  ),
 }
 
 
 def _reconstruct_globals() -> dict[tuple[str, str], Any]:
   reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
   scalar = np.float64(0).__reduce__()[0]
-  allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-             # Python 3 pickles of bytes at protocol 2 go through this.
-             ("_codecs", "encode"): codecs.encode}
+  allowed = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    # Python 3 pickles of bytes at protocol 2 go through this.
+    ("_codecs", "encode"): codecs.encode,
+  }
   # The official files name NumPy 1's module; NumPy 2 writes ``numpy._core``.
   for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     allowed[(module, "_reconstruct")] = reconstruct
@@ -88,15 +108,19 @@ class _ArrayUnpickler(pickle.Unpickler):
       return self._ALLOWED[(module, name)]
     except KeyError:
       raise pickle.UnpicklingError(
-          f"refusing to load global {module}.{name}; a CIFAR pickle only"
-          " contains NumPy arrays, lists, bytes and numbers") from None
+        f"refusing to load global {module}.{name}; a CIFAR pickle only"
+        " contains NumPy arrays, lists, bytes and numbers"
+      ) from None
 
 
-def _format_error(layout: _Layout, where: str, problem: str) -> DatasetFormatError:
+def _format_error(
+  layout: _Layout, where: str, problem: str
+) -> DatasetFormatError:
   return DatasetFormatError(
-      f"{layout.name}: {where} {problem}. Expected the unmodified"
-      f" '{layout.title}' files from {CIFAR_URL}; re-download {layout.archive}"
-      " if it is corrupt.")
+    f"{layout.name}: {where} {problem}. Expected the unmodified"
+    f" '{layout.title}' files from {CIFAR_URL}; re-download {layout.archive}"
+    " if it is corrupt."
+  )
 
 
 def _unpickle(layout: _Layout, f: IO[bytes], where: str) -> dict[str, Any]:
@@ -105,57 +129,76 @@ def _unpickle(layout: _Layout, f: IO[bytes], where: str) -> dict[str, Any]:
   # Corrupt pickles raise almost anything (EOFError, KeyError, ValueError, ...).
   except Exception as e:  # pylint: disable=broad-except
     raise _format_error(
-        layout, where, f"is not a readable pickle ({type(e).__name__}: {e})"
+      layout, where, f"is not a readable pickle ({type(e).__name__}: {e})"
     ) from None
   if not isinstance(obj, dict):
-    raise _format_error(layout, where,
-                        f"holds a {type(obj).__name__}, not a dict")
-  return {k.decode("latin1") if isinstance(k, bytes) else k: v
-          for k, v in obj.items()}
+    raise _format_error(
+      layout, where, f"holds a {type(obj).__name__}, not a dict"
+    )
+  return {
+    k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()
+  }
 
 
-def _images_and_labels(layout: _Layout, batch: dict[str, Any], where: str,
-                       label_key: str, num_classes: int):
+def _images_and_labels(
+  layout: _Layout,
+  batch: dict[str, Any],
+  where: str,
+  label_key: str,
+  num_classes: int,
+):
   """Validates one batch dict; returns NHWC uint8 images and int32 labels."""
   data = batch.get("data")
   if not isinstance(data, np.ndarray):
-    raise _format_error(layout, where, f"has no array under b'data' (keys:"
-                        f" {sorted(batch)})")
+    raise _format_error(
+      layout, where, f"has no array under b'data' (keys: {sorted(batch)})"
+    )
   if data.ndim != 2 or data.shape[1] != _IMAGE_SIZE:
-    raise _format_error(layout, where, f"has b'data' of shape {data.shape};"
-                        f" expected (N, {_IMAGE_SIZE})")
+    raise _format_error(
+      layout,
+      where,
+      f"has b'data' of shape {data.shape}; expected (N, {_IMAGE_SIZE})",
+    )
   if data.dtype != np.uint8:
-    raise _format_error(layout, where,
-                        f"has b'data' of dtype {data.dtype}; expected uint8")
+    raise _format_error(
+      layout, where, f"has b'data' of dtype {data.dtype}; expected uint8"
+    )
   if label_key not in batch:
-    raise _format_error(layout, where, f"has no b'{label_key}' entry (keys:"
-                        f" {sorted(batch)})")
+    raise _format_error(
+      layout, where, f"has no b'{label_key}' entry (keys: {sorted(batch)})"
+    )
   try:
     labels = np.asarray(batch[label_key])
   except Exception:  # pylint: disable=broad-except
     labels = np.asarray(None)
   if labels.size == 0:
     labels = labels.astype(np.int32)
-  if (labels.shape != data.shape[:1]
-      or not np.issubdtype(labels.dtype, np.integer)):
+  if labels.shape != data.shape[:1] or not np.issubdtype(
+    labels.dtype, np.integer
+  ):
     raise _format_error(
-        layout, where, f"has b'{label_key}' of shape {labels.shape} and dtype"
-        f" {labels.dtype}; expected {data.shape[0]} integer labels")
+      layout,
+      where,
+      f"has b'{label_key}' of shape {labels.shape} and dtype"
+      f" {labels.dtype}; expected {data.shape[0]} integer labels",
+    )
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise _format_error(layout, where, f"has labels outside [0, {num_classes})")
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images, labels.astype(np.int32)
 
 
-def _not_found(layout: _Layout, root: str | None,
-               problem: str) -> DatasetNotFoundError:
+def _not_found(
+  layout: _Layout, root: str | None, problem: str
+) -> DatasetNotFoundError:
   where = "Expected" if root is None else f"Looked in {root!r} for"
   return DatasetNotFoundError(
-      f"{layout.name}: {problem}. {where} the folder {layout.folder}/"
-      f" (holding {', '.join(layout.files)} and optionally {layout.meta}) or"
-      f" the archive {layout.archive}. Download the '{layout.title}' from"
-      f" {CIFAR_URL} and pass the directory holding it (extracted or not) as"
-      " data_dir, or let download_cifar (osgd-train --download) fetch it.")
+    f"{layout.name}: {problem}. {where} the folder {layout.folder}/"
+    f" (holding {', '.join(layout.files)} and optionally {layout.meta}) or"
+    f" the archive {layout.archive}. Download the '{layout.title}' from"
+    f" {CIFAR_URL} and pass the directory holding it (extracted or not) as"
+    " data_dir, or let download_cifar (osgd-train --download) fetch it."
+  )
 
 
 # Each reader returns {file name: (where it was read, unpickled dict)}.
@@ -163,10 +206,13 @@ _Contents = dict[str, tuple[str, dict[str, Any]]]
 
 
 def _read_folder(layout: _Layout, folder: str) -> _Contents:
-  missing = [n for n in layout.files
-             if not os.path.isfile(os.path.join(folder, n))]
+  missing = [
+    n for n in layout.files if not os.path.isfile(os.path.join(folder, n))
+  ]
   if missing:
-    raise _not_found(layout, folder, f"missing {', '.join(missing)} in {folder}")
+    raise _not_found(
+      layout, folder, f"missing {', '.join(missing)} in {folder}"
+    )
   contents = {}
   for name in layout.files + (layout.meta,):
     path = os.path.join(folder, name)
@@ -186,22 +232,29 @@ def _read_archive(layout: _Layout, archive: str) -> _Contents:
         name = posixpath.basename(member.name)
         if member.isfile() and name in wanted and name not in contents:
           where = f"{archive}:{member.name}"
-          contents[name] = (where,
-                            _unpickle(layout, tar.extractfile(member), where))
+          contents[name] = (
+            where,
+            _unpickle(layout, tar.extractfile(member), where),
+          )
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-    raise _format_error(layout, archive, "is not a readable .tar.gz archive"
-                        f" ({type(e).__name__}: {e})") from None
+    raise _format_error(
+      layout,
+      archive,
+      f"is not a readable .tar.gz archive ({type(e).__name__}: {e})",
+    ) from None
   missing = [n for n in layout.files if n not in contents]
   if missing:
-    raise _format_error(layout, archive,
-                        f"lacks the members {', '.join(missing)}")
+    raise _format_error(
+      layout, archive, f"lacks the members {', '.join(missing)}"
+    )
   return contents
 
 
 def _layout(name: str) -> _Layout:
   if name not in _LAYOUTS:
-    raise ValueError(f"unknown CIFAR variant {name!r}; use one of"
-                     f" {sorted(_LAYOUTS)}")
+    raise ValueError(
+      f"unknown CIFAR variant {name!r}; use one of {sorted(_LAYOUTS)}"
+    )
   return _LAYOUTS[name]
 
 
@@ -263,8 +316,9 @@ def find_cifar(data_dir: str | os.PathLike[str], name: str) -> str | None:
   return _locate(_layout(name), os.fspath(os.path.expanduser(data_dir)))
 
 
-def _read(layout: _Layout,
-          data_dir: str | os.PathLike[str] | None) -> _Contents:
+def _read(
+  layout: _Layout, data_dir: str | os.PathLike[str] | None
+) -> _Contents:
   if data_dir is None:
     raise _not_found(layout, None, "no data_dir was given")
   root = os.fspath(os.path.expanduser(data_dir))
@@ -278,21 +332,35 @@ def _read(layout: _Layout,
   return _read_folder(layout, found)
 
 
-def _class_names(layout: _Layout, contents: _Contents, names_key: str, num_classes: int,
-                 label_mode: str) -> tuple[str, ...]:
+def _class_names(
+  layout: _Layout,
+  contents: _Contents,
+  names_key: str,
+  num_classes: int,
+  label_mode: str,
+) -> tuple[str, ...]:
   if layout.meta not in contents:
     return ()
   where, meta = contents[layout.meta]
   names = meta.get(names_key)
   if not isinstance(names, list) or len(names) != num_classes:
-    raise _format_error(layout, where, f"has no list of {num_classes}"
-                        f" {label_mode} class names under b'{names_key}'")
-  return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n)
-               for n in names)
+    raise _format_error(
+      layout,
+      where,
+      f"has no list of {num_classes}"
+      f" {label_mode} class names under b'{names_key}'",
+    )
+  return tuple(
+    n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names
+  )
 
 
-def load_cifar(data_dir: str | os.PathLike[str] | None, *,
-               name: str = "cifar10", label_mode: str = "fine") -> Dataset:
+def load_cifar(
+  data_dir: str | os.PathLike[str] | None,
+  *,
+  name: str = "cifar10",
+  label_mode: str = "fine",
+) -> Dataset:
   """Loads CIFAR-10 or CIFAR-100 from the official python-version files.
 
   ``data_dir`` is searched, in order, for the extracted folder
@@ -327,24 +395,40 @@ def load_cifar(data_dir: str | os.PathLike[str] | None, *,
   """
   layout = _layout(name)
   if label_mode not in layout.labels:
-    raise ValueError(f"{name} has no label_mode {label_mode!r}; use one of"
-                     f" {sorted(layout.labels)}")
+    raise ValueError(
+      f"{name} has no label_mode {label_mode!r}; use one of"
+      f" {sorted(layout.labels)}"
+    )
   label_key, names_key, num_classes = layout.labels[label_mode]
   contents = _read(layout, data_dir)
 
   def split(files):
-    parts = [_images_and_labels(layout, contents[f][1], contents[f][0],
-                                label_key, num_classes) for f in files]
-    return (np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]))
+    parts = [
+      _images_and_labels(
+        layout, contents[f][1], contents[f][0], label_key, num_classes
+      )
+      for f in files
+    ]
+    return (
+      np.concatenate([p[0] for p in parts]),
+      np.concatenate([p[1] for p in parts]),
+    )
 
   train_images, y_train = split(layout.train)
   test_images, y_test = split(layout.test)
   if train_images.shape[0] == 0:
-    raise _format_error(layout, contents[layout.train[0]][0],
-                        "holds no training images")
+    raise _format_error(
+      layout, contents[layout.train[0]][0], "holds no training images"
+    )
   return standardized(
-      name, train_images, y_train, test_images, y_test, num_classes,
-      scale=1 / 255,
-      class_names=_class_names(layout, contents, names_key, num_classes,
-                               label_mode))
+    name,
+    train_images,
+    y_train,
+    test_images,
+    y_test,
+    num_classes,
+    scale=1 / 255,
+    class_names=_class_names(
+      layout, contents, names_key, num_classes, label_mode
+    ),
+  )

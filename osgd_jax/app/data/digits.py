@@ -35,12 +35,19 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "the 'digits' dataset ships with scikit-learn, part of the app extra:"
-        ' pip install "osgd-jax[app]"') from e
+      "the 'digits' dataset ships with scikit-learn, part of the app extra:"
+      ' pip install "osgd-jax[app]"'
+    ) from e
   bunch = datasets.load_digits()
   images = (bunch.images / 16.0)[..., None]
   labels = bunch.target.astype(np.int32)
   train, test = stratified_split(labels, test_fraction, seed)
-  return standardized("digits", images[train], labels[train], images[test],
-                      labels[test], 10,
-                      class_names=tuple(str(d) for d in range(10)))
+  return standardized(
+    "digits",
+    images[train],
+    labels[train],
+    images[test],
+    labels[test],
+    10,
+    class_names=tuple(str(d) for d in range(10)),
+  )

@@ -46,12 +46,14 @@ class CifarArchive(NamedTuple):
 #: sum published for it (https://www.cs.toronto.edu/~kriz/cifar.html); the
 #: file names are the ones the loader reads.
 CIFAR_ARCHIVES: dict[str, CifarArchive] = {
-    "cifar10": CifarArchive(
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "c58f30108f718f92721af3b95e74349a"),
-    "cifar100": CifarArchive(
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85"),
+  "cifar10": CifarArchive(
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+  ),
+  "cifar100": CifarArchive(
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+  ),
 }
 
 
@@ -77,23 +79,33 @@ def _say(progress: bool, message: str) -> None:
     print(message, flush=True)
 
 
-def _fetch(label: str, url: str, md5: str, archive: str,
-           progress: bool) -> None:
+def _fetch(
+  label: str, url: str, md5: str, archive: str, progress: bool
+) -> None:
   """Streams ``url`` into ``archive``, or raises and leaves nothing there."""
   root = os.path.dirname(archive)
   # Hidden and suffixed: load_cifar only opens the exact official names.
   # Created with open(..., "x") rather than tempfile's 0600 files, so that
   # the archive gets the permissions the user's umask gives any new file.
   partial = os.path.join(
-      root, f".{os.path.basename(archive)}.{secrets.token_hex(4)}.partial")
+    root, f".{os.path.basename(archive)}.{secrets.token_hex(4)}.partial"
+  )
   try:
     with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
       expected = _content_length(response)
       digest = hashlib.md5(usedforsecurity=False)
       received = 0
-      with open(partial, "xb") as f, tqdm(
-          total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-          desc=f"{label} archive", disable=not progress) as bar:
+      with (
+        open(partial, "xb") as f,
+        tqdm(
+          total=expected,
+          unit="B",
+          unit_scale=True,
+          unit_divisor=1024,
+          desc=f"{label} archive",
+          disable=not progress,
+        ) as bar,
+      ):
         while chunk := response.read(_CHUNK):
           f.write(chunk)
           digest.update(chunk)
@@ -105,15 +117,17 @@ def _fetch(label: str, url: str, md5: str, archive: str,
     # error: only the count tells.
     if expected is not None and received != expected:
       raise DownloadError(
-          f"{label}: the download of {url} ended after {received} of"
-          f" {expected} bytes; nothing was saved in {root}. Try again.")
+        f"{label}: the download of {url} ended after {received} of"
+        f" {expected} bytes; nothing was saved in {root}. Try again."
+      )
     if digest.hexdigest() != md5:
       raise DownloadError(
-          f"{label}: the {received} bytes downloaded from {url} have MD5"
-          f" {digest.hexdigest()}, not {md5}: that is not the official"
-          f" archive (a proxy's page, or an altered file); nothing was saved"
-          f" in {root}. Try again, or put the archive from {CIFAR_URL} in"
-          f" {root} yourself.")
+        f"{label}: the {received} bytes downloaded from {url} have MD5"
+        f" {digest.hexdigest()}, not {md5}: that is not the official"
+        f" archive (a proxy's page, or an altered file); nothing was saved"
+        f" in {root}. Try again, or put the archive from {CIFAR_URL} in"
+        f" {root} yourself."
+      )
     os.replace(partial, archive)
   except BaseException as error:  # Ctrl-C included: never leave a partial
     try:
@@ -123,17 +137,26 @@ def _fetch(label: str, url: str, md5: str, archive: str,
     if isinstance(error, DownloadError):
       raise
     # URLError and the socket errors are OSErrors too: the transfer's first.
-    if isinstance(error, (urllib.error.URLError, http.client.HTTPException,
-                          ConnectionError, TimeoutError)):
+    if isinstance(
+      error,
+      (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        ConnectionError,
+        TimeoutError,
+      ),
+    ):
       raise DownloadError(
-          f"{label}: downloading {url} failed ({error}); nothing was saved"
-          f" in {root}. Check the connection and the address, then try"
-          " again.") from None
+        f"{label}: downloading {url} failed ({error}); nothing was saved"
+        f" in {root}. Check the connection and the address, then try"
+        " again."
+      ) from None
     if isinstance(error, OSError):
       raise DownloadError(
-          f"{label}: writing the download into {root} failed ({error});"
-          " nothing was left there. Make it a writable directory with room"
-          " for the archive, then try again.") from None
+        f"{label}: writing the download into {root} failed ({error});"
+        " nothing was left there. Make it a writable directory with room"
+        " for the archive, then try again."
+      ) from None
     raise
 
 
@@ -155,14 +178,20 @@ def _check_present(label: str, archive: str, md5: str) -> None:
     # remove or overwrite it.
     move = shlex.join(["mv", archive, _moved_aside_name(archive)])
     raise DatasetFormatError(
-        f"{label}: {archive} has MD5 {digest.hexdigest()}, not {md5}: it is"
-        " damaged or not the official archive. Move it aside (nothing is"
-        f" deleted): {move}, then download again.")
+      f"{label}: {archive} has MD5 {digest.hexdigest()}, not {md5}: it is"
+      " damaged or not the official archive. Move it aside (nothing is"
+      f" deleted): {move}, then download again."
+    )
 
 
-def download_cifar(dataset: str, data_dir: str | os.PathLike[str], *,
-                   url: str | None = None, md5: str | None = None,
-                   progress: bool = True) -> str:
+def download_cifar(
+  dataset: str,
+  data_dir: str | os.PathLike[str],
+  *,
+  url: str | None = None,
+  md5: str | None = None,
+  progress: bool = True,
+) -> str:
   """Downloads a CIFAR archive into ``data_dir`` unless it is there already.
 
   When ``data_dir`` already holds what :func:`~osgd_jax.app.data.cifar.load_cifar` reads (the
@@ -205,8 +234,9 @@ def download_cifar(dataset: str, data_dir: str | os.PathLike[str], *,
   name = canonical_dataset_name(dataset)
   if name not in CIFAR_ARCHIVES:
     raise ValueError(
-        f"{name} has nothing to download: download_cifar fetches"
-        f" {' and '.join(CIFAR_ARCHIVES)}.")
+      f"{name} has nothing to download: download_cifar fetches"
+      f" {' and '.join(CIFAR_ARCHIVES)}."
+    )
   official = CIFAR_ARCHIVES[name]
   url = official.url if url is None else url
   md5 = (official.md5 if md5 is None else md5).lower()
@@ -223,8 +253,10 @@ def download_cifar(dataset: str, data_dir: str | os.PathLike[str], *,
   try:
     os.makedirs(root, exist_ok=True)
   except OSError as error:
-    raise DownloadError(f"{name}: cannot create {root} to download into"
-                        f" ({error}); choose another directory.") from None
+    raise DownloadError(
+      f"{name}: cannot create {root} to download into"
+      f" ({error}); choose another directory."
+    ) from None
   _fetch(name, url, md5, archive, progress)
   _say(progress, f"{name}: downloaded {archive} (MD5 checked).")
   return archive

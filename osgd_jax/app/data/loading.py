@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from osgd_jax.app.data.base import Dataset
 from osgd_jax.app.data.cifar import load_cifar
@@ -13,16 +14,20 @@ from osgd_jax.app.data.digits import load_digits
 from osgd_jax.app.data.mnist1d import load_mnist1d
 from osgd_jax.app.data.synthetic import make_synthetic
 
-__all__ = ["DATASET_ALIASES", "DATASET_NAMES", "canonical_dataset_name",
-           "load_dataset"]
+__all__ = [
+  "DATASET_ALIASES",
+  "DATASET_NAMES",
+  "canonical_dataset_name",
+  "load_dataset",
+]
 
 # name -> (loader, whether it reads data_dir, whether it takes seed)
 _LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
-    "digits": (load_digits, False, True),
-    "cifar10": (functools.partial(load_cifar, name="cifar10"), True, False),
-    "cifar100": (functools.partial(load_cifar, name="cifar100"), True, False),
-    "mnist1d": (load_mnist1d, False, False),
-    "synthetic": (make_synthetic, False, True),
+  "digits": (load_digits, False, True),
+  "cifar10": (functools.partial(load_cifar, name="cifar10"), True, False),
+  "cifar100": (functools.partial(load_cifar, name="cifar100"), True, False),
+  "mnist1d": (load_mnist1d, False, False),
+  "synthetic": (make_synthetic, False, True),
 }
 #: The data sets :func:`load_dataset` loads, by their canonical names.
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
@@ -31,9 +36,15 @@ DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
 #: an error, never a guess, because the model's preset is chosen by the data
 #: set.
 DATASET_ALIASES: dict[str, str] = {
-    "CIFAR-10": "cifar10", "cifar-10": "cifar10", "CIFAR10": "cifar10",
-    "CIFAR-100": "cifar100", "cifar-100": "cifar100", "CIFAR100": "cifar100",
-    "MNIST-1D": "mnist1d", "mnist-1d": "mnist1d", "MNIST1D": "mnist1d",
+  "CIFAR-10": "cifar10",
+  "cifar-10": "cifar10",
+  "CIFAR10": "cifar10",
+  "CIFAR-100": "cifar100",
+  "cifar-100": "cifar100",
+  "CIFAR100": "cifar100",
+  "MNIST-1D": "mnist1d",
+  "mnist-1d": "mnist1d",
+  "MNIST1D": "mnist1d",
 }
 
 
@@ -59,20 +70,29 @@ def canonical_dataset_name(name: Any) -> str:
     if name in DATASET_ALIASES:
       return DATASET_ALIASES[name]
   raise ValueError(
-      f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}"
-      f" (or the aliases {', '.join(DATASET_ALIASES)}).")
+    f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}"
+    f" (or the aliases {', '.join(DATASET_ALIASES)})."
+  )
 
 
 def _options_of(loader: Callable[..., Dataset]) -> list[str]:
   bound = getattr(loader, "keywords", {})
-  return [p.name for p in inspect.signature(loader).parameters.values()
-          if p.kind is inspect.Parameter.KEYWORD_ONLY
-          and p.name not in ("seed", "name", *bound)]
+  return [
+    p.name
+    for p in inspect.signature(loader).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    and p.name not in ("seed", "name", *bound)
+  ]
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
-                 seed: int = 0, flatten: bool = False,
-                 **options: Any) -> Dataset:
+def load_dataset(
+  name: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  seed: int = 0,
+  flatten: bool = False,
+  **options: Any,
+) -> Dataset:
   """Loads a dataset by name into host memory, standardised with train stats.
 
   ==============  ==========  =================================================
@@ -121,8 +141,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None,
   allowed = _options_of(loader)
   unknown = sorted(set(options) - set(allowed))
   if unknown:
-    raise ValueError(f"{key} does not take the option(s) {', '.join(unknown)};"
-                     f" it takes {', '.join(allowed) or 'none'}")
+    raise ValueError(
+      f"{key} does not take the option(s) {', '.join(unknown)};"
+      f" it takes {', '.join(allowed) or 'none'}"
+    )
   if takes_seed:
     options["seed"] = seed
   dataset = loader(data_dir, **options) if reads_dir else loader(**options)

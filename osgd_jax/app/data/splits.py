@@ -16,8 +16,9 @@ __all__ = ["VALIDATION_SPLIT_SEED", "hold_out_validation", "stratified_split"]
 VALIDATION_SPLIT_SEED = 0
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+  labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits example indices so that every class keeps the same proportions.
 
   Each class independently sends ``round(test_fraction * class_size)`` of its
@@ -50,8 +51,9 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def hold_out_validation(dataset: Dataset, fraction: float,
-                        seed: int = VALIDATION_SPLIT_SEED) -> Dataset:
+def hold_out_validation(
+  dataset: Dataset, fraction: float, seed: int = VALIDATION_SPLIT_SEED
+) -> Dataset:
   """Holds out a stratified part of the *training* set for validation.
 
   The result trains on the rest and evaluates on the held-out part: its
@@ -81,15 +83,21 @@ def hold_out_validation(dataset: Dataset, fraction: float,
     (80, 20)
   """
   if not 0.0 < fraction < 1.0:
-    raise ValueError(f"--validation must be in (0, 1) to hold out a split,"
-                     f" got {fraction!r}.")
+    raise ValueError(
+      f"--validation must be in (0, 1) to hold out a split, got {fraction!r}."
+    )
   rest, held = stratified_split(dataset.y_train, fraction, seed)
   if held.size == 0 or rest.size == 0:
     side = "none" if held.size == 0 else "all"
     raise ValueError(
-        f"--validation {fraction} holds out {side} of the"
-        f" {dataset.num_train} training examples of {dataset.name}; choose a"
-        " fraction such as 0.2.")
+      f"--validation {fraction} holds out {side} of the"
+      f" {dataset.num_train} training examples of {dataset.name}; choose a"
+      " fraction such as 0.2."
+    )
   return dataclasses.replace(
-      dataset, x_train=dataset.x_train[rest], y_train=dataset.y_train[rest],
-      x_test=dataset.x_train[held], y_test=dataset.y_train[held])
+    dataset,
+    x_train=dataset.x_train[rest],
+    y_train=dataset.y_train[rest],
+    x_test=dataset.x_train[held],
+    y_test=dataset.y_train[held],
+  )

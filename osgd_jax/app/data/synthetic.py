@@ -12,8 +12,9 @@ from osgd_jax.app.data.base import Dataset, standardized
 __all__ = ["make_synthetic"]
 
 
-def _class_centres(rng: np.random.Generator, num_classes: int,
-                   dim: int) -> np.ndarray:
+def _class_centres(
+  rng: np.random.Generator, num_classes: int, dim: int
+) -> np.ndarray:
   """Unit-norm class centres, mutually orthogonal whenever ``dim`` allows."""
   if num_classes <= dim:
     q, _ = np.linalg.qr(rng.standard_normal((dim, num_classes)))
@@ -22,8 +23,9 @@ def _class_centres(rng: np.random.Generator, num_classes: int,
   return centres / np.linalg.norm(centres, axis=1, keepdims=True)
 
 
-def _sample(rng: np.random.Generator, centres: np.ndarray, num: int,
-            difficulty: float) -> tuple[np.ndarray, np.ndarray]:
+def _sample(
+  rng: np.random.Generator, centres: np.ndarray, num: int, difficulty: float
+) -> tuple[np.ndarray, np.ndarray]:
   num_classes, dim = centres.shape
   # Balanced classes in a random order.
   labels = rng.permutation(np.arange(num) % num_classes).astype(np.int32)
@@ -31,10 +33,15 @@ def _sample(rng: np.random.Generator, centres: np.ndarray, num: int,
   return x, labels
 
 
-def make_synthetic(*, seed: int = 0, num_train: int = 2048,
-                   num_test: int = 512, num_classes: int = 10,
-                   shape: Sequence[int] = (32,),
-                   difficulty: float = 0.5) -> Dataset:
+def make_synthetic(
+  *,
+  seed: int = 0,
+  num_train: int = 2048,
+  num_test: int = 512,
+  num_classes: int = 10,
+  shape: Sequence[int] = (32,),
+  difficulty: float = 0.5,
+) -> Dataset:
   """Generates Gaussian class clusters, a cheap stand-in for real data.
 
   Class ``c`` is ``N(mu_c, difficulty^2 I)`` in ``prod(shape)`` dimensions
@@ -69,22 +76,27 @@ def make_synthetic(*, seed: int = 0, num_train: int = 2048,
   """
   shape = tuple(int(s) for s in shape)
   if not shape or min(shape) < 1:
-    raise ValueError(f"shape must be a non-empty tuple of positive sizes,"
-                     f" got {shape}")
+    raise ValueError(
+      f"shape must be a non-empty tuple of positive sizes, got {shape}"
+    )
   if num_classes < 2:
     raise ValueError(f"num_classes must be at least 2, got {num_classes}")
   if num_train < 1 or num_test < 0:
-    raise ValueError(f"need num_train >= 1 and num_test >= 0, got"
-                     f" {num_train} and {num_test}")
+    raise ValueError(
+      f"need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}"
+    )
   if not difficulty >= 0:
     raise ValueError(f"difficulty must be >= 0, got {difficulty}")
   dim = math.prod(shape)
   centres = _class_centres(np.random.default_rng([seed, 0]), num_classes, dim)
-  x_train, y_train = _sample(np.random.default_rng([seed, 1]), centres,
-                             num_train, difficulty)
-  x_test, y_test = _sample(np.random.default_rng([seed, 2]), centres,
-                           num_test, difficulty)
+  x_train, y_train = _sample(
+    np.random.default_rng([seed, 1]), centres, num_train, difficulty
+  )
+  x_test, y_test = _sample(
+    np.random.default_rng([seed, 2]), centres, num_test, difficulty
+  )
   x_train = x_train.reshape(num_train, *shape)
   x_test = x_test.reshape(num_test, *shape)
-  return standardized("synthetic", x_train, y_train, x_test, y_test,
-                      num_classes)
+  return standardized(
+    "synthetic", x_train, y_train, x_test, y_test, num_classes
+  )

@@ -19,72 +19,77 @@
   import (it needs this package, and training needs no command).
 """
 
-from osgd_jax.app.train.artefacts import TrainResult
-from osgd_jax.app.train.artefacts import finish_run
-from osgd_jax.app.train.artefacts import write_metrics
-from osgd_jax.app.train.callbacks import Callback
-from osgd_jax.app.train.callbacks import TensorBoardLogger
-from osgd_jax.app.train.config import OPTIMIZERS
-from osgd_jax.app.train.config import PER_EXIT_GRADS
-from osgd_jax.app.train.config import SCHEDULES
-from osgd_jax.app.train.config import TrainConfig
-from osgd_jax.app.train.config import check_resumable
-from osgd_jax.app.train.config import config_differences
-from osgd_jax.app.train.config import describe_differences
-from osgd_jax.app.train.loop import TrainingDiverged
-from osgd_jax.app.train.loop import TrainingInterrupted
-from osgd_jax.app.train.loop import epoch_record
-from osgd_jax.app.train.loop import save_epoch
-from osgd_jax.app.train.loop import train
-from osgd_jax.app.train.loop import seconds_per_step
-from osgd_jax.app.train.loop import train_epoch
-from osgd_jax.app.train.optimizer import aggregator_for
-from osgd_jax.app.train.optimizer import make_optimizer
-from osgd_jax.app.train.optimizer import make_schedule
-from osgd_jax.app.train.run import CONFIG_FILE
-from osgd_jax.app.train.run import Run
-from osgd_jax.app.train.run import TrainState
-from osgd_jax.app.train.run import build_model
-from osgd_jax.app.train.run import default_output_dir
-from osgd_jax.app.train.run import load_data
-from osgd_jax.app.train.run import make_mesh
-from osgd_jax.app.train.run import prepare_output_dir
-from osgd_jax.app.train.run import read_saved_config
-from osgd_jax.app.train.run import start_run
+from osgd_jax.app.train.artefacts import TrainResult, finish_run, write_metrics
+from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
+from osgd_jax.app.train.config import (
+  OPTIMIZERS,
+  PER_EXIT_GRADS,
+  SCHEDULES,
+  TrainConfig,
+  check_resumable,
+  config_differences,
+  describe_differences,
+)
+from osgd_jax.app.train.loop import (
+  TrainingDiverged,
+  TrainingInterrupted,
+  epoch_record,
+  save_epoch,
+  seconds_per_step,
+  train,
+  train_epoch,
+)
+from osgd_jax.app.train.optimizer import (
+  aggregator_for,
+  make_optimizer,
+  make_schedule,
+)
+from osgd_jax.app.train.run import (
+  CONFIG_FILE,
+  Run,
+  TrainState,
+  build_model,
+  default_output_dir,
+  load_data,
+  make_mesh,
+  prepare_output_dir,
+  read_saved_config,
+  start_run,
+)
 from osgd_jax.app.train.step import make_train_step
 
 __all__ = [
-    "CONFIG_FILE",
-    "Callback",
-    "OPTIMIZERS",
-    "PER_EXIT_GRADS",
-    "Run",
-    "SCHEDULES",
-    "TrainConfig",
-    "TrainResult",
-    "TensorBoardLogger",
-    "TrainState",
-    "TrainingDiverged",
-    "TrainingInterrupted",
-    "aggregator_for",
-    "build_model",
-    "check_resumable",
-    "config_differences",
-    "default_output_dir",
-    "describe_differences",
-    "epoch_record",
-    "finish_run",
-    "load_data",
-    "make_mesh",
-    "make_optimizer",
-    "make_schedule",
-    "make_train_step",
-    "prepare_output_dir",
-    "read_saved_config",
-    "save_epoch",
-    "seconds_per_step",
-    "start_run",
-    "train",
-    "train_epoch",
-    "write_metrics",
+  "CONFIG_FILE",
+  "Callback",
+  "OPTIMIZERS",
+  "PER_EXIT_GRADS",
+  "Run",
+  "SCHEDULES",
+  "TrainConfig",
+  "TrainResult",
+  "TensorBoardLogger",
+  "TrainState",
+  "TrainingDiverged",
+  "TrainingInterrupted",
+  "aggregator_for",
+  "build_model",
+  "check_resumable",
+  "config_differences",
+  "default_output_dir",
+  "describe_differences",
+  "epoch_record",
+  "finish_run",
+  "load_data",
+  "make_mesh",
+  "make_optimizer",
+  "make_schedule",
+  "make_train_step",
+  "prepare_output_dir",
+  "read_saved_config",
+  "save_epoch",
+  "seconds_per_step",
+  "start_run",
+  "train",
+  "train_epoch",
+  "write_metrics",
 ]

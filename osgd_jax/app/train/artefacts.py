@@ -18,8 +18,12 @@ from osgd_jax.app.report import plot_accuracy_vs_flops, write_json
 from osgd_jax.app.train.config import TrainConfig
 from osgd_jax.app.train.run import Run, TrainState
 
-__all__ = ["EARLY_EXIT_THRESHOLDS", "TrainResult", "finish_run",
-           "write_metrics"]
+__all__ = [
+  "EARLY_EXIT_THRESHOLDS",
+  "TrainResult",
+  "finish_run",
+  "write_metrics",
+]
 
 #: The confidence thresholds of the early-exit curve in metrics.json and the
 #: figure, from 0 (every example takes exit 1) to 1 (only certain ones stop
@@ -63,12 +67,19 @@ class TrainResult:
   @property
   def accuracy(self) -> np.ndarray:
     """``(K,)`` final accuracy per exit on the split named by ``evaluated_on``."""
-    return (self.val_accuracy if self.evaluated_on == "validation"
-            else self.test_accuracy)
+    return (
+      self.val_accuracy
+      if self.evaluated_on == "validation"
+      else self.test_accuracy
+    )
 
 
-def write_metrics(out: str, config: TrainConfig, history: list[dict[str, Any]],
-                  summary: dict[str, Any] | None = None) -> None:
+def write_metrics(
+  out: str,
+  config: TrainConfig,
+  history: list[dict[str, Any]],
+  summary: dict[str, Any] | None = None,
+) -> None:
   """Writes ``out/metrics.json``: the config, the epochs and the final summary.
 
   Args:
@@ -118,27 +129,55 @@ def finish_run(run: Run, state: TrainState) -> TrainResult:
   flops = anytime.flops_per_exit(model, (1,) + dataset.input_shape)
   param_counts = anytime.params_per_exit(model)
   sweep_flops, sweep_accuracy = anytime.early_exit_curve(
-      model, dataset.x_test, dataset.y_test, EARLY_EXIT_THRESHOLDS,
-      flops=flops.flops)
+    model,
+    dataset.x_test,
+    dataset.y_test,
+    EARLY_EXIT_THRESHOLDS,
+    flops=flops.flops,
+  )
   on_test = config.evaluated_on == "test"
-  result = TrainResult(run.history, accuracy if on_test else None,
-                       loss if on_test else None, flops, param_counts,
-                       run.out, model, None if on_test else accuracy,
-                       None if on_test else loss, config.evaluated_on)
+  result = TrainResult(
+    run.history,
+    accuracy if on_test else None,
+    loss if on_test else None,
+    flops,
+    param_counts,
+    run.out,
+    model,
+    None if on_test else accuracy,
+    None if on_test else loss,
+    config.evaluated_on,
+  )
   if jax.process_index() != 0:  # process 0 writes the run's files
     return result
-  write_metrics(run.out, config, run.history, {
+  write_metrics(
+    run.out,
+    config,
+    run.history,
+    {
       "evaluated_on": config.evaluated_on,
-      f"{prefix}_accuracy": accuracy, f"{prefix}_loss": loss,
-      "flops": flops.flops, "flops_source": flops.source,
+      f"{prefix}_accuracy": accuracy,
+      f"{prefix}_loss": loss,
+      "flops": flops.flops,
+      "flops_source": flops.source,
       "params": param_counts,
-      "early_exit": {"threshold": EARLY_EXIT_THRESHOLDS,
-                     "mean_flops": sweep_flops, "accuracy": sweep_accuracy}})
+      "early_exit": {
+        "threshold": EARLY_EXIT_THRESHOLDS,
+        "mean_flops": sweep_flops,
+        "accuracy": sweep_accuracy,
+      },
+    },
+  )
   plot_accuracy_vs_flops(
-      {f"{config.optimizer}: exit k": (flops.flops, accuracy),
-       f"{config.optimizer}: early exit by confidence": (sweep_flops,
-                                                        sweep_accuracy)},
-      os.path.join(run.out, "accuracy_vs_flops.png"),
-      title=f"{config.model} on {config.dataset}",
-      ylabel=f"{config.evaluated_on} accuracy (%)")
+    {
+      f"{config.optimizer}: exit k": (flops.flops, accuracy),
+      f"{config.optimizer}: early exit by confidence": (
+        sweep_flops,
+        sweep_accuracy,
+      ),
+    },
+    os.path.join(run.out, "accuracy_vs_flops.png"),
+    title=f"{config.model} on {config.dataset}",
+    ylabel=f"{config.evaluated_on} accuracy (%)",
+  )
   return result

@@ -18,15 +18,17 @@ but it delays the next steps' dispatch by as long as it takes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["Callback", "TensorBoardLogger"]
 
 #: The type of a callback, called with each record and returning nothing.
 Callback = Callable[[dict[str, Any]], None]
 
-_INSTALL_HINT = ("install the TensorBoard extra: python -m pip install"
-                 " 'osgd-jax[tensorboard]'")
+_INSTALL_HINT = (
+  "install the TensorBoard extra: python -m pip install 'osgd-jax[tensorboard]'"
+)
 
 
 class TensorBoardLogger:
@@ -53,18 +55,22 @@ class TensorBoardLogger:
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError(f"--tensorboard needs tensorboardX; {_INSTALL_HINT}."
-                        ) from e
+      raise ImportError(
+        f"--tensorboard needs tensorboardX; {_INSTALL_HINT}."
+      ) from e
     self._writer = tensorboardX.SummaryWriter(logdir)
 
   def __call__(self, record: dict[str, Any]) -> None:
     step = record["global_step"]
-    scalars = {"train/loss": record.get("train_loss")
-               if record.get("kind") == "step" else None,
-               "test/accuracy": record.get("test_accuracy"),
-               "test/loss": record.get("test_loss"),
-               "val/accuracy": record.get("val_accuracy"),
-               "val/loss": record.get("val_loss")}
+    scalars = {
+      "train/loss": record.get("train_loss")
+      if record.get("kind") == "step"
+      else None,
+      "test/accuracy": record.get("test_accuracy"),
+      "test/loss": record.get("test_loss"),
+      "val/accuracy": record.get("val_accuracy"),
+      "val/loss": record.get("val_loss"),
+    }
     for tag, values in scalars.items():
       for k, value in enumerate(values or ()):
         self._writer.add_scalar(f"{tag}/exit_{k + 1}", value, step)

@@ -27,22 +27,40 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Sequence, get_args
+from collections.abc import Sequence
+from typing import Any, get_args
 
 import jax
 import yaml
 
 from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app.checkpoint import CheckpointWriteError
-from osgd_jax.app.commands import (EXIT_BAD_INPUT, EXIT_FAILED,
-                                   EXIT_INTERRUPTED, OneLineArgumentParser,
-                                   print_error, quiet_library_logs)
-from osgd_jax.app.data import (CIFAR_ARCHIVES, DATASET_ALIASES, DATASET_NAMES,
-                               DownloadError, download_cifar)
+from osgd_jax.app.commands import (
+  EXIT_BAD_INPUT,
+  EXIT_FAILED,
+  EXIT_INTERRUPTED,
+  OneLineArgumentParser,
+  print_error,
+  quiet_library_logs,
+)
+from osgd_jax.app.data import (
+  CIFAR_ARCHIVES,
+  DATASET_ALIASES,
+  DATASET_NAMES,
+  DownloadError,
+  download_cifar,
+)
 from osgd_jax.app.report import exit_table
-from osgd_jax.app.train import (OPTIMIZERS, PER_EXIT_GRADS, SCHEDULES,
-                                TrainConfig, TrainingDiverged,
-                                TrainingInterrupted, default_output_dir, train)
+from osgd_jax.app.train import (
+  OPTIMIZERS,
+  PER_EXIT_GRADS,
+  SCHEDULES,
+  TrainConfig,
+  TrainingDiverged,
+  TrainingInterrupted,
+  default_output_dir,
+  train,
+)
 
 __all__ = ["main", "build_parser", "config_from_args", "resume_command"]
 
@@ -56,8 +74,8 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        "expected comma-separated numbers such as 1,1,2,4;"
-        f" got {text!r}") from None
+      f"expected comma-separated numbers such as 1,1,2,4; got {text!r}"
+    ) from None
 
 
 def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
@@ -77,100 +95,174 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   """
   d = TrainConfig()
   p = OneLineArgumentParser(
-      prog=prog,
-      description="Train an anytime network with Orthogonalized SGD (or the"
-      " summed-loss SGD baseline), then print per-exit test accuracy, FLOPs"
-      " and parameters, and write metrics.json, accuracy_vs_flops.png and"
-      " checkpoints to --out. With no arguments: a nested network on"
-      " scikit-learn's digits, in a few minutes on a CPU.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--config",
-                 help="YAML or JSON file whose keys mirror these flags")
-  p.add_argument("--model", default=d.model, choices=zoo.names(),
-                 help="zoo model name")
-  p.add_argument("--preset", default=d.preset,
-                 help="model preset (cifar, digits, or mnist1d for the MLPs);"
-                 " default: the dataset's")
-  p.add_argument("--dataset", default=d.dataset,
-                 choices=DATASET_NAMES + tuple(DATASET_ALIASES),
-                 help="the data set; CIFAR-10 and the like are aliases")
-  p.add_argument("--data-dir", default=d.data_dir,
-                 help="directory holding the CIFAR archives or their"
-                 " extracted folders")
-  p.add_argument("--download", action="store_true",
-                 help="download the CIFAR archive into --data-dir if neither it"
-                 " nor its extracted folder is there, checking its MD5 (digits"
-                 " and synthetic have nothing to download)")
-  p.add_argument("--validation", type=float, default=d.validation,
-                 metavar="FRACTION",
-                 help="hold out this fraction of the training set (stratified,"
-                 " with a fixed seed), train on the rest and evaluate on it"
-                 " instead of the test set, which it then never scores on;"
-                 " 0: train on all and evaluate on the test set")
-  p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
-                 help="sgd: gradient of the summed (weighted) exit losses;"
-                 " every other name aggregates the per-exit gradients, with"
-                 " its defaults: osgd, orthogonalized; sum, mean, linear,"
-                 " geometric: fixed exit weights (linear and geometric ramp"
-                 " up with depth, summing to K); sdn: SDN's early-exit weights"
-                 " rising over training; adaloss: weights 1/EMA(loss); pcgrad,"
-                 " mgda, upgrad and the rest: TorchJD's multi-task"
-                 " aggregators (see the weightings guide; most return"
-                 " mean-sized updates, about 1/K of a sum: scale --lr)")
-  p.add_argument("--granularity", default=d.granularity,
-                 choices=get_args(aggregation.Granularity),
-                 help="OSGD basis per parameter tensor or over all parameters"
-                 " (the baseline aggregators always work over all)")
-  p.add_argument("--method", default=d.method,
-                 choices=get_args(aggregation.OsgdMethod),
-                 help="OSGD kernel: two-pass Gram/LDL or sequential"
-                 " Gram-Schmidt")
-  p.add_argument("--rescale", action="store_true",
-                 help="OSGD: scale each projected component back to the norm"
-                 " of its exit's gradient (the paper is silent; an option)")
-  p.add_argument("--switch-to-sgd", type=float, default=d.switch_to_sgd,
-                 metavar="FRACTION",
-                 help="after this fraction of the run's steps, sum the exit"
-                 " gradients (plain SGD) instead of aggregating them, e.g."
-                 " 0.8; default: never")
-  p.add_argument("--exit-weights", type=_float_list, default=d.exit_weights,
-                 help="comma-separated loss weight per exit (default: all 1)")
-  p.add_argument("--per-exit-grads", default=d.per_exit_grads,
-                 choices=PER_EXIT_GRADS,
-                 help="staged: exit k's backward pass covers stages 1..k only"
-                 " (its rows looped on CPU, batched on GPU/TPU; -looped or"
-                 " -batched forces one); vmap: K full backward passes, the"
-                 " fallback for losses that read later exits")
+    prog=prog,
+    description="Train an anytime network with Orthogonalized SGD (or the"
+    " summed-loss SGD baseline), then print per-exit test accuracy, FLOPs"
+    " and parameters, and write metrics.json, accuracy_vs_flops.png and"
+    " checkpoints to --out. With no arguments: a nested network on"
+    " scikit-learn's digits, in a few minutes on a CPU.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument(
+    "--config", help="YAML or JSON file whose keys mirror these flags"
+  )
+  p.add_argument(
+    "--model", default=d.model, choices=zoo.names(), help="zoo model name"
+  )
+  p.add_argument(
+    "--preset",
+    default=d.preset,
+    help="model preset (cifar, digits, or mnist1d for the MLPs);"
+    " default: the dataset's",
+  )
+  p.add_argument(
+    "--dataset",
+    default=d.dataset,
+    choices=DATASET_NAMES + tuple(DATASET_ALIASES),
+    help="the data set; CIFAR-10 and the like are aliases",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=d.data_dir,
+    help="directory holding the CIFAR archives or their extracted folders",
+  )
+  p.add_argument(
+    "--download",
+    action="store_true",
+    help="download the CIFAR archive into --data-dir if neither it"
+    " nor its extracted folder is there, checking its MD5 (digits"
+    " and synthetic have nothing to download)",
+  )
+  p.add_argument(
+    "--validation",
+    type=float,
+    default=d.validation,
+    metavar="FRACTION",
+    help="hold out this fraction of the training set (stratified,"
+    " with a fixed seed), train on the rest and evaluate on it"
+    " instead of the test set, which it then never scores on;"
+    " 0: train on all and evaluate on the test set",
+  )
+  p.add_argument(
+    "--optimizer",
+    default=d.optimizer,
+    choices=OPTIMIZERS,
+    help="sgd: gradient of the summed (weighted) exit losses;"
+    " every other name aggregates the per-exit gradients, with"
+    " its defaults: osgd, orthogonalized; sum, mean, linear,"
+    " geometric: fixed exit weights (linear and geometric ramp"
+    " up with depth, summing to K); sdn: SDN's early-exit weights"
+    " rising over training; adaloss: weights 1/EMA(loss); pcgrad,"
+    " mgda, upgrad and the rest: TorchJD's multi-task"
+    " aggregators (see the weightings guide; most return"
+    " mean-sized updates, about 1/K of a sum: scale --lr)",
+  )
+  p.add_argument(
+    "--granularity",
+    default=d.granularity,
+    choices=get_args(aggregation.Granularity),
+    help="OSGD basis per parameter tensor or over all parameters"
+    " (the baseline aggregators always work over all)",
+  )
+  p.add_argument(
+    "--method",
+    default=d.method,
+    choices=get_args(aggregation.OsgdMethod),
+    help="OSGD kernel: two-pass Gram/LDL or sequential Gram-Schmidt",
+  )
+  p.add_argument(
+    "--rescale",
+    action="store_true",
+    help="OSGD: scale each projected component back to the norm"
+    " of its exit's gradient (the paper is silent; an option)",
+  )
+  p.add_argument(
+    "--switch-to-sgd",
+    type=float,
+    default=d.switch_to_sgd,
+    metavar="FRACTION",
+    help="after this fraction of the run's steps, sum the exit"
+    " gradients (plain SGD) instead of aggregating them, e.g."
+    " 0.8; default: never",
+  )
+  p.add_argument(
+    "--exit-weights",
+    type=_float_list,
+    default=d.exit_weights,
+    help="comma-separated loss weight per exit (default: all 1)",
+  )
+  p.add_argument(
+    "--per-exit-grads",
+    default=d.per_exit_grads,
+    choices=PER_EXIT_GRADS,
+    help="staged: exit k's backward pass covers stages 1..k only"
+    " (its rows looped on CPU, batched on GPU/TPU; -looped or"
+    " -batched forces one); vmap: K full backward passes, the"
+    " fallback for losses that read later exits",
+  )
   p.add_argument("--epochs", type=int, default=d.epochs)
   p.add_argument("--batch-size", type=int, default=d.batch_size)
   p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
   p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
   p.add_argument("--momentum", type=float, default=d.momentum)
   p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-  p.add_argument("--seed", type=int, default=d.seed,
-                 help="seeds the model, the data order and the augmentation")
-  p.add_argument("--out", default=d.out,
-                 help="output directory (default: a new one under runs/)")
-  p.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in --out")
-  p.add_argument("--eval-every", type=int, default=d.eval_every,
-                 help="evaluate on the test set (or the --validation split)"
-                 " every N epochs (and at the end)")
-  p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
-                 help="how many of the newest checkpoints to keep")
-  p.add_argument("--no-progress", dest="progress", action="store_false",
-                 help="hide the progress bar")
-  p.add_argument("--log-every", type=int, default=d.log_every,
-                 help="fetch the losses from the device every N steps (and"
-                 " at the end of each epoch) for the progress bar, the"
-                 " divergence check and TensorBoard; changes no result")
-  p.add_argument("--tensorboard", default=d.tensorboard, metavar="DIR",
-                 help="also write the losses and test accuracies as"
-                 " TensorBoard scalars to DIR (needs the tensorboard extra)")
-  p.add_argument("--mesh", default=d.mesh,
-                 help="train over devices: data=D,model=M splits each batch"
-                 " over D devices and each parameter over M (one axis may be"
-                 " -1: all remaining devices); default: one device")
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=d.seed,
+    help="seeds the model, the data order and the augmentation",
+  )
+  p.add_argument(
+    "--out",
+    default=d.out,
+    help="output directory (default: a new one under runs/)",
+  )
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue from the latest checkpoint in --out",
+  )
+  p.add_argument(
+    "--eval-every",
+    type=int,
+    default=d.eval_every,
+    help="evaluate on the test set (or the --validation split)"
+    " every N epochs (and at the end)",
+  )
+  p.add_argument(
+    "--keep-checkpoints",
+    type=int,
+    default=d.keep_checkpoints,
+    help="how many of the newest checkpoints to keep",
+  )
+  p.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="hide the progress bar",
+  )
+  p.add_argument(
+    "--log-every",
+    type=int,
+    default=d.log_every,
+    help="fetch the losses from the device every N steps (and"
+    " at the end of each epoch) for the progress bar, the"
+    " divergence check and TensorBoard; changes no result",
+  )
+  p.add_argument(
+    "--tensorboard",
+    default=d.tensorboard,
+    metavar="DIR",
+    help="also write the losses and test accuracies as"
+    " TensorBoard scalars to DIR (needs the tensorboard extra)",
+  )
+  p.add_argument(
+    "--mesh",
+    default=d.mesh,
+    help="train over devices: data=D,model=M splits each batch"
+    " over D devices and each parameter over M (one axis may be"
+    " -1: all remaining devices); default: one device",
+  )
   return p
 
 
@@ -186,11 +278,13 @@ def _read_config_file(path: str) -> dict[str, Any]:
       values = json.loads(text)
   except Exception as e:  # json and yaml raise their own error types
     kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
-    raise ValueError(f"config file {path} is not valid {kind}:"
-                     f" {str(e).splitlines()[0]}") from None
+    raise ValueError(
+      f"config file {path} is not valid {kind}: {str(e).splitlines()[0]}"
+    ) from None
   if not isinstance(values, dict):
-    raise ValueError(f"config file {path} must hold a mapping of flag names"
-                     " to values.")
+    raise ValueError(
+      f"config file {path} must hold a mapping of flag names to values."
+    )
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
@@ -226,8 +320,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
     unknown = sorted(set(file_values) - fields)
     if unknown:
       raise ValueError(
-          f"unknown key(s) {unknown} in {args.config}; valid keys:"
-          f" {', '.join(sorted(fields))}.")
+        f"unknown key(s) {unknown} in {args.config}; valid keys:"
+        f" {', '.join(sorted(fields))}."
+      )
     parser.set_defaults(**file_values)
     args = parser.parse_args(argv)
   values = {k: v for k, v in vars(args).items() if k not in _COMMAND_ONLY}
@@ -241,16 +336,19 @@ def _download(config: TrainConfig) -> None:
   if config.dataset not in CIFAR_ARCHIVES:
     return  # digits ship with scikit-learn; synthetic data is generated
   if config.data_dir is None:
-    raise ValueError(f"--download needs --data-dir: the directory to keep"
-                     f" {config.dataset}'s archive in.")
+    raise ValueError(
+      f"--download needs --data-dir: the directory to keep"
+      f" {config.dataset}'s archive in."
+    )
   # Every process fetches what its own --data-dir lacks; on a shared file
   # system, concurrent downloads each write a file of their own and the
   # last complete one takes the archive's name.
   download_cifar(config.dataset, config.data_dir, progress=config.progress)
 
 
-def resume_command(argv: Sequence[str], out: str, *, resume: bool = True
-                   ) -> str:
+def resume_command(
+  argv: Sequence[str], out: str, *, resume: bool = True
+) -> str:
   """The shell command that resumes the run of ``osgd-train argv`` in ``out``.
 
   Args:
@@ -274,19 +372,25 @@ def resume_command(argv: Sequence[str], out: str, *, resume: bool = True
       skip = True
       continue
     kept.append(arg)
-  return shlex.join(["osgd-train", *kept, "--out", out]
-                    + (["--resume"] if resume else []))
+  return shlex.join(
+    ["osgd-train", *kept, "--out", out] + (["--resume"] if resume else [])
+  )
 
 
 def _interrupted(error: TrainingInterrupted, argv: Sequence[str]) -> str:
   if error.last_epoch is None:
     again = resume_command(argv, error.out, resume=False)
-    return ("interrupted before the first epoch was saved; nothing to"
-            f" resume. Start again with: {again}")
-  saved = (f"epochs 1-{error.last_epoch} are" if error.last_epoch > 1
-           else "epoch 1 is")
-  return (f"interrupted; {saved} saved in {error.out}. Resume with:"
-          f" {resume_command(argv, error.out)}")
+    return (
+      "interrupted before the first epoch was saved; nothing to"
+      f" resume. Start again with: {again}"
+    )
+  saved = (
+    f"epochs 1-{error.last_epoch} are" if error.last_epoch > 1 else "epoch 1 is"
+  )
+  return (
+    f"interrupted; {saved} saved in {error.out}. Resume with:"
+    f" {resume_command(argv, error.out)}"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,26 +426,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_error(prog, e)
     return EXIT_FAILED
   except OSError as e:  # the file system failed outside a checkpoint
-    print_error(prog, f"{e}; the checkpoints of finished epochs are kept."
-                " Fix the file system, then resume with --resume (or run"
-                " again if no epoch was saved).")
+    print_error(
+      prog,
+      f"{e}; the checkpoints of finished epochs are kept."
+      " Fix the file system, then resume with --resume (or run"
+      " again if no epoch was saved).",
+    )
     return EXIT_FAILED
   except TrainingInterrupted as e:
     print_error(prog, _interrupted(e, argv))
     return EXIT_INTERRUPTED
   except KeyboardInterrupt:
-    print_error(prog, "interrupted before training started; nothing was"
-                " saved.")
+    print_error(prog, "interrupted before training started; nothing was saved.")
     return EXIT_INTERRUPTED
   if jax.process_index() != 0:  # process 0 reports for the run
     return 0
-  print(f"{config.model} on {config.dataset}, optimizer {config.optimizer},"
-        f" {config.epochs} epochs")
-  print(exit_table(result.accuracy, result.flops.flops, result.params,
-                   result.flops.source, split=result.evaluated_on))
-  print(f"artefacts: {os.path.join(result.out, 'metrics.json')},"
-        f" {os.path.join(result.out, 'accuracy_vs_flops.png')},"
-        f" {os.path.join(result.out, 'checkpoints')}")
+  print(
+    f"{config.model} on {config.dataset}, optimizer {config.optimizer},"
+    f" {config.epochs} epochs"
+  )
+  print(
+    exit_table(
+      result.accuracy,
+      result.flops.flops,
+      result.params,
+      result.flops.source,
+      split=result.evaluated_on,
+    )
+  )
+  print(
+    f"artefacts: {os.path.join(result.out, 'metrics.json')},"
+    f" {os.path.join(result.out, 'accuracy_vs_flops.png')},"
+    f" {os.path.join(result.out, 'checkpoints')}"
+  )
   return 0
 
 

@@ -16,16 +16,26 @@ from typing import Any, get_args
 from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app import data as data_lib
 
-__all__ = ["OPTIMIZERS", "PER_EXIT_GRADS", "RESUMABLE_CHANGES", "SCHEDULES",
-           "TrainConfig", "check_resumable", "config_differences",
-           "describe_differences"]
+__all__ = [
+  "OPTIMIZERS",
+  "PER_EXIT_GRADS",
+  "RESUMABLE_CHANGES",
+  "SCHEDULES",
+  "TrainConfig",
+  "check_resumable",
+  "config_differences",
+  "describe_differences",
+]
 
 #: The optimizers by name, OSGD first. "sgd" differentiates the summed loss;
 #: every other name is an aggregator of the library's registry
 #: (:func:`osgd_jax.aggregation.names`), which aggregates the stacked
 #: per-exit gradients.
-OPTIMIZERS = ("osgd", "sgd",
-              *(name for name in aggregation.names() if name != "osgd"))
+OPTIMIZERS = (
+  "osgd",
+  "sgd",
+  *(name for name in aggregation.names() if name != "osgd"),
+)
 _GRANULARITIES = get_args(aggregation.Granularity)
 _METHODS = get_args(aggregation.OsgdMethod)
 #: The learning-rate schedules, from the peak ``lr`` (``cosine`` decays to
@@ -43,26 +53,38 @@ PER_EXIT_GRADS = ("staged", "staged-looped", "staged-batched", "vmap")
 #: checkpoints from before the field existed do not record it. ``epochs`` is
 #: not one: the learning-rate schedule (and SDN's weights) span all epochs, so
 #: a new count would silently change the steps already planned.
-RESUMABLE_CHANGES = ("out", "resume", "eval_every", "progress",
-                     "keep_checkpoints", "data_dir", "per_exit_grads", "mesh",
-                     "log_every", "tensorboard")
+RESUMABLE_CHANGES = (
+  "out",
+  "resume",
+  "eval_every",
+  "progress",
+  "keep_checkpoints",
+  "data_dir",
+  "per_exit_grads",
+  "mesh",
+  "log_every",
+  "tensorboard",
+)
 
 # Integer fields: (smallest, largest) accepted value. The bounds keep step
 # counts within the int32 counters of Optax schedules and the seed within
 # the 32 bits a PRNG key takes.
 _INT_RANGES = {
-    "epochs": (1, 100_000),
-    "batch_size": (1, 2**31 - 1),
-    "eval_every": (1, 100_000),
-    "log_every": (1, 2**31 - 1),
-    "keep_checkpoints": (1, 10_000),
-    "seed": (0, 2**32 - 1),
+  "epochs": (1, 100_000),
+  "batch_size": (1, 2**31 - 1),
+  "eval_every": (1, 100_000),
+  "log_every": (1, 2**31 - 1),
+  "keep_checkpoints": (1, 10_000),
+  "seed": (0, 2**32 - 1),
 }
 _BOOL_FIELDS = ("resume", "progress", "rescale")
 # The zoo preset sized for each data set; the others (digits, and synthetic,
 # which is digits-sized) take the digits preset.
-_DATASET_PRESETS = {"cifar10": "cifar", "cifar100": "cifar",
-                    "mnist1d": "mnist1d"}
+_DATASET_PRESETS = {
+  "cifar10": "cifar",
+  "cifar100": "cifar",
+  "mnist1d": "mnist1d",
+}
 # Data sets of 1-D signals, which only the MLPs take: the ResNets convolve
 # 2-D images.
 _SIGNAL_DATASETS = ("mnist1d",)
@@ -107,7 +129,9 @@ class TrainConfig:
   momentum: float = 0.9
   weight_decay: float = 5e-4
   seed: int = 0
-  out: str | None = None  # None: a new runs/<model>-<dataset>-<optimizer>-... dir
+  out: str | None = (
+    None  # None: a new runs/<model>-<dataset>-<optimizer>-... dir
+  )
   resume: bool = False
   eval_every: int = 1
   keep_checkpoints: int = 2
@@ -117,9 +141,12 @@ class TrainConfig:
 
   def __post_init__(self):
     # An alias names its data set everywhere after this, the preset included.
-    if isinstance(self.dataset, str) and self.dataset in data_lib.DATASET_ALIASES:
-      object.__setattr__(self, "dataset",
-                         data_lib.DATASET_ALIASES[self.dataset])
+    if (
+      isinstance(self.dataset, str) and self.dataset in data_lib.DATASET_ALIASES
+    ):
+      object.__setattr__(
+        self, "dataset", data_lib.DATASET_ALIASES[self.dataset]
+      )
     if isinstance(self.exit_weights, list):  # as a JSON or YAML file gives it
       object.__setattr__(self, "exit_weights", tuple(self.exit_weights))
 
@@ -161,75 +188,105 @@ class TrainConfig:
     """
     _check_choice("--model", self.model, zoo.names())
     data_lib.canonical_dataset_name(self.dataset)
-    if (self.dataset in _SIGNAL_DATASETS
-        and "in_channels" in zoo.config_keys(self.model)):
+    if self.dataset in _SIGNAL_DATASETS and "in_channels" in zoo.config_keys(
+      self.model
+    ):
       mlps = [m for m in zoo.names() if "in_features" in zoo.config_keys(m)]
       raise ValueError(
-          f"--model {self.model} convolves 2-D images, but --dataset"
-          f" {self.dataset} holds 1-D signals; choose an MLP:"
-          f" {', '.join(mlps)}.")
+        f"--model {self.model} convolves 2-D images, but --dataset"
+        f" {self.dataset} holds 1-D signals; choose an MLP:"
+        f" {', '.join(mlps)}."
+      )
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("--granularity", self.granularity, _GRANULARITIES)
     _check_choice("--method", self.method, _METHODS)
     _check_choice("--per-exit-grads", self.per_exit_grads, PER_EXIT_GRADS)
     _check_choice("--schedule", self.schedule, SCHEDULES)
     if self.preset is not None:
-      _check_choice("--preset", self.preset, tuple(zoo.presets(self.model)),
-                    f" for {self.model}")
+      _check_choice(
+        "--preset",
+        self.preset,
+        tuple(zoo.presets(self.model)),
+        f" for {self.model}",
+      )
     for name in ("data_dir", "out", "mesh", "tensorboard"):
       value = getattr(self, name)
       if value is not None and not (isinstance(value, str) and value.strip()):
         raise ValueError(
-            f"{_flag(name)} must be a non-empty path or text, got {value!r};"
-            f" leave it out for the default.")
+          f"{_flag(name)} must be a non-empty path or text, got {value!r};"
+          f" leave it out for the default."
+        )
     for name in _BOOL_FIELDS:
       if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"{name} must be true or false, got"
-                         f" {getattr(self, name)!r}.")
+        raise ValueError(
+          f"{name} must be true or false, got {getattr(self, name)!r}."
+        )
     for name, (low, high) in _INT_RANGES.items():
       value = getattr(self, name)
-      if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-          or not low <= value <= high):
-        raise ValueError(f"{_flag(name)} must be an integer from {low} to"
-                         f" {high}, got {value!r}.")
+      if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not low <= value <= high
+      ):
+        raise ValueError(
+          f"{_flag(name)} must be an integer from {low} to"
+          f" {high}, got {value!r}."
+        )
     _check_real("--lr", self.lr, "> 0", lambda v: v > 0)
-    _check_real("--validation", self.validation, "in [0, 1)",
-                lambda v: 0 <= v < 1)
-    _check_real("--momentum", self.momentum, "in [0, 1)",
-                lambda v: 0 <= v < 1)
+    _check_real(
+      "--validation", self.validation, "in [0, 1)", lambda v: 0 <= v < 1
+    )
+    _check_real("--momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
     _check_real("--weight-decay", self.weight_decay, ">= 0", lambda v: v >= 0)
     if self.switch_to_sgd is not None:
-      _check_real("--switch-to-sgd", self.switch_to_sgd, "in [0, 1]",
-                  lambda v: 0 <= v <= 1)
+      _check_real(
+        "--switch-to-sgd",
+        self.switch_to_sgd,
+        "in [0, 1]",
+        lambda v: 0 <= v <= 1,
+      )
       if self.optimizer == "sgd":
         raise ValueError(
-            "--switch-to-sgd switches an aggregating optimizer to plain SGD;"
-            " --optimizer sgd is plain SGD throughout. Leave out"
-            " --switch-to-sgd, or choose an --optimizer such as osgd.")
+          "--switch-to-sgd switches an aggregating optimizer to plain SGD;"
+          " --optimizer sgd is plain SGD throughout. Leave out"
+          " --switch-to-sgd, or choose an --optimizer such as osgd."
+        )
     if self.rescale and self.optimizer != "osgd":
       raise ValueError(
-          f"--rescale is an option of --optimizer osgd, not"
-          f" {self.optimizer}; leave it out or use --optimizer osgd.")
-    if (self.tensorboard is not None
-        and importlib.util.find_spec("tensorboardX") is None):
+        f"--rescale is an option of --optimizer osgd, not"
+        f" {self.optimizer}; leave it out or use --optimizer osgd."
+      )
+    if (
+      self.tensorboard is not None
+      and importlib.util.find_spec("tensorboardX") is None
+    ):
       raise ValueError(
-          "--tensorboard needs tensorboardX, which is not installed; install"
-          " the extra (python -m pip install 'osgd-jax[tensorboard]') or"
-          " leave out --tensorboard.")
+        "--tensorboard needs tensorboardX, which is not installed; install"
+        " the extra (python -m pip install 'osgd-jax[tensorboard]') or"
+        " leave out --tensorboard."
+      )
     if self.mesh is not None:
-      sharding.parse_mesh_spec(self.mesh)  # the device count is checked at start
+      sharding.parse_mesh_spec(
+        self.mesh
+      )  # the device count is checked at start
     if self.exit_weights is not None:
       weights = self.exit_weights
-      if not isinstance(weights, tuple) or not weights or not all(
-          _is_number(w) and math.isfinite(w) and w >= 0
-          for w in weights):
+      if (
+        not isinstance(weights, tuple)
+        or not weights
+        or not all(
+          _is_number(w) and math.isfinite(w) and w >= 0 for w in weights
+        )
+      ):
         raise ValueError(
-            "--exit-weights must be finite numbers >= 0, one per exit, such"
-            f" as 1,1,2,4; got {weights!r}.")
+          "--exit-weights must be finite numbers >= 0, one per exit, such"
+          f" as 1,1,2,4; got {weights!r}."
+        )
       if not any(w > 0 for w in weights):
         raise ValueError(
-            f"--exit-weights {','.join(map(str, weights))} are all zero: no"
-            " exit would be trained. Give at least one exit a weight > 0.")
+          f"--exit-weights {','.join(map(str, weights))} are all zero: no"
+          " exit would be trained. Give at least one exit a weight > 0."
+        )
 
   def to_json(self) -> dict[str, Any]:
     """The fields as a JSON-serialisable dict, as checkpoints record them."""
@@ -248,11 +305,13 @@ def _flag(name: str) -> str:
   return "--" + name.replace("_", "-")
 
 
-def _check_choice(flag: str, value: Any, choices: tuple[str, ...],
-                  where: str = "") -> None:
+def _check_choice(
+  flag: str, value: Any, choices: tuple[str, ...], where: str = ""
+) -> None:
   if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"unknown {flag} {value!r}{where}; choose one of:"
-                     f" {', '.join(choices)}.")
+    raise ValueError(
+      f"unknown {flag} {value!r}{where}; choose one of: {', '.join(choices)}."
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -263,8 +322,9 @@ def _check_real(flag: str, value: Any, condition: str, holds) -> None:
   # A NaN fails every comparison, so it is rejected here and never reaches
   # training as a "divergence".
   if not (_is_number(value) and math.isfinite(value) and holds(value)):
-    raise ValueError(f"{flag} must be a finite number {condition}, got"
-                     f" {value!r}.")
+    raise ValueError(
+      f"{flag} must be a finite number {condition}, got {value!r}."
+    )
 
 
 def _as_flag(name: str, value: Any) -> str:
@@ -278,8 +338,7 @@ def _as_flag(name: str, value: Any) -> str:
   return f"{_flag(name)} {value}"
 
 
-def config_differences(saved: dict[str, Any], config: TrainConfig
-                       ) -> list[str]:
+def config_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
   """The fields, outside :data:`RESUMABLE_CHANGES`, where two runs differ.
 
   Args:
@@ -298,13 +357,17 @@ def config_differences(saved: dict[str, Any], config: TrainConfig
   current = config.to_json()
   saved = _with_defaults(saved)
   return sorted(
-      k for k in current
-      if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-      and not (isinstance(current[k], tuple) and saved.get(k) == list(current[k])))
+    k
+    for k in current
+    if k not in RESUMABLE_CHANGES
+    and saved.get(k) != current[k]
+    and not (isinstance(current[k], tuple) and saved.get(k) == list(current[k]))
+  )
 
 
-def describe_differences(saved: dict[str, Any], config: TrainConfig,
-                         changed: list[str]) -> str:
+def describe_differences(
+  saved: dict[str, Any], config: TrainConfig, changed: list[str]
+) -> str:
   """``--flag was <saved>, now <new>`` for each field in ``changed``, by ``;``.
 
   Example:
@@ -313,8 +376,9 @@ def describe_differences(saved: dict[str, Any], config: TrainConfig,
     '--lr was 0.05, now 0.1'
   """
   current, saved = config.to_json(), _with_defaults(saved)
-  return "; ".join(f"{_flag(k)} was {saved.get(k)!r}, now {current[k]!r}"
-                   for k in changed)
+  return "; ".join(
+    f"{_flag(k)} was {saved.get(k)!r}, now {current[k]!r}" for k in changed
+  )
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
@@ -335,10 +399,12 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
   """
   changed = config_differences(saved, config)
   if changed:
-    original = ", ".join(_as_flag(k, _with_defaults(saved).get(k))
-                         for k in changed)
+    original = ", ".join(
+      _as_flag(k, _with_defaults(saved).get(k)) for k in changed
+    )
     raise ValueError(
-        "--resume with settings that differ from the saved run"
-        f" ({describe_differences(saved, config, changed)}). To continue it,"
-        f" resume with its settings ({original}); to train with the new ones,"
-        " choose a new --out. Its checkpoints were not read or changed.")
+      "--resume with settings that differ from the saved run"
+      f" ({describe_differences(saved, config, changed)}). To continue it,"
+      f" resume with its settings ({original}); to train with the new ones,"
+      " choose a new --out. Its checkpoints were not read or changed."
+    )

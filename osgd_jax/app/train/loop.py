@@ -13,7 +13,8 @@ the next batch. How often they are fetched changes no result.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,8 +27,15 @@ from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
 from osgd_jax.app.train.config import TrainConfig
 from osgd_jax.app.train.run import Run, TrainState, start_run
 
-__all__ = ["TrainingDiverged", "TrainingInterrupted", "epoch_record",
-           "save_epoch", "seconds_per_step", "train", "train_epoch"]
+__all__ = [
+  "TrainingDiverged",
+  "TrainingInterrupted",
+  "epoch_record",
+  "save_epoch",
+  "seconds_per_step",
+  "train",
+  "train_epoch",
+]
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,22 +59,29 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def _progress_bar(config: TrainConfig, epoch: int, steps: int) -> tqdm:
-  return tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}",
-              disable=not config.progress or jax.process_index() != 0,
-              leave=False, dynamic_ncols=True)
+  return tqdm(
+    total=steps,
+    desc=f"epoch {epoch}/{config.epochs}",
+    disable=not config.progress or jax.process_index() != 0,
+    leave=False,
+    dynamic_ncols=True,
+  )
 
 
 def _check_finite(losses: np.ndarray, run: Run, epoch: int, step: int) -> None:
   if np.all(np.isfinite(losses)):
     return
   last = run.store.latest_epoch()
-  kept = (f"the last good checkpoint (epoch {last}) is kept in"
-          f" {run.store.directory}" if last is not None
-          else "no checkpoint was written yet")
+  kept = (
+    f"the last good checkpoint (epoch {last}) is kept in {run.store.directory}"
+    if last is not None
+    else "no checkpoint was written yet"
+  )
   raise TrainingDiverged(
-      f"non-finite loss at epoch {epoch + 1}, step {step + 1}: exit"
-      f" losses {losses.tolist()}; {kept}. Check the data, or train again"
-      " with a lower --lr and a new --out.")
+    f"non-finite loss at epoch {epoch + 1}, step {step + 1}: exit"
+    f" losses {losses.tolist()}; {kept}. Check the data, or train again"
+    " with a lower --lr and a new --out."
+  )
 
 
 def _emit(callbacks: Sequence[Callback], record: dict[str, Any]) -> None:
@@ -74,9 +89,12 @@ def _emit(callbacks: Sequence[Callback], record: dict[str, Any]) -> None:
     callback(record)
 
 
-def train_epoch(run: Run, state: TrainState, epoch: int,
-                callbacks: Sequence[Callback] = (),
-                ) -> tuple[TrainState, np.ndarray, list[tuple[int, float]]]:
+def train_epoch(
+  run: Run,
+  state: TrainState,
+  epoch: int,
+  callbacks: Sequence[Callback] = (),
+) -> tuple[TrainState, np.ndarray, list[tuple[int, float]]]:
   """Runs the steps of one epoch without waiting on the device every step.
 
   Steps are dispatched one after another while the device works; their
@@ -111,9 +129,14 @@ def train_epoch(run: Run, state: TrainState, epoch: int,
   timings: list[tuple[int, float]] = []
   pending: list[jax.Array] = []  # the losses of the steps not yet fetched
   batches = data_lib.iterate_batches(
-      dataset.x_train, dataset.y_train, config.batch_size, seed=config.seed,
-      epoch=epoch, process_index=jax.process_index(),
-      process_count=jax.process_count())
+    dataset.x_train,
+    dataset.y_train,
+    config.batch_size,
+    seed=config.seed,
+    epoch=epoch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   with _progress_bar(config, epoch + 1, run.steps_per_epoch) as bar:
     since = time.perf_counter()
     for step, (x, y) in enumerate(batches):
@@ -127,8 +150,11 @@ def train_epoch(run: Run, state: TrainState, epoch: int,
       bar.update()
       # The first step is fetched alone: its time is mostly compilation,
       # which the reported step time leaves out.
-      if not (step == 0 or (step + 1) % config.log_every == 0
-              or step + 1 == run.steps_per_epoch):
+      if not (
+        step == 0
+        or (step + 1) % config.log_every == 0
+        or step + 1 == run.steps_per_epoch
+      ):
         continue
       fetched = jax.device_get(pending)  # the only wait on the device
       seconds = time.perf_counter() - since
@@ -140,13 +166,20 @@ def train_epoch(run: Run, state: TrainState, epoch: int,
       window_loss = np.mean(fetched, axis=0, dtype=np.float64)
       examples_per_s = len(fetched) * config.batch_size / seconds
       bar.set_postfix_str(
-          " ".join(f"l{k + 1}={v:.3f}" for k, v in enumerate(window_loss))
-          + f" {examples_per_s:.0f} ex/s")
-      _emit(callbacks, {
-          "kind": "step", "epoch": epoch + 1, "step": step + 1,
+        " ".join(f"l{k + 1}={v:.3f}" for k, v in enumerate(window_loss))
+        + f" {examples_per_s:.0f} ex/s"
+      )
+      _emit(
+        callbacks,
+        {
+          "kind": "step",
+          "epoch": epoch + 1,
+          "step": step + 1,
           "global_step": epoch * run.steps_per_epoch + step + 1,
           "train_loss": window_loss.tolist(),
-          "examples_per_s": examples_per_s})
+          "examples_per_s": examples_per_s,
+        },
+      )
       pending = []
       since = time.perf_counter()
   return state, loss_sum / run.steps_per_epoch, timings
@@ -173,9 +206,13 @@ def seconds_per_step(timings: Sequence[tuple[int, float]]) -> float:
   return sum(s for _, s in steady) / sum(n for n, _ in steady)
 
 
-def epoch_record(run: Run, state: TrainState, epoch: int,
-                 train_loss: np.ndarray,
-                 timings: Sequence[tuple[int, float]]) -> dict[str, Any]:
+def epoch_record(
+  run: Run,
+  state: TrainState,
+  epoch: int,
+  train_loss: np.ndarray,
+  timings: Sequence[tuple[int, float]],
+) -> dict[str, Any]:
   """The ``metrics.json`` record of an epoch, evaluated if due.
 
   Args:
@@ -194,13 +231,14 @@ def epoch_record(run: Run, state: TrainState, epoch: int,
   """
   config = run.config
   record: dict[str, Any] = {
-      "epoch": epoch + 1,
-      "train_loss": train_loss.tolist(),
-      "step_time_s": seconds_per_step(timings),
+    "epoch": epoch + 1,
+    "train_loss": train_loss.tolist(),
+    "step_time_s": seconds_per_step(timings),
   }
   if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-    metrics = anytime.evaluate(run.host_model(state), run.dataset.x_test,
-                               run.dataset.y_test)
+    metrics = anytime.evaluate(
+      run.host_model(state), run.dataset.x_test, run.dataset.y_test
+    )
     record[f"{config.eval_prefix}_loss"] = metrics.loss.tolist()
     record[f"{config.eval_prefix}_accuracy"] = metrics.accuracy.tolist()
   return record
@@ -212,11 +250,18 @@ def _print_epoch(config: TrainConfig, record: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   key = f"{config.eval_prefix}_accuracy"
-  tested = (f" {config.eval_prefix} acc " + " ".join(
-      f"{100 * a:.1f}" for a in record[key]) if key in record else "")
-  print(f"epoch {record['epoch']}/{config.epochs}: train loss "
-        + " ".join(f"{v:.3f}" for v in record["train_loss"]) + tested,
-        flush=True)
+  tested = (
+    f" {config.eval_prefix} acc "
+    + " ".join(f"{100 * a:.1f}" for a in record[key])
+    if key in record
+    else ""
+  )
+  print(
+    f"epoch {record['epoch']}/{config.epochs}: train loss "
+    + " ".join(f"{v:.3f}" for v in record["train_loss"])
+    + tested,
+    flush=True,
+  )
 
 
 def save_epoch(run: Run, state: TrainState) -> None:
@@ -230,14 +275,18 @@ def save_epoch(run: Run, state: TrainState) -> None:
     state: the state after that epoch.
   """
   epoch = run.history[-1]["epoch"]
-  run.store.save(epoch, tuple(state),
-                 {"config": run.config.to_json(), "history": run.history})
+  run.store.save(
+    epoch,
+    tuple(state),
+    {"config": run.config.to_json(), "history": run.history},
+  )
   if jax.process_index() == 0:
     write_metrics(run.out, run.config, run.history)
 
 
-def train(config: TrainConfig, callbacks: Sequence[Callback] = ()
-          ) -> TrainResult:
+def train(
+  config: TrainConfig, callbacks: Sequence[Callback] = ()
+) -> TrainResult:
   """Trains ``config.model`` and writes metrics, checkpoints and a figure.
 
   The device is waited on only every ``config.log_every`` steps and at the
@@ -276,16 +325,21 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()
       tensorboard = TensorBoardLogger(config.tensorboard)
       callbacks.append(tensorboard)
     for epoch in range(len(run.history), config.epochs):
-      state, train_loss, epoch_timings = train_epoch(run, state, epoch,
-                                                     callbacks)
+      state, train_loss, epoch_timings = train_epoch(
+        run, state, epoch, callbacks
+      )
       timings += epoch_timings
-      run.history.append(
-          epoch_record(run, state, epoch, train_loss, timings))
+      run.history.append(epoch_record(run, state, epoch, train_loss, timings))
       save_epoch(run, state)
       _print_epoch(config, run.history[-1])  # once it is saved
-      _emit(callbacks, {"kind": "epoch",
-                        "global_step": (epoch + 1) * run.steps_per_epoch,
-                        **run.history[-1]})
+      _emit(
+        callbacks,
+        {
+          "kind": "epoch",
+          "global_step": (epoch + 1) * run.steps_per_epoch,
+          **run.history[-1],
+        },
+      )
   except KeyboardInterrupt as e:
     run.store.wait()  # a save in flight completes: its epoch counts as done
     raise TrainingInterrupted(run.out, run.store.latest_epoch()) from e

@@ -38,12 +38,16 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     return optax.cosine_decay_schedule(config.lr, total_steps)
   if config.schedule == "step":
     return optax.piecewise_constant_schedule(
-        config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
+      config.lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1}
+    )
   return optax.constant_schedule(config.lr)
 
 
-def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
-                   ) -> optax.GradientTransformationExtraArgs | None:
+def aggregator_for(
+  config: TrainConfig,
+  total_steps: int,
+  num_exits: int,
+) -> optax.GradientTransformationExtraArgs | None:
   """The transformation that turns stacked per-exit gradients into one update.
 
   The optimizer's name is a name of the library's registry
@@ -72,17 +76,24 @@ def aggregator_for(config: TrainConfig, total_steps: int, num_exits: int,
     return None
   if name == "osgd":
     return aggregation.create(
-        name, num_exits=num_exits, granularity=config.granularity,
-        method=config.method, rescale=config.rescale)
+      name,
+      num_exits=num_exits,
+      granularity=config.granularity,
+      method=config.method,
+      rescale=config.rescale,
+    )
   settings = {"seed": config.seed, "total_steps": total_steps}
   accepted = aggregation.options(name)
   return aggregation.create(
-      name, num_exits=num_exits,
-      **{key: value for key, value in settings.items() if key in accepted})
+    name,
+    num_exits=num_exits,
+    **{key: value for key, value in settings.items() if key in accepted},
+  )
 
 
-def make_optimizer(config: TrainConfig, total_steps: int,
-                   num_exits: int) -> optax.GradientTransformation:
+def make_optimizer(
+  config: TrainConfig, total_steps: int, num_exits: int
+) -> optax.GradientTransformation:
   """The gradient pipeline after the (per-exit or summed) gradient.
 
   Args:
@@ -109,11 +120,12 @@ def make_optimizer(config: TrainConfig, total_steps: int,
   aggregator = aggregator_for(config, total_steps, num_exits)
   if aggregator is not None and config.switch_to_sgd is not None:
     aggregator = aggregation.switch_to_sum(
-        aggregator, round(config.switch_to_sgd * total_steps))
+      aggregator, round(config.switch_to_sgd * total_steps)
+    )
   head = [] if aggregator is None else [aggregator]
   return optax.chain(
-      *head,
-      optax.add_decayed_weights(config.weight_decay),
-      optax.trace(decay=config.momentum),
-      optax.scale_by_learning_rate(make_schedule(config, total_steps)),
+    *head,
+    optax.add_decayed_weights(config.weight_decay),
+    optax.trace(decay=config.momentum),
+    optax.scale_by_learning_rate(make_schedule(config, total_steps)),
   )

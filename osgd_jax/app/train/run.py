@@ -12,7 +12,8 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -25,10 +26,19 @@ from osgd_jax.app.report import write_json
 from osgd_jax.app.train.config import TrainConfig, check_resumable
 from osgd_jax.app.train.step import make_train_step
 
-__all__ = ["CONFIG_FILE", "Run", "TrainState", "build_model",
-           "default_output_dir", "load_data", "make_mesh",
-           "prepare_output_dir", "read_saved_config", "start_run",
-           "takes_images"]
+__all__ = [
+  "CONFIG_FILE",
+  "Run",
+  "TrainState",
+  "build_model",
+  "default_output_dir",
+  "load_data",
+  "make_mesh",
+  "prepare_output_dir",
+  "read_saved_config",
+  "start_run",
+  "takes_images",
+]
 
 #: The file of a run's configuration, written when the run starts;
 #: ``--resume`` compares the new settings with it before it reads any
@@ -148,13 +158,15 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
   if takes_images(config.model):
     if len(shape) != 3:
       raise ValueError(
-          f"{config.model} takes images, but {dataset.name} has inputs of"
-          f" shape {shape}; pick an -mlp model.")
+        f"{config.model} takes images, but {dataset.name} has inputs of"
+        f" shape {shape}; pick an -mlp model."
+      )
     fit["in_channels"] = shape[-1]
   else:
     fit["in_features"] = int(np.prod(shape))
-  return zoo.create(config.model, rngs=nnx.Rngs(config.seed),
-                    preset=config.preset_name, **fit)
+  return zoo.create(
+    config.model, rngs=nnx.Rngs(config.seed), preset=config.preset_name, **fit
+  )
 
 
 def default_output_dir(config: TrainConfig) -> str:
@@ -175,11 +187,15 @@ def default_output_dir(config: TrainConfig) -> str:
     True
   """
   if config.resume:
-    raise ValueError("--resume needs the --out directory of the run to"
-                     " continue.")
+    raise ValueError(
+      "--resume needs the --out directory of the run to continue."
+    )
   stamp = time.strftime("%Y%m%d-%H%M%S")
-  return os.path.join("runs", f"{config.model}-{config.dataset}-"
-                      f"{config.optimizer}-seed{config.seed}-{stamp}")
+  return os.path.join(
+    "runs",
+    f"{config.model}-{config.dataset}-"
+    f"{config.optimizer}-seed{config.seed}-{stamp}",
+  )
 
 
 def prepare_output_dir(out: str) -> str:
@@ -207,8 +223,9 @@ def prepare_output_dir(out: str) -> str:
       f.write("ok")
   except OSError as e:
     raise ValueError(
-        f"cannot write to --out {out} ({e.strerror or e}); choose a writable"
-        " directory.") from None
+      f"cannot write to --out {out} ({e.strerror or e}); choose a writable"
+      " directory."
+    ) from None
   return out
 
 
@@ -235,10 +252,11 @@ def make_mesh(config: TrainConfig) -> jax.sharding.Mesh | None:
   data_size = mesh.shape[sharding.DATA_AXIS]
   if config.batch_size % data_size or config.batch_size % jax.process_count():
     raise ValueError(
-        f"--batch-size {config.batch_size} does not divide over the"
-        f" {data_size} devices of the data axis of --mesh {config.mesh}"
-        f" ({jax.process_count()} processes); use a multiple of"
-        f" {np.lcm(data_size, jax.process_count())}.")
+      f"--batch-size {config.batch_size} does not divide over the"
+      f" {data_size} devices of the data axis of --mesh {config.mesh}"
+      f" ({jax.process_count()} processes); use a multiple of"
+      f" {np.lcm(data_size, jax.process_count())}."
+    )
   return mesh
 
 
@@ -246,20 +264,21 @@ def _require_shared_out(config: TrainConfig) -> None:
   processes = jax.process_count()
   if processes > 1 and config.out is None:
     raise ValueError(
-        f"this is one of {processes} processes: pass --out, a directory on a"
-        " file system that every process can write, so that all of them"
-        " write one run.")
+      f"this is one of {processes} processes: pass --out, a directory on a"
+      " file system that every process can write, so that all of them"
+      " write one run."
+    )
 
 
-def _initial_state(tx: Any, params: Any, rest: Any,
-                   mesh: jax.sharding.Mesh | None) -> TrainState:
+def _initial_state(
+  tx: Any, params: Any, rest: Any, mesh: jax.sharding.Mesh | None
+) -> TrainState:
   if mesh is None:
     return TrainState(params, rest, tx.init(params))
   params, rest = sharding.shard_params((params, rest), mesh)
   # The parameter rule depends only on shapes, so a momentum buffer lands on
   # its parameter's devices.
-  return TrainState(params, rest,
-                    sharding.shard_params(tx.init(params), mesh))
+  return TrainState(params, rest, sharding.shard_params(tx.init(params), mesh))
 
 
 def read_saved_config(out: str, store: CheckpointStore) -> dict[str, Any]:
@@ -284,22 +303,26 @@ def read_saved_config(out: str, store: CheckpointStore) -> dict[str, Any]:
         saved = json.load(f)
     except (OSError, ValueError) as e:
       raise ValueError(
-          f"cannot read {path} ({e}); it records the run's settings. Start"
-          " again with a new --out.") from None
+        f"cannot read {path} ({e}); it records the run's settings. Start"
+        " again with a new --out."
+      ) from None
     if not isinstance(saved, dict):
-      raise ValueError(f"{path} does not hold a run's settings; start again"
-                       " with a new --out.")
+      raise ValueError(
+        f"{path} does not hold a run's settings; start again with a new --out."
+      )
     return saved
   epoch = store.latest_epoch()
   if epoch is None:
     raise ValueError(
-        f"no run to resume in {out}: it holds no checkpoint; run without"
-        " --resume to start a new run.")
+      f"no run to resume in {out}: it holds no checkpoint; run without"
+      " --resume to start a new run."
+    )
   return store.read_metadata(epoch)["config"]
 
 
-def _resume_point(config: TrainConfig, out: str, store: CheckpointStore,
-                  state: TrainState) -> tuple[TrainState, list[dict[str, Any]]]:
+def _resume_point(
+  config: TrainConfig, out: str, store: CheckpointStore, state: TrainState
+) -> tuple[TrainState, list[dict[str, Any]]]:
   """The state and history to start from: the newest checkpoint's or fresh.
 
   A resumed run's settings are compared with the saved ones before any
@@ -313,8 +336,9 @@ def _resume_point(config: TrainConfig, out: str, store: CheckpointStore,
     return TrainState(*arrays), list(meta["history"])
   if store.latest_epoch() is not None:
     raise ValueError(
-        f"{out} already holds checkpoints; pass --resume to continue that"
-        " run, or choose a new --out.")
+      f"{out} already holds checkpoints; pass --resume to continue that"
+      " run, or choose a new --out."
+    )
   if jax.process_index() == 0:
     write_json(os.path.join(out, CONFIG_FILE), config.to_json())
   return state, []
@@ -337,26 +361,45 @@ def start_run(config: TrainConfig) -> tuple[Run, TrainState]:
   config.validate()
   _require_shared_out(config)
   mesh = make_mesh(config)
-  out = prepare_output_dir(default_output_dir(config) if config.out is None
-                           else config.out)
+  out = prepare_output_dir(
+    default_output_dir(config) if config.out is None else config.out
+  )
   dataset = load_data(config)
   model = build_model(config, dataset)
   steps_per_epoch = data_lib.num_batches(dataset.num_train, config.batch_size)
   if steps_per_epoch == 0:
-    held = (f" left by --validation {config.validation}" if config.validation
-            else "")
+    held = (
+      f" left by --validation {config.validation}" if config.validation else ""
+    )
     raise ValueError(
-        f"--batch-size {config.batch_size} exceeds the {dataset.num_train}"
-        f" training examples{held}; use a smaller batch.")
+      f"--batch-size {config.batch_size} exceeds the {dataset.num_train}"
+      f" training examples{held}; use a smaller batch."
+    )
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, step = make_train_step(
-      config, graphdef, model.num_exits, steps_per_epoch * config.epochs,
-      augment=dataset.name.startswith("cifar"), mesh=mesh)
-  store = CheckpointStore(os.path.join(out, "checkpoints"),
-                          keep=config.keep_checkpoints)
-  state, history = _resume_point(config, out, store,
-                                 _initial_state(tx, params, rest, mesh))
-  run = Run(config=config, out=out, dataset=dataset, graphdef=graphdef,
-            num_exits=model.num_exits, steps_per_epoch=steps_per_epoch,
-            mesh=mesh, step=step, store=store, history=history)
+    config,
+    graphdef,
+    model.num_exits,
+    steps_per_epoch * config.epochs,
+    augment=dataset.name.startswith("cifar"),
+    mesh=mesh,
+  )
+  store = CheckpointStore(
+    os.path.join(out, "checkpoints"), keep=config.keep_checkpoints
+  )
+  state, history = _resume_point(
+    config, out, store, _initial_state(tx, params, rest, mesh)
+  )
+  run = Run(
+    config=config,
+    out=out,
+    dataset=dataset,
+    graphdef=graphdef,
+    num_exits=model.num_exits,
+    steps_per_epoch=steps_per_epoch,
+    mesh=mesh,
+    step=step,
+    store=store,
+    history=history,
+  )
   return run, state

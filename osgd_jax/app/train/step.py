@@ -11,7 +11,8 @@ Python loop over exits at run time.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,19 @@ __all__ = ["STEP_FIELDS", "exit_weight_vector", "make_train_step"]
 
 #: The fields that shape the compiled step; runs that agree on them (e.g. the
 #: seeds of one experiment) share one compiled function.
-STEP_FIELDS = ("optimizer", "granularity", "method", "rescale",
-               "switch_to_sgd", "exit_weights", "lr", "schedule", "momentum",
-               "weight_decay", "per_exit_grads")
+STEP_FIELDS = (
+  "optimizer",
+  "granularity",
+  "method",
+  "rescale",
+  "switch_to_sgd",
+  "exit_weights",
+  "lr",
+  "schedule",
+  "momentum",
+  "weight_decay",
+  "per_exit_grads",
+)
 
 
 def exit_weight_vector(config: TrainConfig, num_exits: int) -> jax.Array:
@@ -55,15 +66,20 @@ def exit_weight_vector(config: TrainConfig, num_exits: int) -> jax.Array:
     return jnp.ones((num_exits,), jnp.float32)
   if len(config.exit_weights) != num_exits:
     raise ValueError(
-        f"--exit-weights has {len(config.exit_weights)} values but the model"
-        f" has {num_exits} exits.")
+      f"--exit-weights has {len(config.exit_weights)} values but the model"
+      f" has {num_exits} exits."
+    )
   return jnp.asarray(config.exit_weights, jnp.float32)
 
 
-def make_train_step(config: TrainConfig, graphdef: Any, num_exits: int,
-                    total_steps: int, augment: bool,
-                    mesh: jax.sharding.Mesh | None = None,
-                    ) -> tuple[optax.GradientTransformation, Callable]:
+def make_train_step(
+  config: TrainConfig,
+  graphdef: Any,
+  num_exits: int,
+  total_steps: int,
+  augment: bool,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[optax.GradientTransformation, Callable]:
   """Builds the optimizer and the jitted step for a run.
 
   The step maps ``(params, rest, opt_state, x, y, key)`` to the new
@@ -102,15 +118,15 @@ def make_train_step(config: TrainConfig, graphdef: Any, num_exits: int,
     (2,)
   """
   settings = tuple(getattr(config, f) for f in STEP_FIELDS)
-  step = _cached_step(settings, graphdef, num_exits, total_steps, augment,
-                      mesh)
+  step = _cached_step(settings, graphdef, num_exits, total_steps, augment, mesh)
   # The seed (PCGrad's key) only sets the optimizer's initial state, not the
   # compiled step, which runs of different seeds share.
   return make_optimizer(config, total_steps, num_exits), step
 
 
-def _grad_fn(config: TrainConfig, graphdef: Any, weights: jax.Array
-             ) -> Callable:
+def _grad_fn(
+  config: TrainConfig, graphdef: Any, weights: jax.Array
+) -> Callable:
   """``(params, rest, x, y) -> ((weighted, (losses, rest)), grads)``.
 
   ``grads`` are stacked per exit for every optimizer but ``sgd``, whose
@@ -123,11 +139,16 @@ def _grad_fn(config: TrainConfig, graphdef: Any, weights: jax.Array
     return losses * weights, (losses, nnx.state(model, nnx.Not(nnx.Param)))
 
   if config.optimizer == "sgd":
+
     def summed_grad(params, rest, x, y):
-      total = lambda *a: (lambda out: (out[0].sum(), out[1]))(exit_losses(*a))
+      def total(*a):
+        return (lambda out: (out[0].sum(), out[1]))(exit_losses(*a))
+
       (_, aux), grads = jax.value_and_grad(total, has_aux=True)(
-          params, rest, x, y)
+        params, rest, x, y
+      )
       return (None, aux), grads
+
     return summed_grad
 
   if not config.per_exit_grads.startswith("staged"):
@@ -139,17 +160,19 @@ def _grad_fn(config: TrainConfig, graphdef: Any, weights: jax.Array
 
   rows = config.per_exit_grads.partition("-")[2] or "auto"
   staged = osgd_jax.staged_value_and_per_exit_grads(
-      graphdef, weighted_losses, has_aux=True, rows=rows)
+    graphdef, weighted_losses, has_aux=True, rows=rows
+  )
 
   def staged_grad(params, rest, x, y):
     (weighted, losses, rest), grads = staged(params, rest, x, y)
     return (weighted, (losses, rest)), grads
+
   return staged_grad
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_step(settings, graphdef, num_exits, total_steps, augment, mesh):
-  config = TrainConfig(**dict(zip(STEP_FIELDS, settings)))
+  config = TrainConfig(**dict(zip(STEP_FIELDS, settings, strict=True)))
   tx = make_optimizer(config, total_steps, num_exits)
   grad_fn = _grad_fn(config, graphdef, exit_weight_vector(config, num_exits))
 
@@ -168,10 +191,13 @@ def _cached_step(settings, graphdef, num_exits, total_steps, augment, mesh):
       updates, opt_state = tx.update(grads, opt_state, params, **extra)
       params = optax.apply_updates(params, updates)
     if mesh is not None:
-      params, rest, opt_state = sharding.constrain((params, rest, opt_state),
-                                                   mesh)
+      params, rest, opt_state = sharding.constrain(
+        (params, rest, opt_state), mesh
+      )
       # Replicated, so that every process can read the losses it logs.
-      losses = jax.lax.with_sharding_constraint(losses, sharding.replicated(mesh))
+      losses = jax.lax.with_sharding_constraint(
+        losses, sharding.replicated(mesh)
+      )
     return params, rest, opt_state, losses
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
