@@ -142,7 +142,11 @@ def run(ks, size: int, repeats: int, only=None) -> list[dict]:
     grads = {"w": jax.random.normal(key, (k, size), jnp.float32)}
     weights = jnp.linspace(1.0, 2.0, k, dtype=jnp.float32)
     floor = jax.jit(lambda w, g: jnp.tensordot(w, g["w"], axes=1))
-    calls = {"floor": lambda: jax.block_until_ready(floor(weights, grads))}
+    calls = {
+      "floor": lambda f=floor, w=weights, g=grads: jax.block_until_ready(
+        f(w, g)
+      )
+    }
     params = {"w": jnp.zeros((size,), jnp.float32)}
     for name in names:
       make, min_k = TRANSFORMS[name]
@@ -151,8 +155,8 @@ def run(ks, size: int, repeats: int, only=None) -> list[dict]:
       tx = make(k)
       update = jax.jit(tx.update)
       state = tx.init(params)
-      calls[name] = lambda u=update, s=state: jax.block_until_ready(
-        u(grads, s, params)
+      calls[name] = lambda u=update, s=state, g=grads, p=params: (
+        jax.block_until_ready(u(g, s, p))
       )
     matrix = (
       torch.from_numpy(jax.device_get(grads["w"]).copy())
@@ -162,7 +166,7 @@ def run(ks, size: int, repeats: int, only=None) -> list[dict]:
     for name in names:
       if name in torchjd and k >= TRANSFORMS[name][1]:
         aggregator = torchjd[name](k)
-        calls[f"torchjd:{name}"] = lambda a=aggregator: a(matrix)
+        calls[f"torchjd:{name}"] = lambda a=aggregator, m=matrix: a(m)
     times = _bench(calls, repeats)
     for name in names:
       if name not in times:

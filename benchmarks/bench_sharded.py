@@ -21,8 +21,8 @@ the overhead of partitioning, not a speed-up; the memory columns are exact.
 
 Usage::
 
-  python benchmarks/bench_sharded.py                   # nested-depth-resnet, cifar preset
-  python benchmarks/bench_sharded.py --quick           # smoke test, seconds
+  python benchmarks/bench_sharded.py  # nested-depth-resnet, cifar preset
+  python benchmarks/bench_sharded.py --quick  # smoke test, seconds
   python benchmarks/bench_sharded.py --model branched-resnet --method sequential
 """
 

@@ -56,9 +56,10 @@ framework's thread pool wake up.
 
 Usage::
 
-  python benchmarks/bench_step.py                       # the three architectures
-  python benchmarks/bench_step.py --quick               # smoke test, seconds
-  python benchmarks/bench_step.py --models nested-depth-mlp --repeats 9 --json out.json
+  python benchmarks/bench_step.py          # the three architectures
+  python benchmarks/bench_step.py --quick  # smoke test, seconds
+  python benchmarks/bench_step.py --models nested-depth-mlp --repeats 9
+  python benchmarks/bench_step.py --json out.json
 """
 
 from __future__ import annotations
@@ -772,7 +773,8 @@ def _print_result(r: dict, out: Callable[[str], None]) -> None:
     extra = (
       ""
       if plain_temp is None or key == "jax-plain"
-      else f"; temp - plain temp = {(stats['temp'] - plain_temp) / m['param_bytes']:.2f}x"
+      else "; temp - plain temp ="
+      f" {(stats['temp'] - plain_temp) / m['param_bytes']:.2f}x"
       " the parameters"
     )
     out(

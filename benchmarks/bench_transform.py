@@ -316,8 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   print(
     f"float32; {dispatch} dispatch on CPU;"
-    f" median of {repeats} interleaved samples (each >= {MIN_SAMPLE_S * 1e3:g} ms of"
-    f" back-to-back calls) after warm-up;"
+    f" median of {repeats} interleaved samples"
+    f" (each >= {MIN_SAMPLE_S * 1e3:g} ms of back-to-back calls)"
+    f" after warm-up;"
     f" floor = the faster of two jitted weighted sums over K on the same"
     f" buffer (t: tensordot(w, G, axes=1), r: K rows added elementwise);"
     f" GB/s = buffer bytes / time; target: {TARGET_METHOD} <="

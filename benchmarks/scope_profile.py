@@ -212,7 +212,7 @@ def profile_scopes(
       totals.append(counts)
 
     # Means, not medians: the parts then add up to the total exactly.
-    def mean(key):
+    def mean(key, totals=totals):
       return statistics.mean(t[key] for t in totals)
 
     shares[scope] = ScopeShare(

@@ -239,7 +239,9 @@ def _interlaced(
   built, sequence = [], []  # (features, level) of the layer sequence S_k
   for k in range(stages):
     first = k == 0
-    levels = backbone.levels(depth) if first else [l for _, l in sequence]
+    levels = (
+      backbone.levels(depth) if first else [level for _, level in sequence]
+    )
     stage = _InterlacedStage(
       backbone,
       width,

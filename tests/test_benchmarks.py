@@ -143,14 +143,13 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
   # The targets are judged on the default staged step.
   lines = out.splitlines()
   for target in ("target 1:", "target 2:"):
-    line = next(l for l in lines if l.startswith(target))
+    line = next(line for line in lines if line.startswith(target))
     assert line.rstrip().endswith(("PASS", "MISS")), line
-  assert next(l for l in lines if l.startswith("target 1:")).startswith(
-    f"target 1: {staged} / plain"
-  ), out
+  target_1 = next(line for line in lines if line.startswith("target 1:"))
+  assert target_1.startswith(f"target 1: {staged} / plain"), out
   # Target 2: the transform's time inside the OSGD step, from profiles: the
   # estimate within its bounds, their parts, then the standalone call.
-  share = next(l for l in lines if l.startswith("target 2:"))
+  share = next(line for line in lines if line.startswith("target 2:"))
   match = re.match(
     r"target 2: the transform inside the OSGD step \(profiles"
     r" of \d+ steps\): ([\d.]+) ms = ([\d.]+)% of its kernel"
@@ -184,9 +183,11 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
   assert abs(float(match[2]) - (osgd_ms - summed_ms)) <= 0.02, (alone, rows)
   # The batched rows against the same limit; the vmap Jacobian against the
   # limit of K full backward passes, which the run printed.
-  assert any(l.strip().startswith("(staged, rows batched:") for l in lines), out
+  assert any(
+    line.strip().startswith("(staged, rows batched:") for line in lines
+  ), out
   vmap_limit = float(re.search(r"\(F \+ K B\)/\(F \+ B\) = ([\d.]+)", out)[1])
-  vmap = next(l for l in lines if l.startswith("vmap Jacobian"))
+  vmap = next(line for line in lines if line.startswith("vmap Jacobian"))
   match = re.search(
     r"OSGD / plain = ([\d.]+)x, beside the limit of K full"
     r" backward passes ([\d.]+)x = ([\d.]+)x that limit",
@@ -202,7 +203,7 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
       assert f"torchjd {agg}" in rows, out
     assert "torch plain SGD" in rows and "(the same tensor sizes)" in out, out
     assert "torch.set_num_threads(1)" in out, out  # --quick's default
-    line = next(l for l in lines if l.startswith("target 3:"))
+    line = next(line for line in lines if line.startswith("target 3:"))
     match = re.match(
       r"target 3: OSGD / plain ([\d.]+)x against TorchJD's"
       r" fastest / PyTorch plain ([\d.]+)x \(torchjd \w+\) ="

@@ -119,12 +119,17 @@ def _setup_cell(path) -> str:
 def _setup_functions() -> dict:
   """The set-up cell's constants and functions, without running its installs."""
   tree = ast.parse(_setup_cell(NOTEBOOKS[0]))
+  skipped = ("jax", "osgd_jax")  # imported, plainly or by importlib
   kept = [
     node
     for node in tree.body
-    if isinstance(node, (ast.Assign, ast.FunctionDef))
+    if isinstance(node, ast.FunctionDef)
+    or isinstance(node, ast.Assign)
+    and not any(
+      isinstance(t, ast.Name) and t.id in skipped for t in node.targets
+    )
     or isinstance(node, ast.Import)
-    and not any(alias.name in ("jax", "osgd_jax") for alias in node.names)
+    and not any(alias.name in skipped for alias in node.names)
   ]
   namespace = {}
   exec(

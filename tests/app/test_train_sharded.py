@@ -93,7 +93,9 @@ def test_mesh_steps_match_single_device_steps(optimizer, per_exit_grads):
     assert leaf.sharding.is_equivalent_to(
       jax.sharding.NamedSharding(leaf.sharding.mesh, want), leaf.ndim
     )
-  assert any("model" in str(l.sharding.spec) for l in jax.tree.leaves(params))
+  assert any(
+    "model" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)
+  )
 
 
 def test_bad_mesh_settings_are_one_line_errors(tmp_path, capsys):
@@ -188,7 +190,7 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
       )
     )
   outputs = [p.communicate(timeout=400) for p in procs]
-  for p, (out, err) in zip(procs, outputs, strict=True):
+  for p, (_, err) in zip(procs, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
   assert "test acc" in outputs[0][0]  # process 0 reports ...
   assert "test acc" not in outputs[1][0]  # ... and process 1 does not
