@@ -362,7 +362,7 @@ def early_exit_curve(
   model: AnytimeNet,
   x: np.ndarray,
   y: np.ndarray,
-  thresholds: Sequence[float],
+  thresholds: Sequence[float] | np.ndarray,
   *,
   flops: np.ndarray | None = None,
   batch_size: int = 500,

@@ -60,9 +60,11 @@ class CheckpointStore:
     keep: how many of the newest checkpoints to keep.
 
   Example:
-    >>> store = CheckpointStore("/tmp/run/checkpoints", keep=2)  # doctest: +SKIP
-    >>> store.save(3, {"params": params}, {"epoch": 3})           # doctest: +SKIP
-    >>> arrays, meta = store.restore_latest({"params": params})  # doctest: +SKIP
+    >>> store = CheckpointStore(
+    ...     "/tmp/run/checkpoints", keep=2)  # doctest: +SKIP
+    >>> store.save(3, {"params": params}, {"epoch": 3})  # doctest: +SKIP
+    >>> arrays, meta = store.restore_latest(
+    ...     {"params": params})  # doctest: +SKIP
   """
 
   def __init__(self, directory: str, keep: int = 3):
@@ -140,7 +142,7 @@ class CheckpointStore:
       )
     except Exception as e:  # Orbax raises many types for unreadable data
       raise self._damaged(epoch, e) from e
-    return dict(restored.metadata)
+    return dict(restored["metadata"])
 
   def _damaged(self, epoch: int, error: BaseException) -> CheckpointError:
     path = os.path.join(self.directory, str(epoch))
@@ -203,7 +205,7 @@ class CheckpointStore:
       )
     except Exception as e:  # Orbax raises many types for unreadable data.
       raise self._damaged(epoch, e) from e
-    return restored.arrays, dict(restored.metadata)
+    return restored["arrays"], dict(restored["metadata"])
 
   def wait(self) -> None:
     """Blocks until a save in flight is complete or has failed.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,9 +55,9 @@ def _human(n: float) -> str:
 
 
 def exit_table(
-  accuracy: Sequence[float],
-  flops: Sequence[float],
-  params: Sequence[int],
+  accuracy: Sequence[float] | np.ndarray,
+  flops: Sequence[float] | np.ndarray,
+  params: Sequence[int] | np.ndarray,
   flops_source: str = "",
   split: str = "test",
 ) -> str:
@@ -98,7 +98,9 @@ def _figure(**kwargs):
 
 
 def plot_accuracy_vs_flops(
-  curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+  curves: Mapping[
+    str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]
+  ],
   path: str,
   title: str = "",
   ylabel: str = "test accuracy (%)",
@@ -160,7 +162,7 @@ def plot_exit_accuracy(
 
 
 def plot_accuracy_vs_lr(
-  curves: dict[str, tuple[Sequence[float], np.ndarray]],
+  curves: Mapping[str, tuple[Sequence[float], np.ndarray]],
   path: str,
   title: str = "",
   chosen: dict[str, float] | None = None,
@@ -233,7 +235,9 @@ def plot_paired_differences(
   Returns:
     The ``matplotlib.figure.Figure``, already written to ``path``.
   """
-  labels = list(dict.fromkeys(l for rows in panels.values() for l in rows))
+  labels = list(
+    dict.fromkeys(label for rows in panels.values() for label in rows)
+  )
   fig = _figure(
     figsize=(2.6 * max(len(panels), 1) + 1.2, 0.32 * len(labels) + 1.4), dpi=100
   )

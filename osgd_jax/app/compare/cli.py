@@ -310,13 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     plan = _plan(args)
     print(
-      f"output directory: {plan.base.out}; up to {plan.num_runs} runs",
+      f"output directory: {plan.out}; up to {plan.num_runs} runs",
       flush=True,
     )
     payload = experiment.run_comparison(plan)
-    path = os.path.join(plan.base.out, RESULTS_FILE)
+    path = os.path.join(plan.out, RESULTS_FILE)
     write_json(path, payload)
-    written = write_report(payload, plan.base.out)
+    written = write_report(payload, plan.out)
   except ValueError as e:
     print_error("osgd-compare", e)
     return EXIT_BAD_INPUT

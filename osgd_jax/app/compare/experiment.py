@@ -92,6 +92,15 @@ class Plan:
   seeds: tuple[int, ...]
 
   @property
+  def out(self) -> str:
+    """The comparison's directory, ``base.out``, which every plan sets."""
+    if self.base.out is None:
+      raise ValueError(
+        "a comparison needs its output directory; pass --out DIR."
+      )
+    return self.base.out
+
+  @property
   def num_runs(self) -> int:
     """The most runs the plan trains, over phase 1, phase 2 and the ratios.
 
@@ -205,7 +214,7 @@ def _tune(
       lr=lr,
       seed=TUNING_SEED,
       validation=plan.validation,
-      out=os.path.join(plan.base.out, model, name, "tune", _lr_dir(lr)),
+      out=os.path.join(plan.out, model, name, "tune", _lr_dir(lr)),
     )
     accuracy = progress.run(f"{model}, {name}, tuning lr {lr}", config)
     grid.append(
@@ -223,7 +232,7 @@ def _matched_ratio(
 ) -> dict[str, Any] | None:
   """The ratio along OSGD's chosen tuning run, measured once and kept."""
   directory = os.path.join(
-    plan.base.out, model, variants.MATCHED, "measure", _lr_dir(osgd_lr)
+    plan.out, model, variants.MATCHED, "measure", _lr_dir(osgd_lr)
   )
   config = variants.config_for(
     plan.base,
@@ -284,7 +293,7 @@ def _test(
       seed=seed,
       validation=0.0,
       out=os.path.join(
-        plan.base.out, model, name, "test", _lr_dir(lr), f"seed{seed}"
+        plan.out, model, name, "test", _lr_dir(lr), f"seed{seed}"
       ),
     )
     accuracy = progress.run(
@@ -324,7 +333,7 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
   """Runs both phases for every model and optimizer.
 
   Args:
-    plan: what to train; ``plan.base.out`` holds one directory per run:
+    plan: what to train; ``plan.out`` holds one directory per run:
       ``<model>/<optimizer>/tune/lr<rate>`` and
       ``<model>/<optimizer>/test/lr<rate>/seed<seed>``, and sgd-matched's
       measurement in ``<model>/sgd-matched/measure/lr<osgd's rate>``. A

@@ -87,7 +87,8 @@ def replace_section(
     ValueError: the markers are missing, repeated or out of order.
 
   Example:
-    >>> doc = "a\\n<!-- compare:x:begin -->\\nold\\n<!-- compare:x:end -->\\nb\\n"
+    >>> doc = ("a\\n<!-- compare:x:begin -->\\nold\\n"
+    ...        "<!-- compare:x:end -->\\nb\\n")
     >>> print(replace_section(doc, "x", "new\\n"), end="")
     a
     <!-- compare:x:begin -->
@@ -216,8 +217,13 @@ def write_report(payload: dict[str, Any], out: str) -> list[str]:
   Example:
     >>> import tempfile
     >>> paths = write_report(results_lib.EXAMPLE, tempfile.mkdtemp())
-    >>> [os.path.basename(p) for p in paths]
-    ['report.md', 'differences.png', 'accuracy-branched-mlp.png', 'flops-branched-mlp.png', 'lr-branched-mlp.png']
+    >>> for p in paths:
+    ...   print(os.path.basename(p))
+    report.md
+    differences.png
+    accuracy-branched-mlp.png
+    flops-branched-mlp.png
+    lr-branched-mlp.png
   """
   os.makedirs(out, exist_ok=True)
   figures = _figures(payload, out)

@@ -157,10 +157,13 @@ def load_results(path: str) -> dict[str, Any]:
       version; one line that says so.
 
   Example:
-    >>> load_results("/nonexistent/results.json")
-    Traceback (most recent call last):
-    ...
-    ValueError: --report /nonexistent/results.json does not exist; pass the results.json that osgd-compare wrote in its --out.
+    >>> import textwrap
+    >>> try:
+    ...   load_results("/nonexistent/results.json")
+    ... except ValueError as e:
+    ...   print(textwrap.fill(str(e), 72))
+    --report /nonexistent/results.json does not exist; pass the results.json
+    that osgd-compare wrote in its --out.
   """
   if not os.path.isfile(path):
     raise ValueError(f"--report {path} does not exist; {_ADVICE}.")

@@ -75,8 +75,15 @@ def read_record(
   return record
 
 
+def _run_dir(config: TrainConfig) -> str:
+  """The run's directory: every run of a comparison has its own ``out``."""
+  if config.out is None:
+    raise ValueError("a comparison's run needs its directory (out).")
+  return config.out
+
+
 def _read_result(config: TrainConfig) -> dict[str, Any] | None:
-  path = os.path.join(config.out, RESULT_FILE)
+  path = os.path.join(_run_dir(config), RESULT_FILE)
   result = read_record(path, config, required=("status",))
   if result is None:
     return None
@@ -138,12 +145,12 @@ def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
     if recorded["status"] == "diverged":
       return "diverged", None
     return "skipped", recorded[key]
-  resume = _has_checkpoints(config.out)
+  resume = _has_checkpoints(_run_dir(config))
   try:
     result = train(dataclasses.replace(config, resume=resume))
   except TrainingDiverged as e:
     write_json(
-      os.path.join(config.out, RESULT_FILE),
+      os.path.join(_run_dir(config), RESULT_FILE),
       {
         "status": "diverged",
         "config": config.to_json(),
@@ -153,7 +160,7 @@ def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
     )
     return "diverged", None
   write_json(
-    os.path.join(config.out, RESULT_FILE),
+    os.path.join(_run_dir(config), RESULT_FILE),
     {
       "status": "finished",
       "config": config.to_json(),

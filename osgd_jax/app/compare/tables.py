@@ -70,8 +70,14 @@ def settings_text(payload: dict[str, Any]) -> str:
     Markdown text.
 
   Example:
-    >>> settings_text(results_lib.EXAMPLE).split(";")[0]
-    '`osgd-compare` on digits, 1 epoch, batch 256, cosine schedule, momentum 0.9, weight decay 0.0005'
+    >>> print(*settings_text(results_lib.EXAMPLE).split(";")[0].split(", "),
+    ...       sep="\\n")
+    `osgd-compare` on digits
+    1 epoch
+    batch 256
+    cosine schedule
+    momentum 0.9
+    weight decay 0.0005
   """
   s = payload["settings"]
   base = s["base_config"]
@@ -310,8 +316,10 @@ def edge_note(payload: dict[str, Any]) -> str:
     Markdown text.
 
   Example:
-    >>> edge_note(results_lib.EXAMPLE)
-    'Chosen at an end of the grid (a rate beyond it may do better): branched-mlp: sgd 0.1, osgd 0.01.'
+    >>> print(*edge_note(results_lib.EXAMPLE).split(": "), sep="\\n")
+    Chosen at an end of the grid (a rate beyond it may do better)
+    branched-mlp
+    sgd 0.1, osgd 0.01.
   """
   grid = payload["settings"]["lr_grid"]
   if len(grid) < 2:

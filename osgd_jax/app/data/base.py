@@ -1,4 +1,4 @@
-"""The ``Dataset`` container, the loader errors and train-statistics standardisation."""
+"""The ``Dataset`` container, the loader errors, and standardisation."""
 
 from __future__ import annotations
 
@@ -127,8 +127,9 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x: array of shape ``(..., C)``.
 
   Returns:
-    ``(mean, std)`` in the units of ``x``, each float32 of shape ``(C,)``; a constant channel gets
-    ``std = 1`` so that standardising it cannot divide by zero.
+    ``(mean, std)`` in the units of ``x``, each float32 of shape ``(C,)``;
+    a constant channel gets ``std = 1`` so that standardising it cannot
+    divide by zero.
 
   Example:
     >>> mean, std = channel_stats(np.ones((4, 8, 8, 3)))

@@ -232,10 +232,9 @@ def _read_archive(layout: _Layout, archive: str) -> _Contents:
         name = posixpath.basename(member.name)
         if member.isfile() and name in wanted and name not in contents:
           where = f"{archive}:{member.name}"
-          contents[name] = (
-            where,
-            _unpickle(layout, tar.extractfile(member), where),
-          )
+          handle = tar.extractfile(member)
+          assert handle is not None  # a regular file's member has one
+          contents[name] = (where, _unpickle(layout, handle, where))
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     raise _format_error(
       layout,

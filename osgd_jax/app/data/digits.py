@@ -1,4 +1,4 @@
-"""scikit-learn's bundled 8x8 handwritten digits with a fixed stratified split."""
+"""scikit-learn's bundled 8x8 digits, with a fixed stratified split."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
       "the 'digits' dataset ships with scikit-learn, part of the app extra:"
       ' pip install "osgd-jax[app]"'
     ) from e
-  bunch = datasets.load_digits()
-  images = (bunch.images / 16.0)[..., None]
-  labels = bunch.target.astype(np.int32)
+  pixels, target = datasets.load_digits(return_X_y=True)
+  images = (pixels.reshape(-1, 8, 8) / 16.0)[..., None]
+  labels = target.astype(np.int32)
   train, test = stratified_split(labels, test_fraction, seed)
   return standardized(
     "digits",

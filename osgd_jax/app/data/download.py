@@ -1,13 +1,14 @@
 """Downloading the official CIFAR archives, checked and written atomically.
 
 ``download_cifar(dataset, data_dir)`` fetches ``cifar-10-python.tar.gz`` or
-``cifar-100-python.tar.gz`` into ``data_dir``, where :func:`~osgd_jax.app.data.cifar.load_cifar` reads
-it. The bytes stream into a hidden ``.partial`` file in that directory and
-are hashed as they arrive; only a file of the announced length and the
-expected MD5 is renamed to the archive's name. An interrupted, cut or altered
-download therefore leaves nothing that the loader would read, and what the
-loader would read that is already in ``data_dir`` is used as it is, never
-downloaded again, replaced or deleted.
+``cifar-100-python.tar.gz`` into ``data_dir``, where
+:func:`~osgd_jax.app.data.cifar.load_cifar` reads it. The bytes stream into a
+hidden ``.partial`` file in that directory and are hashed as they arrive; only
+a file of the announced length and the expected MD5 is renamed to the
+archive's name. An interrupted, cut or altered download therefore leaves
+nothing that the loader would read, and what the loader would read that is
+already in ``data_dir`` is used as it is, never downloaded again, replaced or
+deleted.
 """
 
 from __future__ import annotations
@@ -194,9 +195,10 @@ def download_cifar(
 ) -> str:
   """Downloads a CIFAR archive into ``data_dir`` unless it is there already.
 
-  When ``data_dir`` already holds what :func:`~osgd_jax.app.data.cifar.load_cifar` reads (the
-  extracted folder, the archive, or the batch files themselves), nothing is
-  downloaded; an archive found there is checked against ``md5`` first.
+  When ``data_dir`` already holds what
+  :func:`~osgd_jax.app.data.cifar.load_cifar` reads (the extracted folder,
+  the archive, or the batch files themselves), nothing is downloaded; an
+  archive found there is checked against ``md5`` first.
   Otherwise ``url`` is streamed into a hidden ``.partial`` file in
   ``data_dir`` (created if needed), hashed on the way, and renamed to the
   archive's official name only once its length and MD5 are right. Several
@@ -209,16 +211,16 @@ def download_cifar(
     data_dir: the directory to download into, later the loader's
       ``data_dir``.
     url: where to download from; default: the official archive's address
-      (:data:`~osgd_jax.app.data.download.CIFAR_ARCHIVES`). Any URL ``urllib`` opens works
-      (``https://``, ``file://``, ...).
+      (:data:`~osgd_jax.app.data.download.CIFAR_ARCHIVES`). Any URL
+      ``urllib`` opens works (``https://``, ``file://``, ...).
     md5: the MD5 the archive must have (hex); default: the official
       archive's. It also checks an archive already in ``data_dir``.
     progress: show a progress bar while downloading, and print one line
       saying what was found or fetched.
 
   Returns:
-    The path :func:`~osgd_jax.app.data.cifar.load_cifar` will read: the archive just downloaded, or
-    what was already there.
+    The path :func:`~osgd_jax.app.data.cifar.load_cifar` will read: the
+    archive just downloaded, or what was already there.
 
   Raises:
     ValueError: a dataset other than CIFAR, or ``md5`` not 32 hex digits.

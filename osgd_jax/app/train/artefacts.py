@@ -66,12 +66,15 @@ class TrainResult:
 
   @property
   def accuracy(self) -> np.ndarray:
-    """``(K,)`` final accuracy per exit on the split named by ``evaluated_on``."""
-    return (
+    """``(K,)`` final accuracy per exit on the split ``evaluated_on`` names."""
+    accuracy = (
       self.val_accuracy
       if self.evaluated_on == "validation"
       else self.test_accuracy
     )
+    if accuracy is None:  # the split it was evaluated on has its accuracy
+      raise ValueError(f"the run recorded no {self.evaluated_on} accuracy.")
+    return accuracy
 
 
 def write_metrics(
@@ -108,8 +111,9 @@ def finish_run(run: Run, state: TrainState) -> TrainResult:
 
   Adds the final test metrics (validation metrics for a run with
   ``validation`` > 0: ``val_accuracy``, ``val_loss`` and ``evaluated_on``
-  say which), FLOPs and parameters per exit and the early-exit curve (accuracy against mean FLOPs, exiting at the first exit
-  whose confidence reaches each of :data:`EARLY_EXIT_THRESHOLDS`) to
+  say which), FLOPs and parameters per exit and the early-exit curve
+  (accuracy against mean FLOPs, exiting at the first exit whose confidence
+  reaches each of :data:`EARLY_EXIT_THRESHOLDS`) to
   ``metrics.json``, and plots both against FLOPs in
   ``accuracy_vs_flops.png``.
 

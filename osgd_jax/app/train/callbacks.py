@@ -36,7 +36,8 @@ class TensorBoardLogger:
 
   Scalars, against the global step: ``train/loss/exit_k`` from every step
   record, and ``test/accuracy/exit_k`` and ``test/loss/exit_k`` (or
-  ``val/...`` on a validation split) from the epoch records that have them. View them with ``tensorboard --logdir``.
+  ``val/...`` on a validation split) from the epoch records that have
+  them. View them with ``tensorboard --logdir``.
 
   Args:
     logdir: the directory for the event files; created if missing.

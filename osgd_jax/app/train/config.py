@@ -226,7 +226,7 @@ class TrainConfig:
       if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
-        or not low <= value <= high
+        or not low <= int(value) <= high
       ):
         raise ValueError(
           f"{_flag(name)} must be an integer from {low} to"

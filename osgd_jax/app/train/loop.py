@@ -163,7 +163,7 @@ def train_epoch(
         _check_finite(step_losses, run, epoch, first + i)
         loss_sum += step_losses
       timings.append((len(fetched), seconds))
-      window_loss = np.mean(fetched, axis=0, dtype=np.float64)
+      window_loss = np.asarray(np.mean(fetched, axis=0, dtype=np.float64))
       examples_per_s = len(fetched) * config.batch_size / seconds
       bar.set_postfix_str(
         " ".join(f"l{k + 1}={v:.3f}" for k, v in enumerate(window_loss))

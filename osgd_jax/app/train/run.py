@@ -82,7 +82,7 @@ class Run:
   store: CheckpointStore
   history: list[dict[str, Any]]
 
-  def host_model(self, state: TrainState) -> nnx.Module:
+  def host_model(self, state: TrainState) -> zoo.AnytimeNet:
     """The model of ``state`` with whole arrays in host memory.
 
     Every process holds them whole, however the training state is spread
