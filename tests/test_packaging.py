@@ -7,6 +7,8 @@ import pathlib
 import re
 import tomllib
 
+import yaml
+
 import osgd_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,11 +52,14 @@ def test_the_app_and_test_extras():
     "nbformat",
     "osgd-jax[app,tensorboard]",
     "osgd-jax[docs]",
+    "osgd-jax[lint]",
     "pytest",
     "pytest-xdist",
     "setuptools",
   ]
   assert _names(extras["tensorboard"]) == ["tensorboardX"]
+  # .ci/run and pre-commit run these; pinned, so a release cannot turn CI red.
+  assert extras["lint"] == ["ruff==0.17.6", "basedpyright==1.40.2"]
 
 
 def test_the_docs_extra_is_sphinx_and_myst_nb_with_the_app():
@@ -154,3 +159,23 @@ def test_every_link_to_the_repository_is_the_project_url():
         assert (ROOT / inside.group(1)).exists(), where
   # The three notebooks' Colab badges and install commands at least.
   assert len(found) >= 6, found
+
+
+def test_pre_commit_runs_what_ci_runs_before_the_tests():
+  # The hooks are local (language: system), so pre-commit downloads nothing,
+  # and each runs a command that .ci/run runs before README's test command.
+  config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+  (repo,) = config["repos"]
+  assert repo["repo"] == "local"
+  entries = [hook["entry"] for hook in repo["hooks"]]
+  assert {hook["language"] for hook in repo["hooks"]} == {"system"}
+  ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+  checks = [
+    line
+    for line in ci_lines
+    if line.split()[:1] in (["ruff"], ["basedpyright"])
+  ]
+  assert [line.removesuffix(" .") for line in checks] == entries
+  readme_command = 'python -m pip install -e ".[test]" && python -m pytest'
+  assert ci_lines[-1] == readme_command
+  assert readme_command in (ROOT / "README.md").read_text()
