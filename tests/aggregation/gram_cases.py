@@ -206,3 +206,56 @@ def property_rows(seed, scales, zero):
   if zero is not None:
     rows[zero] = 0.0
   return rows.astype(np.float32)
+
+
+def assert_finite_everywhere(weighting, seed, scales, zero, **options):
+  """``weighting``'s float32 update of the property rows is finite."""
+  rows = property_rows(seed, scales, zero)
+  assert np.all(
+    np.isfinite(np.asarray(float32_direction(weighting, rows, **options)))
+  )
+
+
+def assert_ignores_the_exits_order(weighting, seed, perm, **options):
+  """Permuting the exits leaves ``weighting``'s update as it is.
+
+  An invariance of the maths: checked in x64, away from float32's
+  conditioning.
+  """
+  rows = property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(np.float64)
+  u = direction(weighting, rows, **options)
+  permuted = direction(weighting, rows[np.asarray(perm)], **options)
+  np.testing.assert_allclose(
+    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  )
+
+
+def assert_non_conflicting(seed, scales, zero, update):
+  """``update(rows)`` conflicts with no row of rows made to conflict.
+
+  Every later row conflicts with the first; then the row ``zero``, if any,
+  is zeroed. ``update`` takes the float32 rows and returns a float64 update.
+  """
+  rows = property_rows(seed, scales, None)
+  rows[1:] -= 0.9 * rows[0]  # conflicts to resolve
+  if zero is not None:
+    rows[zero] = 0.0
+  norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+  u = update(rows)
+  assert np.all(rows @ u >= -1e-4 * norms * norms.sum()), rows @ u
+
+
+def assert_matches_oracle(weighting, oracle, case, rtol, **options):
+  """``weighting`` with ``options`` gives ``oracle``'s update on ``case``."""
+  rows = case_rows(case)
+  assert_close(direction(weighting, rows, **options), oracle(rows), rows, rtol)
+
+
+def random_grams(seed, steps):
+  """``steps`` Gram matrices of random K × N rows, in float64."""
+  rng = np.random.default_rng(seed)
+  grams = []
+  for _ in range(steps):
+    rows = rng.normal(size=(K, N))
+    grams.append(rows @ rows.T)
+  return grams

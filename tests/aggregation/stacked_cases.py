@@ -216,3 +216,49 @@ def update(name, grads, losses=None):
   extra = {"losses": losses} if name == "adaloss" else {}
   out, _ = jitted(name)(grads, init(name), **extra)
   return global_rows({n: np.asarray(out[n])[None] for n in NAMES})[0]
+
+
+def assert_outputs_are_finite(name, seed, exp, zero_row):
+  """``name``'s update of a random tree is finite."""
+  grads = random_tree(seed, exp, zero_row)
+  assert np.all(np.isfinite(update(name, grads)))
+
+
+def assert_finite_and_non_conflicting(name, seed, exp, zero_row):
+  """``name``'s update is finite and conflicts with no row of the tree."""
+  grads = random_tree(seed, exp, zero_row)
+  rows = global_rows(grads)
+  norms = np.linalg.norm(rows, axis=1)
+  u = update(name, grads)
+  assert np.all(np.isfinite(u))
+  assert np.all(rows @ u >= -1e-4 * norms * norms.sum()), rows @ u
+
+
+def assert_positively_homogeneous(name, seed, exp, log_c):
+  """Scaling every row by c > 0 scales ``name``'s update by c.
+
+  Returns the tree, its update and the scale of its rows, for the checks
+  that follow on the same tree.
+  """
+  grads = random_tree(seed, exp)
+  c = np.float32(10.0**log_c)
+  scale = np.abs(global_rows(grads)).max() * K
+  base = update(name, grads)
+  scaled = update(name, {n: g * c for n, g in grads.items()})
+  np.testing.assert_allclose(scaled, c * base, rtol=1e-4, atol=1e-5 * c * scale)
+  return grads, base, scale
+
+
+def assert_positively_homogeneous_and_order_invariant(name, seed, exp, log_c):
+  """As :func:`assert_positively_homogeneous`; permuting the exits too."""
+  grads, base, scale = assert_positively_homogeneous(name, seed, exp, log_c)
+  perm = np.random.default_rng(seed).permutation(K)
+  permuted = update(name, {n: g[perm] for n, g in grads.items()})
+  np.testing.assert_allclose(permuted, base, rtol=1e-4, atol=1e-5 * scale)
+
+
+def assert_single_exit_is_the_identity(name, **extra):
+  """With K = 1, ``name`` passes the one gradient on (``extra``: its args)."""
+  g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
+  out, _ = jitted(name, k=1)(g, init(name, k=1), **extra)
+  np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import gram_cases
-import numpy as np
 import numpy_oracles as oracles
 import pytest
 from hypothesis import given
@@ -49,14 +48,10 @@ GOLDEN_RTOL = {"aligned_mtl_rmse": 1e-6}
   ],
 )
 def test_matches_float64_oracle(name, case):
-  rows = gram_cases.case_rows(case)
   options, oracle = VARIANTS[name]
   rtol = MIXED_RTOL.get(name, 1e-9) if case == "mixed_scale" else 1e-9
-  gram_cases.assert_close(
-    gram_cases.direction(weightings.aligned_mtl, rows, **options),
-    oracle(rows),
-    rows,
-    rtol,
+  gram_cases.assert_matches_oracle(
+    weightings.aligned_mtl, oracle, case, rtol, **options
   )
 
 
@@ -76,29 +71,15 @@ def test_matches_torchjd(name):
 @gram_cases.common
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(gram_cases.float32_direction(weightings.aligned_mtl, rows))
-    )
+  gram_cases.assert_finite_everywhere(
+    weightings.aligned_mtl, seed, scales, zero
   )
 
 
 @gram_cases.common
 @given(gram_cases.seeds, st.permutations(range(K)))
 def test_ignores_the_exits_order(seed, perm):
-  # An invariance of the maths: checked in x64, away from float32's
-  # conditioning.
-  rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-    np.float64
-  )
-  u = gram_cases.direction(weightings.aligned_mtl, rows)
-  permuted = gram_cases.direction(
-    weightings.aligned_mtl, rows[np.asarray(perm)]
-  )
-  np.testing.assert_allclose(
-    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
-  )
+  gram_cases.assert_ignores_the_exits_order(weightings.aligned_mtl, seed, perm)
 
 
 def test_options_are_checked_with_a_fix():

@@ -7,8 +7,9 @@ claims with hypothesis.
 
 from __future__ import annotations
 
+import functools
+
 import gram_cases
-import numpy as np
 import numpy_oracles as oracles
 import pytest
 from hypothesis import given
@@ -22,13 +23,13 @@ K = gram_cases.K
 
 @pytest.mark.parametrize("case", sorted(gram_cases.CASES))
 def test_matches_float64_oracle(case):
-  rows = gram_cases.case_rows(case)
   # SLSQP's accuracy; CAGrad's minimum is not smooth where ‖g_w‖ is small.
-  gram_cases.assert_close(
-    gram_cases.direction(weightings.cagrad, rows, c=0.4),
-    oracles.cagrad_direction(rows, c=0.4),
-    rows,
+  gram_cases.assert_matches_oracle(
+    weightings.cagrad,
+    functools.partial(oracles.cagrad_direction, c=0.4),
+    case,
     1e-7,
+    c=0.4,
   )
 
 
@@ -44,28 +45,16 @@ def test_matches_torchjd():
 @gram_cases.common
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(gram_cases.float32_direction(weightings.cagrad, rows, c=0.4))
-    )
+  gram_cases.assert_finite_everywhere(
+    weightings.cagrad, seed, scales, zero, c=0.4
   )
 
 
 @gram_cases.common
 @given(gram_cases.seeds, st.permutations(range(K)))
 def test_ignores_the_exits_order(seed, perm):
-  # An invariance of the maths: checked in x64, away from float32's
-  # conditioning.
-  rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-    np.float64
-  )
-  u = gram_cases.direction(weightings.cagrad, rows, c=0.4)
-  permuted = gram_cases.direction(
-    weightings.cagrad, rows[np.asarray(perm)], c=0.4
-  )
-  np.testing.assert_allclose(
-    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  gram_cases.assert_ignores_the_exits_order(
+    weightings.cagrad, seed, perm, c=0.4
   )
 
 

@@ -21,12 +21,8 @@ K = gram_cases.K
 
 @pytest.mark.parametrize("case", sorted(gram_cases.CASES))
 def test_matches_float64_oracle(case):
-  rows = gram_cases.case_rows(case)
-  gram_cases.assert_close(
-    gram_cases.direction(weightings.config, rows),
-    oracles.config_direction(rows),
-    rows,
-    1e-9,
+  gram_cases.assert_matches_oracle(
+    weightings.config, oracles.config_direction, case, 1e-9
   )
 
 
@@ -40,12 +36,7 @@ def test_matches_torchjd():
 @gram_cases.common
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(gram_cases.float32_direction(weightings.config, rows))
-    )
-  )
+  gram_cases.assert_finite_everywhere(weightings.config, seed, scales, zero)
 
 
 @gram_cases.common
@@ -59,25 +50,17 @@ def test_config_is_non_conflicting(seed, scales, zero):
   # constrains nothing), and its v = Ĝ⁺1 is as ill-conditioned as Ĝ, whose
   # condition the Gram squares: nearly parallel rows are beyond float32,
   # so ConFIG is checked in x64.
-  rows = gram_cases.property_rows(seed, scales, None)
-  rows[1:] -= 0.9 * rows[0]  # conflicts to resolve
-  if zero is not None:
-    rows[zero] = 0.0
-  norms = np.linalg.norm(rows.astype(np.float64), axis=1)
-  u = gram_cases.direction(weightings.config, rows.astype(np.float64))
-  assert np.all(rows @ u >= -1e-4 * norms * norms.sum()), rows @ u
+  gram_cases.assert_non_conflicting(
+    seed,
+    scales,
+    zero,
+    lambda rows: gram_cases.direction(
+      weightings.config, rows.astype(np.float64)
+    ),
+  )
 
 
 @gram_cases.common
 @given(gram_cases.seeds, st.permutations(range(K)))
 def test_ignores_the_exits_order(seed, perm):
-  # An invariance of the maths: checked in x64, away from float32's
-  # conditioning.
-  rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-    np.float64
-  )
-  u = gram_cases.direction(weightings.config, rows)
-  permuted = gram_cases.direction(weightings.config, rows[np.asarray(perm)])
-  np.testing.assert_allclose(
-    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
-  )
+  gram_cases.assert_ignores_the_exits_order(weightings.config, seed, perm)

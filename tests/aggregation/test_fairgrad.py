@@ -58,28 +58,14 @@ def test_matches_torchjd(name):
 @gram_cases.common
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(
-        gram_cases.float32_direction(weightings.fairgrad, rows, alpha=1.0)
-      )
-    )
+  gram_cases.assert_finite_everywhere(
+    weightings.fairgrad, seed, scales, zero, alpha=1.0
   )
 
 
 @gram_cases.common
 @given(gram_cases.seeds, st.permutations(range(K)))
 def test_ignores_the_exits_order(seed, perm):
-  # An invariance of the maths: checked in x64, away from float32's
-  # conditioning.
-  rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-    np.float64
-  )
-  u = gram_cases.direction(weightings.fairgrad, rows, alpha=1.0)
-  permuted = gram_cases.direction(
-    weightings.fairgrad, rows[np.asarray(perm)], alpha=1.0
-  )
-  np.testing.assert_allclose(
-    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  gram_cases.assert_ignores_the_exits_order(
+    weightings.fairgrad, seed, perm, alpha=1.0
   )

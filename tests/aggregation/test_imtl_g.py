@@ -21,12 +21,8 @@ K = gram_cases.K
 
 @pytest.mark.parametrize("case", sorted(gram_cases.CASES))
 def test_matches_float64_oracle(case):
-  rows = gram_cases.case_rows(case)
-  gram_cases.assert_close(
-    gram_cases.direction(weightings.imtl_g, rows),
-    oracles.imtl_g_direction(rows),
-    rows,
-    1e-9,
+  gram_cases.assert_matches_oracle(
+    weightings.imtl_g, oracles.imtl_g_direction, case, 1e-9
   )
 
 
@@ -53,27 +49,13 @@ def test_matches_torchjd():
 @gram_cases.common
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(gram_cases.float32_direction(weightings.imtl_g, rows))
-    )
-  )
+  gram_cases.assert_finite_everywhere(weightings.imtl_g, seed, scales, zero)
 
 
 @gram_cases.common
 @given(gram_cases.seeds, st.permutations(range(K)))
 def test_ignores_the_exits_order(seed, perm):
-  # An invariance of the maths: checked in x64, away from float32's
-  # conditioning.
-  rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-    np.float64
-  )
-  u = gram_cases.direction(weightings.imtl_g, rows)
-  permuted = gram_cases.direction(weightings.imtl_g, rows[np.asarray(perm)])
-  np.testing.assert_allclose(
-    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
-  )
+  gram_cases.assert_ignores_the_exits_order(weightings.imtl_g, seed, perm)
 
 
 @gram_cases.common

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import gram_cases
-import numpy as np
 import numpy_oracles as oracles
 import pytest
 from hypothesis import given
@@ -42,13 +41,9 @@ VARIANTS = {
   ],
 )
 def test_matches_float64_oracle(name, case):
-  rows = gram_cases.case_rows(case)
   options, oracle = VARIANTS[name]
-  gram_cases.assert_close(
-    gram_cases.direction(weightings.krum, rows, **options),
-    oracle(rows),
-    rows,
-    1e-9,
+  gram_cases.assert_matches_oracle(
+    weightings.krum, oracle, case, 1e-9, **options
   )
 
 
@@ -65,30 +60,16 @@ def test_matches_torchjd(name):
 @gram_cases.common
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(
-        gram_cases.float32_direction(weightings.krum, rows, n_byzantine=0)
-      )
-    )
+  gram_cases.assert_finite_everywhere(
+    weightings.krum, seed, scales, zero, n_byzantine=0
   )
 
 
 @gram_cases.common
 @given(gram_cases.seeds, st.permutations(range(K)))
 def test_ignores_the_exits_order(seed, perm):
-  # An invariance of the maths: checked in x64, away from float32's
-  # conditioning.
-  rows = gram_cases.property_rows(seed, [0.0, 1.0, -1.0, 0.5], None).astype(
-    np.float64
-  )
-  u = gram_cases.direction(weightings.krum, rows, n_byzantine=0)
-  permuted = gram_cases.direction(
-    weightings.krum, rows[np.asarray(perm)], n_byzantine=0
-  )
-  np.testing.assert_allclose(
-    permuted, u, rtol=1e-9, atol=1e-12 * np.abs(u).max()
+  gram_cases.assert_ignores_the_exits_order(
+    weightings.krum, seed, perm, n_byzantine=0
   )
 
 

@@ -73,34 +73,19 @@ def test_matches_torchjd():
 @few
 @given(seeds, exponents, st.booleans())
 def test_finite_and_non_conflicting(seed, exp, zero_row):
-  grads = stacked_cases.random_tree(seed, exp, zero_row)
-  rows = stacked_cases.global_rows(grads)
-  norms = np.linalg.norm(rows, axis=1)
-  u = stacked_cases.update("mgda", grads)
-  assert np.all(np.isfinite(u))
-  assert np.all(rows @ u >= -1e-4 * norms * norms.sum()), rows @ u
+  stacked_cases.assert_finite_and_non_conflicting("mgda", seed, exp, zero_row)
 
 
 @few
 @given(seeds, exponents, st.floats(-3, 3))
 def test_positively_homogeneous_and_order_invariant(seed, exp, log_c):
-  grads = stacked_cases.random_tree(seed, exp)
-  c = np.float32(10.0**log_c)
-  perm = np.random.default_rng(seed).permutation(K)
-  scale = np.abs(stacked_cases.global_rows(grads)).max() * K
-  base = stacked_cases.update("mgda", grads)
-  scaled = stacked_cases.update("mgda", {n: g * c for n, g in grads.items()})
-  np.testing.assert_allclose(scaled, c * base, rtol=1e-4, atol=1e-5 * c * scale)
-  permuted = stacked_cases.update(
-    "mgda", {n: g[perm] for n, g in grads.items()}
+  stacked_cases.assert_positively_homogeneous_and_order_invariant(
+    "mgda", seed, exp, log_c
   )
-  np.testing.assert_allclose(permuted, base, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_single_exit_is_the_identity():
-  g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
-  out, _ = stacked_cases.jitted("mgda", k=1)(g, stacked_cases.init("mgda", k=1))
-  np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)
+  stacked_cases.assert_single_exit_is_the_identity("mgda")
 
 
 # --- errors -------------------------------------------------------------------

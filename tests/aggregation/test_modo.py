@@ -15,15 +15,11 @@ import numpy_oracles as oracles
 import osgd_jax
 from osgd_jax import weightings
 
-K, N = gram_cases.K, gram_cases.N
+K = gram_cases.K
 
 
 def test_modo_matches_oracle_over_steps():
-  rng = np.random.default_rng(6)
-  grams = []
-  for _ in range(3):
-    rows = rng.normal(size=(K, N))
-    grams.append(rows @ rows.T)
+  grams = gram_cases.random_grams(6, 3)
   with jax.enable_x64(True):
     modo = gram_cases.jitted(weightings.modo, gamma=0.05, rho=0.1)
     lam = jnp.full((K,), 1.0 / K)

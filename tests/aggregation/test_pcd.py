@@ -7,6 +7,8 @@ norms, against TorchJD's over steps; then its claims with hypothesis.
 
 from __future__ import annotations
 
+import functools
+
 import gram_cases
 import numpy as np
 import numpy_oracles as oracles
@@ -21,12 +23,12 @@ from osgd_jax import weightings
 # which the oracle, on unit rows, does not express.
 @pytest.mark.parametrize("case", sorted(set(gram_cases.CASES) - {"zero_row"}))
 def test_matches_float64_oracle(case):
-  rows = gram_cases.case_rows(case)
-  gram_cases.assert_close(
-    gram_cases.direction(weightings.pcd, rows, tau=0.3),
-    oracles.pcd_direction(rows, tau=0.3),
-    rows,
+  gram_cases.assert_matches_oracle(
+    weightings.pcd,
+    functools.partial(oracles.pcd_direction, tau=0.3),
+    case,
     1e-9,
+    tau=0.3,
   )
 
 
@@ -50,11 +52,8 @@ def test_matches_torchjd_over_steps(name):
 @given(gram_cases.seeds, gram_cases.scales, gram_cases.zeros)
 def test_outputs_are_finite_everywhere(seed, scales, zero):
   # (PCD favours its first exit: not symmetric.)
-  rows = gram_cases.property_rows(seed, scales, zero)
-  assert np.all(
-    np.isfinite(
-      np.asarray(gram_cases.float32_direction(weightings.pcd, rows, tau=0.3))
-    )
+  gram_cases.assert_finite_everywhere(
+    weightings.pcd, seed, scales, zero, tau=0.3
   )
 
 

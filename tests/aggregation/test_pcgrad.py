@@ -111,8 +111,7 @@ def test_matches_torchjd_over_steps():
 @few
 @given(seeds, exponents, st.booleans())
 def test_outputs_are_finite(seed, exp, zero_row):
-  grads = stacked_cases.random_tree(seed, exp, zero_row)
-  assert np.all(np.isfinite(stacked_cases.update("pcgrad", grads)))
+  stacked_cases.assert_outputs_are_finite("pcgrad", seed, exp, zero_row)
 
 
 @few
@@ -120,12 +119,7 @@ def test_outputs_are_finite(seed, exp, zero_row):
 def test_positively_homogeneous(seed, exp, log_c):
   # Not invariant to the exits' order: PCGrad's random orders depend on the
   # exits' index.
-  grads = stacked_cases.random_tree(seed, exp)
-  c = np.float32(10.0**log_c)
-  scale = np.abs(stacked_cases.global_rows(grads)).max() * K
-  base = stacked_cases.update("pcgrad", grads)
-  scaled = stacked_cases.update("pcgrad", {n: g * c for n, g in grads.items()})
-  np.testing.assert_allclose(scaled, c * base, rtol=1e-4, atol=1e-5 * c * scale)
+  stacked_cases.assert_positively_homogeneous("pcgrad", seed, exp, log_c)
 
 
 @few
@@ -144,11 +138,7 @@ def test_pcgrad_two_non_conflicting_rows_give_the_sum(seed, exp):
 
 
 def test_single_exit_is_the_identity():
-  g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
-  out, _ = stacked_cases.jitted("pcgrad", k=1)(
-    g, stacked_cases.init("pcgrad", k=1)
-  )
-  np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)
+  stacked_cases.assert_single_exit_is_the_identity("pcgrad")
 
 
 # --- errors -------------------------------------------------------------------

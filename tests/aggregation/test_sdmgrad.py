@@ -16,15 +16,11 @@ import pytest
 import osgd_jax
 from osgd_jax import weightings
 
-K, N = gram_cases.K, gram_cases.N
+K = gram_cases.K
 
 
 def test_sdmgrad_matches_oracle_over_steps():
-  rng = np.random.default_rng(6)
-  grams = []
-  for _ in range(3):
-    rows = rng.normal(size=(K, N))
-    grams.append(rows @ rows.T)
+  grams = gram_cases.random_grams(6, 3)
   with jax.enable_x64(True):
     sdmgrad = gram_cases.jitted(weightings.sdmgrad)
     w = jnp.full((K,), 1.0 / K)

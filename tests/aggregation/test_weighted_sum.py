@@ -175,11 +175,7 @@ def test_outputs_are_finite(seed, exp, zero_row):
 
 
 def test_single_exit_is_the_identity():
-  g = {"w": np.random.default_rng(0).normal(size=(1, 12)).astype(np.float32)}
-  out, _ = stacked_cases.jitted("weighted_sum", k=1)(
-    g, stacked_cases.init("weighted_sum", k=1)
-  )
-  np.testing.assert_allclose(out["w"], g["w"][0], rtol=1e-6)
+  stacked_cases.assert_single_exit_is_the_identity("weighted_sum")
 
 
 # --- errors -------------------------------------------------------------------
