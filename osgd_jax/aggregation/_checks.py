@@ -62,16 +62,7 @@ def check_positive_int(value: Any, name: str, owner: str) -> int:
     >>> check_positive_int(3, "max_iter", "mgda")
     3
   """
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, np.integer))
-    or value < 1
-  ):
-    raise ValueError(
-      f"{owner}: {name} must be a positive int, got {value!r}. Under"
-      f" optax.inject_hyperparams pass static_args=({name!r},)."
-    )
-  return int(value)
+  return _check_int(value, name, owner, minimum=1, wanted="a positive int")
 
 
 def check_count(value: Any, name: str, owner: str) -> int:
@@ -81,13 +72,19 @@ def check_count(value: Any, name: str, owner: str) -> int:
     >>> check_count(0, "n_byzantine", "krum")
     0
   """
+  return _check_int(value, name, owner, minimum=0, wanted="an int >= 0")
+
+
+def _check_int(
+  value: Any, name: str, owner: str, *, minimum: int, wanted: str
+) -> int:
   if (
     isinstance(value, bool)
     or not isinstance(value, (int, np.integer))
-    or value < 0
+    or value < minimum
   ):
     raise ValueError(
-      f"{owner}: {name} must be an int >= 0, got {value!r}. Under"
+      f"{owner}: {name} must be {wanted}, got {value!r}. Under"
       f" optax.inject_hyperparams pass static_args=({name!r},)."
     )
   return int(value)
