@@ -24,13 +24,17 @@ def per_exit_cross_entropy(
   """Mean softmax cross-entropy of every exit.
 
   Args:
-    logits: stacked exit logits, shape ``(K, batch, classes)``.
-    labels: integer class labels, shape ``(batch,)``.
+    logits: stacked exit logits, shape ``(K, batch, classes)``, or ``(K,
+      batch, seq, classes)`` for a causal transformer's logits per position
+      (any axes between the batch and the classes).
+    labels: integer class labels, shape ``(batch,)`` (``(batch, seq)``:
+      one per position).
     weights: optional per-exit loss weights, shape ``(K,)``; exit k's loss
       is multiplied by ``weights[k]``.
 
   Returns:
-    The ``(K,)`` vector of (weighted) mean cross-entropies, exit 1 first, in
+    The ``(K,)`` vector of (weighted) mean cross-entropies (over the batch
+    and every position), exit 1 first, in
     the logits' floating dtype (at least float32).
 
   Raises:
@@ -44,22 +48,25 @@ def per_exit_cross_entropy(
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  if logits.ndim != 3:
+  if logits.ndim < 3:
     raise ValueError(
       "logits must have shape (K, batch, classes) (exits stacked first, as"
       f" the zoo models return them), got shape {tuple(logits.shape)}. For"
       " one exit, add the leading axis with `logits[None]`."
     )
-  k, batch, _ = logits.shape
+  k, batch = logits.shape[:2]
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise ValueError(
       f"logits must be floating point, got dtype {logits.dtype}."
     )
-  if labels.ndim != 1 or labels.shape[0] != batch:
+  expected = tuple(logits.shape[1:-1])
+  if labels.shape != expected:
+    axes = "(batch,)" if len(expected) == 1 else "(batch, seq, ...)"
     raise ValueError(
-      f"labels must be integer class indices of shape (batch,) = ({batch},)"
-      f" to match logits of shape {tuple(logits.shape)}, got shape"
-      f" {tuple(labels.shape)}. Pass class indices, not one-hot vectors."
+      f"labels must be integer class indices of shape {axes} ="
+      f" {expected} to match logits of shape {tuple(logits.shape)}, got"
+      f" shape {tuple(labels.shape)}. Pass class indices, not one-hot"
+      " vectors."
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(
@@ -68,8 +75,10 @@ def per_exit_cross_entropy(
     )
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(
-    logits.astype(dtype), jnp.broadcast_to(labels, (k, batch))
-  ).mean(axis=-1)
+    logits.astype(dtype), jnp.broadcast_to(labels, (k, *expected))
+  )
+  # The mean over the batch and, for sequence logits, every position.
+  losses = losses.reshape(k, -1).mean(axis=-1)
   if weights is None:
     return losses
   weights = jnp.asarray(weights)
