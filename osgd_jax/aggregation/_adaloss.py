@@ -154,6 +154,8 @@ def adaptive_loss_balancing(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

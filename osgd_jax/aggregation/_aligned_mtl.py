@@ -133,6 +133,8 @@ def aligned_mtl(
     num_exits=num_exits,
     granularity=granularity,
     name=_NAME,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

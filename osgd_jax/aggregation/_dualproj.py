@@ -116,6 +116,8 @@ def dualproj(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

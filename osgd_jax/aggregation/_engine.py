@@ -110,7 +110,11 @@ class StackedGradients(NamedTuple):
     treedef: the tree structure of the gradients.
     sizes: the number of parameters of every leaf.
     compute_dtype: float32, or float64 for float64 gradients.
-    grams: ``(L, K, K)`` the Gram matrix of every leaf, in ``compute_dtype``.
+    grams: ``(L, K, K)`` the Gram matrix of every leaf scaled by a power of
+      four, in ``compute_dtype``: finite for any finite gradients
+      (:func:`osgd_jax.gram.scaled_gram_matrices`).
+    exponents: ``(L,)`` int32; leaf l's Gram matrix is
+      ``4^exponents[l] · grams[l]``.
   """
 
   leaves: list[jax.Array]
@@ -118,6 +122,7 @@ class StackedGradients(NamedTuple):
   sizes: tuple[int, ...]
   compute_dtype: Any
   grams: jax.Array
+  exponents: jax.Array
 
 
 def num_groups(params: optax.Params, granularity: Granularity) -> int:
@@ -229,24 +234,86 @@ def read_stacked(
   leaves = [leaf for _, leaf in flat]
   compute_dtype = jnp.result_type(jnp.float32, *[leaf.dtype for leaf in leaves])
   sizes = tuple(math.prod(leaf.shape[1:]) for leaf in leaves)
+  grams, exponents = gram_lib.scaled_gram_matrices(leaves, compute_dtype)
   return StackedGradients(
-    leaves,
-    treedef,
-    sizes,
-    compute_dtype,
-    gram_lib.gram_matrices(leaves, compute_dtype),
+    leaves, treedef, sizes, compute_dtype, grams, exponents
   )
 
 
-def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
-  """The Gram matrix of each group: ``(L, K, K)`` per leaf, or their sum.
+def group_grams(
+  grams: jax.Array, exponents: jax.Array, granularity: Granularity
+) -> tuple[jax.Array, jax.Array]:
+  """The scaled Gram matrix of each group and its exponent.
+
+  ``(L, K, K)`` per leaf, or their sum (:func:`osgd_jax.gram.combine_scaled`).
 
   Example:
     >>> import jax.numpy as jnp
-    >>> group_grams(jnp.ones((3, 2, 2)), "global").shape
-    (1, 2, 2)
+    >>> grams, exps = group_grams(jnp.ones((3, 2, 2)), jnp.zeros(3, int),
+    ...                           "global")
+    >>> grams.shape, exps.tolist()
+    ((1, 2, 2), [0])
   """
-  return grams.sum(axis=0, keepdims=True) if granularity == "global" else grams
+  return gram_lib.combine_scaled(grams, exponents, granularity == "global")
+
+
+def group_ranks(sizes: tuple[int, ...], granularity: Granularity) -> jax.Array:
+  """The largest rank each group's Gram matrix can have: its size.
+
+  Example:
+    >>> group_ranks((2, 3), "leaf").tolist(), group_ranks((2, 3), "global")
+    ([2, 3], Array([5], dtype=int32))
+  """
+  per_group = [sum(sizes)] if granularity == "global" else list(sizes)
+  # int32 saturates: a group beyond 2^31 entries has no rank bound below K.
+  return jnp.asarray(np.minimum(per_group, 2**31 - 1), jnp.int32)
+
+
+def weigh_groups(
+  weighting: StatefulWeighting,
+  grams: jax.Array,
+  exponents: jax.Array,
+  weighting_state: Any,
+  gram_degree: float | None,
+  extra_args: dict[str, Any],
+) -> tuple[jax.Array, Any]:
+  """Each group's weights from its scaled Gram matrix, in true units.
+
+  A weighting declared homogeneous (``w(c·M) = c^p · w(M)`` for ``c > 0``,
+  ``gram_degree=p``) sees the scaled Gram matrix, always finite, and its
+  weights are multiplied by ``4^(E·p)``; one with ``gram_degree=None``
+  sees the Gram matrix as it is, and where that overflows the dtype its
+  weights are NaN, so that the update is non-finite rather than silently
+  wrong.
+
+  Args:
+    weighting: the weighting.
+    grams: ``(G, K, K)`` scaled Gram matrices.
+    exponents: ``(G,)`` int32, each group's Gram matrix is
+      ``4^exponents[g] · grams[g]``.
+    weighting_state: the weighting's state, one entry per group.
+    gram_degree: p, or ``None``.
+    extra_args: the keyword arguments of ``update``.
+
+  Returns:
+    ``((G, K) weights, new weighting state)``.
+  """
+  overflow = None
+  if gram_degree is None:
+    scaled_finite = jnp.all(jnp.isfinite(grams), axis=(-2, -1))
+    grams = gram_lib.unscale(grams, exponents[:, None, None])
+    overflow = scaled_finite & ~jnp.all(jnp.isfinite(grams), axis=(-2, -1))
+  weights, weighting_state = jax.vmap(
+    lambda m, s: weighting.apply(m, s, **extra_args)
+  )(grams, weighting_state)
+  if overflow is not None:
+    # Finite gradients whose Gram matrix overflows: the weights of an inf
+    # Gram matrix may come out finite and wrong; NaN says so instead.
+    weights = jnp.where(overflow[:, None], jnp.nan, weights)
+  if gram_degree:
+    log2_factor = (2.0 * gram_degree) * exponents.astype(weights.dtype)
+    weights = weights * jnp.exp2(log2_factor)[:, None]
+  return weights, weighting_state
 
 
 def combine(
@@ -271,7 +338,10 @@ def combine(
   shared = granularity == "global"
   outs = [
     gram_lib.weighted_sum(
-      weights[0 if shared else i], leaf, stacked.compute_dtype
+      weights[0 if shared else i],
+      leaf,
+      stacked.compute_dtype,
+      stacked.exponents[i],
     ).astype(leaf.dtype)
     for i, leaf in enumerate(stacked.leaves)
   ]
@@ -303,8 +373,14 @@ def as_diagnostic(x: jax.Array) -> jax.Array:
 
 def gram_diagnostics(stacked: StackedGradients) -> tuple[jax.Array, jax.Array]:
   """``(exit_norms, cosine)`` over all parameters, in the state's dtype."""
-  exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
-  return as_diagnostic(exit_norms), as_diagnostic(cosine)
+  grams, exponents = gram_lib.combine_scaled(
+    stacked.grams, stacked.exponents, True
+  )
+  exit_norms, cosine = gram_lib.gram_statistics(grams[0])
+  return (
+    as_diagnostic(gram_lib.unscale(exit_norms, exponents[0], degree=1)),
+    as_diagnostic(cosine),
+  )
 
 
 def diagnostics(
@@ -340,7 +416,7 @@ def init_weighting_state(
   )
 
 
-def _check_groups(weighting_state: Any, groups: int, name: str) -> None:
+def check_groups(weighting_state: Any, groups: int, name: str) -> None:
   for leaf in jax.tree.leaves(weighting_state):
     if leaf.shape[0] != groups:
       raise ValueError(
@@ -419,6 +495,7 @@ def from_weighting(
   num_exits: int | None = None,
   granularity: Granularity = "global",
   name: str = "from_weighting",
+  gram_degree: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Turns a weighting into an Optax transformation of stacked gradients.
 
@@ -440,6 +517,16 @@ def from_weighting(
       ``"leaf"`` (one per parameter tensor).
     name: the name in error messages, and the ``jax.named_scope`` of the
       update's operations (visible in profiles).
+    gram_degree: how the weights change when the Gram matrix is scaled. A
+      number p declares ``weighting(c·M) = c^p · weighting(M)`` for every
+      ``c > 0`` (0: scale-invariant weights, as for most methods; then the
+      update scales with the gradients): the weighting is given the Gram
+      matrix divided by an exact power of four, finite for any finite
+      gradients, and its weights are scaled back. ``None`` (the default,
+      for a weighting with constants of its own, such as an ``eps``): it
+      is given the Gram matrix as it is, which overflows float32 for
+      gradients of norm beyond about 1.8e19, making the update non-finite
+      (``docs/design.md``, "Range, rank and derivatives").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -491,11 +578,18 @@ def from_weighting(
     )
 
   def apply_fn(stacked, state, **extra_args):
-    grams = group_grams(stacked.grams, granularity)
-    _check_groups(state.weighting_state, grams.shape[0], name)
-    weights, weighting_state = jax.vmap(
-      lambda m, s: stateful.apply(m, s, **extra_args)
-    )(grams, state.weighting_state)
+    grams, exponents = group_grams(
+      stacked.grams, stacked.exponents, granularity
+    )
+    check_groups(state.weighting_state, grams.shape[0], name)
+    weights, weighting_state = weigh_groups(
+      stateful,
+      grams,
+      exponents,
+      state.weighting_state,
+      gram_degree,
+      extra_args,
+    )
     weights = weights.astype(stacked.compute_dtype)
     new_updates = combine(stacked, weights, granularity)
     mean_weights, exit_norms, cosine = diagnostics(stacked, weights)

@@ -107,6 +107,8 @@ def imtl_g(
     num_exits=num_exits,
     granularity=granularity,
     name="imtl_g",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

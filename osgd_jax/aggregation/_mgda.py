@@ -95,6 +95,8 @@ def mgda(
     num_exits=num_exits,
     granularity=granularity,
     name="mgda",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

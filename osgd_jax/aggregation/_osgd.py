@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, cast
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from osgd_jax import gram as gram_lib
 from osgd_jax import orthogonalize
 from osgd_jax.aggregation import _checks, _engine, _registry
 from osgd_jax.aggregation._switch_to_sum import switch_to_sum
@@ -154,31 +155,23 @@ def _check_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
   return order
 
 
-def _gram_schmidt(order, tol, rescale) -> _engine.StatefulWeighting:
-  """OSGD's weighting; its state keeps the components' squared norms ‖ĝ_k‖²."""
-
-  def apply(gram, state, **extra_args):
-    del state, extra_args
-    weights, residual_sq = orthogonalize.gram_schmidt_weights(
-      gram, order=order, tol=tol, rescale=rescale
-    )
-    return weights, residual_sq
-
-  return _engine.StatefulWeighting(
-    init=lambda k: jnp.zeros((k,), _engine.DIAGNOSTICS_DTYPE), apply=apply
-  )
-
-
-def _osgd_state(weights, exit_norms, cosine, residual_sq, sizes) -> OsgdState:
-  residual_sq = residual_sq.astype(_engine.DIAGNOSTICS_DTYPE)
+def _osgd_state(
+  weights, exit_norms, cosine, residual_sq, exponents, sizes
+) -> OsgdState:
+  """The state from the components' squared norms ``4^e · residual_sq``."""
+  total, top = gram_lib.combine_scaled(residual_sq, exponents, True)
   dropped = (residual_sq <= 0).astype(_engine.DIAGNOSTICS_DTYPE)
   return OsgdState(
     weights=weights,
     exit_norms=exit_norms,
-    projected_norms=jnp.sqrt(residual_sq.sum(axis=0)),
+    projected_norms=_engine.as_diagnostic(
+      gram_lib.unscale(gram_lib.safe_sqrt(total[0]), top[0], degree=1)
+    ),
     cosine=cosine,
     degenerate_fraction=_engine.size_weighted_mean(dropped, sizes),
-    projected_sq_norms=residual_sq,
+    projected_sq_norms=_engine.as_diagnostic(
+      gram_lib.unscale(residual_sq, exponents[:, None])
+    ),
   )
 
 
@@ -267,12 +260,6 @@ def osgd(
       )
     num_exits = len(order) if num_exits is None else num_exits
   num_exits = _checks.check_num_exits(num_exits, _NAME)
-  projection = _engine.from_weighting(
-    _gram_schmidt(order, tol, rescale),
-    num_exits=num_exits,
-    granularity=granularity,
-    name=_NAME,
-  )
 
   def init_fn(params):
     def zeros(*shape):
@@ -288,43 +275,55 @@ def osgd(
       projected_sq_norms=zeros(groups, k),
     )
 
+  def gram_update(stacked, state):
+    grams, exponents = _engine.group_grams(
+      stacked.grams, stacked.exponents, granularity
+    )
+    _engine.check_groups(state.projected_sq_norms, grams.shape[0], _NAME)
+    # Gram–Schmidt weights are scale-invariant, so the scaled Gram matrices
+    # serve as they are; the group's size bounds its rank.
+    weights, residual_sq = jax.vmap(
+      lambda m, r: orthogonalize.gram_schmidt_weights(
+        m, order=order, tol=tol, rescale=rescale, rank=r
+      )
+    )(grams, _engine.group_ranks(stacked.sizes, granularity))
+    new_state = _osgd_state(
+      *_engine.diagnostics(stacked, weights),
+      residual_sq,
+      exponents,
+      stacked.sizes,
+    )
+    # A step with a NaN or Inf gradient keeps the last finite squared norms.
+    finite = _engine.all_finite(grams)
+    new_state = new_state._replace(
+      projected_sq_norms=_engine.keep_if_finite(
+        finite, new_state.projected_sq_norms, state.projected_sq_norms
+      )
+    )
+    return _engine.combine(stacked, weights, granularity), new_state
+
   def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     leaves = jax.tree.leaves(updates)
     if not leaves:
       return updates, state
-    sizes = tuple(math.prod(np.shape(leaf)[1:]) for leaf in leaves)
-    if method == "gram":
-      new_updates, inner = projection.update(
-        updates,
-        _engine.AggregationState(
-          state.weights,
-          state.exit_norms,
-          state.cosine,
-          state.projected_sq_norms,
-        ),
-        params,
-        **extra_args,
-      )
-      inner = cast(_engine.AggregationState, inner)
-      return new_updates, _osgd_state(
-        inner.weights,
-        inner.exit_norms,
-        inner.cosine,
-        inner.weighting_state,
-        sizes,
-      )
     with jax.named_scope(_NAME):
       stacked = _engine.read_stacked(
         updates, num_exits=num_exits, params=params, name=_NAME
       )
       assert stacked is not None  # a tree without leaves returned above
-      outs, residual_sq, weights = orthogonalize.modified_gram_schmidt(
-        stacked.leaves,
-        order=order,
-        tol=tol,
-        rescale=rescale,
-        shared_basis=granularity == "global",
-        compute_dtype=stacked.compute_dtype,
+      if method == "gram":
+        return gram_update(stacked, state)
+      outs, residual_sq, (weights, exponents) = (
+        orthogonalize.modified_gram_schmidt(
+          stacked.leaves,
+          order=order,
+          tol=tol,
+          rescale=rescale,
+          shared_basis=granularity == "global",
+          compute_dtype=stacked.compute_dtype,
+          scaled_norms=True,
+        )
       )
       new_updates = jax.tree.unflatten(
         stacked.treedef,
@@ -334,7 +333,10 @@ def osgd(
         ],
       )
       return new_updates, _osgd_state(
-        *_engine.diagnostics(stacked, weights), residual_sq, sizes
+        *_engine.diagnostics(stacked, weights),
+        residual_sq,
+        exponents,
+        stacked.sizes,
       )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

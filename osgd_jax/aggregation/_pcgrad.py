@@ -106,6 +106,8 @@ def pcgrad(
     num_exits=num_exits,
     granularity=granularity,
     name="pcgrad",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -78,6 +78,8 @@ def random_weighting(
     num_exits=num_exits,
     granularity=granularity,
     name="random_weighting",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

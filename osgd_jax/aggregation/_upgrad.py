@@ -108,6 +108,8 @@ def upgrad(
     num_exits=num_exits,
     granularity=granularity,
     name="upgrad",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

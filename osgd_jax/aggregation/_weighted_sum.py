@@ -331,7 +331,12 @@ def weighted_sum(
     num_exits = fixed.shape[0]
     weighting = functools.partial(constant_weighting, weights=fixed)
   return _engine.from_weighting(
-    weighting, num_exits=num_exits, granularity=granularity, name=name
+    weighting,
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 
