@@ -169,7 +169,7 @@ def value_and_per_exit_grads(
     ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
     >>> type(grads).__name__, grads["stages"][0]["head"]["linear"][
     ...     "kernel"].shape
-    ('State', (3, 16, 10))
+    ('State', (3, 64, 10))
   """
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
   if staged not in (None, True, False):
