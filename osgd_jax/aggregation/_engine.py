@@ -415,8 +415,8 @@ def stacked_transformation(
 
 def from_weighting(
   weighting: Weighting | StatefulWeighting,
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   name: str = "from_weighting",
 ) -> optax.GradientTransformationExtraArgs:
@@ -468,6 +468,7 @@ def from_weighting(
     >>> [round(u, 4) for u in updates["w"].tolist()]   # weights 0.2 and 1.8
     [-0.2, -5.4]
   """
+  _checks.check_not_num_exits(weighting, "weighting", name, num_exits)
   num_exits = _checks.check_num_exits(num_exits, name)
   _checks.check_granularity(granularity, name)
   if not isinstance(weighting, StatefulWeighting):

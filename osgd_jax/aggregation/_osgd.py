@@ -183,12 +183,13 @@ def _osgd_state(weights, exit_norms, cosine, residual_sq, sizes) -> OsgdState:
 
 
 def osgd(
+  num_exits: int | None = None,
+  *,
   granularity: Granularity = "leaf",
   method: OsgdMethod = "gram",
   order: Sequence[int] | None = None,
   tol: float = orthogonalize.DEFAULT_TOL,
   rescale: bool = False,
-  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Orthogonalized SGD: projects per-exit gradients in priority order and sums.
 
@@ -359,7 +360,7 @@ def osgd_sgd(
   Equivalent to::
 
     optax.chain(
-        osgd(granularity, method, order, tol, rescale, num_exits),
+        osgd(num_exits, granularity=..., method=..., ...),
         # only with sgd_after: switch_to_sum(osgd(...), sgd_after)
         optax.add_decayed_weights(weight_decay),
         optax.trace(decay=momentum, nesterov=nesterov),
@@ -408,20 +409,24 @@ def osgd_sgd(
     >>> # Injected, weight_decay is an array, so the decay step needs params.
     >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
-  for name, value in (
-    ("learning_rate", learning_rate),
-    ("momentum", momentum),
-    ("weight_decay", weight_decay),
-  ):
-    if _checks.is_checkable_number(value) and not math.isfinite(value):
-      raise ValueError(
-        f"osgd_sgd: {name} must be a finite number, got {value}; a"
-        " non-finite one makes every update NaN."
-      )
+  # osgd_sgd(4) written for K = 4 would read 4 as the learning rate.
+  _checks.check_not_num_exits(
+    learning_rate, "learning_rate", "osgd_sgd", num_exits
+  )
+  _checks.check_finite(learning_rate, "learning_rate", "osgd_sgd")
+  _checks.check_fraction(momentum, "momentum", "osgd_sgd")
+  _checks.check_nonnegative(weight_decay, "weight_decay", "osgd_sgd")
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms: list[optax.GradientTransformation] = [
-    osgd(granularity, method, order, tol, rescale, num_exits)
+    osgd(
+      num_exits,
+      granularity=granularity,
+      method=method,
+      order=order,
+      tol=tol,
+      rescale=rescale,
+    )
   ]
   if sgd_after is not None:
     transforms[0] = switch_to_sum(transforms[0], sgd_after)
