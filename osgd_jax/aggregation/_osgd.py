@@ -210,13 +210,24 @@ def osgd(
 
   ``osgd`` must be the first transformation of a chain; what follows sees
   ordinary gradients. See the module docstring for combinators that cannot
-  wrap it.
+  wrap it. Clipping goes *after* it (``optax.clip_by_global_norm`` before
+  ``osgd`` would clip the K exits jointly and change their relative
+  scales), and so do weight decay and the learning rate or its schedule::
+
+    optax.chain(osgd(K), optax.clip_by_global_norm(1.0),
+                optax.add_decayed_weights(5e-4),
+                optax.sgd(optax.cosine_decay_schedule(0.1, 1000), 0.9))
 
   References:
     Wan, Hoffmann, Lu & Maire, *Orthogonalized SGD and Nested Architectures
     for Anytime Neural Networks*, ICML 2020. https://arxiv.org/abs/2008.06635
 
   Args:
+    num_exits: K, the number of exits (the leading axis of the stacked
+      gradients); the one positional parameter. Required unless ``order``
+      gives it: the state's shapes are fixed at ``init``, for
+      ``jax.lax.scan`` over steps and for restoring a checkpoint onto
+      ``tx.init(params)``.
     granularity: ``"leaf"`` projects each parameter tensor separately (the
       default, an assumption: the paper does not say); ``"global"`` projects
       the whole flattened parameter vector.
@@ -229,9 +240,6 @@ def osgd(
     tol: relative tolerance below which a projected component is degenerate.
     rescale: if True, rescale every kept component ĝ_k to ``‖g_k‖`` (an
       assumption the paper's text does not settle; off by default).
-    num_exits: K. Required unless ``order`` gives it: the state's shapes are
-      fixed at ``init``, for ``jax.lax.scan`` over steps and for restoring a
-      checkpoint onto ``tx.init(params)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
