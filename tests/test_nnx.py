@@ -43,34 +43,58 @@ def _assert_trees_close(a, b, **tolerance):
     np.testing.assert_allclose(u, v, **tolerance)
 
 
-@pytest.mark.parametrize("staged", [None, False])
-def test_zoo_training_step_updates_batchnorm_like_split_merge(staged):
+@pytest.fixture(scope="module")
+def branched():
+  """One tiny branched zoo model and its batch; tests take clones of it."""
+  return tiny_net("branched-mlp")
+
+
+def test_zoo_training_step_updates_batchnorm_like_split_merge(
+  branched, monkeypatch
+):
   """The done-when test of the NNX path: statistics move, once, as written
-  out by hand with nnx.split/nnx.merge; so do the parameters."""
-  model, x, y = tiny_net("branched-mlp")
+  out by hand with nnx.split/nnx.merge; so do the parameters. A zoo model
+  gets the staged Jacobian by default (auxiliary data too); the vmapped
+  path is compared with split/merge below."""
+  model, x, y = branched
+  model = nnx.clone(model)
   # A clone: split shares the model's Variables, which the step updates.
   graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)
   old_stats = _arrays(nnx.state(model, nnx.BatchStat))
   tx = osgd_jax.osgd_sgd(0.1, num_exits=3)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
+  calls = _count_staged(monkeypatch)
+
+  def with_aux(model, x, y):
+    losses = loss_fn(model, x, y)
+    return losses, {"total": losses.sum()}
+
   @nnx.jit
   def step(model, optimizer, x, y):
-    losses, grads = osgd_jax.value_and_per_exit_grads(loss_fn, staged=staged)(
-      model, x, y
-    )
+    (losses, aux), grads = osgd_jax.value_and_per_exit_grads(
+      with_aux, has_aux=True
+    )(model, x, y)
     optimizer.update(model, grads)
-    return losses, grads
+    return losses, aux, grads
 
-  losses, grads = step(model, optimizer, x, y)
+  losses, aux, grads = step(model, optimizer, x, y)
+  assert len(calls) == 1
 
   # The reference: split by hand, functional per-exit gradients, one update.
   reference = osgd_jax.value_and_per_exit_grads(
     zoo.per_exit_loss_fn(graphdef), has_aux=True
   )
-  (ref_losses, ref_rest), ref_grads = jax.jit(reference)(params, rest, x, y)
-  updates, _ = tx.update(ref_grads, tx.init(params), params)
-  ref_params = optax.apply_updates(params, updates)
+
+  @jax.jit
+  def reference_step(params, rest, x, y):
+    (losses, rest), grads = reference(params, rest, x, y)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return losses, rest, grads, optax.apply_updates(params, updates)
+
+  ref_losses, ref_rest, ref_grads, ref_params = reference_step(
+    params, rest, x, y
+  )
 
   stats = nnx.state(model, nnx.BatchStat)
   moved = [
@@ -81,6 +105,7 @@ def test_zoo_training_step_updates_batchnorm_like_split_merge(staged):
   ref_stats = nnx.state(nnx.merge(graphdef, params, ref_rest), nnx.BatchStat)
   _assert_trees_close(stats, ref_stats, rtol=1e-6, atol=1e-7)
   _assert_trees_close(losses, ref_losses, rtol=1e-6)
+  np.testing.assert_allclose(aux["total"], ref_losses.sum(), rtol=1e-6)
   assert isinstance(grads, nnx.State)
   _assert_trees_close(grads, ref_grads, rtol=2e-5, atol=1e-6)
   _assert_trees_close(
@@ -88,11 +113,14 @@ def test_zoo_training_step_updates_batchnorm_like_split_merge(staged):
   )
 
 
-def test_eval_mode_leaves_the_statistics_alone():
-  model, x, y = tiny_net("nested-width-mlp")
+def test_eval_mode_leaves_the_statistics_alone(branched):
+  """The model form of the staged function, in eval mode: the statistics
+  stay, and exit 1's rows of the later stages are exact zeros."""
+  model, x, y = branched
+  model = nnx.clone(model)
   model.eval()
   before = _arrays(nnx.state(model, nnx.BatchStat))
-  losses, grads = nnx.jit(osgd_jax.value_and_per_exit_grads(loss_fn))(
+  losses, grads = nnx.jit(osgd_jax.staged_value_and_per_exit_grads(loss_fn))(
     model, x, y
   )
   after = _arrays(nnx.state(model, nnx.BatchStat))
@@ -101,6 +129,10 @@ def test_eval_mode_leaves_the_statistics_alone():
   assert jax.tree.structure(grads) == jax.tree.structure(
     nnx.state(model, nnx.Param)
   )
+  for stage in (1, 2):
+    rows = jax.tree.leaves(grads["stages"][stage])
+    assert all(not np.asarray(leaf[:stage]).any() for leaf in rows)
+    assert any(np.asarray(leaf[stage:]).any() for leaf in rows)
 
 
 class _DropoutTwoExit(nnx.Module):
@@ -196,57 +228,51 @@ _NOT_STAGED = [
 
 
 @pytest.mark.parametrize(("fn", "match"), _NOT_STAGED)
-def test_loss_functions_the_staged_jacobian_cannot_read(fn, match, monkeypatch):
-  """Refused by name with staged=True; by default the vmapped path gives
-  the gradients of the loss as written (checked against split/merge)."""
-  model, x, y = tiny_net("branched-mlp")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def test_loss_functions_the_staged_jacobian_cannot_read(fn, match, branched):
+  """Refused by name with staged=True; the default then takes the vmapped
+  path (the same decision, returned instead of raised: see below)."""
+  model, x, y = branched
   with pytest.raises(ValueError, match=match) as raised:
     osgd_jax.value_and_per_exit_grads(fn, staged=True)(nnx.clone(model), x, y)
   assert "staged=False" in str(raised.value)
+
+
+def _all_of_them(model, x, y):
+  """Writes the state, reads a parameter directly, calls the model twice."""
+  return _writes_state(model, x, y) + _weight_penalty(model, x, y)
+
+
+def test_by_default_such_losses_get_the_vmapped_gradients(
+  branched, monkeypatch
+):
+  """The gradients of the loss as written, and the statistics as the loss
+  leaves them (written, then moved twice), checked against split/merge.
+  One loss does all the staged Jacobian refuses: the same path for each."""
+  model, x, y = branched
+  model = nnx.clone(model)
+  graphdef, params, rest = nnx.split(nnx.clone(model), nnx.Param, ...)
   calls = _count_staged(monkeypatch)
-  losses, grads = osgd_jax.value_and_per_exit_grads(fn)(model, x, y)
-  assert not calls
 
   def split_loss(params, rest, x, y):
     copy = nnx.merge(graphdef, params, rest, copy=True)
-    return fn(copy, x, y)
+    return _all_of_them(copy, x, y), nnx.state(copy, nnx.BatchStat)
 
-  ref_losses, ref_grads = osgd_jax.value_and_per_exit_grads(split_loss)(
-    params, rest, x, y
+  # One compile for both: compilation dominates on a CPU.
+  @nnx.jit
+  def both(model, params, rest, x, y):
+    out = osgd_jax.value_and_per_exit_grads(_all_of_them)(model, x, y)
+    reference = osgd_jax.value_and_per_exit_grads(split_loss, has_aux=True)
+    return out, reference(params, rest, x, y)
+
+  (losses, grads), ((ref_losses, ref_stats), ref_grads) = both(
+    model, params, rest, x, y
   )
+  assert not calls
   _assert_trees_close(losses, ref_losses, rtol=1e-6)
   _assert_trees_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
-
-
-def test_a_zoo_model_gets_the_staged_jacobian_by_default(monkeypatch):
-  model, x, y = tiny_net("nested-depth-mlp")
-  reference = nnx.clone(model)
-  calls = _count_staged(monkeypatch)
-
-  def with_aux(model, x, y):
-    losses = loss_fn(model, x, y)
-    return losses, {"total": losses.sum()}
-
-  (losses, aux), grads = osgd_jax.value_and_per_exit_grads(
-    with_aux, has_aux=True
-  )(model, x, y)
-  assert len(calls) == 1
-  (ref_losses, ref_aux), ref_grads = osgd_jax.value_and_per_exit_grads(
-    with_aux, has_aux=True, staged=False
-  )(reference, x, y)
-  _assert_trees_close(losses, ref_losses, rtol=1e-6)
-  np.testing.assert_allclose(aux["total"], ref_aux["total"], rtol=1e-6)
-  _assert_trees_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
   _assert_trees_close(
-    nnx.state(model, nnx.BatchStat), nnx.state(reference, nnx.BatchStat)
+    nnx.state(model, nnx.BatchStat), ref_stats, rtol=1e-6, atol=1e-7
   )
-  # The model form of the staged function itself gives the same.
-  again = nnx.clone(reference)
-  (_, _), staged_grads = osgd_jax.staged_value_and_per_exit_grads(
-    with_aux, has_aux=True
-  )(again, x, y)
-  _assert_trees_close(staged_grads, ref_grads, rtol=1e-5, atol=1e-6)
 
 
 def test_staged_option_errors():
@@ -266,9 +292,9 @@ def test_staged_option_errors():
     osgd_jax.staged_value_and_per_exit_grads(3)  # type: ignore[arg-type]
 
 
-def test_split_with_param_alone_is_what_fails_on_a_zoo_model():
+def test_split_with_param_alone_is_what_fails_on_a_zoo_model(branched):
   """The recipe the guide gives: nnx.split(model, nnx.Param, ...)."""
-  model, _, _ = tiny_net("branched-mlp")
+  model, _, _ = branched
   with pytest.raises(ValueError, match="Non-exhaustive filters"):
     nnx.split(model, nnx.Param)
   _, params, rest = nnx.split(model, nnx.Param, ...)
