@@ -247,8 +247,12 @@ def osgd(
 
   Raises:
     ValueError: a bad option, or no ``num_exits`` (at construction);
-      gradients that are not stacked ``(K, *param.shape)`` float arrays with
-      the right K (at trace time, naming the leaf).
+      gradients that are not stacked ``(K, *param.shape)`` real float
+      arrays with the right K, or a state this transformation's ``init``
+      did not make (at trace time, naming the leaf or field). Without
+      ``params``, unstacked gradients cannot always be told from stacked
+      ones: when every parameter's first dimension happens to be K, they
+      pass as K rows. Pass ``params`` to ``update`` and they are refused.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -301,6 +305,9 @@ def osgd(
     leaves = jax.tree.leaves(updates)
     if not leaves:
       return updates, state
+    _engine.check_state(
+      state, init_fn, updates, params, num_exits=num_exits, name=_NAME
+    )
     sizes = tuple(math.prod(np.shape(leaf)[1:]) for leaf in leaves)
     if method == "gram":
       new_updates, inner = projection.update(
