@@ -33,8 +33,9 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
+from osgd_jax._loss_checks import check_aux_pair, check_loss_vector
 from osgd_jax.dataflow import check_exit_dependencies
-from osgd_jax.grads import check_aux_pair, check_loss_vector
+from osgd_jax.zoo.base import AnytimeNet, replaced_call
 
 __all__ = ["ROWS", "staged_value_and_per_exit_grads"]
 
@@ -168,7 +169,7 @@ def _staged_backward(
 
 def staged_value_and_per_exit_grads(
   graphdef: Any,
-  loss_fn: Callable[..., Any],
+  loss_fn: Callable[..., Any] | None = None,
   has_aux: bool = False,
   rows: str = "auto",
 ) -> Callable[..., tuple[Any, Any]]:
@@ -191,12 +192,28 @@ def staged_value_and_per_exit_grads(
     exit's (checked on the jaxpr of ``loss_fn``; ``jax.lax.stop_gradient``
     on the later logits is fine).
 
+  Two forms. **With a model** (as ``nnx.value_and_grad``):
+  ``staged_value_and_per_exit_grads(loss_fn)(model, *args)`` with
+  ``loss_fn(model, *args)`` written as for
+  :func:`~osgd_jax.grads.value_and_per_exit_grads`, which calls the model
+  exactly once, ``model(x)`` on one of ``args`` as passed, and reaches the
+  parameters only through that call. It returns ``(losses, grads)``
+  (``((losses, aux), grads)`` with ``has_aux``), ``grads`` an ``nnx.State``
+  of the parameters with leaves ``(K, *param.shape)``, and updates the
+  model's other state (BatchNorm statistics) in place, once. A loss
+  function that does not fit is refused with the reason;
+  :func:`~osgd_jax.grads.value_and_per_exit_grads` then takes the vmapped
+  path instead. **Functional**: ``staged_value_and_per_exit_grads(graphdef,
+  loss_fn)(params, rest, x, *loss_args)`` as below.
+
   Args:
     graphdef: the graph definition of an :class:`~osgd_jax.zoo.AnytimeNet`,
-      from ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``.
+      from ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
+      or, in the model form, the loss function ``loss_fn(model, *args)``.
     loss_fn: ``loss_fn(stacked_logits, *loss_args)`` with ``stacked_logits``
       of shape ``(K, batch, classes)``, returning the ``(K,)`` vector of exit
-      losses, exit 1 first (or ``(losses, aux)`` with ``has_aux``).
+      losses, exit 1 first (or ``(losses, aux)`` with ``has_aux``). Left
+      out in the model form.
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
     rows: how a stage's VJP runs for its exits: ``"batched"`` (one vmapped
       VJP), ``"looped"`` (one VJP per exit, unrolled), or ``"auto"`` (looped
@@ -204,7 +221,8 @@ def staged_value_and_per_exit_grads(
       GPU/TPU). The results agree to float rounding.
 
   Returns:
-    A function ``fn(params, rest, x, *loss_args)`` returning
+    In the model form, ``fn(model, *args)`` as described above. Otherwise
+    a function ``fn(params, rest, x, *loss_args)`` returning
     ``((losses, new_rest), grads)``, or ``((losses, aux, new_rest), grads)``
     with ``has_aux``. ``new_rest`` is the non-parameter state after the
     forward pass (updated BatchNorm statistics in train mode); every leaf of
@@ -213,7 +231,9 @@ def staged_value_and_per_exit_grads(
 
   Raises:
     ValueError: at construction, if ``graphdef`` is not an ``nnx.GraphDef``
-      or ``rows`` is unknown;
+      (nor, without ``loss_fn``, a function) or ``rows`` is unknown; in
+      the model form, at trace time, if the model is not an AnytimeNet or
+      ``loss_fn`` does not fit (the message says why);
       at trace time, if the model has no ``stages``, a variable is shared
       between stages or lies outside them, ``loss_fn`` does not return a
       non-empty 1-D floating-point vector of length K, or an exit's loss
@@ -237,14 +257,35 @@ def staged_value_and_per_exit_grads(
     >>> losses.shape, head_2.shape, bool((head_2[0] == 0).all())
     ((3,), (3, 8, 10), True)
   """
-  fn_name = getattr(loss_fn, "__name__", "loss_fn")
   if rows not in ROWS:
     raise ValueError(f"rows must be one of {ROWS}, got {rows!r}.")
-  if not isinstance(graphdef, nnx.GraphDef):
+  if loss_fn is None and callable(graphdef):
+    module_loss_fn = graphdef
+    module_fn_name = getattr(module_loss_fn, "__name__", "loss_fn")
+
+    def value_and_grads_of_model(model, *args):
+      out = staged_module_value_and_grads(
+        module_loss_fn,
+        model,
+        args,
+        has_aux=has_aux,
+        rows=rows,
+        required=True,
+        fn_name=module_fn_name,
+      )
+      assert out is not None  # required=True raises instead
+      return out
+
+    return value_and_grads_of_model
+  fn_name = getattr(loss_fn, "__name__", "loss_fn")
+  if loss_fn is None or not isinstance(graphdef, nnx.GraphDef):
     raise ValueError(
       "staged_value_and_per_exit_grads takes the graphdef of an anytime"
       " network, from `graphdef, params, rest = nnx.split(model,"
-      f" nnx.Param, ...)`, but got a {type(graphdef).__name__}."
+      f" nnx.Param, ...)`, and a loss function, but got a"
+      f" {type(graphdef).__name__} and a {type(loss_fn).__name__}; or,"
+      " for a model, the loss function alone:"
+      " `staged_value_and_per_exit_grads(loss_fn)(model, x, y)`."
     )
 
   def value_and_grads(params, rest, x, *loss_args):
@@ -345,3 +386,156 @@ def staged_value_and_per_exit_grads(
     return (losses, new_rest), grads
 
   return value_and_grads
+
+
+def _params_read(closed: Any, num_params: int) -> bool:
+  """Whether a jaxpr reads any of its first ``num_params`` inputs."""
+  params = {id(v) for v in closed.jaxpr.invars[:num_params]}
+  used = [v for eqn in closed.jaxpr.eqns for v in eqn.invars]
+  used += list(closed.jaxpr.outvars)
+  return any(id(v) in params for v in used)
+
+
+def _loss_of_logits(
+  loss_fn: Callable[..., Any],
+  model: AnytimeNet,
+  args: tuple[Any, ...],
+  has_aux: bool,
+  fn_name: str,
+) -> tuple[Any, Callable[..., Any]] | str:
+  """Reads ``loss_fn(model, *args)`` as a loss of the model's logits.
+
+  The staged Jacobian runs the forward itself, so it needs the loss as a
+  function of the stacked logits. It gets it by calling ``loss_fn`` on a
+  copy of the model whose one call returns the logits it is given. That is
+  exact only if ``loss_fn`` reaches the parameters through that one call of
+  the whole model on one of its own arguments, and changes no state of its
+  own: each is checked on a trace, and the first one that fails is
+  returned as a sentence (the caller falls back to the vmapped VJP, or
+  reports it when the staged Jacobian was asked for).
+
+  Returns:
+    ``(x, loss)``: the model's input and ``loss(stacked_logits)``; or the
+    reason why ``loss_fn`` cannot be read so.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  num_exits = len(model.stages)
+  calls = []
+
+  def discover():
+    copy = nnx.merge(graphdef, params, rest, copy=True)
+
+    def record(x, upto):
+      with replaced_call(None, record):  # this one call runs as usual
+        out = copy(x, upto=upto)
+      calls.append((x, upto, jax.ShapeDtypeStruct(out.shape, out.dtype)))
+      return out
+
+    with replaced_call(copy, record):
+      return loss_fn(copy, *args)
+
+  jax.eval_shape(discover)
+  if len(calls) != 1:
+    return (
+      f"{fn_name} calls the model {len(calls)} times; the staged Jacobian"
+      " needs exactly one call `model(x)`"
+    )
+  x, upto, logits = calls[0]
+  if upto not in (None, num_exits):
+    return (
+      f"{fn_name} calls the model with upto={upto!r}; the staged Jacobian"
+      " needs all K exits"
+    )
+  if not any(x is leaf for leaf in jax.tree.leaves(args)):
+    return (
+      f"{fn_name} computes the model's input itself; the staged Jacobian"
+      " needs `model(x)` on one of the arguments as it was passed"
+    )
+
+  def loss_of(p, stacked_logits):
+    copy = nnx.merge(graphdef, p, rest, copy=True)
+    with replaced_call(copy, lambda x, upto: stacked_logits):
+      out = loss_fn(copy, *args)
+    new_rest = nnx.state(copy, nnx.Not(nnx.Param))
+    changed.extend(
+      a is not b
+      for a, b in zip(
+        jax.tree.leaves(new_rest), jax.tree.leaves(rest), strict=True
+      )
+    )
+    return out
+
+  changed = []
+  closed = jax.make_jaxpr(loss_of)(params, logits)
+  if _params_read(closed, len(jax.tree.leaves(params))):
+    return (
+      f"{fn_name} reads the model's parameters other than through"
+      " `model(x)` (e.g. a penalty on the weights)"
+    )
+  if any(changed):
+    return f"{fn_name} changes the model's state other than through model(x)"
+  closed = jax.make_jaxpr(
+    lambda *exit_logits: loss_of(params, jnp.stack(exit_logits))
+  )(*[jax.ShapeDtypeStruct(logits.shape[1:], logits.dtype)] * num_exits)
+  try:
+    check_exit_dependencies(closed, num_exits, fn_name)
+  except ValueError as error:
+    return str(error).rstrip(".")
+
+  def stacked_loss(stacked_logits):
+    return loss_of(params, stacked_logits)
+
+  stacked_loss.__name__ = fn_name  # the name the staged checks report
+  return x, stacked_loss
+
+
+def staged_module_value_and_grads(
+  loss_fn: Callable[..., Any],
+  model: Any,
+  args: tuple[Any, ...],
+  *,
+  has_aux: bool,
+  rows: str,
+  required: bool,
+  fn_name: str,
+) -> tuple[Any, Any] | None:
+  """The staged Jacobian of ``loss_fn(model, *args)`` for an NNX model.
+
+  The model case of :func:`staged_value_and_per_exit_grads` and of
+  :func:`osgd_jax.grads.value_and_per_exit_grads`: returns
+  ``(losses, grads)`` (``((losses, aux), grads)`` with ``has_aux``), with
+  the model's non-parameter state updated in place, or ``None`` when
+  ``loss_fn`` cannot be read as a loss of the logits and ``required`` is
+  false (the caller then uses the vmapped VJP).
+
+  Raises:
+    ValueError: if ``required`` and ``model`` is not an
+      :class:`~osgd_jax.zoo.AnytimeNet` or ``loss_fn`` does not fit, with
+      the reason.
+  """
+  if not isinstance(model, AnytimeNet):
+    if not required:
+      return None
+    raise ValueError(
+      f"The staged Jacobian needs an osgd_jax.zoo.AnytimeNet, but got a"
+      f" {type(model).__name__}; use osgd_jax.value_and_per_exit_grads"
+      " without staged=True for other models."
+    )
+  read = _loss_of_logits(loss_fn, model, args, has_aux, fn_name)
+  if isinstance(read, str):
+    if not required:
+      return None
+    raise ValueError(
+      f"{read}, so the staged Jacobian cannot be used. Write {fn_name} as"
+      " `def loss_fn(model, x, y): return losses_of(model(x), y)` or use"
+      " osgd_jax.value_and_per_exit_grads with staged=False."
+    )
+  x, loss = read
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  fn = staged_value_and_per_exit_grads(graphdef, loss, has_aux, rows)
+  out, grads = fn(params, rest, x)
+  new_rest = out[-1]
+  nnx.update(model, new_rest)
+  if has_aux:
+    return (out[0], out[1]), grads
+  return out[0], grads

@@ -81,10 +81,10 @@ def aligned_mtl_weighting(
 
 
 def aligned_mtl(
+  num_exits: int | None = None,
+  *,
   pref_vector: Sequence[float] | jax.Array | None = None,
   scale_mode: ScaleMode = "min",
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Aligned-MTL: the preference-weighted sum of the aligned gradients.

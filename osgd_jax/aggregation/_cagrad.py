@@ -106,10 +106,10 @@ def cagrad_weighting(
 
 
 def cagrad(
+  num_exits: int | None = None,
+  *,
   c: float = 0.4,
   norm_eps: float = 1e-4,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
   bisections: int = 40,
   max_iter: int = 100,
@@ -141,7 +141,7 @@ def cagrad(
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
-    >>> tx = osgd_jax.cagrad(0.5, num_exits=2)
+    >>> tx = osgd_jax.cagrad(2, c=0.5)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
     >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]

@@ -69,9 +69,9 @@ def config_weighting(
 
 
 def config(
-  pref_vector: Sequence[float] | jax.Array | None = None,
-  *,
   num_exits: int | None = None,
+  *,
+  pref_vector: Sequence[float] | jax.Array | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """ConFIG: a conflict-free direction with equal cosines to every gradient.

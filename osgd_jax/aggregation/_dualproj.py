@@ -61,9 +61,9 @@ def dualproj_weighting(
 
 
 def dualproj(
-  pref_vector: Sequence[float] | jax.Array | None = None,
-  *,
   num_exits: int | None = None,
+  *,
+  pref_vector: Sequence[float] | jax.Array | None = None,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,

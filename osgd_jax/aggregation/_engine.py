@@ -139,6 +139,15 @@ def _leaf_name(path: Any) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
+# How to make stacked gradients, for the errors that meet unstacked ones.
+_HOW_TO_STACK = (
+  "stack the K per-exit gradients on a new leading axis:"
+  " osgd_jax.value_and_per_exit_grads returns them so, or"
+  " jax.tree.map(lambda *g: jnp.stack(g), *per_exit_grads) stacks K"
+  " gradient trees"
+)
+
+
 def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
   """Returns the shared leading size K, or raises naming the offending leaf."""
   first_path, first = flat[0]
@@ -149,6 +158,12 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
         f" but leaf {_leaf_name(path)} is a scalar. Compute the gradients"
         " with osgd_jax.value_and_per_exit_grads."
       )
+    if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+      raise ValueError(
+        f"gradient leaf {_leaf_name(path)} has complex dtype {leaf.dtype};"
+        f" {name} takes real gradients only: keep the real and imaginary"
+        " parts as two real parameters."
+      )
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise ValueError(
         f"gradient leaf {_leaf_name(path)} has non-float dtype {leaf.dtype};"
@@ -158,7 +173,8 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
       raise ValueError(
         f"all gradient leaves must share the leading exit axis K, but leaf"
         f" {_leaf_name(first_path)} has K={first.shape[0]} and leaf"
-        f" {_leaf_name(path)} has K={leaf.shape[0]}."
+        f" {_leaf_name(path)} has K={leaf.shape[0]}. If these are"
+        f" unstacked (parameter-shaped) gradients, {_HOW_TO_STACK}."
       )
   if first.shape[0] == 0:
     raise ValueError(
@@ -168,9 +184,8 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
   return first.shape[0]
 
 
-def _check_against_params(
-  flat: list[tuple[Any, Any]], treedef: Any, params: Any
-) -> None:
+def _check_structure(treedef: Any, params: Any) -> list[Any]:
+  """The params' leaves, once their structure is the gradients'."""
   flat_params, params_treedef = jax.tree_util.tree_flatten_with_path(params)
   if params_treedef != treedef:
     raise ValueError(
@@ -178,7 +193,28 @@ def _check_against_params(
       f" {treedef} vs {params_treedef}. Pass the params the gradients were"
       " taken with respect to."
     )
-  for (path, leaf), (_, param) in zip(flat, flat_params, strict=True):
+  return [param for _, param in flat_params]
+
+
+def _check_unstacked(
+  flat: list[tuple[Any, Any]], params: list[Any], name: str
+) -> None:
+  """Refuses gradients shaped like the params: one gradient, not K."""
+  if all(
+    np.shape(leaf) == np.shape(param)
+    for (_, leaf), param in zip(flat, params, strict=True)
+  ):
+    raise ValueError(
+      f"{name} takes per-exit gradients stacked as (K, *param.shape), but"
+      " every gradient leaf has its parameter's shape: these are unstacked"
+      f" gradients. {_HOW_TO_STACK[0].upper()}{_HOW_TO_STACK[1:]}."
+    )
+
+
+def _check_against_params(
+  flat: list[tuple[Any, Any]], params: list[Any]
+) -> None:
+  for (path, leaf), param in zip(flat, params, strict=True):
     if tuple(leaf.shape[1:]) != tuple(np.shape(param)):
       shape = ", ".join(map(str, np.shape(param)))
       raise ValueError(
@@ -209,9 +245,10 @@ def read_stacked(
     A :class:`StackedGradients`, or ``None`` for a tree without leaves.
 
   Raises:
-    ValueError: at trace time, naming the leaf: a scalar or integer leaf,
-      leaves with different K, a K other than ``num_exits``, or a shape that
-      does not match its parameter.
+    ValueError: at trace time, naming the leaf: a scalar, integer or
+      complex leaf, leaves with different K, a K other than ``num_exits``,
+      unstacked gradients (every leaf shaped like its parameter, when
+      ``params`` is given), or a shape that does not match its parameter.
 
   Example:
     >>> import jax.numpy as jnp
@@ -223,14 +260,25 @@ def read_stacked(
   flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
   if not flat:
     return None
+  flat_params = None
+  if params is not None:
+    flat_params = _check_structure(treedef, params)
+    _check_unstacked(flat, flat_params, name)
   k = _check_leaves(flat, name)
   if k != num_exits:
+    # Without params, unstacked gradients whose every leading dimension
+    # happens to be the same look stacked; so the advice starts there.
     raise ValueError(
-      f"the stacked gradients have K={k} exits but {name} was built with"
-      f" num_exits={num_exits}; build it with num_exits={k}."
+      f"the gradients have K={k} exits but {name} was built with"
+      f" num_exits={num_exits} (K={k} is every leaf's leading axis)."
+      " If these are unstacked"
+      f" gradients, {_HOW_TO_STACK}; pass params to update so that the"
+      " shapes are checked. Only if they really are stacked for K="
+      f"{k} exits, build {name} with num_exits={k} and its state with"
+      " that transformation's init."
     )
-  if params is not None:
-    _check_against_params(flat, treedef, params)
+  if flat_params is not None:
+    _check_against_params(flat, flat_params)
   leaves = [leaf for _, leaf in flat]
   compute_dtype = jnp.result_type(jnp.float32, *[leaf.dtype for leaf in leaves])
   sizes = tuple(math.prod(leaf.shape[1:]) for leaf in leaves)
@@ -416,13 +464,53 @@ def init_weighting_state(
   )
 
 
-def check_groups(weighting_state: Any, groups: int, name: str) -> None:
-  for leaf in jax.tree.leaves(weighting_state):
-    if leaf.shape[0] != groups:
+def check_state(
+  state: Any,
+  init_fn: optax.TransformInitFn,
+  updates: optax.Updates,
+  params: optax.Params | None,
+  *,
+  num_exits: int,
+  name: str,
+) -> None:
+  """Refuses a state that ``init_fn`` would not make for these gradients.
+
+  A state made for another K (or other params) has other shapes: taken as
+  it is, it would change shape under ``jax.lax.scan`` or fail inside the
+  update with a broadcasting error. Its shapes are compared with those of
+  ``init_fn`` on the params (or, without them, on the gradients' parameter
+  shapes); dtypes are not, since ``init`` may see other params' dtypes.
+
+  Raises:
+    ValueError: naming the first state field whose shape differs, or the
+      two structures; the fix is to make the state with this ``init``.
+  """
+  if params is None:
+    params = jax.tree.map(
+      lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], jnp.result_type(g)),
+      updates,
+    )
+  expected = jax.eval_shape(init_fn, params)
+  fix = (
+    f" The state was made by another transformation's init (another"
+    f" num_exits, or other params); make it with this one's:"
+    f" state = tx.init(params) for {name}(num_exits={num_exits})."
+  )
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+  flat_expected, expected_treedef = jax.tree_util.tree_flatten_with_path(
+    expected
+  )
+  if treedef != expected_treedef:
+    raise ValueError(
+      f"{name}'s state has structure {treedef}, but its init makes"
+      f" {expected_treedef}.{fix}"
+    )
+  for (path, leaf), (_, want) in zip(flat, flat_expected, strict=True):
+    if tuple(np.shape(leaf)) != tuple(want.shape):
       raise ValueError(
-        f"{name}'s state holds the weighting's state for {leaf.shape[0]}"
-        f" groups but the gradients form {groups}; initialise the state"
-        " with tx.init(params) for the params these gradients are of."
+        f"{name}'s state field {_leaf_name(path)} has shape"
+        f" {tuple(np.shape(leaf))}, but {name} with num_exits={num_exits}"
+        f" makes it {tuple(want.shape)} for these gradients.{fix}"
       )
 
 
@@ -462,7 +550,8 @@ def stacked_transformation(
   """A transformation whose update starts from checked stacked gradients.
 
   Every aggregator's ``update`` checks the stacked gradients against
-  ``num_exits`` and ``params``, forms their Gram matrices, passes a tree
+  ``num_exits`` and ``params`` and the state against what ``init_fn``
+  makes (:func:`check_state`), forms their Gram matrices, passes a tree
   without leaves through, and runs in a ``jax.named_scope`` of its name;
   this is that part, once.
 
@@ -484,6 +573,9 @@ def stacked_transformation(
       )
       if stacked is None:
         return updates, state
+      check_state(
+        state, init_fn, updates, params, num_exits=num_exits, name=name
+      )
       return apply_fn(stacked, state, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -491,8 +583,8 @@ def stacked_transformation(
 
 def from_weighting(
   weighting: Weighting | StatefulWeighting,
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   name: str = "from_weighting",
   gram_degree: float | None = None,
@@ -539,8 +631,13 @@ def from_weighting(
 
   Raises:
     ValueError: a bad ``num_exits`` or ``granularity`` (at construction);
-      gradients that are not stacked ``(K, *param.shape)`` float arrays with
-      ``K == num_exits`` (at trace time, naming the leaf).
+      gradients that are not stacked ``(K, *param.shape)`` real float
+      arrays with ``K == num_exits``, or a state this transformation's
+      ``init`` did not make (at trace time, naming the leaf or field).
+      Without ``params``, unstacked gradients cannot always be told from
+      stacked ones: when every parameter's first dimension happens to be
+      K, they pass as K rows. Pass ``params`` to ``update`` and such
+      gradients are refused.
 
   Example:
     >>> import jax.numpy as jnp, optax, osgd_jax
@@ -555,6 +652,7 @@ def from_weighting(
     >>> [round(u, 4) for u in updates["w"].tolist()]   # weights 0.2 and 1.8
     [-0.2, -5.4]
   """
+  _checks.check_not_num_exits(weighting, "weighting", name, num_exits)
   num_exits = _checks.check_num_exits(num_exits, name)
   _checks.check_granularity(granularity, name)
   if not isinstance(weighting, StatefulWeighting):
@@ -581,7 +679,6 @@ def from_weighting(
     grams, exponents = group_grams(
       stacked.grams, stacked.exponents, granularity
     )
-    check_groups(state.weighting_state, grams.shape[0], name)
     weights, weighting_state = weigh_groups(
       stateful,
       grams,

@@ -57,9 +57,9 @@ def _fair_degree(alpha: float | jax.Array) -> float | None:
 
 
 def fairgrad(
-  alpha: float = 1.0,
-  *,
   num_exits: int | None = None,
+  *,
+  alpha: float = 1.0,
   granularity: Granularity = "global",
   max_iter: int = 50,
 ) -> optax.GradientTransformationExtraArgs:
@@ -83,7 +83,7 @@ def fairgrad(
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
-    >>> tx = osgd_jax.fairgrad(1.0, num_exits=2)
+    >>> tx = osgd_jax.fairgrad(2, alpha=1.0)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
     >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]   # ⟨g_k, u⟩ = 1/w_k

@@ -106,11 +106,11 @@ class GradVacState(NamedTuple):
 
 
 def gradvac(
+  num_exits: int | None = None,
+  *,
   beta: float = 0.5,
   eps: float = 1e-8,
   seed: int = 0,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient Vaccine: every pair's cosine raised to a running target.

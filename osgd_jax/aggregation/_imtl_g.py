@@ -66,8 +66,8 @@ def imtl_g_weighting(gram: jax.Array) -> jax.Array:
 
 
 def imtl_g(
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """IMTL-G: the update with equal projections on every exit's unit gradient.

@@ -67,10 +67,10 @@ def krum_weighting(
 
 
 def krum(
+  num_exits: int | None = None,
+  *,
   n_byzantine: int = 0,
   n_selected: int = 1,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Krum: the gradient(s) nearest their neighbours, robust to outliers.

@@ -47,8 +47,8 @@ def mgda_weighting(
 
 
 def mgda(
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,

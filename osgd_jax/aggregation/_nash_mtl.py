@@ -79,10 +79,10 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl(
+  num_exits: int | None = None,
+  *,
   max_norm: float = 1.0,
   update_weights_every: int = 1,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
   max_iter: int = 50,
 ) -> optax.GradientTransformationExtraArgs:

@@ -44,7 +44,6 @@ it:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -176,12 +175,13 @@ def _osgd_state(
 
 
 def osgd(
+  num_exits: int | None = None,
+  *,
   granularity: Granularity = "leaf",
   method: OsgdMethod = "gram",
   order: Sequence[int] | None = None,
   tol: float = orthogonalize.DEFAULT_TOL,
   rescale: bool = False,
-  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Orthogonalized SGD: projects per-exit gradients in priority order and sums.
 
@@ -202,13 +202,24 @@ def osgd(
 
   ``osgd`` must be the first transformation of a chain; what follows sees
   ordinary gradients. See the module docstring for combinators that cannot
-  wrap it.
+  wrap it. Clipping goes *after* it (``optax.clip_by_global_norm`` before
+  ``osgd`` would clip the K exits jointly and change their relative
+  scales), and so do weight decay and the learning rate or its schedule::
+
+    optax.chain(osgd(K), optax.clip_by_global_norm(1.0),
+                optax.add_decayed_weights(5e-4),
+                optax.sgd(optax.cosine_decay_schedule(0.1, 1000), 0.9))
 
   References:
     Wan, Hoffmann, Lu & Maire, *Orthogonalized SGD and Nested Architectures
     for Anytime Neural Networks*, ICML 2020. https://arxiv.org/abs/2008.06635
 
   Args:
+    num_exits: K, the number of exits (the leading axis of the stacked
+      gradients); the one positional parameter. Required unless ``order``
+      gives it: the state's shapes are fixed at ``init``, for
+      ``jax.lax.scan`` over steps and for restoring a checkpoint onto
+      ``tx.init(params)``.
     granularity: ``"leaf"`` projects each parameter tensor separately (the
       default, an assumption: the paper does not say); ``"global"`` projects
       the whole flattened parameter vector.
@@ -221,9 +232,6 @@ def osgd(
     tol: relative tolerance below which a projected component is degenerate.
     rescale: if True, rescale every kept component ĝ_k to ``‖g_k‖`` (an
       assumption the paper's text does not settle; off by default).
-    num_exits: K. Required unless ``order`` gives it: the state's shapes are
-      fixed at ``init``, for ``jax.lax.scan`` over steps and for restoring a
-      checkpoint onto ``tx.init(params)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -231,8 +239,12 @@ def osgd(
 
   Raises:
     ValueError: a bad option, or no ``num_exits`` (at construction);
-      gradients that are not stacked ``(K, *param.shape)`` float arrays with
-      the right K (at trace time, naming the leaf).
+      gradients that are not stacked ``(K, *param.shape)`` real float
+      arrays with the right K, or a state this transformation's ``init``
+      did not make (at trace time, naming the leaf or field). Without
+      ``params``, unstacked gradients cannot always be told from stacked
+      ones: when every parameter's first dimension happens to be K, they
+      pass as K rows. Pass ``params`` to ``update`` and they are refused.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -279,7 +291,6 @@ def osgd(
     grams, exponents = _engine.group_grams(
       stacked.grams, stacked.exponents, granularity
     )
-    _engine.check_groups(state.projected_sq_norms, grams.shape[0], _NAME)
     # Gram–Schmidt weights are scale-invariant, so the scaled Gram matrices
     # serve as they are; the group's size bounds its rank.
     weights, residual_sq = jax.vmap(
@@ -312,6 +323,9 @@ def osgd(
         updates, num_exits=num_exits, params=params, name=_NAME
       )
       assert stacked is not None  # a tree without leaves returned above
+      _engine.check_state(
+        state, init_fn, updates, params, num_exits=num_exits, name=_NAME
+      )
       if method == "gram":
         return gram_update(stacked, state)
       outs, residual_sq, (weights, exponents) = (
@@ -361,7 +375,7 @@ def osgd_sgd(
   Equivalent to::
 
     optax.chain(
-        osgd(granularity, method, order, tol, rescale, num_exits),
+        osgd(num_exits, granularity=..., method=..., ...),
         # only with sgd_after: switch_to_sum(osgd(...), sgd_after)
         optax.add_decayed_weights(weight_decay),
         optax.trace(decay=momentum, nesterov=nesterov),
@@ -410,20 +424,24 @@ def osgd_sgd(
     >>> # Injected, weight_decay is an array, so the decay step needs params.
     >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
-  for name, value in (
-    ("learning_rate", learning_rate),
-    ("momentum", momentum),
-    ("weight_decay", weight_decay),
-  ):
-    if _checks.is_checkable_number(value) and not math.isfinite(value):
-      raise ValueError(
-        f"osgd_sgd: {name} must be a finite number, got {value}; a"
-        " non-finite one makes every update NaN."
-      )
+  # osgd_sgd(4) written for K = 4 would read 4 as the learning rate.
+  _checks.check_not_num_exits(
+    learning_rate, "learning_rate", "osgd_sgd", num_exits
+  )
+  _checks.check_finite(learning_rate, "learning_rate", "osgd_sgd")
+  _checks.check_fraction(momentum, "momentum", "osgd_sgd")
+  _checks.check_nonnegative(weight_decay, "weight_decay", "osgd_sgd")
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms: list[optax.GradientTransformation] = [
-    osgd(granularity, method, order, tol, rescale, num_exits)
+    osgd(
+      num_exits,
+      granularity=granularity,
+      method=method,
+      order=order,
+      tol=tol,
+      rescale=rescale,
+    )
   ]
   if sgd_after is not None:
     transforms[0] = switch_to_sum(transforms[0], sgd_after)

@@ -98,11 +98,11 @@ class PCDState(NamedTuple):
 
 
 def pcd(
+  num_exits: int | None = None,
+  *,
   tau: float | Sequence[float] = 0.02,
   beta: float = 0.999,
   eps: float = 1e-8,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,

@@ -58,9 +58,9 @@ def pcgrad_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
 
 
 def pcgrad(
-  seed: int = 0,
-  *,
   num_exits: int | None = None,
+  *,
+  seed: int = 0,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """PCGrad: "gradient surgery" that removes conflicting components.

@@ -36,9 +36,9 @@ def random_softmax_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
 
 
 def random_weighting(
-  seed: int = 0,
-  *,
   num_exits: int | None = None,
+  *,
+  seed: int = 0,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Random weighting: ``u = Σ_k w_k g_k``, ``w = softmax(z)``, ``z ~ N(0, I)``.

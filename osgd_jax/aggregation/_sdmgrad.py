@@ -69,13 +69,13 @@ def sdmgrad_weighting(
 
 
 def sdmgrad(
+  num_exits: int | None = None,
+  *,
   lr: float = 10.0,
   momentum: float = 0.5,
   n_iter: int = 20,
   lambda_: float = 0.3,
   pref_vector: Sequence[float] | jax.Array | None = None,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """SDMGrad: MGDA's weights pulled towards a preferred direction (the mean).

@@ -61,8 +61,8 @@ def upgrad_weighting(
 
 
 def upgrad(
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,
