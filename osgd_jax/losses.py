@@ -2,7 +2,8 @@
 
 The zoo models return the logits of all exits stacked on a leading axis;
 :func:`osgd_jax.value_and_per_exit_grads` wants a loss function returning one
-loss per exit. :func:`per_exit_cross_entropy` connects the two.
+loss per exit. :func:`per_exit_cross_entropy` connects the two, for one
+label per example or, for sequence models, one per position.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ def per_exit_cross_entropy(
 ) -> jax.Array:
   """Mean softmax cross-entropy of every exit.
 
+  Exit k's loss is the mean over every label of ``-log softmax(logits[k])``
+  at that label: over the batch, and for sequence logits over the batch and
+  the positions together (the mean next-token cross-entropy of a language
+  model's exit; divided by ``ln 2`` it is the exit's bits per token).
+
   Args:
-    logits: stacked exit logits, shape ``(K, batch, classes)``.
-    labels: integer class labels, shape ``(batch,)``.
+    logits: stacked exit logits, shape ``(K, batch, classes)``, or
+      ``(K, batch, *positions, classes)`` for one label per position, e.g.
+      ``(K, batch, seq, vocab)``.
+    labels: integer class labels, shape ``(batch,)`` (or ``(batch,
+      *positions)``: the logits' shape without the exit and class axes).
     weights: optional per-exit loss weights, shape ``(K,)``; exit k's loss
       is multiplied by ``weights[k]``.
 
@@ -41,25 +50,32 @@ def per_exit_cross_entropy(
     >>> logits = jnp.zeros((3, 4, 10))
     >>> per_exit_cross_entropy(logits, jnp.array([0, 1, 2, 3])).shape
     (3,)
+    >>> tokens = jnp.zeros((4, 7), jnp.int32)  # next tokens, batch 4, seq 7
+    >>> per_exit_cross_entropy(jnp.zeros((3, 4, 7, 256)), tokens).shape
+    (3,)
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
-  if logits.ndim != 3:
+  if logits.ndim < 3:
     raise ValueError(
       "logits must have shape (K, batch, classes) (exits stacked first, as"
-      f" the zoo models return them), got shape {tuple(logits.shape)}. For"
-      " one exit, add the leading axis with `logits[None]`."
+      " the zoo models return them; (K, batch, seq, classes) for sequences),"
+      f" got shape {tuple(logits.shape)}. For one exit, add the leading axis"
+      " with `logits[None]`."
     )
-  k, batch, _ = logits.shape
+  k = logits.shape[0]
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise ValueError(
       f"logits must be floating point, got dtype {logits.dtype}."
     )
-  if labels.ndim != 1 or labels.shape[0] != batch:
+  label_shape = tuple(logits.shape[1:-1])
+  if labels.shape != label_shape:
+    axes = "(batch,)" if len(label_shape) == 1 else "(batch, *positions)"
     raise ValueError(
-      f"labels must be integer class indices of shape (batch,) = ({batch},)"
-      f" to match logits of shape {tuple(logits.shape)}, got shape"
-      f" {tuple(labels.shape)}. Pass class indices, not one-hot vectors."
+      f"labels must be integer class indices of shape {axes} ="
+      f" {label_shape} to match logits of shape {tuple(logits.shape)}, got"
+      f" shape {tuple(labels.shape)}. Pass class indices, not one-hot"
+      " vectors."
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(
@@ -67,9 +83,13 @@ def per_exit_cross_entropy(
       " cast them with `.astype(jnp.int32)`."
     )
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-    logits.astype(dtype), jnp.broadcast_to(labels, (k, batch))
-  ).mean(axis=-1)
+  losses = (
+    optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(dtype), jnp.broadcast_to(labels, (k, *label_shape))
+    )
+    .reshape(k, -1)
+    .mean(axis=-1)
+  )
   if weights is None:
     return losses
   weights = jnp.asarray(weights)
