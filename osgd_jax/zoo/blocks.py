@@ -2,7 +2,11 @@
 
 Each family is written once, against a :class:`Backbone` that says what a
 "layer" is: a 3×3 convolution on NHWC images (``conv``, the ResNet-style
-backbone) or a dense layer on feature vectors (``dense``, the MLP backbone).
+backbone), a width-3 convolution on 1-D signals (``conv1d``, shaped
+``(batch, length, channels)``) or a dense layer on feature vectors
+(``dense``, the MLP backbone). The transformer backbone
+(:mod:`osgd_jax.zoo.transformer`) is a subclass whose layers are pre-norm
+attention blocks.
 The families only wire layers together; the layers themselves live here:
 
 * :class:`Stem` – ``linear -> norm -> relu`` from the input to the first width;
@@ -40,9 +44,11 @@ __all__ = [
   "require_int",
   "Backbone",
   "conv_backbone",
+  "conv1d_backbone",
   "dense_backbone",
   "make_norm",
   "group_norm_groups",
+  "group_widths",
   "fan_in_init",
   "Stem",
   "ResidualLayer",
@@ -51,8 +57,9 @@ __all__ = [
 
 #: The normalisations a backbone's layers can use (``norm=``).
 NORMS = ("batch", "group", "layer", "none")
-#: :class:`Backbone` kinds: 3×3 convolutions on NHWC images, or an MLP.
-BACKBONE_KINDS = ("conv", "dense")
+#: :class:`Backbone` kinds: 3×3 convolutions on NHWC images, width-3
+#: convolutions on 1-D signals, an MLP, or transformer blocks.
+BACKBONE_KINDS = ("conv", "conv1d", "dense", "transformer")
 
 
 def require_int(name: str, value: Any, minimum: int) -> None:
@@ -124,18 +131,23 @@ lecun_normal = fan_in_init(1.0)
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-  """What a layer is: a 3×3 convolution (``conv``) or a dense map (``dense``).
+  """What a layer is: a convolution (``conv``, ``conv1d``) or a dense map.
 
   Every zoo family takes one as its first argument; build it with
-  :func:`conv_backbone` (a ResNet-style network) or :func:`dense_backbone`
-  (an MLP).
+  :func:`conv_backbone` (a ResNet-style network), :func:`conv1d_backbone`
+  (a 1-D ResNet on signals), :func:`dense_backbone` (an MLP) or
+  :func:`~osgd_jax.zoo.transformer.transformer_backbone`. The families make
+  their layers with :meth:`stem`, :meth:`layer` and :meth:`head`.
 
   Attributes:
-    kind: ``"conv"`` for NHWC images, ``"dense"`` for feature vectors.
-    in_features: input channels (``conv``) or input features (``dense``).
+    kind: ``"conv"`` for NHWC images, ``"conv1d"`` for ``(batch, length,
+      channels)`` signals, ``"dense"`` for feature vectors, ``"transformer"``
+      (built by ``transformer_backbone`` only).
+    in_features: input channels (``conv``, ``conv1d``) or input features
+      (``dense``).
     downsamples: how many stride-2 halvings of the resolution the network
-      makes (``conv`` only; always 0 for ``dense``). Each halving doubles the
-      width, as in ResNet.
+      makes (``conv`` and ``conv1d`` only; always 0 otherwise). Each halving
+      doubles the width, as in ResNet.
   """
 
   kind: str
@@ -151,12 +163,41 @@ class Backbone:
       )
     require_int("in_features", self.in_features, 1)
     require_int("downsamples", self.downsamples, 0)
-    if self.kind == "dense" and self.downsamples:
+    if self.kind in ("dense", "transformer") and self.downsamples:
       raise ValueError(
-        f"A dense backbone has no resolution to halve, got downsamples="
-        f"{self.downsamples}; use downsamples=0, or conv_backbone(...) for"
-        " images."
+        f"A {self.kind} backbone has no resolution to halve, got"
+        f" downsamples={self.downsamples}; use downsamples=0, or"
+        " conv_backbone(...) for images."
       )
+
+  @property
+  def spatial_axes(self) -> tuple[int, ...]:
+    """The axes a head pools over: height and width, length, or none."""
+    return {"conv": (1, 2), "conv1d": (1,)}.get(self.kind, ())
+
+  def stem(self, out_features: int, *, norm: str, rngs: nnx.Rngs) -> nnx.Module:
+    """The module from the network input to ``out_features``: a Stem."""
+    return Stem(self, out_features, norm=norm, rngs=rngs)
+
+  def layer(
+    self,
+    in_features: Sequence[int],
+    out_features: int,
+    *,
+    strides: Sequence[int] | None = None,
+    norm: str,
+    rngs: nnx.Rngs,
+  ) -> nnx.Module:
+    """A layer reading several inputs (a :class:`ResidualLayer`)."""
+    return ResidualLayer(
+      self, in_features, out_features, strides=strides, norm=norm, rngs=rngs
+    )
+
+  def head(
+    self, in_features: int, num_classes: int, *, rngs: nnx.Rngs
+  ) -> nnx.Module:
+    """An exit head on ``in_features`` channels (a :class:`Head`)."""
+    return Head(self, in_features, num_classes, rngs=rngs)
 
   def linear(
     self,
@@ -169,12 +210,13 @@ class Backbone:
     kernel: int = 3,
   ) -> nnx.Module:
     """A 3×3 (or ``kernel``×``kernel``) convolution, or a dense layer."""
-    if self.kind == "conv":
+    if self.kind in ("conv", "conv1d"):
+      rank = len(self.spatial_axes)
       return nnx.Conv(
         in_features,
         out_features,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
+        kernel_size=(kernel,) * rank,
+        strides=(stride,) * rank,
         padding="SAME",
         use_bias=use_bias,
         kernel_init=he_normal,
@@ -217,6 +259,18 @@ class Backbone:
           f" in_channels={x.shape[-1] if x.ndim else '?'}."
         )
       return x
+    if self.kind == "conv1d":
+      if x.ndim == 2 and self.in_features == 1:
+        x = x[..., None]  # one-channel signals given as (batch, length)
+      if x.ndim != 3 or x.shape[-1] != self.in_features:
+        raise ValueError(
+          f"This 1-D convolutional model expects a batch of signals of shape"
+          f" (batch, length, {self.in_features}), got shape"
+          f" {tuple(x.shape)}. Reshape the input (e.g. `x.reshape(-1, 40,"
+          f" 1)` for MNIST-1D) or build the model with"
+          f" in_channels={x.shape[-1] if x.ndim else '?'}."
+        )
+      return x
     if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
       raise ValueError(
         f"This MLP expects a batch of shape (batch, {self.in_features}) (or"
@@ -228,7 +282,7 @@ class Backbone:
 
   def pool(self, h: jax.Array) -> jax.Array:
     """Global average pooling over the spatial axes (identity for dense)."""
-    return h.mean(axis=(1, 2)) if self.kind == "conv" else h
+    return h.mean(axis=self.spatial_axes) if self.spatial_axes else h
 
 
 def conv_backbone(in_channels: int, downsamples: int) -> Backbone:
@@ -251,6 +305,30 @@ def conv_backbone(in_channels: int, downsamples: int) -> Backbone:
   return Backbone("conv", in_channels, downsamples)
 
 
+def conv1d_backbone(in_channels: int, downsamples: int) -> Backbone:
+  """The 1-D ResNet backbone: width-3 convolutions on signals.
+
+  Layers are those of :func:`conv_backbone` with one spatial axis: inputs
+  are ``(batch, length, channels)`` (``(batch, length)`` for one channel),
+  as MNIST-1D's 40-sample signals.
+
+  Args:
+    in_channels: signal channels (1 for MNIST-1D).
+    downsamples: stride-2 halvings of the length, each doubling the width
+      (2 takes MNIST-1D's 40 samples to 10).
+
+  Returns:
+    The :class:`Backbone` to pass to a zoo family.
+
+  Example:
+    >>> conv1d_backbone(in_channels=1, downsamples=2)
+    Backbone(kind='conv1d', in_features=1, downsamples=2)
+  """
+  require_int("in_channels", in_channels, 1)
+  require_int("downsamples", downsamples, 0)
+  return Backbone("conv1d", in_channels, downsamples)
+
+
 def dense_backbone(in_features: int) -> Backbone:
   """The MLP backbone: dense layers on feature vectors.
 
@@ -267,6 +345,16 @@ def dense_backbone(in_features: int) -> Backbone:
   """
   require_int("in_features", in_features, 1)
   return Backbone("dense", in_features, 0)
+
+
+def group_widths(width: int, stages: int) -> tuple[int, ...]:
+  """Group widths ``(w, w, 2w, 4w, ...)``: the total doubles per stage.
+
+  Example:
+    >>> group_widths(8, 4)
+    (8, 8, 16, 32)
+  """
+  return tuple(width * 2 ** max(k - 1, 0) for k in range(stages))
 
 
 def group_norm_groups(features: int) -> int:

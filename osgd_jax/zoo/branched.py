@@ -10,7 +10,8 @@ import jax
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet, check_config, check_size
-from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
+from osgd_jax.zoo.blocks import Backbone
+from osgd_jax.zoo.transformer import share_head
 
 __all__ = ["BranchedStage", "BranchedNet"]
 
@@ -44,14 +45,13 @@ class BranchedStage(nnx.Module):
   ):
     self.depth = depth
     if in_features is None:
-      self.stem = Stem(backbone, width, norm=norm, rngs=rngs)
+      self.stem = backbone.stem(width, norm=norm, rngs=rngs)
       in_features = width
     else:
       self.stem = None
     self.layers = nnx.List(
       [
-        ResidualLayer(
-          backbone,
+        backbone.layer(
           (in_features if i == 0 else width,),
           width,
           strides=(stride if i == 0 else 1,),
@@ -61,7 +61,7 @@ class BranchedStage(nnx.Module):
         for i in range(depth)
       ]
     )
-    self.head = Head(backbone, width, num_classes, rngs=rngs)
+    self.head = backbone.head(width, num_classes, rngs=rngs)
 
   def __call__(self, carry: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = carry if self.stem is None else self.stem(carry)
@@ -161,4 +161,12 @@ class BranchedNet(AnytimeNet):
         )
       )
       in_features, level = stage_width, new_level
+    if getattr(backbone, "shared_head", False):
+      built = share_head(
+        built,
+        backbone,  # pyright: ignore[reportArgumentType]
+        num_classes,
+        family=type(self).__name__,
+        rngs=rngs,
+      )
     self.stages = nnx.List(built)

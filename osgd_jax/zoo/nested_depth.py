@@ -15,7 +15,8 @@ import jax
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet, check_config, check_size
-from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
+from osgd_jax.zoo.blocks import Backbone
+from osgd_jax.zoo.transformer import share_head
 
 __all__ = ["InterlacedStage", "NestedDepthNet"]
 
@@ -50,7 +51,7 @@ class InterlacedStage(nnx.Module):
   ):
     first = lateral_features is None
     self.stem = (
-      Stem(backbone, stem_width, norm=norm, rngs=rngs) if first else None
+      backbone.stem(stem_width, norm=norm, rngs=rngs) if first else None
     )
     self.depth = len(levels)
     layers, outs, prev_f, prev_l = [], [], stem_width, 0
@@ -62,13 +63,13 @@ class InterlacedStage(nnx.Module):
       else:
         ins, strides = (prev_f, lateral_features[i]), (stride, 1)
       layers.append(
-        ResidualLayer(backbone, ins, out, strides=strides, norm=norm, rngs=rngs)
+        backbone.layer(ins, out, strides=strides, norm=norm, rngs=rngs)
       )
       outs.append(out)
       prev_f, prev_l = out, level
     self.layers = nnx.List(layers)
     self.out_features = tuple(outs)
-    self.head = Head(backbone, prev_f, num_classes, rngs=rngs)
+    self.head = backbone.head(prev_f, num_classes, rngs=rngs)
 
   def __call__(self, carry: Any) -> tuple[dict[str, Any], jax.Array]:
     if self.stem is not None:
@@ -207,4 +208,12 @@ class NestedDepthNet(AnytimeNet):
         else [s for p in zip(sequence, new, strict=True) for s in p]
       )
       built.append(stage)
+    if getattr(backbone, "shared_head", False):
+      built = share_head(
+        built,
+        backbone,  # pyright: ignore[reportArgumentType]
+        num_classes,
+        family=type(self).__name__,
+        rngs=rngs,
+      )
     self.stages = nnx.List(built)

@@ -14,14 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from osgd_jax.zoo.base import AnytimeNet, check_config, check_size
-from osgd_jax.zoo.blocks import Backbone, Head, ResidualLayer, Stem
+from osgd_jax.zoo.blocks import Backbone, group_widths
+from osgd_jax.zoo.transformer import MatFormerStage
 
 __all__ = ["group_widths", "WidthStage", "NestedWidthNet"]
-
-
-def group_widths(width: int, stages: int) -> tuple[int, ...]:
-  """Group widths ``(w, w, 2w, 4w, ...)``: the total doubles per stage."""
-  return tuple(width * 2 ** max(k - 1, 0) for k in range(stages))
 
 
 class WidthStage(nnx.Module):
@@ -52,13 +48,12 @@ class WidthStage(nnx.Module):
     self.first = index == 0
     # Later stages widen existing layer positions; they add no depth.
     self.depth = depth if self.first else 0
-    self.stem = Stem(backbone, own, norm=norm, rngs=rngs)
+    self.stem = backbone.stem(own, norm=norm, rngs=rngs)
     layers, prev = [], 0
     for level in backbone.levels(depth):
       ins = (own, old) if old else (own,)
       layers.append(
-        ResidualLayer(
-          backbone,
+        backbone.layer(
           tuple(backbone.scale(f, prev) for f in ins),
           backbone.scale(own, level),
           strides=(2 ** (level - prev),) * len(ins),
@@ -68,8 +63,8 @@ class WidthStage(nnx.Module):
       )
       prev = level
     self.layers = nnx.List(layers)
-    self.head = Head(
-      backbone, backbone.scale(own + old, prev), num_classes, rngs=rngs
+    self.head = backbone.head(
+      backbone.scale(own + old, prev), num_classes, rngs=rngs
     )
 
   def __call__(self, carry: Any) -> tuple[dict[str, Any], jax.Array]:
@@ -118,6 +113,11 @@ class NestedWidthNet(AnytimeNet):
   2 .. downsamples+1 halve the resolution and every group doubles its width.
 
   ``stages[k-1]`` owns group k of the stem and of every layer, and head k.
+
+  With the transformer backbone the nesting is MatFormer's instead (see
+  :class:`~osgd_jax.zoo.transformer.MatFormerStage`): one residual width
+  ``width``, and each block's attention heads and MLP units split into
+  groups; exit k is the transformer made of groups 1..k.
 
   Carry: stage 1 takes the input batch ``x``. Stage k returns
   ``{"input": x, "features": (h_0, h_1, ..., h_D)}`` where ``h_0`` is the
@@ -180,6 +180,24 @@ class NestedWidthNet(AnytimeNet):
     )
     self.backbone = backbone
     self.num_classes = num_classes
+    if backbone.kind == "transformer":
+      # MatFormer: groups of heads and MLP units, one residual width.
+      self.stages = nnx.List(
+        [
+          MatFormerStage(
+            backbone,  # pyright: ignore[reportArgumentType]
+            width=width,
+            index=k,
+            stages=stages,
+            depth=depth,
+            num_classes=num_classes,
+            norm=norm,
+            rngs=rngs,
+          )
+          for k in range(stages)
+        ]
+      )
+      return
     widths = group_widths(width, stages)
     self.stages = nnx.List(
       [
