@@ -84,6 +84,7 @@ _DATASET_PRESETS = {
   "cifar10": "cifar",
   "cifar100": "cifar",
   "mnist1d": "mnist1d",
+  "text": "text",
 }
 # Data sets of 1-D signals, which only the MLPs take: the ResNets convolve
 # 2-D images.
@@ -108,6 +109,9 @@ class TrainConfig:
   preset: str | None = None  # None: the preset named after the dataset
   dataset: str = "digits"
   data_dir: str | None = None
+  # The text of --dataset text; None: the default text, Python
+  # standard-library source read from the running interpreter.
+  text_file: str | None = None
   # The fraction of the training set held out (stratified, with a fixed
   # seed) to evaluate on instead of the test set; 0: train on all of it and
   # evaluate on the test set.
@@ -197,6 +201,18 @@ class TrainConfig:
         f" {self.dataset} holds 1-D signals; choose an MLP:"
         f" {', '.join(mlps)}."
       )
+    if self.text_file is not None and self.dataset != "text":
+      raise ValueError(
+        f"--text-file is the text of --dataset text, not of --dataset"
+        f" {self.dataset}; add --dataset text, or leave out --text-file."
+      )
+    if self.dataset == "text" and "text" not in zoo.presets(self.model):
+      language_models = [m for m in zoo.names() if "text" in zoo.presets(m)]
+      raise ValueError(
+        f"--dataset text trains a language model, and --model {self.model}"
+        " has no text preset; choose one that does:"
+        f" {', '.join(language_models)}."
+      )
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("--granularity", self.granularity, _GRANULARITIES)
     _check_choice("--method", self.method, _METHODS)
@@ -209,7 +225,7 @@ class TrainConfig:
         tuple(zoo.presets(self.model)),
         f" for {self.model}",
       )
-    for name in ("data_dir", "out", "mesh", "tensorboard"):
+    for name in ("data_dir", "text_file", "out", "mesh", "tensorboard"):
       value = getattr(self, name)
       if value is not None and not (isinstance(value, str) and value.strip()):
         raise ValueError(

@@ -25,6 +25,7 @@ from osgd_jax.app.checkpoint import CheckpointStore
 from osgd_jax.app.report import write_json
 from osgd_jax.app.train.config import TrainConfig, check_resumable
 from osgd_jax.app.train.step import make_train_step
+from osgd_jax.zoo.registry import input_spec
 
 __all__ = [
   "CONFIG_FILE",
@@ -111,7 +112,8 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
     config: ``dataset``, ``data_dir``, ``model`` and ``validation``.
 
   Returns:
-    The dataset; ``synthetic`` is digits-sized, so the digits presets fit it.
+    The dataset; ``synthetic`` is digits-sized, so the digits presets fit it,
+    and ``text`` is cut into windows of the model preset's context length.
     With ``validation`` > 0, its test arrays are the validation split held
     out of the training set (:func:`osgd_jax.app.data.hold_out_validation`),
     and the test set is dropped.
@@ -127,6 +129,12 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
   if config.dataset == "synthetic":
     shape = (8, 8, 1) if takes_images(config.model) else (64,)
     dataset = data_lib.load_dataset("synthetic", shape=shape, difficulty=0.5)
+  elif config.dataset == "text":
+    # The windows are as long as the model's context.
+    spec = input_spec(config.model, config.preset_name)
+    dataset = data_lib.load_dataset(
+      "text", text_file=config.text_file, context=int(spec.shape[0])
+    )
   else:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
   if config.validation:
@@ -155,7 +163,17 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
   """
   shape = dataset.input_shape
   fit = {"num_classes": dataset.num_classes}
-  if takes_images(config.model):
+  if dataset.sequence_labels:  # a language model, sized by its preset
+    spec = input_spec(config.model, config.preset_name)
+    if spec.shape != shape or spec.dtype != dataset.x_train.dtype:
+      raise ValueError(
+        f"--model {config.model} with --preset {config.preset_name} reads"
+        f" {spec.dtype} inputs of shape {spec.shape}, but {dataset.name} has"
+        f" {dataset.x_train.dtype} inputs of shape {shape}; leave out"
+        " --preset for the data set's own."
+      )
+    fit["vocab"] = dataset.num_classes
+  elif takes_images(config.model):
     if len(shape) != 3:
       raise ValueError(
         f"{config.model} takes images, but {dataset.name} has inputs of"
