@@ -2,8 +2,7 @@
 
 The zoo models return the logits of all exits stacked on a leading axis;
 :func:`osgd_jax.value_and_per_exit_grads` wants a loss function returning one
-loss per exit. :func:`per_exit_cross_entropy` connects the two, for one
-label per example or, for sequence models, one per position.
+loss per exit. :func:`per_exit_cross_entropy` connects the two.
 """
 
 from __future__ import annotations
@@ -24,22 +23,18 @@ def per_exit_cross_entropy(
 ) -> jax.Array:
   """Mean softmax cross-entropy of every exit.
 
-  Exit k's loss is the mean over every label of ``-log softmax(logits[k])``
-  at that label: over the batch, and for sequence logits over the batch and
-  the positions together (the mean next-token cross-entropy of a language
-  model's exit; divided by ``ln 2`` it is the exit's bits per token).
-
   Args:
-    logits: stacked exit logits, shape ``(K, batch, classes)``, or
-      ``(K, batch, *positions, classes)`` for one label per position, e.g.
-      ``(K, batch, seq, vocab)``.
-    labels: integer class labels, shape ``(batch,)`` (or ``(batch,
-      *positions)``: the logits' shape without the exit and class axes).
+    logits: stacked exit logits, shape ``(K, batch, classes)``, or ``(K,
+      batch, seq, classes)`` for a causal transformer's logits per position
+      (any axes between the batch and the classes).
+    labels: integer class labels, shape ``(batch,)`` (``(batch, seq)``:
+      one per position).
     weights: optional per-exit loss weights, shape ``(K,)``; exit k's loss
       is multiplied by ``weights[k]``.
 
   Returns:
-    The ``(K,)`` vector of (weighted) mean cross-entropies, exit 1 first, in
+    The ``(K,)`` vector of (weighted) mean cross-entropies (over the batch
+    and every position), exit 1 first, in
     the logits' floating dtype (at least float32).
 
   Raises:
@@ -50,30 +45,26 @@ def per_exit_cross_entropy(
     >>> logits = jnp.zeros((3, 4, 10))
     >>> per_exit_cross_entropy(logits, jnp.array([0, 1, 2, 3])).shape
     (3,)
-    >>> tokens = jnp.zeros((4, 7), jnp.int32)  # next tokens, batch 4, seq 7
-    >>> per_exit_cross_entropy(jnp.zeros((3, 4, 7, 256)), tokens).shape
-    (3,)
   """
   logits = jnp.asarray(logits)
   labels = jnp.asarray(labels)
   if logits.ndim < 3:
     raise ValueError(
       "logits must have shape (K, batch, classes) (exits stacked first, as"
-      " the zoo models return them; (K, batch, seq, classes) for sequences),"
-      f" got shape {tuple(logits.shape)}. For one exit, add the leading axis"
-      " with `logits[None]`."
+      f" the zoo models return them), got shape {tuple(logits.shape)}. For"
+      " one exit, add the leading axis with `logits[None]`."
     )
-  k = logits.shape[0]
+  k, batch = logits.shape[:2]
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise ValueError(
       f"logits must be floating point, got dtype {logits.dtype}."
     )
-  label_shape = tuple(logits.shape[1:-1])
-  if labels.shape != label_shape:
-    axes = "(batch,)" if len(label_shape) == 1 else "(batch, *positions)"
+  expected = tuple(logits.shape[1:-1])
+  if labels.shape != expected:
+    axes = "(batch,)" if len(expected) == 1 else "(batch, seq, ...)"
     raise ValueError(
       f"labels must be integer class indices of shape {axes} ="
-      f" {label_shape} to match logits of shape {tuple(logits.shape)}, got"
+      f" {expected} to match logits of shape {tuple(logits.shape)}, got"
       f" shape {tuple(labels.shape)}. Pass class indices, not one-hot"
       " vectors."
     )
@@ -83,13 +74,11 @@ def per_exit_cross_entropy(
       " cast them with `.astype(jnp.int32)`."
     )
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  losses = (
-    optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(dtype), jnp.broadcast_to(labels, (k, *label_shape))
-    )
-    .reshape(k, -1)
-    .mean(axis=-1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+    logits.astype(dtype), jnp.broadcast_to(labels, (k, *expected))
   )
+  # The mean over the batch and, for sequence logits, every position.
+  losses = losses.reshape(k, -1).mean(axis=-1)
   if weights is None:
     return losses
   weights = jnp.asarray(weights)

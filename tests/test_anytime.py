@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_anytime import tiny_setup
 
 from osgd_jax import anytime, zoo
 
@@ -13,13 +14,15 @@ TINY = dict(stages=3, width=2, depth=1)
 
 
 def tiny(name: str, **config) -> zoo.AnytimeNet:
-  extra = {"in_channels": 1} if name.endswith("resnet") else {}
-  config = {**TINY, **extra, **config}
-  return nnx.eval_shape(lambda: zoo.create(name, rngs=nnx.Rngs(0), **config))
+  preset, config = tiny_setup(name, **{**TINY, **config})
+  return nnx.eval_shape(
+    lambda: zoo.create(name, rngs=nnx.Rngs(0), preset=preset, **config)
+  )
 
 
 def input_shape(name: str) -> tuple[int, ...]:
-  return (1, 8, 8, 1) if name.endswith("resnet") else (1, 64)
+  preset, config = tiny_setup(name, **TINY)
+  return (1, *zoo.input_spec(name, preset, **config).shape)
 
 
 @pytest.mark.parametrize("name", zoo.names())

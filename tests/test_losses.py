@@ -88,7 +88,7 @@ def test_bfloat16_logits_give_float32_losses(data):
       (3, 5, 7, 4),
       np.zeros((5, 6), int),
       None,
-      r"shape \(batch, \*positions\) = \(5, 7\)",
+      r"shape \(batch, seq, \.\.\.\) = \(5, 7\)",
     ),
   ],
 )

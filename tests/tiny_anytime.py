@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from osgd_jax import zoo
@@ -42,23 +43,57 @@ def compile_cheaply(
     return lowered.compile()
 
 
+# The preset each backbone's tiny models start from, and what the tiny
+# transformers read: each family another input kind, so that the four cover
+# the image, signal and (causal, per-position) token stems and both position
+# codes. Transformers always use LayerNorm (a causal one must).
+_TINY_PRESETS = {"resnet": "digits", "mlp": "digits", "conv1d": "mnist1d"}
+_TINY_TEXT = dict(length=6, vocab=12, num_classes=12)
+_TINY_TRANSFORMERS = {
+  "branched-transformer": ("text", _TINY_TEXT),
+  "nested-depth-transformer": ("mnist1d", dict(patch=8)),  # 5 tokens
+  "nested-width-transformer": ("digits", dict(patch=4)),  # 4 tokens
+  "nested-width-depth-transformer": (
+    "text",
+    dict(_TINY_TEXT, positions="sinusoidal"),
+  ),
+}
+
+
+def tiny_setup(name: str, **config: Any) -> tuple[str, dict[str, Any]]:
+  """``(preset, config)`` of a tiny ``name``; ``config`` overrides it."""
+  if name.endswith("-transformer"):
+    preset, fixed = _TINY_TRANSFORMERS[name]
+    return preset, {**config, "heads": 2, "norm": "layer", **fixed}
+  return _TINY_PRESETS[name.rsplit("-", 1)[1]], dict(config)
+
+
+def tiny_batch(
+  name: str, preset: str, config: dict[str, Any], batch: int, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+  """A batch ``(x, labels)`` for ``create(name, preset=preset, **config)``.
+
+  Labels are one class per example, or per position for a causal model.
+  """
+  spec = zoo.input_spec(name, preset, **config)
+  rng = np.random.default_rng(seed)
+  settings = {**zoo.presets(name)[preset], **config}
+  classes = settings["num_classes"]
+  if spec.dtype == np.int32:
+    x = rng.integers(0, settings["vocab"], (batch, *spec.shape), np.int32)
+    labels = rng.integers(0, classes, (batch, *spec.shape), np.int32)
+    return x, labels
+  x = rng.standard_normal((batch, *spec.shape)).astype(np.float32)
+  return x, np.arange(batch, dtype=np.int32) % classes
+
+
 def tiny_net(name: str, **config: Any) -> tuple[Any, jax.Array, jax.Array]:
   """A 3-exit zoo model ``name`` of width 4, with a batch ``(x, y)`` for it."""
-  conv = "resnet" in name
-  fit = dict(in_channels=1, downsamples=1) if conv else dict(in_features=64)
-  model = zoo.create(
-    name,
-    rngs=nnx.Rngs(0),
-    width=4,
-    depth=1,
-    stages=3,
-    norm="batch",
-    **{**fit, **config},
-  )
-  shape = (BATCH, 8, 8, 1) if conv else (BATCH, 64)
-  x = jax.random.normal(jax.random.key(1), shape)
-  y = jnp.arange(BATCH, dtype=jnp.int32) % 10
-  return model, x, y
+  config = dict(width=4, depth=1, stages=3, norm="batch", **config)
+  preset, config = tiny_setup(name, **config)
+  model = zoo.create(name, rngs=nnx.Rngs(0), preset=preset, **config)
+  x, y = tiny_batch(name, preset, config, BATCH)
+  return model, jnp.asarray(x), jnp.asarray(y)
 
 
 class TwoExitNet(nnx.Module):

@@ -83,6 +83,7 @@ from osgd_jax.zoo.blocks import (
   Head,
   ResidualLayer,
   Stem,
+  conv1d_backbone,
   conv_backbone,
   dense_backbone,
 )
@@ -92,11 +93,20 @@ from osgd_jax.zoo.nested_depth import InterlacedStage, NestedDepthNet
 from osgd_jax.zoo.nested_width import NestedWidthNet, WidthStage
 from osgd_jax.zoo.nested_width_depth import NestedWidthDepthNet
 from osgd_jax.zoo.registry import (
+  PRESET_INPUTS,
   config_keys,
   create,
+  default_preset,
+  input_spec,
   model_class,
   names,
   presets,
+)
+from osgd_jax.zoo.transformer import (
+  MatFormerStage,
+  SharedHeadStage,
+  TransformerBackbone,
+  transformer_backbone,
 )
 
 __all__ = [
@@ -108,19 +118,27 @@ __all__ = [
   "BranchedStage",
   "Head",
   "InterlacedStage",
+  "MatFormerStage",
   "NORMS",
   "NestedDepthNet",
   "NestedWidthDepthNet",
   "NestedWidthNet",
+  "PRESET_INPUTS",
   "ResidualLayer",
+  "SharedHeadStage",
   "Stem",
+  "TransformerBackbone",
   "WidthStage",
   "config_keys",
+  "conv1d_backbone",
   "conv_backbone",
   "create",
+  "default_preset",
   "dense_backbone",
+  "input_spec",
   "model_class",
   "names",
   "per_exit_loss_fn",
   "presets",
+  "transformer_backbone",
 ]

@@ -53,6 +53,7 @@ __all__ = [
   "presets",
   "model_class",
   "config_keys",
+  "default_preset",
   "input_spec",
   "PRESET_INPUTS",
 ]
@@ -175,7 +176,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
   },
   "nested-depth-transformer": {
     "digits": dict(_DIGITS_VIT, width=32, depth=1),
-    "cifar": dict(_CIFAR_VIT, width=64, depth=1),
+    "cifar": dict(_CIFAR_VIT, width=96, depth=1),
     "mnist1d": dict(_MNIST1D_SIGNAL, width=32, depth=1),
     "text": dict(_TEXT, width=64, depth=1),
   },

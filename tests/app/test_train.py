@@ -10,10 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from osgd_jax import zoo
+from osgd_jax.app import data as data_lib
 from osgd_jax.app import train as train_lib
 from osgd_jax.app.checkpoint import CheckpointStore
 from osgd_jax.app.train import TrainConfig, TrainingDiverged, train
 from osgd_jax.app.train import run as run_lib
+from osgd_jax.app.train.config import DEFAULT_MODELS
 
 # A small, fast configuration: an MLP on digits.
 SMALL = TrainConfig(
@@ -266,11 +269,26 @@ def test_a_resnet_on_mnist1d_is_refused_before_any_work(model, preset):
   config = TrainConfig(model=model, preset=preset, dataset="MNIST-1D")
   with pytest.raises(ValueError) as refused:
     config.validate()
+  fitting = [m for m in zoo.names() if not m.endswith("-resnet")]
   assert str(refused.value) == (
-    f"--model {model} convolves 2-D images, but --dataset mnist1d holds 1-D"
-    " signals; choose an MLP: branched-mlp, nested-depth-mlp,"
-    " nested-width-depth-mlp, nested-width-mlp."
+    f"--model {model} cannot read --dataset mnist1d's inputs (it has no"
+    f" mnist1d preset); choose one that can: {', '.join(fitting)}, or"
+    " leave --model out for nested-depth-conv1d."
   )
+
+
+@pytest.mark.parametrize("dataset", ["digits", "cifar10", "mnist1d"])
+def test_every_dataset_has_a_default_model_that_reads_it(dataset):
+  config = TrainConfig(dataset=dataset)
+  config.validate()
+  assert config.model == DEFAULT_MODELS[dataset]
+  assert config.preset_name in zoo.presets(config.model)
+  assert TrainConfig(dataset="MNIST-1D").model == "nested-depth-conv1d"
+  # An explicit model stays.
+  assert TrainConfig(dataset=dataset, model="branched-mlp").model == (
+    "branched-mlp"
+  )
+  assert set(DEFAULT_MODELS) == set(data_lib.DATASET_NAMES)
 
 
 @pytest.mark.slow

@@ -141,7 +141,13 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
     (["--dataset", "Cifar10"], ["--dataset", "invalid choice", "CIFAR-10"]),
     (
       ["--dataset", "mnist1d", "--model", "branched-resnet"],
-      ["--model branched-resnet convolves 2-D images", "nested-depth-mlp"],
+      [
+        "--model branched-resnet cannot read --dataset mnist1d's inputs (it"
+        " has no mnist1d preset); choose one that can:",
+        "nested-depth-conv1d",
+        "nested-depth-mlp",
+        "leave --model out for nested-depth-conv1d",
+      ],
     ),
     (["--optimizer", "adam"], ["--optimizer", "invalid choice", "osgd"]),
     (["--lr", "fast"], ["--lr", "invalid float"]),

@@ -103,6 +103,12 @@ def test_a_tiny_language_model_trains_and_reports_bits(
   assert (out / "bits_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_text_data_set_defaults_to_an_early_exit_transformer():
+  config = cli.config_from_args(["--dataset", "text"])
+  assert (config.model, config.preset_name) == (MODEL, "text")
+  assert config.text_file is None  # the standard-library text
+
+
 @pytest.mark.parametrize(
   "args, fragments",
   [
@@ -112,7 +118,7 @@ def test_a_tiny_language_model_trains_and_reports_bits(
     ),
     (
       ["--dataset", "text", "--model", "nested-depth-mlp"],
-      ["has no text preset", "nested-depth-transformer"],
+      ["has no text preset", "nested-depth-transformer", f"out for {MODEL}"],
     ),
     (
       ["--dataset", "text", "--model", MODEL, "--text-file", ""],

@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_anytime import tiny_batch, tiny_setup
 
 import osgd_jax
 from osgd_jax import zoo
 
 TINY = dict(stages=3, width=4, depth=1, norm="batch")
-CONV = dict(in_channels=1, downsamples=1)
-# BatchNorm (train mode) in every family; two MLPs without a norm keep the
-# compile time down. Other norms: see `test_nesting_holds_for_other_norms`.
+# BatchNorm (train mode) in every convolutional and dense family; two MLPs
+# without a norm keep the compile time down, and the transformers use
+# LayerNorm. Other norms: see `test_nesting_holds_for_other_norms`.
 NORM = {"branched-mlp": "none", "nested-depth-mlp": "none"}
 # XLA:CPU's optimisation passes dominate the compile time of these tiny
 # programs; every comparison below is within one compiled program.
@@ -33,12 +34,24 @@ jit = functools.partial(
 )
 
 
-def build(name: str, **overrides: Any) -> tuple[zoo.AnytimeNet, jax.Array]:
-  conv = name.endswith("resnet")
-  config = dict(TINY, **(CONV if conv else {}), **overrides)
-  model = zoo.create(name, rngs=nnx.Rngs(0), **config)
-  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1) if conv else (4, 64))
-  return model, x
+def build(
+  name: str, **overrides: Any
+) -> tuple[zoo.AnytimeNet, np.ndarray, np.ndarray]:
+  preset, config = tiny_setup(name, **dict(TINY, **overrides))
+  model = zoo.create(name, rngs=nnx.Rngs(0), preset=preset, **config)
+  x, labels = tiny_batch(name, preset, config, 4)
+  return model, x, labels
+
+
+def has_batchnorm(model: nnx.Module) -> bool:
+  return bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+
+
+def first_layer(stage: nnx.Module) -> nnx.Module:
+  """The first map of a stage's first layer (a whole transformer block)."""
+  layer = stage.layers[0]
+  inputs = getattr(layer, "inputs", None)
+  return inputs[0] if inputs else layer
 
 
 def perturb(module: nnx.Module, seed: int) -> None:
@@ -120,8 +133,7 @@ def make_probe(model: zoo.AnytimeNet) -> Callable[..., dict[str, Any]]:
 
 @pytest.fixture(scope="module", params=zoo.names())
 def case(request) -> Case:
-  model, x = build(request.param, norm=NORM.get(request.param, "batch"))
-  labels = jnp.arange(x.shape[0]) % 10
+  model, x, labels = build(request.param, norm=NORM.get(request.param, "batch"))
   probe = make_probe(model)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   # NumPy copies: slicing jax arrays eagerly compiles one XLA program per
@@ -153,7 +165,7 @@ def test_a_stage_parameter_changes_its_exit(case, target):
     module = {
       "stage": stage,
       "head": stage.head,
-      "first_layer": stage.layers[0].inputs[0],
+      "first_layer": first_layer(stage),
     }[target]
     perturb(module, k)
     out = case.forward(other)
@@ -163,16 +175,24 @@ def test_a_stage_parameter_changes_its_exit(case, target):
 
 def test_upto_and_hand_driven_stages_equal_the_full_forward(case):
   full, batch = case.out["eval_full"], case.x.shape[0]
-  assert (
-    full.shape == case.out["full"].shape == (case.model.num_exits, batch, 10)
-  )
+  # One logit vector per example, or per position (causal transformers).
+  shape = (batch, *case.labels.shape[1:], case.model.num_classes)
+  assert full.shape == case.out["full"].shape == (case.model.num_exits, *shape)
   # Running versus batch statistics (the same without BatchNorm).
-  assert np.allclose(full, case.out["full"]) == (case.name in NORM)
-  # The carry is a plain pytree of batched arrays.
-  leaves = jax.tree.leaves(case.out["carry"])
+  bn = has_batchnorm(case.model)
+  assert np.allclose(full, case.out["full"]) == (not bn)
+  # The carry is a plain pytree of batched arrays, but for the parameters
+  # that MatFormer stages and a shared head pass on (a batch-free entry).
+  carry = case.out["carry"]
+  weights = ("groups", "shared", "head")
+  if isinstance(carry, dict):
+    carry = {k: v for k, v in carry.items() if k not in weights}
+  leaves = jax.tree.leaves(carry)
   assert leaves and all(a.shape[0] == batch for a in leaves)
+  if case.name == "nested-width-transformer":
+    assert case.out["carry"].keys() == {"embedded", "shared", "groups"}
   for k, out in enumerate(case.out["eval_upto"], start=1):
-    assert out.shape == (k, batch, 10)
+    assert out.shape == (k, *shape)
     np.testing.assert_array_equal(out, full[:k], err_msg=f"upto={k}")
   np.testing.assert_array_equal(case.out["eval_by_hand"], full)
 
@@ -203,7 +223,9 @@ def test_per_exit_grads_with_batchnorm_in_train_mode(case):
   new_stats = jax.tree.leaves(nnx.state(out["new_rest"], nnx.BatchStat))
   old_stats = jax.tree.leaves(nnx.state(rest, nnx.BatchStat))
   assert len(new_stats) == len(old_stats)
-  assert bool(new_stats) == (case.name not in NORM)
+  assert bool(new_stats) == (
+    case.name not in NORM and not case.name.endswith("transformer")
+  )
   assert all(
     not np.allclose(a, b) for a, b in zip(new_stats, old_stats, strict=True)
   )
@@ -227,7 +249,7 @@ def test_nesting_holds_for_other_norms(name, norm):
   # Width nesting is where a norm could leak: it must act per channel group.
   # ResNets get two blocks per stage here, so that one halves the resolution.
   depth = dict(depth=2) if name.endswith("resnet") else {}
-  model, x = build(name, norm=norm, **depth)
+  model, x, _ = build(name, norm=norm, **depth)
   forward = jitted_forward(model)
   full = forward(model, x)
   for k in range(1, model.num_exits):
@@ -242,7 +264,7 @@ def test_nesting_holds_for_other_norms(name, norm):
 @pytest.mark.parametrize("name", ["nested-width-resnet"])
 def test_stage_vjp_through_the_carry(name):
   """The staged per-exit gradient keeps each stage's VJP: check it works."""
-  model, x = build(name)
+  model, x, _ = build(name)
   graphdef_1, state_1 = nnx.split(model.stages[0])
   graphdef_2, state_2 = nnx.split(model.stages[1])
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from osgd_jax import anytime, zoo
 
-NAMES = (
+OLD_NAMES = (
   "branched-mlp",
   "branched-resnet",
   "nested-depth-mlp",
@@ -24,6 +24,34 @@ NAMES = (
   "nested-width-mlp",
   "nested-width-resnet",
 )
+BACKBONES = ("conv1d", "mlp", "resnet", "transformer")
+NAMES = tuple(
+  sorted(
+    f"{family}-{backbone}"
+    for family in ("branched", "nested-width", "nested-depth")
+    + ("nested-width-depth",)
+    for backbone in BACKBONES
+  )
+)
+TRANSFORMER_KEYS = (
+  "input_kind",
+  "length",
+  "channels",
+  "patch",
+  "vocab",
+  "heads",
+  "mlp_ratio",
+  "positions",
+  "causal",
+  "shared_head",
+)
+# The presets of each backbone, and the one create(name) starts from.
+PRESETS = {
+  "resnet": ({"cifar", "digits"}, "cifar"),
+  "mlp": ({"cifar", "digits", "mnist1d"}, "digits"),
+  "conv1d": ({"mnist1d"}, "mnist1d"),
+  "transformer": ({"cifar", "digits", "mnist1d", "text"}, "digits"),
+}
 FAMILIES = {
   "branched": zoo.BranchedNet,
   "nested-width": zoo.NestedWidthNet,
@@ -51,7 +79,7 @@ def abstract(name: str, **config) -> zoo.AnytimeNet:
 
 
 def default_preset(name: str) -> str:
-  return "cifar" if name.endswith("resnet") else "digits"
+  return PRESETS[name.rsplit("-", 1)[1]][1]
 
 
 @functools.cache
@@ -63,38 +91,60 @@ def preset_model(name: str, preset: str) -> zoo.AnytimeNet:
   return abstract(name, preset=preset)
 
 
-def output_shape(model: zoo.AnytimeNet, shape) -> tuple[int, ...]:
+def output_shape(model: zoo.AnytimeNet, x) -> tuple[int, ...]:
   """The shape of ``model.predict(x)`` (stacked exits), without computing."""
   graphdef, state = nnx.split(model)
   # predict: tracing BatchNorm's statistic updates is slow in flax 0.12.
   return jax.eval_shape(
-    lambda s, x: nnx.merge(graphdef, s).predict(x),
-    state,
-    jax.ShapeDtypeStruct(shape, jnp.float32),
+    lambda s, x: nnx.merge(graphdef, s).predict(x), state, x
   ).shape
 
 
-def input_shape(name: str, preset: str) -> tuple[int, ...]:
-  conv = name.endswith("resnet")
-  if preset == "cifar":
-    return (2, 32, 32, 3) if conv else (2, 3072)
-  if preset == "mnist1d":  # 1-D signals, (40, 1), flattened by the MLPs
-    assert not conv
-    return (2, 40, 1)
-  return (2, 8, 8, 1) if conv else (2, 64)
+# One example of each preset's data, as the data sets give it (the MLPs
+# flatten it); text: 128 byte ids.
+DATA = {
+  "cifar": ((32, 32, 3), jnp.float32),
+  "digits": ((8, 8, 1), jnp.float32),
+  "mnist1d": ((40, 1), jnp.float32),
+  "text": ((128,), jnp.int32),
+}
+
+
+def test_input_spec_of_every_name_and_preset():
+  for name in NAMES:
+    assert zoo.input_spec(name) == zoo.input_spec(name, default_preset(name))
+    for preset in zoo.presets(name):
+      spec = zoo.input_spec(name, preset)
+      assert isinstance(spec, jax.ShapeDtypeStruct)
+      shape, dtype = DATA[preset]
+      if name.endswith("-mlp"):  # a flat vector of the data's values
+        shape = (int(np.prod(shape)),)
+      assert (spec.shape, spec.dtype) == (shape, dtype), (name, preset)
+  # The overrides create() takes change the spec alike.
+  assert zoo.input_spec("branched-resnet", in_channels=1).shape == (32, 32, 1)
+  assert zoo.input_spec("branched-mlp", in_features=7).shape == (7,)
+  spec = zoo.input_spec("nested-depth-transformer", "text", length=9)
+  assert spec.shape == (9,) and spec.dtype == jnp.int32
+  with pytest.raises(ValueError, match="Unknown preset 'text'"):
+    zoo.input_spec("branched-conv1d", "text")
 
 
 def test_names_lists_every_family_and_backbone():
   assert zoo.names() == NAMES
   for family, cls in FAMILIES.items():
     conv, dense = f"{family}-resnet", f"{family}-mlp"
-    assert zoo.model_class(conv) is zoo.model_class(dense) is cls
+    for backbone in BACKBONES:
+      assert zoo.model_class(f"{family}-{backbone}") is cls
     assert issubclass(cls, zoo.AnytimeNet)
     assert zoo.config_keys(conv) == FAMILY_KEYS + ("in_channels", "downsamples")
+    assert zoo.config_keys(f"{family}-conv1d") == zoo.config_keys(conv)
     assert zoo.config_keys(dense) == FAMILY_KEYS + ("in_features",)
+    assert zoo.config_keys(f"{family}-transformer") == (
+      FAMILY_KEYS + TRANSFORMER_KEYS
+    )
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OLD_NAMES)
 def test_default_config_is_the_old_constructor_defaults(name):
   # Built directly from the family class with the old defaults: the same
   # graph (module types, widths, strides, backbone) and the same shapes.
@@ -209,12 +259,11 @@ def test_exit_dependencies_finds_a_read_of_a_later_stage():
   np.testing.assert_array_equal(depends, [[1, 0, 1], [1, 1, 0], [0, 0, 1]])
 
 
-def test_every_name_has_the_cifar_and_digits_presets_and_mlps_mnist1d():
+def test_every_name_has_its_backbones_presets():
   for name in NAMES:
-    expected = {"cifar", "digits"} | (
-      {"mnist1d"} if name.endswith("-mlp") else set()
-    )
+    expected, default = PRESETS[name.rsplit("-", 1)[1]]
     assert set(zoo.presets(name)) == expected, name
+    assert zoo.default_preset(name) == default
 
 
 @pytest.mark.parametrize(
@@ -223,12 +272,13 @@ def test_every_name_has_the_cifar_and_digits_presets_and_mlps_mnist1d():
 )
 def test_presets_fit_their_data_and_nest(name, preset):
   model = preset_model(name, preset)
-  shape = input_shape(name, preset)
-  avals, depends = exit_dependencies(
-    *model_exits(model), jax.ShapeDtypeStruct(shape, jnp.float32)
-  )
-  assert [a.shape for a in avals] == [(2, 10)] * 4
-  assert output_shape(model, shape) == (4, 2, 10)
+  shape, dtype = DATA[preset]
+  x = jax.ShapeDtypeStruct((2, *shape), dtype)
+  avals, depends = exit_dependencies(*model_exits(model), x)
+  # Text: a causal language model, one logit vector per position and byte.
+  logits = (2, 128, 256) if preset == "text" else (2, 10)
+  assert [a.shape for a in avals] == [logits] * 4
+  assert output_shape(model, x) == (4, *logits)
   # Exit k reads stages 1..k (all of them: each adds to exit k's path) and
   # no later stage.
   np.testing.assert_array_equal(depends, np.tril(np.ones((4, 4), bool)))
@@ -236,7 +286,9 @@ def test_presets_fit_their_data_and_nest(name, preset):
   assert np.all(np.diff(counts) > 0), counts
   if preset != "cifar":  # small enough for a CPU run in minutes
     assert counts[-1] < 500_000
-    assert counts[-1] < anytime.params_per_exit(preset_model(name, "cifar"))[-1]
+    if "cifar" in zoo.presets(name):
+      cifar = anytime.params_per_exit(preset_model(name, "cifar"))
+      assert counts[-1] < cifar[-1]
 
 
 def test_presets_returns_copies():
@@ -486,3 +538,129 @@ def test_convenient_input_layouts(tiny):
   assert tiny["mlp"].input_carry(jnp.ones((2, 64), jnp.int32)).dtype == (
     jnp.float32
   )
+
+
+@pytest.mark.parametrize(
+  "call, match",
+  [
+    (
+      lambda: zoo.transformer_backbone("audio"),
+      r"Unknown input_kind 'audio'; choose one of \('image'",
+    ),
+    (
+      lambda: zoo.transformer_backbone(positions="rotary"),
+      r"Unknown positions 'rotary'; choose one of \('learned'",
+    ),
+    (
+      lambda: zoo.transformer_backbone("image", length=8, patch=3),
+      "patch=3 does not divide length=8",
+    ),
+    (
+      lambda: zoo.transformer_backbone("tokens", patch=2),
+      "Tokens are not patched, got patch=2; use patch=1",
+    ),
+    (
+      lambda: zoo.transformer_backbone(causal="yes"),
+      "causal must be True or False, got 'yes'",
+    ),
+    (lambda: zoo.transformer_backbone(heads=0), "heads must be an int >= 1"),
+    (
+      lambda: zoo.create(
+        "branched-transformer", rngs=nnx.Rngs(0), width=6, heads=4
+      ),
+      "width 6 cannot be split into 4 attention heads; use a width that is a"
+      " multiple of heads=4",
+    ),
+    (
+      lambda: zoo.create(
+        "nested-depth-transformer", rngs=nnx.Rngs(0), preset="text",
+        norm="batch",
+      ),
+      "norm='batch' pools statistics over positions.*use norm='layer'",
+    ),
+    (
+      lambda: zoo.create(
+        "nested-width-depth-transformer", rngs=nnx.Rngs(0), shared_head=True
+      ),
+      r"NestedWidthDepthNet's exits read features of widths \[8, 16, 32,"
+      r" 64\].*use shared_head=False",
+    ),
+    (
+      lambda: zoo.create(
+        "nested-width-transformer", rngs=nnx.Rngs(0), shared_head=True
+      ),
+      "gives each exit its own head; use shared_head=False",
+    ),
+    (
+      lambda: zoo.create(
+        "nested-width-transformer", rngs=nnx.Rngs(0), norm="group"
+      ),
+      "supports norm='layer' or 'none', got 'group'; use norm='layer'",
+    ),
+    (
+      lambda: zoo.Backbone("transformer", 3, 1),
+      "transformer backbone has no resolution to halve",
+    ),
+    (
+      lambda: zoo.conv1d_backbone(in_channels=1, downsamples=-1),
+      "downsamples must be an int >= 0, got -1",
+    ),
+  ],
+)  # fmt: skip
+def test_bad_transformer_and_conv1d_configs_raise(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+@pytest.mark.parametrize(
+  "name, preset, shape, dtype, match",
+  [
+    ("branched-conv1d", "mnist1d", (2, 40, 3), jnp.float32, "in_channels=3"),
+    (
+      "branched-conv1d",
+      "mnist1d",
+      (2, 8, 8, 1),
+      jnp.float32,
+      r"signals of shape \(batch, length, 1\)",
+    ),
+    (
+      "nested-width-transformer",
+      "digits",
+      (2, 16, 16, 1),
+      jnp.float32,
+      r"batch of images of shape \(batch, 8, 8, 1\), got shape \(2, 16, 16,"
+      r" 1\)",
+    ),
+    (
+      "branched-transformer",
+      "mnist1d",
+      (2, 41),
+      jnp.float32,
+      r"signals of shape \(batch, 40, 1\)",
+    ),
+    (
+      "branched-transformer",
+      "text",
+      (2, 129),
+      jnp.int32,
+      r"token ids of shape \(batch, seq\) with seq <= 128",
+    ),
+  ],
+)
+def test_bad_inputs_of_the_sequence_backbones_raise(
+  name, preset, shape, dtype, match
+):
+  model = preset_model(name, preset)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(model.input_carry, jax.ShapeDtypeStruct(shape, dtype))
+
+
+def test_sequence_backbones_accept_convenient_layouts():
+  conv1d = preset_model("branched-conv1d", "mnist1d")
+  assert conv1d.input_carry(jnp.ones((2, 40))).shape == (2, 40, 1)
+  vit = preset_model("branched-transformer", "digits")
+  assert vit.backbone.num_tokens == 16
+  assert vit.input_carry(jnp.ones((2, 8, 8))).shape == (2, 8, 8, 1)
+  lm = preset_model("branched-transformer", "text")
+  # Shorter windows than the context length, and ids held in floats.
+  assert lm.input_carry(jnp.ones((2, 5))).dtype == jnp.int32

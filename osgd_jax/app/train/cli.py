@@ -108,12 +108,17 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     "--config", help="YAML or JSON file whose keys mirror these flags"
   )
   p.add_argument(
-    "--model", default=d.model, choices=zoo.names(), help="zoo model name"
+    "--model",
+    default="",  # TrainConfig picks the data set's default model
+    choices=zoo.names(),
+    help="zoo model name (default: the data set's, e.g."
+    " nested-depth-resnet on digits, nested-depth-conv1d on mnist1d)",
   )
   p.add_argument(
     "--preset",
     default=d.preset,
-    help="model preset (cifar, digits, or mnist1d for the MLPs);"
+    help="model preset (cifar, digits, mnist1d or text; see"
+    " osgd_jax.zoo.presets); default: the dataset's"
     " default: the dataset's",
   )
   p.add_argument(

@@ -17,6 +17,7 @@ from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app import data as data_lib
 
 __all__ = [
+  "DEFAULT_MODELS",
   "OPTIMIZERS",
   "PER_EXIT_GRADS",
   "RESUMABLE_CHANGES",
@@ -86,9 +87,25 @@ _DATASET_PRESETS = {
   "mnist1d": "mnist1d",
   "text": "text",
 }
-# Data sets of 1-D signals, which only the MLPs take: the ResNets convolve
-# 2-D images.
-_SIGNAL_DATASETS = ("mnist1d",)
+#: The model ``osgd-train`` trains on each data set when ``--model`` is not
+#: given: one that reads the data set's inputs, at its preset's size. On
+#: MNIST-1D the 1-D ResNet's deepest exit reaches CNN-level accuracy in a
+#: CPU-sized run (benchmarks/RESULTS.md has the measurement).
+DEFAULT_MODELS = {
+  "digits": "nested-depth-resnet",
+  "synthetic": "nested-depth-resnet",
+  "cifar10": "nested-depth-resnet",
+  "cifar100": "nested-depth-resnet",
+  "mnist1d": "nested-depth-conv1d",
+  # The early-exit LM of CALM and LayerSkip: one causal trunk with an exit
+  # after each stage, and the cheapest of the transformers per step.
+  "text": "branched-transformer",
+}
+
+
+def _fitting_models(preset: str) -> list[str]:
+  """The zoo models that have ``preset``: those that read its data."""
+  return [m for m in zoo.names() if preset in zoo.presets(m)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +122,8 @@ class TrainConfig:
     'digits'
   """
 
-  model: str = "nested-depth-resnet"
+  # "": the data set's default model (DEFAULT_MODELS), set on creation.
+  model: str = ""
   preset: str | None = None  # None: the preset named after the dataset
   dataset: str = "digits"
   data_dir: str | None = None
@@ -151,6 +169,9 @@ class TrainConfig:
       object.__setattr__(
         self, "dataset", data_lib.DATASET_ALIASES[self.dataset]
       )
+    if self.model == "" and isinstance(self.dataset, str):
+      default = DEFAULT_MODELS.get(self.dataset, DEFAULT_MODELS["digits"])
+      object.__setattr__(self, "model", default)
     if isinstance(self.exit_weights, list):  # as a JSON or YAML file gives it
       object.__setattr__(self, "exit_weights", tuple(self.exit_weights))
 
@@ -192,26 +213,18 @@ class TrainConfig:
     """
     _check_choice("--model", self.model, zoo.names())
     data_lib.canonical_dataset_name(self.dataset)
-    if self.dataset in _SIGNAL_DATASETS and "in_channels" in zoo.config_keys(
-      self.model
-    ):
-      mlps = [m for m in zoo.names() if "in_features" in zoo.config_keys(m)]
+    data_preset = _DATASET_PRESETS.get(self.dataset, "digits")
+    if data_preset not in zoo.presets(self.model):
       raise ValueError(
-        f"--model {self.model} convolves 2-D images, but --dataset"
-        f" {self.dataset} holds 1-D signals; choose an MLP:"
-        f" {', '.join(mlps)}."
+        f"--model {self.model} cannot read --dataset {self.dataset}'s"
+        f" inputs (it has no {data_preset} preset); choose one that can:"
+        f" {', '.join(_fitting_models(data_preset))}, or leave --model out"
+        f" for {DEFAULT_MODELS.get(self.dataset, DEFAULT_MODELS['digits'])}."
       )
     if self.text_file is not None and self.dataset != "text":
       raise ValueError(
         f"--text-file is the text of --dataset text, not of --dataset"
         f" {self.dataset}; add --dataset text, or leave out --text-file."
-      )
-    if self.dataset == "text" and "text" not in zoo.presets(self.model):
-      language_models = [m for m in zoo.names() if "text" in zoo.presets(m)]
-      raise ValueError(
-        f"--dataset text trains a language model, and --model {self.model}"
-        " has no text preset; choose one that does:"
-        f" {', '.join(language_models)}."
       )
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("--granularity", self.granularity, _GRANULARITIES)

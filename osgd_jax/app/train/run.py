@@ -25,7 +25,6 @@ from osgd_jax.app.checkpoint import CheckpointStore
 from osgd_jax.app.report import write_json
 from osgd_jax.app.train.config import TrainConfig, check_resumable
 from osgd_jax.app.train.step import make_train_step
-from osgd_jax.zoo.registry import input_spec
 
 __all__ = [
   "CONFIG_FILE",
@@ -131,7 +130,7 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
     dataset = data_lib.load_dataset("synthetic", shape=shape, difficulty=0.5)
   elif config.dataset == "text":
     # The windows are as long as the model's context.
-    spec = input_spec(config.model, config.preset_name)
+    spec = zoo.input_spec(config.model, config.preset_name)
     dataset = data_lib.load_dataset(
       "text", text_file=config.text_file, context=int(spec.shape[0])
     )
@@ -164,7 +163,7 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
   shape = dataset.input_shape
   fit = {"num_classes": dataset.num_classes}
   if dataset.sequence_labels:  # a language model, sized by its preset
-    spec = input_spec(config.model, config.preset_name)
+    spec = zoo.input_spec(config.model, config.preset_name)
     if spec.shape != shape or spec.dtype != dataset.x_train.dtype:
       raise ValueError(
         f"--model {config.model} with --preset {config.preset_name} reads"
