@@ -172,7 +172,7 @@ class Backbone:
 
   @property
   def spatial_axes(self) -> tuple[int, ...]:
-    """The axes a head pools over: height and width, length, or none."""
+    """The axes a head pools over (height and width, length, or none)."""
     return {"conv": (1, 2), "conv1d": (1,)}.get(self.kind, ())
 
   def stem(self, out_features: int, *, norm: str, rngs: nnx.Rngs) -> nnx.Module:

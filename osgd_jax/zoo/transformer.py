@@ -79,6 +79,7 @@ __all__ = [
   "TokenStem",
   "TransformerLayer",
   "TransformerHead",
+  "FeatureTap",
   "SharedHeadStage",
   "MatFormerStage",
   "share_head",
@@ -124,7 +125,7 @@ class TransformerBackbone(Backbone):
 
   @property
   def spatial_axes(self) -> tuple[int, ...]:
-    """The token axis, pooled by the heads; none for a causal model."""
+    """The token axis, which the heads pool (none for a causal model)."""
     return () if self.causal else (1,)
 
   def example_shape(self) -> tuple[tuple[int, ...], Any]:

@@ -101,7 +101,11 @@ def takes_images(model_name: str) -> bool:
     >>> takes_images("nested-depth-resnet"), takes_images("nested-depth-mlp")
     (True, False)
   """
-  return "in_channels" in zoo.config_keys(model_name)
+  return (
+    len(zoo.input_spec(model_name, "digits").shape) == 3
+    if ("digits" in zoo.presets(model_name))
+    else False
+  )
 
 
 def load_data(config: TrainConfig) -> data_lib.Dataset:
@@ -160,8 +164,9 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
     >>> build_model(config, load_data(config)).num_exits
     4
   """
-  shape = dataset.input_shape
-  fit = {"num_classes": dataset.num_classes}
+  shape = tuple(dataset.input_shape)
+  fit: dict[str, Any] = {"num_classes": dataset.num_classes}
+  keys = zoo.config_keys(config.model)
   if dataset.sequence_labels:  # a language model, sized by its preset
     spec = zoo.input_spec(config.model, config.preset_name)
     if spec.shape != shape or spec.dtype != dataset.x_train.dtype:
@@ -172,15 +177,16 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
         " --preset for the data set's own."
       )
     fit["vocab"] = dataset.num_classes
-  elif takes_images(config.model):
-    if len(shape) != 3:
-      raise ValueError(
-        f"{config.model} takes images, but {dataset.name} has inputs of"
-        f" shape {shape}; pick an -mlp model."
-      )
-    fit["in_channels"] = shape[-1]
-  else:
+  elif "in_features" in keys:
     fit["in_features"] = int(np.prod(shape))
+  else:
+    spec = zoo.input_spec(config.model, config.preset_name)
+    if len(shape) != len(spec.shape):
+      raise ValueError(
+        f"{config.model} takes inputs of shape {spec.shape}, but"
+        f" {dataset.name} has inputs of shape {shape}; pick an -mlp model."
+      )
+    fit["in_channels" if "in_channels" in keys else "channels"] = shape[-1]
   return zoo.create(
     config.model, rngs=nnx.Rngs(config.seed), preset=config.preset_name, **fit
   )
