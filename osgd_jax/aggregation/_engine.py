@@ -32,6 +32,7 @@ import optax
 from osgd_jax import gram as gram_lib
 from osgd_jax.aggregation import _checks
 from osgd_jax.aggregation._types import Granularity, Weighting
+from osgd_jax.gramian import Gramian
 
 # The dtype of every diagnostic in a state, whatever the gradients' dtype, so
 # that a state keeps its dtypes from ``init`` on.
@@ -238,6 +239,112 @@ def read_stacked(
   )
 
 
+class GramianGradients(NamedTuple):
+  """A :class:`~osgd_jax.Gramian` read like :class:`StackedGradients`.
+
+  What a Gram weighting reads of the gradients, without their coordinates:
+  :func:`combine` asks the Gramian for ``Σ_k w_k g_k``.
+
+  Attributes:
+    gramian: the :class:`~osgd_jax.Gramian`.
+    treedef: the tree structure of the parameters.
+    sizes: the number of parameters of every leaf.
+    compute_dtype: float32, or float64 for float64 parameters.
+    grams: ``(G, K, K)`` the Gram matrix of each group the transformation
+      weighs: one per leaf (``granularity="leaf"``), or one.
+  """
+
+  gramian: Gramian
+  treedef: Any
+  sizes: tuple[int, ...]
+  compute_dtype: Any
+  grams: jax.Array
+
+
+def read_gramian(
+  gramian: Gramian,
+  *,
+  num_exits: int,
+  params: optax.Params | None = None,
+  name: str,
+  granularity: Granularity | None,
+) -> GramianGradients:
+  """Checks a :class:`~osgd_jax.Gramian` and forms its groups' Gram matrices.
+
+  Args:
+    gramian: from :func:`osgd_jax.value_and_gramian` or
+      :func:`osgd_jax.staged_value_and_gramian`.
+    num_exits: the K the transformation was built for.
+    params: the parameters, if given to ``update``.
+    name: the transformation's name, for error messages.
+    granularity: the groups the transformation weighs; ``None`` for a
+      transformation that reads every coordinate, which a Gramian lacks.
+
+  Raises:
+    ValueError: a transformation that needs coordinates, another K, or
+      params of another structure or shape.
+  """
+  if granularity is None:
+    raise ValueError(
+      f"{name} reads every coordinate of the per-exit gradients, which an"
+      " osgd_jax.Gramian does not hold; pass it stacked gradients from"
+      " osgd_jax.value_and_per_exit_grads."
+    )
+  if gramian.num_exits != num_exits:
+    raise ValueError(
+      f"the Gramian has K={gramian.num_exits} exits but {name} was built"
+      f" with num_exits={num_exits}; build it with"
+      f" num_exits={gramian.num_exits}."
+    )
+  if params is not None:
+    gramian.check_params(params, name)
+  return GramianGradients(
+    gramian,
+    gramian.treedef,
+    gramian.sizes,
+    gramian.compute_dtype,
+    gramian.grams(granularity),
+  )
+
+
+def is_gramian(updates: Any) -> bool:
+  """Whether ``updates`` is a :class:`~osgd_jax.Gramian`.
+
+  Example:
+    >>> is_gramian({"w": 0.0})
+    False
+  """
+  return isinstance(updates, Gramian)
+
+
+def exit_sizes(updates: Any) -> tuple[int, ...]:
+  """The parameter count of every leaf of stacked gradients or a Gramian.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> exit_sizes({"w": jnp.ones((2, 3))})
+    (3,)
+  """
+  if isinstance(updates, Gramian):
+    return updates.sizes
+  return tuple(math.prod(np.shape(x)[1:]) for x in jax.tree.leaves(updates))
+
+
+def sum_exits(updates: Any) -> Any:
+  """``Σ_k g_k`` of stacked gradients or of a Gramian, parameter-shaped.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sum_exits({"w": jnp.ones((2, 3))})["w"].tolist()
+    [2.0, 2.0, 2.0]
+  """
+  if isinstance(updates, Gramian):
+    return updates.combine(
+      jnp.ones((updates.num_exits,), updates.compute_dtype)
+    )
+  return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates)
+
+
 def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
   """The Gram matrix of each group: ``(L, K, K)`` per leaf, or their sum.
 
@@ -250,7 +357,9 @@ def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
 
 
 def combine(
-  stacked: StackedGradients, weights: jax.Array, granularity: Granularity
+  stacked: StackedGradients | GramianGradients,
+  weights: jax.Array,
+  granularity: Granularity,
 ) -> optax.Updates:
   """``Σ_k w_k g_k`` for every leaf, in the structure and dtypes of the input.
 
@@ -268,6 +377,8 @@ def combine(
     >>> combine(stacked, jnp.asarray([[3.0, 4.0]]), "global")["w"].tolist()
     [3.0, 4.0]
   """
+  if isinstance(stacked, GramianGradients):
+    return stacked.gramian.combine(weights, granularity)
   shared = granularity == "global"
   outs = [
     gram_lib.weighted_sum(
@@ -301,14 +412,16 @@ def as_diagnostic(x: jax.Array) -> jax.Array:
   return x.astype(DIAGNOSTICS_DTYPE)
 
 
-def gram_diagnostics(stacked: StackedGradients) -> tuple[jax.Array, jax.Array]:
+def gram_diagnostics(
+  stacked: StackedGradients | GramianGradients,
+) -> tuple[jax.Array, jax.Array]:
   """``(exit_norms, cosine)`` over all parameters, in the state's dtype."""
   exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
   return as_diagnostic(exit_norms), as_diagnostic(cosine)
 
 
 def diagnostics(
-  stacked: StackedGradients, weights: jax.Array
+  stacked: StackedGradients | GramianGradients, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The diagnostics every aggregation state holds, in the state's dtype.
 
@@ -382,6 +495,7 @@ def stacked_transformation(
   *,
   num_exits: int,
   name: str,
+  granularity: Granularity | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation whose update starts from checked stacked gradients.
 
@@ -396,6 +510,10 @@ def stacked_transformation(
       state)`` on the :class:`StackedGradients` of the update.
     num_exits: K.
     name: the transformation's name, for errors and the named scope.
+    granularity: the groups a transformation that needs only Gram matrices
+      weighs: it then also takes an :class:`~osgd_jax.Gramian` (read by
+      :func:`read_gramian`). ``None``: it reads every coordinate and
+      refuses a Gramian.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -403,6 +521,18 @@ def stacked_transformation(
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope(name):
+      if isinstance(updates, Gramian):
+        return apply_fn(
+          read_gramian(
+            updates,
+            num_exits=num_exits,
+            params=params,
+            name=name,
+            granularity=granularity,
+          ),
+          state,
+          **extra_args,
+        )
       stacked = read_stacked(
         updates, num_exits=num_exits, params=params, name=name
       )
@@ -511,5 +641,5 @@ def from_weighting(
     )
 
   return stacked_transformation(
-    init_fn, apply_fn, num_exits=num_exits, name=name
+    init_fn, apply_fn, num_exits=num_exits, name=name, granularity=granularity
   )

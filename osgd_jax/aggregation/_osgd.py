@@ -289,10 +289,15 @@ def osgd(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    leaves = jax.tree.leaves(updates)
-    if not leaves:
+    if _engine.is_gramian(updates) and method == "sequential":
+      raise ValueError(
+        "osgd: method='sequential' runs Gram–Schmidt on the gradients"
+        " themselves, which an osgd_jax.Gramian does not hold; use"
+        " method='gram' (the same projection from the Gram matrix)."
+      )
+    if not jax.tree.leaves(updates):
       return updates, state
-    sizes = tuple(math.prod(np.shape(leaf)[1:]) for leaf in leaves)
+    sizes = _engine.exit_sizes(updates)
     if method == "gram":
       new_updates, inner = projection.update(
         updates,
