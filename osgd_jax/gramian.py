@@ -155,7 +155,7 @@ class Gramian:
 
   @property
   def compute_dtype(self) -> Any:
-    """The dtype of the Gram matrices: float32, or float64 (float64 params)."""
+    """The dtype of the Gram matrices, float32 or float64 (float64 params)."""
     return jnp.result_type(jnp.float32, *self.dtypes)
 
   def grams(self, granularity: str = "global") -> jax.Array:
