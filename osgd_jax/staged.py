@@ -113,18 +113,34 @@ def _anytime_stages(
   return stages
 
 
-def _staged_backward(
-  vjps: list[Any], logit_cts: Any, num_exits: int, rows: str
+def _pad_rows(j: int, grads_j: Any) -> Any:
+  """Stage j's rows of exits j..K, with zero rows for the exits before j."""
+  return jax.tree.map(
+    lambda g: (
+      g if j == 0 else jnp.concatenate([jnp.zeros_like(g[:1])] * j + [g])
+    ),
+    grads_j,
+  )
+
+
+def staged_backward(
+  vjps: list[Any],
+  logit_cts: Any,
+  num_exits: int,
+  rows: str,
+  reduce: Callable[[int, Any], Any] = _pad_rows,
 ) -> list[Any]:
   """The per-exit gradients of every stage's parameters, stage 1 first.
 
   ``vjps[j]`` is stage j's VJP with its output floats; ``logit_cts[j][k]``
-  the cotangent of exit k's loss on exit j's logits. Returns one pytree per
-  stage whose leaves are ``(K, *param.shape)``.
+  the cotangent of exit k's loss on exit j's logits. ``reduce(j, grads_j)``
+  receives stage j's gradients for exits j..K (leaves ``(K - j,
+  *param.shape)``) as soon as they exist; the default pads them to K rows,
+  so that one pytree per stage with ``(K, *param.shape)`` leaves returns.
   """
   # Backward: stage j runs for exits j..K-1. Exit j starts at its own
   # logits with a zero carry cotangent; later exits bring theirs.
-  stage_grads = [None] * num_exits
+  stage_grads: list[Any] = [None] * num_exits
   carry_cts = None  # batched: stacked over exits j+1..K; looped: a list
   for j in reversed(range(num_exits)):
     vjp, out_floats = vjps[j]
@@ -144,12 +160,7 @@ def _staged_backward(
       else:
         grads_j, carry_cts = cts
       # Exits before j do not reach stage j: zero rows, one concatenation.
-      stage_grads[j] = jax.tree.map(
-        lambda g, j=j: (
-          g if j == 0 else jnp.concatenate([jnp.zeros_like(g[:1])] * j + [g])
-        ),
-        grads_j,
-      )
+      stage_grads[j] = reduce(j, grads_j)
     else:
       own = [jnp.zeros_like(f) for f in out_floats]
       outs = [
@@ -159,12 +170,104 @@ def _staged_backward(
         )
       ]
       carry_cts = [out[1] for out in outs] if j else None
-      # One stack per leaf: zero rows for exits before j, then the rest.
-      stage_grads[j] = jax.tree.map(
-        lambda *g, j=j: jnp.stack([jnp.zeros_like(g[0])] * j + list(g)),
-        *[out[0] for out in outs],
+      stage_grads[j] = reduce(
+        j, jax.tree.map(lambda *g: jnp.stack(g), *[out[0] for out in outs])
       )
   return stage_grads
+
+
+def staged_forward(
+  graphdef: Any,
+  loss_fn: Callable[..., Any],
+  has_aux: bool,
+  fn_name: str,
+  params: Any,
+  rest: Any,
+  x: Any,
+  *loss_args: Any,
+) -> tuple[Any, Any, list[Any], Any, Any]:
+  """The forward pass of the staged Jacobian, stage by stage, with checks.
+
+  Returns:
+    ``(losses, aux, vjps, logit_cts, new_rest)``: ``vjps[j]`` is stage j's
+    pullback with its output floats, ``logit_cts[j][k]`` the cotangent of
+    exit k's loss on exit j's logits, ``new_rest`` the non-parameter state
+    after the forward (``aux`` is ``None`` without ``has_aux``).
+  """
+  # Fresh Variables: the caller's state is never mutated.
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  stages = _anytime_stages(model, params, rest, fn_name)
+  num_exits = len(stages)
+
+  # Forward, stage by stage; each VJP involves only its stage's variables.
+  carry = model.input_carry(x)
+  vjps, logits = [], []
+  for j, stage in enumerate(stages):
+    stage_def, stage_params, stage_rest = nnx.split(stage, nnx.Param, ...)
+    floats, others, spec = _split_floats(carry)
+    out_spec = []
+
+    def run(
+      p,
+      floats,
+      stage_def=stage_def,
+      stage_rest=stage_rest,
+      others=others,
+      spec=spec,
+      out_spec=out_spec,
+    ):
+      module = nnx.merge(stage_def, p, stage_rest, copy=True)
+      new_carry, out = module(_join_floats(floats, others, spec))
+      new_floats, new_others, new_spec = _split_floats(new_carry)
+      out_spec.append(new_spec)
+      return (
+        (new_floats, out),
+        (new_others, nnx.state(module, nnx.Not(nnx.Param))),
+      )
+
+    if j == 0:
+      # Nothing upstream of stage 1 has parameters: no input cotangent.
+      (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
+        lambda p, run=run, floats=floats: run(p, floats),
+        stage_params,
+        has_aux=True,
+      )
+    else:
+      (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
+        run, stage_params, floats, has_aux=True
+      )
+    nnx.update(stage, new_rest)
+    carry = _join_floats(new_floats, new_others, out_spec[-1])
+    vjps.append((vjp, new_floats))
+    logits.append(out)
+
+  # The loss, traced once; its jaxpr also serves the dependency check.
+  def stacked_loss(*exit_logits):
+    out = loss_fn(jnp.stack(exit_logits), *loss_args)
+    return check_aux_pair(out, fn_name) if has_aux else out
+
+  closed, out_shape = jax.make_jaxpr(stacked_loss, return_shape=True)(*logits)
+  loss_shape = out_shape[0] if has_aux else out_shape
+  check_loss_vector(loss_shape, fn_name)
+  if loss_shape.shape[0] != num_exits:
+    raise ValueError(
+      f"{fn_name} returned {loss_shape.shape[0]} losses but the model has"
+      f" {num_exits} exits; return one loss per exit."
+    )
+  check_exit_dependencies(closed, num_exits, fn_name)
+  out_tree = jax.tree.structure(out_shape)
+  loss_from_jaxpr = jax.extend.core.jaxpr_as_fun(closed)
+
+  def losses_and_aux(*exit_logits):
+    out = jax.tree.unflatten(out_tree, loss_from_jaxpr(*exit_logits))
+    return out if has_aux else (out, None)
+
+  losses, loss_vjp, aux = jax.vjp(losses_and_aux, *logits, has_aux=True)
+  # logit_cts[j][k]: cotangent of exit k's loss on exit j's logits.
+  logit_cts = jax.vmap(loss_vjp)(jnp.eye(num_exits, dtype=losses.dtype))
+
+  new_rest = nnx.state(model, nnx.Not(nnx.Param))
+  return losses, aux, vjps, logit_cts, new_rest
 
 
 def staged_value_and_per_exit_grads(
@@ -289,80 +392,13 @@ def staged_value_and_per_exit_grads(
     )
 
   def value_and_grads(params, rest, x, *loss_args):
-    # Fresh Variables: the caller's state is never mutated.
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    stages = _anytime_stages(model, params, rest, fn_name)
-    num_exits = len(stages)
-
-    # Forward, stage by stage; each VJP involves only its stage's variables.
-    carry = model.input_carry(x)
-    vjps, logits = [], []
-    for j, stage in enumerate(stages):
-      stage_def, stage_params, stage_rest = nnx.split(stage, nnx.Param, ...)
-      floats, others, spec = _split_floats(carry)
-      out_spec = []
-
-      def run(
-        p,
-        floats,
-        stage_def=stage_def,
-        stage_rest=stage_rest,
-        others=others,
-        spec=spec,
-        out_spec=out_spec,
-      ):
-        module = nnx.merge(stage_def, p, stage_rest, copy=True)
-        new_carry, out = module(_join_floats(floats, others, spec))
-        new_floats, new_others, new_spec = _split_floats(new_carry)
-        out_spec.append(new_spec)
-        return (
-          (new_floats, out),
-          (new_others, nnx.state(module, nnx.Not(nnx.Param))),
-        )
-
-      if j == 0:
-        # Nothing upstream of stage 1 has parameters: no input cotangent.
-        (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
-          lambda p, run=run, floats=floats: run(p, floats),
-          stage_params,
-          has_aux=True,
-        )
-      else:
-        (new_floats, out), vjp, (new_others, new_rest) = jax.vjp(
-          run, stage_params, floats, has_aux=True
-        )
-      nnx.update(stage, new_rest)
-      carry = _join_floats(new_floats, new_others, out_spec[-1])
-      vjps.append((vjp, new_floats))
-      logits.append(out)
-
-    # The loss, traced once; its jaxpr also serves the dependency check.
-    def stacked_loss(*exit_logits):
-      out = loss_fn(jnp.stack(exit_logits), *loss_args)
-      return check_aux_pair(out, fn_name) if has_aux else out
-
-    closed, out_shape = jax.make_jaxpr(stacked_loss, return_shape=True)(*logits)
-    loss_shape = out_shape[0] if has_aux else out_shape
-    check_loss_vector(loss_shape, fn_name)
-    if loss_shape.shape[0] != num_exits:
-      raise ValueError(
-        f"{fn_name} returned {loss_shape.shape[0]} losses but the model has"
-        f" {num_exits} exits; return one loss per exit."
-      )
-    check_exit_dependencies(closed, num_exits, fn_name)
-    out_tree = jax.tree.structure(out_shape)
-    loss_from_jaxpr = jax.extend.core.jaxpr_as_fun(closed)
-
-    def losses_and_aux(*exit_logits):
-      out = jax.tree.unflatten(out_tree, loss_from_jaxpr(*exit_logits))
-      return out if has_aux else (out, None)
-
-    losses, loss_vjp, aux = jax.vjp(losses_and_aux, *logits, has_aux=True)
-    # logit_cts[j][k]: cotangent of exit k's loss on exit j's logits.
-    logit_cts = jax.vmap(loss_vjp)(jnp.eye(num_exits, dtype=losses.dtype))
+    losses, aux, vjps, logit_cts, new_rest = staged_forward(
+      graphdef, loss_fn, has_aux, fn_name, params, rest, x, *loss_args
+    )
+    num_exits = len(vjps)
 
     def backward(form):
-      return _staged_backward(vjps, logit_cts, num_exits, form)
+      return staged_backward(vjps, logit_cts, num_exits, form)
 
     if rows == "auto":
       # Decided when the step is lowered for its platform, not when traced.
@@ -380,7 +416,6 @@ def staged_value_and_per_exit_grads(
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
     grads = jax.tree.unflatten(treedef, [by_path[path] for path, _ in paths])
 
-    new_rest = nnx.state(model, nnx.Not(nnx.Param))
     if has_aux:
       return (losses, aux, new_rest), grads
     return (losses, new_rest), grads

@@ -32,6 +32,7 @@ import optax
 from osgd_jax import gram as gram_lib
 from osgd_jax.aggregation import _checks
 from osgd_jax.aggregation._types import Granularity, Weighting
+from osgd_jax.gramian import Gramian
 
 # The dtype of every diagnostic in a state, whatever the gradients' dtype, so
 # that a state keeps its dtypes from ``init`` on.
@@ -288,6 +289,129 @@ def read_stacked(
   )
 
 
+class GramianGradients(NamedTuple):
+  """A :class:`~osgd_jax.Gramian` read like :class:`StackedGradients`.
+
+  What a Gram weighting reads of the gradients, without their coordinates:
+  :func:`combine` asks the Gramian for ``Σ_k w_k g_k``.
+
+  Attributes:
+    gramian: the :class:`~osgd_jax.Gramian`.
+    treedef: the tree structure of the parameters.
+    sizes: the number of parameters of every leaf.
+    compute_dtype: float32, or float64 for float64 parameters.
+    grams: ``(G, K, K)`` the Gram matrix of each group the transformation
+      weighs: one per leaf (``granularity="leaf"``), or one.
+    exponents: ``(G,)`` int32 zeros: the Gramian forms its Gram matrices
+      unscaled (see :class:`StackedGradients` for the scaled form).
+  """
+
+  gramian: Gramian
+  treedef: Any
+  sizes: tuple[int, ...]
+  compute_dtype: Any
+  grams: jax.Array
+  exponents: jax.Array
+
+
+def read_gramian(
+  gramian: Gramian,
+  *,
+  num_exits: int,
+  params: optax.Params | None = None,
+  name: str,
+  granularity: Granularity | None,
+) -> GramianGradients:
+  """Checks a :class:`~osgd_jax.Gramian` and forms its groups' Gram matrices.
+
+  Args:
+    gramian: from :func:`osgd_jax.value_and_gramian` or
+      :func:`osgd_jax.staged_value_and_gramian`.
+    num_exits: the K the transformation was built for.
+    params: the parameters, if given to ``update``.
+    name: the transformation's name, for error messages.
+    granularity: the groups the transformation weighs; ``None`` for a
+      transformation that reads every coordinate, which a Gramian lacks.
+
+  Raises:
+    ValueError: a transformation that needs coordinates, another K, or
+      params of another structure or shape.
+  """
+  if granularity is None:
+    raise ValueError(
+      f"{name} reads every coordinate of the per-exit gradients, which an"
+      " osgd_jax.Gramian does not hold; pass it stacked gradients from"
+      " osgd_jax.value_and_per_exit_grads."
+    )
+  if gramian.num_exits != num_exits:
+    raise ValueError(
+      f"the Gramian has K={gramian.num_exits} exits but {name} was built"
+      f" with num_exits={num_exits}; build it with"
+      f" num_exits={gramian.num_exits}."
+    )
+  if params is not None:
+    gramian.check_params(params, name)
+  grams = gramian.grams(granularity)
+  return GramianGradients(
+    gramian,
+    gramian.treedef,
+    gramian.sizes,
+    gramian.compute_dtype,
+    grams,
+    jnp.zeros(grams.shape[:1], jnp.int32),
+  )
+
+
+def read_gradients(
+  updates: optax.Updates,
+  *,
+  num_exits: int,
+  params: optax.Params | None,
+  name: str,
+  granularity: Granularity | None,
+) -> StackedGradients | GramianGradients | None:
+  """Reads stacked gradients (:func:`read_stacked`) or a Gramian.
+
+  A Gramian is read by :func:`read_gramian` for a transformation that weighs
+  ``granularity`` groups, and refused by one that reads coordinates
+  (``granularity=None``).
+  """
+  if isinstance(updates, Gramian):
+    return read_gramian(
+      updates,
+      num_exits=num_exits,
+      params=params,
+      name=name,
+      granularity=granularity,
+    )
+  return read_stacked(updates, num_exits=num_exits, params=params, name=name)
+
+
+def is_gramian(updates: Any) -> bool:
+  """Whether ``updates`` is a :class:`~osgd_jax.Gramian`.
+
+  Example:
+    >>> is_gramian({"w": 0.0})
+    False
+  """
+  return isinstance(updates, Gramian)
+
+
+def sum_exits(updates: Any) -> Any:
+  """``Σ_k g_k`` of stacked gradients or of a Gramian, parameter-shaped.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sum_exits({"w": jnp.ones((2, 3))})["w"].tolist()
+    [2.0, 2.0, 2.0]
+  """
+  if isinstance(updates, Gramian):
+    return updates.combine(
+      jnp.ones((updates.num_exits,), updates.compute_dtype)
+    )
+  return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates)
+
+
 def group_grams(
   grams: jax.Array, exponents: jax.Array, granularity: Granularity
 ) -> tuple[jax.Array, jax.Array]:
@@ -365,7 +489,9 @@ def weigh_groups(
 
 
 def combine(
-  stacked: StackedGradients, weights: jax.Array, granularity: Granularity
+  stacked: StackedGradients | GramianGradients,
+  weights: jax.Array,
+  granularity: Granularity,
 ) -> optax.Updates:
   """``Σ_k w_k g_k`` for every leaf, in the structure and dtypes of the input.
 
@@ -383,6 +509,8 @@ def combine(
     >>> combine(stacked, jnp.asarray([[3.0, 4.0]]), "global")["w"].tolist()
     [3.0, 4.0]
   """
+  if isinstance(stacked, GramianGradients):
+    return stacked.gramian.combine(weights, granularity)
   shared = granularity == "global"
   outs = [
     gram_lib.weighted_sum(
@@ -419,7 +547,9 @@ def as_diagnostic(x: jax.Array) -> jax.Array:
   return x.astype(DIAGNOSTICS_DTYPE)
 
 
-def gram_diagnostics(stacked: StackedGradients) -> tuple[jax.Array, jax.Array]:
+def gram_diagnostics(
+  stacked: StackedGradients | GramianGradients,
+) -> tuple[jax.Array, jax.Array]:
   """``(exit_norms, cosine)`` over all parameters, in the state's dtype."""
   grams, exponents = gram_lib.combine_scaled(
     stacked.grams, stacked.exponents, True
@@ -432,7 +562,7 @@ def gram_diagnostics(stacked: StackedGradients) -> tuple[jax.Array, jax.Array]:
 
 
 def diagnostics(
-  stacked: StackedGradients, weights: jax.Array
+  stacked: StackedGradients | GramianGradients, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The diagnostics every aggregation state holds, in the state's dtype.
 
@@ -485,7 +615,15 @@ def check_state(
     ValueError: naming the first state field whose shape differs, or the
       two structures; the fix is to make the state with this ``init``.
   """
-  if params is None:
+  if params is None and isinstance(updates, Gramian):
+    params = jax.tree.unflatten(
+      updates.treedef,
+      [
+        jax.ShapeDtypeStruct(shape, dtype)
+        for shape, dtype in zip(updates.shapes, updates.dtypes, strict=True)
+      ],
+    )
+  elif params is None:
     params = jax.tree.map(
       lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], jnp.result_type(g)),
       updates,
@@ -546,6 +684,7 @@ def stacked_transformation(
   *,
   num_exits: int,
   name: str,
+  granularity: Granularity | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation whose update starts from checked stacked gradients.
 
@@ -561,6 +700,10 @@ def stacked_transformation(
       state)`` on the :class:`StackedGradients` of the update.
     num_exits: K.
     name: the transformation's name, for errors and the named scope.
+    granularity: the groups a transformation that needs only Gram matrices
+      weighs: it then also takes an :class:`~osgd_jax.Gramian` (read by
+      :func:`read_gramian`). ``None``: it reads every coordinate and
+      refuses a Gramian.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -568,8 +711,12 @@ def stacked_transformation(
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope(name):
-      stacked = read_stacked(
-        updates, num_exits=num_exits, params=params, name=name
+      stacked = read_gradients(
+        updates,
+        num_exits=num_exits,
+        params=params,
+        name=name,
+        granularity=granularity,
       )
       if stacked is None:
         return updates, state
@@ -702,5 +849,5 @@ def from_weighting(
     )
 
   return stacked_transformation(
-    init_fn, apply_fn, num_exits=num_exits, name=name
+    init_fn, apply_fn, num_exits=num_exits, name=name, granularity=granularity
   )

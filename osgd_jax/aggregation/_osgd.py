@@ -315,12 +315,21 @@ def osgd(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves = jax.tree.leaves(updates)
-    if not leaves:
+    if _engine.is_gramian(updates) and method == "sequential":
+      raise ValueError(
+        "osgd: method='sequential' runs Gram–Schmidt on the gradients"
+        " themselves, which an osgd_jax.Gramian does not hold; use"
+        " method='gram' (the same projection from the Gram matrix)."
+      )
+    if not jax.tree.leaves(updates):
       return updates, state
     with jax.named_scope(_NAME):
-      stacked = _engine.read_stacked(
-        updates, num_exits=num_exits, params=params, name=_NAME
+      stacked = _engine.read_gradients(
+        updates,
+        num_exits=num_exits,
+        params=params,
+        name=_NAME,
+        granularity=granularity if method == "gram" else None,
       )
       assert stacked is not None  # a tree without leaves returned above
       _engine.check_state(
@@ -328,6 +337,8 @@ def osgd(
       )
       if method == "gram":
         return gram_update(stacked, state)
+      # The sequential method refused a Gramian above: these are stacked.
+      assert isinstance(stacked, _engine.StackedGradients)
       outs, residual_sq, (weights, exponents) = (
         orthogonalize.modified_gram_schmidt(
           stacked.leaves,
