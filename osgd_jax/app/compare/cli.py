@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=list(DEFAULT_MODELS),
     choices=zoo.names(),
     metavar="MODEL",
+    help="zoo models to train: any of " + ", ".join(zoo.names()),
   )
   p.add_argument(
     "--optimizers",
@@ -171,10 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     help="fraction of the training set the tuning runs validate"
     " on (stratified, fixed split)",
   )
-  p.add_argument("--dataset", default=defaults.dataset)
-  p.add_argument("--data-dir", default=defaults.data_dir)
-  p.add_argument("--epochs", type=int, default=defaults.epochs)
-  p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+  p.add_argument(
+    "--dataset",
+    default=defaults.dataset,
+    help="the data set, as osgd-train's --dataset",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=defaults.data_dir,
+    help="directory holding the CIFAR archives, as osgd-train's"
+    " --data-dir; None: digits, mnist1d and synthetic need none",
+  )
+  p.add_argument(
+    "--epochs",
+    type=int,
+    default=defaults.epochs,
+    help="training epochs of every run",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=defaults.batch_size,
+    help="examples per step of every run",
+  )
   p.add_argument(
     "--out",
     default="runs/compare",
@@ -183,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--report",
     metavar="RESULTS",
-    help="make the report from this results.json; trains nothing",
+    help="make the report from this results.json; trains nothing; None: train",
   )
   p.add_argument(
     "--report-out",
@@ -195,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     "--readme",
     metavar="FILE",
     help="with --report: put the tables between the --section's"
-    " markers in this Markdown file",
+    " markers in this Markdown file; None: no file",
   )
   p.add_argument(
     "--section",
     metavar="NAME",
-    help="the README section: the lines <!-- compare:NAME:begin"
-    " --> and <!-- compare:NAME:end --> enclose it",
+    help="with --readme: the section to fill, which the lines"
+    " <!-- compare:NAME:begin --> and <!-- compare:NAME:end -->"
+    " enclose",
   )
   return p
 
