@@ -19,7 +19,14 @@
   import (it needs this package, and training needs no command).
 """
 
-from osgd_jax.app.train.artefacts import TrainResult, finish_run, write_metrics
+from osgd_jax.app.train.artefacts import (
+  METRICS_FORMAT,
+  METRICS_VERSION,
+  TrainResult,
+  finish_run,
+  read_metrics,
+  write_metrics,
+)
 from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
 from osgd_jax.app.train.config import (
   OPTIMIZERS,
@@ -61,6 +68,8 @@ from osgd_jax.app.train.step import make_train_step
 __all__ = [
   "CONFIG_FILE",
   "Callback",
+  "METRICS_FORMAT",
+  "METRICS_VERSION",
   "OPTIMIZERS",
   "PER_EXIT_GRADS",
   "Run",
@@ -85,6 +94,7 @@ __all__ = [
   "make_schedule",
   "make_train_step",
   "prepare_output_dir",
+  "read_metrics",
   "read_saved_config",
   "save_epoch",
   "seconds_per_step",
