@@ -12,6 +12,7 @@ import re
 import pytest
 
 from osgd_jax.app.compare import cli as compare_cli
+from osgd_jax.app.compare import experiment
 from osgd_jax.app.train import TrainConfig
 from osgd_jax.app.train import cli as train_cli
 
@@ -79,3 +80,33 @@ def test_the_progress_flag_reads_as_what_it_does():
   assert entry.endswith("(default: True)")
   assert parser.parse_args([]).progress is True
   assert parser.parse_args(["--no-progress"]).progress is False
+
+
+def test_osgd_compare_defaults_to_a_plan_a_cpu_finishes(
+  tmp_path, monkeypatch, capsys
+):
+  # Its defaults used to train the four ResNets: hours on a CPU, unsaid.
+  # Now: MLPs only, a run count the help states, printed before the runs.
+  parser = compare_cli.build_parser()
+  args = parser.parse_args([])
+  assert args.models and all(m.endswith("-mlp") for m in args.models)
+  runs = experiment.Plan(
+    TrainConfig(),
+    tuple(args.models),
+    tuple(args.optimizers),
+    compare_cli.parse_lr_grid(args.lr_grid),
+    args.validation,
+    tuple(range(args.seeds)),
+  ).num_runs
+  assert runs <= 60
+  help_text = " ".join(parser.format_help().split())
+  assert f"Without flags it makes {runs} runs of two small MLPs" in help_text
+  assert "about 15 minutes on 2 CPU cores" in help_text
+
+  def stop(plan):  # the runs would start here
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(experiment, "run_comparison", stop)
+  assert compare_cli.main(["--out", str(tmp_path / "cmp")]) == 130
+  out = capsys.readouterr().out
+  assert out.startswith(f"output directory: {tmp_path / 'cmp'}; {runs} runs")
