@@ -4,9 +4,10 @@
 (:mod:`osgd_jax.app.compare.experiment`) in ``--out``, writes
 ``results.json`` there, then the report. ``osgd-compare --report
 results.json`` makes the report from the file alone, trains nothing, and
-with ``--readme README.md --section NAME`` also puts the tables between
-that section's markers in the README. Bad input is one line and exit
-status 2, a failed write 1, Ctrl-C 130 (the finished runs are kept).
+with ``--readme docs/results.md --section NAME`` also puts the tables
+between that section's markers in that Markdown file. Bad input is one
+line and exit status 2, a failed write 1, Ctrl-C 130 (the finished runs
+are kept).
 """
 
 from __future__ import annotations
