@@ -7,6 +7,7 @@ per option, and count the ``(default: ...)`` notes in each.
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import pytest
@@ -16,6 +17,7 @@ from osgd_jax.app.compare import experiment
 from osgd_jax.app.train import TrainConfig
 from osgd_jax.app.train import cli as train_cli
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PARSERS = {
   "osgd-train": train_cli.build_parser,
   "osgd-compare": compare_cli.build_parser,
@@ -101,7 +103,15 @@ def test_osgd_compare_defaults_to_a_plan_a_cpu_finishes(
   assert runs <= 60
   help_text = " ".join(parser.format_help().split())
   assert f"Without flags it makes {runs} runs of two small MLPs" in help_text
-  assert "about 15 minutes on 2 CPU cores" in help_text
+  # The durations the README gives (measured on a 2-core CPU) are the
+  # help's.
+  readme = " ".join((ROOT / "README.md").read_text().split())
+  compare_time = "10 to 25 minutes on 2 CPU cores"
+  assert compare_time in help_text and compare_time in readme
+  assert f"({runs} runs, {compare_time})" in readme
+  train_help = " ".join(train_cli.build_parser().format_help().split())
+  assert "about a minute on 2 CPU cores" in train_help
+  assert "about a minute on 2 CPU cores" in readme
 
   def stop(plan):  # the runs would start here
     raise KeyboardInterrupt

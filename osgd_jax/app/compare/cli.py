@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     " intervals, and the accuracy over the whole grid (results.json,"
     " report.md, figures). With --report, make the report from a"
     " results.json without training. Without flags it makes"
-    f" {default_runs} runs of two small MLPs on the digits, about 15"
-    " minutes on 2 CPU cores (one run of 15 epochs takes 10 to 20 s);"
+    f" {default_runs} runs of two small MLPs on the digits, 10 to 25"
+    " minutes on 2 CPU cores (one run of 15 epochs takes 10 to 30 s);"
     " the ResNets and CIFAR take hours there: give them a GPU or TPU.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
