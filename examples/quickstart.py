@@ -4,8 +4,8 @@ A cascade of dense layers with a classifier head after each one is trained on
 a seeded synthetic task made here with NumPy. Each step computes the three
 exit losses' gradients in one pass (``value_and_per_exit_grads``), projects
 them with OSGD in priority order and applies momentum SGD, all inside one
-jitted function. It uses the library only (no ``osgd_jax.app``), so a plain
-``pip install osgd-jax`` runs it.
+jitted function. It uses the library only (no ``osgd_jax.app``), so the
+library's install (``python -m pip install -e .`` in a clone) runs it.
 
 Run: ``python examples/quickstart.py [--steps N] [--seed S]``
 """

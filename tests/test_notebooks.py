@@ -7,6 +7,7 @@ working directory, with temporary files under pytest's ``tmp_path``.
 """
 
 import ast
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -295,3 +296,24 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
       for m in sorted(tmp.glob("osgd-*/metrics.json"))
     ]
     assert [c["mesh"] for c in configs] == ["data=-1", "data=-1"], configs
+
+
+def test_the_setup_cell_pins_the_runtimes_jax_while_installing():
+  # The install from the repository must not move the runtime's JAX (a
+  # requirement of osgd-jax or of a dependency could otherwise upgrade it
+  # to a build for another accelerator): it runs with a constraints file
+  # of the installed JAX packages, as `pip freeze | grep jax` lists them.
+  setup = _setup_functions()
+  pins = setup["jax_pins"]()
+  for package in ("jax", "jaxlib"):
+    assert f"{package}=={importlib.metadata.version(package)}" in pins
+  assert all(p.startswith(("jax", "libtpu")) for p in pins), pins
+  handler = ast.unparse(
+    next(
+      node
+      for node in ast.parse(_setup_cell(NOTEBOOKS[0])).body
+      if isinstance(node, ast.Try)
+    ).handlers[0]
+  )
+  assert "'-c', 'jax-constraints.txt'" in handler
+  assert "jax_pins()" in handler and "git+{REPOSITORY}" in handler

@@ -38,6 +38,7 @@ def test_the_app_and_test_extras():
     "matplotlib",
     "mnist1d",
     "orbax-checkpoint",
+    "pooch",
     "pyyaml",
     "scikit-learn",
     "scipy",

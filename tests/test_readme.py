@@ -1,29 +1,56 @@
-"""The README's and the guides' Python blocks run as written, imports included.
+"""The README's and the guides' code blocks run as written, imports included.
 
-A reader follows a page from the top, so each page's blocks run in order in
-one fresh namespace, with nothing imported for them: a block may use what an
-earlier block of its page defined, never what another page did. The pages
-are README.md, docs/index.md and docs/guides/*.md. The suite's 8 host devices
-stand in for the devices of the multi-device guide.
+A reader follows a page from the top, so each page's Python blocks run in
+order in one fresh namespace, with nothing imported for them: a block may
+use what an earlier block of its page defined, never what another page did.
+The pages are README.md, docs/index.md and docs/guides/*.md. The suite's 8
+host devices stand in for the devices of the multi-device guide.
+
+The README's bash blocks are its set-up commands, and what "run as written"
+can honestly mean differs per command, so each kind of line is handled on
+its own and any other line fails the test:
+
+* ``python -m pip install -e ".[EXTRAS]"``: installing needs a package
+  index, which the suite must not reach. The test checks what the line
+  would do instead: each extra exists in pyproject.toml, and every
+  requirement it brings (the extras it names included) is installed here
+  at a version it accepts, so the command has nothing left to change.
+* ``osgd-train``: run through the function its console script calls, with
+  ``--epochs 1`` (and ``--out``) added, as the README says: one epoch of
+  the same run, which must print its per-exit table and write its
+  artefacts. The whole default run (15 epochs) is left out for time only.
+* ``python -m pytest``: this very test runs under it. The test checks that
+  the line is the one .ci/run runs and that pytest's configured test paths
+  collect this file.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import pathlib
 import re
+import shlex
+import tomllib
 
 import jax
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+
+from osgd_jax.app import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The generated result tables, which the README links to.
+RESULTS_PAGE = ROOT / "docs" / "results.md"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PAGES = [
   README,
   ROOT / "docs" / "index.md",
   *sorted((ROOT / "docs" / "guides").glob("*.md")),
 ]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
+_ANY_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
 
 
 def _blocks(page: pathlib.Path) -> list[tuple[int, str]]:
@@ -90,23 +117,24 @@ def test_the_fault_table_names_tests_that_exist():
 
 def test_the_generated_tables_are_what_their_results_files_give():
   # The experiment's tables are made, never typed: `osgd-compare --report
-  # docs/results/<section>.json --readme README.md --section <section>`
-  # writes them between the section's markers. Each section must be what
-  # its committed results file gives today, and each results file must have
-  # its section.
+  # docs/results/<section>.json --readme docs/results.md --section
+  # <section>` writes them between the section's markers. Each section must
+  # be what its committed results file gives today, and each results file
+  # must have its section (none of the tables the README once held is lost).
   from osgd_jax.app.compare import load_results, render_markdown  # pylint: disable=g-import-not-at-top
   from osgd_jax.app.compare.report import replace_section  # pylint: disable=g-import-not-at-top
 
-  text = README.read_text()
+  text = RESULTS_PAGE.read_text()
   sections = re.findall(r"^<!-- compare:([\w.-]+):begin -->$", text, re.M)
-  results = README.parent / "docs" / "results"
+  results = ROOT / "docs" / "results"
   assert sorted(sections) == sorted(p.stem for p in results.glob("*.json"))
   for section in sections:
     payload = load_results(str(results / f"{section}.json"))
     assert replace_section(text, section, render_markdown(payload)) == text, (
-      f"README's {section} tables differ from docs/results/{section}.json;"
-      f" run: osgd-compare --report docs/results/{section}.json --readme"
-      f" README.md --section {section}"
+      f"docs/results.md's {section} tables differ from"
+      f" docs/results/{section}.json; run: osgd-compare --report"
+      f" docs/results/{section}.json --readme docs/results.md --section"
+      f" {section}"
     )
 
 
@@ -117,8 +145,9 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_each_comparison_shows_its_differences_figure(tmp_path):
-  # Beside its tables, each section shows the report's forest plot, copied
-  # to docs/results/<section>-differences.png. Pixels differ between
+  # Beside its tables, each section of docs/results.md shows the report's
+  # forest plot, copied to docs/results/<section>-differences.png; the
+  # README shows one of them. Pixels differ between
   # matplotlib versions, but the size follows the models and optimizers
   # drawn: a figure of another results file would not match.
   from osgd_jax.app.compare import load_results  # pylint: disable=g-import-not-at-top
@@ -127,13 +156,19 @@ def test_each_comparison_shows_its_differences_figure(tmp_path):
     write_differences_figure,
   )  # pylint: disable=g-import-not-at-top
 
-  text = README.read_text()
-  results = README.parent / "docs" / "results"
+  text = RESULTS_PAGE.read_text()
+  results = ROOT / "docs" / "results"
   sections = sorted(p.stem for p in results.glob("*.json"))
   assert sections
+  shown = re.findall(
+    r"\]\((docs/results/[\w.-]+-differences\.png)\)", (README.read_text())
+  )
+  assert shown and all((ROOT / f).is_file() for f in shown), shown
   for section in sections:
     figure = f"docs/results/{section}-differences.png"
-    assert f"]({figure})" in text, f"README does not show {figure}"
+    assert f"](results/{section}-differences.png)" in text, (
+      f"docs/results.md does not show {figure}"
+    )
     payload = load_results(str(results / f"{section}.json"))
     made = write_differences_figure(payload, str(tmp_path))
     assert _png_size((ROOT / figure).read_bytes()) == _png_size(
@@ -144,3 +179,155 @@ def test_each_comparison_shows_its_differences_figure(tmp_path):
       f" --report-out /tmp/{section} && cp /tmp/{section}/"
       f"{DIFFERENCES_FIGURE} {figure}"
     )
+
+
+# ---------------------------------------------------------------------------
+# The README a newcomer reads first: short, complete, and its set-up
+# commands run as written (see the module docstring for what that means for
+# each kind of line).
+
+TEST_COMMAND = 'python -m pip install -e ".[test]" && python -m pytest'
+
+
+def test_the_readme_is_short_and_has_what_a_newcomer_needs():
+  text = README.read_text()
+  assert len(text.encode()) < 12 * 1024
+  headings = re.findall(r"^## (.+)$", text, re.M)
+  for heading in (
+    "Installation",
+    "Set-up: the two commands",
+    "OSGD in an Optax loop",
+    "OSGD on a Flax NNX model",
+    "Does OSGD help?",
+  ):
+    assert heading in headings, heading
+  help_section = text.split("## Does OSGD help?")[1].split("\n## ")[0]
+  assert "](docs/results/" in help_section  # the figure
+  assert "](docs/results.md)" in help_section  # the full tables
+  # The NNX quickstart: a zoo model, per-exit gradients of the model
+  # itself, and nnx.Optimizer with OSGD.
+  nnx_block = _blocks(README)[1][1]
+  for needle in (
+    "osgd_jax.zoo.create(",
+    "value_and_per_exit_grads(loss_fn)(model, x, y)",
+    "nnx.Optimizer(model, osgd_jax.osgd_sgd(",
+    "wrt=nnx.Param",
+    "optimizer.update(model, grads)",
+  ):
+    assert needle in nnx_block, needle
+
+
+def test_every_readme_block_is_python_or_bash():
+  # Both kinds are run below or above; a block of another kind would be
+  # code that nothing checks.
+  kinds = [kind for kind, _ in _ANY_BLOCK.findall(README.read_text())]
+  assert set(kinds) == {"python", "bash"}, kinds
+
+
+def _bash_commands() -> list[str]:
+  """Each command of the README's bash blocks (`a && b` gives two)."""
+  commands = []
+  for kind, block in _ANY_BLOCK.findall(README.read_text()):
+    if kind != "bash":
+      continue
+    for line in block.splitlines():
+      line = line.strip()
+      if line and not line.startswith("#"):
+        commands += [part.strip() for part in line.split("&&")]
+  return commands
+
+
+_INSTALL = re.compile(r'python -m pip install -e "\.\[([\w,-]+)\]"')
+
+
+def _extra_requirements(extras: list[str]) -> list[Requirement]:
+  """The requirements the extras bring, the project's own extras expanded."""
+  optional = PYPROJECT["project"]["optional-dependencies"]
+  name = PYPROJECT["project"]["name"]
+  found, pending, seen = [], list(extras), set()
+  while pending:
+    extra = pending.pop()
+    if extra in seen:
+      continue
+    seen.add(extra)
+    assert extra in optional, f"the README installs an unknown extra {extra}"
+    for line in optional[extra]:
+      requirement = Requirement(line)
+      if requirement.name == name:
+        pending += sorted(requirement.extras)
+      else:
+        found.append(requirement)
+  return found
+
+
+def test_every_readme_command_is_one_the_suite_runs_or_checks():
+  commands = _bash_commands()
+  assert commands == [
+    'python -m pip install -e ".[app]"',
+    "osgd-train",
+    'python -m pip install -e ".[test]"',
+    "python -m pytest",
+  ], commands
+
+
+@pytest.mark.parametrize(
+  "command", [c for c in _bash_commands() if _INSTALL.fullmatch(c)]
+)
+def test_the_readmes_installs_would_change_nothing_here(command):
+  extras = _INSTALL.fullmatch(command).group(1).split(",")
+  for requirement in _extra_requirements(extras):
+    if requirement.marker is not None and not requirement.marker.evaluate():
+      continue
+    try:
+      version = importlib.metadata.version(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+      pytest.fail(f"{command}: {requirement} is not installed")
+    assert requirement.specifier.contains(version, prereleases=True), (
+      command,
+      str(requirement),
+      version,
+    )
+
+
+def test_the_readmes_osgd_train_runs_as_written_for_one_epoch(tmp_path, capsys):
+  (command,) = [c for c in _bash_commands() if c.startswith("osgd-train")]
+  assert "`--epochs 1`" in README.read_text()  # the README says so
+  # The function the console script calls (tests/app/test_commands.py runs
+  # the installed script itself), in this process: no second JAX import.
+  out = tmp_path / "run"
+  argv = [*shlex.split(command)[1:], "--epochs", "1", "--out", str(out)]
+  assert commands.osgd_train(argv) == 0, capsys.readouterr().err[-2000:]
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == f"run directory: {out}"
+  assert "nested-depth-resnet on digits, optimizer osgd, 1 epochs" in lines
+  assert any(line.startswith("exit  test acc") for line in lines), lines
+  for name in ("metrics.json", "accuracy_vs_flops.png", "config.json"):
+    assert (out / name).is_file(), name
+
+
+def test_the_readmes_test_command_is_the_one_ci_runs_and_runs_this_test():
+  assert TEST_COMMAND in README.read_text()
+  ci = (ROOT / ".ci" / "run").read_text().splitlines()
+  assert ci[-1] == TEST_COMMAND
+  testpaths = PYPROJECT["tool"]["pytest"]["ini_options"]["testpaths"]
+  assert any(
+    pathlib.Path(__file__).resolve().is_relative_to(ROOT / path)
+    for path in testpaths
+  ), testpaths
+
+
+def test_no_page_tells_to_install_osgd_jax_from_the_registry():
+  # osgd-jax is not on PyPI yet: a newcomer following `pip install
+  # osgd-jax` fails at step one. Installs go through a clone, a wheel or
+  # the repository's URL.
+  pages = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+  for folder, pattern in (("notebooks", "*"), ("examples", "*.py")):
+    pages += sorted((ROOT / folder).glob(pattern))
+  registry = re.compile(r"pip install\s+(?:-\S+\s+)*[\"']?osgd-jax\b")
+  found = [
+    f"{page.relative_to(ROOT)}: {m.group(0)}"
+    for page in pages
+    if page.is_file()
+    for m in registry.finditer(page.read_text(encoding="utf-8"))
+  ]
+  assert found == []

@@ -56,6 +56,7 @@ APP_REQUIREMENTS = {
   "matplotlib": "matplotlib",
   "tqdm": "tqdm",
   "yaml": "pyyaml",
+  "pooch": "pooch",
   "mnist1d": "mnist1d",
 }
 

@@ -709,8 +709,10 @@ def test_a_wider_grid_trains_only_the_new_runs(tmp_path, capsys, monkeypatch):
 
 
 def test_mnist1d_is_checked_against_each_model(tmp_path, capsys, monkeypatch):
-  # The default models are ResNets: refused before any run.
-  assert compare.main(["--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
+  # A ResNet is refused before any run.
+  argv = ["--dataset", "mnist1d", "--models", "nested-depth-mlp"]
+  argv += ["branched-resnet", "--out", str(tmp_path)]
+  assert compare.main(argv) == 2
   assert "--model branched-resnet convolves 2-D images" in (
     capsys.readouterr().err
   )
@@ -741,3 +743,24 @@ def test_mnist1d_is_checked_against_each_model(tmp_path, capsys, monkeypatch):
   assert [(p.base.dataset, p.models) for p in planned] == [
     ("mnist1d", ("branched-mlp", "nested-depth-mlp"))
   ]
+
+
+@pytest.mark.parametrize("version", [results.VERSION + 1, "1", None])
+def test_a_results_file_of_another_version_is_refused_by_name(
+  version, tmp_path, capsys
+):
+  # A file from a newer osgd-compare (or a damaged version entry) is one
+  # line naming both versions, never a KeyError deep in the report.
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({**HAND, "version": version}))
+  assert compare.main(["--report", str(path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [
+    f"osgd-compare: error: --report {path} is a results file of version"
+    f" {version!r}, and this osgd-compare reads version {results.VERSION};"
+    " report it with the osgd-compare that wrote it (a newer one: upgrade"
+    " osgd-jax)."
+  ]
+  assert not (tmp_path / "report.md").exists()
+  path.write_text(json.dumps(HAND))  # the current version is read
+  assert results.load_results(str(path)) == HAND

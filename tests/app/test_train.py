@@ -139,7 +139,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     train(config)
   store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
   assert store.latest_epoch() == 1
-  metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  metrics = train_lib.read_metrics(str(tmp_path / "run" / "metrics.json"))
   assert [r["epoch"] for r in metrics["epochs"]] == [1]
 
 
@@ -453,3 +453,35 @@ def test_a_validation_split_that_leaves_too_little_is_one_line(tmp_path):
     r" training examples left by --validation 0.9",
   ):
     train(config)
+
+
+def test_metrics_json_has_a_version_that_readers_check(tmp_path):
+  # A newer osgd-jax may change metrics.json's layout: the file says which
+  # layout it is in, and a reader refuses one it does not know by name.
+  # Files from before the version entry (the same keys) still read.
+  config = TrainConfig(epochs=1)
+  train_lib.write_metrics(str(tmp_path), config, [{"epoch": 1}])
+  path = tmp_path / "metrics.json"
+  written = json.loads(path.read_text())
+  assert written["format"] == "osgd-train metrics"
+  assert written["version"] == 1 == train_lib.METRICS_VERSION
+  assert train_lib.read_metrics(str(path)) == written
+  old = {"config": config.to_json(), "epochs": [{"epoch": 1}]}
+  path.write_text(json.dumps(old))
+  assert train_lib.read_metrics(str(path)) == written
+  for version in (2, "1", None):
+    path.write_text(json.dumps({**written, "version": version}))
+    with pytest.raises(ValueError) as error:
+      train_lib.read_metrics(str(path))
+    assert str(error.value) == (
+      f"{path} is a metrics.json of version {version!r}; this osgd-jax"
+      " reads version 1. Read it with the osgd-jax that wrote it (a newer"
+      " one: upgrade osgd-jax)."
+    )
+  for payload in ({"format": "osgd-compare results"}, [1], {"config": {}}):
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="is not an osgd-train metrics.json"):
+      train_lib.read_metrics(str(path))
+  path.write_text("{")
+  with pytest.raises(ValueError, match=r"cannot read .*; pass the metrics"):
+    train_lib.read_metrics(str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
+import re
 import struct
 
 import jax
@@ -200,3 +201,25 @@ def test_tensorboard_without_tensorboardx_is_refused_before_any_work(
     r"pip install 'osgd-jax\[tensorboard\]'",
   ):
     config.validate()
+
+
+def test_the_first_step_says_it_is_compiling_and_how_long_it_took(
+  tmp_path, capsys
+):
+  # XLA compiles the step before the run's first step runs: a newcomer
+  # should read that, not a first step's ETA of minutes. Without the
+  # progress bar (osgd-compare's runs) nothing is said.
+  config = dataclasses.replace(SMALL, epochs=1, progress=True)
+  train(dataclasses.replace(config, out=str(tmp_path / "shown")))
+  lines = capsys.readouterr().out.splitlines()
+  starts = [line.split(" ")[0] for line in lines]
+  assert starts.count("compiling") == starts.count("compiled") == 1, lines
+  compiling, compiled = starts.index("compiling"), starts.index("compiled")
+  assert compiling < compiled < starts.index("epoch"), lines
+  assert lines[compiling] == "compiling the train step (XLA, once per run) ..."
+  seconds = re.fullmatch(
+    r"compiled the train step in (\d+\.\d) s", lines[compiled]
+  )
+  assert seconds is not None and float(seconds.group(1)) > 0, lines
+  train(dataclasses.replace(SMALL, epochs=1, out=str(tmp_path / "hidden")))
+  assert "compil" not in capsys.readouterr().out

@@ -183,7 +183,8 @@ def load_results(path: str) -> dict[str, Any]:
     raise ValueError(
       f"--report {path} is a results file of version"
       f" {payload.get('version')!r}, and this osgd-compare reads version"
-      f" {VERSION}; report it with the osgd-compare that wrote it."
+      f" {VERSION}; report it with the osgd-compare that wrote it (a"
+      " newer one: upgrade osgd-jax)."
     )
   try:
     settings, models = payload["settings"], payload["models"]

@@ -2,27 +2,28 @@
 
 ``download_cifar(dataset, data_dir)`` fetches ``cifar-10-python.tar.gz`` or
 ``cifar-100-python.tar.gz`` into ``data_dir``, where
-:func:`~osgd_jax.app.data.cifar.load_cifar` reads it. The bytes stream into a
-hidden ``.partial`` file in that directory and are hashed as they arrive; only
-a file of the announced length and the expected MD5 is renamed to the
-archive's name. An interrupted, cut or altered download therefore leaves
-nothing that the loader would read, and what the loader would read that is
-already in ``data_dir`` is used as it is, never downloaded again, replaced or
-deleted.
+:func:`~osgd_jax.app.data.cifar.load_cifar` reads it. The transfer is
+`pooch <https://www.fatiando.org/pooch>`_'s: it streams the bytes into a
+temporary file in that directory, checks the MD5, and only then gives the
+file the archive's name. An interrupted, cut or altered download therefore
+leaves nothing that the loader would read, and what the loader would read
+that is already in ``data_dir`` is used as it is, never downloaded again,
+replaced or deleted.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
+import contextlib
+import logging
 import os
 import re
-import secrets
 import shlex
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from typing import NamedTuple
+from urllib.parse import urlparse
 
+import pooch
+import requests
 from tqdm.auto import tqdm
 
 from osgd_jax.app.data.base import CIFAR_URL, DatasetFormatError
@@ -34,6 +35,8 @@ __all__ = ["CIFAR_ARCHIVES", "CifarArchive", "DownloadError", "download_cifar"]
 _CHUNK = 1 << 20
 # Seconds without a byte (or a connection) before the download is abandoned.
 _TIMEOUT_S = 60.0
+# The URL schemes pooch's HTTP and FTP downloaders fetch.
+_SCHEMES = ("https", "http", "ftp")
 
 
 class CifarArchive(NamedTuple):
@@ -59,20 +62,12 @@ CIFAR_ARCHIVES: dict[str, CifarArchive] = {
 
 
 class DownloadError(OSError):
-  """A download failed: the transfer broke, or its bytes were not the archive.
+  """A download failed: the transfer broke, or the directory took no file.
 
   Nothing of it is left in the data directory. It is an ``OSError`` (like
-  ``urllib``'s errors): the input was fine and the same call may succeed
-  later; the commands exit with status 1 on it.
+  the errors of ``requests``): the input was fine and the same call may
+  succeed later; the commands exit with status 1 on it.
   """
-
-
-def _content_length(response) -> int | None:
-  value = response.headers.get("Content-Length")
-  try:
-    return int(value) if value is not None else None
-  except ValueError:  # a malformed header is as good as none
-    return None
 
 
 def _say(progress: bool, message: str) -> None:
@@ -80,85 +75,85 @@ def _say(progress: bool, message: str) -> None:
     print(message, flush=True)
 
 
+@contextlib.contextmanager
+def _quiet_pooch() -> Iterator[None]:
+  """Silences pooch's "Downloading data from ..." log lines.
+
+  ``download_cifar`` says what it fetched itself, in one line, and the
+  commands' errors are one line each.
+  """
+  logger = pooch.get_logger()
+  level = logger.level
+  logger.setLevel(logging.WARNING)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def _fetch(
   label: str, url: str, md5: str, archive: str, progress: bool
 ) -> None:
-  """Streams ``url`` into ``archive``, or raises and leaves nothing there."""
+  """Downloads ``url`` into ``archive`` with pooch, or leaves nothing there."""
   root = os.path.dirname(archive)
-  # Hidden and suffixed: load_cifar only opens the exact official names.
-  # Created with open(..., "x") rather than tempfile's 0600 files, so that
-  # the archive gets the permissions the user's umask gives any new file.
-  partial = os.path.join(
-    root, f".{os.path.basename(archive)}.{secrets.token_hex(4)}.partial"
+  # pooch sets the bar's total from Content-Length; the placeholder 1 makes
+  # the bar truthy, which is how pooch tells that it was given one.
+  bar = (
+    tqdm(
+      total=1,
+      unit="B",
+      unit_scale=True,
+      unit_divisor=1024,
+      desc=f"{label} archive",
+    )
+    if progress
+    else False
+  )
+  # pooch 1.9's annotations say less than its documentation: progressbar
+  # takes a progress bar object too, and its Downloader protocol does not
+  # describe its own HTTPDownloader.
+  downloader = pooch.HTTPDownloader(
+    progressbar=bar,  # pyright: ignore[reportArgumentType]
+    timeout=_TIMEOUT_S,
+    chunk_size=_CHUNK,
   )
   try:
-    with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
-      expected = _content_length(response)
-      digest = hashlib.md5(usedforsecurity=False)
-      received = 0
-      with (
-        open(partial, "xb") as f,
-        tqdm(
-          total=expected,
-          unit="B",
-          unit_scale=True,
-          unit_divisor=1024,
-          desc=f"{label} archive",
-          disable=not progress,
-        ) as bar,
-      ):
-        while chunk := response.read(_CHUNK):
-          f.write(chunk)
-          digest.update(chunk)
-          received += len(chunk)
-          bar.update(len(chunk))
-        f.flush()
-        os.fsync(f.fileno())  # on disk before it takes the archive's name
-    # http.client ends a body cut short of its Content-Length without an
-    # error: only the count tells.
-    if expected is not None and received != expected:
-      raise DownloadError(
-        f"{label}: the download of {url} ended after {received} of"
-        f" {expected} bytes; nothing was saved in {root}. Try again."
+    with _quiet_pooch():
+      pooch.retrieve(
+        url,
+        known_hash=f"md5:{md5}",
+        fname=os.path.basename(archive),
+        path=root,
+        downloader=downloader,  # pyright: ignore[reportArgumentType]
       )
-    if digest.hexdigest() != md5:
-      raise DownloadError(
-        f"{label}: the {received} bytes downloaded from {url} have MD5"
-        f" {digest.hexdigest()}, not {md5}: that is not the official"
-        f" archive (a proxy's page, or an altered file); nothing was saved"
-        f" in {root}. Try again, or put the archive from {CIFAR_URL} in"
-        f" {root} yourself."
-      )
-    os.replace(partial, archive)
-  except BaseException as error:  # Ctrl-C included: never leave a partial
-    try:
-      os.remove(partial)
-    except FileNotFoundError:
-      pass
-    if isinstance(error, DownloadError):
-      raise
-    # URLError and the socket errors are OSErrors too: the transfer's first.
-    if isinstance(
-      error,
-      (
-        urllib.error.URLError,
-        http.client.HTTPException,
-        ConnectionError,
-        TimeoutError,
-      ),
-    ):
-      raise DownloadError(
-        f"{label}: downloading {url} failed ({error}); nothing was saved"
-        f" in {root}. Check the connection and the address, then try"
-        " again."
-      ) from None
-    if isinstance(error, OSError):
-      raise DownloadError(
-        f"{label}: writing the download into {root} failed ({error});"
-        " nothing was left there. Make it a writable directory with room"
-        " for the archive, then try again."
-      ) from None
-    raise
+  except requests.RequestException as error:  # an OSError: the transfer's
+    raise DownloadError(
+      f"{label}: downloading {url} failed ({error}); nothing was saved"
+      f" in {root}. Check the connection and the address, then try again."
+    ) from None
+  except ValueError as error:  # pooch's checksum mismatch
+    got = re.search(r"got ([0-9a-f]{32})", str(error))
+    raise DatasetFormatError(
+      f"{label}: the download from {url} has MD5"
+      f" {got.group(1) if got else 'another'}, not {md5}: that is not the"
+      " official archive (a proxy's page, or an altered file); nothing was"
+      f" saved in {root}. Try again, or put the archive from {CIFAR_URL}"
+      f" in {root} yourself."
+    ) from None
+  except OSError as error:  # the temporary file or the rename
+    raise DownloadError(
+      f"{label}: writing the download into {root} failed ({error});"
+      " nothing was left there. Make it a writable directory with room"
+      " for the archive, then try again."
+    ) from None
+  finally:
+    if bar is not False:
+      bar.close()
+  # pooch's temporary file is owner-only (0600); the archive gets the
+  # permissions the user's umask gives any new file.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(archive, 0o666 & ~umask)
 
 
 def _moved_aside_name(path: str) -> str:
@@ -170,16 +165,13 @@ def _moved_aside_name(path: str) -> str:
 
 
 def _check_present(label: str, archive: str, md5: str) -> None:
-  digest = hashlib.md5(usedforsecurity=False)
-  with open(archive, "rb") as f:
-    while chunk := f.read(_CHUNK):
-      digest.update(chunk)
-  if digest.hexdigest() != md5:
+  found = pooch.file_hash(archive, alg="md5")
+  if found != md5:
     # The file is the user's: say how to keep it out of the way, never
     # remove or overwrite it.
     move = shlex.join(["mv", archive, _moved_aside_name(archive)])
     raise DatasetFormatError(
-      f"{label}: {archive} has MD5 {digest.hexdigest()}, not {md5}: it is"
+      f"{label}: {archive} has MD5 {found}, not {md5}: it is"
       " damaged or not the official archive. Move it aside (nothing is"
       f" deleted): {move}, then download again."
     )
@@ -199,11 +191,11 @@ def download_cifar(
   :func:`~osgd_jax.app.data.cifar.load_cifar` reads (the extracted folder,
   the archive, or the batch files themselves), nothing is downloaded; an
   archive found there is checked against ``md5`` first.
-  Otherwise ``url`` is streamed into a hidden ``.partial`` file in
-  ``data_dir`` (created if needed), hashed on the way, and renamed to the
-  archive's official name only once its length and MD5 are right. Several
-  processes may download into one shared directory at once: each writes a
-  file of its own and the renames are atomic.
+  Otherwise pooch streams ``url`` into a temporary file in ``data_dir``
+  (created if needed) and renames it to the archive's official name only
+  once its MD5 is right. Several processes may download into one shared
+  directory at once: each writes a file of its own and the renames are
+  atomic.
 
   Args:
     dataset: ``"cifar10"`` or ``"cifar100"``, or one of their aliases
@@ -211,8 +203,8 @@ def download_cifar(
     data_dir: the directory to download into, later the loader's
       ``data_dir``.
     url: where to download from; default: the official archive's address
-      (:data:`~osgd_jax.app.data.download.CIFAR_ARCHIVES`). Any URL
-      ``urllib`` opens works (``https://``, ``file://``, ...).
+      (:data:`~osgd_jax.app.data.download.CIFAR_ARCHIVES`). An
+      ``https://``, ``http://`` or ``ftp://`` URL.
     md5: the MD5 the archive must have (hex); default: the official
       archive's. It also checks an archive already in ``data_dir``.
     progress: show a progress bar while downloading, and print one line
@@ -223,11 +215,13 @@ def download_cifar(
     archive just downloaded, or what was already there.
 
   Raises:
-    ValueError: a dataset other than CIFAR, or ``md5`` not 32 hex digits.
-    DatasetFormatError: an archive in ``data_dir`` has another MD5 (a
-      ``ValueError``); it is left as it is.
-    DownloadError: the transfer failed, was cut short, or brought other
-      bytes than ``md5`` says (an ``OSError``); nothing of it is left.
+    ValueError: a dataset other than CIFAR, ``md5`` not 32 hex digits, or
+      a URL of another scheme.
+    DatasetFormatError: an archive in ``data_dir`` has another MD5, or the
+      download brought other bytes than ``md5`` says (a ``ValueError``);
+      what was there is left as it is, and nothing of the download.
+    DownloadError: the transfer failed or was cut short, or ``data_dir``
+      takes no file (an ``OSError``); nothing of it is left.
 
   Example:
     >>> path = download_cifar("cifar10", "~/data")  # doctest: +SKIP
@@ -244,6 +238,11 @@ def download_cifar(
   md5 = (official.md5 if md5 is None else md5).lower()
   if not re.fullmatch(r"[0-9a-f]{32}", md5):
     raise ValueError(f"md5 must be 32 hexadecimal digits, got {md5!r}.")
+  if urlparse(url).scheme not in _SCHEMES:
+    raise ValueError(
+      f"cannot download {url}: give an {', '.join(_SCHEMES)} URL, or put"
+      f" the archive in {os.fspath(data_dir)} yourself."
+    )
   archive = archive_path(data_dir, name)
   found = find_cifar(data_dir, name)
   if found is not None:

@@ -20,9 +20,12 @@
 """
 
 from osgd_jax.app.train.artefacts import (
+  METRICS_FORMAT,
+  METRICS_VERSION,
   TrainResult,
   figure_name,
   finish_run,
+  read_metrics,
   write_metrics,
 )
 from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
@@ -66,6 +69,8 @@ from osgd_jax.app.train.step import make_train_step
 __all__ = [
   "CONFIG_FILE",
   "Callback",
+  "METRICS_FORMAT",
+  "METRICS_VERSION",
   "OPTIMIZERS",
   "PER_EXIT_GRADS",
   "Run",
@@ -91,6 +96,7 @@ __all__ = [
   "make_schedule",
   "make_train_step",
   "prepare_output_dir",
+  "read_metrics",
   "read_saved_config",
   "save_epoch",
   "seconds_per_step",

@@ -7,6 +7,7 @@ same :class:`TrainResult`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -22,11 +23,21 @@ from osgd_jax.app.train.run import Run, TrainState
 
 __all__ = [
   "EARLY_EXIT_THRESHOLDS",
+  "METRICS_FORMAT",
+  "METRICS_VERSION",
   "TrainResult",
   "figure_name",
   "finish_run",
+  "read_metrics",
   "write_metrics",
 ]
+
+#: The ``"format"`` entry that marks a run's ``metrics.json``.
+METRICS_FORMAT = "osgd-train metrics"
+#: The version of ``metrics.json``'s layout that this code writes and reads.
+#: Files written before the layout had a version (no ``"version"`` entry,
+#: the same keys) are read as version 1.
+METRICS_VERSION = 1
 
 #: The confidence thresholds of the early-exit curve in metrics.json and the
 #: figure, from 0 (every example takes exit 1) to 1 (only certain ones stop
@@ -102,6 +113,10 @@ def write_metrics(
 ) -> None:
   """Writes ``out/metrics.json``: the config, the epochs and the final summary.
 
+  The file is a JSON object ``{"format": METRICS_FORMAT, "version":
+  METRICS_VERSION, "config": ..., "epochs": [...], "final": ...}``
+  (``"final"`` once the run is over); :func:`read_metrics` reads it.
+
   Args:
     out: the run's output directory.
     config: the run's settings.
@@ -120,13 +135,63 @@ def write_metrics(
     ...     json.load(f)["epochs"]
     [{'epoch': 1}]
   """
-  payload: dict[str, Any] = {"config": config.to_json()}
+  payload: dict[str, Any] = {
+    "format": METRICS_FORMAT,
+    "version": METRICS_VERSION,
+    "config": config.to_json(),
+  }
   if data:
     payload["data"] = dict(data)
   payload["epochs"] = history
   if summary is not None:
     payload["final"] = summary
   write_json(os.path.join(out, "metrics.json"), payload)
+
+
+def read_metrics(path: str) -> dict[str, Any]:
+  """Reads a run's ``metrics.json``, refusing a layout this code cannot read.
+
+  Args:
+    path: the ``metrics.json`` of an ``osgd-train`` run.
+
+  Returns:
+    Its contents, with ``"format"`` and ``"version"`` set (a file written
+    before the layout had a version is version 1).
+
+  Raises:
+    ValueError: the file is missing or not JSON, is not a run's metrics, or
+      has a version this code does not read (a newer osgd-jax wrote it).
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...   write_metrics(out, TrainConfig(), [{"epoch": 1}])
+    ...   metrics = read_metrics(os.path.join(out, "metrics.json"))
+    >>> metrics["version"], metrics["epochs"]
+    (1, [{'epoch': 1}])
+  """
+  advice = "pass the metrics.json that osgd-train wrote in its --out"
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+  except (OSError, ValueError) as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f"cannot read {path} ({reason}); {advice}.") from None
+  if not (
+    isinstance(payload, dict)
+    and payload.get("format", METRICS_FORMAT) == METRICS_FORMAT
+    and {"config", "epochs"} <= payload.keys()
+  ):
+    raise ValueError(f"{path} is not an osgd-train metrics.json; {advice}.")
+  version = payload.setdefault("version", METRICS_VERSION)
+  payload.setdefault("format", METRICS_FORMAT)
+  if version != METRICS_VERSION:
+    raise ValueError(
+      f"{path} is a metrics.json of version {version!r}; this osgd-jax"
+      f" reads version {METRICS_VERSION}. Read it with the osgd-jax that"
+      " wrote it (a newer one: upgrade osgd-jax)."
+    )
+  return payload
 
 
 def finish_run(run: Run, state: TrainState) -> TrainResult:

@@ -101,25 +101,26 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     " summed-loss SGD baseline), then print per-exit test accuracy, FLOPs"
     " and parameters, and write metrics.json, accuracy_vs_flops.png and"
     " checkpoints to --out. With no arguments: a nested network on"
-    " scikit-learn's digits, in a few minutes on a CPU.",
+    " scikit-learn's digits, in about a minute on 2 CPU cores.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument(
-    "--config", help="YAML or JSON file whose keys mirror these flags"
+    "--config",
+    help="YAML or JSON file whose keys mirror these flags; flags given"
+    " on the command line override it; None: the flags alone",
   )
   p.add_argument(
     "--model",
     default="",  # TrainConfig picks the data set's default model
     choices=zoo.names(),
-    help="zoo model name (default: the data set's, e.g."
+    help="zoo model name; '': the data set's default model (e.g."
     " nested-depth-resnet on digits, nested-depth-conv1d on mnist1d)",
   )
   p.add_argument(
     "--preset",
     default=d.preset,
     help="model preset (cifar, digits, mnist1d or text; see"
-    " osgd_jax.zoo.presets); default: the dataset's"
-    " default: the dataset's",
+    " osgd_jax.zoo.presets); None: the dataset's",
   )
   p.add_argument(
     "--dataset",
@@ -130,14 +131,15 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   p.add_argument(
     "--data-dir",
     default=d.data_dir,
-    help="directory holding the CIFAR archives or their extracted folders",
+    help="directory holding the CIFAR archives or their extracted"
+    " folders (None: digits, mnist1d and synthetic need none)",
   )
   p.add_argument(
     "--text-file",
     default=d.text_file,
     metavar="PATH",
     help="--dataset text: the text to train a byte-level language model"
-    " on, its last tenth held out for testing; default: the source of"
+    " on, its last tenth held out for testing; None: the source of"
     " Python standard-library modules of the running interpreter",
   )
   p.add_argument(
@@ -197,13 +199,13 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     metavar="FRACTION",
     help="after this fraction of the run's steps, sum the exit"
     " gradients (plain SGD) instead of aggregating them, e.g."
-    " 0.8; default: never",
+    " 0.8; None: never",
   )
   p.add_argument(
     "--exit-weights",
     type=_float_list,
     default=d.exit_weights,
-    help="comma-separated loss weight per exit (default: all 1)",
+    help="comma-separated loss weight per exit; None: all 1",
   )
   p.add_argument(
     "--per-exit-grads",
@@ -214,12 +216,38 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     " -batched forces one); vmap: K full backward passes, the"
     " fallback for losses that read later exits",
   )
-  p.add_argument("--epochs", type=int, default=d.epochs)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
+  p.add_argument(
+    "--epochs",
+    type=int,
+    default=d.epochs,
+    help="training epochs; the schedule spans them all",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=d.batch_size,
+    help="examples per step: the global batch, split over the devices",
+  )
   p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-  p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-  p.add_argument("--momentum", type=float, default=d.momentum)
-  p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+  p.add_argument(
+    "--schedule",
+    default=d.schedule,
+    choices=SCHEDULES,
+    help="learning-rate schedule from the peak --lr: cosine decays to 0,"
+    " step divides by 10 at half and three quarters of the run",
+  )
+  p.add_argument(
+    "--momentum",
+    type=float,
+    default=d.momentum,
+    help="heavy-ball momentum, in [0, 1)",
+  )
+  p.add_argument(
+    "--weight-decay",
+    type=float,
+    default=d.weight_decay,
+    help="weight decay, added to the update after the aggregation",
+  )
   p.add_argument(
     "--seed",
     type=int,
@@ -229,7 +257,7 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   p.add_argument(
     "--out",
     default=d.out,
-    help="output directory (default: a new one under runs/)",
+    help="the run directory; None: a new one under runs/",
   )
   p.add_argument(
     "--resume",
@@ -250,10 +278,10 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     help="how many of the newest checkpoints to keep",
   )
   p.add_argument(
-    "--no-progress",
-    dest="progress",
-    action="store_false",
-    help="hide the progress bar",
+    "--progress",
+    action=argparse.BooleanOptionalAction,
+    default=d.progress,
+    help="show the progress bar and the compiling line, or hide them",
   )
   p.add_argument(
     "--log-every",
@@ -268,14 +296,15 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     default=d.tensorboard,
     metavar="DIR",
     help="also write the losses and test accuracies as"
-    " TensorBoard scalars to DIR (needs the tensorboard extra)",
+    " TensorBoard scalars to DIR (needs the tensorboard extra);"
+    " None: no TensorBoard",
   )
   p.add_argument(
     "--mesh",
     default=d.mesh,
     help="train over devices: data=D,model=M splits each batch"
     " over D devices and each parameter over M (one axis may be"
-    " -1: all remaining devices); default: one device",
+    " -1: all remaining devices); None: one device",
   )
   return p
 

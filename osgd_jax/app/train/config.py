@@ -113,7 +113,7 @@ class TrainConfig:
   """Everything that defines a training run; fields mirror the CLI flags.
 
   The default is the library's main job: a nested network on scikit-learn's
-  digits, trained with OSGD in a few minutes on two CPU cores.
+  digits, trained with OSGD in about a minute on two CPU cores.
 
   Example:
     >>> config = TrainConfig(model="branched-mlp", epochs=2)

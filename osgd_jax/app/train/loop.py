@@ -69,6 +69,12 @@ def _progress_bar(config: TrainConfig, epoch: int, steps: int) -> tqdm:
   )
 
 
+def _say(config: TrainConfig, line: str) -> None:
+  """Prints ``line`` above the progress bar, when the bar is shown."""
+  if config.progress and jax.process_index() == 0:
+    tqdm.write(line)
+
+
 def _check_finite(losses: np.ndarray, run: Run, epoch: int, step: int) -> None:
   if np.all(np.isfinite(losses)):
     return
@@ -95,6 +101,8 @@ def train_epoch(
   state: TrainState,
   epoch: int,
   callbacks: Sequence[Callback] = (),
+  *,
+  compiles: bool = False,
 ) -> tuple[TrainState, np.ndarray, list[tuple[int, float]]]:
   """Runs the steps of one epoch without waiting on the device every step.
 
@@ -113,6 +121,11 @@ def train_epoch(
       "epoch", "step", "global_step", "train_loss", "examples_per_s"}``,
       ``step`` counted within the epoch and ``train_loss`` the ``(K,)`` mean
       exit losses of the steps since the last fetch.
+    compiles: the epoch's first step is the run's first, which XLA compiles
+      before it runs (seconds to minutes, during which the progress bar
+      would show a first step that long). With the progress bar shown, a
+      line says so before it and another how long it took, and the bar's
+      clock starts after it.
 
   Returns:
     ``(state, mean_losses, timings)``: the state after the epoch, the
@@ -141,6 +154,8 @@ def train_epoch(
   with _progress_bar(config, epoch + 1, run.steps_per_epoch) as bar:
     since = time.perf_counter()
     for step, (x, y) in enumerate(batches):
+      if compiles and step == 0:
+        _say(config, "compiling the train step (XLA, once per run) ...")
       key = data_lib.augment_key(run_key, epoch, step)
       if run.mesh is not None:
         x, y = sharding.shard_batch((x, y), run.mesh)
@@ -148,7 +163,8 @@ def train_epoch(
       *new_state, losses = run.step(*state, x, y, key)
       state = TrainState(*new_state)
       pending.append(losses)
-      bar.update()
+      if not (compiles and step == 0):  # counted once compiled, below
+        bar.update()
       # The first step is fetched alone: its time is mostly compilation,
       # which the reported step time leaves out.
       if not (
@@ -164,6 +180,10 @@ def train_epoch(
         _check_finite(step_losses, run, epoch, first + i)
         loss_sum += step_losses
       timings.append((len(fetched), seconds))
+      if compiles and step == 0:
+        _say(config, f"compiled the train step in {seconds:.1f} s")
+        bar.reset()  # the estimate of the time left leaves compiling out
+        bar.update()
       window_loss = np.asarray(np.mean(fetched, axis=0, dtype=np.float64))
       examples_per_s = len(fetched) * config.batch_size / seconds
       bar.set_postfix_str(
@@ -344,9 +364,10 @@ def train(
     if config.tensorboard is not None and jax.process_index() == 0:
       tensorboard = TensorBoardLogger(config.tensorboard)
       callbacks.append(tensorboard)
-    for epoch in range(len(run.history), config.epochs):
+    first = len(run.history)  # a resumed run starts after its epochs
+    for epoch in range(first, config.epochs):
       state, train_loss, epoch_timings = train_epoch(
-        run, state, epoch, callbacks
+        run, state, epoch, callbacks, compiles=epoch == first
       )
       timings += epoch_timings
       run.history.append(epoch_record(run, state, epoch, train_loss, timings))
