@@ -58,7 +58,7 @@ TRANSFORMS: dict[str, tuple[Callable[[int], object], int]] = {
   "sdmgrad": (lambda k: osgd_jax.sdmgrad(num_exits=k), 1),
   "pcd": (lambda k: osgd_jax.pcd(num_exits=k), 1),
   "crmogm": (lambda k: osgd_jax.crmogm("upgrad", num_exits=k), 1),
-  "trimmed_mean": (lambda k: osgd_jax.trimmed_mean(1, num_exits=k), 3),
+  "trimmed_mean": (lambda k: osgd_jax.trimmed_mean(k, trim_number=1), 3),
   "graddrop": (lambda k: osgd_jax.graddrop(num_exits=k), 1),
   "excess_mtl": (lambda k: osgd_jax.excess_mtl(num_exits=k), 1),
 }

@@ -47,8 +47,10 @@ from osgd_jax.aggregation import (
   weighted_sum,
 )
 from osgd_jax.grads import value_and_per_exit_grads
+from osgd_jax.gramian import Gramian, value_and_gramian
 from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.staged import staged_value_and_per_exit_grads
+from osgd_jax.staged_gramian import staged_value_and_gramian
 
 __version__ = "0.3.0"
 
@@ -59,6 +61,7 @@ __all__ = [
   "CoordinateState",
   "ExcessMTLState",
   "GradVacState",
+  "Gramian",
   "KeyState",
   "NashMTLState",
   "OsgdState",
@@ -92,10 +95,12 @@ __all__ = [
   "per_exit_cross_entropy",
   "random_weighting",
   "sdmgrad",
+  "staged_value_and_gramian",
   "staged_value_and_per_exit_grads",
   "switch_to_sum",
   "trimmed_mean",
   "upgrad",
+  "value_and_gramian",
   "value_and_per_exit_grads",
   "weighted_sum",
   "weightings",

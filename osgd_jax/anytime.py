@@ -3,17 +3,22 @@
 Exit k of a zoo model needs stages 1..k only, so its cost is that of
 ``model(x, upto=k)``. :func:`flops_per_exit` measures it,
 :func:`params_per_exit` counts the parameters on exit k's path.
-:func:`evaluate` gives every exit's test accuracy and loss;
+:func:`evaluate` gives every exit's test accuracy and loss (per example, or
+per token for a sequence model's next-token labels);
 :func:`early_exit` stops each example at its first confident exit,
 :func:`early_exit_curve` sweeps the confidence threshold, and
 :func:`predict_within` answers with the deepest exit that fits a FLOPs budget.
+For language models, :func:`token_early_exit` and
+:func:`token_early_exit_curve` exit token by token, as CALM does (Schuster
+et al., *Confident Adaptive Language Modeling*, NeurIPS 2022): each position
+stops at its first exit whose top softmax probability reaches a threshold.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -27,12 +32,15 @@ __all__ = [
   "EarlyExitResult",
   "ExitFlops",
   "ExitMetrics",
+  "TokenEarlyExit",
   "early_exit",
   "early_exit_curve",
   "evaluate",
   "flops_per_exit",
   "params_per_exit",
   "predict_within",
+  "token_early_exit",
+  "token_early_exit_curve",
 ]
 
 _SOURCES = ("auto", "xla", "analytic")
@@ -246,10 +254,14 @@ def _predict_logits(graphdef: Any, state: Any, x: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, state).predict(x)
 
 
-def _batched_logits(
+def _logit_chunks(
   model: AnytimeNet, x: np.ndarray, batch_size: int
-) -> np.ndarray:
-  """All exits' logits ``(K, N, C)``, in fixed-size batches (one compile)."""
+) -> Iterator[tuple[jax.Array, int]]:
+  """``(logits, valid)`` per fixed-size batch (one compile): ``(K, size, ...)``.
+
+  The last batch is padded with zeros to the common size; only its first
+  ``valid`` examples are real.
+  """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   graphdef, state = nnx.split(model)
@@ -257,17 +269,38 @@ def _batched_logits(
   if n == 0:
     raise ValueError("cannot evaluate on an empty set of examples.")
   size = min(batch_size, n)
-  chunks = []
   for start in range(0, n, size):
     batch = np.asarray(x[start : start + size])
     valid = len(batch)
     if valid < size:  # pad the tail so every call has the same shape
       pad = np.zeros((size - valid,) + batch.shape[1:], batch.dtype)
       batch = np.concatenate([batch, pad])
-    chunks.append(
-      np.asarray(_predict_logits(graphdef, state, batch))[:, :valid]
+    yield _predict_logits(graphdef, state, batch), valid
+
+
+def _batched_logits(
+  model: AnytimeNet, x: np.ndarray, batch_size: int
+) -> np.ndarray:
+  """All exits' logits ``(K, N, C)``, in fixed-size batches (one compile)."""
+  return np.concatenate(
+    [
+      np.asarray(logits)[:, :valid]
+      for logits, valid in _logit_chunks(model, x, batch_size)
+    ],
+    axis=1,
+  )
+
+
+def _check_labels(y: Any, x: Any) -> np.ndarray:
+  """``y`` as an array of one label per example, or per position of ``x``."""
+  y = np.asarray(y)
+  if y.shape[:1] != (len(x),) or y.shape[1:] not in ((), np.shape(x)[1:]):
+    raise ValueError(
+      f"y must have shape ({len(x)},) to match x, or x's shape"
+      f" {tuple(np.shape(x))} for one label per position (next-token"
+      f" targets); got {y.shape}."
     )
-  return np.concatenate(chunks, axis=1)
+  return y
 
 
 def evaluate(
@@ -275,12 +308,19 @@ def evaluate(
 ) -> ExitMetrics:
   """Test accuracy and cross-entropy of every exit.
 
-  BatchNorm uses its running statistics (the model is not changed).
+  BatchNorm uses its running statistics (the model is not changed). For a
+  sequence model, ``y`` holds a label per position (next-token targets) and
+  both metrics are over every position of every example: the token accuracy
+  and the mean next-token cross-entropy, in nats (divide by ``ln 2`` for
+  bits per token). Each batch's logits are taken to float64 on the host, so
+  ``batch_size`` bounds the memory: ``8 * K * batch_size * positions *
+  classes`` bytes.
 
   Args:
     model: a zoo model.
     x: inputs, ``(N, ...)``.
-    y: integer labels, ``(N,)``.
+    y: integer labels, ``(N,)``, or ``(N, *positions)`` like ``x`` for one
+      label per position.
     batch_size: examples per forward pass.
 
   Returns:
@@ -296,19 +336,23 @@ def evaluate(
     >>> metrics.accuracy.shape
     (3,)
   """
-  y = np.asarray(y)
-  if y.shape != (len(x),):
-    raise ValueError(
-      f"y must have shape ({len(x)},) to match x, got {y.shape}."
-    )
-  logits = _batched_logits(model, x, batch_size).astype(np.float64)
-  accuracy = (logits.argmax(-1) == y).mean(axis=1)
-  shifted = logits - logits.max(-1, keepdims=True)
-  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  loss = -np.take_along_axis(log_probs, y[None, :, None], axis=-1)[..., 0].mean(
-    1
-  )
-  return ExitMetrics(accuracy, loss)
+  y = _check_labels(y, x)
+  correct, nats, start = 0.0, 0.0, 0
+  for chunk, valid in _logit_chunks(model, x, batch_size):
+    logits = np.asarray(chunk, np.float64)[:, :valid]
+    labels = y[start : start + valid]
+    start += valid
+    # (K, B, ..., C) -> (K, M, C) over the M labels of the batch.
+    logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    correct = correct + (logits.argmax(-1) == labels).sum(axis=1)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nats = nats - np.take_along_axis(log_probs, labels[None, :, None], axis=-1)[
+      ..., 0
+    ].sum(axis=1)
+  count = y.size
+  return ExitMetrics(np.asarray(correct) / count, np.asarray(nats) / count)
 
 
 def _confidence_exits(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -394,6 +438,229 @@ def early_exit_curve(
     mean_flops.append(flops[exits].mean())
     accuracy.append((predictions[exits, columns] == np.asarray(y)).mean())
   return np.asarray(mean_flops), np.asarray(accuracy)
+
+
+class TokenEarlyExit(NamedTuple):
+  """Token-level early exit by confidence over a sweep of thresholds.
+
+  Every field but ``exit_counts`` has one entry per threshold.
+
+  Attributes:
+    threshold: ``(T,)`` the confidence thresholds.
+    exit_counts: ``(T, K)`` int64, how many tokens stopped at each exit.
+    mean_exit: ``(T,)`` mean 1-based exit depth per token.
+    mean_flops: ``(T,)`` mean FLOPs per token, from the ``(K,)`` FLOPs per
+      token of each exit (NaN where none were given).
+    loss: ``(T,)`` mean cross-entropy, in nats, of the answering exit.
+    bits: ``(T,)`` the same in bits per token (``loss / ln 2``).
+    accuracy: ``(T,)`` how often the answering exit's top token is the
+      label.
+  """
+
+  threshold: np.ndarray
+  exit_counts: np.ndarray
+  mean_exit: np.ndarray
+  mean_flops: np.ndarray
+  loss: np.ndarray
+  bits: np.ndarray
+  accuracy: np.ndarray
+
+
+@jax.jit
+def _token_exit_sums(
+  logits: jax.Array, labels: jax.Array, valid: jax.Array, thresholds: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per threshold: tokens per exit ``(T, K)``, summed nats, correct count.
+
+  ``logits`` are ``(K, ..., C)``, ``labels`` and ``valid`` (which labels
+  count) the logits' shape without the exit and class axes.
+  """
+  k = logits.shape[0]
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  log_probs = jax.nn.log_softmax(
+    logits.astype(dtype).reshape(k, -1, logits.shape[-1]), axis=-1
+  )  # (K, M, C)
+  labels = labels.reshape(-1)
+  weight = valid.reshape(-1).astype(dtype)
+  nats = -jnp.take_along_axis(log_probs, labels[None, :, None], axis=-1)[
+    ..., 0
+  ]  # (K, M)
+  correct = (log_probs.argmax(-1) == labels).astype(dtype)
+  confidence = jnp.exp(log_probs.max(-1))  # max softmax probability
+  confident = confidence[None] >= thresholds[:, None, None]  # (T, K, M)
+  confident = confident.at[:, -1].set(True)  # the last exit always answers
+  exits = jnp.argmax(confident, axis=1)  # (T, M), the first confident exit
+  counts = jnp.einsum(
+    "tmk,m->tk", jax.nn.one_hot(exits, k, dtype=dtype), weight
+  )
+  chosen_nats = jnp.take_along_axis(nats, exits, axis=0)  # (T, M)
+  chosen_correct = jnp.take_along_axis(correct, exits, axis=0)
+  return counts, chosen_nats @ weight, chosen_correct @ weight
+
+
+def _check_thresholds(thresholds: Any) -> np.ndarray:
+  values = np.asarray(thresholds, np.float64)
+  if values.ndim != 1 or values.size == 0 or not np.all(values >= 0):
+    raise ValueError(
+      "thresholds must be a non-empty 1-D sequence of numbers >= 0, such as"
+      f" numpy.linspace(0, 1, 21); got {thresholds!r}."
+    )
+  return values
+
+
+def _token_exit_result(
+  thresholds: np.ndarray,
+  counts: np.ndarray,
+  nats: np.ndarray,
+  correct: np.ndarray,
+  flops: Any,
+) -> TokenEarlyExit:
+  num_exits = counts.shape[1]
+  if flops is None:
+    mean_flops = np.full(len(thresholds), np.nan)
+  else:
+    flops = np.asarray(flops, np.float64)
+    if flops.shape != (num_exits,):
+      raise ValueError(
+        f"flops must have shape (K,) = ({num_exits},), the FLOPs per token"
+        f" of each exit; got shape {flops.shape}."
+      )
+    mean_flops = counts @ flops / counts.sum(1)
+  total = counts.sum(1)
+  loss = nats / total
+  return TokenEarlyExit(
+    threshold=thresholds,
+    exit_counts=np.rint(counts).astype(np.int64),
+    mean_exit=counts @ np.arange(1, num_exits + 1) / total,
+    mean_flops=mean_flops,
+    loss=loss,
+    bits=loss / math.log(2),
+    accuracy=correct / total,
+  )
+
+
+def token_early_exit(
+  logits: Any,
+  labels: Any,
+  thresholds: Sequence[float] | np.ndarray,
+  *,
+  flops: Any = None,
+) -> TokenEarlyExit:
+  """CALM-style early exit of every token, for each confidence threshold.
+
+  Each position stops at the first exit whose maximum softmax probability
+  is at least the threshold, or at the last exit, and is scored by that
+  exit's logits: the cross-entropy of its label and whether the top token
+  is the label. A threshold of 0 always stops at exit 1; one above 1 always
+  runs to the last exit. This is the token-level confidence rule of Schuster
+  et al., *Confident Adaptive Language Modeling* (NeurIPS 2022), with the
+  softmax-response measure. It scores exits whose logits were computed in
+  one full forward pass: later tokens attend to the full-depth states of
+  the earlier ones, where CALM's decoder copies an exiting token's state to
+  its skipped layers. The curve is that of the exit rule on a full
+  forward's states, the bound that such state propagation approaches.
+
+  Args:
+    logits: stacked exit logits ``(K, batch, *positions, classes)``, e.g.
+      ``(K, batch, seq, vocab)``; classification's ``(K, batch, classes)``
+      works as well.
+    labels: integer labels, the logits' shape without the exit and class
+      axes.
+    thresholds: ``(T,)`` confidence thresholds, each >= 0.
+    flops: ``(K,)`` FLOPs per token of each exit, for ``mean_flops``;
+      ``None`` leaves it NaN.
+
+  Returns:
+    A :class:`TokenEarlyExit`, its averages over every position.
+
+  Raises:
+    ValueError: the shapes do not fit, or a threshold is negative.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.zeros((2, 1, 3, 4)).at[1, ..., 0].set(5.0)
+    >>> result = token_early_exit(logits, jnp.zeros((1, 3), int), [0.0, 0.5])
+    >>> result.mean_exit.tolist()
+    [1.0, 2.0]
+  """
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  values = _check_thresholds(thresholds)
+  if logits.ndim < 3 or labels.shape != logits.shape[1:-1]:
+    raise ValueError(
+      "logits must be stacked (K, batch, *positions, classes) and labels"
+      " their shape without the exit and class axes; got logits"
+      f" {tuple(logits.shape)} and labels {tuple(labels.shape)}."
+    )
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(
+      f"labels must be integer class indices, got dtype {labels.dtype}."
+    )
+  sums = _token_exit_sums(
+    logits, labels, jnp.ones(labels.shape, bool), jnp.asarray(values)
+  )
+  counts, nats, correct = (np.asarray(a, np.float64) for a in sums)
+  return _token_exit_result(values, counts, nats, correct, flops)
+
+
+def token_early_exit_curve(
+  model: AnytimeNet,
+  x: np.ndarray,
+  y: np.ndarray,
+  thresholds: Sequence[float] | np.ndarray,
+  *,
+  flops: np.ndarray | None = None,
+  batch_size: int = 64,
+) -> TokenEarlyExit:
+  """:func:`token_early_exit` of a sequence model over a whole test set.
+
+  The logits are computed batch by batch and never held together; each
+  batch's sums are taken in float32 and added up in float64.
+
+  Args:
+    model: a zoo model returning ``(K, batch, seq, vocab)`` logits.
+    x: inputs, ``(N, seq)`` tokens.
+    y: next-token labels, ``(N, seq)``.
+    thresholds: ``(T,)`` confidence thresholds, each >= 0.
+    flops: ``(K,)`` FLOPs per token of each exit; by default
+      :func:`flops_per_exit` of one sequence divided by its length, the
+      token's share of the sequence's cost.
+    batch_size: sequences per forward pass.
+
+  Returns:
+    A :class:`TokenEarlyExit`.
+
+  Raises:
+    ValueError: the labels do not match ``x``, or a threshold is negative.
+  """
+  y = _check_labels(y, x)
+  values = _check_thresholds(thresholds)
+  if y.ndim < 2:
+    raise ValueError(
+      f"y must hold a label per position, shape {tuple(np.shape(x))} like"
+      f" x; got {y.shape}. For one label per example, use early_exit_curve."
+    )
+  if flops is None:
+    shape = (1, *np.shape(x)[1:])
+    per_sequence = flops_per_exit(model, shape, dtype=np.asarray(x).dtype)
+    flops = per_sequence.flops / math.prod(shape[1:])
+  totals = None
+  start = 0
+  for logits, valid in _logit_chunks(model, x, batch_size):
+    labels = np.zeros(logits.shape[1:-1], y.dtype)
+    labels[:valid] = y[start : start + valid]
+    mask = np.zeros(labels.shape, bool)
+    mask[:valid] = True
+    start += valid
+    sums = _token_exit_sums(logits, labels, mask, jnp.asarray(values))
+    sums = [np.asarray(a, np.float64) for a in sums]
+    totals = (
+      sums
+      if totals is None
+      else [t + a for t, a in zip(totals, sums, strict=True)]
+    )
+  assert totals is not None  # _logit_chunks yields at least one batch
+  counts, nats, correct = totals
+  return _token_exit_result(values, counts, nats, correct, flops)
 
 
 def predict_within(

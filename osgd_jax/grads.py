@@ -13,6 +13,12 @@ zoo :class:`~osgd_jax.zoo.AnytimeNet`,
 :func:`~osgd_jax.staged.staged_value_and_per_exit_grads` runs exit k's only
 through the stages that exit reads.
 
+Given a Flax NNX module instead of a parameter pytree, it works as
+``nnx.value_and_grad`` does: ``loss_fn(model, *args)``, gradients with
+respect to the ``nnx.Param`` variables as an ``nnx.State``, and the rest of
+the model's state (BatchNorm statistics, RNG counts) updated in place once
+per call; a zoo model gets the staged Jacobian automatically.
+
 The checks of what a loss function returns, which both share, are here too:
 :func:`check_loss_vector` and :func:`check_aux_pair`.
 """
@@ -25,97 +31,71 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from osgd_jax._loss_checks import check_aux_pair, check_loss_vector
+from osgd_jax.staged import staged_module_value_and_grads
 
 __all__ = ["check_aux_pair", "check_loss_vector", "value_and_per_exit_grads"]
 
 
-def check_loss_vector(losses: Any, fn_name: str) -> None:
-  """Raises unless ``losses`` is a non-empty 1-D floating-point vector.
+def _vmapped(
+  pure_fn: Callable[[Any], Any], params: Any, fn_name: str
+) -> tuple[Any, Any, Any]:
+  """``(losses, aux, grads)`` of ``pure_fn(params) -> (losses, aux)``.
 
-  Args:
-    losses: what a loss function returned as its per-exit losses: an array
-      or anything with ``shape`` and ``dtype`` (e.g. a
-      ``jax.ShapeDtypeStruct``).
-    fn_name: the loss function's name, for the error message.
-
-  Raises:
-    ValueError: if ``losses`` has no shape or dtype, is not 1-D, is empty, or
-      is not floating-point; the message says how to fix the loss function.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from osgd_jax import grads
-    >>> grads.check_loss_vector(jnp.zeros(3), "loss_fn")  # fine: returns None
-    >>> grads.check_loss_vector(jnp.zeros(()), "loss_fn")
-    Traceback (most recent call last):
-    ...
-    ValueError: loss_fn must return a 1-D vector ... returned shape (). ...
+  One forward pass (one trace of ``pure_fn``, which checks the pair), and
+  the VJP vmapped over the rows of the identity.
   """
-  shape = getattr(losses, "shape", None)
-  dtype = getattr(losses, "dtype", None)
-  if shape is None or dtype is None:
-    raise ValueError(
-      f"{fn_name} must return a 1-D array of per-exit losses with shape (K,),"
-      f" but it returned a {type(losses).__name__}. Stack the exit losses,"
-      " e.g. `return jnp.stack([loss_1, ..., loss_K])`, and pass"
-      " `has_aux=True` if it also returns auxiliary data as `(losses, aux)`."
-    )
-  if len(shape) != 1:
-    hint = (
-      " For a single scalar loss use `jax.value_and_grad` instead."
-      if len(shape) == 0
-      else " Reduce over the batch (e.g. `.mean(axis=-1)`) so one loss per"
-      " exit remains."
-    )
-    raise ValueError(
-      f"{fn_name} must return a 1-D vector of per-exit losses with shape"
-      f" (K,), but it returned shape {tuple(shape)}.{hint}"
-    )
-  if shape[0] == 0:
-    raise ValueError(
-      f"{fn_name} returned an empty loss vector (K=0); an anytime network"
-      " needs at least one exit."
-    )
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise ValueError(
-      f"{fn_name} must return floating-point losses, got dtype {dtype}."
-      " Cast them with `.astype(jnp.float32)`."
-    )
+  losses, vjp_fn, aux = jax.vjp(pure_fn, params, has_aux=True)
+  check_loss_vector(losses, fn_name)
+  cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
+  (grads,) = jax.vmap(vjp_fn)(cotangents)
+  return losses, aux, grads
 
 
-def check_aux_pair(out: Any, fn_name: str) -> tuple[Any, Any]:
-  """Returns ``out``, a loss function's ``(losses, aux)``, or raises.
-
-  Args:
-    out: what a loss function called with ``has_aux=True`` returned.
-    fn_name: the loss function's name, for the error message.
-
-  Returns:
-    ``out`` itself, once it is known to be a pair.
-
-  Raises:
-    ValueError: if ``out`` is not a tuple of two elements.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from osgd_jax import grads
-    >>> losses, aux = grads.check_aux_pair((jnp.zeros(2), {}), "loss_fn")
-    >>> grads.check_aux_pair([jnp.zeros(2), {}], "loss_fn")
-    Traceback (most recent call last):
-    ...
-    ValueError: With has_aux=True, loss_fn must return a pair ... returned list.
-  """
-  if not (isinstance(out, tuple) and len(out) == 2):
-    raise ValueError(
-      f"With has_aux=True, {fn_name} must return a pair (losses, aux),"
-      f" but it returned {type(out).__name__}."
+def _module_value_and_grads(
+  loss_fn: Callable[..., Any],
+  model: nnx.Module,
+  args: tuple[Any, ...],
+  has_aux: bool,
+  staged: bool | None,
+  fn_name: str,
+) -> tuple[Any, Any]:
+  """The model case of :func:`value_and_per_exit_grads`."""
+  if staged is not False:
+    out = staged_module_value_and_grads(
+      loss_fn,
+      model,
+      args,
+      has_aux=has_aux,
+      rows="auto",
+      required=bool(staged),
+      fn_name=fn_name,
     )
-  return out
+    if out is not None:
+      return out
+  # Differentiate a pure function of the parameters, as nnx.value_and_grad
+  # does: a fresh copy of the model runs inside the trace, and its new
+  # non-parameter state comes out as auxiliary data, written back once.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def pure_fn(p):
+    copy = nnx.merge(graphdef, p, rest, copy=True)
+    out = loss_fn(copy, *args)
+    losses, aux = check_aux_pair(out, fn_name) if has_aux else (out, None)
+    return losses, (aux, nnx.state(copy, nnx.Not(nnx.Param)))
+
+  losses, (aux, new_rest), grads = _vmapped(pure_fn, params, fn_name)
+  nnx.update(model, new_rest)
+  return ((losses, aux), grads) if has_aux else (losses, grads)
 
 
 def value_and_per_exit_grads(
   loss_fn: Callable[..., Any],
   has_aux: bool = False,
+  *,
+  staged: bool | None = None,
 ) -> Callable[..., tuple[Any, Any]]:
   """Creates a function returning the exit losses and their stacked gradients.
 
@@ -124,19 +104,49 @@ def value_and_per_exit_grads(
   ``loss_fn`` once and computes the K gradients with a ``jax.vmap`` of the VJP
   over the rows of the K×K identity, not with K separate ``jax.grad`` calls.
 
+  **Flax NNX models.** Called with an ``nnx.Module`` as its first argument,
+  the returned function works as ``nnx.value_and_grad`` does:
+
+  * ``loss_fn(model, *args)`` takes the model itself (a copy that the
+    function makes) and returns the ``(K,)`` losses, exit 1 first;
+  * the gradients are taken with respect to the model's ``nnx.Param``
+    variables and come back as an ``nnx.State`` of their structure (what
+    ``nnx.state(model, nnx.Param)`` gives), every leaf ``(K,
+    *param.shape)``: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` takes them
+    with ``optimizer.update(model, grads)``;
+  * the model's other state (BatchNorm statistics in train mode, RNG
+    counts) is updated in place, exactly once per call, inside ``nnx.jit``
+    too. Other arguments are not differentiated, and modules among them
+    are not updated.
+
+  A zoo :class:`~osgd_jax.zoo.AnytimeNet` is differentiated by the staged
+  Jacobian (:func:`~osgd_jax.staged.staged_value_and_per_exit_grads`,
+  about half the backward work) when ``loss_fn`` calls the model exactly
+  once, ``model(x)`` on one of ``args`` as passed, and reaches the
+  parameters only through that call, as in ``def loss_fn(model, x, y):
+  return osgd_jax.per_exit_cross_entropy(model(x), y)``; any other loss
+  function gets the vmapped VJP, which gives the same gradients.
+
   Args:
-    loss_fn: function of ``(params, *args)`` whose first output is the vector
-      of per-exit losses, in the exits' priority order (earliest exit first).
+    loss_fn: function of ``(params, *args)`` (or ``(model, *args)``) whose
+      first output is the vector of per-exit losses, in the exits' priority
+      order (earliest exit first).
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
+    staged: for an NNX model only: ``None`` (the default) uses the staged
+      Jacobian where it applies, as above; ``True`` requires it (and says
+      why it does not apply); ``False`` always uses the vmapped VJP.
 
   Returns:
-    A function of ``(params, *args)`` returning ``(losses, grads)``, or
-    ``((losses, aux), grads)`` when ``has_aux``. Every leaf of ``grads`` has
-    shape ``(K, *param.shape)``: row k is the gradient of ``losses[k]``.
+    A function of ``(params, *args)`` (or ``(model, *args)``) returning
+    ``(losses, grads)``, or ``((losses, aux), grads)`` when ``has_aux``.
+    Every leaf of ``grads`` has shape ``(K, *param.shape)``: row k is the
+    gradient of ``losses[k]``.
 
   Raises:
     ValueError: at trace time, if ``loss_fn`` does not return a non-empty 1-D
-      floating-point vector, or (with ``has_aux``) not a pair.
+      floating-point vector, or (with ``has_aux``) not a pair; if ``staged``
+      is given for a first argument that is not an ``nnx.Module``, or
+      ``staged=True`` and the staged Jacobian does not apply.
 
   Example:
     >>> import jax.numpy as jnp
@@ -147,25 +157,43 @@ def value_and_per_exit_grads(
     ...     jnp.ones(3), jnp.arange(3.0))
     >>> grads.shape
     (2, 3)
+
+    With a zoo model, as with ``nnx.value_and_grad``:
+
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3)
+    >>> def loss_fn(model, x, y):
+    ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
+    >>> losses, grads = osgd_jax.value_and_per_exit_grads(loss_fn)(
+    ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> type(grads).__name__, grads["stages"][0]["head"]["linear"][
+    ...     "kernel"].shape
+    ('State', (3, 64, 10))
   """
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
+  if staged not in (None, True, False):
+    raise ValueError(f"staged must be None, True or False, got {staged!r}.")
 
   @functools.wraps(loss_fn)
   def value_and_grads(params, *args):
-    if has_aux:
-      # Checked inside the one trace that jax.vjp makes of loss_fn.
-      losses, vjp_fn, aux = jax.vjp(
-        lambda p: check_aux_pair(loss_fn(p, *args), fn_name),
-        params,
-        has_aux=True,
+    if isinstance(params, nnx.Module):
+      return _module_value_and_grads(
+        loss_fn, params, args, has_aux, staged, fn_name
       )
-    else:
-      losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, *args), params)
-    check_loss_vector(losses, fn_name)
-    cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
-    (grads,) = jax.vmap(vjp_fn)(cotangents)
-    if has_aux:
-      return (losses, aux), grads
-    return losses, grads
+    if staged is not None:
+      raise ValueError(
+        f"staged={staged!r} applies to an nnx.Module, but the first"
+        f" argument is a {type(params).__name__}; leave staged out, or use"
+        " osgd_jax.staged_value_and_per_exit_grads(graphdef, loss_fn) for"
+        " split parameters."
+      )
+
+    def pure_fn(p):
+      out = loss_fn(p, *args)
+      return check_aux_pair(out, fn_name) if has_aux else (out, None)
+
+    losses, aux, grads = _vmapped(pure_fn, params, fn_name)
+    return ((losses, aux), grads) if has_aux else (losses, grads)
 
   return value_and_grads

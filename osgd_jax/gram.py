@@ -8,6 +8,15 @@ would make XLA gather the whole leaf onto every device. Contracted in place,
 a parameter split over devices gives per-device partial Gram matrices and
 one all-reduce of K×K blocks, and a weighted sum of rows stays local to each
 shard (``docs/design.md``, "Sharding").
+
+Range. A squared norm overflows float32 for gradients of norm about 1.8e19
+and underflows below about 1e-19, although such gradients are finite. So a
+leaf is contracted after an exact scaling by a power of two, ``2^-e`` with
+``2^e`` just above its largest magnitude (:func:`scaled_gram_matrices`), and
+the Gram matrix is carried as ``(M̃, e)`` with ``M = 4^e M̃``. Scaling by a
+power of two is exact in floating point, so in the ordinary range the
+results are those of the unscaled computation bit for bit
+(``docs/design.md``, "Range, rank and derivatives").
 """
 
 from __future__ import annotations
@@ -21,16 +30,25 @@ import jax.numpy as jnp
 from osgd_jax import sharding
 
 __all__ = [
+  "combine_scaled",
   "contract_trailing",
   "gram_matrices",
   "gram_statistics",
   "safe_inverse",
+  "safe_sqrt",
+  "scale_exponents",
+  "scaled_gram_matrices",
+  "unscale",
   "weighted_sum",
 ]
 
 # On TPU the default float32 matmul precision uses bfloat16 passes, which
 # would corrupt the Gram matrix of nearly collinear gradients.
 _PRECISION = jax.lax.Precision.HIGHEST
+
+# Scale exponents stay within this bound, so that 2^±e is a normal float32
+# (some backends flush subnormal operands to zero).
+_MAX_EXPONENT = 125
 
 
 def _replicated_like(x: jax.Array) -> jax.sharding.NamedSharding | None:
@@ -115,7 +133,10 @@ def gram_matrices(leaves: Sequence[jax.Array], compute_dtype: Any) -> jax.Array:
 
 
 def weighted_sum(
-  weights: jax.Array, leaf: jax.Array, compute_dtype: Any
+  weights: jax.Array,
+  leaf: jax.Array,
+  compute_dtype: Any,
+  exponent: jax.Array | None = None,
 ) -> jax.Array:
   """``Σ_k weights[k] · leaf[k]``, parameter-shaped, in ``compute_dtype``.
 
@@ -125,10 +146,16 @@ def weighted_sum(
   every backend (a contraction over K would run at the backend's default
   matmul precision).
 
+  With ``exponent`` e, the rows are summed scaled by ``2^-e`` and the sum
+  is scaled back by ``2^e`` (both exact), so that large weights times large
+  gradients do not overflow on the way to a finite result.
+
   Args:
     weights: ``(K,)``.
     leaf: ``(K, *s)``.
     compute_dtype: the dtype to compute and return in.
+    exponent: an integer scalar, e.g. the leaf's
+      :func:`scale_exponents`; ``None`` sums unscaled.
 
   Returns:
     An array of shape ``s``.
@@ -140,10 +167,17 @@ def weighted_sum(
     [2.0, -1.0]
   """
   weights = weights.astype(compute_dtype)
-  total = weights[0] * leaf[0].astype(compute_dtype)
+  down = 1.0 if exponent is None else _power_of_two(-exponent, compute_dtype)
+
+  def row(k):
+    return weights[k] * (leaf[k].astype(compute_dtype) * down)
+
+  total = row(0)
   for k in range(1, leaf.shape[0]):
-    total = total + weights[k] * leaf[k].astype(compute_dtype)
-  return total
+    total = total + row(k)
+  if exponent is None:
+    return total
+  return total * _power_of_two(exponent, compute_dtype)
 
 
 def safe_inverse(x: jax.Array) -> jax.Array:
@@ -156,6 +190,164 @@ def safe_inverse(x: jax.Array) -> jax.Array:
   """
   positive = x > 0
   return jnp.where(positive, 1.0 / jnp.where(positive, x, 1.0), 0.0)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``√x`` where ``x > 0``, else 0, with a finite derivative everywhere.
+
+  The derivative of ``√x`` is infinite at 0, and the chain rule multiplies
+  it by the zero derivative of a zero row: NaN. The inner ``where`` keeps
+  the square root away from 0, the outer one gives 0 there, with
+  derivative 0 (the double-where idiom of JAX's FAQ, "gradients contain NaN
+  where using where").
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> safe_sqrt(jnp.asarray([4.0, 0.0, -1.0])).tolist()
+    [2.0, 0.0, 0.0]
+    >>> float(jax.grad(safe_sqrt)(0.0))
+    0.0
+  """
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def _power_of_two(exponent: Any, dtype: Any) -> jax.Array:
+  """``2^exponent`` in ``dtype``, exactly, for an integer in [-126, 126]."""
+  return jnp.ldexp(jnp.ones((), dtype), jnp.asarray(exponent, jnp.int32))
+
+
+def scale_exponents(leaves: Sequence[jax.Array]) -> jax.Array:
+  """The power of two to divide each stacked leaf by before contracting it.
+
+  ``e`` is the exponent of the leaf's largest magnitude (``2^(e-1) ≤ max|g|
+  < 2^e``), so the scaled leaf lies in ``(-1, 1)`` and its Gram matrix can
+  neither overflow nor lose its largest rows to underflow. It is 0 for a
+  zero or non-finite leaf (a NaN or Inf then reaches the update as it is),
+  kept within ±125 so that ``2^±e`` is a normal float, and carries no
+  derivative (it is piecewise constant).
+
+  Args:
+    leaves: stacked gradients, each ``(K, *s_l)``.
+
+  Returns:
+    ``(L,)`` int32 exponents.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> scale_exponents([jnp.asarray([[3.0], [0.5]]), jnp.zeros((2, 1)),
+    ...                  jnp.full((2, 1), 1e30)]).tolist()
+    [2, 0, 100]
+  """
+  exponents = []
+  for leaf in leaves:
+    largest = jnp.max(jnp.abs(jax.lax.stop_gradient(leaf)))
+    _, exponent = jnp.frexp(largest.astype(jnp.float32))
+    exponent = jnp.where(jnp.isfinite(largest), exponent, 0)
+    exponents.append(jnp.clip(exponent, -_MAX_EXPONENT, _MAX_EXPONENT))
+  return jnp.stack(exponents).astype(jnp.int32)
+
+
+def scaled_gram_matrices(
+  leaves: Sequence[jax.Array], compute_dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+  """Each stacked leaf's Gram matrix, as a scaled matrix and an exponent.
+
+  ``M_l = 4^{e_l} M̃_l`` with ``e_l`` from :func:`scale_exponents` and
+  ``M̃_l`` the Gram matrix of the leaf divided by ``2^{e_l}``: finite for
+  every finite gradient, and equal to ``M_l / 4^{e_l}`` bit for bit where
+  ``M_l`` itself is representable.
+
+  Args:
+    leaves: stacked gradients, each ``(K, *s_l)``, one K for all.
+    compute_dtype: accumulation dtype (float32 or float64).
+
+  Returns:
+    ``(grams, exponents)``: ``(L, K, K)`` in ``compute_dtype`` and ``(L,)``
+    int32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> leaf = jnp.asarray([[3e30, 0.0], [0.0, 4e30]])
+    >>> grams, exponents = scaled_gram_matrices([leaf], jnp.float32)
+    >>> exponents.tolist()   # 2^101 ≈ 2.5e30 < 4e30 < 2^102
+    [102]
+    >>> round(float(grams[0, 1, 1]) * 4.0 ** 102 / 1.6e61, 5)  # 4e30 squared
+    1.0
+  """
+  exponents = scale_exponents(leaves)
+  scaled = [
+    leaf.astype(compute_dtype) * _power_of_two(-exponents[i], compute_dtype)
+    for i, leaf in enumerate(leaves)
+  ]
+  return gram_matrices(scaled, compute_dtype), exponents
+
+
+def combine_scaled(
+  grams: jax.Array, exponents: jax.Array, shared: bool
+) -> tuple[jax.Array, jax.Array]:
+  """The Gram matrix of each group from scaled per-leaf Gram matrices.
+
+  One group per leaf (``shared=False``: returned as they are), or one for
+  all leaves (``shared=True``): ``M̃ = Σ_l 4^{e_l − E} M̃_l`` with
+  ``E = max_l e_l``, so that ``Σ_l M_l = 4^E M̃`` without overflow (a leaf
+  more than 2^63 times smaller than the largest adds less than float32
+  resolves, and is dropped).
+
+  This is the one place where scaled Gram matrices are summed: any source of
+  per-leaf ``(M̃_l, e_l)`` (stacked gradients, or a Gramian formed without
+  them, with exponents 0 where it scales nothing) goes through it.
+
+  Args:
+    grams: ``(L, K, K)`` scaled Gram matrices (or ``(L, ...)`` of any other
+      quantity of degree 2, such as squared norms).
+    exponents: ``(L,)`` int32, ``M_l = 4^{e_l} grams[l]``.
+    shared: one group for all leaves.
+
+  Returns:
+    ``(group_grams, group_exponents)``: ``(G, K, K)`` and ``(G,)``, with
+    G = 1 if ``shared`` else L.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> grams, exps = combine_scaled(jnp.ones((2, 1, 1)),
+    ...                              jnp.asarray([1, 0]), True)
+    >>> grams.tolist(), exps.tolist()   # 4·1 + 1·1 = 4^1 · 1.25
+    ([[[1.25]]], [1])
+  """
+  if not shared:
+    return grams, exponents
+  top = jnp.max(exponents)
+  # 2·(e_l − E) ≥ −126 keeps the factor a normal float; below, it is 0.
+  shift = 2 * (exponents - top)
+  factor = jnp.where(
+    shift >= -126,
+    jnp.ldexp(jnp.ones((), grams.dtype), jnp.maximum(shift, -126)),
+    0.0,
+  )
+  factor = factor.reshape(factor.shape + (1,) * (grams.ndim - 1))
+  return (grams * factor).sum(axis=0, keepdims=True), top[None]
+
+
+def unscale(
+  scaled: jax.Array, exponent: jax.Array, degree: int = 2
+) -> jax.Array:
+  """``scaled · 2^(degree·exponent)``: a scaled quantity in true units.
+
+  ``degree`` is 2 for a Gram matrix or squared norm, 1 for a norm. The
+  result overflows to ``inf`` where the true value is beyond the dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> unscale(jnp.asarray(1.5), jnp.asarray(3)).tolist()
+    96.0
+  """
+  half = jnp.asarray(exponent, jnp.int32)
+  dtype = jnp.result_type(scaled)
+  out = scaled
+  for _ in range(degree):
+    out = out * _power_of_two(half, dtype)
+  return out
 
 
 def gram_statistics(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -177,6 +369,6 @@ def gram_statistics(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     ([2.0, 2.0], [[1.0, 0.5], [0.5, 1.0]])
   """
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
-  norms = jnp.sqrt(diag)
+  norms = safe_sqrt(diag)
   inverse = safe_inverse(norms)
   return norms, gram * inverse[..., :, None] * inverse[..., None, :]

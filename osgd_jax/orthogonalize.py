@@ -21,6 +21,7 @@ and adds nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ UNROLL_MAX_EXITS = 16
 
 
 def _factor_unrolled(
-  corr: jax.Array, tol
+  corr: jax.Array, tol, rank
 ) -> tuple[dict[tuple[int, int], jax.Array], list[jax.Array]]:
   """:func:`_factor_loop`, written entry by entry for a static small K.
 
@@ -65,6 +66,7 @@ def _factor_unrolled(
   lower: dict[tuple[int, int], jax.Array] = {}
   weighted: dict[tuple[int, int], jax.Array] = {}  # L_jm · d_m
   pivots = []
+  kept = jnp.zeros(corr.shape[:-2], jnp.int32)
   for j in range(num_exits):
     column = {}
     for i in range(j, num_exits):
@@ -72,7 +74,8 @@ def _factor_unrolled(
       for m in range(j):
         entry = entry - lower[i, m] * weighted[j, m]
       column[i] = entry
-    keep = column[j] > tol
+    keep = (column[j] > tol) & (kept < rank)
+    kept = kept + keep.astype(jnp.int32)
     pivot = jnp.where(keep, column[j], 0.0)
     inverse = 1.0 / jnp.where(keep, column[j], 1.0)
     pivots.append(pivot)
@@ -82,19 +85,19 @@ def _factor_unrolled(
   return lower, pivots
 
 
-def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
+def _factor_loop(corr: jax.Array, tol, rank) -> tuple[jax.Array, jax.Array]:
   """Unit lower-triangular L and pivots d with ``corr = L diag(d) Lᵀ``.
 
-  Degenerate pivots (``d_j ≤ tol``) become 0 and their column of L below the
-  diagonal 0. A ``lax`` loop over the columns keeps the program small for a
-  large K.
+  Degenerate pivots (``d_j ≤ tol``, or any after ``rank`` kept ones) become
+  0 and their column of L below the diagonal 0. A ``lax`` loop over the
+  columns keeps the program small for a large K.
   """
   num_exits = corr.shape[-1]
   rows = jnp.arange(num_exits)
 
   # Column j of L and pivot d_j from the columns before it.
   def column_step(j, carry):
-    lower, pivots = carry
+    lower, pivots, kept = carry
     weighted_row = jnp.take(lower, j, axis=-2) * pivots  # only i < j non-zero
     # Elementwise products and sums rather than einsum: a tiny dot_general
     # costs far more to compile than to run.
@@ -102,7 +105,7 @@ def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
       lower * weighted_row[..., None, :], axis=-1
     )
     pivot = jnp.take(column, j, axis=-1)
-    keep = pivot > tol
+    keep = (pivot > tol) & (kept < rank)
     new_column = jnp.where(
       keep[..., None] & (rows > j),
       column / jnp.where(keep, pivot, 1.0)[..., None],
@@ -112,11 +115,15 @@ def _factor_loop(corr: jax.Array, tol) -> tuple[jax.Array, jax.Array]:
     pivots = jnp.where(
       rows == j, jnp.where(keep, pivot, 0.0)[..., None], pivots
     )
-    return lower, pivots
+    return lower, pivots, kept + keep.astype(jnp.int32)
 
   lower = jnp.broadcast_to(jnp.eye(num_exits, dtype=corr.dtype), corr.shape)
   pivots = jnp.zeros(corr.shape[:-1], corr.dtype)
-  return jax.lax.fori_loop(0, num_exits, column_step, (lower, pivots))
+  kept = jnp.zeros(corr.shape[:-2], jnp.int32)
+  lower, pivots, _ = jax.lax.fori_loop(
+    0, num_exits, column_step, (lower, pivots, kept)
+  )
+  return lower, pivots
 
 
 def _back_substitute_unrolled(lower, coeff, scale, inv_scale) -> jax.Array:
@@ -158,7 +165,11 @@ def _back_substitute_loop(lower, coeff, scale, inv_scale) -> jax.Array:
 
 
 def ldl_weights(
-  gram: jax.Array, *, tol: float | jax.Array, rescale: bool
+  gram: jax.Array,
+  *,
+  tol: float | jax.Array,
+  rescale: bool,
+  rank: int | jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Gram–Schmidt weights from a Gram matrix, rows taken in index order.
 
@@ -166,23 +177,29 @@ def ldl_weights(
   ``S = diag(√M_kk)``, which makes the pivots scale-free: ``D_kk`` is the
   fraction of ‖g_k‖² left after removing the earlier components. A pivot with
   ``D_kk ≤ tol`` is degenerate; its column of L is zeroed so it joins no basis
-  and it contributes nothing to the sum.
+  and it contributes nothing to the sum. So is every pivot after ``rank``
+  kept ones: gradients of a tensor of n entries span at most n dimensions,
+  so with K > n exits the later ones lie in the span of the kept ones
+  exactly, whatever float32 rounding leaves of their pivots.
 
   Up to :data:`UNROLL_MAX_EXITS` exits the algebra is unrolled entry by
   entry at trace time; beyond, it runs as ``lax`` loops over the exits.
   Arguments and results are those of :func:`ldl_weights`.
   """
   num_exits = gram.shape[-1]
+  rank = num_exits if rank is None else rank
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
-  scale = jnp.sqrt(diag)
+  # A zero row (an exit that does not reach this tensor) must leave the
+  # derivative finite: safe_sqrt has derivative 0 at 0, √ has ∞.
+  scale = gram_lib.safe_sqrt(diag)
   inv_scale = gram_lib.safe_inverse(scale)
   corr = gram * inv_scale[..., :, None] * inv_scale[..., None, :]
   unrolled = num_exits <= UNROLL_MAX_EXITS
   if unrolled:
-    lower, pivot_list = _factor_unrolled(corr, tol)
+    lower, pivot_list = _factor_unrolled(corr, tol, rank)
     pivots = jnp.stack(pivot_list, axis=-1)
   else:
-    lower, pivots = _factor_loop(corr, tol)
+    lower, pivots = _factor_loop(corr, tol, rank)
 
   keep = pivots > 0
   if rescale:
@@ -205,6 +222,7 @@ def gram_schmidt_weights(
   order: Sequence[int] | None = None,
   tol: float | jax.Array = DEFAULT_TOL,
   rescale: bool = False,
+  rank: int | jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Gram–Schmidt weights from a Gram matrix, rows taken in priority order.
 
@@ -217,6 +235,9 @@ def gram_schmidt_weights(
       lowest priority; ``None`` is ``range(K)``.
     tol: relative tolerance on the squared norm of a projected component.
     rescale: scale every kept component back to the norm of its input.
+    rank: at most this many components are kept (the rank the Gram
+      matrix can have: the number of entries of the gradients); ``None``
+      is K.
 
   Returns:
     ``(weights, residual_sq_norms)``, both ``(..., K)`` in the exits' order.
@@ -231,9 +252,11 @@ def gram_schmidt_weights(
   num_exits = gram.shape[-1]
   perm = np.arange(num_exits) if order is None else np.asarray(order)
   if np.array_equal(perm, np.arange(num_exits)):
-    return ldl_weights(gram, tol=tol, rescale=rescale)
+    return ldl_weights(gram, tol=tol, rescale=rescale, rank=rank)
   permuted = jnp.take(jnp.take(gram, perm, axis=-2), perm, axis=-1)
-  weights, residual_sq = ldl_weights(permuted, tol=tol, rescale=rescale)
+  weights, residual_sq = ldl_weights(
+    permuted, tol=tol, rescale=rescale, rank=rank
+  )
   inverse = np.argsort(perm)
   return weights[..., inverse], residual_sq[..., inverse]
 
@@ -275,7 +298,8 @@ def modified_gram_schmidt(
   rescale: bool = False,
   shared_basis: bool = False,
   compute_dtype: Any = jnp.float32,
-) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+  scaled_norms: bool = False,
+) -> tuple[list[jax.Array], jax.Array, Any]:
   """Gram–Schmidt on the gradients themselves, one exit after another.
 
   Each exit's residual is made orthogonal to the residuals of the exits of
@@ -292,6 +316,9 @@ def modified_gram_schmidt(
     shared_basis: one basis over all leaves (``granularity="global"``)
       instead of one per leaf.
     compute_dtype: float32 or float64.
+    scaled_norms: return the squared norms divided by ``4^e`` for the
+      groups' scale exponents e, and ``(weights, e)`` in place of the
+      weights, so that norms beyond the dtype's range are kept.
 
   Returns:
     ``(updates, residual_sq_norms, weights)``: the parameter-shaped sums of
@@ -309,7 +336,20 @@ def modified_gram_schmidt(
   """
   num_exits = leaves[0].shape[0]
   priority = np.arange(num_exits) if order is None else np.asarray(order)
-  residuals = [leaf.astype(compute_dtype) for leaf in leaves]
+  # Each group is scaled by an exact power of two first, so that squared
+  # norms neither overflow nor underflow (gram.scaled_gram_matrices).
+  exponents = gram_lib.scale_exponents(leaves)
+  if shared_basis:
+    exponents = jnp.broadcast_to(jnp.max(exponents), exponents.shape)
+  residuals = [
+    leaf.astype(compute_dtype)
+    * gram_lib.unscale(jnp.ones((), compute_dtype), -e, degree=1)
+    for leaf, e in zip(leaves, exponents, strict=True)
+  ]
+  sizes = [math.prod(leaf.shape[1:]) for leaf in leaves]
+  ranks = jnp.asarray(
+    [sum(sizes)] * len(leaves) if shared_basis else sizes, jnp.int32
+  )
 
   def row_sq(x):
     return jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
@@ -322,7 +362,7 @@ def modified_gram_schmidt(
   rank = jnp.argsort(order_array)
 
   def step(position, carry):
-    residuals, kept_sq, coefficients = carry
+    residuals, kept_sq, coefficients, kept = carry
     exit_index = order_array[position]
     basis = [
       jax.lax.dynamic_index_in_dim(r, exit_index, 0, keepdims=False)
@@ -342,7 +382,7 @@ def modified_gram_schmidt(
       ),
       shared_basis,
     )
-    keep = basis_sq > tol * input_sq[:, exit_index]
+    keep = (basis_sq > tol * input_sq[:, exit_index]) & (kept < ranks)
     later = rank > position
     coeff = jnp.where(
       keep[:, None] & later[None, :],
@@ -355,25 +395,32 @@ def modified_gram_schmidt(
     ]
     kept_sq = kept_sq.at[:, exit_index].set(jnp.where(keep, basis_sq, 0.0))
     coefficients = coefficients.at[:, :, exit_index].set(coeff)
-    return residuals, kept_sq, coefficients
+    return residuals, kept_sq, coefficients, kept + keep.astype(jnp.int32)
 
   kept_sq = jnp.zeros((num_leaves, num_exits), compute_dtype)
   coefficients = jnp.zeros((num_leaves, num_exits, num_exits), compute_dtype)
-  residuals, kept_sq, coefficients = jax.lax.fori_loop(
-    0, num_exits, step, (residuals, kept_sq, coefficients)
+  kept = jnp.zeros((num_leaves,), jnp.int32)
+  residuals, kept_sq, coefficients, _ = jax.lax.fori_loop(
+    0, num_exits, step, (residuals, kept_sq, coefficients, kept)
   )
   keep = kept_sq > 0
   if rescale:
-    coeff = jnp.where(
-      keep, jnp.sqrt(input_sq / jnp.where(keep, kept_sq, 1.0)), 0.0
-    )
+    # Double where: a zero input row must leave the derivative finite.
+    ratio = jnp.where(keep, input_sq, 1.0) / jnp.where(keep, kept_sq, 1.0)
+    coeff = jnp.where(keep, jnp.sqrt(ratio), 0.0)
   else:
     coeff = keep.astype(compute_dtype)
+  # The residuals are scaled by 2^-e: scale their sum back.
   updates = [
-    gram_lib.weighted_sum(c, r, compute_dtype)
-    for c, r in zip(coeff, residuals, strict=True)
+    gram_lib.unscale(gram_lib.weighted_sum(c, r, compute_dtype), e, degree=1)
+    for c, r, e in zip(coeff, residuals, exponents, strict=True)
   ]
   weights = _weights_from_coefficients(coefficients, coeff, priority)
+  if scaled_norms:
+    # ‖ĝ_k‖² = 4^e · kept_sq, which may be beyond float32 where kept_sq is.
+    weights = (weights, exponents)
+  else:
+    kept_sq = gram_lib.unscale(kept_sq, exponents[:, None])
   if shared_basis:
-    return updates, kept_sq[:1], weights[:1]
+    return updates, kept_sq[:1], jax.tree.map(lambda x: x[:1], weights)
   return updates, kept_sq, weights

@@ -453,3 +453,59 @@ def excess_mtl_updates(steps, robust_step_size, n_warmup_steps):
       weights /= weights.sum()
     outs.append(weights @ rows)
   return outs
+
+
+# --- language models (tests/test_anytime_tokens.py) ------------------------
+
+
+def token_early_exit(logits, labels, thresholds, flops):
+  """CALM-style exit of each token, in float64, one token at a time.
+
+  Args:
+    logits: (K, ..., C) stacked exit logits.
+    labels: the logits' shape without the exit and class axes.
+    thresholds: (T,) confidences.
+    flops: (K,) FLOPs per token of each exit.
+
+  Returns:
+    dict of (T,) arrays: mean_exit, mean_flops, bits (log2 loss of the
+    answering exit per token), accuracy; and counts (T, K).
+  """
+  logits = np.asarray(logits, np.float64)
+  k, classes = logits.shape[0], logits.shape[-1]
+  rows = logits.reshape(k, -1, classes)
+  labels = np.asarray(labels).reshape(-1)
+  out = {name: [] for name in ("mean_exit", "mean_flops", "bits", "accuracy")}
+  out["counts"] = []
+  for t in thresholds:
+    exits, bits, hits = [], [], []
+    for m, label in enumerate(labels):
+      for j in range(k):
+        p = np.exp(rows[j, m] - rows[j, m].max())
+        p /= p.sum()
+        if p.max() >= t or j == k - 1:
+          exits.append(j)
+          bits.append(-np.log2(p[label]))
+          hits.append(float(np.argmax(p) == label))
+          break
+    exits = np.asarray(exits)
+    out["mean_exit"].append(np.mean(exits + 1))
+    out["mean_flops"].append(np.mean(np.asarray(flops, np.float64)[exits]))
+    out["bits"].append(np.mean(bits))
+    out["accuracy"].append(np.mean(hits))
+    out["counts"].append(np.bincount(exits, minlength=k))
+  return {name: np.asarray(v) for name, v in out.items()}
+
+
+def bits_per_token(logits, labels):
+  """(K,) mean -log2 softmax probability of each label, per exit, float64."""
+  logits = np.asarray(logits, np.float64)
+  k = logits.shape[0]
+  rows = logits.reshape(k, -1, logits.shape[-1])
+  labels = np.asarray(labels).reshape(-1)
+  out = np.zeros(k)
+  for j in range(k):
+    for m, label in enumerate(labels):
+      z = rows[j, m] - rows[j, m].max()
+      out[j] -= (z[label] - np.log(np.exp(z).sum())) / np.log(2)
+  return out / len(labels)

@@ -1,10 +1,14 @@
-"""per_exit_cross_entropy: (K, B, C) logits and (B,) labels to (K,) losses."""
+"""per_exit_cross_entropy: (K, B, C) logits and (B,) labels to (K,) losses.
+
+Sequence logits (K, B, L, C) with (B, L) labels average over B and L.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_oracles as oracles
 import pytest
 
 from osgd_jax.losses import per_exit_cross_entropy
@@ -80,11 +84,32 @@ def test_bfloat16_logits_give_float32_losses(data):
     ((3, 5, 4), np.zeros((5, 4), int), None, "not one-hot"),
     ((3, 5, 4), np.zeros(5, np.float32), None, "integer class indices"),
     ((3, 5, 4), np.zeros(5, int), np.ones(2), r"shape \(K,\) = \(3,\)"),
+    (
+      (3, 5, 7, 4),
+      np.zeros((5, 6), int),
+      None,
+      r"shape \(batch, seq, \.\.\.\) = \(5, 7\)",
+    ),
   ],
 )
 def test_bad_shapes_raise(logits_shape, labels, weights, match):
   with pytest.raises(ValueError, match=match):
     per_exit_cross_entropy(jnp.zeros(logits_shape), labels, weights)
+
+
+def test_sequence_logits_average_over_batch_and_positions():
+  # A language model's exits: (K, batch, seq, vocab) logits, next tokens.
+  logits = np.asarray(jax.random.normal(jax.random.key(1), (3, 2, 5, 11))) * 2
+  labels = np.random.default_rng(0).integers(0, 11, size=(2, 5))
+  losses = per_exit_cross_entropy(logits, labels)
+  bits = oracles.bits_per_token(logits, labels)
+  np.testing.assert_allclose(losses / np.log(2), bits, rtol=1e-5)
+  # Exits are independent: raising exit 2's true-token logits moves loss 2.
+  bump = np.zeros(logits.shape, np.float32)
+  np.put_along_axis(bump[1], labels[..., None], 1.0, axis=-1)
+  moved = np.asarray(per_exit_cross_entropy(logits + bump, labels))
+  np.testing.assert_array_equal(moved[[0, 2]], np.asarray(losses)[[0, 2]])
+  assert moved[1] < losses[1]
 
 
 def test_integer_logits_raise():

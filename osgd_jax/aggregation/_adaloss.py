@@ -68,10 +68,10 @@ class AdaLossState(NamedTuple):
 
 
 def adaptive_loss_balancing(
+  num_exits: int | None = None,
+  *,
   decay: float = 0.9,
   eps: float = 1e-8,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """AdaLoss: weights inversely proportional to a running average of the losses.
@@ -154,6 +154,8 @@ def adaptive_loss_balancing(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

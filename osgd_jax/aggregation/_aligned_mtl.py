@@ -81,10 +81,10 @@ def aligned_mtl_weighting(
 
 
 def aligned_mtl(
+  num_exits: int | None = None,
+  *,
   pref_vector: Sequence[float] | jax.Array | None = None,
   scale_mode: ScaleMode = "min",
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Aligned-MTL: the preference-weighted sum of the aligned gradients.
@@ -133,6 +133,8 @@ def aligned_mtl(
     num_exits=num_exits,
     granularity=granularity,
     name=_NAME,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

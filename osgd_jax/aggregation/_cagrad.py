@@ -98,7 +98,7 @@ def cagrad_weighting(
     0, bisections, bisect, (log_hi + jnp.log(jnp.asarray(1e-8, dtype)), log_hi)
   )
   w, q = inner(jnp.exp(0.5 * (lo + hi)))
-  norm_w = jnp.sqrt(jnp.maximum(q, 0.0))
+  norm_w = gram_lib.safe_sqrt(q)
   found = positive & (norm_w >= norm_eps)
   weights = mean_w + radius * gram_lib.safe_inverse(norm_w) * w
   # c = 0 or g_0 = 0: the ball is the point g_0, the mean.
@@ -106,10 +106,10 @@ def cagrad_weighting(
 
 
 def cagrad(
+  num_exits: int | None = None,
+  *,
   c: float = 0.4,
   norm_eps: float = 1e-4,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
   bisections: int = 40,
   max_iter: int = 100,
@@ -141,7 +141,7 @@ def cagrad(
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
-    >>> tx = osgd_jax.cagrad(0.5, num_exits=2)
+    >>> tx = osgd_jax.cagrad(2, c=0.5)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
     >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]
@@ -168,6 +168,8 @@ def cagrad(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -129,6 +129,21 @@ def check_nonnegative(value: Any, name: str, owner: str) -> None:
     )
 
 
+def check_finite(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` naming ``value`` unless it is a finite number.
+
+  For learning rates, whose sign is the user's choice.
+
+  Example:
+    >>> check_finite(0.1, "learning_rate", "osgd_sgd")
+  """
+  if is_checkable_number(value) and not np.isfinite(value):
+    raise ValueError(
+      f"{owner}: {name} must be a finite number, got {value!r}; a"
+      " non-finite one makes every update NaN."
+    )
+
+
 def check_positive(value: Any, name: str, owner: str) -> None:
   """Raises a ``ValueError`` naming ``value`` unless it is finite and ``> 0``.
 
@@ -193,6 +208,38 @@ def preference(
       f" ({k},)."
     )
   return jnp.asarray(pref_vector, gram.dtype)
+
+
+def check_not_num_exits(
+  value: Any, name: str, owner: str, num_exits: Any
+) -> None:
+  """Refuses an int where a factory takes ``name`` before ``num_exits``.
+
+  ``from_weighting``, ``crmogm`` and ``weighted_sum`` take what they apply
+  first and K second, and ``osgd_sgd`` takes the learning rate first, as
+  ``optax.sgd`` does; ``f(4)`` written for K = 4 must not be misread.
+
+  Raises:
+    ValueError: if ``num_exits`` is not given and ``value`` is an int (not
+      a bool), saying the order.
+
+  Example:
+    >>> check_not_num_exits("sum", "weights", "weighted_sum", None)
+    >>> check_not_num_exits(4, "weights", "weighted_sum", None)
+    Traceback (most recent call last):
+    ...
+    ValueError: weighted_sum takes weights first and num_exits second, ...
+  """
+  if (
+    num_exits is None
+    and isinstance(value, (int, np.integer))
+    and not isinstance(value, bool)
+  ):
+    raise ValueError(
+      f"{owner} takes {name} first and num_exits second, but got"
+      f" {name}={value!r}, which looks like a number of exits; write"
+      f" {owner}({name}, num_exits=K), e.g. with num_exits={value!r}."
+    )
 
 
 def check_num_exits(num_exits: Any, owner: str) -> int:

@@ -69,9 +69,9 @@ def config_weighting(
 
 
 def config(
-  pref_vector: Sequence[float] | jax.Array | None = None,
-  *,
   num_exits: int | None = None,
+  *,
+  pref_vector: Sequence[float] | jax.Array | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """ConFIG: a conflict-free direction with equal cosines to every gradient.
@@ -109,6 +109,8 @@ def config(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

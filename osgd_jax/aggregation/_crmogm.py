@@ -29,9 +29,9 @@ class CRMOGMState(NamedTuple):
 
 def crmogm(
   weighting: str | Weighting | _engine.StatefulWeighting = "upgrad",
-  alpha: float = 0.9,
-  *,
   num_exits: int | None = None,
+  *,
+  alpha: float = 0.9,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """CR-MOGM: any weighting's weights, smoothed by an EMA across steps.
@@ -75,6 +75,7 @@ def crmogm(
     https://openreview.net/forum?id=ScwfQ7hdwyP
   """
   name = "crmogm"
+  _checks.check_not_num_exits(weighting, "weighting", name, num_exits)
   _checks.check_unit_interval(alpha, "alpha", name)
   if isinstance(weighting, str):
     weighting = _registry.weighting(weighting)

@@ -61,9 +61,9 @@ def dualproj_weighting(
 
 
 def dualproj(
-  pref_vector: Sequence[float] | jax.Array | None = None,
-  *,
   num_exits: int | None = None,
+  *,
+  pref_vector: Sequence[float] | jax.Array | None = None,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,
@@ -116,6 +116,8 @@ def dualproj(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -32,6 +32,7 @@ import optax
 from osgd_jax import gram as gram_lib
 from osgd_jax.aggregation import _checks
 from osgd_jax.aggregation._types import Granularity, Weighting
+from osgd_jax.gramian import Gramian
 
 # The dtype of every diagnostic in a state, whatever the gradients' dtype, so
 # that a state keeps its dtypes from ``init`` on.
@@ -110,7 +111,11 @@ class StackedGradients(NamedTuple):
     treedef: the tree structure of the gradients.
     sizes: the number of parameters of every leaf.
     compute_dtype: float32, or float64 for float64 gradients.
-    grams: ``(L, K, K)`` the Gram matrix of every leaf, in ``compute_dtype``.
+    grams: ``(L, K, K)`` the Gram matrix of every leaf scaled by a power of
+      four, in ``compute_dtype``: finite for any finite gradients
+      (:func:`osgd_jax.gram.scaled_gram_matrices`).
+    exponents: ``(L,)`` int32; leaf l's Gram matrix is
+      ``4^exponents[l] · grams[l]``.
   """
 
   leaves: list[jax.Array]
@@ -118,6 +123,7 @@ class StackedGradients(NamedTuple):
   sizes: tuple[int, ...]
   compute_dtype: Any
   grams: jax.Array
+  exponents: jax.Array
 
 
 def num_groups(params: optax.Params, granularity: Granularity) -> int:
@@ -134,6 +140,15 @@ def _leaf_name(path: Any) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
+# How to make stacked gradients, for the errors that meet unstacked ones.
+_HOW_TO_STACK = (
+  "stack the K per-exit gradients on a new leading axis:"
+  " osgd_jax.value_and_per_exit_grads returns them so, or"
+  " jax.tree.map(lambda *g: jnp.stack(g), *per_exit_grads) stacks K"
+  " gradient trees"
+)
+
+
 def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
   """Returns the shared leading size K, or raises naming the offending leaf."""
   first_path, first = flat[0]
@@ -144,6 +159,12 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
         f" but leaf {_leaf_name(path)} is a scalar. Compute the gradients"
         " with osgd_jax.value_and_per_exit_grads."
       )
+    if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+      raise ValueError(
+        f"gradient leaf {_leaf_name(path)} has complex dtype {leaf.dtype};"
+        f" {name} takes real gradients only: keep the real and imaginary"
+        " parts as two real parameters."
+      )
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise ValueError(
         f"gradient leaf {_leaf_name(path)} has non-float dtype {leaf.dtype};"
@@ -153,7 +174,8 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
       raise ValueError(
         f"all gradient leaves must share the leading exit axis K, but leaf"
         f" {_leaf_name(first_path)} has K={first.shape[0]} and leaf"
-        f" {_leaf_name(path)} has K={leaf.shape[0]}."
+        f" {_leaf_name(path)} has K={leaf.shape[0]}. If these are"
+        f" unstacked (parameter-shaped) gradients, {_HOW_TO_STACK}."
       )
   if first.shape[0] == 0:
     raise ValueError(
@@ -163,9 +185,8 @@ def _check_leaves(flat: list[tuple[Any, Any]], name: str) -> int:
   return first.shape[0]
 
 
-def _check_against_params(
-  flat: list[tuple[Any, Any]], treedef: Any, params: Any
-) -> None:
+def _check_structure(treedef: Any, params: Any) -> list[Any]:
+  """The params' leaves, once their structure is the gradients'."""
   flat_params, params_treedef = jax.tree_util.tree_flatten_with_path(params)
   if params_treedef != treedef:
     raise ValueError(
@@ -173,7 +194,28 @@ def _check_against_params(
       f" {treedef} vs {params_treedef}. Pass the params the gradients were"
       " taken with respect to."
     )
-  for (path, leaf), (_, param) in zip(flat, flat_params, strict=True):
+  return [param for _, param in flat_params]
+
+
+def _check_unstacked(
+  flat: list[tuple[Any, Any]], params: list[Any], name: str
+) -> None:
+  """Refuses gradients shaped like the params: one gradient, not K."""
+  if all(
+    np.shape(leaf) == np.shape(param)
+    for (_, leaf), param in zip(flat, params, strict=True)
+  ):
+    raise ValueError(
+      f"{name} takes per-exit gradients stacked as (K, *param.shape), but"
+      " every gradient leaf has its parameter's shape: these are unstacked"
+      f" gradients. {_HOW_TO_STACK[0].upper()}{_HOW_TO_STACK[1:]}."
+    )
+
+
+def _check_against_params(
+  flat: list[tuple[Any, Any]], params: list[Any]
+) -> None:
+  for (path, leaf), param in zip(flat, params, strict=True):
     if tuple(leaf.shape[1:]) != tuple(np.shape(param)):
       shape = ", ".join(map(str, np.shape(param)))
       raise ValueError(
@@ -204,9 +246,10 @@ def read_stacked(
     A :class:`StackedGradients`, or ``None`` for a tree without leaves.
 
   Raises:
-    ValueError: at trace time, naming the leaf: a scalar or integer leaf,
-      leaves with different K, a K other than ``num_exits``, or a shape that
-      does not match its parameter.
+    ValueError: at trace time, naming the leaf: a scalar, integer or
+      complex leaf, leaves with different K, a K other than ``num_exits``,
+      unstacked gradients (every leaf shaped like its parameter, when
+      ``params`` is given), or a shape that does not match its parameter.
 
   Example:
     >>> import jax.numpy as jnp
@@ -218,39 +261,237 @@ def read_stacked(
   flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
   if not flat:
     return None
+  flat_params = None
+  if params is not None:
+    flat_params = _check_structure(treedef, params)
+    _check_unstacked(flat, flat_params, name)
   k = _check_leaves(flat, name)
   if k != num_exits:
+    # Without params, unstacked gradients whose every leading dimension
+    # happens to be the same look stacked; so the advice starts there.
     raise ValueError(
-      f"the stacked gradients have K={k} exits but {name} was built with"
-      f" num_exits={num_exits}; build it with num_exits={k}."
+      f"the gradients have K={k} exits but {name} was built with"
+      f" num_exits={num_exits} (K={k} is every leaf's leading axis)."
+      " If these are unstacked"
+      f" gradients, {_HOW_TO_STACK}; pass params to update so that the"
+      " shapes are checked. Only if they really are stacked for K="
+      f"{k} exits, build {name} with num_exits={k} and its state with"
+      " that transformation's init."
     )
-  if params is not None:
-    _check_against_params(flat, treedef, params)
+  if flat_params is not None:
+    _check_against_params(flat, flat_params)
   leaves = [leaf for _, leaf in flat]
   compute_dtype = jnp.result_type(jnp.float32, *[leaf.dtype for leaf in leaves])
   sizes = tuple(math.prod(leaf.shape[1:]) for leaf in leaves)
+  grams, exponents = gram_lib.scaled_gram_matrices(leaves, compute_dtype)
   return StackedGradients(
-    leaves,
-    treedef,
-    sizes,
-    compute_dtype,
-    gram_lib.gram_matrices(leaves, compute_dtype),
+    leaves, treedef, sizes, compute_dtype, grams, exponents
   )
 
 
-def group_grams(grams: jax.Array, granularity: Granularity) -> jax.Array:
-  """The Gram matrix of each group: ``(L, K, K)`` per leaf, or their sum.
+class GramianGradients(NamedTuple):
+  """A :class:`~osgd_jax.Gramian` read like :class:`StackedGradients`.
+
+  What a Gram weighting reads of the gradients, without their coordinates:
+  :func:`combine` asks the Gramian for ``Σ_k w_k g_k``.
+
+  Attributes:
+    gramian: the :class:`~osgd_jax.Gramian`.
+    treedef: the tree structure of the parameters.
+    sizes: the number of parameters of every leaf.
+    compute_dtype: float32, or float64 for float64 parameters.
+    grams: ``(G, K, K)`` the Gram matrix of each group the transformation
+      weighs: one per leaf (``granularity="leaf"``), or one.
+    exponents: ``(G,)`` int32 zeros: the Gramian forms its Gram matrices
+      unscaled (see :class:`StackedGradients` for the scaled form).
+  """
+
+  gramian: Gramian
+  treedef: Any
+  sizes: tuple[int, ...]
+  compute_dtype: Any
+  grams: jax.Array
+  exponents: jax.Array
+
+
+def read_gramian(
+  gramian: Gramian,
+  *,
+  num_exits: int,
+  params: optax.Params | None = None,
+  name: str,
+  granularity: Granularity | None,
+) -> GramianGradients:
+  """Checks a :class:`~osgd_jax.Gramian` and forms its groups' Gram matrices.
+
+  Args:
+    gramian: from :func:`osgd_jax.value_and_gramian` or
+      :func:`osgd_jax.staged_value_and_gramian`.
+    num_exits: the K the transformation was built for.
+    params: the parameters, if given to ``update``.
+    name: the transformation's name, for error messages.
+    granularity: the groups the transformation weighs; ``None`` for a
+      transformation that reads every coordinate, which a Gramian lacks.
+
+  Raises:
+    ValueError: a transformation that needs coordinates, another K, or
+      params of another structure or shape.
+  """
+  if granularity is None:
+    raise ValueError(
+      f"{name} reads every coordinate of the per-exit gradients, which an"
+      " osgd_jax.Gramian does not hold; pass it stacked gradients from"
+      " osgd_jax.value_and_per_exit_grads."
+    )
+  if gramian.num_exits != num_exits:
+    raise ValueError(
+      f"the Gramian has K={gramian.num_exits} exits but {name} was built"
+      f" with num_exits={num_exits}; build it with"
+      f" num_exits={gramian.num_exits}."
+    )
+  if params is not None:
+    gramian.check_params(params, name)
+  grams = gramian.grams(granularity)
+  return GramianGradients(
+    gramian,
+    gramian.treedef,
+    gramian.sizes,
+    gramian.compute_dtype,
+    grams,
+    jnp.zeros(grams.shape[:1], jnp.int32),
+  )
+
+
+def read_gradients(
+  updates: optax.Updates,
+  *,
+  num_exits: int,
+  params: optax.Params | None,
+  name: str,
+  granularity: Granularity | None,
+) -> StackedGradients | GramianGradients | None:
+  """Reads stacked gradients (:func:`read_stacked`) or a Gramian.
+
+  A Gramian is read by :func:`read_gramian` for a transformation that weighs
+  ``granularity`` groups, and refused by one that reads coordinates
+  (``granularity=None``).
+  """
+  if isinstance(updates, Gramian):
+    return read_gramian(
+      updates,
+      num_exits=num_exits,
+      params=params,
+      name=name,
+      granularity=granularity,
+    )
+  return read_stacked(updates, num_exits=num_exits, params=params, name=name)
+
+
+def is_gramian(updates: Any) -> bool:
+  """Whether ``updates`` is a :class:`~osgd_jax.Gramian`.
+
+  Example:
+    >>> is_gramian({"w": 0.0})
+    False
+  """
+  return isinstance(updates, Gramian)
+
+
+def sum_exits(updates: Any) -> Any:
+  """``Σ_k g_k`` of stacked gradients or of a Gramian, parameter-shaped.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> group_grams(jnp.ones((3, 2, 2)), "global").shape
-    (1, 2, 2)
+    >>> sum_exits({"w": jnp.ones((2, 3))})["w"].tolist()
+    [2.0, 2.0, 2.0]
   """
-  return grams.sum(axis=0, keepdims=True) if granularity == "global" else grams
+  if isinstance(updates, Gramian):
+    return updates.combine(
+      jnp.ones((updates.num_exits,), updates.compute_dtype)
+    )
+  return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates)
+
+
+def group_grams(
+  grams: jax.Array, exponents: jax.Array, granularity: Granularity
+) -> tuple[jax.Array, jax.Array]:
+  """The scaled Gram matrix of each group and its exponent.
+
+  ``(L, K, K)`` per leaf, or their sum (:func:`osgd_jax.gram.combine_scaled`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> grams, exps = group_grams(jnp.ones((3, 2, 2)), jnp.zeros(3, int),
+    ...                           "global")
+    >>> grams.shape, exps.tolist()
+    ((1, 2, 2), [0])
+  """
+  return gram_lib.combine_scaled(grams, exponents, granularity == "global")
+
+
+def group_ranks(sizes: tuple[int, ...], granularity: Granularity) -> jax.Array:
+  """The largest rank each group's Gram matrix can have: its size.
+
+  Example:
+    >>> group_ranks((2, 3), "leaf").tolist(), group_ranks((2, 3), "global")
+    ([2, 3], Array([5], dtype=int32))
+  """
+  per_group = [sum(sizes)] if granularity == "global" else list(sizes)
+  # int32 saturates: a group beyond 2^31 entries has no rank bound below K.
+  return jnp.asarray(np.minimum(per_group, 2**31 - 1), jnp.int32)
+
+
+def weigh_groups(
+  weighting: StatefulWeighting,
+  grams: jax.Array,
+  exponents: jax.Array,
+  weighting_state: Any,
+  gram_degree: float | None,
+  extra_args: dict[str, Any],
+) -> tuple[jax.Array, Any]:
+  """Each group's weights from its scaled Gram matrix, in true units.
+
+  A weighting declared homogeneous (``w(c·M) = c^p · w(M)`` for ``c > 0``,
+  ``gram_degree=p``) sees the scaled Gram matrix, always finite, and its
+  weights are multiplied by ``4^(E·p)``; one with ``gram_degree=None``
+  sees the Gram matrix as it is, and where that overflows the dtype its
+  weights are NaN, so that the update is non-finite rather than silently
+  wrong.
+
+  Args:
+    weighting: the weighting.
+    grams: ``(G, K, K)`` scaled Gram matrices.
+    exponents: ``(G,)`` int32, each group's Gram matrix is
+      ``4^exponents[g] · grams[g]``.
+    weighting_state: the weighting's state, one entry per group.
+    gram_degree: p, or ``None``.
+    extra_args: the keyword arguments of ``update``.
+
+  Returns:
+    ``((G, K) weights, new weighting state)``.
+  """
+  overflow = None
+  if gram_degree is None:
+    scaled_finite = jnp.all(jnp.isfinite(grams), axis=(-2, -1))
+    grams = gram_lib.unscale(grams, exponents[:, None, None])
+    overflow = scaled_finite & ~jnp.all(jnp.isfinite(grams), axis=(-2, -1))
+  weights, weighting_state = jax.vmap(
+    lambda m, s: weighting.apply(m, s, **extra_args)
+  )(grams, weighting_state)
+  if overflow is not None:
+    # Finite gradients whose Gram matrix overflows: the weights of an inf
+    # Gram matrix may come out finite and wrong; NaN says so instead.
+    weights = jnp.where(overflow[:, None], jnp.nan, weights)
+  if gram_degree:
+    log2_factor = (2.0 * gram_degree) * exponents.astype(weights.dtype)
+    weights = weights * jnp.exp2(log2_factor)[:, None]
+  return weights, weighting_state
 
 
 def combine(
-  stacked: StackedGradients, weights: jax.Array, granularity: Granularity
+  stacked: StackedGradients | GramianGradients,
+  weights: jax.Array,
+  granularity: Granularity,
 ) -> optax.Updates:
   """``Σ_k w_k g_k`` for every leaf, in the structure and dtypes of the input.
 
@@ -268,10 +509,15 @@ def combine(
     >>> combine(stacked, jnp.asarray([[3.0, 4.0]]), "global")["w"].tolist()
     [3.0, 4.0]
   """
+  if isinstance(stacked, GramianGradients):
+    return stacked.gramian.combine(weights, granularity)
   shared = granularity == "global"
   outs = [
     gram_lib.weighted_sum(
-      weights[0 if shared else i], leaf, stacked.compute_dtype
+      weights[0 if shared else i],
+      leaf,
+      stacked.compute_dtype,
+      stacked.exponents[i],
     ).astype(leaf.dtype)
     for i, leaf in enumerate(stacked.leaves)
   ]
@@ -301,14 +547,22 @@ def as_diagnostic(x: jax.Array) -> jax.Array:
   return x.astype(DIAGNOSTICS_DTYPE)
 
 
-def gram_diagnostics(stacked: StackedGradients) -> tuple[jax.Array, jax.Array]:
+def gram_diagnostics(
+  stacked: StackedGradients | GramianGradients,
+) -> tuple[jax.Array, jax.Array]:
   """``(exit_norms, cosine)`` over all parameters, in the state's dtype."""
-  exit_norms, cosine = gram_lib.gram_statistics(stacked.grams.sum(axis=0))
-  return as_diagnostic(exit_norms), as_diagnostic(cosine)
+  grams, exponents = gram_lib.combine_scaled(
+    stacked.grams, stacked.exponents, True
+  )
+  exit_norms, cosine = gram_lib.gram_statistics(grams[0])
+  return (
+    as_diagnostic(gram_lib.unscale(exit_norms, exponents[0], degree=1)),
+    as_diagnostic(cosine),
+  )
 
 
 def diagnostics(
-  stacked: StackedGradients, weights: jax.Array
+  stacked: StackedGradients | GramianGradients, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The diagnostics every aggregation state holds, in the state's dtype.
 
@@ -340,13 +594,61 @@ def init_weighting_state(
   )
 
 
-def _check_groups(weighting_state: Any, groups: int, name: str) -> None:
-  for leaf in jax.tree.leaves(weighting_state):
-    if leaf.shape[0] != groups:
+def check_state(
+  state: Any,
+  init_fn: optax.TransformInitFn,
+  updates: optax.Updates,
+  params: optax.Params | None,
+  *,
+  num_exits: int,
+  name: str,
+) -> None:
+  """Refuses a state that ``init_fn`` would not make for these gradients.
+
+  A state made for another K (or other params) has other shapes: taken as
+  it is, it would change shape under ``jax.lax.scan`` or fail inside the
+  update with a broadcasting error. Its shapes are compared with those of
+  ``init_fn`` on the params (or, without them, on the gradients' parameter
+  shapes); dtypes are not, since ``init`` may see other params' dtypes.
+
+  Raises:
+    ValueError: naming the first state field whose shape differs, or the
+      two structures; the fix is to make the state with this ``init``.
+  """
+  if params is None and isinstance(updates, Gramian):
+    params = jax.tree.unflatten(
+      updates.treedef,
+      [
+        jax.ShapeDtypeStruct(shape, dtype)
+        for shape, dtype in zip(updates.shapes, updates.dtypes, strict=True)
+      ],
+    )
+  elif params is None:
+    params = jax.tree.map(
+      lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], jnp.result_type(g)),
+      updates,
+    )
+  expected = jax.eval_shape(init_fn, params)
+  fix = (
+    f" The state was made by another transformation's init (another"
+    f" num_exits, or other params); make it with this one's:"
+    f" state = tx.init(params) for {name}(num_exits={num_exits})."
+  )
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+  flat_expected, expected_treedef = jax.tree_util.tree_flatten_with_path(
+    expected
+  )
+  if treedef != expected_treedef:
+    raise ValueError(
+      f"{name}'s state has structure {treedef}, but its init makes"
+      f" {expected_treedef}.{fix}"
+    )
+  for (path, leaf), (_, want) in zip(flat, flat_expected, strict=True):
+    if tuple(np.shape(leaf)) != tuple(want.shape):
       raise ValueError(
-        f"{name}'s state holds the weighting's state for {leaf.shape[0]}"
-        f" groups but the gradients form {groups}; initialise the state"
-        " with tx.init(params) for the params these gradients are of."
+        f"{name}'s state field {_leaf_name(path)} has shape"
+        f" {tuple(np.shape(leaf))}, but {name} with num_exits={num_exits}"
+        f" makes it {tuple(want.shape)} for these gradients.{fix}"
       )
 
 
@@ -382,11 +684,13 @@ def stacked_transformation(
   *,
   num_exits: int,
   name: str,
+  granularity: Granularity | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation whose update starts from checked stacked gradients.
 
   Every aggregator's ``update`` checks the stacked gradients against
-  ``num_exits`` and ``params``, forms their Gram matrices, passes a tree
+  ``num_exits`` and ``params`` and the state against what ``init_fn``
+  makes (:func:`check_state`), forms their Gram matrices, passes a tree
   without leaves through, and runs in a ``jax.named_scope`` of its name;
   this is that part, once.
 
@@ -396,6 +700,10 @@ def stacked_transformation(
       state)`` on the :class:`StackedGradients` of the update.
     num_exits: K.
     name: the transformation's name, for errors and the named scope.
+    granularity: the groups a transformation that needs only Gram matrices
+      weighs: it then also takes an :class:`~osgd_jax.Gramian` (read by
+      :func:`read_gramian`). ``None``: it reads every coordinate and
+      refuses a Gramian.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -403,11 +711,18 @@ def stacked_transformation(
 
   def update_fn(updates, state, params=None, **extra_args):
     with jax.named_scope(name):
-      stacked = read_stacked(
-        updates, num_exits=num_exits, params=params, name=name
+      stacked = read_gradients(
+        updates,
+        num_exits=num_exits,
+        params=params,
+        name=name,
+        granularity=granularity,
       )
       if stacked is None:
         return updates, state
+      check_state(
+        state, init_fn, updates, params, num_exits=num_exits, name=name
+      )
       return apply_fn(stacked, state, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -415,10 +730,11 @@ def stacked_transformation(
 
 def from_weighting(
   weighting: Weighting | StatefulWeighting,
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   name: str = "from_weighting",
+  gram_degree: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Turns a weighting into an Optax transformation of stacked gradients.
 
@@ -440,6 +756,16 @@ def from_weighting(
       ``"leaf"`` (one per parameter tensor).
     name: the name in error messages, and the ``jax.named_scope`` of the
       update's operations (visible in profiles).
+    gram_degree: how the weights change when the Gram matrix is scaled. A
+      number p declares ``weighting(c·M) = c^p · weighting(M)`` for every
+      ``c > 0`` (0: scale-invariant weights, as for most methods; then the
+      update scales with the gradients): the weighting is given the Gram
+      matrix divided by an exact power of four, finite for any finite
+      gradients, and its weights are scaled back. ``None`` (the default,
+      for a weighting with constants of its own, such as an ``eps``): it
+      is given the Gram matrix as it is, which overflows float32 for
+      gradients of norm beyond about 1.8e19, making the update non-finite
+      (``docs/design.md``, "Range, rank and derivatives").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -452,8 +778,13 @@ def from_weighting(
 
   Raises:
     ValueError: a bad ``num_exits`` or ``granularity`` (at construction);
-      gradients that are not stacked ``(K, *param.shape)`` float arrays with
-      ``K == num_exits`` (at trace time, naming the leaf).
+      gradients that are not stacked ``(K, *param.shape)`` real float
+      arrays with ``K == num_exits``, or a state this transformation's
+      ``init`` did not make (at trace time, naming the leaf or field).
+      Without ``params``, unstacked gradients cannot always be told from
+      stacked ones: when every parameter's first dimension happens to be
+      K, they pass as K rows. Pass ``params`` to ``update`` and such
+      gradients are refused.
 
   Example:
     >>> import jax.numpy as jnp, optax, osgd_jax
@@ -468,6 +799,7 @@ def from_weighting(
     >>> [round(u, 4) for u in updates["w"].tolist()]   # weights 0.2 and 1.8
     [-0.2, -5.4]
   """
+  _checks.check_not_num_exits(weighting, "weighting", name, num_exits)
   num_exits = _checks.check_num_exits(num_exits, name)
   _checks.check_granularity(granularity, name)
   if not isinstance(weighting, StatefulWeighting):
@@ -491,11 +823,17 @@ def from_weighting(
     )
 
   def apply_fn(stacked, state, **extra_args):
-    grams = group_grams(stacked.grams, granularity)
-    _check_groups(state.weighting_state, grams.shape[0], name)
-    weights, weighting_state = jax.vmap(
-      lambda m, s: stateful.apply(m, s, **extra_args)
-    )(grams, state.weighting_state)
+    grams, exponents = group_grams(
+      stacked.grams, stacked.exponents, granularity
+    )
+    weights, weighting_state = weigh_groups(
+      stateful,
+      grams,
+      exponents,
+      state.weighting_state,
+      gram_degree,
+      extra_args,
+    )
     weights = weights.astype(stacked.compute_dtype)
     new_updates = combine(stacked, weights, granularity)
     mean_weights, exit_norms, cosine = diagnostics(stacked, weights)
@@ -511,5 +849,5 @@ def from_weighting(
     )
 
   return stacked_transformation(
-    init_fn, apply_fn, num_exits=num_exits, name=name
+    init_fn, apply_fn, num_exits=num_exits, name=name, granularity=granularity
   )

@@ -38,10 +38,10 @@ class ExcessMTLState(NamedTuple):
 
 
 def excess_mtl(
+  num_exits: int | None = None,
+  *,
   robust_step_size: float = 1.0,
   n_warmup_steps: int = 0,
-  *,
-  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ExcessMTL: weights that follow the exits' estimated excess risks.
 

@@ -45,10 +45,21 @@ def fairgrad_weighting(
   return _linalg.solve_fair_equation(gram, alpha=alpha, max_iter=max_iter)
 
 
+def _fair_degree(alpha: float | jax.Array) -> float | None:
+  """How the weights scale with M: ``w(c·M) = c^(-α/(1+α)) w(M)``.
+
+  ``M w = w^(-1/α)`` at ``c·M`` is solved by ``c^p w`` with ``1 + p =
+  −p/α``. ``None`` (the true Gram matrix) for an injected α.
+  """
+  if isinstance(alpha, jax.Array):
+    return None
+  return -float(alpha) / (1.0 + float(alpha))
+
+
 def fairgrad(
-  alpha: float = 1.0,
-  *,
   num_exits: int | None = None,
+  *,
+  alpha: float = 1.0,
   granularity: Granularity = "global",
   max_iter: int = 50,
 ) -> optax.GradientTransformationExtraArgs:
@@ -72,7 +83,7 @@ def fairgrad(
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
-    >>> tx = osgd_jax.fairgrad(1.0, num_exits=2)
+    >>> tx = osgd_jax.fairgrad(2, alpha=1.0)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
     >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]   # ⟨g_k, u⟩ = 1/w_k
@@ -90,6 +101,8 @@ def fairgrad(
     num_exits=num_exits,
     granularity=granularity,
     name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=_fair_degree(alpha),
   )
 
 

@@ -15,10 +15,10 @@ from osgd_jax.aggregation import _checks, _coordinatewise, _registry
 
 
 def graddrop(
+  num_exits: int | None = None,
+  *,
   leak: Sequence[float] | None = None,
   seed: int = 0,
-  *,
-  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GradDrop: per coordinate, keep one sign, chosen at random by its purity.
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from osgd_jax import gram as gram_lib
 from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
@@ -61,7 +62,7 @@ def gradvac_weighting(
   k = gram.shape[-1]
   orders = _stateful.visiting_orders(key, k)
   target = jnp.asarray(target, gram.dtype)
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  norms = gram_lib.safe_sqrt(jnp.diagonal(gram))
   tasks = jnp.arange(k)
 
   def visit(position, carry):
@@ -69,13 +70,13 @@ def gradvac_weighting(
     j = orders[:, position]  # task i's next other task
     cg = coeff @ gram  # row i: ⟨g_i^GV, g_m⟩
     dots = jnp.take_along_axis(cg, j[:, None], axis=1)[:, 0]
-    norm_i = jnp.sqrt(jnp.maximum(jnp.sum(cg * coeff, axis=-1), 0.0))
+    norm_i = gram_lib.safe_sqrt(jnp.sum(cg * coeff, axis=-1))
     norm_j = norms[j]
     phi = dots / (norm_i * norm_j + eps)
     phi_hat = target[tasks, j]
     other = j != tasks
-    sin_phi = jnp.sqrt(jnp.maximum(1.0 - phi * phi, 0.0))
-    sin_hat = jnp.sqrt(jnp.maximum(1.0 - phi_hat * phi_hat, 0.0))
+    sin_phi = gram_lib.safe_sqrt(1.0 - phi * phi)
+    sin_hat = gram_lib.safe_sqrt(1.0 - phi_hat * phi_hat)
     step = (
       norm_i * (phi_hat * sin_phi - phi * sin_hat) / (norm_j * sin_hat + eps)
     )
@@ -105,11 +106,11 @@ class GradVacState(NamedTuple):
 
 
 def gradvac(
+  num_exits: int | None = None,
+  *,
   beta: float = 0.5,
   eps: float = 1e-8,
   seed: int = 0,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient Vaccine: every pair's cosine raised to a running target.

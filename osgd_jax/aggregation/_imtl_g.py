@@ -66,8 +66,8 @@ def imtl_g_weighting(gram: jax.Array) -> jax.Array:
 
 
 def imtl_g(
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """IMTL-G: the update with equal projections on every exit's unit gradient.
@@ -107,6 +107,8 @@ def imtl_g(
     num_exits=num_exits,
     granularity=granularity,
     name="imtl_g",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from osgd_jax import gram as gram_lib
 from osgd_jax.aggregation import _checks, _engine, _registry
 from osgd_jax.aggregation._types import Granularity
 
@@ -57,7 +58,7 @@ def krum_weighting(
   k = gram.shape[-1]
   _check_sizes(k, n_byzantine, n_selected)
   sq = jnp.diagonal(gram)
-  dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
+  dist = gram_lib.safe_sqrt(sq[:, None] + sq[None, :] - 2.0 * gram)
   # Its own distance, 0, sorts first in every row; drop it.
   nearest = jnp.sort(dist, axis=-1)[:, 1 : k - n_byzantine - 1]
   scores = nearest.sum(axis=-1)
@@ -66,10 +67,10 @@ def krum_weighting(
 
 
 def krum(
+  num_exits: int | None = None,
+  *,
   n_byzantine: int = 0,
   n_selected: int = 1,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Krum: the gradient(s) nearest their neighbours, robust to outliers.
@@ -118,6 +119,8 @@ def krum(
     num_exits=num_exits,
     granularity=granularity,
     name=_NAME,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

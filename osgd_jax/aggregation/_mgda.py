@@ -47,8 +47,8 @@ def mgda_weighting(
 
 
 def mgda(
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,
@@ -95,6 +95,8 @@ def mgda(
     num_exits=num_exits,
     granularity=granularity,
     name="mgda",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -50,10 +50,10 @@ def modo_weighting(
 
 
 def modo(
+  num_exits: int | None = None,
+  *,
   gamma: float = 0.1,
   rho: float = 0.1,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """MoDo: weights moved one projected-gradient step towards MGDA's per update.

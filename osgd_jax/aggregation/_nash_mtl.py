@@ -17,7 +17,7 @@ def _clip_update_norm(
   gram: jax.Array, weights: jax.Array, max_norm: float | jax.Array
 ) -> jax.Array:
   """``weights`` scaled so that ``‖wᵀ G‖ ≤ max_norm`` (0: unchanged)."""
-  norm = jnp.sqrt(jnp.maximum(weights @ (gram @ weights), 0.0))
+  norm = gram_lib.safe_sqrt(weights @ (gram @ weights))
   clip = (max_norm > 0) & (norm > max_norm)
   return jnp.where(
     clip, weights * max_norm * gram_lib.safe_inverse(norm), weights
@@ -79,10 +79,10 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl(
+  num_exits: int | None = None,
+  *,
   max_norm: float = 1.0,
   update_weights_every: int = 1,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
   max_iter: int = 50,
 ) -> optax.GradientTransformationExtraArgs:

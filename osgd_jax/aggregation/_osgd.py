@@ -44,15 +44,15 @@ it:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, cast
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from osgd_jax import gram as gram_lib
 from osgd_jax import orthogonalize
 from osgd_jax.aggregation import _checks, _engine, _registry
 from osgd_jax.aggregation._switch_to_sum import switch_to_sum
@@ -154,41 +154,34 @@ def _check_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
   return order
 
 
-def _gram_schmidt(order, tol, rescale) -> _engine.StatefulWeighting:
-  """OSGD's weighting; its state keeps the components' squared norms ‖ĝ_k‖²."""
-
-  def apply(gram, state, **extra_args):
-    del state, extra_args
-    weights, residual_sq = orthogonalize.gram_schmidt_weights(
-      gram, order=order, tol=tol, rescale=rescale
-    )
-    return weights, residual_sq
-
-  return _engine.StatefulWeighting(
-    init=lambda k: jnp.zeros((k,), _engine.DIAGNOSTICS_DTYPE), apply=apply
-  )
-
-
-def _osgd_state(weights, exit_norms, cosine, residual_sq, sizes) -> OsgdState:
-  residual_sq = residual_sq.astype(_engine.DIAGNOSTICS_DTYPE)
+def _osgd_state(
+  weights, exit_norms, cosine, residual_sq, exponents, sizes
+) -> OsgdState:
+  """The state from the components' squared norms ``4^e · residual_sq``."""
+  total, top = gram_lib.combine_scaled(residual_sq, exponents, True)
   dropped = (residual_sq <= 0).astype(_engine.DIAGNOSTICS_DTYPE)
   return OsgdState(
     weights=weights,
     exit_norms=exit_norms,
-    projected_norms=jnp.sqrt(residual_sq.sum(axis=0)),
+    projected_norms=_engine.as_diagnostic(
+      gram_lib.unscale(gram_lib.safe_sqrt(total[0]), top[0], degree=1)
+    ),
     cosine=cosine,
     degenerate_fraction=_engine.size_weighted_mean(dropped, sizes),
-    projected_sq_norms=residual_sq,
+    projected_sq_norms=_engine.as_diagnostic(
+      gram_lib.unscale(residual_sq, exponents[:, None])
+    ),
   )
 
 
 def osgd(
+  num_exits: int | None = None,
+  *,
   granularity: Granularity = "leaf",
   method: OsgdMethod = "gram",
   order: Sequence[int] | None = None,
   tol: float = orthogonalize.DEFAULT_TOL,
   rescale: bool = False,
-  num_exits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Orthogonalized SGD: projects per-exit gradients in priority order and sums.
 
@@ -209,13 +202,24 @@ def osgd(
 
   ``osgd`` must be the first transformation of a chain; what follows sees
   ordinary gradients. See the module docstring for combinators that cannot
-  wrap it.
+  wrap it. Clipping goes *after* it (``optax.clip_by_global_norm`` before
+  ``osgd`` would clip the K exits jointly and change their relative
+  scales), and so do weight decay and the learning rate or its schedule::
+
+    optax.chain(osgd(K), optax.clip_by_global_norm(1.0),
+                optax.add_decayed_weights(5e-4),
+                optax.sgd(optax.cosine_decay_schedule(0.1, 1000), 0.9))
 
   References:
     Wan, Hoffmann, Lu & Maire, *Orthogonalized SGD and Nested Architectures
     for Anytime Neural Networks*, ICML 2020. https://arxiv.org/abs/2008.06635
 
   Args:
+    num_exits: K, the number of exits (the leading axis of the stacked
+      gradients); the one positional parameter. Required unless ``order``
+      gives it: the state's shapes are fixed at ``init``, for
+      ``jax.lax.scan`` over steps and for restoring a checkpoint onto
+      ``tx.init(params)``.
     granularity: ``"leaf"`` projects each parameter tensor separately (the
       default, an assumption: the paper does not say); ``"global"`` projects
       the whole flattened parameter vector.
@@ -228,9 +232,6 @@ def osgd(
     tol: relative tolerance below which a projected component is degenerate.
     rescale: if True, rescale every kept component ĝ_k to ``‖g_k‖`` (an
       assumption the paper's text does not settle; off by default).
-    num_exits: K. Required unless ``order`` gives it: the state's shapes are
-      fixed at ``init``, for ``jax.lax.scan`` over steps and for restoring a
-      checkpoint onto ``tx.init(params)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -238,8 +239,12 @@ def osgd(
 
   Raises:
     ValueError: a bad option, or no ``num_exits`` (at construction);
-      gradients that are not stacked ``(K, *param.shape)`` float arrays with
-      the right K (at trace time, naming the leaf).
+      gradients that are not stacked ``(K, *param.shape)`` real float
+      arrays with the right K, or a state this transformation's ``init``
+      did not make (at trace time, naming the leaf or field). Without
+      ``params``, unstacked gradients cannot always be told from stacked
+      ones: when every parameter's first dimension happens to be K, they
+      pass as K rows. Pass ``params`` to ``update`` and they are refused.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -267,12 +272,6 @@ def osgd(
       )
     num_exits = len(order) if num_exits is None else num_exits
   num_exits = _checks.check_num_exits(num_exits, _NAME)
-  projection = _engine.from_weighting(
-    _gram_schmidt(order, tol, rescale),
-    num_exits=num_exits,
-    granularity=granularity,
-    name=_NAME,
-  )
 
   def init_fn(params):
     def zeros(*shape):
@@ -288,43 +287,68 @@ def osgd(
       projected_sq_norms=zeros(groups, k),
     )
 
+  def gram_update(stacked, state):
+    grams, exponents = _engine.group_grams(
+      stacked.grams, stacked.exponents, granularity
+    )
+    # Gram–Schmidt weights are scale-invariant, so the scaled Gram matrices
+    # serve as they are; the group's size bounds its rank.
+    weights, residual_sq = jax.vmap(
+      lambda m, r: orthogonalize.gram_schmidt_weights(
+        m, order=order, tol=tol, rescale=rescale, rank=r
+      )
+    )(grams, _engine.group_ranks(stacked.sizes, granularity))
+    new_state = _osgd_state(
+      *_engine.diagnostics(stacked, weights),
+      residual_sq,
+      exponents,
+      stacked.sizes,
+    )
+    # A step with a NaN or Inf gradient keeps the last finite squared norms.
+    finite = _engine.all_finite(grams)
+    new_state = new_state._replace(
+      projected_sq_norms=_engine.keep_if_finite(
+        finite, new_state.projected_sq_norms, state.projected_sq_norms
+      )
+    )
+    return _engine.combine(stacked, weights, granularity), new_state
+
   def update_fn(updates, state, params=None, **extra_args):
-    leaves = jax.tree.leaves(updates)
-    if not leaves:
+    del extra_args
+    if _engine.is_gramian(updates) and method == "sequential":
+      raise ValueError(
+        "osgd: method='sequential' runs Gram–Schmidt on the gradients"
+        " themselves, which an osgd_jax.Gramian does not hold; use"
+        " method='gram' (the same projection from the Gram matrix)."
+      )
+    if not jax.tree.leaves(updates):
       return updates, state
-    sizes = tuple(math.prod(np.shape(leaf)[1:]) for leaf in leaves)
-    if method == "gram":
-      new_updates, inner = projection.update(
-        updates,
-        _engine.AggregationState(
-          state.weights,
-          state.exit_norms,
-          state.cosine,
-          state.projected_sq_norms,
-        ),
-        params,
-        **extra_args,
-      )
-      inner = cast(_engine.AggregationState, inner)
-      return new_updates, _osgd_state(
-        inner.weights,
-        inner.exit_norms,
-        inner.cosine,
-        inner.weighting_state,
-        sizes,
-      )
     with jax.named_scope(_NAME):
-      stacked = _engine.read_stacked(
-        updates, num_exits=num_exits, params=params, name=_NAME
+      stacked = _engine.read_gradients(
+        updates,
+        num_exits=num_exits,
+        params=params,
+        name=_NAME,
+        granularity=granularity if method == "gram" else None,
       )
       assert stacked is not None  # a tree without leaves returned above
-      outs, residual_sq, weights = orthogonalize.modified_gram_schmidt(
-        stacked.leaves,
-        order=order,
-        tol=tol,
-        rescale=rescale,
-        shared_basis=granularity == "global",
-        compute_dtype=stacked.compute_dtype,
+      _engine.check_state(
+        state, init_fn, updates, params, num_exits=num_exits, name=_NAME
+      )
+      if method == "gram":
+        return gram_update(stacked, state)
+      # The sequential method refused a Gramian above: these are stacked.
+      assert isinstance(stacked, _engine.StackedGradients)
+      outs, residual_sq, (weights, exponents) = (
+        orthogonalize.modified_gram_schmidt(
+          stacked.leaves,
+          order=order,
+          tol=tol,
+          rescale=rescale,
+          shared_basis=granularity == "global",
+          compute_dtype=stacked.compute_dtype,
+          scaled_norms=True,
+        )
       )
       new_updates = jax.tree.unflatten(
         stacked.treedef,
@@ -334,7 +358,10 @@ def osgd(
         ],
       )
       return new_updates, _osgd_state(
-        *_engine.diagnostics(stacked, weights), residual_sq, sizes
+        *_engine.diagnostics(stacked, weights),
+        residual_sq,
+        exponents,
+        stacked.sizes,
       )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -359,7 +386,7 @@ def osgd_sgd(
   Equivalent to::
 
     optax.chain(
-        osgd(granularity, method, order, tol, rescale, num_exits),
+        osgd(num_exits, granularity=..., method=..., ...),
         # only with sgd_after: switch_to_sum(osgd(...), sgd_after)
         optax.add_decayed_weights(weight_decay),
         optax.trace(decay=momentum, nesterov=nesterov),
@@ -408,20 +435,24 @@ def osgd_sgd(
     >>> # Injected, weight_decay is an array, so the decay step needs params.
     >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
-  for name, value in (
-    ("learning_rate", learning_rate),
-    ("momentum", momentum),
-    ("weight_decay", weight_decay),
-  ):
-    if _checks.is_checkable_number(value) and not math.isfinite(value):
-      raise ValueError(
-        f"osgd_sgd: {name} must be a finite number, got {value}; a"
-        " non-finite one makes every update NaN."
-      )
+  # osgd_sgd(4) written for K = 4 would read 4 as the learning rate.
+  _checks.check_not_num_exits(
+    learning_rate, "learning_rate", "osgd_sgd", num_exits
+  )
+  _checks.check_finite(learning_rate, "learning_rate", "osgd_sgd")
+  _checks.check_fraction(momentum, "momentum", "osgd_sgd")
+  _checks.check_nonnegative(weight_decay, "weight_decay", "osgd_sgd")
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms: list[optax.GradientTransformation] = [
-    osgd(granularity, method, order, tol, rescale, num_exits)
+    osgd(
+      num_exits,
+      granularity=granularity,
+      method=method,
+      order=order,
+      tol=tol,
+      rescale=rescale,
+    )
   ]
   if sgd_after is not None:
     transforms[0] = switch_to_sum(transforms[0], sgd_after)

@@ -62,7 +62,7 @@ def pcd_weighting(
     return jnp.ones((1,), dtype)
   sq_norms = jnp.diagonal(gram)
   if scales is None:
-    scales = gram_lib.safe_inverse(jnp.sqrt(jnp.maximum(sq_norms, 0.0)))
+    scales = gram_lib.safe_inverse(gram_lib.safe_sqrt(sq_norms))
   scales = jnp.asarray(scales, dtype)
   taus = jnp.broadcast_to(jnp.asarray(tau, dtype).reshape(-1), (k - 1,))
   normal = gram * scales[:, None] * scales[None, :]
@@ -77,9 +77,7 @@ def pcd_weighting(
   feasible = jnp.all(sec @ mu - b >= -1e-6 * scale)
   w = jnp.where(feasible, jnp.concatenate([jnp.ones((1,), dtype), mu]), first)
   direction_sq = w @ (normal @ w)
-  magnitude = (
-    jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diagonal(normal), 0.0))
-  ) ** 2
+  magnitude = (jnp.abs(w) @ gram_lib.safe_sqrt(jnp.diagonal(normal))) ** 2
   kept = (sq_norms[0] > 0) & (
     direction_sq > 10.0 * jnp.finfo(dtype).eps * magnitude
   )
@@ -100,11 +98,11 @@ class PCDState(NamedTuple):
 
 
 def pcd(
+  num_exits: int | None = None,
+  *,
   tau: float | Sequence[float] = 0.02,
   beta: float = 0.999,
   eps: float = 1e-8,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,

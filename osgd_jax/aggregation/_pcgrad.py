@@ -58,9 +58,9 @@ def pcgrad_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
 
 
 def pcgrad(
-  seed: int = 0,
-  *,
   num_exits: int | None = None,
+  *,
+  seed: int = 0,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """PCGrad: "gradient surgery" that removes conflicting components.
@@ -106,6 +106,8 @@ def pcgrad(
     num_exits=num_exits,
     granularity=granularity,
     name="pcgrad",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

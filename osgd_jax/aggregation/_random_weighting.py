@@ -36,9 +36,9 @@ def random_softmax_weighting(gram: jax.Array, *, key: jax.Array) -> jax.Array:
 
 
 def random_weighting(
-  seed: int = 0,
-  *,
   num_exits: int | None = None,
+  *,
+  seed: int = 0,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """Random weighting: ``u = Σ_k w_k g_k``, ``w = softmax(z)``, ``z ~ N(0, I)``.
@@ -78,6 +78,8 @@ def random_weighting(
     num_exits=num_exits,
     granularity=granularity,
     name="random_weighting",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from osgd_jax import gram as gram_lib
 from osgd_jax.aggregation import _checks, _engine, _linalg, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
@@ -53,7 +54,7 @@ def sdmgrad_weighting(
 
   """
   target = _checks.preference(gram, pref_vector, "sdmgrad")
-  scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0)))
+  scale = jnp.mean(gram_lib.safe_sqrt(jnp.diagonal(gram)))
   a = gram / (scale * scale + 1e-8)
 
   def step(_, carry):
@@ -68,13 +69,13 @@ def sdmgrad_weighting(
 
 
 def sdmgrad(
+  num_exits: int | None = None,
+  *,
   lr: float = 10.0,
   momentum: float = 0.5,
   n_iter: int = 20,
   lambda_: float = 0.3,
   pref_vector: Sequence[float] | jax.Array | None = None,
-  *,
-  num_exits: int | None = None,
   granularity: Granularity = "global",
 ) -> optax.GradientTransformationExtraArgs:
   """SDMGrad: MGDA's weights pulled towards a preferred direction (the mean).

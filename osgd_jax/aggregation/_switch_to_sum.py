@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from osgd_jax.aggregation import _checks, _stateful
+from osgd_jax.aggregation import _checks, _engine, _stateful
 
 
 class SwitchToSumState(NamedTuple):
@@ -85,7 +85,7 @@ def switch_to_sum(
       return aggregator.update(updates, state.inner, params, **extra_args)
 
     def summed():
-      return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates), state.inner
+      return _engine.sum_exits(updates), state.inner
 
     new_updates, inner = jax.lax.cond(
       state.count < after_steps, aggregate, summed

@@ -11,9 +11,9 @@ from osgd_jax.aggregation import _checks, _coordinatewise, _registry
 
 
 def trimmed_mean(
-  trim_number: int = 1,
-  *,
   num_exits: int | None = None,
+  *,
+  trim_number: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Trimmed mean: per coordinate, the mean of the exits' non-extreme values.
 
@@ -39,7 +39,7 @@ def trimmed_mean(
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
-    >>> tx = osgd_jax.trimmed_mean(1, num_exits=3)
+    >>> tx = osgd_jax.trimmed_mean(3, trim_number=1)
     >>> g = {"w": jnp.array([[1.0, -5.0], [2.0, 0.0], [9.0, 1.0]])}
     >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> updates["w"].tolist()   # the medians

@@ -61,8 +61,8 @@ def upgrad_weighting(
 
 
 def upgrad(
-  *,
   num_exits: int | None = None,
+  *,
   granularity: Granularity = "global",
   max_iter: int = 100,
   tol: float = _qp.DEFAULT_TOL,
@@ -108,6 +108,8 @@ def upgrad(
     num_exits=num_exits,
     granularity=granularity,
     name="upgrad",
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

@@ -219,8 +219,8 @@ def weighted_sum(
   | Sequence[float]
   | jax.Array
   | Callable[[jax.Array], Any] = "uniform",
-  *,
   num_exits: int | None = None,
+  *,
   total_steps: int | None = None,
   cap: float | Sequence[float] = 0.9,
   ratio: float = 2.0,
@@ -286,6 +286,7 @@ def weighted_sum(
     https://arxiv.org/abs/1810.07052
   """
   name = "weighted_sum"
+  _checks.check_not_num_exits(weights, "weights", name, num_exits)
   weighting: Weighting | _engine.StatefulWeighting
   if isinstance(weights, str):
     if weights not in get_args(WeightPreset):
@@ -331,7 +332,12 @@ def weighted_sum(
     num_exits = fixed.shape[0]
     weighting = functools.partial(constant_weighting, weights=fixed)
   return _engine.from_weighting(
-    weighting, num_exits=num_exits, granularity=granularity, name=name
+    weighting,
+    num_exits=num_exits,
+    granularity=granularity,
+    name=name,
+    # Weights of c·M: see docs/design.md, "Range, rank and derivatives".
+    gram_degree=0.0,
   )
 
 

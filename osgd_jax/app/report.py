@@ -60,6 +60,7 @@ def exit_table(
   params: Sequence[int] | np.ndarray,
   flops_source: str = "",
   split: str = "test",
+  bits_per_byte: Sequence[float] | np.ndarray | None = None,
 ) -> str:
   """Formats the per-exit table: accuracy, FLOPs and parameters.
 
@@ -70,6 +71,8 @@ def exit_table(
     flops_source: where the FLOPs come from ("xla" or "analytic").
     split: the split the accuracy is of, ``"test"`` or ``"validation"``
       (the column reads ``val acc``).
+    bits_per_byte: ``(K,)`` a language model's bits per byte per exit, a
+      column after the accuracy (then a token accuracy); ``None``: none.
 
   Returns:
     A multi-line string.
@@ -77,13 +80,21 @@ def exit_table(
   Example:
     >>> print(exit_table([0.5, 0.9], [1e6, 3e6], [100, 300]).splitlines()[0])
     exit  test acc      FLOPs     params
+    >>> print(exit_table([0.5], [1e6], [100], bits_per_byte=[2.5])
+    ...       .splitlines()[1])
+       1    50.00%      2.500      1.00M        100
   """
   label = "val acc" if split == "validation" else f"{split} acc"
-  lines = [f"{'exit':>4}  {label:>8}  {'FLOPs':>9}  {'params':>9}"]
-  for k, (a, f, p) in enumerate(
-    zip(accuracy, flops, params, strict=True), start=1
+  bits = "" if bits_per_byte is None else f"  {'bits/byte':>9}"
+  lines = [f"{'exit':>4}  {label:>8}{bits}  {'FLOPs':>9}  {'params':>9}"]
+  column = [None] * len(accuracy) if bits_per_byte is None else bits_per_byte
+  for k, (a, b, f, p) in enumerate(
+    zip(accuracy, column, flops, params, strict=True), start=1
   ):
-    lines.append(f"{k:>4}  {100 * a:>7.2f}%  {_human(f):>9}  {_human(p):>9}")
+    cell = "" if b is None else f"  {b:>9.3f}"
+    lines.append(
+      f"{k:>4}  {100 * a:>7.2f}%{cell}  {_human(f):>9}  {_human(p):>9}"
+    )
   if flops_source:
     lines.append(f"(FLOPs per example, from the {flops_source} cost count)")
   return "\n".join(lines)
@@ -104,6 +115,8 @@ def plot_accuracy_vs_flops(
   path: str,
   title: str = "",
   ylabel: str = "test accuracy (%)",
+  xlabel: str = "FLOPs per example",
+  percent: bool = True,
 ) -> None:
   """Plots accuracy against FLOPs per example, one line per curve.
 
@@ -112,12 +125,16 @@ def plot_accuracy_vs_flops(
     path: the PNG to write.
     title: figure title.
     ylabel: the y axis' label: the split the accuracy is of.
+    xlabel: the x axis' label.
+    percent: plot the values times 100 (accuracies); ``False`` plots them
+      as they are (e.g. a language model's bits per byte).
   """
   fig = _figure(figsize=(5, 3.5), dpi=120)
   ax = fig.subplots()
+  scale = 100 if percent else 1
   for label, (flops, acc) in curves.items():
-    ax.plot(np.asarray(flops), 100 * np.asarray(acc), marker="o", label=label)
-  ax.set_xlabel("FLOPs per example")
+    ax.plot(np.asarray(flops), scale * np.asarray(acc), marker="o", label=label)
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)

@@ -16,7 +16,9 @@ each stage's VJP for the staged per-exit gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -43,6 +45,46 @@ __all__ = [
 MAX_LAYERS = 256
 #: The most features (channels) a model's widest stage may have.
 MAX_WIDTH = 4096
+
+
+# While osgd_jax.staged reads a user's loss function, the calls of one model
+# (a fresh copy it made) return logits that it supplies: that is how it finds
+# the loss as a function of the logits. Any other model runs as usual.
+_CALL_HOOK: contextvars.ContextVar[
+  tuple[Any, Callable[[jax.Array, int | None], jax.Array]] | None
+] = contextvars.ContextVar("osgd_jax_zoo_call_hook", default=None)
+
+
+@contextlib.contextmanager
+def replaced_call(
+  model: Any, call: Callable[[jax.Array, int | None], jax.Array]
+) -> Iterator[None]:
+  """Within the block, ``model(x, upto=u)`` returns ``call(x, u)``.
+
+  Only calls of this very object are replaced (not a copy, a view or
+  another model), and only ``__call__`` (``predict`` and the stages run as
+  usual). The staged Jacobian uses it to read a loss function written
+  against the model as a function of the model's logits.
+
+  Args:
+    model: the :class:`AnytimeNet` whose calls are replaced.
+    call: ``call(x, upto)``, returning what ``model(x, upto=upto)`` should.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> from osgd_jax.zoo.base import replaced_call
+    >>> model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=2)
+    >>> with replaced_call(model, lambda x, upto: jnp.zeros((2, 1, 10))):
+    ...   print(float(model(jnp.ones((1, 64))).sum()))
+    0.0
+  """
+  token = _CALL_HOOK.set((model, call))
+  try:
+    yield
+  finally:
+    _CALL_HOOK.reset(token)
 
 
 def check_config(
@@ -210,6 +252,9 @@ class AnytimeNet(nnx.Module):
     Returns:
       The stacked logits, shape ``(upto or K, batch, num_classes)``.
     """
+    hook = _CALL_HOOK.get()
+    if hook is not None and hook[0] is self:
+      return hook[1](x, upto)
     n = self.check_upto(upto)
     carry = self.input_carry(x)
     logits = []

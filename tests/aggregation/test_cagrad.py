@@ -60,4 +60,4 @@ def test_ignores_the_exits_order(seed, perm):
 
 def test_options_are_checked_with_a_fix():
   with pytest.raises(ValueError, match=r"c must be a finite number >= 0"):
-    osgd_jax.cagrad(-0.1, num_exits=3)
+    osgd_jax.cagrad(3, c=-0.1)

@@ -70,4 +70,4 @@ def test_ignores_the_exits_order(seed, perm):
 
 def test_options_are_checked_with_a_fix():
   with pytest.raises(ValueError, match=r"pref_vector must be 3 finite"):
-    osgd_jax.dualproj([0.5, 0.5], num_exits=3)
+    osgd_jax.dualproj(3, pref_vector=[0.5, 0.5])

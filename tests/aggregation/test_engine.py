@@ -98,8 +98,8 @@ def test_shape_errors_at_update():
     tx.update(grads, tx.init(None), {"w": jnp.ones(3)})
   with pytest.raises(
     ValueError,
-    match=r"state for 2 groups but the gradients"
-    r" form 1.*tx.init\(params\)",
+    match=r"pcgrad's state field \.weighting_state.* has shape \(2, 2\)"
+    r".*makes it \(1, 2\).*tx.init\(params\)",
   ):
     tx = aggregation.pcgrad(num_exits=3, granularity="leaf")
     tx.update(grads, tx.init({"a": jnp.ones(2), "b": jnp.ones(2)}))

@@ -24,7 +24,7 @@ def test_excess_mtl_matches_oracle_over_steps():
     rng.normal(size=(K, N)) * [[1.0], [0.1], [3.0], [1.0]] for _ in range(4)
   ]
   for warmup in (0, 2):
-    tx = osgd_jax.excess_mtl(0.5, warmup, num_exits=K)
+    tx = osgd_jax.excess_mtl(K, robust_step_size=0.5, n_warmup_steps=warmup)
     state = tx.init({"w": jnp.zeros(N)})
     with jax.enable_x64(True):
       update = jax.jit(tx.update)

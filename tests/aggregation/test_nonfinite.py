@@ -126,14 +126,31 @@ def test_under_leaf_granularity_only_the_bad_leaf_is_non_finite():
   assert np.all(np.isfinite(updates["b"]))
 
 
-@pytest.mark.parametrize(
-  "option", ["learning_rate", "momentum", "weight_decay"]
-)
+_OSGD_SGD_RANGES = {
+  "learning_rate": r"must be a finite number.*makes every update NaN",
+  "momentum": r"must be in \[0, 1\)",
+  "weight_decay": r"must be a finite number >= 0",
+}
+
+
+@pytest.mark.parametrize("option", list(_OSGD_SGD_RANGES))
 @pytest.mark.parametrize("value", [math.nan, math.inf, np.float32("nan")])
 def test_osgd_sgd_refuses_a_non_finite_number(option, value):
   kwargs = {"learning_rate": 0.1, "num_exits": K, option: value}
   with pytest.raises(
-    ValueError,
-    match=f"osgd_sgd: {option} must be a finite number.*makes every update NaN",
+    ValueError, match=f"osgd_sgd: {option} {_OSGD_SGD_RANGES[option]}"
   ):
     osgd_jax.osgd_sgd(**kwargs)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"momentum": 1.5}, r"momentum must be in \[0, 1\), got 1.5"),
+    ({"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
+    ({"weight_decay": -1e-4}, "weight_decay must be a finite number >= 0"),
+  ],
+)
+def test_osgd_sgd_refuses_out_of_range_hyperparameters(kwargs, match):
+  with pytest.raises(ValueError, match=f"osgd_sgd: {match}"):
+    osgd_jax.osgd_sgd(0.1, num_exits=K, **kwargs)

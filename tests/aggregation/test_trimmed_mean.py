@@ -19,7 +19,7 @@ K, N = gram_cases.K, gram_cases.N
 
 @pytest.mark.parametrize("case", sorted(gram_cases.CASES))
 def test_trimmed_mean_matches_oracle_and_torchjd(case):
-  tx = osgd_jax.trimmed_mean(1, num_exits=K)
+  tx = osgd_jax.trimmed_mean(num_exits=K, trim_number=1)
   state = tx.init({"w": jnp.zeros(N)})
   rows = gram_cases.case_rows(case)
   with jax.enable_x64(True):
@@ -39,13 +39,13 @@ def test_trimmed_mean_matches_oracle_and_torchjd(case):
 
 def test_options_are_checked_with_a_fix():
   with pytest.raises(ValueError, match=r"num_exits >= 2 \* trim_number \+ 1"):
-    osgd_jax.trimmed_mean(2, num_exits=4)
+    osgd_jax.trimmed_mean(num_exits=4, trim_number=2)
 
 
 def test_one_exit_is_the_identity_with_its_diagnostics():
   # With K = 1 no other exit ranks a coordinate: the rank is an array of
   # zeros, not the Python int 0 (which once raised AttributeError).
-  tx = osgd_jax.trimmed_mean(0, num_exits=1)
+  tx = osgd_jax.trimmed_mean(num_exits=1, trim_number=0)
   grads = {"w": jnp.asarray([[3.0, -1.0, 0.5]]), "b": jnp.asarray([[2.0]])}
   out, state = jax.jit(tx.update)(
     grads, tx.init({"w": jnp.zeros(3), "b": jnp.zeros(1)})

@@ -3,7 +3,9 @@
 ``load_dataset(name)`` returns a ``Dataset`` of standardised NumPy arrays in
 host memory: scikit-learn's ``digits``, ``cifar10``/``cifar100`` from the
 official archives in a local ``data_dir``, the 1-D signals of ``mnist1d``
-from the ``mnist1d`` package's generator, or a seeded ``synthetic`` task.
+from the ``mnist1d`` package's generator, a seeded ``synthetic`` task, or
+``text``: bytes of a text file (by default, Python standard-library source)
+as next-byte windows.
 ``download_cifar`` fetches the CIFAR archives into that directory, checked
 against their published MD5. ``hold_out_validation`` splits a validation set
 off the training set. ``iterate_batches`` streams an epoch in an order fixed
@@ -46,6 +48,13 @@ from osgd_jax.app.data.splits import (
   stratified_split,
 )
 from osgd_jax.app.data.synthetic import make_synthetic
+from osgd_jax.app.data.text import (
+  STDLIB_MODULES,
+  VOCAB_SIZE,
+  default_corpus,
+  load_text,
+  text_windows,
+)
 
 __all__ = [
   "CIFAR_ARCHIVES",
@@ -57,11 +66,14 @@ __all__ = [
   "DatasetFormatError",
   "DatasetNotFoundError",
   "DownloadError",
+  "STDLIB_MODULES",
   "VALIDATION_SPLIT_SEED",
+  "VOCAB_SIZE",
   "augment",
   "augment_key",
   "batch_indices",
   "canonical_dataset_name",
+  "default_corpus",
   "download_cifar",
   "epoch_permutation",
   "hold_out_validation",
@@ -70,9 +82,11 @@ __all__ = [
   "load_dataset",
   "load_digits",
   "load_mnist1d",
+  "load_text",
   "make_synthetic",
   "num_batches",
   "random_crop",
   "random_flip",
   "stratified_split",
+  "text_windows",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -31,26 +33,34 @@ class DatasetFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A classification dataset held in host memory as NumPy arrays.
+  """A classification or next-token data set held in host memory.
 
-  The inputs are float32 and already standardised: ``x = (raw - mean) / std``
-  with ``raw`` scaled to [0, 1] (pixels; MNIST-1D's signals are taken as its
-  generator returns them) and ``mean``/``std`` computed on the training split
-  only, per channel (the last axis of the unflattened input: ``(H, W, C)``
-  images, ``(length, C)`` signals).
+  The inputs of the classification sets are float32 NumPy arrays, already
+  standardised: ``x = (raw - mean) / std`` with ``raw`` scaled to [0, 1]
+  (pixels; MNIST-1D's signals are taken as its generator returns them) and
+  ``mean``/``std`` computed on the training split only, per channel (the
+  last axis of the unflattened input: ``(H, W, C)`` images, ``(length, C)``
+  signals).
+  A next-token set (``text``) holds int32 token windows instead, not
+  standardised, with one label per position: ``y`` has the inputs' shape
+  ``(N, length)``, and ``num_classes`` is the vocabulary's size.
   The arrays are read-only, so batches sliced from them can be handed out
   without defensive copies.
 
   Attributes:
     name: the registry name (``"digits"``, ``"cifar10"``, ``"mnist1d"``, ...).
     x_train: inputs, ``(N_train, *input_shape)`` float32.
-    y_train: labels, ``(N_train,)`` int32 in ``[0, num_classes)``.
-    x_test: inputs, ``(N_test, *input_shape)`` float32.
-    y_test: labels, ``(N_test,)`` int32.
+    y_train: labels, ``(N_train,)`` int32 in ``[0, num_classes)``
+      (``(N_train, length)`` next tokens for text).
+    x_test: inputs, ``(N_test, *input_shape)``.
+    y_test: labels, ``(N_test,)`` int32 (``(N_test, length)`` for text).
     num_classes: number of classes.
     mean: per-channel mean subtracted from the raw inputs, ``(C,)``.
     std: per-channel standard deviation divided out, ``(C,)``.
     class_names: human-readable class names, or ``()`` when unknown.
+    info: where the data came from, as a JSON-ready mapping that a run
+      records in its ``metrics.json`` (``text`` says which text, and the
+      Python version its default text depends on); ``None`` for the others.
   """
 
   name: str
@@ -62,16 +72,19 @@ class Dataset:
   mean: np.ndarray
   std: np.ndarray
   class_names: tuple[str, ...] = ()
+  # None rather than a default factory: the docs render the signature.
+  info: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     for split, x, y in (
       ("train", self.x_train, self.y_train),
       ("test", self.x_test, self.y_test),
     ):
-      if x.ndim < 2 or y.shape != x.shape[:1]:
+      if x.ndim < 2 or y.shape not in (x.shape[:1], x.shape):
         raise ValueError(
           f"{self.name} {split} split: inputs {x.shape} and labels {y.shape}"
-          " do not match; expected x of shape (N, ...) and y of shape (N,)."
+          " do not match; expected x of shape (N, ...) and y of shape (N,),"
+          " or (N, length) like x for next-token targets."
         )
     if self.x_train.shape[1:] != self.x_test.shape[1:]:
       raise ValueError(
@@ -92,6 +105,18 @@ class Dataset:
   def input_shape(self) -> tuple[int, ...]:
     """The shape of one example, e.g. ``(32, 32, 3)`` or ``(64,)``."""
     return tuple(self.x_train.shape[1:])
+
+  @property
+  def sequence_labels(self) -> bool:
+    """Whether every input position has a label (next-token data).
+
+    Example:
+      >>> Dataset("toy", np.zeros((2, 3)), np.zeros((2, 3), np.int32),
+      ...         np.zeros((1, 3)), np.zeros((1, 3), np.int32), 4,
+      ...         np.zeros(1), np.ones(1)).sequence_labels
+      True
+    """
+    return self.y_train.ndim > 1
 
   @property
   def num_train(self) -> int:

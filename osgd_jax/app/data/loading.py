@@ -13,6 +13,7 @@ from osgd_jax.app.data.cifar import load_cifar
 from osgd_jax.app.data.digits import load_digits
 from osgd_jax.app.data.mnist1d import load_mnist1d
 from osgd_jax.app.data.synthetic import make_synthetic
+from osgd_jax.app.data.text import load_text
 
 __all__ = [
   "DATASET_ALIASES",
@@ -28,6 +29,7 @@ _LOADERS: dict[str, tuple[Callable[..., Dataset], bool, bool]] = {
   "cifar100": (functools.partial(load_cifar, name="cifar100"), True, False),
   "mnist1d": (load_mnist1d, False, False),
   "synthetic": (make_synthetic, False, True),
+  "text": (load_text, False, False),
 }
 #: The data sets :func:`load_dataset` loads, by their canonical names.
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
@@ -107,6 +109,9 @@ def load_dataset(
   ``mnist1d``     40x1        1-D digit signals from the ``mnist1d`` package's
                               generator, its fixed 4000/1000 split
   ``synthetic``   ``shape``   seeded Gaussian clusters with a ``difficulty``
+  ``text``        context     bytes of ``text_file`` (default: Python standard
+                              library source) as next-byte windows, the last
+                              ``test_fraction`` of the text held out
   ==============  ==========  =================================================
 
   Args:
@@ -114,14 +119,16 @@ def load_dataset(
       (``"CIFAR-10"``); any other spelling is an error.
     data_dir: directory holding the CIFAR archives; unused by the others.
     seed: the *data* seed: the train/test split of ``digits`` and the sample
-      of ``synthetic``; CIFAR and MNIST-1D have fixed splits and ignore it.
+      of ``synthetic``; CIFAR, MNIST-1D and text have fixed splits and
+      ignore it.
       Keep it fixed across training seeds to compare runs on the same test
       set.
     flatten: return each example as a flat vector (for MLPs) instead of an
       ``(H, W, C)`` image or ``(length, C)`` signal.
     **options: loader-specific keyword arguments, e.g. ``test_fraction``
       (digits), ``label_mode`` (CIFAR), ``num_train``, ``num_test``,
-      ``num_classes``, ``shape``, ``difficulty`` (synthetic).
+      ``num_classes``, ``shape``, ``difficulty`` (synthetic),
+      ``text_file``, ``context`` (text).
 
   Returns:
     A frozen ``Dataset`` of read-only NumPy arrays.

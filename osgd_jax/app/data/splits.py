@@ -56,6 +56,11 @@ def hold_out_validation(
 ) -> Dataset:
   """Holds out a stratified part of the *training* set for validation.
 
+  Next-token data (labels per position, ``dataset.sequence_labels``) holds
+  out the *tail* of its training windows instead, which are in the text's
+  order: a random sample of windows would validate on text whose
+  neighbours it trained on.
+
   The result trains on the rest and evaluates on the held-out part: its
   ``x_test``/``y_test`` are the validation examples, and the real test set
   is dropped, so nothing downstream can score on it by mistake. The inputs
@@ -86,7 +91,14 @@ def hold_out_validation(
     raise ValueError(
       f"--validation must be in (0, 1) to hold out a split, got {fraction!r}."
     )
-  rest, held = stratified_split(dataset.y_train, fraction, seed)
+  if dataset.sequence_labels:
+    num_held = int(np.floor(fraction * dataset.num_train + 0.5))
+    indices = np.arange(dataset.num_train)
+    rest, held = indices[: dataset.num_train - num_held], indices[-num_held:]
+    if num_held == 0:
+      held = indices[:0]
+  else:
+    rest, held = stratified_split(dataset.y_train, fraction, seed)
   if held.size == 0 or rest.size == 0:
     side = "none" if held.size == 0 else "all"
     raise ValueError(

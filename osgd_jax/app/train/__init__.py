@@ -19,7 +19,12 @@
   import (it needs this package, and training needs no command).
 """
 
-from osgd_jax.app.train.artefacts import TrainResult, finish_run, write_metrics
+from osgd_jax.app.train.artefacts import (
+  TrainResult,
+  figure_name,
+  finish_run,
+  write_metrics,
+)
 from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
 from osgd_jax.app.train.config import (
   OPTIMIZERS,
@@ -78,6 +83,7 @@ __all__ = [
   "default_output_dir",
   "describe_differences",
   "epoch_record",
+  "figure_name",
   "finish_run",
   "load_data",
   "make_mesh",

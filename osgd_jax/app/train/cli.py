@@ -61,6 +61,7 @@ from osgd_jax.app.train import (
   default_output_dir,
   train,
 )
+from osgd_jax.app.train.artefacts import figure_name
 
 __all__ = ["main", "build_parser", "config_from_args", "resume_command"]
 
@@ -130,6 +131,14 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     "--data-dir",
     default=d.data_dir,
     help="directory holding the CIFAR archives or their extracted folders",
+  )
+  p.add_argument(
+    "--text-file",
+    default=d.text_file,
+    metavar="PATH",
+    help="--dataset text: the text to train a byte-level language model"
+    " on, its last tenth held out for testing; default: the source of"
+    " Python standard-library modules of the running interpreter",
   )
   p.add_argument(
     "--download",
@@ -457,11 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       result.params,
       result.flops.source,
       split=result.evaluated_on,
+      bits_per_byte=result.bits_per_byte,
     )
   )
   print(
     f"artefacts: {os.path.join(result.out, 'metrics.json')},"
-    f" {os.path.join(result.out, 'accuracy_vs_flops.png')},"
+    f" {os.path.join(result.out, figure_name(config.dataset))},"
     f" {os.path.join(result.out, 'checkpoints')}"
   )
   return 0

@@ -85,6 +85,7 @@ _DATASET_PRESETS = {
   "cifar10": "cifar",
   "cifar100": "cifar",
   "mnist1d": "mnist1d",
+  "text": "text",
 }
 #: The model ``osgd-train`` trains on each data set when ``--model`` is not
 #: given: one that reads the data set's inputs, at its preset's size. On
@@ -96,6 +97,9 @@ DEFAULT_MODELS = {
   "cifar10": "nested-depth-resnet",
   "cifar100": "nested-depth-resnet",
   "mnist1d": "nested-depth-conv1d",
+  # The early-exit LM of CALM and LayerSkip: one causal trunk with an exit
+  # after each stage, and the cheapest of the transformers per step.
+  "text": "branched-transformer",
 }
 
 
@@ -123,6 +127,9 @@ class TrainConfig:
   preset: str | None = None  # None: the preset named after the dataset
   dataset: str = "digits"
   data_dir: str | None = None
+  # The text of --dataset text; None: the default text, Python
+  # standard-library source read from the running interpreter.
+  text_file: str | None = None
   # The fraction of the training set held out (stratified, with a fixed
   # seed) to evaluate on instead of the test set; 0: train on all of it and
   # evaluate on the test set.
@@ -214,6 +221,11 @@ class TrainConfig:
         f" {', '.join(_fitting_models(data_preset))}, or leave --model out"
         f" for {DEFAULT_MODELS.get(self.dataset, DEFAULT_MODELS['digits'])}."
       )
+    if self.text_file is not None and self.dataset != "text":
+      raise ValueError(
+        f"--text-file is the text of --dataset text, not of --dataset"
+        f" {self.dataset}; add --dataset text, or leave out --text-file."
+      )
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("--granularity", self.granularity, _GRANULARITIES)
     _check_choice("--method", self.method, _METHODS)
@@ -226,7 +238,7 @@ class TrainConfig:
         tuple(zoo.presets(self.model)),
         f" for {self.model}",
       )
-    for name in ("data_dir", "out", "mesh", "tensorboard"):
+    for name in ("data_dir", "text_file", "out", "mesh", "tensorboard"):
       value = getattr(self, name)
       if value is not None and not (isinstance(value, str) and value.strip()):
         raise ValueError(

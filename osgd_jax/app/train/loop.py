@@ -12,6 +12,7 @@ the next batch. How often they are fetched changes no result.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -227,7 +228,10 @@ def epoch_record(
     ``{"epoch", "train_loss", "step_time_s"}``, and ``"test_loss"`` and
     ``"test_accuracy"`` every ``eval_every`` epochs and after the last;
     ``"val_loss"`` and ``"val_accuracy"`` instead for a run that evaluates
-    on a validation split (``config.validation`` > 0).
+    on a validation split (``config.validation`` > 0). For a language model
+    (next-token labels) the accuracy is per token, and the record adds
+    ``"train_bits_per_byte"`` and ``"test_bits_per_byte"`` (or
+    ``"val_..."``): the mean next-byte cross-entropy in bits.
   """
   config = run.config
   record: dict[str, Any] = {
@@ -235,12 +239,23 @@ def epoch_record(
     "train_loss": train_loss.tolist(),
     "step_time_s": seconds_per_step(timings),
   }
+  sequences = run.dataset.sequence_labels
+  if sequences:
+    record["train_bits_per_byte"] = (train_loss / math.log(2)).tolist()
   if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
     metrics = anytime.evaluate(
-      run.host_model(state), run.dataset.x_test, run.dataset.y_test
+      run.host_model(state),
+      run.dataset.x_test,
+      run.dataset.y_test,
+      # A sequence's logits are positions x vocabulary: keep batches small.
+      batch_size=config.batch_size if sequences else 500,
     )
     record[f"{config.eval_prefix}_loss"] = metrics.loss.tolist()
     record[f"{config.eval_prefix}_accuracy"] = metrics.accuracy.tolist()
+    if sequences:
+      record[f"{config.eval_prefix}_bits_per_byte"] = (
+        metrics.loss / math.log(2)
+      ).tolist()
   return record
 
 
@@ -256,6 +271,11 @@ def _print_epoch(config: TrainConfig, record: dict[str, Any]) -> None:
     if key in record
     else ""
   )
+  bits = f"{config.eval_prefix}_bits_per_byte"
+  if bits in record:  # a language model: its bits per byte say more
+    tested += f" {config.eval_prefix} bits/byte " + " ".join(
+      f"{b:.3f}" for b in record[bits]
+    )
   print(
     f"epoch {record['epoch']}/{config.epochs}: train loss "
     + " ".join(f"{v:.3f}" for v in record["train_loss"])
@@ -281,7 +301,7 @@ def save_epoch(run: Run, state: TrainState) -> None:
     {"config": run.config.to_json(), "history": run.history},
   )
   if jax.process_index() == 0:
-    write_metrics(run.out, run.config, run.history)
+    write_metrics(run.out, run.config, run.history, data=run.dataset.info)
 
 
 def train(

@@ -115,7 +115,8 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
     config: ``dataset``, ``data_dir``, ``model`` and ``validation``.
 
   Returns:
-    The dataset; ``synthetic`` is digits-sized, so the digits presets fit it.
+    The dataset; ``synthetic`` is digits-sized, so the digits presets fit it,
+    and ``text`` is cut into windows of the model preset's context length.
     With ``validation`` > 0, its test arrays are the validation split held
     out of the training set (:func:`osgd_jax.app.data.hold_out_validation`),
     and the test set is dropped.
@@ -131,6 +132,12 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
   if config.dataset == "synthetic":
     shape = (8, 8, 1) if takes_images(config.model) else (64,)
     dataset = data_lib.load_dataset("synthetic", shape=shape, difficulty=0.5)
+  elif config.dataset == "text":
+    # The windows are as long as the model's context.
+    spec = zoo.input_spec(config.model, config.preset_name)
+    dataset = data_lib.load_dataset(
+      "text", text_file=config.text_file, context=int(spec.shape[0])
+    )
   else:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
   if config.validation:
@@ -160,7 +167,17 @@ def build_model(config: TrainConfig, dataset: data_lib.Dataset) -> Any:
   shape = tuple(dataset.input_shape)
   fit: dict[str, Any] = {"num_classes": dataset.num_classes}
   keys = zoo.config_keys(config.model)
-  if "in_features" in keys:
+  if dataset.sequence_labels:  # a language model, sized by its preset
+    spec = zoo.input_spec(config.model, config.preset_name)
+    if spec.shape != shape or spec.dtype != dataset.x_train.dtype:
+      raise ValueError(
+        f"--model {config.model} with --preset {config.preset_name} reads"
+        f" {spec.dtype} inputs of shape {spec.shape}, but {dataset.name} has"
+        f" {dataset.x_train.dtype} inputs of shape {shape}; leave out"
+        " --preset for the data set's own."
+      )
+    fit["vocab"] = dataset.num_classes
+  elif "in_features" in keys:
     fit["in_features"] = int(np.prod(shape))
   else:
     spec = zoo.input_spec(config.model, config.preset_name)

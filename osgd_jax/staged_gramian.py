@@ -1,0 +1,222 @@
+"""The staged Gramian of a zoo :class:`~osgd_jax.zoo.AnytimeNet`.
+
+The twin of :func:`~osgd_jax.staged.staged_value_and_per_exit_grads` for the
+Gramian engine (``docs/design.md``, "The Gramian engine"): exit k's gradient
+involves stages 1..k only, so stage j's K×K Gram block has non-zero entries
+only between the exits j..K that reach it. The forward runs once, stage by
+stage, keeping each stage's pullback; the Gram matrix is one staged backward
+pass whose stage-j rows (exits j..K) are contracted into their Gram blocks as
+soon as they exist, and ``Σ_k w_k g_k`` is one more staged backward pass with
+the single cotangent ``Σ_k w_k e_k`` (``granularity="global"``), or the
+staged backward with each stage's rows summed with their leaf's weights
+(``"leaf"``). No K×P stack is formed; a stage's rows live only while its
+blocks are contracted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from osgd_jax import gram as gram_lib
+from osgd_jax import staged
+from osgd_jax.gramian import Gramian
+
+__all__ = ["staged_value_and_gramian"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedEngine:
+  """A :class:`~osgd_jax.Gramian`'s formulation from the staged pullbacks.
+
+  ``parts`` is ``(vjps, logit_cts)`` of
+  :func:`~osgd_jax.staged.staged_forward`.
+
+  Attributes:
+    rows: how a stage's pullback runs for its exits (see
+      :data:`osgd_jax.staged.ROWS`).
+    stage_leaves: for each stage, the index among the parameters' leaves of
+      each of its own leaves.
+    loss_dtype: the dtype of the losses (and their cotangents).
+  """
+
+  rows: str
+  stage_leaves: tuple[tuple[int, ...], ...]
+  loss_dtype: str
+
+  def _backward(
+    self, parts: Any, num_exits: int, reduce: Callable[[int, Any], Any]
+  ) -> list[Any]:
+    vjps, logit_cts = parts
+
+    def run(rows):
+      return staged.staged_backward(vjps, logit_cts, num_exits, rows, reduce)
+
+    if self.rows == "auto":
+      # Decided when the step is lowered for its platform, as the staged
+      # Jacobian does.
+      return jax.lax.platform_dependent(
+        cpu=lambda: run("looped"), default=lambda: run("batched")
+      )
+    return run(self.rows)
+
+  def _in_param_order(self, per_stage: list[list[Any]], count: int) -> list:
+    out: list[Any] = [None] * count
+    for leaves, indices in zip(per_stage, self.stage_leaves, strict=True):
+      for leaf, i in zip(leaves, indices, strict=True):
+        out[i] = leaf
+    return out
+
+  def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
+    k, cd = gramian.num_exits, gramian.compute_dtype
+
+    def blocks(j, grads_j):
+      # Exits j..K reach stage j: their block, zero rows and columns before.
+      grams = gram_lib.gram_matrices(jax.tree.leaves(grads_j), cd)
+      return list(jnp.pad(grams, ((0, 0), (j, 0), (j, 0))))
+
+    per_stage = self._backward(parts, k, blocks)
+    grams = jnp.stack(self._in_param_order(per_stage, len(gramian.shapes)))
+    return grams.sum(0, keepdims=True) if granularity == "global" else grams
+
+  def combine(
+    self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
+  ) -> list[jax.Array]:
+    k, cd = gramian.num_exits, gramian.compute_dtype
+    if granularity == "leaf":
+      weights = weights.astype(cd)
+
+      def summed(j, grads_j):
+        return [
+          gram_lib.weighted_sum(weights[i, j:], leaf, cd)
+          for i, leaf in zip(
+            self.stage_leaves[j], jax.tree.leaves(grads_j), strict=True
+          )
+        ]
+
+      per_stage = self._backward(parts, k, summed)
+      return self._in_param_order(per_stage, len(gramian.shapes))
+    # One staged backward with the single cotangent Σ_k w_k e_k.
+    vjps, logit_cts = parts
+    w = weights[0].astype(np.dtype(self.loss_dtype))
+    per_stage: list[Any] = [None] * k
+    carry = None
+    for j in reversed(range(k)):
+      vjp, out_floats = vjps[j]
+      logit_ct = jnp.tensordot(w.astype(logit_cts[j].dtype), logit_cts[j], 1)
+      carry_ct = (
+        [jnp.zeros_like(f) for f in out_floats] if carry is None else carry
+      )
+      if j == 0:
+        (grads_j,) = vjp((carry_ct, logit_ct))
+      else:
+        grads_j, carry = vjp((carry_ct, logit_ct))
+      per_stage[j] = jax.tree.leaves(grads_j)
+    return self._in_param_order(per_stage, len(gramian.shapes))
+
+
+def _stage_leaves(params: Any, num_exits: int) -> tuple[tuple[int, ...], ...]:
+  """Where each stage's parameter leaves sit among all the parameters."""
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  index = {path: i for i, path in enumerate(paths)}
+  out = []
+  for j in range(num_exits):
+    prefix = (jax.tree_util.DictKey("stages"), jax.tree_util.DictKey(j))
+    own = params["stages"][j] if j in params["stages"] else nnx.State({})
+    out.append(
+      tuple(
+        index[prefix + path]
+        for path, _ in jax.tree_util.tree_flatten_with_path(own)[0]
+      )
+    )
+  return tuple(out)
+
+
+def staged_value_and_gramian(
+  graphdef: Any,
+  loss_fn: Callable[..., Any],
+  has_aux: bool = False,
+  rows: str = "auto",
+) -> Callable[..., tuple[Any, Gramian]]:
+  """The staged Jacobian's twin for the Gramian engine: no K×P stack.
+
+  Takes what :func:`~osgd_jax.staged.staged_value_and_per_exit_grads` takes
+  and checks the same assumptions (disjoint stages; exit k's loss reads
+  the logits of exits 1..k only); returns a :class:`~osgd_jax.Gramian` in
+  place of the stacked gradients. Every Gram-weighting transformation takes
+  it, with the same update and state as from the stacked gradients.
+
+  Args:
+    graphdef: the graph definition of an :class:`~osgd_jax.zoo.AnytimeNet`,
+      from ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``.
+    loss_fn: ``loss_fn(stacked_logits, *loss_args)`` returning the ``(K,)``
+      exit losses (or ``(losses, aux)`` with ``has_aux``).
+    has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
+    rows: how a stage's pullback runs for its exits, as in the staged
+      Jacobian: ``"batched"``, ``"looped"`` or ``"auto"``.
+
+  Returns:
+    A function ``fn(params, rest, x, *loss_args)`` returning ``((losses,
+    new_rest), gramian)``, or ``((losses, aux, new_rest), gramian)`` with
+    ``has_aux``. ``new_rest`` is the non-parameter state after the one
+    forward pass (BatchNorm statistics updated once per step).
+
+  Raises:
+    ValueError: as :func:`~osgd_jax.staged.staged_value_and_per_exit_grads`
+      raises.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import osgd_jax
+    >>> from osgd_jax import zoo
+    >>> model = zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8,
+    ...                    stages=3)
+    >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    >>> loss_fn = lambda logits, y: osgd_jax.per_exit_cross_entropy(logits, y)
+    >>> fn = osgd_jax.staged_value_and_gramian(graphdef, loss_fn)
+    >>> (losses, rest), gramian = fn(
+    ...     params, rest, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> tx = osgd_jax.osgd(num_exits=3)
+    >>> updates, state = tx.update(gramian, tx.init(params), params)
+    >>> gramian.grams().shape
+    (1, 3, 3)
+  """
+  fn_name = getattr(loss_fn, "__name__", "loss_fn")
+  if rows not in staged.ROWS:
+    raise ValueError(f"rows must be one of {staged.ROWS}, got {rows!r}.")
+  if not isinstance(graphdef, nnx.GraphDef):
+    raise ValueError(
+      "staged_value_and_gramian takes the graphdef of an anytime network,"
+      " from `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`,"
+      f" but got a {type(graphdef).__name__}."
+    )
+
+  def value_and_gram(params, rest, x, *loss_args):
+    losses, aux, vjps, logit_cts, new_rest = staged.staged_forward(
+      graphdef, loss_fn, has_aux, fn_name, params, rest, x, *loss_args
+    )
+    k = len(vjps)
+    leaves, treedef = jax.tree.flatten(params)
+    gramian = Gramian(
+      (vjps, logit_cts),
+      engine=StagedEngine(
+        rows, _stage_leaves(params, k), np.dtype(losses.dtype).name
+      ),
+      num_exits=k,
+      treedef=treedef,
+      shapes=tuple(tuple(np.shape(leaf)) for leaf in leaves),
+      dtypes=tuple(jnp.result_type(leaf) for leaf in leaves),
+      form="staged",
+    )
+    if has_aux:
+      return (losses, aux, new_rest), gramian
+    return (losses, new_rest), gramian
+
+  return value_and_gram

@@ -1,0 +1,392 @@
+"""The Gramian engine: the same updates and states as from stacked gradients.
+
+Every Gram weighting of the registry, given a :class:`osgd_jax.Gramian` in
+place of the stacked gradients, must return the same update and state; the
+coordinate methods must refuse it in one line. OSGD from a Gramian is checked
+against a float64 NumPy Gram–Schmidt on the explicit Jacobian of a model
+whose gradients have a closed form; the staged twin on a zoo model with
+BatchNorm in train mode; the memory bounds structurally from XLA's compiled
+memory analysis; the sharded step against the unsharded one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_oracles
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import osgd_jax
+from osgd_jax import aggregation, zoo
+
+K = 3
+# The methods that read every coordinate of the gradients: they refuse a
+# Gramian. Every other registered name must accept it.
+COORDINATE_METHODS = {"excess-mtl", "graddrop", "trimmed-mean"}
+REQUIRED = {"sdn": {"total_steps": 10}}
+
+
+def _setup(dtype=np.float64, seed=0):
+  """A two-layer network with three exits, its params and a batch."""
+  rng = np.random.default_rng(seed)
+  params = {
+    "a": {"w": rng.normal(size=(5, 4)).astype(dtype)},
+    "b": rng.normal(size=(4,)).astype(dtype),
+  }
+  x = rng.normal(size=(7, 5)).astype(dtype)
+  return jax.tree.map(jnp.asarray, params), jnp.asarray(x)
+
+
+def _loss_fn(p, x):
+  h = jnp.tanh(x @ p["a"]["w"])
+  return jnp.stack(
+    [
+      jnp.mean(h**2),
+      jnp.mean((h @ p["b"]) ** 2),
+      jnp.mean(jnp.sin(h @ p["b"]) + h[:, 0]),
+    ]
+  )
+
+
+def _max_diff(a, b):
+  chex.assert_trees_all_equal_structs(a, b)
+  chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+  return max(
+    float(jnp.max(jnp.abs(jnp.asarray(u, jnp.float64) - v)))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+def _create(name, granularity):
+  options = dict(REQUIRED.get(name, {}))
+  if granularity != "global":
+    if "granularity" not in aggregation.options(name):
+      return None
+    options["granularity"] = granularity
+  return aggregation.create(name, num_exits=K, **options)
+
+
+@pytest.mark.parametrize("granularity", ["global", "leaf"])
+def test_every_gram_weighting_takes_a_gramian(granularity):
+  """Same update and state, float64 within 1e-10; coordinates refuse."""
+  with jax.enable_x64(True):
+    params, x = _setup()
+    losses, stacked = osgd_jax.value_and_per_exit_grads(_loss_fn)(params, x)
+    _, gramian = osgd_jax.value_and_gramian(_loss_fn, form="vmap")(params, x)
+    refused = set()
+    for name in aggregation.names():
+      tx = _create(name, granularity)
+      if tx is None:
+        continue
+      state = tx.init(params)
+      if name in COORDINATE_METHODS:
+        with pytest.raises(ValueError, match="value_and_per_exit_grads"):
+          tx.update(gramian, state, params, losses=losses)
+        refused.add(name)
+        continue
+      # One compile per method for both inputs.
+      expected, got = jax.jit(
+        lambda s, g, tx=tx: (
+          tx.update(stacked, s, params, losses=losses),
+          tx.update(g, s, params, losses=losses),
+        )
+      )(state, gramian)
+      assert _max_diff(got, expected) <= 1e-10, name
+    assert refused == {
+      n for n in COORDINATE_METHODS if _create(n, granularity) is not None
+    }
+
+
+@pytest.mark.parametrize("form", ["vmap", "scan", "auto"])
+@pytest.mark.parametrize("granularity", ["global", "leaf"])
+def test_osgd_from_a_gramian_is_gram_schmidt_on_the_explicit_jacobian(
+  form, granularity
+):
+  """Least squares per exit: g_k = X_kᵀ(X_k θ − y_k), in NumPy."""
+  rng = np.random.default_rng(3)
+  xs = rng.normal(size=(K, 6, 5))
+  ys = rng.normal(size=(K, 6))
+  xs[2] = xs[0] + 1e-3 * xs[2]  # nearly collinear with exit 1: a real test
+  theta = {"u": rng.normal(size=(3,)), "v": rng.normal(size=(2,))}
+
+  def loss_fn(p, xs, ys):
+    t = jnp.concatenate([p["u"], p["v"]])
+    return 0.5 * jnp.sum((xs @ t - ys) ** 2, axis=-1)
+
+  t = np.concatenate([theta["u"], theta["v"]])
+  rows = np.stack([xs[k].T @ (xs[k] @ t - ys[k]) for k in range(K)])
+  leaves = [rows[:, :3], rows[:, 3:]]
+  expected = numpy_oracles.osgd_direction(
+    leaves, tol=1e-6, granularity=granularity
+  )
+  with jax.enable_x64(True):
+    p = jax.tree.map(jnp.asarray, theta)
+    _, gramian = jax.jit(osgd_jax.value_and_gramian(loss_fn, form=form))(
+      p, jnp.asarray(xs), jnp.asarray(ys)
+    )
+    tx = osgd_jax.osgd(num_exits=K, granularity=granularity, tol=1e-6)
+    update, _ = jax.jit(tx.update)(gramian, tx.init(p), p)
+  np.testing.assert_allclose(update["u"], expected[0], rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(update["v"], expected[1], rtol=1e-9, atol=1e-12)
+
+
+def test_the_forms_agree_in_float32():
+  params, x = _setup(np.float32)
+  _, stacked = osgd_jax.value_and_per_exit_grads(_loss_fn)(params, x)
+  for granularity in ("global", "leaf"):
+    tx = osgd_jax.osgd(num_exits=K, granularity=granularity)
+    expected, _ = tx.update(stacked, tx.init(params), params)
+    for form in ("vmap", "scan"):
+      _, gramian = osgd_jax.value_and_gramian(_loss_fn, form=form)(params, x)
+      got, _ = tx.update(gramian, tx.init(params), params)
+      chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _bn_model():
+  model = zoo.create(
+    "nested-depth-mlp", rngs=nnx.Rngs(0), width=8, stages=K, norm="batch"
+  )
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 64)), jnp.float32)
+  return model, graphdef, params, rest, x, jnp.arange(6) % 10
+
+
+def _ce(logits, y):
+  return osgd_jax.per_exit_cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("granularity", ["global", "leaf"])
+def test_staged_gramian_on_a_batchnorm_zoo_model(granularity):
+  """Staged Gramian = staged stack, BatchNorm statistics updated once."""
+  model, graphdef, params, rest, x, y = _bn_model()
+  (_, rest_s), stacked = osgd_jax.staged_value_and_per_exit_grads(
+    graphdef, _ce
+  )(params, rest, x, y)
+  (losses, rest_g), gramian = jax.jit(
+    osgd_jax.staged_value_and_gramian(graphdef, _ce)
+  )(params, rest, x, y)
+  # One forward in train mode updates the statistics once.
+  model(x)
+  chex.assert_trees_all_close(
+    rest_g, nnx.state(model, nnx.Not(nnx.Param)), rtol=1e-6, atol=1e-7
+  )
+  chex.assert_trees_all_close(rest_g, rest_s, rtol=1e-6, atol=1e-7)
+  for tx in (
+    osgd_jax.osgd(num_exits=K, granularity=granularity),
+    aggregation.upgrad(num_exits=K, granularity=granularity),
+  ):
+    expected = tx.update(stacked, tx.init(params), params, losses=losses)
+    got = tx.update(gramian, tx.init(params), params, losses=losses)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_refusals_name_the_fix():
+  params, x = _setup(np.float32)
+  _, gramian = osgd_jax.value_and_gramian(_loss_fn)(params, x)
+  tx = osgd_jax.osgd(num_exits=K, method="sequential")
+  with pytest.raises(ValueError, match="use method='gram'"):
+    tx.update(gramian, tx.init(params), params)
+  tx = osgd_jax.osgd(num_exits=K + 1)
+  with pytest.raises(ValueError, match=f"build it with num_exits={K}"):
+    tx.update(gramian, tx.init(params), params)
+  tx = osgd_jax.osgd(num_exits=K)
+  with pytest.raises(ValueError, match="different tree structures"):
+    tx.update(gramian, tx.init({"b": params["b"]}), {"b": params["b"]})
+  wrong = {"a": {"w": jnp.zeros((4, 5))}, "b": params["b"]}
+  with pytest.raises(ValueError, match=r"has shape \(5, 4\)"):
+    tx.update(gramian, tx.init(params), wrong)
+  with pytest.raises(ValueError, match="form must be one of"):
+    osgd_jax.value_and_gramian(_loss_fn, form="jvp")
+  with pytest.raises(ValueError, match="granularity must be one of"):
+    gramian.grams("layer")
+  with pytest.raises(ValueError, match="must return a 1-D vector"):
+    osgd_jax.value_and_gramian(lambda p, x: _loss_fn(p, x).sum())(params, x)
+
+
+def test_optax_contract_with_a_gramian():
+  """Chains, inject_hyperparams, lax.scan and Orbax as with the stack."""
+  params, x = _setup(np.float32)
+  xs = jnp.stack([x, 2.0 * x, -x])
+
+  def steps(tx, engine):
+    def step(carry, xb):
+      p, state = carry
+      if engine == "gramian":
+        _, grads = osgd_jax.value_and_gramian(_loss_fn)(p, xb)
+      else:
+        _, grads = osgd_jax.value_and_per_exit_grads(_loss_fn)(p, xb)
+      updates, state = tx.update(grads, state, p)
+      return (optax.apply_updates(p, updates), state), None
+
+    (p, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, xs))(
+      (params, tx.init(params))
+    )
+    return p, state
+
+  for tx in (
+    optax.chain(
+      osgd_jax.osgd(num_exits=K),
+      optax.add_decayed_weights(1e-3),
+      optax.sgd(0.1, momentum=0.9),
+    ),
+    optax.inject_hyperparams(osgd_jax.osgd_sgd, static_args=("num_exits",))(
+      learning_rate=0.1, num_exits=K, sgd_after=2
+    ),
+  ):
+    expected = steps(tx, "stacked")
+    got = steps(tx, "gramian")
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  state = got[1]
+  with (
+    tempfile.TemporaryDirectory() as directory,
+    ocp.StandardCheckpointer() as checkpointer,
+  ):
+    path = os.path.join(directory, "state")
+    checkpointer.save(path, state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(path, tx.init(params))
+  chex.assert_trees_all_equal(restored, state)
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_is_bounded_by_the_parameters_not_k():
+  """Parameter-dominated: scan stays within plain + P (global), + 2P (leaf).
+
+  XLA's compiled memory analysis, deterministic for a given program; the
+  stacked step needs K copies of the parameters.
+  """
+  width, batch = 256, 2
+  rng = np.random.default_rng(0)
+  params = [
+    jnp.asarray(rng.normal(size=(width, width)) / 16, jnp.float32)
+    for _ in range(4)
+  ]
+  param_bytes = 4 * width * width * len(params)
+  x = jnp.ones((batch, width))
+
+  def make(k):
+    def loss_fn(ps, x):
+      h, out = x, []
+      for w in ps:
+        h = jnp.tanh(h @ w)
+        out.append(jnp.mean(h**2))
+      return jnp.stack([out[i % 4] * (1 + i) for i in range(k)])
+
+    return loss_fn
+
+  def plain(ps, x):
+    grads = jax.grad(lambda ps: make(4)(ps, x).sum())(ps)
+    return jax.tree.map(lambda p, g: p - g, ps, grads)
+
+  plain_bytes = _temp_bytes(plain, params, x)
+  temps = {}
+  for k in (4, 8):
+    for granularity in ("global", "leaf"):
+      tx = osgd_jax.osgd(num_exits=k, granularity=granularity)
+
+      def step(ps, x, tx=tx, k=k):
+        _, gramian = osgd_jax.value_and_gramian(make(k))(ps, x)
+        assert gramian.form == "scan"  # the automatic choice
+        updates, _ = tx.update(gramian, tx.init(ps), ps)
+        return optax.apply_updates(ps, updates)
+
+      temps[k, granularity] = _temp_bytes(step, params, x)
+
+  def stacked(ps, x):
+    _, grads = osgd_jax.value_and_per_exit_grads(make(4))(ps, x)
+    tx = osgd_jax.osgd(num_exits=4, granularity="global")
+    return optax.apply_updates(ps, tx.update(grads, tx.init(ps), ps)[0])
+
+  assert _temp_bytes(stacked, params, x) >= plain_bytes + 3 * param_bytes
+  for k in (4, 8):
+    assert temps[k, "global"] <= plain_bytes + param_bytes, temps
+    assert temps[k, "leaf"] <= plain_bytes + 2 * param_bytes, temps
+  for granularity in ("global", "leaf"):
+    assert temps[8, granularity] <= 1.1 * temps[4, granularity], temps
+
+
+def _collectives(hlo):
+  pattern = re.compile(
+    r"^\s*\S+ = (.*?) (all-gather|all-reduce|all-to-all|collective-permute"
+    r"|reduce-scatter)(?:-start)?\(",
+    re.MULTILINE,
+  )
+  return [(m.group(2), m.group(1)) for m in pattern.finditer(hlo)]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+@pytest.mark.parametrize("form", ["vmap", "scan"])
+def test_sharded_gramian_step_equals_unsharded(form):
+  """Data axis 4 × model axis 2: global-batch Gram, no K×P all-gather."""
+  rng = np.random.default_rng(4)
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(8, 16)) / 3, jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(16, 6)) / 4, jnp.float32),
+  }
+  x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+
+  def loss_fn(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    out = h @ p["w2"]
+    return jnp.stack([jnp.mean(h**2), jnp.mean(out**2), jnp.mean(out[:, :2])])
+
+  tx = osgd_jax.osgd(num_exits=K, granularity="global")
+
+  def step(p, x):
+    _, gramian = osgd_jax.value_and_gramian(loss_fn, form=form)(p, x)
+    return tx.update(gramian, tx.init(p), p)
+
+  expected = jax.jit(step)(params, x)
+  mesh = jax.make_mesh(
+    (4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
+  s_params = {
+    "w1": jax.device_put(params["w1"], NamedSharding(mesh, P(None, "model"))),
+    "w2": jax.device_put(params["w2"], NamedSharding(mesh, P("model", None))),
+  }
+  s_x = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  compiled = jax.jit(step).lower(s_params, s_x).compile()
+  got = compiled(s_params, s_x)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  for name in params:
+    assert got[0][name].sharding.is_equivalent_to(s_params[name].sharding, 2)
+  smallest_stack = K * min(p.size for p in params.values())
+  for op, shape in _collectives(compiled.as_text()):
+    if op == "all-gather":
+      for dims in re.findall(r"\[([\d,]*)\]", shape):
+        size = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        assert size < smallest_stack, shape
+
+
+def test_export_for_every_platform():
+  params, x = _setup(np.float32)
+  tx = osgd_jax.osgd(num_exits=K)
+
+  def step(p, x):
+    _, gramian = osgd_jax.value_and_gramian(_loss_fn)(p, x)
+    return tx.update(gramian, tx.init(p), p)[0]
+
+  jitted = jax.jit(step)
+  exported = jax.export.export(jitted, platforms=("cpu", "cuda", "tpu"))(
+    params, x
+  )
+  assert exported.platforms == ("cpu", "cuda", "tpu")
+  chex.assert_trees_all_close(
+    exported.call(params, x), jitted(params, x), rtol=1e-6, atol=1e-6
+  )
