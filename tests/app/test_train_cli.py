@@ -378,3 +378,16 @@ def test_vit_configs_are_valid_transformer_runs(dataset):
     "cifar",
     "data=-1",
   )
+
+
+def test_text_lm_config_is_a_valid_language_model_run():
+  path = os.path.join(
+    os.path.dirname(__file__), "..", "..", "configs", "text-lm.yaml"
+  )
+  config = cli.config_from_args(["--config", path])
+  config.validate()
+  assert (config.dataset, config.preset, config.text_file) == (
+    "text",
+    "text",
+    None,
+  )
