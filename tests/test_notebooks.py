@@ -20,7 +20,12 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = ("01_quickstart", "02_nested_architectures", "03_osgd_vs_sgd")
+EXPECTED = (
+  "01_quickstart",
+  "02_nested_architectures",
+  "03_osgd_vs_sgd",
+  "04_anytime_transformers",
+)
 PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 REPOSITORY = PROJECT["urls"]["Repository"]
 COLAB_URL = (

@@ -27,6 +27,7 @@ its own and any other line fails the test:
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import pathlib
 import re
 import shlex
@@ -115,26 +116,43 @@ def test_the_fault_table_names_tests_that_exist():
     )
 
 
+# The pages that show generated comparison tables: the results page (the
+# original MLP runs) and the experiment page (the sequence models').
+TABLE_PAGES = (RESULTS_PAGE, ROOT / "docs" / "experiments.md")
+RESULTS = ROOT / "docs" / "results"
+
+
+def _sections() -> dict[str, pathlib.Path]:
+  """Each comparison section's name -> the page that holds it."""
+  found = {}
+  for page in TABLE_PAGES:
+    names = re.findall(
+      r"^<!-- compare:([\w.-]+):begin -->$", page.read_text(), re.M
+    )
+    for name in names:
+      assert name not in found, f"section {name} is on two pages"
+      found[name] = page
+  return found
+
+
 def test_the_generated_tables_are_what_their_results_files_give():
   # The experiment's tables are made, never typed: `osgd-compare --report
-  # docs/results/<section>.json --readme docs/results.md --section
-  # <section>` writes them between the section's markers. Each section must
-  # be what its committed results file gives today, and each results file
-  # must have its section (none of the tables the README once held is lost).
+  # docs/results/<section>.json --readme PAGE --section <section>` writes
+  # them between the section's markers. Each section must be what its
+  # committed results file gives today, and each results file must have
+  # its section, on the README or the experiment page.
   from osgd_jax.app.compare import load_results, render_markdown  # pylint: disable=g-import-not-at-top
   from osgd_jax.app.compare.report import replace_section  # pylint: disable=g-import-not-at-top
 
-  text = RESULTS_PAGE.read_text()
-  sections = re.findall(r"^<!-- compare:([\w.-]+):begin -->$", text, re.M)
-  results = ROOT / "docs" / "results"
-  assert sorted(sections) == sorted(p.stem for p in results.glob("*.json"))
-  for section in sections:
-    payload = load_results(str(results / f"{section}.json"))
+  sections = _sections()
+  assert sorted(sections) == sorted(p.stem for p in RESULTS.glob("*.json"))
+  for section, page in sections.items():
+    text = page.read_text()
+    payload = load_results(str(RESULTS / f"{section}.json"))
     assert replace_section(text, section, render_markdown(payload)) == text, (
-      f"docs/results.md's {section} tables differ from"
-      f" docs/results/{section}.json; run: osgd-compare --report"
-      f" docs/results/{section}.json --readme docs/results.md --section"
-      f" {section}"
+      f"{page.name}'s {section} tables differ from docs/results/"
+      f"{section}.json; run: osgd-compare --report docs/results/"
+      f"{section}.json --readme {page.relative_to(ROOT)} --section {section}"
     )
 
 
@@ -156,20 +174,18 @@ def test_each_comparison_shows_its_differences_figure(tmp_path):
     write_differences_figure,
   )  # pylint: disable=g-import-not-at-top
 
-  text = RESULTS_PAGE.read_text()
-  results = ROOT / "docs" / "results"
-  sections = sorted(p.stem for p in results.glob("*.json"))
-  assert sections
   shown = re.findall(
     r"\]\((docs/results/[\w.-]+-differences\.png)\)", (README.read_text())
   )
   assert shown and all((ROOT / f).is_file() for f in shown), shown
-  for section in sections:
+  sections = _sections()
+  assert sections
+  for section, page in sections.items():
     figure = f"docs/results/{section}-differences.png"
-    assert f"](results/{section}-differences.png)" in text, (
-      f"docs/results.md does not show {figure}"
-    )
-    payload = load_results(str(results / f"{section}.json"))
+    # Linked relative to the page: docs/experiments.md links results/...
+    link = os.path.relpath(ROOT / figure, page.parent)
+    assert f"]({link})" in page.read_text(), f"{page.name} does not show {link}"
+    payload = load_results(str(RESULTS / f"{section}.json"))
     made = write_differences_figure(payload, str(tmp_path))
     assert _png_size((ROOT / figure).read_bytes()) == _png_size(
       pathlib.Path(made).read_bytes()

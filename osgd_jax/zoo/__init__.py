@@ -2,13 +2,18 @@
 
 Four families from Wan et al. (ICML 2020), each a class that takes a
 backbone: :func:`conv_backbone` (a ResNet-style network on NHWC images:
-32×32×3 CIFAR, 8×8×1 digits) or :func:`dense_backbone` (an MLP on feature
-vectors):
+32×32×3 CIFAR, 8×8×1 digits), :func:`conv1d_backbone` (the same with one
+spatial axis, on 1-D signals such as MNIST-1D's), :func:`dense_backbone`
+(an MLP on feature vectors) or :func:`transformer_backbone` (pre-norm
+attention blocks on image patches, signal patches or discrete tokens;
+causal for language models):
 
 =============================  ============================================
 :class:`BranchedNet`           a trunk of K stages, exit k a head on stage k
 :class:`NestedWidthNet`        every layer split in K channel groups; group
-                               k reads groups 1..k of the layer below
+                               k reads groups 1..k of the layer below (on
+                               transformers, MatFormer's nesting of heads
+                               and MLP units: :class:`MatFormerStage`)
 :class:`NestedDepthNet`        interlaced: stage k+1 inserts a layer after
                                each of the ``D * 2**(k-1)`` layers so far
                                (depth doubles)
@@ -21,15 +26,21 @@ downsamples=2), stages=4, width=16, depth=3, rngs=nnx.Rngs(0))``, or by
 name, with presets, through :func:`create`: names are
 ``<family>-<backbone>`` with family ``branched``, ``nested-width``,
 ``nested-depth`` or ``nested-width-depth`` (the classes above, in order)
-and backbone ``resnet`` (:func:`conv_backbone`) or ``mlp``
-(:func:`dense_backbone`).
+and backbone ``resnet`` (:func:`conv_backbone`), ``conv1d``
+(:func:`conv1d_backbone`), ``mlp`` (:func:`dense_backbone`) or
+``transformer`` (:func:`transformer_backbone`). :func:`input_spec` gives
+one example's shape and dtype for any name and preset. A transformer with
+``shared_head=True`` gives every exit one head, as LayerSkip does
+(:class:`SharedHeadStage`); a causal one gives logits per position,
+stacked ``(K, batch, seq, classes)``.
 
 In every family exit k depends only on the parameters and computation of
 stages 1..k. A model is an :class:`AnytimeNet` holding ``model.stages``, an
 :class:`flax.nnx.List`: ``stages[k-1]`` owns all that stage k introduces,
 head k included, and ``stages[k-1](carry) -> (new_carry, logits_k)`` with a
 carry that is a plain pytree of arrays (documented per family class).
-``model(x)`` returns the stacked logits ``(K, batch, classes)``;
+``model(x)`` returns the stacked logits ``(K, batch, classes)`` (causal
+transformers: ``(K, batch, seq, classes)``);
 ``model(x, upto=k)`` runs stages 1..k only and returns ``(k, batch,
 classes)``. Anytime inference by hand::
 

@@ -2,25 +2,33 @@
 
 Names are ``<family>-<backbone>`` with family in ``branched``,
 ``nested-width``, ``nested-depth``, ``nested-width-depth`` and backbone in
-``resnet`` (NHWC images) or ``mlp`` (feature vectors). Every name has two
-presets, and the ``-mlp`` names a third:
+``resnet`` (NHWC images), ``conv1d`` (1-D signals), ``mlp`` (feature
+vectors) or ``transformer`` (sequences of patches or tokens). The presets,
+and which backbones have them:
 
-* ``cifar``: 32×32×3 images (MLPs: 3072 features), 10 classes, sized for a
+* ``cifar`` (resnet, mlp, transformer): 32×32×3 images (MLPs: 3072
+  features; transformers: a ViT on 4×4 patches), 10 classes, sized for a
   GPU run;
-* ``digits``: scikit-learn's 8×8 grey digits (ResNets: ``(batch, 8, 8, 1)``
-  images; MLPs: 64 features), 10 classes, small enough that a few epochs
-  over 1437 images train in minutes on two CPU cores;
-* ``mnist1d`` (MLPs only): MNIST-1D's 1-D signals of 40 samples (40
-  features; the ResNets convolve 2-D images), 10 classes, sized like the
-  digits MLPs (the width+depth one 1.5 times as wide), so that 15 epochs over
-  4000 signals train in minutes on two CPU cores.
+* ``digits`` (resnet, mlp, transformer): scikit-learn's 8×8 grey digits
+  (ResNets: ``(batch, 8, 8, 1)`` images; MLPs: 64 features;
+  transformers: a ViT on 2×2 patches), 10 classes, small enough that a few
+  epochs over 1437 images train in minutes on two CPU cores;
+* ``mnist1d`` (conv1d, mlp, transformer): MNIST-1D's 1-D signals of 40
+  samples (MLPs: 40 features; transformers: ten 4-sample patches; the
+  ResNets convolve 2-D images and have none), 10 classes, sized so that 15
+  epochs over 4000 signals train in minutes on two CPU cores;
+* ``text`` (transformer): a causal byte-level language model on 128-byte
+  windows, one class per byte value, logits per position.
 
 A name is a family class built on a backbone: ``nested-depth-resnet`` is
 ``NestedDepthNet(conv_backbone(in_channels=..., downsamples=...), ...)``,
 ``nested-depth-mlp`` is ``NestedDepthNet(dense_backbone(in_features=...),
-...)``. Without a preset, ``-resnet`` names use the ``cifar`` preset and
-``-mlp`` names the ``digits`` preset: conv models take 32×32×3 images, MLPs
-64 features; 10 classes and K=4 exits.
+...)``, ``nested-depth-transformer`` is
+``NestedDepthNet(transformer_backbone(...), ...)``. Without a preset,
+``-resnet`` names use the ``cifar`` preset, ``-mlp`` and ``-transformer``
+names the ``digits`` preset and ``-conv1d`` names the ``mnist1d`` preset
+(:func:`default_preset`); every preset has K=4 exits. :func:`input_spec`
+gives the input each name and preset reads.
 """
 
 from __future__ import annotations
@@ -357,12 +365,16 @@ def create(
     name: one of :func:`names`.
     rngs: the random generators for the parameters.
     preset: optional preset name (see :func:`presets`); explicit ``config``
-      entries override the preset's. ``None`` starts from ``cifar`` for
-      ``-resnet`` names and ``digits`` for ``-mlp`` names.
+      entries override the preset's. ``None`` starts from
+      :func:`default_preset`: ``cifar`` for ``-resnet`` names, ``mnist1d``
+      for ``-conv1d`` names and ``digits`` for ``-mlp`` and
+      ``-transformer`` names.
     **config: any of :func:`config_keys`: the family's settings
       (``stages``, ``width``, ``depth``, ``num_classes``, ``norm``) and the
-      backbone's (``in_channels`` and ``downsamples`` for ``-resnet``,
-      ``in_features`` for ``-mlp``).
+      backbone's (``in_channels`` and ``downsamples`` for ``-resnet`` and
+      ``-conv1d``, ``in_features`` for ``-mlp``, the
+      :func:`~osgd_jax.zoo.transformer_backbone` settings for
+      ``-transformer``).
 
   Returns:
     The model, an :class:`~osgd_jax.zoo.base.AnytimeNet` in train mode.

@@ -363,3 +363,31 @@ def test_paper_scale_configs_are_valid_and_flags_override_them(dataset):
     ["--config", path, "--model", "branched-resnet", "--optimizer", "sgd"]
   )
   assert (override.model, override.optimizer) == ("branched-resnet", "sgd")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_vit_configs_are_valid_transformer_runs(dataset):
+  path = os.path.join(
+    os.path.dirname(__file__), "..", "..", "configs", f"{dataset}-vit.yaml"
+  )
+  config = cli.config_from_args(["--config", path])
+  config.validate()
+  assert (config.dataset, config.model, config.preset, config.mesh) == (
+    dataset,
+    "nested-depth-transformer",
+    "cifar",
+    "data=-1",
+  )
+
+
+def test_text_lm_config_is_a_valid_language_model_run():
+  path = os.path.join(
+    os.path.dirname(__file__), "..", "..", "configs", "text-lm.yaml"
+  )
+  config = cli.config_from_args(["--config", path])
+  config.validate()
+  assert (config.dataset, config.preset, config.text_file) == (
+    "text",
+    "text",
+    None,
+  )
