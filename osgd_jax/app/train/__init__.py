@@ -27,6 +27,8 @@ from osgd_jax.app.train.artefacts import (
 )
 from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
 from osgd_jax.app.train.config import (
+  COORDINATE_OPTIMIZERS,
+  ENGINES,
   OPTIMIZERS,
   PER_EXIT_GRADS,
   SCHEDULES,
@@ -65,7 +67,9 @@ from osgd_jax.app.train.step import make_train_step
 
 __all__ = [
   "CONFIG_FILE",
+  "COORDINATE_OPTIMIZERS",
   "Callback",
+  "ENGINES",
   "OPTIMIZERS",
   "PER_EXIT_GRADS",
   "Run",
