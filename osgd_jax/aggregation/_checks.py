@@ -75,19 +75,65 @@ def check_count(value: Any, name: str, owner: str) -> int:
   return _check_int(value, name, owner, minimum=0, wanted="an int >= 0")
 
 
+# Counts, caps and step numbers meet the int32 step count or a loop bound
+# when the update is traced; a larger Python int overflows there.
+INT32_MAX = 2**31 - 1
+
+
 def _check_int(
   value: Any, name: str, owner: str, *, minimum: int, wanted: str
 ) -> int:
   if (
     isinstance(value, bool)
     or not isinstance(value, (int, np.integer))
-    or value < minimum
+    or not minimum <= value <= INT32_MAX
   ):
     raise ValueError(
-      f"{owner}: {name} must be {wanted}, got {value!r}. Under"
-      f" optax.inject_hyperparams pass static_args=({name!r},)."
+      f"{owner}: {name} must be {wanted} (at most 2**31 - 1), got"
+      f" {value!r}. Under optax.inject_hyperparams pass"
+      f" static_args=({name!r},)."
     )
   return int(value)
+
+
+def check_seed(seed: Any, owner: str) -> None:
+  """Raises a ``ValueError`` unless ``seed`` is an int that seeds a PRNG key.
+
+  ``jax.random.key`` takes integers in the int64 range; an array (injected
+  by ``optax.inject_hyperparams``) is left to it.
+
+  Example:
+    >>> check_seed(0, "pcgrad")
+    >>> check_seed(0.5, "pcgrad")
+    Traceback (most recent call last):
+    ...
+    ValueError: pcgrad: seed must be an int in [-2**63, 2**63 - 1], ...
+  """
+  if isinstance(seed, jax.Array):
+    return
+  if (
+    isinstance(seed, bool)
+    or not isinstance(seed, (int, np.integer))
+    or not -(2**63) <= seed <= 2**63 - 1
+  ):
+    raise ValueError(
+      f"{owner}: seed must be an int in [-2**63, 2**63 - 1], got {seed!r};"
+      " e.g. seed=0."
+    )
+
+
+def check_flag(value: Any, name: str, owner: str) -> None:
+  """Raises a ``ValueError`` unless ``value`` is ``True`` or ``False``.
+
+  A flag fixes which program is traced, so it cannot be an array
+  (``optax.inject_hyperparams`` leaves bools static), and a number such as
+  NaN would silently read as True.
+
+  Example:
+    >>> check_flag(False, "rescale", "osgd")
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{owner}: {name} must be True or False, got {value!r}.")
 
 
 def check_fraction(value: Any, name: str, owner: str) -> None:

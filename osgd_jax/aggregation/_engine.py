@@ -802,6 +802,7 @@ def from_weighting(
   _checks.check_not_num_exits(weighting, "weighting", name, num_exits)
   num_exits = _checks.check_num_exits(num_exits, name)
   _checks.check_granularity(granularity, name)
+  _checks.check_finite(gram_degree, "gram_degree", name)
   if not isinstance(weighting, StatefulWeighting):
     if not callable(weighting):
       raise ValueError(

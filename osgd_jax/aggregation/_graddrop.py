@@ -57,6 +57,7 @@ def graddrop(
   """
   name = "graddrop"
   num_exits = _checks.check_num_exits(num_exits, name)
+  _checks.check_seed(seed, name)
   if leak is not None:
     leaks = np.asarray(leak, np.float64)
     if leaks.shape != (num_exits,) or not np.all((leaks >= 0) & (leaks <= 1)):

@@ -154,6 +154,7 @@ def gradvac(
   name = "gradvac"
   _checks.check_unit_interval(beta, "beta", name)
   _checks.check_nonnegative(eps, "eps", name)
+  _checks.check_seed(seed, name)
 
   def init(k):
     return GradVacState(

@@ -139,7 +139,7 @@ def _check_order(order: Sequence[int] | None) -> tuple[int, ...] | None:
     return None
   try:
     order = tuple(int(i) for i in np.asarray(order).reshape(-1))
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, OverflowError) as e:
     raise ValueError(
       f"order must be a sequence of ints (a permutation of range(K)), got"
       f" {order!r}."
@@ -265,6 +265,7 @@ def osgd(
   _checks.check_choice(method, "method", _NAME, OsgdMethod)
   order = _check_order(order)
   _checks.check_fraction(tol, "tol", _NAME)
+  _checks.check_flag(rescale, "rescale", _NAME)
   if order is not None:
     if num_exits is not None and num_exits != len(order):
       raise ValueError(
@@ -442,6 +443,7 @@ def osgd_sgd(
   _checks.check_finite(learning_rate, "learning_rate", "osgd_sgd")
   _checks.check_fraction(momentum, "momentum", "osgd_sgd")
   _checks.check_nonnegative(weight_decay, "weight_decay", "osgd_sgd")
+  _checks.check_flag(nesterov, "nesterov", "osgd_sgd")
   # The osgd options are explicit keywords, not **kwargs, because
   # optax.inject_hyperparams binds the factory's signature by name.
   transforms: list[optax.GradientTransformation] = [

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from osgd_jax import gram as gram_lib
-from osgd_jax.aggregation import _engine, _registry, _stateful
+from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 # PCGrad's weighting state (its key draws the visiting orders).
@@ -101,6 +101,7 @@ def pcgrad(
     Yu, Kumar, Gupta, Levine, Hausman & Finn, *Gradient Surgery for
     Multi-Task Learning*, NeurIPS 2020. https://arxiv.org/abs/2001.06782
   """
+  _checks.check_seed(seed, "pcgrad")
   return _engine.from_weighting(
     _stateful.keyed(pcgrad_weighting, seed),
     num_exits=num_exits,

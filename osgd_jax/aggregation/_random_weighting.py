@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from osgd_jax.aggregation import _engine, _registry, _stateful
+from osgd_jax.aggregation import _checks, _engine, _registry, _stateful
 from osgd_jax.aggregation._types import Granularity
 
 
@@ -73,6 +73,7 @@ def random_weighting(
     A Litmus Test for Multi-Task Learning*, TMLR 2022.
     https://arxiv.org/abs/2111.10603
   """
+  _checks.check_seed(seed, "random_weighting")
   return _engine.from_weighting(
     _stateful.keyed(random_softmax_weighting, seed),
     num_exits=num_exits,

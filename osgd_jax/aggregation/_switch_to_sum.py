@@ -55,7 +55,8 @@ def switch_to_sum(
     ``aggregator``.
 
   Raises:
-    ValueError: ``after_steps`` is a number but not an integer >= 0.
+    ValueError: ``after_steps`` is a number but not an integer in
+      [0, 2**31 - 1].
 
   Example:
     >>> import jax.numpy as jnp, osgd_jax
@@ -67,12 +68,13 @@ def switch_to_sum(
     >>> projected["w"].tolist(), summed["w"].tolist()
     ([1.0, 1.0], [2.0, 1.0])
   """
+  # The step count is int32: a larger after_steps would overflow there.
   if _checks.is_checkable_number(after_steps) and not (
-    float(after_steps).is_integer() and after_steps >= 0
+    0 <= after_steps <= _checks.INT32_MAX and float(after_steps).is_integer()
   ):
     raise ValueError(
-      f"switch_to_sum: after_steps must be an integer >= 0, got"
-      f" {after_steps!r}."
+      f"switch_to_sum: after_steps must be an integer >= 0 (at most"
+      f" 2**31 - 1), got {after_steps!r}."
     )
 
   def init_fn(params):
