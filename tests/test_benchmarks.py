@@ -295,3 +295,23 @@ def test_bench_loop_quick_prints_both_loops_and_their_ratio(tmp_path):
   seconds = {k: np.median(v) for k, v in result["epoch_seconds"].items()}
   assert f"{result['ratio']:.2f}x" == rows["fetch every 3 steps"][1]
   np.testing.assert_allclose(result["ratio"], seconds["3"] / seconds["1"])
+
+
+def test_bench_memory_smoke_prints_temp_bytes_and_verdicts():
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--smoke"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  # Untimed rows end with: variant, temp MB, Δ/params.
+  variants = {
+    line.split()[-3]
+    for line in proc.stdout.splitlines()
+    if line.startswith(("mlp ", "branched-mlp "))
+  }
+  assert {"plain", "stacked", "gramian-auto", "staged-gramian"} <= variants
+  assert "TorchJD autogram:" in proc.stdout
+  assert "staged-gramian: temp" in proc.stdout  # a verdict line

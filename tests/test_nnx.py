@@ -299,3 +299,71 @@ def test_split_with_param_alone_is_what_fails_on_a_zoo_model(branched):
     nnx.split(model, nnx.Param)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   assert jax.tree.leaves(params) and jax.tree.leaves(rest)
+
+
+def test_nnx_optimizer_with_a_gramian_trains_as_with_stacked_grads():
+  # The recipe of docs/guides/nnx.md, "A Gramian with nnx.Optimizer": the
+  # optimizer's tx on a Gramian, then what Optimizer.update writes back.
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+  y = jnp.arange(8) % 10
+
+  def loss_fn(model, x, y):
+    return osgd_jax.per_exit_cross_entropy(model(x), y)
+
+  def make():
+    model = zoo.create(
+      "branched-mlp", rngs=nnx.Rngs(0), stages=3, width=8, norm="batch"
+    )
+    tx = optax.chain(
+      osgd_jax.osgd(num_exits=3, granularity="leaf"),
+      optax.sgd(0.1, momentum=0.9),
+    )
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def stacked_step(model, optimizer, x, y):
+    losses, grads = osgd_jax.value_and_per_exit_grads(loss_fn)(model, x, y)
+    optimizer.update(model, grads)
+    return losses
+
+  @nnx.jit
+  def gramian_step(model, optimizer, x, y):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.as_pure(params)
+
+    def losses_of(params):
+      copy = nnx.merge(graphdef, params, rest, copy=True)
+      return loss_fn(copy, x, y), nnx.state(copy, nnx.Not(nnx.Param))
+
+    (losses, new_rest), gramian = osgd_jax.value_and_gramian(
+      losses_of, has_aux=True
+    )(params)
+    updates, opt_state = optimizer.tx.update(
+      gramian, nnx.as_pure(optimizer.opt_state), params
+    )
+    nnx.update(model, optax.apply_updates(params, updates), new_rest)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+    optimizer.step[...] += 1
+    return losses
+
+  stacked, gramian = make(), make()
+  before = jax.tree.map(np.asarray, nnx.state(gramian[0]))
+  for _ in range(2):
+    want = stacked_step(*stacked, x, y)
+    got = gramian_step(*gramian, x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(gramian)),
+    jax.tree.leaves(nnx.state(stacked)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(gramian[1].step[...]) == 2
+  # It trained: parameters and BatchNorm statistics moved.
+  after = nnx.state(gramian[0])
+  assert not all(
+    np.allclose(a, b)
+    for a, b in zip(
+      jax.tree.leaves(before), jax.tree.leaves(after), strict=True
+    )
+  )

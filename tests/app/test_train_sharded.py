@@ -67,12 +67,20 @@ def _run_steps(config, dataset, steps):
 
 
 @pytest.mark.parametrize(
-  "optimizer,per_exit_grads",
-  [("osgd", "staged"), ("sgd", "staged"), ("upgrad", "vmap")],
+  "optimizer,per_exit_grads,engine",
+  [
+    ("osgd", "staged", "stacked"),
+    ("sgd", "staged", "auto"),
+    ("upgrad", "vmap", "stacked"),
+    # A Gramian: Gram matrices of the global batch's gradients.
+    ("osgd", "staged", "gramian"),
+  ],
 )
-def test_mesh_steps_match_single_device_steps(optimizer, per_exit_grads):
+def test_mesh_steps_match_single_device_steps(
+  optimizer, per_exit_grads, engine
+):
   config = dataclasses.replace(
-    CONFIG, optimizer=optimizer, per_exit_grads=per_exit_grads
+    CONFIG, optimizer=optimizer, per_exit_grads=per_exit_grads, engine=engine
   )
   dataset = train_lib.load_data(config)
   single = _run_steps(config, dataset, steps=3)

@@ -27,24 +27,32 @@ def _tiny_branched_mlp():
   return tiny_net("branched-mlp")
 
 
-def _train_config(per_exit_grads):
+def _train_config(per_exit_grads, engine="stacked"):
   return train_lib.TrainConfig(
     model="branched-mlp",
     optimizer="osgd",
     exit_weights=WEIGHTS,
     lr=0.1,
     per_exit_grads=per_exit_grads,
+    engine=engine,
     progress=False,
   )
 
 
-def test_train_step_staged_equals_vmap():
+def test_train_step_staged_equals_vmap_and_gramian_equals_stacked():
   model, x, y = _tiny_branched_mlp()
   graphdef, params0, rest0 = nnx.split(model, nnx.Param, ...)
   results = {}
-  for mode in ("staged-batched", "staged-looped", "vmap"):
+  modes = ("staged-batched", "staged-looped", "vmap")
+  gramians = ("staged-looped/gramian", "vmap/gramian")
+  for mode in modes + gramians:
+    grads_mode, _, engine = mode.partition("/")
     tx, step = train_lib.make_train_step(
-      _train_config(mode), graphdef, 3, total_steps=10, augment=False
+      _train_config(grads_mode, engine or "stacked"),
+      graphdef,
+      3,
+      total_steps=10,
+      augment=False,
     )
 
     def copy(t):
@@ -60,7 +68,8 @@ def test_train_step_staged_equals_vmap():
       (params, rest, state), (params0, rest0, tx.init(params0))
     )
     results[mode] = params, rest, losses
-  for mode in ("staged-batched", "staged-looped"):
+  # A Gramian gives the aggregator the same update and state as the stack.
+  for mode in ("staged-batched", "staged-looped", *gramians):
     for a, b in zip(
       jax.tree.leaves(results[mode]),
       jax.tree.leaves(results["vmap"]),

@@ -30,6 +30,8 @@ from osgd_jax.app.train.artefacts import (
 )
 from osgd_jax.app.train.callbacks import Callback, TensorBoardLogger
 from osgd_jax.app.train.config import (
+  COORDINATE_OPTIMIZERS,
+  ENGINES,
   OPTIMIZERS,
   PER_EXIT_GRADS,
   SCHEDULES,
@@ -68,7 +70,9 @@ from osgd_jax.app.train.step import make_train_step
 
 __all__ = [
   "CONFIG_FILE",
+  "COORDINATE_OPTIMIZERS",
   "Callback",
+  "ENGINES",
   "METRICS_FORMAT",
   "METRICS_VERSION",
   "OPTIMIZERS",

@@ -52,6 +52,8 @@ from osgd_jax.app.data import (
 )
 from osgd_jax.app.report import exit_table
 from osgd_jax.app.train import (
+  COORDINATE_OPTIMIZERS,
+  ENGINES,
   OPTIMIZERS,
   PER_EXIT_GRADS,
   SCHEDULES,
@@ -215,6 +217,16 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     " (its rows looped on CPU, batched on GPU/TPU; -looped or"
     " -batched forces one); vmap: K full backward passes, the"
     " fallback for losses that read later exits",
+  )
+  p.add_argument(
+    "--engine",
+    default=d.engine,
+    choices=ENGINES,
+    help="what the aggregator receives: stacked per-exit gradients (K"
+    " copies of the parameters), or a gramian (their K×K Gram matrices"
+    " and one weighted backward pass, without the copies); auto: gramian"
+    " wherever the optimizer takes one, stacked for sgd, --method"
+    f" sequential and {', '.join(COORDINATE_OPTIMIZERS)}",
   )
   p.add_argument(
     "--epochs",

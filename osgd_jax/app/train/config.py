@@ -17,7 +17,9 @@ from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app import data as data_lib
 
 __all__ = [
+  "COORDINATE_OPTIMIZERS",
   "DEFAULT_MODELS",
+  "ENGINES",
   "OPTIMIZERS",
   "PER_EXIT_GRADS",
   "RESUMABLE_CHANGES",
@@ -48,6 +50,17 @@ SCHEDULES = ("cosine", "step", "constant")
 #: accelerators ("staged-looped" / "staged-batched" force one); "vmap" (the
 #: fallback) runs K full backward passes.
 PER_EXIT_GRADS = ("staged", "staged-looped", "staged-batched", "vmap")
+#: What the aggregator receives. "stacked": the per-exit gradients stacked on
+#: a leading K axis (K copies of the parameters); "gramian": an
+#: :class:`osgd_jax.Gramian`, their K×K Gram matrices and one weighted
+#: backward pass, without the stack (``docs/design.md``, "The Gramian
+#: engine"); "auto": "gramian" wherever the optimizer can take one, else
+#: "stacked". ``--per-exit-grads`` still says how the backward passes run.
+ENGINES = ("auto", "stacked", "gramian")
+#: The optimizers that read every coordinate of the per-exit gradients, which
+#: a Gramian does not hold: ``--engine gramian`` refuses them and ``auto``
+#: gives them stacked gradients (as it does ``--method sequential``).
+COORDINATE_OPTIMIZERS = ("excess-mtl", "graddrop", "trimmed-mean")
 
 #: Fields that may change between a run and its resumption. per_exit_grads
 #: changes how the same gradients are computed (equal up to rounding), and
@@ -143,6 +156,7 @@ class TrainConfig:
   switch_to_sgd: float | None = None
   exit_weights: tuple[float, ...] | None = None
   per_exit_grads: str = "staged"
+  engine: str = "auto"
   mesh: str | None = None  # e.g. "data=4,model=2"; None: one device
   epochs: int = 15
   batch_size: int = 64
@@ -181,6 +195,28 @@ class TrainConfig:
     if self.preset is not None:
       return self.preset
     return _DATASET_PRESETS.get(self.dataset, "digits")
+
+  @property
+  def uses_gramian(self) -> bool:
+    """Whether the step hands the aggregator a Gramian (``--engine``).
+
+    ``"auto"`` does wherever the optimizer takes one: not for ``sgd``
+    (whose summed-loss gradient needs no aggregation), the
+    :data:`COORDINATE_OPTIMIZERS` or OSGD's ``sequential`` method.
+
+    Example:
+      >>> TrainConfig(engine="auto").uses_gramian
+      True
+      >>> TrainConfig(engine="auto", optimizer="graddrop").uses_gramian
+      False
+    """
+    if self.engine == "stacked" or self.optimizer == "sgd":
+      return False
+    if self.engine == "gramian":
+      return True
+    return self.optimizer not in COORDINATE_OPTIMIZERS and not (
+      self.optimizer == "osgd" and self.method == "sequential"
+    )
 
   @property
   def evaluated_on(self) -> str:
@@ -231,6 +267,8 @@ class TrainConfig:
     _check_choice("--method", self.method, _METHODS)
     _check_choice("--per-exit-grads", self.per_exit_grads, PER_EXIT_GRADS)
     _check_choice("--schedule", self.schedule, SCHEDULES)
+    _check_choice("--engine", self.engine, ENGINES)
+    self._check_engine()
     if self.preset is not None:
       _check_choice(
         "--preset",
@@ -316,6 +354,29 @@ class TrainConfig:
           f"--exit-weights {','.join(map(str, weights))} are all zero: no"
           " exit would be trained. Give at least one exit a weight > 0."
         )
+
+  def _check_engine(self) -> None:
+    """Refuses ``--engine gramian`` for an optimizer that cannot take one."""
+    if self.engine != "gramian":
+      return
+    if self.optimizer == "sgd":
+      raise ValueError(
+        "--engine gramian forms the per-exit gradients' Gram matrices;"
+        " --optimizer sgd differentiates the summed loss and has none. Leave"
+        " out --engine, or choose an --optimizer such as osgd."
+      )
+    if self.optimizer in COORDINATE_OPTIMIZERS:
+      raise ValueError(
+        f"--optimizer {self.optimizer} reads every coordinate of the per-exit"
+        " gradients, which --engine gramian does not form; use --engine"
+        " stacked (or auto, which picks it)."
+      )
+    if self.optimizer == "osgd" and self.method == "sequential":
+      raise ValueError(
+        "--method sequential runs Gram-Schmidt on the gradients themselves,"
+        " which --engine gramian does not form; use --method gram (the same"
+        " projection from the Gram matrix) or --engine stacked."
+      )
 
   def to_json(self) -> dict[str, Any]:
     """The fields as a JSON-serialisable dict, as checkpoints record them."""

@@ -1,11 +1,12 @@
 """The jitted training step: per-exit gradients, aggregation, the update.
 
 One jitted function computes the per-exit gradients (one forward; by default
-the staged Jacobian, where exit k's backward pass covers stages 1..k only),
-aggregates them with OSGD or a baseline (or differentiates the summed,
-weighted exit losses for ``sgd``), applies weight decay, momentum and the
-learning-rate schedule, and carries the BatchNorm statistics. There is no
-Python loop over exits at run time.
+the staged Jacobian, where exit k's backward pass covers stages 1..k only;
+with ``--engine gramian`` an :class:`osgd_jax.Gramian` of them, without
+their K×P stack), aggregates them with OSGD or a baseline (or
+differentiates the summed, weighted exit losses for ``sgd``), applies weight
+decay, momentum and the learning-rate schedule, and carries the BatchNorm
+statistics. There is no Python loop over exits at run time.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ STEP_FIELDS = (
   "momentum",
   "weight_decay",
   "per_exit_grads",
+  "engine",
 )
 
 
@@ -90,7 +92,8 @@ def make_train_step(
   :func:`osgd_jax.sharding.shard_params` and the batch by
   :func:`osgd_jax.sharding.shard_batch`; it keeps the stacked per-exit
   gradients and every output on the same parameter rule, so OSGD's
-  projection reduces only K×K Gram blocks across devices.
+  projection reduces only K×K Gram blocks across devices (a Gramian's Gram
+  matrices are such contractions too, and it holds no stack to place).
 
   Args:
     config: the run's settings; only :data:`STEP_FIELDS` and ``seed`` are read.
@@ -130,7 +133,9 @@ def _grad_fn(
   """``(params, rest, x, y) -> ((weighted, (losses, rest)), grads)``.
 
   ``grads`` are stacked per exit for every optimizer but ``sgd``, whose
-  gradient is of the summed weighted losses (and ``weighted`` is ``None``).
+  gradient is of the summed weighted losses (and ``weighted`` is ``None``);
+  with ``config.uses_gramian`` they are an :class:`osgd_jax.Gramian` of the
+  same per-exit gradients, which the aggregator takes in their place.
   """
 
   def exit_losses(params, rest, x, y):
@@ -152,6 +157,8 @@ def _grad_fn(
     return summed_grad
 
   if not config.per_exit_grads.startswith("staged"):
+    if config.uses_gramian:
+      return osgd_jax.value_and_gramian(exit_losses, has_aux=True)
     return osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
 
   def weighted_losses(logits, y):
@@ -159,9 +166,12 @@ def _grad_fn(
     return losses * weights, losses
 
   rows = config.per_exit_grads.partition("-")[2] or "auto"
-  staged = osgd_jax.staged_value_and_per_exit_grads(
-    graphdef, weighted_losses, has_aux=True, rows=rows
+  staged_fn = (
+    osgd_jax.staged_value_and_gramian
+    if config.uses_gramian
+    else osgd_jax.staged_value_and_per_exit_grads
   )
+  staged = staged_fn(graphdef, weighted_losses, has_aux=True, rows=rows)
 
   def staged_grad(params, rest, x, y):
     (weighted, losses, rest), grads = staged(params, rest, x, y)
@@ -175,13 +185,16 @@ def _cached_step(settings, graphdef, num_exits, total_steps, augment, mesh):
   config = TrainConfig(**dict(zip(STEP_FIELDS, settings, strict=True)))
   tx = make_optimizer(config, total_steps, num_exits)
   grad_fn = _grad_fn(config, graphdef, exit_weight_vector(config, num_exits))
+  gramian = config.uses_gramian
 
   def step(params, rest, opt_state, x, y, key):
     if augment:
       x = data_lib.augment(key, x)
     (weighted, (losses, rest)), grads = grad_fn(params, rest, x, y)
-    if mesh is not None and config.optimizer != "sgd":
-      # Row k of a stacked leaf is split like its parameter; K never is.
+    if mesh is not None and config.optimizer != "sgd" and not gramian:
+      # Row k of a stacked leaf is split like its parameter; K never is. A
+      # Gramian holds no stack: its Gram matrices are K×K contractions and
+      # its weighted sum comes out parameter-shaped, constrained below.
       grads = sharding.constrain(grads, mesh, stacked=True)
     # AdaLoss balances the losses the gradients are of; others ignore them.
     extra = {} if weighted is None else {"losses": weighted}
