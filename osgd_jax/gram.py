@@ -339,6 +339,10 @@ def combine_scaled(
   """
   if not shared:
     return grams, exponents
+  # A zero leaf's exponent (0) says nothing of its scale: it must not set
+  # E, or tiny gradients next to a zero leaf would be flushed to 0.
+  zero = ~jnp.any(grams != 0, axis=tuple(range(1, grams.ndim)))
+  exponents = jnp.where(zero, -_MAX_EXPONENT, exponents)
   top = jnp.max(exponents)
   # 2·(e_l − E) ≥ −126 keeps the factor a normal float; below, it is 0.
   shift = 2 * (exponents - top)

@@ -61,6 +61,8 @@ __all__ = ["FORMS", "Form", "GramEngine", "Gramian", "value_and_gramian"]
 Form = Literal["auto", "vmap", "scan"]
 FORMS: tuple[str, ...] = ("auto", "vmap", "scan")
 _GRANULARITIES = ("global", "leaf")
+# The floor of gram.scale_exponents: a zero row's exponent.
+_ZERO_ROW_EXPONENT = -125
 
 
 class GramEngine(Protocol):
@@ -313,8 +315,14 @@ def pairwise_leaf_grams(
 
 
 def _row_exponents(leaves: list[Any]) -> jax.Array:
-  """``(L,)`` each leaf's power of two (:func:`gram.scale_exponents`)."""
-  return gram_lib.scale_exponents([leaf[None] for leaf in leaves])
+  """``(L,)`` each leaf's power of two (:func:`gram.scale_exponents`).
+
+  A zero row gets the smallest exponent, so that it never sets the scale
+  of a leaf's other rows.
+  """
+  exponents = gram_lib.scale_exponents([leaf[None] for leaf in leaves])
+  zero = jnp.stack([~jnp.any(leaf != 0) for leaf in leaves])
+  return jnp.where(zero, _ZERO_ROW_EXPONENT, exponents)
 
 
 def _scaled_rows(leaves: list[Any], exponents: jax.Array, cd: Any) -> list:
@@ -453,7 +461,13 @@ class VjpEngine:
     def column(carry, e):
       g = vjp_fn(e)[0]
       leaves, treedef = jax.tree.flatten(g)
-      a = jnp.max(_row_exponents(leaves)) if leaves else jnp.int32(0)
+      a = (
+        gram_lib.scale_exponents(
+          [jnp.stack([jnp.max(jnp.abs(x)).astype(cd) for x in leaves])]
+        )[0]
+        if leaves
+        else jnp.int32(0)
+      )
       down = jax.tree.unflatten(
         treedef,
         [gram_lib.times_power_of_two(leaf, -(a + c)) for leaf in leaves],
