@@ -10,7 +10,11 @@ soon as they exist, and ``Σ_k w_k g_k`` is one more staged backward pass with
 the single cotangent ``Σ_k w_k e_k`` (``granularity="global"``), or the
 staged backward with each stage's rows summed with their leaf's weights
 (``"leaf"``). No K×P stack is formed; a stage's rows live only while its
-blocks are contracted.
+blocks are contracted (``form="replay"``). Where the activations dominate
+that keeps the forward's residuals alive until the update, so
+``form="keep"`` (the automatic choice there) instead keeps each leaf's
+rows from one staged backward, frees the residuals, and forms the Gram
+matrices and the update from the rows as the stacked path does.
 """
 
 from __future__ import annotations
