@@ -38,6 +38,7 @@ __all__ = [
   "safe_sqrt",
   "scale_exponents",
   "scaled_gram_matrices",
+  "times_power_of_two",
   "unscale",
   "weighted_sum",
 ]
@@ -217,6 +218,27 @@ def _power_of_two(exponent: Any, dtype: Any) -> jax.Array:
   return jnp.ldexp(jnp.ones((), dtype), jnp.asarray(exponent, jnp.int32))
 
 
+def times_power_of_two(x: jax.Array, exponent: Any) -> jax.Array:
+  """``x · 2^exponent``, exactly, for any integer exponent (or array of them).
+
+  Multiplied in two halves, each a normal power of two, so that an exponent
+  beyond the dtype's own range (e.g. ``2^200`` times ``2^-150``) still gives
+  the representable result; beyond ±252 in all it overflows or flushes as
+  the true value would.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> times_power_of_two(jnp.asarray(2.0**-100), 200).tolist() == 2.0**100
+    True
+  """
+  exponent = jnp.asarray(exponent, jnp.int32)
+  half = exponent // 2
+  dtype = jnp.result_type(x)
+  first = _power_of_two(jnp.clip(half, -126, 126), dtype)
+  second = _power_of_two(jnp.clip(exponent - half, -126, 126), dtype)
+  return x * first * second
+
+
 def scale_exponents(leaves: Sequence[jax.Array]) -> jax.Array:
   """The power of two to divide each stacked leaf by before contracting it.
 
@@ -317,6 +339,10 @@ def combine_scaled(
   """
   if not shared:
     return grams, exponents
+  # A zero leaf's exponent (0) says nothing of its scale: it must not set
+  # E, or tiny gradients next to a zero leaf would be flushed to 0.
+  zero = ~jnp.any(grams != 0, axis=tuple(range(1, grams.ndim)))
+  exponents = jnp.where(zero, -_MAX_EXPONENT, exponents)
   top = jnp.max(exponents)
   # 2·(e_l − E) ≥ −126 keeps the factor a normal float; below, it is 0.
   shift = 2 * (exponents - top)

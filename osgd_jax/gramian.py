@@ -61,10 +61,17 @@ __all__ = ["FORMS", "Form", "GramEngine", "Gramian", "value_and_gramian"]
 Form = Literal["auto", "vmap", "scan"]
 FORMS: tuple[str, ...] = ("auto", "vmap", "scan")
 _GRANULARITIES = ("global", "leaf")
+# The floor of gram.scale_exponents: a zero row's exponent.
+_ZERO_ROW_EXPONENT = -125
 
 
 class GramEngine(Protocol):
-  """How a :class:`Gramian` computes from its parts (static, hashable)."""
+  """How a :class:`Gramian` computes from its parts (static, hashable).
+
+  An engine may also define ``scaled_grams(parts, gramian, granularity)``
+  returning ``(M̃, e)`` with ``M = 4^e M̃`` (see :meth:`Gramian.scaled_grams`);
+  the library's engines do, so that their Gram matrices are scale-safe.
+  """
 
   def grams(
     self, parts: Any, gramian: Gramian, granularity: str
@@ -94,7 +101,8 @@ class Gramian:
     treedef: the tree structure of the parameters.
     shapes: each parameter leaf's shape.
     dtypes: each parameter leaf's dtype.
-    form: the formulation chosen (``"vmap"``, ``"scan"`` or ``"staged"``).
+    form: the formulation chosen (``"vmap"``, ``"scan"``, ``"staged"`` or
+      ``"staged-keep"``).
   """
 
   def __init__(
@@ -173,7 +181,40 @@ class Gramian:
       ValueError: an unknown ``granularity``.
     """
     _check_granularity(granularity)
-    return self.engine.grams(self.parts, self, granularity)
+    grams, exponents = self.scaled_grams(granularity)
+    return gram_lib.unscale(grams, exponents[:, None, None])
+
+  def scaled_grams(self, granularity: str = "global") -> tuple[Any, Any]:
+    """The Gram matrix of each group as ``(M̃, e)``, ``M = 4^e M̃``.
+
+    Finite for any finite gradients, as the stacked path's
+    :func:`~osgd_jax.gram.scaled_gram_matrices` (``docs/design.md``,
+    "Range, rank and derivatives"): the Gram matrix of gradients of norm
+    beyond about 1.8e19 overflows float32, its scaled form does not.
+
+    Args:
+      granularity: ``"global"`` or ``"leaf"``, as in :meth:`grams`.
+
+    Returns:
+      ``((G, K, K) scaled Gram matrices, (G,) int32 exponents)``.
+
+    Raises:
+      ValueError: an unknown ``granularity``.
+
+    Example:
+      >>> import jax.numpy as jnp, osgd_jax
+      >>> loss_fn = lambda w: jnp.stack([1e30 * w.sum(), w.sum()])
+      >>> _, gramian = osgd_jax.value_and_gramian(loss_fn)(jnp.ones(2))
+      >>> grams, exponents = gramian.scaled_grams()
+      >>> bool(jnp.isfinite(grams).all()), exponents.tolist()
+      (True, [100])
+    """
+    _check_granularity(granularity)
+    scaled = getattr(self.engine, "scaled_grams", None)
+    if scaled is None:  # an engine without scaling: exponents 0
+      grams = self.engine.grams(self.parts, self, granularity)
+      return grams, jnp.zeros(grams.shape[:1], jnp.int32)
+    return scaled(self.parts, self, granularity)
 
   def combine(self, weights: jax.Array, granularity: str = "global") -> Any:
     """``Σ_k w_k g_k``: the parameter-shaped weighted sum of the gradients.
@@ -264,26 +305,76 @@ def pairwise_leaf_grams(
 ) -> jax.Array:
   """Per-leaf Gram matrices, two gradients alive at a time.
 
+  ``4^e M̃`` of :func:`scaled_pairwise_leaf_grams` (which see): it
+  overflows where the true Gram matrix does.
+  """
+  grams, exponents = scaled_pairwise_leaf_grams(
+    pull, num_exits, num_leaves, loss_dtype, compute_dtype
+  )
+  return gram_lib.unscale(grams, exponents[:, None, None])
+
+
+def _row_exponents(leaves: list[Any]) -> jax.Array:
+  """``(L,)`` each leaf's power of two (:func:`gram.scale_exponents`).
+
+  A zero row gets the smallest exponent, so that it never sets the scale
+  of a leaf's other rows.
+  """
+  exponents = gram_lib.scale_exponents([leaf[None] for leaf in leaves])
+  zero = jnp.stack([~jnp.any(leaf != 0) for leaf in leaves])
+  return jnp.where(zero, _ZERO_ROW_EXPONENT, exponents)
+
+
+def _scaled_rows(leaves: list[Any], exponents: jax.Array, cd: Any) -> list:
+  return [
+    gram_lib.times_power_of_two(leaf.astype(cd), -exponents[i])
+    for i, leaf in enumerate(leaves)
+  ]
+
+
+def scaled_pairwise_leaf_grams(
+  pull: Callable[[jax.Array], list[Any]],
+  num_exits: int,
+  num_leaves: int,
+  loss_dtype: Any,
+  compute_dtype: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-leaf Gram matrices as ``(M̃, e)``, two gradients alive at a time.
+
   A ``lax.scan`` over k computes ``g_k = pull(e_k)``; inside it a loop over
   ``j < k`` recomputes ``g_j`` and stores ``⟨g_j, g_k⟩`` of every leaf:
-  ``K (K + 1) / 2`` pullbacks, memory of two gradients whatever K is.
+  ``K (K + 1) / 2`` pullbacks, memory of two gradients whatever K is. Each
+  row of a leaf is divided by its own power of two ``2^{a_{k,l}}`` before
+  the product (so no product overflows), and the products are brought to
+  the leaf's exponent ``e_l = max_k a_{k,l}`` at the end, as
+  :func:`~osgd_jax.gram.scaled_gram_matrices` scales a stacked leaf.
+
+  Returns:
+    ``((L, K, K) scaled Gram matrices, (L,) int32 exponents)``.
   """
 
+  def scaled(k):
+    leaves = pull(one_hot(k, num_exits, loss_dtype))
+    exponents = _row_exponents(leaves)
+    return _scaled_rows(leaves, exponents, compute_dtype), exponents
+
   def outer(grams, k):
-    g_k = pull(one_hot(k, num_exits, loss_dtype))
+    g_k, a_k = scaled(k)
 
     def inner(j, grams):
-      col = leaf_inner(
-        pull(one_hot(j, num_exits, loss_dtype)), g_k, compute_dtype
-      )
+      col = leaf_inner(scaled(j)[0], g_k, compute_dtype)
       return grams.at[:, j, k].set(col).at[:, k, j].set(col)
 
     grams = jax.lax.fori_loop(0, k, inner, grams)
-    return grams.at[:, k, k].set(leaf_inner(g_k, g_k, compute_dtype)), None
+    diag = leaf_inner(g_k, g_k, compute_dtype)
+    return grams.at[:, k, k].set(diag), a_k
 
   zeros = jnp.zeros((num_leaves, num_exits, num_exits), compute_dtype)
-  grams, _ = jax.lax.scan(outer, zeros, jnp.arange(num_exits))
-  return grams
+  grams, rows = jax.lax.scan(outer, zeros, jnp.arange(num_exits))
+  exponents = jnp.max(rows, axis=0)  # (L,)
+  # Entry (l, j, k) was divided by 2^(a_jl + a_kl); bring it to 4^e_l.
+  shift = rows.T[:, :, None] + rows.T[:, None, :] - 2 * exponents[:, None, None]
+  return gram_lib.times_power_of_two(grams, shift), exponents
 
 
 def scanned_combine(
@@ -327,34 +418,78 @@ class VjpEngine:
     return lambda w: jax.tree.leaves(vjp_fn(w)[0])
 
   def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
+    grams, exponents = self.scaled_grams(parts, gramian, granularity)
+    return gram_lib.unscale(grams, exponents[:, None, None])
+
+  def scaled_grams(
+    self, parts: Any, gramian: Gramian, granularity: str
+  ) -> tuple[jax.Array, jax.Array]:
     vjp_fn, k = parts, gramian.num_exits
     dtype, cd = np.dtype(self.loss_dtype), gramian.compute_dtype
+    shared = granularity == "global"
     if self.form == "vmap":
+      # The rows exist: scaled exactly as the stacked path scales them.
       (stacked,) = jax.vmap(vjp_fn)(jnp.eye(k, dtype=dtype))
-      grams = gram_lib.gram_matrices(jax.tree.leaves(stacked), cd)
-      return grams.sum(0, keepdims=True) if granularity == "global" else grams
-    if granularity == "leaf":
-      return pairwise_leaf_grams(
+      grams, exponents = gram_lib.scaled_gram_matrices(
+        jax.tree.leaves(stacked), cd
+      )
+      return gram_lib.combine_scaled(grams, exponents, shared)
+    if not shared:
+      return scaled_pairwise_leaf_grams(
         self._pull(vjp_fn), k, len(gramian.shapes), dtype, cd
       )
-    # Column k of M is J g_k: the transpose of the backward pass applied to
-    # g_k, computed from the same residuals (no forward-mode rules needed).
+    return self._scan_columns(vjp_fn, gramian)
+
+  def _scan_columns(
+    self, vjp_fn: Any, gramian: Gramian
+  ) -> tuple[jax.Array, jax.Array]:
+    """Column k of M is ``J g_k``, with ``g_k`` scaled before the product.
+
+    ``J g_k`` is the transpose of the backward pass applied to ``g_k``,
+    computed from the same residuals (no forward-mode rules needed). Its
+    entries ``⟨g_j, g_k⟩`` overflow float32 for gradients of norm about
+    1.8e19, so ``g_k`` enters divided by ``2^{a_k + c}``: ``2^{a_k}`` just
+    above its largest magnitude and ``2^c ≥ 2P`` (P its size), so that
+    ``|⟨g_j, g_k⟩| 2^{-a_k-c} ≤ ‖g_j‖_∞ / 2`` is finite; the columns are
+    then brought to the common exponent ``E = max_k a_k``.
+    """
+    k, dtype = gramian.num_exits, np.dtype(self.loss_dtype)
+    cd = gramian.compute_dtype
+    c = max(sum(gramian.sizes), 1).bit_length() + 1
     transposed = jax.linear_transpose(vjp_fn, jnp.zeros((k,), dtype))
 
     def column(carry, e):
-      (col,) = transposed(vjp_fn(e))
-      return carry, col.astype(cd)
+      g = vjp_fn(e)[0]
+      leaves, treedef = jax.tree.flatten(g)
+      a = (
+        gram_lib.scale_exponents(
+          [jnp.stack([jnp.max(jnp.abs(x)).astype(cd) for x in leaves])]
+        )[0]
+        if leaves
+        else jnp.int32(0)
+      )
+      down = jax.tree.unflatten(
+        treedef,
+        [gram_lib.times_power_of_two(leaf, -(a + c)) for leaf in leaves],
+      )
+      (col,) = transposed((down,))
+      return carry, (col.astype(cd), a)
 
-    _, cols = jax.lax.scan(column, None, jnp.eye(k, dtype=dtype))
+    _, (cols, a) = jax.lax.scan(column, None, jnp.eye(k, dtype=dtype))
+    top = jnp.max(a)
+    # cols[k] = M[:, k] / 2^(a_k + c); M̃ = M / 4^top.
+    cols = gram_lib.times_power_of_two(cols, (a + c - 2 * top)[:, None])
     # Symmetric in exact arithmetic; averaging removes the rounding skew.
-    return (0.5 * (cols + cols.T))[None]
+    return (0.5 * (cols + cols.T))[None], top[None]
 
   def combine(
     self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
   ) -> list[jax.Array]:
     vjp_fn, dtype = parts, np.dtype(self.loss_dtype)
     if granularity == "global":
-      return jax.tree.leaves(vjp_fn(weights[0].astype(dtype))[0])
+      return pullback_of_weights(
+        lambda w: jax.tree.leaves(vjp_fn(w)[0]), weights[0], dtype
+      )
     return scanned_combine(
       self._pull(vjp_fn),
       weights,
@@ -362,6 +497,22 @@ class VjpEngine:
       dtype,
       gramian.compute_dtype,
     )
+
+
+def pullback_of_weights(
+  pull: Callable[[jax.Array], list[Any]], weights: jax.Array, dtype: Any
+) -> list[jax.Array]:
+  """``Jᵀ w`` by one pullback of ``w / 2^s``, scaled back by ``2^s``.
+
+  ``2^s`` is just above the largest weight, so the cotangents of the
+  backward pass are those of a unit-weighted loss whatever the weights'
+  scale (weights scaled back from a scaled Gram matrix may be far from 1);
+  scaling by a power of two is exact, so in the ordinary range the result
+  is that of ``pull(w)`` bit for bit.
+  """
+  s = gram_lib.scale_exponents([weights])[0]
+  leaves = pull(gram_lib.times_power_of_two(weights, -s).astype(dtype))
+  return [gram_lib.times_power_of_two(leaf, s) for leaf in leaves]
 
 
 def nbytes(tree: Any) -> int:

@@ -10,7 +10,11 @@ soon as they exist, and ``Σ_k w_k g_k`` is one more staged backward pass with
 the single cotangent ``Σ_k w_k e_k`` (``granularity="global"``), or the
 staged backward with each stage's rows summed with their leaf's weights
 (``"leaf"``). No K×P stack is formed; a stage's rows live only while its
-blocks are contracted.
+blocks are contracted (``form="replay"``). Where the activations dominate
+that keeps the forward's residuals alive until the update, so
+``form="keep"`` (the automatic choice there) instead keeps each leaf's
+rows from one staged backward, frees the residuals, and forms the Gram
+matrices and the update from the rows as the stacked path does.
 """
 
 from __future__ import annotations
@@ -26,9 +30,15 @@ from flax import nnx
 
 from osgd_jax import gram as gram_lib
 from osgd_jax import staged
-from osgd_jax.gramian import Gramian
+from osgd_jax.gramian import Gramian, choose_form, nbytes, pullback_of_weights
 
-__all__ = ["staged_value_and_gramian"]
+__all__ = ["STAGED_FORMS", "staged_value_and_gramian"]
+
+#: How :func:`staged_value_and_gramian` keeps what its Gram matrix and
+#: update need: ``"keep"`` the stages' rows of one staged backward,
+#: ``"replay"`` the stages' pullbacks (one more backward for the update),
+#: ``"auto"`` the leaner by the rule of ``osgd_jax.gramian.choose_form``.
+STAGED_FORMS: tuple[str, ...] = ("auto", "keep", "replay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +84,29 @@ class StagedEngine:
     return out
 
   def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
+    grams, exponents = self.scaled_grams(parts, gramian, granularity)
+    return gram_lib.unscale(grams, exponents[:, None, None])
+
+  def scaled_grams(
+    self, parts: Any, gramian: Gramian, granularity: str
+  ) -> tuple[jax.Array, jax.Array]:
     k, cd = gramian.num_exits, gramian.compute_dtype
 
     def blocks(j, grads_j):
       # Exits j..K reach stage j: their block, zero rows and columns before.
-      grams = gram_lib.gram_matrices(jax.tree.leaves(grads_j), cd)
-      return list(jnp.pad(grams, ((0, 0), (j, 0), (j, 0))))
+      grams, exponents = gram_lib.scaled_gram_matrices(
+        jax.tree.leaves(grads_j), cd
+      )
+      grams = jnp.pad(grams, ((0, 0), (j, 0), (j, 0)))
+      return list(zip(grams, exponents, strict=True))
 
     per_stage = self._backward(parts, k, blocks)
-    grams = jnp.stack(self._in_param_order(per_stage, len(gramian.shapes)))
-    return grams.sum(0, keepdims=True) if granularity == "global" else grams
+    pairs = self._in_param_order(per_stage, len(gramian.shapes))
+    return gram_lib.combine_scaled(
+      jnp.stack([g for g, _ in pairs]),
+      jnp.stack([e for _, e in pairs]),
+      granularity == "global",
+    )
 
   def combine(
     self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
@@ -102,9 +125,17 @@ class StagedEngine:
 
       per_stage = self._backward(parts, k, summed)
       return self._in_param_order(per_stage, len(gramian.shapes))
-    # One staged backward with the single cotangent Σ_k w_k e_k.
+    # One staged backward with the single cotangent Σ_k w_k e_k, the
+    # weights brought near 1 by a power of two (gramian.pullback_of_weights).
+    return pullback_of_weights(
+      lambda w: self._weighted_backward(parts, w, len(gramian.shapes)),
+      weights[0],
+      np.dtype(self.loss_dtype),
+    )
+
+  def _weighted_backward(self, parts: Any, w: jax.Array, count: int) -> list:
     vjps, logit_cts = parts
-    w = weights[0].astype(np.dtype(self.loss_dtype))
+    k = len(vjps)
     per_stage: list[Any] = [None] * k
     carry = None
     for j in reversed(range(k)):
@@ -118,7 +149,56 @@ class StagedEngine:
       else:
         grads_j, carry = vjp((carry_ct, logit_ct))
       per_stage[j] = jax.tree.leaves(grads_j)
-    return self._in_param_order(per_stage, len(gramian.shapes))
+    return self._in_param_order(per_stage, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedRowsEngine:
+  """A :class:`~osgd_jax.Gramian` from the rows of one staged backward.
+
+  ``parts`` is, in the parameters' leaf order, each leaf's rows of the
+  exits that reach its stage: ``(K - j, *shape)`` for a leaf of stage j
+  (exits before j have zero rows there, which are never formed). Once they
+  exist the stages' pullbacks are dead, so the forward's residuals are
+  freed before the weighting runs; the rows are what the staged stacked
+  path holds, without its zero rows. Gram matrices and the update are
+  those of the stacked path, scaled the same way.
+
+  Attributes:
+    first_exit: each leaf's stage j, the first exit whose loss reaches it.
+  """
+
+  first_exit: tuple[int, ...]
+
+  def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
+    grams, exponents = self.scaled_grams(parts, gramian, granularity)
+    return gram_lib.unscale(grams, exponents[:, None, None])
+
+  def scaled_grams(
+    self, parts: Any, gramian: Gramian, granularity: str
+  ) -> tuple[jax.Array, jax.Array]:
+    cd, grams, exponents = gramian.compute_dtype, [], []
+    for rows, j in zip(parts, self.first_exit, strict=True):
+      gram, exponent = gram_lib.scaled_gram_matrices([rows], cd)
+      grams.append(jnp.pad(gram[0], ((j, 0), (j, 0))))
+      exponents.append(exponent[0])
+    return gram_lib.combine_scaled(
+      jnp.stack(grams), jnp.stack(exponents), granularity == "global"
+    )
+
+  def combine(
+    self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
+  ) -> list[jax.Array]:
+    cd, shared = gramian.compute_dtype, granularity == "global"
+    return [
+      gram_lib.weighted_sum(
+        weights[0 if shared else i, j:],
+        rows,
+        cd,
+        gram_lib.scale_exponents([rows])[0],
+      )
+      for i, (rows, j) in enumerate(zip(parts, self.first_exit, strict=True))
+    ]
 
 
 def _stage_leaves(params: Any, num_exits: int) -> tuple[tuple[int, ...], ...]:
@@ -143,6 +223,7 @@ def staged_value_and_gramian(
   loss_fn: Callable[..., Any],
   has_aux: bool = False,
   rows: str = "auto",
+  form: str = "auto",
 ) -> Callable[..., tuple[Any, Gramian]]:
   """The staged Jacobian's twin for the Gramian engine: no K×P stack.
 
@@ -160,6 +241,15 @@ def staged_value_and_gramian(
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
     rows: how a stage's pullback runs for its exits, as in the staged
       Jacobian: ``"batched"``, ``"looped"`` or ``"auto"``.
+    form: ``"keep"``: one staged backward whose rows are kept (at most
+      K×P, the forward's residuals freed at once); ``"replay"``: the
+      stages' pullbacks are kept, the Gram matrix is one staged backward
+      contracting each stage's rows as they appear and the update one more
+      (no rows kept; the residuals live until the update); ``"auto"``
+      (default): ``"replay"`` where the parameters dominate (``K·P`` bytes
+      at least the residuals' bytes, the rule of
+      ``osgd_jax.gramian.choose_form``), else ``"keep"``. See
+      ``docs/design.md``, "The Gramian engine".
 
   Returns:
     A function ``fn(params, rest, x, *loss_args)`` returning ``((losses,
@@ -191,6 +281,11 @@ def staged_value_and_gramian(
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
   if rows not in staged.ROWS:
     raise ValueError(f"rows must be one of {staged.ROWS}, got {rows!r}.")
+  if form not in STAGED_FORMS:
+    raise ValueError(
+      f"staged_value_and_gramian: form must be one of {STAGED_FORMS}, got"
+      f" {form!r}."
+    )
   if not isinstance(graphdef, nnx.GraphDef):
     raise ValueError(
       "staged_value_and_gramian takes the graphdef of an anytime network,"
@@ -204,16 +299,35 @@ def staged_value_and_gramian(
     )
     k = len(vjps)
     leaves, treedef = jax.tree.flatten(params)
+    stage_leaves = _stage_leaves(params, k)
+    replay = StagedEngine(rows, stage_leaves, np.dtype(losses.dtype).name)
+    # The same shape-only rule as value_and_gramian's: "scan" there (the
+    # parameters dominate) is "replay" here.
+    keep = form == "keep" or (
+      form == "auto"
+      and choose_form("auto", k, nbytes(leaves), nbytes((vjps, logit_cts)))
+      == "vmap"
+    )
+    if keep:
+      per_stage = replay._backward(
+        (vjps, logit_cts), k, lambda j, grads_j: jax.tree.leaves(grads_j)
+      )
+      first_exit = [0] * len(leaves)
+      for j, indices in enumerate(stage_leaves):
+        for i in indices:
+          first_exit[i] = j
+      parts: Any = replay._in_param_order(per_stage, len(leaves))
+      engine: Any = StagedRowsEngine(tuple(first_exit))
+    else:
+      parts, engine = (vjps, logit_cts), replay
     gramian = Gramian(
-      (vjps, logit_cts),
-      engine=StagedEngine(
-        rows, _stage_leaves(params, k), np.dtype(losses.dtype).name
-      ),
+      parts,
+      engine=engine,
       num_exits=k,
       treedef=treedef,
       shapes=tuple(tuple(np.shape(leaf)) for leaf in leaves),
       dtypes=tuple(jnp.result_type(leaf) for leaf in leaves),
-      form="staged",
+      form="staged-keep" if keep else "staged",
     )
     if has_aux:
       return (losses, aux, new_rest), gramian

@@ -11,6 +11,7 @@ memory analysis; the sharded step against the unsharded one.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -24,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import osgd_jax
@@ -77,13 +78,33 @@ def _create(name, granularity):
   return aggregation.create(name, num_exits=K, **options)
 
 
+def _linear_setup():
+  """K linear losses of two leaves: rows that conflict, one nearly collinear.
+
+  The registry sweep compares weightings, not models: a linear loss keeps
+  each method's program small (the engines are checked on real models by
+  the tests below).
+  """
+  rng = np.random.default_rng(2)
+  rows = rng.normal(size=(K, 6))
+  rows[1] -= 0.8 * rows[0]
+  rows[2] = rows[0] + 1e-2 * rows[2]
+  params = {"a": {"w": jnp.asarray(rng.normal(size=(2, 2)))}, "b": jnp.ones(2)}
+
+  def loss_fn(p, rows):
+    flat = jnp.concatenate([p["a"]["w"].ravel(), p["b"]])
+    return rows @ flat + jnp.arange(1.0, K + 1)
+
+  return params, jnp.asarray(rows), loss_fn
+
+
 @pytest.mark.parametrize("granularity", ["global", "leaf"])
 def test_every_gram_weighting_takes_a_gramian(granularity):
   """Same update and state, float64 within 1e-10; coordinates refuse."""
   with jax.enable_x64(True):
-    params, x = _setup()
-    losses, stacked = osgd_jax.value_and_per_exit_grads(_loss_fn)(params, x)
-    _, gramian = osgd_jax.value_and_gramian(_loss_fn, form="vmap")(params, x)
+    params, rows, loss_fn = _linear_setup()
+    losses, stacked = osgd_jax.value_and_per_exit_grads(loss_fn)(params, rows)
+    _, gramian = osgd_jax.value_and_gramian(loss_fn, form="vmap")(params, rows)
     refused = set()
     for name in aggregation.names():
       tx = _create(name, granularity)
@@ -144,13 +165,97 @@ def test_osgd_from_a_gramian_is_gram_schmidt_on_the_explicit_jacobian(
 def test_the_forms_agree_in_float32():
   params, x = _setup(np.float32)
   _, stacked = osgd_jax.value_and_per_exit_grads(_loss_fn)(params, x)
-  for granularity in ("global", "leaf"):
-    tx = osgd_jax.osgd(num_exits=K, granularity=granularity)
-    expected, _ = tx.update(stacked, tx.init(params), params)
+  txs = {
+    g: osgd_jax.osgd(num_exits=K, granularity=g) for g in ("global", "leaf")
+  }
+
+  @jax.jit
+  def updates(params, x, stacked):
+    out = {}
+    for granularity, tx in txs.items():
+      out[granularity, "stacked"] = tx.update(stacked, tx.init(params), params)
+      for form in ("vmap", "scan"):
+        _, gramian = osgd_jax.value_and_gramian(_loss_fn, form=form)(params, x)
+        out[granularity, form] = tx.update(gramian, tx.init(params), params)
+    return out
+
+  out = updates(params, x, stacked)
+  for (granularity, _form), got in out.items():
+    chex.assert_trees_all_close(
+      got, out[granularity, "stacked"], rtol=1e-5, atol=1e-6
+    )
+
+
+def _scaled_loss_fn(p, x, scale):
+  """``_loss_fn`` times ``scale``: gradients of that magnitude."""
+  return scale * _loss_fn(p, x)
+
+
+def test_k1_is_the_identity_at_any_scale_through_a_gramian():
+  """K = 1, gradients 1e-30 to 1e30: the update is the gradient itself.
+
+  An unscaled Gram matrix overflows (or underflows) float32 there, which
+  gave a zero or NaN update.
+  """
+  params, x = _setup(np.float32)
+  txs = {
+    g: osgd_jax.osgd(num_exits=1, granularity=g) for g in ("global", "leaf")
+  }
+
+  @jax.jit
+  def run(params, x, scale):
+    def loss_fn(p, x):
+      return _scaled_loss_fn(p, x, scale)[:1]
+
+    grads = jax.grad(lambda p: loss_fn(p, x)[0])(params)
+    out = {}
+    for granularity, tx in txs.items():
+      for form in ("vmap", "scan"):
+        _, gramian = osgd_jax.value_and_gramian(loss_fn, form=form)(params, x)
+        out[granularity, form] = tx.update(gramian, tx.init(params), params)[0]
+    return grads, out
+
+  for scale in (1e-30, 1e-20, 1.0, 1e20, 1e30):
+    grads, out = run(params, x, jnp.float32(scale))
+    for got in out.values():
+      chex.assert_trees_all_close(got, grads, rtol=1e-6, atol=0)
+
+
+def test_exploding_gradients_through_a_gramian_match_the_stack():
+  """Norm ~1e20 (the squared norm overflows float32): every form = stack."""
+  params, x = _setup(np.float32)
+  scale = jnp.float32(1e20)
+  txs = [
+    make(num_exits=K, granularity=granularity)
+    for granularity in ("global", "leaf")
+    for make in (osgd_jax.osgd, aggregation.upgrad)
+  ]
+
+  @jax.jit
+  def run(params, x, scale):
+    def loss_fn(p, x):
+      return _scaled_loss_fn(p, x, scale)
+
+    _, stacked = osgd_jax.value_and_per_exit_grads(loss_fn)(params, x)
+    out = []
     for form in ("vmap", "scan"):
-      _, gramian = osgd_jax.value_and_gramian(_loss_fn, form=form)(params, x)
-      got, _ = tx.update(gramian, tx.init(params), params)
-      chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+      _, gramian = osgd_jax.value_and_gramian(loss_fn, form=form)(params, x)
+      out += [
+        (
+          tx.update(stacked, tx.init(params), params),
+          tx.update(gramian, tx.init(params), params),
+        )
+        for tx in txs
+      ]
+    return out
+
+  for expected, got in run(params, x, scale):
+    # The update is finite (a diagnostic of squared norms may be inf).
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(got[0]))
+    assert float(jnp.max(jnp.abs(expected[0]["b"]))) > 1e18
+    # float32 rounding relative to the update's scale (~1e19).
+    chex.assert_trees_all_close(got[0], expected[0], rtol=1e-5, atol=1e14)
+    chex.assert_trees_all_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
 
 
 def _bn_model():
@@ -166,30 +271,75 @@ def _ce(logits, y):
   return osgd_jax.per_exit_cross_entropy(logits, y)
 
 
-@pytest.mark.parametrize("granularity", ["global", "leaf"])
-def test_staged_gramian_on_a_batchnorm_zoo_model(granularity):
-  """Staged Gramian = staged stack, BatchNorm statistics updated once."""
+def test_staged_gramian_on_a_batchnorm_zoo_model():
+  """Staged Gramian = staged stack, BatchNorm statistics updated once.
+
+  Both forms (rows kept, pullbacks replayed) and both granularities of
+  OSGD, traced into one program (UPGrad and the rest are compared on
+  the same reader by the registry sweep).
+  """
   model, graphdef, params, rest, x, y = _bn_model()
-  (_, rest_s), stacked = osgd_jax.staged_value_and_per_exit_grads(
-    graphdef, _ce
-  )(params, rest, x, y)
-  (losses, rest_g), gramian = jax.jit(
-    osgd_jax.staged_value_and_gramian(graphdef, _ce)
-  )(params, rest, x, y)
+  txs = [osgd_jax.osgd(num_exits=K, granularity=g) for g in ("global", "leaf")]
+
+  @jax.jit
+  def run(params, rest, x, y):
+    (_, rest_s), stacked = osgd_jax.staged_value_and_per_exit_grads(
+      graphdef, _ce
+    )(params, rest, x, y)
+    expected = [tx.update(stacked, tx.init(params), params) for tx in txs]
+    out = {}
+    for form in ("keep", "replay"):
+      (_, rest_g), gramian = osgd_jax.staged_value_and_gramian(
+        graphdef, _ce, form=form
+      )(params, rest, x, y)
+      assert gramian.form == {"keep": "staged-keep", "replay": "staged"}[form]
+      out[form] = (
+        rest_g,
+        [tx.update(gramian, tx.init(params), params) for tx in txs],
+      )
+    return rest_s, expected, out
+
+  rest_s, expected, out = run(params, rest, x, y)
   # One forward in train mode updates the statistics once.
   model(x)
-  chex.assert_trees_all_close(
-    rest_g, nnx.state(model, nnx.Not(nnx.Param)), rtol=1e-6, atol=1e-7
-  )
-  chex.assert_trees_all_close(rest_g, rest_s, rtol=1e-6, atol=1e-7)
-  for tx in (
-    osgd_jax.osgd(num_exits=K, granularity=granularity),
-    aggregation.upgrad(num_exits=K, granularity=granularity),
-  ):
-    expected = tx.update(stacked, tx.init(params), params, losses=losses)
-    got = tx.update(gramian, tx.init(params), params, losses=losses)
-    chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
-    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  for rest_g, updates in out.values():
+    chex.assert_trees_all_close(
+      rest_g, nnx.state(model, nnx.Not(nnx.Param)), rtol=1e-6, atol=1e-7
+    )
+    chex.assert_trees_all_close(rest_g, rest_s, rtol=1e-6, atol=1e-7)
+    for want, got in zip(expected, updates, strict=True):
+      chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_staged_auto_keeps_rows_where_activations_dominate():
+  """Compiled temp bytes: the automatic staged Gramian ≤ the staged stack.
+
+  XLA's memory analysis, deterministic for a given program: with the
+  batch's activations above K × the parameters' bytes, "auto" keeps the
+  rows of one staged backward (form "staged-keep") and holds no more than
+  the staged stacked path, which holds the same rows padded to K.
+  """
+  model = zoo.create("nested-depth-mlp", rngs=nnx.Rngs(0), width=8, stages=K)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x, y = jnp.ones((512, 64)), jnp.zeros(512, jnp.int32)
+  tx = osgd_jax.osgd(num_exits=K)
+  forms = []
+
+  def stacked(p, r, x, y):
+    _, g = osgd_jax.staged_value_and_per_exit_grads(graphdef, _ce)(p, r, x, y)
+    return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
+
+  def gramian(p, r, x, y):
+    _, g = osgd_jax.staged_value_and_gramian(graphdef, _ce)(p, r, x, y)
+    forms.append(g.form)
+    return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
+
+  args = (params, rest, x, y)
+  assert _temp_bytes(gramian, *args) <= _temp_bytes(stacked, *args)
+  assert forms == ["staged-keep"]
+  with pytest.raises(ValueError, match="form must be one of"):
+    osgd_jax.staged_value_and_gramian(graphdef, _ce, form="scan")
 
 
 def test_refusals_name_the_fix():
@@ -331,9 +481,18 @@ def _collectives(hlo):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 @pytest.mark.parametrize("form", ["vmap", "scan"])
-def test_sharded_gramian_step_equals_unsharded(form):
-  """Data axis 4 × model axis 2: global-batch Gram, no K×P all-gather."""
+def test_sharded_gramian_step_equals_unsharded(form, axis_type):
+  """Data axis 4 × model axis 2: global-batch Gram, no K×P all-gather.
+
+  Under ``Explicit`` axes every contraction over a sharded axis must say
+  its output's sharding (the loss's own, and the engine's Gram blocks).
+  """
+  explicit = axis_type == "Explicit"
+  mesh = jax.make_mesh(
+    (4, 2), ("data", "model"), axis_types=(getattr(AxisType, axis_type),) * 2
+  )
   rng = np.random.default_rng(4)
   params = {
     "w1": jnp.asarray(rng.normal(size=(8, 16)) / 3, jnp.float32),
@@ -341,31 +500,35 @@ def test_sharded_gramian_step_equals_unsharded(form):
   }
   x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
 
-  def loss_fn(p, x):
+  def loss_fn(p, x, sharded):
     h = jnp.tanh(x @ p["w1"])
-    out = h @ p["w2"]
+    # The contraction over the model axis: its output stays split on data.
+    where = NamedSharding(mesh, P("data", None)) if sharded else None
+    out = jnp.matmul(h, p["w2"], out_sharding=where)
     return jnp.stack([jnp.mean(h**2), jnp.mean(out**2), jnp.mean(out[:, :2])])
 
-  tx = osgd_jax.osgd(num_exits=K, granularity="global")
+  txs = [osgd_jax.osgd(num_exits=K, granularity=g) for g in ("global", "leaf")]
 
-  def step(p, x):
-    _, gramian = osgd_jax.value_and_gramian(loss_fn, form=form)(p, x)
-    return tx.update(gramian, tx.init(p), p)
+  def step(p, x, sharded=False):
+    _, gramian = osgd_jax.value_and_gramian(
+      functools.partial(loss_fn, sharded=sharded and explicit), form=form
+    )(p, x)
+    return [tx.update(gramian, tx.init(p), p) for tx in txs]
 
   expected = jax.jit(step)(params, x)
-  mesh = jax.make_mesh(
-    (4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
-  )
   s_params = {
     "w1": jax.device_put(params["w1"], NamedSharding(mesh, P(None, "model"))),
     "w2": jax.device_put(params["w2"], NamedSharding(mesh, P("model", None))),
   }
   s_x = jax.device_put(x, NamedSharding(mesh, P("data", None)))
-  compiled = jax.jit(step).lower(s_params, s_x).compile()
+  compiled = (
+    jax.jit(step, static_argnums=2).lower(s_params, s_x, True).compile()
+  )
   got = compiled(s_params, s_x)
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
-  for name in params:
-    assert got[0][name].sharding.is_equivalent_to(s_params[name].sharding, 2)
+  for update, _ in got:
+    for name in params:
+      assert update[name].sharding.is_equivalent_to(s_params[name].sharding, 2)
   smallest_stack = K * min(p.size for p in params.values())
   for op, shape in _collectives(compiled.as_text()):
     if op == "all-gather":

@@ -302,8 +302,9 @@ class GramianGradients(NamedTuple):
     compute_dtype: float32, or float64 for float64 parameters.
     grams: ``(G, K, K)`` the Gram matrix of each group the transformation
       weighs: one per leaf (``granularity="leaf"``), or one.
-    exponents: ``(G,)`` int32 zeros: the Gramian forms its Gram matrices
-      unscaled (see :class:`StackedGradients` for the scaled form).
+    exponents: ``(G,)`` int32; group g's Gram matrix is
+      ``4^exponents[g] · grams[g]`` (:meth:`~osgd_jax.Gramian.scaled_grams`,
+      finite for any finite gradients, as for :class:`StackedGradients`).
   """
 
   gramian: Gramian
@@ -351,14 +352,14 @@ def read_gramian(
     )
   if params is not None:
     gramian.check_params(params, name)
-  grams = gramian.grams(granularity)
+  grams, exponents = gramian.scaled_grams(granularity)
   return GramianGradients(
     gramian,
     gramian.treedef,
     gramian.sizes,
     gramian.compute_dtype,
     grams,
-    jnp.zeros(grams.shape[:1], jnp.int32),
+    exponents,
   )
 
 
