@@ -54,6 +54,23 @@ def _update(name, granularity=None, **options):
   return jax.jit(lambda g: tx.update(g, state, _params(), losses=LOSSES))
 
 
+@functools.cache
+def _osgd_update(k, granularity="leaf", method="gram"):
+  """``jax.jit`` of OSGD's update from a fresh state: one per setting.
+
+  Cached: the hypothesis examples below differ in their values, dtypes and
+  shapes, not in the update; each new dtype or shape retraces this function.
+  """
+  tx = osgd_jax.osgd(num_exits=k, granularity=granularity, method=method)
+
+  def update(grads):
+    # The parameters: float32 zeros shaped like one exit's gradient.
+    params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], jnp.float32), grads)
+    return tx.update(grads, tx.init(params))
+
+  return jax.jit(update)
+
+
 def _grads(rng, scale, dtype=np.float32):
   return {
     n: jnp.asarray(rng.normal(size=(K, *s)) * scale, dtype)
@@ -81,9 +98,8 @@ def test_exploding_gradient_is_not_dropped():
   """Norm 1e20: the squared norm overflows float32; it gave 0 or NaN."""
   grads = _grads(np.random.default_rng(0), 1e20)
   for k in (1, K):
-    tx = osgd_jax.osgd(num_exits=k)
     g = {n: x[:k] for n, x in grads.items()}
-    out, state = tx.update(g, tx.init(_params()))
+    out, state = _osgd_update(k)(g)
     expected = _oracle(g, "leaf")
     _assert_close(out, expected, 1e20, 1e-5)
     rows = np.concatenate([np.asarray(g[n], np.float64) for n in SHAPES], 1)
@@ -108,8 +124,7 @@ def test_k1_is_the_identity_at_any_scale(exponent, seed, dtype, granularity):
     )
     for n, s in SHAPES.items()
   }
-  tx = osgd_jax.osgd(num_exits=1, granularity=granularity)
-  out, _ = jax.jit(tx.update)(g, tx.init(_params()))
+  out, _ = _osgd_update(1, granularity)(g)
   for n in SHAPES:
     assert out[n].dtype == g[n].dtype
     np.testing.assert_array_equal(
@@ -199,8 +214,7 @@ def test_rank_deficient_groups_match_oracle(
     first[i] = first[i - 1] + closeness * first[i]
   later = rng.normal(size=(extra, size)) @ first
   rows = np.concatenate([first, later]).astype(np.float32)
-  tx = osgd_jax.osgd(num_exits=k, method=method)
-  out, state = tx.update({"b": jnp.asarray(rows)}, tx.init({"b": 0 * rows[0]}))
+  out, state = _osgd_update(k, method=method)({"b": jnp.asarray(rows)})
   components = gram_schmidt_components(rows, DEFAULT_TOL)
   norm = np.linalg.norm(rows, axis=1).max()
   np.testing.assert_allclose(out["b"], components.sum(0), atol=1e-3 * norm)

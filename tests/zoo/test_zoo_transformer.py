@@ -90,26 +90,52 @@ def test_causal_positions_never_read_later_tokens(name):
     assert not np.allclose(out[:, :, t], full[:, :, t]), t
 
 
-def _staged_and_vmap(graphdef, loss):
-  staged = osgd_jax.staged_value_and_per_exit_grads(graphdef, loss)
-
+def _vmapped(graphdef, loss):
   def exit_losses(params, rest, x, y):
     model = nnx.merge(graphdef, params, rest, copy=True)
     return loss(model(x), y), nnx.state(model, nnx.Not(nnx.Param))
 
-  vmapped = osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
-  return lambda *args: (staged(*args), vmapped(*args))
+  return osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
 
 
-def test_staged_jacobian_of_the_shared_head_equals_vmap(shared):
+_PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+@pytest.fixture(scope="module")
+def shared_grads(shared):
+  """The shared-head model's staged gradients, exported for every platform.
+
+  The staged function, its exported form and the vmapped reference are
+  compiled as one program (compilation dominates on a CPU), so each
+  comparison below is within one program, as when compiled separately.
+  """
   model, x, y, _ = shared
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  both = compile_cheaply(
-    _staged_and_vmap(graphdef, per_exit_cross_entropy), params, rest, x, y
+  staged = osgd_jax.staged_value_and_per_exit_grads(
+    graphdef, per_exit_cross_entropy
   )
-  ((losses, _), grads), ((ref_losses, _), ref_grads) = jax.device_get(
-    both(params, rest, x, y)
+  exported = jax.export.export(jax.jit(staged), platforms=_PLATFORMS)(
+    params, rest, x, y
   )
+  vmapped = _vmapped(graphdef, per_exit_cross_entropy)
+  every = compile_cheaply(
+    lambda *args: dict(
+      staged=staged(*args),
+      vmapped=vmapped(*args),
+      exported=exported.call(*args),
+    ),
+    params,
+    rest,
+    x,
+    y,
+  )
+  return exported, jax.device_get(every(params, rest, x, y))
+
+
+def test_staged_jacobian_of_the_shared_head_equals_vmap(shared_grads):
+  _, out = shared_grads
+  (losses, _), grads = out["staged"]
+  (ref_losses, _), ref_grads = out["vmapped"]
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   for g, r in zip(
     jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
@@ -124,22 +150,14 @@ def _custom_calls(text: str) -> list[str]:
   return re.findall(r"custom_call\s*@([\w.$-]+)", text)
 
 
-def test_export_for_cpu_gpu_and_tpu(shared):
-  model, x, y, _ = shared
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  jitted = jax.jit(
-    osgd_jax.staged_value_and_per_exit_grads(graphdef, per_exit_cross_entropy)
-  )
-  platforms = ("cpu", "cuda", "tpu")
-  exported = jax.export.export(jitted, platforms=platforms)(params, rest, x, y)
-  assert exported.platforms == platforms
+def test_export_for_cpu_gpu_and_tpu(shared_grads):
+  exported, out = shared_grads
+  assert exported.platforms == _PLATFORMS
   assert not _custom_calls(exported.mlir_module())
-  both = compile_cheaply(
-    lambda *args: (exported.call(*args), jitted(*args)), params, rest, x, y
-  )
-  from_export, from_jit = jax.device_get(both(params, rest, x, y))
   for a, b in zip(
-    jax.tree.leaves(from_export), jax.tree.leaves(from_jit), strict=True
+    jax.tree.leaves(out["exported"]),
+    jax.tree.leaves(out["staged"]),
+    strict=True,
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
