@@ -269,7 +269,14 @@ def test_by_default_such_losses_get_the_vmapped_gradients(
   )
   assert not calls
   _assert_trees_close(losses, ref_losses, rtol=1e-6)
-  _assert_trees_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+  # The two programs sum the same float32 terms in different orders (XLA
+  # fuses them differently), so an entry that nearly cancels differs by a
+  # few ulps of the leaf's largest entry: the bound is relative to that.
+  for u, v in zip(_arrays(grads), _arrays(ref_grads), strict=True):
+    np.testing.assert_allclose(
+      u, v, rtol=1e-5, atol=1e-6 * float(np.abs(v).max())
+    )
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
   _assert_trees_close(
     nnx.state(model, nnx.BatchStat), ref_stats, rtol=1e-6, atol=1e-7
   )
