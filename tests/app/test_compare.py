@@ -713,8 +713,9 @@ def test_mnist1d_is_checked_against_each_model(tmp_path, capsys, monkeypatch):
   argv = ["--dataset", "mnist1d", "--models", "nested-depth-mlp"]
   argv += ["branched-resnet", "--out", str(tmp_path)]
   assert compare.main(argv) == 2
-  assert "--model branched-resnet convolves 2-D images" in (
-    capsys.readouterr().err
+  assert (
+    "--model branched-resnet cannot read --dataset mnist1d's inputs"
+    in capsys.readouterr().err
   )
   # MLPs pass every run's check, although the shared settings' own model is
   # a ResNet; the plan reaches the experiment.
