@@ -52,7 +52,7 @@ from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.staged import staged_value_and_per_exit_grads
 from osgd_jax.staged_gramian import staged_value_and_gramian
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
   "AdaLossState",
