@@ -30,14 +30,19 @@ from flax import nnx
 
 from osgd_jax import gram as gram_lib
 from osgd_jax import staged
-from osgd_jax.gramian import Gramian, choose_form, nbytes, pullback_of_weights
+from osgd_jax._gramian_core import (
+  Gramian,
+  choose_form,
+  nbytes,
+  pullback_of_weights,
+)
 
 __all__ = ["STAGED_FORMS", "staged_value_and_gramian"]
 
 #: How :func:`staged_value_and_gramian` keeps what its Gram matrix and
 #: update need: ``"keep"`` the stages' rows of one staged backward,
 #: ``"replay"`` the stages' pullbacks (one more backward for the update),
-#: ``"auto"`` the leaner by the rule of ``osgd_jax.gramian.choose_form``.
+#: ``"auto"`` the leaner by the rule of ``osgd_jax._gramian_core.choose_form``.
 STAGED_FORMS: tuple[str, ...] = ("auto", "keep", "replay")
 
 
@@ -248,7 +253,7 @@ def staged_value_and_gramian(
       (no rows kept; the residuals live until the update); ``"auto"``
       (default): ``"replay"`` where the parameters dominate (``K·P`` bytes
       at least the residuals' bytes, the rule of
-      ``osgd_jax.gramian.choose_form``), else ``"keep"``. See
+      ``osgd_jax._gramian_core.choose_form``), else ``"keep"``. See
       ``docs/design.md``, "The Gramian engine".
 
   Returns:
