@@ -49,6 +49,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from osgd_jax import gram as gram_lib
 from osgd_jax._gramian_core import (
@@ -58,7 +59,12 @@ from osgd_jax._gramian_core import (
   nbytes,
   pullback_of_weights,
 )
-from osgd_jax.grads import check_aux_pair, check_loss_vector
+from osgd_jax.grads import (
+  check_aux_pair,
+  check_loss_vector,
+  module_value_and_derivative,
+)
+from osgd_jax.staged_gramian import staged_value_and_gramian
 
 __all__ = ["FORMS", "Form", "GramEngine", "Gramian", "value_and_gramian"]
 
@@ -296,11 +302,37 @@ def check_form(form: Any, fn_name: str) -> None:
     raise ValueError(f"{fn_name}: form must be one of {FORMS}, got {form!r}.")
 
 
+def _gramian_of(
+  pure_fn: Callable[[Any], Any], params: Any, fn_name: str, form: str
+) -> tuple[Any, Any, Gramian]:
+  """``(losses, aux, gramian)`` of ``pure_fn(params) -> (losses, aux)``.
+
+  One forward pass (one trace of ``pure_fn``), whose pullback the Gramian
+  keeps; the counterpart of ``osgd_jax.grads``' vmapped VJP.
+  """
+  losses, vjp_fn, aux = jax.vjp(pure_fn, params, has_aux=True)
+  check_loss_vector(losses, fn_name)
+  k = losses.shape[0]
+  leaves, treedef = jax.tree.flatten(params)
+  chosen = choose_form(form, k, nbytes(leaves), nbytes(vjp_fn))
+  gramian = Gramian(
+    vjp_fn,
+    engine=VjpEngine(chosen, np.dtype(losses.dtype).name),
+    num_exits=k,
+    treedef=treedef,
+    shapes=tuple(tuple(np.shape(x)) for x in leaves),
+    dtypes=tuple(jnp.result_type(x) for x in leaves),
+    form=chosen,
+  )
+  return losses, aux, gramian
+
+
 def value_and_gramian(
   loss_fn: Callable[..., Any],
   *,
   has_aux: bool = False,
   form: Form = "auto",
+  staged: bool | None = None,
 ) -> Callable[..., tuple[Any, Gramian]]:
   """Creates a function returning the exit losses and their :class:`Gramian`.
 
@@ -310,24 +342,49 @@ def value_and_gramian(
   that every Gram-weighting transformation takes in their place, with the
   same update and state, without the stack ever existing.
 
+  **Flax NNX models.** Called with an ``nnx.Module`` as its first argument,
+  it works as the model form of
+  :func:`~osgd_jax.grads.value_and_per_exit_grads` does, with the same
+  machinery: ``loss_fn(model, *args)`` takes the model (a copy) and
+  returns the ``(K,)`` losses; the Gramian is taken with respect to the
+  model's ``nnx.Param`` variables (it stands for the gradients that
+  function would return, in the structure of ``nnx.state(model,
+  nnx.Param)``); the model's other state (BatchNorm statistics, RNG
+  counts) is updated in place exactly once per call. A zoo
+  :class:`~osgd_jax.zoo.AnytimeNet` whose ``loss_fn`` calls it once, as
+  ``model(x)`` on one of ``args``, gets the staged Gramian
+  (:func:`~osgd_jax.staged_gramian.staged_value_and_gramian`, its own
+  ``form="auto"``); any other gets this function's. :class:`osgd_jax.Optimizer
+  <osgd_jax.optimizer.Optimizer>`, ``nnx.Optimizer`` whose ``update`` also
+  takes a Gramian, applies it in one call.
+
   Args:
-    loss_fn: function of ``(params, *args)`` whose first output is the
-      vector of per-exit losses, earliest exit first.
+    loss_fn: function of ``(params, *args)`` (or ``(model, *args)``) whose
+      first output is the vector of per-exit losses, earliest exit first.
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)`` (e.g. the
       new BatchNorm statistics: the forward runs once, so they are updated
       once per step).
     form: how the Gram matrix is formed: ``"vmap"``, ``"scan"`` or
       ``"auto"`` (see the module docstring and ``docs/design.md``, "The
-      Gramian engine"). The results agree to float rounding.
+      Gramian engine"). The results agree to float rounding. For an NNX
+      model, ``"vmap"`` or ``"scan"`` also rules out the staged Gramian,
+      which has formulations of its own.
+    staged: for an NNX model only: ``None`` (the default) uses the staged
+      Gramian where it applies (with ``form="auto"``); ``True`` requires
+      it (and says why it does not apply); ``False`` never uses it.
 
   Returns:
-    A function of ``(params, *args)`` returning ``(losses, gramian)``, or
-    ``((losses, aux), gramian)`` with ``has_aux``.
+    A function of ``(params, *args)`` (or ``(model, *args)``) returning
+    ``(losses, gramian)``, or ``((losses, aux), gramian)`` with
+    ``has_aux``.
 
   Raises:
-    ValueError: an unknown ``form`` (at construction); at trace time, if
-      ``loss_fn`` does not return a non-empty 1-D floating-point vector,
-      or (with ``has_aux``) not a pair.
+    ValueError: at construction, an unknown ``form`` or ``staged``, or
+      ``staged=True`` with a ``form`` other than ``"auto"``; at trace
+      time, if ``loss_fn`` does not return a non-empty 1-D floating-point
+      vector, or (with ``has_aux``) not a pair; if ``staged`` is given for
+      a first argument that is not an ``nnx.Module``, or ``staged=True``
+      and the staged Gramian does not apply.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, osgd_jax
@@ -342,36 +399,63 @@ def value_and_gramian(
     >>> updates, state = jax.jit(tx.update)(gramian, tx.init(params), params)
     >>> updates.shape
     (3,)
+
+    With a zoo model, as with ``nnx.value_and_grad``:
+
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3)
+    >>> def model_loss(model, x, y):
+    ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
+    >>> losses, gramian = osgd_jax.value_and_gramian(model_loss)(
+    ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> gramian.form.startswith('staged'), gramian.grams().shape
+    (True, (1, 3, 3))
   """
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
   check_form(form, "value_and_gramian")
+  if staged not in (None, True, False):
+    raise ValueError(f"staged must be None, True or False, got {staged!r}.")
+  if staged and form != "auto":
+    raise ValueError(
+      f"value_and_gramian: form={form!r} is a formulation of the vmapped"
+      " VJP, and staged=True asks for the staged Gramian, which has its"
+      " own; leave form out, or use"
+      " osgd_jax.staged_value_and_gramian(loss_fn, form=...) to choose one."
+    )
+
+  def staged_functional(graphdef, loss, aux, rows):
+    return staged_value_and_gramian(graphdef, loss, aux, rows)
 
   @functools.wraps(loss_fn)
   def value_and_gram(params, *args):
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(
-        lambda p: check_aux_pair(loss_fn(p, *args), fn_name),
+    if isinstance(params, nnx.Module):
+      return module_value_and_derivative(
+        loss_fn,
         params,
-        has_aux=True,
+        args,
+        has_aux=has_aux,
+        # An explicit form asks for the vmapped VJP's formulations.
+        staged=staged if form == "auto" else False,
+        fn_name=fn_name,
+        differentiate=functools.partial(_gramian_of, form=form),
+        staged_functional=staged_functional,
+        entry="osgd_jax.value_and_gramian",
+        what="staged Gramian",
       )
-    else:
-      losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, *args), params)
-      aux = None
-    check_loss_vector(losses, fn_name)
-    k = losses.shape[0]
-    leaves, treedef = jax.tree.flatten(params)
-    chosen = choose_form(form, k, nbytes(leaves), nbytes(vjp_fn))
-    gramian = Gramian(
-      vjp_fn,
-      engine=VjpEngine(chosen, np.dtype(losses.dtype).name),
-      num_exits=k,
-      treedef=treedef,
-      shapes=tuple(tuple(np.shape(x)) for x in leaves),
-      dtypes=tuple(jnp.result_type(x) for x in leaves),
-      form=chosen,
-    )
-    if has_aux:
-      return (losses, aux), gramian
-    return losses, gramian
+    if staged is not None:
+      raise ValueError(
+        f"staged={staged!r} applies to an nnx.Module, but the first"
+        f" argument is a {type(params).__name__}; leave staged out, or use"
+        " osgd_jax.staged_value_and_gramian(graphdef, loss_fn) for split"
+        " parameters."
+      )
+
+    def pure_fn(p):
+      out = loss_fn(p, *args)
+      return check_aux_pair(out, fn_name) if has_aux else (out, None)
+
+    losses, aux, gramian = _gramian_of(pure_fn, params, fn_name, form)
+    return ((losses, aux), gramian) if has_aux else (losses, gramian)
 
   return value_and_gram
