@@ -16,6 +16,11 @@ Gram-weighting transformation takes it in place of the stacked gradients::
     losses, gramian = osgd_jax.value_and_gramian(loss_fn)(params, x, y)
     updates, state = tx.update(gramian, state, params)
 
+A Flax NNX model goes in as with ``nnx.value_and_grad``
+(``value_and_gramian(loss_fn)(model, x, y)``, a zoo model getting the
+staged Gramian), and :class:`osgd_jax.Optimizer
+<osgd_jax.optimizer.Optimizer>` applies its Gramian in one call.
+
 Formulations of the Gram matrix (``form``):
 
 * ``"vmap"``: one backward pass carrying the K one-hot cotangents (a vmapped

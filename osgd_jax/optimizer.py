@@ -14,7 +14,7 @@ construction and checkpoints are ``nnx.Optimizer``'s.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import optax
@@ -23,8 +23,6 @@ from flax import nnx
 from osgd_jax._gramian_core import Gramian
 
 __all__ = ["Optimizer"]
-
-M = TypeVar("M")
 
 # Flax 0.12.8 renamed nnx.pure (now deprecated) to nnx.as_pure; 0.12.4,
 # the oldest Flax this library supports, has only nnx.pure.
@@ -43,7 +41,7 @@ def _pure_structure(gramian: Gramian) -> Any:
   return jax.tree.structure(_as_pure(shaped))
 
 
-class Optimizer(nnx.Optimizer[M]):
+class Optimizer(nnx.Optimizer):
   """``nnx.Optimizer`` whose ``update`` takes a Gramian or stacked gradients.
 
   Built, stored and checkpointed as ``nnx.Optimizer`` (the same arguments,
@@ -75,7 +73,7 @@ class Optimizer(nnx.Optimizer[M]):
     1
   """
 
-  def update(self, model: M, grads: Any, /, **kwargs: Any) -> optax.Updates:
+  def update(self, model: Any, grads: Any, /, **kwargs: Any) -> optax.Updates:
     """Updates the model's ``wrt`` parameters and the optimizer state.
 
     Args:
