@@ -49,6 +49,7 @@ from osgd_jax.aggregation import (
 from osgd_jax.grads import value_and_per_exit_grads
 from osgd_jax.gramian import Gramian, value_and_gramian
 from osgd_jax.losses import per_exit_cross_entropy
+from osgd_jax.optimizer import Optimizer
 from osgd_jax.staged import staged_value_and_per_exit_grads
 from osgd_jax.staged_gramian import staged_value_and_gramian
 
@@ -64,6 +65,7 @@ __all__ = [
   "Gramian",
   "KeyState",
   "NashMTLState",
+  "Optimizer",
   "OsgdState",
   "PCDState",
   "PCGradState",

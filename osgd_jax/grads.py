@@ -54,17 +54,36 @@ def _vmapped(
   return losses, aux, grads
 
 
-def _module_value_and_grads(
+def module_value_and_derivative(
   loss_fn: Callable[..., Any],
   model: nnx.Module,
   args: tuple[Any, ...],
+  *,
   has_aux: bool,
   staged: bool | None,
   fn_name: str,
+  differentiate: Callable[..., tuple[Any, Any, Any]] = _vmapped,
+  staged_functional: Callable[..., Callable[..., Any]] | None = None,
+  entry: str = "osgd_jax.value_and_per_exit_grads",
+  what: str = "staged Jacobian",
 ) -> tuple[Any, Any]:
-  """The model case of :func:`value_and_per_exit_grads`."""
+  """The model case of :func:`value_and_per_exit_grads`, and its twins'.
+
+  ``loss_fn(model, *args)`` is differentiated with respect to the model's
+  ``nnx.Param`` variables; the rest of its state is written back once. A
+  zoo model goes to the staged form (``staged_functional``, see
+  :func:`osgd_jax.staged.staged_module_value_and_grads`) unless
+  ``staged=False`` or the loss function does not fit; any other case to
+  ``differentiate(pure_fn, params, fn_name) -> (losses, aux, out)``, of
+  ``pure_fn(params) -> (losses, aux)``. The defaults give stacked
+  gradients; :func:`osgd_jax.gramian.value_and_gramian` passes its own to
+  give a Gramian, with ``entry`` and ``what`` naming it in errors.
+
+  Returns:
+    ``(losses, out)``, or ``((losses, aux), out)`` with ``has_aux``.
+  """
   if staged is not False:
-    out = staged_module_value_and_grads(
+    result = staged_module_value_and_grads(
       loss_fn,
       model,
       args,
@@ -72,9 +91,12 @@ def _module_value_and_grads(
       rows="auto",
       required=bool(staged),
       fn_name=fn_name,
+      functional=staged_functional,
+      entry=entry,
+      what=what,
     )
-    if out is not None:
-      return out
+    if result is not None:
+      return result
   # Differentiate a pure function of the parameters, as nnx.value_and_grad
   # does: a fresh copy of the model runs inside the trace, and its new
   # non-parameter state comes out as auxiliary data, written back once.
@@ -86,9 +108,9 @@ def _module_value_and_grads(
     losses, aux = check_aux_pair(out, fn_name) if has_aux else (out, None)
     return losses, (aux, nnx.state(copy, nnx.Not(nnx.Param)))
 
-  losses, (aux, new_rest), grads = _vmapped(pure_fn, params, fn_name)
+  losses, (aux, new_rest), out = differentiate(pure_fn, params, fn_name)
   nnx.update(model, new_rest)
-  return ((losses, aux), grads) if has_aux else (losses, grads)
+  return ((losses, aux), out) if has_aux else (losses, out)
 
 
 def value_and_per_exit_grads(
@@ -178,8 +200,8 @@ def value_and_per_exit_grads(
   @functools.wraps(loss_fn)
   def value_and_grads(params, *args):
     if isinstance(params, nnx.Module):
-      return _module_value_and_grads(
-        loss_fn, params, args, has_aux, staged, fn_name
+      return module_value_and_derivative(
+        loss_fn, params, args, has_aux=has_aux, staged=staged, fn_name=fn_name
       )
     if staged is not None:
       raise ValueError(

@@ -16,6 +16,11 @@ Gram-weighting transformation takes it in place of the stacked gradients::
     losses, gramian = osgd_jax.value_and_gramian(loss_fn)(params, x, y)
     updates, state = tx.update(gramian, state, params)
 
+A Flax NNX model goes in as with ``nnx.value_and_grad``
+(``value_and_gramian(loss_fn)(model, x, y)``, a zoo model getting the
+staged Gramian), and :class:`osgd_jax.Optimizer
+<osgd_jax.optimizer.Optimizer>` applies its Gramian in one call.
+
 Formulations of the Gram matrix (``form``):
 
 * ``"vmap"``: one backward pass carrying the K one-hot cotangents (a vmapped
@@ -43,16 +48,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from osgd_jax import gram as gram_lib
-from osgd_jax.grads import check_aux_pair, check_loss_vector
+from osgd_jax._gramian_core import (
+  GramEngine,
+  Gramian,
+  choose_form,
+  nbytes,
+  pullback_of_weights,
+)
+from osgd_jax.grads import (
+  check_aux_pair,
+  check_loss_vector,
+  module_value_and_derivative,
+)
+from osgd_jax.staged_gramian import staged_value_and_gramian
 
 __all__ = ["FORMS", "Form", "GramEngine", "Gramian", "value_and_gramian"]
 
@@ -60,223 +77,8 @@ __all__ = ["FORMS", "Form", "GramEngine", "Gramian", "value_and_gramian"]
 #: docstring.
 Form = Literal["auto", "vmap", "scan"]
 FORMS: tuple[str, ...] = ("auto", "vmap", "scan")
-_GRANULARITIES = ("global", "leaf")
 # The floor of gram.scale_exponents: a zero row's exponent.
 _ZERO_ROW_EXPONENT = -125
-
-
-class GramEngine(Protocol):
-  """How a :class:`Gramian` computes from its parts (static, hashable).
-
-  An engine may also define ``scaled_grams(parts, gramian, granularity)``
-  returning ``(M̃, e)`` with ``M = 4^e M̃`` (see :meth:`Gramian.scaled_grams`);
-  the library's engines do, so that their Gram matrices are scale-safe.
-  """
-
-  def grams(
-    self, parts: Any, gramian: Gramian, granularity: str
-  ) -> jax.Array: ...
-
-  def combine(
-    self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
-  ) -> list[jax.Array]: ...
-
-
-@jax.tree_util.register_pytree_node_class
-class Gramian:
-  """The per-exit gradients of K losses, without their K×P stack.
-
-  Returned by :func:`value_and_gramian` and
-  :func:`~osgd_jax.staged_gramian.staged_value_and_gramian`; every
-  Gram-weighting transformation takes it in place of stacked gradients,
-  with the same update and state. It is a pytree (the residuals of the
-  forward pass, held by ``jax.tree_util.Partial`` pullbacks, plus static
-  metadata), so it crosses ``jax.jit`` boundaries and enters ``tx.update``.
-
-  Attributes:
-    parts: the arrays and pullbacks its engine computes from.
-    engine: the static formulation (how :meth:`grams` and :meth:`combine`
-      run).
-    num_exits: K.
-    treedef: the tree structure of the parameters.
-    shapes: each parameter leaf's shape.
-    dtypes: each parameter leaf's dtype.
-    form: the formulation chosen (``"vmap"``, ``"scan"``, ``"staged"`` or
-      ``"staged-keep"``).
-  """
-
-  def __init__(
-    self,
-    parts: Any,
-    *,
-    engine: GramEngine,
-    num_exits: int,
-    treedef: Any,
-    shapes: tuple[tuple[int, ...], ...],
-    dtypes: tuple[Any, ...],
-    form: str,
-  ) -> None:
-    self.parts = parts
-    self.engine = engine
-    self.num_exits = num_exits
-    self.treedef = treedef
-    self.shapes = shapes
-    self.dtypes = dtypes
-    self.form = form
-
-  def _static(self) -> tuple[Any, ...]:
-    return (
-      self.engine,
-      self.num_exits,
-      self.treedef,
-      self.shapes,
-      tuple(np.dtype(d).name for d in self.dtypes),
-      self.form,
-    )
-
-  def tree_flatten(self) -> tuple[tuple[Any], tuple[Any, ...]]:
-    return (self.parts,), self._static()
-
-  @classmethod
-  def tree_unflatten(cls, static: tuple[Any, ...], children: Any) -> Gramian:
-    engine, num_exits, treedef, shapes, dtypes, form = static
-    return cls(
-      children[0],
-      engine=engine,
-      num_exits=num_exits,
-      treedef=treedef,
-      shapes=shapes,
-      dtypes=tuple(np.dtype(d) for d in dtypes),
-      form=form,
-    )
-
-  def __repr__(self) -> str:
-    return (
-      f"Gramian(num_exits={self.num_exits}, leaves={len(self.shapes)},"
-      f" form={self.form!r})"
-    )
-
-  @property
-  def sizes(self) -> tuple[int, ...]:
-    """The number of parameters of every leaf."""
-    return tuple(math.prod(s) for s in self.shapes)
-
-  @property
-  def compute_dtype(self) -> Any:
-    """The dtype of the Gram matrices, float32 or float64 (float64 params)."""
-    return jnp.result_type(jnp.float32, *self.dtypes)
-
-  def grams(self, granularity: str = "global") -> jax.Array:
-    """The Gram matrix of each group, in :attr:`compute_dtype`.
-
-    Args:
-      granularity: ``"global"`` (one group: all parameters) or ``"leaf"``
-        (one group per parameter leaf, in the order of the tree's leaves).
-
-    Returns:
-      ``(G, K, K)``: ``G = 1`` for ``"global"``, the number of leaves for
-      ``"leaf"``; ``M[j, k] = ⟨g_j, g_k⟩`` over the group's parameters.
-
-    Raises:
-      ValueError: an unknown ``granularity``.
-    """
-    _check_granularity(granularity)
-    grams, exponents = self.scaled_grams(granularity)
-    return gram_lib.unscale(grams, exponents[:, None, None])
-
-  def scaled_grams(self, granularity: str = "global") -> tuple[Any, Any]:
-    """The Gram matrix of each group as ``(M̃, e)``, ``M = 4^e M̃``.
-
-    Finite for any finite gradients, as the stacked path's
-    :func:`~osgd_jax.gram.scaled_gram_matrices` (``docs/design.md``,
-    "Range, rank and derivatives"): the Gram matrix of gradients of norm
-    beyond about 1.8e19 overflows float32, its scaled form does not.
-
-    Args:
-      granularity: ``"global"`` or ``"leaf"``, as in :meth:`grams`.
-
-    Returns:
-      ``((G, K, K) scaled Gram matrices, (G,) int32 exponents)``.
-
-    Raises:
-      ValueError: an unknown ``granularity``.
-
-    Example:
-      >>> import jax.numpy as jnp, osgd_jax
-      >>> loss_fn = lambda w: jnp.stack([1e30 * w.sum(), w.sum()])
-      >>> _, gramian = osgd_jax.value_and_gramian(loss_fn)(jnp.ones(2))
-      >>> grams, exponents = gramian.scaled_grams()
-      >>> bool(jnp.isfinite(grams).all()), exponents.tolist()
-      (True, [100])
-    """
-    _check_granularity(granularity)
-    scaled = getattr(self.engine, "scaled_grams", None)
-    if scaled is None:  # an engine without scaling: exponents 0
-      grams = self.engine.grams(self.parts, self, granularity)
-      return grams, jnp.zeros(grams.shape[:1], jnp.int32)
-    return scaled(self.parts, self, granularity)
-
-  def combine(self, weights: jax.Array, granularity: str = "global") -> Any:
-    """``Σ_k w_k g_k``: the parameter-shaped weighted sum of the gradients.
-
-    Args:
-      weights: ``(K,)``, or ``(G, K)`` with one row per group.
-      granularity: ``"global"`` (one row for all parameters) or ``"leaf"``
-        (row l for leaf l).
-
-    Returns:
-      A tree shaped like the parameters, each leaf in its parameter's dtype.
-
-    Raises:
-      ValueError: an unknown ``granularity``.
-
-    Example:
-      >>> import jax.numpy as jnp, osgd_jax
-      >>> loss_fn = lambda w: jnp.stack([w.sum(), (w ** 2).sum()])
-      >>> _, gramian = osgd_jax.value_and_gramian(loss_fn)(jnp.ones(2))
-      >>> gramian.combine(jnp.asarray([1.0, 0.5])).tolist()  # g1 + g2 / 2
-      [2.0, 2.0]
-    """
-    _check_granularity(granularity)
-    weights = jnp.asarray(weights)
-    if weights.ndim == 1:
-      weights = weights[None]
-    leaves = self.engine.combine(self.parts, self, weights, granularity)
-    return jax.tree.unflatten(
-      self.treedef,
-      [
-        leaf.astype(dtype)
-        for leaf, dtype in zip(leaves, self.dtypes, strict=True)
-      ],
-    )
-
-  def check_params(self, params: Any, name: str) -> None:
-    """Raises unless ``params`` have the structure and shapes of the Gramian.
-
-    Raises:
-      ValueError: naming the mismatch and the fix.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if treedef != self.treedef:
-      raise ValueError(
-        f"{name}: the Gramian and params have different tree structures:"
-        f" {self.treedef} vs {treedef}. Pass the params the Gramian was"
-        " taken with respect to."
-      )
-    for (path, param), shape in zip(flat, self.shapes, strict=True):
-      if tuple(np.shape(param)) != shape:
-        raise ValueError(
-          f"{name}: the Gramian's leaf {jax.tree_util.keystr(path)} has"
-          f" shape {shape} but its parameter has {tuple(np.shape(param))}."
-          " Pass the params the Gramian was taken with respect to."
-        )
-
-
-def _check_granularity(granularity: str) -> None:
-  if granularity not in _GRANULARITIES:
-    raise ValueError(
-      f"granularity must be one of {_GRANULARITIES}, got {granularity!r}."
-    )
 
 
 def one_hot(k: jax.Array | int, num_exits: int, dtype: Any) -> jax.Array:
@@ -499,57 +301,35 @@ class VjpEngine:
     )
 
 
-def pullback_of_weights(
-  pull: Callable[[jax.Array], list[Any]], weights: jax.Array, dtype: Any
-) -> list[jax.Array]:
-  """``Jᵀ w`` by one pullback of ``w / 2^s``, scaled back by ``2^s``.
-
-  ``2^s`` is just above the largest weight, so the cotangents of the
-  backward pass are those of a unit-weighted loss whatever the weights'
-  scale (weights scaled back from a scaled Gram matrix may be far from 1);
-  scaling by a power of two is exact, so in the ordinary range the result
-  is that of ``pull(w)`` bit for bit.
-  """
-  s = gram_lib.scale_exponents([weights])[0]
-  leaves = pull(gram_lib.times_power_of_two(weights, -s).astype(dtype))
-  return [gram_lib.times_power_of_two(leaf, s) for leaf in leaves]
-
-
-def nbytes(tree: Any) -> int:
-  """The bytes of every array (or abstract array) in ``tree``."""
-  return sum(
-    math.prod(np.shape(x)) * np.dtype(jnp.result_type(x)).itemsize
-    for x in jax.tree.leaves(tree)
-    if hasattr(x, "dtype")
-  )
-
-
-def choose_form(
-  form: str, num_exits: int, param_bytes: int, residual_bytes: int
-) -> str:
-  """The formulation ``"auto"`` picks: ``"scan"`` when parameters dominate.
-
-  ``"vmap"`` holds K cotangents of the activations and a leaf's K rows;
-  ``"scan"`` one or two gradients and the transient of one backward pass
-  more. The stack ``"vmap"`` would pass through is ``K·P`` bytes; the
-  residuals of the forward pass (about the activations) are what its K
-  cotangents scale. ``"scan"`` when ``K·P ≥`` the residual bytes.
-
-  Example:
-    >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20)
-    'scan'
-    >>> choose_form("auto", 4, param_bytes=4 << 20, residual_bytes=600 << 20)
-    'vmap'
-  """
-  if form != "auto":
-    return form
-  return "scan" if num_exits * param_bytes >= residual_bytes else "vmap"
-
-
 def check_form(form: Any, fn_name: str) -> None:
   """Raises unless ``form`` is one of :data:`FORMS`."""
   if form not in FORMS:
     raise ValueError(f"{fn_name}: form must be one of {FORMS}, got {form!r}.")
+
+
+def _gramian_of(
+  pure_fn: Callable[[Any], Any], params: Any, fn_name: str, form: str
+) -> tuple[Any, Any, Gramian]:
+  """``(losses, aux, gramian)`` of ``pure_fn(params) -> (losses, aux)``.
+
+  One forward pass (one trace of ``pure_fn``), whose pullback the Gramian
+  keeps; the counterpart of ``osgd_jax.grads``' vmapped VJP.
+  """
+  losses, vjp_fn, aux = jax.vjp(pure_fn, params, has_aux=True)
+  check_loss_vector(losses, fn_name)
+  k = losses.shape[0]
+  leaves, treedef = jax.tree.flatten(params)
+  chosen = choose_form(form, k, nbytes(leaves), nbytes(vjp_fn))
+  gramian = Gramian(
+    vjp_fn,
+    engine=VjpEngine(chosen, np.dtype(losses.dtype).name),
+    num_exits=k,
+    treedef=treedef,
+    shapes=tuple(tuple(np.shape(x)) for x in leaves),
+    dtypes=tuple(jnp.result_type(x) for x in leaves),
+    form=chosen,
+  )
+  return losses, aux, gramian
 
 
 def value_and_gramian(
@@ -557,6 +337,7 @@ def value_and_gramian(
   *,
   has_aux: bool = False,
   form: Form = "auto",
+  staged: bool | None = None,
 ) -> Callable[..., tuple[Any, Gramian]]:
   """Creates a function returning the exit losses and their :class:`Gramian`.
 
@@ -566,24 +347,49 @@ def value_and_gramian(
   that every Gram-weighting transformation takes in their place, with the
   same update and state, without the stack ever existing.
 
+  **Flax NNX models.** Called with an ``nnx.Module`` as its first argument,
+  it works as the model form of
+  :func:`~osgd_jax.grads.value_and_per_exit_grads` does, with the same
+  machinery: ``loss_fn(model, *args)`` takes the model (a copy) and
+  returns the ``(K,)`` losses; the Gramian is taken with respect to the
+  model's ``nnx.Param`` variables (it stands for the gradients that
+  function would return, in the structure of ``nnx.state(model,
+  nnx.Param)``); the model's other state (BatchNorm statistics, RNG
+  counts) is updated in place exactly once per call. A zoo
+  :class:`~osgd_jax.zoo.AnytimeNet` whose ``loss_fn`` calls it once, as
+  ``model(x)`` on one of ``args``, gets the staged Gramian
+  (:func:`~osgd_jax.staged_gramian.staged_value_and_gramian`, its own
+  ``form="auto"``); any other gets this function's. :class:`osgd_jax.Optimizer
+  <osgd_jax.optimizer.Optimizer>`, ``nnx.Optimizer`` whose ``update`` also
+  takes a Gramian, applies it in one call.
+
   Args:
-    loss_fn: function of ``(params, *args)`` whose first output is the
-      vector of per-exit losses, earliest exit first.
+    loss_fn: function of ``(params, *args)`` (or ``(model, *args)``) whose
+      first output is the vector of per-exit losses, earliest exit first.
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)`` (e.g. the
       new BatchNorm statistics: the forward runs once, so they are updated
       once per step).
     form: how the Gram matrix is formed: ``"vmap"``, ``"scan"`` or
       ``"auto"`` (see the module docstring and ``docs/design.md``, "The
-      Gramian engine"). The results agree to float rounding.
+      Gramian engine"). The results agree to float rounding. For an NNX
+      model, ``"vmap"`` or ``"scan"`` also rules out the staged Gramian,
+      which has formulations of its own.
+    staged: for an NNX model only: ``None`` (the default) uses the staged
+      Gramian where it applies (with ``form="auto"``); ``True`` requires
+      it (and says why it does not apply); ``False`` never uses it.
 
   Returns:
-    A function of ``(params, *args)`` returning ``(losses, gramian)``, or
-    ``((losses, aux), gramian)`` with ``has_aux``.
+    A function of ``(params, *args)`` (or ``(model, *args)``) returning
+    ``(losses, gramian)``, or ``((losses, aux), gramian)`` with
+    ``has_aux``.
 
   Raises:
-    ValueError: an unknown ``form`` (at construction); at trace time, if
-      ``loss_fn`` does not return a non-empty 1-D floating-point vector,
-      or (with ``has_aux``) not a pair.
+    ValueError: at construction, an unknown ``form`` or ``staged``, or
+      ``staged=True`` with a ``form`` other than ``"auto"``; at trace
+      time, if ``loss_fn`` does not return a non-empty 1-D floating-point
+      vector, or (with ``has_aux``) not a pair; if ``staged`` is given for
+      a first argument that is not an ``nnx.Module``, or ``staged=True``
+      and the staged Gramian does not apply.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, osgd_jax
@@ -598,36 +404,63 @@ def value_and_gramian(
     >>> updates, state = jax.jit(tx.update)(gramian, tx.init(params), params)
     >>> updates.shape
     (3,)
+
+    With a zoo model, as with ``nnx.value_and_grad``:
+
+    >>> from flax import nnx
+    >>> from osgd_jax import zoo
+    >>> model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3)
+    >>> def model_loss(model, x, y):
+    ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
+    >>> losses, gramian = osgd_jax.value_and_gramian(model_loss)(
+    ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> gramian.form.startswith('staged'), gramian.grams().shape
+    (True, (1, 3, 3))
   """
   fn_name = getattr(loss_fn, "__name__", "loss_fn")
   check_form(form, "value_and_gramian")
+  if staged not in (None, True, False):
+    raise ValueError(f"staged must be None, True or False, got {staged!r}.")
+  if staged and form != "auto":
+    raise ValueError(
+      f"value_and_gramian: form={form!r} is a formulation of the vmapped"
+      " VJP, and staged=True asks for the staged Gramian, which has its"
+      " own; leave form out, or use"
+      " osgd_jax.staged_value_and_gramian(loss_fn, form=...) to choose one."
+    )
+
+  def staged_functional(graphdef, loss, aux, rows):
+    return staged_value_and_gramian(graphdef, loss, aux, rows)
 
   @functools.wraps(loss_fn)
   def value_and_gram(params, *args):
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(
-        lambda p: check_aux_pair(loss_fn(p, *args), fn_name),
+    if isinstance(params, nnx.Module):
+      return module_value_and_derivative(
+        loss_fn,
         params,
-        has_aux=True,
+        args,
+        has_aux=has_aux,
+        # An explicit form asks for the vmapped VJP's formulations.
+        staged=staged if form == "auto" else False,
+        fn_name=fn_name,
+        differentiate=functools.partial(_gramian_of, form=form),
+        staged_functional=staged_functional,
+        entry="osgd_jax.value_and_gramian",
+        what="staged Gramian",
       )
-    else:
-      losses, vjp_fn = jax.vjp(lambda p: loss_fn(p, *args), params)
-      aux = None
-    check_loss_vector(losses, fn_name)
-    k = losses.shape[0]
-    leaves, treedef = jax.tree.flatten(params)
-    chosen = choose_form(form, k, nbytes(leaves), nbytes(vjp_fn))
-    gramian = Gramian(
-      vjp_fn,
-      engine=VjpEngine(chosen, np.dtype(losses.dtype).name),
-      num_exits=k,
-      treedef=treedef,
-      shapes=tuple(tuple(np.shape(x)) for x in leaves),
-      dtypes=tuple(jnp.result_type(x) for x in leaves),
-      form=chosen,
-    )
-    if has_aux:
-      return (losses, aux), gramian
-    return losses, gramian
+    if staged is not None:
+      raise ValueError(
+        f"staged={staged!r} applies to an nnx.Module, but the first"
+        f" argument is a {type(params).__name__}; leave staged out, or use"
+        " osgd_jax.staged_value_and_gramian(graphdef, loss_fn) for split"
+        " parameters."
+      )
+
+    def pure_fn(p):
+      out = loss_fn(p, *args)
+      return check_aux_pair(out, fn_name) if has_aux else (out, None)
+
+    losses, aux, gramian = _gramian_of(pure_fn, params, fn_name, form)
+    return ((losses, aux), gramian) if has_aux else (losses, gramian)
 
   return value_and_gram

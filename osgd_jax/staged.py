@@ -533,6 +533,9 @@ def staged_module_value_and_grads(
   rows: str,
   required: bool,
   fn_name: str,
+  functional: Callable[..., Callable[..., Any]] | None = None,
+  entry: str = "osgd_jax.value_and_per_exit_grads",
+  what: str = "staged Jacobian",
 ) -> tuple[Any, Any] | None:
   """The staged Jacobian of ``loss_fn(model, *args)`` for an NNX model.
 
@@ -543,6 +546,12 @@ def staged_module_value_and_grads(
   ``loss_fn`` cannot be read as a loss of the logits and ``required`` is
   false (the caller then uses the vmapped VJP).
 
+  ``functional(graphdef, loss, has_aux, rows)`` is the functional form it
+  runs, :func:`staged_value_and_per_exit_grads` by default; the staged
+  Gramian passes its own (same arguments, same outputs, a Gramian in
+  place of the gradients). ``entry`` and ``what`` name the public function
+  and the method in errors.
+
   Raises:
     ValueError: if ``required`` and ``model`` is not an
       :class:`~osgd_jax.zoo.AnytimeNet` or ``loss_fn`` does not fit, with
@@ -552,22 +561,24 @@ def staged_module_value_and_grads(
     if not required:
       return None
     raise ValueError(
-      f"The staged Jacobian needs an osgd_jax.zoo.AnytimeNet, but got a"
-      f" {type(model).__name__}; use osgd_jax.value_and_per_exit_grads"
-      " without staged=True for other models."
+      f"The {what} needs an osgd_jax.zoo.AnytimeNet, but got a"
+      f" {type(model).__name__}; use {entry} without staged=True for other"
+      " models."
     )
   read = _loss_of_logits(loss_fn, model, args, has_aux, fn_name)
   if isinstance(read, str):
     if not required:
       return None
     raise ValueError(
-      f"{read}, so the staged Jacobian cannot be used. Write {fn_name} as"
+      f"{read}, so the {what} cannot be used. Write {fn_name} as"
       " `def loss_fn(model, x, y): return losses_of(model(x), y)` or use"
-      " osgd_jax.value_and_per_exit_grads with staged=False."
+      f" {entry} with staged=False."
     )
   x, loss = read
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  fn = staged_value_and_per_exit_grads(graphdef, loss, has_aux, rows)
+  if functional is None:
+    functional = staged_value_and_per_exit_grads
+  fn = functional(graphdef, loss, has_aux, rows)
   out, grads = fn(params, rest, x)
   new_rest = out[-1]
   nnx.update(model, new_rest)

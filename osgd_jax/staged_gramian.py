@@ -30,14 +30,19 @@ from flax import nnx
 
 from osgd_jax import gram as gram_lib
 from osgd_jax import staged
-from osgd_jax.gramian import Gramian, choose_form, nbytes, pullback_of_weights
+from osgd_jax._gramian_core import (
+  Gramian,
+  choose_form,
+  nbytes,
+  pullback_of_weights,
+)
 
 __all__ = ["STAGED_FORMS", "staged_value_and_gramian"]
 
 #: How :func:`staged_value_and_gramian` keeps what its Gram matrix and
 #: update need: ``"keep"`` the stages' rows of one staged backward,
 #: ``"replay"`` the stages' pullbacks (one more backward for the update),
-#: ``"auto"`` the leaner by the rule of ``osgd_jax.gramian.choose_form``.
+#: ``"auto"`` the leaner by the rule of ``osgd_jax._gramian_core.choose_form``.
 STAGED_FORMS: tuple[str, ...] = ("auto", "keep", "replay")
 
 
@@ -220,7 +225,7 @@ def _stage_leaves(params: Any, num_exits: int) -> tuple[tuple[int, ...], ...]:
 
 def staged_value_and_gramian(
   graphdef: Any,
-  loss_fn: Callable[..., Any],
+  loss_fn: Callable[..., Any] | None = None,
   has_aux: bool = False,
   rows: str = "auto",
   form: str = "auto",
@@ -233,11 +238,27 @@ def staged_value_and_gramian(
   place of the stacked gradients. Every Gram-weighting transformation takes
   it, with the same update and state as from the stacked gradients.
 
+  Two forms, as the staged Jacobian's. **With a model** (as
+  ``nnx.value_and_grad``): ``staged_value_and_gramian(loss_fn)(model,
+  *args)`` with ``loss_fn(model, *args)`` written as for
+  :func:`~osgd_jax.gramian.value_and_gramian`, which calls the model
+  exactly once, ``model(x)`` on one of ``args`` as passed, and reaches the
+  parameters only through that call. It returns ``(losses, gramian)``
+  (``((losses, aux), gramian)`` with ``has_aux``), the Gramian taken with
+  respect to the model's ``nnx.Param`` variables, and updates the model's
+  other state (BatchNorm statistics) in place, once; a loss function that
+  does not fit is refused with the reason (``value_and_gramian`` then
+  takes the vmapped VJP's path instead). **Functional**:
+  ``staged_value_and_gramian(graphdef, loss_fn)(params, rest, x,
+  *loss_args)`` as below.
+
   Args:
     graphdef: the graph definition of an :class:`~osgd_jax.zoo.AnytimeNet`,
-      from ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``.
+      from ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
+      or, in the model form, the loss function ``loss_fn(model, *args)``.
     loss_fn: ``loss_fn(stacked_logits, *loss_args)`` returning the ``(K,)``
-      exit losses (or ``(losses, aux)`` with ``has_aux``).
+      exit losses (or ``(losses, aux)`` with ``has_aux``). Left out in the
+      model form.
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)``.
     rows: how a stage's pullback runs for its exits, as in the staged
       Jacobian: ``"batched"``, ``"looped"`` or ``"auto"``.
@@ -248,18 +269,19 @@ def staged_value_and_gramian(
       (no rows kept; the residuals live until the update); ``"auto"``
       (default): ``"replay"`` where the parameters dominate (``K·P`` bytes
       at least the residuals' bytes, the rule of
-      ``osgd_jax.gramian.choose_form``), else ``"keep"``. See
+      ``osgd_jax._gramian_core.choose_form``), else ``"keep"``. See
       ``docs/design.md``, "The Gramian engine".
 
   Returns:
-    A function ``fn(params, rest, x, *loss_args)`` returning ``((losses,
+    In the model form, ``fn(model, *args)`` as described above. Otherwise
+    a function ``fn(params, rest, x, *loss_args)`` returning ``((losses,
     new_rest), gramian)``, or ``((losses, aux, new_rest), gramian)`` with
     ``has_aux``. ``new_rest`` is the non-parameter state after the one
     forward pass (BatchNorm statistics updated once per step).
 
   Raises:
     ValueError: as :func:`~osgd_jax.staged.staged_value_and_per_exit_grads`
-      raises.
+      raises, and for an unknown ``form``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -277,8 +299,16 @@ def staged_value_and_gramian(
     >>> updates, state = tx.update(gramian, tx.init(params), params)
     >>> gramian.grams().shape
     (1, 3, 3)
+
+    With the model, as with ``nnx.value_and_grad``:
+
+    >>> def model_loss(model, x, y):
+    ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
+    >>> losses, gramian = osgd_jax.staged_value_and_gramian(model_loss)(
+    ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> gramian.form.startswith('staged')
+    True
   """
-  fn_name = getattr(loss_fn, "__name__", "loss_fn")
   if rows not in staged.ROWS:
     raise ValueError(f"rows must be one of {staged.ROWS}, got {rows!r}.")
   if form not in STAGED_FORMS:
@@ -286,12 +316,17 @@ def staged_value_and_gramian(
       f"staged_value_and_gramian: form must be one of {STAGED_FORMS}, got"
       f" {form!r}."
     )
-  if not isinstance(graphdef, nnx.GraphDef):
+  if loss_fn is None and callable(graphdef):
+    return _model_form(graphdef, has_aux, rows, form)
+  if loss_fn is None or not isinstance(graphdef, nnx.GraphDef):
     raise ValueError(
       "staged_value_and_gramian takes the graphdef of an anytime network,"
       " from `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`,"
-      f" but got a {type(graphdef).__name__}."
+      f" and a loss function, but got a {type(graphdef).__name__} and a"
+      f" {type(loss_fn).__name__}; or, for a model, the loss function"
+      " alone: `staged_value_and_gramian(loss_fn)(model, x, y)`."
     )
+  fn_name = getattr(loss_fn, "__name__", "loss_fn")
 
   def value_and_gram(params, rest, x, *loss_args):
     losses, aux, vjps, logit_cts, new_rest = staged.staged_forward(
@@ -334,3 +369,31 @@ def staged_value_and_gramian(
     return (losses, new_rest), gramian
 
   return value_and_gram
+
+
+def _model_form(
+  loss_fn: Callable[..., Any], has_aux: bool, rows: str, form: str
+) -> Callable[..., tuple[Any, Gramian]]:
+  """``staged_value_and_gramian(loss_fn)``: ``fn(model, *args)``."""
+  fn_name = getattr(loss_fn, "__name__", "loss_fn")
+
+  def functional(graphdef, loss, aux, rows):
+    return staged_value_and_gramian(graphdef, loss, aux, rows, form)
+
+  def value_and_gram_of_model(model, *args):
+    out = staged.staged_module_value_and_grads(
+      loss_fn,
+      model,
+      args,
+      has_aux=has_aux,
+      rows=rows,
+      required=True,
+      fn_name=fn_name,
+      functional=functional,
+      entry="osgd_jax.value_and_gramian",
+      what="staged Gramian",
+    )
+    assert out is not None  # required=True raises instead
+    return out
+
+  return value_and_gram_of_model

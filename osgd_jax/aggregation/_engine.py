@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 from osgd_jax import gram as gram_lib
+from osgd_jax._gramian_core import Gramian
 from osgd_jax.aggregation import _checks
 from osgd_jax.aggregation._types import Granularity, Weighting
-from osgd_jax.gramian import Gramian
 
 # The dtype of every diagnostic in a state, whatever the gradients' dtype, so
 # that a state keeps its dtypes from ``init`` on.
@@ -388,6 +388,32 @@ def read_gradients(
   return read_stacked(updates, num_exits=num_exits, params=params, name=name)
 
 
+def check_not_lost(params: optax.Params | None, name: str) -> None:
+  """Refuses gradients without leaves for params that have some.
+
+  A tree without leaves passes through a transformation (``optax.masked``
+  hands one over when nothing is selected), but not with params that have
+  leaves: the gradients were lost on the way. That is what an
+  :class:`~osgd_jax.Gramian` given to ``nnx.Optimizer.update`` becomes, as
+  Flax keeps only the ``nnx.Variable`` leaves of its gradients, so the
+  message names the optimizer that takes one.
+
+  Raises:
+    ValueError: ``params`` has leaves.
+
+  Example:
+    >>> check_not_lost({}, "osgd")
+  """
+  count = len(jax.tree.leaves(params))
+  if count:
+    raise ValueError(
+      f"{name} got gradients without leaves for params with {count}"
+      " leaves. nnx.Optimizer.update drops an osgd_jax.Gramian so (it"
+      " keeps only nnx.Variables): use osgd_jax.Optimizer, whose update"
+      " takes a Gramian, in place of nnx.Optimizer (same arguments)."
+    )
+
+
 def is_gramian(updates: Any) -> bool:
   """Whether ``updates`` is a :class:`~osgd_jax.Gramian`.
 
@@ -720,6 +746,7 @@ def stacked_transformation(
         granularity=granularity,
       )
       if stacked is None:
+        check_not_lost(params, name)
         return updates, state
       check_state(
         state, init_fn, updates, params, num_exits=num_exits, name=name

@@ -323,6 +323,7 @@ def osgd(
         " method='gram' (the same projection from the Gram matrix)."
       )
     if not jax.tree.leaves(updates):
+      _engine.check_not_lost(params, _NAME)
       return updates, state
     with jax.named_scope(_NAME):
       stacked = _engine.read_gradients(
