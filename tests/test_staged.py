@@ -1,4 +1,6 @@
-"""The staged (anytime) Jacobian against the vmapped VJP, its zeros and errors.
+"""The staged (anytime) Jacobian: its options, forms, export and errors.
+
+It equals the vmapped VJP on every zoo name: tests/zoo/test_zoo_properties.py.
 
 Compilation dominates these tests on a CPU: every model is tiny, and each
 comparison compiles the paths it compares as one function, cheaply
@@ -17,7 +19,6 @@ from flax import nnx
 from tiny_anytime import WEIGHTS, compile_cheaply, tiny_net
 
 import osgd_jax
-from osgd_jax import zoo
 from osgd_jax.losses import per_exit_cross_entropy
 from osgd_jax.staged import ROWS
 
@@ -29,60 +30,6 @@ def _loss(logits, y):
   return losses, {"sum": losses.sum()}
 
 
-def _reference(graphdef, loss):
-  """The vmap path, with the loss function as train.py's step writes it."""
-
-  def exit_losses(params, rest, x, y):
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    losses, aux = loss(model(x), y)
-    return losses, (aux, nnx.state(model, nnx.Not(nnx.Param)))
-
-  return osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
-
-
-def _staged_and_reference(graphdef, loss, rows="auto"):
-  staged = osgd_jax.staged_value_and_per_exit_grads(
-    graphdef, loss, has_aux=True, rows=rows
-  )
-  reference = _reference(graphdef, loss)
-  return lambda *args: (staged(*args), reference(*args))
-
-
-def _stage_rows(grads, stage):
-  return jax.tree.leaves(grads["stages"][stage])
-
-
-# Each family runs one way of driving a stage's rows; each way meets conv
-# and dense families, nested and branched ones.
-_FAMILY_ROWS = {
-  "branched-mlp": "batched",
-  "branched-resnet": "looped",
-  "nested-depth-mlp": "looped",
-  "nested-depth-resnet": "batched",
-  "nested-width-mlp": "batched",
-  "nested-width-resnet": "looped",
-  "nested-width-depth-mlp": "looped",
-  "nested-width-depth-resnet": "batched",
-  "branched-conv1d": "looped",
-  "nested-depth-conv1d": "batched",
-  "nested-width-conv1d": "looped",
-  "nested-width-depth-conv1d": "batched",
-  "branched-transformer": "batched",
-  "nested-depth-transformer": "looped",
-  "nested-width-transformer": "batched",
-  "nested-width-depth-transformer": "looped",
-}
-
-
-@pytest.mark.parametrize("name", zoo.names())
-def test_staged_equals_vmap_on_every_family(name):
-  # One family runs in float64, where the paths must agree to double
-  # precision; the training-step test covers it in float32.
-  x64 = name == "branched-mlp"
-  with jax.enable_x64(x64):
-    _check_family(name, x64, _FAMILY_ROWS[name])
-
-
 def test_rows_option_is_checked():
   graphdef = nnx.split(tiny_net("branched-mlp")[0], nnx.Param, ...)[0]
   with pytest.raises(
@@ -91,63 +38,6 @@ def test_rows_option_is_checked():
     r"'batched', 'looped'\), got 'unrolled'",
   ):
     osgd_jax.staged_value_and_per_exit_grads(graphdef, _loss, rows="unrolled")
-
-
-def _check_family(name, x64, rows):
-  model, x, y = tiny_net(name)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if x64:
-
-    def to64(t):
-      return jax.tree.map(lambda a: np.asarray(a, np.float64), t)
-
-    params, rest, x = to64(params), to64(rest), to64(x)
-  rtol, atol = (1e-10, 1e-12) if x64 else (1e-4, 1e-5)
-  both = compile_cheaply(
-    _staged_and_reference(graphdef, _loss, rows), params, rest, x, y
-  )
-  # NumPy from here on: eager jnp ops would each compile for their shape.
-  staged, reference = jax.device_get(both(params, rest, x, y))
-  (losses, aux, new_rest), grads = staged
-  (ref_losses, (ref_aux, ref_rest)), ref_grads = reference
-
-  np.testing.assert_allclose(losses, ref_losses, rtol=rtol)
-  np.testing.assert_allclose(aux["sum"], ref_aux["sum"], rtol=rtol)
-  # BatchNorm ran in train mode: its statistics moved, identically (the
-  # transformers have LayerNorm only).
-  assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
-  moved = [
-    not np.allclose(a, b)
-    for a, b in zip(
-      jax.tree.leaves(new_rest), jax.tree.leaves(rest), strict=True
-    )
-  ]
-  assert any(moved) == (not name.endswith("transformer"))
-  for a, b in zip(
-    jax.tree.leaves(new_rest), jax.tree.leaves(ref_rest), strict=True
-  ):
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
-
-  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
-  scale = max(np.abs(g).max() for g in jax.tree.leaves(ref_grads))
-  for (path, g), r, p in zip(
-    jax.tree_util.tree_flatten_with_path(grads)[0],
-    jax.tree.leaves(ref_grads),
-    jax.tree.leaves(params),
-    strict=True,
-  ):
-    assert g.shape == (3,) + p.shape and g.dtype == p.dtype, path
-    np.testing.assert_allclose(
-      g, r, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path)
-    )
-
-  for stage in range(3):
-    rows = _stage_rows(grads, stage)
-    for exit_ in range(3):
-      reaches = exit_ >= stage and WEIGHTS[exit_] != 0
-      nonzero = any(np.any(leaf[exit_] != 0) for leaf in rows)
-      # Exits that do not reach a stage (or weigh 0) give exact zeros.
-      assert nonzero == reaches, (name, stage, exit_)
 
 
 def test_without_aux_and_forward_traced_once():
