@@ -70,7 +70,7 @@ def cagrad_weighting(
   m = gram * gram_lib.safe_inverse(jnp.trace(gram))
   b = m @ mean_w  # ⟨g_k, g_0⟩
   g0_sq = jnp.maximum(mean_w @ b, 0.0)
-  radius = jnp.asarray(c, dtype) * jnp.sqrt(g0_sq)  # c ‖g_0‖
+  radius = jnp.asarray(c, dtype) * gram_lib.safe_sqrt(g0_sq)  # c ‖g_0‖
   positive = radius > 0
   ones = jnp.ones((k, k), dtype)
 
@@ -83,21 +83,39 @@ def cagrad_weighting(
     w = _qp.min_norm_point(q, max_iter=max_iter, tol=tol)
     return w, w @ (m @ w)
 
-  t_hi = jnp.sqrt(jnp.max(jnp.diagonal(m)))
+  t_hi = jnp.sqrt(jax.lax.stop_gradient(jnp.max(jnp.diagonal(m))))
   log_hi = jnp.log(jnp.where(t_hi > 0, t_hi, 1.0))
 
-  def bisect(_, bounds):
-    lo, hi = bounds
-    mid = 0.5 * (lo + hi)
-    t = jnp.exp(mid)
+  def stationarity(log_t):
+    # The optimal t is ‖g_w(t)‖: the root of ‖g_w(t)‖² − t².
+    t = jnp.exp(log_t)
     _, q = inner(t)
-    # F's envelope in t decreases while ‖g_w(t)‖ > t.
-    return jnp.where(q > t * t, mid, lo), jnp.where(q > t * t, hi, mid)
+    return q - t * t
 
-  lo, hi = jax.lax.fori_loop(
-    0, bisections, bisect, (log_hi + jnp.log(jnp.asarray(1e-8, dtype)), log_hi)
+  def bisection(_, start):
+    def bisect(_, bounds):
+      lo, hi = bounds
+      mid = 0.5 * (lo + hi)
+      t = jnp.exp(mid)
+      _, q = inner(t)
+      # F's envelope in t decreases while ‖g_w(t)‖ > t.
+      return jnp.where(q > t * t, mid, lo), jnp.where(q > t * t, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(
+      0, bisections, bisect, (start + jnp.log(jnp.asarray(1e-8, dtype)), start)
+    )
+    return 0.5 * (lo + hi)
+
+  # The derivative of the optimal t is the implicit one of that root (the
+  # bisection's steps have none): then w's is the QPs' (docs/design.md,
+  # "Range, rank and derivatives").
+  log_t = jax.lax.custom_root(
+    stationarity,
+    log_hi,
+    bisection,
+    lambda linear, y: y / linear(jnp.ones_like(y)),
   )
-  w, q = inner(jnp.exp(0.5 * (lo + hi)))
+  w, q = inner(jnp.exp(log_t))
   norm_w = gram_lib.safe_sqrt(q)
   found = positive & (norm_w >= norm_eps)
   weights = mean_w + radius * gram_lib.safe_inverse(norm_w) * w
