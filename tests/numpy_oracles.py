@@ -509,3 +509,47 @@ def bits_per_token(logits, labels):
       z = rows[j, m] - rows[j, m].max()
       out[j] -= (z[label] - np.log(np.exp(z).sum())) / np.log(2)
   return out / len(labels)
+
+
+def nash_mtl_direction(rows, max_norm=1.0, normalise=True):
+  """Nash-MTL (Navon et al. 2022): ⟨g_k, d⟩ = 1/α_k on M/‖M‖_F, norm-clipped.
+
+  α minimises the strictly convex ½ αᵀM̄α − Σ_k log α_k, whose stationarity
+  is the bargaining equation M̄α = 1/α, by Newton's method (backtracking
+  far from the optimum, full steps near it) in float64. Zero rows, whose
+  equation has no solution and whose weight multiplies nothing, are left
+  out. ``normalise=False, max_norm=0`` is
+  FairGrad with α = 1 (Ban & Ji 2024).
+  """
+  g = np.asarray(rows, np.float64)
+  m = g @ g.T
+  live = np.diagonal(m) > 0
+  if not live.any():
+    return np.zeros(g.shape[1])
+  sub = m[np.ix_(live, live)]
+  if normalise:
+    sub = sub / np.linalg.norm(m)
+
+  def objective(a):
+    return 0.5 * a @ sub @ a - np.log(a).sum()
+
+  a = 1.0 / np.sqrt(np.diagonal(sub))
+  for _ in range(100):
+    grad = sub @ a - 1.0 / a
+    step = np.linalg.solve(sub + np.diag(1.0 / a**2), grad)
+    decrement = grad @ step  # the Newton decrement, squared
+    t = 1.0
+    if decrement > 1e-12:  # far from the optimum: backtrack (Armijo)
+      while (
+        np.any(a - t * step <= 0)
+        or objective(a - t * step) > objective(a) - 0.25 * t * decrement
+      ):
+        t /= 2
+    a = a - t * step  # near it: full steps, quadratic convergence
+    if decrement < 1e-30:
+      break
+  d = a @ g[live]
+  norm = np.linalg.norm(d)
+  if max_norm > 0 and norm > max_norm:
+    d = d * max_norm / norm
+  return d

@@ -60,7 +60,10 @@ def aligned_mtl_weighting(
   _checks.check_choice(scale_mode, "scale_mode", _NAME, ScaleMode)
   p = _checks.preference(gram, pref_vector, _NAME)
   k = gram.shape[-1]
-  lam, vec, nonzero = _linalg.psd_eigh(gram)
+  # Eigenvalues and M^(+1/2) with derivatives that need no eigenvector's:
+  # finite at zero rows and repeated eigenvalues (docs/design.md, "Range,
+  # rank and derivatives").
+  lam, nonzero = _linalg.psd_eigvals(gram)
   rank = nonzero.sum()
   kept = jnp.where(nonzero, lam, 0.0)
   if scale_mode == "min":
@@ -70,12 +73,9 @@ def aligned_mtl_weighting(
     scale = lam[jnp.clip(k - rank + (rank - 1) // 2, 0, k - 1)]
   else:
     scale = kept.sum() / jnp.maximum(rank, 1)
-  inv_sqrt = jnp.where(
-    nonzero, jax.lax.rsqrt(jnp.where(nonzero, lam, 1.0)), 0.0
-  )
-  balance = jnp.sqrt(jnp.where(rank > 0, scale, 1.0)) * (
-    (vec * inv_sqrt) @ vec.T
-  )
+  balance = jnp.sqrt(
+    jnp.where(rank > 0, scale, 1.0)
+  ) * _linalg.psd_power_matrix(gram, -0.5)
   balance = jnp.where(rank > 0, balance, jnp.eye(k, dtype=gram.dtype))
   return balance @ p
 

@@ -13,6 +13,93 @@ from osgd_jax.aggregation import _checks, _engine, _qp, _registry
 from osgd_jax.aggregation._types import Granularity
 
 
+def _inner(
+  t: jax.Array,
+  m: jax.Array,
+  b: jax.Array,
+  g0_sq: jax.Array,
+  radius: jax.Array,
+  tol: jax.Array,
+  max_iter: int,
+) -> tuple[jax.Array, jax.Array]:
+  """The simplex QP at fixed t: its weights w and ``‖g_w‖²``."""
+  # min over the simplex of ½ wᵀ m w + a bᵀw, a = t / radius, made
+  # homogeneous: on 1ᵀw = 1, bᵀw = (bᵀw)(1ᵀw) and κ = κ (1ᵀw)²; κ = 2a²‖g_0‖²
+  # makes the form positive definite there (⟨b, w⟩ ≤ ‖g_0‖ ‖g_w‖).
+  k = m.shape[-1]
+  a = t * gram_lib.safe_inverse(radius)
+  ones = jnp.ones((k, k), m.dtype)
+  q = m + a * (b[:, None] + b[None, :]) + 2.0 * a * a * g0_sq * ones
+  w = _qp.min_norm_point(q, max_iter=max_iter, tol=tol)
+  return w, w @ (m @ w)
+
+
+def _stationarity(
+  log_t: jax.Array,
+  m: jax.Array,
+  b: jax.Array,
+  g0_sq: jax.Array,
+  radius: jax.Array,
+  tol: jax.Array,
+  max_iter: int,
+) -> jax.Array:
+  """``‖g_w(t)‖² − t²``, whose root is the optimal t."""
+  t = jnp.exp(log_t)
+  _, q = _inner(t, m, b, g0_sq, radius, tol, max_iter)
+  return q - t * t
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _optimal_log_t(
+  m: jax.Array,
+  b: jax.Array,
+  g0_sq: jax.Array,
+  radius: jax.Array,
+  tol: jax.Array,
+  bisections: int,
+  max_iter: int,
+) -> jax.Array:
+  """``log t`` of the optimal t, by bisection within 1e-8 of its largest."""
+  t_hi = jnp.sqrt(jnp.max(jnp.diagonal(m)))
+  log_hi = jnp.log(jnp.where(t_hi > 0, t_hi, 1.0))
+
+  def bisect(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    t = jnp.exp(mid)
+    _, q = _inner(t, m, b, g0_sq, radius, tol, max_iter)
+    # F's envelope in t decreases while ‖g_w(t)‖ > t.
+    return jnp.where(q > t * t, mid, lo), jnp.where(q > t * t, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(
+    0,
+    bisections,
+    bisect,
+    (log_hi + jnp.log(jnp.asarray(1e-8, m.dtype)), log_hi),
+  )
+  return 0.5 * (lo + hi)
+
+
+@_optimal_log_t.defjvp
+def _optimal_log_t_jvp(bisections, max_iter, primals, tangents):
+  # The optimal t is a root of the stationarity φ(t, params) = 0: its
+  # derivative is the implicit one, −(∂φ/∂params · d) / (∂φ/∂log t), and
+  # the bisection's steps have none (docs/design.md, "Range, rank and
+  # derivatives"). The tolerance carries no derivative.
+  log_t = _optimal_log_t(*primals, bisections, max_iter)
+  m, b, g0_sq, radius, tol = primals
+
+  def of_params(m, b, g0_sq, radius):
+    return _stationarity(log_t, m, b, g0_sq, radius, tol, max_iter)
+
+  def of_log_t(x):
+    return _stationarity(x, m, b, g0_sq, radius, tol, max_iter)
+
+  _, d_phi = jax.jvp(of_params, primals[:4], tangents[:4])
+  _, slope = jax.jvp(of_log_t, (log_t,), (jnp.ones_like(log_t),))
+  return log_t, -d_phi / slope
+
+
 def cagrad_weighting(
   gram: jax.Array,
   *,
@@ -70,34 +157,13 @@ def cagrad_weighting(
   m = gram * gram_lib.safe_inverse(jnp.trace(gram))
   b = m @ mean_w  # ⟨g_k, g_0⟩
   g0_sq = jnp.maximum(mean_w @ b, 0.0)
-  radius = jnp.asarray(c, dtype) * jnp.sqrt(g0_sq)  # c ‖g_0‖
+  radius = jnp.asarray(c, dtype) * gram_lib.safe_sqrt(g0_sq)  # c ‖g_0‖
   positive = radius > 0
-  ones = jnp.ones((k, k), dtype)
-
-  def inner(t):
-    # min over the simplex of ½ wᵀ m w + a bᵀw, a = t / radius, made
-    # homogeneous: on 1ᵀw = 1, bᵀw = (bᵀw)(1ᵀw) and κ = κ (1ᵀw)²; κ = 2a²‖g_0‖²
-    # makes the form positive definite there (⟨b, w⟩ ≤ ‖g_0‖ ‖g_w‖).
-    a = t * gram_lib.safe_inverse(radius)
-    q = m + a * (b[:, None] + b[None, :]) + 2.0 * a * a * g0_sq * ones
-    w = _qp.min_norm_point(q, max_iter=max_iter, tol=tol)
-    return w, w @ (m @ w)
-
-  t_hi = jnp.sqrt(jnp.max(jnp.diagonal(m)))
-  log_hi = jnp.log(jnp.where(t_hi > 0, t_hi, 1.0))
-
-  def bisect(_, bounds):
-    lo, hi = bounds
-    mid = 0.5 * (lo + hi)
-    t = jnp.exp(mid)
-    _, q = inner(t)
-    # F's envelope in t decreases while ‖g_w(t)‖ > t.
-    return jnp.where(q > t * t, mid, lo), jnp.where(q > t * t, hi, mid)
-
-  lo, hi = jax.lax.fori_loop(
-    0, bisections, bisect, (log_hi + jnp.log(jnp.asarray(1e-8, dtype)), log_hi)
+  tol = jnp.asarray(tol, dtype)
+  params = (m, b, g0_sq, radius, tol)
+  w, q = _inner(
+    jnp.exp(_optimal_log_t(*params, bisections, max_iter)), *params, max_iter
   )
-  w, q = inner(jnp.exp(0.5 * (lo + hi)))
   norm_w = gram_lib.safe_sqrt(q)
   found = positive & (norm_w >= norm_eps)
   weights = mean_w + radius * gram_lib.safe_inverse(norm_w) * w

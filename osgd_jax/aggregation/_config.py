@@ -56,8 +56,9 @@ def config_weighting(
     else _checks.preference(gram, pref_vector, "config")
   )
   norms, corr = gram_lib.gram_statistics(gram)
-  lam, vec, keep = _linalg.psd_eigh(corr)
-  beta = _linalg.pinv_apply(lam, vec, keep, p)
+  # C⁺ differentiates as a matrix function: finite at zero rows and
+  # repeated eigenvalues (docs/design.md, "Range, rank and derivatives").
+  beta = _linalg.pinv_apply(corr, p)
   c_beta = corr @ beta
   v_sq = beta @ c_beta  # ‖v‖²
   length_times_norm = norms @ c_beta  # Σ_i ⟨g_i, v⟩

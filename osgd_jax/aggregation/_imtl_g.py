@@ -49,14 +49,16 @@ def imtl_g_weighting(gram: jax.Array) -> jax.Array:
   # into the condition number (norms from 1e-8 to 1e8 would leave nothing
   # of M's small eigenvalues). Otherwise (S C S)⁺ ≠ S⁻¹ C⁺ S⁻¹, and M⁺ d
   # is formed from M itself.
+  # The pseudo-inverses differentiate as matrix functions (finite at zero
+  # rows and repeated eigenvalues: docs/design.md, "Range, rank and
+  # derivatives").
   norms, corr = gram_lib.gram_statistics(gram)
-  lam_c, vec_c, keep_c = _linalg.psd_eigh(corr)
+  _, keep_c = _linalg.psd_eigvals(corr)
   rows = norms > 0
   equilibrated = _linalg.pinv_apply(
-    lam_c, vec_c, keep_c, rows.astype(gram.dtype)
+    corr, rows.astype(gram.dtype)
   ) * gram_lib.safe_inverse(norms)
-  lam, vec, keep = _linalg.psd_eigh(gram)
-  direct = _linalg.pinv_apply(lam, vec, keep, norms)
+  direct = _linalg.pinv_apply(gram, norms)
   v = jnp.where(keep_c.sum() == rows.sum(), equilibrated, direct)
   total = v.sum()
   degenerate = jnp.abs(total) <= (

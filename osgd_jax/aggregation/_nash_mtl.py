@@ -17,7 +17,10 @@ def _clip_update_norm(
   gram: jax.Array, weights: jax.Array, max_norm: float | jax.Array
 ) -> jax.Array:
   """``weights`` scaled so that ``‖wᵀ G‖ ≤ max_norm`` (0: unchanged)."""
-  norm = gram_lib.safe_sqrt(weights @ (gram @ weights))
+  # A zero row adds exactly 0 to the norm; leaving its (unbounded) weight
+  # out keeps the norm's derivative finite there.
+  live = jnp.where(jnp.diagonal(gram) > 0, weights, 0.0)
+  norm = gram_lib.safe_sqrt(live @ (gram @ live))
   clip = (max_norm > 0) & (norm > max_norm)
   return jnp.where(
     clip, weights * max_norm * gram_lib.safe_inverse(norm), weights
@@ -26,7 +29,7 @@ def _clip_update_norm(
 
 def _bargain(gram: jax.Array, max_iter: int) -> jax.Array:
   """The bargaining weights α on the Frobenius-normalised Gram, unclipped."""
-  frobenius = jnp.sqrt(jnp.sum(gram * gram))
+  frobenius = gram_lib.safe_sqrt(jnp.sum(gram * gram))
   return _linalg.solve_fair_equation(
     gram * gram_lib.safe_inverse(frobenius), alpha=1.0, max_iter=max_iter
   )

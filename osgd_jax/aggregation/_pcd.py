@@ -81,7 +81,9 @@ def pcd_weighting(
   kept = (sq_norms[0] > 0) & (
     direction_sq > 10.0 * jnp.finfo(dtype).eps * magnitude
   )
-  rescale = jnp.sqrt(sq_norms[0] * gram_lib.safe_inverse(direction_sq))
+  rescale = gram_lib.safe_sqrt(
+    sq_norms[0] * gram_lib.safe_inverse(direction_sq)
+  )
   return jnp.where(kept, w * scales * rescale, 0.0)
 
 
@@ -170,7 +172,7 @@ def pcd(
     count = _stateful.next_count(state.count)
     ema = beta * state.sq_norm_ema.astype(gram.dtype) + (1 - beta) * sq_norms
     debiased = ema / (1 - jnp.asarray(beta, gram.dtype) ** count)
-    scales = gram_lib.safe_inverse(jnp.sqrt(debiased + eps))
+    scales = gram_lib.safe_inverse(gram_lib.safe_sqrt(debiased + eps))
     weights = pcd_weighting(
       gram, scales=scales, tau=tau, max_iter=max_iter, tol=tol
     )

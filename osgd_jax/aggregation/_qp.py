@@ -9,6 +9,7 @@ inside a jitted optimizer step on any backend.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -45,6 +46,13 @@ def solve_nonnegative_qp(
   dependent one is refused rather than cycled on. ``tol`` is relative to the
   size of the terms of the gradient ``q x + c``, below which it is noise.
 
+  The derivative is the solution's, by the implicit function theorem on the
+  optimality conditions, not that of the iterations (which reverse mode
+  cannot follow through a ``while_loop``): on the support ``P = {x > 0}``,
+  ``q_PP x_P + c_P = 0``, so ``dx_P = −q_PP⁻¹ (dq x + dc)_P`` and
+  ``dx = 0`` elsewhere. It is exact where the support does not change (strict
+  complementarity), and one of the one-sided derivatives where it does.
+
   Args:
     q: ``(K, K)`` symmetric positive semi-definite.
     c: ``(K,)``.
@@ -63,9 +71,24 @@ def solve_nonnegative_qp(
     >>> x.tolist()   # unconstrained (1, -2); the second is clipped at 0
     [1.0, 0.0]
   """
+  return _nonnegative_qp(q, c, allowed, jnp.asarray(tol, q.dtype), max_iter)
+
+
+def _passive_system(q: jax.Array, passive: jax.Array) -> jax.Array:
+  """``q`` on the passive variables, the identity on the others."""
+  p = passive.astype(q.dtype)
+  return q * (p[:, None] * p[None, :]) + jnp.eye(q.shape[-1], dtype=q.dtype) * (
+    1.0 - p
+  )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _nonnegative_qp(
+  q: jax.Array, c: jax.Array, allowed: jax.Array, tol: jax.Array, max_iter: int
+) -> jax.Array:
+  """:func:`solve_nonnegative_qp`'s active-set iterations."""
   k = q.shape[-1]
   dtype = q.dtype
-  eye = jnp.eye(k, dtype=dtype)
 
   def objective(x):
     return 0.5 * x @ (q @ x) + c @ x
@@ -76,7 +99,7 @@ def solve_nonnegative_qp(
     # independent, so Cholesky suffices (and compiles far faster than LU); a
     # numerically singular one gives non-finite values, which are refused.
     p = passive.astype(dtype)
-    a = q * (p[:, None] * p[None, :]) + eye * (1.0 - p)
+    a = _passive_system(q, passive)
     return (
       jax.scipy.linalg.cho_solve(
         jax.scipy.linalg.cho_factor(a, lower=True), -c * p
@@ -158,6 +181,20 @@ def solve_nonnegative_qp(
   return final.x
 
 
+@_nonnegative_qp.defjvp
+def _nonnegative_qp_jvp(max_iter, primals, tangents):
+  # Implicit differentiation on the support (solve_nonnegative_qp's
+  # docstring; docs/design.md, "Range, rank and derivatives").
+  q, c, allowed, tol = primals
+  d_q, d_c = tangents[0], tangents[1]
+  x = _nonnegative_qp(q, c, allowed, tol, max_iter)
+  passive = x > 0
+  p = passive.astype(q.dtype)
+  factor = jax.scipy.linalg.cho_factor(_passive_system(q, passive), lower=True)
+  d_x = jax.scipy.linalg.cho_solve(factor, -(d_q @ x + d_c) * p) * p
+  return x, d_x
+
+
 def min_norm_point(
   gram: jax.Array, *, max_iter: int, tol: float | jax.Array
 ) -> jax.Array:
@@ -211,7 +248,9 @@ def min_norm_point(
     better = norm_sq < best_sq
     best = jnp.where(better, w, best)
     best_sq = jnp.where(better, norm_sq, best_sq)
-    return best, best_sq, jnp.clip(norm_sq, _SCALE_FLOOR * max_diag, max_diag)
+    # w does not depend on σ (only its rounding does): no derivative.
+    sigma = jnp.clip(norm_sq, _SCALE_FLOOR * max_diag, max_diag)
+    return best, best_sq, jax.lax.stop_gradient(sigma)
 
   # A loop rather than two calls: the solver is traced and compiled once.
   w, _, _ = jax.lax.fori_loop(
@@ -221,7 +260,7 @@ def min_norm_point(
     (
       jnp.full((k,), 1.0 / k, gram.dtype),
       jnp.asarray(jnp.inf, gram.dtype),
-      max_diag,
+      jax.lax.stop_gradient(max_diag),
     ),
   )
   return w
