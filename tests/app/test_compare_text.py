@@ -21,7 +21,7 @@ from flax import nnx
 
 from osgd_jax import anytime, zoo
 from osgd_jax.app import compare
-from osgd_jax.app.compare import experiment, results, tables
+from osgd_jax.app.compare import experiment, results, runs, tables, variants
 from osgd_jax.app.compare.metric import METRICS, metric_of
 from osgd_jax.app.data.text import load_text
 from osgd_jax.app.train import TrainConfig, check_resumable, cli, load_data
@@ -393,8 +393,19 @@ def test_a_tiny_text_comparison_chooses_the_fewest_bits(
   }
   expected = (rows["osgd"].mean(axis=1) - rows["sgd"].mean(axis=1)).mean()
   assert (d.n, d.mean) == (1, pytest.approx(expected, abs=1e-12))
-  # Run again, nothing trains: every run is read from its result.json.
-  assert compare.main(args) == 0
-  again = capsys.readouterr().out
-  assert again.count(": skipped in") == 6
-  assert json.loads((out / "results.json").read_text()) == payload
+  # Asked again, a finished run is read from its result.json, bits and
+  # curve included, and not trained.
+  osgd = payload["models"][MODEL]["optimizers"]["osgd"]
+  lr = osgd["chosen_lr"]
+  config = variants.config_for(
+    TrainConfig(
+      dataset="text", preset="text-small", text_file=str(text),
+      text_bytes=3000, epochs=1, batch_size=16, progress=False,
+    ),
+    "osgd", model=MODEL, lr=lr, seed=0, validation=0.0,
+    out=str(out / MODEL / "osgd" / "test" / f"lr{lr!r}" / "seed0"),
+  )  # fmt: skip
+  status, record = runs.run_record(config)
+  assert status == "skipped" and record is not None
+  assert record["test_bits_per_byte"].tolist() == osgd["test_bits_per_byte"][0]
+  assert record["early_exit"] == osgd["early_exit"][0]
