@@ -20,6 +20,7 @@ from osgd_jax.app.compare import stats
 from osgd_jax.app.compare.metric import Metric, metric_of
 
 __all__ = [
+  "EARLY_EXIT_SHOWN",
   "accuracy_table",
   "difference_table",
   "early_exit_table",
