@@ -145,7 +145,11 @@ def plot_accuracy_vs_flops(
 
 
 def plot_exit_accuracy(
-  results: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = ""
+  results: dict[str, tuple[np.ndarray, np.ndarray]],
+  path: str,
+  title: str = "",
+  ylabel: str = "test accuracy (%)",
+  scale: float = 100,
 ) -> None:
   """Bar chart of mean ± std test accuracy per exit for several optimizers.
 
@@ -153,6 +157,8 @@ def plot_exit_accuracy(
     results: label -> (mean, std) arrays of shape (K,).
     path: the PNG to write.
     title: figure title.
+    ylabel: the y axis' label (another score: e.g. bits per byte).
+    scale: the values are plotted times this (100: fractions in percent).
   """
   fig = _figure(figsize=(5.5, 3.5), dpi=120)
   ax = fig.subplots()
@@ -161,16 +167,16 @@ def plot_exit_accuracy(
     exits = np.arange(1, len(mean) + 1)
     ax.bar(
       exits + (i - (len(results) - 1) / 2) * width,
-      100 * np.asarray(mean),
+      scale * np.asarray(mean),
       width,
-      yerr=100 * np.asarray(std),
+      yerr=scale * np.asarray(std),
       label=label,
       capsize=2,
     )
   num_exits = max((len(mean) for mean, _ in results.values()), default=0)
   ax.set_xticks(np.arange(1, num_exits + 1))
   ax.set_xlabel("exit")
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   if results:
     ax.legend()
@@ -183,6 +189,8 @@ def plot_accuracy_vs_lr(
   path: str,
   title: str = "",
   chosen: dict[str, float] | None = None,
+  ylabel: str = "validation accuracy (%)",
+  scale: float = 100,
 ) -> None:
   """Accuracy against the learning rate (log axis), one line per curve.
 
@@ -194,13 +202,15 @@ def plot_accuracy_vs_lr(
     path: the PNG to write.
     title: figure title.
     chosen: label -> the rate chosen, circled.
+    ylabel: the y axis' label (another score: e.g. bits per byte).
+    scale: the values are plotted times this (100: fractions in percent).
   """
   fig = _figure(figsize=(8, 3.5), dpi=120)
   axes = fig.subplots(1, 2, sharey=True)
   for ax, name in zip(axes, ("mean over exits", "last exit"), strict=True):
     for label, (rates, acc) in curves.items():
       acc = np.asarray(acc, np.float64)
-      values = 100 * (
+      values = scale * (
         acc.mean(axis=1) if name == "mean over exits" else acc[:, -1]
       )
       (line,) = ax.plot(np.asarray(rates), values, marker="o", label=label)
@@ -221,7 +231,7 @@ def plot_accuracy_vs_lr(
     ax.set_xlabel("peak learning rate")
     ax.set_title(name)
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel("validation accuracy (%)")
+  axes[0].set_ylabel(ylabel)
   axes[-1].legend(fontsize="small")
   if title:
     fig.suptitle(title)
@@ -234,6 +244,7 @@ def plot_paired_differences(
   path: str,
   title: str = "",
   xlabel: str = "difference (percentage points)",
+  scale: float = 100,
 ) -> Any:
   """Differences with their confidence intervals, one panel per group.
 
@@ -248,6 +259,8 @@ def plot_paired_differences(
     path: the PNG to write.
     title: figure title.
     xlabel: the x axis' label.
+    scale: the differences are plotted times this (100: fractions as
+      percentage points).
 
   Returns:
     The ``matplotlib.figure.Figure``, already written to ``path``.
@@ -269,9 +282,9 @@ def plot_paired_differences(
         continue
       excludes = not np.isnan(half) and abs(mean) > half
       ax.errorbar(
-        [100 * mean],
+        [scale * mean],
         [y],
-        xerr=None if np.isnan(half) else [[100 * half], [100 * half]],
+        xerr=None if np.isnan(half) else [[scale * half], [scale * half]],
         fmt="o",
         color="C0",
         markerfacecolor="C0" if excludes else "white",

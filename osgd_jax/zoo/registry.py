@@ -18,7 +18,9 @@ and which backbones have them:
   ResNets convolve 2-D images and have none), 10 classes, sized so that 15
   epochs over 4000 signals train in minutes on two CPU cores;
 * ``text`` (transformer): a causal byte-level language model on 128-byte
-  windows, one class per byte value, logits per position.
+  windows, one class per byte value, logits per position;
+* ``text-small`` (transformer): the same on 64-byte windows at half the
+  width, sized so that a comparison of optimizers fits a CPU.
 
 A name is a family class built on a backbone: ``nested-depth-resnet`` is
 ``NestedDepthNet(conv_backbone(in_channels=..., downsamples=...), ...)``,
@@ -120,6 +122,9 @@ _TEXT = dict(
   stages=4, num_classes=256, norm="layer", input_kind="tokens", length=128,
   vocab=256, heads=4, causal=True,
 )  # fmt: skip
+# Half the context and half the width: a quarter of the FLOPs per byte of
+# the text preset's blocks, for comparisons on a CPU.
+_TEXT_SMALL = dict(_TEXT, length=64, heads=2)
 
 # Sizes per name: (width, depth) for cifar, digits and (MLPs) mnist1d.
 _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -173,6 +178,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cifar": dict(_CIFAR_VIT, width=64, depth=2),
     "mnist1d": dict(_MNIST1D_SIGNAL, width=32, depth=1),
     "text": dict(_TEXT, width=64, depth=1),
+    "text-small": dict(_TEXT_SMALL, width=32, depth=1),
   },
   "nested-width-transformer": {
     # Exit k has heads * 2**(k-1) heads and MLP units: exit 4's blocks are
@@ -181,12 +187,14 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cifar": dict(_CIFAR_VIT, width=64, depth=4, heads=1, mlp_ratio=1),
     "mnist1d": dict(_MNIST1D_SIGNAL, width=32, depth=2, heads=1, mlp_ratio=1),
     "text": dict(_TEXT, width=64, depth=2, heads=1, mlp_ratio=1),
+    "text-small": dict(_TEXT_SMALL, width=32, depth=2, heads=1, mlp_ratio=1),
   },
   "nested-depth-transformer": {
     "digits": dict(_DIGITS_VIT, width=32, depth=1),
     "cifar": dict(_CIFAR_VIT, width=96, depth=1),
     "mnist1d": dict(_MNIST1D_SIGNAL, width=32, depth=1),
     "text": dict(_TEXT, width=64, depth=1),
+    "text-small": dict(_TEXT_SMALL, width=32, depth=1),
   },
   "nested-width-depth-transformer": {
     # Chains double in width: exit 4's is eight times as wide.
@@ -194,6 +202,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cifar": dict(_CIFAR_VIT, width=16, depth=1),
     "mnist1d": dict(_MNIST1D_SIGNAL, width=8, depth=1),
     "text": dict(_TEXT, width=8, depth=1, heads=2),
+    "text-small": dict(_TEXT_SMALL, width=4, depth=1, heads=1),
   },
 }
 

@@ -50,7 +50,10 @@ PRESETS = {
   "resnet": ({"cifar", "digits"}, "cifar"),
   "mlp": ({"cifar", "digits", "mnist1d"}, "digits"),
   "conv1d": ({"mnist1d"}, "mnist1d"),
-  "transformer": ({"cifar", "digits", "mnist1d", "text"}, "digits"),
+  "transformer": (
+    {"cifar", "digits", "mnist1d", "text", "text-small"},
+    "digits",
+  ),
 }
 FAMILIES = {
   "branched": zoo.BranchedNet,
@@ -101,12 +104,13 @@ def output_shape(model: zoo.AnytimeNet, x) -> tuple[int, ...]:
 
 
 # One example of each preset's data, as the data sets give it (the MLPs
-# flatten it); text: 128 byte ids.
+# flatten it); text: 128 byte ids, text-small 64.
 DATA = {
   "cifar": ((32, 32, 3), jnp.float32),
   "digits": ((8, 8, 1), jnp.float32),
   "mnist1d": ((40, 1), jnp.float32),
   "text": ((128,), jnp.int32),
+  "text-small": ((64,), jnp.int32),
 }
 
 
@@ -276,7 +280,7 @@ def test_presets_fit_their_data_and_nest(name, preset):
   x = jax.ShapeDtypeStruct((2, *shape), dtype)
   avals, depends = exit_dependencies(*model_exits(model), x)
   # Text: a causal language model, one logit vector per position and byte.
-  logits = (2, 128, 256) if preset == "text" else (2, 10)
+  logits = (2, *shape, 256) if preset.startswith("text") else (2, 10)
   assert [a.shape for a in avals] == [logits] * 4
   assert output_shape(model, x) == (4, *logits)
   # Exit k reads stages 1..k (all of them: each adds to exit k's path) and

@@ -15,6 +15,8 @@ accuracy over the learning-rate grid, figures) is made, then or later with
 * :mod:`~osgd_jax.app.compare.matched`: the update-norm ratio of the
   matched control ``sgd-matched``;
 * :mod:`~osgd_jax.app.compare.experiment`: the two phases;
+* :mod:`~osgd_jax.app.compare.metric`: what the runs are scored by
+  (accuracy, or a language model's bits per byte);
 * :mod:`~osgd_jax.app.compare.results`: the results file's layout;
 * :mod:`~osgd_jax.app.compare.stats`: means, standard deviations and
   paired t intervals;

@@ -71,7 +71,10 @@ _TRAINING = (
   "lr_grid",
   "validation",
   "dataset",
+  "preset",
   "data_dir",
+  "text_file",
+  "text_bytes",
   "epochs",
   "batch_size",
   "out",
@@ -190,10 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     help="the data set, as osgd-train's --dataset",
   )
   p.add_argument(
+    "--preset",
+    default=defaults.preset,
+    help="the zoo preset of every model, as osgd-train's --preset (e.g."
+    " text-small, a language model sized for a CPU); None: the data set's",
+  )
+  p.add_argument(
     "--data-dir",
     default=defaults.data_dir,
     help="directory holding the CIFAR archives, as osgd-train's"
     " --data-dir; None: digits, mnist1d and synthetic need none",
+  )
+  p.add_argument(
+    "--text-file",
+    default=defaults.text_file,
+    metavar="PATH",
+    help="--dataset text: the text, as osgd-train's --text-file; None:"
+    " the source of Python standard-library modules",
+  )
+  p.add_argument(
+    "--text-bytes",
+    type=int,
+    default=defaults.text_bytes,
+    metavar="N",
+    help="--dataset text: use only the text's first N bytes, as"
+    " osgd-train's --text-bytes; None: all of it",
   )
   p.add_argument(
     "--epochs",
@@ -255,7 +279,10 @@ def _plan(args: argparse.Namespace) -> experiment.Plan:
   variants.check_names(args.optimizers)
   base = TrainConfig(
     dataset=args.dataset,
+    preset=args.preset,
     data_dir=args.data_dir,
+    text_file=args.text_file,
+    text_bytes=args.text_bytes,
     epochs=args.epochs,
     batch_size=args.batch_size,
     out=args.out,

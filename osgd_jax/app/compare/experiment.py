@@ -2,7 +2,9 @@
 
 Phase 1 trains every optimizer that has a grid (all but ``sgd-matched``)
 at each rate of the grid on the validation split, with the tuning seed, and
-picks the rate with the best mean-over-exits validation accuracy. Phase 2
+picks the rate with the best mean-over-exits validation score: the highest
+accuracy, or for a language model the fewest bits per byte
+(:mod:`osgd_jax.app.compare.metric`). Phase 2
 trains the chosen rate with each seed on the whole training set and scores
 it on the test set. ``sgd-matched`` gets OSGD's chosen rate times the
 update-norm ratio measured along OSGD's chosen tuning run
@@ -24,7 +26,8 @@ import numpy as np
 from osgd_jax import anytime
 from osgd_jax.app import data as data_lib
 from osgd_jax.app.compare import matched, results, variants
-from osgd_jax.app.compare.runs import read_record, run_once
+from osgd_jax.app.compare.metric import METRICS, Metric, metric_for_dataset
+from osgd_jax.app.compare.runs import read_record, run_record
 from osgd_jax.app.report import write_json
 from osgd_jax.app.train import (
   TrainConfig,
@@ -49,7 +52,7 @@ __all__ = [
 TUNING_SEED = 1000
 #: The most seeds a comparison tests.
 MAX_SEEDS = 1000
-#: Mean accuracies closer than this are a tie, which the smaller rate wins.
+#: Mean scores closer than this are a tie, which the smaller rate wins.
 TIE_TOLERANCE = 1e-9
 # The TrainConfig fields a comparison sets run by run.
 _PER_RUN = (
@@ -118,15 +121,19 @@ class Plan:
     )
 
 
-def choose_rate(grid: Sequence[dict[str, Any]]) -> float | None:
-  """The rate of the best mean-over-exits validation accuracy.
+def choose_rate(
+  grid: Sequence[dict[str, Any]], metric: Metric = METRICS["accuracy"]
+) -> float | None:
+  """The rate of the best mean-over-exits validation score.
 
-  A diverged rate counts as failed; accuracies within
-  :data:`TIE_TOLERANCE` tie, and the smaller rate wins a tie.
+  The best is the highest accuracy, or the fewest bits per byte for a
+  language model (``metric``). A diverged rate counts as failed; scores
+  within :data:`TIE_TOLERANCE` tie, and the smaller rate wins a tie.
 
   Args:
-    grid: one ``{"lr", "status", "val_accuracy"}`` per rate (see
-      :func:`run_comparison`).
+    grid: one ``{"lr", "status", "val_<metric>"}`` per rate (see
+      :func:`run_comparison`), ``None`` for a diverged rate.
+    metric: the score to choose by.
 
   Returns:
     The rate, or ``None`` when every rate diverged.
@@ -136,11 +143,15 @@ def choose_rate(grid: Sequence[dict[str, Any]]) -> float | None:
     ...              {"lr": 0.01, "val_accuracy": [0.9, 0.8]},
     ...              {"lr": 1.0, "val_accuracy": None}])
     0.01
+    >>> choose_rate([{"lr": 0.1, "val_bits_per_byte": [3.0, 2.0]},
+    ...              {"lr": 0.5, "val_bits_per_byte": [2.5, 2.0]}],
+    ...             METRICS["bits_per_byte"])
+    0.5
   """
+  key = f"val_{metric.name}"
+  sign = 1.0 if metric.higher_is_better else -1.0
   scored = [
-    (float(np.mean(p["val_accuracy"])), p["lr"])
-    for p in grid
-    if p["val_accuracy"] is not None
+    (sign * float(np.mean(p[key])), p["lr"]) for p in grid if p[key] is not None
   ]
   if not scored:
     return None
@@ -176,26 +187,42 @@ def model_costs(config: TrainConfig) -> dict[str, Any]:
 class _Progress:
   """Numbers the runs and prints a line before and after each."""
 
-  def __init__(self, total: int):
-    self.total, self.done = total, 0
+  def __init__(self, total: int, metric: Metric):
+    self.total, self.done, self.metric = total, 0, metric
 
-  def run(self, label: str, config: TrainConfig) -> np.ndarray | None:
+  def run(self, label: str, config: TrainConfig) -> dict[str, Any] | None:
     self.done += 1
     name = f"[{self.done}/{self.total}] {label}"
     print(name, flush=True)  # the run's epochs print below it
     start = time.perf_counter()
-    status, accuracy = run_once(config)
-    summary = (
-      ""
-      if accuracy is None
-      else f" ({config.evaluated_on}: mean {100 * np.mean(accuracy):.1f}%,"
-      f" last exit {100 * accuracy[-1]:.1f}%)"
-    )
+    status, record = run_record(config)
+    summary = ""
+    if record is not None:
+      metric = self.metric
+      score = record[f"{config.eval_prefix}_{metric.name}"]
+      unit = "%" if metric.unit == "%" else f" {metric.unit}"
+      summary = (
+        f" ({config.evaluated_on}: mean {metric.show(np.mean(score))}{unit},"
+        f" last exit {metric.show(score[-1])}{unit})"
+      )
     print(
       f"{name}: {status} in {time.perf_counter() - start:.0f} s{summary}",
       flush=True,
     )
-    return accuracy
+    return record
+
+
+def _scores(
+  record: dict[str, Any] | None, prefix: str, metric: Metric
+) -> dict[str, Any]:
+  """A run's per-exit scores as the results file lists them."""
+  names = dict.fromkeys(("accuracy", metric.name))
+  return {
+    f"{prefix}_{n}": None
+    if record is None
+    else record[f"{prefix}_{n}"].tolist()
+    for n in names
+  }
 
 
 def _lr_dir(lr: float) -> str:
@@ -216,12 +243,12 @@ def _tune(
       validation=plan.validation,
       out=os.path.join(plan.out, model, name, "tune", _lr_dir(lr)),
     )
-    accuracy = progress.run(f"{model}, {name}, tuning lr {lr}", config)
+    record = progress.run(f"{model}, {name}, tuning lr {lr}", config)
     grid.append(
       {
         "lr": lr,
-        "status": "diverged" if accuracy is None else "finished",
-        "val_accuracy": None if accuracy is None else accuracy.tolist(),
+        "status": "diverged" if record is None else "finished",
+        **_scores(record, "val", progress.metric),
       }
     )
   return grid
@@ -282,8 +309,9 @@ def _matched_ratio(
 
 def _test(
   plan: Plan, model: str, name: str, lr: float, progress: _Progress
-) -> list[list[float] | None]:
-  rows = []
+) -> dict[str, Any]:
+  """The test runs' scores, one row per seed (``None``: diverged)."""
+  rows: dict[str, list[Any]] = {}
   for seed in plan.seeds:
     config = variants.config_for(
       plan.base,
@@ -296,10 +324,12 @@ def _test(
         plan.out, model, name, "test", _lr_dir(lr), f"seed{seed}"
       ),
     )
-    accuracy = progress.run(
-      f"{model}, {name}, lr {lr:.4g}, seed {seed}", config
-    )
-    rows.append(None if accuracy is None else accuracy.tolist())
+    record = progress.run(f"{model}, {name}, lr {lr:.4g}, seed {seed}", config)
+    scores = _scores(record, "test", progress.metric)
+    if progress.metric.name == "bits_per_byte":  # a language model
+      scores["early_exit"] = None if record is None else record["early_exit"]
+    for key, value in scores.items():
+      rows.setdefault(key, []).append(value)
   return rows
 
 
@@ -307,9 +337,11 @@ def _settings(plan: Plan) -> dict[str, Any]:
   # The settings every run shares: not those set per run, nor this
   # machine's output directory.
   base = {k: v for k, v in plan.base.to_json().items() if k not in _PER_RUN}
+  metric = metric_for_dataset(plan.base.dataset)
   return {
     "base_config": base,
     "dataset": plan.base.dataset,
+    "metric": metric.name,
     "epochs": plan.base.epochs,
     "batch_size": plan.base.batch_size,
     "models": list(plan.models),
@@ -321,7 +353,7 @@ def _settings(plan: Plan) -> dict[str, Any]:
     "tuning_seed": TUNING_SEED,
     "seeds": list(plan.seeds),
     "selection": "the grid rate of the best mean-over-exits validation"
-    f" accuracy; ties (within {TIE_TOLERANCE}) go to the"
+    f" {metric.title}; ties (within {TIE_TOLERANCE}) go to the"
     " smaller rate; a diverged rate fails",
     "baseline": variants.BASELINE,
     "matched_to": variants.MATCHED_TO,
@@ -354,7 +386,8 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
     ...             ("sgd", "osgd"), (0.05,), 0.2, (0, 1))
     >>> payload = run_comparison(plan)  # doctest: +SKIP
   """
-  progress = _Progress(plan.num_runs)
+  metric = metric_for_dataset(plan.base.dataset)
+  progress = _Progress(plan.num_runs, metric)
   payload: dict[str, Any] = {
     "format": results.FORMAT,
     "version": results.VERSION,
@@ -370,7 +403,7 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
           "fields": variants.VARIANTS[name],
           "lr_source": "tuned",
           "grid": grid,
-          "chosen_lr": choose_rate(grid),
+          "chosen_lr": choose_rate(grid, metric),
         }
     if variants.MATCHED in plan.optimizers:
       osgd_lr = entry["optimizers"][variants.MATCHED_TO]["chosen_lr"]
@@ -402,9 +435,9 @@ def run_comparison(plan: Plan) -> dict[str, Any]:
           flush=True,
         )
         progress.done += len(plan.seeds)
-        result["test_accuracy"] = None
+        result.update(dict.fromkeys(_scores(None, "test", metric)))
         continue
-      result["test_accuracy"] = _test(plan, model, name, lr, progress)
+      result.update(_test(plan, model, name, lr, progress))
     payload["models"][model] = {
       **model_costs(dataclasses.replace(plan.base, model=model)),
       "matched": entry["matched"],

@@ -17,6 +17,7 @@ import numpy as np
 
 from osgd_jax.app.compare import results as results_lib
 from osgd_jax.app.compare import stats
+from osgd_jax.app.compare.metric import metric_of
 from osgd_jax.app.compare.tables import paired_differences, render_markdown
 from osgd_jax.app.report import (
   plot_accuracy_vs_flops,
@@ -138,14 +139,18 @@ def write_differences_figure(payload: dict[str, Any], out: str) -> str | None:
   ):
     return None
   path = os.path.join(out, DIFFERENCES_FIGURE)
+  metric = metric_of(payload)
   plot_paired_differences(
     panels,
     path,
     title=(
-      f"{settings['dataset']}: test accuracy minus {settings['baseline']}'s,"
+      f"{settings['dataset']}: test {metric.title} minus"
+      f" {settings['baseline']}'s,"
       f" mean over exits ({100 * settings['confidence']:g}% interval,"
       " paired by seed)"
     ),
+    xlabel=f"difference ({metric.difference_unit})",
+    scale=metric.scale,
   )
   return path
 
@@ -153,6 +158,8 @@ def write_differences_figure(payload: dict[str, Any], out: str) -> str | None:
 def _figures(payload: dict[str, Any], out: str) -> list[str]:
   settings = payload["settings"]
   dataset, seeds = settings["dataset"], len(settings["seeds"])
+  metric = metric_of(payload)
+  label = metric.title + (" (%)" if metric.unit == "%" else "")
   differences = write_differences_figure(payload, out)
   written = [] if differences is None else [differences]
   for model, entry in payload["models"].items():
@@ -160,26 +167,34 @@ def _figures(payload: dict[str, Any], out: str) -> list[str]:
     summary = {}
     for name, result in entry["optimizers"].items():
       mean, std, n = stats.mean_and_std(
-        results_lib.accuracy_rows(result["test_accuracy"], num_exits)
+        results_lib.accuracy_rows(result.get(f"test_{metric.name}"), num_exits)
       )
       if n:
         summary[name] = (mean, np.nan_to_num(std))
     title = f"{model} on {dataset}, {seeds} seeds"
     path = os.path.join(out, f"accuracy-{model}.png")
-    plot_exit_accuracy(summary, path, title=title + " (± std)")
+    plot_exit_accuracy(
+      summary,
+      path,
+      title=title + " (± std)",
+      ylabel=f"test {label}",
+      scale=metric.scale,
+    )
     written.append(path)
     path = os.path.join(out, f"flops-{model}.png")
     plot_accuracy_vs_flops(
       {n: (entry["flops"], m) for n, (m, _) in summary.items()},
       path,
       title=title,
+      ylabel=f"test {label}",
+      percent=metric.scale == 100,
     )
     written.append(path)
     curves = {
       name: (
         [p["lr"] for p in result["grid"]],
         results_lib.accuracy_rows(
-          [p["val_accuracy"] for p in result["grid"]], num_exits
+          [p.get(f"val_{metric.name}") for p in result["grid"]], num_exits
         ),
       )
       for name, result in entry["optimizers"].items()
@@ -191,6 +206,8 @@ def _figures(payload: dict[str, Any], out: str) -> list[str]:
       path,
       chosen={n: entry["optimizers"][n]["chosen_lr"] for n in curves},
       title=f"{model} on {dataset}: the tuning runs",
+      ylabel=f"validation {label}",
+      scale=metric.scale,
     )
     written.append(path)
   return written

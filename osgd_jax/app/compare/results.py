@@ -7,7 +7,8 @@ the README's tables) can be made again from the file alone::
     "format": "osgd-compare results", "version": 1,
     "settings": {
       "base_config": {...},       # the TrainConfig fields all runs share
-      "dataset", "epochs", "batch_size",
+      "dataset", "metric": "accuracy" | "bits_per_byte",
+      "epochs", "batch_size",
       "models": [...], "optimizers": [...],
       "variants": {name: {TrainConfig field: value}},
       "lr_grid": [...], "validation": 0.2, "validation_split_seed": 0,
@@ -24,9 +25,12 @@ the README's tables) can be made again from the file alone::
           name: {
             "fields": {...}, "lr_source": "tuned" | "matched",
             "grid": [{"lr", "status": "finished" | "diverged",
-                      "val_accuracy": [K] | null}],
+                      "val_accuracy": [K] | null,
+                      "val_bits_per_byte": [K] | null}],  # text only
             "chosen_lr": rate | null,
-            "test_accuracy": null | [[K] | null]   # one row per seed
+            "test_accuracy": null | [[K] | null],  # one row per seed
+            "test_bits_per_byte": null | [[K] | null],  # text only
+            "early_exit": [curve | null]  # text only, one per seed
           }
         }
       }
@@ -34,7 +38,13 @@ the README's tables) can be made again from the file alone::
   }
 
 Accuracies are fractions in [0, 1]; ``null`` marks a diverged run (a
-``test_accuracy`` of ``null`` as a whole: no rate to test).
+``test_accuracy`` of ``null`` as a whole: no rate to test). ``metric``
+names the score the rates were chosen by and the tables show
+(:mod:`osgd_jax.app.compare.metric`; a file without it is scored by
+accuracy): a language model's (``--dataset text``) is its bits per byte,
+and each of its test runs also records its token-level early-exit curve,
+as the run's ``metrics.json`` has it (``threshold``, ``mean_exit``,
+``mean_flops``, ``bits_per_byte``, ``accuracy``, ``exit_counts``).
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from osgd_jax.app.compare.metric import metric_of
 
 __all__ = [
   "CONFIDENCE",
@@ -190,16 +202,19 @@ def load_results(path: str) -> dict[str, Any]:
     settings, models = payload["settings"], payload["models"]
     for key in ("models", "optimizers", "lr_grid", "seeds", "baseline"):
       settings[key]  # pylint: disable=pointless-statement
+    scores = f"test_{metric_of(payload).name}"
     for entry in models.values():
       for key in ("flops", "params"):
         entry[key]  # pylint: disable=pointless-statement
       for result in entry["optimizers"].values():
-        for key in ("grid", "chosen_lr", "test_accuracy"):
+        for key in ("grid", "chosen_lr", "test_accuracy", scores):
           result[key]  # pylint: disable=pointless-statement
   except (KeyError, TypeError, AttributeError) as e:
     raise ValueError(
       f"--report {path} lacks {e} of a results file; {_ADVICE}."
     ) from None
+  except ValueError as e:  # an unknown metric
+    raise ValueError(f"--report {path}: {e}") from None
   return payload
 
 

@@ -15,16 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from osgd_jax.app.compare.metric import metric_for_dataset
 from osgd_jax.app.report import write_json
 from osgd_jax.app.train import (
   TrainConfig,
   TrainingDiverged,
   config_differences,
   describe_differences,
+  read_metrics,
   train,
 )
 
-__all__ = ["RESULT_FILE", "read_record", "run_once"]
+__all__ = ["RESULT_FILE", "read_record", "run_once", "run_record"]
 
 #: A finished (or diverged) run's outcome, in the run's own directory.
 RESULT_FILE = "result.json"
@@ -94,15 +96,22 @@ def _read_result(config: TrainConfig) -> dict[str, Any] | None:
       " comparison with a new --out."
     )
   if status == "finished":
-    key = f"{config.eval_prefix}_accuracy"
-    try:
-      result[key] = np.asarray(result[key], dtype=np.float64)
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(
-        f"cannot read {path} (no valid {e}); run the"
-        " comparison with a new --out."
-      ) from None
+    for key in _score_keys(config):
+      try:
+        result[key] = np.asarray(result[key], dtype=np.float64)
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+          f"cannot read {path} (no valid {e}); run the"
+          " comparison with a new --out."
+        ) from None
   return result
+
+
+def _score_keys(config: TrainConfig) -> tuple[str, ...]:
+  """The per-exit scores a finished run records: accuracy, and its metric."""
+  prefix = config.eval_prefix
+  metric = metric_for_dataset(config.dataset).name
+  return tuple(dict.fromkeys((f"{prefix}_accuracy", f"{prefix}_{metric}")))
 
 
 def _has_checkpoints(out: str) -> bool:
@@ -113,38 +122,39 @@ def _has_checkpoints(out: str) -> bool:
   )
 
 
-def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
+def run_record(config: TrainConfig) -> tuple[str, dict[str, Any] | None]:
   """Trains one run of a comparison, or reads its recorded outcome.
 
   A run with a ``result.json`` of the same settings is not trained again;
   one with checkpoints but no result is resumed; a run whose loss diverges
   is recorded as diverged. ``result.json`` holds ``status``, ``config``,
-  ``evaluated_on`` and the final accuracy per exit under the run's metric
-  name: ``test_accuracy``, or ``val_accuracy`` for a run on a validation
-  split.
+  ``evaluated_on`` and the final scores per exit under the run's metric
+  names: ``test_accuracy``, or ``val_accuracy`` for a run on a validation
+  split; a language model (``--dataset text``) adds ``test_bits_per_byte``
+  (or ``val_...``) and, scored on the test set, its token early-exit
+  curve ``early_exit`` as its ``metrics.json`` has it.
 
   Args:
     config: the run's settings; ``config.out`` is its own directory.
 
   Returns:
-    ``(status, accuracy)``: ``status`` is ``"trained"``, ``"resumed"``,
-    ``"skipped"`` (finished earlier) or ``"diverged"``; ``accuracy`` is the
-    ``(K,)`` accuracy per exit on the split the run is scored on
-    (``config.evaluated_on``), or ``None`` for a diverged run.
+    ``(status, record)``: ``status`` is ``"trained"``, ``"resumed"``,
+    ``"skipped"`` (finished earlier) or ``"diverged"``; ``record`` is the
+    run's ``result.json`` with each per-exit score a ``(K,)`` float64
+    array, or ``None`` for a diverged run.
 
   Raises:
     ValueError: the directory holds a run with other settings.
 
   Example:
-    >>> status, accuracy = run_once(TrainConfig(
+    >>> status, record = run_record(TrainConfig(
     ...     model="branched-mlp", epochs=1, out="/tmp/run"))  # doctest: +SKIP
   """
-  key = f"{config.eval_prefix}_accuracy"
   recorded = _read_result(config)
   if recorded is not None:
     if recorded["status"] == "diverged":
       return "diverged", None
-    return "skipped", recorded[key]
+    return "skipped", recorded
   resume = _has_checkpoints(_run_dir(config))
   try:
     result = train(dataclasses.replace(config, resume=resume))
@@ -159,13 +169,42 @@ def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
       },
     )
     return "diverged", None
-  write_json(
-    os.path.join(_run_dir(config), RESULT_FILE),
-    {
-      "status": "finished",
-      "config": config.to_json(),
-      "evaluated_on": config.evaluated_on,
-      key: result.accuracy,
-    },
-  )
-  return ("resumed" if resume else "trained"), result.accuracy
+  record: dict[str, Any] = {
+    "status": "finished",
+    "config": config.to_json(),
+    "evaluated_on": config.evaluated_on,
+    f"{config.eval_prefix}_accuracy": result.accuracy,
+  }
+  if result.bits_per_byte is not None:
+    record[f"{config.eval_prefix}_bits_per_byte"] = result.bits_per_byte
+    if config.evaluated_on == "test":
+      path = os.path.join(_run_dir(config), "metrics.json")
+      record["early_exit"] = read_metrics(path)["final"]["early_exit"]
+  write_json(os.path.join(_run_dir(config), RESULT_FILE), record)
+  return ("resumed" if resume else "trained"), _read_result(config)
+
+
+def run_once(config: TrainConfig) -> tuple[str, np.ndarray | None]:
+  """Trains one run of a comparison, or reads its accuracy per exit.
+
+  :func:`run_record` with the accuracy alone.
+
+  Args:
+    config: the run's settings; ``config.out`` is its own directory.
+
+  Returns:
+    ``(status, accuracy)``: the status of :func:`run_record`, and the
+    ``(K,)`` accuracy per exit on the split the run is scored on
+    (``config.evaluated_on``), or ``None`` for a diverged run.
+
+  Raises:
+    ValueError: the directory holds a run with other settings.
+
+  Example:
+    >>> status, accuracy = run_once(TrainConfig(
+    ...     model="branched-mlp", epochs=1, out="/tmp/run"))  # doctest: +SKIP
+  """
+  status, record = run_record(config)
+  if record is None:
+    return status, None
+  return status, record[f"{config.eval_prefix}_accuracy"]

@@ -2,8 +2,11 @@
 
 Each function takes the results (:mod:`osgd_jax.app.compare.results`) and
 returns Markdown; :func:`render_markdown` puts them together, and the same
-text goes into the report and between the README's markers. Accuracies are
-in percent, differences in percentage points.
+text goes into the report and between the README's markers. The tables
+show the comparison's metric (:mod:`osgd_jax.app.compare.metric`):
+accuracies in percent and their differences in percentage points, or a
+language model's bits per byte (lower is better) and their differences in
+bits per byte.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import numpy as np
 
 from osgd_jax.app.compare import results as results_lib
 from osgd_jax.app.compare import stats
+from osgd_jax.app.compare.metric import Metric, metric_of
 
 __all__ = [
+  "EARLY_EXIT_SHOWN",
   "accuracy_table",
   "difference_table",
+  "early_exit_table",
   "edge_note",
   "matched_table",
   "paired_differences",
@@ -44,8 +50,8 @@ def _pad(cells: list[str], width: int) -> list[str]:
   return cells + ["—"] * (width - len(cells))
 
 
-def _rows(result: dict[str, Any], num_exits: int) -> np.ndarray:
-  return results_lib.accuracy_rows(result["test_accuracy"], num_exits)
+def _rows(result: dict[str, Any], num_exits: int, metric: Metric) -> np.ndarray:
+  return results_lib.accuracy_rows(result.get(f"test_{metric.name}"), num_exits)
 
 
 def _rate(lr: float | None) -> str:
@@ -81,7 +87,21 @@ def settings_text(payload: dict[str, Any]) -> str:
   """
   s = payload["settings"]
   base = s["base_config"]
+  metric = metric_of(payload)
   grid = ", ".join(f"{lr:g}" for lr in s["lr_grid"])
+  preset = base.get("preset")
+  data = s["dataset"] + ("" if preset is None else f" (preset {preset})")
+  if s["dataset"] == "text":  # next-byte windows in the text's order
+    split = (
+      f" of the training text and validating on its last"
+      f" {100 * s['validation']:g}% (its tail, not a sample of windows;"
+    )
+  else:
+    split = (
+      f" of the training set and validating on the other"
+      f" {100 * s['validation']:g}% (stratified, split seed"
+      f" {s['validation_split_seed']};"
+    )
   matched = (
     " `sgd-matched` is summed-loss SGD at"
     f" `{s['matched_to']}`'s chosen rate times the ratio of"
@@ -91,16 +111,15 @@ def settings_text(payload: dict[str, Any]) -> str:
     else ""
   )
   return (
-    f"`osgd-compare` on {s['dataset']}, {s['epochs']}"
+    f"`osgd-compare` on {data}, {s['epochs']}"
     f" epoch{'s' * (s['epochs'] != 1)}, batch"
     f" {s['batch_size']}, {base['schedule']} schedule, momentum"
     f" {base['momentum']}, weight decay {base['weight_decay']}; `sgd` is"
     " the gradient of the summed exit losses. Each optimizer's peak"
     f" learning rate was chosen from {{{grid}}} by the mean over exits of"
-    f" the validation accuracy, training on {100 * (1 - s['validation']):g}%"
-    f" of the training set and validating on the other"
-    f" {100 * s['validation']:g}% (stratified, split seed"
-    f" {s['validation_split_seed']}; tuning seed {s['tuning_seed']}; ties"
+    f" the validation {metric.title}, training on"
+    f" {100 * (1 - s['validation']):g}%{split} tuning seed"
+    f" {s['tuning_seed']}; ties"
     " go to the smaller rate). The chosen rate was then trained on the"
     f" whole training set with {_seed_range(s['seeds'])} and scored on"
     f" the test set.{matched}"
@@ -108,7 +127,10 @@ def settings_text(payload: dict[str, Any]) -> str:
 
 
 def accuracy_table(payload: dict[str, Any]) -> str:
-  """Test accuracy per exit and its mean over exits, mean ± std over seeds.
+  """Test score per exit and its mean over exits, mean ± std over seeds.
+
+  The score is the comparison's metric: accuracy (in percent), or a
+  language model's bits per byte.
 
   Args:
     payload: the results.
@@ -122,13 +144,14 @@ def accuracy_table(payload: dict[str, Any]) -> str:
     | branched-mlp | sgd | 0.1 | 60.0 ± 14.1 | 80.0 ± 14.1 | 70.0 ± 14.1 |
   """
   width = _max_exits(payload)
+  metric = metric_of(payload)
   lines = _header(["model", "optimizer", "lr"], width, ["mean"])
   for model, entry in payload["models"].items():
     num_exits = _num_exits(entry)
     for name, result in entry["optimizers"].items():
-      rows = _rows(result, num_exits)
+      rows = _rows(result, num_exits, metric)
       label = name
-      if result["test_accuracy"] is None:
+      if result.get(f"test_{metric.name}") is None:
         why = (
           "every grid rate diverged" if result["grid"] else "no rate to match"
         )
@@ -140,7 +163,9 @@ def accuracy_table(payload: dict[str, Any]) -> str:
         mean, std, n = stats.mean_and_std(with_mean)
         if n < len(rows):
           label += f" ({len(rows) - n}/{len(rows)} diverged)"
-        cells = [_mean_std(m, s) for m, s in zip(mean, std, strict=True)]
+        cells = [
+          _mean_std(m, s, metric) for m, s in zip(mean, std, strict=True)
+        ]
         cells = _pad(cells[:-1], width) + cells[-1:]
       lines.append(
         f"| {model} | {label} | {_rate(result['chosen_lr'])} | "
@@ -150,20 +175,20 @@ def accuracy_table(payload: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _mean_std(mean: float, std: float) -> str:
+def _mean_std(mean: float, std: float, metric: Metric) -> str:
   if np.isnan(mean):
     return "diverged"
   if np.isnan(std):
-    return f"{100 * mean:.1f}"
-  return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return metric.show(mean)
+  return f"{metric.show(mean)} ± {metric.show(std)}"
 
 
-def _difference(d: stats.PairedDifference) -> str:
+def _difference(d: stats.PairedDifference, metric: Metric) -> str:
   if d.n == 0:
     return "—"
-  text = f"{100 * d.mean:+.1f}"
+  text = ("+" if d.mean >= 0 else "") + metric.show(d.mean)
   if d.n >= 2:
-    text += f" ± {100 * d.half_width:.1f}"
+    text += f" ± {metric.show(d.half_width)}"
   return f"**{text}**" if d.excludes_zero else text
 
 
@@ -172,7 +197,7 @@ def paired_differences(
 ) -> dict[
   str, dict[str, tuple[list[stats.PairedDifference], stats.PairedDifference]]
 ]:
-  """Each optimizer's test accuracy minus the baseline's, paired by seed.
+  """Each optimizer's test score minus the baseline's, paired by seed.
 
   Args:
     payload: the results.
@@ -180,10 +205,11 @@ def paired_differences(
   Returns:
     model -> optimizer -> ``(per_exit, overall)``: one
     :class:`~osgd_jax.app.compare.stats.PairedDifference` per exit, and one
-    for the mean over exits, at the results' confidence level; accuracies
-    are fractions. The baseline itself is left out; a model without any
-    baseline runs gets ``n = 0`` throughout, and so does an optimizer
-    without test runs.
+    for the mean over exits, at the results' confidence level, of the
+    comparison's metric as recorded (accuracies are fractions; a negative
+    difference of bits per byte is a better language model). The
+    baseline itself is left out; a model without any baseline runs gets
+    ``n = 0`` throughout, and so does an optimizer without test runs.
 
   Example:
     >>> per_exit, overall = paired_differences(
@@ -193,17 +219,16 @@ def paired_differences(
   """
   settings = payload["settings"]
   baseline, confidence = settings["baseline"], settings["confidence"]
+  metric = metric_of(payload)
   differences = {}
   for model, entry in payload["models"].items():
     num_exits = _num_exits(entry)
-    base = _rows(
-      entry["optimizers"].get(baseline, {"test_accuracy": None}), num_exits
-    )
+    base = _rows(entry["optimizers"].get(baseline, {}), num_exits, metric)
     per_model = differences[model] = {}
     for name, result in entry["optimizers"].items():
       if name == baseline:
         continue
-      rows = _rows(result, num_exits)
+      rows = _rows(result, num_exits, metric)
       if base.size == 0 or rows.size == 0:
         none = stats.paired_difference(np.array([]), np.array([]))
         per_model[name] = ([none] * num_exits, none)
@@ -227,7 +252,8 @@ def difference_table(payload: dict[str, Any]) -> str:
     payload: the results.
 
   Returns:
-    A Markdown table in percentage points: the mean difference ± the
+    A Markdown table in the metric's difference unit (percentage points
+    of accuracy, or bits per byte): the mean difference ± the
     half-width of its confidence interval per exit and for the mean over
     exits, **bold** where the interval excludes zero; ``n`` is the number
     of seeds where neither run diverged. A sentence instead when the
@@ -241,6 +267,7 @@ def difference_table(payload: dict[str, Any]) -> str:
   if not any(baseline in e["optimizers"] for e in payload["models"].values()):
     return f"(No `{baseline}` runs to pair the others with.)"
   differences = paired_differences(payload)
+  metric = metric_of(payload)
   width = _max_exits(payload)
   lines = _header(["model", "optimizer", "n"], width, ["mean over exits"])
   for model, per_model in differences.items():
@@ -250,25 +277,26 @@ def difference_table(payload: dict[str, Any]) -> str:
           f"| {model} | {name} | 0 | " + " | ".join(["—"] * (width + 1)) + " |"
         )
         continue
-      cells = _pad([_difference(d) for d in per_exit], width)
+      cells = _pad([_difference(d, metric) for d in per_exit], width)
       lines.append(
         f"| {model} | {name} | {overall.n} | "
-        + " | ".join(cells + [_difference(overall)])
+        + " | ".join(cells + [_difference(overall, metric)])
         + " |"
       )
   return "\n".join(lines)
 
 
 def robustness_table(payload: dict[str, Any]) -> str:
-  """Validation accuracy over the whole grid, per model and rate.
+  """Validation score over the whole grid, per model and rate.
 
   Args:
     payload: the results.
 
   Returns:
     A Markdown table, one row per (model, rate) and one column per tuned
-    optimizer: the mean-over-exits / last-exit validation accuracy of its
-    tuning run, ``*`` marking the rate chosen.
+    optimizer: the mean-over-exits / last-exit validation score (the
+    comparison's metric) of its tuning run, ``*`` marking the rate
+    chosen.
 
   Example:
     >>> print(robustness_table(results_lib.EXAMPLE).splitlines()[3])
@@ -281,6 +309,8 @@ def robustness_table(payload: dict[str, Any]) -> str:
       e["optimizers"].get(n, {}).get("grid") for e in payload["models"].values()
     )
   ]
+  metric = metric_of(payload)
+  key = f"val_{metric.name}"
   columns = ["model", "lr", *tuned]
   lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
   for model, entry in payload["models"].items():
@@ -293,12 +323,14 @@ def robustness_table(payload: dict[str, Any]) -> str:
         )
         if point is None:
           cells.append("—")
-        elif point["val_accuracy"] is None:
+        elif point.get(key) is None:
           cells.append("diverged")
         else:
-          acc = np.asarray(point["val_accuracy"])
+          score = np.asarray(point[key])
           chosen = " *" if result["chosen_lr"] == lr else ""
-          cells.append(f"{100 * acc.mean():.1f} / {100 * acc[-1]:.1f}{chosen}")
+          cells.append(
+            f"{metric.show(score.mean())} / {metric.show(score[-1])}{chosen}"
+          )
       lines.append(f"| {model} | {lr:g} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -340,6 +372,62 @@ def edge_note(payload: dict[str, Any]) -> str:
     + "; ".join(found)
     + "."
   )
+
+
+#: The confidence thresholds the early-exit table shows, of the curve each
+#: language-model test run records (osgd_jax.app.train.EARLY_EXIT_THRESHOLDS).
+EARLY_EXIT_SHOWN = (0.5, 0.7, 0.9)
+
+
+def early_exit_table(payload: dict[str, Any]) -> str:
+  """A language model's token-level early exit, per model and optimizer.
+
+  Each test run of a language model records its curve
+  (:func:`osgd_jax.anytime.token_early_exit_curve`: a byte stops at the
+  first exit whose top probability reaches the threshold); the table shows
+  it at the thresholds of :data:`EARLY_EXIT_SHOWN`, averaged over the
+  seeds whose run finished.
+
+  Args:
+    payload: the results.
+
+  Returns:
+    A Markdown table, one row per (model, optimizer): at each threshold
+    the mean exit, the mean FLOPs per byte over the last exit's, and the
+    bits per byte; ``""`` when no run recorded a curve (a classifier's
+    comparison, or one from before the curves were recorded).
+
+  Example:
+    >>> early_exit_table(results_lib.EXAMPLE)
+    ''
+  """
+  found = []
+  for model, entry in payload["models"].items():
+    for name, result in entry["optimizers"].items():
+      curves = [c for c in result.get("early_exit") or () if c is not None]
+      if curves:
+        found.append((model, name, curves))
+  if not found:
+    return ""
+  columns = ["model", "optimizer"] + [
+    f"p ≥ {t:g}: exit / FLOPs / bits" for t in EARLY_EXIT_SHOWN
+  ]
+  lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+  for model, name, curves in found:
+    cells = []
+    for threshold in EARLY_EXIT_SHOWN:
+      exit_, flops, bits = [], [], []
+      for c in curves:
+        i = int(np.argmin(np.abs(np.asarray(c["threshold"]) - threshold)))
+        exit_.append(c["mean_exit"][i])
+        flops.append(c["mean_flops"][i] / c["mean_flops"][-1])
+        bits.append(c["bits_per_byte"][i])
+      cells.append(
+        f"{np.mean(exit_):.2f} / {100 * np.mean(flops):.0f}% /"
+        f" {np.mean(bits):.3f}"
+      )
+    lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def matched_table(payload: dict[str, Any]) -> str:
@@ -396,22 +484,40 @@ def render_markdown(payload: dict[str, Any]) -> str:
   s = payload["settings"]
   seeds = len(s["seeds"])
   confidence = f"{100 * s['confidence']:g}%"
+  metric = metric_of(payload)
+  if metric.higher_is_better:
+    score, better = f"{metric.title} ({metric.unit})", ""
+  else:
+    score = metric.title
+    better = f"; negative: fewer bits than `{s['baseline']}`'s, a better model"
   parts = [
     settings_text(payload),
-    f"**Test accuracy (%)** per exit and its mean over exits, mean ±"
+    f"**Test {score}** per exit and its mean over exits, mean ±"
     f" sample standard deviation over {seeds} seed{'s' * (seeds != 1)}"
-    " (lr: the peak learning rate of the test runs):",
+    " (lr: the peak learning rate of the test runs"
+    + ("" if metric.higher_is_better else "; lower is better")
+    + "):",
     accuracy_table(payload),
-    f"**Difference from `{s['baseline']}`** (percentage points), paired by"
+    f"**Difference from `{s['baseline']}`** ({metric.difference_unit}"
+    f"{better}), paired by"
     f" seed: mean ± half-width of the {confidence} Student t interval over"
     f" the n seeds where neither run diverged; **bold**: the interval"
     " excludes 0."
     + (" With fewer than 2 seeds there is no interval." if seeds < 2 else ""),
     difference_table(payload),
-    "**Learning-rate robustness**: validation accuracy (%) of each tuning"
+    f"**Learning-rate robustness**: validation {score} of each tuning"
     " run, mean over exits / last exit; `*`: the rate chosen.",
     robustness_table(payload),
   ]
+  early = early_exit_table(payload)
+  if early:
+    parts += [
+      "**Token-level early exit** (CALM-style: each byte leaves at the"
+      " first exit whose top probability reaches the threshold), mean"
+      " over the test runs' seeds: the mean exit, the FLOPs per byte as a"
+      " share of the last exit's, and the test bits per byte:",
+      early,
+    ]
   edges = edge_note(payload)
   if edges:
     parts.append(edges)

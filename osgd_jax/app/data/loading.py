@@ -128,7 +128,7 @@ def load_dataset(
     **options: loader-specific keyword arguments, e.g. ``test_fraction``
       (digits), ``label_mode`` (CIFAR), ``num_train``, ``num_test``,
       ``num_classes``, ``shape``, ``difficulty`` (synthetic),
-      ``text_file``, ``context`` (text).
+      ``text_file``, ``context``, ``max_bytes`` (text).
 
   Returns:
     A frozen ``Dataset`` of read-only NumPy arrays.

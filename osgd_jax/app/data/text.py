@@ -175,6 +175,7 @@ def load_text(
   text_file: str | os.PathLike[str] | None = None,
   context: int = 128,
   test_fraction: float = 0.1,
+  max_bytes: int | None = None,
 ) -> Dataset:
   """Loads a text as next-byte windows, its tail held out for testing.
 
@@ -184,6 +185,9 @@ def load_text(
     context: bytes per example (the model's sequence length).
     test_fraction: the fraction of the bytes, at the end of the text, held
       out as the test text, in (0, 1).
+    max_bytes: read only the text's first ``max_bytes`` bytes (its test
+      tail is then the end of those), to train a run on less of it;
+      ``None``: all of it.
 
   Returns:
     A ``Dataset`` named ``"text"``: int32 inputs and targets of shape
@@ -194,7 +198,8 @@ def load_text(
 
   Raises:
     ValueError: the file is missing, unreadable or empty, or too short to
-      give a training and a test window; the message says what to pass.
+      give a training and a test window, or ``max_bytes`` is not a
+      positive integer; the message says what to pass.
 
   Example:
     >>> import tempfile
@@ -208,6 +213,14 @@ def load_text(
     raise ValueError(f"context must be a positive integer, got {context!r}.")
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+  if max_bytes is not None and (
+    isinstance(max_bytes, bool)
+    or not isinstance(max_bytes, int)
+    or max_bytes < 1
+  ):
+    raise ValueError(
+      f"max_bytes must be a positive integer or None, got {max_bytes!r}."
+    )
   if text_file is None:
     text, info = default_corpus()
   else:
@@ -219,10 +232,19 @@ def load_text(
       raise ValueError(
         f"--text-file {path} is empty; pass a file with text in it."
       )
+  if max_bytes is not None:
+    text = text[:max_bytes]
+    info["max_bytes"] = max_bytes
   num_test = int(round(test_fraction * len(text)))
   # Each side needs one window of context + 1 bytes.
   needed = int(np.ceil((context + 1) / min(test_fraction, 1 - test_fraction)))
   if min(num_test, len(text) - num_test) < context + 1:
+    if max_bytes is not None and len(text) == max_bytes:
+      raise ValueError(
+        f"--text-bytes {max_bytes} keeps too few bytes for a training and a"
+        f" test window of {context} bytes with {test_fraction:g} of them"
+        f" held out for testing; pass --text-bytes {needed} or more."
+      )
     where = (
       "the default text"
       if text_file is None

@@ -121,8 +121,9 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
   p.add_argument(
     "--preset",
     default=d.preset,
-    help="model preset (cifar, digits, mnist1d or text; see"
-    " osgd_jax.zoo.presets); None: the dataset's",
+    help="model preset (cifar, digits, mnist1d, text, or text-small: a"
+    " language model of half the text preset's context and width, for a"
+    " CPU; see osgd_jax.zoo.presets); None: the dataset's",
   )
   p.add_argument(
     "--dataset",
@@ -143,6 +144,14 @@ def build_parser(prog: str = "osgd-train") -> argparse.ArgumentParser:
     help="--dataset text: the text to train a byte-level language model"
     " on, its last tenth held out for testing; None: the source of"
     " Python standard-library modules of the running interpreter",
+  )
+  p.add_argument(
+    "--text-bytes",
+    type=int,
+    default=d.text_bytes,
+    metavar="N",
+    help="--dataset text: use only the text's first N bytes (the last"
+    " tenth of those held out for testing), for a shorter run; None: all",
   )
   p.add_argument(
     "--download",

@@ -13,6 +13,8 @@ import math
 import numbers
 from typing import Any, get_args
 
+import numpy as np
+
 from osgd_jax import aggregation, sharding, zoo
 from osgd_jax.app import data as data_lib
 
@@ -116,6 +118,11 @@ DEFAULT_MODELS = {
 }
 
 
+def _reads_tokens(model: str, preset: str) -> bool:
+  """Whether ``model`` at ``preset`` reads token ids (a language model)."""
+  return np.issubdtype(zoo.input_spec(model, preset).dtype, np.integer)
+
+
 def _fitting_models(preset: str) -> list[str]:
   """The zoo models that have ``preset``: those that read its data."""
   return [m for m in zoo.names() if preset in zoo.presets(m)]
@@ -143,6 +150,9 @@ class TrainConfig:
   # The text of --dataset text; None: the default text, Python
   # standard-library source read from the running interpreter.
   text_file: str | None = None
+  # Train on the text's first text_bytes bytes only (its test tail is the
+  # end of those); None: all of it.
+  text_bytes: int | None = None
   # The fraction of the training set held out (stratified, with a fixed
   # seed) to evaluate on instead of the test set; 0: train on all of it and
   # evaluate on the test set.
@@ -262,6 +272,13 @@ class TrainConfig:
         f"--text-file is the text of --dataset text, not of --dataset"
         f" {self.dataset}; add --dataset text, or leave out --text-file."
       )
+    if self.text_bytes is not None:
+      if self.dataset != "text":
+        raise ValueError(
+          f"--text-bytes limits the text of --dataset text, not --dataset"
+          f" {self.dataset}; add --dataset text, or leave out --text-bytes."
+        )
+      _check_int("--text-bytes", self.text_bytes, 1, 2**62)
     _check_choice("--optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("--granularity", self.granularity, _GRANULARITIES)
     _check_choice("--method", self.method, _METHODS)
@@ -276,6 +293,7 @@ class TrainConfig:
         tuple(zoo.presets(self.model)),
         f" for {self.model}",
       )
+      self._check_preset_reads_data()
     for name in ("data_dir", "text_file", "out", "mesh", "tensorboard"):
       value = getattr(self, name)
       if value is not None and not (isinstance(value, str) and value.strip()):
@@ -289,16 +307,7 @@ class TrainConfig:
           f"{name} must be true or false, got {getattr(self, name)!r}."
         )
     for name, (low, high) in _INT_RANGES.items():
-      value = getattr(self, name)
-      if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or not low <= int(value) <= high
-      ):
-        raise ValueError(
-          f"{_flag(name)} must be an integer from {low} to"
-          f" {high}, got {value!r}."
-        )
+      _check_int(_flag(name), getattr(self, name), low, high)
     _check_real("--lr", self.lr, "> 0", lambda v: v > 0)
     _check_real(
       "--validation", self.validation, "in [0, 1)", lambda v: 0 <= v < 1
@@ -355,6 +364,24 @@ class TrainConfig:
           " exit would be trained. Give at least one exit a weight > 0."
         )
 
+  def _check_preset_reads_data(self) -> None:
+    """Refuses a language model's preset on other data, and the reverse.
+
+    A preset whose input is token ids (``text``, ``text-small``) fits
+    ``--dataset text`` alone, and the text fits no other preset.
+    """
+    text = self.dataset == "text"
+    if _reads_tokens(self.model, self.preset_name) == text:
+      return
+    fitting = [
+      p for p in zoo.presets(self.model) if _reads_tokens(self.model, p) == text
+    ]
+    raise ValueError(
+      f"--preset {self.preset} of {self.model} does not read"
+      f" --dataset {self.dataset}'s inputs; choose one that does:"
+      f" {', '.join(fitting)}, or leave out --preset for the data set's own."
+    )
+
   def _check_engine(self) -> None:
     """Refuses ``--engine gramian`` for an optimizer that cannot take one."""
     if self.engine != "gramian":
@@ -401,6 +428,17 @@ def _check_choice(
   if not isinstance(value, str) or value not in choices:
     raise ValueError(
       f"unknown {flag} {value!r}{where}; choose one of: {', '.join(choices)}."
+    )
+
+
+def _check_int(flag: str, value: Any, low: int, high: int) -> None:
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, numbers.Integral)
+    or not low <= int(value) <= high
+  ):
+    raise ValueError(
+      f"{flag} must be an integer from {low} to {high}, got {value!r}."
     )
 
 

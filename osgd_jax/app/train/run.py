@@ -136,7 +136,10 @@ def load_data(config: TrainConfig) -> data_lib.Dataset:
     # The windows are as long as the model's context.
     spec = zoo.input_spec(config.model, config.preset_name)
     dataset = data_lib.load_dataset(
-      "text", text_file=config.text_file, context=int(spec.shape[0])
+      "text",
+      text_file=config.text_file,
+      context=int(spec.shape[0]),
+      max_bytes=config.text_bytes,
     )
   else:
     dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir)
