@@ -29,7 +29,8 @@ side): its plain summed-loss step, and TorchJD's autogram step
 then the same SGD with momentum). Autogram's ratio to PyTorch's plain step
 is printed beside ours, gramian-auto's to our plain step: the issue's
 target is ours below theirs. ``torch.set_num_threads`` is the cores
-XLA:CPU uses (``--threads`` overrides it). Without the extra, or with
+XLA:CPU uses (``--threads`` overrides it; on a loaded CPU run it under
+``taskset -c N``, see ``benchmarks/README.md``). Without the extra, or with
 ``--no-torch``, ``--no-time`` or ``--smoke``, the script says it skipped
 the comparison, and why.
 
@@ -520,9 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if torch_note is None:
     mods, torch_note = _autogram_modules()
   cores = cpu_cores()
+  cores_text = f"{cores} core{'' if cores == 1 else 's'}"
   out(
     f"jax {jax.__version__} on {jax.devices()[0].platform}"
-    f" ({platform.processor() or platform.machine()}, {cores} cores),"
+    f" ({platform.processor() or platform.machine()}, {cores_text}),"
     f" python {sys.version.split()[0]}"
   )
   if mods is not None:
@@ -532,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mods[0].set_num_threads(threads)
     out(
       f"torch {mods[0].__version__}, torchjd {metadata.version('torchjd')};"
-      f" torch.set_num_threads({threads}) (XLA:CPU uses {cores} cores)"
+      f" torch.set_num_threads({threads}) (XLA:CPU uses {cores_text})"
     )
   else:
     out(f"TorchJD autogram: skipped, {torch_note}")
