@@ -80,6 +80,7 @@ from osgd_jax.losses import per_exit_cross_entropy
 
 MB = 1 << 20
 LR = 0.01  # SGD with momentum 0.9, in JAX and PyTorch alike
+LABEL_WIDTH = 42  # fits "nested-width-depth-transformer cifar b=128"
 ZOO_VARIANTS = (
   "plain",
   "stacked",
@@ -245,7 +246,9 @@ def _param_bytes(model: nnx.Module) -> int:
 def _row(label, variant, result, plain, param_bytes, out):
   temp = result["temp"]
   extra = (temp - plain["temp"]) / param_bytes
-  line = f"{label:<34} {variant:<15} {temp / MB:>10.1f} {extra:>+9.2f}"
+  line = (
+    f"{label:<{LABEL_WIDTH}} {variant:<15} {temp / MB:>10.1f} {extra:>+9.2f}"
+  )
   if result["seconds"] is not None:
     ratio = result["seconds"] / plain["seconds"]
     line += f" {result['seconds'] * 1e3:>10.1f} {ratio:>7.2f}x"
@@ -253,7 +256,8 @@ def _row(label, variant, result, plain, param_bytes, out):
 
 
 def _header(out, timed):
-  line = f"{'network':<34} {'variant':<15} {'temp MB':>10} {'Δ/params':>9}"
+  line = f"{'network':<{LABEL_WIDTH}} {'variant':<15}"
+  line += f" {'temp MB':>10} {'Δ/params':>9}"
   if timed:
     line += f" {'step ms':>10} {'/plain':>8}"
   out(line)
@@ -432,7 +436,7 @@ def _torch_rows(
   for v in variants:
     ratio = medians[v.name] / medians["torch-plain"]
     out(
-      f"{label:<34} {v.name:<15} {'-':>10} {'-':>9}"
+      f"{label:<{LABEL_WIDTH}} {v.name:<15} {'-':>10} {'-':>9}"
       f" {medians[v.name] * 1e3:>10.1f} {ratio:>7.2f}x"
     )
 
