@@ -50,7 +50,8 @@ parameters (K x) and XLA's ``memory_analysis`` of each compiled step.
 Method: everything is compiled (or, for PyTorch, run) and warmed up first;
 then each round times every variant once, in an order rotated per round, so
 that the load of a shared machine hits all alike; times are medians over
-``--repeats`` rounds. A sample is one call, or back-to-back calls lasting at
+``--repeats`` rounds (``benchmarks/timing.py``, shared with
+``bench_memory.py``). A sample is one call, or back-to-back calls lasting at
 least ``MIN_SAMPLE_S`` for fast steps, after one untimed call that lets the
 framework's thread pool wake up.
 
@@ -76,13 +77,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scope_profile  # benchmarks/scope_profile.py, beside this script
 from flax import nnx
+from timing import (  # benchmarks/timing.py, beside this script
+  MIN_SAMPLE_S,
+  Variant,
+  cpu_cores,
+  run_rounds,
+)
 
 import osgd_jax
 from osgd_jax import anytime, zoo
@@ -92,7 +99,6 @@ from osgd_jax.losses import per_exit_cross_entropy
 
 TARGET_LIMIT = 1.0  # OSGD/plain at or under the structural limit
 TARGET_SHARE = 0.05  # the transform's share of the OSGD step
-MIN_SAMPLE_S = 0.2  # fast steps are repeated back to back for this long
 LABEL_WIDTH = 56  # the step column of the printed table
 LR = 1e-3  # small, so hundreds of steps on a fixed batch stay finite
 MODELS = ("branched-resnet", "nested-depth-resnet", "nested-depth-mlp")
@@ -104,14 +110,6 @@ QUICK = dict(
   overrides=dict(width=16, stages=3),
 )
 TORCHJD_AGGREGATORS = ("Mean", "UPGrad", "PCGrad")
-
-
-class Variant(NamedTuple):
-  """One timed function: ``call()`` runs a step and waits for its result."""
-
-  name: str
-  label: str
-  call: Callable[[], Any]
 
 
 def _preset(name: str) -> str:
@@ -365,42 +363,6 @@ def _torch_variants(
   return variants, info
 
 
-# ------------------------------------------------------------------- timing
-
-
-def _time_calls(call: Callable, number: int) -> float:
-  start = time.perf_counter()
-  for _ in range(number):
-    call()
-  return (time.perf_counter() - start) / number
-
-
-def _run_rounds(
-  variants: Sequence[Variant], repeats: int, log: Callable[[str], None]
-) -> dict[str, list[float]]:
-  """Times every variant once per round, rotating the order per round."""
-  numbers, wake = {}, {}
-  for v in variants:
-    v.call()  # warm-up (compilation happened before)
-    once = _time_calls(v.call, 1)
-    numbers[v.name] = max(
-      1, min(1000, math.ceil(MIN_SAMPLE_S / max(once, 1e-7)))
-    )
-    # Switching frameworks leaves the other's threads asleep; one untimed
-    # call wakes them, which matters only when a call is short.
-    wake[v.name] = once < 1.0
-  samples = {v.name: [] for v in variants}
-  for r in range(repeats):
-    start = time.perf_counter()
-    shift = r % len(variants)
-    for v in list(variants[shift:]) + list(variants[:shift]):
-      if wake[v.name]:
-        v.call()
-      samples[v.name].append(_time_calls(v.call, numbers[v.name]))
-    log(f"  round {r + 1}/{repeats}: {time.perf_counter() - start:.1f} s")
-  return samples
-
-
 # ------------------------------------------------------------------ a model
 
 
@@ -537,7 +499,7 @@ def _bench_model(
     )
     variants += tv
 
-  samples = _run_rounds(variants, args.repeats, log)
+  samples = run_rounds(variants, args.repeats, log)
   med = {k: statistics.median(s) for k, s in samples.items()}
   osgd_key = "jax-osgd-staged"
   in_step = _transform_in_step(
@@ -851,11 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = QUICK["overrides"] if args.quick else {}
   args.torch_layouts = args.torch_layouts or ["channels_last", "nchw"]
   # XLA:CPU's intra-op pool has one thread per core this process may use.
-  cores = (
-    len(os.sched_getaffinity(0))
-    if hasattr(os, "sched_getaffinity")
-    else (os.cpu_count() or 1)
-  )
+  cores = cpu_cores()
   # The quick model's PyTorch steps are tiny: with several OpenMP threads on
   # a loaded machine they stall for ~100x their run time, which would make
   # the smoke test slow, so it uses one thread unless told otherwise.

@@ -1,4 +1,4 @@
-"""PyTorch twins of three osgd_jax zoo models, for the step benchmark only.
+"""PyTorch twins of osgd_jax's networks, for the step benchmarks only.
 
 ``bench_step.py`` compares our JAX training step with PyTorch and TorchJD on
 the *same* architecture, so these modules rebuild the zoo's wiring layer for
@@ -16,17 +16,21 @@ Two differences are deliberate and cost-neutral:
   FLOPs, are equal; only which border pixel is dropped differs.
 
 Only the ``batch`` norm is built: it is what the presets use.
+
+``ExitMLP`` is the twin of ``bench_memory.py``'s parameter-dominated MLP
+(not a zoo model), with which ``bench_memory.py`` times TorchJD's autogram.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["build", "TorchAnytimeNet"]
+__all__ = ["build", "ExitMLP", "TorchAnytimeNet"]
 
 
 class _Backbone:
@@ -288,3 +292,42 @@ def build(name: str, config: dict) -> TorchAnytimeNet:
     config["depth"],
     config["num_classes"],
   )
+
+
+class ExitMLP(nn.Module):
+  """The twin of ``bench_memory.ExitMLP``: a dense trunk with K exit heads.
+
+  The same layers in the same order as the JAX module: ``layers`` dense
+  layers (with biases) of ``width`` units after ReLU, and K linear heads,
+  exit k reading hidden layer ``ceil((k + 1) L / K) - 1``. No normalization:
+  TorchJD's autogram engine hooks every ``nn.Linear`` as it is.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    width: int,
+    layers: int,
+    num_exits: int,
+    num_classes: int,
+  ):
+    super().__init__()
+    sizes = [in_features] + [width] * layers
+    self.layers = nn.ModuleList(
+      [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    )
+    self.heads = nn.ModuleList(
+      [nn.Linear(width, num_classes) for _ in range(num_exits)]
+    )
+    self.reads = [
+      math.ceil((k + 1) * layers / num_exits) - 1 for k in range(num_exits)
+    ]
+
+  def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    hidden = []
+    for layer in self.layers:
+      x = F.relu(layer(x))
+      hidden.append(x)
+    return [
+      head(hidden[i]) for head, i in zip(self.heads, self.reads, strict=True)
+    ]

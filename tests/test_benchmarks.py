@@ -313,5 +313,47 @@ def test_bench_memory_smoke_prints_temp_bytes_and_verdicts():
     if line.startswith(("mlp ", "branched-mlp "))
   }
   assert {"plain", "stacked", "gramian-auto", "staged-gramian"} <= variants
-  assert "TorchJD autogram:" in proc.stdout
+  # The smoke test times nothing, so the comparison says it is skipped.
+  assert (
+    "TorchJD autogram: skipped, steps are not timed (--no-time, --smoke)"
+    in proc.stdout
+  )
   assert "staged-gramian: temp" in proc.stdout  # a verdict line
+
+
+def _bench_memory_module():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import bench_memory
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  return bench_memory
+
+
+def test_bench_memory_without_torch_reports_the_skip(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+  mods, note = _bench_memory_module()._autogram_modules()
+  assert mods is None
+  assert note == "torch is not installed (pip install -e '.[bench]')"
+
+
+@pytest.mark.parametrize(
+  "repeats, granularities, variants, no_torch, reason",
+  [
+    (0, ("global",), ("plain", "gramian-auto"), False, "not timed"),
+    (3, ("leaf",), ("plain", "gramian-auto"), False, "global granularity"),
+    (3, ("global", "leaf"), ("plain", "stacked"), False, "not among"),
+    (3, ("global",), ("plain", "gramian-auto"), True, "--no-torch"),
+    (3, ("global",), ("plain", "gramian-auto"), False, None),
+  ],
+)
+def test_bench_memory_says_which_option_skips_torchjd(
+  repeats, granularities, variants, no_torch, reason
+):
+  got = _bench_memory_module()._autogram_skip_reason(
+    repeats, granularities, variants, no_torch
+  )
+  if reason is None:
+    assert got is None
+  else:
+    assert reason in got, got
