@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from osgd_jax import sharding
+from osgd_jax import sharding, zoo
 from osgd_jax.app import data as data_lib
 from osgd_jax.app import train as train_lib
 from osgd_jax.app.train import cli
@@ -43,7 +43,20 @@ CONFIG = train_lib.TrainConfig(
 
 
 def _run_steps(config, dataset, steps):
-  model = train_lib.build_model(config, dataset)
+  # Two stages of width 15, not the digits preset's four of width 64: the
+  # compile of the step grows with the model's leaves, and two exits already
+  # take every path of the sharded step (a K×K Gram block, the staged
+  # Jacobian). The odd width leaves some leaves replicated (15 wide), splits
+  # others over the model axis on their first (64×15) or last (15×10)
+  # dimension.
+  model = zoo.create(
+    config.model,
+    rngs=nnx.Rngs(config.seed),
+    in_features=int(np.prod(dataset.input_shape)),
+    num_classes=dataset.num_classes,
+    stages=2,
+    width=15,
+  )
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   mesh = train_lib.make_mesh(config)
   tx, step = train_lib.make_train_step(
