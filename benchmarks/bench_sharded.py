@@ -56,7 +56,11 @@ import osgd_jax
 from osgd_jax import sharding, zoo
 
 DEVICE_COUNTS = (1, 2, 4, 8)
-QUICK = dict(model="nested-depth-mlp", preset="digits", repeats=3)
+# The smoke test: two stages of the digits MLP, so that its four compiles
+# (1, 2, 4 and 8 devices) take seconds; each stage adds a third of its leaves.
+QUICK = dict(
+  model="nested-depth-mlp", preset="digits", repeats=3, overrides={"stages": 2}
+)
 _COLLECTIVES = re.compile(
   r"^\s*\S+ = (.*?) (all-gather|all-reduce|all-to-all|collective-permute|"
   r"reduce-scatter)(?:-start)?\(",
@@ -64,10 +68,12 @@ _COLLECTIVES = re.compile(
 )
 
 
-def _model_params(name: str, preset: str) -> nnx.State:
+def _model_params(name: str, preset: str, overrides: dict) -> nnx.State:
   conv = "in_channels" in zoo.config_keys(name)
   fit = {"in_channels": 3} if conv else {}
-  model = zoo.create(name, rngs=nnx.Rngs(0), preset=preset, **fit)
+  model = zoo.create(
+    name, rngs=nnx.Rngs(0), preset=preset, **{**fit, **overrides}
+  )
   return nnx.state(model, nnx.Param), model.num_exits
 
 
@@ -141,8 +147,9 @@ def run(
   granularity: str,
   repeats: int,
   device_counts: Sequence[int],
+  overrides: dict | None = None,
 ) -> list[dict]:
-  params, num_exits = _model_params(model, preset)
+  params, num_exits = _model_params(model, preset, overrides or {})
   cases = {
     n: _setup(params, num_exits, n, method, granularity) for n in device_counts
   }
@@ -212,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args(argv)
+  overrides: dict = {}
   if args.quick:
+    overrides = QUICK["overrides"]
     args.model, args.preset, args.repeats = (
       QUICK["model"],
       QUICK["preset"],
@@ -236,10 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.granularity,
     args.repeats,
     args.devices,
+    overrides,
   )
   first = rows[0]
+  size = "".join(f", {k}={v}" for k, v in overrides.items())
   print(
-    f"# {args.model} ({args.preset} preset): {first['params']:,} params,"
+    f"# {args.model} ({args.preset} preset{size}): {first['params']:,} params,"
     f" K={first['num_exits']}, osgd(method={args.method!r},"
     f" granularity={args.granularity!r})"
   )

@@ -65,9 +65,18 @@ def test_bench_transform_dispatch_async_keeps_jax_default(tmp_path):
   assert json.loads(out_json.read_text())["meta"]["dispatch"] == "async"
 
 
-def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices():
+def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices(
+  tmp_path,
+):
+  out_json = tmp_path / "sharded.json"
   proc = subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "bench_sharded.py"), "--quick"],
+    [
+      sys.executable,
+      str(ROOT / "benchmarks" / "bench_sharded.py"),
+      "--quick",
+      "--json",
+      str(out_json),
+    ],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -80,10 +89,16 @@ def test_bench_sharded_quick_shows_memory_falling_as_one_over_devices():
     if line.split() and line.split()[0] in {"1", "2", "4", "8"}
   ]
   assert [int(r[0]) for r in rows] == [1, 2, 4, 8], proc.stdout
-  per_device = [float(r[1]) for r in rows]
-  for devices, mb in zip((1, 2, 4, 8), per_device, strict=True):
+  # The bytes, not the table's MB rounded to 0.01: the quick model's shards
+  # are tens of kB.
+  saved = json.loads(out_json.read_text())["rows"]
+  assert [r["devices"] for r in saved] == [1, 2, 4, 8]
+  per_device = [r["stacked_bytes_per_device"] for r in saved]
+  for devices, nbytes in zip((1, 2, 4, 8), per_device, strict=True):
     # Memory is exact, not a timing: it must fall as 1/devices.
-    assert abs(mb * devices - per_device[0]) <= 0.02 * per_device[0], rows
+    assert abs(nbytes * devices - per_device[0]) <= 0.02 * per_device[0], rows
+  for row, printed in zip(saved, rows, strict=True):
+    assert float(printed[1]) == round(row["stacked_bytes_per_device"] / 1e6, 2)
   assert all("all-gather" not in " ".join(r) for r in rows), proc.stdout
 
 
