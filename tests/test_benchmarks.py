@@ -146,11 +146,18 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
     assert label in rows, f"no row {label!r}:\n{out}"
     ms, ratio, min_ms = rows[label]
     assert float(ms) >= float(min_ms) > 0 and ratio.endswith("x"), rows[label]
-    # The ratio is of this row's median to the plain step's.
+    # The ratio is of this row's median to the plain step's, both printed
+    # rounded to 0.005 ms (and the ratio to 0.005): the quick steps take
+    # under a millisecond, so the rounding alone moves the quotient of the
+    # printed medians by a few hundredths.
     plain_ms = float(rows["jax plain SGD (floor)"][0])
-    assert abs(float(ratio[:-1]) - float(ms) / plain_ms) <= 0.01 + 0.01 * (
-      float(ms) / plain_ms
-    ), (label, rows[label], plain_ms)
+    low = (float(ms) - 0.005) / (plain_ms + 0.005) - 0.005
+    high = (float(ms) + 0.005) / (plain_ms - 0.005) + 0.005
+    assert low - 1e-9 <= float(ratio[:-1]) <= high + 1e-9, (
+      label,
+      rows[label],
+      plain_ms,
+    )
   assert rows["jax plain SGD (floor)"][1] == "1.00x"
   # No experiment rows any more: every OSGD row is a path of osgd_jax.
   assert not any(label.startswith("experiment") for label in rows), rows
@@ -211,7 +218,8 @@ def test_bench_step_quick_prints_step_ratios_and_targets():
   assert match, vmap
   assert float(match[2]) == vmap_limit
   assert abs(float(match[1]) / vmap_limit - float(match[3])) <= 2e-3, vmap
-  assert "stacked per-exit gradients" in out and "3.00x the parameters" in out
+  # --quick's model has K = 2 exits: the stack is twice the parameters.
+  assert "stacked per-exit gradients" in out and "2.00x the parameters" in out
   # The PyTorch half is optional: either its rows, or a line saying why not.
   if "PyTorch/TorchJD part skipped" not in out:
     for agg in ("Mean", "UPGrad", "PCGrad"):
