@@ -284,7 +284,7 @@ def staged_value_and_gramian(
       raises, and for an unknown ``form``.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, optax
     >>> from flax import nnx
     >>> import osgd_jax
     >>> from osgd_jax import zoo
@@ -293,19 +293,24 @@ def staged_value_and_gramian(
     >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     >>> loss_fn = lambda logits, y: osgd_jax.per_exit_cross_entropy(logits, y)
     >>> fn = osgd_jax.staged_value_and_gramian(graphdef, loss_fn)
-    >>> (losses, rest), gramian = fn(
-    ...     params, rest, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
     >>> tx = osgd_jax.osgd(num_exits=3)
-    >>> updates, state = tx.update(gramian, tx.init(params), params)
-    >>> gramian.grams().shape
+    >>> @jax.jit
+    ... def step(params, rest, state, x, y):
+    ...   (losses, rest), gramian = fn(params, rest, x, y)
+    ...   updates, state = tx.update(gramian, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   return params, rest, state, gramian.grams()
+    >>> x, y = jnp.ones((4, 64)), jnp.zeros(4, jnp.int32)
+    >>> params, rest, state, grams = step(params, rest, tx.init(params), x, y)
+    >>> grams.shape
     (1, 3, 3)
 
-    With the model, as with ``nnx.value_and_grad``:
+    With the model, as with ``nnx.value_and_grad`` (and ``nnx.jit``):
 
     >>> def model_loss(model, x, y):
     ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
-    >>> losses, gramian = osgd_jax.staged_value_and_gramian(model_loss)(
-    ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> model_fn = nnx.jit(osgd_jax.staged_value_and_gramian(model_loss))
+    >>> losses, gramian = model_fn(model, x, y)
     >>> gramian.form.startswith('staged')
     True
   """
