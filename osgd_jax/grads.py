@@ -180,14 +180,14 @@ def value_and_per_exit_grads(
     >>> grads.shape
     (2, 3)
 
-    With a zoo model, as with ``nnx.value_and_grad``:
+    With a zoo model, as with ``nnx.value_and_grad`` (and ``nnx.jit``):
 
     >>> from flax import nnx
     >>> from osgd_jax import zoo
     >>> model = zoo.create("branched-mlp", rngs=nnx.Rngs(0), stages=3)
     >>> def loss_fn(model, x, y):
     ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
-    >>> losses, grads = osgd_jax.value_and_per_exit_grads(loss_fn)(
+    >>> losses, grads = nnx.jit(osgd_jax.value_and_per_exit_grads(loss_fn))(
     ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
     >>> type(grads).__name__, grads["stages"][0]["head"]["linear"][
     ...     "kernel"].shape
