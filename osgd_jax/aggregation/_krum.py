@@ -96,10 +96,10 @@ def krum(
     ValueError: ``n_byzantine`` or ``n_selected`` out of range for K.
 
   Example:
-    >>> import jax.numpy as jnp, osgd_jax
+    >>> import jax, jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.krum(num_exits=3)
     >>> g = {"w": jnp.array([[1.0, 0.0], [1.2, 0.0], [-5.0, 4.0]])}
-    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
     >>> updates["w"].tolist()
     [1.0, 0.0]
 

@@ -136,10 +136,10 @@ def pcd(
     :class:`PCDState` per group.
 
   Example:
-    >>> import jax.numpy as jnp, osgd_jax
+    >>> import jax, jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.pcd(tau=0.0, num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
-    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]   # g_1's size, ⟂ g_2
     [0.7071, 0.7071]
 
