@@ -55,7 +55,8 @@ def per_exit_loss_fn(
     >>> from flax import nnx
     >>> import osgd_jax
     >>> from osgd_jax import zoo
-    >>> model = zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), width=4)
+    >>> model = zoo.create("nested-width-mlp", rngs=nnx.Rngs(0), width=4,
+    ...                    stages=2)
     >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     >>> step = jax.jit(osgd_jax.value_and_per_exit_grads(
     ...     zoo.per_exit_loss_fn(graphdef), has_aux=True))
@@ -63,7 +64,7 @@ def per_exit_loss_fn(
     ...     params, rest, jnp.ones((8, 64)), jnp.zeros(8, jnp.int32))
     >>> nnx.update(model, rest)  # keep the new batch statistics
     >>> losses.shape
-    (4,)
+    (2,)
   """
 
   def loss_fn(
