@@ -78,12 +78,20 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
   # after epoch 2 ends with one line whose command, run as written, finishes
   # the run.
   out = tmp_path / "run"
+  # JAX's compilation cache, shared by the two processes: the resumed run
+  # loads the step and the evaluation the first one compiled.
+  env = dict(
+    ENV,
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   process = subprocess.Popen(
     [*AT_A_TERMINAL, "--epochs", "4", "--out", str(out), "--no-progress"],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
-    env=ENV,
+    env=env,
   )
   first = process.stdout.readline()
   assert first == f"run directory: {out}\n", first
@@ -112,7 +120,7 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
     ]
   )
   result = subprocess.run(
-    _as_subprocess(resume), capture_output=True, text=True, env=ENV, timeout=600
+    _as_subprocess(resume), capture_output=True, text=True, env=env, timeout=600
   )
   assert result.returncode == 0, result.stderr
   assert "test acc" in result.stdout and "FLOPs" in result.stdout
