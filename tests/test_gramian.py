@@ -71,10 +71,11 @@ def _max_diff(a, b):
 
 def _create(name, granularity):
   options = dict(REQUIRED.get(name, {}))
-  if granularity != "global":
-    if "granularity" not in aggregation.options(name):
-      return None
+  # Named even where it is the default: osgd's default is "leaf".
+  if "granularity" in aggregation.options(name):
     options["granularity"] = granularity
+  elif granularity != "global":
+    return None
   return aggregation.create(name, num_exits=K, **options)
 
 
