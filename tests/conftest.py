@@ -27,8 +27,7 @@ if not os.environ.get("OSGD_TEST_OPTIMIZED_XLA"):
       "--xla_llvm_disable_expensive_passes": "true",
       "--xla_cpu_use_fusion_emitters": "false",
       # XLA:CPU splits a module into parts compiled on threads; with one
-      # xdist worker per core the threads only compete: one part compiles
-      # the suite's small programs about a quarter faster.
+      # xdist worker per core those threads only compete for the cores.
       "--xla_cpu_parallel_codegen_split_count": "1",
     }
   )
