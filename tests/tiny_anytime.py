@@ -87,6 +87,14 @@ def tiny_batch(
   return x, np.arange(batch, dtype=np.int32) % classes
 
 
+def like(tree: Any, seed: int) -> Any:
+  """Standard normal NumPy arrays shaped like the leaves of ``tree``."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda a: rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype), tree
+  )
+
+
 def tiny_net(name: str, **config: Any) -> tuple[Any, jax.Array, jax.Array]:
   """A 3-exit zoo model ``name`` of width 4, with a batch ``(x, y)`` for it."""
   config = dict(width=4, depth=1, stages=3, norm="batch", **config)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_anytime import tiny_batch, tiny_setup
+from tiny_anytime import like, tiny_batch, tiny_setup
 
 from osgd_jax import zoo
 
@@ -58,25 +58,6 @@ def logits_fn(
     return nnx.merge(graphdef, params, rest, copy=True)(x)
 
   return f, params, rest
-
-
-def like(tree: Any, seed: int) -> Any:
-  """Standard normal NumPy arrays shaped like the leaves of ``tree``."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda a: rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype), tree
-  )
-
-
-def tree_vdot(a: Any, b: Any) -> float:
-  return sum(
-    np.vdot(np.float64(x), np.float64(y))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
-
-
-def tree_norm(a: Any) -> float:
-  return np.sqrt(tree_vdot(a, a))
 
 
 @pytest.mark.parametrize(

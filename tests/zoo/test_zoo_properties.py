@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_anytime import WEIGHTS, tiny_batch, tiny_setup
+from tiny_anytime import WEIGHTS, like, tiny_batch, tiny_setup
 
 import osgd_jax
 from osgd_jax import zoo
@@ -94,14 +94,6 @@ def numpy_exit_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def tokens(x: np.ndarray) -> bool:
   """Token ids are not differentiable: only the parameters get tangents."""
   return x.dtype == np.int32
-
-
-def like(tree: Any, seed: int) -> Any:
-  """Standard normal NumPy arrays shaped like the leaves of ``tree``."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda a: rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype), tree
-  )
 
 
 def tree_vdot(a: Any, b: Any) -> float:
