@@ -23,6 +23,7 @@ from osgd_jax import gram as gram_lib
 
 __all__ = [
   "GramEngine",
+  "ScaledGramEngine",
   "Gramian",
   "check_granularity",
   "choose_form",
@@ -49,6 +50,24 @@ class GramEngine(Protocol):
   def combine(
     self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
   ) -> list[jax.Array]: ...
+
+
+class ScaledGramEngine:
+  """A :class:`GramEngine` whose Gram matrices come from ``scaled_grams``.
+
+  The library's engines compute the scaled form ``(M̃, e)`` first (it is
+  finite where ``M`` overflows), so their plain ``grams`` is that form
+  unscaled; a subclass defines ``scaled_grams`` and ``combine``.
+  """
+
+  def scaled_grams(
+    self, parts: Any, gramian: Gramian, granularity: str
+  ) -> tuple[jax.Array, jax.Array]:
+    raise NotImplementedError
+
+  def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
+    grams, exponents = self.scaled_grams(parts, gramian, granularity)
+    return gram_lib.unscale(grams, exponents[:, None, None])
 
 
 @jax.tree_util.register_pytree_node_class

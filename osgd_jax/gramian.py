@@ -60,6 +60,7 @@ from osgd_jax import gram as gram_lib
 from osgd_jax._gramian_core import (
   GramEngine,
   Gramian,
+  ScaledGramEngine,
   choose_form,
   nbytes,
   pullback_of_weights,
@@ -206,7 +207,7 @@ def scanned_combine(
 
 
 @dataclasses.dataclass(frozen=True)
-class VjpEngine:
+class VjpEngine(ScaledGramEngine):
   """The Gram matrix from the pullback of one forward pass (any function).
 
   ``parts`` is the ``jax.vjp`` pullback of the loss vector: ``(K,)``
@@ -218,10 +219,6 @@ class VjpEngine:
 
   def _pull(self, vjp_fn: Any) -> Callable[[jax.Array], list[Any]]:
     return lambda w: jax.tree.leaves(vjp_fn(w)[0])
-
-  def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
-    grams, exponents = self.scaled_grams(parts, gramian, granularity)
-    return gram_lib.unscale(grams, exponents[:, None, None])
 
   def scaled_grams(
     self, parts: Any, gramian: Gramian, granularity: str

@@ -32,6 +32,7 @@ from osgd_jax import gram as gram_lib
 from osgd_jax import staged
 from osgd_jax._gramian_core import (
   Gramian,
+  ScaledGramEngine,
   choose_form,
   nbytes,
   pullback_of_weights,
@@ -47,7 +48,7 @@ STAGED_FORMS: tuple[str, ...] = ("auto", "keep", "replay")
 
 
 @dataclasses.dataclass(frozen=True)
-class StagedEngine:
+class StagedEngine(ScaledGramEngine):
   """A :class:`~osgd_jax.Gramian`'s formulation from the staged pullbacks.
 
   ``parts`` is ``(vjps, logit_cts)`` of
@@ -87,10 +88,6 @@ class StagedEngine:
       for leaf, i in zip(leaves, indices, strict=True):
         out[i] = leaf
     return out
-
-  def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
-    grams, exponents = self.scaled_grams(parts, gramian, granularity)
-    return gram_lib.unscale(grams, exponents[:, None, None])
 
   def scaled_grams(
     self, parts: Any, gramian: Gramian, granularity: str
@@ -158,7 +155,7 @@ class StagedEngine:
 
 
 @dataclasses.dataclass(frozen=True)
-class StagedRowsEngine:
+class StagedRowsEngine(ScaledGramEngine):
   """A :class:`~osgd_jax.Gramian` from the rows of one staged backward.
 
   ``parts`` is, in the parameters' leaf order, each leaf's rows of the
@@ -174,10 +171,6 @@ class StagedRowsEngine:
   """
 
   first_exit: tuple[int, ...]
-
-  def grams(self, parts: Any, gramian: Gramian, granularity: str) -> jax.Array:
-    grams, exponents = self.scaled_grams(parts, gramian, granularity)
-    return gram_lib.unscale(grams, exponents[:, None, None])
 
   def scaled_grams(
     self, parts: Any, gramian: Gramian, granularity: str
