@@ -95,6 +95,18 @@ def like(tree: Any, seed: int) -> Any:
   )
 
 
+def perturb(module: nnx.Module, seed: int) -> None:
+  """Adds unit Gaussian noise to every parameter of ``module`` in place."""
+  # NumPy noise: no XLA compilation per parameter shape.
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree.flatten(nnx.state(module, nnx.Param))
+  noisy = [
+    jnp.asarray(np.asarray(p) + rng.standard_normal(p.shape), p.dtype)
+    for p in leaves
+  ]
+  nnx.update(module, jax.tree.unflatten(treedef, noisy))
+
+
 def tiny_net(name: str, **config: Any) -> tuple[Any, jax.Array, jax.Array]:
   """A 3-exit zoo model ``name`` of width 4, with a batch ``(x, y)`` for it."""
   config = dict(width=4, depth=1, stages=3, norm="batch", **config)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_anytime import WEIGHTS, like, tiny_batch, tiny_setup
+from tiny_anytime import WEIGHTS, like, perturb, tiny_batch, tiny_setup
 
 import osgd_jax
 from osgd_jax import zoo
@@ -116,18 +116,6 @@ def first_layer(stage: nnx.Module) -> nnx.Module:
   layer = stage.layers[0]
   inputs = getattr(layer, "inputs", None)
   return inputs[0] if inputs else layer
-
-
-def perturb(module: nnx.Module, seed: int) -> None:
-  """Adds unit Gaussian noise to every parameter of ``module`` in place."""
-  # NumPy noise: no XLA compilation per parameter shape.
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree.flatten(nnx.state(module, nnx.Param))
-  noisy = [
-    jnp.asarray(np.asarray(p) + rng.standard_normal(p.shape), p.dtype)
-    for p in leaves
-  ]
-  nnx.update(module, jax.tree.unflatten(treedef, noisy))
 
 
 def jitted_forward(model: nnx.Module) -> Callable[..., jax.Array]:

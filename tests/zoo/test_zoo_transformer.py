@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from tiny_anytime import compile_cheaply, tiny_batch
+from tiny_anytime import compile_cheaply, perturb, tiny_batch
 
 import osgd_jax
 from osgd_jax import sharding, zoo
@@ -32,16 +32,6 @@ def text_model(name: str, **config):
   model = zoo.create(name, rngs=nnx.Rngs(0), preset=preset, **settings)
   x, y = tiny_batch(name, preset, settings, 4)
   return model, jnp.asarray(x), jnp.asarray(y)
-
-
-def perturb(module: nnx.Module, seed: int) -> None:
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree.flatten(nnx.state(module, nnx.Param))
-  noisy = [np.asarray(p) + rng.standard_normal(p.shape) for p in leaves]
-  nnx.update(
-    module,
-    jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float32) for a in noisy]),
-  )
 
 
 @pytest.fixture(scope="module")
