@@ -7,8 +7,8 @@ what the aggregator reads:
 - ``plain``: the summed-loss gradient and SGD, the floor;
 - ``stacked``: ``value_and_per_exit_grads``, the K×P stack (vmapped VJP);
 - ``staged-stacked``: ``staged_value_and_per_exit_grads`` (zoo models);
-- ``gramian-vmap``, ``gramian-scan``, ``gramian-auto``: ``value_and_gramian``
-  with each ``form``;
+- ``gramian-vmap``, ``gramian-scan``, ``gramian-blocks``, ``gramian-auto``:
+  ``value_and_gramian`` with each ``form``;
 - ``staged-gramian``: ``staged_value_and_gramian`` (zoo models).
 
 It prints XLA's compiled temp bytes (``jax.jit(step).lower(...).compile()
@@ -87,6 +87,7 @@ ZOO_VARIANTS = (
   "staged-stacked",
   "gramian-vmap",
   "gramian-scan",
+  "gramian-blocks",
   "gramian-auto",
   "staged-gramian",
 )
@@ -95,6 +96,7 @@ MLP_VARIANTS = (
   "stacked",
   "gramian-vmap",
   "gramian-scan",
+  "gramian-blocks",
   "gramian-auto",
 )
 
@@ -613,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in args.mlp_exits:
       results, param_bytes = mlp[granularity, k]
       plain = results["plain"]["temp"]
-      for variant in ("gramian-auto", "gramian-scan"):
+      for variant in ("gramian-auto", "gramian-scan", "gramian-blocks"):
         if variant not in results:
           continue
         temp = results[variant]["temp"]

@@ -89,8 +89,8 @@ class Gramian:
     treedef: the tree structure of the parameters.
     shapes: each parameter leaf's shape.
     dtypes: each parameter leaf's dtype.
-    form: the formulation chosen (``"vmap"``, ``"scan"``, ``"staged"`` or
-      ``"staged-keep"``).
+    form: the formulation chosen (``"vmap"``, ``"scan"``, ``"blocks"``,
+      ``"staged"`` or ``"staged-keep"``).
   """
 
   def __init__(
@@ -293,17 +293,27 @@ def nbytes(tree: Any) -> int:
 
 
 def choose_form(
-  form: str, num_exits: int, param_bytes: int, residual_bytes: int
+  form: str,
+  num_exits: int,
+  param_bytes: int,
+  residual_bytes: int,
+  untapped_bytes: int | None = None,
 ) -> str:
-  """The formulation ``"auto"`` picks: ``"scan"`` when parameters dominate.
+  """The formulation ``"auto"`` picks (``docs/design.md``, "The Gramian
+  engine").
 
-  ``"vmap"`` holds K cotangents of the activations and a leaf's K rows;
-  ``"scan"`` one or two gradients and the transient of one backward pass
-  more. The stack ``"vmap"`` would pass through is ``K·P`` bytes; the
-  residuals of the forward pass (about the activations) are what its K
-  cotangents scale. ``"scan"`` when ``K·P ≥`` the residual bytes.
+  ``"blocks"`` when the parameters it cannot tap (those not used only in
+  matrix products: ``untapped_bytes``, ``None`` when nothing is tapped)
+  hold at most ``1/K`` of the parameter bytes: their K rows then cost at
+  most one copy of the parameters, and the tapped ones none. Otherwise
+  ``"scan"`` when the parameters dominate (the stack ``"vmap"`` would pass
+  through, ``K·P`` bytes, is at least the residual bytes of the forward
+  pass, which its K cotangents scale), else ``"vmap"``.
 
   Example:
+    >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20,
+    ...             untapped_bytes=1 << 20)
+    'blocks'
     >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20)
     'scan'
     >>> choose_form("auto", 4, param_bytes=4 << 20, residual_bytes=600 << 20)
@@ -311,4 +321,6 @@ def choose_form(
   """
   if form != "auto":
     return form
+  if untapped_bytes is not None and num_exits * untapped_bytes <= param_bytes:
+    return "blocks"
   return "scan" if num_exits * param_bytes >= residual_bytes else "vmap"

@@ -34,10 +34,18 @@ Formulations of the Gram matrix (``form``):
   running the forward again). Per leaf: ``⟨g_j, g_k⟩`` of each leaf for
   ``j ≤ k``, two gradients at a time. Memory independent of K: one or two
   gradients (P or 2P) on top of the plain step.
-* ``"auto"``: ``"scan"`` where the parameters dominate (``K·P`` bytes at
-  least the bytes of the residuals the backward pass reads), else
-  ``"vmap"``; a structural rule read from shapes when the function is
-  traced, the same on every backend.
+* ``"blocks"``: per-layer Gram blocks (:mod:`osgd_jax.layer_blocks`).
+  A parameter used only as an operand of matrix products (dense layers,
+  einsum projections, a shared head) gets its K×K block from its layers'
+  inputs and output cotangents, from one backward pass carrying the K
+  one-hot cotangents that never forms its weight gradients; any other
+  parameter keeps its K rows from that pass. One K-wide backward, without
+  the K×P stack where the matrix products hold the parameters.
+* ``"auto"``: ``"blocks"`` where the parameters it cannot tap hold at most
+  ``1/K`` of the parameter bytes; else ``"scan"`` where the parameters
+  dominate (``K·P`` bytes at least the bytes of the residuals the backward
+  pass reads), else ``"vmap"``; a structural rule read from shapes when
+  the function is traced, the same on every backend.
 
 The weighted combination is one more backward pass of ``Σ_k w_k ℓ_k`` for
 one group (``granularity="global"``), and for one weight vector per leaf a
@@ -70,14 +78,15 @@ from osgd_jax.grads import (
   check_loss_vector,
   module_value_and_derivative,
 )
+from osgd_jax.layer_blocks import BlocksEngine, tapped_vjp
 from osgd_jax.staged_gramian import staged_value_and_gramian
 
 __all__ = ["FORMS", "Form", "GramEngine", "Gramian", "value_and_gramian"]
 
 #: How :func:`value_and_gramian` forms the Gram matrix; see the module
 #: docstring.
-Form = Literal["auto", "vmap", "scan"]
-FORMS: tuple[str, ...] = ("auto", "vmap", "scan")
+Form = Literal["auto", "vmap", "scan", "blocks"]
+FORMS: tuple[str, ...] = ("auto", "vmap", "scan", "blocks")
 # The floor of gram.scale_exponents: a zero row's exponent.
 _ZERO_ROW_EXPONENT = -125
 
@@ -211,7 +220,9 @@ class VjpEngine(ScaledGramEngine):
   """The Gram matrix from the pullback of one forward pass (any function).
 
   ``parts`` is the ``jax.vjp`` pullback of the loss vector: ``(K,)``
-  cotangent ``w`` to the one-element tuple ``(Jᵀ w,)``.
+  cotangent ``w`` to a tuple whose first element is ``Jᵀ w`` (the
+  parameters' tree, or their leaves for the tapped pullback of
+  :func:`~osgd_jax.layer_blocks.tapped_vjp`).
   """
 
   form: str
@@ -228,7 +239,7 @@ class VjpEngine(ScaledGramEngine):
     shared = granularity == "global"
     if self.form == "vmap":
       # The rows exist: scaled exactly as the stacked path scales them.
-      (stacked,) = jax.vmap(vjp_fn)(jnp.eye(k, dtype=dtype))
+      stacked = jax.vmap(vjp_fn)(jnp.eye(k, dtype=dtype))[0]
       grams, exponents = gram_lib.scaled_gram_matrices(
         jax.tree.leaves(stacked), cd
       )
@@ -255,10 +266,11 @@ class VjpEngine(ScaledGramEngine):
     k, dtype = gramian.num_exits, np.dtype(self.loss_dtype)
     cd = gramian.compute_dtype
     c = max(sum(gramian.sizes), 1).bit_length() + 1
-    transposed = jax.linear_transpose(vjp_fn, jnp.zeros((k,), dtype))
+    pull = lambda w: vjp_fn(w)[0]  # noqa: E731 - the parameters' part
+    transposed = jax.linear_transpose(pull, jnp.zeros((k,), dtype))
 
     def column(carry, e):
-      g = vjp_fn(e)[0]
+      g = pull(e)
       leaves, treedef = jax.tree.flatten(g)
       a = (
         gram_lib.scale_exponents(
@@ -271,7 +283,7 @@ class VjpEngine(ScaledGramEngine):
         treedef,
         [gram_lib.times_power_of_two(leaf, -(a + c)) for leaf in leaves],
       )
-      (col,) = transposed((down,))
+      (col,) = transposed(down)
       return carry, (col.astype(cd), a)
 
     _, (cols, a) = jax.lax.scan(column, None, jnp.eye(k, dtype=dtype))
@@ -310,16 +322,41 @@ def _gramian_of(
   """``(losses, aux, gramian)`` of ``pure_fn(params) -> (losses, aux)``.
 
   One forward pass (one trace of ``pure_fn``), whose pullback the Gramian
-  keeps; the counterpart of ``osgd_jax.grads``' vmapped VJP.
+  keeps; the counterpart of ``osgd_jax.grads``' vmapped VJP. ``"auto"``
+  and ``"blocks"`` trace through :func:`~osgd_jax.layer_blocks.tapped_vjp`
+  (the same forward pass, with its matrix products of parameters tapped);
+  ``"vmap"`` and ``"scan"`` need no taps.
   """
-  losses, vjp_fn, aux = jax.vjp(pure_fn, params, has_aux=True)
-  check_loss_vector(losses, fn_name)
-  k = losses.shape[0]
   leaves, treedef = jax.tree.flatten(params)
-  chosen = choose_form(form, k, nbytes(leaves), nbytes(vjp_fn))
+  if form in ("vmap", "scan"):
+    losses, vjp_fn, aux = jax.vjp(pure_fn, params, has_aux=True)
+    check_loss_vector(losses, fn_name)
+    taps, inputs = (), []
+  else:
+
+    def num_exits(losses: Any) -> int:
+      check_loss_vector(losses, fn_name)
+      return int(losses.shape[0])
+
+    losses, aux, vjp_fn, taps, inputs = tapped_vjp(pure_fn, params, num_exits)
+  k = losses.shape[0]
+  untapped = set(range(len(leaves))) - {tap.leaf for tap in taps}
+  chosen = choose_form(
+    form,
+    k,
+    nbytes(leaves),
+    nbytes(vjp_fn),
+    nbytes([leaves[i] for i in untapped]) if taps else None,
+  )
+  dtype = np.dtype(losses.dtype).name
+  engine: GramEngine
+  if chosen == "blocks":
+    engine, parts = BlocksEngine(dtype, taps), (vjp_fn, inputs)
+  else:
+    engine, parts = VjpEngine(chosen, dtype), vjp_fn
   gramian = Gramian(
-    vjp_fn,
-    engine=VjpEngine(chosen, np.dtype(losses.dtype).name),
+    parts,
+    engine=engine,
     num_exits=k,
     treedef=treedef,
     shapes=tuple(tuple(np.shape(x)) for x in leaves),
@@ -366,11 +403,12 @@ def value_and_gramian(
     has_aux: whether ``loss_fn`` returns a pair ``(losses, aux)`` (e.g. the
       new BatchNorm statistics: the forward runs once, so they are updated
       once per step).
-    form: how the Gram matrix is formed: ``"vmap"``, ``"scan"`` or
-      ``"auto"`` (see the module docstring and ``docs/design.md``, "The
-      Gramian engine"). The results agree to float rounding. For an NNX
-      model, ``"vmap"`` or ``"scan"`` also rules out the staged Gramian,
-      which has formulations of its own.
+    form: how the Gram matrix is formed: ``"vmap"``, ``"scan"``,
+      ``"blocks"`` or ``"auto"`` (see the module docstring and
+      ``docs/design.md``, "The Gramian engine"). The results agree to
+      float rounding. For an NNX model, ``"vmap"``, ``"scan"`` or
+      ``"blocks"`` also rules out the staged Gramian, which has
+      formulations of its own.
     staged: for an NNX model only: ``None`` (the default) uses the staged
       Gramian where it applies (with ``form="auto"``); ``True`` requires
       it (and says why it does not apply); ``False`` never uses it.

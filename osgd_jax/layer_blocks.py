@@ -1,0 +1,539 @@
+"""Per-layer Gram blocks: the Gram matrix from layer inputs and cotangents.
+
+The ``"blocks"`` formulation of :func:`~osgd_jax.gramian.value_and_gramian`
+(``docs/design.md``, "The Gramian engine"). A parameter ``W`` that enters the
+loss only as an operand of matrix products ``y_u = x_u · W`` (``dot_general``
+with no batch dimension on ``W``'s side: dense layers, einsum projections, a
+head shared by several exits) has exit k's gradient
+
+    g_k = Σ_u x_uᵀ δ_{u,k},      δ_{u,k} = ∂ℓ_k / ∂y_u,
+
+so its K×K Gram block is
+
+    M_W[i, j] = Σ_{u,v} ⟨δ_{u,i}, (x_u x_vᵀ) δ_{v,j}⟩,
+
+which needs the layer inputs ``x_u`` (residuals of the forward pass anyway)
+and the output cotangents ``δ_{u,k}``, never the gradients. The cotangents
+come from one backward pass carrying the K one-hot cotangents that stops at
+the activations: every ``y_u`` gets a zero perturbation ``e_u`` added, and
+the pullback is taken with respect to the perturbations (``∂ℓ_k/∂e_u =
+δ_{u,k}``) and the other parameters only, so the weight-gradient products of
+the tapped parameters are never formed. This is TorchJD autogram's idea in
+JAX's terms: the loss function is traced to a jaxpr once, the matrix
+products of parameters are found in it, and it is evaluated again with the
+perturbations added (a small jaxpr interpreter, as in JAX's "Writing custom
+Jaxpr interpreters").
+
+Per tapped leaf, one of two contractions, whichever holds less:
+
+* ``"kernel"``: ``(x_u x_vᵀ)`` is N×N (N the number of rows of x: batch
+  times sequence), multiplied into the K cotangents; memory ``N²`` plus the
+  K cotangents.
+* ``"rows"``: the leaf's K gradient rows ``Σ_u x_uᵀ δ_{u,k}`` formed and
+  contracted (K times the leaf), chosen when ``N² > K·|W|``.
+
+Parameters used any other way (biases, norms, embeddings looked up by
+``gather``, convolutions, a parameter inside a nested ``jax.jit`` or
+``jax.checkpoint``) keep their K gradient rows from the same backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from osgd_jax import gram as gram_lib
+from osgd_jax import sharding
+from osgd_jax._gramian_core import (
+  Gramian,
+  ScaledGramEngine,
+  pullback_of_weights,
+)
+
+__all__ = ["BlocksEngine", "LeafTap", "Use", "tapped_vjp"]
+
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """One matrix product ``y = dot_general(·, ·)`` of a tapped parameter.
+
+  The parameter may enter it through a transpose or a change of dtype (an
+  alias of the leaf). Axes are listed in the leaf's order: the k-th entry
+  of :attr:`x_contract` is paired with the leaf's k-th contracted axis, the
+  k-th entry of :attr:`y_w` holds the leaf's k-th free axis.
+
+  Attributes:
+    eqn: the index of the ``dot_general`` in the traced jaxpr.
+    w_operand: 0 if the parameter is the left operand, 1 if the right.
+    x_contract: the other operand's contracted axes, in the leaf's order.
+    x_free: the other operand's remaining axes, in increasing order.
+    y_x: the axes of ``y`` that come from :attr:`x_free`, in that order.
+    y_w: the axes of ``y`` that come from the leaf, in the leaf's order.
+    layout: the permutation from ``(y's leaf axes in y's order, x's
+      contracted axes in x's order)`` to the leaf's own axes.
+  """
+
+  eqn: int
+  w_operand: int
+  x_contract: tuple[int, ...]
+  x_free: tuple[int, ...]
+  y_x: tuple[int, ...]
+  y_w: tuple[int, ...]
+  layout: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafTap:
+  """A parameter leaf that enters the loss only through matrix products.
+
+  Attributes:
+    leaf: its index among the parameter leaves.
+    contracted: its contracted axes (the same in every use), increasing.
+    uses: its matrix products, at least one.
+    first: the index of its first use among all tapped uses.
+    contraction: ``"kernel"`` or ``"rows"`` (see the module docstring).
+  """
+
+  leaf: int
+  contracted: tuple[int, ...]
+  uses: tuple[Use, ...]
+  first: int
+  contraction: str
+
+
+# Equations that pass a parameter on unchanged but for its axis order or
+# dtype: a leaf stays tappable through them (``w.T``, mixed precision).
+_ALIASES = ("transpose", "convert_element_type")
+
+
+def _dot_use(
+  eqn: Any, index: int, operand: int, axes: tuple[int, ...]
+) -> tuple[Use, tuple[int, ...]] | None:
+  """Operand ``operand`` of a ``dot_general`` as a :class:`Use`, if it is one.
+
+  ``axes[i]`` is the leaf axis of the operand's axis i. Returns the use and
+  the leaf's contracted axes (increasing), or ``None`` for a batched
+  product (per-head weights), which is not a plain layer.
+  """
+  contract, batch = eqn.params["dimension_numbers"]
+  if batch[operand]:
+    return None
+  other = 1 - operand
+  x_ndim = eqn.invars[other].aval.ndim
+  pairs = sorted(
+    (axes[w], int(x))
+    for w, x in zip(contract[operand], contract[other], strict=True)
+  )
+  x_contract = tuple(x for _, x in pairs)
+  x_free = tuple(a for a in range(x_ndim) if a not in x_contract)
+  w_free = [a for a in range(len(axes)) if a not in contract[operand]]
+  # dot_general's output: batch axes (none), lhs free axes, rhs free axes.
+  if operand == 1:
+    y_x = tuple(range(len(x_free)))
+    y_w_in_order = list(range(len(x_free), len(x_free) + len(w_free)))
+  else:
+    y_w_in_order = list(range(len(w_free)))
+    y_x = tuple(range(len(w_free), len(w_free) + len(x_free)))
+  leaf_of_y = dict(zip(y_w_in_order, (axes[a] for a in w_free), strict=True))
+  y_w = tuple(sorted(y_w_in_order, key=leaf_of_y.__getitem__))
+  leaf_of_x = {x: leaf for leaf, x in pairs}
+  value_axes = [leaf_of_y[a] for a in y_w_in_order] + [
+    leaf_of_x[a] for a in sorted(x_contract)
+  ]
+  layout = tuple(value_axes.index(a) for a in range(len(axes)))
+  contracted = tuple(leaf for leaf, _ in pairs)
+  return Use(index, operand, x_contract, x_free, y_x, y_w, layout), contracted
+
+
+def find_taps(
+  jaxpr: Any, num_leaves: int, num_exits: int
+) -> tuple[LeafTap, ...]:
+  """The parameter leaves of ``jaxpr`` (its first invars) to tap.
+
+  A leaf is tapped when every use of it (or of a transpose or dtype change
+  of it) at the top level of the jaxpr is an operand of a ``dot_general``
+  without batch axes on its side, all contracting the same leaf axes, and
+  none of them is an output.
+  """
+  # var -> (leaf, the leaf axis of each of its axes)
+  alias: dict[Any, tuple[int, tuple[int, ...]]] = {
+    v: (i, tuple(range(v.aval.ndim)))
+    for i, v in enumerate(jaxpr.invars[:num_leaves])
+  }
+  uses: dict[int, list[Use]] = {i: [] for i in range(num_leaves)}
+  contracted: dict[int, tuple[int, ...]] = {}
+  untappable: set[int] = set()
+
+  def leaf_of(v: Any) -> tuple[int, tuple[int, ...]] | None:
+    return None if isinstance(v, jex_core.Literal) else alias.get(v)
+
+  for v in jaxpr.outvars:
+    if (found := leaf_of(v)) is not None:
+      untappable.add(found[0])
+  for index, eqn in enumerate(jaxpr.eqns):
+    found = [leaf_of(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in _ALIASES and found[0] is not None:
+      leaf, axes = found[0]
+      if name == "transpose":
+        axes = tuple(axes[a] for a in eqn.params["permutation"])
+      alias[eqn.outvars[0]] = (leaf, axes)
+      continue
+    is_dot = eqn.primitive is jex_core.primitives.dot_general_p
+    for position, hit in enumerate(found):
+      if hit is None:
+        continue
+      leaf, axes = hit
+      other = found[1 - position] if is_dot else None
+      use = None
+      if is_dot and (other is None or other[0] != leaf):
+        use = _dot_use(eqn, index, position, axes)
+      if use is None or contracted.setdefault(leaf, use[1]) != use[1]:
+        untappable.add(leaf)
+        continue
+      uses[leaf].append(use[0])
+  taps, first = [], 0
+  for leaf in range(num_leaves):
+    if leaf in untappable or not uses[leaf]:
+      continue
+    size = math.prod(jaxpr.invars[leaf].aval.shape)
+    rows = sum(
+      math.prod(
+        jaxpr.eqns[u.eqn].invars[1 - u.w_operand].aval.shape[a]
+        for a in u.x_free
+      )
+      for u in uses[leaf]
+    )
+    contraction = "kernel" if rows * rows <= num_exits * size else "rows"
+    taps.append(
+      LeafTap(leaf, contracted[leaf], tuple(uses[leaf]), first, contraction)
+    )
+    first += len(uses[leaf])
+  return tuple(taps)
+
+
+def _interpret(
+  jaxpr: Any,
+  consts: Sequence[Any],
+  leaves: Sequence[Any],
+  perturbations: Sequence[Any],
+  tapped: dict[int, tuple[int, int]],
+) -> tuple[list[Any], list[Any]]:
+  """Evaluates ``jaxpr``, adding ``perturbations[u]`` to tapped products.
+
+  Returns the outputs and the layer input of every tapped use.
+  """
+  env: dict[Any, Any] = {}
+
+  def read(v: Any) -> Any:
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts, strict=True))
+  env.update(zip(jaxpr.invars, leaves, strict=True))
+  inputs: list[Any] = [None] * len(perturbations)
+  for index, eqn in enumerate(jaxpr.eqns):
+    values = [read(v) for v in eqn.invars]
+    # As jax.core.eval_jaxpr binds an equation (its context: e.g. the
+    # compute and sharding settings it was traced under).
+    with eqn.ctx.manager:
+      out = eqn.primitive.bind(
+        *values, **eqn.primitive.get_bind_params(eqn.params)
+      )
+    if index in tapped:
+      u, w_operand = tapped[index]
+      out = out + perturbations[u]
+      inputs[u] = values[1 - w_operand]
+    outs = out if eqn.primitive.multiple_results else [out]
+    env.update(zip(eqn.outvars, outs, strict=True))
+  return [read(v) for v in jaxpr.outvars], inputs
+
+
+def tapped_vjp(
+  pure_fn: Callable[[Any], Any], params: Any, num_exits_of: Callable[[Any], int]
+) -> tuple[Any, Any, Any, tuple[LeafTap, ...], list[Any]]:
+  """The pullback of ``pure_fn(params) -> (losses, aux)``, its layers tapped.
+
+  ``pure_fn`` is traced to a jaxpr once; its matrix products of parameters
+  are found (:func:`find_taps`) and the jaxpr is evaluated again with a zero
+  perturbation added to each, whose cotangent is the product's output
+  cotangent. One forward pass, as ``jax.vjp(pure_fn, params)``.
+
+  Args:
+    pure_fn: function of the parameters returning ``(losses, aux)``.
+    params: the parameters (any pytree of arrays).
+    num_exits_of: called with the abstract losses before anything is
+      tapped; checks them and returns K.
+
+  Returns:
+    ``(losses, aux, vjp_fn, taps, inputs)``: ``vjp_fn(w)`` is ``(the
+    parameter leaves' cotangents, the perturbations' cotangents)``, a
+    ``jax.tree_util.Partial``; ``taps`` the tapped leaves; ``inputs`` the
+    layer input of every tapped use, in the order of the taps' uses.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from osgd_jax import layer_blocks
+    >>> def pure_fn(w):
+    ...   h = jnp.ones((2, 3)) @ w
+    ...   return jnp.stack([h.sum(), (h ** 2).sum()]), None
+    >>> _, _, vjp_fn, taps, inputs = layer_blocks.tapped_vjp(
+    ...     pure_fn, jnp.ones((3, 4)), lambda losses: losses.shape[0])
+    >>> [t.contraction for t in taps], inputs[0].shape
+    (['kernel'], (2, 3))
+    >>> vjp_fn(jnp.asarray([1.0, 0.0]))[1][0].shape  # ∂ℓ_1/∂h
+    (2, 4)
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  closed, out_shape = jax.make_jaxpr(
+    lambda *xs: pure_fn(jax.tree.unflatten(treedef, xs)), return_shape=True
+  )(*leaves)
+  out_tree = jax.tree.structure(out_shape)
+  num_exits = num_exits_of(out_shape[0])
+  jaxpr = closed.jaxpr
+  taps = find_taps(jaxpr, len(leaves), num_exits)
+  tapped = {
+    use.eqn: (tap.first + i, use.w_operand)
+    for tap in taps
+    for i, use in enumerate(tap.uses)
+  }
+  outs = {}
+  for eqn_index in tapped:
+    aval = jaxpr.eqns[eqn_index].outvars[0].aval
+    outs[tapped[eqn_index][0]] = jnp.zeros(aval.shape, aval.dtype)
+  perturbations = [outs[u] for u in range(len(outs))]
+
+  def run(leaves, perturbations):
+    flat, inputs = _interpret(
+      jaxpr, closed.consts, leaves, perturbations, tapped
+    )
+    losses, aux = jax.tree.unflatten(out_tree, flat)
+    return losses, (aux, inputs)
+
+  losses, vjp_fn, (aux, inputs) = jax.vjp(
+    run, leaves, perturbations, has_aux=True
+  )
+  return losses, aux, vjp_fn, taps, inputs
+
+
+def _specs(x: jax.Array) -> list[Any]:
+  """The mesh axes of each axis of ``x`` (``None``: not split)."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return list(spec) + [None] * (x.ndim - len(spec))
+
+
+def _out_sharding(mesh: Any, specs: Sequence[Any]) -> Any:
+  """``NamedSharding(mesh, specs)`` keeping each mesh axis once, or ``None``.
+
+  Under ``Explicit`` axes a contraction over split axes must name its
+  output's sharding: the axes the output keeps stay as the operands split
+  them, except a mesh axis already used by an earlier output axis (the
+  second operand's copy of the batch, in ``x_u x_vᵀ``), which is gathered:
+  the cross-device terms of the global batch need it. ``None`` without
+  such a mesh (XLA's partitioner chooses).
+  """
+  if mesh is None:
+    return None
+  seen: set[Any] = set()
+  kept = []
+  for spec in specs:
+    names = spec if isinstance(spec, tuple) else (spec,)
+    if spec is None or seen & set(names):
+      kept.append(None)
+      continue
+    seen.update(names)
+    kept.append(spec)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*kept))
+
+
+def _product(cotangent: jax.Array, x: jax.Array, use: Use, batch: int):
+  """``xᵀ δ`` in the leaf's layout, for a ``δ`` with ``batch`` leading axes."""
+  y_x = tuple(batch + a for a in use.y_x)
+  # Its axes: δ's batch axes, y's leaf axes (y's order), x's contracted
+  # axes (x's order); ``use.layout`` puts the last two in the leaf's order.
+  d_specs, x_specs = _specs(cotangent), _specs(x)
+  value = jax.lax.dot_general(
+    cotangent,
+    x,
+    ((y_x, use.x_free), ((), ())),
+    precision=_PRECISION,
+    out_sharding=_out_sharding(
+      sharding.explicit_mesh(x),
+      [None] * batch
+      + [d_specs[batch + a] for a in sorted(use.y_w)]
+      + [x_specs[a] for a in sorted(use.x_contract)],
+    ),
+  )
+  return jnp.transpose(
+    value, tuple(range(batch)) + tuple(batch + a for a in use.layout)
+  )
+
+
+def _kernel_gram(
+  cotangents: list[jax.Array], inputs: list[jax.Array], tap: LeafTap
+) -> jax.Array:
+  """``Σ_{u,v} ⟨δ_{u,i}, (x_u x_vᵀ) δ_{v,j}⟩`` for (K, ...) cotangents."""
+  mesh = sharding.explicit_mesh(inputs[0])
+  total = None
+  for use_u, d_u, x_u in zip(tap.uses, cotangents, inputs, strict=True):
+    nu = len(use_u.x_free)
+    u_specs = [_specs(x_u)[a] for a in use_u.x_free]
+    for use_v, d_v, x_v in zip(tap.uses, cotangents, inputs, strict=True):
+      # x_u x_vᵀ: (x_u free..., x_v free...), paired through the leaf.
+      kernel = jax.lax.dot_general(
+        x_u,
+        x_v,
+        ((use_u.x_contract, use_v.x_contract), ((), ())),
+        precision=_PRECISION,
+        out_sharding=_out_sharding(
+          mesh, u_specs + [_specs(x_v)[a] for a in use_v.x_free]
+        ),
+      )
+      # (x_u free..., K, y_v's leaf axes in y_v's order).
+      in_order = sorted(use_v.y_w)
+      mixed = jax.lax.dot_general(
+        kernel,
+        d_v,
+        (
+          (tuple(range(nu, kernel.ndim)), tuple(1 + a for a in use_v.y_x)),
+          ((), ()),
+        ),
+        precision=_PRECISION,
+        out_sharding=_out_sharding(
+          mesh, u_specs + [None] + [_specs(d_v)[1 + a] for a in in_order]
+        ),
+      )
+      mixed_w = tuple(nu + 1 + in_order.index(a) for a in use_v.y_w)
+      # ⟨δ_{u,i}, mixed_j⟩ over x_u's free axes and the leaf's free axes.
+      block = jax.lax.dot_general(
+        d_u,
+        mixed,
+        (
+          (
+            tuple(1 + a for a in use_u.y_x + use_u.y_w),
+            tuple(range(nu)) + mixed_w,
+          ),
+          ((), ()),
+        ),
+        precision=_PRECISION,
+        out_sharding=_out_sharding(mesh, [None, None]),
+      )
+      total = block if total is None else total + block
+  assert total is not None
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class BlocksEngine(ScaledGramEngine):
+  """The Gram matrix from per-layer blocks (see the module docstring).
+
+  ``parts`` is ``(vjp_fn, inputs)`` from :func:`tapped_vjp`.
+  """
+
+  loss_dtype: str
+  taps: tuple[LeafTap, ...]
+
+  def _backward(self, vjp_fn: Any, gramian: Gramian) -> tuple[list, list]:
+    """One backward pass carrying the K one-hot cotangents."""
+    k = gramian.num_exits
+    leaf_rows, cotangents = jax.vmap(vjp_fn)(
+      jnp.eye(k, dtype=np.dtype(self.loss_dtype))
+    )
+    return jax.tree.leaves(leaf_rows), list(cotangents)
+
+  def scaled_grams(
+    self, parts: Any, gramian: Gramian, granularity: str
+  ) -> tuple[jax.Array, jax.Array]:
+    vjp_fn, inputs = parts
+    cd = gramian.compute_dtype
+    leaf_rows, cotangents = self._backward(vjp_fn, gramian)
+    tapped = {tap.leaf: tap for tap in self.taps}
+    others = [i for i in range(len(gramian.shapes)) if i not in tapped]
+    grams: list[Any] = [None] * len(gramian.shapes)
+    exponents: list[Any] = [None] * len(gramian.shapes)
+    if others:
+      g, e = gram_lib.scaled_gram_matrices([leaf_rows[i] for i in others], cd)
+      for n, i in enumerate(others):
+        grams[i], exponents[i] = g[n], e[n]
+    for tap in self.taps:
+      span = slice(tap.first, tap.first + len(tap.uses))
+      grams[tap.leaf], exponents[tap.leaf] = self._tap_gram(
+        tap, cotangents[span], inputs[span], cd
+      )
+    return gram_lib.combine_scaled(
+      jnp.stack(grams), jnp.stack(exponents), granularity == "global"
+    )
+
+  def _tap_gram(
+    self,
+    tap: LeafTap,
+    cotangents: list[jax.Array],
+    inputs: list[jax.Array],
+    cd: Any,
+  ) -> tuple[jax.Array, jax.Array]:
+    """One tapped leaf's scaled Gram block ``(M̃, e)``, ``M = 4^e M̃``."""
+    if tap.contraction == "rows":
+      rows = functools.reduce(
+        operator.add,
+        [
+          _product(d.astype(cd), x.astype(cd), use, 1)
+          for d, x, use in zip(cotangents, inputs, tap.uses, strict=True)
+        ],
+      )
+      g, e = gram_lib.scaled_gram_matrices([rows], cd)
+      return g[0], e[0]
+    # δ and x scaled by powers of two into (-1, 1), so that no product
+    # overflows; M = 4^(a+s) M̃ with 2^a, 2^s their largest magnitudes.
+    a = jnp.max(gram_lib.scale_exponents(cotangents))
+    s = jnp.max(gram_lib.scale_exponents(inputs))
+    down_d = [gram_lib.times_power_of_two(d.astype(cd), -a) for d in cotangents]
+    down_x = [gram_lib.times_power_of_two(x.astype(cd), -s) for x in inputs]
+    block = _kernel_gram(down_d, down_x, tap)
+    return 0.5 * (block + block.T), a + s
+
+  def combine(
+    self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
+  ) -> list[jax.Array]:
+    vjp_fn, inputs = parts
+    dtype = np.dtype(self.loss_dtype)
+    if granularity == "global":
+      return pullback_of_weights(
+        lambda w: jax.tree.leaves(vjp_fn(w)[0]), weights[0], dtype
+      )
+    # One weight row per leaf: the rows of the untapped leaves and the
+    # cotangents of the tapped ones from one backward pass, each weighted.
+    leaf_rows, cotangents = self._backward(vjp_fn, gramian)
+    cd = gramian.compute_dtype
+    tapped = {tap.leaf: tap for tap in self.taps}
+    out = []
+    for i, rows in enumerate(leaf_rows):
+      w = weights[i].astype(cd)
+      if i not in tapped:
+        out.append(jnp.tensordot(w, rows.astype(cd), axes=1))
+        continue
+      tap = tapped[i]
+      out.append(
+        functools.reduce(
+          operator.add,
+          [
+            _product(
+              jnp.tensordot(w, cotangents[tap.first + u].astype(cd), axes=1),
+              inputs[tap.first + u].astype(cd),
+              use,
+              0,
+            )
+            for u, use in enumerate(tap.uses)
+          ],
+        )
+      )
+    return out
