@@ -558,6 +558,7 @@ def test_export_for_every_platform():
     _, gramian = osgd_jax.value_and_gramian(_loss_fn)(p, x)
     return tx.update(gramian, tx.init(p), p)[0]
 
+  assert osgd_jax.value_and_gramian(_loss_fn)(params, x)[1].form == "blocks"
   jitted = jax.jit(step)
   exported = jax.export.export(jitted, platforms=("cpu", "cuda", "tpu"))(
     params, x
