@@ -33,8 +33,11 @@ Per tapped leaf, one of two contractions, whichever holds less:
   contracted (K times the leaf), chosen when ``N² > K·|W|``.
 
 Parameters used any other way (biases, norms, embeddings looked up by
-``gather``, convolutions, a parameter inside a nested ``jax.jit`` or
-``jax.checkpoint``) keep their K gradient rows from the same backward pass.
+``gather``, convolutions, a parameter inside a nested ``jax.jit``,
+``jax.checkpoint`` or ``lax.scan`` such as layers stacked by ``nnx.scan``)
+keep their K gradient rows from the same backward pass; where they hold
+more than ``1/K`` of the parameters, ``form="auto"`` picks another
+formulation.
 """
 
 from __future__ import annotations

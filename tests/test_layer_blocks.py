@@ -202,38 +202,43 @@ def test_auto_picks_blocks_only_where_untapped_parameters_are_few():
 
 
 def test_an_nnx_mlp_gets_blocks_and_the_stacked_update():
-  """nnx.Linear kernels are tapped, biases are not; the update is the same."""
+  """nnx.Linear kernels are tapped, biases and norms are not.
+
+  The update equals the stacked path's, and BatchNorm (train mode) moves
+  its statistics once per call, as the stacked path does.
+  """
 
   class Net(nnx.Module):
     def __init__(self, rngs):
       self.a = nnx.Linear(8, 16, rngs=rngs)
+      self.norm = nnx.BatchNorm(16, rngs=rngs)
       self.b = nnx.Linear(16, 16, rngs=rngs)
       self.head = nnx.Linear(16, 4, rngs=rngs)
 
     def __call__(self, x):
-      h1 = jax.nn.relu(self.a(x))
+      h1 = jax.nn.relu(self.norm(self.a(x)))
       h2 = jax.nn.relu(self.b(h1))
       return [self.head(h1), self.head(h2)]
 
   def loss_fn(model, x, y):
     return osgd_jax.per_exit_cross_entropy(model(x), y)
 
-  model = Net(nnx.Rngs(0))
+  models = [Net(nnx.Rngs(0)) for _ in range(2)]
   x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 8)), jnp.float32)
   y = jnp.asarray([0, 1, 2, 3])
-  params = nnx.state(model, nnx.Param)
+  params = nnx.state(models[0], nnx.Param)
   tx = optax.chain(osgd_jax.osgd(num_exits=2), optax.sgd(0.1, momentum=0.9))
   state = tx.init(params)
   seen = []
 
   @nnx.jit
-  def both(model, x, y):
-    _, gramian = osgd_jax.value_and_gramian(loss_fn)(model, x, y)
-    _, stacked = osgd_jax.value_and_per_exit_grads(loss_fn)(model, x, y)
+  def both(gramian_model, stacked_model, x, y):
+    _, gramian = osgd_jax.value_and_gramian(loss_fn)(gramian_model, x, y)
+    _, stacked = osgd_jax.value_and_per_exit_grads(loss_fn)(stacked_model, x, y)
     seen.append((gramian, stacked))
     return tx.update(gramian, state, params), tx.update(stacked, state, params)
 
-  got, expected = both(model, x, y)
+  got, expected = both(*models, x, y)
   gramian, stacked = seen[0]
   assert gramian.form == "blocks"
   paths = [
@@ -243,3 +248,7 @@ def test_an_nnx_mlp_gets_blocks_and_the_stacked_update():
   tapped = {paths[t.leaf] for t in gramian.engine.taps}
   assert tapped == {p for p in paths if "kernel" in p}
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  stats = [nnx.state(m, nnx.BatchStat) for m in models]
+  # Moved once, from the initial (0, 1), like the stacked path's.
+  assert float(jnp.abs(stats[0]["norm"]["mean"][...]).max()) > 0
+  chex.assert_trees_all_close(stats[0], stats[1], rtol=1e-6, atol=1e-7)
