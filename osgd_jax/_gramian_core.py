@@ -298,17 +298,26 @@ def choose_form(
   param_bytes: int,
   residual_bytes: int,
   untapped_bytes: int | None = None,
+  activation_bytes: int = 0,
 ) -> str:
   """The formulation ``"auto"`` picks (``docs/design.md``, "The Gramian
   engine").
 
-  ``"blocks"`` when the parameters it cannot tap (those not used only in
-  matrix products: ``untapped_bytes``, ``None`` when nothing is tapped)
-  hold at most ``1/K`` of the parameter bytes: their K rows then cost at
-  most one copy of the parameters, and the tapped ones none. Otherwise
-  ``"scan"`` when the parameters dominate (the stack ``"vmap"`` would pass
-  through, ``K·P`` bytes, is at least the residual bytes of the forward
-  pass, which its K cotangents scale), else ``"vmap"``.
+  ``untapped_bytes`` is ``None`` when no parameter is tapped (``"blocks"``
+  does not apply), else the bytes of the parameters ``"blocks"`` cannot tap
+  (not used only in matrix products); ``activation_bytes`` those of the
+  residuals that are not parameters. ``"blocks"`` holds K cotangents of
+  the activations and the K rows of the untapped parameters, never K
+  copies of the tapped ones:
+
+  * where that is at most one copy of the parameters (``K·(untapped +
+    activations) ≤ P``), ``"blocks"``;
+  * else where the parameters dominate (``K·P ≥`` residuals: the stack
+    ``"vmap"`` would pass through is the larger cost), ``"scan"``, which
+    holds one or two gradients whatever K;
+  * else (the activations dominate) ``"blocks"`` if anything is tapped,
+    which holds what ``"vmap"`` holds less the tapped leaves' K rows, and
+    otherwise ``"vmap"``.
 
   Example:
     >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20,
@@ -321,6 +330,10 @@ def choose_form(
   """
   if form != "auto":
     return form
-  if untapped_bytes is not None and num_exits * untapped_bytes <= param_bytes:
+  tapped = untapped_bytes is not None
+  k = num_exits
+  if tapped and k * (untapped_bytes + activation_bytes) <= param_bytes:
     return "blocks"
-  return "scan" if num_exits * param_bytes >= residual_bytes else "vmap"
+  if k * param_bytes >= residual_bytes:
+    return "scan"
+  return "blocks" if tapped else "vmap"

@@ -41,11 +41,13 @@ Formulations of the Gram matrix (``form``):
   one-hot cotangents that never forms its weight gradients; any other
   parameter keeps its K rows from that pass. One K-wide backward, without
   the K×P stack where the matrix products hold the parameters.
-* ``"auto"``: ``"blocks"`` where the parameters it cannot tap hold at most
-  ``1/K`` of the parameter bytes; else ``"scan"`` where the parameters
-  dominate (``K·P`` bytes at least the bytes of the residuals the backward
-  pass reads), else ``"vmap"``; a structural rule read from shapes when
-  the function is traced, the same on every backend.
+* ``"auto"``: ``"blocks"`` where its K cotangents of the activations and
+  K rows of the parameters it cannot tap hold at most one copy of the
+  parameters; else ``"scan"`` where the parameters dominate (``K·P`` bytes
+  at least the bytes of the residuals the backward pass reads); else
+  ``"blocks"`` if it taps anything, or ``"vmap"``. A structural rule read
+  from shapes when the function is traced
+  (:func:`~osgd_jax._gramian_core.choose_form`), the same on every backend.
 
 The weighted combination is one more backward pass of ``Σ_k w_k ℓ_k`` for
 one group (``granularity="global"``), and for one weight vector per leaf a
@@ -341,12 +343,17 @@ def _gramian_of(
     losses, aux, vjp_fn, taps, inputs = tapped_vjp(pure_fn, params, num_exits)
   k = losses.shape[0]
   untapped = set(range(len(leaves))) - {tap.leaf for tap in taps}
+  # The residuals that are not the parameters themselves (held by any
+  # step): about the activations, whose K cotangents "blocks" holds.
+  own = {id(leaf) for leaf in leaves}
+  activations = [r for r in jax.tree.leaves(vjp_fn) if id(r) not in own]
   chosen = choose_form(
     form,
     k,
     nbytes(leaves),
     nbytes(vjp_fn),
     nbytes([leaves[i] for i in untapped]) if taps else None,
+    nbytes(activations),
   )
   dtype = np.dtype(losses.dtype).name
   engine: GramEngine

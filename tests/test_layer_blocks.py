@@ -210,10 +210,11 @@ def test_an_nnx_mlp_gets_blocks_and_the_stacked_update():
 
   class Net(nnx.Module):
     def __init__(self, rngs):
-      self.a = nnx.Linear(8, 16, rngs=rngs)
-      self.norm = nnx.BatchNorm(16, rngs=rngs)
-      self.b = nnx.Linear(16, 16, rngs=rngs)
-      self.head = nnx.Linear(16, 4, rngs=rngs)
+      # Wide enough for the parameters to dominate: "auto" picks blocks.
+      self.a = nnx.Linear(8, 128, rngs=rngs)
+      self.norm = nnx.BatchNorm(128, rngs=rngs)
+      self.b = nnx.Linear(128, 128, rngs=rngs)
+      self.head = nnx.Linear(128, 4, rngs=rngs)
 
     def __call__(self, x):
       h1 = jax.nn.relu(self.norm(self.a(x)))

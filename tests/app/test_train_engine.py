@@ -91,7 +91,9 @@ def test_the_step_hands_the_aggregator_a_gramian_only_where_asked():
     else:
       assert isinstance(grads, osgd_jax.Gramian)
       forms = (
-        ("staged", "staged-keep") if want == "staged" else ("vmap", "scan")
+        ("staged", "staged-keep")
+        if want == "staged"
+        else ("vmap", "scan", "blocks")
       )
       assert grads.form in forms
 
