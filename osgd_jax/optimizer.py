@@ -66,13 +66,9 @@ class Optimizer(nnx.Optimizer):
     ...     model, osgd_jax.osgd_sgd(0.1, num_exits=3), wrt=nnx.Param)
     >>> def loss_fn(model, x, y):
     ...   return osgd_jax.per_exit_cross_entropy(model(x), y)
-    >>> @nnx.jit
-    ... def step(model, optimizer, x, y):
-    ...   losses, gramian = osgd_jax.value_and_gramian(loss_fn)(model, x, y)
-    ...   optimizer.update(model, gramian)
-    ...   return losses
-    >>> losses = step(model, optimizer, jnp.ones((4, 64)),
-    ...               jnp.zeros(4, jnp.int32))
+    >>> losses, gramian = osgd_jax.value_and_gramian(loss_fn)(
+    ...     model, jnp.ones((4, 64)), jnp.zeros(4, jnp.int32))
+    >>> _ = optimizer.update(model, gramian)
     >>> int(optimizer.step[...])
     1
   """

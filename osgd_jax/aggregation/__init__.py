@@ -49,12 +49,12 @@ the plain sum late in training. Every aggregator also has a name in one
 registry (:func:`names`, :func:`create`), which the command-line tools read.
 
 Example:
-  >>> import jax, jax.numpy as jnp, optax, osgd_jax
+  >>> import jax.numpy as jnp, optax, osgd_jax
   >>> tx = optax.chain(osgd_jax.aggregation.create("upgrad", num_exits=2),
   ...                  optax.sgd(0.1, momentum=0.9))
   >>> params = {"w": jnp.zeros(2)}
   >>> grads = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}   # (K, 2)
-  >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  >>> updates, state = tx.update(grads, tx.init(params), params)
   >>> updates["w"].shape
   (2,)
 """

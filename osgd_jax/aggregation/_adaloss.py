@@ -112,11 +112,11 @@ def adaptive_loss_balancing(
       shape ``(K,)`` (at trace time).
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.adaptive_loss_balancing(num_exits=2)
     >>> state = tx.init({"w": jnp.zeros(3)})
-    >>> updates, state = jax.jit(tx.update)(
-    ...     {"w": jnp.ones((2, 3))}, state, losses=jnp.array([1.0, 3.0]))
+    >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state,
+    ...                            losses=jnp.array([1.0, 3.0]))
     >>> state.weights.tolist()
     [1.5, 0.5]
 

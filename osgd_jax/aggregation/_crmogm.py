@@ -61,11 +61,11 @@ def crmogm(
     ValueError: an unknown weighting name or ``alpha`` outside [0, 1].
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.crmogm("mgda", alpha=0.5, num_exits=2)
     >>> state = tx.init({"w": jnp.zeros(2)})
     >>> for g in ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 3.0]]):
-    ...   _, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, state)
+    ...   _, state = tx.update({"w": jnp.asarray(g)}, state)
     >>> [round(v, 4) for v in state.weights.tolist()]   # ½(½, ½) + ½(0.9, 0.1)
     [0.7, 0.3]
 

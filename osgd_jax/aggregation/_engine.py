@@ -815,7 +815,7 @@ def from_weighting(
       gradients are refused.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, osgd_jax
+    >>> import jax.numpy as jnp, optax, osgd_jax
     >>> def by_norm(gram):   # exit k weighted by its share of ‖g‖²
     ...   sq = jnp.diagonal(gram)
     ...   return gram.shape[-1] * sq / jnp.maximum(sq.sum(), 1e-30)
@@ -823,7 +823,7 @@ def from_weighting(
     ...                  optax.sgd(1.0))
     >>> params = {"w": jnp.zeros(2)}
     >>> grads = {"w": jnp.asarray([[1.0, 0.0], [0.0, 3.0]])}
-    >>> updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
     >>> [round(u, 4) for u in updates["w"].tolist()]   # weights 0.2 and 1.8
     [-0.2, -5.4]
   """

@@ -70,12 +70,12 @@ def excess_mtl(
     :class:`ExcessMTLState`.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.excess_mtl(num_exits=2)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = tx.init(params)
     >>> for _ in range(2):
-    ...   updates, state = jax.jit(tx.update)({"w": jnp.eye(2)}, state, params)
+    ...   updates, state = tx.update({"w": jnp.eye(2)}, state, params)
     >>> bool(abs(float(state.weights.sum()) - 1) < 1e-6)
     True
 

@@ -82,10 +82,10 @@ def fairgrad(
     :class:`osgd_jax.AggregationState`.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.fairgrad(2, alpha=1.0)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]   # ⟨g_k, u⟩ = 1/w_k
     [1.0, 1.0]
 

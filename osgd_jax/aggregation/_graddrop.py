@@ -43,10 +43,10 @@ def graddrop(
     :class:`~osgd_jax.aggregation.CoordinateState`.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.graddrop(num_exits=2)
     >>> g = {"w": jnp.array([[1.0, -2.0], [3.0, -1.0]])}   # signs agree
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> updates["w"].tolist()
     [4.0, -3.0]
 

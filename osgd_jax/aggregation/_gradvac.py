@@ -137,10 +137,10 @@ def gradvac(
     :class:`GradVacState` per group.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.gradvac(num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
-    >>> updates, state = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]   # PCGrad at target 0
     [0.5, 1.5]
     >>> state.weighting_state.target.shape   # one group

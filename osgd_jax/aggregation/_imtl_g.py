@@ -91,10 +91,10 @@ def imtl_g(
     :class:`osgd_jax.AggregationState`.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.imtl_g(num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]
     [0.75, 0.75]
 

@@ -75,10 +75,10 @@ def modo(
     :class:`~osgd_jax.aggregation.SimplexState` per group.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.modo(num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 3.0 ** 0.5]])}
-    >>> _, state = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> _, state = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in state.weights.tolist()]
     [0.55, 0.45]
 

@@ -112,10 +112,10 @@ def nash_mtl(
     :class:`NashMTLState` per group.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.nash_mtl(num_exits=2)
     >>> g = {"w": jnp.array([[0.1, 0.0], [0.0, 0.2]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]
     [0.2031, 0.2031]
 

@@ -257,7 +257,7 @@ def osgd(
     >>> state = tx.init(params)
     >>> _, grads = osgd_jax.value_and_per_exit_grads(losses)(
     ...     params, jnp.arange(3.))
-    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    >>> updates, state = tx.update(grads, state, params)
     >>> updates["w"].shape
     (3,)
   """
@@ -427,7 +427,7 @@ def osgd_sgd(
       not notice); or a bad OSGD option (see :func:`osgd`).
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, osgd_jax
+    >>> import jax.numpy as jnp, optax, osgd_jax
     >>> tx = optax.inject_hyperparams(osgd_jax.osgd_sgd,
     ...                               static_args=("num_exits",))(
     ...     learning_rate=optax.cosine_decay_schedule(0.1, 100), momentum=0.9,
@@ -435,8 +435,7 @@ def osgd_sgd(
     >>> params = {"w": jnp.zeros(3)}
     >>> state = tx.init(params)
     >>> # Injected, weight_decay is an array, so the decay step needs params.
-    >>> updates, state = jax.jit(tx.update)(
-    ...     {"w": jnp.ones((2, 3))}, state, params)
+    >>> updates, state = tx.update({"w": jnp.ones((2, 3))}, state, params)
   """
   # osgd_sgd(4) written for K = 4 would read 4 as the learning rate.
   _checks.check_not_num_exits(

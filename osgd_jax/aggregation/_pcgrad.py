@@ -90,10 +90,10 @@ def pcgrad(
     :class:`~osgd_jax.aggregation.KeyState` (``PCGradState``) per group.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.pcgrad(seed=0, num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> updates["w"].tolist()   # g1^PC = (½, ½), g2^PC = (0, 1)
     [0.5, 1.5]
 

@@ -61,10 +61,10 @@ def random_weighting(
     :class:`~osgd_jax.aggregation.KeyState` per group.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.random_weighting(seed=0, num_exits=3)
-    >>> _, state = jax.jit(tx.update)({"w": jnp.ones((3, 2))},
-    ...                               tx.init({"w": jnp.zeros(2)}))
+    >>> _, state = tx.update({"w": jnp.ones((3, 2))},
+    ...                      tx.init({"w": jnp.zeros(2)}))
     >>> round(float(state.weights.sum()), 5)
     1.0
 

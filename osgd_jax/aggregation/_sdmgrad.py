@@ -101,10 +101,10 @@ def sdmgrad(
     :class:`~osgd_jax.aggregation.SimplexState` per group.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.sdmgrad(num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]
     [0.5, 0.5]
 

@@ -59,12 +59,12 @@ def switch_to_sum(
       [0, 2**31 - 1].
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = switch_to_sum(osgd_jax.osgd(num_exits=2), after_steps=1)
     >>> grads = {"w": jnp.array([[1.0, 0.0], [1.0, 1.0]])}  # (K, 2)
     >>> state = tx.init({"w": jnp.zeros(2)})
-    >>> projected, state = jax.jit(tx.update)(grads, state)
-    >>> summed, state = jax.jit(tx.update)(grads, state)
+    >>> projected, state = tx.update(grads, state)
+    >>> summed, state = tx.update(grads, state)
     >>> projected["w"].tolist(), summed["w"].tolist()
     ([1.0, 1.0], [2.0, 1.0])
   """

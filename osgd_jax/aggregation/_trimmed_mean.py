@@ -38,10 +38,10 @@ def trimmed_mean(
     ValueError: K is too small for ``trim_number``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.trimmed_mean(3, trim_number=1)
     >>> g = {"w": jnp.array([[1.0, -5.0], [2.0, 0.0], [9.0, 1.0]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> updates["w"].tolist()   # the medians
     [2.0, 0.0]
 

@@ -91,10 +91,10 @@ def upgrad(
     :class:`osgd_jax.AggregationState`.
 
   Example:
-    >>> import jax, jax.numpy as jnp, osgd_jax
+    >>> import jax.numpy as jnp, osgd_jax
     >>> tx = osgd_jax.upgrad(num_exits=2)
     >>> g = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
-    >>> updates, _ = jax.jit(tx.update)(g, tx.init({"w": jnp.zeros(2)}))
+    >>> updates, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
     >>> [round(v, 4) for v in updates["w"].tolist()]   # mean of (½, ½), (0, 1)
     [0.25, 0.75]
 

@@ -269,12 +269,12 @@ def weighted_sum(
       ``num_exits``, or weights whose length is not K.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, osgd_jax
+    >>> import jax.numpy as jnp, optax, osgd_jax
     >>> tx = optax.chain(
     ...     osgd_jax.weighted_sum("sdn", num_exits=4, total_steps=1000),
     ...     optax.sgd(0.1, momentum=0.9))
     >>> state = tx.init({"w": jnp.zeros(3)})
-    >>> updates, state = jax.jit(tx.update)({"w": jnp.ones((4, 3))}, state)
+    >>> updates, state = tx.update({"w": jnp.ones((4, 3))}, state)
     >>> updates["w"].shape
     (3,)
 

@@ -46,8 +46,8 @@ def update_and_sum_norms(state: OsgdState) -> jax.Array:
     >>> import osgd_jax
     >>> tx = osgd_jax.osgd(num_exits=2)
     >>> params = {"w": jnp.zeros(2)}
-    >>> _, state = jax.jit(tx.update)(
-    ...     {"w": jnp.array([[3.0, 0.0], [3.0, 4.0]])}, tx.init(params), params)
+    >>> _, state = tx.update({"w": jnp.array([[3.0, 0.0], [3.0, 4.0]])},
+    ...                      tx.init(params), params)
     >>> [round(float(v), 3) for v in update_and_sum_norms(state)]  # u = (3, 4)
     [5.0, 7.211]
   """
