@@ -46,8 +46,7 @@ Formulations of the Gram matrix (``form``):
   parameters; else ``"scan"`` where the parameters dominate (``K·P`` bytes
   at least the bytes of the residuals the backward pass reads); else
   ``"blocks"`` if it taps anything, or ``"vmap"``. A structural rule read
-  from shapes when the function is traced
-  (:func:`~osgd_jax._gramian_core.choose_form`), the same on every backend.
+  from shapes when the function is traced, the same on every backend.
 
 The weighted combination is one more backward pass of ``Σ_k w_k ℓ_k`` for
 one group (``granularity="global"``), and for one weight vector per leaf a

@@ -62,7 +62,7 @@ from osgd_jax._gramian_core import (
   pullback_of_weights,
 )
 
-__all__ = ["BlocksEngine", "LeafTap", "Use", "tapped_vjp"]
+__all__ = ["BlocksEngine", "LeafTap", "Use", "find_taps", "tapped_vjp"]
 
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -168,6 +168,25 @@ def find_taps(
   of it) at the top level of the jaxpr is an operand of a ``dot_general``
   without batch axes on its side, all contracting the same leaf axes, and
   none of them is an output.
+
+  Args:
+    jaxpr: the loss function's jaxpr, its parameter leaves first.
+    num_leaves: how many of its first invars are parameter leaves.
+    num_exits: K, for the choice of each leaf's contraction.
+
+  Returns:
+    The tapped leaves, in leaf order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from osgd_jax import layer_blocks
+    >>> def loss(w, b, x):  # b is added, not multiplied: not tapped
+    ...   return jnp.tanh(x @ w.T + b).sum()
+    >>> closed = jax.make_jaxpr(loss)(jnp.ones((4, 3)), jnp.ones(4),
+    ...                               jnp.ones((2, 3)))
+    >>> [(t.leaf, t.contracted) for t in
+    ...  layer_blocks.find_taps(closed.jaxpr, 2, num_exits=1)]
+    [(0, (1,))]
   """
   # var -> (leaf, the leaf axis of each of its axes)
   alias: dict[Any, tuple[int, tuple[int, ...]]] = {
