@@ -74,6 +74,29 @@ def test_flops_scale_with_the_batch():
   np.testing.assert_allclose(four, 4 * one)
 
 
+def test_flops_follow_the_mode_width_and_batch_of_each_call():
+  """Counts are reused per model structure, never across what changes them.
+
+  BatchNorm's train mode also computes batch statistics, a wider model
+  costs more, and a model of the same structure costs the same.
+  """
+  train = tiny("nested-width-resnet", norm="batch")
+  first = anytime.flops_per_exit(train, (2, 8, 8, 1)).flops
+  twin = anytime.flops_per_exit(
+    tiny("nested-width-resnet", norm="batch"), (2, 8, 8, 1)
+  ).flops
+  np.testing.assert_array_equal(twin, first)
+  train.eval()
+  evaluated = anytime.flops_per_exit(train, (2, 8, 8, 1)).flops
+  assert np.all(evaluated < first), (evaluated, first)
+  train.train()
+  np.testing.assert_array_equal(
+    anytime.flops_per_exit(train, (2, 8, 8, 1)).flops, first
+  )
+  wide = tiny("nested-width-resnet", norm="batch", width=8)
+  assert np.all(anytime.flops_per_exit(wide, (2, 8, 8, 1)).flops > first)
+
+
 @pytest.mark.parametrize(
   "kwargs, match",
   [
