@@ -4,7 +4,9 @@ The ``"blocks"`` formulation of :func:`~osgd_jax.gramian.value_and_gramian`
 (``docs/design.md``, "The Gramian engine"). A parameter ``W`` that enters the
 loss only as an operand of matrix products ``y_u = x_u · W`` (``dot_general``
 with no batch dimension on ``W``'s side: dense layers, einsum projections, a
-head shared by several exits) has exit k's gradient
+head shared by several exits; also through transposes, dtype changes,
+slices and concatenations, as a MatFormer's nested widths use it) has exit
+k's gradient
 
     g_k = Σ_u x_uᵀ δ_{u,k},      δ_{u,k} = ∂ℓ_k / ∂y_u,
 
@@ -71,13 +73,14 @@ _PRECISION = jax.lax.Precision.HIGHEST
 class Use:
   """One matrix product ``y = dot_general(·, ·)`` of a tapped parameter.
 
-  The parameter may enter it through a transpose or a change of dtype (an
-  alias of the leaf). Axes are listed in the leaf's order: the k-th entry
-  of :attr:`x_contract` is paired with the leaf's k-th contracted axis, the
-  k-th entry of :attr:`y_w` holds the leaf's k-th free axis.
+  The parameter may enter it through transposes, changes of dtype, slices
+  and concatenations (an alias of the leaf, or of a block of it, or one
+  holding it as a block). Axes are listed in the leaf's order: the k-th
+  entry of :attr:`x_contract` is paired with the leaf's k-th contracted
+  axis, the k-th entry of :attr:`y_w` holds the leaf's k-th free axis.
 
   Attributes:
-    eqn: the index of the ``dot_general`` in the traced jaxpr.
+    slot: the index of the tapped product (its perturbation and input).
     w_operand: 0 if the parameter is the left operand, 1 if the right.
     x_contract: the other operand's contracted axes, in the leaf's order.
     x_free: the other operand's remaining axes, in increasing order.
@@ -85,15 +88,18 @@ class Use:
     y_w: the axes of ``y`` that come from the leaf, in the leaf's order.
     layout: the permutation from ``(y's leaf axes in y's order, x's
       contracted axes in x's order)`` to the leaf's own axes.
+    spans: per leaf axis, ``(start in the operand, start in the leaf,
+      length)``: the operand's entries that are the leaf's.
   """
 
-  eqn: int
+  slot: int
   w_operand: int
   x_contract: tuple[int, ...]
   x_free: tuple[int, ...]
   y_x: tuple[int, ...]
   y_w: tuple[int, ...]
   layout: tuple[int, ...]
+  spans: tuple[tuple[int, int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,33 +108,74 @@ class LeafTap:
 
   Attributes:
     leaf: its index among the parameter leaves.
+    shape: its shape.
     contracted: its contracted axes (the same in every use), increasing.
     uses: its matrix products, at least one.
-    first: the index of its first use among all tapped uses.
     contraction: ``"kernel"`` or ``"rows"`` (see the module docstring).
   """
 
   leaf: int
+  shape: tuple[int, ...]
   contracted: tuple[int, ...]
   uses: tuple[Use, ...]
-  first: int
   contraction: str
 
 
-# Equations that pass a parameter on unchanged but for its axis order or
-# dtype: a leaf stays tappable through them (``w.T``, mixed precision).
-_ALIASES = ("transpose", "convert_element_type")
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """A leaf inside an array: its axes and the block it occupies there.
+
+  Axis i of the array is the leaf's axis ``axes[i]``; along it, the
+  array's entries ``[start[i], start[i] + length[i])`` are the leaf's
+  ``[leaf_start[i], leaf_start[i] + length[i])``.
+  """
+
+  leaf: int
+  axes: tuple[int, ...]
+  start: tuple[int, ...]
+  leaf_start: tuple[int, ...]
+  length: tuple[int, ...]
+
+  def permuted(self, order: Sequence[int]) -> _Entry:
+    return _Entry(
+      self.leaf,
+      *(tuple(v[a] for a in order) for v in self._per_axis()),
+    )
+
+  def _per_axis(self) -> tuple[tuple[int, ...], ...]:
+    return (self.axes, self.start, self.leaf_start, self.length)
+
+  def sliced(self, lo: Sequence[int], hi: Sequence[int]) -> _Entry | None:
+    """The entry in ``array[lo:hi]``, or ``None`` if it lies outside."""
+    start, leaf_start, length = [], [], []
+    for i in range(len(self.axes)):
+      a = max(self.start[i], lo[i])
+      b = min(self.start[i] + self.length[i], hi[i])
+      if b <= a:
+        return None
+      start.append(a - lo[i])
+      leaf_start.append(self.leaf_start[i] + a - self.start[i])
+      length.append(b - a)
+    return _Entry(
+      self.leaf, self.axes, tuple(start), tuple(leaf_start), tuple(length)
+    )
+
+  def shifted(self, axis: int, offset: int) -> _Entry:
+    start = list(self.start)
+    start[axis] += offset
+    return dataclasses.replace(self, start=tuple(start))
 
 
 def _dot_use(
-  eqn: Any, index: int, operand: int, axes: tuple[int, ...]
+  eqn: Any, operand: int, entry: _Entry
 ) -> tuple[Use, tuple[int, ...]] | None:
-  """Operand ``operand`` of a ``dot_general`` as a :class:`Use`, if it is one.
+  """Operand ``operand`` of a ``dot_general`` as a :class:`Use` of a leaf.
 
-  ``axes[i]`` is the leaf axis of the operand's axis i. Returns the use and
-  the leaf's contracted axes (increasing), or ``None`` for a batched
-  product (per-head weights), which is not a plain layer.
+  Returns the use (its slot to be set) and the leaf's contracted axes
+  (increasing), or ``None`` for a batched product (per-head weights),
+  which is not a plain layer.
   """
+  axes = entry.axes
   contract, batch = eqn.params["dimension_numbers"]
   if batch[operand]:
     return None
@@ -155,19 +202,56 @@ def _dot_use(
     leaf_of_x[a] for a in sorted(x_contract)
   ]
   layout = tuple(value_axes.index(a) for a in range(len(axes)))
+  at = {leaf_axis: i for i, leaf_axis in enumerate(axes)}
+  spans = tuple(
+    (entry.start[at[a]], entry.leaf_start[at[a]], entry.length[at[a]])
+    for a in range(len(axes))
+  )
   contracted = tuple(leaf for leaf, _ in pairs)
-  return Use(index, operand, x_contract, x_free, y_x, y_w, layout), contracted
+  use = Use(-1, operand, x_contract, x_free, y_x, y_w, layout, spans)
+  return use, contracted
+
+
+def _passed_on(eqn: Any, found: list[Any]) -> tuple[_Entry, ...] | None:
+  """The entries of an equation's output that pass leaves on, if it does.
+
+  Transposes, changes of dtype, unit-stride slices and concatenations
+  keep a leaf's entries (moved, cut or shifted); any other equation does
+  not, and ``None`` is returned.
+  """
+  name = eqn.primitive.name
+  if name == "concatenate":
+    axis, offset, out = eqn.params["dimension"], 0, []
+    for v, entries in zip(eqn.invars, found, strict=True):
+      out += [e.shifted(axis, offset) for e in entries or ()]
+      offset += v.aval.shape[axis]
+    return tuple(out)
+  if len(found) != 1 or found[0] is None:
+    return None
+  if name == "convert_element_type":
+    return found[0]
+  if name == "transpose":
+    return tuple(e.permuted(eqn.params["permutation"]) for e in found[0])
+  if name == "slice" and not any(
+    s not in (None, 1) for s in eqn.params["strides"] or ()
+  ):
+    lo, hi = eqn.params["start_indices"], eqn.params["limit_indices"]
+    return tuple(
+      e for e in (e.sliced(lo, hi) for e in found[0]) if e is not None
+    )
+  return None
 
 
 def find_taps(
   jaxpr: Any, num_leaves: int, num_exits: int
-) -> tuple[LeafTap, ...]:
+) -> tuple[tuple[LeafTap, ...], tuple[int, ...]]:
   """The parameter leaves of ``jaxpr`` (its first invars) to tap.
 
-  A leaf is tapped when every use of it (or of a transpose or dtype change
-  of it) at the top level of the jaxpr is an operand of a ``dot_general``
-  without batch axes on its side, all contracting the same leaf axes, and
-  none of them is an output.
+  A leaf is tapped when every use of it at the top level of the jaxpr,
+  directly or through transposes, changes of dtype, unit-stride slices
+  and concatenations, is an operand of a ``dot_general`` without batch
+  axes on its side whose other operand holds no parameter, all
+  contracting the same leaf axes, and none of them is an output.
 
   Args:
     jaxpr: the loss function's jaxpr, its parameter leaves first.
@@ -175,7 +259,8 @@ def find_taps(
     num_exits: K, for the choice of each leaf's contraction.
 
   Returns:
-    The tapped leaves, in leaf order.
+    ``(taps, slots)``: the tapped leaves, in leaf order, and the index in
+    the jaxpr of every tapped product (a use's ``slot`` indexes it).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -184,65 +269,76 @@ def find_taps(
     ...   return jnp.tanh(x @ w.T + b).sum()
     >>> closed = jax.make_jaxpr(loss)(jnp.ones((4, 3)), jnp.ones(4),
     ...                               jnp.ones((2, 3)))
-    >>> [(t.leaf, t.contracted) for t in
-    ...  layer_blocks.find_taps(closed.jaxpr, 2, num_exits=1)]
-    [(0, (1,))]
+    >>> taps, slots = layer_blocks.find_taps(closed.jaxpr, 2, num_exits=1)
+    >>> [(t.leaf, t.contracted) for t in taps], len(slots)
+    ([(0, (1,))], 1)
   """
-  # var -> (leaf, the leaf axis of each of its axes)
-  alias: dict[Any, tuple[int, tuple[int, ...]]] = {
-    v: (i, tuple(range(v.aval.ndim)))
+  entries: dict[Any, tuple[_Entry, ...]] = {
+    v: (
+      _Entry(
+        i,
+        tuple(range(v.aval.ndim)),
+        (0,) * v.aval.ndim,
+        (0,) * v.aval.ndim,
+        tuple(v.aval.shape),
+      ),
+    )
     for i, v in enumerate(jaxpr.invars[:num_leaves])
   }
-  uses: dict[int, list[Use]] = {i: [] for i in range(num_leaves)}
+  uses: dict[int, list[tuple[int, Use]]] = {i: [] for i in range(num_leaves)}
   contracted: dict[int, tuple[int, ...]] = {}
   untappable: set[int] = set()
 
-  def leaf_of(v: Any) -> tuple[int, tuple[int, ...]] | None:
-    return None if isinstance(v, jex_core.Literal) else alias.get(v)
+  def held(v: Any) -> tuple[_Entry, ...] | None:
+    return None if isinstance(v, jex_core.Literal) else entries.get(v)
+
+  def refuse(found: Any) -> None:
+    untappable.update(e.leaf for e in found or ())
 
   for v in jaxpr.outvars:
-    if (found := leaf_of(v)) is not None:
-      untappable.add(found[0])
+    refuse(held(v))
   for index, eqn in enumerate(jaxpr.eqns):
-    found = [leaf_of(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if name in _ALIASES and found[0] is not None:
-      leaf, axes = found[0]
-      if name == "transpose":
-        axes = tuple(axes[a] for a in eqn.params["permutation"])
-      alias[eqn.outvars[0]] = (leaf, axes)
+    found = [held(v) for v in eqn.invars]
+    if not any(found):
+      continue
+    passed = _passed_on(eqn, found)
+    if passed is not None:
+      entries[eqn.outvars[0]] = passed
       continue
     is_dot = eqn.primitive is jex_core.primitives.dot_general_p
-    for position, hit in enumerate(found):
-      if hit is None:
-        continue
-      leaf, axes = hit
-      other = found[1 - position] if is_dot else None
-      use = None
-      if is_dot and (other is None or other[0] != leaf):
-        use = _dot_use(eqn, index, position, axes)
+    if not is_dot or all(found):  # parameters on both sides: not a layer
+      for hit in found:
+        refuse(hit)
+      continue
+    position = 0 if found[0] else 1
+    for entry in found[position] or ():
+      use = _dot_use(eqn, position, entry)
+      leaf = entry.leaf
       if use is None or contracted.setdefault(leaf, use[1]) != use[1]:
         untappable.add(leaf)
         continue
-      uses[leaf].append(use[0])
-  taps, first = [], 0
-  for leaf in range(num_leaves):
-    if leaf in untappable or not uses[leaf]:
-      continue
-    size = math.prod(jaxpr.invars[leaf].aval.shape)
+      uses[leaf].append((index, use[0]))
+  chosen = [leaf for leaf in range(num_leaves) if uses[leaf]]
+  chosen = [leaf for leaf in chosen if leaf not in untappable]
+  slots = tuple(sorted({index for leaf in chosen for index, _ in uses[leaf]}))
+  taps = []
+  for leaf in chosen:
+    shape = tuple(jaxpr.invars[leaf].aval.shape)
     rows = sum(
       math.prod(
-        jaxpr.eqns[u.eqn].invars[1 - u.w_operand].aval.shape[a]
+        jaxpr.eqns[index].invars[1 - u.w_operand].aval.shape[a]
         for a in u.x_free
       )
-      for u in uses[leaf]
+      for index, u in uses[leaf]
     )
-    contraction = "kernel" if rows * rows <= num_exits * size else "rows"
-    taps.append(
-      LeafTap(leaf, contracted[leaf], tuple(uses[leaf]), first, contraction)
+    contraction = (
+      "kernel" if rows * rows <= num_exits * math.prod(shape) else "rows"
     )
-    first += len(uses[leaf])
-  return tuple(taps)
+    leaf_uses = tuple(
+      dataclasses.replace(u, slot=slots.index(index)) for index, u in uses[leaf]
+    )
+    taps.append(LeafTap(leaf, shape, contracted[leaf], leaf_uses, contraction))
+  return tuple(taps), slots
 
 
 def _interpret(
@@ -301,7 +397,7 @@ def tapped_vjp(
     ``(losses, aux, vjp_fn, taps, inputs)``: ``vjp_fn(w)`` is ``(the
     parameter leaves' cotangents, the perturbations' cotangents)``, a
     ``jax.tree_util.Partial``; ``taps`` the tapped leaves; ``inputs`` the
-    layer input of every tapped use, in the order of the taps' uses.
+    layer input of every tapped product (a use's ``slot`` indexes it).
 
   Example:
     >>> import jax.numpy as jnp
@@ -323,17 +419,17 @@ def tapped_vjp(
   out_tree = jax.tree.structure(out_shape)
   num_exits = num_exits_of(out_shape[0])
   jaxpr = closed.jaxpr
-  taps = find_taps(jaxpr, len(leaves), num_exits)
+  taps, slots = find_taps(jaxpr, len(leaves), num_exits)
   tapped = {
-    use.eqn: (tap.first + i, use.w_operand)
+    index: (slot, use.w_operand)
     for tap in taps
-    for i, use in enumerate(tap.uses)
+    for use in tap.uses
+    for slot, index in [(use.slot, slots[use.slot])]
   }
-  outs = {}
-  for eqn_index in tapped:
-    aval = jaxpr.eqns[eqn_index].outvars[0].aval
-    outs[tapped[eqn_index][0]] = jnp.zeros(aval.shape, aval.dtype)
-  perturbations = [outs[u] for u in range(len(outs))]
+  perturbations = []
+  for index in slots:
+    aval = jaxpr.eqns[index].outvars[0].aval
+    perturbations.append(jnp.zeros(aval.shape, aval.dtype))
 
   def run(leaves, perturbations):
     flat, inputs = _interpret(
@@ -378,8 +474,21 @@ def _out_sharding(mesh: Any, specs: Sequence[Any]) -> Any:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*kept))
 
 
-def _product(cotangent: jax.Array, x: jax.Array, use: Use, batch: int):
-  """``xᵀ δ`` in the leaf's layout, for a ``δ`` with ``batch`` leading axes."""
+def _cut(x: jax.Array, axis: int, lo: int, hi: int) -> jax.Array:
+  """``x[lo:hi]`` along ``axis``, ``x`` itself when that is all of it."""
+  if lo == 0 and hi == x.shape[axis]:
+    return x
+  return jax.lax.slice_in_dim(x, lo, hi, axis=axis)
+
+
+def _product(
+  cotangent: jax.Array, x: jax.Array, use: Use, tap: LeafTap, batch: int
+) -> jax.Array:
+  """``xᵀ δ`` as the leaf's gradient, for a ``δ`` with ``batch`` leading axes.
+
+  The product is the gradient of the operand; the leaf's is its block
+  there (:attr:`Use.spans`), at the leaf's place, zero elsewhere.
+  """
   y_x = tuple(batch + a for a in use.y_x)
   # Its axes: δ's batch axes, y's leaf axes (y's order), x's contracted
   # axes (x's order); ``use.layout`` puts the last two in the leaf's order.
@@ -396,21 +505,64 @@ def _product(cotangent: jax.Array, x: jax.Array, use: Use, batch: int):
       + [x_specs[a] for a in sorted(use.x_contract)],
     ),
   )
-  return jnp.transpose(
+  value = jnp.transpose(
     value, tuple(range(batch)) + tuple(batch + a for a in use.layout)
   )
+  pads = [(0, 0, 0)] * batch
+  for a, (start, leaf_start, length) in enumerate(use.spans):
+    value = _cut(value, batch + a, start, start + length)
+    pads.append((leaf_start, tap.shape[a] - leaf_start - length, 0))
+  if any(p != (0, 0, 0) for p in pads):
+    value = jax.lax.pad(value, jnp.zeros((), value.dtype), pads)
+  return value
+
+
+def _overlap(
+  tap: LeafTap, use: Use, other: Use, d: jax.Array, x: jax.Array
+) -> tuple[jax.Array, jax.Array] | None:
+  """``δ`` and ``x`` of ``use`` cut to the leaf entries ``other`` also has.
+
+  ``None`` if the two uses share no entry of the leaf (their blocks'
+  gradients are then orthogonal).
+  """
+  free = [a for a in range(len(tap.shape)) if a not in tap.contracted]
+  for a, ((at, mine, n), (_, theirs, m)) in enumerate(
+    zip(use.spans, other.spans, strict=True)
+  ):
+    # In leaf coordinates, then in this use's operand's.
+    start, stop = max(mine, theirs), min(mine + n, theirs + m)
+    if stop <= start:
+      return None
+    cut = (at + start - mine, at + stop - mine)
+    if a in tap.contracted:
+      x = _cut(x, use.x_contract[tap.contracted.index(a)], *cut)
+    else:
+      d = _cut(d, 1 + use.y_w[free.index(a)], *cut)
+  return d, x
 
 
 def _kernel_gram(
   cotangents: list[jax.Array], inputs: list[jax.Array], tap: LeafTap
 ) -> jax.Array:
-  """``Σ_{u,v} ⟨δ_{u,i}, (x_u x_vᵀ) δ_{v,j}⟩`` for (K, ...) cotangents."""
+  """``Σ_{u,v} ⟨δ_{u,i}, (x_u x_vᵀ) δ_{v,j}⟩`` for (K, ...) cotangents.
+
+  Over the entries of the leaf both uses hold: a use of a block of the
+  leaf (a slice, or a leaf concatenated into a larger operand) has a
+  gradient that is zero outside its block.
+  """
   mesh = sharding.explicit_mesh(inputs[0])
   total = None
-  for use_u, d_u, x_u in zip(tap.uses, cotangents, inputs, strict=True):
+  for use_u, d_u_all, x_u_all in zip(tap.uses, cotangents, inputs, strict=True):
     nu = len(use_u.x_free)
-    u_specs = [_specs(x_u)[a] for a in use_u.x_free]
-    for use_v, d_v, x_v in zip(tap.uses, cotangents, inputs, strict=True):
+    for use_v, d_v_all, x_v_all in zip(
+      tap.uses, cotangents, inputs, strict=True
+    ):
+      cut_u = _overlap(tap, use_u, use_v, d_u_all, x_u_all)
+      cut_v = _overlap(tap, use_v, use_u, d_v_all, x_v_all)
+      if cut_u is None or cut_v is None:
+        continue
+      (d_u, x_u), (d_v, x_v) = cut_u, cut_v
+      u_specs = [_specs(x_u)[a] for a in use_u.x_free]
       # x_u x_vᵀ: (x_u free..., x_v free...), paired through the leaf.
       kernel = jax.lax.dot_general(
         x_u,
@@ -451,7 +603,8 @@ def _kernel_gram(
         out_sharding=_out_sharding(mesh, [None, None]),
       )
       total = block if total is None else total + block
-  assert total is not None
+  if total is None:  # no two uses share an entry: cannot happen, u = v
+    raise AssertionError("a tapped leaf without a use")
   return total
 
 
@@ -488,9 +641,11 @@ class BlocksEngine(ScaledGramEngine):
       for n, i in enumerate(others):
         grams[i], exponents[i] = g[n], e[n]
     for tap in self.taps:
-      span = slice(tap.first, tap.first + len(tap.uses))
       grams[tap.leaf], exponents[tap.leaf] = self._tap_gram(
-        tap, cotangents[span], inputs[span], cd
+        tap,
+        [cotangents[u.slot] for u in tap.uses],
+        [inputs[u.slot] for u in tap.uses],
+        cd,
       )
     return gram_lib.combine_scaled(
       jnp.stack(grams), jnp.stack(exponents), granularity == "global"
@@ -508,7 +663,7 @@ class BlocksEngine(ScaledGramEngine):
       rows = functools.reduce(
         operator.add,
         [
-          _product(d.astype(cd), x.astype(cd), use, 1)
+          _product(d.astype(cd), x.astype(cd), use, tap, 1)
           for d, x, use in zip(cotangents, inputs, tap.uses, strict=True)
         ],
       )
@@ -549,12 +704,13 @@ class BlocksEngine(ScaledGramEngine):
           operator.add,
           [
             _product(
-              jnp.tensordot(w, cotangents[tap.first + u].astype(cd), axes=1),
-              inputs[tap.first + u].astype(cd),
+              jnp.tensordot(w, cotangents[use.slot].astype(cd), axes=1),
+              inputs[use.slot].astype(cd),
               use,
+              tap,
               0,
             )
-            for u, use in enumerate(tap.uses)
+            for use in tap.uses
           ],
         )
       )

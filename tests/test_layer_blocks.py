@@ -4,9 +4,11 @@ Checked against a float64 NumPy oracle: the same network written for NumPy,
 its Jacobian by central finite differences, its Gram matrices and ``Jᵀ w``.
 The network exercises every way a parameter is tapped (right and left
 operand of a product, an einsum with two free axes, a head shared by three
-exits) and every way one is not (a bias, a parameter also used elementwise,
-a parameter inside a nested ``jax.jit``), at a batch where the tapped
-leaves contract by their N×N kernel and at one where they form their rows.
+exits, two leaves concatenated into one kernel, blocks of a leaf cut along
+a free and a contracted axis) and every way one is not (a bias, a parameter
+also used elementwise, a parameter inside a nested ``jax.jit``), at a batch
+where the tapped leaves contract by their N×N kernel and at one where they
+form their rows.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ SHAPES = {
   "w3": (6, 6),  # einsum("dh,btd->bth"): left operand
   "w4": (6, 2, 3),  # two free axes
   "head": (6, 3),  # one head for three exits: three uses
+  "c1": (6, 3),  # concatenated with c2 into one kernel
+  "c2": (6, 2),
   "scale": (6, 6),  # in a product and elementwise: not tapped
   "inner": (6, 4),  # inside a nested jax.jit: not tapped
 }
-TAPPED = {"w1", "w2", "w3", "w4", "head"}
+TAPPED = {"w1", "w2", "w3", "w4", "head", "c1", "c2"}
 
 
 def _network(p, x, xp, jit=lambda f: f):
@@ -45,10 +49,17 @@ def _network(p, x, xp, jit=lambda f: f):
   mixed = xp.einsum("btd,dh->bth", h3, p["scale"]) + 0.1 * xp.sum(p["scale"])
   inner = jit(lambda h, w: xp.tanh(xp.einsum("btd,dh->bth", h, w)))
   head = lambda h: xp.einsum("btd,dc->btc", h, p["head"])  # noqa: E731
+  joined = xp.einsum(
+    "btd,dh->bth", h2, xp.concatenate([p["c1"], p["c2"]], axis=1)
+  )
+  # Blocks of w1 and w2, as a MatFormer's smaller models use: cut along a
+  # free axis and along a contracted one.
+  part = xp.einsum("btd,dh->bth", x, p["w1"][:, :3])
+  part += xp.einsum("btd,hd->bth", h2[..., :4], p["w2"][:3, :4])
   return xp.stack(
     [
-      xp.mean(head(h1) ** 2),
-      xp.mean(head(h2) ** 2) + xp.mean(e4**2),
+      xp.mean(head(h1) ** 2) + xp.mean(xp.sin(part)),
+      xp.mean(head(h2) ** 2) + xp.mean(e4**2) + xp.mean(joined**3),
       xp.mean(xp.sin(head(h3))) + xp.mean(mixed**2),
       xp.mean(inner(h3, p["inner"]) ** 2) + xp.sum(p["b1"] ** 2),
     ]
