@@ -175,25 +175,26 @@ class StagedRowsEngine(ScaledGramEngine):
   def scaled_grams(
     self, parts: Any, gramian: Gramian, granularity: str
   ) -> tuple[jax.Array, jax.Array]:
-    cd, grams, exponents = gramian.compute_dtype, [], []
-    for rows, j in zip(parts, self.first_exit, strict=True):
-      gram, exponent = gram_lib.scaled_gram_matrices([rows], cd)
-      grams.append(jnp.pad(gram[0], ((j, 0), (j, 0))))
-      exponents.append(exponent[0])
+    cd = gramian.compute_dtype
+    # One exponent vector for all leaves, not one small program per leaf.
+    exponents = gram_lib.scale_exponents(parts)
+    scaled = gram_lib.scale_down(parts, exponents, cd)
+    grams = [
+      jnp.pad(gram_lib.gram_matrices([rows], cd)[0], ((j, 0), (j, 0)))
+      for rows, j in zip(scaled, self.first_exit, strict=True)
+    ]
     return gram_lib.combine_scaled(
-      jnp.stack(grams), jnp.stack(exponents), granularity == "global"
+      jnp.stack(grams), exponents, granularity == "global"
     )
 
   def combine(
     self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
   ) -> list[jax.Array]:
     cd, shared = gramian.compute_dtype, granularity == "global"
+    exponents = gram_lib.scale_exponents(parts)
     return [
       gram_lib.weighted_sum(
-        weights[0 if shared else i, j:],
-        rows,
-        cd,
-        gram_lib.scale_exponents([rows])[0],
+        weights[0 if shared else i, j:], rows, cd, exponents[i]
       )
       for i, (rows, j) in enumerate(zip(parts, self.first_exit, strict=True))
     ]
