@@ -142,8 +142,8 @@ def weighted_sum(
 ) -> jax.Array:
   """``Σ_k weights[k] · leaf[k]``, parameter-shaped, in ``compute_dtype``.
 
-  The scaled rows are summed by a reduction over K, which XLA fuses into
-  one pass over the stacked leaf. Not being a contraction, it keeps any
+  The K scaled rows are added one after another, which XLA fuses into one
+  elementwise pass over the stacked leaf. Being elementwise, it keeps any
   sharding of the parameter axes and computes in full ``compute_dtype`` on
   every backend (a contraction over K would run at the backend's default
   matmul precision).
