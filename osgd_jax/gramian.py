@@ -138,13 +138,6 @@ def _row_exponents(leaves: list[Any]) -> jax.Array:
   return jnp.where(zero, _ZERO_ROW_EXPONENT, exponents)
 
 
-def _scaled_rows(leaves: list[Any], exponents: jax.Array, cd: Any) -> list:
-  return [
-    gram_lib.times_power_of_two(leaf.astype(cd), -exponents[i])
-    for i, leaf in enumerate(leaves)
-  ]
-
-
 def scaled_pairwise_leaf_grams(
   pull: Callable[[jax.Array], list[Any]],
   num_exits: int,
@@ -169,7 +162,7 @@ def scaled_pairwise_leaf_grams(
   def scaled(k):
     leaves = pull(one_hot(k, num_exits, loss_dtype))
     exponents = _row_exponents(leaves)
-    return _scaled_rows(leaves, exponents, compute_dtype), exponents
+    return gram_lib.scale_down(leaves, exponents, compute_dtype), exponents
 
   def outer(grams, k):
     g_k, a_k = scaled(k)
