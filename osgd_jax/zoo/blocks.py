@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from osgd_jax.zoo.batch_norm import BatchNorm
+
 __all__ = [
   "NORMS",
   "BACKBONE_KINDS",
@@ -376,11 +378,13 @@ def make_norm(norm: str, features: int, *, rngs: nnx.Rngs) -> nnx.Module | None:
   """Creates the normalisation layer named ``norm`` over ``features`` channels.
 
   ``batch`` is :class:`flax.nnx.BatchNorm` with running statistics (train mode
-  until ``model.eval()``); ``group`` uses :func:`group_norm_groups`;
-  ``layer`` normalises over the channels only; ``none`` returns ``None``.
+  until ``model.eval()``), as :class:`osgd_jax.zoo.batch_norm.BatchNorm`,
+  whose train-mode step traces in linear time; ``group`` uses
+  :func:`group_norm_groups`; ``layer`` normalises over the channels only;
+  ``none`` returns ``None``.
   """
   if norm == "batch":
-    return nnx.BatchNorm(features, momentum=0.9, rngs=rngs)
+    return BatchNorm(features, momentum=0.9, rngs=rngs)
   if norm == "group":
     return nnx.GroupNorm(
       features, num_groups=group_norm_groups(features), rngs=rngs
