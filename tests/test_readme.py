@@ -15,10 +15,12 @@ its own and any other line fails the test:
   would do instead: each extra exists in pyproject.toml, and every
   requirement it brings (the extras it names included) is installed here
   at a version it accepts, so the command has nothing left to change.
-* ``osgd-train``: run through the function its console script calls, with
-  ``--epochs 1`` (and ``--out``) added, as the README says: one epoch of
-  the same run, which must print its per-exit table and write its
-  artefacts. The whole default run (15 epochs) is left out for time only.
+* ``osgd-train``: the default run, which
+  ``tests/app/test_train_cli.py`` runs in a process of its own, as the
+  README says: cut to 3 epochs, stopped with Ctrl-C after the first and
+  resumed as its message advises, it must print its per-exit table and
+  write its artefacts. The whole default run (15 epochs) is left out for
+  time only.
 * ``python -m pytest``: this very test runs under it. The test checks that
   the line is the one .ci/run runs and that pytest's configured test paths
   collect this file.
@@ -37,8 +39,6 @@ import jax
 import numpy as np
 import pytest
 from packaging.requirements import Requirement
-
-from osgd_jax.app import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -305,20 +305,15 @@ def test_the_readmes_installs_would_change_nothing_here(command):
     )
 
 
-def test_the_readmes_osgd_train_runs_as_written_for_one_epoch(tmp_path, capsys):
+def test_the_readmes_osgd_train_is_the_run_the_cli_test_interrupts():
   (command,) = [c for c in _bash_commands() if c.startswith("osgd-train")]
-  assert "`--epochs 1`" in README.read_text()  # the README says so
-  # The function the console script calls (tests/app/test_commands.py runs
-  # the installed script itself), in this process: no second JAX import.
-  out = tmp_path / "run"
-  argv = [*shlex.split(command)[1:], "--epochs", "1", "--out", str(out)]
-  assert commands.osgd_train(argv) == 0, capsys.readouterr().err[-2000:]
-  lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == f"run directory: {out}"
-  assert "nested-depth-resnet on digits, optimizer osgd, 1 epochs" in lines
-  assert any(line.startswith("exit  test acc") for line in lines), lines
-  for name in ("metrics.json", "accuracy_vs_flops.png", "config.json"):
-    assert (out / name).is_file(), name
+  # The default run, which tests/app/test_train_cli.py runs as a user
+  # would, cut to 3 epochs, stopped with Ctrl-C and resumed.
+  assert shlex.split(command) == ["osgd-train"]
+  readme = " ".join(README.read_text().split())
+  assert "stopped with Ctrl-C after its first epoch" in readme
+  cli_tests = (ROOT / "tests" / "app" / "test_train_cli.py").read_text()
+  assert "def test_default_run_interrupted_then_resumed_as_advised" in cli_tests
 
 
 def test_the_readmes_test_command_is_the_one_ci_runs_and_runs_this_test():

@@ -87,9 +87,10 @@ def _main_in_process(args, capsys):
 
 @pytest.mark.slow
 def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
-  # The default model, data and optimizer; only the length is cut. Ctrl-C
-  # after epoch 1 ends with one line whose command, run as written, finishes
-  # the run.
+  # The README's main job, `osgd-train` with no flags (tests/test_readme.py
+  # checks that it is): the default model, data and optimizer; only the
+  # length is cut. Ctrl-C after epoch 1 ends with one line whose command,
+  # run as written, finishes the run.
   out = tmp_path / "run"
   # JAX's compilation cache, shared by the two processes: the resumed run
   # loads the step and the evaluation the first one compiled.
@@ -136,7 +137,10 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
     _as_subprocess(resume), capture_output=True, text=True, env=env, timeout=600
   )
   assert result.returncode == 0, result.stderr
-  assert "test acc" in result.stdout and "FLOPs" in result.stdout
+  lines = result.stdout.splitlines()
+  assert "nested-depth-resnet on digits, optimizer osgd, 3 epochs" in lines
+  assert "FLOPs" in result.stdout
+  assert any(line.startswith("exit  test acc") for line in lines)
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["config"]["model"] == "nested-depth-resnet"
   assert metrics["config"]["optimizer"] == "osgd"
@@ -148,6 +152,7 @@ def test_default_run_interrupted_then_resumed_as_advised(tmp_path):
   assert (out / "accuracy_vs_flops.png").read_bytes()[
     :8
   ] == b"\x89PNG\r\n\x1a\n"
+  assert json.loads((out / "config.json").read_text())["epochs"] == 3
   assert sorted(os.listdir(out / "checkpoints")) == ["2", "3"]
 
 
