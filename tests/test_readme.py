@@ -331,7 +331,8 @@ def test_no_page_tells_to_install_osgd_jax_from_the_registry():
   # osgd-jax is not on PyPI yet: a newcomer following `pip install
   # osgd-jax` fails at step one. Installs go through a clone, a wheel or
   # the repository's URL.
-  pages = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+  docs = ROOT / "docs"
+  pages = [README, *sorted(docs.rglob("*.md")), *sorted(docs.rglob("*.rst"))]
   for folder, pattern in (("notebooks", "*"), ("examples", "*.py")):
     pages += sorted((ROOT / folder).glob(pattern))
   registry = re.compile(r"pip install\s+(?:-\S+\s+)*[\"']?osgd-jax\b")
