@@ -15,9 +15,20 @@ them.
   ``OSGD_TEST_OPTIMIZED_XLA=1`` to test with XLA's default settings.
 
 A flag already present in ``XLA_FLAGS`` is left as it is.
+
+The suite's processes also collect cyclic garbage less often than CPython's
+default: tracing makes millions of short-lived objects while JAX's caches of
+traced and compiled programs keep growing, and every full collection scans
+all of them. Rarer full collections leave the peak memory as it was and save
+most of the time the collector took (``benchmarks/RESULTS.md``, 2026-12-07).
 """
 
+import gc
 import os
+
+# (gen-0 allocations, gen-0 runs per gen-1 run, gen-1 runs per full run);
+# CPython's default is (700, 10, 10).
+gc.set_threshold(10_000, 20, 20)
 
 _FLAGS = {"--xla_force_host_platform_device_count": "8"}
 if not os.environ.get("OSGD_TEST_OPTIMIZED_XLA"):
