@@ -17,8 +17,10 @@ standard library, so that it can report a missing ``app`` extra.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -37,6 +39,7 @@ __all__ = [
   "osgd_train",
   "print_error",
   "quiet_library_logs",
+  "stdout_closed",
 ]
 
 #: Exit status of a command given bad input (a flag, a config file, missing
@@ -104,6 +107,39 @@ def print_error(prog: str, message: object) -> None:
     ['osgd-demo: error: --lr must be > 0.']
   """
   print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def stdout_closed(prog: str, message: object) -> int:
+  """Reports that the reader of stdout went away (``osgd-train | head``).
+
+  A ``BrokenPipeError`` from a ``print`` is not a fault of the file system:
+  the command says so in one line. The process's own stdout (not one a
+  caller put in its place) is pointed at ``os.devnull``, so that the
+  interpreter's last flush at exit does not fail again (Python's "Note on
+  SIGPIPE", in the ``signal`` module's documentation).
+
+  Args:
+    prog: the command's name.
+    message: what was kept and how to go on.
+
+  Returns:
+    :data:`EXIT_FAILED`.
+
+  Example:
+    >>> import contextlib, io
+    >>> stderr = io.StringIO()
+    >>> with contextlib.redirect_stderr(stderr):
+    ...   status = stdout_closed("osgd-demo", "nothing was lost.")
+    >>> status
+    1
+    >>> print(stderr.getvalue(), end="")
+    osgd-demo: error: stdout was closed before the end; nothing was lost.
+  """
+  if sys.stdout is sys.__stdout__:
+    with contextlib.suppress(OSError, ValueError):
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  print_error(prog, f"stdout was closed before the end; {message}")
+  return EXIT_FAILED
 
 
 def _is_closed_loop_report(unraisable: sys.UnraisableHookArgs) -> bool:

@@ -5,9 +5,11 @@ refused runs are what docs/faults.md says."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -777,3 +779,37 @@ def test_a_results_file_of_another_version_is_refused_by_name(
   assert not (tmp_path / "report.md").exists()
   path.write_text(json.dumps(HAND))  # the current version is read
   assert results.load_results(str(path)) == HAND
+
+
+class _ReaderGoneAfter(io.StringIO):
+  """A stdout whose reader leaves after ``lines`` lines (`cmd | head`)."""
+
+  def __init__(self, lines: int):
+    super().__init__()
+    self.lines = lines
+
+  def write(self, text: str) -> int:
+    if self.getvalue().count("\n") >= self.lines:
+      raise BrokenPipeError(32, "Broken pipe")
+    return super().write(text)
+
+
+def test_a_closed_stdout_is_one_line_and_running_again_continues(
+  tmp_path, capsys, monkeypatch
+):
+  out = tmp_path / "cmp"
+  args = [*TINY, "--optimizers", "sgd", "osgd", "--out", str(out)]
+  fake = _FakeTraining()
+  _no_model(monkeypatch, fake)
+  with monkeypatch.context() as patch:
+    patch.setattr(sys, "stdout", _ReaderGoneAfter(lines=4))
+    assert compare.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "stdout was closed before the end" in err[0], err
+  assert f"the finished runs are kept in {out}" in err[0]
+  assert "Run the same command again with its output to a file" in err[0]
+  done = list(fake.calls)
+  assert 0 < len(done) < 8
+  assert compare.main(args) == 0  # the advice, output captured by pytest
+  # Every run is made once: the finished ones are read, not trained again.
+  assert len(fake.calls) == len(set(fake.calls)) == 8, fake.calls

@@ -10,6 +10,7 @@ checks that nothing good was lost.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -313,6 +314,43 @@ def test_full_disk_is_one_line_and_running_again_works(tmp_path, capsys):
   )
   assert _main_in_process(args, capsys).returncode == 0  # the advice
   assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
+
+
+class _ReaderGoneAfter(io.StringIO):
+  """A stdout whose reader leaves after ``lines`` lines (`cmd | head`)."""
+
+  def __init__(self, lines: int):
+    super().__init__()
+    self.lines = lines
+
+  def write(self, text: str) -> int:
+    if self.getvalue().count("\n") >= self.lines:
+      raise BrokenPipeError(32, "Broken pipe")
+    return super().write(text)
+
+
+def test_a_closed_stdout_is_one_line_and_its_advice_resumes(
+  tmp_path, capsys, monkeypatch
+):
+  # Not the file system's fault: no "fix the file system" advice. The reader
+  # leaves after epoch 1's line, when epoch 1 is saved.
+  out = tmp_path / "run"
+  args = [*SMALL_RUN, "--epochs", "2", "--out", str(out)]
+  with monkeypatch.context() as patch:
+    patch.setattr(sys, "stdout", _ReaderGoneAfter(lines=2))
+    closed = _main_in_process(args, capsys)
+  line = _assert_one_line_error(
+    closed,
+    "stdout was closed before the end",
+    f"the checkpoints of finished epochs are kept in {out}",
+    status=1,
+  )
+  assert "file system" not in line
+  advice, log = line.split("Resume with the output to a file: ")[1].split(" > ")
+  assert shlex.split(advice)[-1] == "--resume" and log == str(out / "train.log")
+  assert _main_in_process(shlex.split(advice)[1:], capsys).returncode == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
 
 
 def test_resume_command_round_trips_awkward_arguments():

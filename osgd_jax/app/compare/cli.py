@@ -27,6 +27,7 @@ from osgd_jax.app.commands import (
   OneLineArgumentParser,
   print_error,
   quiet_library_logs,
+  stdout_closed,
 )
 from osgd_jax.app.compare import experiment, variants
 from osgd_jax.app.compare.report import replace_section, write_report
@@ -381,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print_error("osgd-compare", e)
     return EXIT_BAD_INPUT
+  except BrokenPipeError:  # stdout's reader went away (`osgd-compare | head`)
+    return stdout_closed(
+      "osgd-compare",
+      f"the finished runs are kept in {args.out}. Run the same command again"
+      " with its output to a file to continue: it skips them.",
+    )
   except (CheckpointWriteError, OSError) as e:
     print_error("osgd-compare", e)
     return EXIT_FAILED

@@ -42,6 +42,7 @@ from osgd_jax.app.commands import (
   OneLineArgumentParser,
   print_error,
   quiet_library_logs,
+  stdout_closed,
 )
 from osgd_jax.app.data import (
   CIFAR_ARCHIVES,
@@ -457,6 +458,16 @@ def _interrupted(error: TrainingInterrupted, argv: Sequence[str]) -> str:
   )
 
 
+def _closed_stdout_advice(argv: Sequence[str], out: str | None) -> str:
+  if out is None:
+    return "run the command again with its output to a terminal or a file."
+  log = shlex.quote(os.path.join(out, "train.log"))
+  return (
+    f"the checkpoints of finished epochs are kept in {out}. Resume with the"
+    f" output to a file: {resume_command(argv, out)} > {log}"
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``osgd-train``.
 
@@ -470,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   quiet_library_logs()
   prog = "osgd-train"
   argv = list(sys.argv[1:] if argv is None else argv)
+  out = None  # the run directory, once known
   try:
     # Before anything touches a device: a multi-process launch (TPU pod,
     # Slurm, mpirun, or JAX_COORDINATOR_ADDRESS/..._PROCESS_ID) joins here.
@@ -480,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.out is None and jax.process_count() == 1:
       # Named now, so that an interrupted run can say where it is.
       config = dataclasses.replace(config, out=default_output_dir(config))
+    out = config.out
     if jax.process_index() == 0 and config.out is not None:
       print(f"run directory: {os.path.abspath(config.out)}", flush=True)
     result = train(config)
@@ -489,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (TrainingDiverged, CheckpointWriteError, DownloadError) as e:
     print_error(prog, e)
     return EXIT_FAILED
+  except BrokenPipeError:  # stdout's reader went away (`osgd-train | head`)
+    return stdout_closed(prog, _closed_stdout_advice(argv, out))
   except OSError as e:  # the file system failed outside a checkpoint
     print_error(
       prog,
