@@ -5,7 +5,6 @@ refused runs are what docs/faults.md says."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from closed_pipe import ReaderGoneAfter
 
 import osgd_jax
 from osgd_jax.app import compare
@@ -781,19 +781,6 @@ def test_a_results_file_of_another_version_is_refused_by_name(
   assert results.load_results(str(path)) == HAND
 
 
-class _ReaderGoneAfter(io.StringIO):
-  """A stdout whose reader leaves after ``lines`` lines (`cmd | head`)."""
-
-  def __init__(self, lines: int):
-    super().__init__()
-    self.lines = lines
-
-  def write(self, text: str) -> int:
-    if self.getvalue().count("\n") >= self.lines:
-      raise BrokenPipeError(32, "Broken pipe")
-    return super().write(text)
-
-
 def test_a_closed_stdout_is_one_line_and_running_again_continues(
   tmp_path, capsys, monkeypatch
 ):
@@ -802,7 +789,7 @@ def test_a_closed_stdout_is_one_line_and_running_again_continues(
   fake = _FakeTraining()
   _no_model(monkeypatch, fake)
   with monkeypatch.context() as patch:
-    patch.setattr(sys, "stdout", _ReaderGoneAfter(lines=4))
+    patch.setattr(sys, "stdout", ReaderGoneAfter(lines=4))
     assert compare.main(args) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "stdout was closed before the end" in err[0], err

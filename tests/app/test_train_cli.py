@@ -10,7 +10,6 @@ checks that nothing good was lost.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+from closed_pipe import ReaderGoneAfter
 
 from osgd_jax.app.train import cli
 
@@ -316,19 +316,6 @@ def test_full_disk_is_one_line_and_running_again_works(tmp_path, capsys):
   assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
 
 
-class _ReaderGoneAfter(io.StringIO):
-  """A stdout whose reader leaves after ``lines`` lines (`cmd | head`)."""
-
-  def __init__(self, lines: int):
-    super().__init__()
-    self.lines = lines
-
-  def write(self, text: str) -> int:
-    if self.getvalue().count("\n") >= self.lines:
-      raise BrokenPipeError(32, "Broken pipe")
-    return super().write(text)
-
-
 def test_a_closed_stdout_is_one_line_and_its_advice_resumes(
   tmp_path, capsys, monkeypatch
 ):
@@ -337,7 +324,7 @@ def test_a_closed_stdout_is_one_line_and_its_advice_resumes(
   out = tmp_path / "run"
   args = [*SMALL_RUN, "--epochs", "2", "--out", str(out)]
   with monkeypatch.context() as patch:
-    patch.setattr(sys, "stdout", _ReaderGoneAfter(lines=2))
+    patch.setattr(sys, "stdout", ReaderGoneAfter(lines=2))
     closed = _main_in_process(args, capsys)
   line = _assert_one_line_error(
     closed,
