@@ -4,13 +4,13 @@
 ``stat[...] = new``. For a full replacement of the same shape and dtype,
 flax's ``Variable.set_value`` first compares the old and the new value's
 shardings with ``getattr(value, "sharding", None)``. Inside a trace the new
-value is a tracer, and JAX answers that lookup with an ``AttributeError``
-whose message it composes there and then, by searching the whole program
-traced so far for the tracer's origin. That is one search of the program per
-statistic, two per BatchNorm layer, so tracing a network with n BatchNorm
-layers costs about n times its program's size: quadratic in its depth, on
-every backend. ``Variable.set_value(new)`` without an index replaces the
-value with no comparison.
+value is a tracer (and so is the old one), and JAX answers that lookup with
+an ``AttributeError`` whose message it composes there and then, by searching
+the whole program traced so far for the tracer's origin. That is two
+searches of the program per statistic, four per BatchNorm layer, so tracing
+a network with n BatchNorm layers costs about n times its program's size:
+quadratic in its depth, on every backend. ``Variable.set_value(new)``
+without an index replaces the value with no comparison.
 
 :class:`BatchNorm` is flax's module (constructor, parameters,
 ``nnx.BatchStat`` statistics, ``nnx.view`` and ``nnx.bridge`` names) whose
