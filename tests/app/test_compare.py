@@ -800,3 +800,18 @@ def test_a_closed_stdout_is_one_line_and_running_again_continues(
   assert compare.main(args) == 0  # the advice, output captured by pytest
   # Every run is made once: the finished ones are read, not trained again.
   assert len(fake.calls) == len(set(fake.calls)) == 8, fake.calls
+
+
+def test_a_closed_stdout_after_a_report_is_one_line(tmp_path, capsys):
+  results_file = tmp_path / "results.json"
+  results_file.write_text(json.dumps(HAND))
+  args = ["--report", str(results_file)]
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sys, "stdout", ReaderGoneAfter(lines=0))
+    assert compare.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "stdout was closed before the end" in err[0], err
+  assert "the report's files were written" in err[0]
+  assert (tmp_path / "report.md").is_file()
+  assert compare.main(args) == 0  # the advice
+  assert "wrote " in capsys.readouterr().out

@@ -383,6 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_error("osgd-compare", e)
     return EXIT_BAD_INPUT
   except BrokenPipeError:  # stdout's reader went away (`osgd-compare | head`)
+    if args.report is not None:
+      return stdout_closed(
+        "osgd-compare",
+        "the report's files were written before its tables were printed."
+        " Run the same command again with its output to a file to see them.",
+      )
     return stdout_closed(
       "osgd-compare",
       f"the finished runs are kept in {args.out}. Run the same command again"
