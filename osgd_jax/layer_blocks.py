@@ -63,6 +63,7 @@ from osgd_jax._gramian_core import (
   ScaledGramEngine,
   pullback_of_weights,
 )
+from osgd_jax.exit_pullback import ExitRows, one_hot_pullback_rows
 
 __all__ = ["BlocksEngine", "LeafTap", "Use", "find_taps", "tapped_vjp"]
 
@@ -541,22 +542,38 @@ def _overlap(
   return d, x
 
 
-def _kernel_gram(
-  cotangents: list[jax.Array], inputs: list[jax.Array], tap: LeafTap
+def _embed(
+  block: jax.Array, rows: tuple[int, ...], cols: tuple[int, ...], k: int
 ) -> jax.Array:
-  """``Σ_{u,v} ⟨δ_{u,i}, (x_u x_vᵀ) δ_{v,j}⟩`` for (K, ...) cotangents.
+  """The K×K matrix holding ``block`` at exits ``rows`` × ``cols``."""
+  if rows == cols == tuple(range(k)):
+    return block
+  zeros = jnp.zeros((k, k), block.dtype)
+  return zeros.at[np.ix_(rows, cols)].set(block)
+
+
+def _kernel_gram(
+  cotangents: list[ExitRows],
+  inputs: list[jax.Array],
+  tap: LeafTap,
+  num_exits: int,
+) -> jax.Array:
+  """``Σ_{u,v} ⟨δ_{u,i}, (x_u x_vᵀ) δ_{v,j}⟩`` for per-exit cotangents.
 
   Over the entries of the leaf both uses hold: a use of a block of the
   leaf (a slice, or a leaf concatenated into a larger operand) has a
-  gradient that is zero outside its block.
+  gradient that is zero outside its block. Each pair of uses contributes
+  at the exits that reach both (every other exit's cotangent is zero).
   """
   mesh = sharding.explicit_mesh(inputs[0])
   total = None
-  for use_u, d_u_all, x_u_all in zip(tap.uses, cotangents, inputs, strict=True):
+  for use_u, rows_u, x_u_all in zip(tap.uses, cotangents, inputs, strict=True):
     nu = len(use_u.x_free)
-    for use_v, d_v_all, x_v_all in zip(
+    d_u_all = rows_u.value
+    for use_v, rows_v, x_v_all in zip(
       tap.uses, cotangents, inputs, strict=True
     ):
+      d_v_all = rows_v.value
       cut_u = _overlap(tap, use_u, use_v, d_u_all, x_u_all)
       cut_v = _overlap(tap, use_v, use_u, d_v_all, x_v_all)
       if cut_u is None or cut_v is None:
@@ -602,6 +619,7 @@ def _kernel_gram(
         precision=_PRECISION,
         out_sharding=_out_sharding(mesh, [None, None]),
       )
+      block = _embed(block, rows_u.exits, rows_v.exits, num_exits)
       total = block if total is None else total + block
   if total is None:  # no two uses share an entry: cannot happen, u = v
     raise AssertionError("a tapped leaf without a use")
@@ -618,13 +636,24 @@ class BlocksEngine(ScaledGramEngine):
   loss_dtype: str
   taps: tuple[LeafTap, ...]
 
-  def _backward(self, vjp_fn: Any, gramian: Gramian) -> tuple[list, list]:
-    """One backward pass carrying the K one-hot cotangents."""
+  def _backward(
+    self, vjp_fn: Any, gramian: Gramian
+  ) -> tuple[list[jax.Array], list[ExitRows]]:
+    """One backward pass carrying the K one-hot cotangents.
+
+    Returns the K gradient rows of every leaf (those of the tapped leaves
+    go unused) and each tapped product's output cotangents, held for the
+    exits that reach it.
+    """
     k = gramian.num_exits
-    leaf_rows, cotangents = jax.vmap(vjp_fn)(
-      jnp.eye(k, dtype=np.dtype(self.loss_dtype))
+    leaf_rows, cotangents = one_hot_pullback_rows(
+      vjp_fn, k, np.dtype(self.loss_dtype)
     )
-    return jax.tree.leaves(leaf_rows), list(cotangents)
+    everyone = tuple(range(k))
+    leaves = jax.tree.leaves(
+      leaf_rows, is_leaf=lambda x: isinstance(x, ExitRows)
+    )
+    return [rows.widened(everyone) for rows in leaves], list(cotangents)
 
   def scaled_grams(
     self, parts: Any, gramian: Gramian, granularity: str
@@ -646,6 +675,7 @@ class BlocksEngine(ScaledGramEngine):
         [cotangents[u.slot] for u in tap.uses],
         [inputs[u.slot] for u in tap.uses],
         cd,
+        gramian.num_exits,
       )
     return gram_lib.combine_scaled(
       jnp.stack(grams), jnp.stack(exponents), granularity == "global"
@@ -654,28 +684,34 @@ class BlocksEngine(ScaledGramEngine):
   def _tap_gram(
     self,
     tap: LeafTap,
-    cotangents: list[jax.Array],
+    cotangents: list[ExitRows],
     inputs: list[jax.Array],
     cd: Any,
+    num_exits: int,
   ) -> tuple[jax.Array, jax.Array]:
     """One tapped leaf's scaled Gram block ``(M̃, e)``, ``M = 4^e M̃``."""
     if tap.contraction == "rows":
+      # The leaf's gradient rows for the exits that reach any of its uses.
+      exits = tuple(sorted(set().union(*(d.exits for d in cotangents))))
       rows = functools.reduce(
         operator.add,
         [
-          _product(d.astype(cd), x.astype(cd), use, tap, 1)
+          _product(d.widened(exits).astype(cd), x.astype(cd), use, tap, 1)
           for d, x, use in zip(cotangents, inputs, tap.uses, strict=True)
         ],
       )
       g, e = gram_lib.scaled_gram_matrices([rows], cd)
-      return g[0], e[0]
+      return _embed(g[0], exits, exits, num_exits), e[0]
     # δ and x scaled by powers of two into (-1, 1), so that no product
     # overflows; M = 4^(a+s) M̃ with 2^a, 2^s their largest magnitudes.
-    a = jnp.max(gram_lib.scale_exponents(cotangents))
+    a = jnp.max(gram_lib.scale_exponents([d.value for d in cotangents]))
     s = jnp.max(gram_lib.scale_exponents(inputs))
-    down_d = [gram_lib.times_power_of_two(d.astype(cd), -a) for d in cotangents]
+    down_d = [
+      ExitRows(gram_lib.times_power_of_two(d.value.astype(cd), -a), d.exits)
+      for d in cotangents
+    ]
     down_x = [gram_lib.times_power_of_two(x.astype(cd), -s) for x in inputs]
-    block = _kernel_gram(down_d, down_x, tap)
+    block = _kernel_gram(down_d, down_x, tap, num_exits)
     return 0.5 * (block + block.T), a + s
 
   def combine(
@@ -704,7 +740,7 @@ class BlocksEngine(ScaledGramEngine):
           operator.add,
           [
             _product(
-              jnp.tensordot(w, cotangents[use.slot].astype(cd), axes=1),
+              _weighted(w, cotangents[use.slot], cd),
               inputs[use.slot].astype(cd),
               use,
               tap,
@@ -715,3 +751,8 @@ class BlocksEngine(ScaledGramEngine):
         )
       )
     return out
+
+
+def _weighted(w: jax.Array, rows: ExitRows, cd: Any) -> jax.Array:
+  """``Σ_k w_k δ_k`` over the exits that reach ``δ`` (the rest are zero)."""
+  return jnp.tensordot(w[np.asarray(rows.exits)], rows.value.astype(cd), axes=1)
