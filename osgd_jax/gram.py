@@ -37,6 +37,7 @@ __all__ = [
   "safe_inverse",
   "safe_sqrt",
   "scale_down",
+  "scale_each",
   "scale_exponents",
   "scaled_gram_matrices",
   "times_power_of_two",
@@ -279,12 +280,17 @@ def scale_exponents(leaves: Sequence[jax.Array]) -> jax.Array:
     ...                  jnp.full((2, 1), 1e30)]).tolist()
     [2, 0, 100]
   """
-  largest = jnp.stack(
-    [
-      jnp.max(jnp.abs(jax.lax.stop_gradient(leaf))).astype(jnp.float32)
-      for leaf in leaves
-    ]
-  )
+  # One vector of exponents for all leaves: a few operations, not a few
+  # per leaf.
+  return _exponents_of(jnp.stack([_largest(leaf) for leaf in leaves]))
+
+
+def _largest(leaf: jax.Array) -> jax.Array:
+  return jnp.max(jnp.abs(jax.lax.stop_gradient(leaf))).astype(jnp.float32)
+
+
+def _exponents_of(largest: jax.Array) -> jax.Array:
+  """:func:`scale_exponents` of float32 largest magnitudes, elementwise."""
   # The float32 exponent field E of 1.m · 2^(E-127) gives e = E - 126.
   # jnp.frexp gives the same e but also resolves subnormals, in some thirty
   # operations that XLA copies into every consumer of an exponent. A
@@ -325,6 +331,39 @@ def scale_down(
   ]
 
 
+def scale_each(
+  leaves: Sequence[jax.Array], compute_dtype: Any
+) -> tuple[list[jax.Array], jax.Array]:
+  """Each leaf divided by its own :func:`scale_exponents` power of two.
+
+  :func:`scale_down` with :func:`scale_exponents`, but each leaf's scaled
+  copy depends on that leaf alone (not on one exponent vector of all
+  leaves), so that XLA can scale and contract the leaves one at a time
+  instead of holding every scaled copy at once.
+
+  Args:
+    leaves: stacked gradients, each ``(K, *s_l)``.
+    compute_dtype: the dtype to scale in and return.
+
+  Returns:
+    ``(scaled, exponents)``: the scaled leaves, in order, in
+    ``compute_dtype``, and their ``(L,)`` int32 exponents.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> scaled, exponents = scale_each([jnp.asarray([[6.0]]),
+    ...   jnp.asarray([[0.5]])], jnp.float32)
+    >>> [a.tolist() for a in scaled], exponents.tolist()
+    ([[[0.75]], [[0.5]]], [3, 0])
+  """
+  exponents = [_exponents_of(_largest(leaf)) for leaf in leaves]
+  scaled = [
+    leaf.astype(compute_dtype) * _power_of_two(-e, compute_dtype)
+    for leaf, e in zip(leaves, exponents, strict=True)
+  ]
+  return scaled, jnp.stack(exponents)
+
+
 def scaled_gram_matrices(
   leaves: Sequence[jax.Array], compute_dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
@@ -352,8 +391,7 @@ def scaled_gram_matrices(
     >>> round(float(grams[0, 1, 1]) * 4.0 ** 102 / 1.6e61, 5)  # 4e30 squared
     1.0
   """
-  exponents = scale_exponents(leaves)
-  scaled = scale_down(leaves, exponents, compute_dtype)
+  scaled, exponents = scale_each(leaves, compute_dtype)
   return gram_matrices(scaled, compute_dtype), exponents
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.extend import core as jex_core
 
 from osgd_jax import gram
 
@@ -111,3 +112,47 @@ def test_scale_down_divides_each_leaf_by_its_own_power_of_two():
       scaled, np.ldexp(leaf.astype(np.float64), -int(exponent))
     )
     assert np.max(np.abs(scaled)) < 1.0 <= 2 * np.max(np.abs(scaled))
+
+
+def _inputs_reached(jaxpr, outvar):
+  """The indices of ``jaxpr``'s inputs that ``outvar`` is computed from."""
+  needed, producers = {outvar}, {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      producers[v] = eqn
+  stack = [outvar]
+  while stack:
+    eqn = producers.get(stack.pop())
+    for v in eqn.invars if eqn is not None else ():
+      if not isinstance(v, jex_core.Literal) and v not in needed:
+        needed.add(v)
+        stack.append(v)
+  return {i for i, v in enumerate(jaxpr.invars) if v in needed}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+  scales=st.lists(st.floats(-60, 60), min_size=1, max_size=4),
+  seed=st.integers(0, 2**16),
+)
+def test_scale_each_is_scale_down_with_each_leafs_own_exponent(scales, seed):
+  """Same values; and a scaled leaf is computed from its own leaf alone.
+
+  One exponent vector for all leaves would make every scaled copy wait for
+  every leaf's maximum, and XLA then held all the scaled copies of a
+  stacked step at once (benchmarks/RESULTS.md, 2026-12-07).
+  """
+  rng = np.random.default_rng(seed)
+  leaves = [
+    jnp.asarray(rng.normal(size=(3, 2 + i)) * 2.0**scale, jnp.float32)
+    for i, scale in enumerate(scales)
+  ]
+  scaled, exponents = gram.scale_each(leaves, jnp.float32)
+  expected_exponents = gram.scale_exponents(leaves)
+  np.testing.assert_array_equal(exponents, expected_exponents)
+  expected = gram.scale_down(leaves, expected_exponents, jnp.float32)
+  for got, want in zip(scaled, expected, strict=True):
+    np.testing.assert_array_equal(got, want)
+  closed = jax.make_jaxpr(lambda ls: gram.scale_each(ls, jnp.float32))(leaves)
+  for i in range(len(leaves)):
+    assert _inputs_reached(closed.jaxpr, closed.jaxpr.outvars[i]) == {i}
