@@ -39,8 +39,11 @@ Formulations of the Gram matrix (``form``):
   einsum projections, a shared head) gets its K×K block from its layers'
   inputs and output cotangents, from one backward pass carrying the K
   one-hot cotangents that never forms its weight gradients; any other
-  parameter keeps its K rows from that pass. One K-wide backward, without
-  the K×P stack where the matrix products hold the parameters.
+  parameter keeps its K rows from that pass. One backward, each value
+  held for the exits that reach it (:mod:`osgd_jax.exit_pullback`: a
+  head's cotangent is one row, a layer's has one per exit at or above
+  it), without the K×P stack where the matrix products hold the
+  parameters.
 * ``"auto"``: ``"blocks"`` where its K cotangents of the activations and
   K rows of the parameters it cannot tap hold at most one copy of the
   parameters; else ``"scan"`` where the parameters dominate (``K·P`` bytes

@@ -423,7 +423,8 @@ def test_memory_is_bounded_by_the_parameters_not_k():
   is a matrix-product operand) and ``"scan"``. XLA's compiled memory
   analysis, deterministic for a given program; the stacked step needs K
   copies of the parameters. ``scan`` does not grow with K; ``blocks`` grows
-  by no more than the K cotangents of the activations
+  by no more than the K cotangents of the activations (fewer on an
+  early-exit network: ``tests/test_exit_pullback.py``)
   (``docs/design.md``, "The Gramian engine"), a small fraction of one copy
   of the parameters.
   """
