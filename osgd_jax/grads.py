@@ -6,9 +6,12 @@ Jacobian of that vector with respect to the parameters.
 
 :func:`value_and_per_exit_grads` computes them for any
 ``loss_fn(params, *args)``. Reverse mode gives row k as the VJP with the
-one-hot cotangent ``e_k``; vmapping the VJP over the rows of the identity
-computes all K rows from a single forward pass, with the K backward passes
-batched by XLA. Each of those passes runs through the whole network; for a
+one-hot cotangent ``e_k``; one backward pass carrying the K one-hot
+cotangents computes all K rows from a single forward pass
+(:func:`~osgd_jax.exit_pullback.one_hot_pullbacks`, the result of
+vmapping the VJP over the rows of the identity, with each value of the
+backward pass held for the exits that reach it: a head's cotangent is
+one row, not K). Each of those passes runs through the whole network; for a
 zoo :class:`~osgd_jax.zoo.AnytimeNet`,
 :func:`~osgd_jax.staged.staged_value_and_per_exit_grads` runs exit k's only
 through the stages that exit reads.
@@ -30,10 +33,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from osgd_jax._loss_checks import check_aux_pair, check_loss_vector
+from osgd_jax.exit_pullback import one_hot_pullbacks
 from osgd_jax.staged import staged_module_value_and_grads
 
 __all__ = ["check_aux_pair", "check_loss_vector", "value_and_per_exit_grads"]
@@ -45,12 +48,12 @@ def _vmapped(
   """``(losses, aux, grads)`` of ``pure_fn(params) -> (losses, aux)``.
 
   One forward pass (one trace of ``pure_fn``, which checks the pair), and
-  the VJP vmapped over the rows of the identity.
+  the VJP of the rows of the identity, each value held for the exits that
+  reach it.
   """
   losses, vjp_fn, aux = jax.vjp(pure_fn, params, has_aux=True)
   check_loss_vector(losses, fn_name)
-  cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
-  (grads,) = jax.vmap(vjp_fn)(cotangents)
+  (grads,) = one_hot_pullbacks(vjp_fn, losses.shape[0], losses.dtype)
   return losses, aux, grads
 
 

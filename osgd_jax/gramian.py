@@ -23,10 +23,12 @@ staged Gramian), and :class:`osgd_jax.Optimizer
 
 Formulations of the Gram matrix (``form``):
 
-* ``"vmap"``: one backward pass carrying the K one-hot cotangents (a vmapped
-  VJP); each leaf's ``(K, *shape)`` block is contracted into its K×K block
-  as soon as it exists. The fewest passes; its memory grows with K (K
-  cotangents of every activation, and a leaf's K rows at a time).
+* ``"vmap"``: one backward pass carrying the K one-hot cotangents (the
+  result of a vmapped VJP, each value held for the exits that reach it:
+  :mod:`osgd_jax.exit_pullback`); each leaf's ``(K, *shape)`` block is
+  contracted into its K×K block as soon as it exists. The fewest passes;
+  its memory grows with K (up to K cotangents of every activation, and a
+  leaf's K rows at a time).
 * ``"scan"``: a ``jax.lax.scan`` over the exits. Global granularity: column
   k of ``M`` is ``J g_k``, one backward pass for ``g_k = Jᵀ e_k`` and its
   transpose (``jax.linear_transpose`` of the backward pass: a forward-mode
@@ -77,6 +79,7 @@ from osgd_jax._gramian_core import (
   nbytes,
   pullback_of_weights,
 )
+from osgd_jax.exit_pullback import one_hot_pullbacks
 from osgd_jax.grads import (
   check_aux_pair,
   check_loss_vector,
@@ -236,7 +239,7 @@ class VjpEngine(ScaledGramEngine):
     shared = granularity == "global"
     if self.form == "vmap":
       # The rows exist: scaled exactly as the stacked path scales them.
-      stacked = jax.vmap(vjp_fn)(jnp.eye(k, dtype=dtype))[0]
+      stacked = one_hot_pullbacks(vjp_fn, k, dtype)[0]
       grams, exponents = gram_lib.scaled_gram_matrices(
         jax.tree.leaves(stacked), cd
       )

@@ -70,7 +70,7 @@ def _network_params(rng, widths, num_exits, classes):
   return {"layers": layers, "heads": heads}
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
   reads=st.lists(st.integers(0, 2), min_size=1, max_size=5),
   layers=st.integers(1, 3),
