@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_anytime import compile_cheaply, tiny_net
+from vmapped_grads import value_and_vmapped_grads
 
 import osgd_jax
 from osgd_jax.exit_pullback import (
@@ -240,6 +243,32 @@ def test_a_value_the_cotangent_does_not_reach_is_every_exits():
     1,
     2,
   )
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["nested-depth-resnet", "nested-width-transformer", "branched-transformer"],
+)
+def test_zoo_models_per_exit_grads_equal_jax_vmap(name):
+  """BatchNorm in train mode, attention, a MatFormer's weight-sharing
+  exits and a causal model's per-position losses: the library's per-exit
+  gradients (this pullback) equal JAX's own ``vmap`` of the VJP."""
+  model, x, y = tiny_net(name)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def exit_losses(params, rest, x, y):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    losses = osgd_jax.per_exit_cross_entropy(model(x), y)
+    return losses, nnx.state(model, nnx.Not(nnx.Param))
+
+  ours = osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
+  theirs = value_and_vmapped_grads(exit_losses)
+  got, expected = compile_cheaply(
+    lambda *args: (ours(*args), theirs(*args)), params, rest, x, y
+  )(params, rest, x, y)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    assert g.shape == e.shape and g.dtype == e.dtype
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_the_blocks_step_grows_linearly_not_quadratically_in_k():

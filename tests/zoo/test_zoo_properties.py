@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from tiny_anytime import WEIGHTS, like, perturb, tiny_batch, tiny_setup
+from vmapped_grads import value_and_vmapped_grads
 
 import osgd_jax
 from osgd_jax import zoo
@@ -171,7 +172,7 @@ def make_probe(model: zoo.AnytimeNet, rows: str) -> Callable[..., Any]:
     losses, aux = exit_losses(model(x), labels)
     return losses, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
-  vmapped = osgd_jax.value_and_per_exit_grads(losses_and_state, has_aux=True)
+  vmapped = value_and_vmapped_grads(losses_and_state)
   staged = osgd_jax.staged_value_and_per_exit_grads(
     graphdef, exit_losses, has_aux=True, rows=rows
   )

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from tiny_anytime import compile_cheaply, perturb, tiny_batch
+from vmapped_grads import value_and_vmapped_grads
 
 import osgd_jax
 from osgd_jax import sharding, zoo
@@ -85,7 +86,7 @@ def _vmapped(graphdef, loss):
     model = nnx.merge(graphdef, params, rest, copy=True)
     return loss(model(x), y), nnx.state(model, nnx.Not(nnx.Param))
 
-  return osgd_jax.value_and_per_exit_grads(exit_losses, has_aux=True)
+  return value_and_vmapped_grads(exit_losses)
 
 
 _PLATFORMS = ("cpu", "cuda", "tpu")
