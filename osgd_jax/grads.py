@@ -42,7 +42,7 @@ from osgd_jax.staged import staged_module_value_and_grads
 __all__ = ["check_aux_pair", "check_loss_vector", "value_and_per_exit_grads"]
 
 
-def _vmapped(
+def _per_exit_rows(
   pure_fn: Callable[[Any], Any], params: Any, fn_name: str
 ) -> tuple[Any, Any, Any]:
   """``(losses, aux, grads)`` of ``pure_fn(params) -> (losses, aux)``.
@@ -65,7 +65,7 @@ def module_value_and_derivative(
   has_aux: bool,
   staged: bool | None,
   fn_name: str,
-  differentiate: Callable[..., tuple[Any, Any, Any]] = _vmapped,
+  differentiate: Callable[..., tuple[Any, Any, Any]] = _per_exit_rows,
   staged_functional: Callable[..., Callable[..., Any]] | None = None,
   entry: str = "osgd_jax.value_and_per_exit_grads",
   what: str = "staged Jacobian",
@@ -218,7 +218,7 @@ def value_and_per_exit_grads(
       out = loss_fn(p, *args)
       return check_aux_pair(out, fn_name) if has_aux else (out, None)
 
-    losses, aux, grads = _vmapped(pure_fn, params, fn_name)
+    losses, aux, grads = _per_exit_rows(pure_fn, params, fn_name)
     return ((losses, aux), grads) if has_aux else (losses, grads)
 
   return value_and_grads
