@@ -306,14 +306,16 @@ def _exponents_of(largest: jax.Array) -> jax.Array:
 
 
 def scale_down(
-  leaves: Sequence[jax.Array], exponents: jax.Array, compute_dtype: Any
+  leaves: Sequence[jax.Array],
+  exponents: jax.Array | Sequence[jax.Array],
+  compute_dtype: Any,
 ) -> list[jax.Array]:
   """Each leaf divided by its power of two, ``leaf_l · 2^-e_l``, exactly.
 
   Args:
     leaves: arrays of any shapes, e.g. stacked gradients.
     exponents: ``(L,)`` integers in [-126, 126], e.g. from
-      :func:`scale_exponents`.
+      :func:`scale_exponents`, or L integer scalars.
     compute_dtype: the dtype to scale in and return.
 
   Returns:
@@ -357,11 +359,7 @@ def scale_each(
     ([[[0.75]], [[0.5]]], [3, 0])
   """
   exponents = [_exponents_of(_largest(leaf)) for leaf in leaves]
-  scaled = [
-    leaf.astype(compute_dtype) * _power_of_two(-e, compute_dtype)
-    for leaf, e in zip(leaves, exponents, strict=True)
-  ]
-  return scaled, jnp.stack(exponents)
+  return scale_down(leaves, exponents, compute_dtype), jnp.stack(exponents)
 
 
 def scaled_gram_matrices(
