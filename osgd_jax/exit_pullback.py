@@ -173,7 +173,7 @@ def _batched(eqn: Any, values: list[_Value]) -> list[_Value]:
     else:
       args.append(v)
       axes.append(None)
-  out = jax.vmap(lambda *xs: _bind(eqn, xs), in_axes=axes)(*args)
+  out = jax.vmap(lambda *xs: bind_equation(eqn, xs), in_axes=axes)(*args)
   outs = out if eqn.primitive.multiple_results else [out]
   return [ExitRows(o, support) for o in outs]
 
@@ -286,7 +286,7 @@ def _diagonal_rule(eqn: Any, values: list[_Value]) -> list[_Value] | None:
   if out_axis is None:
     return None
   args = [v.value if isinstance(v, _Diagonal) else v for v in values]
-  out = _bind(eqn, args)
+  out = bind_equation(eqn, args)
   return [_diagonal(out, out_axis, exits)]
 
 
@@ -307,7 +307,7 @@ def _dot_axis(eqn: Any, operand: int, axis: int) -> int | None:
 
 
 def _slice_rule(eqn: Any, x: _Diagonal, axis: int) -> list[_Value]:
-  out = _bind(eqn, [x.value])
+  out = bind_equation(eqn, [x.value])
   start = eqn.params["start_indices"][axis]
   stop = eqn.params["limit_indices"][axis]
   strides = eqn.params["strides"]
@@ -316,7 +316,7 @@ def _slice_rule(eqn: Any, x: _Diagonal, axis: int) -> list[_Value]:
 
 
 def _unstack_rule(eqn: Any, x: _Diagonal, axis: int) -> list[_Value]:
-  outs = _bind(eqn, [x.value])
+  outs = bind_equation(eqn, [x.value])
   along = eqn.params["axis"]
   if along == axis:
     return [ExitRows(o[None], (e,)) for o, e in zip(outs, x.exits, strict=True)]
@@ -324,8 +324,14 @@ def _unstack_rule(eqn: Any, x: _Diagonal, axis: int) -> list[_Value]:
   return [_diagonal(o, kept, x.exits) for o in outs]
 
 
-def _bind(eqn: Any, args: Sequence[Any]) -> Any:
-  # As jax.core.eval_jaxpr binds an equation, in the context it was traced.
+def bind_equation(eqn: Any, args: Sequence[Any]) -> Any:
+  """Binds a jaxpr equation's primitive to ``args``, as ``eval_jaxpr`` does.
+
+  In the context the equation was traced under (e.g. its compute and
+  sharding settings), with the primitive's own bind parameters. The
+  interpreters of this module and of :mod:`osgd_jax.layer_blocks` bind
+  every equation through it.
+  """
   with eqn.ctx.manager:
     return eqn.primitive.bind(
       *args, **eqn.primitive.get_bind_params(eqn.params)
@@ -345,7 +351,7 @@ def _evaluate(
   for eqn in jaxpr.eqns:
     values = [read(v) for v in eqn.invars]
     if not any(_support(v) for v in values):
-      out = _bind(eqn, values)
+      out = bind_equation(eqn, values)
       outs = out if eqn.primitive.multiple_results else [out]
     elif eqn.primitive.name in _CALLS:
       # A nested jit is evaluated inline, so its values keep their exits.

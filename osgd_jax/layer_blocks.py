@@ -63,7 +63,11 @@ from osgd_jax._gramian_core import (
   ScaledGramEngine,
   pullback_of_weights,
 )
-from osgd_jax.exit_pullback import ExitRows, one_hot_pullback_rows
+from osgd_jax.exit_pullback import (
+  ExitRows,
+  bind_equation,
+  one_hot_pullback_rows,
+)
 
 __all__ = ["BlocksEngine", "LeafTap", "Use", "find_taps", "tapped_vjp"]
 
@@ -363,12 +367,7 @@ def _interpret(
   inputs: list[Any] = [None] * len(perturbations)
   for index, eqn in enumerate(jaxpr.eqns):
     values = [read(v) for v in eqn.invars]
-    # As jax.core.eval_jaxpr binds an equation (its context: e.g. the
-    # compute and sharding settings it was traced under).
-    with eqn.ctx.manager:
-      out = eqn.primitive.bind(
-        *values, **eqn.primitive.get_bind_params(eqn.params)
-      )
+    out = bind_equation(eqn, values)
     if index in tapped:
       u, w_operand = tapped[index]
       out = out + perturbations[u]
