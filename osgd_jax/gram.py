@@ -34,6 +34,7 @@ __all__ = [
   "contract_trailing",
   "gram_matrices",
   "gram_statistics",
+  "leaf_exponents",
   "safe_inverse",
   "safe_sqrt",
   "scale_down",
@@ -358,8 +359,30 @@ def scale_each(
     >>> [a.tolist() for a in scaled], exponents.tolist()
     ([[[0.75]], [[0.5]]], [3, 0])
   """
-  exponents = [_exponents_of(_largest(leaf)) for leaf in leaves]
+  exponents = leaf_exponents(leaves)
   return scale_down(leaves, exponents, compute_dtype), jnp.stack(exponents)
+
+
+def leaf_exponents(leaves: Sequence[jax.Array]) -> list[jax.Array]:
+  """:func:`scale_exponents`, each leaf's computed from that leaf alone.
+
+  The same values as :func:`scale_exponents`, as L scalars, none of which
+  waits for another leaf: what :func:`scale_each` scales by, and what
+  scales a leaf's weighted sum that must not wait for every leaf.
+
+  Args:
+    leaves: stacked gradients, each ``(K, *s_l)``.
+
+  Returns:
+    L int32 scalars, in order.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> [int(e) for e in leaf_exponents([jnp.asarray([[6.0]]),
+    ...   jnp.zeros((1, 2))])]
+    [3, 0]
+  """
+  return [_exponents_of(_largest(leaf)) for leaf in leaves]
 
 
 def scaled_gram_matrices(

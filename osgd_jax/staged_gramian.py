@@ -176,9 +176,9 @@ class StagedRowsEngine(ScaledGramEngine):
     self, parts: Any, gramian: Gramian, granularity: str
   ) -> tuple[jax.Array, jax.Array]:
     cd = gramian.compute_dtype
-    # One exponent vector for all leaves, not one small program per leaf.
-    exponents = gram_lib.scale_exponents(parts)
-    scaled = gram_lib.scale_down(parts, exponents, cd)
+    # Each leaf scaled by its own exponent, so that XLA can scale and
+    # contract the leaves one at a time (as the stacked path does).
+    scaled, exponents = gram_lib.scale_each(parts, cd)
     grams = [
       jnp.pad(gram_lib.gram_matrices([rows], cd)[0], ((j, 0), (j, 0)))
       for rows, j in zip(scaled, self.first_exit, strict=True)
@@ -191,7 +191,7 @@ class StagedRowsEngine(ScaledGramEngine):
     self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
   ) -> list[jax.Array]:
     cd, shared = gramian.compute_dtype, granularity == "global"
-    exponents = gram_lib.scale_exponents(parts)
+    exponents = gram_lib.leaf_exponents(parts)
     return [
       gram_lib.weighted_sum(
         weights[0 if shared else i, j:], rows, cd, exponents[i]

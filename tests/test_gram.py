@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.extend import core as jex_core
+from jaxpr_walk import inputs_reached
 
 from osgd_jax import gram
 
@@ -114,22 +114,6 @@ def test_scale_down_divides_each_leaf_by_its_own_power_of_two():
     assert np.max(np.abs(scaled)) < 1.0 <= 2 * np.max(np.abs(scaled))
 
 
-def _inputs_reached(jaxpr, outvar):
-  """The indices of ``jaxpr``'s inputs that ``outvar`` is computed from."""
-  needed, producers = {outvar}, {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      producers[v] = eqn
-  stack = [outvar]
-  while stack:
-    eqn = producers.get(stack.pop())
-    for v in eqn.invars if eqn is not None else ():
-      if not isinstance(v, jex_core.Literal) and v not in needed:
-        needed.add(v)
-        stack.append(v)
-  return {i for i, v in enumerate(jaxpr.invars) if v in needed}
-
-
 @settings(max_examples=20, deadline=None)
 @given(
   scales=st.lists(st.floats(-60, 60), min_size=1, max_size=4),
@@ -150,9 +134,12 @@ def test_scale_each_is_scale_down_with_each_leafs_own_exponent(scales, seed):
   scaled, exponents = gram.scale_each(leaves, jnp.float32)
   expected_exponents = gram.scale_exponents(leaves)
   np.testing.assert_array_equal(exponents, expected_exponents)
+  np.testing.assert_array_equal(
+    jnp.stack(gram.leaf_exponents(leaves)), expected_exponents
+  )
   expected = gram.scale_down(leaves, expected_exponents, jnp.float32)
   for got, want in zip(scaled, expected, strict=True):
     np.testing.assert_array_equal(got, want)
   closed = jax.make_jaxpr(lambda ls: gram.scale_each(ls, jnp.float32))(leaves)
   for i in range(len(leaves)):
-    assert _inputs_reached(closed.jaxpr, closed.jaxpr.outvars[i]) == {i}
+    assert inputs_reached(closed.jaxpr, closed.jaxpr.outvars[i]) == {i}

@@ -27,6 +27,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxpr_walk import inputs_reached
 
 import osgd_jax
 from osgd_jax import aggregation, zoo
@@ -341,6 +342,30 @@ def test_staged_auto_keeps_rows_where_activations_dominate():
   assert forms == ["staged-keep"]
   with pytest.raises(ValueError, match="form must be one of"):
     osgd_jax.staged_value_and_gramian(graphdef, _ce, form="scan")
+
+
+def test_staged_keep_scales_and_sums_each_leaf_from_its_own_rows():
+  """Each leaf's update reads its own rows and the weights, nothing else.
+
+  Exponents taken from every leaf at once made each leaf's scaled copy and
+  weighted sum wait for every leaf's rows, and put the automatic staged
+  Gramian above the staged stacked path on zoo ResNets
+  (benchmarks/RESULTS.md, 2026-12-07, "the staged Gramian's exponents").
+  """
+  _, graphdef, params, rest, x, y = _bn_model()
+  _, gramian = osgd_jax.staged_value_and_gramian(graphdef, _ce, form="keep")(
+    params, rest, x, y
+  )
+  rows = gramian.parts
+  weights = jnp.ones((1, K), jnp.float32)
+
+  def combine(rows, weights):
+    return gramian.engine.combine(rows, gramian, weights, "global")
+
+  closed = jax.make_jaxpr(combine)(rows, weights)
+  assert len(rows) == len(closed.jaxpr.outvars) > 1
+  for i, out in enumerate(closed.jaxpr.outvars):
+    assert inputs_reached(closed.jaxpr, out) == {i, len(rows)}
 
 
 def test_refusals_name_the_fix():
