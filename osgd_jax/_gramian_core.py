@@ -2,8 +2,9 @@
 
 Both engines of the Gramian (``osgd_jax.gramian``, any function, and
 ``osgd_jax.staged_gramian``, the staged one of a zoo model) build this
-type, choose their formulation by the rule of ``choose_form`` and form
-the update by ``pullback_of_weights``. It is its own module so that
+type, choose their formulation by the rule of ``choose_form``, form
+the update by ``pullback_of_weights`` or keep each leaf's gradient rows
+in a ``RowsEngine``. It is its own module so that
 ``osgd_jax.gramian`` can hand a zoo model to the staged engine, as
 ``osgd_jax.grads`` hands it to the staged Jacobian, without an import
 cycle.
@@ -11,8 +12,9 @@ cycle.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -25,8 +27,10 @@ __all__ = [
   "GramEngine",
   "ScaledGramEngine",
   "Gramian",
+  "RowsEngine",
   "check_granularity",
   "choose_form",
+  "embed_block",
   "nbytes",
   "pullback_of_weights",
 ]
@@ -267,6 +271,74 @@ def check_granularity(granularity: str) -> None:
     )
 
 
+def embed_block(
+  block: jax.Array, rows: Sequence[int], cols: Sequence[int], num_exits: int
+) -> jax.Array:
+  """The K×K matrix holding ``block`` at exits ``rows`` × ``cols``, else 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> embed_block(jnp.ones((1, 2)), (0,), (1, 2), 3).tolist()
+    [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+  """
+  rows, cols = tuple(rows), tuple(cols)
+  if rows == cols == tuple(range(num_exits - len(rows), num_exits)):
+    # The exits from some j on, as a stage's (a pad, which XLA fuses).
+    j = num_exits - len(rows)
+    return jnp.pad(block, ((j, 0), (j, 0)))
+  zeros = jnp.zeros((num_exits, num_exits), block.dtype)
+  return zeros.at[np.ix_(rows, cols)].set(block)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsEngine(ScaledGramEngine):
+  """A :class:`Gramian` from each leaf's gradient rows, kept.
+
+  ``parts`` is, in the parameters' leaf order, each leaf's gradient rows
+  for the exits that reach it, ``(len(exits[l]), *shape_l)``: what the
+  stacked path holds, without its zero rows. Once they exist the pullback
+  that made them is dead, so the forward's residuals are freed before the
+  weighting runs (the formulation for activation-dominated networks,
+  ``docs/design.md``, "The Gramian engine"). The Gram matrices and the
+  update are the stacked path's, each leaf scaled by its own exponent, so
+  that XLA can contract and sum the leaves one at a time.
+
+  Attributes:
+    exits: for each leaf, the exits whose rows it holds, increasing; every
+      other exit's gradient is zero there.
+  """
+
+  exits: tuple[tuple[int, ...], ...]
+
+  def scaled_grams(
+    self, parts: Any, gramian: Gramian, granularity: str
+  ) -> tuple[jax.Array, jax.Array]:
+    cd, k = gramian.compute_dtype, gramian.num_exits
+    scaled, exponents = gram_lib.scale_each(parts, cd)
+    grams = [
+      embed_block(gram_lib.gram_matrices([rows], cd)[0], exits, exits, k)
+      for rows, exits in zip(scaled, self.exits, strict=True)
+    ]
+    return gram_lib.combine_scaled(
+      jnp.stack(grams), exponents, granularity == "global"
+    )
+
+  def combine(
+    self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
+  ) -> list[jax.Array]:
+    cd, shared = gramian.compute_dtype, granularity == "global"
+    exponents = gram_lib.leaf_exponents(parts)
+    return [
+      gram_lib.weighted_sum(
+        weights[0 if shared else i][np.asarray(exits)],
+        rows,
+        cd,
+        exponents[i],
+      )
+      for i, (rows, exits) in enumerate(zip(parts, self.exits, strict=True))
+    ]
+
+
 def pullback_of_weights(
   pull: Callable[[jax.Array], list[Any]], weights: jax.Array, dtype: Any
 ) -> list[jax.Array]:
@@ -312,12 +384,12 @@ def choose_form(
 
   * where that is at most one copy of the parameters (``K·(untapped +
     activations) ≤ P``), ``"blocks"``;
-  * else where the parameters dominate (``K·P ≥`` residuals: the stack
-    ``"vmap"`` would pass through is the larger cost), ``"scan"``, which
-    holds one or two gradients whatever K;
-  * else (the activations dominate) ``"blocks"`` if anything is tapped,
-    which holds what ``"vmap"`` holds less the tapped leaves' K rows, and
-    otherwise ``"vmap"``.
+  * else where the parameters dominate (``K·P ≥`` residuals: the K rows
+    ``"vmap"`` keeps are the larger cost), ``"scan"``, which holds one or
+    two gradients whatever K;
+  * else (the activations dominate) ``"vmap"``, which keeps the K rows
+    of one backward pass and frees the residuals there (``"blocks"`` and
+    ``"scan"`` keep them for one more backward pass).
 
   Example:
     >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20,
@@ -325,7 +397,8 @@ def choose_form(
     'blocks'
     >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20)
     'scan'
-    >>> choose_form("auto", 4, param_bytes=4 << 20, residual_bytes=600 << 20)
+    >>> choose_form("auto", 4, param_bytes=4 << 20, residual_bytes=600 << 20,
+    ...             untapped_bytes=1 << 20, activation_bytes=590 << 20)
     'vmap'
   """
   if form != "auto":
@@ -336,4 +409,4 @@ def choose_form(
     return "blocks"
   if k * param_bytes >= residual_bytes:
     return "scan"
-  return "blocks" if tapped else "vmap"
+  return "vmap"

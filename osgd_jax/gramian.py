@@ -25,10 +25,12 @@ Formulations of the Gram matrix (``form``):
 
 * ``"vmap"``: one backward pass carrying the K one-hot cotangents (the
   result of a vmapped VJP, each value held for the exits that reach it:
-  :mod:`osgd_jax.exit_pullback`); each leaf's ``(K, *shape)`` block is
-  contracted into its K×K block as soon as it exists. The fewest passes;
-  its memory grows with K (up to K cotangents of every activation, and a
-  leaf's K rows at a time).
+  :mod:`osgd_jax.exit_pullback`), whose gradient rows are kept: each
+  leaf's rows for the exits that reach it, what the stacked path holds
+  without its zero rows. The pullback is then dead, so the forward's
+  residuals are freed before the weighting runs, and the update is the
+  rows' weighted sum. The fewest passes; its memory grows with K (K rows
+  of every parameter), and is the leanest where the activations dominate.
 * ``"scan"``: a ``jax.lax.scan`` over the exits. Global granularity: column
   k of ``M`` is ``J g_k``, one backward pass for ``g_k = Jᵀ e_k`` and its
   transpose (``jax.linear_transpose`` of the backward pass: a forward-mode
@@ -50,12 +52,14 @@ Formulations of the Gram matrix (``form``):
   K rows of the parameters it cannot tap hold at most one copy of the
   parameters; else ``"scan"`` where the parameters dominate (``K·P`` bytes
   at least the bytes of the residuals the backward pass reads); else
-  ``"blocks"`` if it taps anything, or ``"vmap"``. A structural rule read
-  from shapes when the function is traced, the same on every backend.
+  (the activations dominate) ``"vmap"``. A structural rule read from
+  shapes when the function is traced, the same on every backend.
 
-The weighted combination is one more backward pass of ``Σ_k w_k ℓ_k`` for
-one group (``granularity="global"``), and for one weight vector per leaf a
-``lax.scan`` over the exits accumulating ``w_{l,k} g_k`` leaf by leaf.
+For ``"scan"`` and ``"blocks"`` the weighted combination is one more
+backward pass of ``Σ_k w_k ℓ_k`` for one group (``granularity="global"``);
+for one weight vector per leaf, ``"scan"`` accumulates ``w_{l,k} g_k``
+leaf by leaf in a ``lax.scan`` over the exits, and ``"blocks"`` weights
+each leaf's rows or cotangents of its one backward pass.
 """
 
 from __future__ import annotations
@@ -74,12 +78,13 @@ from osgd_jax import gram as gram_lib
 from osgd_jax._gramian_core import (
   GramEngine,
   Gramian,
+  RowsEngine,
   ScaledGramEngine,
   choose_form,
   nbytes,
   pullback_of_weights,
 )
-from osgd_jax.exit_pullback import one_hot_pullbacks
+from osgd_jax.exit_pullback import ExitRows, one_hot_pullback_rows
 from osgd_jax.grads import (
   check_aux_pair,
   check_loss_vector,
@@ -216,16 +221,16 @@ def scanned_combine(
 
 
 @dataclasses.dataclass(frozen=True)
-class VjpEngine(ScaledGramEngine):
-  """The Gram matrix from the pullback of one forward pass (any function).
+class ScanEngine(ScaledGramEngine):
+  """The ``"scan"`` formulation: the pullback of one forward pass, kept.
 
   ``parts`` is the ``jax.vjp`` pullback of the loss vector: ``(K,)``
   cotangent ``w`` to a tuple whose first element is ``Jᵀ w`` (the
   parameters' tree, or their leaves for the tapped pullback of
-  :func:`~osgd_jax.layer_blocks.tapped_vjp`).
+  :func:`~osgd_jax.layer_blocks.tapped_vjp`). The Gram matrix and the
+  update are scans over the exits, one or two gradients alive at a time.
   """
 
-  form: str
   loss_dtype: str
 
   def _pull(self, vjp_fn: Any) -> Callable[[jax.Array], list[Any]]:
@@ -236,15 +241,7 @@ class VjpEngine(ScaledGramEngine):
   ) -> tuple[jax.Array, jax.Array]:
     vjp_fn, k = parts, gramian.num_exits
     dtype, cd = np.dtype(self.loss_dtype), gramian.compute_dtype
-    shared = granularity == "global"
-    if self.form == "vmap":
-      # The rows exist: scaled exactly as the stacked path scales them.
-      stacked = one_hot_pullbacks(vjp_fn, k, dtype)[0]
-      grams, exponents = gram_lib.scaled_gram_matrices(
-        jax.tree.leaves(stacked), cd
-      )
-      return gram_lib.combine_scaled(grams, exponents, shared)
-    if not shared:
+    if granularity == "leaf":
       return scaled_pairwise_leaf_grams(
         self._pull(vjp_fn), k, len(gramian.shapes), dtype, cd
       )
@@ -357,8 +354,17 @@ def _gramian_of(
   engine: GramEngine
   if chosen == "blocks":
     engine, parts = BlocksEngine(dtype, taps), (vjp_fn, inputs)
+  elif chosen == "vmap":
+    # The rows of one backward pass, kept; the pullback (and with it the
+    # forward's residuals) dies here.
+    rows = jax.tree.leaves(
+      one_hot_pullback_rows(vjp_fn, k, losses.dtype)[0],
+      is_leaf=lambda x: isinstance(x, ExitRows),
+    )
+    engine = RowsEngine(tuple(r.exits for r in rows))
+    parts = [r.value for r in rows]
   else:
-    engine, parts = VjpEngine(chosen, dtype), vjp_fn
+    engine, parts = ScanEngine(dtype), vjp_fn
   gramian = Gramian(
     parts,
     engine=engine,

@@ -61,6 +61,7 @@ from osgd_jax import sharding
 from osgd_jax._gramian_core import (
   Gramian,
   ScaledGramEngine,
+  embed_block,
   pullback_of_weights,
 )
 from osgd_jax.exit_pullback import (
@@ -541,16 +542,6 @@ def _overlap(
   return d, x
 
 
-def _embed(
-  block: jax.Array, rows: tuple[int, ...], cols: tuple[int, ...], k: int
-) -> jax.Array:
-  """The K×K matrix holding ``block`` at exits ``rows`` × ``cols``."""
-  if rows == cols == tuple(range(k)):
-    return block
-  zeros = jnp.zeros((k, k), block.dtype)
-  return zeros.at[np.ix_(rows, cols)].set(block)
-
-
 def _kernel_gram(
   cotangents: list[ExitRows],
   inputs: list[jax.Array],
@@ -618,7 +609,7 @@ def _kernel_gram(
         precision=_PRECISION,
         out_sharding=_out_sharding(mesh, [None, None]),
       )
-      block = _embed(block, rows_u.exits, rows_v.exits, num_exits)
+      block = embed_block(block, rows_u.exits, rows_v.exits, num_exits)
       total = block if total is None else total + block
   if total is None:  # no two uses share an entry: cannot happen, u = v
     raise AssertionError("a tapped leaf without a use")
@@ -700,7 +691,7 @@ class BlocksEngine(ScaledGramEngine):
         ],
       )
       g, e = gram_lib.scaled_gram_matrices([rows], cd)
-      return _embed(g[0], exits, exits, num_exits), e[0]
+      return embed_block(g[0], exits, exits, num_exits), e[0]
     # δ and x scaled by powers of two into (-1, 1), so that no product
     # overflows; M = 4^(a+s) M̃ with 2^a, 2^s their largest magnitudes.
     a = jnp.max(gram_lib.scale_exponents([d.value for d in cotangents]))

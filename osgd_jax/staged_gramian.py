@@ -32,6 +32,7 @@ from osgd_jax import gram as gram_lib
 from osgd_jax import staged
 from osgd_jax._gramian_core import (
   Gramian,
+  RowsEngine,
   ScaledGramEngine,
   choose_form,
   nbytes,
@@ -152,52 +153,6 @@ class StagedEngine(ScaledGramEngine):
         grads_j, carry = vjp((carry_ct, logit_ct))
       per_stage[j] = jax.tree.leaves(grads_j)
     return self._in_param_order(per_stage, count)
-
-
-@dataclasses.dataclass(frozen=True)
-class StagedRowsEngine(ScaledGramEngine):
-  """A :class:`~osgd_jax.Gramian` from the rows of one staged backward.
-
-  ``parts`` is, in the parameters' leaf order, each leaf's rows of the
-  exits that reach its stage: ``(K - j, *shape)`` for a leaf of stage j
-  (exits before j have zero rows there, which are never formed). Once they
-  exist the stages' pullbacks are dead, so the forward's residuals are
-  freed before the weighting runs; the rows are what the staged stacked
-  path holds, without its zero rows. Gram matrices and the update are
-  those of the stacked path, scaled the same way.
-
-  Attributes:
-    first_exit: each leaf's stage j, the first exit whose loss reaches it.
-  """
-
-  first_exit: tuple[int, ...]
-
-  def scaled_grams(
-    self, parts: Any, gramian: Gramian, granularity: str
-  ) -> tuple[jax.Array, jax.Array]:
-    cd = gramian.compute_dtype
-    # Each leaf scaled by its own exponent, so that XLA can scale and
-    # contract the leaves one at a time (as the stacked path does).
-    scaled, exponents = gram_lib.scale_each(parts, cd)
-    grams = [
-      jnp.pad(gram_lib.gram_matrices([rows], cd)[0], ((j, 0), (j, 0)))
-      for rows, j in zip(scaled, self.first_exit, strict=True)
-    ]
-    return gram_lib.combine_scaled(
-      jnp.stack(grams), exponents, granularity == "global"
-    )
-
-  def combine(
-    self, parts: Any, gramian: Gramian, weights: jax.Array, granularity: str
-  ) -> list[jax.Array]:
-    cd, shared = gramian.compute_dtype, granularity == "global"
-    exponents = gram_lib.leaf_exponents(parts)
-    return [
-      gram_lib.weighted_sum(
-        weights[0 if shared else i, j:], rows, cd, exponents[i]
-      )
-      for i, (rows, j) in enumerate(zip(parts, self.first_exit, strict=True))
-    ]
 
 
 def _stage_leaves(params: Any, num_exits: int) -> tuple[tuple[int, ...], ...]:
@@ -346,12 +301,13 @@ def staged_value_and_gramian(
       per_stage = replay._backward(
         (vjps, logit_cts), k, lambda j, grads_j: jax.tree.leaves(grads_j)
       )
-      first_exit = [0] * len(leaves)
+      # A leaf of stage j holds the rows of exits j..K, which reach it.
+      exits: list[tuple[int, ...]] = [()] * len(leaves)
       for j, indices in enumerate(stage_leaves):
         for i in indices:
-          first_exit[i] = j
+          exits[i] = tuple(range(j, k))
       parts: Any = replay._in_param_order(per_stage, len(leaves))
-      engine: Any = StagedRowsEngine(tuple(first_exit))
+      engine: Any = RowsEngine(tuple(exits))
     else:
       parts, engine = (vjps, logit_cts), replay
     gramian = Gramian(

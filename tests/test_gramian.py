@@ -344,6 +344,35 @@ def test_staged_auto_keeps_rows_where_activations_dominate():
     osgd_jax.staged_value_and_gramian(graphdef, _ce, form="scan")
 
 
+def test_auto_keeps_rows_where_activations_dominate():
+  """Compiled temp bytes: a function's automatic Gramian ≤ its stack.
+
+  With the batch's activations above K × the parameters' bytes, "auto"
+  takes "vmap", which keeps the rows of one backward pass and frees the
+  forward's residuals; "blocks" and "scan" keep them for one more
+  backward pass, and hold more than the stacked path.
+  """
+  params, _ = _setup(np.float32)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(4096, 5)), jnp.float32)
+  tx = osgd_jax.osgd(num_exits=K)
+  forms = []
+
+  def step(form):
+    def run(p, x):
+      if form == "stacked":
+        _, g = osgd_jax.value_and_per_exit_grads(_loss_fn)(p, x)
+      else:
+        _, g = osgd_jax.value_and_gramian(_loss_fn, form=form)(p, x)
+        forms.append(g.form)
+      return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
+
+    return _temp_bytes(run, params, x)
+
+  stacked, auto = step("stacked"), step("auto")
+  assert forms == ["vmap"]
+  assert auto <= stacked < min(step("blocks"), step("scan"))
+
+
 def test_staged_keep_scales_and_sums_each_leaf_from_its_own_rows():
   """Each leaf's update reads its own rows and the weights, nothing else.
 
@@ -583,15 +612,16 @@ def test_sharded_gramian_step_equals_unsharded(form, axis_type):
         assert int(np.prod(sizes or [1])) < smallest_stack, shape
 
 
-def test_export_for_every_platform():
+@pytest.mark.parametrize("form", ["vmap", "scan", "blocks"])
+def test_export_for_every_platform(form):
+  """Each formulation's step exports for cpu, cuda and tpu from this host."""
   params, x = _setup(np.float32)
   tx = osgd_jax.osgd(num_exits=K)
 
   def step(p, x):
-    _, gramian = osgd_jax.value_and_gramian(_loss_fn)(p, x)
+    _, gramian = osgd_jax.value_and_gramian(_loss_fn, form=form)(p, x)
     return tx.update(gramian, tx.init(p), p)[0]
 
-  assert osgd_jax.value_and_gramian(_loss_fn)(params, x)[1].form == "blocks"
   jitted = jax.jit(step)
   exported = jax.export.export(jitted, platforms=("cpu", "cuda", "tpu"))(
     params, x
