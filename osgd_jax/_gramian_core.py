@@ -370,43 +370,45 @@ def choose_form(
   param_bytes: int,
   residual_bytes: int,
   untapped_bytes: int | None = None,
-  activation_bytes: int = 0,
+  cotangent_bytes: Callable[[], int] | None = None,
 ) -> str:
   """The formulation ``"auto"`` picks (``docs/design.md``, "The Gramian
   engine").
 
   ``untapped_bytes`` is ``None`` when no parameter is tapped (``"blocks"``
   does not apply), else the bytes of the parameters ``"blocks"`` cannot tap
-  (not used only in matrix products); ``activation_bytes`` those of the
-  residuals that are not parameters. ``"blocks"`` holds K cotangents of
-  the activations and the K rows of the untapped parameters, never K
-  copies of the tapped ones:
+  (not used only in matrix products); ``cotangent_bytes`` returns the bytes
+  of the tapped products' output cotangents, each held for the exits that
+  reach it (called only where it decides):
 
-  * where that is at most one copy of the parameters (``K·(untapped +
-    activations) ≤ P``), ``"blocks"``;
-  * else where the parameters dominate (``K·P ≥`` residuals: the K rows
-    ``"vmap"`` keeps are the larger cost), ``"scan"``, which holds one or
-    two gradients whatever K;
-  * else (the activations dominate) ``"vmap"``, which keeps the K rows
-    of one backward pass and frees the residuals there (``"blocks"`` and
-    ``"scan"`` keep them for one more backward pass).
+  * where the activations dominate (``K·P <`` the residuals' bytes),
+    ``"vmap"``, which keeps the K rows of one backward pass and frees the
+    residuals there (``"blocks"`` and ``"scan"`` keep them for one more
+    backward pass);
+  * else ``"blocks"`` where what it holds, those cotangents and the K
+    rows of the untapped parameters, is at most one copy of the
+    parameters;
+  * else ``"scan"``, which holds one or two gradients whatever K.
 
   Example:
     >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20,
-    ...             untapped_bytes=1 << 20)
+    ...             untapped_bytes=1 << 20, cotangent_bytes=lambda: 8 << 20)
     'blocks'
     >>> choose_form("auto", 4, param_bytes=64 << 20, residual_bytes=1 << 20)
     'scan'
     >>> choose_form("auto", 4, param_bytes=4 << 20, residual_bytes=600 << 20,
-    ...             untapped_bytes=1 << 20, activation_bytes=590 << 20)
+    ...             untapped_bytes=1 << 20, cotangent_bytes=lambda: 1 << 20)
     'vmap'
   """
   if form != "auto":
     return form
-  tapped = untapped_bytes is not None
   k = num_exits
-  if tapped and k * (untapped_bytes + activation_bytes) <= param_bytes:
+  if k * param_bytes < residual_bytes:
+    return "vmap"
+  if (
+    untapped_bytes is not None
+    and cotangent_bytes is not None
+    and cotangent_bytes() + k * untapped_bytes <= param_bytes
+  ):
     return "blocks"
-  if k * param_bytes >= residual_bytes:
-    return "scan"
-  return "vmap"
+  return "scan"

@@ -48,12 +48,13 @@ Formulations of the Gram matrix (``form``):
   head's cotangent is one row, a layer's has one per exit at or above
   it), without the K×P stack where the matrix products hold the
   parameters.
-* ``"auto"``: ``"blocks"`` where its K cotangents of the activations and
-  K rows of the parameters it cannot tap hold at most one copy of the
-  parameters; else ``"scan"`` where the parameters dominate (``K·P`` bytes
-  at least the bytes of the residuals the backward pass reads); else
-  (the activations dominate) ``"vmap"``. A structural rule read from
-  shapes when the function is traced, the same on every backend.
+* ``"auto"``: ``"vmap"`` where the activations dominate (``K·P`` bytes
+  below the bytes of the residuals the backward pass reads); else
+  ``"blocks"`` where what it holds (the tapped products' output
+  cotangents for the exits that reach them, and K rows of the parameters
+  it cannot tap) is at most one copy of the parameters; else ``"scan"``.
+  A structural rule read from shapes when the function is traced, the
+  same on every backend.
 
 For ``"scan"`` and ``"blocks"`` the weighted combination is one more
 backward pass of ``Σ_k w_k ℓ_k`` for one group (``granularity="global"``);
@@ -338,17 +339,26 @@ def _gramian_of(
     losses, aux, vjp_fn, taps, inputs = tapped_vjp(pure_fn, params, num_exits)
   k = losses.shape[0]
   untapped = set(range(len(leaves))) - {tap.leaf for tap in taps}
-  # The residuals that are not the parameters themselves (held by any
-  # step): about the activations, whose K cotangents "blocks" holds.
-  own = {id(leaf) for leaf in leaves}
-  activations = [r for r in jax.tree.leaves(vjp_fn) if id(r) not in own]
+
+  def cotangent_bytes() -> int:
+    # What "blocks" holds of the activations: each tapped product's
+    # output cotangent for the exits that reach it, found abstractly
+    # (nothing runs).
+    return nbytes(
+      jax.eval_shape(
+        lambda: [
+          c.value for c in one_hot_pullback_rows(vjp_fn, k, losses.dtype)[1]
+        ]
+      )
+    )
+
   chosen = choose_form(
     form,
     k,
     nbytes(leaves),
     nbytes(vjp_fn),
     nbytes([leaves[i] for i in untapped]) if taps else None,
-    nbytes(activations),
+    cotangent_bytes if taps else None,
   )
   dtype = np.dtype(losses.dtype).name
   engine: GramEngine

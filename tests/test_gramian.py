@@ -373,6 +373,44 @@ def test_auto_keeps_rows_where_activations_dominate():
   assert auto <= stacked < min(step("blocks"), step("scan"))
 
 
+def test_auto_takes_blocks_where_its_exit_rows_fit_in_the_parameters():
+  """Compiled temp bytes: "auto" is the leanest form of an early-exit MLP.
+
+  The parameters dominate (K·P ≥ the residuals), and the layers' output
+  cotangents, each held for the exits that reach it (layer j for exits
+  j..K), fit in one copy of the parameters: "auto" takes "blocks", which
+  holds less than "scan" and "vmap". Budgeting K cotangents of every
+  residual instead sent such networks to "scan".
+  """
+  rng = np.random.default_rng(3)
+  params = [
+    jnp.asarray(rng.normal(size=(64, 64)) / 8, jnp.float32) for _ in range(K)
+  ]
+  x = jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)
+
+  def loss_fn(ps, x):
+    h, out = x, []
+    for w in ps:
+      h = jnp.tanh(h @ w)
+      out.append(jnp.mean(h**2))
+    return jnp.stack(out)
+
+  tx = osgd_jax.osgd(num_exits=K)
+  forms = []
+
+  def temp(form):
+    def run(p, x):
+      _, g = osgd_jax.value_and_gramian(loss_fn, form=form)(p, x)
+      forms.append(g.form)
+      return optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])
+
+    return _temp_bytes(run, params, x)
+
+  auto = temp("auto")
+  assert forms[0] == "blocks"
+  assert auto < min(temp("scan"), temp("vmap"))
+
+
 def test_staged_keep_scales_and_sums_each_leaf_from_its_own_rows():
   """Each leaf's update reads its own rows and the weights, nothing else.
 
