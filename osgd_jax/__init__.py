@@ -53,7 +53,7 @@ from osgd_jax.optimizer import Optimizer
 from osgd_jax.staged import staged_value_and_per_exit_grads
 from osgd_jax.staged_gramian import staged_value_and_gramian
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 __all__ = [
   "AdaLossState",
