@@ -37,9 +37,9 @@ Per tapped leaf, one of two contractions, whichever holds less:
 Parameters used any other way (biases, norms, embeddings looked up by
 ``gather``, convolutions, a parameter inside a nested ``jax.jit``,
 ``jax.checkpoint`` or ``lax.scan`` such as layers stacked by ``nnx.scan``)
-keep their K gradient rows from the same backward pass; where they hold
-more than ``1/K`` of the parameters, ``form="auto"`` picks another
-formulation.
+keep their K gradient rows from the same backward pass; where those rows
+and the tapped products' cotangents hold more than one copy of the
+parameters, ``form="auto"`` picks another formulation.
 """
 
 from __future__ import annotations
