@@ -302,7 +302,7 @@ def staged_value_and_gramian(
         (vjps, logit_cts), k, lambda j, grads_j: jax.tree.leaves(grads_j)
       )
       # A leaf of stage j holds the rows of exits j..K, which reach it.
-      exits: list[tuple[int, ...]] = [()] * len(leaves)
+      exits = [tuple(range(k))] * len(leaves)
       for j, indices in enumerate(stage_leaves):
         for i in indices:
           exits[i] = tuple(range(j, k))
